@@ -1,0 +1,381 @@
+"""safetensors I/O and nothing else: headers, the shard index, lazy per-tensor reads, sharded atomic writes.
+
+Reading a checkpoint never touches tensor data until a tensor is asked for: `open_checkpoint` parses the
+8-byte length and JSON header of each shard (plus `model.safetensors.index.json` when sharded) and
+records, per tensor, its dtype, shape, file and byte range. `Checkpoint.read` goes through
+`safetensors.safe_open` (memory-mapped). Writing goes shard by shard into a temporary folder that is
+renamed into place at the end, so a failure never leaves a half-written checkpoint.
+
+The header layer does not import torch, so header-only commands (inspect, split --dtype keep) stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twotower_cli.errors import TwoTowerError
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+                     "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: `data_offsets` are relative to the end of the file's header."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    data_offsets: tuple[int, int]
+    header_size: int  # bytes before tensor data: 8 + header length
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+    @property
+    def file_range(self) -> tuple[int, int]:
+        """Absolute [start, end) byte range of the tensor's data in its file."""
+        return self.header_size + self.data_offsets[0], self.header_size + self.data_offsets[1]
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    file: str
+    header_size: int
+    file_size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse one safetensors file's header without reading its data. Raises TwoTowerError if malformed."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise TwoTowerError(f"{path.name} is truncated: {size} bytes, no safetensors header",
+                                    "re-download or re-write the file")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise TwoTowerError(f"{path.name} is corrupt or truncated: header length {n} does not fit "
+                                    f"a {size}-byte file", "re-download or re-write the file")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise TwoTowerError(f"cannot read {path}: {e.strerror or e}", "check the path and permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TwoTowerError(f"{path.name} has a corrupt safetensors header", "re-download or re-write the file") from None
+    if not isinstance(header, dict):
+        raise TwoTowerError(f"{path.name} has a corrupt safetensors header", "re-download or re-write the file")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            info = TensorInfo(name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path.name,
+                              (int(entry["data_offsets"][0]), int(entry["data_offsets"][1])), 8 + n)
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise TwoTowerError(f"{path.name}: malformed header entry for {name!r}",
+                                "re-download or re-write the file") from None
+        tensors[name] = info
+    return ShardHeader(path.name, 8 + n, size, tensors, metadata)
+
+
+def shard_problems(shard: ShardHeader) -> list[str]:
+    """Consistency of a shard's byte layout: offsets inside the file, sizes matching dtype × shape."""
+    problems = []
+    data_len = shard.file_size - shard.header_size
+    spans = []
+    for t in shard.tensors.values():
+        begin, end = t.data_offsets
+        if t.dtype not in DTYPE_BYTES:
+            problems.append(f"{shard.file}: {t.name} has unknown dtype {t.dtype}")
+            continue
+        if begin < 0 or end < begin:
+            problems.append(f"{shard.file}: {t.name} has invalid data offsets {list(t.data_offsets)}")
+            continue
+        if end > data_len:
+            problems.append(f"{shard.file}: {t.name} ends at byte {end} but the file holds {data_len} data bytes "
+                            "(truncated file)")
+        if t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
+            problems.append(f"{shard.file}: {t.name} spans {t.nbytes} bytes but {t.dtype}{list(t.shape)} needs "
+                            f"{t.numel * DTYPE_BYTES[t.dtype]}")
+        spans.append((begin, end, t.name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            problems.append(f"{shard.file}: tensors {n0} and {n1} overlap")
+    return problems
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder (or single file) seen through its headers; tensors are read on demand."""
+
+    folder: Path
+    files: list[str]  # shard file names, in order
+    shards: dict[str, ShardHeader]  # headers of the files that exist
+    tensors: dict[str, TensorInfo]  # name → where it actually is (first shard holding it)
+    index: dict[str, str] | None  # weight_map from the index, when sharded
+    index_metadata: dict[str, Any]
+    missing_files: list[str]
+    duplicates: dict[str, list[str]]  # tensor → every shard holding it (only when more than one)
+    config_raw: dict[str, Any] | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def path(self, file: str) -> Path:
+        return self.folder / file
+
+    def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor, memory-mapped through safe_open."""
+        from safetensors import safe_open
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise TwoTowerError(f"tensor {name!r} is not in the checkpoint at {self.folder}",
+                                "the checkpoint may be incomplete")
+        try:
+            with safe_open(str(self.path(info.file)), framework="pt", device=str(device)) as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise TwoTowerError(f"cannot read {name} from {info.file}: {e}", "the file may be truncated or corrupt") from None
+
+    def iter_tensors(self, names: Iterable[str], device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """Tensors grouped by file so each shard is opened once."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.tensors:
+                raise TwoTowerError(f"tensor {n!r} is not in the checkpoint at {self.folder}",
+                                    "the checkpoint may be incomplete")
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        for file, group in by_file.items():
+            try:
+                with safe_open(str(self.path(file)), framework="pt", device=str(device)) as f:
+                    for n in group:
+                        yield n, f.get_tensor(n)
+            except TwoTowerError:
+                raise
+            except Exception as e:
+                raise TwoTowerError(f"cannot read {file}: {e}", "the file may be truncated or corrupt") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TwoTowerError(f"{path.name} is not valid JSON: {e}", "the file may be truncated or corrupt") from None
+    except OSError as e:
+        raise TwoTowerError(f"cannot read {path}: {e.strerror or e}", "check the path and permissions") from None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Headers of a checkpoint folder, or of a single `.safetensors` file (its folder's config.json is used)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        folder, files, index, index_meta = path.parent, [path.name], None, {}
+    elif path.is_dir():
+        folder = path
+        if (folder / INDEX_NAME).is_file():
+            idx = _read_json(folder / INDEX_NAME)
+            if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+                raise TwoTowerError(f"{INDEX_NAME} has no weight_map", "the index file is corrupt")
+            index = {str(k): str(v) for k, v in idx["weight_map"].items()}
+            index_meta = idx.get("metadata") or {}
+            files = sorted(set(index.values()))
+        elif (folder / SINGLE_NAME).is_file():
+            files, index, index_meta = [SINGLE_NAME], None, {}
+        else:
+            found = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not found:
+                raise TwoTowerError(f"no safetensors weights in {folder}",
+                                    "expected model.safetensors or model.safetensors.index.json with its shards")
+            files, index, index_meta = found, None, {}
+    elif path.exists():
+        raise TwoTowerError(f"{path} is neither a checkpoint folder nor a .safetensors file",
+                            "pass a folder with config.json and safetensors weights")
+    else:
+        raise TwoTowerError(f"{path} does not exist", "pass a checkpoint folder, a .safetensors file or a model name")
+
+    shards: dict[str, ShardHeader] = {}
+    missing = []
+    tensors: dict[str, TensorInfo] = {}
+    holders: dict[str, list[str]] = {}
+    for file in files:
+        p = folder / file
+        if not p.is_file():
+            missing.append(file)
+            continue
+        shard = read_shard_header(p)
+        shards[file] = shard
+        for name, info in shard.tensors.items():
+            holders.setdefault(name, []).append(file)
+            tensors.setdefault(name, info)
+    if index is not None:  # prefer the shard the index names when a tensor appears twice
+        for name, file in index.items():
+            if file in shards and name in shards[file].tensors:
+                tensors[name] = shards[file].tensors[name]
+    config_raw = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    return Checkpoint(folder, files, shards, tensors, index, index_meta, missing,
+                      {n: fs for n, fs in holders.items() if len(fs) > 1}, config_raw)
+
+
+def index_problems(ckpt: Checkpoint) -> list[str]:
+    """Disagreements between the index, the shards and their byte layouts."""
+    problems = [f"shard {f} named in the index is missing" for f in ckpt.missing_files]
+    for shard in ckpt.shards.values():
+        problems += shard_problems(shard)
+    if ckpt.index is not None:
+        for name, file in sorted(ckpt.index.items()):
+            if file in ckpt.shards and name not in ckpt.shards[file].tensors:
+                problems.append(f"{name} is listed in the index under {file} but that shard does not hold it")
+        for file, shard in ckpt.shards.items():
+            for name in shard.tensors:
+                if ckpt.index.get(name) != file:
+                    problems.append(f"{name} is in {file} but the index does not list it there")
+        total = ckpt.index_metadata.get("total_size") if isinstance(ckpt.index_metadata, dict) else None
+        if total is not None:
+            try:
+                total_int = int(total)
+            except (TypeError, ValueError):
+                total_int = -1
+            if total_int != ckpt.total_bytes and not ckpt.missing_files:
+                problems.append(f"index total_size is {total} but the tensors hold {ckpt.total_bytes} bytes")
+    for name, files in sorted(ckpt.duplicates.items()):
+        problems.append(f"{name} appears in more than one shard: {', '.join(files)}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '1000' → bytes (decimal units as Hugging Face uses them)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)]
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise TwoTowerError(f"cannot read the size {text!r}", "write it like 5GB, 500MB or 2GiB") from None
+    if value <= 0:
+        raise TwoTowerError(f"size {text!r} must be positive", "write it like 5GB, 500MB or 2GiB")
+    return value
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving grouping of (name, nbytes) into shards of at most max_shard_bytes
+    (a single tensor larger than the limit gets a shard of its own)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if groups[-1] and used + nbytes > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    return groups if groups[0] else []
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    (folder / INDEX_NAME).write_text(json.dumps(
+        {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+
+
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "5GB",
+                 metadata: dict[str, str] | None = None) -> list[str]:
+    """Write tensors as (sharded) safetensors into an existing folder; returns the shard file names."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    names = list(tensors)
+    groups = assign_shards([(n, tensors[n].numel() * tensors[n].element_size()) for n in names], limit)
+    files = shard_names(len(groups))
+    meta = {"format": "pt", **(metadata or {})}
+    weight_map = {}
+    for file, group in zip(files, groups, strict=True):
+        save_file({n: tensors[n].detach().contiguous().cpu() for n in group}, str(folder / file), metadata=meta)
+        weight_map.update({n: file for n in group})
+    if len(files) > 1:
+        write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+    return files
+
+
+def write_checkpoint(out: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                     extra_files: Iterable[Path] = (), max_shard_size: int | str = "5GB",
+                     force: bool = False) -> Path:
+    """A whole checkpoint folder, atomically: config.json, safetensors shards (+ index), copied extra files."""
+    out = Path(out)
+    with atomic_output_dir(out, force=force) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_tensors(tmp, tensors, max_shard_size)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+    return out

@@ -1,0 +1,100 @@
+"""Thin typer commands: parse, call one library function, render.
+
+Every `TwoTowerError` becomes one `Error: …` line (plus its hint) on stderr and exit code 1; any other
+exception does too, unless TWOTOWER_DEBUG=1 asks for the traceback. Output meant for scripts (`--json`)
+goes to stdout, everything for people to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+import typer
+
+from twotower_cli import __version__
+from twotower_cli.errors import TwoTowerError
+
+app = typer.Typer(
+    name="twotower",
+    help="Block-diffusion language models from pretrained NemotronH checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"twotower {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Block-diffusion language models from pretrained NemotronH checkpoints."""
+
+
+def report_error(e: BaseException) -> None:
+    from twotower_cli.display import err_console
+
+    if isinstance(e, TwoTowerError):
+        msg, hint = e.message, e.hint
+    elif isinstance(e, KeyboardInterrupt):
+        msg, hint = "interrupted", None
+    elif isinstance(e, MemoryError):
+        msg, hint = "out of memory", "try a smaller --dtype, fewer tokens or another device"
+    elif isinstance(e, OSError):
+        msg, hint = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""), \
+            "check paths, permissions and free disk space"
+    else:
+        msg, hint = f"{type(e).__name__}: {e}", "this looks like a bug; rerun with TWOTOWER_DEBUG=1 and report it"
+    line = f"[bold red]Error:[/] {_escape(msg)}"
+    if hint:
+        line += f" [dim](hint: {_escape(hint)})[/]"
+    err_console().print(line, soft_wrap=True, highlight=False)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command so that errors become one `Error: …` line and exit code 1 (traceback only with
+    TWOTOWER_DEBUG=1). Typer's own usage errors keep their exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except BaseException as e:  # noqa: BLE001 — the one place errors turn into an exit code
+            if isinstance(e, SystemExit):
+                raise
+            if os.environ.get("TWOTOWER_DEBUG") == "1":
+                raise
+            report_error(e)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def get_app() -> typer.Typer:
+    """The typer app with every command registered (tests use this with typer's CliRunner)."""
+    from twotower_cli import commands  # noqa: F401  (registers the commands on `app`)
+
+    return app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    get_app()(prog_name="twotower")

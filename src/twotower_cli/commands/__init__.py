@@ -1,0 +1,1 @@
+"""One module per command; importing this package registers them all on `twotower_cli.cli.app`."""
