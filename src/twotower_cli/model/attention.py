@@ -1,0 +1,68 @@
+"""Grouped-query attention of NemotronH (`*` layers, spec §2): no positional encoding (no RoPE),
+projection biases only if `attention_bias`, scale 1/sqrt(head_dim), softmax in fp32.
+
+    forward(x [b, L, H], past: KVCache | None, causal=True, mask [b|1, 1, L, T_past + L] bool | None)
+        -> (out [b, L, H], k_new [b, kv, L, d], v_new [b, kv, L, d])
+
+Queries attend over concat(past.k, k_new). `past` is not modified: the caller decides whether to append
+(the context tower does, the denoiser's block attention does not). `mask` (True = may attend) overrides
+`causal` when given; causal means query i sees keys 0 .. T_past + i.
+
+The scores, softmax and weighted sum are explicit fp32 math rather than F.scaled_dot_product_attention:
+the result is the same on every backend and device, which the parity tests rely on, and masked entries use
+the dtype's finite minimum so that a fully masked row (a left-pad query) gives finite values, not NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.model.cache import KVCache
+
+
+def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -> Tensor:
+    """[L, t_past + L] bool: query i (absolute position t_past + i) sees keys 0 .. t_past + i."""
+    q = torch.arange(L, device=device)[:, None] + t_past
+    k = torch.arange(t_past + L, device=device)[None, :]
+    return k <= q
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NemotronHConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attention_head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor, past: KVCache | None = None, causal: bool = True,
+                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        b, L, _ = x.shape
+        q = self.q_proj(x).view(b, L, self.n_heads, self.head_dim).transpose(1, 2)  # [b, h, L, d]
+        k_new = self.k_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)  # [b, kv, L, d]
+        v_new = self.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
+        if past is not None and past.length:
+            k = torch.cat([past.k.to(k_new.dtype), k_new], dim=2)
+            v = torch.cat([past.v.to(v_new.dtype), v_new], dim=2)
+        else:
+            k, v = k_new, v_new
+        t_past = k.shape[2] - L
+
+        # GQA: query head j reads kv head j // (heads / kv), as repeat_kv in the reference does.
+        rep = self.n_heads // self.n_kv
+        k = k.float().repeat_interleave(rep, dim=1)
+        v = v.float().repeat_interleave(rep, dim=1)
+        scores = (q.float() @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [b, h, L, T]
+        if mask is None and causal:
+            mask = causal_mask(L, t_past, x.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        out = torch.softmax(scores, dim=-1) @ v  # [b, h, L, d]
+        out = out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim).to(x.dtype)
+        return self.o_proj(out), k_new, v_new

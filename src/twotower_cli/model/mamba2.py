@@ -1,0 +1,89 @@
+"""The Mamba-2 mixer of NemotronH (`M` layers, spec §2 steps 1-7).
+
+    forward(x [b, L, H], state: MambaState | None, pad_mask [b, L] bool | None) -> (out [b, L, H], new_state)
+
+`state` is the state *before* these L tokens (None = zeros); it is read, never written: the new state is a
+new object. This is what lets the denoiser (spec §5) start every block from the context tower's state.
+L == 1 with a state uses the one-step recurrence; anything else the chunked SSD scan from `state.ssm`, with
+the causal conv continuing from `state.conv`. The scan runs in fp32 whatever the module dtype.
+
+`pad_mask` False marks left-padding: the raw xBC columns, x, B, C and dt are zeroed there, so a pad feeds
+nothing into the conv window or the SSM state and does not decay it (dt = 0 ⇒ exp(dt·A) = 1). Spec §9.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.model.cache import MambaState
+from twotower_cli.model.norm import GatedGroupRMSNorm
+from twotower_cli.ops.ssd import ssd_chunked, ssd_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: NemotronHConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.mamba_num_heads, cfg.mamba_head_dim
+        self.n_groups, self.d_state = cfg.n_groups, cfg.ssm_state_size
+        self.d_inner, self.conv_dim, self.kernel = cfg.d_inner, cfg.conv_dim, cfg.conv_kernel
+        self.chunk_size = cfg.chunk_size
+        self.time_step_limit = cfg.time_step_limit  # the only dt clamp (spec §1, §9)
+
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.in_proj_dim, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=cfg.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedGroupRMSNorm(self.d_inner, self.n_groups, cfg.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+
+    def conv(self, xBC: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Causal depthwise conv + SiLU. xBC [b, L, conv_dim] raw; conv_state [b, conv_dim, K] (previous raw
+        columns, None = zeros). Returns (activated [b, L, conv_dim], new conv_state = last K raw columns)."""
+        b, L, _ = xBC.shape
+        cols = xBC.transpose(1, 2)  # [b, conv_dim, L]
+        if conv_state is None:
+            conv_state = cols.new_zeros(b, self.conv_dim, self.kernel)
+        window = torch.cat([conv_state.to(cols.dtype), cols], dim=-1)  # [b, conv_dim, K + L]
+        # The kernel needs K-1 columns of left context; the state keeps K (as the reference caches do).
+        out = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        # clone: a view would keep the whole [conv_dim, K + L] window of a long prefill alive.
+        return F.silu(out).transpose(1, 2), window[..., -self.kernel:].clone()
+
+    def forward(self, x: Tensor, state: MambaState | None = None,
+                pad_mask: Tensor | None = None) -> tuple[Tensor, MambaState]:
+        b, L, _ = x.shape
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        keep = None if pad_mask is None else pad_mask[..., None].to(xBC.dtype)  # [b, L, 1]
+        if keep is not None:
+            xBC = xBC * keep
+
+        xBC, new_conv = self.conv(xBC, None if state is None else state.conv)
+        if keep is not None:
+            xBC = xBC * keep
+        xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        xs = xs.reshape(b, L, self.n_heads, self.head_dim)
+        B = B.reshape(b, L, self.n_groups, self.d_state)
+        C = C.reshape(b, L, self.n_groups, self.d_state)
+
+        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = self.time_step_limit
+        if lo > 0.0 or hi < math.inf:
+            dt = dt.clamp(min=lo, max=hi)
+        if pad_mask is not None:
+            dt = dt * pad_mask[..., None].float()
+
+        if state is not None and L == 1:
+            y, ssm = ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            y = y[:, None]
+        else:
+            y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, None if state is None else state.ssm)
+        y = y + self.D.float()[:, None] * xs.float()  # D skip, fp32
+        out = self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))
+        return out, MambaState(new_conv, ssm)

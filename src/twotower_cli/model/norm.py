@@ -1,0 +1,46 @@
+"""RMS norms of NemotronH (spec §2): the block/final RMSNorm and Mamba-2's gated, grouped RMSNorm.
+
+Both normalise in fp32 and multiply by the weight in fp32 before casting back, as NVIDIA's reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x [..., dim] → x * rsqrt(mean(x²) + eps) * weight, computed in fp32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class GatedGroupRMSNorm(nn.Module):
+    """Mamba-2's output norm: u = y * silu(z), RMS-normalised separately in each of n_groups channel groups.
+
+    forward(y [..., d_inner], z [..., d_inner]) → [..., d_inner] in z's dtype. The gate is applied *before*
+    the norm and the norm is per group, not over all of d_inner (spec §9: both matter).
+    """
+
+    def __init__(self, d_inner: int, n_groups: int, eps: float = 1e-5):
+        super().__init__()
+        if d_inner % n_groups:
+            raise ValueError(f"d_inner {d_inner} does not split into {n_groups} groups")
+        self.weight = nn.Parameter(torch.ones(d_inner))
+        self.n_groups = n_groups
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        u = y.float() * F.silu(z.float())
+        grouped = u.unflatten(-1, (self.n_groups, -1))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * grouped.flatten(-2)).to(z.dtype)
