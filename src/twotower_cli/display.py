@@ -17,3 +17,86 @@ def err_console() -> Console:
 def out_console() -> Console:
     """Data that scripts read (`--json`), plain text results."""
     return Console(highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------- live unmasking
+
+class LiveUnmasking:
+    """Draws the sampler's events: prompt, committed text, the current block with masked slots as dim
+    placeholders and this step's commits highlighted, block i/n, step s/steps and NFE. Redraws are
+    throttled (at most `fps` per second) and done by rich `Live` on stderr, so frames never tear."""
+
+    MASK_GLYPH = "░"
+
+    def __init__(self, decode, prompts: list[str], n_blocks: int, steps: int, mode: str, mask_id: int,
+                 fps: float = 20.0, max_rows: int = 4):
+        from rich.live import Live
+
+        self.decode = decode
+        self.prompts = prompts[:max_rows]
+        self.hidden_rows = max(0, len(prompts) - max_rows)
+        self.rows = len(self.prompts)
+        self.n_blocks, self.steps, self.mode, self.mask_id = n_blocks, steps, mode, mask_id
+        self.min_interval = 1.0 / fps
+        self.committed: list[list[int]] = [[] for _ in range(self.rows)]
+        self.block = None
+        self.fresh: list[set[int]] = [set() for _ in range(self.rows)]
+        self.block_index = self.step = self.nfe = 0
+        self._last = 0.0
+        self.live = Live(console=err_console(), auto_refresh=False, transient=False, redirect_stdout=False,
+                         redirect_stderr=False)
+
+    def __enter__(self) -> LiveUnmasking:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.live.update(self.render(), refresh=True)
+        self.live.__exit__(*exc)
+
+    def handle(self, event) -> None:
+        import time
+
+        from twotower_cli import sampler as S
+
+        if isinstance(event, S.BlockStarted):
+            self.block_index, self.step = event.block, 0
+            self.block = None
+            self.fresh = [set() for _ in range(self.rows)]
+        elif isinstance(event, S.Step):
+            self.block = event.tokens[: self.rows].tolist()
+            self.fresh = [set(p) for p in event.committed[: self.rows]]
+            self.step, self.nfe = event.step + 1, event.nfe
+        elif isinstance(event, S.BlockDone):
+            for r in range(self.rows):
+                self.committed[r].extend(event.tokens[r].tolist())
+            self.block = None
+        now = time.perf_counter()
+        if now - self._last >= self.min_interval:
+            self._last = now
+            self.live.update(self.render(), refresh=True)
+
+    def render(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        parts = []
+        for r in range(self.rows):
+            t = Text()
+            t.append(self.prompts[r], style="dim cyan")
+            t.append(self.decode(self.committed[r]))
+            if self.block is not None:
+                for j, tok in enumerate(self.block[r]):
+                    if tok == self.mask_id:
+                        t.append(self.MASK_GLYPH, style="dim")
+                    else:
+                        t.append(self.decode([tok]), style="bold black on green" if j in self.fresh[r] else "green")
+            parts.append(t)
+            parts.append(Text(""))
+        if self.hidden_rows:
+            parts.append(Text(f"(+{self.hidden_rows} more prompts)", style="dim"))
+        status = Text(f"{self.mode}  block {min(self.block_index + 1, self.n_blocks)}/{self.n_blocks}"
+                      + (f"  step {self.step}/{self.steps}" if self.mode == "mask_diffusion" else "")
+                      + f"  NFE {self.nfe}", style="bold blue")
+        parts.append(status)
+        return Group(*parts)

@@ -1,1 +1,3 @@
 """One module per command; importing this package registers them all on `twotower_cli.cli.app`."""
+
+from twotower_cli.commands import generate  # noqa: F401

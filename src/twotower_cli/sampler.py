@@ -1,0 +1,369 @@
+"""Samplers as generators of typed events (spec §7): `mask_diffusion`, `mock_ar` and `ar`.
+
+Ids in, ids out: the sampler never touches a tokenizer or the terminal. It drives a `Backend` (the model
+side: prefill, extend, denoise) and yields `BlockStarted`, `Step`, `BlockDone` and finally `Finished`,
+which carries one `Generation` per prompt. The live view and `--events` consume the same stream.
+
+Batches: prompts of different lengths are left-padded; the padding is masked in attention and leaves the
+Mamba states untouched, so a batch gives the tokens each prompt gives alone. Every sequence has its own
+done flag (first EOS or stop id) and its own masked fraction t. The last block may be shorter than the
+block size so any `max_new_tokens` works.
+
+Commit rule (spec §7 step 3), per sequence and step s of `steps`:
+    k = #(masked with confidence > threshold), at least 1, at least ceil(masked / (steps - s)),
+        at most masked, and all masked on the last step.
+`policy="topk"` drops the threshold term (LLaDA's fixed schedule); `policy="factor"` replaces it with
+Fast-dLLM's rule: the largest n with (n + 1) * (1 - c_n) < factor over confidences sorted descending.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from twotower_cli.errors import TwoTowerError
+
+Mode = Literal["mask_diffusion", "mock_ar", "ar"]
+Policy = Literal["threshold", "topk", "factor"]
+MODES = ("mask_diffusion", "mock_ar", "ar")
+POLICIES = ("threshold", "topk", "factor")
+
+
+class Backend(Protocol):
+    """The model side of sampling. Context calls keep state between them; `reset` starts a new batch."""
+
+    vocab_size: int
+
+    def reset(self, batch: int) -> None: ...
+
+    def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ids [B, L] to the context tower; fp32 logits of the last position [B, V]."""
+        ...
+
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Denoiser logits [B, S, V] for the block [B, S] after the current context."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    mode: Mode = "mask_diffusion"
+    block_size: int = 16
+    steps: int | None = None  # per block; None → block_size
+    threshold: float = 0.8
+    policy: Policy = "threshold"
+    factor: float = 1.0
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    mask_token_id: int = 3
+    stop_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps if self.steps is not None else self.block_size
+
+    def validate(self, vocab_size: int) -> None:
+        checks = [
+            (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
+            (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
+            (self.steps is None or 1 <= self.steps <= self.block_size,
+             f"steps {self.steps} must be between 1 and the block size {self.block_size}",
+             "steps per block cannot exceed the tokens in a block"),
+            (0.0 < self.threshold <= 1.0, f"threshold {self.threshold} must be in (0, 1]", "NVIDIA's operating point is 0.8"),
+            (self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),
+            (self.factor > 0, f"factor {self.factor} must be positive", "Fast-dLLM uses about 1"),
+            (self.max_new_tokens >= 1, f"max-new-tokens {self.max_new_tokens} must be at least 1", "try 128"),
+            (self.temperature >= 0, f"temperature {self.temperature} must be >= 0", "0 is greedy"),
+            (self.top_k is None or self.top_k >= 1, f"top-k {self.top_k} must be at least 1", "or leave it out"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]", "or leave it out"),
+            (0 <= self.mask_token_id < vocab_size, f"mask token id {self.mask_token_id} is outside the vocabulary "
+             f"(0..{vocab_size - 1})", "NVIDIA's mask id is 3"),
+        ]
+        for ok, msg, hint in checks:
+            if not ok:
+                raise TwoTowerError(msg, hint)
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+@dataclass
+class BlockStarted:
+    block: int  # index of the block (for ar/mock_ar: of the token)
+    start: int  # offset of the block in the generated text
+    size: int
+    active: list[bool]  # per sequence: still generating
+
+
+@dataclass
+class Step:
+    block: int
+    step: int
+    nfe: int  # forwards so far in this batch
+    tokens: torch.Tensor  # [B, size] current block, mask ids where still masked
+    committed: list[list[int]]  # per sequence: positions (within the block) committed at this step
+    committed_tokens: list[list[int]]
+    confidences: list[list[float]]
+
+
+@dataclass
+class BlockDone:
+    block: int
+    tokens: torch.Tensor  # [B, size]
+    done: list[bool]
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated, cut before the first stop/EOS id
+    finish_reason: Literal["eos", "length"]
+    nfe: int  # forwards this sequence took part in while active
+
+
+@dataclass
+class Finished:
+    generations: list[Generation]
+    nfe: int  # forwards for the whole batch
+    wall_seconds: float
+    mode: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(g.token_ids) for g in self.generations)
+
+
+Event = BlockStarted | Step | BlockDone | Finished
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, Lmax] left-padded with pad_id, and the mask [B, Lmax] (True at real tokens)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, longest - len(p):] = True
+    return ids, mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the top-k and/or the smallest nucleus with mass ≥ top_p (the most likely token always stays)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
+            exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction and confidence per position of fp32 logits [..., V].
+
+    Temperature 0: argmax. Otherwise Gumbel-max on log_softmax(filtered logits / T). The confidence is
+    the untempered probability of the predicted token. `exclude` (the mask id) can never be predicted.
+    """
+    logits = logits.float()
+    if exclude is not None:
+        logits = logits.clone()
+        logits[..., exclude] = float("-inf")
+    logp = F.log_softmax(logits, dim=-1)
+    if cfg.temperature == 0:
+        pred = logp.argmax(dim=-1)
+    else:
+        scores = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+        u = torch.rand(scores.shape, generator=generator, device="cpu").to(scores.device)
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+        pred = (scores + gumbel).argmax(dim=-1)
+    conf = logp.gather(-1, pred[..., None])[..., 0].exp()
+    return pred, conf
+
+
+def commit_counts(conf: torch.Tensor, masked: torch.Tensor, step: int, steps: int, cfg: SamplingConfig) -> torch.Tensor:
+    """How many masked positions each row commits at this step: k [B] (spec §7 step 3)."""
+    n_masked = masked.sum(dim=-1)
+    conf = conf.masked_fill(~masked, -1.0)
+    if step >= steps - 1:
+        return n_masked
+    if cfg.policy == "threshold":
+        k = (conf > cfg.threshold).sum(dim=-1)
+    elif cfg.policy == "topk":
+        k = torch.zeros_like(n_masked)
+    else:  # factor: largest n with (n + 1) * (1 - c_n) < factor, c sorted descending (1-based n)
+        c = torch.sort(conf, dim=-1, descending=True).values
+        n = torch.arange(1, c.shape[-1] + 1, device=c.device)
+        ok = ((n + 1) * (1 - c) < cfg.factor) & (c >= 0)
+        # the largest n for which the rule holds at every n' <= n (confidences are sorted, so it is a prefix)
+        k = torch.cumprod(ok.long(), dim=-1).sum(dim=-1)
+    floor = torch.div(n_masked + (steps - step) - 1, steps - step, rounding_mode="floor")  # ceil
+    k = torch.maximum(k, torch.maximum(floor, torch.ones_like(k)))
+    return torch.minimum(k, n_masked)
+
+
+def select_commits(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, S]: the k[b] most confident masked positions of each row."""
+    score = conf.masked_fill(~masked, float("-inf"))
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < k[:, None]) & masked
+
+
+def _stop_ids(cfg: SamplingConfig, eos_ids: list[int]) -> torch.Tensor:
+    return torch.tensor(sorted(set(eos_ids) | set(cfg.stop_ids)), dtype=torch.long)
+
+
+def _first_stop(ids: list[int], stops: set[int]) -> int | None:
+    for i, tok in enumerate(ids):
+        if tok in stops:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+def generate(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int] = (),
+             generator: torch.Generator | None = None) -> Iterator[Event]:
+    """Sample continuations for a batch of prompts; yields events, ending with `Finished`."""
+    cfg.validate(backend.vocab_size)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TwoTowerError("empty prompt", "give some text to continue")
+    with torch.no_grad():
+        if cfg.mode == "mask_diffusion":
+            yield from _mask_diffusion(backend, prompts, cfg, list(eos_ids), generator)
+        else:
+            yield from _one_token_at_a_time(backend, prompts, cfg, list(eos_ids), generator)
+
+
+def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], nfe_per_seq: list[int],
+            nfe: int, t0: float, cfg: SamplingConfig) -> Finished:
+    gens = []
+    for b, p in enumerate(prompts):
+        ids = out[b].tolist()
+        cut = _first_stop(ids, stops)
+        gens.append(Generation(p, ids if cut is None else ids[:cut], "length" if cut is None else "eos", nfe_per_seq[b]))
+    settings = {k: v for k, v in cfg.__dict__.items()}
+    settings["steps"] = cfg.steps_per_block
+    settings["stop_ids"] = sorted(stops)
+    return Finished(gens, nfe, time.perf_counter() - t0, cfg.mode, settings)
+
+
+def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int],
+                    generator: torch.Generator | None) -> Iterator[Event]:
+    t0 = time.perf_counter()
+    B = len(prompts)
+    stops_t = _stop_ids(cfg, eos_ids)
+    stops = set(stops_t.tolist())
+    ids, mask = left_pad(prompts, cfg.pad_token_id)
+    backend.reset(B)
+    backend.extend(ids, attention_mask=None if bool(mask.all()) else mask)
+    done = torch.zeros(B, dtype=torch.bool)
+    out = torch.empty(B, 0, dtype=torch.long)
+    nfe, nfe_per_seq = 0, [0] * B
+    n_blocks = math.ceil(cfg.max_new_tokens / cfg.block_size)
+    for blk in range(n_blocks):
+        size = min(cfg.block_size, cfg.max_new_tokens - blk * cfg.block_size)
+        steps = min(cfg.steps_per_block, size)
+        active = ~done
+        yield BlockStarted(blk, out.shape[1], size, active.tolist())
+        x = torch.full((B, size), cfg.mask_token_id, dtype=torch.long)
+        for s in range(steps):
+            masked = x == cfg.mask_token_id
+            if not bool(masked.any()):
+                break
+            t = masked.float().mean(dim=-1)
+            logits = backend.denoise(x, t).float().cpu()
+            nfe += 1
+            for b in active.nonzero()[:, 0].tolist():
+                nfe_per_seq[b] += 1
+            pred, conf = predict(logits, cfg, generator, exclude=cfg.mask_token_id)
+            k = commit_counts(conf, masked, s, steps, cfg)
+            commit = select_commits(conf, masked, k)
+            x = torch.where(commit, pred, x)
+            pos = [row.nonzero()[:, 0].tolist() for row in commit]
+            yield Step(blk, s, nfe, x.clone(), pos, [x[b, p].tolist() for b, p in enumerate(pos)],
+                       [conf[b, p].tolist() for b, p in enumerate(pos)])
+        out = torch.cat([out, x], dim=1)
+        done |= torch.isin(x, stops_t).any(dim=-1)
+        yield BlockDone(blk, x, done.tolist())
+        if bool(done.all()) or blk == n_blocks - 1:
+            break
+        backend.extend(x)
+    yield _finish(prompts, out, stops, nfe_per_seq, nfe, t0, cfg)
+
+
+def _one_token_at_a_time(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int],
+                         generator: torch.Generator | None) -> Iterator[Event]:
+    """`ar`: the context tower and its head, cached one-token decode. `mock_ar`: the denoiser reads the
+    last committed token at position n-1, seeded with the context state before it, and its logits give
+    the next token; the context tower therefore runs one token behind."""
+    t0 = time.perf_counter()
+    B = len(prompts)
+    stops_t = _stop_ids(cfg, eos_ids)
+    stops = set(stops_t.tolist())
+    mock = cfg.mode == "mock_ar"
+    backend.reset(B)
+    if mock:
+        ids, mask = left_pad([p[:-1] for p in prompts], cfg.pad_token_id)
+        if ids.shape[1]:
+            backend.extend(ids, attention_mask=None if bool(mask.all()) else mask)
+        last = torch.tensor([[p[-1]] for p in prompts], dtype=torch.long)
+        logits = backend.denoise(last, None)[:, -1].float().cpu()
+    else:
+        ids, mask = left_pad(prompts, cfg.pad_token_id)
+        logits = backend.extend(ids, attention_mask=None if bool(mask.all()) else mask).float().cpu()
+    done = torch.zeros(B, dtype=torch.bool)
+    tokens: list[torch.Tensor] = []
+    nfe, nfe_per_seq = 1, [1] * B
+    for i in range(cfg.max_new_tokens):
+        yield BlockStarted(i, i, 1, (~done).tolist())
+        pred, conf = predict(logits, cfg, generator, exclude=None)
+        tok = pred[:, None]
+        tokens.append(tok)
+        yield Step(i, 0, nfe, tok.clone(), [[0]] * B, [[v] for v in pred.tolist()], [[c] for c in conf.tolist()])
+        done |= torch.isin(pred, stops_t)
+        yield BlockDone(i, tok, done.tolist())
+        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+            break
+        if mock:
+            backend.extend(last)
+            last = tok
+            logits = backend.denoise(last, None)[:, -1].float().cpu()
+        else:
+            logits = backend.extend(tok).float().cpu()
+        nfe += 1
+        for b in (~done).nonzero()[:, 0].tolist():
+            nfe_per_seq[b] += 1
+    out = torch.cat(tokens, dim=1) if tokens else torch.empty(B, 0, dtype=torch.long)
+    yield _finish(prompts, out, stops, nfe_per_seq, nfe, t0, cfg)
+
+
+def run(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int] = (),
+        generator: torch.Generator | None = None) -> Finished:
+    """Drain `generate` and return its `Finished` event."""
+    result = None
+    for ev in generate(backend, prompts, cfg, eos_ids, generator):
+        if isinstance(ev, Finished):
+            result = ev
+    assert result is not None
+    return result

@@ -1,0 +1,198 @@
+"""The sampler's commit rule (spec §7) on a scripted fake denoiser: every clause, NFE, early exit, EOS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from twotower_cli import sampler as S
+from twotower_cli.errors import TwoTowerError
+
+V, MASK = 32, 3
+
+
+def logits_with(conf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Logits [.., V] whose softmax, with the mask id excluded, puts probability `conf` on `target`."""
+    shape = conf.shape
+    probs = torch.full((*shape, V), 0.0)
+    rest = (1 - conf) / (V - 2)  # spread over every id but the target and the mask id
+    probs[:] = rest[..., None]
+    probs.scatter_(-1, target[..., None], conf[..., None])
+    probs[..., MASK] = 0.5  # any finite mass here: the sampler must ignore the mask id's logit
+    return probs.clamp_min(1e-30).log()
+
+
+class ScriptedBackend:
+    """Denoiser whose confidence for position j at its n-th call is `table[n][j]`; it always predicts
+    token 10 + j + 5*n at position j, so a revised commit would be visible."""
+
+    vocab_size = V
+
+    def __init__(self, table: list[list[float]]):
+        self.table = table
+        self.calls = 0
+        self.extended: list[torch.Tensor] = []
+        self.ts: list[torch.Tensor] = []
+
+    def reset(self, batch: int) -> None:
+        self.extended = []
+
+    def extend(self, ids, attention_mask=None):
+        self.extended.append(ids)
+        return torch.zeros(ids.shape[0], V)
+
+    def denoise(self, block, t):
+        self.ts.append(t.clone())
+        row = self.table[min(self.calls, len(self.table) - 1)]
+        B, Sz = block.shape
+        conf = torch.tensor(row[:Sz]).expand(B, Sz)
+        target = (10 + torch.arange(Sz) + 5 * self.calls).clamp_max(V - 1).expand(B, Sz)
+        self.calls += 1
+        return logits_with(conf, target)
+
+
+def cfg(**kw) -> S.SamplingConfig:
+    base = dict(mode="mask_diffusion", block_size=4, threshold=0.8, max_new_tokens=4, mask_token_id=MASK)
+    base.update(kw)
+    return S.SamplingConfig(**base)
+
+
+def steps_of(events):
+    return [e for e in events if isinstance(e, S.Step)]
+
+
+def test_threshold_commits_every_confident_position_and_strictly_greater():
+    # 0.95 and 0.81 exceed 0.8; 0.79 does not
+    be = ScriptedBackend([[0.95, 0.79, 0.81, 0.1], [0.5, 0.5, 0.5, 0.5]])
+    ev = list(S.generate(be, [[5]], cfg(steps=4)))
+    st = steps_of(ev)
+    assert st[0].committed == [[0, 2]]
+    assert st[0].committed_tokens == [[10, 12]]
+
+
+def test_at_least_one_commit_per_step():
+    be = ScriptedBackend([[0.1, 0.3, 0.2, 0.05]] * 4)
+    st = steps_of(list(S.generate(be, [[5]], cfg(steps=4))))
+    assert [s.committed[0] for s in st] == [[1], [2], [0], [3]]  # the most confident masked, one a step
+
+
+def test_at_least_ceil_masked_over_steps_left():
+    be = ScriptedBackend([[0.1, 0.4, 0.3, 0.2, 0.6, 0.5, 0.05, 0.7]] * 8)
+    st = steps_of(list(S.generate(be, [[5]], cfg(block_size=8, max_new_tokens=8, steps=3))))
+    # step 0: ceil(8/3)=3 → the three most confident; step 1: ceil(5/2)=3; step 2 (last): the remaining 2
+    assert [len(s.committed[0]) for s in st] == [3, 3, 2]
+    assert st[0].committed[0] == [4, 5, 7]
+
+
+def test_at_most_masked_and_all_on_last_step():
+    be = ScriptedBackend([[0.99] * 4])
+    st = steps_of(list(S.generate(be, [[5]], cfg(steps=4))))
+    assert len(st) == 1 and st[0].committed == [[0, 1, 2, 3]]  # never more than what is masked
+    be = ScriptedBackend([[0.1] * 4])
+    st = steps_of(list(S.generate(be, [[5]], cfg(steps=2))))
+    assert [len(s.committed[0]) for s in st] == [2, 2]  # ceil(4/2) then everything on the last step
+
+
+def test_committed_tokens_never_revised_and_t_is_masked_fraction():
+    # later calls predict different tokens everywhere; earlier commits must stay
+    be = ScriptedBackend([[0.9, 0.1, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1], [0.1, 0.1, 0.9, 0.9]])
+    ev = list(S.generate(be, [[5]], cfg(steps=4)))
+    final = [e for e in ev if isinstance(e, S.BlockDone)][0].tokens[0].tolist()
+    assert final == [10, 16, 22, 23]
+    assert [float(t[0]) for t in be.ts] == [1.0, 0.75, 0.5]
+
+
+def test_nfe_counts_and_early_exit_when_no_masks_remain():
+    be = ScriptedBackend([[1.0] * 4])
+    fin = [e for e in S.generate(be, [[5]], cfg(steps=4, max_new_tokens=12)) if isinstance(e, S.Finished)][0]
+    assert fin.nfe == 3 and be.calls == 3  # one forward per block, not `steps`
+    assert len(fin.generations[0].token_ids) == 12
+    assert len(be.extended) == 1 + 2  # prompt, then each committed block but the last
+
+
+def test_short_last_block_any_max_new_tokens():
+    be = ScriptedBackend([[0.1] * 16])
+    ev = list(S.generate(be, [[5]], cfg(block_size=4, steps=4, max_new_tokens=6)))
+    sizes = [e.size for e in ev if isinstance(e, S.BlockStarted)]
+    assert sizes == [4, 2]
+    assert len(ev[-1].generations[0].token_ids) == 6
+
+
+def test_eos_cuts_output_and_stops():
+    class EosBackend(ScriptedBackend):
+        def denoise(self, block, t):
+            Sz = block.shape[1]
+            target = torch.tensor([20, 2, 21, 22][:Sz]).expand(block.shape[0], Sz)
+            self.calls += 1
+            return logits_with(torch.full(target.shape, 0.99), target)
+
+    be = EosBackend([[0]])
+    fin = S.run(be, [[5]], cfg(max_new_tokens=12), eos_ids=[2])
+    g = fin.generations[0]
+    assert g.token_ids == [20] and g.finish_reason == "eos"
+    assert fin.nfe == 1  # stopped after the block holding EOS
+    fin = S.run(EosBackend([[0]]), [[5]], cfg(max_new_tokens=12, stop_ids=(21,)))
+    assert fin.generations[0].token_ids == [20, 2] and fin.nfe == 1
+
+
+def test_topk_and_factor_policies():
+    row = [0.99, 0.97, 0.6, 0.95, 0.2, 0.1, 0.1, 0.1]
+    # topk: only the schedule, ceil(8/4) = 2 per step, however confident
+    st = steps_of(list(S.generate(ScriptedBackend([row] * 8), [[5]],
+                                  cfg(block_size=8, max_new_tokens=8, steps=4, policy="topk"))))
+    assert [len(s.committed[0]) for s in st] == [2, 2, 2, 2]
+    # factor f=1: sorted c = .99,.97,.95,.6 ... ; (n+1)(1-c_n): 0.02, 0.09, 0.2, 2.0 → n = 3
+    st = steps_of(list(S.generate(ScriptedBackend([row] * 8), [[5]],
+                                  cfg(block_size=8, max_new_tokens=8, steps=8, policy="factor", factor=1.0))))
+    assert st[0].committed[0] == [0, 1, 3]
+
+
+def test_threshold_is_strict():
+    conf = torch.tensor([[0.8, 0.8000001, 0.1, 0.1]])
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    assert S.commit_counts(conf, masked, step=0, steps=4, cfg=cfg()).tolist() == [1]
+
+
+def test_commit_counts_per_row_in_a_batch():
+    conf = torch.tensor([[0.9, 0.9, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]])
+    masked = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    k = S.commit_counts(conf, masked, step=0, steps=4, cfg=cfg())
+    assert k.tolist() == [2, 1]
+    sel = S.select_commits(conf, masked, k)
+    assert sel.tolist() == [[True, True, False, False], [True, False, False, False]]
+
+
+def test_gumbel_sampling_is_seeded_and_confidence_untempered():
+    logits = torch.randn(2, 5, V)
+    c = cfg(temperature=0.7, top_k=5)
+    p1, c1 = S.predict(logits, c, torch.Generator().manual_seed(1), exclude=MASK)
+    p2, c2 = S.predict(logits, c, torch.Generator().manual_seed(1), exclude=MASK)
+    assert torch.equal(p1, p2) and torch.equal(c1, c2)
+    ref = logits.clone()
+    ref[..., MASK] = -math.inf
+    expect = torch.softmax(ref, -1).gather(-1, p1[..., None])[..., 0]
+    torch.testing.assert_close(c1, expect)
+    top5 = torch.topk(ref, 5, dim=-1).indices
+    assert bool((top5 == p1[..., None]).any(-1).all())
+    assert not bool((p1 == MASK).any())
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = S.filter_logits(logits, None, 0.7).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("kw", [dict(block_size=0), dict(steps=5), dict(steps=0), dict(threshold=0.0),
+                                dict(threshold=1.5), dict(max_new_tokens=0), dict(mask_token_id=V),
+                                dict(policy="nope")])
+def test_bad_settings_raise_twotower_error(kw):
+    with pytest.raises(TwoTowerError):
+        list(S.generate(ScriptedBackend([[0.5] * 4]), [[5]], cfg(**kw)))
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(TwoTowerError, match="empty prompt"):
+        list(S.generate(ScriptedBackend([[0.5] * 4]), [[]], cfg()))
