@@ -1,0 +1,122 @@
+"""`twotower generate`: block-diffusion (or mock-AR / AR) sampling with a live view of tokens unmasking."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from twotower_cli.cli import app, guarded
+
+
+def _event_json(ev, decode) -> dict:
+    from twotower_cli import sampler as S
+
+    if isinstance(ev, S.BlockStarted):
+        return {"event": "block_started", "block": ev.block, "start": ev.start, "size": ev.size, "active": ev.active}
+    if isinstance(ev, S.Step):
+        return {"event": "step", "block": ev.block, "step": ev.step, "nfe": ev.nfe,
+                "positions": ev.committed, "tokens": ev.committed_tokens, "confidences": ev.confidences,
+                "text": [[decode([t]) for t in row] for row in ev.committed_tokens]}
+    if isinstance(ev, S.BlockDone):
+        return {"event": "block_done", "block": ev.block, "tokens": ev.tokens.tolist(), "done": ev.done}
+    return {"event": "finished", "nfe": ev.nfe, "wall_seconds": ev.wall_seconds, "new_tokens": ev.new_tokens}
+
+
+@app.command()
+@guarded
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompt-file, or stdin).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
+    mode: Annotated[str, typer.Option(help="mask_diffusion | mock_ar | ar")] = "mask_diffusion",
+    block: Annotated[int, typer.Option(help="Tokens per diffusion block.")] = 16,
+    steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
+    threshold: Annotated[float, typer.Option(help="Commit every masked token whose confidence exceeds this (NVIDIA's operating point: 0.8).")] = 0.8,
+    policy: Annotated[str, typer.Option(help="Commit policy: threshold | topk | factor.")] = "threshold",
+    factor: Annotated[float, typer.Option(help="Fast-dLLM factor for --policy factor.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    mask_token_id: Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")] = None,
+    stop: Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")] = None,
+    context_device: Annotated[str | None, typer.Option(help="Device of the context tower.")] = None,
+    denoiser_device: Annotated[str | None, typer.Option(help="Device of the denoiser tower.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU).")] = "auto",
+    no_live: Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
+    events: Annotated[bool, typer.Option("--events", help="With --json: stream every sampler event as a JSON line.")] = False,
+) -> None:
+    """Continue a prompt by block diffusion, showing tokens as they unmask."""
+    from twotower_cli import sampler as S
+    from twotower_cli.display import LiveUnmasking, err_console, out_console
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.runtime import open_runtime, peak_memory_bytes
+    from twotower_cli.text import read_prompts
+
+    if mode not in S.MODES:
+        raise TwoTowerError(f"mode {mode!r} is not one of {', '.join(S.MODES)}", "pick a --mode")
+    if events and not as_json:
+        raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
+    texts = read_prompts(prompt, prompt_file)
+    settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
+                                factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
+                                stop_ids=tuple(stop or ()))
+    settings.validate(vocab_size=1 << 62)  # option errors before the (slow) load; vocab checked below
+    rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
+                      context_device=context_device, denoiser_device=denoiser_device)
+    if mask_token_id is None:
+        settings = S.SamplingConfig(**{**settings.__dict__, "mask_token_id": rt.cfg.mask_token_id})
+    if rt.cfg.pad_token_id is not None:
+        settings = S.SamplingConfig(**{**settings.__dict__, "pad_token_id": int(rt.cfg.pad_token_id)})
+    settings.validate(rt.backend.vocab_size)
+    prompts = [rt.tokenizer.encode(t) for t in texts]
+    if any(not p for p in prompts):
+        raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
+    gen = torch.Generator().manual_seed(seed)
+    n_blocks = -(-max_new_tokens // (block if mode == "mask_diffusion" else 1))
+    live = (not no_live and not as_json and err_console().is_terminal)
+    decode = rt.tokenizer.decode
+    finished = None
+    stream = S.generate(rt.backend, prompts, settings, rt.cfg.eos_token_ids, gen)
+    if live:
+        with LiveUnmasking(decode, texts, n_blocks, settings.steps_per_block if mode == "mask_diffusion" else 1,
+                           mode, settings.mask_token_id) as view:
+            for ev in stream:
+                view.handle(ev)
+                if isinstance(ev, S.Finished):
+                    finished = ev
+    else:
+        for ev in stream:
+            if events:
+                print(json.dumps(_event_json(ev, decode)), flush=True)
+            if isinstance(ev, S.Finished):
+                finished = ev
+    assert finished is not None
+    wall = finished.wall_seconds
+    for text, g in zip(texts, finished.generations, strict=True):
+        out = decode(g.token_ids)
+        if as_json:
+            print(json.dumps({
+                "prompt": text, "text": out, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+                "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
+                "tokens_per_second": len(g.token_ids) / max(wall, 1e-9), "wall_seconds": wall,
+                "mode": mode, "settings": finished.settings, "model": str(rt.folder),
+            }), flush=True)
+        elif not live or not sys.stdout.isatty():
+            out_console().print(text + out if len(texts) == 1 else f"{text}{out}\n", markup=False)
+    n_new = finished.new_tokens
+    n_prompt = sum(len(p) for p in prompts)
+    peak = peak_memory_bytes(rt.backend.device) / 2**20
+    err_console().print(
+        f"[dim]prompt {n_prompt} tok · generated {n_new} tok · NFE {finished.nfe} · "
+        f"{n_new / max(finished.nfe, 1) / max(len(prompts), 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
+        f"{wall:.2f} s · peak {peak:.0f} MiB[/]")

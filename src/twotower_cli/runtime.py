@@ -1,0 +1,75 @@
+"""From a model name and device options to a ready sampling backend and tokenizer (generate, bench)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.text import Tokenizer
+from twotower_cli.towers import LoadedModel, TowerBackend, load_model
+
+DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_MODEL = "tiny"
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TwoTowerError(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TwoTowerError(f"device {device} asked for but CUDA is not available", "use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise TwoTowerError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    chosen = DTYPES[dtype]
+    if chosen is None:  # auto: bf16 on GPUs, fp32 on CPUs (where bf16 matmuls are slow and less exact)
+        chosen = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return chosen
+
+
+@dataclass
+class Runtime:
+    loaded: LoadedModel
+    backend: TowerBackend
+    tokenizer: Tokenizer
+    cfg: NemotronHConfig
+    folder: Path
+
+
+def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",
+                 context_device: str | None = None, denoiser_device: str | None = None) -> Runtime:
+    """Resolve the model name (alias, hub id in the cache, or folder), load it, and load its tokenizer."""
+    from twotower_cli.hub import resolve
+
+    folder = resolve(model or DEFAULT_MODEL)
+    if folder.is_file():
+        folder = folder.parent
+    dev = pick_device(device)
+    ctx = pick_device(context_device) if context_device else dev
+    den = pick_device(denoiser_device) if denoiser_device else dev
+    tdtype = pick_dtype(dtype, ctx)
+    tokenizer = Tokenizer(folder)
+    loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
+                        context_device=ctx, denoiser_device=den)
+    backend = TowerBackend(loaded.twotower, loaded.ar)
+    return Runtime(loaded, backend, tokenizer, loaded.cfg, folder)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

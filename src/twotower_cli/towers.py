@@ -1,0 +1,258 @@
+"""The two-tower model (spec §3–§6): a frozen causal context tower and a block denoiser.
+
+`TwoTower` holds modules named exactly like NVIDIA's checkpoint keys (`context_tower.*`,
+`context_lm_head`, `denoiser_tower.*`, `lm_head`, `t_embedder.mlp.*`, `t_block.1`, `scale_shift_tables.*`),
+so loading is strict key-for-key. Both towers are ordinary `NemotronHModel`s; the denoiser's block forward
+(`denoise`) walks its layers itself to add what the spec asks for:
+
+- adaLN-single time conditioning: per layer `(shift, scale, gate) = table_i + e(t)`; `M`/`*` layers compute
+  `norm(modulate(x))`, `E`/`-` layers `modulate(norm(x))`; the residual adds `gate * mixer_out`;
+- `M` layers start from the context tower's layer-i Mamba state (SSM state and conv columns) without
+  writing it back (the mixer is functional), scanning the block in fp32;
+- `*` layers attend bidirectionally over [context K/V of layer i ‖ the block's own K/V] with the
+  denoiser's own projections ("layer-aligned cross-attention", no extra weights).
+
+`t=None` skips time conditioning altogether (shift 0, scale 0, gate 1): that is mock-AR's "no time
+conditioning"; on a fresh split (identity tables, zero `t_block`) both coincide.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower_cli.checkpoint import Checkpoint, open_checkpoint
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.layout import TIME_EMBED_DIM
+from twotower_cli.model.cache import KVCache, MambaState, TowerCache
+from twotower_cli.model.loading import load_state
+from twotower_cli.model.nemotron_h import NemotronHForCausalLM, NemotronHModel
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """[B] in [0, 1] → [B, dim] fp32: `[cos(1000 t f_k), sin(1000 t f_k)]`, f_k = exp(-ln(max_period) k / half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Linear(256, H) → SiLU → Linear(H, H); keys `t_embedder.mlp.{0,2}.*`."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_EMBED_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        w = self.mlp[0].weight
+        return self.mlp(timestep_embedding(t).to(device=w.device, dtype=w.dtype))
+
+
+class TwoTower(nn.Module):
+    """Context tower + denoiser tower + their heads + time conditioning, named as the checkpoint."""
+
+    def __init__(self, cfg: NemotronHConfig, router_dtype: torch.dtype = torch.float64):
+        super().__init__()
+        H = cfg.hidden_size
+        self.cfg = cfg
+        self.context_tower = NemotronHModel(cfg, router_dtype=router_dtype)
+        self.context_lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        self.denoiser_tower = NemotronHModel(cfg, router_dtype=router_dtype)
+        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        self.t_embedder = TimestepEmbedder(H)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(H, 3 * H))
+        self.scale_shift_tables = nn.ParameterList([nn.Parameter(torch.zeros(3, H)) for _ in range(cfg.num_hidden_layers)])
+
+    # ------------------------------------------------------------------ devices
+    @property
+    def context_device(self) -> torch.device:
+        return self.context_lm_head.weight.device
+
+    @property
+    def denoiser_device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def place(self, context_device: str | torch.device, denoiser_device: str | torch.device) -> TwoTower:
+        """One tower (with its head) per device, like NVIDIA's place_towers_on_devices."""
+        self.context_tower.to(context_device)
+        self.context_lm_head.to(context_device)
+        for m in (self.denoiser_tower, self.lm_head, self.t_embedder, self.t_block, self.scale_shift_tables):
+            m.to(denoiser_device)
+        return self
+
+    # ------------------------------------------------------------------ denoiser (spec §4–§5)
+    def time_modulation(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B] → e [B, 3, H] (rows: shift, scale, gate), before adding the per-layer tables."""
+        e = self.t_block(self.t_embedder(t.to(self.denoiser_device)))
+        return e.view(e.shape[0], 3, -1)
+
+    def denoise(self, block: torch.Tensor, context: TowerCache, t: torch.Tensor | None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V] (fp32) for the block `block` [B, S] at positions n..n+S-1; row j predicts the
+        token AT position n+j. `context` is the context tower's cache after the n context tokens; it is only
+        read. `attention_mask` (bool, broadcastable to [B, 1, S, n+S]) overrides the default (every block
+        query sees every valid context key and every block key); training uses it."""
+        dev = self.denoiser_device
+        tower = self.denoiser_tower
+        x = tower.embeddings(block.to(dev))
+        B, S = block.shape
+        e = self.time_modulation(t) if t is not None else None
+        if attention_mask is None:
+            ctx_valid = context.key_mask
+            n = context.length
+            if ctx_valid is None:
+                attention_mask = None  # everything visible: plain bidirectional attention
+            else:
+                attention_mask = torch.cat([ctx_valid.to(dev), torch.ones(B, S, dtype=torch.bool, device=dev)], dim=1)
+                attention_mask = attention_mask[:, None, None, :].expand(B, 1, S, n + S)
+        for i, layer in enumerate(tower.layers):
+            if e is not None:
+                mod = self.scale_shift_tables[i].float()[None] + e.float()
+                shift, scale, gate = (m[:, None, :].to(x.dtype) for m in mod.unbind(1))
+            if layer.kind in "M*":
+                h = layer.norm(x * (1 + scale) + shift) if e is not None else layer.norm(x)
+            else:
+                h = layer.norm(x)
+                if e is not None:
+                    h = h * (1 + scale) + shift
+            state = context.layers[i]
+            if layer.kind == "M":
+                out, _ = layer.mixer(h, state=_to_device(state, dev))
+            elif layer.kind == "*":
+                out, _, _ = layer.mixer(h, past=_to_device(state, dev), causal=False, mask=attention_mask)
+            else:
+                out = layer.mixer(h)
+            x = x + (gate * out if e is not None else out)
+        return self.lm_head(tower.norm_f(x)).float()
+
+
+def _to_device(state: MambaState | KVCache | None, device: torch.device) -> MambaState | KVCache | None:
+    """The context tower's per-layer state on the denoiser's device (a no-op on one device)."""
+    if state is None:
+        return None
+    if isinstance(state, MambaState):
+        if state.conv.device == device:
+            return state
+        return MambaState(conv=state.conv.to(device), ssm=state.ssm.to(device))
+    if state.k.device == device:
+        return state
+    return KVCache(k=state.k.to(device), v=state.v.to(device))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+@dataclass
+class LoadedModel:
+    """What `load_model` returns: the TwoTower (or None for a context-only load), the AR model for `ar`
+    mode (the context tower and its head), the config and where it came from."""
+
+    cfg: NemotronHConfig
+    folder: Path
+    twotower: TwoTower | None
+    ar: NemotronHForCausalLM | None
+    dropped: list[str]
+
+
+def _config_of(ckpt: Checkpoint) -> NemotronHConfig:
+    if ckpt.config_raw is None:
+        raise TwoTowerError(f"no config.json in {ckpt.folder}", "a checkpoint folder needs config.json beside its weights")
+    return NemotronHConfig.from_dict(ckpt.config_raw)
+
+
+def is_twotower_checkpoint(ckpt: Checkpoint) -> bool:
+    return "denoiser_tower.embeddings.weight" in ckpt.tensors and "context_tower.embeddings.weight" in ckpt.tensors
+
+
+def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", context_device: str | torch.device | None = None,
+               denoiser_device: str | torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint for sampling.
+
+    need_denoiser=True: a TwoTower checkpoint is required (mask_diffusion, mock_ar); the whole model is
+    loaded, each tower on its device. need_denoiser=False (ar): only the context tower and its head are
+    read from a TwoTower checkpoint, or the whole model from a plain NemotronH checkpoint.
+    """
+    ckpt = open_checkpoint(path)
+    cfg = _config_of(ckpt)
+    two = is_twotower_checkpoint(ckpt)
+    ctx_dev = torch.device(context_device or device)
+    den_dev = torch.device(denoiser_device or device)
+    if need_denoiser:
+        if not two:
+            raise TwoTowerError(f"{ckpt.folder} is not a TwoTower checkpoint (no denoiser_tower.* tensors)",
+                                "turn it into one with `twotower split`, or use --mode ar")
+        with torch.device("meta"):
+            model = TwoTower(cfg)
+        report = load_state(model, ckpt, dtype=dtype, device=ctx_dev)
+        model.place(ctx_dev, den_dev).eval()
+        return LoadedModel(cfg, ckpt.folder, model, None, list(report.dropped))
+    router = torch.float64 if two else torch.float32
+    with torch.device("meta"):
+        ar = NemotronHForCausalLM(cfg, router_dtype=router)
+    if two:
+        def key_map(k: str) -> str:
+            return "context_lm_head.weight" if k == "lm_head.weight" else "context_tower." + k[len("backbone."):]
+        report = load_state(ar, ckpt, key_map=key_map, dtype=dtype, device=ctx_dev, allow_unused=True)
+    else:
+        report = load_state(ar, ckpt, dtype=dtype, device=ctx_dev)
+    return LoadedModel(cfg, ckpt.folder, None, ar.eval(), list(report.dropped))
+
+
+def causal_lm_view(model: TwoTower) -> NemotronHForCausalLM:
+    """The context tower and its head as a NemotronHForCausalLM sharing the same tensors (the AR judge)."""
+    with torch.device("meta"):
+        ar = NemotronHForCausalLM(model.cfg, router_dtype=torch.float64)
+    ar.backbone = model.context_tower
+    ar.lm_head = model.context_lm_head
+    return ar
+
+
+def sequence_log_likelihood(ar: NemotronHForCausalLM, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """Per-token log-likelihood [len(continuation)] of `continuation` after `prompt` under an AR model."""
+    if not continuation:
+        return torch.zeros(0)
+    dev = ar.lm_head.weight.device
+    ids = torch.tensor([prompt + continuation], device=dev)
+    with torch.no_grad():
+        logits = ar(ids[:, :-1])[0, len(prompt) - 1:]
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu()
+
+
+# ---------------------------------------------------------------------------------------------- sampling backend
+
+class TowerBackend:
+    """The sampler's `Backend` over a TwoTower (all modes) or a plain causal LM (`ar` only)."""
+
+    def __init__(self, twotower: TwoTower | None = None, ar: NemotronHForCausalLM | None = None):
+        if twotower is None and ar is None:
+            raise ValueError("need a TwoTower or a causal LM")
+        self.twotower = twotower
+        self.ar = ar if ar is not None else causal_lm_view(twotower)
+        self.vocab_size = self.ar.lm_head.weight.shape[0]
+        self.cache: TowerCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.ar.lm_head.weight.device
+
+    def reset(self, batch: int) -> None:
+        self.cache = self.ar.backbone.make_cache(batch, device=self.device, dtype=self.ar.lm_head.weight.dtype)
+
+    def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.cache is not None, "reset() first"
+        mask = attention_mask.to(self.device) if attention_mask is not None else None
+        hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
+        return self.ar.lm_head(hidden[:, -1]).float()
+
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if self.twotower is None:
+            raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
+        assert self.cache is not None, "reset() first"
+        return self.twotower.denoise(block, self.cache, t)

@@ -1,0 +1,98 @@
+"""Builders for two-tower tests: random tiny TwoTower checkpoints written by hand from the spec §3 layout
+(independently of `split`), and a character tokenizer that fits a tiny vocabulary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from twotower_cli.checkpoint import write_checkpoint
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.model.init import init_nemotron_h
+from twotower_cli.model.nemotron_h import NemotronHForCausalLM
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz .,!?'\n")
+
+
+def tiny_cfg(pattern: str = "M*EM-E*M", vocab: int = 48, **kw) -> NemotronHConfig:
+    base = dict(hidden_size=32, vocab_size=vocab, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, conv_kernel=4, chunk_size=8,
+                intermediate_size=48, moe_intermediate_size=24, moe_shared_expert_intermediate_size=32,
+                n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=2.5, eos_token_id=2,
+                bos_token_id=1, pad_token_id=0, time_step_limit=[0.0, {"__float__": "Infinity"}])
+    base.update(kw)
+    return NemotronHConfig.build(pattern, **base)
+
+
+def write_char_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<mask>": 3}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>", "pad_token": "<unk>"}))
+
+
+def random_base(cfg: NemotronHConfig, seed: int = 0) -> NemotronHForCausalLM:
+    model = NemotronHForCausalLM(cfg)
+    init_nemotron_h(model, torch.Generator().manual_seed(seed), std=0.1)
+    return model.eval()
+
+
+def twotower_tensors(base: NemotronHForCausalLM, time_conditioning: str = "identity", seed: int = 1,
+                     denoiser: NemotronHForCausalLM | None = None) -> dict[str, torch.Tensor]:
+    """The TwoTower tensors of spec §3 from a base model; `denoiser` (another random model) makes the
+    denoiser tower differ from the context tower; time_conditioning 'identity' or 'random'."""
+    cfg = base.cfg
+    H = cfg.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    sd = base.state_dict()
+    dsd = (denoiser or base).state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            out["context_tower." + k[len("backbone."):]] = v.clone()
+            out["denoiser_tower." + k[len("backbone."):]] = dsd[k].clone()
+    out["context_lm_head.weight"] = sd["lm_head.weight"].clone()
+    out["lm_head.weight"] = dsd["lm_head.weight"].clone()
+    out["t_embedder.mlp.0.weight"] = torch.randn(H, 256, generator=g) * 0.02
+    out["t_embedder.mlp.0.bias"] = torch.zeros(H)
+    out["t_embedder.mlp.2.weight"] = torch.randn(H, H, generator=g) * 0.02
+    out["t_embedder.mlp.2.bias"] = torch.zeros(H)
+    if time_conditioning == "identity":
+        out["t_block.1.weight"] = torch.zeros(3 * H, H)
+        out["t_block.1.bias"] = torch.zeros(3 * H)
+        for i in range(cfg.num_hidden_layers):
+            out[f"scale_shift_tables.{i}"] = torch.tensor([[0.0], [0.0], [1.0]]).expand(3, H).clone()
+    else:
+        out["t_embedder.mlp.0.weight"] *= 50
+        out["t_embedder.mlp.2.weight"] *= 20
+        out["t_block.1.weight"] = torch.randn(3 * H, H, generator=g) * 0.3
+        out["t_block.1.bias"] = torch.randn(3 * H, generator=g) * 0.1
+        for i in range(cfg.num_hidden_layers):
+            out[f"scale_shift_tables.{i}"] = torch.randn(3, H, generator=g) * 0.2 + torch.tensor([[0.0], [0.0], [1.0]])
+    return out
+
+
+def write_twotower(folder: Path, base: NemotronHForCausalLM, time_conditioning: str = "identity",
+                   denoiser: NemotronHForCausalLM | None = None, tokenizer: bool = True) -> Path:
+    raw = base.cfg.to_dict()
+    raw["architectures"] = ["NemotronHTwoTowerForCausalLM"]
+    raw["twotower"] = {"mask_token_id": 3, "block_size": 4, "format_version": 1}
+    write_checkpoint(folder, twotower_tensors(base, time_conditioning, denoiser=denoiser), raw)
+    if tokenizer:
+        write_char_tokenizer(folder)
+    return folder
+
+
+def write_base(folder: Path, base: NemotronHForCausalLM, tokenizer: bool = True) -> Path:
+    write_checkpoint(folder, base.state_dict(), base.cfg.to_dict())
+    if tokenizer:
+        write_char_tokenizer(folder)
+    return folder
