@@ -164,6 +164,20 @@ def test_commit_counts_per_row_in_a_batch():
     assert sel.tolist() == [[True, True, False, False], [True, False, False, False]]
 
 
+def test_batch_rows_have_their_own_t_and_commits():
+    class TwoRows(ScriptedBackend):
+        def denoise(self, block, t):
+            self.ts.append(t.clone())
+            conf = torch.tensor([[0.99, 0.99, 0.99, 0.1], [0.1, 0.2, 0.3, 0.4]])
+            self.calls += 1
+            return logits_with(conf, (10 + torch.arange(4)).expand(2, 4))
+
+    be = TwoRows([[0]])
+    st = steps_of(list(S.generate(be, [[5], [6, 7]], cfg(steps=4))))
+    assert st[0].committed == [[0, 1, 2], [3]]
+    assert be.ts[1].tolist() == [0.25, 0.75]
+
+
 def test_gumbel_sampling_is_seeded_and_confidence_untempered():
     logits = torch.randn(2, 5, V)
     c = cfg(temperature=0.7, top_k=5)

@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
+
 from twotower_cli import sampler as S
 from twotower_cli.towers import TowerBackend, TwoTower, load_model, timestep_embedding
 
@@ -86,7 +86,7 @@ def ref_rmsnorm(x, w, eps):
 
 def ref_mamba(mixer, cfg, h, conv_hist, ssm):
     """Per-token Mamba-2 over h [L, H] from conv_hist [conv_dim, K-1] raw columns and ssm [heads, p, n]."""
-    nh, p, n, G, K = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups, cfg.conv_kernel
+    nh, p, n, G, _K = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.n_groups, cfg.conv_kernel
     di = cfg.d_inner
     A = -torch.exp(mixer.A_log.float())
     outs = []

@@ -1,0 +1,185 @@
+"""Sampling on real (random tiny) two-tower models and the `twotower generate` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
+from typer.testing import CliRunner
+
+from twotower_cli import sampler as S
+from twotower_cli.cli import get_app
+from twotower_cli.towers import TowerBackend, load_model
+
+
+@pytest.fixture(scope="module")
+def trained_like(tmp_path_factory):
+    """A TwoTower whose denoiser differs from its context tower and whose time conditioning is not the
+    identity, so mask_diffusion commits several tokens per step in varied orders."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
+                            denoiser=random_base(cfg, 12))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backend(trained_like):
+    return TowerBackend(load_model(trained_like, need_denoiser=True).twotower)
+
+
+PROMPTS = [[5, 9, 11, 7, 20, 6, 13], [8, 30], [12, 14, 16, 18]]
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_batch_of_different_lengths_equals_one_at_a_time(backend, mode):
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=14, temperature=0.0)
+    together = S.run(backend, PROMPTS, cfg).generations
+    for p, g in zip(PROMPTS, together, strict=True):
+        alone = S.run(backend, [p], cfg).generations[0]
+        assert g.token_ids == alone.token_ids, f"{mode}: batch {g.token_ids} vs alone {alone.token_ids}"
+
+
+def test_same_seed_same_output_and_other_seed_differs(backend):
+    cfg = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=24, temperature=1.0, top_p=0.95)
+    a = S.run(backend, [PROMPTS[0]], cfg, generator=torch.Generator().manual_seed(7)).generations[0].token_ids
+    b = S.run(backend, [PROMPTS[0]], cfg, generator=torch.Generator().manual_seed(7)).generations[0].token_ids
+    c = S.run(backend, [PROMPTS[0]], cfg, generator=torch.Generator().manual_seed(8)).generations[0].token_ids
+    assert a == b and a != c
+
+
+def test_eos_cut_on_a_real_model(backend):
+    cfg = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=16)
+    free = S.run(backend, [PROMPTS[0]], cfg).generations[0].token_ids
+    stop = free[5]
+    first = free.index(stop)
+    cut = S.run(backend, [PROMPTS[0]], S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=16,
+                                                        stop_ids=(stop,))).generations[0]
+    assert cut.token_ids == free[:first] and cut.finish_reason == "eos"
+
+
+@pytest.mark.hf
+def test_ar_matches_transformers_greedy(tmp_path, hf_checkpoint, tiny_config):
+    """`ar` on a transformers-written checkpoint == transformers' greedy decode, with transformers' dt
+    clamp at time_step_min lifted to NVIDIA's (0, inf) (spec §9) on its mixers."""
+    import math
+
+    transformers = pytest.importorskip("transformers")
+    folder = hf_checkpoint(tmp_path, tiny_config("M*EM-E"), sharded=True)
+    from tests.twotower_helpers import write_char_tokenizer
+
+    write_char_tokenizer(folder)
+    hf = transformers.NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for m in hf.modules():
+        if hasattr(m, "time_step_limit"):
+            m.time_step_limit = (0.0, math.inf)
+    ours = load_model(folder, need_denoiser=False)
+    prompt = [5, 9, 11, 7]
+    got = S.run(TowerBackend(ar=ours.ar), [prompt], S.SamplingConfig(mode="ar", max_new_tokens=24)).generations[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(24):  # plain full-recompute greedy loop on the transformers model
+            nxt = hf(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    assert got.token_ids == ids[0, len(prompt):].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    return runner.invoke(get_app(), ["generate", *args], input=input)
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_cli_modes_json(trained_like, mode):
+    r = invoke("hello", "--model", str(trained_like), "--mode", mode, "--block", "4", "-n", "9", "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    assert obj["mode"] == mode and len(obj["token_ids"]) <= 9
+    for key in ("text", "token_ids", "nfe", "tokens_per_nfe", "tokens_per_second", "wall_seconds", "settings"):
+        assert key in obj
+    assert obj["settings"]["block_size"] == 4
+
+
+def test_cli_plain_text_and_stats_line(trained_like):
+    r = invoke("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("hello")
+    assert "tok/NFE" in r.stderr and "NFE" in r.stderr and "peak" in r.stderr
+
+
+def test_cli_events_stream(trained_like):
+    r = invoke("hello", "--model", str(trained_like), "--block", "4", "-n", "8", "--json", "--events")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    kinds = [x.get("event") for x in lines]
+    assert kinds[0] == "block_started" and "step" in kinds and "block_done" in kinds and "finished" in kinds
+    assert "text" in lines[-1]  # the result object follows the events
+
+
+def test_cli_prompt_file_and_stdin(trained_like, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hello"}\n{"text": "abc"}\n')
+    r = invoke("--prompt-file", str(f), "--model", str(trained_like), "-n", "4", "--block", "4", "--json")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["prompt"] for x in r.stdout.strip().splitlines()] == ["hello", "abc"]
+    r = invoke("--model", str(trained_like), "-n", "4", "--block", "4", "--json", input="from stdin")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["prompt"] == "from stdin"
+
+
+BAD = [
+    (["", ], "empty prompt"),
+    (["hi", "--block", "0"], "block size"),
+    (["hi", "--steps", "0"], "steps"),
+    (["hi", "--block", "4", "--steps", "5"], "steps"),
+    (["hi", "--threshold", "0"], "threshold"),
+    (["hi", "--threshold", "1.2"], "threshold"),
+    (["hi", "-n", "0"], "max-new-tokens"),
+    (["hi", "--mask-token-id", "4000"], "outside the vocabulary"),
+    (["hi", "--mode", "nope"], "mode"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD)
+def test_cli_bad_input_one_error_line(trained_like, args, needle):
+    r = invoke(*args, "--model", str(trained_like))
+    assert r.exit_code == 1, r.output
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("Error:") and needle in err[0], r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_cli_not_twotower_for_diffusion(tmp_path):
+    folder = write_base(tmp_path / "base", random_base(tiny_cfg(), 1))
+    for mode in ("mask_diffusion", "mock_ar"):
+        r = invoke("hi", "--model", str(folder), "--mode", mode)
+        assert r.exit_code == 1 and r.stderr.startswith("Error:") and "not a TwoTower" in r.stderr
+    r = invoke("hi", "--model", str(folder), "--mode", "ar", "-n", "3")
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_broken_checkpoints(trained_like, tmp_path):
+    missing = invoke("hi", "--model", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 1 and missing.stderr.startswith("Error:")
+    trunc = tmp_path / "trunc"
+    shutil.copytree(trained_like, trunc)
+    shard = next(trunc.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    r = invoke("hi", "--model", str(trunc))
+    assert r.exit_code == 1 and r.stderr.startswith("Error:"), r.output
+    bad_cfg = tmp_path / "badcfg"
+    shutil.copytree(trained_like, bad_cfg)
+    (bad_cfg / "config.json").write_text("{not json")
+    r = invoke("hi", "--model", str(bad_cfg))
+    assert r.exit_code == 1 and r.stderr.startswith("Error:"), r.output
+    no_tok = tmp_path / "notok"
+    shutil.copytree(trained_like, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    r = invoke("hi", "--model", str(no_tok))
+    assert r.exit_code == 1 and "tokenizer" in r.stderr, r.output
