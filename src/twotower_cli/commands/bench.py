@@ -1,0 +1,80 @@
+"""`twotower bench`: diffusion vs AR tok/s, NFE and quality, side by side from one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from twotower_cli.cli import app, guarded
+
+
+@app.command()
+@guarded
+def bench(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text (default: built-in prompts).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 64,
+    block: Annotated[int, typer.Option(help="Diffusion block size.")] = 16,
+    steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
+    thresholds: Annotated[str, typer.Option(help="Comma-separated mask_diffusion thresholds.")] = "0.5,0.7,0.8,0.9",
+    repeat: Annotated[int, typer.Option(help="Timed repeats per row (median reported).")] = 3,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout.")] = False,
+) -> None:
+    """Measure ar, mock_ar and mask_diffusion (per threshold) on the same prompts, side by side."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, rows_json, run_bench
+    from twotower_cli.display import err_console
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.runtime import open_runtime
+    from twotower_cli.text import parse_prompt_lines
+
+    try:
+        thr = [float(x) for x in thresholds.split(",") if x.strip()]
+    except ValueError:
+        raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
+    if prompts is not None:
+        if not prompts.is_file():
+            raise TwoTowerError(f"prompt file {prompts} does not exist", "check the path")
+        texts = parse_prompt_lines(prompts.read_text().splitlines(), str(prompts))
+    else:
+        texts = list(DEFAULT_PROMPTS)
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.hub import resolve
+    from twotower_cli.towers import is_twotower_checkpoint
+
+    folder = resolve(model or "tiny")
+    two = is_twotower_checkpoint(open_checkpoint(folder))
+    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype)
+    ids = [rt.tokenizer.encode(t) for t in texts]
+    if any(not p for p in ids):
+        raise TwoTowerError("a prompt encodes to no tokens", "remove empty lines from the prompt file")
+    console = err_console()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("benchmarking", total=None)
+        rows = run_bench(rt.backend, ids, max_new_tokens=max_new_tokens, block=block, steps=steps, thresholds=thr,
+                         repeat=repeat, mask_token_id=rt.cfg.mask_token_id, pad_token_id=int(rt.cfg.pad_token_id or 0),
+                         eos_ids=rt.cfg.eos_token_ids,
+                         progress=lambda d, t: bar.update(task, completed=d, total=t))
+    settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,
+                "steps": steps or block, "thresholds": thr, "repeat": repeat, "dtype": str(rt.backend.ar.lm_head.weight.dtype)}
+    if as_json:
+        print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": machine_info(rt.backend.device)}))
+        return
+    table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens · block {block} · "
+                        f"median of {repeat}", title_justify="left")
+    for col in ("mode", "threshold", "tok/s", "NFE", "tok/NFE", "speed-up vs ar", "quality vs ar"):
+        table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r.mode, "" if r.threshold is None else f"{r.threshold:g}", f"{r.tokens_per_second:.1f}",
+                      str(r.nfe), f"{r.tokens_per_nfe:.2f}", f"{r.speedup_vs_ar:.2f}×", f"{r.quality_vs_ar:.3f}")
+    console.print(table)
+    m = machine_info(rt.backend.device)
+    console.print(f"[dim]{m['device']} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
+                  f"{m['torch_threads']} threads · {settings['dtype']}[/]")

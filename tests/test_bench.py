@@ -1,0 +1,73 @@
+"""`twotower bench` on a random tiny two-tower model: the documented JSON, and the quality arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
+from typer.testing import CliRunner
+
+from twotower_cli.bench import run_bench
+from twotower_cli.cli import get_app
+from twotower_cli.towers import TowerBackend, load_model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    cfg = tiny_cfg()
+    return write_twotower(tmp_path_factory.mktemp("b") / "tt", random_base(cfg, 21), "random",
+                          denoiser=random_base(cfg, 22))
+
+
+def test_bench_json_fields(folder, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nthe cat\n")
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(prompts), "-n", "8",
+                                       "--block", "4", "--thresholds", "0.5,0.9", "--repeat", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert set(out) >= {"rows", "settings", "machine"}
+    assert [(x["mode"], x["threshold"]) for x in out["rows"]] == [
+        ("ar", None), ("mock_ar", None), ("mask_diffusion", 0.5), ("mask_diffusion", 0.9)]
+    for row in out["rows"]:
+        for key in ("mode", "threshold", "tokens_per_second", "nfe", "tokens_per_nfe", "speedup_vs_ar", "quality_vs_ar"):
+            assert key in row
+        assert row["tokens_per_second"] > 0 and row["nfe"] > 0
+    assert out["rows"][0]["speedup_vs_ar"] == 1.0 and out["rows"][0]["quality_vs_ar"] == 1.0
+    assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
+
+
+def test_quality_is_the_judge_perplexity_ratio(folder):
+    be = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    prompts = [[5, 9, 11], [8, 30, 12, 14]]
+    rows = run_bench(be, prompts, max_new_tokens=6, block=3, thresholds=[0.5], repeat=1)
+    # recompute the ar row's mean log-likelihood with full forwards, one prefix at a time
+    from twotower_cli import sampler as S
+
+    lls = []
+    for p in prompts:
+        toks = S.run(be, [p], S.SamplingConfig(mode="ar", max_new_tokens=6)).generations[0].token_ids
+        ids = p + toks
+        for j in range(len(p), len(ids)):
+            with torch.no_grad():
+                logits = be.ar(torch.tensor([ids[:j]]))[0, -1]
+            lls.append(F.log_softmax(logits, -1)[ids[j]].item())
+    assert abs(rows[0].mean_log_likelihood - sum(lls) / len(lls)) < 1e-5
+    for r in rows[1:]:
+        assert abs(r.quality_vs_ar - math.exp(r.mean_log_likelihood - rows[0].mean_log_likelihood)) < 1e-12
+
+
+def test_bench_on_plain_base_has_only_ar(tmp_path):
+    base = write_base(tmp_path / "base", random_base(tiny_cfg(), 3))
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(base), "-n", "4", "--repeat", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [x["mode"] for x in json.loads(r.stdout)["rows"]] == ["ar"]
+
+
+def test_bench_bad_thresholds(folder):
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", "a,b"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error:")
