@@ -18,7 +18,7 @@ import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +130,7 @@ def shard_problems(shard: ShardHeader) -> list[str]:
                             f"{t.numel * DTYPE_BYTES[t.dtype]}")
         spans.append((begin, end, t.name))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             problems.append(f"{shard.file}: tensors {n0} and {n1} overlap")
     return problems
@@ -149,6 +149,7 @@ class Checkpoint:
     missing_files: list[str]
     duplicates: dict[str, list[str]]  # tensor → every shard holding it (only when more than one)
     config_raw: dict[str, Any] | None
+    unreadable: dict[str, str] = field(default_factory=dict)  # shard → why its header is unusable (strict=False)
 
     @property
     def total_bytes(self) -> int:
@@ -201,8 +202,11 @@ def _read_json(path: Path) -> Any:
         raise TwoTowerError(f"cannot read {path}: {e.strerror or e}", "check the path and permissions") from None
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Headers of a checkpoint folder, or of a single `.safetensors` file (its folder's config.json is used)."""
+def open_checkpoint(path: str | Path, strict: bool = True) -> Checkpoint:
+    """Headers of a checkpoint folder, or of a single `.safetensors` file (its folder's config.json is used).
+
+    strict=False records a shard whose header cannot be parsed in `unreadable` (and `index_problems`)
+    instead of raising, so that `inspect` can report every problem at once."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         folder, files, index, index_meta = path.parent, [path.name], None, {}
@@ -230,6 +234,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise TwoTowerError(f"{path} does not exist", "pass a checkpoint folder, a .safetensors file or a model name")
 
     shards: dict[str, ShardHeader] = {}
+    unreadable: dict[str, str] = {}
     missing = []
     tensors: dict[str, TensorInfo] = {}
     holders: dict[str, list[str]] = {}
@@ -238,7 +243,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if not p.is_file():
             missing.append(file)
             continue
-        shard = read_shard_header(p)
+        try:
+            shard = read_shard_header(p)
+        except TwoTowerError as e:
+            if strict:
+                raise
+            unreadable[file] = e.message
+            continue
         shards[file] = shard
         for name, info in shard.tensors.items():
             holders.setdefault(name, []).append(file)
@@ -249,12 +260,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 tensors[name] = shards[file].tensors[name]
     config_raw = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
     return Checkpoint(folder, files, shards, tensors, index, index_meta, missing,
-                      {n: fs for n, fs in holders.items() if len(fs) > 1}, config_raw)
+                      {n: fs for n, fs in holders.items() if len(fs) > 1}, config_raw, unreadable)
 
 
 def index_problems(ckpt: Checkpoint) -> list[str]:
     """Disagreements between the index, the shards and their byte layouts."""
     problems = [f"shard {f} named in the index is missing" for f in ckpt.missing_files]
+    problems += list(ckpt.unreadable.values())
     for shard in ckpt.shards.values():
         problems += shard_problems(shard)
     if ckpt.index is not None:
@@ -271,7 +283,7 @@ def index_problems(ckpt: Checkpoint) -> list[str]:
                 total_int = int(total)
             except (TypeError, ValueError):
                 total_int = -1
-            if total_int != ckpt.total_bytes and not ckpt.missing_files:
+            if total_int != ckpt.total_bytes and not ckpt.missing_files and not ckpt.unreadable:
                 problems.append(f"index total_size is {total} but the tensors hold {ckpt.total_bytes} bytes")
     for name, files in sorted(ckpt.duplicates.items()):
         problems.append(f"{name} appears in more than one shard: {', '.join(files)}")
@@ -280,6 +292,21 @@ def index_problems(ckpt: Checkpoint) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- writing
 
+def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]],
+                  metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes before the data of a safetensors file whose tensors are `(name, dtype, shape, nbytes)`
+    laid out back to back in this order: 8-byte little-endian length, then the JSON header padded with
+    spaces to a multiple of 8 (as safetensors writes it, so the data starts aligned)."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '2GiB', '1000' → bytes (decimal units as Hugging Face uses them)."""
     if isinstance(text, int):
@@ -287,7 +314,7 @@ def parse_size(text: str | int) -> int:
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
              "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
-    for unit, mult in units.items():
+    for unit, mult in units.items():  # noqa: B007 (mult is used after the loop)
         if s.endswith(unit):
             num = s[: -len(unit)]
             break

@@ -1,0 +1,116 @@
+"""`twotower split`: a NemotronH checkpoint → a TwoTower checkpoint (plan, then stream; see split.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from twotower_cli.cli import app, guarded
+from twotower_cli.hub import aliases_help
+
+_EPILOG = "SOURCE names:\n\n\b\n" + aliases_help()
+
+
+@app.command(epilog=_EPILOG)
+@guarded
+def split(
+    source: Annotated[str, typer.Argument(help="NemotronH checkpoint: folder, .safetensors file, hub repo id or alias.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default ./<name>-twotower).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
+    mask_token_id: Annotated[int, typer.Option("--mask-token-id", help="Mask token id recorded in config.json.")] = 3,
+    block_size: Annotated[int, typer.Option("--block-size", help="Diffusion block size recorded in config.json.")] = 16,
+    dtype: Annotated[str, typer.Option("--dtype", help="keep | bf16 | fp16 | fp32 (keep copies bytes as they are).")] = "keep",
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read the output and compare every tensor with the source.")] = False,
+) -> None:
+    """Turn a pretrained NemotronH checkpoint into a TwoTower checkpoint (NVIDIA's published layout).
+
+    Both towers and both heads are byte copies of the source; the time conditioning starts as the
+    identity, so the fresh denoiser computes exactly the base model.
+    """
+    from twotower_cli.display import err_console
+    from twotower_cli.hub import display_name, resolve
+    from twotower_cli.split import execute, load_source, plan_split
+
+    console = err_console()
+    name = display_name(source)
+    path = resolve(source, base=True)
+    ckpt, cfg = load_source(path)
+    plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
+    out = output or Path(f"{name}-twotower")
+    _print_plan(plan, out, console)
+    if dry_run:
+        console.print("[dim]dry run: nothing written[/]")
+        return
+    if out.exists() and not force:  # before any work (atomic_output_dir checks again)
+        from twotower_cli.errors import TwoTowerError
+
+        raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    start = time.perf_counter()
+    with Progress(TextColumn("[bold]split[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("split", total=plan.total_bytes - sum(len(s.header) for s in plan.shards))
+        result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n))
+    _print_summary(plan, result, time.perf_counter() - start, console)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} B"
+
+
+def _print_plan(plan, out: Path, console) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]split[/] {plan.source_name} → {out}  ({len(plan.shards)} shard"
+                  f"{'s' if len(plan.shards) > 1 else ''}, {_gb(plan.total_bytes)}, dtype {plan.dtype})")
+    parts = Table(title="plan", title_justify="left")
+    for col in ("part", "tensors", "parameters", "bytes"):
+        parts.add_column(col, justify="left" if col == "part" else "right")
+    labels = {"context": "context tower + context_lm_head", "denoiser": "denoiser tower + lm_head",
+              "time": "time conditioning (identity)"}
+    for part, p in plan.parts().items():
+        parts.add_row(labels[part], f"{p['tensors']:,}", f"{p['parameters']:,}", _gb(p["bytes"]))
+    console.print(parts)
+    shards = Table(title="output shards", title_justify="left")
+    for col in ("file", "tensors", "bytes"):
+        shards.add_column(col, justify="left" if col == "file" else "right")
+    for s in plan.shards:
+        shards.add_row(s.file, f"{len(s.tensors):,}", _gb(s.size))
+    console.print(shards)
+    for line in [*plan.transforms, *plan.notes]:
+        console.print(f"[dim]• {line}[/]")
+    if plan.dropped:
+        shown = ", ".join(plan.dropped[:8]) + (f", ... ({len(plan.dropped) - 8} more)" if len(plan.dropped) > 8 else "")
+        console.print(f"[dim]• dropped: {shown}[/]", soft_wrap=True)
+    if plan.aux_files:
+        console.print(f"[dim]• copied as they are: {', '.join(plan.aux_files)}[/]")
+
+
+def _print_summary(plan, result, seconds: float, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"wrote {result.out}", title_justify="left")
+    for col in ("part", "tensors", "bytes"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for part, p in plan.parts().items():
+        table.add_row(part, f"{p['tensors']:,}", _gb(p["bytes"]))
+    table.add_row("total", f"{len(plan.tensors):,}", _gb(result.bytes_written), style="bold")
+    console.print(table)
+    rate = result.bytes_written / seconds / 1e9 if seconds > 0 else 0.0
+    console.print(f"{seconds:.2f} s, {rate:.2f} GB/s ({result.copy_method})")
+    if result.bytes_verified:
+        console.print(f"[green]✓ verified {_gb(result.bytes_verified)} of tensor data against the source[/]")

@@ -1,0 +1,138 @@
+"""Model name → local folder, and nothing else.
+
+`resolve(name_or_path)` accepts, in this order:
+  1. an existing local folder or `.safetensors` file (returned as is);
+  2. an embedded model name (`tiny`, `tiny-base`) → a folder inside the installed package;
+  3. an alias from `ALIASES` (the one alias table of the project) or a hub repo id `owner/name`
+     → the snapshot folder in the Hugging Face cache, downloaded through `huggingface_hub` when allowed.
+
+Only the files a checkpoint needs are fetched (`DOWNLOAD_PATTERNS`). `HF_HOME`, `HF_HUB_CACHE` and
+`HF_HUB_OFFLINE` are read at call time (huggingface_hub reads them once at import, which tests and
+long-lived processes would otherwise miss). Offline, only the local cache is used, and a model that is
+not cached is a `TwoTowerError` with a hint, never a network attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from twotower_cli.errors import TwoTowerError
+
+# The one alias table. Base-BF16 is the model NVIDIA's TwoTower was built from.
+ALIASES: dict[str, str] = {
+    "nemotron-3-nano": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16",
+    "nemotron-3-nano-base": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16",
+    "nemotron-3-nano-instruct": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+    "nemotron-3-nano-bf16": "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+    "nemotron-labs-twotower": "nvidia/Nemotron-Labs-TwoTower-30B-A3B-Base-BF16",
+}
+
+# Models shipped inside the package (src/twotower_cli/assets/<folder>).
+EMBEDDED: dict[str, str] = {"tiny": "tiny-twotower", "tiny-base": "tiny-base"}
+# Where a command needs a single-tower source (split), `tiny` means the base that `tiny` was split from.
+EMBEDDED_BASE: dict[str, str] = {"tiny": "tiny-base", "tiny-base": "tiny-base"}
+
+ASSETS = Path(__file__).parent / "assets"
+
+# Files besides the weights that travel with a checkpoint (split copies the same list).
+AUX_FILE_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+DOWNLOAD_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *AUX_FILE_PATTERNS)
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def repo_id_for(name: str) -> str | None:
+    """The hub repo id a name stands for (alias or `owner/name`), or None if it is neither."""
+    if name.lower() in ALIASES:
+        return ALIASES[name.lower()]
+    return name if _REPO_ID.match(name) else None
+
+
+def display_name(name_or_path: str) -> str:
+    """A short name for a source, used for default output folders: `nemotron-3-nano`, `Foo-7B`, `my-ckpt`."""
+    if name_or_path.lower() in ALIASES or name_or_path.lower() in EMBEDDED:
+        return name_or_path.lower()
+    p = Path(name_or_path)
+    if p.exists():
+        p = p.resolve()
+        return p.parent.name if p.is_file() else p.name
+    return name_or_path.rstrip("/").split("/")[-1]
+
+
+def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = False) -> Path:
+    """A local folder or .safetensors file for a path, embedded name, alias or hub repo id.
+
+    `base=True` asks for a single-tower source: the embedded name `tiny` then means `tiny-base`.
+    Raises TwoTowerError when the name cannot be turned into local files.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
+            return path
+        raise TwoTowerError(f"{path} is neither a checkpoint folder nor a .safetensors file",
+                            "pass a folder with config.json and safetensors weights")
+    key = text.lower()
+    if key in EMBEDDED:
+        folder = ASSETS / (EMBEDDED_BASE if base else EMBEDDED)[key]
+        if not (folder / "config.json").is_file():
+            raise TwoTowerError(f"the embedded model {text!r} is not in this installation ({folder} is missing)",
+                                "reinstall twotower-cli, or pass a checkpoint folder")
+        return folder
+    repo_id = repo_id_for(text)
+    if repo_id is None:
+        hint = "pass a checkpoint folder, a .safetensors file, a hub id like nvidia/Name, or one of: " + \
+            ", ".join([*EMBEDDED, *ALIASES])
+        if text.startswith((".", "/", "~")) or os.sep in text:
+            raise TwoTowerError(f"{text} does not exist", hint)
+        raise TwoTowerError(f"{text!r} is not a local path, a known model name or a hub repo id", hint)
+    return _snapshot(repo_id, offline=_env_true("HF_HUB_OFFLINE") or not allow_download)
+
+
+def _snapshot(repo_id: str, offline: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline,
+                                   allow_patterns=list(DOWNLOAD_PATTERNS))
+    except LocalEntryNotFoundError:
+        if offline:
+            raise TwoTowerError(f"{repo_id} is not in the Hugging Face cache at {cache} and downloads are off",
+                                "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
+                                ) from None
+        raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable",
+                            "check the network, or set HF_HOME to a cache that already holds it") from None
+    except RepositoryNotFoundError:
+        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub",
+                            "check the spelling; gated models need `hf auth login`") from None
+    except HfHubHTTPError as e:
+        raise TwoTowerError(f"cannot download {repo_id}: {e}", "check the network and your HF token") from None
+    return Path(folder)
+
+
+def aliases_help() -> str:
+    """The alias table as help text (one `name → target` line each)."""
+    width = max(len(k) for k in [*ALIASES, *EMBEDDED])
+    lines = [f"{k.ljust(width)}  → {v}" for k, v in ALIASES.items()]
+    lines += [f"{k.ljust(width)}  → embedded {EMBEDDED_BASE[k]} model" for k in EMBEDDED]
+    return "\n".join(lines)

@@ -1,0 +1,406 @@
+"""Header-only summary and integrity check of a NemotronH or TwoTower checkpoint.
+
+`inspect_checkpoint(path)` reads the safetensors headers, the index and config.json, and never tensor
+data, with one documented exception: for a TwoTower checkpoint it reads the bytes of `t_block.1.*` and
+`scale_shift_tables.*` (at most `TIME_READ_LIMIT` bytes, 43 MB for the 30B model) to tell an identity time
+conditioning (as a fresh split leaves it: t_block.1 all zero, every table rows (0, 0, 1)) from a trained
+one; above the limit, or when those tensors are absent or unreadable, the state is "unknown". Those bytes
+are read with plain `pread`, never `safe_open`.
+
+It returns a `Report`: layout ("nemotron_h", "twotower" or "unknown"), sizes, parameters per tower and
+per layer kind, active parameters per token, dtypes, bytes, shards, and `problems` — one line per
+integrity fault (index vs shards, truncated files, missing/unexpected/wrong-shape tensors). `to_json`
+gives the `--json` object and `render` draws the human view with rich. A checkpoint is sound when
+`problems` is empty; the CLI exits 1 otherwise.
+
+Active parameters per token (one tower): every parameter except the routed experts a token does not use,
+i.e. total - sum over MoE layers of routed_expert_params * (n_routed - top_k) / n_routed; shared
+experts always count. For a TwoTower checkpoint it is context tower + denoiser tower + time
+conditioning, each touched once per token per forward of both towers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twotower_cli.checkpoint import DTYPE_BYTES, Checkpoint, TensorInfo, index_problems, open_checkpoint
+from twotower_cli.config import LAYER_KINDS, NemotronHConfig
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
+from twotower_cli.split import shape_problems, source_view
+
+TIME_READ_LIMIT = 256 * 1024 * 1024
+KIND_KEYS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+TOWER_PREFIXES = {"context_tower": "context_tower.", "denoiser_tower": "denoiser_tower."}
+TIME_PREFIXES = ("t_embedder.", "t_block.", "scale_shift_tables.")
+_LAYER = re.compile(r"^(?:backbone|context_tower|denoiser_tower)\.layers\.(\d+)\.")
+_ROUTED = re.compile(r"\.layers\.(\d+)\.mixer\.experts\.\d+\.")
+
+
+@dataclass
+class Report:
+    path: str
+    layout: str
+    architecture: str
+    source: str | None
+    pattern: str
+    num_layers: int
+    hidden_size: int | None
+    vocab_size: int | None
+    attention: dict[str, int]  # heads, kv_heads, head_dim
+    experts: dict[str, int]  # routed, per_token, shared
+    parameters: dict[str, int]
+    parameters_by_kind: dict[str, int]  # one tower
+    active_parameters_per_token: int
+    tensors: int
+    bytes: int
+    bytes_per_part: dict[str, int]
+    dtypes: dict[str, int]
+    shards: list[dict[str, Any]]
+    problems: list[str]
+    notes: list[str] = field(default_factory=list)
+    unrecognised: list[str] = field(default_factory=list)
+    twotower: dict[str, Any] | None = None
+    tensor_list: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self, with_tensors: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": self.path, "layout": self.layout, "architecture": self.architecture, "source": self.source,
+            "pattern": self.pattern, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size, "attention": self.attention, "experts": self.experts,
+            "parameters": self.parameters, "parameters_by_kind": self.parameters_by_kind,
+            "active_parameters_per_token": self.active_parameters_per_token, "tensors": self.tensors,
+            "bytes": self.bytes, "bytes_per_part": self.bytes_per_part, "dtypes": self.dtypes,
+            "shards": self.shards, "problems": self.problems, "notes": self.notes,
+            "unrecognised_keys": self.unrecognised, "twotower": self.twotower,
+        }
+        if with_tensors:
+            out["tensor_list"] = self.tensor_list
+        return out
+
+
+def detect_layout(names: list[str] | set[str]) -> str:
+    if any(n.startswith(("context_tower.", "denoiser_tower.")) for n in names):
+        return "twotower"
+    if any(n.startswith(("backbone.", "model.layers.", "model.embeddings.")) for n in names):
+        return "nemotron_h"
+    return "unknown"
+
+
+def _prefixes(names: list[str], limit: int = 8) -> list[str]:
+    """Group key names by their first two components: 'transformer.h.* (120 tensors)'."""
+    counts = Counter(".".join(n.split(".")[:2]) + ("." if n.count(".") > 1 else "") for n in names)
+    lines = [f"{p}* ({c} tensor{'s' if c > 1 else ''})" if p.endswith(".") else f"{p} (1 tensor)"
+             for p, c in counts.most_common(limit)]
+    if len(counts) > limit:
+        lines.append(f"... and {len(counts) - limit} more name groups")
+    return lines
+
+
+def inspect_checkpoint(path: str | Path) -> Report:
+    """Summarise and check the checkpoint at `path` (a folder or a .safetensors file)."""
+    ckpt = open_checkpoint(path, strict=False)
+    problems = index_problems(ckpt)
+    notes: list[str] = []
+    cfg: NemotronHConfig | None = None
+    if ckpt.config_raw is None:
+        problems.append(f"no config.json in {ckpt.folder}: tensor shapes cannot be checked")
+    else:
+        try:
+            cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+        except TwoTowerError as e:
+            problems.append(f"config.json: {e.message}")
+    names = list(ckpt.tensors)
+    layout = detect_layout(names)
+    unrecognised: list[str] = []
+    # Names the index places somewhere: if absent, index_problems already said so; don't say it twice.
+    said = set(ckpt.index or {})
+
+    # Canonical shapes (name → shape) by part, and the shape checks.
+    towers: dict[str, dict[str, TensorInfo]] = {}
+    if layout == "twotower":
+        if cfg is not None:
+            expected = twotower_shapes(cfg)
+            have = {n: t.shape for n, t in ckpt.tensors.items()}
+            problems += shape_problems(have, {k: v for k, v in expected.items() if k not in said})
+            extra = [n for n in names if n not in expected]
+            problems += [f"unexpected tensor {n} (not part of the TwoTower layout)" for n in extra[:10]]
+            if len(extra) > 10:
+                problems.append(f"... and {len(extra) - 10} more unexpected tensors")
+        towers = {
+            "context_tower": {n: t for n, t in ckpt.tensors.items()
+                              if n.startswith("context_tower.") or n == "context_lm_head.weight"},
+            "denoiser_tower": {n: t for n, t in ckpt.tensors.items()
+                               if n.startswith("denoiser_tower.") or n == "lm_head.weight"},
+            "time_conditioning": {n: t for n, t in ckpt.tensors.items() if n.startswith(TIME_PREFIXES)},
+        }
+        counts = {n: t.numel for n, t in ckpt.tensors.items()}
+    elif layout == "nemotron_h" and cfg is not None:
+        try:
+            view = source_view(ckpt, cfg)
+        except TwoTowerError as e:
+            problems.append(e.message)
+            view = None
+        if view is not None:
+            expected = nemotron_h_shapes(cfg)
+            missing_ok = said | {f"backbone.{n[len('model.'):]}" for n in said if n.startswith("model.")}
+            problems += shape_problems(view.tensors, {k: v for k, v in expected.items() if k not in missing_ok})
+            problems += [f"unexpected tensor {n} (the config does not explain it)" for n in view.unexpected[:10]]
+            if len(view.unexpected) > 10:
+                problems.append(f"... and {len(view.unexpected) - 10} more unexpected tensors")
+            notes += view.transforms
+            if view.dropped:
+                notes.append(f"{len(view.dropped)} tensors the model does not use (e.g. {view.dropped[0]}); "
+                             "split drops them")
+            counts = {n: t.numel for n, t in view.tensors.items()}
+        else:
+            counts = {n: t.numel for n, t in ckpt.tensors.items()}
+    else:
+        counts = {n: t.numel for n, t in ckpt.tensors.items()}
+        if layout == "unknown":
+            unrecognised = _prefixes(names)
+            problems.append("tensor names match neither the NemotronH nor the TwoTower layout: "
+                            + ", ".join(unrecognised[:3]))
+
+    total = sum(t.numel for t in ckpt.tensors.values())
+    parameters: dict[str, int] = {"total": total}
+    bytes_per_part: dict[str, int] = {}
+    if layout == "twotower":
+        for part, members in towers.items():
+            parameters[part] = sum(t.numel for t in members.values())
+            bytes_per_part[part] = sum(t.nbytes for t in members.values())
+    else:
+        bytes_per_part["tower"] = ckpt.total_bytes
+
+    pattern = cfg.pattern if cfg else ""
+    tower_prefix = "context_tower." if layout == "twotower" else "backbone."
+    by_kind = _by_kind(counts, pattern, tower_prefix)
+    active = _active(counts, cfg, tower_prefix) if cfg else total
+    if layout == "twotower" and cfg:
+        active = active + _active(counts, cfg, "denoiser_tower.") + parameters["time_conditioning"]
+
+    twotower = None
+    if layout == "twotower":
+        attn = cfg.layer_indices("*") if cfg else []
+        twotower = {
+            "cross_attention": [{"denoiser_layer": i, "context_layer": i} for i in attn],
+            "denoiser_attention": "bidirectional within the block, over the context tower's K,V of the same layer "
+                                  "plus the block's own",
+            "time_conditioning": time_conditioning_state(ckpt, cfg),
+            "mask_token_id": (cfg.twotower.get("mask_token_id") if cfg else None),
+            "block_size": (cfg.twotower.get("block_size") if cfg else None),
+        }
+    shards = []
+    for file in ckpt.files:
+        shard = ckpt.shards.get(file)
+        shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0,
+                       "bytes": shard.file_size if shard else 0,
+                       "status": "ok" if shard else ("missing" if file in ckpt.missing_files else "unreadable")})
+    raw = ckpt.config_raw or {}
+    arch = ", ".join(raw.get("architectures") or []) or "?"
+    return Report(
+        path=str(path), layout=layout, architecture=arch,
+        source=(cfg.twotower.get("source") if cfg else None) or None,
+        pattern=pattern, num_layers=len(pattern),
+        hidden_size=cfg.hidden_size if cfg else None, vocab_size=cfg.vocab_size if cfg else None,
+        attention={"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                   "head_dim": cfg.attention_head_dim} if cfg and "*" in pattern else {},
+        experts={"routed": cfg.n_routed_experts, "per_token": cfg.num_experts_per_tok,
+                 "shared": cfg.n_shared_experts} if cfg and "E" in pattern else {},
+        parameters=parameters, parameters_by_kind=by_kind, active_parameters_per_token=active,
+        tensors=len(ckpt.tensors), bytes=ckpt.total_bytes, bytes_per_part=bytes_per_part,
+        dtypes=dict(sorted(Counter(t.dtype for t in ckpt.tensors.values()).items())),
+        shards=shards, problems=problems, notes=notes, unrecognised=unrecognised, twotower=twotower,
+        tensor_list=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "file": t.file}
+                     for t in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0]))],
+    )
+
+
+def _by_kind(counts: dict[str, int], pattern: str, prefix: str) -> dict[str, int]:
+    """Parameters of one tower by layer kind, plus embeddings, final norm and head."""
+    out = {KIND_KEYS[k]: 0 for k in LAYER_KINDS if k in pattern}
+    out.update({"embeddings": 0, "norm_f": 0, "lm_head": 0})
+    head = "context_lm_head.weight" if prefix == "context_tower." else "lm_head.weight"
+    for name, n in counts.items():
+        if not name.startswith(prefix) and name != head:
+            continue
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) < len(pattern):
+            out[KIND_KEYS[pattern[int(m.group(1))]]] += n
+        elif name == head:
+            out["lm_head"] += n
+        elif "embedding" in name:
+            out["embeddings"] += n
+        elif name.endswith("norm_f.weight"):
+            out["norm_f"] += n
+    return out
+
+
+def _active(counts: dict[str, int], cfg: NemotronHConfig, prefix: str) -> int:
+    """Parameters one token touches in one tower (see the module docstring)."""
+    head = "context_lm_head.weight" if prefix == "context_tower." else "lm_head.weight"
+    tower = {n: c for n, c in counts.items() if n.startswith(prefix) or n == head}
+    routed: Counter[int] = Counter()
+    for name, c in tower.items():
+        m = _ROUTED.search(name)
+        if m:
+            routed[int(m.group(1))] += c
+    idle = sum(r * (cfg.n_routed_experts - cfg.num_experts_per_tok) // cfg.n_routed_experts
+               for r in routed.values()) if cfg.n_routed_experts else 0
+    return sum(tower.values()) - idle
+
+
+def time_conditioning_state(ckpt: Checkpoint, cfg: NemotronHConfig | None) -> str:
+    """'identity' (t_block.1.* zero, tables rows (0, 0, 1)), 'trained', or 'unknown' (see module docstring)."""
+    if cfg is None:
+        return "unknown"
+    names = ["t_block.1.weight", "t_block.1.bias"] + [f"scale_shift_tables.{i}" for i in range(cfg.num_hidden_layers)]
+    infos = [ckpt.tensors.get(n) for n in names]
+    shapes = time_conditioning_shapes(cfg)
+    if any(t is None or t.shape != shapes[t.name] or t.dtype not in _ONE for t in infos):
+        return "unknown"
+    if sum(t.nbytes for t in infos if t) > TIME_READ_LIMIT:
+        return "unknown"
+    fds: dict[str, int] = {}
+    try:
+        for t in infos:
+            assert t is not None
+            if t.file not in fds:
+                fds[t.file] = os.open(ckpt.path(t.file), os.O_RDONLY)
+            if t.name.startswith("t_block."):
+                expected_chunks = ((n, bytes(n)) for n in _chunk_sizes(t.nbytes))
+            else:  # rows shift, scale = 0 and gate = 1
+                width = t.shape[1] * DTYPE_BYTES[t.dtype]
+                expected_chunks = iter([(t.nbytes, bytes(2 * width) + _ONE[t.dtype] * t.shape[1])])
+            offset = t.file_range[0]
+            for n, want in expected_chunks:
+                if os.pread(fds[t.file], n, offset) != want:
+                    return "trained"
+                offset += n
+        return "identity"
+    except OSError:
+        return "unknown"
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+_ONE = {"F32": b"\x00\x00\x80\x3f", "F16": b"\x00\x3c", "BF16": b"\x80\x3f", "F64": b"\x00" * 6 + b"\xf0\x3f"}
+
+
+def _chunk_sizes(total: int, chunk: int = 8 * 1024 * 1024) -> list[int]:
+    return [min(chunk, total - o) for o in range(0, total, chunk)]
+
+
+# ============================================================================================ rendering
+
+KIND_STYLE = {"M": ("green", "Mamba-2"), "*": ("magenta", "attention"), "E": ("blue", "MoE"), "-": ("yellow", "MLP")}
+
+
+def _num(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def pattern_text(pattern: str) -> Any:
+    """The layer pattern as coloured blocks, with a legend line of counts."""
+    from rich.text import Text
+
+    text = Text()
+    for ch in pattern:
+        text.append("█", style=KIND_STYLE[ch][0])
+    text.append("\n")
+    counts = Counter(pattern)
+    for ch, (style, label) in KIND_STYLE.items():
+        if counts[ch]:
+            text.append("█", style=style)
+            text.append(f" {ch} {label} ×{counts[ch]}   ")
+    return text
+
+
+def render(report: Report, console: Any, tensors: bool = False) -> None:
+    """The human view of a report, on a rich console (stderr in the CLI)."""
+    from rich.table import Table
+
+    title = {"nemotron_h": "NemotronH single tower", "twotower": "TwoTower (context tower + denoiser)",
+             "unknown": "unknown layout"}[report.layout]
+    info = Table.grid(padding=(0, 2))
+    info.add_column(style="bold")
+    info.add_column()
+    info.add_row("checkpoint", report.path)
+    info.add_row("layout", title)
+    info.add_row("architecture", report.architecture)
+    if report.source:
+        info.add_row("source", report.source)
+    if report.hidden_size:
+        info.add_row("hidden / vocab", f"{report.hidden_size} / {report.vocab_size}")
+    if report.attention:
+        a = report.attention
+        info.add_row("attention", f"{a['heads']} heads, {a['kv_heads']} kv heads, head dim {a['head_dim']}")
+    if report.experts:
+        e = report.experts
+        info.add_row("experts", f"{e['routed']} routed (top {e['per_token']}) + {e['shared']} shared")
+    info.add_row("parameters", " · ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in report.parameters.items()))
+    info.add_row("active / token", _num(report.active_parameters_per_token))
+    info.add_row("tensors / bytes", f"{report.tensors:,} / {_bytes(report.bytes)}")
+    info.add_row("dtypes", ", ".join(f"{k} ×{v}" for k, v in report.dtypes.items()))
+    if len(report.bytes_per_part) > 1:
+        info.add_row("bytes per tower", " · ".join(f"{k.replace('_', ' ')} {_bytes(v)}"
+                                                   for k, v in report.bytes_per_part.items()))
+    console.print(info)
+    if report.pattern:
+        console.print(f"\n[bold]layers[/] ({report.num_layers})")
+        console.print(pattern_text(report.pattern))
+        kinds = Table(title="parameters per layer kind" + (" (each tower)" if report.layout == "twotower" else ""),
+                      title_justify="left")
+        kinds.add_column("kind")
+        kinds.add_column("parameters", justify="right")
+        for k, v in report.parameters_by_kind.items():
+            kinds.add_row(k, f"{v:,}")
+        console.print(kinds)
+    if report.twotower:
+        t = report.twotower
+        pairs = ", ".join(f"{p['denoiser_layer']}↔{p['context_layer']}" for p in t["cross_attention"]) or "none"
+        console.print(f"[bold]cross attention[/] (denoiser layer ↔ context-tower layer, layer-aligned): {pairs}")
+        console.print(f"[bold]denoiser attention[/]: {t['denoiser_attention']}")
+        state = t["time_conditioning"]
+        desc = {"identity": "identity (as a fresh split leaves it: the denoiser computes the base model)",
+                "trained": "trained (differs from the identity)", "unknown": "unknown (not read)"}[state]
+        console.print(f"[bold]time conditioning[/]: {desc}")
+        console.print(f"[bold]mask token id[/]: {t['mask_token_id'] if t['mask_token_id'] is not None else 'not recorded (readers use 3)'}"
+                      f"   [bold]block size[/]: {t['block_size'] if t['block_size'] is not None else 'not recorded'}")
+    shards = Table(title="shards", title_justify="left")
+    for col in ("file", "tensors", "bytes", "status"):
+        shards.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
+    for s in report.shards:
+        shards.add_row(s["file"], str(s["tensors"]), _bytes(s["bytes"]), s["status"])
+    console.print(shards)
+    if tensors:  # plain lines, not a table: full names at any width, easy to grep
+        console.print(f"[bold]tensors[/] ({len(report.tensor_list):,})")
+        width = max((len(t["name"]) for t in report.tensor_list), default=0)
+        for t in report.tensor_list:
+            console.print(f"  {t['name']:<{width}}  {t['dtype']:<5} {str(t['shape']):<16} {t['file']}",
+                          soft_wrap=True, markup=False)
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+    if report.problems:
+        console.print(f"[bold red]{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}:[/]")
+        for p in report.problems:
+            console.print(f"  [red]✗[/] {p}", soft_wrap=True)
+    else:
+        console.print("[bold green]✓ no problems found[/]")
+

@@ -1,0 +1,587 @@
+"""NemotronH single-tower checkpoint → TwoTower checkpoint (spec §1 → §3): a pure plan, then streaming.
+
+`source_view(ckpt, cfg)` sees the source in the canonical single-tower layout, whatever naming the
+writer used: transformers' in-memory names (`model.*` → `backbone.*`), the legacy
+`backbone.embedding.weight`, and fused expert stacks (`experts.up_proj` [E, I, H] → `experts.{j}.up_proj.weight`
+[I, H], a byte slice of the stack). Every such transform is named and reported; keys the model does not
+use (`mtp.*`, ...) are dropped and listed.
+
+`plan_split(...)` is pure: it maps every source tensor to its two destinations (`context_tower.*` and
+`denoiser_tower.*`, `lm_head` to both heads), adds the time conditioning, checks coverage and shapes
+against the config, and lays out the output shards byte for byte (headers included), so `--dry-run`
+shows exactly what would be written.
+
+`execute(plan, out)` streams. With dtype "keep" a tensor is a byte range copied from the source file
+to the output file by `os.copy_file_range` (falling back to `sendfile`, then to buffered reads), so
+nothing is decoded and torch is not imported. `--dtype` conversions go chunk by chunk through torch.
+Time-conditioning tensors come from small generated buffers: `t_block.1.*` zeros and every
+`scale_shift_tables.i` rows (shift 0, scale 0, gate 1) make the denoiser start as the base model
+(spec §3); `t_embedder` gets a seeded small normal init (std 0.02, biases 0). Memory stays bounded by
+the chunk size whatever the model size. Output goes to a temporary folder renamed at the end
+(`checkpoint.atomic_output_dir`), so an interruption leaves nothing behind; the source is only read.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twotower_cli.checkpoint import (
+    DTYPE_BYTES,
+    Checkpoint,
+    assign_shards,
+    atomic_output_dir,
+    encode_header,
+    index_problems,
+    open_checkpoint,
+    parse_size,
+    shard_names,
+    write_index,
+)
+from twotower_cli.config import TWOTOWER_ARCHITECTURE, NemotronHConfig
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.layout import (
+    LEGACY_RENAMES,
+    is_dropped,
+    keep_fp32,
+    nemotron_h_shapes,
+    time_conditioning_shapes,
+)
+
+FORMAT_VERSION = 1
+CHUNK_BYTES = 64 * 1024 * 1024  # one copy/convert step: bounds memory and sets progress granularity
+INIT_STD = 0.02  # t_embedder weights (DiT's init); biases start at 0
+INIT_SEED = 0
+DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+_FUSED_EXPERTS = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)(?:\.weight)?$")
+
+
+# ============================================================================================ source view
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor of the canonical single-tower layout: a byte range [start, end) of a source file."""
+
+    name: str  # canonical key, e.g. backbone.layers.3.mixer.experts.7.up_proj.weight
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    end: int
+    origin: str  # the key in the source file (differs when renamed or unfused)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class SourceView:
+    tensors: dict[str, SourceTensor]  # canonical name → bytes, in source (file, offset) order
+    transforms: list[str]  # named transforms applied, e.g. "renamed model.* → backbone.* (412 tensors)"
+    dropped: list[str]  # source keys deliberately left out (mtp.*, rotary buffers)
+    unexpected: list[str]  # source keys the config does not explain (also left out)
+
+
+def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
+    """The source's tensors under canonical NemotronH names (see the module docstring)."""
+    expected = nemotron_h_shapes(cfg)
+    out: dict[str, SourceTensor] = {}
+    renamed = legacy = unfused = 0
+    dropped, unexpected = [], []
+    for info in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0])):
+        name = info.name
+        if is_dropped(name):
+            dropped.append(name)
+            continue
+        if name.startswith("model."):  # transformers' module names (save_original_format=False)
+            name = "backbone." + name[len("model."):]
+            renamed += 1
+        if name in LEGACY_RENAMES:
+            name = LEGACY_RENAMES[name]
+            legacy += 1
+        start, end = info.file_range
+        fused = _FUSED_EXPERTS.match(name)
+        if fused and len(info.shape) == 3:
+            n_experts, per_shape = info.shape[0], info.shape[1:]
+            want = expected.get(f"{fused.group(1)}.0.{fused.group(2)}.weight")
+            if want is not None and tuple(per_shape) != want:
+                raise TwoTowerError(f"{info.name} has shape {list(info.shape)}: cannot unfuse it into "
+                                    f"{n_experts} experts of shape {list(want)}",
+                                    "only [experts, out, in] stacks (as transformers writes them) are supported")
+            step = (end - start) // max(n_experts, 1)
+            for j in range(n_experts):
+                key = f"{fused.group(1)}.{j}.{fused.group(2)}.weight"
+                out[key] = SourceTensor(key, info.dtype, tuple(per_shape), info.file,
+                                        start + j * step, start + (j + 1) * step, info.name)
+            unfused += 1
+            continue
+        if name not in expected:
+            unexpected.append(info.name)
+            continue
+        out[name] = SourceTensor(name, info.dtype, info.shape, info.file, start, end, info.name)
+    transforms = []
+    if renamed:
+        transforms.append(f"renamed model.* → backbone.* ({renamed} tensors, transformers' module names)")
+    if legacy:
+        transforms.append(f"renamed {', '.join(LEGACY_RENAMES)} to the current name")
+    if unfused:
+        transforms.append(f"unfused {unfused} stacked expert tensors into per-expert tensors (byte slices)")
+    return SourceView(out, transforms, dropped, unexpected)
+
+
+def shape_problems(view: dict[str, SourceTensor] | dict[str, tuple[int, ...]],
+                   expected: dict[str, tuple[int, ...]], limit: int = 10) -> list[str]:
+    """Missing and wrong-shape tensors (at most `limit` lines of each, then a count)."""
+    shapes = {k: (v.shape if isinstance(v, SourceTensor) else v) for k, v in view.items()}
+    missing = [k for k in expected if k not in shapes]
+    wrong = [k for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
+    problems = [f"missing tensor {k} (the config expects {list(expected[k])})" for k in missing[:limit]]
+    if len(missing) > limit:
+        problems.append(f"... and {len(missing) - limit} more missing tensors")
+    problems += [f"{k} has shape {list(shapes[k])}, the config expects {list(expected[k])}" for k in wrong[:limit]]
+    if len(wrong) > limit:
+        problems.append(f"... and {len(wrong) - limit} more tensors of the wrong shape")
+    return problems
+
+
+# ============================================================================================ plan
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One output tensor: copied/converted from `src`, or generated (`init`) when `src` is None."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    part: str  # "context", "denoiser" or "time"
+    src: SourceTensor | None = None
+    init: str | None = None  # "zeros", "normal" or "table" for generated tensors
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    @property
+    def is_copy(self) -> bool:
+        return self.src is not None and self.src.dtype == self.dtype
+
+
+@dataclass(frozen=True)
+class OutShard:
+    file: str
+    header: bytes  # 8-byte length + JSON, exactly as written
+    tensors: list[OutTensor]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class SplitPlan:
+    source_name: str
+    source_folder: Path
+    config: dict[str, Any]  # the output config.json
+    shards: list[OutShard]
+    dtype: str  # "keep", "bf16", "fp16" or "fp32"
+    transforms: list[str]
+    dropped: list[str]  # source keys left out (and why, in `transforms`)
+    aux_files: list[str]  # tokenizer / generation files copied as they are
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[OutTensor]:
+        return [t for s in self.shards for t in s.tensors]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def parts(self) -> dict[str, dict[str, int]]:
+        """Per part ("context", "denoiser", "time"): tensors, parameters and bytes."""
+        out: dict[str, dict[str, int]] = {}
+        for t in self.tensors:
+            p = out.setdefault(t.part, {"tensors": 0, "parameters": 0, "bytes": 0})
+            p["tensors"] += 1
+            p["parameters"] += t.numel
+            p["bytes"] += t.nbytes
+        return out
+
+
+def output_config(cfg: NemotronHConfig, mask_token_id: int, block_size: int, source: str,
+                  shipped: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The TwoTower config.json (spec §3) and notes on what changed beyond the `twotower` block."""
+    raw = cfg.to_dict()
+    notes = []
+    raw["architectures"] = [TWOTOWER_ARCHITECTURE]
+    raw["model_type"] = "nemotron_h"
+    auto_map = raw.get("auto_map")
+    if isinstance(auto_map, dict):
+        # "configuration_nemotron_h.NemotronHConfig" needs configuration_nemotron_h.py beside it.
+        kept = {k: v for k, v in auto_map.items()
+                if all(f"{str(ref).split('--')[-1].rsplit('.', 1)[0]}.py" in shipped
+                       for ref in (v if isinstance(v, list) else [v]) if ref)}
+        if kept != auto_map:
+            notes.append("dropped auto_map entries that point at remote code not shipped with the split")
+            if kept:
+                raw["auto_map"] = kept
+            else:
+                raw.pop("auto_map")
+    raw["twotower"] = {
+        "mask_token_id": mask_token_id,
+        "block_size": block_size,
+        "source": source,
+        "format_version": FORMAT_VERSION,
+        "cross_attention_layers": cfg.layer_indices("*"),
+    }
+    return raw, notes
+
+
+def _out_dtype(src_dtype: str, target: str | None, name: str) -> str:
+    """The output dtype of a source tensor. The fp32-in-memory tensors of spec §1 (A_log, D, dt_bias,
+    router) are never narrowed: an F32 source keeps F32 under --dtype bf16/fp16."""
+    if target is None or src_dtype not in FLOAT_DTYPES:
+        return src_dtype
+    if keep_fp32(name) and src_dtype in {"F32", "F64"} and DTYPE_BYTES[target] < DTYPE_BYTES[src_dtype]:
+        return src_dtype
+    return target
+
+
+def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str = "5GB", dtype: str = "keep",
+               mask_token_id: int = 3, block_size: int = 16, source_name: str = "") -> SplitPlan:
+    """The whole split as data; raises TwoTowerError if the source cannot make a sound TwoTower checkpoint."""
+    if dtype not in DTYPE_CHOICES:
+        raise TwoTowerError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPE_CHOICES)}")
+    if block_size < 1:
+        raise TwoTowerError(f"--block-size must be positive, not {block_size}", "NVIDIA's release uses 16")
+    if not 0 <= mask_token_id < cfg.vocab_size:
+        raise TwoTowerError(f"--mask-token-id {mask_token_id} is outside the vocabulary (size {cfg.vocab_size})",
+                            "Nemotron's tokenizer uses 3")
+    if cfg.is_twotower or any(n.startswith(("context_tower.", "denoiser_tower.")) for n in ckpt.tensors):
+        raise TwoTowerError(f"{source_name or ckpt.folder} is already a TwoTower checkpoint",
+                            "split takes a single-tower NemotronH checkpoint")
+    problems = index_problems(ckpt)
+    if problems:
+        raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"
+                            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""),
+                            "run `twotower inspect` on it for the full list")
+    view = source_view(ckpt, cfg)
+    src = dict(view.tensors)
+    transforms = list(view.transforms)
+    if cfg.tie_word_embeddings and "lm_head.weight" not in src:
+        emb = src["backbone.embeddings.weight"]  # present, or the shape check below says so
+        src["lm_head.weight"] = SourceTensor("lm_head.weight", emb.dtype, emb.shape, emb.file, emb.start,
+                                             emb.end, emb.origin)
+        transforms.append("tied embeddings: both heads written as copies of backbone.embeddings.weight")
+    expected = nemotron_h_shapes(cfg) | {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)}
+    problems = shape_problems(src, expected)
+    for t in src.values():
+        if t.dtype not in DTYPE_BYTES or t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
+            problems.append(f"{t.origin}: {t.nbytes} bytes do not hold {t.dtype}{list(t.shape)}")
+    if problems:
+        raise TwoTowerError(f"the source does not match its config: {problems[0]}"
+                            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                            "run `twotower inspect` on it for the full list")
+    if view.dropped:
+        transforms.append(f"dropped {len(view.dropped)} tensors the model does not use (mtp.*, rotary buffers)")
+    if view.unexpected:
+        transforms.append(f"dropped {len(view.unexpected)} tensors the config does not explain")
+
+    target = DTYPE_CHOICES[dtype]
+    tower_keys = [k for k in src if k.startswith("backbone.")]  # source file order: sequential reads
+    head = src["lm_head.weight"]
+    tensors: list[OutTensor] = []
+    for part, prefix, head_name in (("context", "context_tower.", "context_lm_head.weight"),
+                                    ("denoiser", "denoiser_tower.", "lm_head.weight")):
+        for k in tower_keys:
+            s = src[k]
+            tensors.append(OutTensor(prefix + k[len("backbone."):], _out_dtype(s.dtype, target, k), s.shape, part, s))
+        tensors.append(OutTensor(head_name, _out_dtype(head.dtype, target, "lm_head.weight"), head.shape, part, head))
+    time_dtype = target or head.dtype  # time conditioning in the checkpoint's own dtype
+    for name, shape in time_conditioning_shapes(cfg).items():
+        init = "table" if name.startswith("scale_shift_tables.") else (
+            "normal" if name.startswith("t_embedder.") and name.endswith(".weight") else "zeros")
+        tensors.append(OutTensor(name, time_dtype, shape, "time", None, init))
+
+    by_name = {t.name: t for t in tensors}
+    groups = assign_shards([(t.name, t.nbytes) for t in tensors], parse_size(max_shard_size))
+    shards = []
+    for file, group in zip(shard_names(len(groups)), groups, strict=True):
+        members = [by_name[n] for n in group]
+        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in members], {"format": "pt"})
+        shards.append(OutShard(file, header, members))
+
+    aux = [p.name for p in sorted(ckpt.folder.iterdir()) if p.is_file() and _is_aux(p.name)]
+    config, notes = output_config(cfg, mask_token_id, block_size, source_name, shipped=set(aux))
+    return SplitPlan(source_name, ckpt.folder, config, shards, dtype, transforms,
+                     view.dropped + view.unexpected, aux, notes)
+
+
+def _is_aux(name: str) -> bool:
+    from fnmatch import fnmatch
+
+    from twotower_cli.hub import AUX_FILE_PATTERNS
+
+    return any(fnmatch(name, p) for p in AUX_FILE_PATTERNS)
+
+
+def load_source(path: Path) -> tuple[Checkpoint, NemotronHConfig]:
+    """Headers and config of a split source (a folder, or a .safetensors file with config.json beside it)."""
+    ckpt = open_checkpoint(path)
+    if ckpt.config_raw is None:
+        raise TwoTowerError(f"no config.json beside the weights in {ckpt.folder}",
+                            "split needs the NemotronH config.json of the checkpoint")
+    return ckpt, NemotronHConfig.from_dict(ckpt.config_raw)
+
+
+# ============================================================================================ bytes
+
+def generated_chunks(t: OutTensor, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Bytes of a generated time-conditioning tensor, in chunks (deterministic: verify regenerates them)."""
+    import numpy as np
+
+    if t.init == "zeros":
+        for off in range(0, t.nbytes, chunk):
+            yield bytes(min(chunk, t.nbytes - off))
+    elif t.init == "table":  # rows shift=0, scale=0, gate=1: the identity modulation
+        rows, width = t.shape
+        yield _encode(np.concatenate([np.zeros((rows - 1) * width, np.float32), np.ones(width, np.float32)]), t.dtype)
+    elif t.init == "normal":
+        width = t.shape[-1]
+        rows_per = max(1, chunk // (4 * width))
+        seed = zlib.crc32(t.name.encode())  # each tensor its own stream, independent of plan order
+        for i, r0 in enumerate(range(0, t.shape[0], rows_per)):
+            rng = np.random.default_rng([INIT_SEED, seed, i])
+            n = min(rows_per, t.shape[0] - r0) * width
+            yield _encode(rng.normal(0.0, INIT_STD, n).astype(np.float32), t.dtype)
+    else:
+        raise AssertionError(f"no initialiser {t.init!r} for {t.name}")
+
+
+def _encode(x: Any, dtype: str) -> bytes:
+    """float32 numpy array → little-endian bytes of `dtype` (bf16 rounded to nearest even)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        u = x.astype(np.float32).view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    return x.astype({"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).tobytes()
+
+
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def converted_chunks(fd: int, t: OutTensor, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Bytes of a source tensor converted to `t.dtype`, a chunk of elements at a time (torch decodes bf16)."""
+    import torch
+
+    assert t.src is not None
+    src_dt, dst_dt = getattr(torch, _TORCH_DTYPES[t.src.dtype]), getattr(torch, _TORCH_DTYPES[t.dtype])
+    step = chunk - chunk % DTYPE_BYTES[t.src.dtype]
+    for off in range(t.src.start, t.src.end, step):
+        raw = bytearray(_pread_exact(fd, min(step, t.src.end - off), off, t.src.file))
+        yield torch.frombuffer(raw, dtype=src_dt).to(dst_dt).view(torch.uint8).numpy().tobytes()
+
+
+def _pread_exact(fd: int, n: int, offset: int, name: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            raise TwoTowerError(f"{name} ended early: wanted bytes {offset}..{offset + n}",
+                                "the source file is truncated; re-download it")
+        data += more
+    return data
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class RangeCopier:
+    """Copies file byte ranges with the fastest method the system allows, falling back once per failure
+    kind: copy_file_range (in-kernel, may reflink) → sendfile (in-kernel) → pread/pwrite."""
+
+    METHODS = ("copy_file_range", "sendfile", "buffered")
+
+    def __init__(self, method: str | None = None):
+        if method is None:
+            method = "copy_file_range" if hasattr(os, "copy_file_range") else (
+                "sendfile" if hasattr(os, "sendfile") else "buffered")
+        self.method = method
+
+    def copy(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, name: str) -> None:
+        while n > 0:
+            try:
+                done = self._step(src_fd, src_off, dst_fd, dst_off, n, name)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTSUP) \
+                        or self.method == "buffered":
+                    raise
+                self.method = self.METHODS[self.METHODS.index(self.method) + 1]
+                continue
+            if done == 0:
+                raise TwoTowerError(f"{name} ended early at byte {src_off}",
+                                    "the source file is truncated; re-download it")
+            src_off, dst_off, n = src_off + done, dst_off + done, n - done
+
+    def _step(self, src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int, name: str) -> int:
+        n = min(n, CHUNK_BYTES)
+        if self.method == "copy_file_range":
+            return os.copy_file_range(src_fd, dst_fd, n, src_off, dst_off)
+        if self.method == "sendfile":
+            os.lseek(dst_fd, dst_off, os.SEEK_SET)  # sendfile writes at the output file's position
+            return os.sendfile(dst_fd, src_fd, src_off, n)
+        data = os.pread(src_fd, n, src_off)
+        _write_all(dst_fd, data, dst_off)
+        return len(data)
+
+
+# ============================================================================================ execute
+
+@dataclass
+class SplitResult:
+    out: Path
+    bytes_written: int
+    bytes_verified: int
+    copy_method: str
+
+
+def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool = False,
+            on_bytes: Callable[[int], None] | None = None, copier: RangeCopier | None = None) -> SplitResult:
+    """Write the planned checkpoint to `out` atomically; `on_bytes(n)` reports progress."""
+    out = Path(out)
+    if out.resolve() == plan.source_folder.resolve():
+        raise TwoTowerError("the output folder is the source folder", "choose another -o")
+    copier = copier or RangeCopier()
+    report = on_bytes or (lambda n: None)
+    written = verified = 0
+    with atomic_output_dir(out, force=force) as tmp, _SourceFiles(plan.source_folder) as sources:
+        for shard in plan.shards:
+            fd = os.open(tmp / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, shard.header, 0)
+                pos = len(shard.header)
+                for t in shard.tensors:
+                    if t.is_copy:
+                        assert t.src is not None
+                        start = t.src.start
+                        while start < t.src.end:  # chunked so progress moves and Ctrl-C is prompt
+                            n = min(CHUNK_BYTES, t.src.end - start)
+                            copier.copy(sources.fd(t.src.file), start, fd, pos, n, t.src.file)
+                            start, pos = start + n, pos + n
+                            report(n)
+                    else:
+                        chunks = generated_chunks(t) if t.src is None else converted_chunks(sources.fd(t.src.file), t)
+                        for data in chunks:
+                            _write_all(fd, data, pos)
+                            pos += len(data)
+                            report(len(data))
+                if pos != shard.size:
+                    raise AssertionError(f"{shard.file}: wrote {pos} bytes, planned {shard.size}")
+                written += pos
+            finally:
+                os.close(fd)
+        if len(plan.shards) > 1:
+            write_index(tmp, {t.name: s.file for s in plan.shards for t in s.tensors}, plan.tensor_bytes)
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+        for name in plan.aux_files:
+            shutil.copyfile(plan.source_folder / name, tmp / name)
+        if verify:
+            verified = verify_output(plan, tmp, sources)
+    return SplitResult(out, written, verified, copier.method)
+
+
+class _SourceFiles:
+    """Read-only descriptors of the source shards, opened on first use and closed together."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.fds = folder, {}
+
+    def fd(self, file: str) -> int:
+        if file not in self.fds:
+            self.fds[file] = os.open(self.folder / file, os.O_RDONLY)
+        return self.fds[file]
+
+    def __enter__(self) -> _SourceFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def verify_output(plan: SplitPlan, folder: Path, sources: _SourceFiles | None = None) -> int:
+    """Re-read every output tensor and compare it with what the plan says it must hold (the source bytes
+    for copies, the conversion for converted tensors, the initial values for time conditioning). Also
+    re-reads the output headers and index. Returns the tensor bytes verified; raises on any mismatch."""
+    own = sources is None
+    sources = sources or _SourceFiles(plan.source_folder)
+    try:
+        ckpt = open_checkpoint(folder)
+        problems = index_problems(ckpt)
+        if problems:
+            raise TwoTowerError(f"verification failed: {problems[0]}", "the output is corrupt; run split again")
+        total = 0
+        for shard in plan.shards:
+            fd = os.open(folder / shard.file, os.O_RDONLY)
+            try:
+                for t in shard.tensors:
+                    info = ckpt.tensors.get(t.name)
+                    if info is None or info.dtype != t.dtype or info.shape != t.shape:
+                        raise TwoTowerError(f"verification failed: {t.name} is not in {shard.file} as planned",
+                                            "the output is corrupt; run split again")
+                    pos = info.file_range[0]
+                    if t.is_copy:
+                        assert t.src is not None
+                        expected: Iterator[bytes] = (
+                            _pread_exact(sources.fd(t.src.file), min(CHUNK_BYTES, t.src.end - o), o, t.src.file)
+                            for o in range(t.src.start, t.src.end, CHUNK_BYTES))
+                    elif t.src is None:
+                        expected = generated_chunks(t)
+                    else:
+                        expected = converted_chunks(sources.fd(t.src.file), t)
+                    for data in expected:
+                        if _pread_exact(fd, len(data), pos, shard.file) != data:
+                            raise TwoTowerError(f"verification failed: {t.name} differs from its source",
+                                                "the output is corrupt (disk error?); run split again")
+                        pos += len(data)
+                        total += len(data)
+            finally:
+                os.close(fd)
+        return total
+    finally:
+        if own:
+            sources.__exit__()

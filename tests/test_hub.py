@@ -1,0 +1,138 @@
+"""hub.resolve: local paths as they are, embedded models, aliases and hub ids through a fake HF cache
+(HF_HOME in tmp, HF_HUB_OFFLINE=1): never the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from twotower_cli import hub
+from twotower_cli.errors import TwoTowerError
+
+NANO_BASE = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"
+
+
+def fake_cache(home: Path, repo_id: str, files: dict[str, str] | None = None, sha: str = "0123abcd") -> Path:
+    """A snapshot in huggingface_hub's cache layout: hub/models--owner--name/{refs/main, snapshots/<sha>/}."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    for name, text in ({"config.json": "{}"} if files is None else files).items():
+        (snap / name).write_text(text)
+    return snap
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    home = tmp_path / "hf"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def test_local_folder_and_file_are_returned_as_is(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    assert hub.resolve(tmp_path) == tmp_path
+    assert hub.resolve(str(f)) == f
+
+
+def test_bad_local_paths(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(TwoTowerError, match="neither a checkpoint folder"):
+        hub.resolve(tmp_path / "notes.txt")
+    with pytest.raises(TwoTowerError, match="does not exist"):
+        hub.resolve(str(tmp_path / "nope"))
+    with pytest.raises(TwoTowerError, match="not a local path, a known model name or a hub repo id"):
+        hub.resolve("no such model")
+
+
+def test_alias_resolves_through_the_cache_offline(offline):
+    snap = fake_cache(offline, NANO_BASE)
+    assert hub.resolve("nemotron-3-nano") == snap
+    assert hub.resolve("Nemotron-3-Nano") == snap
+    assert hub.resolve(NANO_BASE) == snap
+
+
+def test_hf_hub_cache_env_wins(tmp_path, monkeypatch, offline):
+    snap = fake_cache(tmp_path / "elsewhere", "org/m")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere" / "hub"))
+    assert hub.resolve("org/m") == snap
+
+
+def test_not_cached_offline_is_a_clean_error(offline):
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("nemotron-labs-twotower")
+    assert "nvidia/Nemotron-Labs-TwoTower-30B-A3B-Base-BF16 is not in the Hugging Face cache" in e.value.message
+    assert "HF_HUB_OFFLINE" in e.value.hint
+
+
+def test_allow_download_false_never_goes_online(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+
+    def fake(repo_id, **kw):
+        calls.append(kw)
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    with pytest.raises(TwoTowerError, match="downloads are off"):
+        hub.resolve("org/model", allow_download=False)
+    assert calls[0]["local_files_only"] is True
+
+
+def test_download_fetches_only_checkpoint_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = {}
+
+    def fake(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    assert hub.resolve("nemotron-3-nano-instruct") == tmp_path
+    assert seen["repo_id"] == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16"
+    assert seen["local_files_only"] is False
+    assert Path(seen["cache_dir"]) == tmp_path / "home" / "hub"
+    patterns = set(seen["allow_patterns"])
+    assert {"config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+            "chat_template.jinja"} <= patterns
+    assert not any(p.endswith((".py", ".bin", ".pt", "*")) and p != "*.safetensors" for p in patterns)
+
+
+def test_embedded_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "ASSETS", tmp_path)
+    with pytest.raises(TwoTowerError, match="embedded model 'tiny' is not in this installation"):
+        hub.resolve("tiny")
+    for folder in ("tiny-twotower", "tiny-base"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text("{}")
+    assert hub.resolve("tiny") == tmp_path / "tiny-twotower"
+    assert hub.resolve("tiny", base=True) == tmp_path / "tiny-base"
+    assert hub.resolve("tiny-base") == tmp_path / "tiny-base"
+
+
+def test_aliases_help_lists_every_alias():
+    text = hub.aliases_help()
+    for alias, repo in hub.ALIASES.items():
+        assert alias in text and repo in text
+    assert "tiny" in text
+    assert hub.ALIASES["nemotron-3-nano"] == NANO_BASE
+
+
+def test_display_name(tmp_path):
+    (tmp_path / "my-ckpt").mkdir()
+    assert hub.display_name(str(tmp_path / "my-ckpt")) == "my-ckpt"
+    assert hub.display_name("nemotron-3-nano") == "nemotron-3-nano"
+    assert hub.display_name("org/Foo-7B") == "Foo-7B"

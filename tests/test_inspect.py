@@ -1,0 +1,305 @@
+"""inspect: exact counts on tiny checkpoints (ours and transformers-written), one problem line per
+corruption and exit 1, header-only reading, TwoTower fields, the 30B-shaped sparse checkpoint."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers_ckpt import hf_written, random_checkpoint, random_tensors, small_config, sparse_nano
+from twotower_cli.checkpoint import INDEX_NAME, save_tensors
+from twotower_cli.cli import get_app
+from twotower_cli.inspect import inspect_checkpoint
+from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes
+
+runner = CliRunner()
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def expected_active(cfg) -> int:
+    """Independent of inspect: all parameters minus the routed experts a token skips."""
+    shapes = nemotron_h_shapes(cfg)
+    expert = numel(shapes["backbone.layers.2.mixer.experts.0.up_proj.weight"]) * 2
+    idle = cfg.pattern.count("E") * (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert
+    return sum(numel(s) for s in shapes.values()) - idle
+
+
+def invoke(*args: str):
+    return runner.invoke(get_app(), ["inspect", *args])
+
+
+@pytest.fixture
+def sharded(tmp_path) -> Path:
+    return random_checkpoint(tmp_path / "sharded", max_shard_size="3KB")
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+@pytest.mark.parametrize("shard", ["5GB", "3KB"])
+def test_exact_counts_on_our_checkpoints(tmp_path, shard):
+    cfg = small_config()
+    folder = random_checkpoint(tmp_path / "c", cfg, max_shard_size=shard, fp32_router=True)
+    shapes = nemotron_h_shapes(cfg)
+    r = inspect_checkpoint(folder)
+    assert r.layout == "nemotron_h" and r.problems == []
+    assert r.pattern == "M*E-ME" and r.num_layers == 6
+    assert r.tensors == len(shapes) == 55
+    assert r.parameters == {"total": sum(numel(s) for s in shapes.values())}
+    assert r.active_parameters_per_token == expected_active(cfg)
+    n_fp32 = sum(1 for n in shapes if n.endswith(("A_log", ".D", "dt_bias", "gate.weight", "correction_bias")))
+    assert r.dtypes == {"BF16": len(shapes) - n_fp32, "F32": n_fp32}
+    assert r.bytes == sum(numel(s) * (4 if n in () else 2) for n, s in shapes.items()) + 2 * sum(
+        numel(shapes[n]) for n in shapes if n.endswith(("A_log", ".D", "dt_bias", "gate.weight", "correction_bias")))
+    by_kind = r.parameters_by_kind
+    assert by_kind["embeddings"] == by_kind["lm_head"] == 64 * 16
+    assert sum(by_kind.values()) == r.parameters["total"]
+    assert by_kind["attention"] == sum(numel(s) for n, s in shapes.items() if n.startswith("backbone.layers.1."))
+    assert len(r.shards) == (1 if shard == "5GB" else len(list(folder.glob("*.safetensors"))))
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("original_format", [True, False])
+def test_exact_counts_on_transformers_checkpoints(tmp_path, original_format):
+    folder = hf_written(tmp_path / "hf", sharded=True, original_format=original_format)
+    cfg = small_config()
+    shapes = nemotron_h_shapes(cfg)
+    r = inspect_checkpoint(folder)
+    assert r.layout == "nemotron_h", r.problems
+    assert r.problems == []
+    assert r.parameters["total"] == sum(numel(s) for s in shapes.values())
+    # transformers counts parameters only; the e_score_correction_bias buffers are saved too.
+    hf_count = json.loads((folder / INDEX_NAME).read_text())["metadata"]["total_parameters"]
+    assert r.parameters["total"] == hf_count + cfg.pattern.count("E") * cfg.n_routed_experts == 11_408
+    assert r.active_parameters_per_token == expected_active(cfg)
+    n_moe = cfg.pattern.count("E")
+    # save_original_format=False keeps transformers' fused [E, out, in] expert stacks: 2 tensors per layer.
+    assert r.tensors == len(shapes) - (0 if original_format else n_moe * (2 * cfg.n_routed_experts - 2))
+    assert r.dtypes["F32"] == r.tensors
+    assert any("unfused" in n for n in r.notes) != original_format
+
+
+def test_header_only(tmp_path, sharded, monkeypatch):
+    """Nothing reads tensor data: safetensors is never opened and no file is read past its header."""
+    def boom(*a, **k):
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr("safetensors.safe_open", boom)
+    monkeypatch.setattr("safetensors.torch.load_file", boom)
+    monkeypatch.setattr("os.pread", boom)
+    assert inspect_checkpoint(sharded).problems == []
+    assert invoke(str(sharded)).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------- corruptions
+
+def problems_of(folder: Path) -> list[str]:
+    result = invoke(str(folder), "--json")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    return json.loads(result.stdout)["problems"]
+
+
+def edit_index(folder: Path, fn) -> None:
+    idx = json.loads((folder / INDEX_NAME).read_text())
+    fn(idx["weight_map"])
+    (folder / INDEX_NAME).write_text(json.dumps(idx))
+
+
+def test_missing_shard(sharded):
+    (sharded / "model-00002-of-00016.safetensors").unlink() if (sharded / "model-00002-of-00016.safetensors").exists() \
+        else sorted(sharded.glob("model-*.safetensors"))[1].unlink()
+    probs = problems_of(sharded)
+    assert any(p.startswith("shard model-00002-of-") and p.endswith("named in the index is missing") for p in probs)
+    assert not any(p.startswith("missing tensor") for p in probs)  # said once, by the shard line
+
+
+def test_tensor_listed_but_absent_from_its_shard(sharded):
+    edit_index(sharded, lambda wm: wm.__setitem__("backbone.layers.0.mixer.ghost", next(iter(wm.values()))))
+    probs = problems_of(sharded)
+    assert any("backbone.layers.0.mixer.ghost is listed in the index under" in p and "does not hold it" in p
+               for p in probs)
+
+
+def test_tensor_present_but_unlisted(sharded):
+    edit_index(sharded, lambda wm: wm.pop("backbone.norm_f.weight"))
+    probs = problems_of(sharded)
+    assert any(p.startswith("backbone.norm_f.weight is in") and "the index does not list it" in p for p in probs)
+
+
+def test_tensor_in_two_shards(sharded):
+    t = random_tensors(small_config())
+    save_tensors(sharded, {"extra.weight": t["lm_head.weight"], "backbone.norm_f.weight": t["backbone.norm_f.weight"]})
+    (sharded / "model.safetensors").rename(sharded / "model-extra.safetensors")
+    edit_index(sharded, lambda wm: wm.__setitem__("extra.weight", "model-extra.safetensors"))
+    probs = problems_of(sharded)
+    assert any(p.startswith("backbone.norm_f.weight appears in more than one shard: model-") for p in probs)
+
+
+def test_truncated_data(tmp_path):
+    folder = random_checkpoint(tmp_path / "c")
+    f = folder / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 100)
+    probs = problems_of(folder)
+    assert any("(truncated file)" in p for p in probs)
+
+
+@pytest.mark.parametrize("how", ["tiny", "length"])
+def test_truncated_or_corrupt_header(sharded, how):
+    f = sorted(sharded.glob("model-*.safetensors"))[0]
+    if how == "tiny":
+        f.write_bytes(b"\x01\x02")
+    else:
+        data = bytearray(f.read_bytes())
+        data[:8] = struct.pack("<Q", len(data) * 2)
+        f.write_bytes(bytes(data))
+    probs = problems_of(sharded)
+    assert any(f.name in p and ("truncated" in p or "does not fit" in p) for p in probs)
+
+
+def write_with(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from twotower_cli.checkpoint import write_checkpoint
+
+    return write_checkpoint(folder, tensors, small_config().to_dict())
+
+
+def test_missing_unexpected_and_wrong_shape_tensors(tmp_path):
+    t = random_tensors(small_config())
+    del t["backbone.layers.0.mixer.A_log"]
+    t["backbone.layers.3.mixer.up_proj.weight"] = torch.zeros(7, 16)
+    t["backbone.layers.0.mixer.bogus.weight"] = torch.zeros(2)
+    probs = problems_of(write_with(tmp_path / "c", t))
+    assert "missing tensor backbone.layers.0.mixer.A_log (the config expects [4])" in probs
+    assert "backbone.layers.3.mixer.up_proj.weight has shape [7, 16], the config expects [24, 16]" in probs
+    assert "unexpected tensor backbone.layers.0.mixer.bogus.weight (the config does not explain it)" in probs
+    assert len(probs) == 3
+
+
+def test_mtp_tensors_are_noted_not_problems(tmp_path):
+    t = random_tensors(small_config()) | {"mtp.layers.0.norm.weight": torch.ones(16)}
+    r = inspect_checkpoint(write_with(tmp_path / "c", t))
+    assert r.problems == [] and any("mtp.layers.0.norm.weight" in n for n in r.notes)
+
+
+def test_unknown_layout_names_its_keys(tmp_path):
+    folder = write_with(tmp_path / "c", {"transformer.h.0.attn.weight": torch.zeros(2),
+                                         "transformer.h.1.attn.weight": torch.zeros(2), "wte.weight": torch.zeros(2)})
+    result = invoke(str(folder), "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["layout"] == "unknown"
+    assert "transformer.h.* (2 tensors)" in data["unrecognised_keys"]
+    assert any("transformer.h.*" in p for p in data["problems"])
+
+
+def test_no_config(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    save_tensors(folder, random_tensors(small_config()))
+    assert any("no config.json" in p for p in problems_of(folder))
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def test_json_fields(sharded):
+    result = invoke(str(sharded), "--json", "--tensors")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("layout", "pattern", "num_layers", "parameters", "active_parameters_per_token", "tensors",
+                "bytes", "dtypes", "problems"):
+        assert key in data
+    assert data["layout"] == "nemotron_h" and data["pattern"] == "M*E-ME" and data["num_layers"] == 6
+    assert data["tensors"] == 55 and data["dtypes"] == {"BF16": 55} and data["problems"] == []
+    assert len(data["tensor_list"]) == 55
+    assert result.stderr == ""  # --json: nothing for people
+
+
+def test_human_output(sharded):
+    result = invoke(str(sharded), "--tensors")
+    assert result.exit_code == 0
+    err = result.stderr
+    for text in ("NemotronH single tower", "M Mamba-2 ×2", "* attention ×1", "E MoE ×2", "- MLP ×1",
+                 "no problems found", "backbone.layers.0.mixer.in_proj.weight", "model-00001-of-"):
+        assert text in err
+    assert result.stdout == ""
+
+
+def test_single_file_and_bad_input(tmp_path):
+    folder = random_checkpoint(tmp_path / "c")
+    assert invoke(str(folder / "model.safetensors")).exit_code == 0
+    result = invoke(str(tmp_path / "nope"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error:") and result.stderr.count("Error:") == 1
+    assert "Traceback" not in result.output
+
+
+def test_cached_hub_name_offline(tmp_path, monkeypatch):
+    from test_hub import fake_cache
+
+    home = tmp_path / "hf"
+    snap = fake_cache(home, "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16", files={})
+    snap.rmdir()
+    random_checkpoint(snap)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("nemotron-3-nano", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tensors"] == 55
+    assert invoke("nvidia/Some-Other-Model").exit_code == 1
+
+
+def test_twotower_fields(tmp_path):
+    from twotower_cli.split import execute, load_source, plan_split
+
+    cfg = small_config()
+    src = random_checkpoint(tmp_path / "src", cfg)
+    plan = plan_split(*load_source(src), "5GB", "keep", 5, 8, "src-name")
+    out = execute(plan, tmp_path / "out").out
+    r = inspect_checkpoint(out)
+    total = sum(numel(s) for s in nemotron_h_shapes(cfg).values())
+    time_params = sum(numel(s) for s in time_conditioning_shapes(cfg).values())
+    assert r.layout == "twotower" and r.problems == []
+    assert r.parameters == {"total": 2 * total + time_params, "context_tower": total, "denoiser_tower": total,
+                            "time_conditioning": time_params}
+    assert r.active_parameters_per_token == 2 * expected_active(cfg) + time_params
+    assert r.twotower["cross_attention"] == [{"denoiser_layer": 1, "context_layer": 1}]
+    assert "bidirectional" in r.twotower["denoiser_attention"]
+    assert r.twotower["time_conditioning"] == "identity"
+    assert (r.twotower["mask_token_id"], r.twotower["block_size"], r.source) == (5, 8, "src-name")
+    # Nudge one gate entry: now it is trained.
+    info = __import__("twotower_cli.checkpoint", fromlist=["x"]).open_checkpoint(out).tensors["scale_shift_tables.3"]
+    with open(out / info.file, "r+b") as f:
+        f.seek(info.file_range[1] - 2)
+        f.write(b"\x00\x40")
+    assert inspect_checkpoint(out).twotower["time_conditioning"] == "trained"
+    result = invoke(str(out))
+    assert "TwoTower" in result.stderr and "1↔1" in result.stderr and "trained" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- 30B
+
+def test_sparse_nano_totals_under_a_second(tmp_path):
+    folder = sparse_nano(tmp_path / "nano")
+    best = float("inf")
+    for _ in range(2):  # best of two: the machine is shared
+        t0 = time.perf_counter()
+        r = inspect_checkpoint(folder)
+        best = min(best, time.perf_counter() - t0)
+    assert r.problems == []
+    assert r.parameters["total"] == 31_577_940_288
+    assert r.tensors == 6_243 and len(r.shards) == 13 and r.num_layers == 52
+    assert r.active_parameters_per_token == 3_580_076_352  # 2.20 B outside routed experts + 6 of 128 experts
+    assert r.bytes == 2 * 31_577_940_288
+    assert best < 1.0, f"inspect took {best:.2f} s"
