@@ -7,8 +7,9 @@ new object. This is what lets the denoiser (spec §5) start every block from the
 L == 1 with a state uses the one-step recurrence; anything else the chunked SSD scan from `state.ssm`, with
 the causal conv continuing from `state.conv`. The scan runs in fp32 whatever the module dtype.
 
-`pad_mask` False marks left-padding: the raw xBC columns, x, B, C and dt are zeroed there, so a pad feeds
-nothing into the conv window or the SSM state and does not decay it (dt = 0 ⇒ exp(dt·A) = 1). Spec §9.
+`pad_mask` False marks left-padding: the raw xBC columns, x, B, C and dt are zeroed there, so a pad neither
+feeds nor decays the SSM state (dt = 0 ⇒ exp(dt·A) = 1) and puts zero columns into the conv window, exactly
+what a fresh sequence sees before its first token (spec §9).
 """
 
 from __future__ import annotations

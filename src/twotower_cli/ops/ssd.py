@@ -18,6 +18,8 @@ modified in place: the initial state passed in is never written to.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,69 +31,71 @@ def _heads_per_group(h: int, g: int) -> int:
     return h // g
 
 
-def _segsum(a: Tensor) -> Tensor:
-    """[..., s] → [..., s, s] with out[..., t, u] = a[u+1] + ... + a[t] for t ≥ u and -inf above the diagonal.
-
-    Summing a masked copy (rather than subtracting two cumulative sums) keeps the small in-chunk sums exact
-    even when the running cumsum is large, so exp() of it stays accurate in fp32.
-    """
-    s = a.shape[-1]
-    rep = a[..., None].expand(*a.shape, s)  # rep[..., k, u] = a[k]
-    strictly_lower = torch.tril(torch.ones(s, s, dtype=torch.bool, device=a.device), diagonal=-1)
-    seg = torch.cumsum(rep.masked_fill(~strictly_lower, 0.0), dim=-2)  # sum over u < k ≤ t
-    lower = torch.tril(torch.ones(s, s, dtype=torch.bool, device=a.device))
-    return seg.masked_fill(~lower, float("-inf"))
-
-
 def ssd_chunked(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None,
+    state_every: int = 0,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """The SSD algorithm of Mamba-2: quadratic attention-like work inside chunks, a linear recurrence across them.
 
     Any length works: the tail is padded with dt = 0, which neither decays the state nor feeds it.
+    `state_every` = e > 0 (L a multiple of e) also returns the states entering positions 0, e, 2e, …,
+    [b, L/e, h, p, n] (index 0 is the initial state), from the same pass: the scan then uses chunks of
+    gcd(chunk_size, e), so that every multiple of e is a chunk boundary (training reads the state at every
+    block boundary this way).
+    Internally everything is laid out head-major, [b, c, g, r, s, ...] (c chunks of s steps, r = h // g heads
+    per group), so that every contraction is a plain batched matmul.
     """
     b, L, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     r = _heads_per_group(h, g)
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
 
+    if state_every:
+        if L % state_every:
+            raise ValueError(f"length {L} is not a multiple of state_every={state_every}")
+        chunk_size = math.gcd(chunk_size, state_every)
     pad = (-L) % chunk_size
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     c, s = (L + pad) // chunk_size, chunk_size
 
-    # Chunk and group: x → [b,c,s,g,r,p], dt → [b,c,s,g,r], B/C → [b,c,s,g,n].
-    x = x.reshape(b, c, s, g, r, p)
-    xdt = x * dt.reshape(b, c, s, g, r, 1)
-    B = B.reshape(b, c, s, g, n)
-    C = C.reshape(b, c, s, g, n)
-    a = (dt * A).reshape(b, c, s, g, r).permute(0, 1, 3, 4, 2)  # log-decay per step, [b,c,g,r,s]
-    a_cum = torch.cumsum(a, dim=-1)  # [b,c,g,r,s]
+    x = x.reshape(b, c, s, g, r, p).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,r,s,p]
+    dt = dt.reshape(b, c, s, g, r).permute(0, 1, 3, 4, 2)  # [b,c,g,r,s]
+    B = B.reshape(b, c, s, g, n).transpose(2, 3)  # [b,c,g,s,n]
+    C = C.reshape(b, c, s, g, n).transpose(2, 3)
+    xdt = x * dt[..., None]
+    a_cum = torch.cumsum(dt * A.reshape(g, r, 1), dim=-1)  # running log-decay inside each chunk, [b,c,g,r,s]
 
-    # 1. Inside each chunk: y_t += Σ_{u≤t} (C_t·B_u) exp(a_{u+1}+…+a_t) dt_u x_u.
-    decay = torch.exp(_segsum(a))  # [b,c,g,r,t,u]
-    scores = torch.einsum("bctgn,bcugn->bcgtu", C, B)[:, :, :, None] * decay  # [b,c,g,r,t,u]
-    y = torch.einsum("bcgrtu,bcugrp->bctgrp", scores, xdt)
+    # 1. Inside each chunk: y_t = Σ_{u≤t} (C_t·B_u) exp(a_cum[t] - a_cum[u]) dt_u x_u.
+    # (The difference of running sums is what the mamba_ssm kernels use too; masking to -inf *before* exp
+    # keeps the upper triangle at exactly 0 with finite gradients.)
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf"))
+    scores = (C @ B.transpose(-1, -2))[:, :, :, None] * torch.exp(seg)  # [b,c,g,r,t,u]
+    y = scores @ xdt  # [b,c,g,r,s,p]
 
-    # 2. Each chunk's own contribution to the state at its end (starting from zero).
-    to_end = decay[..., -1, :]  # exp(a_{u+1}+…+a_last), [b,c,g,r,u]
-    chunk_states = torch.einsum("bcgru,bcugn,bcugrp->bcgrpn", to_end, B, xdt)
+    # 2. Each chunk's own contribution to the state at its end (starting from zero): [b,c,g,r,p,n].
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,c,g,r,s]
+    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ B[:, :, :, None]
 
-    # 3. Across chunks: a short recurrence over c chunk boundaries (c = L / chunk_size, small).
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b,c,g,r]
+    # 3. Across chunks: a short recurrence over the c chunk boundaries (c = L / chunk_size, small).
+    chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # [b,c,g,r,1,1]
     state = (torch.zeros(b, g, r, p, n, device=x.device) if initial_state is None
              else initial_state.float().reshape(b, g, r, p, n))
     starts = []
     for ci in range(c):
         starts.append(state)
-        state = state * chunk_decay[:, ci, :, :, None, None] + chunk_states[:, ci]
+        state = state * chunk_decay[:, ci] + chunk_states[:, ci]
     start_states = torch.stack(starts, dim=1)  # state entering each chunk, [b,c,g,r,p,n]
 
-    # 4. The entering state's contribution: y_t += exp(a_1+…+a_t) C_t · h_start.
-    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", C, start_states) * torch.exp(a_cum).permute(0, 1, 4, 2, 3)[..., None]
+    # 4. The entering state's contribution: y_t += exp(a_cum[t]) C_t · h_start.
+    y = y + (C[:, :, :, None] @ start_states.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
 
-    y = y.reshape(b, c * s, h, p)[:, :L]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * s, h, p)[:, :L]
+    if state_every:
+        every_chunks = state_every // chunk_size
+        return y, state.reshape(b, h, p, n), start_states[:, ::every_chunks].reshape(b, L // state_every, h, p, n)
     return y, state.reshape(b, h, p, n)
 
 

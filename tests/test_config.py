@@ -1,0 +1,69 @@
+"""config.json parsing (spec §1): both pattern forms, infinity spellings, validation, round trips."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import TINY
+from twotower_cli.config import NemotronHConfig, pattern_to_block_types
+from twotower_cli.errors import TwoTowerError
+
+
+def raw(pattern="M*EM-E", **overrides):
+    d = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+         "hybrid_override_pattern": pattern, "num_hidden_layers": len(pattern), **TINY}
+    d.update(overrides)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def test_both_pattern_forms_agree():
+    a = NemotronHConfig.from_dict(raw())
+    b_raw = raw(hybrid_override_pattern=None, layers_block_type=pattern_to_block_types("M*EM-E"))
+    b = NemotronHConfig.from_dict(b_raw)
+    assert a.pattern == b.pattern == "M*EM-E"
+    newer = raw(hybrid_override_pattern=None,
+                layers_block_type=["linear_attention", "full_attention", "moe", "linear_attention", "mlp", "moe"])
+    assert NemotronHConfig.from_dict(newer).pattern == "M*EM-E"
+
+
+@pytest.mark.parametrize("limit", [[0.0, {"__float__": "Infinity"}], [0.0, float("inf")]])
+def test_time_step_limit_infinity_spellings(tmp_path, limit):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw(time_step_limit=limit)))  # json writes float("inf") as Infinity
+    cfg = NemotronHConfig.from_file(tmp_path)
+    assert cfg.time_step_limit == (0.0, math.inf)
+    assert NemotronHConfig.from_dict(raw()).time_step_limit == (0.0, math.inf)  # absent → no clamp
+
+
+def test_d_inner_never_from_expand():
+    cfg = NemotronHConfig.from_dict(raw(expand=2, mamba_num_heads=6, mamba_head_dim=8, n_groups=3))
+    assert cfg.d_inner == 48 != 2 * cfg.hidden_size
+    assert cfg.conv_dim == 48 + 2 * 3 * 8 and cfg.in_proj_dim == 48 + cfg.conv_dim + 6
+
+
+def test_unknown_keys_round_trip_unchanged(tmp_path):
+    d = raw(mtp_layers_block_type=["attention", "moe"], transformers_version="5.24.0",
+            time_step_limit=[0.0, {"__float__": "Infinity"}], something_new={"nested": [1, 2]})
+    cfg = NemotronHConfig.from_dict(d)
+    assert cfg.to_dict() == d
+    cfg.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text()) == d
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"num_hidden_layers": 5}, "num_hidden_layers is 5 but the layer pattern has 6"),
+    ({"hybrid_override_pattern": "M*XM-E", "num_hidden_layers": 6}, "unknown kind 'X'"),
+    ({"hybrid_override_pattern": None, "layers_block_type": ["mamba", "conv"]}, "not a NemotronH layer kind"),
+    ({"num_attention_heads": 5}, "not divisible by num_key_value_heads"),
+    ({"mamba_num_heads": 5}, "not divisible by n_groups"),
+    ({"hidden_size": None}, "missing 'hidden_size'"),
+    ({"n_routed_experts": None}, "missing 'n_routed_experts'"),
+    ({"hybrid_override_pattern": None}, "no layer pattern"),
+    ({"time_step_limit": [0.0, "lots"]}, "not a number"),
+])
+def test_validation_errors(overrides, match):
+    with pytest.raises(TwoTowerError, match=match):
+        NemotronHConfig.from_dict(raw(**overrides))

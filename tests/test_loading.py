@@ -1,0 +1,118 @@
+"""Strict lazy loading: every tensor equals the file afterwards, problems are named, drops are reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_config, write_tiny_checkpoint
+from twotower_cli import layout
+from twotower_cli.checkpoint import open_checkpoint, write_checkpoint
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.model import NemotronHForCausalLM, NemotronHModel
+from twotower_cli.model.loading import load_nemotron_h, load_state
+
+
+def file_tensors(path):
+    ckpt = open_checkpoint(path)
+    return dict(ckpt.iter_tensors(list(ckpt.tensors)))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_load_equals_file_and_nothing_is_reinitialised(tmp_path, sharded):
+    cfg = build_tiny_config()
+    path = write_tiny_checkpoint(tmp_path, cfg, sharded=sharded)
+    if sharded:
+        assert len(open_checkpoint(path).files) > 1
+    model = load_nemotron_h(path)
+    state, ref = model.state_dict(), file_tensors(path)
+    assert set(state) == set(ref) == set(layout.nemotron_h_shapes(cfg))
+    for name, t in ref.items():
+        assert torch.equal(state[name], t), f"{name} differs from the file after loading"
+    assert not any(t.is_meta for t in state.values()) and not model.training
+
+
+def test_dtype_cast_keeps_fp32_parameters(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, build_tiny_config())
+    model = load_nemotron_h(path, dtype=torch.bfloat16)
+    for name, t in model.state_dict().items():
+        assert t.dtype == (torch.float32 if layout.keep_fp32(name) else torch.bfloat16), name
+    assert model.backbone.layers[2].mixer.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def rewrite(tmp_path, path, edit, name="edited"):
+    """Copy of a checkpoint with its tensor dict edited."""
+    tensors = file_tensors(path)
+    edit(tensors)
+    return write_checkpoint(tmp_path / name, tensors, open_checkpoint(path).config_raw)
+
+
+def test_missing_and_wrong_shape_are_named(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, build_tiny_config())
+
+    def edit(t):
+        del t["backbone.layers.0.mixer.dt_bias"]
+        del t["backbone.layers.2.mixer.experts.3.up_proj.weight"]
+        t["backbone.layers.1.mixer.k_proj.weight"] = torch.zeros(3, 64)
+
+    with pytest.raises(TwoTowerError) as err:
+        load_nemotron_h(rewrite(tmp_path, path, edit))
+    msg = str(err.value)
+    for name in ("backbone.layers.0.mixer.dt_bias", "backbone.layers.2.mixer.experts.3.up_proj.weight",
+                 "backbone.layers.1.mixer.k_proj.weight is [3, 64], expected [32, 64]"):
+        assert name in msg, msg
+
+
+def test_unexpected_is_an_error_mtp_is_dropped_and_reported(tmp_path):
+    cfg = build_tiny_config()
+    path = write_tiny_checkpoint(tmp_path, cfg)
+    extra = rewrite(tmp_path, path, lambda t: t.update({"backbone.layers.0.mixer.surprise": torch.ones(2)}), "extra")
+    with pytest.raises(TwoTowerError, match="unexpected tensor.*backbone.layers.0.mixer.surprise"):
+        load_nemotron_h(extra)
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    report = load_state(model, open_checkpoint(extra), allow_unused=True)
+    assert report.unused == ["backbone.layers.0.mixer.surprise"]
+
+    mtp = rewrite(tmp_path, path, lambda t: t.update({"mtp.layers.0.norm.weight": torch.ones(64)}), "mtp")
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(cfg)
+    report = load_state(model, open_checkpoint(mtp))
+    assert report.dropped == ["mtp.layers.0.norm.weight"] and report.loaded == len(layout.nemotron_h_shapes(cfg))
+
+
+def test_legacy_embedding_name(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, build_tiny_config())
+
+    def edit(t):
+        t["backbone.embedding.weight"] = t.pop("backbone.embeddings.weight")
+
+    model = load_nemotron_h(rewrite(tmp_path, path, edit))
+    assert torch.equal(model.backbone.embeddings.weight, file_tensors(path)["backbone.embeddings.weight"])
+
+
+def test_key_map_loads_one_tower_of_a_twotower_file(tmp_path):
+    """A tower module under a TwoTower prefix: `context_tower.X` in the file for `X` in the module."""
+    cfg = build_tiny_config()
+    src = file_tensors(write_tiny_checkpoint(tmp_path, cfg))
+    two = {}
+    for name, t in src.items():
+        if name.startswith("backbone."):
+            two["context_tower." + name[len("backbone."):]] = t
+            two["denoiser_tower." + name[len("backbone."):]] = t + 1
+    path = write_checkpoint(tmp_path / "two", two, cfg.to_dict())
+    with torch.device("meta"):
+        tower = NemotronHModel(cfg)
+    with pytest.raises(TwoTowerError, match="unexpected"):
+        load_state(tower, open_checkpoint(path), key_map=lambda k: "denoiser_tower." + k)
+    report = load_state(tower, open_checkpoint(path), key_map=lambda k: "denoiser_tower." + k, allow_unused=True)
+    assert len(report.unused) == report.loaded == len(two) // 2
+    for k, t in tower.state_dict().items():
+        assert torch.equal(t, two["denoiser_tower." + k]), k
+
+
+def test_no_config_is_an_error(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, build_tiny_config())
+    (path / "config.json").unlink()
+    with pytest.raises(TwoTowerError, match="no config.json"):
+        load_nemotron_h(path)

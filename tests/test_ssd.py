@@ -1,0 +1,77 @@
+"""The chunked SSD scan and the one-step update equal the token-by-token recurrence (issue 2, item 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import max_diff
+from twotower_cli.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
+
+CHUNK = 8
+
+
+def random_inputs(L: int, b: int = 2, h: int = 4, p: int = 16, g: int = 2, n: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, L, h, p, generator=gen)
+    dt = torch.rand(b, L, h, generator=gen) * 0.3 + 1e-3  # positive, as after softplus
+    A = -torch.rand(h, generator=gen) * 8 - 0.5  # negative
+    B = torch.randn(b, L, g, n, generator=gen)
+    C = torch.randn(b, L, g, n, generator=gen)
+    state = torch.randn(b, h, p, n, generator=gen)
+    return x, dt, A, B, C, state
+
+
+@pytest.mark.parametrize("L", [1, 7, CHUNK, 3 * CHUNK + 5])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_equals_sequential(L, with_state):
+    x, dt, A, B, C, state = random_inputs(L)
+    init = state if with_state else None
+    y_ref, s_ref = ssd_sequential(x, dt, A, B, C, CHUNK, init)
+    y, s = ssd_chunked(x, dt, A, B, C, CHUNK, init)
+    assert y.shape == y_ref.shape == x.shape and s.shape == state.shape
+    assert max_diff(y, y_ref) <= 1e-5, f"outputs differ by {max_diff(y, y_ref):.3g}"
+    assert max_diff(s, s_ref) <= 1e-5, f"final states differ by {max_diff(s, s_ref):.3g}"
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_group_sharing(g):
+    """Head hh reads group hh // (h // g): check against the scan with B, C expanded to one group per head."""
+    x, dt, A, B, C, state = random_inputs(13, g=g)
+    y, s = ssd_chunked(x, dt, A, B, C, CHUNK, state)
+    r = x.shape[2] // g
+    y_ref, s_ref = ssd_sequential(x, dt, A, B.repeat_interleave(r, 2), C.repeat_interleave(r, 2), CHUNK, state)
+    assert max_diff(y, y_ref) <= 1e-5 and max_diff(s, s_ref) <= 1e-5, f"{max_diff(y, y_ref):.3g}"
+
+
+def test_split_scan_equals_whole_scan():
+    """Scanning a prefix, then the rest from its final state, equals one scan (what cache extension relies on)."""
+    x, dt, A, B, C, state = random_inputs(29)
+    y, s = ssd_chunked(x, dt, A, B, C, CHUNK, state)
+    y1, s1 = ssd_chunked(x[:, :11], dt[:, :11], A, B[:, :11], C[:, :11], CHUNK, state)
+    y2, s2 = ssd_chunked(x[:, 11:], dt[:, 11:], A, B[:, 11:], C[:, 11:], CHUNK, s1)
+    assert max_diff(torch.cat([y1, y2], 1), y) <= 1e-5 and max_diff(s2, s) <= 1e-5
+
+
+def test_step_is_the_recurrence():
+    x, dt, A, B, C, state = random_inputs(1)
+    y, s = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    Bh, Ch = B[:, 0].repeat_interleave(2, 1), C[:, 0].repeat_interleave(2, 1)  # [b, h, n]
+    s_ref = torch.exp(dt[:, 0] * A)[..., None, None] * state + (dt[:, 0, :, None] * x[:, 0])[..., None] * Bh[:, :, None]
+    y_ref = (s_ref * Ch[:, :, None]).sum(-1)
+    assert max_diff(s, s_ref) <= 1e-6 and max_diff(y, y_ref) <= 1e-5
+
+
+def test_zero_dt_leaves_state_unchanged():
+    """dt = 0 (a masked pad) neither decays nor feeds the state."""
+    x, dt, A, B, C, state = random_inputs(10)
+    _, s = ssd_chunked(x, torch.zeros_like(dt), A, B, C, CHUNK, state)
+    assert max_diff(s, state) == 0.0
+
+
+def test_inputs_not_modified_and_fp32_out():
+    x, dt, A, B, C, state = random_inputs(9)
+    before = state.clone()
+    y, s = ssd_chunked(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), CHUNK, state)
+    assert torch.equal(state, before)
+    assert y.dtype == s.dtype == torch.float32
