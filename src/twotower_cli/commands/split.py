@@ -33,6 +33,7 @@ def split(
     identity, so the fresh denoiser computes exactly the base model.
     """
     from twotower_cli.display import err_console
+    from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import display_name, resolve
     from twotower_cli.split import execute, load_source, plan_split
 
@@ -42,14 +43,12 @@ def split(
     ckpt, cfg = load_source(path)
     plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
     out = output or Path(f"{name}-twotower")
+    if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
+        raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
     if dry_run:
         console.print("[dim]dry run: nothing written[/]")
         return
-    if out.exists() and not force:  # before any work (atomic_output_dir checks again)
-        from twotower_cli.errors import TwoTowerError
-
-        raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
 
     from rich.progress import (
         BarColumn,

@@ -1,0 +1,393 @@
+"""split: byte-exact towers and heads (ours and transformers-written, single-file and sharded), identity
+time conditioning, config fields, a consistent index, inspect-clean output, safety (existing OUT,
+interruptions, full disk, read errors, untouched source), dtype conversion, the 30B dry-run plan."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from helpers_ckpt import ROOT, hf_written, random_checkpoint, random_tensors, small_config, sparse_nano
+from twotower_cli.checkpoint import INDEX_NAME, index_problems, open_checkpoint, write_checkpoint
+from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.inspect import inspect_checkpoint
+from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
+from twotower_cli.split import RangeCopier, execute, load_source, plan_split, verify_output
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(get_app(), ["split", *args])
+
+
+def raw_bytes(folder: Path, name: str) -> bytes:
+    info = open_checkpoint(folder).tensors[name]
+    with open(folder / info.file, "rb") as f:
+        f.seek(info.file_range[0])
+        return f.read(info.nbytes)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def assert_exact_split(src: Path, out: Path, source_key=lambda k: k) -> None:
+    """Every tower and head tensor of `out` holds exactly the bytes of its source tensor."""
+    cfg = small_config()
+    assert sorted(open_checkpoint(out).tensors) == sorted(twotower_shapes(cfg))
+    for key in nemotron_h_shapes(cfg):
+        want = raw_bytes(src, source_key(key))
+        rest = key[len("backbone."):]
+        heads = ("context_lm_head.weight", "lm_head.weight")
+        for dst in heads if key == "lm_head.weight" else (f"context_tower.{rest}", f"denoiser_tower.{rest}"):
+            assert raw_bytes(out, dst) == want, dst
+    assert inspect_checkpoint(out).problems == []
+
+
+def assert_identity_time_conditioning(out: Path, dtype=torch.bfloat16) -> None:
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    cfg = small_config()
+    for i in range(cfg.num_hidden_layers):
+        table = tensors[f"scale_shift_tables.{i}"]
+        assert table.dtype == dtype
+        assert torch.equal(table.float(), torch.tensor([[0.0] * 16, [0.0] * 16, [1.0] * 16]))
+    assert not tensors["t_block.1.weight"].any() and not tensors["t_block.1.bias"].any()
+    w = tensors["t_embedder.mlp.0.weight"].float()
+    assert 0.01 < w.std() < 0.03 and not tensors["t_embedder.mlp.0.bias"].any()
+    assert inspect_checkpoint(out).twotower["time_conditioning"] == "identity"
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("src_shards,out_shards", [("5GB", "5GB"), ("3KB", "4KB"), ("5GB", "4KB")])
+def test_round_trip_is_byte_exact(tmp_path, src_shards, out_shards):
+    src = random_checkpoint(tmp_path / "src", max_shard_size=src_shards)
+    before = digest(src)
+    result = invoke(str(src), "-o", str(tmp_path / "out"), "--max-shard-size", out_shards, "--verify")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert_exact_split(src, out)
+    assert_identity_time_conditioning(out)
+    assert digest(src) == before  # the source is only read
+    assert "verified" in result.stderr and "wrote" in result.stderr
+
+
+def test_index_and_shard_sizes(tmp_path):
+    src = random_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    assert invoke(str(src), "-o", str(out), "--max-shard-size", "4KB").exit_code == 0
+    ckpt = open_checkpoint(out)
+    idx = json.loads((out / INDEX_NAME).read_text())
+    assert index_problems(ckpt) == []
+    assert idx["metadata"]["total_size"] == ckpt.total_bytes
+    assert set(idx["weight_map"]) == set(twotower_shapes(small_config()))
+    for shard in ckpt.shards.values():
+        data = sum(t.nbytes for t in shard.tensors.values())
+        assert data <= 4000 or len(shard.tensors) == 1
+    assert (out / "model.safetensors").exists() is False
+    # Loadable by safetensors itself (contiguous offsets, aligned header).
+    assert all(load_file(str(out / f)) for f in ckpt.files)
+
+
+def test_config_fields(tmp_path):
+    cfg = small_config(my_custom_key={"kept": [1, 2]},
+                       auto_map={"AutoConfig": "configuration_nemotron_h.NemotronHConfig",
+                                 "AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"})
+    src = random_checkpoint(tmp_path / "src", cfg)
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    (src / "modeling_nemotron_h.py").write_text("# remote code")
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out), "--mask-token-id", "7", "--block-size", "32")
+    assert result.exit_code == 0, result.output
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["NemotronHTwoTowerForCausalLM"] and conf["model_type"] == "nemotron_h"
+    assert conf["twotower"] == {"mask_token_id": 7, "block_size": 32, "source": str(src), "format_version": 1,
+                                "cross_attention_layers": [1]}
+    assert conf["my_custom_key"] == {"kept": [1, 2]}
+    assert conf["time_step_limit"] == [0.0, {"__float__": "Infinity"}]
+    assert conf["hybrid_override_pattern"] == "M*E-ME"
+    assert "auto_map" not in conf
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert not (out / "modeling_nemotron_h.py").exists()
+
+
+def test_unused_keys_are_dropped_and_listed(tmp_path):
+    cfg = small_config()
+    extra = {"mtp.layers.0.norm.weight": torch.ones(16), "backbone.layers.0.mixer.rotary_emb.inv_freq": torch.ones(4)}
+    src = random_checkpoint(tmp_path / "src", cfg, extra=extra)
+    plan = plan_split(*load_source(src), "5GB", "keep", 3, 16, "src")
+    assert sorted(plan.dropped) == sorted(extra)
+    result = invoke(str(src), "--dry-run")
+    assert result.exit_code == 0
+    assert "mtp.layers.0.norm.weight" in result.stderr and "dropped 2 tensors" in result.stderr
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("sharded", [False, True])
+def test_transformers_written_source(tmp_path, sharded):
+    src = hf_written(tmp_path / "hf", sharded=sharded)
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out), "--verify")
+    assert result.exit_code == 0, result.output
+    assert_exact_split(src, out)
+    assert_identity_time_conditioning(out, torch.float32)
+
+
+@pytest.mark.hf
+def test_transformers_fused_experts_are_unfused(tmp_path):
+    """save_original_format=False writes model.* names and [E, out, in] expert stacks: split renames and
+    slices them (named transforms), and expert j is exactly slice j of the stack."""
+    src = hf_written(tmp_path / "hf", sharded=True, original_format=False)
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out), "--verify")
+    assert result.exit_code == 0, result.output
+    assert "unfused" in result.stderr and "model.* → backbone.*" in result.stderr
+    source = {}
+    for f in src.glob("*.safetensors"):
+        source.update(load_file(str(f)))
+    got = {}
+    for f in out.glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    assert sorted(got) == sorted(twotower_shapes(small_config()))
+    for layer in (2, 5):
+        for proj in ("up_proj", "down_proj"):
+            stack = source[f"model.layers.{layer}.mixer.experts.{proj}"]
+            for j in range(stack.shape[0]):
+                for tower in ("context_tower", "denoiser_tower"):
+                    assert torch.equal(got[f"{tower}.layers.{layer}.mixer.experts.{j}.{proj}.weight"], stack[j])
+    assert torch.equal(got["denoiser_tower.embeddings.weight"], source["model.embeddings.weight"])
+    assert inspect_checkpoint(out).problems == []
+
+
+def test_time_conditioning_is_deterministic(tmp_path):
+    src = random_checkpoint(tmp_path / "src")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert invoke(str(src), "-o", str(a)).exit_code == 0
+    assert invoke(str(src), "-o", str(b)).exit_code == 0
+    assert digest(a) == digest(b)
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("fp32", torch.float32), ("fp16", torch.float16)])
+def test_dtype_conversion(tmp_path, dtype, torch_dtype):
+    src = random_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out), "--dtype", dtype, "--verify")
+    assert result.exit_code == 0, result.output
+    source = load_file(str(src / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    for key, value in source.items():
+        rest = key[len("backbone."):]
+        dst = ("lm_head.weight",) if key == "lm_head.weight" else (f"context_tower.{rest}", f"denoiser_tower.{rest}")
+        for d in dst:
+            assert got[d].dtype == torch_dtype and torch.equal(got[d], value.to(torch_dtype)), d
+    assert_identity_time_conditioning(out, torch_dtype)
+
+
+def test_fp32_tensors_are_never_narrowed(tmp_path):
+    src = random_checkpoint(tmp_path / "src", dtype=torch.float32)
+    plan = plan_split(*load_source(src), "5GB", "bf16", 3, 16, "src")
+    dtypes = {t.name: t.dtype for t in plan.tensors}
+    assert dtypes["context_tower.layers.0.mixer.A_log"] == "F32"
+    assert dtypes["denoiser_tower.layers.2.mixer.gate.e_score_correction_bias"] == "F32"
+    assert dtypes["context_tower.layers.0.mixer.in_proj.weight"] == "BF16"
+    assert dtypes["t_block.1.weight"] == "BF16"
+    out = execute(plan, tmp_path / "out", verify=True).out
+    assert inspect_checkpoint(out).problems == []
+
+
+# ---------------------------------------------------------------------------------------------- copy paths
+
+@pytest.mark.parametrize("method", ["copy_file_range", "sendfile", "buffered"])
+def test_every_copy_method_is_exact(tmp_path, method):
+    src = random_checkpoint(tmp_path / "src", max_shard_size="3KB")
+    plan = plan_split(*load_source(src), "4KB", "keep", 3, 16, "src")
+    result = execute(plan, tmp_path / "out", copier=RangeCopier(method), verify=True)
+    assert result.copy_method == method
+    assert result.bytes_verified == plan.tensor_bytes
+    assert_exact_split(src, tmp_path / "out")
+
+
+def test_copy_falls_back_when_copy_file_range_is_refused(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    src = random_checkpoint(tmp_path / "src")
+    result = execute(plan_split(*load_source(src)), tmp_path / "out", copier=RangeCopier("copy_file_range"))
+    assert result.copy_method == "sendfile"
+    assert_exact_split(src, tmp_path / "out")
+
+
+def test_keep_path_does_not_import_torch(tmp_path):
+    src = random_checkpoint(tmp_path / "src")
+    code = ("import sys; from twotower_cli.split import execute, load_source, plan_split; "
+            f"execute(plan_split(*load_source({str(src)!r})), {str(tmp_path / 'out')!r}, verify=True); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_verify_catches_a_corrupt_output(tmp_path):
+    src = random_checkpoint(tmp_path / "src")
+    plan = plan_split(*load_source(src))
+    out = execute(plan, tmp_path / "out").out
+    info = open_checkpoint(out).tensors["denoiser_tower.layers.3.mixer.up_proj.weight"]
+    with open(out / info.file, "r+b") as f:
+        f.seek(info.file_range[0] + 3)
+        f.write(b"\xff")
+    with pytest.raises(TwoTowerError, match="denoiser_tower.layers.3.mixer.up_proj.weight differs"):
+        verify_output(plan, out)
+
+
+# ---------------------------------------------------------------------------------------------- safety
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith((name, f".{name}"))]
+
+
+def test_existing_output_is_refused_unless_forced(tmp_path):
+    src = random_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = invoke(str(src), "-o", str(out))
+    assert result.exit_code == 1 and result.stderr.startswith("Error:") and "already exists" in result.stderr
+    assert (out / "keep.txt").exists()
+    assert invoke(str(src), "-o", str(out), "--force").exit_code == 0
+    assert not (out / "keep.txt").exists() and inspect_checkpoint(out).problems == []
+    assert leftovers(tmp_path, "out") == ["out"]
+
+
+@pytest.mark.parametrize("error,message", [
+    (KeyboardInterrupt(), "Error: interrupted"),
+    (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),
+    (OSError(errno.EIO, "Input/output error"), "Error: Input/output error"),
+])
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, error, message):
+    src = random_checkpoint(tmp_path / "src", max_shard_size="3KB")
+    before = digest(src)
+    calls = []
+    real = RangeCopier.copy
+
+    def flaky(self, *args):
+        calls.append(1)
+        if len(calls) == 10:  # a few tensors in: some output shards exist by now
+            raise error
+        return real(self, *args)
+
+    monkeypatch.setattr(RangeCopier, "copy", flaky)
+    result = invoke(str(src), "-o", str(tmp_path / "out"), "--max-shard-size", "4KB")
+    assert result.exit_code == 1
+    assert result.stderr.count("Error:") == 1 and message in result.stderr
+    assert "Traceback" not in result.output
+    assert leftovers(tmp_path, "out") == []
+    assert digest(src) == before
+
+
+def test_truncated_source_is_refused_before_writing(tmp_path):
+    src = random_checkpoint(tmp_path / "src")
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate((src / "model.safetensors").stat().st_size - 10)
+    result = invoke(str(src), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "truncated" in result.stderr and "twotower inspect" in result.stderr
+    assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype", "int8"], "unknown --dtype"),
+    (["--max-shard-size", "lots"], "cannot read the size"),
+    (["--block-size", "0"], "--block-size must be positive"),
+    (["--mask-token-id", "999"], "outside the vocabulary"),
+])
+def test_bad_options(tmp_path, args, message):
+    src = random_checkpoint(tmp_path / "src")
+    result = invoke(str(src), "-o", str(tmp_path / "out"), *args)
+    assert result.exit_code == 1 and message in result.stderr and result.stderr.count("Error:") == 1
+
+
+def test_bad_sources(tmp_path):
+    result = invoke(str(tmp_path / "missing"))
+    assert result.exit_code == 1 and result.stderr.startswith("Error:")
+    src = random_checkpoint(tmp_path / "src")
+    assert invoke(str(src), "-o", str(tmp_path / "tt")).exit_code == 0
+    result = invoke(str(tmp_path / "tt"), "-o", str(tmp_path / "tt2"))
+    assert result.exit_code == 1 and "already a TwoTower checkpoint" in result.stderr
+    t = random_tensors(small_config())
+    del t["backbone.layers.1.mixer.q_proj.weight"]
+    write_checkpoint(tmp_path / "incomplete", t, small_config().to_dict())
+    result = invoke(str(tmp_path / "incomplete"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and "missing tensor backbone.layers.1.mixer.q_proj.weight" in result.stderr
+
+
+def test_default_output_and_dry_run(tmp_path, monkeypatch):
+    src = random_checkpoint(tmp_path / "my-model")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(str(src), "--dry-run")
+    assert result.exit_code == 0 and "my-model-twotower" in result.stderr and "nothing written" in result.stderr
+    assert not (tmp_path / "my-model-twotower").exists()
+    assert invoke(str(src)).exit_code == 0
+    assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
+
+
+def test_alias_source_from_the_cache(tmp_path, monkeypatch):
+    from test_hub import fake_cache
+
+    snap = fake_cache(tmp_path / "hf", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16", files={})
+    snap.rmdir()
+    random_checkpoint(snap)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("nemotron-3-nano")
+    assert result.exit_code == 0, result.output
+    conf = json.loads((tmp_path / "nemotron-3-nano-twotower" / "config.json").read_text())
+    assert conf["twotower"]["source"] == "nemotron-3-nano"
+
+
+def test_help_lists_aliases():
+    result = runner.invoke(get_app(), ["split", "--help"])
+    assert result.exit_code == 0
+    assert "nemotron-3-nano" in result.output and "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- 30B
+
+def test_sparse_nano_dry_run_plan(tmp_path):
+    folder = sparse_nano(tmp_path / "nano")
+    t0 = time.perf_counter()
+    result = invoke(str(folder), "--dry-run", "-o", str(tmp_path / "out"))
+    seconds = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out").exists()
+    plan = plan_split(*load_source(folder), "5GB", "keep", 3, 16, "nano")
+    parts = plan.parts()
+    H, L = 2688, 52
+    time_params = H * 256 + H + H * H + H + 3 * H * H + 3 * H + L * 3 * H
+    assert parts["context"]["parameters"] == parts["denoiser"]["parameters"] == 31_577_940_288
+    assert parts["time"]["parameters"] == time_params
+    assert parts["context"]["tensors"] == parts["denoiser"]["tensors"] == 6_243
+    assert parts["time"]["tensors"] == len(time_conditioning_shapes(plan_cfg(folder))) == 6 + L
+    assert "31,577,940,288" in result.stderr
+    assert all(s.size <= 5 * 10**9 + len(s.header) for s in plan.shards)
+    assert seconds < 10, f"dry run took {seconds:.1f} s"
+
+
+def plan_cfg(folder: Path):
+    return load_source(folder)[1]
