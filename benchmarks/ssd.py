@@ -3,7 +3,7 @@
 Nano's Mamba-2 layer has 64 heads × 64 head_dim, 8 groups, state 128, chunk 128; this keeps chunk 128,
 head_dim 64 and state 128 but uses 16 heads / 2 groups so that the sequential baseline finishes in seconds.
 
-    python benchmarks/ssd.py [--length 2048] [--heads 16] [--repeats 3]
+    python benchmarks/ssd.py [--length 2048] [--heads 16] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main() -> None:
     ap.add_argument("--state", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)
     L, h, p, G, n = args.length, args.heads, args.head_dim, args.groups, args.state

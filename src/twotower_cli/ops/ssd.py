@@ -69,34 +69,35 @@ def ssd_chunked(
 
     # 1. Inside each chunk: y_t = Σ_{u≤t} (C_t·B_u) exp(a_cum[t] - a_cum[u]) dt_u x_u.
     # (The difference of running sums is what the mamba_ssm kernels use too; masking to -inf *before* exp
-    # keeps the upper triangle at exactly 0 with finite gradients.)
+    # keeps the upper triangle at exactly 0 with finite gradients. In-place ops: these are the big tensors.)
     causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    seg = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf"))
-    scores = (C @ B.transpose(-1, -2))[:, :, :, None] * torch.exp(seg)  # [b,c,g,r,t,u]
+    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    scores = (C @ B.transpose(-1, -2))[:, :, :, None] * decay  # [b,c,g,r,t,u]
     y = scores @ xdt  # [b,c,g,r,s,p]
 
-    # 2. Each chunk's own contribution to the state at its end (starting from zero): [b,c,g,r,p,n].
+    # 2. Each chunk's own contribution to the state at its end, starting from zero. States are kept as
+    # [n, p] (transposed) inside this function so that both matmuls below read contiguous operands.
     to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,c,g,r,s]
-    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ B[:, :, :, None]
+    chunk_states = B.transpose(-1, -2)[:, :, :, None] @ (xdt * to_end[..., None])  # [b,c,g,r,n,p]
 
     # 3. Across chunks: a short recurrence over the c chunk boundaries (c = L / chunk_size, small).
     chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # [b,c,g,r,1,1]
-    state = (torch.zeros(b, g, r, p, n, device=x.device) if initial_state is None
-             else initial_state.float().reshape(b, g, r, p, n))
+    state = (torch.zeros(b, g, r, n, p, device=x.device) if initial_state is None
+             else initial_state.float().reshape(b, g, r, p, n).transpose(-1, -2))
     starts = []
     for ci in range(c):
         starts.append(state)
         state = state * chunk_decay[:, ci] + chunk_states[:, ci]
-    start_states = torch.stack(starts, dim=1)  # state entering each chunk, [b,c,g,r,p,n]
+    start_states = torch.stack(starts, dim=1)  # state entering each chunk, [b,c,g,r,n,p]
 
     # 4. The entering state's contribution: y_t += exp(a_cum[t]) C_t · h_start.
-    y = y + (C[:, :, :, None] @ start_states.transpose(-1, -2)) * torch.exp(a_cum)[..., None]
+    y = y + (C[:, :, :, None] @ start_states) * torch.exp(a_cum)[..., None]
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * s, h, p)[:, :L]
     if state_every:
         every_chunks = state_every // chunk_size
         return y, state.reshape(b, h, p, n), start_states[:, ::every_chunks].reshape(b, L // state_every, h, p, n)
-    return y, state.reshape(b, h, p, n)
+    return y, state.transpose(-1, -2).reshape(b, h, p, n)
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
