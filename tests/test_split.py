@@ -386,6 +386,12 @@ def test_sparse_nano_dry_run_plan(tmp_path):
     assert parts["time"]["tensors"] == len(time_conditioning_shapes(plan_cfg(folder))) == 6 + L
     assert "31,577,940,288" in result.stderr
     assert all(s.size <= 5 * 10**9 + len(s.header) for s in plan.shards)
+    # One source run per tower shard, page-aligned like its source: copy_file_range moves whole pages.
+    for shard in plan.shards:
+        copies = [t for t in shard.tensors if t.src is not None]
+        if copies:
+            assert len({t.src.file for t in copies}) == 1 and len({t.part for t in copies}) == 1
+            assert (copies[0].src.start - len(shard.header)) % 4096 == 0
     assert seconds < 10, f"dry run took {seconds:.1f} s"
 
 

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ from typing import Any
 from twotower_cli.checkpoint import (
     DTYPE_BYTES,
     Checkpoint,
-    assign_shards,
     atomic_output_dir,
     encode_header,
     index_problems,
@@ -58,6 +58,7 @@ from twotower_cli.layout import (
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 64 * 1024 * 1024  # one in-kernel copy step (no user-space buffer): sets progress granularity
+RUN_SHARD_MIN = 16 * 1024 * 1024  # shards at least this big end where a source run ends (see _group_shards)
 BUFFER_BYTES = 16 * 1024 * 1024  # bytes through Python at once (convert, generate, verify): bounds memory
 INIT_STD = 0.02  # t_embedder weights (DiT's init); biases start at 0
 INIT_SEED = 0
@@ -318,33 +319,63 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
         transforms.append(f"dropped {len(view.unexpected)} tensors the config does not explain")
 
     target = DTYPE_CHOICES[dtype]
-    tower_keys = [k for k in src if k.startswith("backbone.")]  # source file order: sequential reads
-    head = src["lm_head.weight"]
     tensors: list[OutTensor] = []
     for part, prefix, head_name in (("context", "context_tower.", "context_lm_head.weight"),
                                     ("denoiser", "denoiser_tower.", "lm_head.weight")):
-        for k in tower_keys:
-            s = src[k]
-            tensors.append(OutTensor(prefix + k[len("backbone."):], _out_dtype(s.dtype, target, k), s.shape, part, s))
-        tensors.append(OutTensor(head_name, _out_dtype(head.dtype, target, "lm_head.weight"), head.shape, part, head))
-    time_dtype = target or head.dtype  # time conditioning in the checkpoint's own dtype
+        for k, s in src.items():  # source file order, head included where it lies: long contiguous runs
+            name = head_name if k == "lm_head.weight" else prefix + k[len("backbone."):]
+            tensors.append(OutTensor(name, _out_dtype(s.dtype, target, k), s.shape, part, s))
+    time_dtype = target or src["lm_head.weight"].dtype  # time conditioning in the checkpoint's own dtype
     for name, shape in time_conditioning_shapes(cfg).items():
         init = "table" if name.startswith("scale_shift_tables.") else (
             "normal" if name.startswith("t_embedder.") and name.endswith(".weight") else "zeros")
         tensors.append(OutTensor(name, time_dtype, shape, "time", None, init))
 
-    by_name = {t.name: t for t in tensors}
-    groups = assign_shards([(t.name, t.nbytes) for t in tensors], parse_size(max_shard_size))
-    shards = []
-    for file, group in zip(shard_names(len(groups)), groups, strict=True):
-        members = [by_name[n] for n in group]
-        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in members], {"format": "pt"})
-        shards.append(OutShard(file, header, members))
+    groups = _group_shards(tensors, parse_size(max_shard_size))
+    shards = [OutShard(file, _aligned_header(group), group)
+              for file, group in zip(shard_names(len(groups)), groups, strict=True)]
 
     aux = [p.name for p in sorted(ckpt.folder.iterdir()) if p.is_file() and _is_aux(p.name)]
     config, notes = output_config(cfg, mask_token_id, block_size, source_name, shipped=set(aux))
     return SplitPlan(source_name, ckpt.folder, config, shards, dtype, transforms,
                      view.dropped + view.unexpected, aux, notes)
+
+
+def _group_shards(tensors: list[OutTensor], limit: int) -> list[list[OutTensor]]:
+    """Output shards of at most `limit` tensor bytes (a larger tensor gets a shard of its own). Where a
+    new run begins (another source file, or the second tower) and the current shard already holds
+    `RUN_SHARD_MIN` bytes, a new shard starts: each large shard is then one contiguous run of one source
+    file, copied in-kernel with aligned pages. Small checkpoints pack greedily (one file if they fit)."""
+    groups: list[list[OutTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        last = groups[-1][-1] if groups[-1] else None
+        new_run = last is not None and t.src is not None and (
+            last.src is None or last.src.file != t.src.file or last.part != t.part)
+        if groups[-1] and (used + t.nbytes > limit or (new_run and used >= RUN_SHARD_MIN)):
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    return groups
+
+
+def _aligned_header(group: list[OutTensor], page: int = 4096) -> bytes:
+    """The shard header, padded with spaces (as safetensors allows) so that the first copied tensor sits
+    at the same offset modulo the page size as in its source file: copy_file_range then moves whole
+    pages (unaligned copies measured ~1.6x slower on ext4)."""
+    header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in group], {"format": "pt"})
+    offset = 0
+    for t in group:
+        if t.is_copy:
+            assert t.src is not None
+            shift = (t.src.start - offset - len(header)) % page
+            if shift % 8 == 0 and shift:  # the data must stay 8-byte aligned
+                text = header[8:] + b" " * shift
+                header = struct.pack("<Q", len(text)) + text
+            break
+        offset += t.nbytes
+    return header
 
 
 def _is_aux(name: str) -> bool:
@@ -495,16 +526,16 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
             try:
                 _write_all(fd, shard.header, 0)
                 pos = len(shard.header)
-                for t in shard.tensors:
-                    if t.is_copy:
-                        assert t.src is not None
-                        start = t.src.start
-                        while start < t.src.end:  # chunked so progress moves and Ctrl-C is prompt
-                            n = min(CHUNK_BYTES, t.src.end - start)
-                            copier.copy(sources.fd(t.src.file), start, fd, pos, n, t.src.file)
+                for item in _runs(shard.tensors):
+                    if isinstance(item, tuple):  # bytes that are contiguous in one source file: one copy
+                        file, start, end = item
+                        while start < end:  # in chunks, so progress moves and Ctrl-C is prompt
+                            n = min(CHUNK_BYTES, end - start)
+                            copier.copy(sources.fd(file), start, fd, pos, n, file)
                             start, pos = start + n, pos + n
                             report(n)
                     else:
+                        t = item
                         chunks = generated_chunks(t) if t.src is None else converted_chunks(sources.fd(t.src.file), t)
                         for data in chunks:
                             _write_all(fd, data, pos)
@@ -523,6 +554,27 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
         if verify:
             verified = verify_output(plan, tmp, sources)
     return SplitResult(out, written, verified, copier.method)
+
+
+def _runs(tensors: list[OutTensor]) -> Iterator[tuple[str, int, int] | OutTensor]:
+    """Copied tensors merged into (file, start, end) runs of contiguous source bytes; others as they are."""
+    run: list[Any] | None = None
+    for t in tensors:
+        if t.is_copy:
+            assert t.src is not None
+            if run and run[0] == t.src.file and run[2] == t.src.start:
+                run[2] = t.src.end
+                continue
+            if run:
+                yield tuple(run)  # type: ignore[misc]
+            run = [t.src.file, t.src.start, t.src.end]
+        else:
+            if run:
+                yield tuple(run)  # type: ignore[misc]
+                run = None
+            yield t
+    if run:
+        yield tuple(run)  # type: ignore[misc]
 
 
 class _SourceFiles:

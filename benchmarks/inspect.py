@@ -1,0 +1,75 @@
+"""Time `twotower inspect` on the 30B-shaped sparse checkpoint (benchmarks/sparse_nano.py).
+
+Prints the library call (`inspect_checkpoint`, what the 1-second goal is about) and the whole CLI
+process (interpreter start and every command module's imports included), median of --repeats runs.
+
+    python benchmarks/inspect.py [--dir /tmp/twotower-nano-sparse] [--repeats 5]
+"""
+
+import importlib
+import os
+import sys
+
+if __name__ != "__main__":
+    # Running any script in benchmarks/ puts this folder first on sys.path, so `import inspect` (done by
+    # dataclasses, torch, ...) finds this file instead of the standard library's module. Hand the
+    # import over to the real one; the import system returns whatever sys.modules holds at the end.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    del sys.modules[__name__]
+    try:
+        sys.modules[__name__] = importlib.import_module(__name__)
+    finally:
+        sys.path[:] = _saved
+
+
+def main() -> None:
+    import argparse
+    import importlib.util
+    import shutil
+    import statistics
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from twotower_cli.inspect import inspect_checkpoint
+
+    spec = importlib.util.spec_from_file_location("sparse_nano", Path(__file__).with_name("sparse_nano.py"))
+    sparse_nano = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sparse_nano)
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/twotower-nano-sparse")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    folder = sparse_nano.build_sparse_nano(args.dir)
+    print(f"sparse Nano checkpoint at {folder} ({time.perf_counter() - t0:.2f} s to build or reuse)")
+
+    lib = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        report = inspect_checkpoint(folder)
+        lib.append(time.perf_counter() - t0)
+    assert report.problems == [], report.problems
+    assert report.parameters["total"] == sparse_nano.NANO_PARAMETERS, report.parameters
+
+    exe = shutil.which("twotower") or str(Path(sys.executable).parent / "twotower")
+    cli = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        subprocess.run([exe, "inspect", str(folder), "--json"], check=True, stdout=subprocess.DEVNULL)
+        cli.append(time.perf_counter() - t0)
+
+    print(f"tensors {report.tensors:,}, shards {len(report.shards)}, parameters {report.parameters['total']:,}, "
+          f"active/token {report.active_parameters_per_token:,}, {report.bytes / 1e9:.2f} GB")
+    print(f"inspect_checkpoint  median {statistics.median(lib) * 1000:7.1f} ms  (min {min(lib) * 1000:.1f} ms)  "
+          "goal < 1000 ms")
+    print(f"twotower inspect    median {statistics.median(cli) * 1000:7.1f} ms  (min {min(cli) * 1000:.1f} ms)  "
+          "whole process")
+
+
+if __name__ == "__main__":
+    main()
