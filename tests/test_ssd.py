@@ -90,3 +90,17 @@ def test_gradients_equal_sequential():
     for name, g_chunk, g_seq in zip("x dt A B C state".split(), *grads, strict=True):
         d = max_diff(g_chunk, g_seq) / max(1.0, g_seq.abs().max().item())
         assert d <= 1e-5, f"d/d{name} differs by {d:.3g} (relative to its largest entry)"
+
+
+@pytest.mark.parametrize("every", [4, 6, 24])
+def test_state_every_returns_block_boundary_states(every):
+    """`state_every=e` also returns the states entering positions 0, e, 2e, … (training reads them)."""
+    x, dt, A, B, C, state = random_inputs(24)
+    y, final, starts = ssd_chunked(x, dt, A, B, C, CHUNK, state, state_every=every)
+    y_ref, final_ref = ssd_sequential(x, dt, A, B, C, CHUNK, state)
+    assert starts.shape == (2, 24 // every, 4, 16, 8)
+    assert max_diff(y, y_ref) <= 1e-5 and max_diff(final, final_ref) <= 1e-5
+    for j in range(24 // every):
+        _, ref = ssd_sequential(x[:, :j * every], dt[:, :j * every], A, B[:, :j * every], C[:, :j * every], CHUNK, state)
+        d = max_diff(starts[:, j], ref)
+        assert d <= 1e-5, f"state entering position {j * every} differs by {d:.3g}"

@@ -94,10 +94,11 @@ def ssd_chunked(
     y = y + (C[:, :, :, None] @ start_states) * torch.exp(a_cum)[..., None]
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * s, h, p)[:, :L]
+    final = state.transpose(-1, -2).reshape(b, h, p, n)
     if state_every:
-        every_chunks = state_every // chunk_size
-        return y, state.reshape(b, h, p, n), start_states[:, ::every_chunks].reshape(b, L // state_every, h, p, n)
-    return y, state.transpose(-1, -2).reshape(b, h, p, n)
+        every = start_states[:, ::state_every // chunk_size].transpose(-1, -2)  # [b,L/e,g,r,p,n]
+        return y, final, every.reshape(b, L // state_every, h, p, n)
+    return y, final
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
