@@ -57,12 +57,16 @@ class Mamba2Mixer(nn.Module):
         return F.silu(out).transpose(1, 2), window[..., -self.kernel:].clone()
 
     def forward(self, x: Tensor, state: MambaState | None = None,
-                pad_mask: Tensor | None = None) -> tuple[Tensor, MambaState]:
+                pad_mask: Tensor | None = None, block_size: int = 0) -> tuple[Tensor, MambaState]:
+        """`block_size` = S > 0 (training, spec §8; L a multiple of S): the state returned is not the final
+        one but the state entering each of the nb = L/S blocks, one MambaState of batch b·nb (row i·nb + j:
+        sequence i before block j), read off the same chunked scan."""
         b, L, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         keep = None if pad_mask is None else pad_mask[..., None].to(xBC.dtype)  # [b, L, 1]
         if keep is not None:
             xBC = xBC * keep
+        raw = xBC
 
         xBC, new_conv = self.conv(xBC, None if state is None else state.conv)
         if keep is not None:
@@ -80,11 +84,27 @@ class Mamba2Mixer(nn.Module):
         if pad_mask is not None:
             dt = dt * pad_mask[..., None].float()
 
-        if state is not None and L == 1:
+        init = None if state is None else state.ssm
+        if block_size:
+            y, _, starts = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init, state_every=block_size)
+        elif state is not None and L == 1:
             y, ssm = ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y[:, None]
         else:
-            y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, None if state is None else state.ssm)
+            y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init)
         y = y + self.D.float()[:, None] * xs.float()  # D skip, fp32
         out = self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))
+        if block_size:
+            return out, self._block_states(raw, state, starts, block_size)
         return out, MambaState(new_conv, ssm)
+
+    def _block_states(self, raw: Tensor, state: MambaState | None, starts: Tensor, S: int) -> MambaState:
+        """States entering every block of S tokens: the conv state is the K raw xBC columns before the block
+        (raw [b, L, conv_dim], after `state.conv`), the SSM state the scan's `starts` [b, nb, h, p, n]."""
+        b, L, _ = raw.shape
+        nb = L // S
+        prev = raw.new_zeros(b, self.conv_dim, self.kernel) if state is None else state.conv.to(raw.dtype)
+        window = torch.cat([prev, raw.transpose(1, 2)], dim=-1)  # [b, conv_dim, K + L]
+        conv = window.unfold(-1, self.kernel, S)[:, :, :nb]  # [b, conv_dim, nb, K]: columns jS-K .. jS-1
+        conv = conv.permute(0, 2, 1, 3).reshape(b * nb, self.conv_dim, self.kernel)
+        return MambaState(conv, starts.reshape(b * nb, *starts.shape[2:]))
