@@ -4,3 +4,4 @@ from twotower_cli.commands import generate  # noqa: F401
 from twotower_cli.commands import bench  # noqa: F401
 from twotower_cli.commands import inspect  # noqa: F401
 from twotower_cli.commands import split  # noqa: F401
+from twotower_cli.commands import train  # noqa: F401

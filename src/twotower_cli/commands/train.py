@@ -1,0 +1,116 @@
+"""`twotower train`: teach a TwoTower's denoiser to fill masks (masked diffusion, spec §8).
+
+Parses the options, calls `twotower_cli.train.train` and renders its events as a rich progress bar on
+stderr (loss, eval loss, tokens/s, ETA). `--json` prints one JSON object on stdout at the end. Under
+`torchrun` every rank runs this command; only rank 0 draws and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from twotower_cli.cli import app, guarded
+
+
+class TrainProgress:
+    """Draws `train` events: a progress bar with loss, eval loss, tokens/s and ETA, plus a line per
+    evaluation and per save (printed above the bar, so logs of non-interactive runs keep them too)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from twotower_cli.display import err_console
+
+        self.console = err_console()
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("eval [green]{task.fields[eval]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            console=self.console, transient=False, disable=not self.console.is_terminal)
+        self.task = None
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, ev) -> None:
+        from twotower_cli import train as T
+
+        if isinstance(ev, T.Started):
+            what = "resuming at step" if ev.start_step else "starting at step"
+            self.console.print(
+                f"[dim]{what} {ev.start_step} of {ev.total_steps} · {ev.trainable_parameters:,} trained / "
+                f"{ev.frozen_parameters:,} frozen parameters · {ev.train_sequences} train + {ev.eval_sequences} "
+                f"eval sequences · {ev.tokens_per_step:,} tok/step · {ev.world_size} process(es) on {ev.device}[/]")
+            self.task = self.progress.add_task("train", total=ev.stop_step, completed=ev.start_step,
+                                               loss="-", eval="-", tps="-")
+        elif isinstance(ev, T.StepDone):
+            self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4f}",
+                                 tps=f"{ev.tokens / max(ev.seconds, 1e-9):,.0f}")
+        elif isinstance(ev, T.Evaluated):
+            self.progress.update(self.task, eval=f"{ev.loss:.4f}")
+            self.progress.console.print(f"[dim]step {ev.step}: eval loss {ev.loss:.4f}[/]")
+        elif isinstance(ev, T.Saved):
+            self.progress.console.print(f"[dim]step {ev.step}: saved {ev.path}[/]")
+
+
+def _fmt(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.4f}"
+
+
+@app.command()
+@guarded
+def train(
+    checkpoint: Annotated[str, typer.Argument(help="TwoTower checkpoint to train: folder, hub id or alias.")],
+    more_data: Annotated[list[Path] | None, typer.Argument(
+        help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output checkpoint folder.")] = None,
+    block: Annotated[int, typer.Option(help="Diffusion block size S (sample with the same or smaller).")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (a multiple of --block).")] = 512,
+    batch: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (length of the schedule).")] = 1000,
+    warmup: Annotated[int | None, typer.Option(help="Linear warmup steps (default: min(100, steps/10)).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and the noise.")] = 0,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: only before and after).")] = 100,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save every N steps (0: only at the end).")] = 500,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the training saved in OUT (a fresh start if OUT does not exist).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    train_what: Annotated[str, typer.Option("--train", help="all | time-conditioning")] = "all",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="Context tower dtype: auto | fp32 | bf16 | fp16 (trained weights stay fp32).")] = "auto",
+    stop_after: Annotated[int | None, typer.Option("--stop-after", help="Stop (and save) after step N of the --steps schedule; continue with --resume.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
+) -> None:
+    """Train the denoiser by masked diffusion; the context tower stays frozen."""
+    from twotower_cli import train as T
+    from twotower_cli.display import err_console
+    from twotower_cli.errors import TwoTowerError
+
+    if out is None:
+        raise TwoTowerError("no output folder given", "pass -o OUT")
+    cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *(more_data or [])], out=out, block=block,
+                        seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
+                        seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
+                        train=train_what, device=device, dtype=dtype, stop_after=stop_after)
+    with TrainProgress() as view:
+        result = T.train(cfg, on_event=view)
+    if not result.is_main:
+        return
+    err_console().print(
+        f"[dim]steps {result.start_step}→{result.steps} · {result.tokens:,} tokens · loss {_fmt(result.first_loss)} → "
+        f"{_fmt(result.final_loss)} · eval {_fmt(result.eval_loss_before)} → {_fmt(result.eval_loss_after)} · "
+        f"{result.tokens_per_second:,.0f} tok/s · {result.seconds:.1f} s · saved {result.out}[/]")
+    if as_json:
+        print(json.dumps(result.to_json()), flush=True)

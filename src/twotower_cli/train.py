@@ -1,0 +1,716 @@
+"""Masked-diffusion training of a TwoTower's denoiser (spec §8): the library behind `twotower train`.
+
+Contract
+- **Frozen context tower.** `context_tower.*` and `context_lm_head` never require grad, never enter the
+  optimizer, and every checkpoint written carries their tensors byte for byte from the source files.
+  Trained: the denoiser tower, its `lm_head` and the time conditioning (`train="all"`), or the time
+  conditioning alone (`train="time-conditioning"`: `t_embedder`, `t_block`, `scale_shift_tables`).
+- **One pass per batch.** `context_pass` runs the context tower once over each clean sequence [B, L] and
+  keeps, per layer, what every block's denoiser needs: the K/V of all L positions (`*`), and the Mamba SSM
+  and conv states entering each block (`M`, read off the chunked scan at block boundaries; no loop over
+  blocks). `BlockDenoiser` then runs the denoiser over all nb = L/S noisy blocks together: block b's
+  queries see the context keys of positions < b·S and every key of block b; Mamba layers scan each block
+  from its own boundary state ([B, L, H] viewed as [B·nb, S, H]); time conditioning per (sequence, block).
+  This equals `TwoTower.denoise`, the sampler's per-block forward, on the same blocks (tests/test_train.py).
+- **Noise and loss.** Per block t ~ U[1e-3, 1]; each token is masked with probability t, at least one per
+  block. The denoiser is conditioned on the realised masked fraction of its block, which is what the
+  sampler feeds it (spec §4). Loss: mean cross-entropy over the masked positions, no 1/t weight.
+- **Data.** Text files (one document each) or JSONL files (`.jsonl`, one `{"text": ...}` per line), encoded
+  with the checkpoint's tokenizer, joined with EOS between documents, packed into sequences of `seq_len`
+  (the tail that does not fill one is dropped). The last 5 % of the sequences (at least 1, at most 64) are
+  held out for evaluation; training reads the rest in a fresh seeded permutation every epoch.
+- **Optimisation.** AdamW (betas 0.9/0.95, weight decay 0.01 on matrices), linear warmup then cosine decay
+  to 10 % of the peak, gradient-norm clipping at 1.0, gradient accumulation. Trained parameters are fp32
+  masters computed in fp32 (the model's own fp32 paths, SSD scan, softmax and norms, stay fp32); `dtype` is
+  the frozen context tower's compute dtype. Written tensors keep the source checkpoint's dtypes.
+- **Determinism.** Which sequences a micro-batch reads and the noise it draws are pure functions of
+  (seed, step, slot), slot = micro_step · world_size + rank. So a run stopped at step s and resumed replays
+  exactly the uninterrupted run, and 2 DDP ranks with batch b compute what 1 process with batch b and
+  grad_accum 2 computes.
+- **Checkpoints.** OUT is a TwoTower checkpoint in NVIDIA's layout (config.json with `twotower.block_size`
+  set to the training block, safetensors, tokenizer files), replaced atomically every `save_every` steps
+  and at the end, with `trainer_state.pt` beside the weights: step, optimizer, settings, data sizes, loss
+  history, RNG state and (for non-fp32 checkpoints) the fp32 masters. Only tensors, numbers, strings and
+  containers of them: it loads with `torch.load(weights_only=True)`. `resume=True` continues from it.
+- **Scale-out.** Under `torchrun` (WORLD_SIZE > 1) the process group comes from the environment (NCCL on
+  GPUs, gloo on CPUs), `BlockDenoiser` (the trained part) is wrapped in DDP, the micro-batches are sharded
+  by rank and only rank 0 reports and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from twotower_cli.checkpoint import Checkpoint, atomic_output_dir, open_checkpoint, save_tensors
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.hub import AUX_FILE_PATTERNS
+from twotower_cli.model.attention import causal_mask
+from twotower_cli.model.cache import KVCache, MambaState
+from twotower_cli.model.loading import cast_, load_state
+from twotower_cli.model.nemotron_h import NemotronHModel
+from twotower_cli.text import Tokenizer
+from twotower_cli.towers import TwoTower, is_twotower_checkpoint
+
+TRAINER_STATE = "trainer_state.pt"
+STATE_VERSION = 1
+TRAIN_CHOICES = ("all", "time-conditioning")
+TIME_CONDITIONING = ("t_embedder.", "t_block.", "scale_shift_tables.")
+FROZEN = ("context_tower.", "context_lm_head.")
+
+T_MIN = 1e-3  # t ~ U[T_MIN, 1] (spec §8)
+EVAL_FRACTION, MAX_EVAL_SEQUENCES = 0.05, 64
+BETAS, WEIGHT_DECAY, GRAD_CLIP, MIN_LR_FRACTION = (0.9, 0.95), 0.01, 1.0, 0.1
+# Settings that must not change across a resume (the rest, e.g. steps or lr, may).
+RESUME_KEYS = ("block", "seq_len", "batch", "grad_accum", "seed", "train", "world_size")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_EPOCH, _NOISE, _EVAL = 1, 2, 3  # tags that keep derived seeds apart
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from non-negative integers, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@dataclass
+class TokenData:
+    train: Tensor  # [N, seq_len] int64
+    eval: Tensor  # [M, seq_len] int64
+    tokens: int  # tokens in the stream before packing
+    documents: int
+
+
+def read_documents(paths: list[Path]) -> list[str]:
+    """Documents from text files (a file is one document) and JSONL files (one `text` per line)."""
+    docs: list[str] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TwoTowerError(f"data file {path} is not UTF-8 text", "pass plain text or JSONL files") from None
+        if path.suffix.lower() != ".jsonl":
+            docs.append(text)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}",
+                                    "a .jsonl file holds one JSON object with a 'text' field per line") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each JSONL line needs one")
+            docs.append(obj["text"])
+    return [d for d in docs if d]
+
+
+def pack_sequences(docs: list[list[int]], seq_len: int, eos: int | None) -> Tensor:
+    """Documents joined with `eos` between them, cut into [N, seq_len] (the incomplete tail is dropped)."""
+    parts: list[np.ndarray] = []
+    for i, ids in enumerate(docs):
+        if i and eos is not None:
+            parts.append(np.array([eos], dtype=np.int64))
+        parts.append(np.asarray(ids, dtype=np.int64))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(stream) // seq_len
+    return torch.from_numpy(stream[: n * seq_len].copy()).view(n, seq_len)
+
+
+def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | None, vocab_size: int) -> TokenData:
+    """Tokenise, pack and split off the held-out slice (the last sequences of the stream)."""
+    if not paths:
+        raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+    docs = [tokenizer.encode(d) for d in read_documents(paths)]
+    docs = [d for d in docs if d]
+    n_tokens = sum(len(d) for d in docs) + (max(len(docs) - 1, 0) if eos is not None else 0)
+    if not docs:
+        raise TwoTowerError(f"the data ({', '.join(str(p) for p in paths)}) holds no text",
+                            "pass files with some text in them")
+    top = max(max(d) for d in docs)
+    if top >= vocab_size:
+        raise TwoTowerError(f"the tokenizer produced id {top} but the model's vocabulary has {vocab_size} entries",
+                            "the checkpoint's tokenizer.json does not belong to its weights")
+    seqs = pack_sequences(docs, seq_len, eos)
+    if len(seqs) < 2:
+        raise TwoTowerError(f"the data holds {n_tokens} tokens, fewer than two sequences of --seq-len {seq_len} "
+                            "(one to train on, one to evaluate)", "add data or lower --seq-len")
+    n_eval = min(max(1, int(len(seqs) * EVAL_FRACTION)), MAX_EVAL_SEQUENCES)
+    return TokenData(seqs[:-n_eval], seqs[-n_eval:], n_tokens, len(docs))
+
+
+class TrainOrder:
+    """The infinite training stream: sample k is sequence perm_e[k mod N] with e = k // N and perm_e a
+    permutation seeded by (seed, e). Micro-batch `slot` of optimizer step `step` reads samples
+    (step · slots + slot) · batch … + batch - 1."""
+
+    def __init__(self, n: int, seed: int, batch: int, slots: int):
+        self.n, self.seed, self.batch, self.slots = n, seed, batch, slots
+        self._perms: dict[int, Tensor] = {}
+
+    def permutation(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, _EPOCH, epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=gen)
+        return self._perms[epoch]
+
+    def indices(self, step: int, slot: int) -> Tensor:
+        first = (step * self.slots + slot) * self.batch
+        k = torch.arange(first, first + self.batch)
+        return torch.stack([self.permutation(int(i) // self.n)[int(i) % self.n] for i in k])
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+def add_noise(ids: Tensor, block: int, mask_id: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """ids [B, L] (L a multiple of block) → (noisy [B, L], mask [B, L] bool, t [B, L/block]).
+
+    Per block t ~ U[T_MIN, 1] and every token is masked with probability t; the token with the smallest
+    draw is masked whatever t is, so no block goes without a target. The returned t is the realised
+    masked fraction of each block, the denoiser's conditioning (the sampler's t, spec §4)."""
+    B, L = ids.shape
+    nb = L // block
+    t = T_MIN + (1.0 - T_MIN) * torch.rand(B, nb, 1, generator=generator)
+    r = torch.rand(B, nb, block, generator=generator)
+    mask = (r < t) | (r == r.min(dim=-1, keepdim=True).values)
+    frac = mask.float().mean(dim=-1)
+    mask = mask.view(B, L).to(ids.device)
+    return ids.masked_fill(mask, mask_id), mask, frac.to(ids.device)
+
+
+# ---------------------------------------------------------------------------------------------- one-pass forward
+
+@dataclass
+class BlockContext:
+    """What the context tower hands the denoiser for all blocks of a batch of sequences [B, L]:
+    per layer a MambaState of batch B·nb (row i·nb + j: sequence i before block j; zeros for j = 0), the
+    KVCache of all L positions [B, kv, L, d] for attention layers, None for E/- layers."""
+
+    layers: list[MambaState | KVCache | None]
+    block: int
+
+
+@torch.no_grad()
+def context_pass(tower: NemotronHModel, ids: Tensor, block: int) -> BlockContext:
+    """One causal pass of the (frozen) context tower over ids [B, L]. Layers after the last `M`/`*` layer
+    cannot change any state, so they are skipped."""
+    B, L = ids.shape
+    kinds = tower.cfg.pattern
+    last = max((i for i, k in enumerate(kinds) if k in "M*"), default=-1)
+    layers: list[MambaState | KVCache | None] = [None] * len(kinds)
+    mask = causal_mask(L, 0, ids.device)[None, None]
+    x = tower.embeddings(ids)
+    for i in range(last + 1):
+        layer = tower.layers[i]
+        h = layer.norm(x)
+        if layer.kind == "M":
+            out, layers[i] = layer.mixer(h, block_size=block)
+        elif layer.kind == "*":
+            out, k, v = layer.mixer(h, mask=mask)
+            layers[i] = KVCache(k, v)
+        else:
+            out = layer.mixer(h)
+        x = x + out
+    return BlockContext(layers, block)
+
+
+def block_attention_mask(L: int, block: int, device: torch.device | str | None = None) -> Tensor:
+    """[L, 2L] bool over [context keys ‖ noisy keys]: query q of block b sees the context keys of positions
+    < b·S and all noisy keys of block b (block 0 sees only its own block)."""
+    blk = torch.arange(L, device=device) // block
+    pos = torch.arange(L, device=device)
+    before = pos[None, :] < (blk * block)[:, None]
+    same = blk[:, None] == blk[None, :]
+    return torch.cat([before, same], dim=1)
+
+
+class BlockDenoiser(nn.Module):
+    """The trained part of a TwoTower (its modules, shared, not copied): the denoiser tower, its head and the
+    time conditioning. `forward` is the batched block forward plus the loss; DDP wraps this module."""
+
+    def __init__(self, model: TwoTower):
+        super().__init__()
+        self.denoiser_tower = model.denoiser_tower
+        self.lm_head = model.lm_head
+        self.t_embedder = model.t_embedder
+        self.t_block = model.t_block
+        self.scale_shift_tables = model.scale_shift_tables
+
+    def hidden(self, noisy: Tensor, t: Tensor, context: BlockContext) -> Tensor:
+        """noisy [B, L], t [B, nb] → final hidden states [B, L, H] (after norm_f); spec §5 for every block."""
+        tower = self.denoiser_tower
+        B, L = noisy.shape
+        S = context.block
+        nb = L // S
+        x = tower.embeddings(noisy).view(B, nb, S, -1)
+        e = self.t_block(self.t_embedder(t.reshape(-1))).view(B, nb, 3, -1).float()  # [B, nb, 3, H]
+        attn_mask = block_attention_mask(L, S, noisy.device)[None, None]
+        for i, layer in enumerate(tower.layers):
+            mod = self.scale_shift_tables[i].float() + e
+            shift, scale, gate = (m[:, :, None].to(x.dtype) for m in mod.unbind(2))  # each [B, nb, 1, H]
+            if layer.kind in "M*":
+                h = layer.norm(x * (1 + scale) + shift)
+            else:
+                h = layer.norm(x) * (1 + scale) + shift
+            state = context.layers[i]
+            if layer.kind == "M":
+                out, _ = layer.mixer(h.reshape(B * nb, S, -1), state=state)
+            elif layer.kind == "*":
+                out, _, _ = layer.mixer(h.reshape(B, L, -1), past=state, causal=False, mask=attn_mask)
+            else:
+                out = layer.mixer(h)
+            x = x + gate * out.view(B, nb, S, -1)
+        return tower.norm_f(x).view(B, L, -1)
+
+    def logits(self, noisy: Tensor, t: Tensor, context: BlockContext) -> Tensor:
+        """[B, L, V] fp32; row j predicts the token at position j."""
+        return self.lm_head(self.hidden(noisy, t, context)).float()
+
+    def forward(self, noisy: Tensor, t: Tensor, context: BlockContext, targets: Tensor, mask: Tensor,
+                reduction: str = "mean") -> Tensor:
+        """Cross-entropy over the masked positions (the head runs on those rows only)."""
+        h = self.hidden(noisy, t, context)[mask]  # [M, H]
+        return F.cross_entropy(self.lm_head(h).float(), targets[mask], reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------- settings, events
+
+@dataclass
+class TrainConfig:
+    checkpoint: str | Path
+    data: list[Path]
+    out: Path
+    block: int = 16
+    seq_len: int = 512
+    batch: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    steps: int = 1000
+    warmup: int | None = None  # None: min(100, steps // 10)
+    seed: int = 0
+    eval_every: int = 100  # 0: only before and after
+    save_every: int = 500  # 0: only at the end
+    resume: bool = False
+    force: bool = False
+    train: str = "all"
+    device: str | None = None
+    dtype: str = "auto"
+    stop_after: int | None = None  # stop (and save) after this step of the `steps` schedule
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(100, self.steps // 10) if self.warmup is None else self.warmup
+
+    def validate(self) -> None:
+        def positive(name: str, value: int | float) -> None:
+            if value <= 0:
+                raise TwoTowerError(f"--{name.replace('_', '-')} must be positive, not {value}", None)
+
+        for name in ("block", "seq_len", "batch", "grad_accum", "steps", "lr"):
+            positive(name, getattr(self, name))
+        if self.seq_len % self.block:
+            raise TwoTowerError(f"--seq-len {self.seq_len} is not a multiple of --block {self.block}",
+                                f"use e.g. --seq-len {max(1, self.seq_len // self.block) * self.block}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative", None)
+        if self.train not in TRAIN_CHOICES:
+            raise TwoTowerError(f"--train {self.train!r} is not one of {', '.join(TRAIN_CHOICES)}", None)
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            raise TwoTowerError(f"--stop-after {self.stop_after} is not between 1 and --steps {self.steps}", None)
+        if not self.data:
+            raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+
+
+@dataclass
+class Started:
+    start_step: int
+    stop_step: int
+    total_steps: int
+    trainable_parameters: int
+    frozen_parameters: int
+    train_sequences: int
+    eval_sequences: int
+    tokens_per_step: int
+    world_size: int
+    device: str
+
+
+@dataclass
+class StepDone:
+    step: int  # optimizer steps done (1-based)
+    loss: float
+    lr: float
+    tokens: int  # tokens trained on in this invocation
+    seconds: float  # spent in optimizer steps by this invocation
+
+
+@dataclass
+class Evaluated:
+    step: int
+    loss: float
+
+
+@dataclass
+class Saved:
+    step: int
+    path: Path
+
+
+Event = Started | StepDone | Evaluated | Saved
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total (across resumes)
+    tokens: int  # tokens trained on in total
+    first_loss: float
+    final_loss: float
+    eval_loss_before: float
+    eval_loss_after: float
+    seconds: float  # wall time of this invocation (loading, evaluations and saves included)
+    tokens_per_second: float  # training tokens of this invocation / time in optimizer steps
+    start_step: int
+    out: Path
+    losses: list[float] = field(default_factory=list)  # per step of this invocation
+    is_main: bool = True  # rank 0 (the process that reports and writes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        del d["losses"], d["is_main"]
+        return d
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup over `warmup` steps, then cosine decay to
+    MIN_LR_FRACTION · peak at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------- loading, saving
+
+def open_twotower(path: str | Path) -> tuple[Path, Checkpoint, NemotronHConfig]:
+    """A local TwoTower checkpoint folder (paths, embedded names and hub ids through hub.resolve)."""
+    from twotower_cli.hub import resolve
+
+    folder = resolve(path)
+    if folder.is_file():
+        folder = folder.parent
+    ckpt = open_checkpoint(folder)
+    if ckpt.config_raw is None:
+        raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
+    cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+    if not is_twotower_checkpoint(ckpt):
+        raise TwoTowerError(f"{folder} is not a TwoTower checkpoint (no denoiser_tower.* tensors)",
+                            "turn a NemotronH checkpoint into one with `twotower split`")
+    return folder, ckpt, cfg
+
+
+def trainable_names(model: TwoTower, train: str) -> list[str]:
+    prefixes = TIME_CONDITIONING if train == "time-conditioning" else ("denoiser_tower.", "lm_head.", *TIME_CONDITIONING)
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+def load_for_training(ckpt: Checkpoint, cfg: NemotronHConfig, train: str, device: torch.device,
+                      context_dtype: torch.dtype) -> TwoTower:
+    """The TwoTower on `device`: trained parameters fp32 and requiring grad, everything else frozen, the
+    context tower (and its head) in `context_dtype` (the spec's fp32 parameters stay fp32)."""
+    with torch.device("meta"):
+        model = TwoTower(cfg)
+    load_state(model, ckpt, dtype=torch.float32, device=device)
+    cast_(model.context_tower, context_dtype)
+    cast_(model.context_lm_head, context_dtype)
+    model.requires_grad_(False)
+    names = set(trainable_names(model, train))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return model.train()
+
+
+def checkpoint_tensors(model: TwoTower, source: Checkpoint) -> dict[str, Tensor]:
+    """The tensors to write: frozen ones read back from the source files (bytes unchanged), the others from
+    the model, cast to the dtype each has in the source checkpoint."""
+    default = _SAFETENSORS_DTYPES.get(source.tensors["lm_head.weight"].dtype, torch.float32)
+    frozen = [n for n in model.state_dict() if n.startswith(FROZEN) and n in source.tensors]
+    out = dict(source.iter_tensors(frozen))
+    for name, t in model.state_dict().items():
+        if name not in out:
+            info = source.tensors.get(name)
+            dtype = _SAFETENSORS_DTYPES.get(info.dtype, default) if info is not None else default
+            out[name] = t.detach().to("cpu", dtype)
+    return out
+
+
+def save_checkpoint(out: Path, model: TwoTower, source_folder: Path, config: dict[str, Any],
+                    state: dict[str, Any]) -> None:
+    """OUT, atomically: config.json, safetensors, tokenizer files and trainer_state.pt."""
+    source = open_checkpoint(source_folder)  # opened afresh: on resume the source is OUT itself
+    tensors = checkpoint_tensors(model, source)
+    aux = [source_folder / f for f in AUX_FILE_PATTERNS if (source_folder / f).is_file()]
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_tensors(tmp, tensors)
+        for f in aux:
+            shutil.copy2(f, tmp / f.name)
+        torch.save(state, tmp / TRAINER_STATE)
+
+
+def load_trainer_state(out: Path) -> dict[str, Any]:
+    path = out / TRAINER_STATE
+    if not path.is_file():
+        raise TwoTowerError(f"{out} has no {TRAINER_STATE}, so there is nothing to resume",
+                            "point -o at a folder written by `twotower train`, or pass --force to start over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise TwoTowerError(f"cannot read {path}: {e}", "the file may be corrupt; pass --force to start over") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise TwoTowerError(f"{path} is not a trainer state this version understands", "pass --force to start over")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- distribution
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    created: bool  # we initialised the process group (and destroy it at the end)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """One process per rank under torchrun (WORLD_SIZE > 1): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
+    from twotower_cli.runtime import pick_device
+
+    dev = pick_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1, dev, False)
+    rank = int(os.environ["RANK"])
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, dev, created)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
+    """Train the denoiser as `cfg` says; `on_event` (rank 0 only) sees progress. See the module docstring."""
+    began = time.perf_counter()
+    cfg.validate()
+    out = Path(cfg.out)
+    resuming = cfg.resume and out.exists()
+    if out.exists() and not (cfg.resume or cfg.force):
+        raise TwoTowerError(f"{out} already exists", "pass --resume to continue the training saved there, "
+                            "or --force to replace it")
+    state = load_trainer_state(out) if resuming else None
+    for p in cfg.data:
+        if not Path(p).is_file():
+            raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
+    source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
+    if not resuming and out.resolve() == source_folder.resolve():
+        raise TwoTowerError("-o is the checkpoint being trained", "write to another folder")
+    env = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, env, source_folder, mcfg, state, on_event if env.is_main else None, began)
+    finally:
+        if env.created:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConfig, state: dict[str, Any] | None,
+           on_event: Callable[[Event], None] | None, began: float) -> TrainResult:
+    from twotower_cli.runtime import pick_dtype
+
+    emit = on_event or (lambda ev: None)
+    device = env.device
+    tokenizer = Tokenizer(source_folder)
+    eos = mcfg.eos_token_ids[0] if mcfg.eos_token_ids else None
+    data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size)
+    settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
+                "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "lr": cfg.lr, "steps": cfg.steps,
+                "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint)}
+    data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens}
+    if state is not None:
+        for key in RESUME_KEYS:
+            if state["settings"].get(key) != settings[key]:
+                raise TwoTowerError(f"cannot resume: {key} is {settings[key]} but the saved run used "
+                                    f"{state['settings'].get(key)}", "resume with the same settings, or --force")
+        if state["data"] != data_sizes:
+            raise TwoTowerError(f"cannot resume: the data differs from the saved run's ({state['data']})",
+                                "resume with the same --data files, or --force")
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    source = open_checkpoint(source_folder)
+    model = load_for_training(source, mcfg, cfg.train, device, pick_dtype(cfg.dtype, device))
+    denoiser = BlockDenoiser(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and not n.startswith("scale_shift_tables.")]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and not n.startswith("scale_shift_tables."))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=BETAS)
+    net: nn.Module = denoiser
+    if env.world > 1:
+        # Experts that no token chose get no gradient in a step: DDP must look for unused parameters.
+        net = nn.parallel.DistributedDataParallel(denoiser, find_unused_parameters="E" in mcfg.pattern)
+
+    start, history = 0, {"first_loss": math.nan, "eval_loss_before": math.nan}
+    stop = cfg.stop_after or cfg.steps
+    if state is not None:
+        start, history = int(state["step"]), dict(state["history"])
+        if start > stop:
+            raise TwoTowerError(f"{cfg.out} is already at step {start}, past the {stop} asked for",
+                                "raise --steps (or --stop-after), or pass --force to start over")
+        opt.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for n, p in params:
+                if n in state.get("master", {}):
+                    p.copy_(state["master"][n])
+        torch.set_rng_state(state["rng"]["torch"])
+    slots = cfg.grad_accum * env.world
+    order = TrainOrder(len(data.train), cfg.seed, cfg.batch, slots)
+    tokens_per_step = cfg.batch * slots * cfg.seq_len
+    mask_id = mcfg.mask_token_id
+    config = mcfg.to_dict()
+    config["twotower"] = {**mcfg.twotower, "block_size": cfg.block}
+    # Written weights rounded to a narrower dtype need their fp32 masters in the state for an exact resume.
+    lossy = any(source.tensors[n].dtype != "F32" for n, _ in params if n in source.tensors)
+
+    def evaluate() -> float:
+        return _evaluate(denoiser, model, data.eval, cfg, mask_id, env)
+
+    def save(step: int) -> None:
+        if env.is_main:
+            trainer_state = {
+                "version": STATE_VERSION, "step": step, "optimizer": opt.state_dict(), "settings": settings,
+                "data": data_sizes, "history": history, "rng": {"torch": torch.get_rng_state()},
+            }
+            if lossy:
+                trainer_state["master"] = {n: p.detach().cpu() for n, p in params}
+            save_checkpoint(Path(cfg.out), model, source_folder, config, trainer_state)
+            emit(Saved(step, Path(cfg.out)))
+        env.barrier()
+
+    emit(Started(start, stop, cfg.steps, sum(p.numel() for _, p in params),
+                 sum(p.numel() for p in model.parameters() if not p.requires_grad),
+                 len(data.train), len(data.eval), tokens_per_step, env.world, str(device)))
+    if state is None:
+        history["eval_loss_before"] = evaluate()
+        emit(Evaluated(0, history["eval_loss_before"]))
+    eval_loss = history.get("eval_loss_after", history["eval_loss_before"])
+    losses: list[float] = []
+    train_seconds = 0.0  # in optimizer steps only (no evaluation, no saving)
+    last_eval = start
+    for step in range(start, stop):
+        t_step = time.perf_counter()
+        lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            slot = micro * env.world + env.rank
+            ids = data.train[order.indices(step, slot)]
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _NOISE, step, slot))
+            noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen)
+            ids, noisy, mask, t = ids.to(device), noisy.to(device), mask.to(device), t.to(device)
+            context = context_pass(model.context_tower, ids, cfg.block)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = net.no_sync() if (env.world > 1 and not last_micro) else contextlib.nullcontext()
+            with sync:
+                loss = net(noisy, t, context, ids, mask)
+                (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        (loss_value,) = env.all_sum(total / env.world)
+        losses.append(loss_value)
+        if step == 0:
+            history["first_loss"] = loss_value
+        history["final_loss"] = loss_value
+        done = step + 1
+        train_seconds += time.perf_counter() - t_step
+        emit(StepDone(done, loss_value, lr, (done - start) * tokens_per_step, train_seconds))
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == stop:
+            eval_loss = evaluate()
+            history["eval_loss_after"] = eval_loss
+            last_eval = done
+            emit(Evaluated(done, eval_loss))
+        if (cfg.save_every and done % cfg.save_every == 0) or done == stop:
+            save(done)
+    if last_eval != stop:  # nothing left to train (resumed at the end): still report a fresh evaluation
+        eval_loss = evaluate()
+        history["eval_loss_after"] = eval_loss
+    trained = (stop - start) * tokens_per_step
+    return TrainResult(
+        steps=stop, tokens=stop * tokens_per_step, first_loss=history["first_loss"],
+        final_loss=history.get("final_loss", math.nan), eval_loss_before=history["eval_loss_before"],
+        eval_loss_after=eval_loss, seconds=time.perf_counter() - began,
+        tokens_per_second=trained / max(train_seconds, 1e-9),
+        start_step=start, out=Path(cfg.out), losses=losses, is_main=env.is_main)
+
+
+@torch.no_grad()
+def _evaluate(denoiser: BlockDenoiser, model: TwoTower, ids: Tensor, cfg: TrainConfig, mask_id: int,
+              env: Dist) -> float:
+    """Mean masked cross-entropy over the held-out sequences, with noise fixed by the seed (the same masks
+    at every evaluation, however the sequences are batched or sharded)."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _EVAL))
+    noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen)
+    total, count = 0.0, 0.0
+    for i in range(env.rank * cfg.batch, len(ids), env.world * cfg.batch):
+        sl = slice(i, i + cfg.batch)
+        x = ids[sl].to(env.device)
+        context = context_pass(model.context_tower, x, cfg.block)
+        m = mask[sl].to(env.device)
+        total += denoiser(noisy[sl].to(env.device), t[sl].to(env.device), context, x, m, reduction="sum").item()
+        count += m.sum().item()
+    total, count = env.all_sum(total, count)
+    return total / max(count, 1.0)

@@ -1,0 +1,271 @@
+"""`twotower train` (issue 6, spec §8) on tiny random TwoTower checkpoints.
+
+- the one-pass training forward (context tower once, all noisy blocks together) equals the sampler's
+  per-block `TwoTower.denoise`, with random time conditioning and a denoiser unlike the context tower;
+- the scan's block-boundary states equal the token-by-token recurrence;
+- noise, packing, data order: the contracts in `train.py`'s docstring;
+- 20 steps over a repeated text lower the eval loss; the context tower comes back byte-identical and every
+  tensor keeps its dtype; `--train time-conditioning` touches nothing else;
+- a run stopped at step 5 and resumed gives the losses and weights of an uninterrupted run;
+- bad inputs give one `Error:` line and exit code 1;
+- (slow) 2 DDP processes under torchrun equal 1 process with --grad-accum 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
+from typer.testing import CliRunner
+
+from twotower_cli import train as T
+from twotower_cli.checkpoint import open_checkpoint
+from twotower_cli.cli import get_app
+from twotower_cli.ops.ssd import ssd_chunked, ssd_sequential
+from twotower_cli.towers import load_model
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random tiny TwoTower (block 4 in its config) whose denoiser differs from its context tower."""
+    cfg = tiny_cfg()
+    root = tmp_path_factory.mktemp("train")
+    return write_twotower(root / "tt", random_base(cfg, seed=3), time_conditioning="random",
+                          denoiser=random_base(cfg, seed=4))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(cfg_dir: Path, data: Path, out: Path, steps: int = 20, **kw) -> T.TrainResult:
+    cfg = T.TrainConfig(checkpoint=cfg_dir, data=[data], out=out, block=4, seq_len=32, batch=4, lr=3e-3,
+                        steps=steps, warmup=2, eval_every=0, save_every=0, device="cpu", **kw)
+    return T.train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("block", [3, 4, 16])
+def test_batched_forward_equals_per_block_denoise(ckpt, block):
+    """Block sizes below, at and above the config's chunk_size (8), one that does not divide it."""
+    model = load_model(ckpt, need_denoiser=True).twotower
+    B, nb = 2, 48 // block
+    L = nb * block
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.cfg.vocab_size, (B, L), generator=gen)
+    noisy, mask, t = T.add_noise(ids, block, 3, gen)
+    assert t.shape == (B, nb) and (t > 0).all()
+    with torch.no_grad():
+        batched = T.BlockDenoiser(model).logits(noisy, t, T.context_pass(model.context_tower, ids, block))
+        for b in range(nb):
+            cache = model.context_tower.make_cache(B)
+            if b:
+                model.context_tower(ids[:, : b * block], cache=cache)
+            ref = model.denoise(noisy[:, b * block:(b + 1) * block], cache, t[:, b])
+            diff = (batched[:, b * block:(b + 1) * block] - ref).abs().max().item()
+            assert diff <= 1e-5, f"block {b} of {nb} (S={block}): max diff {diff:.3g}"
+
+
+@pytest.mark.parametrize("every,chunk", [(4, 8), (8, 4), (6, 4), (5, 5)])
+def test_scan_states_at_block_boundaries(every, chunk):
+    """Block states read off the chunked scan equal the recurrence run up to each block boundary."""
+    gen = torch.Generator().manual_seed(1)
+    b, h, p, g, n = 2, 4, 3, 2, 5
+    L = 4 * every
+    x = torch.randn(b, L, h, p, generator=gen)
+    B, C = torch.randn(b, L, g, n, generator=gen), torch.randn(b, L, g, n, generator=gen)
+    dt, A = torch.rand(b, L, h, generator=gen) * 0.3, -torch.rand(h, generator=gen) * 4 - 0.5
+    init = torch.randn(b, h, p, n, generator=gen)
+    y, final, states = ssd_chunked(x, dt, A, B, C, chunk, init, state_every=every)
+    y_ref, final_ref = ssd_sequential(x, dt, A, B, C, chunk, init)
+    assert states.shape == (b, L // every, h, p, n)
+    assert (y - y_ref).abs().max() <= 1e-5 and (final - final_ref).abs().max() <= 1e-5
+    for j in range(L // every):
+        ref = init if j == 0 else ssd_sequential(x[:, : j * every], dt[:, : j * every], A, B[:, : j * every],
+                                                 C[:, : j * every], chunk, init)[1]
+        assert (states[:, j] - ref).abs().max() <= 1e-5, f"state before position {j * every}"
+
+
+def test_noise_masks_at_least_one_per_block_and_reports_the_fraction():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.arange(4 * 64).view(4, 64) + 10
+    noisy, mask, t = T.add_noise(ids, 8, 3, gen)
+    blocks = mask.view(4, 8, 8)
+    assert blocks.any(-1).all()
+    assert torch.equal(t, blocks.float().mean(-1))
+    assert torch.equal(noisy[mask], torch.full((int(mask.sum()),), 3)) and torch.equal(noisy[~mask], ids[~mask])
+    again = T.add_noise(ids, 8, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(again[1], mask)
+    many = T.add_noise(torch.zeros(512, 16, dtype=torch.long) + 5, 16, 3, gen)[2]
+    assert 0.4 < many.mean().item() < 0.6  # t ~ U[1e-3, 1]: half the tokens masked on average
+
+
+def test_block_attention_mask():
+    m = T.block_attention_mask(6, 2)
+    assert m.shape == (6, 12)
+    assert m[0].tolist() == [False] * 6 + [True, True, False, False, False, False]
+    assert m[5].tolist() == [True] * 4 + [False] * 2 + [False] * 4 + [True, True]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def test_data_packing_jsonl_eos_and_held_out_slice(ckpt, tmp_path):
+    from twotower_cli.text import Tokenizer
+
+    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": "cd"}\n')
+    (tmp_path / "b.txt").write_text("ef")
+    tok = Tokenizer(ckpt)
+    d = T.load_data([tmp_path / "a.jsonl", tmp_path / "b.txt"], tok, 2, eos=2, vocab_size=48)
+    a, b, c, dd, e, f = (tok.encode(ch)[0] for ch in "abcdef")
+    stream = [a, b, 2, c, dd, 2, e, f]
+    assert torch.equal(torch.cat([d.train, d.eval]).flatten(), torch.tensor(stream))
+    assert len(d.eval) == 1 and d.tokens == 8 and d.documents == 3
+    order = T.TrainOrder(len(d.train), seed=0, batch=2, slots=1)
+    seen = torch.cat([order.indices(s, 0) for s in range(3)])
+    assert sorted(seen[:3].tolist()) == [0, 1, 2]  # one epoch is a permutation
+    assert torch.equal(seen, torch.cat([T.TrainOrder(3, 0, 2, 1).indices(s, 0) for s in range(3)]))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def context_bytes(folder: Path) -> dict[str, tuple]:
+    """The raw safetensors bytes of every frozen tensor (dtype and shape included)."""
+    ckpt = open_checkpoint(folder)
+    out = {}
+    for name, info in ckpt.tensors.items():
+        if name.startswith(T.FROZEN):
+            begin, end = info.file_range
+            with open(folder / info.file, "rb") as f:
+                f.seek(begin)
+                out[name] = (info.dtype, info.shape, f.read(end - begin))
+    return out
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_cli_20_steps_lower_eval_loss_and_keep_the_context_tower(ckpt, data, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(get_app(), [
+        "train", str(ckpt), "--data", str(data), "-o", str(out), "--block", "4", "--seq-len", "32",
+        "--batch", "4", "--lr", "3e-3", "--steps", "20", "--warmup", "2", "--eval-every", "10",
+        "--save-every", "10", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("steps", "tokens", "first_loss", "final_loss", "eval_loss_before", "eval_loss_after", "seconds"):
+        assert key in res
+    assert res["steps"] == 20 and res["tokens"] == 20 * 4 * 32
+    assert res["eval_loss_after"] < res["eval_loss_before"] - 0.3, res
+    assert context_bytes(out) == context_bytes(ckpt)
+    before, after = tensors(ckpt), tensors(out)
+    assert before.keys() == after.keys() and all(before[k].dtype == after[k].dtype for k in before)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert torch.equal(before["denoiser_tower.layers.2.mixer.gate.e_score_correction_bias"],
+                       after["denoiser_tower.layers.2.mixer.gate.e_score_correction_bias"])  # a buffer
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["twotower"]["block_size"] == 4
+    state = torch.load(out / T.TRAINER_STATE, weights_only=True)
+    assert state["step"] == 20 and "master" not in state  # fp32 checkpoint: the weights are the masters
+    assert load_model(out, need_denoiser=True).twotower is not None
+
+
+def test_time_conditioning_only(ckpt, data, tmp_path):
+    out = tmp_path / "tc"
+    run(ckpt, data, out, steps=3, train="time-conditioning")
+    before, after = tensors(ckpt), tensors(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(T.TIME_CONDITIONING) for k in changed), sorted(changed)
+
+
+def test_resume_is_exact(ckpt, data, tmp_path):
+    full = run(ckpt, data, tmp_path / "full", steps=10)
+    first = run(ckpt, data, tmp_path / "split", steps=10, stop_after=5)
+    second = run(ckpt, data, tmp_path / "split", steps=10, resume=True)
+    assert second.start_step == 5 and second.steps == 10
+    assert first.losses + second.losses == full.losses
+    assert second.first_loss == full.first_loss and second.eval_loss_before == full.eval_loss_before
+    a, b = tensors(tmp_path / "full"), tensors(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_checkpoint_keeps_dtypes_and_bytes(tmp_path, data):
+    base = random_base(tiny_cfg(), seed=5)
+    src = write_twotower(tmp_path / "fp32", base)
+    bf = tmp_path / "bf16"
+    bf.mkdir()
+    from twotower_cli.checkpoint import write_checkpoint
+
+    t32 = tensors(src)
+    write_checkpoint(bf, {k: v if k.endswith(("A_log", "mixer.D", "dt_bias")) else v.bfloat16() for k, v in t32.items()},
+                     json.loads((src / "config.json").read_text()), force=True,
+                     extra_files=[src / "tokenizer.json", src / "tokenizer_config.json"])
+    run(bf, data, tmp_path / "out", steps=2, dtype="bf16")
+    before, after = tensors(bf), tensors(tmp_path / "out")
+    assert all(before[k].dtype == after[k].dtype for k in before)
+    assert context_bytes(tmp_path / "out") == context_bytes(bf)
+    state = torch.load(tmp_path / "out" / T.TRAINER_STATE, weights_only=True)
+    assert state["master"]["lm_head.weight"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def bad_inputs(ckpt: Path, data: Path, tmp: Path) -> dict[str, list[str]]:
+    (tmp / "empty.txt").write_text("")
+    base = write_base(tmp / "base", random_base(tiny_cfg(), seed=0))
+    (tmp / "exists").mkdir(exist_ok=True)
+    common = ["--block", "4", "--seq-len", "32", "--steps", "1", "--device", "cpu"]
+    return {
+        "missing data": ["train", str(ckpt), "--data", str(tmp / "nope.txt"), "-o", str(tmp / "o1"), *common],
+        "empty data": ["train", str(ckpt), "--data", str(tmp / "empty.txt"), "-o", str(tmp / "o2"), *common],
+        "not a TwoTower": ["train", str(base), "--data", str(data), "-o", str(tmp / "o3"), *common],
+        "seq-len vs block": ["train", str(ckpt), "--data", str(data), "-o", str(tmp / "o4"), "--block", "5",
+                             "--seq-len", "32"],
+        "existing out": ["train", str(ckpt), "--data", str(data), "-o", str(tmp / "exists"), *common],
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty data", "not a TwoTower", "seq-len vs block", "existing out"])
+def test_bad_inputs_give_one_error_line(ckpt, data, tmp_path, case):
+    r = CliRunner().invoke(get_app(), bad_inputs(ckpt, data, tmp_path)[case])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1, r.output
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
+    assert r.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_with_grad_accum(ckpt, data, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    args = ["train", str(ckpt), "--data", str(data), "--block", "4", "--seq-len", "32", "--batch", "2",
+            "--lr", "3e-3", "--steps", "3", "--warmup", "1", "--eval-every", "0", "--device", "cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "twotower_cli", *args,
+                          "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = CliRunner().invoke(get_app(), [*args, "--grad-accum", "2", "-o", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    r2, r1 = json.loads(two.stdout.strip()), json.loads(one.stdout.strip().splitlines()[-1])  # one JSON line
+    assert r2["tokens"] == r1["tokens"] == 3 * 4 * 32
+    assert abs(r2["final_loss"] - r1["final_loss"]) < 1e-5 and abs(r2["eval_loss_after"] - r1["eval_loss_after"]) < 1e-5
+    a, b = tensors(tmp_path / "ddp"), tensors(tmp_path / "one")
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
