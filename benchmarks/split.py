@@ -1,8 +1,9 @@
 """`twotower split` against its floor: two `cp` of the same bytes (the output is twice the input).
 
-Builds a ~1.5 GB random bf16 NemotronH-shaped checkpoint (4 shards), then, --repeats times and
-interleaved so both see the same page-cache state, times:
-  floor   `cp -r SRC A` then `cp -r SRC B`
+Builds a ~1.5 GB random bf16 NemotronH-shaped checkpoint (5 shards), then, --repeats times in
+rotating order, each command after deleting the outputs and `sync` (so none pays for another's
+writeback; the source stays in the page cache for all), times:
+  floor   `cp -r SRC A && cp -r SRC B`
   split   the `twotower split SRC -o OUT` process (interpreter start and command imports included)
   library `execute(plan_split(...))` in a fresh process, i.e. the split work without CLI start-up
 and prints medians, ratios to the floor (goal ≤ 1.1×) and each process's peak RSS (goal < 300 MB).
@@ -87,6 +88,13 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
+def _clean(root: Path) -> None:
+    """Remove outputs and flush dirty pages, so no run pays for an earlier run's writeback."""
+    for d in ("cp-a", "cp-b", "out-cli", "out-lib"):
+        shutil.rmtree(root / d, ignore_errors=True)
+    os.sync()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/twotower-split-bench")
@@ -110,17 +118,18 @@ def main() -> None:
     exe = shutil.which("twotower") or str(Path(sys.executable).parent / "twotower")
     lib = ("from twotower_cli.split import execute, load_source, plan_split; import sys; "
            "execute(plan_split(*load_source(sys.argv[1])), sys.argv[2], force=True)")
-    runs: dict[str, list[tuple[float, float]]] = {"floor": [], "split": [], "library": []}
-    for _ in range(args.repeats):
-        for d in ("cp-a", "cp-b", "out-cli", "out-lib"):
-            shutil.rmtree(root / d, ignore_errors=True)
-        a = timed(["cp", "-r", str(src), str(root / "cp-a")])
-        b = timed(["cp", "-r", str(src), str(root / "cp-b")])
-        runs["floor"].append((a[0] + b[0], max(a[1], b[1])))
-        runs["split"].append(timed([exe, "split", str(src), "-o", str(root / "out-cli"), "--force"]))
-        runs["library"].append(timed([sys.executable, "-c", lib, str(src), str(root / "out-lib")]))
-    for d in ("cp-a", "cp-b", "out-cli", "out-lib"):
-        shutil.rmtree(root / d, ignore_errors=True)
+    commands = {
+        "floor": ["sh", "-c", f"cp -r '{src}' '{root / 'cp-a'}' && cp -r '{src}' '{root / 'cp-b'}'"],
+        "split": [exe, "split", str(src), "-o", str(root / "out-cli"), "--force"],
+        "library": [sys.executable, "-c", lib, str(src), str(root / "out-lib")],
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    for r in range(args.repeats):
+        names = list(commands)
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order between repeats
+            _clean(root)  # every command starts from the same state: outputs gone, nothing dirty
+            runs[name].append(timed(commands[name]))
+    _clean(root)
 
     floor = statistics.median(t for t, _ in runs["floor"])
     print(f"{'':10}{'median s':>10}{'× floor':>10}{'GB/s out':>10}{'peak RSS MB':>13}")

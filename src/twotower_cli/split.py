@@ -57,7 +57,7 @@ from twotower_cli.layout import (
 )
 
 FORMAT_VERSION = 1
-CHUNK_BYTES = 64 * 1024 * 1024  # one in-kernel copy step (no user-space buffer): sets progress granularity
+CHUNK_BYTES = 256 * 1024 * 1024  # one in-kernel copy step (no user-space buffer): sets progress granularity
 RUN_SHARD_MIN = 16 * 1024 * 1024  # shards at least this big end where a source run ends (see _group_shards)
 BUFFER_BYTES = 16 * 1024 * 1024  # bytes through Python at once (convert, generate, verify): bounds memory
 INIT_STD = 0.02  # t_embedder weights (DiT's init); biases start at 0
