@@ -201,6 +201,31 @@ def test_dtype_conversion(tmp_path, dtype, torch_dtype):
     assert_identity_time_conditioning(out, torch_dtype)
 
 
+def test_bf16_conversion_matches_torch_rounding(tmp_path):
+    src = random_checkpoint(tmp_path / "src", dtype=torch.float32)
+    out = tmp_path / "out"
+    assert invoke(str(src), "-o", str(out), "--dtype", "bf16", "--verify").exit_code == 0
+    source, got = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for key in ("backbone.layers.0.mixer.in_proj.weight", "lm_head.weight"):
+        dst = "lm_head.weight" if key == "lm_head.weight" else "denoiser_tower." + key[len("backbone."):]
+        assert got[dst].dtype == torch.bfloat16 and torch.equal(got[dst], source[key].to(torch.bfloat16))
+
+
+def test_encode_special_values():
+    import numpy as np
+
+    from twotower_cli.split import _decode, _encode
+
+    x = np.array([np.nan, np.inf, -np.inf, -0.0, 1.0, 3.14159, 65504.0, 1e-40], np.float32)
+    for dtype, torch_dtype in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
+        want = torch.from_numpy(x.copy()).to(torch_dtype)
+        got = torch.frombuffer(bytearray(_encode(x, dtype)), dtype=torch_dtype)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~got.isnan()], want[~want.isnan()]), dtype
+        back = _decode(_encode(x, dtype), dtype)
+        assert np.array_equal(np.isnan(back), np.isnan(x))
+
+
 def test_fp32_tensors_are_never_narrowed(tmp_path):
     src = random_checkpoint(tmp_path / "src", dtype=torch.float32)
     plan = plan_split(*load_source(src), "5GB", "bf16", 3, 16, "src")
@@ -236,10 +261,11 @@ def test_copy_falls_back_when_copy_file_range_is_refused(tmp_path, monkeypatch):
     assert_exact_split(src, tmp_path / "out")
 
 
-def test_keep_path_does_not_import_torch(tmp_path):
+def test_split_does_not_import_torch(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     code = ("import sys; from twotower_cli.split import execute, load_source, plan_split; "
             f"execute(plan_split(*load_source({str(src)!r})), {str(tmp_path / 'out')!r}, verify=True); "
+            f"execute(plan_split(*load_source({str(src)!r}), dtype='fp32'), {str(tmp_path / 'o2')!r}, verify=True); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -13,7 +13,7 @@ shows exactly what would be written.
 
 `execute(plan, out)` streams. With dtype "keep" a tensor is a byte range copied from the source file
 to the output file by `os.copy_file_range` (falling back to `sendfile`, then to buffered reads), so
-nothing is decoded and torch is not imported. `--dtype` conversions go chunk by chunk through torch.
+nothing is decoded. `--dtype` conversions go chunk by chunk through numpy. torch is never imported.
 Time-conditioning tensors come from small generated buffers: `t_block.1.*` zeros and every
 `scale_shift_tables.i` rows (shift 0, scale 0, gate 1) make the denoiser start as the base model
 (spec §3); `t_embedder` gets a seeded small normal init (std 0.02, biases 0). Memory stays bounded by
@@ -420,28 +420,35 @@ def generated_chunks(t: OutTensor, chunk: int = BUFFER_BYTES) -> Iterator[bytes]
 
 
 def _encode(x: Any, dtype: str) -> bytes:
-    """float32 numpy array → little-endian bytes of `dtype` (bf16 rounded to nearest even)."""
+    """A float numpy array → little-endian bytes of `dtype`; bf16 rounds to nearest even like torch
+    (float64 goes through float32 first), NaN stays NaN."""
     import numpy as np
 
     if dtype == "BF16":
         u = x.astype(np.float32).view(np.uint32)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+        out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+        out[np.isnan(x)] = 0x7FC0  # the rounding carry would turn some NaN payloads into ±0
+        return out.tobytes()
     return x.astype({"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).tobytes()
 
 
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+def _decode(raw: bytes, dtype: str) -> Any:
+    """Little-endian bytes of a float dtype → a numpy array (bf16 widened exactly to float32)."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype])
 
 
 def converted_chunks(fd: int, t: OutTensor, chunk: int = BUFFER_BYTES) -> Iterator[bytes]:
-    """Bytes of a source tensor converted to `t.dtype`, a chunk of elements at a time (torch decodes bf16)."""
-    import torch
-
+    """Bytes of a source tensor converted to `t.dtype`, a chunk of elements at a time. numpy, not torch:
+    bf16 is a shift away from float32, and the process stays small."""
     assert t.src is not None
-    src_dt, dst_dt = getattr(torch, _TORCH_DTYPES[t.src.dtype]), getattr(torch, _TORCH_DTYPES[t.dtype])
     step = chunk - chunk % DTYPE_BYTES[t.src.dtype]
     for off in range(t.src.start, t.src.end, step):
-        raw = bytearray(_pread_exact(fd, min(step, t.src.end - off), off, t.src.file))
-        yield torch.frombuffer(raw, dtype=src_dt).to(dst_dt).view(torch.uint8).numpy().tobytes()
+        raw = _pread_exact(fd, min(step, t.src.end - off), off, t.src.file)
+        yield _encode(_decode(raw, t.src.dtype), t.dtype)
 
 
 def _pread_exact(fd: int, n: int, offset: int, name: str) -> bytes:
