@@ -495,6 +495,17 @@ def load_trainer_state(out: Path) -> dict[str, Any]:
     return state
 
 
+def make_optimizer(params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (not on norms, biases, or the modulation tables, which are
+    gains around 1 and 0)."""
+    def decays(name: str, p: nn.Parameter) -> bool:
+        return p.ndim >= 2 and not name.startswith("scale_shift_tables.")
+
+    return torch.optim.AdamW([{"params": [p for n, p in params if decays(n, p)], "weight_decay": WEIGHT_DECAY},
+                              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}],
+                             lr=lr, betas=BETAS)
+
+
 # ---------------------------------------------------------------------------------------------- distribution
 
 @dataclass
@@ -592,10 +603,7 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     model = load_for_training(source, mcfg, cfg.train, device, pick_dtype(cfg.dtype, device))
     denoiser = BlockDenoiser(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and not n.startswith("scale_shift_tables.")]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and not n.startswith("scale_shift_tables."))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=BETAS)
+    opt = make_optimizer(params, cfg.lr)
     net: nn.Module = denoiser
     if env.world > 1:
         # Experts that no token chose get no gradient in a step: DDP must look for unused parameters.

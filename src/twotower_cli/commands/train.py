@@ -69,12 +69,13 @@ def _fmt(x: float) -> str:
 @app.command()
 @guarded
 def train(
-    checkpoint: Annotated[str, typer.Argument(help="TwoTower checkpoint to train: folder, hub id or alias.")],
+    checkpoint: Annotated[str, typer.Argument(
+        metavar="CKPT", help="TwoTower checkpoint to train: folder, hub id or alias.")],
     more_data: Annotated[list[Path] | None, typer.Argument(
-        help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
+        metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output checkpoint folder.")] = None,
+        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
     block: Annotated[int, typer.Option(help="Diffusion block size S (sample with the same or smaller).")] = 16,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (a multiple of --block).")] = 512,
     batch: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 8,
