@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from twotower_cli.cli import app, guarded
@@ -55,6 +54,8 @@ def generate(
     events: Annotated[bool, typer.Option("--events", help="With --json: stream every sampler event as a JSON line.")] = False,
 ) -> None:
     """Continue a prompt by block diffusion, showing tokens as they unmask."""
+    import torch
+
     from twotower_cli import sampler as S
     from twotower_cli.display import LiveUnmasking, err_console, out_console
     from twotower_cli.errors import TwoTowerError
