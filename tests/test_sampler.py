@@ -43,7 +43,7 @@ class ScriptedBackend:
         self.extended.append(ids)
         return torch.zeros(ids.shape[0], V)
 
-    def denoise(self, block, t):
+    def denoise(self, block, t, rows=None):
         self.ts.append(t.clone())
         row = self.table[min(self.calls, len(self.table) - 1)]
         B, Sz = block.shape
@@ -122,7 +122,7 @@ def test_short_last_block_any_max_new_tokens():
 
 def test_eos_cuts_output_and_stops():
     class EosBackend(ScriptedBackend):
-        def denoise(self, block, t):
+        def denoise(self, block, t, rows=None):
             Sz = block.shape[1]
             target = torch.tensor([20, 2, 21, 22][:Sz]).expand(block.shape[0], Sz)
             self.calls += 1
@@ -166,7 +166,7 @@ def test_commit_counts_per_row_in_a_batch():
 
 def test_batch_rows_have_their_own_t_and_commits():
     class TwoRows(ScriptedBackend):
-        def denoise(self, block, t):
+        def denoise(self, block, t, rows=None):
             self.ts.append(t.clone())
             conf = torch.tensor([[0.99, 0.99, 0.99, 0.1], [0.1, 0.2, 0.3, 0.4]])
             self.calls += 1

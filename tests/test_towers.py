@@ -219,3 +219,16 @@ def test_denoiser_block_matches_slow_reference_with_time_conditioning(tmp_path):
     with torch.no_grad():
         other_t = model.denoise(block, cache, torch.tensor([0.1]))[0]
     assert (other_t - got).abs().max().item() > 1e-3
+
+
+def test_head_on_needed_rows_only_equals_full(fresh):
+    _, _, folder = fresh
+    model = load_model(folder, need_denoiser=True).twotower
+    with torch.no_grad():
+        cache = model.context_tower.make_cache(2)
+        model.context_tower(torch.tensor([[5, 9, 11], [7, 8, 6]]), cache=cache)
+        block = torch.tensor([[3, 12, 3, 3], [14, 3, 15, 16]])
+        rows = block == 3
+        full = model.denoise(block, cache, torch.tensor([0.75, 0.25]))
+        part = model.denoise(block, cache, torch.tensor([0.75, 0.25]), rows=rows)
+    assert torch.equal(part[rows], full[rows])

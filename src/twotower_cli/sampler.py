@@ -46,8 +46,9 @@ class Backend(Protocol):
         """Feed ids [B, L] to the context tower; fp32 logits of the last position [B, V]."""
         ...
 
-    def denoise(self, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        """Denoiser logits [B, S, V] for the block [B, S] after the current context."""
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoiser logits [B, S, V] for the block [B, S] after the current context; with `rows` (bool
+        [B, S]) only those rows need to be computed (the others may hold anything)."""
         ...
 
 
@@ -292,7 +293,7 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
             if not bool(masked.any()):
                 break
             t = masked.float().mean(dim=-1)
-            logits = backend.denoise(x, t).float().cpu()
+            logits = backend.denoise(x, t, rows=masked).float().cpu()
             nfe += 1
             for b in active.nonzero()[:, 0].tolist():
                 nfe_per_seq[b] += 1

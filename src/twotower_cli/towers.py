@@ -94,11 +94,13 @@ class TwoTower(nn.Module):
         return e.view(e.shape[0], 3, -1)
 
     def denoise(self, block: torch.Tensor, context: TowerCache, t: torch.Tensor | None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V] (fp32) for the block `block` [B, S] at positions n..n+S-1; row j predicts the
         token AT position n+j. `context` is the context tower's cache after the n context tokens; it is only
         read. `attention_mask` (bool, broadcastable to [B, 1, S, n+S]) overrides the default (every block
-        query sees every valid context key and every block key); training uses it."""
+        query sees every valid context key and every block key); training uses it. `rows` (bool [B, S])
+        limits the head to the positions whose logits are needed (the sampler's masked slots); the other
+        rows of the result are zeros."""
         dev = self.denoiser_device
         tower = self.denoiser_tower
         x = tower.embeddings(block.to(dev))
@@ -130,7 +132,13 @@ class TwoTower(nn.Module):
             else:
                 out = layer.mixer(h)
             x = x + (gate * out if e is not None else out)
-        return self.lm_head(tower.norm_f(x)).float()
+        h = tower.norm_f(x)
+        if rows is None:
+            return self.lm_head(h).float()
+        rows = rows.to(dev)
+        out = torch.zeros(B, S, self.lm_head.weight.shape[0], device=dev)
+        out[rows] = self.lm_head(h[rows]).float()
+        return out
 
 
 def _to_device(state: MambaState | KVCache | None, device: torch.device) -> MambaState | KVCache | None:
@@ -251,8 +259,8 @@ class TowerBackend:
         hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 
-    def denoise(self, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.twotower is None:
             raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
         assert self.cache is not None, "reset() first"
-        return self.twotower.denoise(block, self.cache, t)
+        return self.twotower.denoise(block, self.cache, t, rows=rows)
