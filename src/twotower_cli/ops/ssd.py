@@ -54,6 +54,8 @@ def ssd_chunked(
         if L % state_every:
             raise ValueError(f"length {L} is not a multiple of state_every={state_every}")
         chunk_size = math.gcd(chunk_size, state_every)
+    elif L < chunk_size:
+        chunk_size = L  # one chunk, no padding: short inputs (a denoiser block, a decode burst) stay cheap
     pad = (-L) % chunk_size
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
