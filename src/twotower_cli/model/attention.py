@@ -8,9 +8,14 @@ Queries attend over concat(past.k, k_new). `past` is not modified: the caller de
 (the context tower does, the denoiser's block attention does not). `mask` (True = may attend) overrides
 `causal` when given; causal means query i sees keys 0 .. T_past + i.
 
-The scores, softmax and weighted sum are explicit fp32 math rather than F.scaled_dot_product_attention:
-the result is the same on every backend and device, which the parity tests rely on, and masked entries use
-the dtype's finite minimum so that a fully masked row (a left-pad query) gives finite values, not NaN.
+On CPU the scores, softmax and weighted sum are explicit fp32 math rather than F.scaled_dot_product_attention:
+the result is the same on every backend, which the parity tests rely on, and masked entries use the dtype's
+finite minimum so that a fully masked row (a left-pad query) gives finite values, not NaN. On CUDA
+(`ops.kernels.use_sdpa`; TWOTOWER_KERNELS=torch keeps the explicit math) the same attention goes through
+SDPA with GQA (`enable_gqa`): no mask (the denoiser's block, one-token decode) or a fresh causal prefill
+(`is_causal`) can use flash attention; any other mask becomes an additive mask of the dtype's finite
+minimum, which gives the explicit path's numbers, fully masked rows included (memory-efficient kernel).
+tests/test_kernels.py forces the SDPA path on CPU and checks it against the explicit one.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model.cache import KVCache
+from twotower_cli.ops import kernels
 
 
 def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -> Tensor:
@@ -53,6 +60,9 @@ class Attention(nn.Module):
         else:
             k, v = k_new, v_new
         t_past = k.shape[2] - L
+        if kernels.use_sdpa(x):
+            out = self._sdpa(q, k, v, t_past, causal, mask)
+            return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim)), k_new, v_new
 
         # GQA: query head j reads kv head j // (heads / kv), as repeat_kv in the reference does.
         rep = self.n_heads // self.n_kv
@@ -66,3 +76,20 @@ class Attention(nn.Module):
         out = torch.softmax(scores, dim=-1) @ v  # [b, h, L, d]
         out = out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim).to(x.dtype)
         return self.o_proj(out), k_new, v_new
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
+        """The same attention through F.scaled_dot_product_attention; q [b, h, L, d], k/v [b, kv, T, d]."""
+        L = q.shape[2]
+        is_causal = False
+        if mask is None and causal:
+            if t_past == 0 and L > 1:
+                is_causal = True  # SDPA's is_causal is top-left aligned: right only without a past
+            elif L > 1:
+                mask = causal_mask(L, t_past, q.device)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask, torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
+                                              is_causal=is_causal, scale=1.0 / math.sqrt(self.head_dim),
+                                              enable_gqa=self.n_heads != self.n_kv)

@@ -7,6 +7,11 @@ new object. This is what lets the denoiser (spec §5) start every block from the
 L == 1 with a state uses the one-step recurrence; anything else the chunked SSD scan from `state.ssm`, with
 the causal conv continuing from `state.conv`. The scan runs in fp32 whatever the module dtype.
 
+Each op (causal conv, chunked scan, one-step update, gated norm) runs the mamba-ssm / causal-conv1d CUDA
+kernel when `ops.kernels.use_kernels` says so (CUDA tensors, kernels importable, TWOTOWER_KERNELS not
+torch), else the plain-torch reference, behind the same signature; the training path (`block_size`) is
+always torch (the kernels do not return block-boundary states).
+
 `pad_mask` False marks left-padding: the raw xBC columns, x, B, C and dt are zeroed there, so a pad neither
 feeds nor decays the SSM state (dt = 0 ⇒ exp(dt·A) = 1) and puts zero columns into the conv window, exactly
 what a fresh sequence sees before its first token (spec §9).
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model.cache import MambaState
 from twotower_cli.model.norm import GatedGroupRMSNorm
+from twotower_cli.ops import kernels
 from twotower_cli.ops.ssd import ssd_chunked, ssd_step
 
 
@@ -46,13 +52,22 @@ class Mamba2Mixer(nn.Module):
     def conv(self, xBC: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv + SiLU. xBC [b, L, conv_dim] raw; conv_state [b, conv_dim, K] (previous raw
         columns, None = zeros). Returns (activated [b, L, conv_dim], new conv_state = last K raw columns)."""
+        if kernels.use_kernels(xBC):
+            return kernels.call("causal_conv1d", lambda: kernels.causal_conv(
+                xBC, conv_state, self.conv1d.weight, self.conv1d.bias), lambda: self._conv_torch(xBC, conv_state))
+        return self._conv_torch(xBC, conv_state)
+
+    def _conv_torch(self, xBC: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
         b, L, _ = xBC.shape
         cols = xBC.transpose(1, 2)  # [b, conv_dim, L]
         if conv_state is None:
             conv_state = cols.new_zeros(b, self.conv_dim, self.kernel)
         window = torch.cat([conv_state.to(cols.dtype), cols], dim=-1)  # [b, conv_dim, K + L]
         # The kernel needs K-1 columns of left context; the state keeps K (as the reference caches do).
-        out = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        if kernels.small_conv_ok(window[..., 1:], self.kernel):  # decode / short blocks on CPU: K multiply-adds
+            out = kernels.conv_window(window[..., 1:], self.conv1d.weight, self.conv1d.bias)
+        else:
+            out = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         # clone: a view would keep the whole [conv_dim, K + L] window of a long prefill alive.
         return F.silu(out).transpose(1, 2), window[..., -self.kernel:].clone()
 
@@ -88,8 +103,15 @@ class Mamba2Mixer(nn.Module):
         if block_size:
             y, _, starts = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init, state_every=block_size)
         elif state is not None and L == 1:
-            y, ssm = ssd_step(state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            args = (state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            if kernels.use_kernels(xs):
+                y, ssm = kernels.call("selective_state_update", kernels.ssd_step, ssd_step, *args)
+            else:
+                y, ssm = ssd_step(*args)
             y = y[:, None]
+        elif kernels.use_kernels(xs):
+            y, ssm = kernels.call("mamba_chunk_scan_combined", kernels.ssd_chunked, ssd_chunked,
+                                  xs, dt, A, B, C, self.chunk_size, init)
         else:
             y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init)
         y = y + self.D.float()[:, None] * xs.float()  # D skip, fp32

@@ -105,9 +105,10 @@ class NemotronHModel(nn.Module):
                     else torch.ones(b, t_past, dtype=torch.bool, device=input_ids.device))
             new = pad_mask if pad_mask is not None else torch.ones(b, L, dtype=torch.bool, device=input_ids.device)
             key_mask = torch.cat([past, new], dim=1)
-        attn_mask = causal_mask(L, t_past, input_ids.device)[None, None]  # [1, 1, L, T]
+        # No pads: attention builds the causal mask itself (and on CUDA can then use flash attention).
+        attn_mask = None
         if key_mask is not None:
-            attn_mask = attn_mask & key_mask[:, None, None, :]
+            attn_mask = causal_mask(L, t_past, input_ids.device)[None, None] & key_mask[:, None, None, :]  # [b,1,L,T]
 
         x = self.embeddings(input_ids)
         for i in range(len(self.layers)):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twotower_cli.ops import kernels
+
 
 class RMSNorm(nn.Module):
     """x [..., dim] → x * rsqrt(mean(x²) + eps) * weight, computed in fp32, returned in x's dtype."""
@@ -40,6 +42,12 @@ class GatedGroupRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        if kernels.use_kernels(z):  # mamba-ssm's gated RMSNorm kernel (ops/kernels.py), same math
+            return kernels.call("rmsnorm_gated", lambda: kernels.gated_rmsnorm(y, z, self.weight, self.n_groups, self.eps),
+                                lambda: self._torch(y, z))
+        return self._torch(y, z)
+
+    def _torch(self, y: Tensor, z: Tensor) -> Tensor:
         u = y.float() * F.silu(z.float())
         grouped = u.unflatten(-1, (self.n_groups, -1))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)

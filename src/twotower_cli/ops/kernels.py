@@ -1,0 +1,328 @@
+"""Optional CUDA kernels (mamba-ssm, causal-conv1d) behind exactly the signatures of our torch ops.
+
+    use_kernels(t) -> bool          run the Mamba-2 kernels for a tensor t? (per call)
+    use_sdpa(t) -> bool             use F.scaled_dot_product_attention in attention? (per call)
+    force(kernels=None, sdpa=None)  context manager that overrides both (tests, benchmarks)
+    probe() -> Kernels | None       the imported kernel functions, or None (reason: `unavailable_reason()`)
+
+    ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None) -> (y fp32, final_state fp32)   == ops.ssd
+    ssd_step(state, x, dt, A, B, C) -> (y fp32, new_state fp32); `state` is not modified       == ops.ssd
+    causal_conv(xBC [b,L,c], conv_state [b,c,K] | None, weight [c,1,K], bias [c] | None)
+        -> (silu(conv) [b,L,c], new conv_state = last K raw columns)                          == Mamba2Mixer.conv
+    gated_rmsnorm(y, z, weight, n_groups, eps) -> [..., d] in z's dtype                       == GatedGroupRMSNorm
+
+Selection (design principle 7): `TWOTOWER_KERNELS=torch|cuda|auto` (default auto). auto: the kernels when
+they import and the tensor is on CUDA; torch: the plain-torch reference everywhere (also the explicit
+attention math instead of SDPA); cuda: the kernels or a TwoTowerError. `force(...)` beats the variable.
+
+Nothing here imports mamba_ssm or causal_conv1d at package import time: without their compiled
+extensions they raise on import (ImportError, OSError for a missing .so, RuntimeError from triton…).
+`probe()` imports them on first use inside a try that catches any exception, and caches the answer.
+
+Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-AILab/causal-conv1d):
+- `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined(x [b,L,h,p], dt [b,L,h], A [h], B [b,L,g,n],
+  C [b,L,g,n], chunk_size, D=None, z=None, dt_bias=None, initial_states [b,h,p,n]=None, seq_idx=None,
+  dt_softplus=False, dt_limit=(0, inf), return_final_states=False)` -> out [b,L,h,p] in x's dtype (and
+  final_states [b,h,p,n] fp32). We pass dt already softplus'ed and clamped (the mixer does that, spec §9),
+  so dt_bias=None, dt_softplus=False and the default dt_limit (no clamp): same math as ops.ssd. The
+  states *entering each chunk* are kept in C's dtype (`_state_passing_fwd(..., out_dtype=C.dtype)`), so a
+  seeded block with bf16 C would round the context state to bf16 before using it: with an initial state
+  we therefore pass x, B, C in fp32 (spec §9: scan seeded blocks in fp32). Without one (a fresh prefill)
+  the inputs keep their dtype, as transformers' NemotronH does; accumulation is fp32 either way.
+  transformers' modeling_nemotron_h (5.x) passes `initial_states=recurrent_state` for every chunked call;
+  the failure seen in the field was callers that dropped the state (or took the one-token path) for
+  seeded blocks shorter than chunk_size. We pass it for every L and check short seeded blocks once per
+  device against the torch scan (`_short_seeded_ok`); a kernel build that disagrees is not used for them.
+- `mamba_ssm.ops.triton.selective_state_update.selective_state_update(state [b,h,p,n], x [b,h,p],
+  dt [b,h,p], A [h,p,n], B [b,g,n], C [b,g,n], D=None, z=None, dt_bias=None, dt_softplus=False)` updates
+  `state` IN PLACE and returns out [b,h,p] in x's dtype. Per-head dt/A are passed as stride-0 expands
+  (`dt[..., None].expand(b,h,p)`, `A[:, None, None].expand(h,p,n)`), as transformers does; the kernel's
+  `tie_hdim` fast path then reads `dt_bias.stride(-1)`, which fails on None in some versions, so we pass
+  a zero dt_bias expanded the same way. We clone the state first (our ssd_step never mutates its input).
+- `causal_conv1d.causal_conv1d_fn(x [b,c,L], weight [c,K], bias, seq_idx=None, initial_states [b,c,K-1]=None,
+  return_final_states=False, activation="silu")`: initial_states only in channel-last layout (x.stride(1)
+  == 1, initial_states.stride(1) == 1; csrc/causal_conv1d.cpp checks c % 8 == 0 and x.stride(0), x.stride(2)
+  multiples of 8). `causal_conv1d_update(x [b,c], conv_state [b,c,K], weight, bias, activation)` shifts
+  conv_state IN PLACE (older builds require state_len == K exactly, newer >= K-1; we keep K). The new
+  state (last K raw columns) is computed here with one cat, not read back from the kernel.
+- `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn(x, weight, bias, z=None, eps, group_size,
+  norm_before_gate)`: with norm_before_gate=False it computes norm(x * silu(z)) per group of group_size,
+  in fp32, output in x's dtype; we cast to z's dtype as GatedGroupRMSNorm does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from twotower_cli.errors import TwoTowerError
+
+ENV = "TWOTOWER_KERNELS"
+MODES = ("auto", "torch", "cuda")
+
+_forced_kernels: contextvars.ContextVar[str | None] = contextvars.ContextVar("twotower_kernels", default=None)
+_forced_sdpa: contextvars.ContextVar[bool | None] = contextvars.ContextVar("twotower_sdpa", default=None)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    chunk_scan: Callable  # mamba_chunk_scan_combined
+    state_update: Callable  # selective_state_update
+    conv_fn: Callable  # causal_conv1d_fn
+    conv_update: Callable  # causal_conv1d_update
+    rmsnorm: Callable  # layernorm_gated.rmsnorm_fn
+
+
+_probe_result: list = []  # [Kernels | None, reason]: filled once by probe()
+_short_ok: dict[str, bool] = {}  # device → kernel scan agrees with torch on short seeded blocks
+
+
+def _import_kernels() -> Kernels:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return Kernels(mamba_chunk_scan_combined, selective_state_update, causal_conv1d_fn, causal_conv1d_update,
+                   rmsnorm_fn)
+
+
+def probe() -> Kernels | None:
+    """The kernel functions if mamba_ssm and causal_conv1d import, else None. Imported once, then cached."""
+    if not _probe_result:
+        try:
+            _probe_result[:] = [_import_kernels(), ""]
+        except BaseException as e:  # noqa: BLE001 - a broken extension can raise anything on import
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            _probe_result[:] = [None, f"{type(e).__name__}: {e}"]
+    return _probe_result[0]
+
+
+def unavailable_reason() -> str:
+    probe()
+    return _probe_result[1]
+
+
+def _reset_probe() -> None:
+    """Forget the cached probe (tests)."""
+    _probe_result.clear()
+    _short_ok.clear()
+    _failed.clear()
+
+
+def mode() -> str:
+    forced = _forced_kernels.get()
+    if forced is not None:
+        return forced
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise TwoTowerError(f"{ENV}={value!r} is not one of {', '.join(MODES)}",
+                            "use torch (plain PyTorch), cuda (require the kernels) or auto")
+    return value
+
+
+def use_kernels(t: Tensor) -> bool:
+    """Whether the Mamba-2 ops on tensor `t` run the CUDA kernels (see the module docstring)."""
+    m = mode()
+    if m == "torch":
+        return False
+    if m == "cuda":
+        if probe() is None:
+            raise TwoTowerError(f"{ENV}=cuda but the mamba-ssm / causal-conv1d kernels do not import "
+                                f"({unavailable_reason()})",
+                                "install mamba-ssm and causal-conv1d built for this torch and CUDA, or unset "
+                                f"{ENV}")
+        if not t.is_cuda:
+            raise TwoTowerError(f"{ENV}=cuda but a tensor is on {t.device}", "the kernels need the model on a GPU")
+        return True
+    return t.is_cuda and probe() is not None
+
+
+def use_sdpa(t: Tensor) -> bool:
+    """Whether attention uses F.scaled_dot_product_attention (CUDA, unless TWOTOWER_KERNELS=torch)."""
+    forced = _forced_sdpa.get()
+    if forced is not None:
+        return forced
+    return t.is_cuda and mode() != "torch"
+
+
+@contextlib.contextmanager
+def force(kernels: str | None = None, sdpa: bool | None = None) -> Iterator[None]:
+    """Override the selection inside the block: kernels="torch"|"cuda"|"auto", sdpa=True|False."""
+    if kernels is not None and kernels not in MODES:
+        raise ValueError(f"kernels must be one of {MODES}")
+    tk, ts = _forced_kernels.set(kernels), _forced_sdpa.set(sdpa)
+    try:
+        yield
+    finally:
+        _forced_kernels.reset(tk)
+        _forced_sdpa.reset(ts)
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+_failed: dict[str, str] = {}  # op name → why its kernel was given up (auto mode)
+
+
+@torch.compiler.disable
+def call(name: str, kernel_fn: Callable, torch_fn: Callable, *args):
+    """`kernel_fn(*args)`. In auto mode a kernel that raises (a shape its build does not support, e.g. the tiny
+    test model's 8-wide state, or a broken install) is reported once with a warning and `torch_fn` (same
+    signature) is used for that op from then on; with TWOTOWER_KERNELS=cuda the error propagates."""
+    if name in _failed:
+        return torch_fn(*args)
+    try:
+        return kernel_fn(*args)
+    except TwoTowerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any kernel failure: fall back, loudly
+        if mode() == "cuda":
+            raise
+        _failed[name] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"{name} kernel failed ({_failed[name]}); using the torch implementation from now on",
+                      stacklevel=2)
+        return torch_fn(*args)
+
+
+def _kernels() -> Kernels:
+    k = probe()
+    if k is None:
+        raise TwoTowerError(f"the CUDA kernels are not available ({unavailable_reason()})",
+                            f"set {ENV}=torch or install mamba-ssm and causal-conv1d")
+    return k
+
+
+@torch.compiler.disable
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ops.ssd.ssd_chunked on mamba_chunk_scan_combined. Outputs fp32; `initial_state` is only read."""
+    L = x.shape[1]
+    if L == 0 or (initial_state is not None and L < chunk_size and not _short_seeded_ok(x.device)):
+        from twotower_cli.ops.ssd import ssd_chunked as torch_ssd_chunked
+
+        return torch_ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
+    return _kernel_scan(x, dt, A, B, C, chunk_size, initial_state)
+
+
+def _kernel_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                 initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    k = _kernels()
+    init = None
+    if initial_state is not None:
+        # fp32 inputs: the kernel keeps chunk-entering states in C's dtype (see the module docstring)
+        x, B, C = x.float(), B.float(), C.float()
+        init = initial_state.float().contiguous()
+    y, final = k.chunk_scan(x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(),
+                            C.contiguous(), chunk_size, initial_states=init, return_final_states=True)
+    return y.float(), final.float()
+
+
+def _short_seeded_ok(device: torch.device) -> bool:
+    """Once per device: does the kernel scan of a seeded block shorter than chunk_size match the torch scan?"""
+    key = str(device)
+    if key not in _short_ok:
+        from twotower_cli.ops.ssd import ssd_chunked as torch_ssd_chunked
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        b, h, p, gr, n, chunk = 2, 4, 64, 2, 64, 128
+        args = [torch.randn(b, 5, h, p, generator=g), torch.rand(b, 5, h, generator=g) * 0.2,
+                -torch.rand(h, generator=g) * 4 - 0.5, torch.randn(b, 5, gr, n, generator=g),
+                torch.randn(b, 5, gr, n, generator=g)]
+        init = torch.randn(b, h, p, n, generator=g)
+        args = [a.to(device) for a in args]
+        try:
+            y, s = _kernel_scan(*args, chunk, init.to(device))
+            y_ref, s_ref = torch_ssd_chunked(*args, chunk, init.to(device))
+            err = max((y - y_ref).abs().max().item(), (s - s_ref).abs().max().item())
+            ok = err <= 1e-2 * (1 + y_ref.abs().max().item())
+            why = f"max |diff| {err:.3g}"
+        except Exception as e:  # noqa: BLE001 - any kernel failure means: do not use it for this case
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if not ok:
+            warnings.warn(f"mamba_chunk_scan_combined disagrees with the torch scan on a seeded block shorter "
+                          f"than chunk_size ({why}); such blocks use the torch scan on {device}", stacklevel=2)
+        _short_ok[key] = ok
+    return _short_ok[key]
+
+
+@torch.compiler.disable
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """ops.ssd.ssd_step on selective_state_update; returns a new state, `state` is left untouched."""
+    k = _kernels()
+    b, h, p = x.shape
+    n = state.shape[-1]
+    new_state = state.float().clone()  # the kernel writes in place
+    dt_e = dt.float()[..., None].expand(b, h, p)
+    A_e = A.float()[:, None, None].expand(h, p, n)
+    zero_bias = torch.zeros(h, device=x.device, dtype=torch.float32)[:, None].expand(h, p)
+    y = k.state_update(new_state, x.float().contiguous(), dt_e, A_e, B.float().contiguous(), C.float().contiguous(),
+                       D=None, z=None, dt_bias=zero_bias, dt_softplus=False)
+    return y.float(), new_state
+
+
+@torch.compiler.disable
+def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mamba2Mixer.conv on causal_conv1d: xBC [b, L, c] raw, conv_state [b, c, K] (None = zeros) → (silu(conv)
+    [b, L, c], the last K raw columns [b, c, K]). `conv_state` is only read."""
+    k = _kernels()
+    b, L, c = xBC.shape
+    K = weight.shape[-1]
+    w = weight.reshape(c, K)
+    bias = None if bias is None else bias.to(w.dtype)
+    if conv_state is None:
+        conv_state = xBC.new_zeros(b, c, K)
+    conv_state = conv_state.to(xBC.dtype)
+    new_state = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)[..., -K:].contiguous()
+    if L == 1:
+        state = conv_state.clone(memory_format=torch.contiguous_format)  # the kernel shifts it in place
+        out = k.conv_update(xBC[:, 0].contiguous(), state, w, bias, "silu")
+        return out[:, None], new_state
+    x_cl = xBC.contiguous().transpose(1, 2)  # [b, c, L] channel-last: stride(1) == 1
+    if x_cl.stride(2) % 8 or x_cl.stride(0) % 8 or c % 8:
+        raise ValueError(f"causal_conv1d's channel-last layout needs channels divisible by 8, got {c}")
+    init = conv_state[..., 1:].transpose(1, 2).contiguous().transpose(1, 2)  # [b, c, K-1], stride(1) == 1
+    out = k.conv_fn(x_cl, w, bias, initial_states=init, activation="silu")
+    return out.transpose(1, 2), new_state
+
+
+@torch.compiler.disable
+def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: float) -> Tensor:
+    """GatedGroupRMSNorm on layernorm_gated.rmsnorm_fn: norm(y * silu(z)) per group, times weight, in z's dtype."""
+    k = _kernels()
+    d = y.shape[-1]
+    out = k.rmsnorm(y.contiguous(), weight, None, z=z.contiguous(), eps=eps, group_size=d // n_groups,
+                    norm_before_gate=False)
+    return out.to(z.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- CPU fast path
+
+SMALL_CONV_L = 16  # up to this many new columns the explicit window sum beats F.conv1d on CPU (benchmarks/README)
+
+
+def conv_window(window: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Depthwise causal conv over window [b, c, K-1+L] (no activation) as K shifted multiply-adds:
+    out[..., t] = bias + Σ_k w[:, k] * window[..., t+k]. Equal to F.conv1d(window, weight [c,1,K], bias,
+    groups=c) up to summation order; cheaper for small L on CPU (no conv1d dispatch/im2col)."""
+    K = weight.shape[-1]
+    L = window.shape[-1] - K + 1
+    w = weight[:, 0]  # [c, K]
+    out = (window[..., 0:L] * w[:, 0:1]) if bias is None else torch.addcmul(bias[:, None], window[..., 0:L], w[:, 0:1])
+    for j in range(1, K):
+        out = out.addcmul_(window[..., j:j + L], w[:, j:j + 1])
+    return out
+
+
+def small_conv_ok(window: Tensor, kernel: int) -> bool:
+    """Use `conv_window` for this window? CPU, fp32 (other dtypes keep F.conv1d's accumulation), small L."""
+    return not window.is_cuda and window.dtype == torch.float32 and window.shape[-1] - kernel + 1 <= SMALL_CONV_L
+
+
