@@ -178,6 +178,18 @@ def is_twotower_checkpoint(ckpt: Checkpoint) -> bool:
     return "denoiser_tower.embeddings.weight" in ckpt.tensors and "context_tower.embeddings.weight" in ckpt.tensors
 
 
+CONTEXT_PREFIXES = ("context_tower.", "context_lm_head.")
+
+
+def tower_device_map(context_device: torch.device, denoiser_device: torch.device):
+    """Module key of a TwoTower → the device its tensor is read onto: the context tower and its head on
+    `context_device`, everything else (denoiser tower, its head, time conditioning) on `denoiser_device`,
+    as `TwoTower.place` puts them."""
+    def device_of(key: str) -> torch.device:
+        return context_device if key.startswith(CONTEXT_PREFIXES) else denoiser_device
+    return device_of
+
+
 def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", context_device: str | torch.device | None = None,
                denoiser_device: str | torch.device | None = None) -> LoadedModel:
@@ -198,8 +210,8 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
                                 "turn it into one with `twotower split`, or use --mode ar")
         with torch.device("meta"):
             model = TwoTower(cfg)
-        report = load_state(model, ckpt, dtype=dtype, device=ctx_dev)
-        model.place(ctx_dev, den_dev).eval()
+        report = load_state(model, ckpt, dtype=dtype, device=tower_device_map(ctx_dev, den_dev))
+        model.place(ctx_dev, den_dev).eval()  # a no-op: every tensor was read onto its tower's device
         return LoadedModel(cfg, ckpt.folder, model, None, list(report.dropped))
     router = torch.float64 if two else torch.float32
     with torch.device("meta"):

@@ -77,9 +77,12 @@ def _fmt(names: list[str]) -> str:
 
 
 def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str] | None = None,
-               dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, device: str | torch.device | Callable[[str], torch.device] = "cpu",
                allow_unused: bool = False) -> LoadReport:
-    """Fill `module` from `ckpt` (see the module docstring). `key_map`: module key → checkpoint key."""
+    """Fill `module` from `ckpt` (see the module docstring). `key_map`: module key → checkpoint key.
+    `device` is one device, or a function module key → device (a device map): each tensor is read from the
+    file straight onto its own device (safetensors' `safe_open(device=...)`), so two towers on two GPUs never
+    pass through host memory together."""
     report = LoadReport()
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sources: dict[str, _Source] = {}
@@ -123,17 +126,21 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
         raise TwoTowerError(f"checkpoint at {ckpt.folder} does not match the model: " + "; ".join(problems),
                             "is the config.json the one these weights were saved with?")
 
-    # Read each checkpoint tensor once (a fused experts tensor serves every expert of its layer).
-    by_source: dict[str, list[str]] = {}
+    # Read each checkpoint tensor once per device that needs it (a fused experts tensor serves every expert
+    # of its layer), straight onto that device.
+    place = device if callable(device) else (lambda _key, d=torch.device(device): d)
+    by_device: dict[torch.device, dict[str, list[str]]] = {}
     for mkey, src in sources.items():
-        by_source.setdefault(src.key, []).append(mkey)
+        by_device.setdefault(torch.device(place(mkey)), {}).setdefault(src.key, []).append(mkey)
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in ckpt.iter_tensors(by_source, device=device):
-        for mkey in by_source[name]:
-            index = sources[mkey].index
-            t = tensor if index is None else tensor[index].clone()  # clone: no views into the fused tensor
-            target = torch.float32 if layout.keep_fp32(mkey) else (dtype or t.dtype)
-            state[mkey] = t.to(target)
+    for dev, by_source in by_device.items():
+        for name, tensor in ckpt.iter_tensors(by_source, device=dev):
+            for mkey in by_source[name]:
+                index = sources[mkey].index
+                t = tensor if index is None else tensor[index].clone()  # clone: no views into the fused tensor
+                target = torch.float32 if layout.keep_fp32(mkey) else (dtype or t.dtype)
+                state[mkey] = t.to(target)
+            del tensor
     module.load_state_dict(state, strict=True, assign=True)
     report.loaded = len(state)
     return report

@@ -1,0 +1,72 @@
+"""One tower per device (issue 8): `load_model` reads every tensor straight onto its tower's device.
+
+Without two devices here, the routing is checked two ways: `tower_device_map` sends each TwoTower key where
+`TwoTower.place` would move it (checked with the meta device), and a spy on `Checkpoint.iter_tensors` shows
+`load_model` asking for each checkpoint tensor on its own tower's device (two distinct CPU device objects,
+`cpu` and `cpu:0`, stand in for two GPUs), with the fp32 parameters of the spec still fp32 after a bf16 load.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
+
+from twotower_cli import layout
+from twotower_cli.checkpoint import Checkpoint
+from twotower_cli.towers import TwoTower, load_model, tower_device_map
+
+
+def test_device_map_agrees_with_place():
+    cfg = tiny_cfg()
+    model = TwoTower(cfg).place("cpu", "meta")
+    route = tower_device_map(torch.device("cpu"), torch.device("meta"))
+    for key, t in model.state_dict().items():
+        assert route(key) == t.device, key
+    assert route("context_tower.layers.0.mixer.A_log").type == "cpu"
+    assert route("context_lm_head.weight").type == "cpu"
+    for key in ("denoiser_tower.embeddings.weight", "lm_head.weight", "t_embedder.mlp.0.weight",
+                "t_block.1.bias", "scale_shift_tables.3"):
+        assert route(key).type == "meta", key
+
+
+@pytest.fixture(scope="module")
+def twotower_folder(tmp_path_factory):
+    cfg = tiny_cfg()
+    return write_twotower(tmp_path_factory.mktemp("place") / "tt", random_base(cfg, seed=5))
+
+
+def test_load_model_reads_each_tower_onto_its_device(twotower_folder, monkeypatch):
+    requested: dict[str, list[torch.device]] = {}
+    original = Checkpoint.iter_tensors
+
+    def spy(self, names, device="cpu"):
+        for n in names:
+            requested.setdefault(n, []).append(torch.device(device))
+        return original(self, names, device="cpu")
+
+    monkeypatch.setattr(Checkpoint, "iter_tensors", spy)
+    ctx, den = torch.device("cpu"), torch.device("cpu", 0)
+    loaded = load_model(twotower_folder, need_denoiser=True, dtype=torch.bfloat16, context_device=ctx,
+                        denoiser_device=den)
+    assert requested, "nothing was read"
+    for name, devices in requested.items():
+        want = ctx if name.startswith(("context_tower.", "context_lm_head.")) else den
+        assert devices == [want], f"{name} read on {devices}, expected [{want}]"
+    for key, t in loaded.twotower.state_dict().items():
+        want = torch.float32 if layout.keep_fp32(key) else torch.bfloat16
+        assert t.dtype == want, f"{key}: {t.dtype}"
+
+
+def test_ar_mode_reads_only_the_context_tower(twotower_folder, monkeypatch):
+    requested: list[str] = []
+    original = Checkpoint.iter_tensors
+
+    def spy(self, names, device="cpu"):
+        requested.extend(names)
+        return original(self, names, device=device)
+
+    monkeypatch.setattr(Checkpoint, "iter_tensors", spy)
+    loaded = load_model(twotower_folder, need_denoiser=False)
+    assert loaded.twotower is None and loaded.ar is not None
+    assert requested and all(n.startswith(("context_tower.", "context_lm_head.")) for n in requested)
