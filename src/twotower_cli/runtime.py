@@ -50,8 +50,10 @@ class Runtime:
 
 
 def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",
-                 context_device: str | None = None, denoiser_device: str | None = None) -> Runtime:
-    """Resolve the model name (alias, hub id in the cache, or folder), load it, and load its tokenizer."""
+                 context_device: str | None = None, denoiser_device: str | None = None,
+                 compile: bool = False) -> Runtime:
+    """Resolve the model name (alias, hub id in the cache, or folder), load it, and load its tokenizer.
+    `compile`: torch.compile the decode and block steps (`TowerBackend.compile`)."""
     from twotower_cli.hub import resolve
 
     folder = resolve(model or DEFAULT_MODEL)
@@ -65,6 +67,8 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
                         context_device=ctx, denoiser_device=den)
     backend = TowerBackend(loaded.twotower, loaded.ar)
+    if compile:
+        backend.compile()
     return Runtime(loaded, backend, tokenizer, loaded.cfg, folder)
 
 

@@ -257,6 +257,18 @@ class TowerBackend:
         self.ar = ar if ar is not None else causal_lm_view(twotower)
         self.vocab_size = self.ar.lm_head.weight.shape[0]
         self.cache: TowerCache | None = None
+        self._tower_step = self.ar.backbone
+        self._block_step = None if twotower is None else twotower.denoise
+
+    def compile(self) -> TowerBackend:
+        """torch.compile the context tower's step (prefill / decode / block extension) and the denoiser's
+        block forward (`--compile`). Default mode, dynamic shapes: the KV cache grows every step, and CUDA
+        graphs ("reduce-overhead") would hand back output buffers that the next step overwrites while the
+        cache still holds them. The mamba-ssm kernels run outside the graph (`torch.compiler.disable`)."""
+        self._tower_step = torch.compile(self.ar.backbone, dynamic=True)
+        if self.twotower is not None:
+            self._block_step = torch.compile(self.twotower.denoise, dynamic=True)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -268,11 +280,11 @@ class TowerBackend:
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
+        hidden = self._tower_step(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 
     def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.twotower is None:
             raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
         assert self.cache is not None, "reset() first"
-        return self.twotower.denoise(block, self.cache, t, rows=rows)
+        return self._block_step(block, self.cache, t, rows=rows)
