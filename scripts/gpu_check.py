@@ -1,0 +1,237 @@
+"""GPU check for issue 8, one run on one H100 in well under 8 minutes:
+
+1. `pytest -m gpu tests/test_kernels.py`: mamba-ssm / causal-conv1d kernels == the torch reference (prefill,
+   one-token decode, seeded blocks shorter than chunk_size, conv, gated norm, SDPA);
+2. a TwoTower with the real Nemotron-3-Nano dimensions (hidden 2688, Mamba 64×64 heads, 8 groups, state 128,
+   chunk 128, attention 32/2×128, 128 experts top-6 of 1856 + a 3712 shared expert, vocab 131072) but only
+   the first 7 layers of its pattern ("MEMEM*E"), random weights, bf16 (A_log, D, dt_bias, router fp32);
+3. one table, side by side from the same run: torch path (TWOTOWER_KERNELS=torch, explicit attention) vs
+   kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms; then `ar` vs `mask_diffusion`
+   tok/s and tokens/NFE on the kernel path. Random weights are never confident, so the threshold policy
+   commits ~1 token per NFE; the fixed-steps row (policy topk, 4 steps per block of 16) shows 4 tok/NFE.
+
+    python scripts/gpu_check.py               # on a CUDA machine with mamba-ssm and causal-conv1d
+    python scripts/gpu_check.py --cpu-smoke   # tiny sizes on CPU: checks this script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from twotower_cli import layout
+from twotower_cli import sampler as S
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.ops import kernels
+from twotower_cli.towers import TowerBackend, TwoTower
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NANO = dict(hidden_size=2688, vocab_size=131072, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+            mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128,
+            n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
+            moe_shared_expert_intermediate_size=3712, n_shared_experts=1, n_group=1, topk_group=1,
+            norm_topk_prob=True, routed_scaling_factor=2.5, intermediate_size=1856, layer_norm_epsilon=1e-5,
+            tie_word_embeddings=False, mamba_proj_bias=False, use_conv_bias=True, attention_bias=False,
+            mlp_bias=False, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+SMOKE = dict(NANO, hidden_size=64, vocab_size=256, num_attention_heads=4, head_dim=16, mamba_num_heads=4,
+             mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=16, n_routed_experts=8,
+             num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+             intermediate_size=40)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def random_twotower(cfg: NemotronHConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> TwoTower:
+    """Built on meta, every tensor created on `device` in its final dtype (fp32 for the spec's fp32 names)."""
+    with torch.device("meta"):
+        model = TwoTower(cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for mod_name, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in list(getattr(module, kind).items()):
+                if t is None:
+                    continue
+                full = f"{mod_name}.{name}" if mod_name else name
+                dt = torch.float32 if layout.keep_fp32(full) or not t.is_floating_point() else dtype
+                new = torch.empty(t.shape, device=device, dtype=dt)
+                if name == "A_log":
+                    new.uniform_(1, 16, generator=g).log_()
+                elif name == "dt_bias":  # softplus⁻¹ of dt log-uniform in [1e-3, 1e-1]
+                    dt_ = torch.exp(torch.empty(t.shape, device=device).uniform_(math.log(1e-3), math.log(1e-1),
+                                                                                 generator=g))
+                    new.copy_(dt_ + torch.log(-torch.expm1(-dt_)))
+                elif name == "D" or full.endswith("norm.weight") or full.endswith("norm_f.weight"):
+                    new.fill_(1.0)
+                elif name == "bias" or "e_score_correction_bias" in name:
+                    new.zero_()
+                elif full.startswith("scale_shift_tables"):
+                    new.zero_()[2] = 1.0  # identity time conditioning: rows shift 0, scale 0, gate 1
+                elif full.startswith("t_block"):
+                    new.zero_()
+                elif "conv1d" in full:
+                    new.uniform_(-0.5, 0.5, generator=g)
+                else:
+                    new.normal_(0.0, 0.02, generator=g)
+                if kind == "_parameters":
+                    module._parameters[name] = nn.Parameter(new, requires_grad=False)
+                else:
+                    module._buffers[name] = new
+    return model.eval()
+
+
+def timed(fn, device: torch.device, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.no_grad()
+def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, blocks: int, block: int,
+                 mask_id: int) -> dict[str, float]:
+    """prefill tok/s (one prompt), decode tok/s (one token at a time after it), block denoise ms (median)."""
+    dev = backend.device
+    L = prompt.shape[1]
+
+    def prefill():
+        backend.reset(1)
+        backend.extend(prompt)
+
+    prefill()  # warm-up: allocator, Triton autotuning / JIT
+    t_prefill = min(timed(prefill, dev, 2))
+    nxt = prompt[:, -1:]
+    backend.extend(nxt)  # warm the one-token path
+    prefill()
+    t_decode = sum(timed(lambda: backend.extend(nxt), dev, decode))
+    prefill()
+    blk = torch.full((1, block), mask_id, device=dev)
+    t = torch.ones(1, device=dev)
+    backend.denoise(blk, t)  # warm-up
+    t_block = statistics.median(timed(lambda: backend.denoise(blk, t), dev, blocks))
+    return {"prefill_tok_s": L / t_prefill, "decode_tok_s": decode / t_decode, "block_ms": t_block * 1e3}
+
+
+def run_tests(smoke: bool) -> str:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py", "-p", "no:cacheprovider"]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60 if smoke else 240)
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-25:])
+        status = f"exit {r.returncode}"
+    except subprocess.TimeoutExpired:
+        tail, status = "", "TIMED OUT"
+    return f"$ {' '.join(cmd[2:])}   ({status}, {time.perf_counter() - t0:.0f} s)\n{tail}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (checks the script itself)")
+    ap.add_argument("--pattern", default="MEMEM*E", help="layers (default: the first 7 of Nano's pattern)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens for prefill (default 1024; smoke 40)")
+    ap.add_argument("--decode", type=int, default=None, help="decode steps timed (default 64; smoke 8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens per ar / mask_diffusion run (default 64)")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
+    args = ap.parse_args()
+    smoke = args.cpu_smoke
+    t_start = time.perf_counter()
+
+    if smoke:  # tiny tensors: intra-op threads only add synchronisation (350x slower on a busy 2-core box)
+        torch.set_num_threads(1)
+    device = torch.device("cpu" if smoke else "cuda")
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("no CUDA device: use --cpu-smoke to check the script on CPU")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    prompt_len = args.prompt or (40 if smoke else 1024)
+    n_decode = args.decode or (8 if smoke else 64)
+    n_new = args.new_tokens or (16 if smoke else 64)
+    block = 16
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"# twotower GPU check · {name} · torch {torch.__version__} · python {platform.python_version()}")
+    k = kernels.probe()
+    versions = []
+    for mod in ("mamba_ssm", "causal_conv1d", "triton"):
+        m = sys.modules.get(mod)
+        versions.append(f"{mod} {getattr(m, '__version__', '?') if m else '-'}")
+    print(f"kernels: {'available' if k else 'NOT available: ' + kernels.unavailable_reason()} · {' · '.join(versions)}")
+
+    if not args.skip_tests:
+        print("\n## 1. kernel tests\n" + run_tests(smoke))
+
+    cfg = NemotronHConfig.build(args.pattern, **(SMOKE if smoke else NANO))
+    t0 = time.perf_counter()
+    model = random_twotower(cfg, device, dtype)
+    sync(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\n## 2. model: pattern {args.pattern} · {n_params / 1e9:.3f} B parameters (both towers) · {dtype} · "
+          f"built in {time.perf_counter() - t0:.1f} s")
+    backend = TowerBackend(model)
+    mask_id = 3
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(4, cfg.vocab_size, (1, prompt_len), generator=gen).to(device)
+
+    # The kernel path runs in auto mode: a kernel that fails falls back to torch with a warning (listed below)
+    # rather than ending the run. The smoke run's second column is SDPA on CPU (exercises this code path).
+    paths = [("torch", dict(kernels="torch", sdpa=False))]
+    paths.append(("kernels", dict(kernels="auto", sdpa=True)) if device.type == "cuda"
+                 else ("sdpa (cpu)", dict(kernels="torch", sdpa=True)))
+    results = {}
+    for label, force in paths:
+        with kernels.force(**force):
+            results[label] = measure_path(backend, prompt, n_decode, 10 if not smoke else 3, block, mask_id)
+    print(f"\n## 3. torch path vs kernel path · prompt {prompt_len} · decode {n_decode} steps · block {block}"
+          + ("" if k or device.type != "cuda" else "  (kernels missing: the kernel column is SDPA only)"))
+    cols = [lbl for lbl, _ in paths]
+    print(f"{'':24}" + "".join(f"{c:>14}" for c in cols) + ("     speed-up" if len(cols) == 2 else ""))
+    for key, title, higher in (("prefill_tok_s", "prefill tok/s", True), ("decode_tok_s", "decode tok/s", True),
+                               ("block_ms", "block denoise ms", False)):
+        vals = [results[c][key] for c in cols]
+        line = f"{title:24}" + "".join(f"{v:14.1f}" for v in vals)
+        if len(vals) == 2:
+            line += f"{(vals[1] / vals[0] if higher else vals[0] / vals[1]):12.2f}×"
+        print(line)
+
+    best = dict(paths[-1][1])
+    rows = [("ar", S.SamplingConfig(mode="ar", max_new_tokens=n_new)),
+            ("mask_diffusion thr 0.8", S.SamplingConfig(mode="mask_diffusion", block_size=block, threshold=0.8,
+                                                        max_new_tokens=n_new)),
+            ("mask_diffusion 4 steps", S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=4,
+                                                        policy="topk", max_new_tokens=n_new))]
+    ids = [prompt[0, :min(prompt_len, 256)].tolist()]
+    print(f"\n## 4. sampling on the {paths[-1][0]} path · prompt {len(ids[0])} · {n_new} new tokens · greedy · "
+          "no EOS stop (random weights)")
+    print(f"{'mode':26}{'tok/s':>10}{'NFE':>8}{'tok/NFE':>10}{'seconds':>10}")
+    with kernels.force(**best):
+        for label, sc in rows:
+            S.run(backend, ids, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": min(n_new, 16)}))  # warm-up
+            sync(device)
+            fin = S.run(backend, ids, sc)
+            sync(device)
+            n = fin.new_tokens
+            print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
+                  f"{fin.wall_seconds:10.2f}")
+    print(f"kernel fallbacks: {kernels._failed or 'none'}")
+    peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
