@@ -51,9 +51,14 @@ class Runtime:
 
 def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",
                  context_device: str | None = None, denoiser_device: str | None = None,
-                 compile: bool = False) -> Runtime:
+                 compile: bool = False, threads: int | None = None) -> Runtime:
     """Resolve the model name (alias, hub id in the cache, or folder), load it, and load its tokenizer.
-    `compile`: torch.compile the decode and block steps (`TowerBackend.compile`)."""
+    `compile`: torch.compile the decode and block steps (`TowerBackend.compile`). `threads`: CPU threads for
+    torch (default: torch's own choice, one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
+        torch.set_num_threads(threads)
     from twotower_cli.hub import resolve
 
     folder = resolve(model or DEFAULT_MODEL)

@@ -24,6 +24,7 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout.")] = False,
 ) -> None:
     """Measure ar, mock_ar and mask_diffusion (per threshold) on the same prompts, side by side."""
@@ -52,7 +53,7 @@ def bench(
 
     folder = resolve(model or "tiny")
     two = is_twotower_checkpoint(open_checkpoint(folder))
-    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile)
+    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads)
     ids = [rt.tokenizer.encode(t) for t in texts]
     if any(not p for p in ids):
         raise TwoTowerError("a prompt encodes to no tokens", "remove empty lines from the prompt file")

@@ -50,6 +50,7 @@ def generate(
     denoiser_device: Annotated[str | None, typer.Option(help="Device of the denoiser tower.")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU).")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")] = None,
     no_live: Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: stream every sampler event as a JSON line.")] = False,
@@ -74,7 +75,7 @@ def generate(
                                 stop_ids=tuple(stop or ()))
     settings.validate(vocab_size=1 << 62)  # option errors before the (slow) load; vocab checked below
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
-                      context_device=context_device, denoiser_device=denoiser_device, compile=compile)
+                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
     if mask_token_id is None:
         settings = S.SamplingConfig(**{**settings.__dict__, "mask_token_id": rt.cfg.mask_token_id})
     if rt.cfg.pad_token_id is not None:
