@@ -232,3 +232,16 @@ def test_head_on_needed_rows_only_equals_full(fresh):
         full = model.denoise(block, cache, torch.tensor([0.75, 0.25]))
         part = model.denoise(block, cache, torch.tensor([0.75, 0.25]), rows=rows)
     assert torch.equal(part[rows], full[rows])
+
+
+def test_written_checkpoints_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = write_twotower(tmp_path / "tt", random_base(tiny_cfg(), 1), tokenizer=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.iterdir())

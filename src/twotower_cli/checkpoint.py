@@ -359,6 +359,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _publish_modes(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -369,6 +370,17 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_modes(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors writes 0600 files: give the finished checkpoint the modes
+    an ordinary file would get under the user's umask, so a shared or installed copy is readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
