@@ -12,6 +12,7 @@ The header layer does not import torch, so header-only commands (inspect, split 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -52,10 +53,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -377,7 +375,7 @@ def _publish_modes(folder: Path) -> None:
     an ordinary file would get under the user's umask, so a shared or installed copy is readable."""
     umask = os.umask(0)
     os.umask(umask)
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for f in files:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
