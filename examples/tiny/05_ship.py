@@ -35,9 +35,11 @@ def ship(src: Path, dst: Path) -> int:
     config = dict(ckpt.config_raw)
     config["torch_dtype"] = "float16"
     config.pop("dtype", None)
+    if isinstance(config.get("twotower"), dict):  # not this machine's path: what a user can find
+        config["twotower"] = {**config["twotower"], "source": "tiny-base (examples/tiny)"}
     write_checkpoint(dst, tensors, config, [src / f for f in EXTRA if (src / f).is_file()], force=True)
     subprocess.run([sys.executable, "-m", "twotower_cli", "inspect", str(dst)], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return sum(p.stat().st_size for p in dst.iterdir())
 
 

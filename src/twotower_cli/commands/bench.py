@@ -71,7 +71,7 @@ def bench(
         return
     table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens · block {block} · "
                         f"median of {repeat}", title_justify="left")
-    for col in ("mode", "threshold", "tok/s", "NFE", "tok/NFE", "speed-up vs ar", "quality vs ar"):
+    for col in ("mode", "threshold", "tok/s", "NFE", "tok/NFE", "× ar", "quality"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for r in rows:
         table.add_row(r.mode, "" if r.threshold is None else f"{r.threshold:g}", f"{r.tokens_per_second:.1f}",
