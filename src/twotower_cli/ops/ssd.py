@@ -80,7 +80,9 @@ def ssd_chunked(
     # 2. Each chunk's own contribution to the state at its end, starting from zero. States are kept as
     # [n, p] (transposed) inside this function so that both matmuls below read contiguous operands.
     to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,c,g,r,s]
-    chunk_states = B.transpose(-1, -2)[:, :, :, None] @ (xdt * to_end[..., None])  # [b,c,g,r,n,p]
+    # The r heads of a group share B: fold them into the matmul's columns instead of broadcasting B r times.
+    fed = (xdt * to_end[..., None]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, s, r * p)  # [b,c,g,s,r·p]
+    chunk_states = (B.transpose(-1, -2) @ fed).view(b, c, g, n, r, p).permute(0, 1, 2, 4, 3, 5)  # [b,c,g,r,n,p]
 
     # 3. Across chunks: a short recurrence over the c chunk boundaries (c = L / chunk_size, small).
     chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # [b,c,g,r,1,1]
@@ -93,7 +95,10 @@ def ssd_chunked(
     start_states = torch.stack(starts, dim=1)  # state entering each chunk, [b,c,g,r,n,p]
 
     # 4. The entering state's contribution: y_t += exp(a_cum[t]) C_t · h_start.
-    y = y + (C[:, :, :, None] @ start_states) * torch.exp(a_cum)[..., None]
+    # (C shared by the r heads of a group, as B above: one matmul over [n, r·p].)
+    entering = start_states.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, n, r * p)
+    from_start = (C @ entering).view(b, c, g, s, r, p).permute(0, 1, 2, 4, 3, 5)  # [b,c,g,r,s,p]
+    y = y + from_start * torch.exp(a_cum)[..., None]
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * s, h, p)[:, :L]
     final = state.transpose(-1, -2).reshape(b, h, p, n)
