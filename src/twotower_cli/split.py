@@ -30,8 +30,10 @@ import os
 import re
 import shutil
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ from twotower_cli.layout import (
 )
 
 FORMAT_VERSION = 1
+SPLIT_WORKERS = 2  # output shards written at once (see execute)
 CHUNK_BYTES = 256 * 1024 * 1024  # one in-kernel copy step (no user-space buffer): sets progress granularity
 RUN_SHARD_MIN = 16 * 1024 * 1024  # shards at least this big end where a source run ends (see _group_shards)
 BUFFER_BYTES = 16 * 1024 * 1024  # bytes through Python at once (convert, generate, verify): bounds memory
@@ -523,7 +526,11 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
     report = on_bytes or (lambda n: None)
     written = verified = 0
     with atomic_output_dir(out, force=force) as tmp, _SourceFiles(plan.source_folder) as sources:
-        for shard in plan.shards:
+        for file in {t.src.file for s in plan.shards for t in s.tensors if t.src is not None}:
+            sources.fd(file)  # open every source shard up front: the workers below only read the table
+        stop = threading.Event()
+
+        def write_shard(shard: OutShard) -> int:
             fd = os.open(tmp / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 _write_all(fd, shard.header, 0)
@@ -531,7 +538,9 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
                 for item in _runs(shard.tensors):
                     if isinstance(item, tuple):  # bytes that are contiguous in one source file: one copy
                         file, start, end = item
-                        while start < end:  # in chunks, so progress moves and Ctrl-C is prompt
+                        while start < end:  # in chunks, so progress moves and a stop is prompt
+                            if stop.is_set():
+                                raise _Stopped()
                             n = min(CHUNK_BYTES, end - start)
                             copier.copy(sources.fd(file), start, fd, pos, n, file)
                             start, pos = start + n, pos + n
@@ -545,9 +554,27 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
                             report(len(data))
                 if pos != shard.size:
                     raise AssertionError(f"{shard.file}: wrote {pos} bytes, planned {shard.size}")
-                written += pos
+                return pos
             finally:
                 os.close(fd)
+
+        # Shards are independent files: two writers keep both cores copying (the in-kernel copy is
+        # CPU-bound memcpy when the source is in the page cache). Any failure or Ctrl-C stops the other
+        # writer at its next chunk and is re-raised here, before the temporary folder is removed.
+        with ThreadPoolExecutor(max_workers=min(SPLIT_WORKERS, len(plan.shards)) or 1) as pool:
+            futures = [pool.submit(write_shard, shard) for shard in plan.shards]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C while waiting
+                stop.set()
+                wait(futures)
+                raise
+            failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                stop.set()
+                wait(futures)
+                raise next((e for e in failed if not isinstance(e, _Stopped)), failed[0])
+            written = sum(f.result() for f in futures)
         if len(plan.shards) > 1:
             write_index(tmp, {t.name: s.file for s in plan.shards for t in s.tensors}, plan.tensor_bytes)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
@@ -556,6 +583,10 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
         if verify:
             verified = verify_output(plan, tmp, sources)
     return SplitResult(out, written, verified, copier.method)
+
+
+class _Stopped(Exception):
+    """A writer told to stop because another one failed (never the error that is reported)."""
 
 
 def _runs(tensors: list[OutTensor]) -> Iterator[tuple[str, int, int] | OutTensor]:
