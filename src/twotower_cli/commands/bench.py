@@ -32,10 +32,13 @@ def bench(
     from rich.table import Table
 
     from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, rows_json, run_bench
+    from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import open_runtime
+    from twotower_cli.hub import resolve
+    from twotower_cli.runtime import DEFAULT_MODEL, open_runtime
     from twotower_cli.text import parse_prompt_lines
+    from twotower_cli.towers import is_twotower_checkpoint
 
     try:
         thr = [float(x) for x in thresholds.split(",") if x.strip()]
@@ -47,12 +50,8 @@ def bench(
         texts = parse_prompt_lines(prompts.read_text().splitlines(), str(prompts))
     else:
         texts = list(DEFAULT_PROMPTS)
-    from twotower_cli.checkpoint import open_checkpoint
-    from twotower_cli.hub import resolve
-    from twotower_cli.towers import is_twotower_checkpoint
-
-    folder = resolve(model or "tiny")
-    two = is_twotower_checkpoint(open_checkpoint(folder))
+    folder = resolve(model or DEFAULT_MODEL)
+    two = is_twotower_checkpoint(open_checkpoint(folder))  # a plain NemotronH checkpoint benches `ar` only
     rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads)
     ids = [rt.tokenizer.encode(t) for t in texts]
     if any(not p for p in ids):
