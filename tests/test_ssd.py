@@ -104,3 +104,78 @@ def test_state_every_returns_block_boundary_states(every):
         _, ref = ssd_sequential(x[:, :j * every], dt[:, :j * every], A, B[:, :j * every], C[:, :j * every], CHUNK, state)
         d = max_diff(starts[:, j], ref)
         assert d <= 1e-5, f"state entering position {j * every} differs by {d:.3g}"
+
+
+@pytest.fixture
+def one_chunk_groups(monkeypatch):
+    """Make `ssd_chunked` take its chunks one group at a time (normally a group is several MB of work)."""
+    from twotower_cli.ops import ssd
+
+    monkeypatch.setattr(ssd, "_GROUP_ELEMENTS", 1)
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_execution_path_equals_sequential(mode, grouped, request):
+    """Without autograd the scan writes into preallocated buffers, and long inputs go a group of chunks at a
+    time: outputs, final state and block-boundary states must not depend on either."""
+    if grouped:
+        request.getfixturevalue("one_chunk_groups")
+    x, dt, A, B, C, state = random_inputs(6 * CHUNK + 3)
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with context():
+        y, final = ssd_chunked(x, dt, A, B, C, CHUNK, state)
+        y_ref, final_ref = ssd_sequential(x, dt, A, B, C, CHUNK, state)
+        L = 6 * CHUNK
+        _, _, starts = ssd_chunked(x[:, :L], dt[:, :L], A, B[:, :L], C[:, :L], CHUNK, state, state_every=CHUNK)
+    assert max_diff(y, y_ref) <= 1e-5 and max_diff(final, final_ref) <= 1e-5
+    for j in range(6):
+        _, ref = ssd_sequential(x[:, :j * CHUNK], dt[:, :j * CHUNK], A, B[:, :j * CHUNK], C[:, :j * CHUNK], CHUNK, state)
+        assert max_diff(starts[:, j], ref) <= 1e-5, f"state entering chunk {j}"
+
+
+def test_gradients_through_groups_equal_sequential(one_chunk_groups):
+    inputs = random_inputs(3 * CHUNK + 2, p=8, n=4, seed=3)
+    grads = []
+    for scan in (ssd_chunked, ssd_sequential):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        x, dt, A, B, C, state = leaves
+        y, s = scan(x, dt, A, B, C, CHUNK, state)
+        (y.sin().sum() + s.cos().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, g_chunk, g_seq in zip("x dt A B C state".split(), *grads, strict=True):
+        d = max_diff(g_chunk, g_seq) / max(1.0, g_seq.abs().max().item())
+        assert d <= 1e-5, f"d/d{name} differs by {d:.3g} (relative to its largest entry)"
+
+
+@pytest.mark.parametrize("cpu_chunk", [16, 64, 128])
+def test_cpu_chunk_cap_does_not_change_the_result(cpu_chunk, monkeypatch):
+    """On CPU the scan caps its chunks at CPU_CHUNK steps whatever chunk_size says: any chunking is the
+    same function."""
+    from twotower_cli.ops import ssd
+
+    monkeypatch.setattr(ssd, "CPU_CHUNK", cpu_chunk)
+    x, dt, A, B, C, state = random_inputs(300, b=1, seed=4)
+    with torch.no_grad():
+        y, final = ssd_chunked(x, dt, A, B, C, 128, state)
+        y_ref, final_ref = ssd_sequential(x, dt, A, B, C, 128, state)
+    # (relative to the largest entry: a 128-step chunk sums more terms than the others at this length)
+    assert max_diff(y, y_ref) / y_ref.abs().max() <= 5e-6, f"{max_diff(y, y_ref):.3g} vs {y_ref.abs().max():.3g}"
+    assert max_diff(final, final_ref) / final_ref.abs().max() <= 5e-6
+
+
+def test_strong_decay_is_exact_and_causal():
+    """Log-decays far below fp32's exp range (dt·A down to -80 a step) take the clamped exp path: results
+    still match the recurrence, and the future has exactly no influence on the past."""
+    x, dt, A, B, C, state = random_inputs(3 * CHUNK + 1, seed=5)
+    dt = dt * 15  # up to ~4.5, with A down to -8.5: a single step can decay by e^-38, a chunk by far more
+    y, final = ssd_chunked(x, dt, A, B, C, CHUNK, state)
+    y_ref, final_ref = ssd_sequential(x, dt, A, B, C, CHUNK, state)
+    assert torch.isfinite(y).all()
+    assert max_diff(y, y_ref) <= 1e-5 and max_diff(final, final_ref) <= 1e-5
+    t = CHUNK + 3  # change everything from position t on: outputs before t must not move at all
+    x2, B2 = x.clone(), B.clone()
+    x2[:, t:] += 100.0
+    B2[:, t:] *= -3.0
+    y2, _ = ssd_chunked(x2, dt, A, B2, C, CHUNK, state)
+    assert torch.equal(y2[:, :t], y[:, :t])

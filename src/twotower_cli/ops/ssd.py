@@ -24,6 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# exp() of fp32 arguments below about -87.3 (results that are subnormal or 0) takes a slow path on CPU
+# (10-40x slower per element, measured with torch 2.13 on AVX-512), and across a chunk a strongly decaying
+# head has many log-decays down there. Clamping at -87 turns a weight below 1.7e-38 into 1.7e-38: far
+# below fp32 resolution of anything it is added to.
+_EXP_FLOOR = -87.0
+# `ssd_chunked` works through the chunks a group at a time, with about this many fp32 elements (8 MB) of
+# per-chunk temporaries in a group.
+_GROUP_ELEMENTS = 1 << 21
+# On CPU the scan runs in chunks of at most this many steps, whatever the model's chunk_size (128 for
+# Nano). Any chunking computes the same function: the chunk size only trades the quadratic work inside
+# chunks against the state work between them, and with head_dim 64 and state 128 the balance on CPU is at
+# 64 (benchmarks/ssd.py prints both). GPUs run NVIDIA's chunk_size through the mamba_ssm kernels.
+CPU_CHUNK = 64
+
 
 def _heads_per_group(h: int, g: int) -> int:
     if h % g:
@@ -42,70 +56,120 @@ def ssd_chunked(
     [b, L/e, h, p, n] (index 0 is the initial state), from the same pass: the scan then uses chunks of
     gcd(chunk_size, e), so that every multiple of e is a chunk boundary (training reads the state at every
     block boundary this way).
-    Internally everything is laid out head-major, [b, c, g, r, s, ...] (c chunks of s steps, r = h // g heads
-    per group), so that every contraction is a plain batched matmul.
+    Chunks are processed a group at a time (`_scan_group`), so that the per-head [s, s] temporaries stay a
+    few MB whatever the length: memory is bounded on long prompts, and the allocator hands the same blocks
+    back for every group instead of mapping (and page-faulting in) fresh memory — on CPU that was as much
+    time as the arithmetic.
     """
     b, L, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     r = _heads_per_group(h, g)
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
 
+    if x.device.type == "cpu":
+        chunk_size = min(chunk_size, CPU_CHUNK)
     if state_every:
         if L % state_every:
             raise ValueError(f"length {L} is not a multiple of state_every={state_every}")
         chunk_size = math.gcd(chunk_size, state_every)
     elif L < chunk_size:
-        chunk_size = L  # one chunk, no padding: short inputs (a denoiser block, a decode burst) stay cheap
+        chunk_size = max(L, 1)  # one chunk, no padding: short inputs (a denoiser block, a decode burst) stay cheap
     pad = (-L) % chunk_size
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     c, s = (L + pad) // chunk_size, chunk_size
+    x = x.reshape(b, c, s, g, r, p)
 
-    x = x.reshape(b, c, s, g, r, p).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,r,s,p]
-    dt = dt.reshape(b, c, s, g, r).permute(0, 1, 3, 4, 2)  # [b,c,g,r,s]
-    B = B.reshape(b, c, s, g, n).transpose(2, 3)  # [b,c,g,s,n]
-    C = C.reshape(b, c, s, g, n).transpose(2, 3)
-    xdt = x * dt[..., None]
+    # Layout. Every contraction below is a batched matmul, and a batched matmul copies any operand whose
+    # batch dimensions do not fold into one stride. So each big intermediate is produced directly in the
+    # order its consumer reads: an elementwise op writes its output in the memory order of its first input
+    # that has one, and the small per-(step, head) factors are put first, already in the wanted order.
+    # (Only speed depends on this: `.contiguous()` / `reshape` are no-ops when it holds, copies if not.)
+    # Comments give logical dims, and the memory order where it differs. States are kept as [n, r·p]
+    # matrices per group: the r heads of a group share B and C, so they are folded into the columns of the
+    # state matmuls instead of broadcasting B and C r times.
+    #
+    # First, everything that is small (per step and head, or per step and group) for all chunks at once.
+    dt = dt.reshape(b, c, s, g, r).permute(0, 1, 3, 4, 2).contiguous()  # [b,c,g,r,s]
     a_cum = torch.cumsum(dt * A.reshape(g, r, 1), dim=-1)  # running log-decay inside each chunk, [b,c,g,r,s]
+    B = B.reshape(b, c, s, g, n).transpose(2, 3).contiguous()  # [b,c,g,s,n]
+    C = C.reshape(b, c, s, g, n).transpose(2, 3).contiguous()
+    # C·B, zeroed above the diagonal (the future); the log-decay is clamped to ≤ 0 there (below), so the
+    # future gets an exact 0 weight with finite gradients.
+    cb = (C @ B.transpose(-1, -2)).tril_()  # [b,c,g,t,u]
+    to_end = torch.exp(a_cum[..., -1:] - a_cum).transpose(-1, -2).contiguous()  # [b,c,g,s,r]: step → chunk end
+    grow = torch.exp(a_cum).permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 2, 4)  # [b,c,g,s,r], memory [b,c,s,g,r]
+    chunk_decay = torch.exp(a_cum[..., -1])[..., None].expand(b, c, g, r, p).reshape(b, c, g, 1, r * p)
+    small = (dt, a_cum, B, C, cb, to_end, grow, chunk_decay)
 
-    # 1. Inside each chunk: y_t = Σ_{u≤t} (C_t·B_u) exp(a_cum[t] - a_cum[u]) dt_u x_u.
-    # (The difference of running sums is what the mamba_ssm kernels use too; masking to -inf *before* exp
-    # keeps the upper triangle at exactly 0 with finite gradients. In-place ops: these are the big tensors.)
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
-    scores = (C @ B.transpose(-1, -2))[:, :, :, None] * decay  # [b,c,g,r,t,u]
-    y = scores @ xdt  # [b,c,g,r,s,p]
+    state = (torch.zeros(b, g, n, r * p, device=x.device) if initial_state is None
+             else initial_state.float().reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, r * p))
+    # Under autograd nothing is written into preallocated buffers; without it the output is.
+    out = None if torch.is_grad_enabled() else x.new_empty(b, c, s, g, r, p)
+    per = max(1, _GROUP_ELEMENTS // (h * (s * s + 4 * s * p + 2 * n * p)))  # chunks per group
+    ys, starts = [], []
+    for c0 in range(0, c, per):
+        part = slice(c0, min(c, c0 + per))
+        y_part, start_part, state = _scan_group(x[:, part], *(t[:, part] for t in small), state,
+                                                None if out is None else out[:, part])
+        ys.append(y_part)
+        if state_every:  # (otherwise let each group's buffers go, so that the next group reuses them)
+            starts.append(start_part)
+    y = out if out is not None else ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
-    # 2. Each chunk's own contribution to the state at its end, starting from zero. States are kept as
-    # [n, p] (transposed) inside this function so that both matmuls below read contiguous operands.
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,c,g,r,s]
-    # The r heads of a group share B: fold them into the matmul's columns instead of broadcasting B r times.
-    fed = (xdt * to_end[..., None]).permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, s, r * p)  # [b,c,g,s,r·p]
-    chunk_states = (B.transpose(-1, -2) @ fed).view(b, c, g, n, r, p).permute(0, 1, 2, 4, 3, 5)  # [b,c,g,r,n,p]
-
-    # 3. Across chunks: a short recurrence over the c chunk boundaries (c = L / chunk_size, small).
-    chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # [b,c,g,r,1,1]
-    state = (torch.zeros(b, g, r, n, p, device=x.device) if initial_state is None
-             else initial_state.float().reshape(b, g, r, p, n).transpose(-1, -2))
-    starts = []
-    for ci in range(c):
-        starts.append(state)
-        state = state * chunk_decay[:, ci] + chunk_states[:, ci]
-    start_states = torch.stack(starts, dim=1)  # state entering each chunk, [b,c,g,r,n,p]
-
-    # 4. The entering state's contribution: y_t += exp(a_cum[t]) C_t · h_start.
-    # (C shared by the r heads of a group, as B above: one matmul over [n, r·p].)
-    entering = start_states.permute(0, 1, 2, 4, 3, 5).reshape(b, c, g, n, r * p)
-    from_start = (C @ entering).view(b, c, g, s, r, p).permute(0, 1, 2, 4, 3, 5)  # [b,c,g,r,s,p]
-    y = y + from_start * torch.exp(a_cum)[..., None]
-
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * s, h, p)[:, :L]
-    final = state.transpose(-1, -2).reshape(b, h, p, n)
+    y = y.reshape(b, c * s, h, p)[:, :L]
+    final = state.view(b, g, n, r, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
     if state_every:
-        every = start_states[:, ::state_every // chunk_size].transpose(-1, -2)  # [b,L/e,g,r,p,n]
-        return y, final, every.reshape(b, L // state_every, h, p, n)
+        start_states = starts[0] if len(starts) == 1 else torch.cat(starts, dim=1)  # [b,c,g,n,r·p]
+        every = start_states[:, ::state_every // chunk_size].view(b, L // state_every, g, n, r, p)
+        return y, final, every.permute(0, 1, 2, 4, 5, 3).reshape(b, L // state_every, h, p, n)
     return y, final
+
+
+def _scan_group(x: Tensor, dt: Tensor, a_cum: Tensor, B: Tensor, C: Tensor, cb: Tensor, to_end: Tensor,
+                grow: Tensor, chunk_decay: Tensor, state: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A run of whole chunks, with the small tensors `ssd_chunked` prepared (same names and layouts) and x
+    [b,c,s,g,r,p], state [b,g,n,r·p]. Returns y [b,c,s,g,r,p] (written into `out` when given), the states
+    entering each chunk [b,c,g,n,r·p] and the state after the last one."""
+    b, c, s, g, r, p = x.shape
+    n = B.shape[-1]
+    xdt = (dt[..., None] * x.permute(0, 1, 3, 4, 2, 5)).contiguous()  # [b,c,g,r,s,p]
+
+    # 1. Inside each chunk: y_t = Σ_{u≤t} (C_t·B_u) exp(a_cum[t] - a_cum[u]) dt_u x_u. (The difference of
+    # running sums is what the mamba_ssm kernels use too. In-place ops: these [s, s] tensors are the big ones.)
+    decay = (a_cum[..., :, None] - a_cum[..., None, :]).clamp_(_EXP_FLOOR, 0.0).exp_()  # [b,c,g,r,t,u]
+    scores = decay * cb[:, :, :, None] if out is None else decay.mul_(cb[:, :, :, None])
+    y_in = scores @ xdt  # [b,c,g,r,s,p]
+
+    # 2. Each chunk's own contribution to the state at its end, starting from zero.
+    fed = (to_end[..., None] * xdt.transpose(3, 4)).reshape(b, c, g, s, r * p)  # memory order as named
+    chunk_states = B.transpose(-1, -2) @ fed  # [b,c,g,n,r·p]
+
+    # 3. Across chunks: a short, memory-bound recurrence over the chunk boundaries. states[:, k] is the
+    # state entering chunk k, states[:, c] the one after the last; without autograd each step writes into
+    # its slot.
+    if out is None:
+        steps = [state]
+        for ci in range(c):
+            steps.append(torch.addcmul(chunk_states[:, ci], steps[-1], chunk_decay[:, ci]))
+        states = torch.stack(steps, dim=1)  # [b,c+1,g,n,r·p]
+    else:
+        states = x.new_empty(b, c + 1, g, n, r * p)
+        states[:, 0] = state
+        for ci in range(c):
+            torch.addcmul(chunk_states[:, ci], states[:, ci], chunk_decay[:, ci], out=states[:, ci + 1])
+    start_states = states[:, :c]
+
+    # 4. The entering state's contribution, y_t += exp(a_cum[t]) C_t · h_start, written straight into the
+    # output's memory order [b,c,s,g,r,p] (the exp factor, laid out that way, leads).
+    from_start = (C @ start_states).view(b, c, g, s, r, p)
+    if out is None:
+        y = (grow[..., None] * from_start + y_in.transpose(3, 4)).transpose(2, 3)  # [b,c,s,g,r,p]
+    else:
+        y = out
+        torch.addcmul(y_in.transpose(3, 4), grow[..., None], from_start, out=out.transpose(2, 3))
+    return y, start_states, states[:, c]
 
 
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
