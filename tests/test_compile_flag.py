@@ -40,3 +40,31 @@ def test_bench_compile_flag(folder, monkeypatch):
                                        "--thresholds", "0.8", "--repeat", "1", "--json", "--compile"])
     assert r.exit_code == 0, r.output
     assert len(calls) == 1
+
+
+def test_loading_a_model_does_not_import_dynamo():
+    """torch._dynamo costs ~1 s of start-up: nothing on the way to a first generated token may import it
+    unless --compile asks for it (it came in once through `torch.compiler.disable` decorators at import,
+    once through nn.Embedding's init on the meta device)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from twotower_cli.runtime import open_runtime\n"
+            "rt = open_runtime('tiny', True)\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prepare_compile_keeps_every_kernel_wrapper_out_of_graphs(monkeypatch):
+    from twotower_cli.ops import kernels
+
+    for name in kernels._EAGER:  # restored after the test: other tests call the plain wrappers
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+    assert set(kernels._EAGER) >= {"call", "ssd_chunked", "ssd_step", "causal_conv", "gated_rmsnorm"}
+    kernels.prepare_compile()
+    kernels.prepare_compile()  # idempotent: wraps once
+    for name in kernels._EAGER:
+        fn = getattr(kernels, name)
+        assert getattr(fn, "_torchdynamo_disable", False), name
+        assert not getattr(fn._torchdynamo_orig_callable, "_torchdynamo_disable", False), name

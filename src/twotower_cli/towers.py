@@ -33,6 +33,7 @@ from twotower_cli.layout import TIME_EMBED_DIM
 from twotower_cli.model.cache import KVCache, MambaState, TowerCache
 from twotower_cli.model.loading import load_state
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM, NemotronHModel
+from twotower_cli.ops import kernels
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
@@ -265,6 +266,7 @@ class TowerBackend:
         block forward (`--compile`). Default mode, dynamic shapes: the KV cache grows every step, and CUDA
         graphs ("reduce-overhead") would hand back output buffers that the next step overwrites while the
         cache still holds them. The mamba-ssm kernels run outside the graph (`torch.compiler.disable`)."""
+        kernels.prepare_compile()
         self._tower_step = torch.compile(self.ar.backbone, dynamic=True)
         if self.twotower is not None:
             self._block_step = torch.compile(self.twotower.denoise, dynamic=True)

@@ -170,9 +170,27 @@ def force(kernels: str | None = None, sdpa: bool | None = None) -> Iterator[None
 # ---------------------------------------------------------------------------------------------- wrappers
 
 _failed: dict[str, str] = {}  # op name → why its kernel was given up (auto mode)
+_EAGER: list[str] = []  # the wrappers below, by name, which torch.compile must not trace
 
 
-@torch.compiler.disable
+def _eager(fn: Callable) -> Callable:
+    """Mark a wrapper to run outside torch.compile graphs (mamba-ssm's Triton and CUDA calls are not
+    traceable). `torch.compiler.disable` itself is applied by `prepare_compile`, only when something is
+    compiled: it imports torch._dynamo, about 1 s of start-up that every command would pay otherwise.
+    Callers reach the wrappers as `kernels.<name>` attributes, so they pick up the replaced functions."""
+    _EAGER.append(fn.__name__)
+    return fn
+
+
+def prepare_compile() -> None:
+    """Keep the kernel wrappers out of torch.compile graphs; call before compiling anything that uses them."""
+    module = globals()
+    for name in _EAGER:
+        if not getattr(module[name], "_torchdynamo_disable", False):
+            module[name] = torch.compiler.disable(module[name])
+
+
+@_eager
 def call(name: str, kernel_fn: Callable, torch_fn: Callable, *args):
     """`kernel_fn(*args)`. In auto mode a kernel that raises (a shape its build does not support, e.g. the tiny
     test model's 8-wide state, or a broken install) is reported once with a warning and `torch_fn` (same
@@ -200,7 +218,7 @@ def _kernels() -> Kernels:
     return k
 
 
-@torch.compiler.disable
+@_eager
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                 initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ops.ssd.ssd_chunked on mamba_chunk_scan_combined. Outputs fp32; `initial_state` is only read."""
@@ -253,7 +271,7 @@ def _short_seeded_ok(device: torch.device) -> bool:
     return _short_ok[key]
 
 
-@torch.compiler.disable
+@_eager
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """ops.ssd.ssd_step on selective_state_update; returns a new state, `state` is left untouched."""
     k = _kernels()
@@ -268,7 +286,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     return y.float(), new_state
 
 
-@torch.compiler.disable
+@_eager
 def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """Mamba2Mixer.conv on causal_conv1d: xBC [b, L, c] raw, conv_state [b, c, K] (None = zeros) → (silu(conv)
     [b, L, c], the last K raw columns [b, c, K]). `conv_state` is only read."""
@@ -293,7 +311,7 @@ def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Te
     return out.transpose(1, 2), new_state
 
 
-@torch.compiler.disable
+@_eager
 def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: float) -> Tensor:
     """GatedGroupRMSNorm on layernorm_gated.rmsnorm_fn: norm(y * silu(z)) per group, times weight, in z's dtype."""
     k = _kernels()
