@@ -77,9 +77,21 @@ def test_inputs_not_modified_and_fp32_out():
     assert y.dtype == s.dtype == torch.float32
 
 
-def test_gradients_equal_sequential():
-    """Denoiser training backpropagates through the chunked scan: its gradients must be the recurrence's."""
-    inputs = random_inputs(21, p=8, n=4, seed=1)
+@pytest.fixture
+def one_chunk_groups(monkeypatch):
+    """Make `ssd_chunked` take its chunks one group at a time (normally a group is several MB of work)."""
+    from twotower_cli.ops import ssd
+
+    monkeypatch.setattr(ssd, "_GROUP_ELEMENTS", 1)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gradients_equal_sequential(grouped, request):
+    """Denoiser training backpropagates through the chunked scan: its gradients must be the recurrence's,
+    also when the scan goes a group of chunks at a time."""
+    if grouped:
+        request.getfixturevalue("one_chunk_groups")
+    inputs = random_inputs(3 * CHUNK + 2, p=8, n=4, seed=3) if grouped else random_inputs(21, p=8, n=4, seed=1)
     grads = []
     for scan in (ssd_chunked, ssd_sequential):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -106,14 +118,6 @@ def test_state_every_returns_block_boundary_states(every):
         assert d <= 1e-5, f"state entering position {j * every} differs by {d:.3g}"
 
 
-@pytest.fixture
-def one_chunk_groups(monkeypatch):
-    """Make `ssd_chunked` take its chunks one group at a time (normally a group is several MB of work)."""
-    from twotower_cli.ops import ssd
-
-    monkeypatch.setattr(ssd, "_GROUP_ELEMENTS", 1)
-
-
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference"])
 @pytest.mark.parametrize("grouped", [False, True])
 def test_every_execution_path_equals_sequential(mode, grouped, request):
@@ -132,20 +136,6 @@ def test_every_execution_path_equals_sequential(mode, grouped, request):
     for j in range(6):
         _, ref = ssd_sequential(x[:, :j * CHUNK], dt[:, :j * CHUNK], A, B[:, :j * CHUNK], C[:, :j * CHUNK], CHUNK, state)
         assert max_diff(starts[:, j], ref) <= 1e-5, f"state entering chunk {j}"
-
-
-def test_gradients_through_groups_equal_sequential(one_chunk_groups):
-    inputs = random_inputs(3 * CHUNK + 2, p=8, n=4, seed=3)
-    grads = []
-    for scan in (ssd_chunked, ssd_sequential):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        x, dt, A, B, C, state = leaves
-        y, s = scan(x, dt, A, B, C, CHUNK, state)
-        (y.sin().sum() + s.cos().sum()).backward()
-        grads.append([t.grad for t in leaves])
-    for name, g_chunk, g_seq in zip("x dt A B C state".split(), *grads, strict=True):
-        d = max_diff(g_chunk, g_seq) / max(1.0, g_seq.abs().max().item())
-        assert d <= 1e-5, f"d/d{name} differs by {d:.3g} (relative to its largest entry)"
 
 
 @pytest.mark.parametrize("cpu_chunk", [16, 64, 128])
