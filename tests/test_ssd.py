@@ -22,7 +22,7 @@ def random_inputs(L: int, b: int = 2, h: int = 4, p: int = 16, g: int = 2, n: in
     return x, dt, A, B, C, state
 
 
-@pytest.mark.parametrize("L", [1, 7, CHUNK, 3 * CHUNK + 5])
+@pytest.mark.parametrize("L", [0, 1, 7, CHUNK, 3 * CHUNK + 5])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunked_equals_sequential(L, with_state):
     x, dt, A, B, C, state = random_inputs(L)

@@ -65,6 +65,10 @@ def ssd_chunked(
     g, n = B.shape[-2], B.shape[-1]
     r = _heads_per_group(h, g)
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    if L == 0:
+        final = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float().clone()
+        empty = x.new_zeros(b, 0, h, p)
+        return (empty, final, x.new_zeros(b, 0, h, p, n)) if state_every else (empty, final)
 
     if x.device.type == "cpu":
         chunk_size = min(chunk_size, CPU_CHUNK)
@@ -73,7 +77,7 @@ def ssd_chunked(
             raise ValueError(f"length {L} is not a multiple of state_every={state_every}")
         chunk_size = math.gcd(chunk_size, state_every)
     elif L < chunk_size:
-        chunk_size = max(L, 1)  # one chunk, no padding: short inputs (a denoiser block, a decode burst) stay cheap
+        chunk_size = L  # one chunk, no padding: short inputs (a denoiser block, a decode burst) stay cheap
     pad = (-L) % chunk_size
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
@@ -113,7 +117,8 @@ def ssd_chunked(
         part = slice(c0, min(c, c0 + per))
         y_part, start_part, state = _scan_group(x[:, part], *(t[:, part] for t in small), state,
                                                 None if out is None else out[:, part])
-        ys.append(y_part)
+        if out is None:
+            ys.append(y_part)
         if state_every:  # (otherwise let each group's buffers go, so that the next group reuses them)
             starts.append(start_part)
     y = out if out is not None else ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
