@@ -3,7 +3,7 @@ the wrappers' argument conventions against CPU stand-ins that follow the kernels
 the CPU small-L conv, the SDPA attention path against the explicit one; and, with `-m gpu` on a CUDA machine
 with mamba-ssm and causal-conv1d, the real kernels against the torch reference.
 
-The stand-ins (`FAKE`) implement the public reference semantics of the kernels (mamba_ssm's
+The stand-ins (`fake_*`) implement the public reference semantics of the kernels (mamba_ssm's
 `selective_state_update_ref`, `rms_norm_ref`, causal-conv1d's `causal_conv1d_ref` / `causal_conv1d_update_ref`
 and the C++ layout checks, mamba_chunk_scan_combined's shapes and its chunk states kept in C's dtype), including
 their in-place writes, so a wrapper that forgets a clone, a transpose or an expand fails here on CPU.
@@ -34,12 +34,13 @@ def randn(*shape, seed=0):
 # ------------------------------------------------------------------------------------------- CPU stand-ins
 
 def fake_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-                    dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+                    cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
+                    return_varlen_states=False):
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
     assert dt.shape == (b, L, h) and A.shape == (h,) and B.shape == (b, L, g, n) and C.shape == B.shape
     assert initial_states is None or initial_states.shape == (b, h, p, n)
-    assert D is None and z is None and seq_idx is None
+    assert D is None and z is None and seq_idx is None and cu_seqlens is None and not return_varlen_states
     dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
     dt = F.softplus(dt) if dt_softplus else dt
     if dt_limit != (0.0, float("inf")):
@@ -50,22 +51,34 @@ def fake_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
     return (y, final) if return_final_states else y
 
 
-def fake_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def _launch(*args):
+    return args
+
+
+def fake_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                      state_batch_indices=None):
+    """mamba-ssm 2.3.2's selective_state_update: its shape asserts, then the launch's argument expressions
+    (copied as expressions: `dt_bias.stride(-1)` and the starred D strides fail on None), then the math."""
     b, h, p, n = state.shape
     assert x.shape == (b, h, p) and dt.shape == x.shape and A.shape == (h, p, n)
-    assert B.shape[0] == b and B.shape[-1] == n and C.shape == B.shape and D is None and z is None
-    # the kernel's tie_hdim test reads dt_bias.stride(-1) whenever A and dt are stride-0 expands
+    g = B.shape[1]
+    assert h % g == 0 and B.shape == (b, g, n) and C.shape == B.shape
+    assert D is None or D.shape == (h, p)
+    assert z is None or z.shape == x.shape
+    assert dt_bias is None or dt_bias.shape == (h, p)
+    assert state_batch_indices is None
     tie_hdim = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0
-    del tie_hdim
-    if dt_bias is not None:
-        assert dt_bias.shape == (h, p)
-        dt = dt + dt_bias
+    _launch(*(dt_bias.stride(0), dt_bias.stride(1)) if dt_bias is not None else 0, tie_hdim)
+    _launch(*(D.stride(0), D.stride(1)) if D is not None else 0)
+    dt = dt + dt_bias
     dt = F.softplus(dt) if dt_softplus else dt
-    r = h // B.shape[1]
+    r = h // g
     Bh, Ch = B.repeat_interleave(r, dim=1), C.repeat_interleave(r, dim=1)
     dA = torch.exp(dt[..., None] * A)
     state.copy_(state * dA + (dt[..., None] * Bh[:, :, None, :]) * x[..., None])
-    out = torch.einsum("bhpn,bhn->bhp", state.to(C.dtype), Ch)
+    out = torch.einsum("bhpn,bhn->bhp", state.to(C.dtype), Ch) + x * D
+    if z is not None:
+        out = out * F.silu(z)
     return out.to(x.dtype)
 
 
@@ -106,15 +119,26 @@ def fake_rmsnorm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before
     return out.to(x.dtype)
 
 
-FAKE = kernels.Kernels(fake_chunk_scan, fake_state_update, fake_conv_fn, fake_conv_update, fake_rmsnorm)
+FAKE_MAMBA = dict(chunk_scan=fake_chunk_scan, state_update=fake_state_update, rmsnorm=fake_rmsnorm)
+FAKE_CONV = dict(conv_fn=fake_conv_fn, conv_update=fake_conv_update)
+
+
+def install_fakes(monkeypatch, mamba=True, conv=True):
+    def missing(name):
+        def importer():
+            raise ImportError(f"No module named {name!r}")
+        return importer
+
+    monkeypatch.setattr(kernels, "_import_mamba", (lambda: FAKE_MAMBA) if mamba else missing("mamba_ssm"))
+    monkeypatch.setattr(kernels, "_import_conv", (lambda: FAKE_CONV) if conv else missing("causal_conv1d"))
 
 
 @pytest.fixture
 def fake_kernels(monkeypatch):
     """The wrappers run on CPU against the stand-ins; every op of the model takes the kernel branch."""
     kernels._reset_probe()
-    monkeypatch.setattr(kernels, "_import_kernels", lambda: FAKE)
-    monkeypatch.setattr(kernels, "use_kernels", lambda t: True)
+    install_fakes(monkeypatch)
+    monkeypatch.setattr(kernels, "use_kernels", lambda t, family=kernels.MAMBA: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a wrapper bug must fail here, not fall back to torch quietly
         yield
@@ -139,12 +163,16 @@ def test_probe_catches_any_exception_and_caches(monkeypatch, exc):
         calls.append(1)
         raise exc
 
-    monkeypatch.setattr(kernels, "_import_kernels", broken)
+    monkeypatch.setattr(kernels, "_import_mamba", broken)
+    monkeypatch.setattr(kernels, "_import_conv", broken)
     try:
-        assert kernels.probe() is None and kernels.probe() is None
-        assert len(calls) == 1, "the probe must be cached"
-        assert type(exc).__name__ in kernels.unavailable_reason()
-        assert not kernels.use_kernels(torch.zeros(1))
+        k = kernels.probe()
+        assert kernels.probe() is k and len(calls) == 2, "the probe must be cached (one import per family)"
+        assert k.chunk_scan is None and k.conv_fn is None
+        for family in kernels.FAMILIES:
+            assert not kernels.available(family) and type(exc).__name__ in kernels.unavailable_reason(family)
+            assert not kernels.use_kernels(torch.zeros(1), family)
+        assert "mamba-ssm no" in kernels.describe() and "causal-conv1d no" in kernels.describe()
     finally:
         kernels._reset_probe()
 
@@ -158,21 +186,45 @@ def test_env_override(monkeypatch):
         kernels.use_kernels(t)
     monkeypatch.setenv(kernels.ENV, "cuda")
     kernels._reset_probe()
-    monkeypatch.setattr(kernels, "_import_kernels", lambda: (_ for _ in ()).throw(ImportError("no mamba_ssm")))
+    install_fakes(monkeypatch, mamba=False, conv=False)
     try:
-        with pytest.raises(TwoTowerError, match="do not import"):
+        with pytest.raises(TwoTowerError, match="mamba-ssm kernels do not import"):
             kernels.use_kernels(t)
-        monkeypatch.setattr(kernels, "_import_kernels", lambda: FAKE)
+        install_fakes(monkeypatch)
         kernels._reset_probe()
+        for family in kernels.FAMILIES:
+            with pytest.raises(TwoTowerError, match="on cpu"):
+                kernels.use_kernels(t, family)  # kernels importable but the tensor is on the CPU
+    finally:
+        kernels._reset_probe()
+
+
+def test_families_are_probed_separately(monkeypatch):
+    """mamba-ssm without causal-conv1d (the usual partial install): the scan family is there, the conv is not,
+    and TWOTOWER_KERNELS=cuda names the missing one only for the conv."""
+    kernels._reset_probe()
+    install_fakes(monkeypatch, conv=False)
+    monkeypatch.setenv(kernels.ENV, "cuda")
+    t = torch.zeros(1)
+    try:
+        assert kernels.available(kernels.MAMBA) and not kernels.available(kernels.CONV)
+        assert kernels.probe().chunk_scan is fake_chunk_scan and kernels.probe().conv_fn is None
+        assert "causal_conv1d" in kernels.unavailable_reason(kernels.CONV)
+        assert kernels.unavailable_reason(kernels.MAMBA) == ""
+        assert kernels.describe().startswith("mamba-ssm yes · causal-conv1d no")
         with pytest.raises(TwoTowerError, match="on cpu"):
-            kernels.use_kernels(t)  # kernels importable but the tensor is on the CPU
+            kernels.use_kernels(t, kernels.MAMBA)
+        with pytest.raises(TwoTowerError, match="causal-conv1d kernels do not import"):
+            kernels.use_kernels(t, kernels.CONV)
+        with pytest.raises(ValueError):
+            kernels.available("flash")
     finally:
         kernels._reset_probe()
 
 
 def test_auto_is_torch_on_cpu_and_force_beats_env(monkeypatch):
     kernels._reset_probe()
-    monkeypatch.setattr(kernels, "_import_kernels", lambda: FAKE)
+    install_fakes(monkeypatch)
     t = torch.zeros(1)
     try:
         monkeypatch.delenv(kernels.ENV, raising=False)
@@ -295,11 +347,87 @@ def test_mixer_seeded_with_stand_ins_equals_torch(fake_kernels, monkeypatch, L):
     x = randn(2, L, cfg.hidden_size, seed=3)
     with torch.no_grad():
         out, st = mixer(x, seed)
-        monkeypatch.setattr(kernels, "use_kernels", lambda t: False)
+        monkeypatch.setattr(kernels, "use_kernels", lambda t, family=kernels.MAMBA: False)
         ref, ref_st = mixer(x, seed)
     assert torch.equal(seed.conv, keep.conv) and torch.equal(seed.ssm, keep.ssm)
     assert max_diff(out, ref) <= 1e-5 and max_diff(st.ssm, ref_st.ssm) <= 1e-5
     assert torch.equal(st.conv, ref_st.conv)
+
+
+@pytest.mark.parametrize("only", [kernels.MAMBA, kernels.CONV])
+def test_mixer_with_one_family_uses_it_and_torch_for_the_other(fake_kernels, monkeypatch, only):
+    """The mixer asks per op: with one family available, that family's ops take the kernel branch (the other
+    family's wrappers must not be reached) and the numbers equal torch for prefill and decode."""
+    cfg = build_tiny_config("M", chunk_size=8)
+    mixer = build_tiny_model(cfg, std=0.1).backbone.layers[0].mixer
+    x = randn(2, 12, cfg.hidden_size, seed=4)
+    with torch.no_grad(), kernels.force(kernels="torch"):
+        ref, ref_st = mixer(x[:, :11])
+        ref_step, _ = mixer(x[:, 11:], ref_st)
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a kernel of the unavailable family was called")
+
+    used = []
+    monkeypatch.setattr(kernels, "use_kernels", lambda t, family=kernels.MAMBA: used.append(family) or family == only)
+    other = ("causal_conv",) if only == kernels.MAMBA else ("ssd_chunked", "ssd_step", "gated_rmsnorm")
+    for name in other:
+        monkeypatch.setattr(kernels, name, must_not_run)
+    with torch.no_grad():
+        out, st = mixer(x[:, :11])
+        step, _ = mixer(x[:, 11:], st)
+    assert set(used) == set(kernels.FAMILIES)
+    assert max_diff(out, ref) <= 1e-5 and max_diff(step, ref_step) <= 1e-5
+
+
+def _write_package(root, files):
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+_TRITON_ONLY = {  # mamba-ssm as MAMBA_SKIP_CUDA_BUILD=TRUE installs it: the __init__ needs the CUDA extension
+    "mamba_ssm/__init__.py": "from mamba_ssm.ops.selective_scan_interface import selective_scan_fn\n",
+    "mamba_ssm/ops/__init__.py": "",
+    "mamba_ssm/ops/selective_scan_interface.py": "import selective_scan_cuda\n",
+    "mamba_ssm/ops/triton/__init__.py": "",
+    "mamba_ssm/ops/triton/ssd_combined.py": "from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn\n"
+                                            "def mamba_chunk_scan_combined(*a, **k): return 'scan'\n",
+    "mamba_ssm/ops/triton/selective_state_update.py": "def selective_state_update(*a, **k): return 'step'\n",
+    "mamba_ssm/ops/triton/layernorm_gated.py": "def rmsnorm_fn(*a, **k): return 'norm'\n",
+}
+
+
+def _probe_in_subprocess(site, code):
+    env = {**__import__("os").environ, "PYTHONPATH": f"{site}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    pre = "import sys; from twotower_cli.ops import kernels; k = kernels.probe(); "
+    subprocess.run([sys.executable, "-c", pre + code], check=True, env=env)
+
+
+def test_mamba_ssm_without_its_cuda_extension_gives_the_triton_kernels(tmp_path):
+    _write_package(tmp_path, _TRITON_ONLY)
+    _probe_in_subprocess(tmp_path, (
+        "assert kernels.available(kernels.MAMBA), kernels.unavailable_reason(kernels.MAMBA); "
+        "assert (k.chunk_scan(), k.state_update(), k.rmsnorm()) == ('scan', 'step', 'norm'); "
+        "assert 'selective_scan_cuda' in k.mamba_note and 'triton kernels only' in kernels.describe(); "
+        "assert not kernels.available(kernels.CONV)"))
+
+
+def test_mamba_ssm_that_imports_normally_is_used_as_is(tmp_path):
+    _write_package(tmp_path, {**_TRITON_ONLY, "mamba_ssm/__init__.py": "__version__ = '9'\n"})
+    _probe_in_subprocess(tmp_path, "assert k.chunk_scan() == 'scan' and k.mamba_note == ''; "
+                                   "assert sys.modules['mamba_ssm'].__version__ == '9'")
+
+
+def test_mamba_ssm_without_triton_reports_the_missing_piece_and_leaves_no_stub(tmp_path):
+    files = dict(_TRITON_ONLY)
+    files["mamba_ssm/ops/triton/selective_state_update.py"] = "import triton_not_here\n"
+    _write_package(tmp_path, files)
+    _probe_in_subprocess(tmp_path, (
+        "assert not kernels.available(kernels.MAMBA); "
+        "assert 'triton_not_here' in kernels.unavailable_reason(kernels.MAMBA), kernels.unavailable_reason(); "
+        "assert 'mamba_ssm' not in sys.modules"))
 
 
 # ------------------------------------------------------------------------------------------- CPU conv, SDPA
@@ -372,9 +500,9 @@ def test_model_with_sdpa_equals_explicit_left_padded():
 
 # ------------------------------------------------------------------------------------------- GPU: real kernels
 
-def _need_kernels():
-    if kernels.probe() is None:
-        pytest.skip(f"mamba-ssm / causal-conv1d not importable: {kernels.unavailable_reason()}")
+def _need_kernels(family=kernels.MAMBA):
+    if not kernels.available(family):
+        pytest.skip(f"{family} not importable: {kernels.unavailable_reason(family)}")
 
 
 NANO = dict(h=64, p=64, g=8, n=128, chunk=128)
@@ -416,7 +544,7 @@ def test_gpu_state_update_equals_torch():
 @pytest.mark.parametrize("L", [1, 5, 16, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_causal_conv_equals_torch(L, dtype):
-    _need_kernels()
+    _need_kernels(kernels.CONV)
     c, K = 6144, 4
     w, bias = (randn(c, 1, K, seed=1) * 0.3).cuda().to(dtype), randn(c, seed=2).cuda().to(dtype)
     xBC = randn(2, L, c, seed=3).cuda().to(dtype)
@@ -472,10 +600,13 @@ def test_gpu_tower_kernels_equal_torch(dtype):
         parts.append(model(ids[:, 134:150], cache=cache))
         return torch.cat(parts, dim=1)
 
+    # every kernel that imports, errors propagating; without causal-conv1d the conv stays in torch (auto)
+    mode = "cuda" if kernels.available(kernels.CONV) else "auto"
     with torch.no_grad():
         with kernels.force(kernels="torch", sdpa=False):
             ref = run()
-        with kernels.force(kernels="cuda", sdpa=True):
+        with kernels.force(kernels=mode, sdpa=True), warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto: a kernel falling back to torch fails the test
             got = run()
     tol = 2e-3 if dtype == torch.float32 else 0.1
     assert max_diff(got, ref) <= tol * (1 + ref.abs().max().item()), f"max diff {max_diff(got, ref):.3e}"

@@ -117,7 +117,10 @@ def machine_info(device: torch.device) -> dict:
             "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine()}
     if device.type == "cuda":
+        from twotower_cli.ops import kernels
+
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["kernels"] = "torch (TWOTOWER_KERNELS=torch)" if kernels.mode() == "torch" else kernels.describe()
     return info
 
 

@@ -28,6 +28,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout.")] = False,
 ) -> None:
     """Measure ar, mock_ar and mask_diffusion (per threshold) on the same prompts, side by side."""
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
@@ -79,3 +80,5 @@ def bench(
     m = machine_info(rt.backend.device)
     console.print(f"[dim]{m['device']} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
                   f"{m['torch_threads']} threads · {settings['dtype']}[/]")
+    if "gpu" in m:
+        console.print(f"[dim]{escape(m['gpu'])} · kernels: {escape(m['kernels'])}[/]", highlight=False)

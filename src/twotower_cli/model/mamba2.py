@@ -52,7 +52,7 @@ class Mamba2Mixer(nn.Module):
     def conv(self, xBC: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv + SiLU. xBC [b, L, conv_dim] raw; conv_state [b, conv_dim, K] (previous raw
         columns, None = zeros). Returns (activated [b, L, conv_dim], new conv_state = last K raw columns)."""
-        if kernels.use_kernels(xBC):
+        if kernels.use_kernels(xBC, kernels.CONV):
             return kernels.call("causal_conv1d", lambda: kernels.causal_conv(
                 xBC, conv_state, self.conv1d.weight, self.conv1d.bias), lambda: self._conv_torch(xBC, conv_state))
         return self._conv_torch(xBC, conv_state)

@@ -1,9 +1,10 @@
 """Optional CUDA kernels (mamba-ssm, causal-conv1d) behind exactly the signatures of our torch ops.
 
-    use_kernels(t) -> bool          run the Mamba-2 kernels for a tensor t? (per call)
+    use_kernels(t, family=MAMBA)    run the kernels of a family (MAMBA or CONV) for a tensor t? (per call)
     use_sdpa(t) -> bool             use F.scaled_dot_product_attention in attention? (per call)
     force(kernels=None, sdpa=None)  context manager that overrides both (tests, benchmarks)
-    probe() -> Kernels | None       the imported kernel functions, or None (reason: `unavailable_reason()`)
+    probe() -> Kernels              the imported kernel functions (None fields for a family that did not import)
+    available(family), unavailable_reason(family), describe()   per family: MAMBA (mamba-ssm) or CONV (causal-conv1d)
 
     ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None) -> (y fp32, final_state fp32)   == ops.ssd
     ssd_step(state, x, dt, A, B, C) -> (y fp32, new_state fp32); `state` is not modified       == ops.ssd
@@ -14,6 +15,9 @@
 Selection (design principle 7): `TWOTOWER_KERNELS=torch|cuda|auto` (default auto). auto: the kernels when
 they import and the tensor is on CUDA; torch: the plain-torch reference everywhere (also the explicit
 attention math instead of SDPA); cuda: the kernels or a TwoTowerError. `force(...)` beats the variable.
+The two libraries are probed separately: with mamba-ssm alone (causal-conv1d is the harder one to build)
+the scan, step and norm run its kernels and the conv stays in torch. mamba-ssm installed without its CUDA
+extension (MAMBA_SKIP_CUDA_BUILD=TRUE) works too: the three kernels used here are Triton (`_import_mamba`).
 
 Nothing here imports mamba_ssm or causal_conv1d at package import time: without their compiled
 extensions they raise on import (ImportError, OSError for a missing .so, RuntimeError from triton…).
@@ -37,8 +41,10 @@ Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-
   dt [b,h,p], A [h,p,n], B [b,g,n], C [b,g,n], D=None, z=None, dt_bias=None, dt_softplus=False)` updates
   `state` IN PLACE and returns out [b,h,p] in x's dtype. Per-head dt/A are passed as stride-0 expands
   (`dt[..., None].expand(b,h,p)`, `A[:, None, None].expand(h,p,n)`), as transformers does; the kernel's
-  `tie_hdim` fast path then reads `dt_bias.stride(-1)`, which fails on None in some versions, so we pass
-  a zero dt_bias expanded the same way. We clone the state first (our ssd_step never mutates its input).
+  `tie_hdim` fast path then reads `dt_bias.stride(-1)`, and the launch unpacks `*(D.stride(0), D.stride(1))
+  if D is not None else 0`, a TypeError for D=None (mamba-ssm 2.3.2): both fail on None, so we pass zeros
+  for both (D·x is added by the mixer, as for the torch step), expanded the same way. We clone the state
+  first (our ssd_step never mutates its input).
 - `causal_conv1d.causal_conv1d_fn(x [b,c,L], weight [c,K], bias, seq_idx=None, initial_states [b,c,K-1]=None,
   return_final_states=False, activation="silu")`: initial_states only in channel-last layout (x.stride(1)
   == 1, initial_states.stride(1) == 1; csrc/causal_conv1d.cpp checks c % 8 == 0 and x.stride(0), x.stride(2)
@@ -73,42 +79,103 @@ _forced_sdpa: contextvars.ContextVar[bool | None] = contextvars.ContextVar("twot
 
 @dataclass(frozen=True)
 class Kernels:
-    chunk_scan: Callable  # mamba_chunk_scan_combined
-    state_update: Callable  # selective_state_update
-    conv_fn: Callable  # causal_conv1d_fn
-    conv_update: Callable  # causal_conv1d_update
-    rmsnorm: Callable  # layernorm_gated.rmsnorm_fn
+    """The kernel functions that imported; a family that did not import has None in its fields."""
+    chunk_scan: Callable | None = None  # mamba_ssm: mamba_chunk_scan_combined
+    state_update: Callable | None = None  # mamba_ssm: selective_state_update
+    rmsnorm: Callable | None = None  # mamba_ssm: layernorm_gated.rmsnorm_fn
+    conv_fn: Callable | None = None  # causal_conv1d: causal_conv1d_fn
+    conv_update: Callable | None = None  # causal_conv1d: causal_conv1d_update
+    mamba_note: str = ""  # how mamba_ssm was imported ("triton kernels only" when its package __init__ failed)
 
 
-_probe_result: list = []  # [Kernels | None, reason]: filled once by probe()
+MAMBA, CONV = "mamba-ssm", "causal-conv1d"  # the two kernel families: the scan/step/norm ops and the conv ops
+FAMILIES = (MAMBA, CONV)
+_MAMBA_MODULES = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.selective_state_update",
+                  "mamba_ssm.ops.triton.layernorm_gated")
+
+_probe_result: list = []  # [Kernels, {family: reason it did not import}]: filled once by probe()
 _short_ok: dict[str, bool] = {}  # device → kernel scan agrees with torch on short seeded blocks
 
 
-def _import_kernels() -> Kernels:
-    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+def _import_mamba() -> dict:
+    """mamba_ssm's three Triton kernels. They need triton, not mamba_ssm's compiled selective-scan extension,
+    but `mamba_ssm/__init__.py` imports that extension (`selective_scan_cuda`) unconditionally, so a mamba-ssm
+    installed with MAMBA_SKIP_CUDA_BUILD=TRUE (minutes faster to install; no CUDA compiler needed) or built for
+    another torch raises on any `import mamba_ssm...`. In that case the package is registered without running
+    its __init__ and the three submodules are imported from it: `mamba_ssm` then lacks its top-level names
+    (Mamba, selective_scan_fn, ...), which could not be imported in this environment anyway."""
+    import importlib
+    import importlib.util
+    import sys
 
-    return Kernels(mamba_chunk_scan_combined, selective_state_update, causal_conv1d_fn, causal_conv1d_update,
-                   rmsnorm_fn)
+    def load() -> dict:
+        ssd, ssu, norm = (importlib.import_module(m) for m in _MAMBA_MODULES)
+        return dict(chunk_scan=ssd.mamba_chunk_scan_combined, state_update=ssu.selective_state_update,
+                    rmsnorm=norm.rmsnorm_fn)
 
-
-def probe() -> Kernels | None:
-    """The kernel functions if mamba_ssm and causal_conv1d import, else None. Imported once, then cached."""
-    if not _probe_result:
+    try:
+        return load()
+    except Exception as first:  # noqa: BLE001 - see the docstring
+        spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
         try:
-            _probe_result[:] = [_import_kernels(), ""]
-        except BaseException as e:  # noqa: BLE001 - a broken extension can raise anything on import
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            _probe_result[:] = [None, f"{type(e).__name__}: {e}"]
+            kernels = load()
+        except Exception:  # the Triton modules fail too (no triton, say): that is the reason to report
+            del sys.modules["mamba_ssm"]
+            raise
+        return dict(kernels, mamba_note=f"triton kernels only ({type(first).__name__}: {first})")
+
+
+def _import_conv() -> dict:
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+
+    return dict(conv_fn=causal_conv1d_fn, conv_update=causal_conv1d_update)
+
+
+def probe() -> Kernels:
+    """The kernel functions of each family that imports (None fields for one that does not). Imported once,
+    then cached; `unavailable_reason(family)` says why a family is missing."""
+    if not _probe_result:
+        found: dict = {}
+        reasons: dict[str, str] = {}
+        for family, importer in ((MAMBA, _import_mamba), (CONV, _import_conv)):
+            try:
+                found.update(importer())
+            except BaseException as e:  # noqa: BLE001 - a broken extension can raise anything on import
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                reasons[family] = f"{type(e).__name__}: {e}"
+        _probe_result[:] = [Kernels(**found), reasons]
     return _probe_result[0]
 
 
-def unavailable_reason() -> str:
+def available(family: str = MAMBA) -> bool:
+    """Whether `family` (MAMBA or CONV) imported."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
     probe()
-    return _probe_result[1]
+    return family not in _probe_result[1]
+
+
+def unavailable_reason(family: str = MAMBA) -> str:
+    """Why `family` did not import ("" when it did)."""
+    probe()
+    return _probe_result[1].get(family, "")
+
+
+def describe() -> str:
+    """One line for reports: which kernel families imported, and why not."""
+    k = probe()
+    parts = []
+    for family in FAMILIES:
+        if available(family):
+            note = f" ({k.mamba_note.split(' (')[0]})" if family == MAMBA and k.mamba_note else ""
+            parts.append(f"{family} yes{note}")
+        else:
+            parts.append(f"{family} no ({unavailable_reason(family)})")
+    return " · ".join(parts)
 
 
 def _reset_probe() -> None:
@@ -129,21 +196,21 @@ def mode() -> str:
     return value
 
 
-def use_kernels(t: Tensor) -> bool:
-    """Whether the Mamba-2 ops on tensor `t` run the CUDA kernels (see the module docstring)."""
+def use_kernels(t: Tensor, family: str = MAMBA) -> bool:
+    """Whether an op of `family` (MAMBA: scan, one-token step, gated norm; CONV: the causal conv) on tensor `t`
+    runs its CUDA kernel (see the module docstring)."""
     m = mode()
     if m == "torch":
         return False
     if m == "cuda":
-        if probe() is None:
-            raise TwoTowerError(f"{ENV}=cuda but the mamba-ssm / causal-conv1d kernels do not import "
-                                f"({unavailable_reason()})",
-                                "install mamba-ssm and causal-conv1d built for this torch and CUDA, or unset "
-                                f"{ENV}")
+        if not available(family):
+            raise TwoTowerError(f"{ENV}=cuda but the {family} kernels do not import ({unavailable_reason(family)})",
+                                f"install {family} built for this torch and CUDA (see benchmarks/README.md), "
+                                f"or unset {ENV}")
         if not t.is_cuda:
             raise TwoTowerError(f"{ENV}=cuda but a tensor is on {t.device}", "the kernels need the model on a GPU")
         return True
-    return t.is_cuda and probe() is not None
+    return t.is_cuda and available(family)
 
 
 def use_sdpa(t: Tensor) -> bool:
@@ -210,12 +277,11 @@ def call(name: str, kernel_fn: Callable, torch_fn: Callable, *args):
         return torch_fn(*args)
 
 
-def _kernels() -> Kernels:
-    k = probe()
-    if k is None:
-        raise TwoTowerError(f"the CUDA kernels are not available ({unavailable_reason()})",
-                            f"set {ENV}=torch or install mamba-ssm and causal-conv1d")
-    return k
+def _kernels(family: str = MAMBA) -> Kernels:
+    if not available(family):
+        raise TwoTowerError(f"the {family} CUDA kernels are not available ({unavailable_reason(family)})",
+                            f"set {ENV}=torch or install {family}")
+    return probe()
 
 
 @_eager
@@ -280,9 +346,9 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     new_state = state.float().clone()  # the kernel writes in place
     dt_e = dt.float()[..., None].expand(b, h, p)
     A_e = A.float()[:, None, None].expand(h, p, n)
-    zero_bias = torch.zeros(h, device=x.device, dtype=torch.float32)[:, None].expand(h, p)
+    zeros = torch.zeros(h, device=x.device, dtype=torch.float32)[:, None].expand(h, p)  # dt_bias and D
     y = k.state_update(new_state, x.float().contiguous(), dt_e, A_e, B.float().contiguous(), C.float().contiguous(),
-                       D=None, z=None, dt_bias=zero_bias, dt_softplus=False)
+                       D=zeros, z=None, dt_bias=zeros, dt_softplus=False)
     return y.float(), new_state
 
 
@@ -290,7 +356,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
 def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """Mamba2Mixer.conv on causal_conv1d: xBC [b, L, c] raw, conv_state [b, c, K] (None = zeros) → (silu(conv)
     [b, L, c], the last K raw columns [b, c, K]). `conv_state` is only read."""
-    k = _kernels()
+    k = _kernels(CONV)
     b, L, c = xBC.shape
     K = weight.shape[-1]
     w = weight.reshape(c, K)
