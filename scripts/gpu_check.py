@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import math
 import platform
 import statistics
@@ -166,12 +168,15 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"# twotower GPU check · {name} · torch {torch.__version__} · python {platform.python_version()}")
-    k = kernels.probe()
+    k = kernels.available(kernels.MAMBA) or kernels.available(kernels.CONV)
     versions = []
-    for mod in ("mamba_ssm", "causal_conv1d", "triton"):
-        m = sys.modules.get(mod)
-        versions.append(f"{mod} {getattr(m, '__version__', '?') if m else '-'}")
-    print(f"kernels: {'available' if k else 'NOT available: ' + kernels.unavailable_reason()} · {' · '.join(versions)}")
+    for dist in ("mamba-ssm", "causal-conv1d", "triton"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            found = importlib.util.find_spec(dist.replace("-", "_")) is not None
+            versions.append(f"{dist} {'(no metadata)' if found else '-'}")
+    print(f"kernels: {kernels.describe()}\nversions: {' · '.join(versions)}")
 
     if not args.skip_tests:
         print("\n## 1. kernel tests\n" + run_tests(smoke))

@@ -1,0 +1,137 @@
+"""Get the mamba-ssm and causal-conv1d kernels onto a GPU machine that cannot reach PyPI, in minutes.
+
+mamba-ssm publishes no wheels on PyPI and a full source build (its selective-scan CUDA extension, for a
+dozen architectures) takes far longer than a short lease on a lent GPU. twotower needs none of that
+extension: its three mamba-ssm kernels (mamba_chunk_scan_combined, selective_state_update, the gated
+RMSNorm) are Triton, and ops/kernels.py imports them without the package's __init__. causal-conv1d is a
+small CUDA extension (three .cu files); compiled for the one GPU at hand, it builds in a few minutes.
+
+    # where PyPI is reachable (a CPU machine is fine); writes .gpu-kit/ (~250 KB, ignored by git)
+    python scripts/gpu_kit.py prepare
+    # on the GPU machine (needs torch with CUDA, nvcc matching it, ninja, triton, einops), offline
+    python scripts/gpu_kit.py install [--site /tmp/twotower-kit] [--conv-timeout 300]
+    PYTHONPATH=/tmp/twotower-kit:src python scripts/gpu_check.py
+
+`prepare` builds mamba-ssm's pure-Python wheel from its sdist (MAMBA_SKIP_CUDA_BUILD=TRUE, with
+MAMBA_FORCE_BUILD=TRUE so that setup.py does not try to download a prebuilt wheel) and downloads the
+causal-conv1d sdist. `install` installs the wheel into --site, copies causal-conv1d's Python package there
+and JIT-compiles its extension (`causal_conv1d_cuda`) with torch.utils.cpp_extension for the local GPU's
+architecture only; if that fails or outlasts --conv-timeout it removes the package again, and twotower
+runs the conv in torch and the rest on the mamba-ssm kernels. Versions are pinned to the ones
+ops/kernels.py was checked against (its docstring).
+
+A user with network access does not need this: `pip install mamba-ssm causal-conv1d --no-build-isolation`
+(or, without the CUDA compiler time, `MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install
+mamba-ssm --no-build-isolation`) — see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT = ROOT / ".gpu-kit"
+MAMBA = "mamba-ssm==2.3.2.post1"
+CONV = "causal-conv1d==1.7.0"
+# causal-conv1d's own nvcc flags (its setup.py), minus the architecture list: torch adds the local GPU's.
+NVCC_FLAGS = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+              "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math"]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def prepare(args: argparse.Namespace) -> None:
+    KIT.mkdir(exist_ok=True)
+    for old in KIT.iterdir():
+        old.unlink()
+    pip = [sys.executable, "-m", "pip"]
+    # --no-build-isolation: both setup.py files import torch (the one installed here) even to build metadata
+    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "--no-binary", ":all:", "-w", str(KIT), MAMBA],
+        env={"MAMBA_SKIP_CUDA_BUILD": "TRUE", "MAMBA_FORCE_BUILD": "TRUE"})
+    run(pip + ["download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:", "-d", str(KIT), CONV],
+        env={"CAUSAL_CONV1D_SKIP_CUDA_BUILD": "TRUE"})
+    for f in sorted(KIT.iterdir()):
+        print(f"{f.relative_to(ROOT)}  {f.stat().st_size / 1e3:.0f} kB")
+
+
+def build_conv(src: Path, site: Path, build: Path) -> None:
+    """Compile causal_conv1d_cuda from the sdist's csrc/ for the visible GPU; runs in a child process."""
+    from torch.utils.cpp_extension import load
+
+    sources = [str(src / "csrc" / n) for n in
+               ("causal_conv1d.cpp", "causal_conv1d_fwd.cu", "causal_conv1d_bwd.cu", "causal_conv1d_update.cu")]
+    load(name="causal_conv1d_cuda", sources=sources, extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
+         extra_include_paths=[str(src / "csrc")], build_directory=str(build), verbose=False)
+    (so,) = glob.glob(str(build / "causal_conv1d_cuda*.so"))
+    shutil.copy2(so, site / Path(so).name)
+
+
+def install(args: argparse.Namespace) -> None:
+    site = Path(args.site).resolve()
+    site.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(KIT.glob("mamba_ssm-*.whl"))
+    sdists = sorted(KIT.glob("causal_conv1d-*.tar.gz"))
+    if not wheels or not sdists:
+        sys.exit(f"Error: {KIT.relative_to(ROOT)}/ lacks the mamba-ssm wheel or the causal-conv1d sdist. "
+                 "Hint: run `python scripts/gpu_kit.py prepare` where PyPI is reachable, and carry .gpu-kit.")
+    t0 = time.perf_counter()
+    run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
+         "--target", str(site), str(wheels[-1])])
+    print(f"mamba-ssm (Triton kernels) installed in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(sdists[-1]) as tar:
+            tar.extractall(tmp, filter="data")
+        (src,) = Path(tmp).glob("causal_conv1d-*")
+        pkg = site / "causal_conv1d"
+        shutil.rmtree(pkg, ignore_errors=True)
+        shutil.copytree(src / "causal_conv1d", pkg)
+        build = Path(tmp) / "build"
+        build.mkdir()
+        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
+                f"gpu_kit.build_conv(__import__('pathlib').Path({str(src)!r}), "
+                f"__import__('pathlib').Path({str(site)!r}), __import__('pathlib').Path({str(build)!r}))")
+        try:
+            run([sys.executable, "-c", code], env={"MAX_JOBS": str(os.cpu_count() or 4)}, timeout=args.conv_timeout)
+            print(f"causal-conv1d extension built in {time.perf_counter() - t0:.0f} s", flush=True)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            shutil.rmtree(pkg, ignore_errors=True)
+            for so in site.glob("causal_conv1d_cuda*.so"):
+                so.unlink()
+            print(f"causal-conv1d NOT installed ({type(e).__name__} after {time.perf_counter() - t0:.0f} s): "
+                  "the conv runs in torch, the other Mamba ops on the mamba-ssm kernels", flush=True)
+
+    probe = ("from twotower_cli.ops import kernels; print('kernels:', kernels.describe())")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    run([sys.executable, "-c", probe], env=env)
+    print(f"next: PYTHONPATH={site}:src python scripts/gpu_check.py")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("prepare", help="build/download the kit into .gpu-kit/ (needs PyPI)")
+    p = sub.add_parser("install", help="install the kit on this GPU machine (offline)")
+    p.add_argument("--site", default="/tmp/twotower-kit", help="target folder to put on PYTHONPATH")
+    p.add_argument("--conv-timeout", type=float, default=300, help="seconds allowed for the causal-conv1d build")
+    args = ap.parse_args()
+    {"prepare": prepare, "install": install}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
