@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,6 +178,9 @@ def test_probe_catches_any_exception_and_caches(monkeypatch, exc):
         kernels._reset_probe()
 
 
+ON_GPU = SimpleNamespace(is_cuda=True, device="cuda:0")  # all use_kernels reads of a tensor
+
+
 def test_env_override(monkeypatch):
     t = torch.zeros(1)
     monkeypatch.setenv(kernels.ENV, "torch")
@@ -188,34 +192,36 @@ def test_env_override(monkeypatch):
     kernels._reset_probe()
     install_fakes(monkeypatch, mamba=False, conv=False)
     try:
-        with pytest.raises(TwoTowerError, match="mamba-ssm kernels do not import"):
-            kernels.use_kernels(t)
+        with pytest.raises(TwoTowerError, match="on cpu"):
+            kernels.use_kernels(t)  # the device is the first problem to report
+        for family in kernels.FAMILIES:  # whichever op asks first, every missing family is named
+            with pytest.raises(TwoTowerError, match="the mamba-ssm and causal-conv1d kernels do not import"):
+                kernels.use_kernels(ON_GPU, family)
         install_fakes(monkeypatch)
         kernels._reset_probe()
-        for family in kernels.FAMILIES:
-            with pytest.raises(TwoTowerError, match="on cpu"):
-                kernels.use_kernels(t, family)  # kernels importable but the tensor is on the CPU
+        assert all(kernels.use_kernels(ON_GPU, family) for family in kernels.FAMILIES)
     finally:
         kernels._reset_probe()
 
 
 def test_families_are_probed_separately(monkeypatch):
-    """mamba-ssm without causal-conv1d (the usual partial install): the scan family is there, the conv is not,
-    and TWOTOWER_KERNELS=cuda names the missing one only for the conv."""
+    """mamba-ssm without causal-conv1d (the usual partial install): the scan family is there, the conv is not;
+    auto uses what is there, and TWOTOWER_KERNELS=cuda names the missing one only for the conv."""
     kernels._reset_probe()
     install_fakes(monkeypatch, conv=False)
-    monkeypatch.setenv(kernels.ENV, "cuda")
-    t = torch.zeros(1)
     try:
         assert kernels.available(kernels.MAMBA) and not kernels.available(kernels.CONV)
         assert kernels.probe().chunk_scan is fake_chunk_scan and kernels.probe().conv_fn is None
         assert "causal_conv1d" in kernels.unavailable_reason(kernels.CONV)
         assert kernels.unavailable_reason(kernels.MAMBA) == ""
         assert kernels.describe().startswith("mamba-ssm yes · causal-conv1d no")
-        with pytest.raises(TwoTowerError, match="on cpu"):
-            kernels.use_kernels(t, kernels.MAMBA)
-        with pytest.raises(TwoTowerError, match="causal-conv1d kernels do not import"):
-            kernels.use_kernels(t, kernels.CONV)
+        monkeypatch.delenv(kernels.ENV, raising=False)
+        assert kernels.use_kernels(ON_GPU, kernels.MAMBA) and not kernels.use_kernels(ON_GPU, kernels.CONV)
+        assert not kernels.use_kernels(torch.zeros(1), kernels.MAMBA)  # auto on CPU: torch
+        monkeypatch.setenv(kernels.ENV, "cuda")
+        assert kernels.use_kernels(ON_GPU, kernels.MAMBA)
+        with pytest.raises(TwoTowerError, match=r"the causal-conv1d kernels do not import \(causal-conv1d: "):
+            kernels.use_kernels(ON_GPU, kernels.CONV)
         with pytest.raises(ValueError):
             kernels.available("flash")
     finally:

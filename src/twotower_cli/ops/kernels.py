@@ -203,12 +203,15 @@ def use_kernels(t: Tensor, family: str = MAMBA) -> bool:
     if m == "torch":
         return False
     if m == "cuda":
-        if not available(family):
-            raise TwoTowerError(f"{ENV}=cuda but the {family} kernels do not import ({unavailable_reason(family)})",
-                                f"install {family} built for this torch and CUDA (see benchmarks/README.md), "
-                                f"or unset {ENV}")
         if not t.is_cuda:
-            raise TwoTowerError(f"{ENV}=cuda but a tensor is on {t.device}", "the kernels need the model on a GPU")
+            raise TwoTowerError(f"{ENV}=cuda but a tensor is on {t.device}",
+                                f"the kernels need the model on a GPU (--device cuda), or unset {ENV}")
+        if not available(family):
+            missing = [f for f in FAMILIES if not available(f)]
+            why = "; ".join(f"{f}: {unavailable_reason(f)}" for f in missing)
+            raise TwoTowerError(f"{ENV}=cuda but the {' and '.join(missing)} kernels do not import ({why})",
+                                "install them for this torch and CUDA (README: GPU hosts), or unset "
+                                f"{ENV} to run what is missing in torch")
         return True
     return t.is_cuda and available(family)
 
