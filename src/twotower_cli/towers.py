@@ -248,6 +248,25 @@ def sequence_log_likelihood(ar: NemotronHForCausalLM, prompt: list[int], continu
 
 # ---------------------------------------------------------------------------------------------- sampling backend
 
+COMPILE_MAX_TOKENS = 64  # --compile: longer context steps (prompts) run eagerly
+
+
+def compile_regions(tower: NemotronHModel) -> list[nn.Module]:
+    """The modules `TowerBackend.compile` compiles in a tower: each layer's norm and mixer, or for an MoE
+    layer its norm, router and shared expert (the expert loop stays eager), and the final norm."""
+    regions: list[nn.Module] = []
+    for layer in tower.layers:
+        regions.append(layer.norm)
+        if layer.kind == "E":
+            regions.append(layer.mixer.gate)
+            if layer.mixer.shared_experts is not None:
+                regions.append(layer.mixer.shared_experts)
+        else:
+            regions.append(layer.mixer)
+    regions.append(tower.norm_f)
+    return regions
+
+
 class TowerBackend:
     """The sampler's `Backend` over a TwoTower (all modes) or a plain causal LM (`ar` only)."""
 
@@ -258,18 +277,26 @@ class TowerBackend:
         self.ar = ar if ar is not None else causal_lm_view(twotower)
         self.vocab_size = self.ar.lm_head.weight.shape[0]
         self.cache: TowerCache | None = None
-        self._tower_step = self.ar.backbone
-        self._block_step = None if twotower is None else twotower.denoise
+        self.compiled = False
 
-    def compile(self) -> TowerBackend:
-        """torch.compile the context tower's step (prefill / decode / block extension) and the denoiser's
-        block forward (`--compile`). Default mode, dynamic shapes: the KV cache grows every step, and CUDA
-        graphs ("reduce-overhead") would hand back output buffers that the next step overwrites while the
-        cache still holds them. The mamba-ssm kernels run outside the graph (`torch.compiler.disable`)."""
+    def compile(self, backend: str = "inductor") -> TowerBackend:
+        """torch.compile the layers of both towers (`--compile`) for the decode and block steps, one region
+        per module: every layer's norm
+        and mixer (Mamba, attention, MLP), and of an MoE layer its router and shared expert. Not the whole
+        step: the MoE's expert dispatch depends on the routing (data-dependent sizes), a graph break that
+        inside the layer loop would make dynamo skip the whole frame. Modules of one class share their
+        compiled graphs, so a tower costs a few compilations (prefill, one-token decode, block), not one
+        per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs ("reduce-overhead"), whose
+        output buffers the next step would overwrite while the cache still holds them. The mamba-ssm
+        kernels run outside the graphs (`kernels.prepare_compile`). Context steps longer than
+        COMPILE_MAX_TOKENS (prompts) run eagerly: they are matmul-bound, and each new prompt length would
+        cost a recompilation."""
         kernels.prepare_compile()
-        self._tower_step = torch.compile(self.ar.backbone, dynamic=True)
-        if self.twotower is not None:
-            self._block_step = torch.compile(self.twotower.denoise, dynamic=True)
+        towers = [self.ar.backbone] + ([self.twotower.denoiser_tower] if self.twotower is not None else [])
+        for tower in towers:
+            for module in compile_regions(tower):
+                module.compile(dynamic=True, backend=backend)
+        self.compiled = True
         return self
 
     @property
@@ -282,11 +309,15 @@ class TowerBackend:
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        hidden = self._tower_step(ids.to(self.device), cache=self.cache, attention_mask=mask)
+        if self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS:
+            with torch.compiler.set_stance("force_eager"):
+                hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
+        else:
+            hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 
     def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         if self.twotower is None:
             raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
         assert self.cache is not None, "reset() first"
-        return self._block_step(block, self.cache, t, rows=rows)
+        return self.twotower.denoise(block, self.cache, t, rows=rows)

@@ -59,7 +59,6 @@ Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -73,8 +72,10 @@ from twotower_cli.errors import TwoTowerError
 ENV = "TWOTOWER_KERNELS"
 MODES = ("auto", "torch", "cuda")
 
-_forced_kernels: contextvars.ContextVar[str | None] = contextvars.ContextVar("twotower_kernels", default=None)
-_forced_sdpa: contextvars.ContextVar[bool | None] = contextvars.ContextVar("twotower_sdpa", default=None)
+# What `force` set: a plain module dict, not ContextVars, because the selection runs inside torch.compile'd
+# steps (--compile): dynamo reads a global dict and guards on its values, while ContextVar.get is a graph break
+# that made it skip the whole layer loop. Process-wide, like TWOTOWER_KERNELS (read once into a compiled graph).
+_forced: dict[str, str | bool | None] = {"kernels": None, "sdpa": None}
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _reset_probe() -> None:
 
 
 def mode() -> str:
-    forced = _forced_kernels.get()
+    forced = _forced["kernels"]
     if forced is not None:
         return forced
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
@@ -218,7 +219,7 @@ def use_kernels(t: Tensor, family: str = MAMBA) -> bool:
 
 def use_sdpa(t: Tensor) -> bool:
     """Whether attention uses F.scaled_dot_product_attention (CUDA, unless TWOTOWER_KERNELS=torch)."""
-    forced = _forced_sdpa.get()
+    forced = _forced["sdpa"]
     if forced is not None:
         return forced
     return t.is_cuda and mode() != "torch"
@@ -226,15 +227,16 @@ def use_sdpa(t: Tensor) -> bool:
 
 @contextlib.contextmanager
 def force(kernels: str | None = None, sdpa: bool | None = None) -> Iterator[None]:
-    """Override the selection inside the block: kernels="torch"|"cuda"|"auto", sdpa=True|False."""
+    """Override the selection inside the block: kernels="torch"|"cuda"|"auto", sdpa=True|False (None: leave
+    as it is, so blocks nest)."""
     if kernels is not None and kernels not in MODES:
         raise ValueError(f"kernels must be one of {MODES}")
-    tk, ts = _forced_kernels.set(kernels), _forced_sdpa.set(sdpa)
+    before = dict(_forced)
+    _forced.update({k: v for k, v in (("kernels", kernels), ("sdpa", sdpa)) if v is not None})
     try:
         yield
     finally:
-        _forced_kernels.reset(tk)
-        _forced_sdpa.reset(ts)
+        _forced.update(before)
 
 
 # ---------------------------------------------------------------------------------------------- wrappers

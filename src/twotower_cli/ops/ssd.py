@@ -109,9 +109,12 @@ def ssd_chunked(
 
     state = (torch.zeros(b, g, n, r * p, device=x.device) if initial_state is None
              else initial_state.float().reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, r * p))
-    # Under autograd nothing is written into preallocated buffers; without it the output is.
-    out = None if torch.is_grad_enabled() else x.new_empty(b, c, s, g, r, p)
+    # Under autograd nothing is written into preallocated buffers; without it the output is (not under
+    # torch.compile either: dynamo cannot trace `out=` into a strided view, and inductor plans buffers itself).
+    out = None if torch.is_grad_enabled() or torch.compiler.is_compiling() else x.new_empty(b, c, s, g, r, p)
     per = max(1, _GROUP_ELEMENTS // (h * (s * s + 4 * s * p + 2 * n * p)))  # chunks per group
+    if torch.compiler.is_compiling():
+        per = c  # one group: no guard on the group size, which depends on the (symbolic) length
     ys, starts = [], []
     for c0 in range(0, c, per):
         part = slice(c0, min(c, c0 + per))
