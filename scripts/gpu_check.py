@@ -11,6 +11,7 @@
    commits ~1 token per NFE; the fixed-steps row (policy topk, 4 steps per block of 16) shows 4 tok/NFE.
 
     python scripts/gpu_check.py               # on a CUDA machine with mamba-ssm and causal-conv1d
+    python scripts/gpu_check.py --compile     # + a third column: the kernel path under --compile
     python scripts/gpu_check.py --cpu-smoke   # tiny sizes on CPU: checks this script itself
 """
 
@@ -120,13 +121,15 @@ def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, block
     prefill()  # warm-up: allocator, Triton autotuning / JIT
     t_prefill = min(timed(prefill, dev, 2))
     nxt = prompt[:, -1:]
-    backend.extend(nxt)  # warm the one-token path
+    for _ in range(3):  # warm the one-token path (under --compile: its graphs for a past of 1, 2, more)
+        backend.extend(nxt)
     prefill()
     t_decode = sum(timed(lambda: backend.extend(nxt), dev, decode))
     prefill()
     blk = torch.full((1, block), mask_id, device=dev)
     t = torch.ones(1, device=dev)
-    backend.denoise(blk, t)  # warm-up
+    for _ in range(2):  # warm-up
+        backend.denoise(blk, t)
     t_block = statistics.median(timed(lambda: backend.denoise(blk, t), dev, blocks))
     return {"prefill_tok_s": L / t_prefill, "decode_tok_s": decode / t_decode, "block_ms": t_block * 1e3}
 
@@ -151,6 +154,8 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=None, help="decode steps timed (default 64; smoke 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per ar / mask_diffusion run (default 64)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the kernel path under --compile (TowerBackend.compile; adds its compile time)")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     t_start = time.perf_counter()
@@ -202,16 +207,24 @@ def main() -> None:
     for label, force in paths:
         with kernels.force(**force):
             results[label] = measure_path(backend, prompt, n_decode, 10 if not smoke else 3, block, mask_id)
+    cols = [lbl for lbl, _ in paths]
+    if args.compile:  # in place: from here on (section 4 too) the decode and block steps run compiled
+        t0 = time.perf_counter()
+        backend.compile()
+        with kernels.force(**paths[-1][1]):
+            results[cols[-1] + "+compile"] = measure_path(backend, prompt, n_decode, 10 if not smoke else 3, block,
+                                                          mask_id)
+        cols.append(cols[-1] + "+compile")
+        print(f"\n(--compile: compilation and timing {time.perf_counter() - t0:.0f} s)")
     print(f"\n## 3. torch path vs kernel path · prompt {prompt_len} · decode {n_decode} steps · block {block}"
           + ("" if k or device.type != "cuda" else "  (kernels missing: the kernel column is SDPA only)"))
-    cols = [lbl for lbl, _ in paths]
-    print(f"{'':24}" + "".join(f"{c:>14}" for c in cols) + ("     speed-up" if len(cols) == 2 else ""))
+    w = max(14, *(len(c) + 2 for c in cols))
+    print(f"{'':24}" + "".join(f"{c:>{w}}" for c in cols) + "".join(f"{'× ' + cols[0]:>12}" for c in cols[1:]))
     for key, title, higher in (("prefill_tok_s", "prefill tok/s", True), ("decode_tok_s", "decode tok/s", True),
                                ("block_ms", "block denoise ms", False)):
         vals = [results[c][key] for c in cols]
-        line = f"{title:24}" + "".join(f"{v:14.1f}" for v in vals)
-        if len(vals) == 2:
-            line += f"{(vals[1] / vals[0] if higher else vals[0] / vals[1]):12.2f}×"
+        line = f"{title:24}" + "".join(f"{v:{w}.1f}" for v in vals)
+        line += "".join(f"{(v / vals[0] if higher else vals[0] / v):11.2f}×" for v in vals[1:])
         print(line)
 
     best = dict(paths[-1][1])
@@ -221,7 +234,7 @@ def main() -> None:
             ("mask_diffusion 4 steps", S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=4,
                                                         policy="topk", max_new_tokens=n_new))]
     ids = [prompt[0, :min(prompt_len, 256)].tolist()]
-    print(f"\n## 4. sampling on the {paths[-1][0]} path · prompt {len(ids[0])} · {n_new} new tokens · greedy · "
+    print(f"\n## 4. sampling on the {cols[-1]} path · prompt {len(ids[0])} · {n_new} new tokens · greedy · "
           "no EOS stop (random weights)")
     print(f"{'mode':26}{'tok/s':>10}{'NFE':>8}{'tok/NFE':>10}{'seconds':>10}")
     with kernels.force(**best):
