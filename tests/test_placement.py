@@ -70,3 +70,53 @@ def test_ar_mode_reads_only_the_context_tower(twotower_folder, monkeypatch):
     loaded = load_model(twotower_folder, need_denoiser=False)
     assert loaded.twotower is None and loaded.ar is not None
     assert requested and all(n.startswith(("context_tower.", "context_lm_head.")) for n in requested)
+
+
+def test_context_reaches_the_denoiser_device_once_per_block(twotower_folder, monkeypatch):
+    """With the towers on two devices, `TowerBackend.denoise` copies the context cache to the denoiser's
+    device when the context has changed (reset, extend), not at every denoiser step of a block; the numbers
+    are those of one device. (One CPU here: the device test is forced, and the copy spied on.)"""
+    from twotower_cli import towers
+
+    loaded = load_model(twotower_folder, need_denoiser=True)
+    g = torch.Generator().manual_seed(0)
+    prompt, block = torch.randint(4, 40, (2, 7), generator=g), torch.randint(4, 40, (2, 4), generator=g)
+    masks = torch.full((2, 4), 3)
+
+    def run(backend):
+        outs = []
+        with torch.no_grad():
+            for _ in range(2):
+                backend.reset(2)
+                backend.extend(prompt)
+                outs += [backend.denoise(masks, torch.tensor([0.2, 0.7])) for _ in range(3)]
+                backend.extend(block)
+                outs += [backend.denoise(masks, None) for _ in range(2)]
+        return outs
+
+    ref = run(towers.TowerBackend(loaded.twotower, loaded.ar))
+    copies = []
+
+    def spy(cache, device):
+        copies.append(cache.length)
+        return towers.TowerCache(list(cache.layers), cache.key_mask, cache.length)  # a view: same CPU tensors
+
+    monkeypatch.setattr(towers, "_same_device", lambda a, b: False)
+    monkeypatch.setattr(towers, "cache_on", spy)
+    got = run(towers.TowerBackend(loaded.twotower, loaded.ar))
+    assert copies == [7, 11, 7, 11], copies  # once after each prompt and each committed block
+    for a, b in zip(got, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cache_on_copies_every_layer_state():
+    from twotower_cli.model.cache import KVCache, MambaState, TowerCache
+    from twotower_cli.towers import cache_on
+
+    cfg = tiny_cfg("M*")
+    cache = TowerCache([MambaState.zeros(cfg, 2), KVCache.empty(cfg, 2)], torch.ones(2, 3, dtype=torch.bool), 3)
+    moved = cache_on(cache, torch.device("meta"))
+    assert moved.length == 3 and moved.key_mask.device.type == "meta"
+    assert moved.layers[0].ssm.device.type == "meta" and moved.layers[0].conv.device.type == "meta"
+    assert moved.layers[1].k.device.type == "meta" and moved.layers[1].v.device.type == "meta"
+    assert cache.layers[0].ssm.device.type == "cpu", "the context's own cache must stay where it is"

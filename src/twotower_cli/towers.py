@@ -155,6 +155,17 @@ def _to_device(state: MambaState | KVCache | None, device: torch.device) -> Mamb
     return KVCache(k=state.k.to(device), v=state.v.to(device))
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a == b
+
+
+def cache_on(cache: TowerCache, device: torch.device) -> TowerCache:
+    """The context tower's cache with every layer's state (and the key mask) on `device`: what the denoiser
+    reads, copied once per committed block instead of once per denoiser step (`TowerBackend.denoise`)."""
+    key_mask = None if cache.key_mask is None else cache.key_mask.to(device)
+    return TowerCache([_to_device(state, device) for state in cache.layers], key_mask, cache.length)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 @dataclass
@@ -277,6 +288,7 @@ class TowerBackend:
         self.ar = ar if ar is not None else causal_lm_view(twotower)
         self.vocab_size = self.ar.lm_head.weight.shape[0]
         self.cache: TowerCache | None = None
+        self._denoiser_view: TowerCache | None = None  # self.cache on the denoiser's device, while it is current
         self.compiled = False
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
@@ -305,10 +317,12 @@ class TowerBackend:
 
     def reset(self, batch: int) -> None:
         self.cache = self.ar.backbone.make_cache(batch, device=self.device, dtype=self.ar.lm_head.weight.dtype)
+        self._denoiser_view = None
 
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
         mask = attention_mask.to(self.device) if attention_mask is not None else None
+        self._denoiser_view = None  # the cache changes below (in place)
         if self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS:
             with torch.compiler.set_stance("force_eager"):
                 hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
@@ -320,4 +334,10 @@ class TowerBackend:
         if self.twotower is None:
             raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
         assert self.cache is not None, "reset() first"
-        return self.twotower.denoise(block, self.cache, t, rows=rows)
+        context = self.cache
+        den = self.twotower.denoiser_device
+        if not _same_device(den, self.device):  # one tower per device: the context comes over once per block
+            if self._denoiser_view is None:
+                self._denoiser_view = cache_on(self.cache, den)
+            context = self._denoiser_view
+        return self.twotower.denoise(block, context, t, rows=rows)
