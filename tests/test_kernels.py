@@ -228,6 +228,20 @@ def test_families_are_probed_separately(monkeypatch):
         kernels._reset_probe()
 
 
+def test_summary_names_the_families_in_use(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    try:
+        for mamba, conv, expected in ((True, True, "mamba-ssm + causal-conv1d"), (True, False, "mamba-ssm"),
+                                      (False, False, "none (plain torch)")):
+            kernels._reset_probe()
+            install_fakes(monkeypatch, mamba=mamba, conv=conv)
+            assert kernels.summary() == expected
+        monkeypatch.setenv(kernels.ENV, "torch")
+        assert kernels.summary() == "torch (TWOTOWER_KERNELS=torch)"
+    finally:
+        kernels._reset_probe()
+
+
 def test_auto_is_torch_on_cpu_and_force_beats_env(monkeypatch):
     kernels._reset_probe()
     install_fakes(monkeypatch)

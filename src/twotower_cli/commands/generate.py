@@ -119,7 +119,12 @@ def generate(
     n_new = finished.new_tokens
     n_prompt = sum(len(p) for p in prompts)
     peak = peak_memory_bytes(rt.backend.device) / 2**20
+    kernel_note = ""
+    if rt.backend.device.type == "cuda":
+        from twotower_cli.ops import kernels
+
+        kernel_note = f" · kernels {kernels.summary()}"
     err_console().print(
         f"[dim]prompt {n_prompt} tok · generated {n_new} tok · NFE {finished.nfe} · "
         f"{n_new / max(finished.nfe, 1) / max(len(prompts), 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
-        f"{wall:.2f} s · peak {peak:.0f} MiB[/]")
+        f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]")

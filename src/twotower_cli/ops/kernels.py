@@ -4,7 +4,8 @@
     use_sdpa(t) -> bool             use F.scaled_dot_product_attention in attention? (per call)
     force(kernels=None, sdpa=None)  context manager that overrides both (tests, benchmarks)
     probe() -> Kernels              the imported kernel functions (None fields for a family that did not import)
-    available(family), unavailable_reason(family), describe()   per family: MAMBA (mamba-ssm) or CONV (causal-conv1d)
+    available(family), unavailable_reason(family), describe(), summary()   per family: MAMBA (mamba-ssm) or CONV
+                                    (causal-conv1d); describe() says why one is missing, summary() is short
 
     ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None) -> (y fp32, final_state fp32)   == ops.ssd
     ssd_step(state, x, dt, A, B, C) -> (y fp32, new_state fp32); `state` is not modified       == ops.ssd
@@ -177,6 +178,14 @@ def describe() -> str:
         else:
             parts.append(f"{family} no ({unavailable_reason(family)})")
     return " · ".join(parts)
+
+
+def summary() -> str:
+    """A few words for stats lines: which kernels the ops on CUDA tensors use."""
+    if mode() == "torch":
+        return f"torch ({ENV}=torch)"
+    have = [f for f in FAMILIES if available(f)]
+    return " + ".join(have) if have else "none (plain torch)"
 
 
 def _reset_probe() -> None:
