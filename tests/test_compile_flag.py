@@ -63,7 +63,9 @@ def test_prepare_compile_keeps_every_kernel_wrapper_out_of_graphs(monkeypatch):
     for name in kernels._EAGER:  # restored after the test: other tests call the plain wrappers
         monkeypatch.setattr(kernels, name, getattr(kernels, name))
     assert set(kernels._EAGER) >= {"call", "ssd_chunked", "ssd_step", "causal_conv", "gated_rmsnorm"}
+    kernels._reset_probe()
     kernels.prepare_compile()
+    assert kernels._probe_result, "the kernels must be probed before tracing, not inside a graph"
     kernels.prepare_compile()  # idempotent: wraps once
     for name in kernels._EAGER:
         fn = getattr(kernels, name)

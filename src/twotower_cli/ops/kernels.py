@@ -264,7 +264,10 @@ def _eager(fn: Callable) -> Callable:
 
 
 def prepare_compile() -> None:
-    """Keep the kernel wrappers out of torch.compile graphs; call before compiling anything that uses them."""
+    """Keep the kernel wrappers out of torch.compile graphs; call before compiling anything that uses them.
+    Also probes the kernels now, so that the imports never happen inside a trace (after the probe,
+    `use_kernels` only reads cached dicts, which dynamo turns into guards)."""
+    probe()
     module = globals()
     for name in _EAGER:
         if not getattr(module[name], "_torchdynamo_disable", False):
