@@ -204,6 +204,20 @@ def test_unknown_layout_names_its_keys(tmp_path):
     assert any("transformer.h.*" in p for p in data["problems"])
 
 
+def test_no_tensors_is_a_problem(tmp_path):
+    """A well-formed safetensors file that holds no tensors (and an unreadable one) is not a sound checkpoint,
+    and the report says so in words instead of listing an empty set of unrecognised names."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    result = invoke(str(folder), "--json")
+    assert result.exit_code == 1
+    probs = json.loads(result.stdout)["problems"]
+    assert "no tensors could be read from it" in probs
+    assert not any("match neither" in p for p in probs)
+
+
 def test_no_config(tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()

@@ -162,7 +162,9 @@ def inspect_checkpoint(path: str | Path) -> Report:
             counts = {n: t.numel for n, t in ckpt.tensors.items()}
     else:
         counts = {n: t.numel for n, t in ckpt.tensors.items()}
-        if layout == "unknown":
+        if not names:
+            problems.append("no tensors could be read from it")
+        elif layout == "unknown":
             unrecognised = _prefixes(names)
             problems.append("tensor names match neither the NemotronH nor the TwoTower layout: "
                             + ", ".join(unrecognised[:3]))
