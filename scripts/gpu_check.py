@@ -204,16 +204,16 @@ def main() -> None:
     paths.append(("kernels", dict(kernels="auto", sdpa=True)) if device.type == "cuda"
                  else ("sdpa (cpu)", dict(kernels="torch", sdpa=True)))
     results = {}
+    n_blocks = 3 if smoke else 10
     for label, force in paths:
         with kernels.force(**force):
-            results[label] = measure_path(backend, prompt, n_decode, 10 if not smoke else 3, block, mask_id)
+            results[label] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
     cols = [lbl for lbl, _ in paths]
     if args.compile:  # in place: from here on (section 4 too) the decode and block steps run compiled
         t0 = time.perf_counter()
         backend.compile()
         with kernels.force(**paths[-1][1]):
-            results[cols[-1] + "+compile"] = measure_path(backend, prompt, n_decode, 10 if not smoke else 3, block,
-                                                          mask_id)
+            results[cols[-1] + "+compile"] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
         cols.append(cols[-1] + "+compile")
         print(f"\n(--compile: compilation and timing {time.perf_counter() - t0:.0f} s)")
     print(f"\n## 3. torch path vs kernel path · prompt {prompt_len} · decode {n_decode} steps · block {block}"

@@ -120,7 +120,7 @@ def machine_info(device: torch.device) -> dict:
         from twotower_cli.ops import kernels
 
         info["gpu"] = torch.cuda.get_device_name(device)
-        info["kernels"] = "torch (TWOTOWER_KERNELS=torch)" if kernels.mode() == "torch" else kernels.describe()
+        info["kernels"] = kernels.describe()
     return info
 
 

@@ -18,6 +18,7 @@ conditioning"; on a fresh split (identity tables, zero `t_block`) both coincide.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,8 +294,8 @@ class TowerBackend:
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
         """torch.compile the layers of both towers (`--compile`) for the decode and block steps, one region
-        per module: every layer's norm
-        and mixer (Mamba, attention, MLP), and of an MoE layer its router and shared expert. Not the whole
+        per module (`compile_regions`): every layer's norm and mixer (Mamba, attention, MLP), and of an MoE
+        layer its router and shared expert. Not the whole
         step: the MoE's expert dispatch depends on the routing (data-dependent sizes), a graph break that
         inside the layer loop would make dynamo skip the whole frame. Modules of one class share their
         compiled graphs, so a tower costs a few compilations (prefill, one-token decode, block), not one
@@ -323,10 +324,8 @@ class TowerBackend:
         assert self.cache is not None, "reset() first"
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._denoiser_view = None  # the cache changes below (in place)
-        if self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS:
-            with torch.compiler.set_stance("force_eager"):
-                hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
-        else:
+        eager = self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS  # a prompt: see `compile`
+        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 

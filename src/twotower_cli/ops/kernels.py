@@ -168,7 +168,9 @@ def unavailable_reason(family: str = MAMBA) -> str:
 
 
 def describe() -> str:
-    """One line for reports: which kernel families imported, and why not."""
+    """One line for reports: which kernel families imported, and why not (or that TWOTOWER_KERNELS=torch)."""
+    if mode() == "torch":
+        return summary()
     k = probe()
     parts = []
     for family in FAMILIES:
