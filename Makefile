@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test venv dev lint bench clean
+.PHONY: demo test venv dev lint bench kernels-cpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,5 +35,10 @@ lint: dev
 bench: venv
 	$(BIN)/python benchmarks/ssd.py
 
+# mamba-ssm's Triton kernels vs the torch ops on this CPU, under Triton's interpreter (~1 GB of downloads, ~10 min)
+kernels-cpu: dev
+	ls .gpu-kit/mamba_ssm-*.whl >/dev/null 2>&1 || $(BIN)/python scripts/gpu_kit.py prepare
+	$(BIN)/python scripts/gpu_kit.py interpret
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .triton-cpu

@@ -20,6 +20,12 @@ architecture only; if that fails or outlasts --conv-timeout it removes the packa
 runs the conv in torch and the rest on the mamba-ssm kernels. Versions are pinned to the ones
 ops/kernels.py was checked against (its docstring).
 
+Without a GPU, `interpret` checks the mamba-ssm kernels themselves on this CPU: it installs Triton (~1 GB)
+and the wheel into .triton-cpu/ (git-ignored) and runs `pytest -m gpu tests/test_kernels.py` under Triton's
+interpreter (TRITON_INTERPRET=1; the test-side patches are in tests/triton_interpret.py), ~10 minutes:
+
+    python scripts/gpu_kit.py prepare && python scripts/gpu_kit.py interpret
+
 A user with network access does not need this: `pip install mamba-ssm causal-conv1d --no-build-isolation`
 (or, without the CUDA compiler time, `MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install
 mamba-ssm --no-build-isolation`) — see benchmarks/README.md.
@@ -41,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / ".gpu-kit"
 MAMBA = "mamba-ssm==2.3.2.post1"
+TRITON = "triton==3.9.0"  # the interpreter version tests/triton_interpret.py was checked with
 CONV = "causal-conv1d==1.7.0"
 # causal-conv1d's own nvcc flags (its setup.py), minus the architecture list: torch adds the local GPU's.
 NVCC_FLAGS = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -122,6 +129,26 @@ def install(args: argparse.Namespace) -> None:
     print(f"next: PYTHONPATH={site}:src python scripts/gpu_check.py")
 
 
+def interpret(args: argparse.Namespace) -> None:
+    """mamba-ssm's Triton kernels on this CPU, through Triton's interpreter: the `gpu` kernel tests."""
+    wheels = sorted(KIT.glob("mamba_ssm-*.whl"))
+    if not wheels:
+        sys.exit(f"Error: {KIT.relative_to(ROOT)}/ has no mamba-ssm wheel. "
+                 "Hint: run `python scripts/gpu_kit.py prepare` first.")
+    site = Path(args.site).resolve()
+    if not (site / "triton").is_dir() or not (site / "mamba_ssm").is_dir():
+        run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), TRITON, "einops"])
+        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(site),
+             str(wheels[-1])])
+    env = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-ra", "-p", "no:cacheprovider",
+           str(ROOT / "tests" / "test_kernels.py"), *args.pytest_args]
+    print("$ " + " ".join(f"{k}={v}" for k, v in env.items() if k != "PYTHONPATH") + " " + " ".join(cmd),
+          flush=True)
+    sys.exit(subprocess.run(cmd, env={**os.environ, **env}, cwd=ROOT).returncode)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,8 +156,11 @@ def main() -> None:
     p = sub.add_parser("install", help="install the kit on this GPU machine (offline)")
     p.add_argument("--site", default="/tmp/twotower-kit", help="target folder to put on PYTHONPATH")
     p.add_argument("--conv-timeout", type=float, default=300, help="seconds allowed for the causal-conv1d build")
+    p = sub.add_parser("interpret", help="run the gpu kernel tests on this CPU under Triton's interpreter")
+    p.add_argument("--site", default=str(ROOT / ".triton-cpu"), help="where to install triton and the wheel")
+    p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -- -k chunk_scan")
     args = ap.parse_args()
-    {"prepare": prepare, "install": install}[args.cmd](args)
+    {"prepare": prepare, "install": install, "interpret": interpret}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+import triton_interpret
 from twotower_cli.checkpoint import write_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import NemotronHForCausalLM, init_nemotron_h
@@ -95,9 +96,14 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- gpu marker
+if triton_interpret.active():  # TRITON_INTERPRET=1 on a CPU: the gpu tests run mamba-ssm's Triton kernels there
+    triton_interpret.install()
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped (not failed) without it, so `pytest` alone stays green on CPU."""
-    if torch.cuda.is_available():
+    """Tests marked `gpu` need CUDA: skipped (not failed) without it, so `pytest` alone stays green on CPU.
+    Under Triton's interpreter (tests/triton_interpret.py) they run on the CPU instead."""
+    if torch.cuda.is_available() or triton_interpret.active():
         return
     skip = pytest.mark.skip(reason="needs CUDA (marker gpu)")
     for item in items:
