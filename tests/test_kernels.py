@@ -673,10 +673,11 @@ def test_gpu_tower_kernels_equal_torch(dtype):
     assert max_diff(got, ref) <= tol * (1 + ref.abs().max().item()), f"max diff {max_diff(got, ref):.3e}"
 
 
-def _denoise_run(dtype, device, seed=0):
+def _denoise_run(dtype, device, seed=0, compiled=False):
     """A TwoTower with kernel-friendly sizes: context prefill over chunk boundaries, one decode step, a
     committed block, then denoiser blocks (seeded Mamba, bidirectional attention over the context) with
-    and without time conditioning. Returns every logits tensor, on the CPU in fp32."""
+    and without time conditioning. Returns every logits tensor, on the CPU in fp32. `compiled`: under
+    `TowerBackend.compile()` (--compile; the 150-token prefill stays eager, the rest is compiled)."""
     from tests.twotower_helpers import twotower_tensors
 
     from twotower_cli.model.loading import cast_
@@ -688,6 +689,8 @@ def _denoise_run(dtype, device, seed=0):
                                            denoiser=build_tiny_model(cfg, seed=seed + 1, std=0.05)))
     cast_(model.to(device).eval(), dtype)
     backend = TowerBackend(model)
+    if compiled:
+        backend.compile()
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(4, cfg.vocab_size, (2, 150), generator=g).to(device)
     block = torch.randint(4, cfg.vocab_size, (2, 16), generator=g).to(device)
@@ -722,6 +725,20 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype):
     tol = 2e-3 if dtype == torch.float32 else 0.1
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert max_diff(a, b) <= tol * (1 + b.abs().max().item()), f"output {i}: max diff {max_diff(a, b):.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_steps_on_kernels_equal_eager_torch():
+    """--compile with the kernels: the compiled regions call them through graph breaks (prepare_compile),
+    SDPA inside the graphs; against the eager torch path."""
+    _need_kernels()
+    mode = "cuda" if kernels.available(kernels.CONV) else "auto"
+    with kernels.force(kernels="torch", sdpa=False):
+        ref = _denoise_run(torch.float32, DEV)
+    with kernels.force(kernels=mode, sdpa=True), fallbacks_fail():
+        got = _denoise_run(torch.float32, DEV, compiled=True)
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        assert max_diff(a, b) <= 2e-3 * (1 + b.abs().max().item()), f"output {i}: max diff {max_diff(a, b):.3e}"
 
 
 @pytest.mark.gpu
