@@ -136,8 +136,8 @@ def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, block
 
 def run_tests(timeout: float) -> None:
     """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished)."""
-    cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "--no-header", "-m", "gpu", "tests/test_kernels.py",
-           "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "--no-header", "--durations=8", "-m", "gpu",
+           "tests/test_kernels.py", "-p", "no:cacheprovider"]
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     try:
