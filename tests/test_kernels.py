@@ -558,6 +558,12 @@ def _need_kernels(family=kernels.MAMBA):
         pytest.skip(f"{family} not importable: {kernels.unavailable_reason(family)}")
 
 
+def strict_mode() -> str:
+    """The kernel mode for whole-model GPU tests: every kernel that imports, errors propagating
+    (TWOTOWER_KERNELS=cuda); without causal-conv1d, auto, so that the conv stays in torch."""
+    return "cuda" if kernels.available(kernels.CONV) else "auto"
+
+
 NANO = dict(h=64, p=64, g=8, n=128, chunk=128)
 
 
@@ -662,8 +668,7 @@ def test_gpu_tower_kernels_equal_torch(dtype):
         parts.append(model(ids[:, 134:150], cache=cache))
         return torch.cat(parts, dim=1)
 
-    # every kernel that imports, errors propagating; without causal-conv1d the conv stays in torch (auto)
-    mode = "cuda" if kernels.available(kernels.CONV) else "auto"
+    mode = strict_mode()
     with torch.no_grad():
         with kernels.force(kernels="torch", sdpa=False):
             ref = run()
@@ -718,7 +723,7 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
     context's columns, SDPA over context ‖ block) against the eager torch path, logits compared. `compiled`:
     under --compile, where the compiled regions reach the kernels through graph breaks (prepare_compile)."""
     _need_kernels()
-    mode = "cuda" if kernels.available(kernels.CONV) else "auto"
+    mode = strict_mode()
     with kernels.force(kernels="torch", sdpa=False):
         ref = _denoise_run(dtype, DEV)
     with kernels.force(kernels=mode, sdpa=True), fallbacks_fail():
