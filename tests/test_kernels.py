@@ -471,35 +471,88 @@ def _attention(cfg, seed=0):
     return att
 
 
-@pytest.mark.parametrize("case", ["prefill", "decode", "extend", "pads", "bidirectional", "bidirectional_mask"])
-def test_sdpa_path_equals_explicit_math(case):
-    cfg = build_tiny_config("*")
-    att = _attention(cfg)
-    past, mask, causal = None, None, True
-    L, T = 6, 0
-    if case in ("decode", "extend", "bidirectional", "bidirectional_mask", "pads"):
-        T = 7
-        past = KVCache(randn(2, 2, T, 16, seed=11), randn(2, 2, T, 16, seed=12))
+SDPA_CASES = ["prefill", "decode", "extend", "pads", "bidirectional", "bidirectional_mask", "train_block"]
+
+
+def sdpa_case(case: str, cfg, b: int = 2) -> tuple[int, KVCache | None, bool, torch.Tensor | None]:
+    """(L, past, causal, mask) of one attention call as the towers make it."""
+    d, kv = cfg.attention_head_dim, cfg.num_key_value_heads
+    L, T, causal, mask = 6, 7, True, None
+    if case == "prefill":
+        T = 0
     if case == "decode":
         L = 1
     if case == "pads":  # left pads: rows 0-1 of sequence 0 are pads, fully masked as queries
-        valid = torch.ones(2, T + L, dtype=torch.bool)
+        valid = torch.ones(b, T + L, dtype=torch.bool)
         valid[0, :T + 2] = False
         q = torch.arange(L)[:, None] + T
         mask = (torch.arange(T + L)[None] <= q)[None, None] & valid[:, None, None, :]
     if case.startswith("bidirectional"):
         causal = False
         if case == "bidirectional_mask":
-            mask = torch.ones(2, 1, L, T + L, dtype=torch.bool)
+            mask = torch.ones(b, 1, L, T + L, dtype=torch.bool)
             mask[1, ..., :3] = False
+    if case == "train_block":  # the training forward: every block of 96 noisy tokens at once
+        from twotower_cli.train import block_attention_mask
+        L = T = 96
+        causal, mask = False, block_attention_mask(L, 16)[None, None]
+    past = KVCache(randn(b, kv, T, d, seed=11), randn(b, kv, T, d, seed=12)) if T else None
+    return L, past, causal, mask
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Records (q heads, k heads, q length, has mask, enable_gqa, dtype) of every SDPA call."""
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        calls.append((q.shape[1], k.shape[1], q.shape[2], attn_mask is not None, enable_gqa, q.dtype))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+# How each case reaches SDPA (TINY: 4 query heads on 2 key/value heads, so rep 2): grouped keys/values only
+# into flash attention (half precision, no mask); elsewhere the query heads packed onto the key/value heads
+# (short L) or the keys/values expanded (causal prefill, long L).
+SDPA_ROUTE = {
+    ("prefill", torch.bfloat16): "gqa", ("prefill", torch.float32): "expand",
+    ("decode", torch.bfloat16): "gqa", ("decode", torch.float32): "pack",
+    ("bidirectional", torch.bfloat16): "gqa", ("bidirectional", torch.float32): "pack",
+    **{(c, dt): "pack" for c in ("extend", "pads", "bidirectional_mask") for dt in (torch.bfloat16, torch.float32)},
+    **{("train_block", dt): "expand" for dt in (torch.bfloat16, torch.float32)},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_sdpa_path_equals_explicit_math(case, dtype, sdpa_calls):
+    """Same numbers as the explicit fp32 path, and never `enable_gqa` with a mask or in fp32 (SDPA's math
+    backend on CUDA: scores [b, h, L, T] in fp32)."""
+    cfg = build_tiny_config("*")
+    att = _attention(cfg)
+    L, past, causal, mask = sdpa_case(case, cfg)
     x = randn(2, L, cfg.hidden_size, seed=13)
     with torch.no_grad():
         with kernels.force(sdpa=False):
             ref = att(x, past, causal=causal, mask=mask)[0]
+        assert not sdpa_calls
+        half = KVCache(past.k.to(dtype), past.v.to(dtype)) if past is not None else None
         with kernels.force(sdpa=True):
-            got = att(x, past, causal=causal, mask=mask)[0]
+            got = att.to(dtype)(x.to(dtype), half, causal=causal, mask=mask)[0].float()
+    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    assert len(sdpa_calls) == 1
+    q_heads, k_heads, q_len, has_mask, gqa, call_dtype = sdpa_calls[0]
+    route = ("gqa" if gqa else "pack" if (q_heads, k_heads, q_len) == (kv, kv, L * h // kv)
+             else "expand" if (q_heads, k_heads, q_len) == (h, h, L) else "?")
+    assert route == SDPA_ROUTE[case, dtype], sdpa_calls
+    assert not gqa or (not has_mask and call_dtype == torch.bfloat16)
+    assert has_mask == (mask is not None or (causal and L > 1 and past is not None))
     assert torch.isfinite(got).all()
-    assert max_diff(got, ref) <= 1e-5, f"{case}: max diff {max_diff(got, ref):.2e}"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * (1 + ref.abs().max().item())
+    assert max_diff(got, ref) <= tol, f"{case}: max diff {max_diff(got, ref):.2e}"
 
 
 def test_model_with_sdpa_equals_explicit_left_padded():
@@ -734,15 +787,35 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
 
 
 @pytest.mark.gpu
-def test_gpu_sdpa_equals_explicit():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_gpu_sdpa_equals_explicit(case, dtype):
+    """Nano's attention sizes (32 query heads on 2 key/value heads × 128): every way the towers call attention,
+    the SDPA path against the explicit one in the same dtype, forward and (the training block mask)
+    backward. On CUDA only the fused backends are allowed: a call that would fall to SDPA's math backend
+    raises."""
     cfg = build_tiny_config("*", num_attention_heads=32, num_key_value_heads=2, head_dim=128, hidden_size=512)
-    att = _attention(cfg).to(DEV)
-    x = randn(2, 33, 512, seed=1).to(DEV)
-    past = KVCache(randn(2, 2, 40, 128, seed=2).to(DEV), randn(2, 2, 40, 128, seed=3).to(DEV))
-    with torch.no_grad():
-        for causal in (True, False):
-            with kernels.force(sdpa=False):
-                ref = att(x, past, causal=causal)[0]
-            with kernels.force(sdpa=True):
-                got = att(x, past, causal=causal)[0]
-            assert max_diff(got, ref) <= 1e-3 * (1 + ref.abs().max().item())
+    att = _attention(cfg).to(DEV, dtype)
+    L, past, causal, mask = sdpa_case(case, cfg)
+    past = None if past is None else KVCache(past.k.to(DEV, dtype), past.v.to(DEV, dtype))
+    mask = None if mask is None else mask.to(DEV)
+    x = randn(2, L, 512, seed=1).to(DEV, dtype)
+    grad = case == "train_block"
+    fused = contextlib.nullcontext()
+    if DEV == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                             SDPBackend.CUDNN_ATTENTION])
+    outs = []
+    for sdpa, backends in ((False, contextlib.nullcontext()), (True, fused)):
+        xi = x.clone().requires_grad_(grad)
+        with kernels.force(sdpa=sdpa), backends:
+            out = att(xi, past, causal=causal, mask=mask)[0]
+            if grad:
+                out.float().square().mean().backward()
+        outs.append((out.detach().float(), xi.grad.float() if grad else None))
+    (ref, ref_grad), (got, got_grad) = outs
+    tol = 2e-3 if dtype == torch.float32 else 1.5e-2  # bf16: ~2 ulp of the largest output
+    assert max_diff(got, ref) <= tol * (1 + ref.abs().max().item()), f"max diff {max_diff(got, ref):.3e}"
+    if grad:
+        assert max_diff(got_grad, ref_grad) <= tol * (1 + ref_grad.abs().max().item())

@@ -60,7 +60,6 @@ from twotower_cli.checkpoint import Checkpoint, atomic_output_dir, open_checkpoi
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.hub import AUX_FILE_PATTERNS
-from twotower_cli.model.attention import causal_mask
 from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.loading import cast_, load_state
 from twotower_cli.model.nemotron_h import NemotronHModel
@@ -216,11 +215,9 @@ class BlockContext:
 def context_pass(tower: NemotronHModel, ids: Tensor, block: int) -> BlockContext:
     """One causal pass of the (frozen) context tower over ids [B, L]. Layers after the last `M`/`*` layer
     cannot change any state, so they are skipped."""
-    B, L = ids.shape
     kinds = tower.cfg.pattern
     last = max((i for i, k in enumerate(kinds) if k in "M*"), default=-1)
     layers: list[MambaState | KVCache | None] = [None] * len(kinds)
-    mask = causal_mask(L, 0, ids.device)[None, None]
     x = tower.embeddings(ids)
     for i in range(last + 1):
         layer = tower.layers[i]
@@ -228,7 +225,7 @@ def context_pass(tower: NemotronHModel, ids: Tensor, block: int) -> BlockContext
         if layer.kind == "M":
             out, layers[i] = layer.mixer(h, block_size=block)
         elif layer.kind == "*":
-            out, k, v = layer.mixer(h, mask=mask)
+            out, k, v = layer.mixer(h)  # causal, no past: flash attention's is_causal on CUDA
             layers[i] = KVCache(k, v)
         else:
             out = layer.mixer(h)

@@ -12,9 +12,10 @@ On CPU the scores, softmax and weighted sum are explicit fp32 math rather than F
 the result is the same on every backend, which the parity tests rely on, and masked entries use the dtype's
 finite minimum so that a fully masked row (a left-pad query) gives finite values, not NaN. On CUDA
 (`ops.kernels.use_sdpa`; TWOTOWER_KERNELS=torch keeps the explicit math) the same attention goes through
-SDPA with GQA (`enable_gqa`): no mask (the denoiser's block, one-token decode) or a fresh causal prefill
-(`is_causal`) can use flash attention; any other mask becomes an additive mask of the dtype's finite
-minimum, which gives the explicit path's numbers, fully masked rows included (memory-efficient kernel).
+SDPA: no mask (the denoiser's block, one-token decode) or a fresh causal prefill (`is_causal`) use flash
+attention with grouped keys/values; any other mask becomes an additive mask of the dtype's finite minimum,
+which gives the explicit path's numbers, fully masked rows included, and runs the memory-efficient kernel
+with the query heads packed or the keys/values expanded (never SDPA's math backend: see `_sdpa`).
 tests/test_kernels.py forces the SDPA path on CPU and checks it against the explicit one.
 """
 
@@ -78,18 +79,43 @@ class Attention(nn.Module):
         return self.o_proj(out), k_new, v_new
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
-        """The same attention through F.scaled_dot_product_attention; q [b, h, L, d], k/v [b, kv, T, d]."""
-        L = q.shape[2]
+        """The same attention through F.scaled_dot_product_attention; q [b, h, L, d], k/v [b, kv, T, d].
+
+        Grouped keys/values (kv < h) reach a fused kernel only through flash attention, which reads them
+        natively but takes no mask and no fp32: SDPA with `enable_gqa` and a mask (a context block extending
+        the cache, left pads, the training block mask) or in fp32 runs its math backend, [b, h, L, T] fp32
+        scores (8 GiB a sequence for an 8k padded prefill at Nano's 32 heads). So `enable_gqa` is passed only
+        where flash can take it; elsewhere the head counts are made equal first, which lets the
+        memory-efficient kernel run, by the cheaper of
+          pack:   the rep = h/kv query heads that share a key/value head become one head of rep·L queries
+                  ([b, kv, rep·L, d], the mask tiled rep times along the queries); keys/values not copied;
+          expand: keys/values repeated to h heads; for long L (prefill) and top-left causal prefill.
+        """
+        b, h, L, d = q.shape
+        kv = k.shape[1]
+        rep = h // kv
         is_causal = False
-        if mask is None and causal:
-            if t_past == 0 and L > 1:
+        if mask is None and causal and L > 1:
+            if t_past == 0:
                 is_causal = True  # SDPA's is_causal is top-left aligned: right only without a past
-            elif L > 1:
-                mask = causal_mask(L, t_past, q.device)
+            else:
+                mask = causal_mask(L, t_past, q.device)[None, None]
         attn_mask = None
         if mask is not None:
             attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
                 ~mask, torch.finfo(q.dtype).min)
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
-                                              is_causal=is_causal, scale=1.0 / math.sqrt(self.head_dim),
-                                              enable_gqa=self.n_heads != self.n_kv)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        scale = 1.0 / math.sqrt(d)
+        if rep == 1 or (attn_mask is None and q.dtype in (torch.float16, torch.bfloat16)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=rep > 1)
+        # pack when the tiled mask has no more elements than the copied keys/values would
+        mask_rows = 0 if attn_mask is None else attn_mask.shape[0] * rep * L
+        if not is_causal and mask_rows <= 2 * b * (h - kv) * d:
+            if attn_mask is not None:
+                attn_mask = attn_mask.expand(-1, -1, L, -1).repeat(1, 1, rep, 1)  # row r·L + i: query i
+            out = F.scaled_dot_product_attention(q.reshape(b, kv, rep * L, d), k, v, attn_mask=attn_mask,
+                                                 scale=scale)
+            return out.view(b, h, L, d)
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+                                              attn_mask=attn_mask, is_causal=is_causal, scale=scale)
