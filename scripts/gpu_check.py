@@ -8,7 +8,9 @@
 3. one table, side by side from the same run: torch path (TWOTOWER_KERNELS=torch, explicit attention) vs
    kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms; then `ar` vs `mask_diffusion`
    tok/s and tokens/NFE on the kernel path. Random weights are never confident, so the threshold policy
-   commits ~1 token per NFE; the fixed-steps row (policy topk, 4 steps per block of 16) shows 4 tok/NFE.
+   commits ~1 token per NFE; the fixed-steps row (policy topk, 4 steps per block of 16) shows 4 tok/NFE;
+4. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
+   dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory.
 
     python scripts/gpu_check.py               # on a CUDA machine with mamba-ssm and causal-conv1d
     python scripts/gpu_check.py --compile     # + a third column: the kernel path under --compile
@@ -250,6 +252,11 @@ def main() -> None:
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
                   f"{fin.wall_seconds:10.2f}")
     print(f"kernel fallbacks: {kernels._failed or 'none'}")
+
+    print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import attention as attention_bench
+    attention_bench.run(device, 64 if smoke else 4096, rounds=1 if smoke else 5)
     peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
 
