@@ -555,6 +555,40 @@ def test_sdpa_path_equals_explicit_math(case, dtype, sdpa_calls):
     assert max_diff(got, ref) <= tol, f"{case}: max diff {max_diff(got, ref):.2e}"
 
 
+def mem_efficient_standin(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The arithmetic of PyTorch's memory-efficient CUDA kernel (mem_eff_attention/kernel_forward.h) for a
+    mask: fp32 scores times the scale, plus the bias, times log2(e) before the row maximum, exp2 against it;
+    a row whose maximum is -inf has nothing to sum (0/0)."""
+    assert not enable_gqa and not is_causal and q.shape[1] == k.shape[1] and dropout_p == 0.0
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        s = s + attn_mask.float()
+    s = s * 1.4426950408889634
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp2(s - torch.where(m == float("-inf"), 0.0, m))
+    return ((p @ v.float()) / p.sum(dim=-1, keepdim=True)).to(q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sdpa_mask_value_keeps_padded_rows_finite_in_mem_efficient_kernel(dtype, monkeypatch):
+    """Left-pad queries see no key at all. Through the memory-efficient kernel's arithmetic they must still
+    give the explicit path's finite average (with the dtype's minimum as the mask value they come out NaN,
+    which the Mamba layers would carry into the real tokens)."""
+    cfg = build_tiny_config("*")
+    att = _attention(cfg)
+    L, past, causal, mask = sdpa_case("pads", cfg)
+    x = randn(2, L, cfg.hidden_size, seed=13)
+    with torch.no_grad(), kernels.force(sdpa=False):
+        ref = att(x, past, causal=causal, mask=mask)[0]
+    monkeypatch.setattr(F, "scaled_dot_product_attention", mem_efficient_standin)
+    half = KVCache(past.k.to(dtype), past.v.to(dtype))
+    with torch.no_grad(), kernels.force(sdpa=True):
+        got = att.to(dtype)(x.to(dtype), half, causal=causal, mask=mask)[0].float()
+    assert not mask[0, 0, :2].any() and torch.isfinite(got).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * (1 + ref.abs().max().item())
+    assert max_diff(got, ref) <= tol
+
+
 def test_model_with_sdpa_equals_explicit_left_padded():
     cfg = build_tiny_config("M*EM-E")
     model = build_tiny_model(cfg, std=0.1)

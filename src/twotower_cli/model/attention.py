@@ -13,9 +13,9 @@ the result is the same on every backend, which the parity tests rely on, and mas
 finite minimum so that a fully masked row (a left-pad query) gives finite values, not NaN. On CUDA
 (`ops.kernels.use_sdpa`; TWOTOWER_KERNELS=torch keeps the explicit math) the same attention goes through
 SDPA: no mask (the denoiser's block, one-token decode) or a fresh causal prefill (`is_causal`) use flash
-attention with grouped keys/values; any other mask becomes an additive mask of the dtype's finite minimum,
-which gives the explicit path's numbers, fully masked rows included, and runs the memory-efficient kernel
-with the query heads packed or the keys/values expanded (never SDPA's math backend: see `_sdpa`).
+attention with grouped keys/values; any other mask becomes an additive mask (`MASKED`), which gives the
+explicit path's numbers, fully masked rows included, and runs the memory-efficient kernel with the query
+heads packed or the keys/values expanded (never SDPA's math backend: see `_sdpa`).
 tests/test_kernels.py forces the SDPA path on CPU and checks it against the explicit one.
 """
 
@@ -30,6 +30,13 @@ from torch import Tensor, nn
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model.cache import KVCache
 from twotower_cli.ops import kernels
+
+# What SDPA adds to masked scores. Not the dtype's minimum: the memory-efficient CUDA kernel multiplies
+# scores by log2(e) before taking the row maximum, which turns -3.4e38 into -inf, and a fully masked row (a
+# left-pad query) then comes out 0 or NaN (torch < 2.5) instead of the explicit path's finite average; a
+# NaN there reaches the real tokens through the Mamba layers' conv (NaN · 0 = NaN). -1e30 · log2(e) stays
+# finite in fp32 and still rounds every score away (fp16, which cannot hold it, uses its minimum).
+MASKED = -1e30
 
 
 def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -> Tensor:
@@ -103,7 +110,7 @@ class Attention(nn.Module):
         attn_mask = None
         if mask is not None:
             attn_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~mask, torch.finfo(q.dtype).min)
+                ~mask, max(torch.finfo(q.dtype).min, MASKED))
         k, v = k.to(q.dtype), v.to(q.dtype)
         scale = 1.0 / math.sqrt(d)
         if rep == 1 or (attn_mask is None and q.dtype in (torch.float16, torch.bfloat16)):
