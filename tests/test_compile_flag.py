@@ -73,13 +73,17 @@ def test_prepare_compile_keeps_every_kernel_wrapper_out_of_graphs(monkeypatch):
         assert not getattr(fn._torchdynamo_orig_callable, "_torchdynamo_disable", False), name
 
 
-def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder):
-    """Prompt (eager: longer than COMPILE_MAX_TOKENS), short prompt, one-token decodes, a block extension and
-    denoiser blocks with and without time conditioning, before and after compile, on one model."""
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder, sdpa):
+    """Prompt (eager: longer than COMPILE_MAX_TOKENS), short left-padded prompt, one-token decodes, a block
+    extension and denoiser blocks with and without time conditioning, before and after compile, on one
+    model; with the explicit attention (CPU) and with SDPA forced (CUDA's path: grouped keys/values, the
+    packed and expanded routes for masks)."""
     import torch
     from torch._dynamo.utils import counters
 
     from twotower_cli import towers
+    from twotower_cli.ops import kernels
 
     loaded = towers.load_model(folder, need_denoiser=True)
     backend = TowerBackend(loaded.twotower, loaded.ar)
@@ -90,11 +94,14 @@ def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder):
     block = torch.randint(4, 40, (2, 4), generator=g)
     masks = torch.full((2, 4), 3)
 
+    pads = torch.ones(2, 9, dtype=torch.bool)
+    pads[1, :3] = False
+
     def run():
         outs = []
-        for prompt in (long_prompt, short_prompt):
+        for prompt, mask in ((long_prompt, None), (short_prompt, pads)):
             backend.reset(2)
-            outs.append(backend.extend(prompt))
+            outs.append(backend.extend(prompt, attention_mask=mask))
             for s in steps:
                 outs.append(backend.extend(s))
             outs.append(backend.denoise(masks, torch.tensor([0.3, 0.9])))
@@ -103,7 +110,7 @@ def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder):
             outs.append(backend.denoise(masks, torch.tensor([0.5, 0.5])))
         return outs
 
-    with torch.no_grad():
+    with torch.no_grad(), kernels.force(sdpa=sdpa):
         ref = run()
         torch._dynamo.reset()
         counters.clear()
