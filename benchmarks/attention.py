@@ -12,7 +12,9 @@ memory-efficient kernel runs. Cases, as the towers make them:
     train block   the training forward + backward: every block at once, block mask over context ‖ noisy
     decode        one token, no mask (flash attention with grouped keys/values either way: a control)
 
-Columns: best of --rounds (interleaved) in ms, and on CUDA the peak memory the call allocates.
+Columns: best of --rounds (interleaved) in ms; on CUDA also the peak memory each call allocates and the
+backend class it gets (`fused`: it runs with SDPA restricted to flash / memory-efficient / cuDNN attention;
+`math`: SDPA then has no kernel for it).
 
     python benchmarks/attention.py                 # CUDA, bf16, context 4096
     python benchmarks/attention.py --context 512   # CPU (there SDPA never takes the math backend: a check of
@@ -90,7 +92,7 @@ def run(device: torch.device, T: int, rounds: int = 5) -> None:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"attention, {H} query heads on {KV} key/value heads × {D} · {dtype} · {name} · context {T}")
     print(f"{'case':24}{'previous ms':>13}{'_sdpa ms':>11}{'speed-up':>10}"
-          + (f"{'previous MiB':>14}{'_sdpa MiB':>11}" if cuda else ""))
+          + (f"{'previous MiB':>14}{'_sdpa MiB':>11}{'previous':>10}{'_sdpa':>8}" if cuda else ""))
     g = torch.Generator(device="cpu").manual_seed(0)
     for name, b, L, t_past, causal, mask, backward in cases(T, device, dtype):
         q, k, v = (torch.randn(*shape, generator=g).to(device, dtype)
@@ -119,7 +121,25 @@ def run(device: torch.device, T: int, rounds: int = 5) -> None:
                     torch.cuda.synchronize(device)
                 best[i] = min(best[i], time.perf_counter() - t0)
         line = f"{name:24}{best[0] * 1e3:13.2f}{best[1] * 1e3:11.2f}{best[0] / best[1]:9.2f}×"
-        print(line + (f"{peak[0]:14.0f}{peak[1]:11.0f}" if cuda else ""), flush=True)
+        if cuda:
+            line += f"{peak[0]:14.0f}{peak[1]:11.0f}" + "".join(f"{backend_of(fn):>{w}}"
+                                                              for fn, w in zip(variants, (10, 8), strict=True))
+        print(line, flush=True)
+
+
+def backend_of(fn: Callable[[], None]) -> str:
+    """'fused' if the call runs with SDPA restricted to flash / memory-efficient / cuDNN attention, 'math' if
+    SDPA then finds no kernel (so it runs its math backend when allowed)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            fn()
+    except RuntimeError as e:
+        if "No available kernel" not in str(e):
+            raise
+        return "math"
+    return "fused"
 
 
 def step(fn: Callable, args: tuple, backward: bool) -> None:
