@@ -1,0 +1,103 @@
+"""Operator dispatches per sampler step: one-token decode vs a 16-token denoiser block, on CPU.
+
+On a GPU a batch-1 step of this model is bound by how many kernels Python launches, not by arithmetic;
+the count of dispatched operators is the same on CPU and CUDA and needs no GPU to measure. The model has
+Nano's routing (128 experts, top 6) and the first 7 layers of its pattern by default, at a small width
+(op counts do not depend on it). Columns per step: compute operators dispatched (views, reshapes and
+other metadata-only ops left out), of which in the MoE layers, expert calls (`index_add_`: one per
+expert that got a token), and `bincount` calls (each followed by `.tolist()`: a device sync on CUDA).
+
+    python benchmarks/dispatch.py [--pattern MEMEM*E] [--experts 128] [--top-k 6] [--block 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from twotower_cli.config import NemotronHConfig
+from twotower_cli.model.moe import MoE
+from twotower_cli.towers import TowerBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+METADATA = {"view", "as_strided", "slice", "select", "transpose", "t", "unsqueeze", "squeeze", "expand",
+            "reshape", "_unsafe_view", "_reshape_alias", "alias", "detach", "permute", "empty", "empty_strided",
+            "resolve_conj", "resolve_neg", "to", "lift_fresh", "matmul", "linear", "contiguous", "split",
+            "chunk", "unbind", "narrow", "result_type", "is_nonzero", "item", "_local_scalar_dense",
+            "view_as", "expand_as", "flatten", "unflatten", "split_with_sizes", "numpy_T", "type_as"}
+
+
+def count_ops(fn, calls: int) -> dict[str, float]:
+    """Average per call: top-level compute ops, of which inside MoE forwards ("moe" profiler ranges),
+    index_add_ and bincount calls."""
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    total = moe = index_add = bincount = 0
+    moe_ranges = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "moe"]
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
+            continue  # only top-level operators: what Python dispatches
+        op = e.name[len("aten::"):]
+        if op in METADATA:
+            continue
+        total += 1
+        if any(a <= e.time_range.start and e.time_range.end <= b for a, b in moe_ranges):
+            moe += 1
+        index_add += op == "index_add_"
+        bincount += op == "bincount"
+    return {k: v / calls for k, v in (("ops", total), ("moe", moe), ("index_add", index_add),
+                                         ("bincount", bincount))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pattern", default="MEMEM*E")
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=6)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--calls", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    cfg = NemotronHConfig.build(args.pattern, **dict(gpu_check.SMOKE, n_routed_experts=args.experts,
+                                                     num_experts_per_tok=args.top_k))
+    model = gpu_check.random_twotower(cfg, torch.device("cpu"), torch.float32)
+    moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moe_layers:  # mark each MoE forward as a profiler range
+        m.forward = _ranged(m.forward)
+    backend = TowerBackend(model)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, cfg.vocab_size, (1, args.prompt), generator=g)
+    backend.reset(1)
+    backend.extend(prompt)
+    one = prompt[:, -1:]
+    masks = torch.full((1, args.block), 3)
+    t = torch.ones(1)
+    n_moe = cfg.pattern.count("E")
+    print(f"pattern {args.pattern} ({n_moe} MoE layers a tower) · {args.experts} experts, top {args.top_k} · "
+          f"context {args.prompt} · per step, average of {args.calls}")
+    print(f"{'step':22}{'ops':>8}{'in MoE':>9}{'expert calls':>14}{'bincount':>10}")
+    for name, fn in (("decode (1 token)", lambda: backend.extend(one)),
+                     (f"denoise block ({args.block})", lambda: backend.denoise(masks, t))):
+        c = count_ops(fn, args.calls)
+        print(f"{name:22}{c['ops']:8.0f}{c['moe']:9.0f}{c['index_add']:14.1f}{c['bincount']:10.1f}")
+
+
+def _ranged(forward):
+    def wrapped(*a, **k):
+        with torch.profiler.record_function("moe"):
+            return forward(*a, **k)
+    return wrapped
+
+
+if __name__ == "__main__":
+    main()
