@@ -531,17 +531,9 @@ SDPA_ROUTE = {
 def test_sdpa_path_equals_explicit_math(case, dtype, sdpa_calls):
     """Same numbers as the explicit fp32 path, and never `enable_gqa` with a mask or in fp32 (SDPA's math
     backend on CUDA: scores [b, h, L, T] in fp32)."""
-    cfg = build_tiny_config("*")
-    att = _attention(cfg)
-    L, past, causal, mask = sdpa_case(case, cfg)
-    x = randn(2, L, cfg.hidden_size, seed=13)
-    with torch.no_grad():
-        with kernels.force(sdpa=False):
-            ref = att(x, past, causal=causal, mask=mask)[0]
-        assert not sdpa_calls
-        half = KVCache(past.k.to(dtype), past.v.to(dtype)) if past is not None else None
-        with kernels.force(sdpa=True):
-            got = att.to(dtype)(x.to(dtype), half, causal=causal, mask=mask)[0].float()
+    cfg, att, x, (L, past, causal, mask), ref = explicit_attention(case)
+    assert not sdpa_calls
+    got = attention_via_sdpa(att, x, past, causal, mask, dtype)
     h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     assert len(sdpa_calls) == 1
     q_heads, k_heads, q_len, has_mask, gqa, call_dtype = sdpa_calls[0]
@@ -551,8 +543,30 @@ def test_sdpa_path_equals_explicit_math(case, dtype, sdpa_calls):
     assert not gqa or (not has_mask and call_dtype == torch.bfloat16)
     assert has_mask == (mask is not None or (causal and L > 1 and past is not None))
     assert torch.isfinite(got).all()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2 * (1 + ref.abs().max().item())
-    assert max_diff(got, ref) <= tol, f"{case}: max diff {max_diff(got, ref):.2e}"
+    assert max_diff(got, ref) <= sdpa_tolerance(dtype, ref), f"{case}: max diff {max_diff(got, ref):.2e}"
+
+
+def explicit_attention(case: str):
+    """(cfg, the tiny attention, its input, the call (L, past, causal, mask), the explicit fp32 output)."""
+    cfg = build_tiny_config("*")
+    att = _attention(cfg)
+    call = sdpa_case(case, cfg)
+    L, past, causal, mask = call
+    x = randn(2, L, cfg.hidden_size, seed=13)
+    with torch.no_grad(), kernels.force(sdpa=False):
+        ref = att(x, past, causal=causal, mask=mask)[0]
+    return cfg, att, x, call, ref
+
+
+def attention_via_sdpa(att, x, past, causal, mask, dtype) -> torch.Tensor:
+    """The same call on the SDPA path with the module, input and cache in `dtype`; output in fp32."""
+    half = KVCache(past.k.to(dtype), past.v.to(dtype)) if past is not None else None
+    with torch.no_grad(), kernels.force(sdpa=True):
+        return att.to(dtype)(x.to(dtype), half, causal=causal, mask=mask)[0].float()
+
+
+def sdpa_tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2 * (1 + ref.abs().max().item())
 
 
 def mem_efficient_standin(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -574,19 +588,11 @@ def test_sdpa_mask_value_keeps_padded_rows_finite_in_mem_efficient_kernel(dtype,
     """Left-pad queries see no key at all. Through the memory-efficient kernel's arithmetic they must still
     give the explicit path's finite average (with the dtype's minimum as the mask value they come out NaN,
     which the Mamba layers would carry into the real tokens)."""
-    cfg = build_tiny_config("*")
-    att = _attention(cfg)
-    L, past, causal, mask = sdpa_case("pads", cfg)
-    x = randn(2, L, cfg.hidden_size, seed=13)
-    with torch.no_grad(), kernels.force(sdpa=False):
-        ref = att(x, past, causal=causal, mask=mask)[0]
+    _, att, x, (L, past, causal, mask), ref = explicit_attention("pads")
     monkeypatch.setattr(F, "scaled_dot_product_attention", mem_efficient_standin)
-    half = KVCache(past.k.to(dtype), past.v.to(dtype))
-    with torch.no_grad(), kernels.force(sdpa=True):
-        got = att.to(dtype)(x.to(dtype), half, causal=causal, mask=mask)[0].float()
+    got = attention_via_sdpa(att, x, past, causal, mask, dtype)
     assert not mask[0, 0, :2].any() and torch.isfinite(got).all()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2 * (1 + ref.abs().max().item())
-    assert max_diff(got, ref) <= tol
+    assert max_diff(got, ref) <= sdpa_tolerance(dtype, ref)
 
 
 def test_model_with_sdpa_equals_explicit_left_padded():
