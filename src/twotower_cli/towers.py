@@ -297,9 +297,8 @@ class TowerBackend:
         per module (`compile_regions`): every layer's norm and mixer (Mamba, attention, MLP), and of an MoE
         layer its router and shared expert. Not the whole step: the MoE's expert dispatch depends on the
         routing (data-dependent sizes), a graph break that inside the layer loop would make dynamo skip the
-        whole frame. Modules of one class share their
-        compiled graphs, so a tower costs a few compilations (prefill, one-token decode, block), not one
-        per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs ("reduce-overhead"), whose
+        whole frame. Modules of one class share their compiled graphs, so a tower costs a few compilations
+        (prefill, one-token decode, block), not one per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs ("reduce-overhead"), whose
         output buffers the next step would overwrite while the cache still holds them. The mamba-ssm
         kernels run outside the graphs (`kernels.prepare_compile`). Context steps longer than
         COMPILE_MAX_TOKENS (prompts) run eagerly: they are matmul-bound, and each new prompt length would

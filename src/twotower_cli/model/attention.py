@@ -120,7 +120,7 @@ class Attention(nn.Module):
         mask_rows = 0 if attn_mask is None else attn_mask.shape[0] * rep * L
         if not is_causal and mask_rows <= 2 * b * (h - kv) * d:
             if attn_mask is not None:
-                attn_mask = attn_mask.expand(-1, -1, L, -1).repeat(1, 1, rep, 1)  # row r·L + i: query i
+                attn_mask = attn_mask.repeat(1, 1, rep, 1)  # [b|1, 1, rep·L, T]: row r·L + i is query i
             out = F.scaled_dot_product_attention(q.reshape(b, kv, rep * L, d), k, v, attn_mask=attn_mask,
                                                  scale=scale)
             return out.view(b, h, L, d)
