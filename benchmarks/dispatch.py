@@ -41,11 +41,9 @@ def count_ops(fn, calls: int) -> dict[str, float]:
     total = moe = index_add = bincount = 0
     moe_ranges = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "moe"]
     for e in prof.events():
-        if not e.name.startswith("aten::") or e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"):
-            continue  # only top-level operators: what Python dispatches
-        op = e.name[len("aten::"):]
-        if op in METADATA:
-            continue
+        op = e.name[len("aten::"):] if e.name.startswith("aten::") else None
+        if op is None or op in METADATA or _inside_compute_op(e):
+            continue  # count each compute op once: not the kernels a composite op (linear → addmm) calls
         total += 1
         if any(a <= e.time_range.start and e.time_range.end <= b for a, b in moe_ranges):
             moe += 1
@@ -53,6 +51,15 @@ def count_ops(fn, calls: int) -> dict[str, float]:
         bincount += op == "bincount"
     return {k: v / calls for k, v in (("ops", total), ("moe", moe), ("index_add", index_add),
                                          ("bincount", bincount))}
+
+
+def _inside_compute_op(e) -> bool:
+    parent = e.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::") and parent.name[len("aten::"):] not in METADATA:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main() -> None:
