@@ -1,11 +1,12 @@
-"""Operator dispatches per sampler step: one-token decode vs a 16-token denoiser block, on CPU.
+"""Operator dispatches per sampler step: one-token decode vs a 16-token denoiser block, on CPU, with the
+routed experts run as a per-expert loop (the baseline) and as grouped GEMMs (`moe.Experts`, the default).
 
 On a GPU a batch-1 step of this model is bound by how many kernels Python launches, not by arithmetic;
 the count of dispatched operators is the same on CPU and CUDA and needs no GPU to measure. The model has
 Nano's routing (128 experts, top 6) and the first 7 layers of its pattern by default, at a small width
 (op counts do not depend on it). Columns per step: compute operators dispatched (views, reshapes and
-other metadata-only ops left out), of which in the MoE layers, expert calls (`index_add_`: one per
-expert that got a token), and `bincount` calls (each followed by `.tolist()`: a device sync on CUDA).
+other metadata-only ops left out), of which in the MoE layers, and host syncs (`.tolist()` / `.item()`:
+on CUDA each waits for the GPU to drain; the loop reads its per-expert counts so).
 
     python benchmarks/dispatch.py [--pattern MEMEM*E] [--experts 128] [--top-k 6] [--block 16]
 """
@@ -20,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from twotower_cli.config import NemotronHConfig
-from twotower_cli.model.moe import MoE
+from twotower_cli.model.moe import Experts, MoE
 from twotower_cli.towers import TowerBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +34,26 @@ METADATA = {"view", "as_strided", "slice", "select", "transpose", "t", "unsqueez
 
 
 def count_ops(fn, calls: int) -> dict[str, float]:
-    """Average per call: top-level compute ops, of which inside MoE forwards ("moe" profiler ranges),
-    index_add_ and bincount calls."""
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            fn()
-    total = moe = index_add = bincount = 0
+    """Average per call: top-level compute ops, of which inside MoE forwards ("moe" profiler ranges), and
+    host syncs."""
+    syncs = 0
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counted(real):
+        def call(self, *a, **k):
+            nonlocal syncs
+            syncs += 1
+            return real(self, *a, **k)
+        return call
+
+    torch.Tensor.tolist, torch.Tensor.item = counted(real_tolist), counted(real_item)
+    try:
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+    finally:
+        torch.Tensor.tolist, torch.Tensor.item = real_tolist, real_item
+    total = moe = 0
     moe_ranges = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "moe"]
     for e in prof.events():
         op = e.name[len("aten::"):] if e.name.startswith("aten::") else None
@@ -47,10 +62,7 @@ def count_ops(fn, calls: int) -> dict[str, float]:
         total += 1
         if any(a <= e.time_range.start and e.time_range.end <= b for a, b in moe_ranges):
             moe += 1
-        index_add += op == "index_add_"
-        bincount += op == "bincount"
-    return {k: v / calls for k, v in (("ops", total), ("moe", moe), ("index_add", index_add),
-                                         ("bincount", bincount))}
+    return {"ops": total / calls, "moe": moe / calls, "syncs": syncs / calls}
 
 
 def _inside_compute_op(e) -> bool:
@@ -92,11 +104,15 @@ def main() -> None:
     n_moe = cfg.pattern.count("E")
     print(f"pattern {args.pattern} ({n_moe} MoE layers a tower) · {args.experts} experts, top {args.top_k} · "
           f"context {args.prompt} · per step, average of {args.calls}")
-    print(f"{'step':22}{'ops':>8}{'in MoE':>9}{'expert calls':>14}{'bincount':>10}")
-    for name, fn in (("decode (1 token)", lambda: backend.extend(one)),
-                     (f"denoise block ({args.block})", lambda: backend.denoise(masks, t))):
-        c = count_ops(fn, args.calls)
-        print(f"{name:22}{c['ops']:8.0f}{c['moe']:9.0f}{c['index_add']:14.1f}{c['bincount']:10.1f}")
+    print(f"{'step':22}{'experts':>9}{'ops':>8}{'in MoE':>9}{'host syncs':>12}")
+    steps = (("decode (1 token)", lambda: backend.extend(one)),
+             (f"denoise block ({args.block})", lambda: backend.denoise(masks, t)))
+    for name, fn in steps:
+        for route in ("loop", "grouped"):
+            Experts.grouped = route == "grouped"
+            c = count_ops(fn, args.calls)
+            print(f"{name:22}{route:>9}{c['ops']:8.0f}{c['moe']:9.0f}{c['syncs']:12.1f}")
+    Experts.grouped = True
 
 
 def _ranged(forward):

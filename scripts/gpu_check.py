@@ -6,11 +6,14 @@
    chunk 128, attention 32/2×128, 128 experts top-6 of 1856 + a 3712 shared expert, vocab 131072) but only
    the first 7 layers of its pattern ("MEMEM*E"), random weights, bf16 (A_log, D, dt_bias, router fp32);
 3. one table, side by side from the same run: torch path (TWOTOWER_KERNELS=torch, explicit attention) vs
-   kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms; then `ar` vs `mask_diffusion`
-   tok/s and tokens/NFE on the kernel path. Random weights are never confident, so the threshold policy
-   commits ~1 token per NFE; the fixed-steps row (policy topk, 4 steps per block of 16) shows 4 tok/NFE;
-4. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
-   dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory.
+   kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms. In section 4, random weights
+   are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
+   4 steps per block of 16) shows 4 tok/NFE;
+4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path);
+5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
+   dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory;
+6. one MoE layer at Nano's sizes: the routed experts as a per-expert loop vs grouped GEMMs (`moe.Experts`),
+   for 1, 16 and 64 tokens (benchmarks/moe.py).
 
     python scripts/gpu_check.py               # on a CUDA machine with mamba-ssm and causal-conv1d
     python scripts/gpu_check.py --compile     # + a third column: the kernel path under --compile
@@ -257,6 +260,13 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import attention as attention_bench
     attention_bench.run(device, 64 if smoke else 4096, rounds=1 if smoke else 5)
+    del model, backend
+    print("\n## 6. MoE routed experts: per-expert loop vs grouped GEMMs (benchmarks/moe.py)")
+    import moe as moe_bench
+    if smoke:
+        moe_bench.run(device, dtype, 64, 32, experts=8, top_k=2, tokens=(1, 16), rounds=1, inner=2)
+    else:
+        moe_bench.run(device, dtype, NANO["hidden_size"], NANO["moe_intermediate_size"], rounds=5, inner=20)
     peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
 

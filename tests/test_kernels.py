@@ -12,6 +12,7 @@ their in-place writes, so a wrapper that forgets a clone, a transpose or an expa
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
 import sys
 import warnings
@@ -859,3 +860,57 @@ def test_gpu_sdpa_equals_explicit(case, dtype):
     assert max_diff(got, ref) <= tol * (1 + ref.abs().max().item()), f"max diff {max_diff(got, ref):.3e}"
     if grad:
         assert max_diff(got_grad, ref_grad) <= tol * (1 + ref_grad.abs().max().item())
+
+
+@functools.cache
+def _nano_moe_state(cfg) -> dict[str, torch.Tensor]:
+    """Random weights for the MoE layer below, drawn once (128 × 2 × 5 M numbers take seconds)."""
+    from twotower_cli.model.init import init_nemotron_h
+    from twotower_cli.model.moe import MoE
+
+    return init_nemotron_h(MoE(cfg), torch.Generator().manual_seed(0)).state_dict()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_gpu_moe_grouped_experts_equal_the_loop(tokens, monkeypatch):
+    """Nano's MoE layer (128 experts of 1856 on 2688, top 6, a 3712 shared expert) in bf16, as the sampler
+    runs it (no autograd): the default route, which on CUDA is the grouped GEMM pair with no host sync (CUDA's
+    sync debug mode raises on one), against the per-expert loop and an fp32 run of the same weights."""
+    from twotower_cli.config import NemotronHConfig
+    from twotower_cli.model.moe import _GROUPED_MM, Experts, MoE
+
+    n_experts = 128 if DEV == "cuda" else 16  # the CPU run (Triton interpreter job) keeps Nano's widths only
+    cfg = NemotronHConfig.build("E", hidden_size=2688, moe_intermediate_size=1856, n_routed_experts=n_experts,
+                                num_experts_per_tok=6, moe_shared_expert_intermediate_size=3712,
+                                n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                routed_scaling_factor=2.5, vocab_size=256)
+    moe = MoE(cfg, torch.float64)
+    moe.load_state_dict(_nano_moe_state(cfg))
+    # Weights and input rounded to bf16 for the fp32 run too: the same values route the same way (a
+    # near-tie top-6 choice must not flip between the runs).
+    moe = moe.to(DEV, torch.bfloat16).float().requires_grad_(False)
+    x = randn(1, tokens, 2688, seed=tokens).to(DEV, torch.bfloat16).float()
+    with torch.no_grad():
+        ref = moe(x)  # fp32 activations
+        moe.to(torch.bfloat16)
+        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+        xb = x.to(torch.bfloat16)
+        ran = []
+        real = Experts._grouped
+        monkeypatch.setattr(Experts, "_grouped", lambda self, *a: ran.append("grouped") or real(self, *a))
+        if DEV == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = moe(xb)
+        finally:
+            if DEV == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.setattr(Experts, "grouped", False)
+        loop = moe(xb)
+    if DEV == "cuda" and _GROUPED_MM is not None and torch.cuda.get_device_capability()[0] >= 8:
+        assert ran == ["grouped"]
+    scale = 1 + ref.abs().max().item()
+    assert max_diff(got, loop) <= 1.5e-2 * scale, f"grouped vs loop: {max_diff(got, loop):.3e} (scale {scale:.2f})"
+    assert max_diff(loop, ref) <= 3e-2 * scale, f"bf16 loop vs fp32: {max_diff(loop, ref):.3e}"
+    assert max_diff(got, ref) <= 3e-2 * scale, f"bf16 default vs fp32: {max_diff(got, ref):.3e}"

@@ -116,3 +116,29 @@ def test_no_config_is_an_error(tmp_path):
     (path / "config.json").unlink()
     with pytest.raises(TwoTowerError, match="no config.json"):
         load_nemotron_h(path)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_experts_are_read_into_their_stack_without_a_second_copy(tmp_path, monkeypatch, fused):
+    """Per-expert tensors (NVIDIA's layout) or fused stacks (transformers' in-memory layout) land in the
+    rows of one tensor per layer that `Experts` takes whole: `torch.stack` never runs."""
+    cfg = build_tiny_config()
+    path = write_tiny_checkpoint(tmp_path, cfg)
+    if fused:
+        def fuse(t):
+            for stem in {k.rsplit(".", 3)[0] for k in t if ".mixer.experts." in k}:
+                for proj in ("up_proj", "down_proj"):
+                    t[f"{stem}.{proj}"] = torch.stack([t.pop(f"{stem}.{j}.{proj}.weight")
+                                                       for j in range(cfg.n_routed_experts)])
+        path = rewrite(tmp_path, path, fuse, "fused")
+        assert any(k.endswith("mixer.experts.up_proj") for k in open_checkpoint(path).tensors)
+    stacks = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(a) or real_stack(*a, **k))
+    model = load_nemotron_h(path, dtype=torch.bfloat16)
+    assert stacks == []
+    ref = file_tensors(write_tiny_checkpoint(tmp_path / "again", cfg))
+    moe = model.backbone.layers[cfg.layer_indices("E")[0]].mixer
+    assert moe.experts.up_proj.dtype == torch.bfloat16 and moe.experts.up_proj.is_contiguous()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, ref[name].to(t.dtype)), name

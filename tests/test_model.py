@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conftest import GROUPED_ROUTER, build_tiny_config, build_tiny_model, max_diff
 from twotower_cli import layout
@@ -21,6 +22,9 @@ from twotower_cli.model import (
     NemotronHModel,
     init_nemotron_h,
 )
+from twotower_cli.model.mlp import MLP
+from twotower_cli.model.moe import _GROUPED_MM as GROUPED_MM
+from twotower_cli.model.moe import Experts
 
 PATTERNS = ["M*EM-E", "*M-E*M"]
 
@@ -142,8 +146,14 @@ def test_attention_mask_and_past():
 # -------------------------------------------------------------------------------------------------- MoE
 
 def naive_moe(moe: MoE, x: torch.Tensor, cfg, dtype=torch.float32) -> torch.Tensor:
-    """One token and one expert at a time, straight from spec §2."""
+    """One token and one expert at a time, straight from spec §2, with the per-expert tensors of the state
+    dict (the checkpoint's layout), not the stacks the module computes with."""
     E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    weights = moe.experts.state_dict()
+
+    def expert(e, v):
+        return F.relu(v @ weights[f"{e}.up_proj.weight"].T).square() @ weights[f"{e}.down_proj.weight"].T
+
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         s = torch.sigmoid(x[t].to(dtype) @ moe.gate.weight.to(dtype).T)
@@ -159,21 +169,39 @@ def naive_moe(moe: MoE, x: torch.Tensor, cfg, dtype=torch.float32) -> torch.Tens
         if cfg.norm_topk_prob:
             w = w / (w.sum() + 1e-20)
         w = w * cfg.routed_scaling_factor
-        y = sum(w[i] * moe.experts[e](x[t]).to(dtype) for i, e in enumerate(chosen))
+        y = sum(w[i] * expert(e, x[t]).to(dtype) for i, e in enumerate(chosen))
         out[t] = y.to(x.dtype) + moe.shared_experts(x[t])
     return out
 
 
+def expert_paths(monkeypatch) -> list[str]:
+    """Records which way each `Experts` call ran: "grouped" (one grouped GEMM pair) or "loop"."""
+    ran: list[str] = []
+    for path in ("grouped", "loop"):
+        real = getattr(Experts, f"_{path}")
+        monkeypatch.setattr(Experts, f"_{path}", lambda self, *a, _real=real, _p=path: ran.append(_p) or _real(self, *a))
+    return ran
+
+
+@pytest.mark.parametrize("path", ["grouped", "loop"])
 @pytest.mark.parametrize("overrides", [{}, GROUPED_ROUTER, {"norm_topk_prob": False}])
 @pytest.mark.parametrize("router_dtype", [torch.float32, torch.float64])
-def test_moe_equals_naive_reference(overrides, router_dtype):
+def test_moe_equals_naive_reference(overrides, router_dtype, path, monkeypatch):
     cfg = build_tiny_config(**overrides)
     moe = MoE(cfg, router_dtype)
     init_nemotron_h(moe, torch.Generator().manual_seed(0), std=0.1)
     with torch.no_grad():  # a bias large enough to change choices
         moe.gate.e_score_correction_bias.copy_(randn(cfg.n_routed_experts, seed=5) * 0.1)
     x = randn(3, 5, cfg.hidden_size, seed=1)
-    got = moe(x)
+    ran = expert_paths(monkeypatch)
+    if path == "grouped":
+        if GROUPED_MM is None:
+            pytest.skip("this torch has no grouped GEMM")
+        with torch.no_grad():  # inference: where the grouped GEMM runs
+            got = moe(x)
+    else:
+        got = moe(x)  # parameters requiring grad: the loop
+    assert ran == [path]
     ref = naive_moe(moe, x.reshape(-1, cfg.hidden_size), cfg, router_dtype).reshape(x.shape)
     d = max_diff(got, ref)
     assert d <= 1e-5, f"MoE vs naive: max diff {d:.3g}"
@@ -185,6 +213,142 @@ def test_moe_equals_naive_reference(overrides, router_dtype):
     assert not torch.equal(with_bias.sort(-1).values, without.sort(-1).values)
     if cfg.n_group > 1:  # topk_group = 1: each token's experts lie in one group
         assert torch.all(with_bias.min(-1).values // 4 == with_bias.max(-1).values // 4)
+
+
+def random_experts(n=5, hidden=16, intermediate=24, bias=False, dtype=torch.float32, seed=0) -> Experts:
+    experts = Experts(n, hidden, intermediate, bias)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return experts.to(dtype)
+
+
+def per_row_experts(experts: Experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Row by row from the per-expert tensors of the state dict: down @ relu(up @ x + b)² + b."""
+    w = experts.state_dict()
+    ids = [e for e, n in enumerate(counts) for _ in range(n)]
+    out = []
+    for r, e in enumerate(ids):
+        h = x[r].float() @ w[f"{e}.up_proj.weight"].float().T + w.get(f"{e}.up_proj.bias", torch.zeros(1)).float()
+        y = F.relu(h).square() @ w[f"{e}.down_proj.weight"].float().T + w.get(f"{e}.down_proj.bias", torch.zeros(1)).float()
+        out.append(y)
+    return torch.stack(out) if out else x.new_zeros(x.shape).float()
+
+
+def magnitude(t: torch.Tensor) -> float:
+    return max(t.abs().max().item(), 1.0) if t.numel() else 1.0
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 2, 4, 1], [0, 0, 1, 0, 0], [16, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_the_loop(dtype, bias, counts, monkeypatch):
+    """The grouped GEMM pair and the per-expert loop give the same numbers (bit for bit on the CPU without
+    biases), empty experts and a decode's single row included, and both equal the per-row formula."""
+    if GROUPED_MM is None:
+        pytest.skip("this torch has no grouped GEMM")
+    experts = random_experts(bias=bias, dtype=dtype)
+    x = randn(sum(counts), 16, seed=3).to(dtype)
+    c = torch.tensor(counts)
+    ran = expert_paths(monkeypatch)
+    with torch.no_grad():
+        grouped = experts(x, c)
+        monkeypatch.setattr(experts, "grouped", False)
+        loop = experts(x, c)
+    assert ran == (["grouped", "loop"] if sum(counts) else ["loop", "loop"])  # no rows: nothing to group
+    assert grouped.shape == loop.shape == x.shape and grouped.dtype == dtype
+    if bias and dtype == torch.bfloat16:  # F.linear adds the bias before rounding, the grouped path after
+        assert max_diff(grouped, loop) <= 0.02 * magnitude(loop)
+    else:
+        assert torch.equal(grouped, loop)
+    ref = per_row_experts(experts, x, counts)
+    tol = 1e-5 if dtype == torch.float32 else 0.03 * magnitude(ref)
+    assert max_diff(loop.float(), ref) <= tol
+
+
+def test_cpu_groups_only_when_rows_cover_the_experts(monkeypatch):
+    """On the CPU the grouped GEMM walks empty groups too, so a decode step (6 rows over 128 experts) loops."""
+    if GROUPED_MM is None:
+        pytest.skip("this torch has no grouped GEMM")
+    experts = random_experts(n=128)
+    ran = expert_paths(monkeypatch)
+    with torch.no_grad():
+        for rows in (6, 15, 16, 96):
+            counts = torch.zeros(128, dtype=torch.long)
+            counts[torch.arange(rows) * 7 % 128] = 1
+            experts(randn(rows, 16, seed=rows), counts)
+    assert ran == ["loop", "loop", "grouped", "grouped"]
+
+
+def test_experts_train_through_the_loop_with_per_expert_gradients():
+    """With autograd recording, the loop runs; the stacked gradient's row e is expert e's gradient."""
+    experts = random_experts()
+    counts = [3, 0, 2, 4, 1]
+    x = randn(10, 16, seed=4)
+    w = randn(10, 16, seed=5)
+    (experts(x, torch.tensor(counts)) * w).sum().backward()
+    ref = random_experts()
+    state = {k: v.clone().requires_grad_() for k, v in ref.state_dict().items()}
+    per_row = []
+    for r, e in enumerate(e for e, n in enumerate(counts) for _ in range(n)):
+        h = F.relu(x[r] @ state[f"{e}.up_proj.weight"].T).square()
+        per_row.append(h @ state[f"{e}.down_proj.weight"].T)
+    (torch.stack(per_row) * w).sum().backward()
+    for e in range(5):
+        for proj in ("up_proj", "down_proj"):
+            want = state[f"{e}.{proj}.weight"].grad
+            want = torch.zeros_like(state[f"{e}.{proj}.weight"]) if want is None else want
+            assert max_diff(getattr(experts, proj).grad[e], want) <= 1e-5, (e, proj)
+    assert torch.count_nonzero(experts.up_proj.grad[1]) == 0  # expert 1 got no rows
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_experts_state_dict_is_a_list_of_mlps(bias):
+    """Keys, order and values of a ModuleList of per-expert MLPs (NVIDIA's layout), as views of the stacks;
+    either loads into the other."""
+    experts = random_experts(bias=bias)
+    mlps = nn.ModuleList(MLP(16, 24, bias) for _ in range(5))
+    assert list(experts.state_dict()) == list(mlps.state_dict())
+    row = experts.state_dict()["3.down_proj.weight"]
+    assert row.data_ptr() == experts.down_proj[3].data_ptr() and torch.equal(row, experts.down_proj[3])
+    mlps.load_state_dict(experts.state_dict())
+    x = randn(2, 16, seed=6)
+    with torch.no_grad():
+        for e in range(5):
+            assert max_diff(experts(x, torch.tensor([2 if j == e else 0 for j in range(5)])), mlps[e](x)) <= 1e-6
+        for p in mlps.parameters():
+            p.mul_(2)
+    fresh = random_experts(bias=bias, seed=9)
+    fresh.load_state_dict(mlps.state_dict())
+    assert torch.equal(fresh.up_proj, 2 * experts.up_proj)
+
+
+def test_experts_load_assigns_rows_of_one_tensor_without_a_copy():
+    with torch.device("meta"):
+        experts = Experts(5, 16, 24)
+    up, down = randn(5, 24, 16, seed=1), randn(5, 16, 24, seed=2)
+    state = {f"{j}.{p}.weight": t[j] for j in range(5) for p, t in (("up_proj", up), ("down_proj", down))}
+    experts.load_state_dict(state, assign=True)
+    assert experts.up_proj.data_ptr() == up.data_ptr() and experts.down_proj.data_ptr() == down.data_ptr()
+    assert isinstance(experts.up_proj, nn.Parameter)
+    # Rows out of order, or separate tensors: copied into a new stack, in the keys' order.
+    state = {f"{j}.{p}.weight": t[4 - j] for j in range(5) for p, t in (("up_proj", up), ("down_proj", down))}
+    experts.load_state_dict(state, assign=True)
+    assert experts.up_proj.data_ptr() != up.data_ptr() and torch.equal(experts.up_proj, up.flip(0))
+
+
+def test_experts_load_names_what_is_wrong():
+    experts = random_experts()
+    good = experts.state_dict()
+    bad = {k: v for k, v in good.items() if k != "2.up_proj.weight"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*2\.up_proj\.weight"):
+        experts.load_state_dict(bad)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*5\.up_proj\.weight"):
+        experts.load_state_dict({**good, "5.up_proj.weight": good["0.up_proj.weight"]})
+    with pytest.raises(RuntimeError, match=r"size mismatch for 1\.down_proj\.weight"):
+        experts.load_state_dict({**good, "1.down_proj.weight": torch.zeros(16, 23)})
+    experts.load_state_dict({**good, "5.up_proj.weight": good["0.up_proj.weight"]}, strict=False)
 
 
 # ---------------------------------------------------------------------------------------- tower caching

@@ -113,13 +113,14 @@ def ref_mamba(mixer, cfg, h, conv_hist, ssm):
 
 
 def ref_moe(mixer, cfg, h):
+    experts = mixer.experts.state_dict()  # per-expert tensors, as the checkpoint holds them
     outs = []
     for t in range(h.shape[0]):
         s = torch.sigmoid(h[t].double() @ mixer.gate.weight.double().T)
         chosen = torch.topk(s + mixer.gate.e_score_correction_bias.double(), cfg.num_experts_per_tok).indices
         w = s[chosen] / (s[chosen].sum() + 1e-20) * cfg.routed_scaling_factor
-        o = sum(w[j].float() * mixer.experts[int(e)].down_proj(F.relu(mixer.experts[int(e)].up_proj(h[t])) ** 2)
-                for j, e in enumerate(chosen))
+        o = sum(w[j].float() * (F.relu(h[t] @ experts[f"{e}.up_proj.weight"].T) ** 2) @ experts[f"{e}.down_proj.weight"].T
+                for j, e in enumerate(chosen.tolist()))
         sh = mixer.shared_experts
         outs.append(o + sh.down_proj(F.relu(sh.up_proj(h[t])) ** 2))
     return torch.stack(outs)

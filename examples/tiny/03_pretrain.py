@@ -271,7 +271,7 @@ def main() -> None:
     n_embed = model.backbone.embeddings.weight.numel() + model.lm_head.weight.numel()
     moe = model.backbone.layers[cfg.layer_indices("E")[0]].mixer if "E" in cfg.pattern else None
     n_inactive = (0 if moe is None else len(cfg.layer_indices("E")) * (cfg.n_routed_experts - cfg.num_experts_per_tok)
-                  * sum(p.numel() for p in moe.experts[0].parameters()))
+                  * sum(p.numel() for p in moe.experts.parameters()) // cfg.n_routed_experts)
     log(f"model: pattern {cfg.pattern}, hidden {cfg.hidden_size}, {n_params:,} parameters "
         f"({n_params - n_embed:,} without embeddings and head; {n_params - n_inactive:,} active per token)")
     log(f"config: {json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ('architectures', 'model_type')})}")

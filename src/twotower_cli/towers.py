@@ -265,7 +265,7 @@ COMPILE_MAX_TOKENS = 64  # --compile: longer context steps (prompts) run eagerly
 
 def compile_regions(tower: NemotronHModel) -> list[nn.Module]:
     """The modules `TowerBackend.compile` compiles in a tower: each layer's norm and mixer, or for an MoE
-    layer its norm, router and shared expert (the expert loop stays eager), and the final norm."""
+    layer its norm, router and shared expert (the routed experts stay eager), and the final norm."""
     regions: list[nn.Module] = []
     for layer in tower.layers:
         regions.append(layer.norm)
@@ -295,9 +295,9 @@ class TowerBackend:
     def compile(self, backend: str = "inductor") -> TowerBackend:
         """torch.compile the layers of both towers (`--compile`) for the decode and block steps, one region
         per module (`compile_regions`): every layer's norm and mixer (Mamba, attention, MLP), and of an MoE
-        layer its router and shared expert. Not the whole step: the MoE's expert dispatch depends on the
-        routing (data-dependent sizes), a graph break that inside the layer loop would make dynamo skip the
-        whole frame. Modules of one class share their compiled graphs, so a tower costs a few compilations
+        layer its router and shared expert. Not the whole step: the routed experts stay eager (their loop
+        route has data-dependent sizes, a graph break that inside the layer loop would make dynamo skip the
+        whole frame; their grouped route is two GEMMs that compilation would not shorten). Modules of one class share their compiled graphs, so a tower costs a few compilations
         (prefill, one-token decode, block), not one per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs ("reduce-overhead"), whose
         output buffers the next step would overwrite while the cache still holds them. The mamba-ssm
         kernels run outside the graphs (`kernels.prepare_compile`). Context steps longer than

@@ -67,7 +67,7 @@ from twotower_cli.text import Tokenizer
 from twotower_cli.towers import TwoTower, is_twotower_checkpoint
 
 TRAINER_STATE = "trainer_state.pt"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: experts stacked per layer (one parameter, one optimizer state)
 TRAIN_CHOICES = ("all", "time-conditioning")
 TIME_CONDITIONING = ("t_embedder.", "t_block.", "scale_shift_tables.")
 FROZEN = ("context_tower.", "context_lm_head.")
@@ -429,9 +429,12 @@ def open_twotower(path: str | Path) -> tuple[Path, Checkpoint, NemotronHConfig]:
     return folder, ckpt, cfg
 
 
+def trained_prefixes(train: str) -> tuple[str, ...]:
+    return TIME_CONDITIONING if train == "time-conditioning" else ("denoiser_tower.", "lm_head.", *TIME_CONDITIONING)
+
+
 def trainable_names(model: TwoTower, train: str) -> list[str]:
-    prefixes = TIME_CONDITIONING if train == "time-conditioning" else ("denoiser_tower.", "lm_head.", *TIME_CONDITIONING)
-    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+    return [n for n, _ in model.named_parameters() if n.startswith(trained_prefixes(train))]
 
 
 def load_for_training(ckpt: Checkpoint, cfg: NemotronHConfig, train: str, device: torch.device,
@@ -626,7 +629,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     config = mcfg.to_dict()
     config["twotower"] = {**mcfg.twotower, "block_size": cfg.block}
     # Written weights rounded to a narrower dtype need their fp32 masters in the state for an exact resume.
-    lossy = any(source.tensors[n].dtype != "F32" for n, _ in params if n in source.tensors)
+    # (Names of the checkpoint's layout: stacked experts are one parameter but a tensor per expert there.)
+    lossy = any(info.dtype != "F32" for n, info in source.tensors.items() if n.startswith(trained_prefixes(cfg.train)))
 
     def evaluate() -> float:
         return _evaluate(denoiser, model, data.eval, cfg, mask_id, env)

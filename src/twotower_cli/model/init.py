@@ -4,7 +4,8 @@ spec §9, re-initialising a loaded weight ruins the model. All randomness comes 
 Mamba-2 parameters follow the reference recipe: A_log = log(U[1, 16]); dt_bias = softplus⁻¹(dt) with dt
 log-uniform in [1e-3, 1e-1]; D = 1. Norm weights are 1, Linear and Embedding weights N(0, std²), biases 0,
 the depthwise conv U(±1/sqrt(K)) (PyTorch's default fan-in bound). The router's correction bias gets small
-random values (N(0, std²)), not zeros, so that tests exercise the biased selection.
+random values (N(0, std²)), not zeros, so that tests exercise the biased selection. Stacked expert weights
+are drawn expert by expert, up then down, so a seed gives the weights a list of per-expert MLPs got.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from twotower_cli.model.mamba2 import Mamba2Mixer
-from twotower_cli.model.moe import Router
+from twotower_cli.model.moe import Experts, Router
 from twotower_cli.model.norm import GatedGroupRMSNorm, RMSNorm
 
 
@@ -41,6 +42,13 @@ def init_nemotron_h(model: nn.Module, generator: torch.Generator, std: float = 0
                 module.bias.zero_()
         elif isinstance(module, (RMSNorm, GatedGroupRMSNorm)):
             module.weight.fill_(1.0)
+        elif isinstance(module, Experts):  # expert by expert, up then down: the draws of a list of MLPs
+            for j in range(module.n):
+                normal(module.up_proj[j], std)
+                normal(module.down_proj[j], std)
+            for bias in (module.up_bias, module.down_bias):
+                if bias is not None:
+                    bias.zero_()
         elif isinstance(module, Router):
             normal(module.weight, std)
             normal(module.e_score_correction_bias, std)

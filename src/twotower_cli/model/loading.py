@@ -7,6 +7,7 @@
 (`key_map`, identity by default), read shard by shard through `Checkpoint.iter_tensors`, shape-checked,
 cast to `dtype` (None keeps the file's dtype) except the `layout.keep_fp32` parameters, which are always
 fp32, and assigned with `load_state_dict(strict=True, assign=True)`. Nothing is initialised afterwards.
+The per-expert tensors of a layer are read into the rows of one stack, which `moe.Experts` takes as is.
 
 Every problem is one TwoTowerError naming the keys: tensors the module needs that the file lacks, shapes
 that differ, and checkpoint tensors nobody consumed (unless `layout.is_dropped`, e.g. `mtp.*`, which are
@@ -35,6 +36,7 @@ from twotower_cli import layout
 from twotower_cli.checkpoint import Checkpoint, open_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
+from twotower_cli.model.moe import Experts
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM
 
 _EXPERT = re.compile(r"^(?P<stem>.*\.mixer\.experts)\.(?P<j>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
@@ -68,6 +70,17 @@ def _spellings(key: str) -> list[tuple[str, int | None]]:
         m = _EXPERT.match(n)
         if m:
             out.append((f"{m['stem']}.{m['proj']}", int(m["j"])))
+    return out
+
+
+def _expert_rows(module: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """State-dict key of each row of a stacked parameter (`moe.Experts`) → (the parameter, row, rows)."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, Experts):
+            base = f"{prefix}." if prefix else ""
+            for param, keys in sub.rows().items():
+                out.update({base + k: (base + param, j, len(keys)) for j, k in enumerate(keys)})
     return out
 
 
@@ -127,19 +140,29 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
                             "is the config.json the one these weights were saved with?")
 
     # Read each checkpoint tensor once per device that needs it (a fused experts tensor serves every expert
-    # of its layer), straight onto that device.
+    # of its layer), straight onto that device. A stacked parameter's per-expert tensors are copied into
+    # the rows of one tensor as they arrive, so that `Experts` takes it whole: no second copy of the experts.
     place = device if callable(device) else (lambda _key, d=torch.device(device): d)
     by_device: dict[torch.device, dict[str, list[str]]] = {}
     for mkey, src in sources.items():
         by_device.setdefault(torch.device(place(mkey)), {}).setdefault(src.key, []).append(mkey)
+    rows = _expert_rows(module)
+    stacks: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     for dev, by_source in by_device.items():
         for name, tensor in ckpt.iter_tensors(by_source, device=dev):
             for mkey in by_source[name]:
                 index = sources[mkey].index
-                t = tensor if index is None else tensor[index].clone()  # clone: no views into the fused tensor
+                t = tensor if index is None else tensor[index]
                 target = torch.float32 if layout.keep_fp32(mkey) else (dtype or t.dtype)
-                state[mkey] = t.to(target)
+                if mkey in rows:
+                    stack, j, n = rows[mkey]
+                    if stack not in stacks:
+                        stacks[stack] = torch.empty((n, *t.shape), dtype=target, device=dev)
+                    state[mkey] = stacks[stack][j]
+                    state[mkey].copy_(t)
+                else:  # clone: no views into a fused tensor
+                    state[mkey] = t.to(target) if index is None or t.dtype != target else t.clone()
             del tensor
     module.load_state_dict(state, strict=True, assign=True)
     report.loaded = len(state)

@@ -10,13 +10,24 @@ by s + e_score_correction_bias, with DeepSeek-V3 grouped top-k when n_group > 1 
 whose two best biased scores sum highest); the *weights* are the unbiased s at the chosen experts,
 normalised to sum 1 (+1e-20) when norm_topk_prob, times routed_scaling_factor.
 
-Experts run on the tokens routed to them (tokens sorted by expert, one matmul pair per expert that got any),
-never a loop over tokens. The weighted sum is accumulated in the router dtype, then cast back.
+Experts run on the tokens routed to them, never a loop over tokens: the T*k (token, slot) pairs are sorted by
+expert, and `Experts` runs each expert on its contiguous slice. Its weights are stacked per layer
+(up_proj [E, I, H], down_proj [E, H, I], as transformers holds them in memory), so where torch's grouped GEMM
+runs (`F.grouped_mm`: inference, CUDA bf16 on sm80+ or any CPU float) a layer's experts are two kernels whatever
+the routing, with no host sync; elsewhere (training, fp32 on CUDA, older torch) one matmul pair per expert that
+got a token. Both give the same numbers (bit for bit on the CPU). The weighted sum is accumulated in the router
+dtype, then cast back.
+
+The state dict keeps NVIDIA's layout, one tensor per expert (`experts.{j}.up_proj.weight`, rows of the
+stacks), so checkpoints, the loader and the trainer's files never see the stacking; named_parameters() shows
+the stacks (`experts.up_proj`). Loading assigns a stack whole when the per-expert tensors it is given are the
+rows of one tensor (`load_state` builds them so), and copies them into one otherwise.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twotower_cli.config import NemotronHConfig
@@ -49,13 +60,131 @@ class Router(nn.Module):
         return weights * self.scaling, experts
 
 
+# F.grouped_mm (torch >= 2.10), torch._grouped_mm before; None on a torch without either.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+CPU_ROWS_PER_GROUP = 8  # on the CPU, group when rows ≥ experts / 8 (see Experts._grouped_runs)
+_GROUPED_FAILED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) where it raised once: loop there
+
+
+def _stack_rows(rows: list[Tensor]) -> Tensor:
+    """torch.stack(rows), without the copy when the rows already are the rows of one tensor, in order."""
+    base = rows[0]._base
+    if (base is not None and base.shape[0] == len(rows) and base.shape[1:] == rows[0].shape
+            and all(r._base is base and r.data_ptr() == base[j].data_ptr() and r.stride() == base[j].stride()
+                    and r.dtype == base.dtype for j, r in enumerate(rows))):
+        return base
+    return torch.stack(rows)
+
+
+class Experts(nn.Module):
+    """The routed relu² experts of one MoE layer, stacked: x [N, H] sorted by expert, with `counts` [E] rows
+    each, → [N, H], row r through expert e(r): down[e] @ relu(up[e] @ x_r)²."""
+
+    grouped = True  # use F.grouped_mm where it runs (benchmarks and tests switch it off for the loop)
+
+    def __init__(self, n: int, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.n = n
+        self.up_proj = nn.Parameter(torch.empty(n, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, intermediate))
+        self.up_bias = nn.Parameter(torch.empty(n, intermediate)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(n, hidden)) if bias else None
+
+    def rows(self) -> dict[str, list[str]]:
+        """Stacked parameter → its per-expert state-dict keys (relative to this module), row j at index j."""
+        names = ({"up_proj": "up_proj.weight", "up_bias": "up_proj.bias", "down_proj": "down_proj.weight",
+                  "down_bias": "down_proj.bias"} if self.up_bias is not None
+                 else {"up_proj": "up_proj.weight", "down_proj": "down_proj.weight"})
+        return {param: [f"{j}.{key}" for j in range(self.n)] for param, key in names.items()}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        rows = self.rows()
+        for j in range(self.n):  # expert by expert, as a ModuleList of MLPs would list them
+            for param, keys in rows.items():
+                t = getattr(self, param)[j]
+                destination[prefix + keys[j]] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        ours: set[str] = set()
+        for param, keys in self.rows().items():
+            keys = [prefix + k for k in keys]
+            ours.update(keys)
+            current = getattr(self, param)
+            absent = [k for k in keys if k not in state_dict]
+            if absent:
+                missing_keys.extend(absent)
+                continue
+            rows = [state_dict[k] for k in keys]
+            want = current.shape[1:]
+            bad = [f"size mismatch for {k}: copying a param with shape {tuple(r.shape)}, the shape in the current "
+                   f"model is {tuple(want)}." for k, r in zip(keys, rows, strict=True) if r.shape != want]
+            if bad:
+                error_msgs.extend(bad)
+                continue
+            value = _stack_rows(rows)
+            if assign:
+                setattr(self, param, nn.Parameter(value, requires_grad=current.requires_grad))
+            else:
+                with torch.no_grad():
+                    current.copy_(value)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
+
+    def _grouped_runs(self, x: Tensor) -> bool:
+        if _GROUPED_MM is None or not self.grouped or (x.device.type, x.dtype) in _GROUPED_FAILED:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.up_proj.requires_grad):
+            return False  # its backward is young (and raises on the CPU for unaligned or expanded grads)
+        if x.dtype != self.up_proj.dtype:
+            return False
+        if x.device.type == "cuda":  # CUTLASS kernel: bf16, sm80+, rows 16-byte aligned
+            aligned = all(d * x.element_size() % 16 == 0 for d in self.up_proj.shape[1:])
+            return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device)[0] >= 8
+        # On the CPU the grouped GEMM walks every group, empty ones too: with few rows over many experts (a
+        # decode step: 6 rows, 128 experts) the loop over the used ones is faster (benchmarks/moe.py).
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and x.shape[0] * CPU_ROWS_PER_GROUP >= self.n)
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        if x.shape[0] and self._grouped_runs(x):
+            try:
+                return self._grouped(x, counts)
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError):  # a torch build whose grouped GEMM refuses this case
+                _GROUPED_FAILED.add((x.device.type, x.dtype))
+        return self._loop(x, counts)
+
+    def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        h = _GROUPED_MM(x, self.up_proj.transpose(1, 2), offs=offs)
+        if self.up_bias is not None:
+            h = h + self.up_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+        y = _GROUPED_MM(torch.relu(h).square(), self.down_proj.transpose(1, 2), offs=offs)
+        if self.down_bias is not None:
+            y = y + self.down_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+        return y
+
+    def _loop(self, x: Tensor, counts: Tensor) -> Tensor:
+        up_b = self.up_bias if self.up_bias is not None else [None] * self.n
+        down_b = self.down_bias if self.down_bias is not None else [None] * self.n
+        parts, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h = F.linear(x[start:start + n], self.up_proj[e], up_b[e])
+                parts.append(F.linear(torch.relu(h).square(), self.down_proj[e], down_b[e]))
+            start += n
+        return torch.cat(parts) if parts else x.new_zeros(x.shape)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: NemotronHConfig, router_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.router_dtype = router_dtype
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias) for _ in range(cfg.n_routed_experts))
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_expert_size * cfg.n_shared_experts, cfg.mlp_bias)
                                if cfg.n_shared_experts else None)
 
@@ -65,19 +194,15 @@ class MoE(nn.Module):
         weights, experts = self.gate(flat, self.router_dtype)  # [T, k]
         k = experts.shape[1]
 
-        # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice.
-        order = experts.flatten().argsort(stable=True)
+        # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice; the
+        # group sizes come from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
+        chosen, order = experts.flatten().sort(stable=True)
+        ends = torch.searchsorted(chosen, torch.arange(self.experts.n, device=x.device), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
         tokens = order // k
-        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
-        routed_w = weights.flatten()[order]
+        y = self.experts(flat[tokens], counts)
         out = torch.zeros(flat.shape, dtype=weights.dtype, device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                idx = tokens[start:start + n]
-                y = self.experts[e](flat[idx])
-                out.index_add_(0, idx, y.to(out.dtype) * routed_w[start:start + n, None])
-            start += n
+        out.index_add_(0, tokens, y.to(out.dtype) * weights.flatten()[order, None])
         out = out.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
