@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from twotower_cli import train as T
 from twotower_cli.checkpoint import open_checkpoint
 from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
 from twotower_cli.ops.ssd import ssd_chunked, ssd_sequential
 from twotower_cli.towers import load_model
 
@@ -202,6 +203,18 @@ def test_resume_is_exact(ckpt, data, tmp_path):
     assert second.first_loss == full.first_loss and second.eval_loss_before == full.eval_loss_before
     a, b = tensors(tmp_path / "full"), tensors(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_trainer_state_of_another_version(ckpt, data, tmp_path):
+    """Version 1 states (per-expert parameters, so per-expert optimizer states) cannot resume version 2's
+    stacked experts: one error with the way out, not a mismatched optimizer."""
+    run(ckpt, data, tmp_path / "out", steps=4, stop_after=2)
+    path = tmp_path / "out" / T.TRAINER_STATE
+    state = torch.load(path, weights_only=True)
+    assert state["version"] == T.STATE_VERSION == 2
+    torch.save({**state, "version": 1}, path)
+    with pytest.raises(TwoTowerError, match="not a trainer state this version understands"):
+        run(ckpt, data, tmp_path / "out", steps=4, resume=True)
 
 
 def test_bf16_checkpoint_keeps_dtypes_and_bytes(tmp_path, data):

@@ -606,8 +606,9 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     opt = make_optimizer(params, cfg.lr)
     net: nn.Module = denoiser
     if env.world > 1:
-        # Experts that no token chose get no gradient in a step: DDP must look for unused parameters.
-        net = nn.parallel.DistributedDataParallel(denoiser, find_unused_parameters="E" in mcfg.pattern)
+        # Every trained parameter gets a gradient each step (the experts are stacked per layer: an expert no
+        # token chose gets zero rows), so DDP need not search the graph for unused ones.
+        net = nn.parallel.DistributedDataParallel(denoiser)
 
     start, history = 0, {"first_loss": math.nan, "eval_loss_before": math.nan}
     stop = cfg.stop_after or cfg.steps
