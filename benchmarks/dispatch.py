@@ -6,7 +6,8 @@ the count of dispatched operators is the same on CPU and CUDA and needs no GPU t
 Nano's routing (128 experts, top 6) and the first 7 layers of its pattern by default, at a small width
 (op counts do not depend on it). Columns per step: compute operators dispatched (views, reshapes and
 other metadata-only ops left out), of which in the MoE layers, and host syncs (`.tolist()` / `.item()`:
-on CUDA each waits for the GPU to drain; the loop reads its per-expert counts so).
+on CUDA each waits for the GPU to drain; the loop reads its per-expert counts so). The grouped rows take
+the grouped GEMM for any row count, as on CUDA (on the CPU a decode step would keep the loop).
 
     python benchmarks/dispatch.py [--pattern MEMEM*E] [--experts 128] [--top-k 6] [--block 16]
 """
@@ -21,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from twotower_cli.config import NemotronHConfig
+from twotower_cli.model import moe as moe_module
 from twotower_cli.model.moe import Experts, MoE
 from twotower_cli.towers import TowerBackend
 
@@ -105,14 +107,17 @@ def main() -> None:
     print(f"pattern {args.pattern} ({n_moe} MoE layers a tower) · {args.experts} experts, top {args.top_k} · "
           f"context {args.prompt} · per step, average of {args.calls}")
     print(f"{'step':22}{'experts':>9}{'ops':>8}{'in MoE':>9}{'host syncs':>12}")
+    cpu_rule = moe_module.CPU_ROWS_PER_GROUP
     steps = (("decode (1 token)", lambda: backend.extend(one)),
              (f"denoise block ({args.block})", lambda: backend.denoise(masks, t)))
     for name, fn in steps:
         for route in ("loop", "grouped"):
             Experts.grouped = route == "grouped"
+            # grouped as on CUDA, where it runs for any row count (the CPU loops below experts / 8 rows)
+            moe_module.CPU_ROWS_PER_GROUP = 10**9 if route == "grouped" else cpu_rule
             c = count_ops(fn, args.calls)
             print(f"{name:22}{route:>9}{c['ops']:8.0f}{c['moe']:9.0f}{c['syncs']:12.1f}")
-    Experts.grouped = True
+    Experts.grouped, moe_module.CPU_ROWS_PER_GROUP = True, cpu_rule
 
 
 def _ranged(forward):

@@ -250,7 +250,7 @@ def test_grouped_experts_equal_the_loop(dtype, bias, counts, monkeypatch):
         pytest.skip("this torch has no grouped GEMM")
     experts = random_experts(bias=bias, dtype=dtype)
     x = randn(sum(counts), 16, seed=3).to(dtype)
-    c = torch.tensor(counts)
+    c = torch.tensor(counts).cumsum(0).int()
     ran = expert_paths(monkeypatch)
     with torch.no_grad():
         grouped = experts(x, c)
@@ -277,7 +277,7 @@ def test_cpu_groups_only_when_rows_cover_the_experts(monkeypatch):
         for rows in (6, 15, 16, 96):
             counts = torch.zeros(128, dtype=torch.long)
             counts[torch.arange(rows) * 7 % 128] = 1
-            experts(randn(rows, 16, seed=rows), counts)
+            experts(randn(rows, 16, seed=rows), counts.cumsum(0).int())
     assert ran == ["loop", "loop", "grouped", "grouped"]
 
 
@@ -287,7 +287,7 @@ def test_experts_train_through_the_loop_with_per_expert_gradients():
     counts = [3, 0, 2, 4, 1]
     x = randn(10, 16, seed=4)
     w = randn(10, 16, seed=5)
-    (experts(x, torch.tensor(counts)) * w).sum().backward()
+    (experts(x, torch.tensor(counts).cumsum(0).int()) * w).sum().backward()
     ref = random_experts()
     state = {k: v.clone().requires_grad_() for k, v in ref.state_dict().items()}
     per_row = []
@@ -316,7 +316,8 @@ def test_experts_state_dict_is_a_list_of_mlps(bias):
     x = randn(2, 16, seed=6)
     with torch.no_grad():
         for e in range(5):
-            assert max_diff(experts(x, torch.tensor([2 if j == e else 0 for j in range(5)])), mlps[e](x)) <= 1e-6
+            ends = torch.tensor([0] * e + [2] * (5 - e)).int()  # both rows to expert e
+            assert max_diff(experts(x, ends), mlps[e](x)) <= 1e-6
         for p in mlps.parameters():
             p.mul_(2)
     fresh = random_experts(bias=bias, seed=9)

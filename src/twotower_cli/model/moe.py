@@ -77,8 +77,9 @@ def _stack_rows(rows: list[Tensor]) -> Tensor:
 
 
 class Experts(nn.Module):
-    """The routed relu² experts of one MoE layer, stacked: x [N, H] sorted by expert, with `counts` [E] rows
-    each, → [N, H], row r through expert e(r): down[e] @ relu(up[e] @ x_r)²."""
+    """The routed relu² experts of one MoE layer, stacked: x [N, H] sorted by expert, expert e's rows ending
+    before `ends[e]` ([E] int32, cumulative: grouped GEMM's offsets) → [N, H], row r through its expert e:
+    down[e] @ relu(up[e] @ x_r)²."""
 
     grouped = True  # use F.grouped_mm where it runs (benchmarks and tests switch it off for the loop)
 
@@ -147,35 +148,35 @@ class Experts(nn.Module):
         return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
                 and x.shape[0] * CPU_ROWS_PER_GROUP >= self.n)
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ends: Tensor) -> Tensor:
         if x.shape[0] and self._grouped_runs(x):
             try:
-                return self._grouped(x, counts)
+                return self._grouped(x, ends)
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, NotImplementedError):  # a torch build whose grouped GEMM refuses this case
                 _GROUPED_FAILED.add((x.device.type, x.dtype))
-        return self._loop(x, counts)
+        return self._loop(x, ends)
 
-    def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
-        offs = counts.cumsum(0).to(torch.int32)
-        h = _GROUPED_MM(x, self.up_proj.transpose(1, 2), offs=offs)
-        if self.up_bias is not None:
+    def _grouped(self, x: Tensor, ends: Tensor) -> Tensor:
+        h = _GROUPED_MM(x, self.up_proj.transpose(1, 2), offs=ends)
+        counts = None if self.up_bias is None else torch.diff(ends, prepend=ends.new_zeros(1))
+        if counts is not None:
             h = h + self.up_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
-        y = _GROUPED_MM(torch.relu(h).square(), self.down_proj.transpose(1, 2), offs=offs)
-        if self.down_bias is not None:
+        y = _GROUPED_MM(torch.relu(h).square(), self.down_proj.transpose(1, 2), offs=ends)
+        if counts is not None:
             y = y + self.down_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
         return y
 
-    def _loop(self, x: Tensor, counts: Tensor) -> Tensor:
+    def _loop(self, x: Tensor, ends: Tensor) -> Tensor:
         up_b = self.up_bias if self.up_bias is not None else [None] * self.n
         down_b = self.down_bias if self.down_bias is not None else [None] * self.n
         parts, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                h = F.linear(x[start:start + n], self.up_proj[e], up_b[e])
+        for e, end in enumerate(ends.tolist()):
+            if end > start:
+                h = F.linear(x[start:end], self.up_proj[e], up_b[e])
                 parts.append(F.linear(torch.relu(h).square(), self.down_proj[e], down_b[e]))
-            start += n
+            start = end
         return torch.cat(parts) if parts else x.new_zeros(x.shape)
 
 
@@ -194,13 +195,12 @@ class MoE(nn.Module):
         weights, experts = self.gate(flat, self.router_dtype)  # [T, k]
         k = experts.shape[1]
 
-        # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice; the
-        # group sizes come from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
+        # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice; where
+        # each slice ends comes from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
         chosen, order = experts.flatten().sort(stable=True)
-        ends = torch.searchsorted(chosen, torch.arange(self.experts.n, device=x.device), right=True)
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        ends = torch.searchsorted(chosen, torch.arange(self.experts.n, device=x.device), right=True, out_int32=True)
         tokens = order // k
-        y = self.experts(flat[tokens], counts)
+        y = self.experts(flat[tokens], ends)
         out = torch.zeros(flat.shape, dtype=weights.dtype, device=x.device)
         out.index_add_(0, tokens, y.to(out.dtype) * weights.flatten()[order, None])
         out = out.to(x.dtype)
