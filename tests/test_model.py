@@ -304,6 +304,28 @@ def test_experts_train_through_the_loop_with_per_expert_gradients():
 
 
 @pytest.mark.parametrize("bias", [False, True])
+def test_each_expert_stack_gets_its_gradient_from_one_node(bias):
+    """The loop's backward builds each stack's gradient once: the stack's AccumulateGrad has one producer
+    (an unbind), not one per expert (indexing the stack per expert would zero-fill a whole-stack gradient
+    for every expert that got rows: E times the memory traffic)."""
+    experts = random_experts(bias=bias)
+    y = experts(randn(10, 16, seed=4), torch.tensor([3, 0, 2, 4, 1]).cumsum(0).int())
+    producers: dict[int, list[str]] = {id(p): [] for p in experts.parameters()}
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and hasattr(nxt, "variable") and id(nxt.variable) in producers:
+                producers[id(nxt.variable)].append(node.name())
+            todo.append(nxt)
+    for name, p in experts.named_parameters():
+        assert len(producers[id(p)]) == 1, (name, producers[id(p)])
+
+
+@pytest.mark.parametrize("bias", [False, True])
 def test_experts_state_dict_is_a_list_of_mlps(bias):
     """Keys, order and values of a ModuleList of per-expert MLPs (NVIDIA's layout), as views of the stacks;
     either loads into the other."""
