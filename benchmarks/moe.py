@@ -10,7 +10,7 @@ loop, and the default, with the route the default took (on the CPU it keeps the 
 experts, `moe.CPU_ROWS_PER_GROUP`), and the ratio loop / default (> 1: the default is faster). Defaults: Nano's routing (128 experts, top 6) at a width
 the CPU runs in seconds; `--hidden 2688 --intermediate 1856 --dtype bf16` is Nano's layer (on CUDA).
 
-    python benchmarks/moe.py                        # CPU, fp32, hidden 512
+    python benchmarks/moe.py [--backward]           # CPU, fp32, hidden 512 (+ the training route's backward)
     python benchmarks/moe.py --device cuda --dtype bf16 --hidden 2688 --intermediate 1856
 """
 
@@ -78,6 +78,46 @@ def run(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int
         print(f"{n:7d}{used:14d}{times['loop']:10.3f}{times['default']:10.3f}{took:>9}{ratio:7.2f}×")
 
 
+def backward(device: torch.device, hidden: int, intermediate: int, experts: int = 128, rows: int = 96,
+             rounds: int = 2) -> None:
+    """Training's route (the loop, fp32, autograd): forward + backward of the routed experts, with each
+    expert's weights taken by indexing the stacks (baseline: each expert's backward then zero-fills a
+    gradient of the whole stack) vs `Experts._loop` (the stacks unbound once: one gradient per stack)."""
+    import torch.nn.functional as F
+
+    layer = Experts(experts, hidden, intermediate).to(device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, experts, (rows,), generator=g).sort().values.to(device)
+    ends = torch.searchsorted(ids, torch.arange(experts, device=device), right=True, out_int32=True)
+    x = torch.randn(rows, hidden, generator=g).to(device)
+
+    def indexed() -> torch.Tensor:
+        parts, start = [], 0
+        for e, end in enumerate(ends.tolist()):
+            if end > start:
+                h = torch.relu(F.linear(x[start:end], layer.up_proj[e])).square()
+                parts.append(F.linear(h, layer.down_proj[e]))
+            start = end
+        return torch.cat(parts)
+
+    times: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in (("indexed", indexed), ("unbound", lambda: layer(x, ends))):
+            def step(fn=fn) -> None:
+                layer.zero_grad(set_to_none=True)
+                fn().square().mean().backward()
+            ms = best_ms(step, device, 1, 1)
+            times[name] = min(times.get(name, ms), ms)
+    used = int((ends.diff(prepend=ends.new_zeros(1)) > 0).sum())
+    print(f"training route (loop + backward) · {experts} experts, {used} used by {rows} rows · hidden {hidden}, "
+          f"expert {intermediate} · fp32 on {device} · best of {rounds}, ms")
+    print(f"{'indexed':>12}{'unbound':>12}{'ratio':>8}")
+    print(f"{times['indexed']:12.1f}{times['unbound']:12.1f}{times['indexed'] / times['unbound']:7.1f}×")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -89,9 +129,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--backward", action="store_true", help="also time the training route's backward")
     args = ap.parse_args()
     run(torch.device(args.device), DTYPES[args.dtype], args.hidden, args.intermediate, args.experts, args.top_k,
         tuple(args.tokens), args.rounds, args.inner)
+    if args.backward:
+        print()
+        backward(torch.device(args.device), args.hidden, args.intermediate, args.experts)
 
 
 if __name__ == "__main__":
