@@ -22,7 +22,6 @@ import time
 import torch
 
 from twotower_cli.config import NemotronHConfig
-from twotower_cli.model.init import init_nemotron_h
 from twotower_cli.model.moe import _GROUPED_MM, Experts, MoE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,9 +52,12 @@ def run(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int
                                 moe_shared_expert_intermediate_size=2 * intermediate, n_shared_experts=1,
                                 n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
                                 vocab_size=256)
-    moe = MoE(cfg, torch.float64)
-    init_nemotron_h(moe, torch.Generator().manual_seed(0))
-    moe = moe.to(device, dtype).requires_grad_(False)
+    with torch.device(device):  # random weights drawn on the device (Nano's layer is 1.3 G numbers)
+        moe = MoE(cfg, torch.float64).requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(0)
+    for p in list(moe.parameters()) + list(moe.buffers()):
+        p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
+    moe.to(dtype)
     moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
     g = torch.Generator().manual_seed(1)
     print(f"MoE layer · {experts} experts, top {top_k} · hidden {hidden}, expert {intermediate} · "

@@ -864,11 +864,15 @@ def test_gpu_sdpa_equals_explicit(case, dtype):
 
 @functools.cache
 def _nano_moe_state(cfg) -> dict[str, torch.Tensor]:
-    """Random weights for the MoE layer below, drawn once (128 × 2 × 5 M numbers take seconds)."""
-    from twotower_cli.model.init import init_nemotron_h
+    """Random weights for the MoE layer below, drawn once and on the device (1.3 G numbers: seconds on a CPU)."""
     from twotower_cli.model.moe import MoE
 
-    return init_nemotron_h(MoE(cfg), torch.Generator().manual_seed(0)).state_dict()
+    with torch.device(DEV):
+        moe = MoE(cfg).requires_grad_(False)
+    gen = torch.Generator(DEV).manual_seed(0)
+    for p in list(moe.parameters()) + list(moe.buffers()):
+        p.copy_(torch.randn(p.shape, generator=gen, device=DEV) * 0.02)
+    return moe.state_dict()
 
 
 @pytest.mark.gpu
@@ -885,8 +889,9 @@ def test_gpu_moe_grouped_experts_equal_the_loop(tokens, monkeypatch):
                                 num_experts_per_tok=6, moe_shared_expert_intermediate_size=3712,
                                 n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
                                 routed_scaling_factor=2.5, vocab_size=256)
-    moe = MoE(cfg, torch.float64)
-    moe.load_state_dict(_nano_moe_state(cfg))
+    with torch.device("meta"):
+        moe = MoE(cfg, torch.float64)
+    moe.load_state_dict(_nano_moe_state(cfg), assign=True)
     # Weights and input rounded to bf16 for the fp32 run too: the same values route the same way (a
     # near-tie top-6 choice must not flip between the runs).
     moe = moe.to(DEV, torch.bfloat16).float().requires_grad_(False)
