@@ -23,6 +23,7 @@ from twotower_cli.model import (
     init_nemotron_h,
 )
 from twotower_cli.model.mlp import MLP
+from twotower_cli.model.norm import RMSNorm
 from twotower_cli.model.moe import _GROUPED_MM as GROUPED_MM
 from twotower_cli.model.moe import Experts
 
@@ -103,6 +104,21 @@ def test_pads_feed_and_decay_nothing():
     _, after = mixer(randn(2, 5, cfg.hidden_size, seed=1), state, pad_mask=torch.zeros(2, 5, dtype=torch.bool))
     assert max_diff(after.ssm, state.ssm) == 0.0
     assert torch.all(after.conv == 0)  # raw xBC columns of pads are zeros, as for a fresh sequence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_fp32_formula(dtype):
+    """x·rsqrt(mean(x²) + eps)·weight over the last dim, in fp32, cast back once (NVIDIA's reference)."""
+    norm = RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(randn(64, seed=3))
+    x = (randn(3, 5, 64, seed=1) * 4).to(dtype)
+    xf = x.double()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype
+    ulp = 1e-6 if dtype == torch.float32 else 2 ** -7  # one rounding of the fp32 result
+    assert max_diff(got, ref) <= ulp * ref.abs().max().item()
 
 
 def test_gated_norm_is_grouped_and_gate_first():

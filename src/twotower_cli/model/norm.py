@@ -21,9 +21,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+        # F.rms_norm is that formula; on CUDA it is one fused kernel instead of six (a decode step has ~50
+        # of these norms a tower); on the CPU it runs the same ops.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 class GatedGroupRMSNorm(nn.Module):
