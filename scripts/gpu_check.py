@@ -39,6 +39,7 @@ from torch import nn
 from twotower_cli import layout
 from twotower_cli import sampler as S
 from twotower_cli.config import NemotronHConfig
+from twotower_cli.model import moe
 from twotower_cli.ops import kernels
 from twotower_cli.towers import TowerBackend, TwoTower
 
@@ -254,7 +255,7 @@ def main() -> None:
             n = fin.new_tokens
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
                   f"{fin.wall_seconds:10.2f}")
-    print(f"kernel fallbacks: {kernels._failed or 'none'}")
+    print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 
     print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
     sys.path.insert(0, str(ROOT / "benchmarks"))

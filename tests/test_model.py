@@ -23,9 +23,9 @@ from twotower_cli.model import (
     init_nemotron_h,
 )
 from twotower_cli.model.mlp import MLP
-from twotower_cli.model.norm import RMSNorm
 from twotower_cli.model.moe import _GROUPED_MM as GROUPED_MM
 from twotower_cli.model.moe import Experts
+from twotower_cli.model.norm import RMSNorm
 
 PATTERNS = ["M*EM-E", "*M-E*M"]
 
@@ -281,6 +281,29 @@ def test_grouped_experts_equal_the_loop(dtype, bias, counts, monkeypatch):
     ref = per_row_experts(experts, x, counts)
     tol = 1e-5 if dtype == torch.float32 else 0.03 * magnitude(ref)
     assert max_diff(loop.float(), ref) <= tol
+
+
+def test_a_grouped_gemm_that_raises_falls_back_to_the_loop_once_with_a_warning(monkeypatch):
+    from twotower_cli.model import moe as moe_module
+
+    calls = []
+
+    def refuses(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no grouped GEMM for this case")
+
+    monkeypatch.setattr(moe_module, "_GROUPED_MM", refuses)
+    monkeypatch.setattr(moe_module, "_GROUPED_FAILED", {})
+    experts = random_experts()
+    x, ends = randn(10, 16, seed=3), torch.tensor([3, 0, 2, 4, 1]).cumsum(0).int()
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="grouped GEMM failed on cpu .*per-expert loop"):
+            first = experts(x, ends)
+        second = experts(x, ends)
+        monkeypatch.setattr(experts, "grouped", False)
+        loop = experts(x, ends)
+    assert calls == [1] and list(moe_module._GROUPED_FAILED) == [("cpu", torch.float32)]
+    assert torch.equal(first, loop) and torch.equal(second, loop)
 
 
 def test_cpu_groups_only_when_rows_cover_the_experts(monkeypatch):

@@ -26,6 +26,8 @@ rows of one tensor (`load_state` builds them so), and copies them into one other
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,7 +65,8 @@ class Router(nn.Module):
 # F.grouped_mm (torch >= 2.10), torch._grouped_mm before; None on a torch without either.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 CPU_ROWS_PER_GROUP = 8  # on the CPU, group when rows ≥ experts / 8 (see Experts._grouped_runs)
-_GROUPED_FAILED: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) where it raised once: loop there
+# (device type, dtype) where the grouped GEMM raised once → why; the loop runs there from then on
+_GROUPED_FAILED: dict[tuple[str, torch.dtype], str] = {}
 
 
 def _stack_rows(rows: list[Tensor]) -> Tensor:
@@ -154,8 +157,11 @@ class Experts(nn.Module):
                 return self._grouped(x, ends)
             except torch.OutOfMemoryError:
                 raise
-            except (RuntimeError, NotImplementedError):  # a torch build whose grouped GEMM refuses this case
-                _GROUPED_FAILED.add((x.device.type, x.dtype))
+            except (RuntimeError, NotImplementedError) as e:  # a torch build whose grouped GEMM refuses this
+                why = f"{type(e).__name__}: {e}"
+                _GROUPED_FAILED[(x.device.type, x.dtype)] = why
+                warnings.warn(f"grouped GEMM failed on {x.device.type} {x.dtype} ({why}); the routed experts run "
+                              "as a per-expert loop there from now on", stacklevel=2)
         return self._loop(x, ends)
 
     def _grouped(self, x: Tensor, ends: Tensor) -> Tensor:
