@@ -189,7 +189,8 @@ def main() -> None:
         except importlib.metadata.PackageNotFoundError:
             found = importlib.util.find_spec(dist.replace("-", "_")) is not None
             versions.append(f"{dist} {'(no metadata)' if found else '-'}")
-    print(f"kernels: {kernels.describe()}\nversions: {' · '.join(versions)}")
+    print(f"kernels: {kernels.describe()}\nrouted experts ({str(dtype).removeprefix('torch.')}): "
+          f"{moe.describe(device, dtype)}\nversions: {' · '.join(versions)}")
 
     if not args.skip_tests:
         print("\n## 1. kernel tests", flush=True)

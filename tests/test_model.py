@@ -306,6 +306,26 @@ def test_a_grouped_gemm_that_raises_falls_back_to_the_loop_once_with_a_warning(m
     assert torch.equal(first, loop) and torch.equal(second, loop)
 
 
+def test_describe_says_how_the_experts_run(monkeypatch):
+    from twotower_cli.model import moe as moe_module
+
+    if GROUPED_MM is None:
+        pytest.skip("this torch has no grouped GEMM")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert moe_module.describe(cpu, torch.float32) == "grouped GEMM"
+    assert moe_module.describe(cpu, torch.float64) == "per-expert loop (no grouped GEMM for torch.float64)"
+    assert moe_module.describe(torch.device("mps"), torch.float16) == "per-expert loop (no grouped GEMM on mps)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert moe_module.describe(cuda, torch.bfloat16) == "grouped GEMM"
+    assert "takes bf16 on CUDA, not float32" in moe_module.describe(cuda, torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "compute capability 8.0" in moe_module.describe(cuda, torch.bfloat16)
+    monkeypatch.setattr(moe_module, "_GROUPED_FAILED", {("cpu", torch.float32): "RuntimeError: no"})
+    assert moe_module.describe(cpu, torch.float32) == "per-expert loop (the grouped GEMM failed: RuntimeError: no)"
+    monkeypatch.setattr(moe_module, "_GROUPED_MM", None)
+    assert moe_module.describe(cpu, torch.bfloat16) == "per-expert loop (this torch has no grouped GEMM)"
+
+
 def test_cpu_groups_only_when_rows_cover_the_experts(monkeypatch):
     """On the CPU the grouped GEMM walks empty groups too, so a decode step (6 rows over 128 experts) loops."""
     if GROUPED_MM is None:

@@ -112,7 +112,7 @@ def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens
     return rows
 
 
-def machine_info(device: torch.device) -> dict:
+def machine_info(device: torch.device, dtype: torch.dtype | None = None) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "processor": platform.processor() or platform.machine()}
@@ -121,6 +121,10 @@ def machine_info(device: torch.device) -> dict:
 
         info["gpu"] = torch.cuda.get_device_name(device)
         info["kernels"] = kernels.describe()
+        if dtype is not None:
+            from twotower_cli.model import moe
+
+            info["experts"] = moe.describe(device, dtype)
     return info
 
 

@@ -69,6 +69,29 @@ CPU_ROWS_PER_GROUP = 8  # on the CPU, group when rows ≥ experts / 8 (see Exper
 _GROUPED_FAILED: dict[tuple[str, torch.dtype], str] = {}
 
 
+def grouped_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why inference on `device` in `dtype` runs the routed experts as a loop, or None: grouped GEMMs."""
+    if _GROUPED_MM is None:
+        return "this torch has no grouped GEMM"
+    if (device.type, dtype) in _GROUPED_FAILED:
+        return f"the grouped GEMM failed: {_GROUPED_FAILED[(device.type, dtype)]}"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"the grouped GEMM takes bf16 on CUDA, not {str(dtype).removeprefix('torch.')}"
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            return "the grouped GEMM needs compute capability 8.0 or newer"
+        return None
+    if device.type == "cpu":
+        return None if dtype in (torch.float32, torch.bfloat16, torch.float16) else f"no grouped GEMM for {dtype}"
+    return f"no grouped GEMM on {device.type}"
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """A few words for reports: how the routed experts run for inference on `device` in `dtype`."""
+    why = grouped_refusal(device, dtype)
+    return "grouped GEMM" if why is None else f"per-expert loop ({why})"
+
+
 def _stack_rows(rows: list[Tensor]) -> Tensor:
     """torch.stack(rows), without the copy when the rows already are the rows of one tensor, in order."""
     base = rows[0]._base
@@ -137,19 +160,15 @@ class Experts(nn.Module):
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)
 
     def _grouped_runs(self, x: Tensor) -> bool:
-        if _GROUPED_MM is None or not self.grouped or (x.device.type, x.dtype) in _GROUPED_FAILED:
+        if not self.grouped or x.dtype != self.up_proj.dtype or grouped_refusal(x.device, x.dtype):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.up_proj.requires_grad):
             return False  # its backward is young (and raises on the CPU for unaligned or expanded grads)
-        if x.dtype != self.up_proj.dtype:
-            return False
-        if x.device.type == "cuda":  # CUTLASS kernel: bf16, sm80+, rows 16-byte aligned
-            aligned = all(d * x.element_size() % 16 == 0 for d in self.up_proj.shape[1:])
-            return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device)[0] >= 8
+        if x.device.type == "cuda":  # CUTLASS kernel: rows 16-byte aligned
+            return all(d * x.element_size() % 16 == 0 for d in self.up_proj.shape[1:])
         # On the CPU the grouped GEMM walks every group, empty ones too: with few rows over many experts (a
         # decode step: 6 rows, 128 experts) the loop over the used ones is faster (benchmarks/moe.py).
-        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and x.shape[0] * CPU_ROWS_PER_GROUP >= self.n)
+        return x.shape[0] * CPU_ROWS_PER_GROUP >= self.n
 
     def forward(self, x: Tensor, ends: Tensor) -> Tensor:
         if x.shape[0] and self._grouped_runs(x):
