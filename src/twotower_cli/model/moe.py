@@ -62,7 +62,7 @@ class Router(nn.Module):
         return weights * self.scaling, experts
 
 
-# F.grouped_mm (torch >= 2.10), torch._grouped_mm before; None on a torch without either.
+# F.grouped_mm where torch has the public name, else torch._grouped_mm; None on a torch without either.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 CPU_ROWS_PER_GROUP = 8  # on the CPU, group when rows ≥ experts / 8 (see Experts._grouped_runs)
 # (device type, dtype) where the grouped GEMM raised once → why; the loop runs there from then on
