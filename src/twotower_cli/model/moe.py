@@ -13,10 +13,11 @@ normalised to sum 1 (+1e-20) when norm_topk_prob, times routed_scaling_factor.
 Experts run on the tokens routed to them, never a loop over tokens: the T*k (token, slot) pairs are sorted by
 expert, and `Experts` runs each expert on its contiguous slice. Its weights are stacked per layer
 (up_proj [E, I, H], down_proj [E, H, I], as transformers holds them in memory), so where torch's grouped GEMM
-runs (`F.grouped_mm`: inference, CUDA bf16 on sm80+ or any CPU float) a layer's experts are two kernels whatever
-the routing, with no host sync; elsewhere (training, fp32 on CUDA, older torch) one matmul pair per expert that
-got a token. Both give the same numbers (bit for bit on the CPU). The weighted sum is accumulated in the router
-dtype, then cast back.
+runs (`F.grouped_mm`, for inference: CUDA bf16 on sm80+; CPU floats once rows ≥ experts / 8) a layer's
+experts are two kernels whatever the routing, with no host sync; elsewhere (training, fp32 on CUDA, a decode
+step on the CPU, older torch) one matmul pair per expert that got a token. Both give the same numbers (bit
+for bit on the CPU, biases aside: F.linear adds those before rounding). The weighted sum is accumulated in
+the router dtype, then cast back.
 
 The state dict keeps NVIDIA's layout, one tensor per expert (`experts.{j}.up_proj.weight`, rows of the
 stacks), so checkpoints, the loader and the trainer's files never see the stacking; named_parameters() shows
