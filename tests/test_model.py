@@ -306,6 +306,28 @@ def test_a_grouped_gemm_that_raises_falls_back_to_the_loop_once_with_a_warning(m
     assert torch.equal(first, loop) and torch.equal(second, loop)
 
 
+@pytest.mark.parametrize("path", ["grouped", "loop"])
+def test_long_inputs_are_routed_in_slices_with_the_same_numbers(monkeypatch, path):
+    """A prompt longer than MOE_SLICE_TOKENS goes through in slices (bounded buffers), with the
+    numbers of one pass (up to the rounding of matmuls over fewer rows)."""
+    from twotower_cli.model import moe as moe_module
+
+    cfg = build_tiny_config()
+    moe = MoE(cfg, torch.float64)
+    init_nemotron_h(moe, torch.Generator().manual_seed(0), std=0.1)
+    x = randn(2, 13, cfg.hidden_size, seed=1)
+    monkeypatch.setattr(moe.experts, "grouped", path == "grouped")
+    with torch.no_grad():
+        whole = moe(x)
+        monkeypatch.setattr(moe_module, "MOE_SLICE_TOKENS", 4)
+        calls = []
+        real = MoE._routed
+        monkeypatch.setattr(MoE, "_routed", lambda self, f: calls.append(f.shape[0]) or real(self, f))
+        sliced = moe(x)
+    assert calls == [4] * 6 + [2]
+    assert max_diff(sliced, whole) <= 1e-6 * magnitude(whole), max_diff(sliced, whole)
+
+
 def test_describe_says_how_the_experts_run(monkeypatch):
     from twotower_cli.model import moe as moe_module
 

@@ -65,6 +65,7 @@ class Router(nn.Module):
 
 # F.grouped_mm where torch has the public name, else torch._grouped_mm; None on a torch without either.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+MOE_SLICE_TOKENS = 2048  # MoE.forward routes longer inputs (prompts) in slices of this many tokens
 CPU_ROWS_PER_GROUP = 8  # on the CPU, group when rows ≥ experts / 8 (see Experts._grouped_runs)
 # (device type, dtype) where the grouped GEMM raised once → why; the loop runs there from then on
 _GROUPED_FAILED: dict[tuple[str, torch.dtype], str] = {}
@@ -223,18 +224,26 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
-        weights, experts = self.gate(flat, self.router_dtype)  # [T, k]
-        k = experts.shape[1]
-
-        # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice; where
-        # each slice ends comes from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
-        chosen, order = experts.flatten().sort(stable=True)
-        ends = torch.searchsorted(chosen, torch.arange(self.experts.n, device=x.device), right=True, out_int32=True)
-        tokens = order // k
-        y = self.experts(flat[tokens], ends)
-        out = torch.zeros(flat.shape, dtype=weights.dtype, device=x.device)
-        out.index_add_(0, tokens, y.to(out.dtype) * weights.flatten()[order, None])
-        out = out.to(x.dtype)
+        # A long prompt goes through in slices of tokens: each token's routing and sum are its own, and the
+        # grouped route's buffers ([T*k, H] rows, their weighted copy in the router dtype: 1 GB in fp64 for
+        # 8k tokens of Nano) stay bounded.
+        parts = [self._routed(flat[i:i + MOE_SLICE_TOKENS]) for i in range(0, max(flat.shape[0], 1), MOE_SLICE_TOKENS)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.reshape(shape)
+
+    def _routed(self, flat: Tensor) -> Tensor:
+        """The routed experts' weighted sum for tokens flat [T, H] → [T, H] in flat's dtype."""
+        weights, experts = self.gate(flat, self.router_dtype)  # [T, k]
+        k = experts.shape[1]
+        # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice; where
+        # each slice ends comes from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
+        chosen, order = experts.flatten().sort(stable=True)
+        ends = torch.searchsorted(chosen, torch.arange(self.experts.n, device=flat.device), right=True,
+                                  out_int32=True)
+        tokens = order // k
+        y = self.experts(flat[tokens], ends)
+        out = torch.zeros(flat.shape, dtype=weights.dtype, device=flat.device)
+        out.index_add_(0, tokens, y.to(out.dtype) * weights.flatten()[order, None])
+        return out.to(flat.dtype)
