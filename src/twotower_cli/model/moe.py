@@ -225,8 +225,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         # A long prompt goes through in slices of tokens: each token's routing and sum are its own, and the
-        # grouped route's buffers ([T*k, H] rows, their weighted copy in the router dtype: 1 GB in fp64 for
-        # 8k tokens of Nano) stay bounded.
+        # grouped route's buffers ([T*k, H] rows, their weighted copies in the router dtype: 2 GB in fp64
+        # for 8k tokens of Nano) stay bounded.
         parts = [self._routed(flat[i:i + MOE_SLICE_TOKENS]) for i in range(0, max(flat.shape[0], 1), MOE_SLICE_TOKENS)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.shared_experts is not None:
