@@ -9,7 +9,8 @@
    kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms. In section 4, random weights
    are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
    4 steps per block of 16) shows 4 tok/NFE;
-4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path);
+4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path), and the host syncs in one
+   decode step and one block denoise (CUDA's sync debug mode);
 5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
    dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory;
 6. one MoE layer at Nano's sizes: the routed experts as a per-expert loop vs grouped GEMMs (`moe.Experts`),
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +112,32 @@ def timed(fn, device: torch.device, repeat: int) -> list[float]:
         fn()
         sync(device)
         out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.no_grad()
+def host_syncs(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | None:
+    """Synchronizing CUDA calls in one decode step and one block denoise after a 64-token prefill, counted
+    with CUDA's sync debug mode (each is a point where Python waits for the GPU); None off CUDA."""
+    dev = backend.device
+    if dev.type != "cuda":
+        return None
+    backend.reset(1)
+    backend.extend(prompt[:, :64])
+    blk = torch.full((1, block), mask_id, device=dev)
+    t = torch.ones(1, device=dev)
+    steps = {"decode": lambda: backend.extend(prompt[:, -1:]), "denoise": lambda: backend.denoise(blk, t)}
+    out = {}
+    for name, fn in steps.items():
+        fn()  # warm: first calls may probe or autotune
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out[name] = sum("synchroniz" in str(w.message) for w in caught)
     return out
 
 
@@ -256,6 +284,10 @@ def main() -> None:
             n = fin.new_tokens
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
                   f"{fin.wall_seconds:10.2f}")
+    with kernels.force(**best):
+        syncs = host_syncs(backend, prompt, block, mask_id)
+    print("host syncs per step (CUDA sync debug mode): " + (", ".join(f"{k} {v}" for k, v in syncs.items())
+                                                            if syncs is not None else "n/a off CUDA"))
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 
     print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
