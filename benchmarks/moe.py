@@ -10,7 +10,8 @@ loop, and the default, with the route the default took (on the CPU it keeps the 
 experts, `moe.CPU_ROWS_PER_GROUP`), and the ratio loop / default (> 1: the default is faster). Defaults: Nano's routing (128 experts, top 6) at a width
 the CPU runs in seconds; `--hidden 2688 --intermediate 1856 --dtype bf16` is Nano's layer (on CUDA).
 
-    python benchmarks/moe.py [--backward]           # CPU, fp32, hidden 512 (+ the training route's backward)
+    python benchmarks/moe.py [--backward] [--slice-memory]   # CPU, fp32, hidden 512 (+ training's backward,
+                                                             # + a long prompt's memory in one piece vs slices)
     python benchmarks/moe.py --device cuda --dtype bf16 --hidden 2688 --intermediate 1856
 """
 
@@ -120,6 +121,35 @@ def backward(device: torch.device, hidden: int, intermediate: int, experts: int 
     print(f"{times['indexed']:12.1f}{times['unbound']:12.1f}{times['indexed'] / times['unbound']:7.1f}×")
 
 
+def slice_memory(tokens: int = 8192, hidden: int = 2688) -> None:
+    """Peak RSS growth of one MoE forward over a `tokens`-token prompt (fp32 experts, fp64 router, 16
+    experts of 256: the row buffers, not the weights, are what is measured), routed in one piece vs in
+    slices of MOE_SLICE_TOKENS. Each in its own process: ru_maxrss only grows."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys, torch\n"
+        "from twotower_cli.config import NemotronHConfig\n"
+        "from twotower_cli.model import moe as M\n"
+        "M.MOE_SLICE_TOKENS = int(sys.argv[1]) or M.MOE_SLICE_TOKENS\n"
+        f"cfg = NemotronHConfig.build('E', hidden_size={hidden}, moe_intermediate_size=256, n_routed_experts=16,"
+        " num_experts_per_tok=6, moe_shared_expert_intermediate_size=256, n_shared_experts=1, n_group=1,"
+        " topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, vocab_size=256)\n"
+        "moe = M.MoE(cfg, torch.float64).requires_grad_(False)\n"
+        "[p.data.normal_(0, 0.02) for p in list(moe.parameters()) + list(moe.buffers())]\n"
+        f"x = torch.randn(1, {tokens}, {hidden})\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "with torch.no_grad(): moe(x)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+    print(f"MoE forward over a {tokens}-token prompt (hidden {hidden}, 16 experts, top 6, fp32, router fp64): "
+          "peak RSS growth, MiB")
+    print(f"{'one piece':>12}{'slices':>12}")
+    grew = [float(subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                                 check=True).stdout) for arg in (str(10**9), "0")]
+    print(f"{grew[0]:12.0f}{grew[1]:12.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -132,12 +162,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--backward", action="store_true", help="also time the training route's backward")
+    ap.add_argument("--slice-memory", action="store_true",
+                    help="also measure a long prompt's peak memory, in one piece vs in slices (CPU)")
     args = ap.parse_args()
     run(torch.device(args.device), DTYPES[args.dtype], args.hidden, args.intermediate, args.experts, args.top_k,
         tuple(args.tokens), args.rounds, args.inner)
     if args.backward:
         print()
         backward(torch.device(args.device), args.hidden, args.intermediate, args.experts)
+    if args.slice_memory:
+        print()
+        slice_memory()
 
 
 if __name__ == "__main__":

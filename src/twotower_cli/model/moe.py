@@ -225,7 +225,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [T, H]
         # A long prompt goes through in slices of tokens: each token's routing and sum are its own, and the
-        # grouped route's buffers ([T*k, H] rows, their weighted copies in the router dtype: 2 GB in fp64
+        # grouped route's buffers ([T*k, H] rows and their weighted copy in the router dtype: 1 GB in fp64
         # for 8k tokens of Nano) stay bounded.
         parts = [self._routed(flat[i:i + MOE_SLICE_TOKENS]) for i in range(0, max(flat.shape[0], 1), MOE_SLICE_TOKENS)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -245,5 +245,9 @@ class MoE(nn.Module):
         tokens = order // k
         y = self.experts(flat[tokens], ends)
         out = torch.zeros(flat.shape, dtype=weights.dtype, device=flat.device)
-        out.index_add_(0, tokens, y.to(out.dtype) * weights.flatten()[order, None])
+        weighted = y.to(out.dtype)
+        w = weights.flatten()[order, None]
+        # In place without autograd (y is this call's own temporary): one [T*k, H] router-dtype buffer, not two.
+        weighted = weighted * w if torch.is_grad_enabled() else weighted.mul_(w)
+        out.index_add_(0, tokens, weighted)
         return out.to(flat.dtype)
