@@ -2,7 +2,9 @@
 relu² experts, one shared expert.
 
     Router(x [T, H], dtype) -> (weights [T, k] in `dtype`, experts [T, k] long)
+    Experts(x [N, H] sorted by expert, ends [E] int32) -> [N, H]
     MoE(x [..., H]) -> [..., H]
+    describe(device, dtype) -> str          how the routed experts run there (grouped GEMM or loop, and why)
 
 Router: logits = x @ gate.weight^T computed in `router_dtype` (fp32; fp64 for a TwoTower's towers, as
 NVIDIA's release does; spec §9: bf16 flips near-tie choices); s = sigmoid(logits). Experts are *chosen*
