@@ -8,6 +8,10 @@
 cast to `dtype` (None keeps the file's dtype) except the `layout.keep_fp32` parameters, which are always
 fp32, and assigned with `load_state_dict(strict=True, assign=True)`. Nothing is initialised afterwards.
 The per-expert tensors of a layer are read into the rows of one stack, which `moe.Experts` takes as is.
+On a GPU that changes nothing (each tensor is read onto the device and copied into its row there). On the
+CPU the stacks are copies in process memory, where a load in the file's dtype used to leave the experts
+memory-mapped (safetensors' CPU tensors are views of the page cache): the file's per-expert tensors are
+not one region, so a stack cannot be a view of them.
 
 Every problem is one TwoTowerError naming the keys: tensors the module needs that the file lacks, shapes
 that differ, and checkpoint tensors nobody consumed (unless `layout.is_dropped`, e.g. `mtp.*`, which are
