@@ -266,12 +266,12 @@ def test_grouped_experts_equal_the_loop(dtype, bias, counts, monkeypatch):
         pytest.skip("this torch has no grouped GEMM")
     experts = random_experts(bias=bias, dtype=dtype)
     x = randn(sum(counts), 16, seed=3).to(dtype)
-    c = torch.tensor(counts).cumsum(0).int()
+    ends = torch.tensor(counts).cumsum(0).int()
     ran = expert_paths(monkeypatch)
     with torch.no_grad():
-        grouped = experts(x, c)
+        grouped = experts(x, ends)
         monkeypatch.setattr(experts, "grouped", False)
-        loop = experts(x, c)
+        loop = experts(x, ends)
     assert ran == (["grouped", "loop"] if sum(counts) else ["loop", "loop"])  # no rows: nothing to group
     assert grouped.shape == loop.shape == x.shape and grouped.dtype == dtype
     if bias and dtype == torch.bfloat16:  # F.linear adds the bias before rounding, the grouped path after
