@@ -121,6 +121,10 @@ class Experts(nn.Module):
         self.up_bias = nn.Parameter(torch.empty(n, intermediate)) if bias else None
         self.down_bias = nn.Parameter(torch.empty(n, hidden)) if bias else None
 
+    def extra_repr(self) -> str:
+        e, i, h = self.up_proj.shape
+        return f"{e} experts, {h} → {i} → {h}, bias={self.up_bias is not None}"
+
     def rows(self) -> dict[str, list[str]]:
         """Stacked parameter → its per-expert state-dict keys (relative to this module), row j at index j."""
         names = ({"up_proj": "up_proj.weight", "up_bias": "up_proj.bias", "down_proj": "down_proj.weight",
