@@ -14,7 +14,9 @@
 5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
    dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory;
 6. one MoE layer at Nano's sizes: the routed experts as a per-expert loop vs grouped GEMMs (`moe.Experts`),
-   for 1, 16 and 64 tokens (benchmarks/moe.py).
+   for 1, 16 and 64 tokens (benchmarks/moe.py);
+7. the sampler's choice per NFE over Nano's vocabulary: logits copied to the host and predicted there vs
+   predicted on the GPU with only ids and confidences copied (benchmarks/predict.py).
 
     python scripts/gpu_check.py               # on a CUDA machine with mamba-ssm and causal-conv1d
     python scripts/gpu_check.py --compile     # + a third column: the kernel path under --compile
@@ -301,6 +303,9 @@ def main() -> None:
         moe_bench.run(device, dtype, 64, 32, experts=8, top_k=2, tokens=(1, 16), rounds=1, inner=2)
     else:
         moe_bench.run(device, dtype, NANO["hidden_size"], NANO["moe_intermediate_size"], rounds=5, inner=20)
+    print("\n## 7. the sampler's choice per NFE: logits to the host vs predicted on the device (benchmarks/predict.py)")
+    import predict as predict_bench
+    predict_bench.run(device, vocab=NANO["vocab_size"] if not smoke else 256, rounds=1 if smoke else 5)
     peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
 
