@@ -12,23 +12,11 @@ the GPU); on CUDA the first pays the device-to-host copy and a CPU softmax per N
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from moe import best_ms  # benchmarks/ is the script's folder
 
 from twotower_cli import sampler as S
-
-
-def best_ms(fn, device: torch.device, rounds: int, inner: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()  # each ends in a host copy, so the GPU work is inside the timing
-        best = min(best, (time.perf_counter() - t0) / inner * 1e3)
-    return best
 
 
 def run(device: torch.device, vocab: int = 131072, rounds: int = 5, inner: int = 10) -> None:
