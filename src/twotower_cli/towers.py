@@ -105,6 +105,9 @@ class TwoTower(nn.Module):
         rows of the result are zeros."""
         dev = self.denoiser_device
         tower = self.denoiser_tower
+        # The head's rows as indices, found where `rows` lives (the sampler's is on the host) and moved
+        # before the layers are launched: a bool index on the GPU after them would wait for the GPU there.
+        picked = None if rows is None else tuple(i.to(dev) for i in rows.nonzero(as_tuple=True))
         x = tower.embeddings(block.to(dev))
         B, S = block.shape
         e = self.time_modulation(t) if t is not None else None
@@ -137,9 +140,8 @@ class TwoTower(nn.Module):
         h = tower.norm_f(x)
         if rows is None:
             return self.lm_head(h).float()
-        rows = rows.to(dev)
         out = torch.zeros(B, S, self.lm_head.weight.shape[0], device=dev)
-        out[rows] = self.lm_head(h[rows]).float()
+        out[picked] = self.lm_head(h[picked]).float()
         return out
 
 
