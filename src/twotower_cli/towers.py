@@ -299,9 +299,11 @@ class TowerBackend:
         per module (`compile_regions`): every layer's norm and mixer (Mamba, attention, MLP), and of an MoE
         layer its router and shared expert. Not the whole step: the routed experts stay eager (their loop
         route has data-dependent sizes, a graph break that inside the layer loop would make dynamo skip the
-        whole frame; their grouped route is two GEMMs that compilation would not shorten). Modules of one class share their compiled graphs, so a tower costs a few compilations
-        (prefill, one-token decode, block), not one per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs ("reduce-overhead"), whose
-        output buffers the next step would overwrite while the cache still holds them. The mamba-ssm
+        whole frame; their grouped route is two GEMMs that compilation would not shorten). Modules of one
+        class share their compiled graphs, so a tower costs a few compilations (prefill, one-token decode,
+        block), not one per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs
+        ("reduce-overhead"), whose output buffers the next step would overwrite while the cache still
+        holds them. The mamba-ssm
         kernels run outside the graphs (`kernels.prepare_compile`). Context steps longer than
         COMPILE_MAX_TOKENS (prompts) run eagerly: they are matmul-bound, and each new prompt length would
         cost a recompilation."""

@@ -631,7 +631,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     config["twotower"] = {**mcfg.twotower, "block_size": cfg.block}
     # Written weights rounded to a narrower dtype need their fp32 masters in the state for an exact resume.
     # (Names of the checkpoint's layout: stacked experts are one parameter but a tensor per expert there.)
-    lossy = any(info.dtype != "F32" for n, info in source.tensors.items() if n.startswith(trained_prefixes(cfg.train)))
+    trained = trained_prefixes(cfg.train)
+    lossy = any(info.dtype != "F32" for n, info in source.tensors.items() if n.startswith(trained))
 
     def evaluate() -> float:
         return _evaluate(denoiser, model, data.eval, cfg, mask_id, env)

@@ -64,10 +64,12 @@ def bench(
                          repeat=repeat, mask_token_id=rt.cfg.mask_token_id, pad_token_id=int(rt.cfg.pad_token_id or 0),
                          eos_ids=rt.cfg.eos_token_ids,
                          progress=lambda d, t: bar.update(task, completed=d, total=t))
+    dtype = rt.backend.ar.lm_head.weight.dtype
     settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,
-                "steps": steps or block, "thresholds": thr, "repeat": repeat, "dtype": str(rt.backend.ar.lm_head.weight.dtype)}
+                "steps": steps or block, "thresholds": thr, "repeat": repeat, "dtype": str(dtype)}
+    m = machine_info(rt.backend.device, dtype)
     if as_json:
-        print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": machine_info(rt.backend.device, rt.backend.ar.lm_head.weight.dtype)}))
+        print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": m}))
         return
     table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens · block {block} · "
                         f"median of {repeat}", title_justify="left")
@@ -77,7 +79,6 @@ def bench(
         table.add_row(r.mode, "" if r.threshold is None else f"{r.threshold:g}", f"{r.tokens_per_second:.1f}",
                       str(r.nfe), f"{r.tokens_per_nfe:.2f}", f"{r.speedup_vs_ar:.2f}×", f"{r.quality_vs_ar:.3f}")
     console.print(table)
-    m = machine_info(rt.backend.device, rt.backend.ar.lm_head.weight.dtype)
     console.print(f"[dim]{m['device']} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
                   f"{m['torch_threads']} threads · {settings['dtype']}[/]")
     if "gpu" in m:

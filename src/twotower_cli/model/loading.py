@@ -165,8 +165,8 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
                         stacks[stack] = torch.empty((n, *t.shape), dtype=target, device=dev)
                     state[mkey] = stacks[stack][j]
                     state[mkey].copy_(t)
-                else:  # clone: no views into a fused tensor
-                    state[mkey] = t.to(target) if index is None or t.dtype != target else t.clone()
+                else:
+                    state[mkey] = t.to(target, copy=index is not None)  # no views into a fused tensor
             del tensor
     module.load_state_dict(state, strict=True, assign=True)
     report.loaded = len(state)

@@ -127,10 +127,10 @@ class Experts(nn.Module):
 
     def rows(self) -> dict[str, list[str]]:
         """Stacked parameter → its per-expert state-dict keys (relative to this module), row j at index j."""
-        names = ({"up_proj": "up_proj.weight", "up_bias": "up_proj.bias", "down_proj": "down_proj.weight",
-                  "down_bias": "down_proj.bias"} if self.up_bias is not None
-                 else {"up_proj": "up_proj.weight", "down_proj": "down_proj.weight"})
-        return {param: [f"{j}.{key}" for j in range(self.n)] for param, key in names.items()}
+        names = {"up_proj": "up_proj.weight", "up_bias": "up_proj.bias", "down_proj": "down_proj.weight",
+                 "down_bias": "down_proj.bias"}
+        return {param: [f"{j}.{key}" for j in range(self.n)] for param, key in names.items()
+                if getattr(self, param) is not None}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         rows = self.rows()
