@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from conftest import build_tiny_config, build_tiny_model, max_diff
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.model import Attention, KVCache, Mamba2Mixer, MambaState
-from twotower_cli.model.norm import GatedGroupRMSNorm
+from twotower_cli.model.norm import GatedGroupRMSNorm, RMSNorm
 from twotower_cli.ops import kernels
 from twotower_cli.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
 
@@ -740,6 +740,24 @@ def test_gpu_gated_norm_equals_torch(dtype):
     ref = norm._torch(y, z)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.dtype == dtype and max_diff(got, ref) <= tol * (1 + ref.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_rms_norm_bf16_rounds_once():
+    """RMSNorm of a bf16 model hands bf16 input and weight to F.rms_norm (one fused kernel on CUDA): its result
+    is NVIDIA's fp32 formula, weight multiply included, rounded once to bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    norm = RMSNorm(2688).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(randn(2688, seed=3))
+    norm.to(torch.bfloat16)
+    x = (randn(4, 16, 2688, seed=1) * 4).to(DEV, torch.bfloat16)
+    got = norm(x)
+    xf = x.float()
+    once = (norm.weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps))).bfloat16()
+    assert got.dtype == torch.bfloat16
+    assert (got != once).float().mean().item() <= 0.01  # rounding the normalised x first misses ~25%
 
 
 @pytest.mark.gpu

@@ -22,7 +22,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # F.rms_norm is that formula; on CUDA it is one fused kernel instead of six (a decode step has ~50
-        # of these norms a tower); on the CPU it runs the same ops.
+        # of these norms a tower); on the CPU it runs the same ops. For bf16/fp16 it already computes in
+        # fp32, the weight multiply included, and rounds once (CUDA's kernel accumulates in fp32; the CPU
+        # upcasts), so the input and weight go in as they are: casting them here and the result back
+        # would be three more kernels a norm, for the same numbers (tests/test_model.py, test_kernels.py on CUDA).
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
