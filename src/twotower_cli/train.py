@@ -64,7 +64,7 @@ from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.loading import cast_, load_state
 from twotower_cli.model.nemotron_h import NemotronHModel
 from twotower_cli.text import Tokenizer
-from twotower_cli.towers import TwoTower, is_twotower_checkpoint
+from twotower_cli.towers import TwoTower, is_twotower_checkpoint, layer_modulations
 
 TRAINER_STATE = "trainer_state.pt"
 STATE_VERSION = 2  # 2: experts stacked per layer (one parameter, one optimizer state)
@@ -264,13 +264,13 @@ class BlockDenoiser(nn.Module):
         x = tower.embeddings(noisy).view(B, nb, S, -1)
         e = self.t_block(self.t_embedder(t.reshape(-1))).view(B, nb, 3, -1).float()  # [B, nb, 3, H]
         attn_mask = block_attention_mask(L, S, noisy.device)[None, None]
+        mods = layer_modulations(self.scale_shift_tables, e, x.dtype)  # [L, B, nb, 3, 1, H]
         for i, layer in enumerate(tower.layers):
-            mod = self.scale_shift_tables[i].float() + e
-            shift, scale, gate = (m[:, :, None].to(x.dtype) for m in mod.unbind(2))  # each [B, nb, 1, H]
+            shift, scale1, gate = mods[i].unbind(-3)  # each [B, nb, 1, H]; scale1 = 1 + scale
             if layer.kind in "M*":
-                h = layer.norm(x * (1 + scale) + shift)
+                h = layer.norm(torch.addcmul(shift, x, scale1))
             else:
-                h = layer.norm(x) * (1 + scale) + shift
+                h = torch.addcmul(shift, layer.norm(x), scale1)
             state = context.layers[i]
             if layer.kind == "M":
                 out, _ = layer.mixer(h.reshape(B * nb, S, -1), state=state)
@@ -278,7 +278,7 @@ class BlockDenoiser(nn.Module):
                 out, _, _ = layer.mixer(h.reshape(B, L, -1), past=state, causal=False, mask=attn_mask)
             else:
                 out = layer.mixer(h)
-            x = x + gate * out.view(B, nb, S, -1)
+            x = torch.addcmul(x, gate, out.view(B, nb, S, -1))
         return tower.norm_f(x).view(B, L, -1)
 
     def logits(self, noisy: Tensor, t: Tensor, context: BlockContext) -> Tensor:
