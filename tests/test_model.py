@@ -24,7 +24,7 @@ from twotower_cli.model import (
 )
 from twotower_cli.model.mlp import MLP
 from twotower_cli.model.moe import _GROUPED_MM as GROUPED_MM
-from twotower_cli.model.moe import Experts
+from twotower_cli.model.moe import Experts, Router
 from twotower_cli.model.norm import RMSNorm
 
 PATTERNS = ["M*EM-E", "*M-E*M"]
@@ -237,6 +237,46 @@ def test_moe_equals_naive_reference(overrides, router_dtype, path, monkeypatch):
     assert not torch.equal(with_bias.sort(-1).values, without.sort(-1).values)
     if cfg.n_group > 1:  # topk_group = 1: each token's experts lie in one group
         assert torch.all(with_bias.min(-1).values // 4 == with_bias.max(-1).values // 4)
+
+
+def test_router_reuses_its_fp64_casts_only_while_they_are_current():
+    """For inference the fp64 router keeps its cast weight and bias; every change to them (an in-place
+    update, a `.data` swap, a state-dict load) is seen at the next call, and with autograd nothing is kept."""
+    cfg = build_tiny_config()
+    moe = MoE(cfg, torch.float64)
+    init_nemotron_h(moe, torch.Generator().manual_seed(0), std=0.1)
+    gate = moe.gate
+    x = randn(7, cfg.hidden_size, seed=1)
+
+    def check():  # against a router that has never cast anything
+        fresh = Router(cfg)
+        fresh.load_state_dict(gate.state_dict())
+        with torch.no_grad():
+            got, want = gate(x, torch.float64), fresh(x, torch.float64)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        return got
+
+    first = check()
+    cast = gate._casts["weight"][2]
+    check()
+    assert gate._casts["weight"][2] is cast  # reused, not cast again
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(randn(cfg.n_routed_experts, seed=5) * 0.3)  # in place
+    assert not torch.equal(check()[1], first[1])  # the new bias changes the choices, and is seen
+    with torch.no_grad():
+        gate.weight.mul_(-1)
+    check()
+    gate.weight.data = randn(*gate.weight.shape, seed=7) * 0.1
+    check()
+    state = {k: v.clone() * 2 for k, v in gate.state_dict().items()}
+    gate.load_state_dict(state, assign=True)
+    check()
+    assert gate._casts["weight"][2] is not cast
+    # with autograd the weight gets its gradient through the cast, which is not kept
+    gate._casts.clear()
+    weights, _ = gate(x, torch.float64)
+    weights.sum().backward()
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 and not gate._casts
 
 
 def random_experts(n=5, hidden=16, intermediate=24, bias=False, dtype=torch.float32, seed=0) -> Experts:

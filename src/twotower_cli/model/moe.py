@@ -29,6 +29,7 @@ rows of one tensor (`load_state` builds them so), and copies them into one other
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -49,9 +50,30 @@ class Router(nn.Module):
         # A buffer, not a parameter: it is a load-balancing statistic, not trained by gradient.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
+        self._casts: dict[str, tuple[Tensor, int, Tensor]] = {}  # see _in
+
+    def _in(self, name: str, dtype: torch.dtype) -> Tensor:
+        """The weight or bias in the router dtype. For inference the cast (fp32 → fp64 in a TwoTower) is kept
+        and reused while the tensor is unchanged: two kernels a layer less per step. The cache holds the
+        source's storage (so its address cannot be reused by another tensor) and its version counter (which
+        in-place updates, such as a bias balancing step, advance); a new tensor, a `.data` swap or an update
+        makes a new cast."""
+        t = getattr(self, name)
+        if t.dtype == dtype:
+            return t
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or t.is_inference():
+            return t.to(dtype)
+        hit = self._casts.get(name)
+        if (hit is not None and hit[0].data_ptr() == t.data_ptr() and hit[0].device == t.device
+                and hit[1] == t._version and hit[2].dtype == dtype and hit[2].shape == t.shape):
+            return hit[2]
+        cast = t.detach().to(dtype)
+        self._casts[name] = (t.detach(), t._version, cast)
+        return cast
+
     def forward(self, x: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        scores = torch.sigmoid(x.to(dtype) @ self.weight.to(dtype).T)  # [T, E]
-        choice = scores + self.e_score_correction_bias.to(dtype)
+        scores = torch.sigmoid(x.to(dtype) @ self._in("weight", dtype).T)  # [T, E]
+        choice = scores + self._in("e_score_correction_bias", dtype)
         if self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [T, n_group]
@@ -88,6 +110,12 @@ def grouped_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type == "cpu":
         return None if dtype in (torch.float32, torch.bfloat16, torch.float16) else f"no grouped GEMM for {dtype}"
     return f"no grouped GEMM on {device.type}"
+
+
+@functools.lru_cache(maxsize=16)
+def _expert_ids(n: int, device: torch.device) -> Tensor:
+    """arange(n) on `device`, made once rather than once per MoE layer and step (read only)."""
+    return torch.arange(n, device=device)
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
@@ -246,8 +274,7 @@ class MoE(nn.Module):
         # Sort the T*k (token, slot) assignments by expert so each expert sees one contiguous slice; where
         # each slice ends comes from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
         chosen, order = experts.flatten().sort(stable=True)
-        ends = torch.searchsorted(chosen, torch.arange(self.experts.n, device=flat.device), right=True,
-                                  out_int32=True)
+        ends = torch.searchsorted(chosen, _expert_ids(self.experts.n, flat.device), right=True, out_int32=True)
         tokens = order // k
         y = self.experts(flat[tokens], ends)
         out = torch.zeros(flat.shape, dtype=weights.dtype, device=flat.device)
