@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16",
+                    help="weights and activations (bf16: the GPU's dtype, whose casts count too)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -91,7 +93,8 @@ def main() -> None:
 
     cfg = NemotronHConfig.build(args.pattern, **dict(gpu_check.SMOKE, n_routed_experts=args.experts,
                                                      num_experts_per_tok=args.top_k))
-    model = gpu_check.random_twotower(cfg, torch.device("cpu"), torch.float32)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = gpu_check.random_twotower(cfg, torch.device("cpu"), dtype)
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     for m in moe_layers:  # mark each MoE forward as a profiler range
         m.forward = _ranged(m.forward)
@@ -105,7 +108,7 @@ def main() -> None:
     t = torch.ones(1)
     n_moe = cfg.pattern.count("E")
     print(f"pattern {args.pattern} ({n_moe} MoE layers a tower) · {args.experts} experts, top {args.top_k} · "
-          f"context {args.prompt} · per step, average of {args.calls}")
+          f"context {args.prompt} · {args.dtype} · per step, average of {args.calls}")
     print(f"{'step':22}{'experts':>9}{'ops':>8}{'in MoE':>9}{'host syncs':>12}")
     cpu_rule = moe_module.CPU_ROWS_PER_GROUP
     steps = (("decode (1 token)", lambda: backend.extend(one)),
