@@ -257,9 +257,9 @@ def test_router_reuses_its_fp64_casts_only_while_they_are_current():
         return got
 
     first = check()
-    cast = gate._casts["weight"][2]
+    cast = gate._derived["weight:torch.float64"][2]
     check()
-    assert gate._casts["weight"][2] is cast  # reused, not cast again
+    assert gate._derived["weight:torch.float64"][2] is cast  # reused, not cast again
     with torch.no_grad():
         gate.e_score_correction_bias.copy_(randn(cfg.n_routed_experts, seed=5) * 0.3)  # in place
     assert not torch.equal(check()[1], first[1])  # the new bias changes the choices, and is seen
@@ -271,12 +271,12 @@ def test_router_reuses_its_fp64_casts_only_while_they_are_current():
     state = {k: v.clone() * 2 for k, v in gate.state_dict().items()}
     gate.load_state_dict(state, assign=True)
     check()
-    assert gate._casts["weight"][2] is not cast
+    assert gate._derived["weight:torch.float64"][2] is not cast
     # with autograd the weight gets its gradient through the cast, which is not kept
-    gate._casts.clear()
+    gate._derived.clear()
     weights, _ = gate(x, torch.float64)
     weights.sum().backward()
-    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 and not gate._casts
+    assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 and not gate._derived
 
 
 def random_experts(n=5, hidden=16, intermediate=24, bias=False, dtype=torch.float32, seed=0) -> Experts:

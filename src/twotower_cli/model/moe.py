@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twotower_cli.config import NemotronHConfig
+from twotower_cli.model.derived import derived
 from twotower_cli.model.mlp import MLP
 
 
@@ -50,26 +51,11 @@ class Router(nn.Module):
         # A buffer, not a parameter: it is a load-balancing statistic, not trained by gradient.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
-        self._casts: dict[str, tuple[Tensor, int, Tensor]] = {}  # see _in
-
     def _in(self, name: str, dtype: torch.dtype) -> Tensor:
-        """The weight or bias in the router dtype. For inference the cast (fp32 → fp64 in a TwoTower) is kept
-        and reused while the tensor is unchanged: two kernels a layer less per step. The cache holds the
-        source's storage (so its address cannot be reused by another tensor) and its version counter (which
-        in-place updates, such as a bias balancing step, advance); a new tensor, a `.data` swap or an update
-        makes a new cast."""
+        """The weight or bias in the router dtype; for inference the fp32 → fp64 cast of a TwoTower's router is
+        kept while the tensor is unchanged (`derived`): two kernels a layer less per step."""
         t = getattr(self, name)
-        if t.dtype == dtype:
-            return t
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or t.is_inference():
-            return t.to(dtype)
-        hit = self._casts.get(name)
-        if (hit is not None and hit[0].data_ptr() == t.data_ptr() and hit[0].device == t.device
-                and hit[1] == t._version and hit[2].dtype == dtype and hit[2].shape == t.shape):
-            return hit[2]
-        cast = t.detach().to(dtype)
-        self._casts[name] = (t.detach(), t._version, cast)
-        return cast
+        return t if t.dtype == dtype else derived(self, f"{name}:{dtype}", t, lambda src: src.to(dtype))
 
     def forward(self, x: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         scores = torch.sigmoid(x.to(dtype) @ self._in("weight", dtype).T)  # [T, E]
