@@ -43,13 +43,16 @@ def fake_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
     g, n = B.shape[-2:]
     assert dt.shape == (b, L, h) and A.shape == (h,) and B.shape == (b, L, g, n) and C.shape == B.shape
     assert initial_states is None or initial_states.shape == (b, h, p, n)
-    assert D is None and z is None and seq_idx is None and cu_seqlens is None and not return_varlen_states
+    assert D is None or D.shape in ((h,), (h, p))
+    assert z is None and seq_idx is None and cu_seqlens is None and not return_varlen_states
     dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0)
     dt = F.softplus(dt) if dt_softplus else dt
     if dt_limit != (0.0, float("inf")):
         dt = dt.clamp(*dt_limit)
     init = None if initial_states is None else initial_states.to(C.dtype).float()  # chunk states in C's dtype
     y, final = ssd_sequential(x.float(), dt, A.float(), B.float(), C.float(), chunk_size, init)
+    if D is not None:
+        y = y + (D.float()[:, None] if D.dim() == 1 else D.float()) * x.float()
     y = y.to(x.dtype)
     return (y, final) if return_final_states else y
 
@@ -76,10 +79,12 @@ def fake_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_so
     dt = dt + dt_bias
     dt = F.softplus(dt) if dt_softplus else dt
     r = h // g
-    Bh, Ch = B.repeat_interleave(r, dim=1), C.repeat_interleave(r, dim=1)
+    # the kernel loads x, dt, B, C, D as fp32 and computes in fp32, whatever their dtypes
+    x, dt, D = x.float(), dt.float(), D.float()
+    Bh, Ch = B.float().repeat_interleave(r, dim=1), C.float().repeat_interleave(r, dim=1)
     dA = torch.exp(dt[..., None] * A)
     state.copy_(state * dA + (dt[..., None] * Bh[:, :, None, :]) * x[..., None])
-    out = torch.einsum("bhpn,bhn->bhp", state.to(C.dtype), Ch) + x * D
+    out = torch.einsum("bhpn,bhn->bhp", state.float(), Ch) + x * D
     if z is not None:
         out = out * F.silu(z)
     return out.to(x.dtype)
@@ -310,14 +315,28 @@ def test_seeded_scan_runs_in_fp32_with_bf16_inputs(fake_kernels):
     assert max_diff(y, y_ref) <= 1e-3 and max_diff(s, s_ref) <= 1e-3
 
 
-def test_ssd_step_wrapper_does_not_mutate_state(fake_kernels):
+@pytest.mark.parametrize("fused", [False, True])
+def test_ssd_step_wrapper_does_not_mutate_state(fake_kernels, fused):
     x, dt, A, B, C = scan_inputs(3, 1, 4, 8, 2, 16)
     state = randn(3, 4, 8, 16, seed=5)
     before = state.clone()
-    y, s = kernels.ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
-    y_ref, s_ref = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    skip = dict(D=randn(4, seed=6), dt_bias=randn(4, seed=7)) if fused else {}
+    y, s = kernels.ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0].bfloat16(), C[:, 0].bfloat16(), **skip)
+    y_ref, s_ref = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0].bfloat16(), C[:, 0].bfloat16(), **skip)
     assert torch.equal(state, before), "ssd_step wrapper wrote into its input state"
+    assert y.dtype == s.dtype == torch.float32
     assert max_diff(y, y_ref) <= 1e-5 and max_diff(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("L", [5, 130])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_ssd_chunked_wrapper_applies_dt_bias_and_d(fake_kernels, L, seeded):
+    x, dt, A, B, C = scan_inputs(2, L, 4, 8, 2, 16)
+    init = randn(2, 4, 8, 16, seed=3) if seeded else None
+    skip = dict(D=randn(4, seed=6), dt_bias=randn(4, seed=7))
+    y, s = kernels.ssd_chunked(x, dt - 1, A, B, C, 128, init, **skip)
+    y_ref, s_ref = ssd_chunked(x, dt - 1, A, B, C, 128, init, **skip)
+    assert max_diff(y, y_ref) <= 1e-4 and max_diff(s, s_ref) <= 1e-4
 
 
 @pytest.mark.parametrize("L", [1, 3, 7])
@@ -702,6 +721,30 @@ def test_gpu_state_update_equals_torch():
     y_ref, s_ref = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     assert torch.equal(state, before)
     assert max_diff(y, y_ref) <= 1e-3 * (1 + y_ref.abs().max().item()) and max_diff(s, s_ref) <= 1e-4
+    # raw dt with dt_bias (softplus in the kernel) and the D skip, B and C in bf16 as the mixer passes them
+    skip = dict(D=randn(d["h"], seed=7).to(DEV), dt_bias=(randn(d["h"], seed=8) - 3).to(DEV))
+    raw, Bb, Cb = (dt[:, 0] - 0.5).bfloat16(), B[:, 0].bfloat16(), C[:, 0].bfloat16()
+    y, s = kernels.ssd_step(state, x[:, 0], raw, A, Bb, Cb, **skip)
+    y_ref, s_ref = ssd_step(state, x[:, 0], raw, A, Bb, Cb, **skip)
+    assert torch.equal(state, before)
+    assert max_diff(y, y_ref) <= 1e-3 * (1 + y_ref.abs().max().item()) and max_diff(s, s_ref) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,seeded", [(16, True), (300, False)])
+def test_gpu_chunk_scan_applies_dt_bias_and_d(L, seeded):
+    """The kernel's own softplus(dt + dt_bias) and D skip (a denoiser block, a prompt) vs the torch op."""
+    _need_kernels()
+    d = NANO
+    x, dt, A, B, C = (t.to(DEV) for t in scan_inputs(2, L, d["h"], d["p"], d["g"], d["n"], seed=L))
+    init = randn(2, d["h"], d["p"], d["n"], seed=99).to(DEV) if seeded else None
+    skip = dict(D=randn(d["h"], seed=7).to(DEV), dt_bias=(randn(d["h"], seed=8) - 3).to(DEV))
+    raw = (dt - 0.5).bfloat16()
+    y, s = kernels._kernel_scan(x, raw, A, B, C, d["chunk"], init, **skip)
+    y_ref, s_ref = ssd_chunked(x, raw, A, B, C, d["chunk"], init, **skip)
+    scale = 1 + y_ref.abs().max().item()
+    assert max_diff(y, y_ref) <= 2e-3 * scale, f"y: {max_diff(y, y_ref):.3e} (scale {scale:.1f})"
+    assert max_diff(s, s_ref) <= 2e-3 * (1 + s_ref.abs().max().item()), f"state: {max_diff(s, s_ref):.3e}"
 
 
 @pytest.mark.gpu

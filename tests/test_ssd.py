@@ -62,6 +62,28 @@ def test_step_is_the_recurrence():
     assert max_diff(s, s_ref) <= 1e-6 and max_diff(y, y_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("L", [1, 7, 3 * CHUNK + 5])
+def test_dt_bias_and_d_are_the_softplus_and_the_skip(L):
+    """With dt_bias the scan takes raw dt and applies softplus(dt + dt_bias); with D its output has D·x added:
+    the spec's steps 4 and 6 (spec §2), done inside the op as mamba-ssm's kernels do."""
+    x, dt, A, B, C, state = random_inputs(L, seed=2)
+    raw = torch.randn(dt.shape, generator=torch.Generator().manual_seed(3)) * 2
+    bias, D = torch.randn(x.shape[2]) * 0.5, torch.randn(x.shape[2])
+    soft = torch.nn.functional.softplus(raw + bias)
+    y_ref, s_ref = ssd_sequential(x, soft, A, B, C, CHUNK, state)
+    y_ref = y_ref + D[:, None] * x
+    y, s = ssd_chunked(x, raw, A, B, C, CHUNK, state, D=D, dt_bias=bias)
+    tol = 1e-5 * (1 + y_ref.abs().max().item() + s_ref.abs().max().item())
+    assert max_diff(y, y_ref) <= tol and max_diff(s, s_ref) <= tol
+    y1, s1 = ssd_step(state, x[:, 0], raw[:, 0], A, B[:, 0], C[:, 0], D=D, dt_bias=bias)
+    y1_ref, s1_ref = ssd_step(state, x[:, 0], soft[:, 0], A, B[:, 0], C[:, 0])
+    assert max_diff(y1, y1_ref + D[:, None] * x[:, 0]) <= 1e-5 and max_diff(s1, s1_ref) <= 1e-6
+    # each of the two matters, so the checks above can fail
+    assert max_diff(ssd_chunked(x, raw, A, B, C, CHUNK, state, dt_bias=bias)[0], y) > 1e-2
+    unbiased = torch.nn.functional.softplus(raw)
+    assert max_diff(ssd_chunked(x, unbiased, A, B, C, CHUNK, state, D=D)[0], y) > 1e-2
+
+
 def test_zero_dt_leaves_state_unchanged():
     """dt = 0 (a masked pad) neither decays nor feeds the state."""
     x, dt, A, B, C, state = random_inputs(10)

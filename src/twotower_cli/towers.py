@@ -137,7 +137,7 @@ class TwoTower(nn.Module):
                     h = torch.addcmul(shift, h, scale1)
             state = context.layers[i]
             if layer.kind == "M":
-                out, _ = layer.mixer(h, state=_to_device(state, dev))
+                out, _ = layer.mixer(h, state=_to_device(state, dev), keep_state=False)
             elif layer.kind == "*":
                 out, _, _ = layer.mixer(h, past=_to_device(state, dev), causal=False, mask=attention_mask)
             else:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model.cache import MambaState
+from twotower_cli.model.derived import derived
 from twotower_cli.model.norm import GatedGroupRMSNorm
 from twotower_cli.ops import kernels
 from twotower_cli.ops.ssd import ssd_chunked, ssd_step
@@ -49,15 +50,17 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedGroupRMSNorm(self.d_inner, self.n_groups, cfg.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
 
-    def conv(self, xBC: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    def conv(self, xBC: Tensor, conv_state: Tensor | None, keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
         """Causal depthwise conv + SiLU. xBC [b, L, conv_dim] raw; conv_state [b, conv_dim, K] (previous raw
-        columns, None = zeros). Returns (activated [b, L, conv_dim], new conv_state = last K raw columns)."""
+        columns, None = zeros). Returns (activated [b, L, conv_dim], new conv_state = last K raw columns, or
+        None when not `keep_state` and L > 1)."""
         if kernels.use_kernels(xBC, kernels.CONV):
             return kernels.call("causal_conv1d", lambda: kernels.causal_conv(
-                xBC, conv_state, self.conv1d.weight, self.conv1d.bias), lambda: self._conv_torch(xBC, conv_state))
-        return self._conv_torch(xBC, conv_state)
+                xBC, conv_state, self.conv1d.weight, self.conv1d.bias, keep_state),
+                lambda: self._conv_torch(xBC, conv_state, keep_state))
+        return self._conv_torch(xBC, conv_state, keep_state)
 
-    def _conv_torch(self, xBC: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _conv_torch(self, xBC: Tensor, conv_state: Tensor | None, keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
         b, L, _ = xBC.shape
         cols = xBC.transpose(1, 2)  # [b, conv_dim, L]
         if conv_state is None:
@@ -69,13 +72,14 @@ class Mamba2Mixer(nn.Module):
         else:
             out = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         # clone: a view would keep the whole [conv_dim, K + L] window of a long prefill alive.
-        return F.silu(out).transpose(1, 2), window[..., -self.kernel:].clone()
+        return F.silu(out).transpose(1, 2), window[..., -self.kernel:].clone() if keep_state else None
 
-    def forward(self, x: Tensor, state: MambaState | None = None,
-                pad_mask: Tensor | None = None, block_size: int = 0) -> tuple[Tensor, MambaState]:
+    def forward(self, x: Tensor, state: MambaState | None = None, pad_mask: Tensor | None = None,
+                block_size: int = 0, keep_state: bool = True) -> tuple[Tensor, MambaState | None]:
         """`block_size` = S > 0 (training, spec §8; L a multiple of S): the state returned is not the final
         one but the state entering each of the nb = L/S blocks, one MambaState of batch b·nb (row i·nb + j:
-        sequence i before block j), read off the same chunked scan."""
+        sequence i before block j), read off the same chunked scan. `keep_state=False` (the denoiser, which
+        never writes a state back): no new state is built, None is returned in its place."""
         b, L, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         keep = None if pad_mask is None else pad_mask[..., None].to(xBC.dtype)  # [b, L, 1]
@@ -83,7 +87,7 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * keep
         raw = xBC
 
-        xBC, new_conv = self.conv(xBC, None if state is None else state.conv)
+        xBC, new_conv = self.conv(xBC, None if state is None else state.conv, keep_state or bool(block_size))
         if keep is not None:
             xBC = xBC * keep
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
@@ -91,13 +95,21 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, L, self.n_groups, self.d_state)
         C = C.reshape(b, L, self.n_groups, self.d_state)
 
-        A = -torch.exp(self.A_log.float())
-        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = derived(self, "A", self.A_log, lambda a_log: -torch.exp(a_log.float()))  # kept for inference
         lo, hi = self.time_step_limit
-        if lo > 0.0 or hi < math.inf:
-            dt = dt.clamp(min=lo, max=hi)
-        if pad_mask is not None:
-            dt = dt * pad_mask[..., None].float()
+        # Without a dt clamp or pads (a decode step, a denoiser block, an unpadded prompt) the scan takes the
+        # raw dt with dt_bias and D (ops.ssd's contract): the CUDA kernels then do softplus(dt + dt_bias) and
+        # the D skip inside the scan instead of in six launches around it.
+        fused = not block_size and pad_mask is None and lo <= 0.0 and hi == math.inf
+        if fused:
+            skip = dict(D=self.D, dt_bias=self.dt_bias)
+        else:
+            skip = {}
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            if lo > 0.0 or hi < math.inf:
+                dt = dt.clamp(min=lo, max=hi)
+            if pad_mask is not None:
+                dt = dt * pad_mask[..., None].float()
 
         init = None if state is None else state.ssm
         if block_size:
@@ -105,20 +117,21 @@ class Mamba2Mixer(nn.Module):
         elif state is not None and L == 1:
             args = (state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             if kernels.use_kernels(xs):
-                y, ssm = kernels.call("selective_state_update", kernels.ssd_step, ssd_step, *args)
+                y, ssm = kernels.call("selective_state_update", kernels.ssd_step, ssd_step, *args, **skip)
             else:
-                y, ssm = ssd_step(*args)
+                y, ssm = ssd_step(*args, **skip)
             y = y[:, None]
         elif kernels.use_kernels(xs):
             y, ssm = kernels.call("mamba_chunk_scan_combined", kernels.ssd_chunked, ssd_chunked,
-                                  xs, dt, A, B, C, self.chunk_size, init)
+                                  xs, dt, A, B, C, self.chunk_size, init, **skip)
         else:
-            y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init)
-        y = y + self.D.float()[:, None] * xs.float()  # D skip, fp32
+            y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init, **skip)
+        if not fused:
+            y = y + self.D.float()[:, None] * xs.float()  # D skip, fp32
         out = self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))
         if block_size:
             return out, self._block_states(raw, state, starts, block_size)
-        return out, MambaState(new_conv, ssm)
+        return out, MambaState(new_conv, ssm) if keep_state else None
 
     def _block_states(self, raw: Tensor, state: MambaState | None, starts: Tensor, S: int) -> MambaState:
         """States entering every block of S tokens: the conv state is the K raw xBC columns before the block

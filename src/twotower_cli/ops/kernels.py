@@ -7,10 +7,12 @@
     available(family), unavailable_reason(family), describe(), summary()   per family: MAMBA (mamba-ssm) or CONV
                                     (causal-conv1d); describe() says why one is missing, summary() is short
 
-    ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None) -> (y fp32, final_state fp32)   == ops.ssd
-    ssd_step(state, x, dt, A, B, C) -> (y fp32, new_state fp32); `state` is not modified       == ops.ssd
-    causal_conv(xBC [b,L,c], conv_state [b,c,K] | None, weight [c,1,K], bias [c] | None)
-        -> (silu(conv) [b,L,c], new conv_state = last K raw columns)                          == Mamba2Mixer.conv
+    ssd_chunked(x, dt, A, B, C, chunk_size, initial_state=None, *, D=None, dt_bias=None)
+        -> (y fp32, final_state fp32)                                                         == ops.ssd
+    ssd_step(state, x, dt, A, B, C, *, D=None, dt_bias=None) -> (y fp32, new_state fp32); `state` is not
+        modified                                                                              == ops.ssd
+    causal_conv(xBC [b,L,c], conv_state [b,c,K] | None, weight [c,1,K], bias [c] | None, keep_state=True)
+        -> (silu(conv) [b,L,c], new conv_state = last K raw columns | None)                   == Mamba2Mixer.conv
     gated_rmsnorm(y, z, weight, n_groups, eps) -> [..., d] in z's dtype                       == GatedGroupRMSNorm
 
 Selection (design principle 7): `TWOTOWER_KERNELS=torch|cuda|auto` (default auto). auto: the kernels when
@@ -28,8 +30,11 @@ Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-
 - `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined(x [b,L,h,p], dt [b,L,h], A [h], B [b,L,g,n],
   C [b,L,g,n], chunk_size, D=None, z=None, dt_bias=None, initial_states [b,h,p,n]=None, seq_idx=None,
   dt_softplus=False, dt_limit=(0, inf), return_final_states=False)` -> out [b,L,h,p] in x's dtype (and
-  final_states [b,h,p,n] fp32). We pass dt already softplus'ed and clamped (the mixer does that, spec §9),
-  so dt_bias=None, dt_softplus=False and the default dt_limit (no clamp): same math as ops.ssd. The
+  final_states [b,h,p,n] fp32). Given `dt_bias` (ops.ssd's contract: dt is raw), we pass it with
+  dt_softplus=True and `D` too, so that the kernels compute softplus(dt + dt_bias) and add D·x themselves,
+  as transformers' CUDA path for NemotronH does (mamba-ssm's Triton softplus is log(exp(dt) + 1), torch's
+  log1p(exp(dt)): they differ by fp32 rounding); the mixer does so when there is no dt clamp and no pad
+  (spec §9: a clamp is the mixer's, and then dt comes softplus'ed and clamped, dt_bias=None). The
   states *entering each chunk* are kept in C's dtype (`_state_passing_fwd(..., out_dtype=C.dtype)`), so a
   seeded block with bf16 C would round the context state to bf16 before using it: with an initial state
   we therefore pass x, B, C in fp32 (spec §9: scan seeded blocks in fp32). Without one (a fresh prefill)
@@ -43,18 +48,22 @@ Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-
   `state` IN PLACE and returns out [b,h,p] in x's dtype. Per-head dt/A are passed as stride-0 expands
   (`dt[..., None].expand(b,h,p)`, `A[:, None, None].expand(h,p,n)`), as transformers does; the kernel's
   `tie_hdim` fast path then reads `dt_bias.stride(-1)`, and the launch unpacks `*(D.stride(0), D.stride(1))
-  if D is not None else 0`, a TypeError for D=None (mamba-ssm 2.3.2): both fail on None, so we pass zeros
-  for both (D·x is added by the mixer, as for the torch step), expanded the same way. We clone the state
-  first (our ssd_step never mutates its input).
+  if D is not None else 0`, a TypeError for D=None (mamba-ssm 2.3.2): both fail on None, so without
+  `dt_bias` / `D` we pass zeros for them, expanded the same way. B and C go in as they are (the kernel reads
+  them as fp32, an exact conversion); x is made fp32 so that y comes out fp32. We clone the state first (our
+  ssd_step never mutates its input).
 - `causal_conv1d.causal_conv1d_fn(x [b,c,L], weight [c,K], bias, seq_idx=None, initial_states [b,c,K-1]=None,
   return_final_states=False, activation="silu")`: initial_states only in channel-last layout (x.stride(1)
   == 1, initial_states.stride(1) == 1; csrc/causal_conv1d.cpp checks c % 8 == 0 and x.stride(0), x.stride(2)
   multiples of 8). `causal_conv1d_update(x [b,c], conv_state [b,c,K], weight, bias, activation)` shifts
-  conv_state IN PLACE (older builds require state_len == K exactly, newer >= K-1; we keep K). The new
-  state (last K raw columns) is computed here with one cat, not read back from the kernel.
+  conv_state IN PLACE (older builds require state_len == K exactly, newer >= K-1; we keep K): without
+  cache_seqlens it becomes the last state_len columns of [conv_state ‖ x] (causal_conv1d_update_ref), which
+  for state_len == K is our new state. So a decode step clones the state, lets the kernel shift it, and
+  returns the clone: one copy, where building the new state beside it took two more.
 - `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn(x, weight, bias, z=None, eps, group_size,
   norm_before_gate)`: with norm_before_gate=False it computes norm(x * silu(z)) per group of group_size,
-  in fp32, output in x's dtype; we cast to z's dtype as GatedGroupRMSNorm does.
+  in fp32, output in x's dtype; we cast to z's dtype as GatedGroupRMSNorm does. It reshapes x and z to rows
+  itself and copies only a last dimension that is not contiguous, so z goes in as the in_proj slice it is.
 """
 
 from __future__ import annotations
@@ -277,14 +286,14 @@ def prepare_compile() -> None:
 
 
 @_eager
-def call(name: str, kernel_fn: Callable, torch_fn: Callable, *args):
-    """`kernel_fn(*args)`. In auto mode a kernel that raises (a shape its build does not support, e.g. the tiny
-    test model's 8-wide state, or a broken install) is reported once with a warning and `torch_fn` (same
-    signature) is used for that op from then on; with TWOTOWER_KERNELS=cuda the error propagates."""
+def call(name: str, kernel_fn: Callable, torch_fn: Callable, *args, **kwargs):
+    """`kernel_fn(*args, **kwargs)`. In auto mode a kernel that raises (a shape its build does not support, e.g.
+    the tiny test model's 8-wide state, or a broken install) is reported once with a warning and `torch_fn`
+    (same signature) is used for that op from then on; with TWOTOWER_KERNELS=cuda the error propagates."""
     if name in _failed:
-        return torch_fn(*args)
+        return torch_fn(*args, **kwargs)
     try:
-        return kernel_fn(*args)
+        return kernel_fn(*args, **kwargs)
     except TwoTowerError:
         raise
     except Exception as e:  # noqa: BLE001 - any kernel failure: fall back, loudly
@@ -293,7 +302,7 @@ def call(name: str, kernel_fn: Callable, torch_fn: Callable, *args):
         _failed[name] = f"{type(e).__name__}: {e}"
         warnings.warn(f"{name} kernel failed ({_failed[name]}); using the torch implementation from now on",
                       stacklevel=2)
-        return torch_fn(*args)
+        return torch_fn(*args, **kwargs)
 
 
 def _kernels(family: str = MAMBA) -> Kernels:
@@ -305,26 +314,31 @@ def _kernels(family: str = MAMBA) -> Kernels:
 
 @_eager
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                initial_state: Tensor | None = None, *, D: Tensor | None = None,
+                dt_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ops.ssd.ssd_chunked on mamba_chunk_scan_combined. Outputs fp32; `initial_state` is only read."""
     L = x.shape[1]
     if L == 0 or (initial_state is not None and L < chunk_size and not _short_seeded_ok(x.device)):
         from twotower_cli.ops.ssd import ssd_chunked as torch_ssd_chunked
 
-        return torch_ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
-    return _kernel_scan(x, dt, A, B, C, chunk_size, initial_state)
+        return torch_ssd_chunked(x, dt, A, B, C, chunk_size, initial_state, D=D, dt_bias=dt_bias)
+    return _kernel_scan(x, dt, A, B, C, chunk_size, initial_state, D, dt_bias)
 
 
 def _kernel_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                 initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+                 initial_state: Tensor | None, D: Tensor | None = None,
+                 dt_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     k = _kernels()
     init = None
     if initial_state is not None:
         # fp32 inputs: the kernel keeps chunk-entering states in C's dtype (see the module docstring)
         x, B, C = x.float(), B.float(), C.float()
         init = initial_state.float().contiguous()
-    y, final = k.chunk_scan(x.contiguous(), dt.float().contiguous(), A.float().contiguous(), B.contiguous(),
-                            C.contiguous(), chunk_size, initial_states=init, return_final_states=True)
+    fused = {} if dt_bias is None else dict(dt_bias=dt_bias.float(), dt_softplus=True)
+    y, final = k.chunk_scan(x.contiguous(), dt.contiguous() if fused else dt.float().contiguous(),
+                            A.float().contiguous(), B.contiguous(), C.contiguous(), chunk_size,
+                            D=None if D is None else D.float(), initial_states=init, return_final_states=True,
+                            **fused)
     return y.float(), final.float()
 
 
@@ -357,24 +371,32 @@ def _short_seeded_ok(device: torch.device) -> bool:
 
 
 @_eager
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
+             dt_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ops.ssd.ssd_step on selective_state_update; returns a new state, `state` is left untouched."""
     k = _kernels()
     b, h, p = x.shape
     n = state.shape[-1]
-    new_state = state.float().clone()  # the kernel writes in place
-    dt_e = dt.float()[..., None].expand(b, h, p)
-    A_e = A.float()[:, None, None].expand(h, p, n)
-    zeros = torch.zeros(h, device=x.device, dtype=torch.float32)[:, None].expand(h, p)  # dt_bias and D
-    y = k.state_update(new_state, x.float().contiguous(), dt_e, A_e, B.float().contiguous(), C.float().contiguous(),
-                       D=zeros, z=None, dt_bias=zeros, dt_softplus=False)
+    new_state = state.to(torch.float32, copy=True)  # the kernel writes in place
+    zeros = None
+    if D is None or dt_bias is None:
+        zeros = torch.zeros(h, device=x.device, dtype=torch.float32)
+
+    def per_dim(t: Tensor | None) -> Tensor:  # [h] → [h, p], stride 0 along p (the kernel's tie_hdim path)
+        return (zeros if t is None else t.float())[:, None].expand(h, p)
+
+    y = k.state_update(new_state, x.float().contiguous(), dt[..., None].expand(b, h, p),
+                       A.float()[:, None, None].expand(h, p, n), B, C, D=per_dim(D), z=None,
+                       dt_bias=per_dim(dt_bias), dt_softplus=dt_bias is not None)
     return y.float(), new_state
 
 
 @_eager
-def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None,
+                keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """Mamba2Mixer.conv on causal_conv1d: xBC [b, L, c] raw, conv_state [b, c, K] (None = zeros) → (silu(conv)
-    [b, L, c], the last K raw columns [b, c, K]). `conv_state` is only read."""
+    [b, L, c], the last K raw columns [b, c, K], or None for L > 1 without `keep_state`). `conv_state` is only
+    read."""
     k = _kernels(CONV)
     b, L, c = xBC.shape
     K = weight.shape[-1]
@@ -383,17 +405,18 @@ def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Te
     if conv_state is None:
         conv_state = xBC.new_zeros(b, c, K)
     conv_state = conv_state.to(xBC.dtype)
-    new_state = torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)[..., -K:].contiguous()
-    if L == 1:
-        state = conv_state.clone(memory_format=torch.contiguous_format)  # the kernel shifts it in place
+    if L == 1:  # the kernel shifts the clone in place: it becomes the new state (module docstring)
+        state = conv_state.clone(memory_format=torch.contiguous_format)
         out = k.conv_update(xBC[:, 0].contiguous(), state, w, bias, "silu")
-        return out[:, None], new_state
+        return out[:, None], state
     x_cl = xBC.contiguous().transpose(1, 2)  # [b, c, L] channel-last: stride(1) == 1
     if x_cl.stride(2) % 8 or x_cl.stride(0) % 8 or c % 8:
         raise ValueError(f"causal_conv1d's channel-last layout needs channels divisible by 8, got {c}")
     init = conv_state[..., 1:].transpose(1, 2).contiguous().transpose(1, 2)  # [b, c, K-1], stride(1) == 1
     out = k.conv_fn(x_cl, w, bias, initial_states=init, activation="silu")
-    return out.transpose(1, 2), new_state
+    if not keep_state:
+        return out.transpose(1, 2), None
+    return out.transpose(1, 2), torch.cat([conv_state, xBC.transpose(1, 2)], dim=-1)[..., -K:].contiguous()
 
 
 @_eager
@@ -401,8 +424,7 @@ def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: floa
     """GatedGroupRMSNorm on layernorm_gated.rmsnorm_fn: norm(y * silu(z)) per group, times weight, in z's dtype."""
     k = _kernels()
     d = y.shape[-1]
-    out = k.rmsnorm(y.contiguous(), weight, None, z=z.contiguous(), eps=eps, group_size=d // n_groups,
-                    norm_before_gate=False)
+    out = k.rmsnorm(y, weight, None, z=z, eps=eps, group_size=d // n_groups, norm_before_gate=False)
     return out.to(z.dtype)
 
 

@@ -3,14 +3,18 @@
 The recurrence, per head (spec §2, step 5), with `dt` already softplus'ed and clamped and `A` negative:
 
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t ⊗ B_t        h: [head_dim, state]
-    y_t = h_t · C_t                                          (the D skip is the caller's job)
+    y_t = h_t · C_t  (+ D * x_t when D is given)
+
+`dt_bias` given, `dt` is the raw projection and the op applies softplus(dt + dt_bias) first (no clamp), as
+mamba-ssm's kernels do with `dt_softplus=True`; `D` given, y includes the D skip. Passing both lets the
+kernels (`ops.kernels`) do that work inside the scan instead of in separate launches.
 
 Shapes: b batch, L length, h heads, p head_dim, g groups, n state; head hh reads group hh // (h // g).
 
-    ssd_chunked(x[b,L,h,p], dt[b,L,h], A[h], B[b,L,g,n], C[b,L,g,n], chunk_size, initial_state[b,h,p,n] | None)
-        -> y[b,L,h,p], final_state[b,h,p,n]
+    ssd_chunked(x[b,L,h,p], dt[b,L,h], A[h], B[b,L,g,n], C[b,L,g,n], chunk_size, initial_state[b,h,p,n] | None,
+                *, D[h] | None, dt_bias[h] | None) -> y[b,L,h,p], final_state[b,h,p,n]
     ssd_sequential(...)   same contract, one time step at a time (the reference the tests compare against)
-    ssd_step(state[b,h,p,n], x[b,h,p], dt[b,h], A[h], B[b,g,n], C[b,g,n]) -> y[b,h,p], new_state[b,h,p,n]
+    ssd_step(state[b,h,p,n], x[b,h,p], dt[b,h], A[h], B[b,g,n], C[b,g,n], *, D, dt_bias) -> y[b,h,p], new_state
 
 All math is fp32 whatever the input dtype; outputs and states are fp32 (the caller casts). Nothing is
 modified in place: the initial state passed in is never written to.
@@ -45,9 +49,17 @@ def _heads_per_group(h: int, g: int) -> int:
     return h // g
 
 
+def _softplus_dt(dt: Tensor, dt_bias: Tensor | None) -> Tensor:
+    return dt if dt_bias is None else F.softplus(dt.float() + dt_bias.float())
+
+
+def _skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
+    return y if D is None else y + D.float()[:, None] * x.float()
+
+
 def ssd_chunked(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, initial_state: Tensor | None = None,
-    state_every: int = 0,
+    state_every: int = 0, *, D: Tensor | None = None, dt_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """The SSD algorithm of Mamba-2: quadratic attention-like work inside chunks, a linear recurrence across them.
 
@@ -61,6 +73,9 @@ def ssd_chunked(
     back for every group instead of mapping (and page-faulting in) fresh memory — on CPU that was as much
     time as the arithmetic.
     """
+    if D is not None or dt_bias is not None:
+        out = ssd_chunked(x, _softplus_dt(dt, dt_bias), A, B, C, chunk_size, initial_state, state_every)
+        return (_skip(out[0], x, D), *out[1:])
     b, L, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     r = _heads_per_group(h, g)
@@ -180,17 +195,18 @@ def _scan_group(x: Tensor, dt: Tensor, a_cum: Tensor, B: Tensor, C: Tensor, cb: 
     return y, start_states, states[:, c]
 
 
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
+             dt_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One time step of the recurrence (decode). state [b,h,p,n], x [b,h,p], dt [b,h], B/C [b,g,n]."""
     h, g = x.shape[1], B.shape[1]
     r = _heads_per_group(h, g)
     B = B.float().repeat_interleave(r, dim=1)  # [b,h,n]
     C = C.float().repeat_interleave(r, dim=1)
-    dt = dt.float()
+    dt = _softplus_dt(dt, dt_bias).float()
     decay = torch.exp(dt * A.float())[..., None, None]  # [b,h,1,1]
     new_state = state.float() * decay + (dt[..., None] * x.float())[..., None] * B[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new_state, C)
-    return y, new_state
+    return _skip(y, x, D), new_state
 
 
 def ssd_sequential(
