@@ -118,6 +118,7 @@ def timed(fn, device: torch.device, repeat: int) -> list[float]:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def host_syncs(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | None:
     """Synchronizing CUDA calls in one decode step and one block denoise after a 64-token prefill, counted
     with CUDA's sync debug mode (each is a point where Python waits for the GPU); None off CUDA."""
@@ -140,6 +141,37 @@ def host_syncs(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         out[name] = sum("synchroniz" in str(w.message) for w in caught)
+    return out
+
+
+@torch.no_grad()
+def gpu_launches(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | str:
+    """GPU activities (kernels, copies, fills) of one decode step and one block denoise after a 64-token
+    prefill, from torch.profiler's CUDA trace: what `benchmarks/dispatch.py`'s "cuda" rows estimate on a CPU
+    (which count each mamba-ssm call as one launch; its chunk scan is several Triton kernels). A string says
+    why there is no count."""
+    dev = backend.device
+    if dev.type != "cuda":
+        return "n/a off CUDA"
+    from torch.profiler import ProfilerActivity, profile
+
+    backend.reset(1)
+    backend.extend(prompt[:, :64])
+    blk = torch.full((1, block), mask_id, device=dev)
+    t = torch.ones(1, device=dev)
+    steps = {"decode": lambda: backend.extend(prompt[:, -1:]), "denoise": lambda: backend.denoise(blk, t)}
+    out = {}
+    try:
+        for name, fn in steps.items():
+            fn()
+            fn()  # warm: first calls may probe, autotune or fill caches
+            torch.cuda.synchronize(dev)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize(dev)
+            out[name] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001 - a profiler without CUPTI must not end the check
+        return f"n/a ({type(e).__name__}: {e})"
     return out
 
 
@@ -290,6 +322,11 @@ def main() -> None:
         syncs = host_syncs(backend, prompt, block, mask_id)
     print("host syncs per step (CUDA sync debug mode): " + (", ".join(f"{k} {v}" for k, v in syncs.items())
                                                             if syncs is not None else "n/a off CUDA"))
+    with kernels.force(**best):
+        launched = gpu_launches(backend, prompt, block, mask_id)
+    print("GPU activities per step (profiler; benchmarks/dispatch.py --pattern "
+          f"{args.pattern} estimates them on a CPU): "
+          + (", ".join(f"{k} {v}" for k, v in launched.items()) if isinstance(launched, dict) else launched))
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 
     print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
