@@ -3,6 +3,7 @@ reference, left padding equals one sequence at a time, the Mamba mixer never wri
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -210,7 +211,8 @@ def expert_paths(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("path", ["grouped", "loop"])
 @pytest.mark.parametrize("overrides", [{}, GROUPED_ROUTER, {"norm_topk_prob": False}])
 @pytest.mark.parametrize("router_dtype", [torch.float32, torch.float64])
-def test_moe_equals_naive_reference(overrides, router_dtype, path, monkeypatch):
+@pytest.mark.parametrize("one_at_a_time", [False, True])  # True: each token alone, a batch-1 decode step's route
+def test_moe_equals_naive_reference(overrides, router_dtype, path, one_at_a_time, monkeypatch):
     cfg = build_tiny_config(**overrides)
     moe = MoE(cfg, router_dtype)
     init_nemotron_h(moe, torch.Generator().manual_seed(0), std=0.1)
@@ -218,17 +220,21 @@ def test_moe_equals_naive_reference(overrides, router_dtype, path, monkeypatch):
         moe.gate.e_score_correction_bias.copy_(randn(cfg.n_routed_experts, seed=5) * 0.1)
     x = randn(3, 5, cfg.hidden_size, seed=1)
     ran = expert_paths(monkeypatch)
-    if path == "grouped":
-        if GROUPED_MM is None:
-            pytest.skip("this torch has no grouped GEMM")
-        with torch.no_grad():  # inference: where the grouped GEMM runs
-            got = moe(x)
-    else:
-        got = moe(x)  # parameters requiring grad: the loop
-    assert ran == [path]
+    if path == "grouped" and GROUPED_MM is None:
+        pytest.skip("this torch has no grouped GEMM")
+    with torch.no_grad() if path == "grouped" else contextlib.nullcontext():  # grouped: inference only
+        if one_at_a_time:
+            got = torch.stack([moe(x[b, i:i + 1]) for b in range(3) for i in range(5)]).reshape(x.shape)
+        else:
+            got = moe(x)  # (the loop: parameters requiring grad)
+    assert set(ran) == {path}
     ref = naive_moe(moe, x.reshape(-1, cfg.hidden_size), cfg, router_dtype).reshape(x.shape)
     d = max_diff(got, ref)
     assert d <= 1e-5, f"MoE vs naive: max diff {d:.3g}"
+    if one_at_a_time:  # some token's experts come out of top-k in descending id order (its weights get sorted)
+        _, chosen = moe.gate(x.reshape(-1, cfg.hidden_size), router_dtype)
+        assert (chosen[:, 0] > chosen[:, 1]).any()
+        return
     # The bias matters for selection (so the test would see it ignored) but never for the weights.
     _, with_bias = moe.gate(x.reshape(-1, cfg.hidden_size), router_dtype)
     with torch.no_grad():

@@ -261,6 +261,11 @@ class MoE(nn.Module):
         # each slice ends comes from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
         chosen, order = experts.flatten().sort(stable=True)
         ends = torch.searchsorted(chosen, _expert_ids(self.experts.n, flat.device), right=True, out_int32=True)
+        if flat.shape[0] == 1:
+            # One token (a batch-1 decode step): its k rows are that token, and the weighted sum is one [1, k]
+            # × [k, H] product in the router dtype. Four kernels instead of the general route's nine.
+            y = self.experts(flat.expand(k, -1).contiguous(), ends)
+            return (weights.flatten()[order][None] @ y.to(weights.dtype)).to(flat.dtype)
         tokens = order // k
         y = self.experts(flat[tokens], ends)
         out = torch.zeros(flat.shape, dtype=weights.dtype, device=flat.device)
