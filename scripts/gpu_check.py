@@ -117,21 +117,24 @@ def timed(fn, device: torch.device, repeat: int) -> list[float]:
     return out
 
 
-@torch.no_grad()
-@torch.no_grad()
-def host_syncs(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | None:
-    """Synchronizing CUDA calls in one decode step and one block denoise after a 64-token prefill, counted
-    with CUDA's sync debug mode (each is a point where Python waits for the GPU); None off CUDA."""
+def one_step_each(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict:
+    """After a 64-token prefill: {"decode": one decode step, "denoise": one block denoise}, as callables."""
     dev = backend.device
-    if dev.type != "cuda":
-        return None
     backend.reset(1)
     backend.extend(prompt[:, :64])
     blk = torch.full((1, block), mask_id, device=dev)
     t = torch.ones(1, device=dev)
-    steps = {"decode": lambda: backend.extend(prompt[:, -1:]), "denoise": lambda: backend.denoise(blk, t)}
+    return {"decode": lambda: backend.extend(prompt[:, -1:]), "denoise": lambda: backend.denoise(blk, t)}
+
+
+@torch.no_grad()
+def host_syncs(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | None:
+    """Synchronizing CUDA calls in one decode step and one block denoise after a 64-token prefill, counted
+    with CUDA's sync debug mode (each is a point where Python waits for the GPU); None off CUDA."""
+    if backend.device.type != "cuda":
+        return None
     out = {}
-    for name, fn in steps.items():
+    for name, fn in one_step_each(backend, prompt, block, mask_id).items():
         fn()  # warm: first calls may probe or autotune
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -155,14 +158,9 @@ def gpu_launches(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_i
         return "n/a off CUDA"
     from torch.profiler import ProfilerActivity, profile
 
-    backend.reset(1)
-    backend.extend(prompt[:, :64])
-    blk = torch.full((1, block), mask_id, device=dev)
-    t = torch.ones(1, device=dev)
-    steps = {"decode": lambda: backend.extend(prompt[:, -1:]), "denoise": lambda: backend.denoise(blk, t)}
     out = {}
     try:
-        for name, fn in steps.items():
+        for name, fn in one_step_each(backend, prompt, block, mask_id).items():
             fn()
             fn()  # warm: first calls may probe, autotune or fill caches
             torch.cuda.synchronize(dev)
