@@ -804,6 +804,31 @@ def test_gpu_rms_norm_bf16_rounds_once():
 
 
 @pytest.mark.gpu
+def test_gpu_sampling_noise_is_drawn_on_the_gpu_and_seeded(monkeypatch):
+    """Temperature sampling on CUDA logits draws its [.., V] uniforms there, from a generator seeded once from
+    the caller's CPU generator: the same seed gives the same tokens, draws advance, another seed differs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from twotower_cli import sampler as S
+
+    cfg = S.SamplingConfig(temperature=0.8)
+    logits = torch.randn(1, 16, 4096, generator=torch.Generator().manual_seed(0)).to("cuda")
+    drawn = []
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: drawn.append(torch.device(k.get("device") or "cpu"))
+                        or real(*a, **k))
+
+    def two_draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [S.predict(logits, cfg, g, 3)[0] for _ in range(2)]
+
+    a, b = two_draws(1), two_draws(1)
+    assert all(d.type == "cuda" for d in drawn) and len(drawn) == 4
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], a[1]) and not torch.equal(two_draws(2)[0], a[0])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_tower_kernels_equal_torch(dtype):
     """A small tower with kernel-friendly sizes: prefill, 1-token decode and short extensions, kernels + SDPA

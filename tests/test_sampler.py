@@ -220,6 +220,22 @@ def test_gumbel_sampling_is_seeded_and_confidence_untempered():
     assert not bool((p1 == MASK).any())
 
 
+def test_noise_is_drawn_where_the_logits_are(monkeypatch):
+    """The Gumbel uniforms come from the caller's generator on its own device (CPU logits here: the seeded
+    samples of before); `tests/test_kernels.py` checks the GPU side."""
+    drawn = []
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: drawn.append((tuple(a[0]), k.get("device"))) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, V)
+    pred, _ = S.predict(logits, cfg(temperature=0.7), g, exclude=MASK)
+    assert drawn == [((2, 5, V), torch.device("cpu"))]
+    u = real((2, 5, V), generator=torch.Generator().manual_seed(1))  # the same draw, by hand
+    scores = torch.log_softmax(logits.masked_fill(torch.arange(V) == MASK, -math.inf) / 0.7, dim=-1)
+    assert torch.equal(pred, (scores - torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))).argmax(-1))
+    assert S._generator_on(g, torch.device("cpu")) is g and S._generator_on(None, torch.device("cpu")) is None
+
+
 def test_top_p_keeps_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = S.filter_logits(logits, None, 0.7).isfinite()

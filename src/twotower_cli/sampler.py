@@ -14,12 +14,19 @@ Commit rule (spec §7 step 3), per sequence and step s of `steps`:
         at most masked, and all masked on the last step.
 `policy="topk"` drops the threshold term (LLaDA's fixed schedule); `policy="factor"` replaces it with
 Fast-dLLM's rule: the largest n with (n + 1) * (1 - c_n) < factor over confidences sorted descending.
+
+Randomness (temperature > 0): the Gumbel noise is drawn where the logits are, so a GPU step draws its
+[B, S, V] uniforms on the GPU (2 M numbers a 16-token step of Nano: milliseconds on a CPU, plus the copy).
+The caller's generator (a CPU one, `--seed`) draws the noise itself for CPU logits; for another device it
+seeds, once, a generator on that device (`_generator_on`). So a seed reproduces a run on the same kind of
+device, and a CPU and a GPU run of one seed sample differently (greedy decoding is the same on both).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -177,6 +184,28 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+# the caller's generator → its companion generator on each other device it has drawn for
+_COMPANIONS: weakref.WeakKeyDictionary[torch.Generator, dict[torch.device, torch.Generator]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The generator that draws on `device`: `generator` on its own device; on another, a generator there
+    seeded once from `generator` (the same seed gives the same companion); None: torch's default there."""
+    if generator is None or generator.device == device:
+        return generator
+    per_device = _COMPANIONS.setdefault(generator, {})
+    if device not in per_device:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        per_device[device] = torch.Generator(device=device).manual_seed(seed)
+    return per_device[device]
+
+
+def uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """U[0, 1) of `shape`, drawn on `device` (module docstring: Randomness)."""
+    return torch.rand(shape, generator=_generator_on(generator, device), device=device)
+
+
 def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
             exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prediction and confidence per position of fp32 logits [..., V].
@@ -193,7 +222,7 @@ def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generato
         pred = logp.argmax(dim=-1)
     else:
         scores = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
-        u = torch.rand(scores.shape, generator=generator, device="cpu").to(scores.device)
+        u = uniform(scores.shape, generator, scores.device)
         gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
         pred = (scores + gumbel).argmax(dim=-1)
     conf = logp.gather(-1, pred[..., None])[..., 0].exp()
