@@ -1,12 +1,13 @@
 """Grouped-query attention of NemotronH (`*` layers, spec §2): no positional encoding (no RoPE),
 projection biases only if `attention_bias`, scale 1/sqrt(head_dim), softmax in fp32.
 
-    forward(x [b, L, H], past: KVCache | None, causal=True, mask [b|1, 1, L, T_past + L] bool | None)
-        -> (out [b, L, H], k_new [b, kv, L, d], v_new [b, kv, L, d])
+    forward(x [b, L, H], past: KVCache | None, causal=True, mask [b|1, 1, L, T_past + L] bool | None,
+            append=False) -> (out [b, L, H], k_new [b, kv, L, d], v_new [b, kv, L, d])
 
-Queries attend over concat(past.k, k_new). `past` is not modified: the caller decides whether to append
-(the context tower does, the denoiser's block attention does not). `mask` (True = may attend) overrides
-`causal` when given; causal means query i sees keys 0 .. T_past + i.
+Queries attend over concat(past.k, k_new). `past` is not modified unless `append` (the context tower's
+cache update; the denoiser's block attention never appends): then past.k / past.v become that
+concatenation, the tensors attention used, rather than being concatenated a second time. `mask` (True = may
+attend) overrides `causal` when given; causal means query i sees keys 0 .. T_past + i.
 
 On CPU the scores, softmax and weighted sum are explicit fp32 math rather than F.scaled_dot_product_attention:
 the result is the same on every backend, which the parity tests rely on, and masked entries use the dtype's
@@ -57,7 +58,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, past: KVCache | None = None, causal: bool = True,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                mask: Tensor | None = None, append: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         b, L, _ = x.shape
         q = self.q_proj(x).view(b, L, self.n_heads, self.head_dim).transpose(1, 2)  # [b, h, L, d]
         k_new = self.k_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)  # [b, kv, L, d]
@@ -67,6 +68,8 @@ class Attention(nn.Module):
             v = torch.cat([past.v.to(v_new.dtype), v_new], dim=2)
         else:
             k, v = k_new, v_new
+        if append and past is not None:
+            past.k, past.v = k.to(past.k.dtype), v.to(past.v.dtype)
         t_past = k.shape[2] - L
         if kernels.use_sdpa(x):
             out = self._sdpa(q, k, v, t_past, causal, mask)

@@ -6,7 +6,8 @@
     TowerCache  one entry per layer (MambaState for M, KVCache for *, None for E and -), the key padding
                 mask [b, T] (False at left-pad positions; None = all valid) and the number of tokens seen.
 
-The model creates these (`NemotronHModel.make_cache`) and extends them in place; `clone()` gives an
+The model creates these (`NemotronHModel.make_cache`) and extends them in place (an attention layer replaces
+its KVCache's k / v by the [past ‖ new] it attended over: `Attention(append=True)`); `clone()` gives an
 independent copy (the sampler keeps snapshots, the denoiser reads a state without writing it back).
 """
 
@@ -51,11 +52,6 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.k.shape[2]
-
-    def append(self, k_new: Tensor, v_new: Tensor) -> None:
-        """Concatenate new keys/values [b, kv_heads, L, head_dim] along time, replacing the tensors on this object."""
-        self.k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)
-        self.v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
 
     def clone(self) -> KVCache:
         return KVCache(self.k.clone(), self.v.clone())

@@ -91,9 +91,7 @@ class NemotronHModel(nn.Module):
             if cache is not None:
                 cache.layers[i] = state
         elif layer.kind == "*":
-            out, k, v = layer.mixer(h, entry, mask=attn_mask)
-            if cache is not None:
-                entry.append(k, v)
+            out, _, _ = layer.mixer(h, entry, mask=attn_mask, append=cache is not None)  # the cache grows
         else:
             out = layer.mixer(h)
         return x + out
