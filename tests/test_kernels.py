@@ -378,6 +378,32 @@ def test_tower_with_kernel_stand_ins_equals_torch(fake_kernels, pattern):
     assert max_diff(torch.cat(parts, dim=1), ref) <= 1e-4
 
 
+def test_model_decode_updates_its_own_cache_in_place(fake_kernels, monkeypatch):
+    """A one-token step of the model with its cache lets the kernels update the cache's Mamba tensors in place
+    (no copies); a snapshot taken before is untouched, and the torch ops from it reach the same state."""
+    cfg = build_tiny_config("M*M", chunk_size=8)
+    model = build_tiny_model(cfg, std=0.1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kernels.force(sdpa=False):
+        cache = model.make_cache(2)
+        model(ids[:, :9], cache=cache)
+        snap = cache.clone()
+        mamba = [i for i, c in enumerate(cache.layers) if isinstance(c, MambaState)]
+        kept = [(snap.layers[i].conv.clone(), snap.layers[i].ssm.clone()) for i in mamba]
+        before = [(cache.layers[i].conv.data_ptr(), cache.layers[i].ssm.data_ptr()) for i in mamba]
+        out = [model(ids[:, t:t + 1], cache=cache) for t in range(9, 12)]
+        assert [(cache.layers[i].conv.data_ptr(), cache.layers[i].ssm.data_ptr()) for i in mamba] == before
+        for i, (conv, ssm) in zip(mamba, kept, strict=True):  # the snapshot did not move with the cache
+            assert torch.equal(snap.layers[i].conv, conv) and torch.equal(snap.layers[i].ssm, ssm)
+            assert not torch.equal(cache.layers[i].ssm, ssm)
+        monkeypatch.setattr(kernels, "use_kernels", lambda t, family=kernels.MAMBA: False)
+        ref = [model(ids[:, t:t + 1], cache=snap) for t in range(9, 12)]
+    assert max_diff(torch.cat(out, 1), torch.cat(ref, 1)) <= 1e-5
+    for i in mamba:  # (earlier layers' stand-ins round differently: the raw columns differ by float error)
+        assert max_diff(cache.layers[i].conv, snap.layers[i].conv) <= 1e-5
+        assert max_diff(cache.layers[i].ssm, snap.layers[i].ssm) <= 1e-5
+
+
 @pytest.mark.parametrize("L", [1, 5, 20])
 def test_mixer_seeded_with_stand_ins_equals_torch(fake_kernels, monkeypatch, L):
     """The denoiser's use: a block (1, 5 < chunk_size 8, 20 > it) seeded with a context state, read only."""

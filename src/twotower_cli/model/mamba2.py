@@ -50,13 +50,14 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedGroupRMSNorm(self.d_inner, self.n_groups, cfg.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
 
-    def conv(self, xBC: Tensor, conv_state: Tensor | None, keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
+    def conv(self, xBC: Tensor, conv_state: Tensor | None, keep_state: bool = True,
+             in_place: bool = False) -> tuple[Tensor, Tensor | None]:
         """Causal depthwise conv + SiLU. xBC [b, L, conv_dim] raw; conv_state [b, conv_dim, K] (previous raw
         columns, None = zeros). Returns (activated [b, L, conv_dim], new conv_state = last K raw columns, or
         None when not `keep_state` and L > 1)."""
         if kernels.use_kernels(xBC, kernels.CONV):
             return kernels.call("causal_conv1d", lambda: kernels.causal_conv(
-                xBC, conv_state, self.conv1d.weight, self.conv1d.bias, keep_state),
+                xBC, conv_state, self.conv1d.weight, self.conv1d.bias, keep_state, in_place),
                 lambda: self._conv_torch(xBC, conv_state, keep_state))
         return self._conv_torch(xBC, conv_state, keep_state)
 
@@ -75,11 +76,13 @@ class Mamba2Mixer(nn.Module):
         return F.silu(out).transpose(1, 2), window[..., -self.kernel:].clone() if keep_state else None
 
     def forward(self, x: Tensor, state: MambaState | None = None, pad_mask: Tensor | None = None,
-                block_size: int = 0, keep_state: bool = True) -> tuple[Tensor, MambaState | None]:
+                block_size: int = 0, keep_state: bool = True, in_place: bool = False) -> tuple[Tensor, MambaState | None]:
         """`block_size` = S > 0 (training, spec §8; L a multiple of S): the state returned is not the final
         one but the state entering each of the nb = L/S blocks, one MambaState of batch b·nb (row i·nb + j:
         sequence i before block j), read off the same chunked scan. `keep_state=False` (the denoiser, which
-        never writes a state back): no new state is built, None is returned in its place."""
+        never writes a state back): no new state is built, None is returned in its place. `in_place=True` (the
+        model's own cache): on a one-token step the kernels may update `state`'s tensors instead of copying
+        them (the torch path still returns new ones); the caller stores the returned state either way."""
         b, L, _ = x.shape
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         keep = None if pad_mask is None else pad_mask[..., None].to(xBC.dtype)  # [b, L, 1]
@@ -87,7 +90,8 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * keep
         raw = xBC
 
-        xBC, new_conv = self.conv(xBC, None if state is None else state.conv, keep_state or bool(block_size))
+        xBC, new_conv = self.conv(xBC, None if state is None else state.conv, keep_state or bool(block_size),
+                                  in_place and L == 1)
         if keep is not None:
             xBC = xBC * keep
         xs, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
@@ -117,7 +121,8 @@ class Mamba2Mixer(nn.Module):
         elif state is not None and L == 1:
             args = (state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             if kernels.use_kernels(xs):
-                y, ssm = kernels.call("selective_state_update", kernels.ssd_step, ssd_step, *args, **skip)
+                step = kernels.ssd_step_in_place if in_place else kernels.ssd_step
+                y, ssm = kernels.call("selective_state_update", step, ssd_step, *args, **skip)
             else:
                 y, ssm = ssd_step(*args, **skip)
             y = y[:, None]

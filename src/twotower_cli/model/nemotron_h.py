@@ -87,7 +87,7 @@ class NemotronHModel(nn.Module):
         h = layer.norm(x)
         entry = None if cache is None else cache.layers[i]
         if layer.kind == "M":
-            out, state = layer.mixer(h, entry, pad_mask)
+            out, state = layer.mixer(h, entry, pad_mask, in_place=cache is not None)  # our own cache's state
             if cache is not None:
                 cache.layers[i] = state
         elif layer.kind == "*":

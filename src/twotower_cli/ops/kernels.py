@@ -59,7 +59,9 @@ Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-
   conv_state IN PLACE (older builds require state_len == K exactly, newer >= K-1; we keep K): without
   cache_seqlens it becomes the last state_len columns of [conv_state ‖ x] (causal_conv1d_update_ref), which
   for state_len == K is our new state. So a decode step clones the state, lets the kernel shift it, and
-  returns the clone: one copy, where building the new state beside it took two more.
+  returns the clone: one copy, where building the new state beside it took two more. For the model's own
+  cache (`Mamba2Mixer(in_place=True)`, a one-token step of `NemotronHModel` with a cache) neither state is
+  copied at all: both kernels update the cache's tensors, which nobody else holds (snapshots are clones).
 - `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn(x, weight, bias, z=None, eps, group_size,
   norm_before_gate)`: with norm_before_gate=False it computes norm(x * silu(z)) per group of group_size,
   in fp32, output in x's dtype; we cast to z's dtype as GatedGroupRMSNorm does. It reshapes x and z to rows
@@ -372,12 +374,16 @@ def _short_seeded_ok(device: torch.device) -> bool:
 
 @_eager
 def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None,
-             dt_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """ops.ssd.ssd_step on selective_state_update; returns a new state, `state` is left untouched."""
+             dt_bias: Tensor | None = None, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """ops.ssd.ssd_step on selective_state_update; returns a new state, `state` is left untouched, unless
+    `in_place` (a cache's own fp32 contiguous state): then the kernel updates it and it is returned."""
     k = _kernels()
     b, h, p = x.shape
     n = state.shape[-1]
-    new_state = state.to(torch.float32, copy=True)  # the kernel writes in place
+    if in_place and state.dtype == torch.float32 and state.is_contiguous():
+        new_state = state
+    else:
+        new_state = state.to(torch.float32, copy=True)  # the kernel writes in place
     zeros = None
     if D is None or dt_bias is None:
         zeros = torch.zeros(h, device=x.device, dtype=torch.float32)
@@ -392,11 +398,19 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
 
 
 @_eager
+def ssd_step_in_place(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                      D: Tensor | None = None, dt_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`ssd_step(..., in_place=True)`, as a function of the torch op's signature (for `call`)."""
+    return ssd_step(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, in_place=True)
+
+
+@_eager
 def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Tensor | None,
-                keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
+                keep_state: bool = True, in_place: bool = False) -> tuple[Tensor, Tensor | None]:
     """Mamba2Mixer.conv on causal_conv1d: xBC [b, L, c] raw, conv_state [b, c, K] (None = zeros) → (silu(conv)
     [b, L, c], the last K raw columns [b, c, K], or None for L > 1 without `keep_state`). `conv_state` is only
-    read."""
+    read, unless `in_place` and L == 1 (a cache's own contiguous state in xBC's dtype): then the kernel shifts
+    it and it is returned."""
     k = _kernels(CONV)
     b, L, c = xBC.shape
     K = weight.shape[-1]
@@ -404,9 +418,10 @@ def causal_conv(xBC: Tensor, conv_state: Tensor | None, weight: Tensor, bias: Te
     bias = None if bias is None else bias.to(w.dtype)
     if conv_state is None:
         conv_state = xBC.new_zeros(b, c, K)
+    own = in_place and conv_state.dtype == xBC.dtype and conv_state.is_contiguous()
     conv_state = conv_state.to(xBC.dtype)
-    if L == 1:  # the kernel shifts the clone in place: it becomes the new state (module docstring)
-        state = conv_state.clone(memory_format=torch.contiguous_format)
+    if L == 1:  # the kernel shifts the state (a clone, or the cache's own) in place: the new state
+        state = conv_state if own else conv_state.clone(memory_format=torch.contiguous_format)
         out = k.conv_update(xBC[:, 0].contiguous(), state, w, bias, "silu")
         return out[:, None], state
     x_cl = xBC.contiguous().transpose(1, 2)  # [b, c, L] channel-last: stride(1) == 1
