@@ -3,7 +3,10 @@
     forward(x [b, L, H], state: MambaState | None, pad_mask [b, L] bool | None) -> (out [b, L, H], new_state)
 
 `state` is the state *before* these L tokens (None = zeros); it is read, never written: the new state is a
-new object. This is what lets the denoiser (spec §5) start every block from the context tower's state.
+new object. This is what lets the denoiser (spec §5) start every block from the context tower's state. The
+one exception is `in_place=True`, which only `NemotronHModel` passes for its own cache: on a one-token step
+the CUDA kernels then update that cache's tensors instead of copying them (snapshots are clones, so
+nothing else sees the change).
 L == 1 with a state uses the one-step recurrence; anything else the chunked SSD scan from `state.ssm`, with
 the causal conv continuing from `state.conv`. The scan runs in fp32 whatever the module dtype.
 
