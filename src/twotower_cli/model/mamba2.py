@@ -33,7 +33,7 @@ from twotower_cli.model.cache import MambaState
 from twotower_cli.model.derived import derived
 from twotower_cli.model.norm import GatedGroupRMSNorm
 from twotower_cli.ops import kernels
-from twotower_cli.ops.ssd import ssd_chunked, ssd_step
+from twotower_cli.ops.ssd import softplus_dt, ssd_chunked, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -104,15 +104,14 @@ class Mamba2Mixer(nn.Module):
 
         A = derived(self, "A", self.A_log, lambda a_log: -torch.exp(a_log.float()))  # kept for inference
         lo, hi = self.time_step_limit
-        # Without a dt clamp or pads (a decode step, a denoiser block, an unpadded prompt) the scan takes the
-        # raw dt with dt_bias and D (ops.ssd's contract): the CUDA kernels then do softplus(dt + dt_bias) and
-        # the D skip inside the scan instead of in six launches around it.
-        fused = not block_size and pad_mask is None and lo <= 0.0 and hi == math.inf
-        if fused:
-            skip = dict(D=self.D, dt_bias=self.dt_bias)
+        # The scan adds the D skip (ops.ssd's contract). Without a dt clamp or pads (a decode step, a denoiser
+        # block, an unpadded prompt) it also takes the raw dt with dt_bias: the CUDA kernels then do
+        # softplus(dt + dt_bias) and the D skip inside the scan instead of in six launches around it.
+        skip = dict(D=self.D)
+        if not block_size and pad_mask is None and lo <= 0.0 and hi == math.inf:
+            skip["dt_bias"] = self.dt_bias
         else:
-            skip = {}
-            dt = F.softplus(dt.float() + self.dt_bias.float())
+            dt = softplus_dt(dt, self.dt_bias)
             if lo > 0.0 or hi < math.inf:
                 dt = dt.clamp(min=lo, max=hi)
             if pad_mask is not None:
@@ -120,7 +119,7 @@ class Mamba2Mixer(nn.Module):
 
         init = None if state is None else state.ssm
         if block_size:
-            y, _, starts = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init, state_every=block_size)
+            y, _, starts = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init, state_every=block_size, **skip)
         elif state is not None and L == 1:
             args = (state.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             if kernels.use_kernels(xs):
@@ -134,8 +133,6 @@ class Mamba2Mixer(nn.Module):
                                   xs, dt, A, B, C, self.chunk_size, init, **skip)
         else:
             y, ssm = ssd_chunked(xs, dt, A, B, C, self.chunk_size, init, **skip)
-        if not fused:
-            y = y + self.D.float()[:, None] * xs.float()  # D skip, fp32
         out = self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))
         if block_size:
             return out, self._block_states(raw, state, starts, block_size)

@@ -261,17 +261,17 @@ class MoE(nn.Module):
         # each slice ends comes from the sorted ids on the device (no bincount: on CUDA it syncs for its max).
         chosen, order = experts.flatten().sort(stable=True)
         ends = torch.searchsorted(chosen, _expert_ids(self.experts.n, flat.device), right=True, out_int32=True)
+        w = weights.flatten()[order]  # each row's weight, in the sorted order
         if flat.shape[0] == 1:
             # One token (a batch-1 decode step): its k rows are that token, and the weighted sum is one [1, k]
             # × [k, H] product in the router dtype. Four kernels instead of the general route's nine.
             y = self.experts(flat.expand(k, -1).contiguous(), ends)
-            return (weights.flatten()[order][None] @ y.to(weights.dtype)).to(flat.dtype)
+            return (w[None] @ y.to(weights.dtype)).to(flat.dtype)
         tokens = order // k
         y = self.experts(flat[tokens], ends)
         out = torch.zeros(flat.shape, dtype=weights.dtype, device=flat.device)
         weighted = y.to(out.dtype)
-        w = weights.flatten()[order, None]
         # In place without autograd (y is this call's own temporary): one [T*k, H] router-dtype buffer, not two.
-        weighted = weighted * w if torch.is_grad_enabled() else weighted.mul_(w)
+        weighted = weighted * w[:, None] if torch.is_grad_enabled() else weighted.mul_(w[:, None])
         out.index_add_(0, tokens, weighted)
         return out.to(flat.dtype)

@@ -33,8 +33,8 @@ Kernel conventions, checked against the public sources (state-spaces/mamba, Dao-
   final_states [b,h,p,n] fp32). Given `dt_bias` (ops.ssd's contract: dt is raw), we pass it with
   dt_softplus=True and `D` too, so that the kernels compute softplus(dt + dt_bias) and add D·x themselves,
   as transformers' CUDA path for NemotronH does (mamba-ssm's Triton softplus is log(exp(dt) + 1), torch's
-  log1p(exp(dt)): they differ by fp32 rounding); the mixer does so when there is no dt clamp and no pad
-  (spec §9: a clamp is the mixer's, and then dt comes softplus'ed and clamped, dt_bias=None). The
+  log1p(exp(dt)): they differ by fp32 rounding). The mixer always passes D, and dt_bias when there is no
+  dt clamp and no pad (spec §9: a clamp is the mixer's, and then dt comes softplus'ed and clamped). The
   states *entering each chunk* are kept in C's dtype (`_state_passing_fwd(..., out_dtype=C.dtype)`), so a
   seeded block with bf16 C would round the context state to bf16 before using it: with an initial state
   we therefore pass x, B, C in fp32 (spec §9: scan seeded blocks in fp32). Without one (a fresh prefill)

@@ -49,7 +49,8 @@ def _heads_per_group(h: int, g: int) -> int:
     return h // g
 
 
-def _softplus_dt(dt: Tensor, dt_bias: Tensor | None) -> Tensor:
+def softplus_dt(dt: Tensor, dt_bias: Tensor | None) -> Tensor:
+    """softplus(dt + dt_bias) in fp32 (spec §2 step 4, before any clamp); `dt` as it is without a bias."""
     return dt if dt_bias is None else F.softplus(dt.float() + dt_bias.float())
 
 
@@ -74,7 +75,7 @@ def ssd_chunked(
     time as the arithmetic.
     """
     if D is not None or dt_bias is not None:
-        out = ssd_chunked(x, _softplus_dt(dt, dt_bias), A, B, C, chunk_size, initial_state, state_every)
+        out = ssd_chunked(x, softplus_dt(dt, dt_bias), A, B, C, chunk_size, initial_state, state_every)
         return (_skip(out[0], x, D), *out[1:])
     b, L, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
@@ -202,7 +203,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     r = _heads_per_group(h, g)
     B = B.float().repeat_interleave(r, dim=1)  # [b,h,n]
     C = C.float().repeat_interleave(r, dim=1)
-    dt = _softplus_dt(dt, dt_bias).float()
+    dt = softplus_dt(dt, dt_bias).float()
     decay = torch.exp(dt * A.float())[..., None, None]  # [b,h,1,1]
     new_state = state.float() * decay + (dt[..., None] * x.float())[..., None] * B[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new_state, C)
