@@ -9,8 +9,9 @@
    kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms. In section 4, random weights
    are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
    4 steps per block of 16) shows 4 tok/NFE;
-4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path), and the host syncs in one
-   decode step and one block denoise (CUDA's sync debug mode);
+4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path); for one decode step and one
+   block denoise: host syncs (CUDA's sync debug mode), GPU activities (profiler), and eager vs CUDA-graph
+   replay ms (what graphs could give; a capture failure names what is not capture-safe);
 5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
    dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory;
 6. one MoE layer at Nano's sizes: the routed experts as a per-expert loop vs grouped GEMMs (`moe.Experts`),
@@ -174,6 +175,44 @@ def gpu_launches(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_i
 
 
 @torch.no_grad()
+def graph_ceiling(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int,
+                  replays: int = 20) -> dict[str, tuple[float, float]] | str:
+    """What CUDA graphs could give, as a number for deciding whether to build them: one decode step and one
+    block denoise, eager vs captured once in a torch.cuda.CUDAGraph and replayed, ms per step (median of
+    `replays`, each synchronised). A measurement, not a sampling path: the replays repeat the captured step
+    over the same cache (the Mamba states in it advance, the K/V length stays that of the capture), right for
+    timing and wrong for sampling; the cache is reset afterwards. A string says why there is no number: a
+    capture failure names the first operation that is not capture-safe (a host sync, a host-to-device copy,
+    an allocation the graph cannot own)."""
+    dev = backend.device
+    if dev.type != "cuda":
+        return "n/a off CUDA"
+    out = {}
+    try:
+        for name, fn in one_step_each(backend, prompt, block, mask_id).items():
+            side = torch.cuda.Stream(dev)  # warm on a side stream, as capture wants (autotuning, lazy caches)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            eager = statistics.median(timed(fn, dev, replays))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
+            replayed = statistics.median(timed(graph.replay, dev, replays))
+            out[name] = (eager * 1e3, replayed * 1e3)
+            del graph
+    except Exception as e:  # noqa: BLE001 - a measurement: its failure is the finding, not the end of the check
+        first = (str(e).strip().splitlines() or [""])[0][:240]
+        return f"n/a ({type(e).__name__}: {first})" + (f"; measured before it: {out}" if out else "")
+    finally:
+        backend.reset(1)
+    return out
+
+
+@torch.no_grad()
 def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, blocks: int, block: int,
                  mask_id: int) -> dict[str, float]:
     """prefill tok/s (one prompt), decode tok/s (one token at a time after it), block denoise ms (median)."""
@@ -325,6 +364,11 @@ def main() -> None:
     print("GPU activities per step (profiler; benchmarks/dispatch.py --pattern "
           f"{args.pattern} estimates them on a CPU): "
           + (", ".join(f"{k} {v}" for k, v in launched.items()) if isinstance(launched, dict) else launched))
+    with kernels.force(**best):
+        ceiling = graph_ceiling(backend, prompt, block, mask_id)
+    print("CUDA-graph ceiling, ms per step eager → replayed: "
+          + (", ".join(f"{k} {e:.2f} → {g:.2f} ({e / g:.2f}×)" for k, (e, g) in ceiling.items())
+             if isinstance(ceiling, dict) else ceiling))
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 
     print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
