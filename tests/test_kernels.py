@@ -16,6 +16,7 @@ import functools
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -1031,3 +1032,20 @@ def test_gpu_moe_grouped_experts_equal_the_loop(tokens, monkeypatch):
     assert max_diff(got, loop) <= 1.5e-2 * scale, f"grouped vs loop: {max_diff(got, loop):.3e} (scale {scale:.2f})"
     assert max_diff(loop, ref) <= 3e-2 * scale, f"bf16 loop vs fp32: {max_diff(loop, ref):.3e}"
     assert max_diff(got, ref) <= 3e-2 * scale, f"bf16 default vs fp32: {max_diff(got, ref):.3e}"
+
+
+def test_gpu_check_script_runs_on_cpu():
+    """scripts/gpu_check.py --cpu-smoke (tiny sizes, CPU): the one prepared script a lent GPU runs must not rot
+    between GPU sessions (each has minutes of device time). Every section prints, and the CUDA-only
+    measurements say they did not run rather than inventing numbers."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), "--cpu-smoke", "--skip-tests"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    for header in ("## 2. model", "## 3. torch path vs kernel path", "## 4. sampling", "## 5. attention",
+                   "## 6. MoE", "## 7. the sampler's choice"):
+        assert header in out, header
+    for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling"):
+        assert any(ln.startswith(line) and ln.endswith("n/a off CUDA") for ln in out.splitlines()), line
+    assert "kernel fallbacks: none" in out
