@@ -183,3 +183,26 @@ def test_cli_broken_checkpoints(trained_like, tmp_path):
     (no_tok / "tokenizer.json").unlink()
     r = invoke("hi", "--model", str(no_tok))
     assert r.exit_code == 1 and "tokenizer" in r.stderr, r.output
+
+
+def test_cli_stops_on_generation_config_eos(trained_like, tmp_path):
+    """generation_config.json's eos_token_id ends a sequence too (as in transformers' generate: a chat model
+    lists its end-of-turn token there); config.json's eos still does. Reference: the free run, cut at the
+    first occurrence of the token made an end token."""
+    args = ("hello", "--block", "4", "-n", "16", "--threshold", "0.5", "--json")
+    free = json.loads(invoke(*args, "--model", str(trained_like)).stdout)["token_ids"]
+    stop = free[5]
+    folder = tmp_path / "gen"
+    shutil.copytree(trained_like, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop], "bos_token_id": 1}))
+    r = invoke(*args, "--model", str(folder))
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["token_ids"] == free[:free.index(stop)] and out["finish_reason"] == "eos"
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}))  # one id, not a list
+    assert json.loads(invoke(*args, "--model", str(folder)).stdout)["token_ids"] == free[:free.index(stop)]
+    for bad in ("{not json", '{"eos_token_id": "eleven"}', "[2, 11]"):
+        (folder / "generation_config.json").write_text(bad)
+        r = invoke(*args, "--model", str(folder))
+        assert r.exit_code == 1 and r.stderr.startswith("Error:") and "generation_config.json" in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1

@@ -62,7 +62,7 @@ def bench(
         task = bar.add_task("benchmarking", total=None)
         rows = run_bench(rt.backend, ids, max_new_tokens=max_new_tokens, block=block, steps=steps, thresholds=thr,
                          repeat=repeat, mask_token_id=rt.cfg.mask_token_id, pad_token_id=int(rt.cfg.pad_token_id or 0),
-                         eos_ids=rt.cfg.eos_token_ids,
+                         eos_ids=rt.eos_ids,
                          progress=lambda d, t: bar.update(task, completed=d, total=t))
     dtype = rt.backend.ar.lm_head.weight.dtype
     settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,

@@ -89,7 +89,7 @@ def generate(
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode
     finished = None
-    stream = S.generate(rt.backend, prompts, settings, rt.cfg.eos_token_ids, gen)
+    stream = S.generate(rt.backend, prompts, settings, rt.eos_ids, gen)
     if live:
         with LiveUnmasking(decode, texts, n_blocks, settings.steps_per_block if mode == "mask_diffusion" else 1,
                            mode, settings.mask_token_id) as view:
