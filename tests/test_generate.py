@@ -206,3 +206,138 @@ def test_cli_stops_on_generation_config_eos(trained_like, tmp_path):
         r = invoke(*args, "--model", str(folder))
         assert r.exit_code == 1 and r.stderr.startswith("Error:") and "generation_config.json" in r.stderr, r.output
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------- --chat
+
+CHAT_TEMPLATE = """\
+{%- if messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system = '' %}
+    {%- set turns = messages %}
+{%- endif %}
+{{ bos_token }}<|im_start|>system
+{{ system }}{% if tools is defined %}{{ tools | tojson }}{% endif %}<|im_end|>
+{% for m in turns %}
+    {%- if m.role not in ['user', 'assistant'] %}
+        {{- raise_exception('roles must alternate user and assistant, not ' + m.role) }}
+    {%- endif %}
+<|im_start|>{{ m.role }}
+{{ m.content | trim }}<|im_end|>
+{% if loop.last %}{% break %}{% endif %}
+{% endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think></think>{% else %}<think>
+{% endif %}
+{%- endif %}
+"""
+TOOL_TEMPLATE = "{{ bos_token }}tools {{ tools | tojson }}{% for m in messages %}|{{ m.content }}{% endfor %}"
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def add_chat(folder, where="jinja"):
+    """The char tokenizer plus ChatML special tokens (ids 37-40, inside the tiny vocabulary) and a chat
+    template: in chat_template.jinja, as tokenizer_config.json's string, or in its named list (with a
+    "tool_use" template, which transformers picks for a conversation given tools)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+    tok.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if where == "jinja":
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    elif where == "config":
+        config["chat_template"] = CHAT_TEMPLATE
+    else:
+        config["chat_template"] = [{"name": "tool_use", "template": TOOL_TEMPLATE},
+                                   {"name": "default", "template": CHAT_TEMPLATE}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 38]}))
+    return folder
+
+
+CONVERSATIONS = [
+    ([{"role": "user", "content": " hello there \n"}], {}),
+    ([{"role": "system", "content": "be brief."}, {"role": "user", "content": "who are you?"}],
+     {"enable_thinking": False}),
+    ([{"role": "user", "content": "hi"}], {"tools": [{"name": "é<&"}], "enable_thinking": True}),
+]
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("where", ["jinja", "config", "named"])
+def test_chat_template_renders_and_encodes_as_transformers(trained_like, tmp_path, where):
+    """ChatTemplate.render + encode(add_special_tokens=False) == transformers' apply_chat_template
+    (add_generation_prompt=True), text and ids, for each place a template can live."""
+    transformers = pytest.importorskip("transformers")
+    from twotower_cli.text import ChatTemplate, Tokenizer
+
+    folder = add_chat(shutil.copytree(trained_like, tmp_path / "chat"), where)
+    ours, tok = ChatTemplate.load(folder), Tokenizer(folder)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    for messages, variables in CONVERSATIONS:
+        text = ours.render(messages, **variables)
+        want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **variables)
+        assert text == want
+        want_ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                          **variables)
+        assert tok.encode(text, add_special_tokens=False) == list(want_ids)
+    assert tok.encode("<s><|im_start|>assistant", False) == [1, 37, *tok.encode("assistant", False)]
+    assert (where == "named") == ours.render(CONVERSATIONS[2][0], **CONVERSATIONS[2][1]).startswith("<s>tools [{\"name\": \"é<&\"}]|hi")
+
+
+def test_cli_chat_generates_from_the_rendered_conversation(trained_like, tmp_path):
+    """--chat: the model reads the rendered conversation's ids (reference: the sampler run on those ids),
+    stops on generation_config's <|im_end|>, and prints the reply alone."""
+    from twotower_cli.text import ChatTemplate, Tokenizer
+
+    folder = add_chat(shutil.copytree(trained_like, tmp_path / "chat"))
+    args = ("who are you?", "--model", str(folder), "--chat", "--system", "be brief.", "--chat-arg",
+            "enable_thinking=false", "--block", "4", "-n", "12", "--threshold", "0.5")
+    out = json.loads(invoke(*args, "--json").stdout)
+    rendered = ChatTemplate.load(folder).render(
+        [{"role": "system", "content": "be brief."}, {"role": "user", "content": "who are you?"}],
+        enable_thinking=False)
+    assert out["prompt"] == "who are you?" and out["chat_prompt"] == rendered
+    assert rendered.endswith("<|im_start|>assistant\n<think></think>")
+    ids = Tokenizer(folder).encode(rendered, add_special_tokens=False)
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    want = S.run(backend, [ids], S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=12),
+                 eos_ids=[2, 38]).generations[0]
+    assert out["token_ids"] == want.token_ids and out["finish_reason"] == want.finish_reason
+    plain = invoke(*args, "--no-live")
+    assert plain.exit_code == 0 and plain.stdout == out["text"] + "\n"
+
+
+@pytest.mark.parametrize("setup, args, needle", [
+    (None, ("--chat",), "no chat template"),
+    (None, ("--system", "x"), "add --chat"),
+    (None, ("--chat-arg", "a=1"), "add --chat"),
+    ("jinja", ("--chat", "--chat-arg", "no-equals"), "KEY=VALUE"),
+    ("broken", ("--chat",), "cannot read the chat template"),
+    ("jinja", ("--chat", "--system", "s", "--chat-arg", "x=1"), None),
+])
+def test_cli_chat_errors(trained_like, tmp_path, setup, args, needle):
+    folder = shutil.copytree(trained_like, tmp_path / "chat")
+    if setup:
+        add_chat(folder)
+    if setup == "broken":
+        (folder / "chat_template.jinja").write_text("{% for m in messages %}")
+    r = invoke("hi", "--model", str(folder), "-n", "2", "--block", "4", "--no-live", *args)
+    if needle is None:
+        assert r.exit_code == 0, r.output
+        return
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and needle in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_chat_template_raise_exception_is_one_error_line(trained_like, tmp_path):
+    folder = add_chat(shutil.copytree(trained_like, tmp_path / "chat"))
+    (folder / "chat_template.jinja").write_text("{{ raise_exception('only user turns, please') }}")
+    r = invoke("hi", "--model", str(folder), "--chat", "--no-live")
+    assert r.exit_code == 1 and "only user turns, please" in r.stderr and r.stderr.startswith("Error:"), r.output

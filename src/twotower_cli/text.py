@@ -24,19 +24,147 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions on malformed files
             raise TwoTowerError(f"cannot read {path}: {e}", "the tokenizer file may be corrupt") from None
+        # tokenizer_config.json's special tokens are read as themselves in text, as transformers registers them
+        # at load; only those in the vocabulary (a new id would be past the model's embeddings)
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        missing = [t for t in special_tokens(Path(folder)).values()
+                   if t not in added and self._tok.token_to_id(t) is not None]
+        if missing:
+            from tokenizers import AddedToken
+
+            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text`; `add_special_tokens=False` skips the post-processor's additions (a chat template
+        writes its own). Special tokens written in the text (`<|im_start|>`) are read as themselves."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+class ChatTemplate:
+    """A checkpoint's chat template, rendered as transformers' `apply_chat_template(..., tokenize=False)` does:
+    Jinja2's immutable sandbox with trim_blocks, lstrip_blocks and loop controls; `raise_exception(msg)`,
+    `strftime_now(fmt)` and a `tojson` that leaves non-ASCII and HTML characters alone; in scope the
+    tokenizer's special tokens (`bos_token`, `eos_token`, ...), `tools` and `documents` (None unless given)
+    and the caller's variables (`enable_thinking`, ...). Encode the result with
+    `Tokenizer.encode(text, add_special_tokens=False)`, as transformers does: the template writes them.
+
+    Where it is found, first match: `chat_template.jinja`, `chat_template.json` ({"chat_template": ...}),
+    the `chat_template` of `tokenizer_config.json`: a string, or named templates ([{name, template}]), of
+    which "tool_use" renders a conversation given `tools` where there is one, and "default" the others."""
+
+    def __init__(self, templates: dict[str, str], special_tokens: dict[str, str], origin: str):
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:  # torch depends on jinja2, so this is a broken environment
+            raise TwoTowerError("chat templates need jinja2", "pip install jinja2") from None
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            from datetime import datetime
+
+            return datetime.now().strftime(fmt)
+
+        self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                  extensions=["jinja2.ext.loopcontrols"])
+        self._env.filters["tojson"] = tojson
+        self._env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        self._errors = jinja2.exceptions.TemplateError
+        self.templates, self.special_tokens, self.origin = dict(templates), dict(special_tokens), origin
+        self._compiled: dict = {}
+        self._compile("default")  # a broken template fails at load, before the model does
+
+    def _compile(self, name: str):
+        if name not in self._compiled:
+            try:
+                self._compiled[name] = self._env.from_string(self.templates[name])
+            except self._errors as e:
+                raise TwoTowerError(f"cannot read the chat template in {self.origin}: {e}", "fix the template") from None
+        return self._compiled[name]
+
+    @classmethod
+    def load(cls, folder: Path) -> ChatTemplate:
+        folder = Path(folder)
+        special = special_tokens(folder)
+        jinja_file = folder / "chat_template.jinja"
+        if jinja_file.is_file():
+            return cls({"default": jinja_file.read_text(encoding="utf-8")}, special, str(jinja_file))
+        json_file = folder / "chat_template.json"
+        if isinstance(source := _read_json(json_file).get("chat_template"), str):
+            return cls({"default": source}, special, str(json_file))
+        config_file = folder / "tokenizer_config.json"
+        source = _read_json(config_file).get("chat_template")
+        if isinstance(source, str):
+            return cls({"default": source}, special, str(config_file))
+        if isinstance(source, list):
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            named = {k: v for k, v in named.items() if isinstance(k, str) and isinstance(v, str)}
+            if "default" not in named:
+                raise TwoTowerError(f"{config_file} has named chat templates but no 'default' "
+                                    f"({', '.join(named) or 'none readable'})", "add a template named default")
+            return cls(named, special, str(config_file))
+        raise TwoTowerError(f"{folder} has no chat template",
+                            "drop --chat (a base model continues text), or add chat_template.jinja")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+        """The conversation as the model reads it; `variables` reach the template (`tools=[...]` too)."""
+        name = "tool_use" if variables.get("tools") is not None and "tool_use" in self.templates else "default"
+        try:
+            # tools and documents are always defined (None unless given), as transformers passes them
+            return self._compile(name).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              **{**self.special_tokens, "tools": None, "documents": None, **variables})
+        except self._errors as e:
+            raise TwoTowerError(f"the chat template ({self.origin}) refused the conversation: {e}",
+                                "check --system and --chat-arg") from None
+
+
+def special_tokens(folder: Path) -> dict[str, str]:
+    """tokenizer_config.json's named special tokens ({"bos_token": "<s>", ...}; {} without the file)."""
+    config = _read_json(folder / "tokenizer_config.json")
+    named = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items() if k.endswith("_token")}
+    return {k: v for k, v in named.items() if isinstance(v, str) and v}
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, {} if the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TwoTowerError(f"{path} is not valid JSON: {e}", "fix or remove the file") from None
+    if not isinstance(value, dict):
+        raise TwoTowerError(f"{path} is not a JSON object", "fix or remove the file")
+    return value
+
+
+def parse_template_args(items: list[str]) -> dict:
+    """--chat-arg KEY=VALUE items → {KEY: VALUE}, VALUE read as JSON (false, 3, "x", [..]) and else as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise TwoTowerError(f"--chat-arg {item!r} is not KEY=VALUE", "e.g. --chat-arg enable_thinking=false")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

@@ -45,6 +45,9 @@ def generate(
     mask_token_id: Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")] = None,
     stop: Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
+    system: Annotated[str | None, typer.Option(help="With --chat: a system message first.")] = None,
+    chat_arg: Annotated[list[str] | None, typer.Option("--chat-arg", help="With --chat: a template variable KEY=VALUE, VALUE as JSON, e.g. enable_thinking=false (repeatable).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")] = None,
     context_device: Annotated[str | None, typer.Option(help="Device of the context tower.")] = None,
     denoiser_device: Annotated[str | None, typer.Option(help="Device of the denoiser tower.")] = None,
@@ -62,13 +65,26 @@ def generate(
     from twotower_cli.display import LiveUnmasking, err_console, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import open_runtime, peak_memory_bytes
-    from twotower_cli.text import read_prompts
+    from twotower_cli.text import ChatTemplate, parse_template_args, read_prompts
 
     if mode not in S.MODES:
         raise TwoTowerError(f"mode {mode!r} is not one of {', '.join(S.MODES)}", "pick a --mode")
     if events and not as_json:
         raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
+    if (system is not None or chat_arg) and not chat:
+        raise TwoTowerError("--system and --chat-arg shape a chat template", "add --chat")
     texts = read_prompts(prompt, prompt_file)
+    model_texts = texts  # what the model reads: the prompts, or their chat-formatted text
+    if chat:  # before the (slow) load: a missing or broken template fails fast
+        from twotower_cli.hub import resolve
+        from twotower_cli.runtime import DEFAULT_MODEL
+
+        folder = resolve(model or DEFAULT_MODEL)
+        model = str(folder.parent if folder.is_file() else folder)
+        template = ChatTemplate.load(Path(model))
+        variables = parse_template_args(chat_arg or [])
+        head = [] if system is None else [{"role": "system", "content": system}]
+        model_texts = [template.render(head + [{"role": "user", "content": t}], **variables) for t in texts]
     settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
                                 factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
@@ -81,7 +97,7 @@ def generate(
     if rt.cfg.pad_token_id is not None:
         settings = S.SamplingConfig(**{**settings.__dict__, "pad_token_id": int(rt.cfg.pad_token_id)})
     settings.validate(rt.backend.vocab_size)
-    prompts = [rt.tokenizer.encode(t) for t in texts]
+    prompts = [rt.tokenizer.encode(t, add_special_tokens=not chat) for t in model_texts]
     if any(not p for p in prompts):
         raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
     gen = torch.Generator().manual_seed(seed)
@@ -105,17 +121,19 @@ def generate(
                 finished = ev
     assert finished is not None
     wall = finished.wall_seconds
-    for text, g in zip(texts, finished.generations, strict=True):
+    for text, model_text, g in zip(texts, model_texts, finished.generations, strict=True):
         out = decode(g.token_ids)
         if as_json:
             print(json.dumps({
-                "prompt": text, "text": out, "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+                "prompt": text, **({"chat_prompt": model_text} if chat else {}), "text": out,
+                "token_ids": g.token_ids, "finish_reason": g.finish_reason,
                 "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
                 "tokens_per_second": len(g.token_ids) / max(wall, 1e-9), "wall_seconds": wall,
                 "mode": mode, "settings": finished.settings, "model": str(rt.folder),
             }), flush=True)
         elif not live or not sys.stdout.isatty():
-            out_console().print(text + out if len(texts) == 1 else f"{text}{out}\n", markup=False)
+            shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
+            out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
     n_new = finished.new_tokens
     n_prompt = sum(len(p) for p in prompts)
     peak = peak_memory_bytes(rt.backend.device) / 2**20
