@@ -317,3 +317,26 @@ def test_sparse_nano_totals_under_a_second(tmp_path):
     assert r.active_parameters_per_token == 3_580_076_352  # 2.20 B outside routed experts + 6 of 128 experts
     assert r.bytes == 2 * 31_577_940_288
     assert best < 1.0, f"inspect took {best:.2f} s"
+
+
+def test_text_files(tmp_path):
+    """The files generation reads beside the weights: tokenizer present or noted, the chat template's file,
+    the end tokens (config.json's, then generation_config.json's), and unreadable ones as problems."""
+    folder = random_checkpoint(tmp_path / "c", tokenizer=False)
+    data = json.loads(invoke(str(folder), "--json").stdout)
+    assert data["text"] == {"tokenizer": False, "chat_template": None, "eos_token_ids": [2]}
+    assert any("no tokenizer.json" in n for n in data["notes"]) and data["problems"] == []
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 11]}))
+    result = invoke(str(folder), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["text"] == {"tokenizer": True, "chat_template": "tokenizer_config.json", "eos_token_ids": [2, 11]}
+    assert not any("tokenizer" in n for n in data["notes"])
+    (folder / "chat_template.jinja").write_text("{{ messages }}")  # takes precedence, as in transformers
+    human = invoke(str(folder))
+    assert "text: tokenizer.json ✓ · chat template chat_template.jinja · ends on 2, 11" in human.stderr
+    (folder / "generation_config.json").write_text('{"eos_token_id": "eleven"}')
+    problems = problems_of(folder)
+    assert len(problems) == 1 and "generation_config.json" in problems[0]

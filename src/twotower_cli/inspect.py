@@ -66,6 +66,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     unrecognised: list[str] = field(default_factory=list)
     twotower: dict[str, Any] | None = None
+    text: dict[str, Any] = field(default_factory=dict)  # tokenizer present, chat template file, end token ids
     tensor_list: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self, with_tensors: bool = False) -> dict[str, Any]:
@@ -77,7 +78,7 @@ class Report:
             "active_parameters_per_token": self.active_parameters_per_token, "tensors": self.tensors,
             "bytes": self.bytes, "bytes_per_part": self.bytes_per_part, "dtypes": self.dtypes,
             "shards": self.shards, "problems": self.problems, "notes": self.notes,
-            "unrecognised_keys": self.unrecognised, "twotower": self.twotower,
+            "unrecognised_keys": self.unrecognised, "twotower": self.twotower, "text": self.text,
         }
         if with_tensors:
             out["tensor_list"] = self.tensor_list
@@ -197,6 +198,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
             "mask_token_id": (cfg.twotower.get("mask_token_id") if cfg else None),
             "block_size": (cfg.twotower.get("block_size") if cfg else None),
         }
+    text = text_files(ckpt.folder, cfg.eos_token_ids if cfg else [], problems, notes)
     shards = []
     for file in ckpt.files:
         shard = ckpt.shards.get(file)
@@ -217,10 +219,33 @@ def inspect_checkpoint(path: str | Path) -> Report:
         parameters=parameters, parameters_by_kind=by_kind, active_parameters_per_token=active,
         tensors=len(ckpt.tensors), bytes=ckpt.total_bytes, bytes_per_part=bytes_per_part,
         dtypes=dict(sorted(Counter(t.dtype for t in ckpt.tensors.values()).items())),
-        shards=shards, problems=problems, notes=notes, unrecognised=unrecognised, twotower=twotower,
+        shards=shards, problems=problems, notes=notes, unrecognised=unrecognised, twotower=twotower, text=text,
         tensor_list=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "file": t.file}
                      for t in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0]))],
     )
+
+
+def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: list[str]) -> dict[str, Any]:
+    """What generation reads beside the weights: whether tokenizer.json is there, which file holds the chat
+    template (None: no template; `generate --chat` needs one) and the ids that end a sequence. An unreadable
+    generation or chat-template file is a problem (generate would refuse the checkpoint); a missing
+    tokenizer a note (the weights are sound without it)."""
+    from twotower_cli.text import end_token_ids, find_chat_template
+
+    out: dict[str, Any] = {"tokenizer": (folder / "tokenizer.json").is_file(), "chat_template": None,
+                           "eos_token_ids": list(config_eos)}
+    if not out["tokenizer"]:
+        notes.append("no tokenizer.json: generate and train need the source model's tokenizer files beside it")
+    try:
+        found = find_chat_template(folder)
+        out["chat_template"] = found[1].name if found else None
+    except TwoTowerError as e:
+        problems.append(e.message)
+    try:
+        out["eos_token_ids"] = end_token_ids(folder, list(config_eos))
+    except TwoTowerError as e:
+        problems.append(e.message)
+    return out
 
 
 def _by_kind(counts: dict[str, int], pattern: str, prefix: str) -> dict[str, int]:
@@ -385,6 +410,11 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
         console.print(f"[bold]time conditioning[/]: {desc}")
         console.print(f"[bold]mask token id[/]: {t['mask_token_id'] if t['mask_token_id'] is not None else 'not recorded (readers use 3)'}"
                       f"   [bold]block size[/]: {t['block_size'] if t['block_size'] is not None else 'not recorded'}")
+    if report.text:
+        t = report.text
+        console.print(f"[bold]text[/]: tokenizer.json {'✓' if t['tokenizer'] else 'missing'} · chat template "
+                      f"{t['chat_template'] or 'none'} · ends on {', '.join(map(str, t['eos_token_ids'])) or 'nothing'}",
+                      highlight=False)
     shards = Table(title="shards", title_justify="left")
     for col in ("file", "tensors", "bytes", "status"):
         shards.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.text import Tokenizer
+from twotower_cli.text import Tokenizer, end_token_ids, generation_eos_ids
 from twotower_cli.towers import LoadedModel, TowerBackend, load_model
 
 DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -51,24 +50,6 @@ class Runtime:
     eos_ids: list[int]  # what ends a sequence: config.json's eos_token_id, then generation_config.json's
 
 
-def generation_eos_ids(folder: Path) -> list[int]:
-    """generation_config.json's `eos_token_id` (one id or a list; [] without the file). transformers'
-    `generate` stops on these: a chat model lists its end-of-turn token there (`<|im_end|>`, 11 for Nemotron,
-    spec §1), which config.json's `eos_token_id` may lack."""
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return []
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (ValueError, AttributeError):
-        raise TwoTowerError(f"{path} is not a JSON object", "fix or remove generation_config.json") from None
-    ids = raw if isinstance(raw, list) else [] if raw is None else [raw]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise TwoTowerError(f"eos_token_id {raw!r} in {path} is not a token id or a list of them",
-                            "fix or remove generation_config.json")
-    return ids
-
-
 def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",
                  context_device: str | None = None, denoiser_device: str | None = None,
                  compile: bool = False, threads: int | None = None) -> Runtime:
@@ -89,14 +70,13 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     den = pick_device(denoiser_device) if denoiser_device else dev
     tdtype = pick_dtype(dtype, ctx)
     tokenizer = Tokenizer(folder)
-    generation_eos = generation_eos_ids(folder)  # before the (slow) load: a bad file fails fast
+    generation_eos_ids(folder)  # read now, before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
                         context_device=ctx, denoiser_device=den)
     backend = TowerBackend(loaded.twotower, loaded.ar)
     if compile:
         backend.compile()
-    eos = loaded.cfg.eos_token_ids
-    return Runtime(loaded, backend, tokenizer, loaded.cfg, folder, eos + [i for i in generation_eos if i not in eos])
+    return Runtime(loaded, backend, tokenizer, loaded.cfg, folder, end_token_ids(folder, loaded.cfg.eos_token_ids))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

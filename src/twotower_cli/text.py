@@ -99,27 +99,12 @@ class ChatTemplate:
 
     @classmethod
     def load(cls, folder: Path) -> ChatTemplate:
-        folder = Path(folder)
-        special = special_tokens(folder)
-        jinja_file = folder / "chat_template.jinja"
-        if jinja_file.is_file():
-            return cls({"default": jinja_file.read_text(encoding="utf-8")}, special, str(jinja_file))
-        json_file = folder / "chat_template.json"
-        if isinstance(source := _read_json(json_file).get("chat_template"), str):
-            return cls({"default": source}, special, str(json_file))
-        config_file = folder / "tokenizer_config.json"
-        source = _read_json(config_file).get("chat_template")
-        if isinstance(source, str):
-            return cls({"default": source}, special, str(config_file))
-        if isinstance(source, list):
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            named = {k: v for k, v in named.items() if isinstance(k, str) and isinstance(v, str)}
-            if "default" not in named:
-                raise TwoTowerError(f"{config_file} has named chat templates but no 'default' "
-                                    f"({', '.join(named) or 'none readable'})", "add a template named default")
-            return cls(named, special, str(config_file))
-        raise TwoTowerError(f"{folder} has no chat template",
-                            "drop --chat (a base model continues text), or add chat_template.jinja")
+        found = find_chat_template(Path(folder))
+        if found is None:
+            raise TwoTowerError(f"{folder} has no chat template",
+                                "drop --chat (a base model continues text), or add chat_template.jinja")
+        templates, origin = found
+        return cls(templates, special_tokens(Path(folder)), str(origin))
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
         """The conversation as the model reads it; `variables` reach the template (`tools=[...]` too)."""
@@ -131,6 +116,52 @@ class ChatTemplate:
         except self._errors as e:
             raise TwoTowerError(f"the chat template ({self.origin}) refused the conversation: {e}",
                                 "check --system and --chat-arg") from None
+
+
+def find_chat_template(folder: Path) -> tuple[dict[str, str], Path] | None:
+    """The checkpoint's chat templates by name ("default", and others for named templates) and the file they
+    come from, or None (see `ChatTemplate` for where it looks)."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return {"default": jinja_file.read_text(encoding="utf-8")}, jinja_file
+    json_file = folder / "chat_template.json"
+    if isinstance(source := _read_json(json_file).get("chat_template"), str):
+        return {"default": source}, json_file
+    config_file = folder / "tokenizer_config.json"
+    source = _read_json(config_file).get("chat_template")
+    if isinstance(source, str):
+        return {"default": source}, config_file
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        named = {k: v for k, v in named.items() if isinstance(k, str) and isinstance(v, str)}
+        if "default" not in named:
+            raise TwoTowerError(f"{config_file} has named chat templates but no 'default' "
+                                f"({', '.join(named) or 'none readable'})", "add a template named default")
+        return named, config_file
+    return None
+
+
+def generation_eos_ids(folder: Path) -> list[int]:
+    """generation_config.json's `eos_token_id` (one id or a list; [] without the file). transformers'
+    `generate` stops on these: a chat model lists its end-of-turn token there (`<|im_end|>`, 11 for Nemotron,
+    spec §1), which config.json's `eos_token_id` may lack."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (ValueError, AttributeError):
+        raise TwoTowerError(f"{path} is not a JSON object", "fix or remove generation_config.json") from None
+    ids = raw if isinstance(raw, list) else [] if raw is None else [raw]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TwoTowerError(f"eos_token_id {raw!r} in {path} is not a token id or a list of them",
+                            "fix or remove generation_config.json")
+    return ids
+
+
+def end_token_ids(folder: Path, config_ids: list[int]) -> list[int]:
+    """What ends a sequence: config.json's eos ids (`config_ids`), then generation_config.json's others."""
+    return config_ids + [i for i in generation_eos_ids(folder) if i not in config_ids]
 
 
 def special_tokens(folder: Path) -> dict[str, str]:
