@@ -128,88 +128,74 @@ def one_step_each(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_
     return {"decode": lambda: backend.extend(prompt[:, -1:]), "denoise": lambda: backend.denoise(blk, t)}
 
 
-@torch.no_grad()
-def host_syncs(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | None:
-    """Synchronizing CUDA calls in one decode step and one block denoise after a 64-token prefill, counted
-    with CUDA's sync debug mode (each is a point where Python waits for the GPU); None off CUDA."""
-    if backend.device.type != "cuda":
-        return None
-    out = {}
-    for name, fn in one_step_each(backend, prompt, block, mask_id).items():
-        fn()  # warm: first calls may probe or autotune
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        out[name] = sum("synchroniz" in str(w.message) for w in caught)
-    return out
-
-
-@torch.no_grad()
-def gpu_launches(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int) -> dict[str, int] | str:
-    """GPU activities (kernels, copies, fills) of one decode step and one block denoise after a 64-token
-    prefill, from torch.profiler's CUDA trace: what `benchmarks/dispatch.py`'s "cuda" rows estimate on a CPU
-    (which count each mamba-ssm call as one launch; its chunk scan is several Triton kernels). A string says
-    why there is no count."""
-    dev = backend.device
-    if dev.type != "cuda":
-        return "n/a off CUDA"
-    from torch.profiler import ProfilerActivity, profile
-
-    out = {}
-    try:
-        for name, fn in one_step_each(backend, prompt, block, mask_id).items():
+def host_syncs(fn) -> int:
+    """Synchronizing CUDA calls in one call of `fn`, counted with CUDA's sync debug mode (each is a point
+    where Python waits for the GPU)."""
+    fn()  # warm: first calls may probe or autotune
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             fn()
-            fn()  # warm: first calls may probe, autotune or fill caches
-            torch.cuda.synchronize(dev)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize(dev)
-            out[name] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    except Exception as e:  # noqa: BLE001 - a profiler without CUPTI must not end the check
-        return f"n/a ({type(e).__name__}: {e})"
-    return out
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 @torch.no_grad()
-def graph_ceiling(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int,
-                  replays: int = 20) -> dict[str, tuple[float, float]] | str:
-    """What CUDA graphs could give, as a number for deciding whether to build them: one decode step and one
-    block denoise, eager vs captured once in a torch.cuda.CUDAGraph and replayed, ms per step (median of
-    `replays`, each synchronised). A measurement, not a sampling path: the replays repeat the captured step
-    over the same cache (the Mamba states in it advance, the K/V length stays that of the capture), right for
-    timing and wrong for sampling; the cache is reset afterwards. A string says why there is no number: a
-    capture failure names the first operation that is not capture-safe (a host sync, a host-to-device copy,
-    an allocation the graph cannot own)."""
-    dev = backend.device
-    if dev.type != "cuda":
+def per_step(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int, measure) -> dict | str:
+    """{"decode": measure(fn), "denoise": measure(fn)} for one decode step and one block denoise after a
+    64-token prefill (`one_step_each`), on CUDA; the cache is reset afterwards. A string says why there is no
+    number: off CUDA, or the first exception, a finding rather than the end of the check."""
+    if backend.device.type != "cuda":
         return "n/a off CUDA"
     out = {}
     try:
         for name, fn in one_step_each(backend, prompt, block, mask_id).items():
-            side = torch.cuda.Stream(dev)  # warm on a side stream, as capture wants (autotuning, lazy caches)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            eager = statistics.median(timed(fn, dev, replays))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            graph.replay()
-            replayed = statistics.median(timed(graph.replay, dev, replays))
-            out[name] = (eager * 1e3, replayed * 1e3)
-            del graph
-    except Exception as e:  # noqa: BLE001 - a measurement: its failure is the finding, not the end of the check
+            out[name] = measure(fn)
+    except Exception as e:  # noqa: BLE001 - e.g. a profiler without CUPTI, a capture that is not safe
         first = (str(e).strip().splitlines() or [""])[0][:240]
         return f"n/a ({type(e).__name__}: {first})" + (f"; measured before it: {out}" if out else "")
     finally:
         backend.reset(1)
     return out
+
+
+def gpu_launches(fn) -> int:
+    """GPU activities (kernels, copies, fills) of one call of `fn`, from torch.profiler's CUDA trace: what
+    `benchmarks/dispatch.py`'s "cuda" rows estimate on a CPU (which count each mamba-ssm call as one launch;
+    its chunk scan is several Triton kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    fn()  # warm: first calls may probe, autotune or fill caches
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def graph_ceiling(fn, replays: int = 20) -> tuple[float, float]:
+    """What CUDA graphs could give, as a number for deciding whether to build them: `fn` eager vs captured
+    once in a torch.cuda.CUDAGraph and replayed, ms per call (median of `replays`, each synchronised). A
+    measurement, not a sampling path: the replays repeat the captured step over the same cache (the Mamba
+    states in it advance, the K/V length stays that of the capture), right for timing, wrong for sampling.
+    Capture raises at the first operation that is not capture-safe (a host sync, a host-to-device copy)."""
+    side = torch.cuda.Stream()  # warm on a side stream, as capture wants (autotuning, lazy caches)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    eager = statistics.median(timed(fn, dev, replays))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    replayed = statistics.median(timed(graph.replay, dev, replays))
+    return eager * 1e3, replayed * 1e3
 
 
 @torch.no_grad()
@@ -355,20 +341,15 @@ def main() -> None:
             n = fin.new_tokens
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
                   f"{fin.wall_seconds:10.2f}")
-    with kernels.force(**best):
-        syncs = host_syncs(backend, prompt, block, mask_id)
-    print("host syncs per step (CUDA sync debug mode): " + (", ".join(f"{k} {v}" for k, v in syncs.items())
-                                                            if syncs is not None else "n/a off CUDA"))
-    with kernels.force(**best):
-        launched = gpu_launches(backend, prompt, block, mask_id)
-    print("GPU activities per step (profiler; benchmarks/dispatch.py --pattern "
-          f"{args.pattern} estimates them on a CPU): "
-          + (", ".join(f"{k} {v}" for k, v in launched.items()) if isinstance(launched, dict) else launched))
-    with kernels.force(**best):
-        ceiling = graph_ceiling(backend, prompt, block, mask_id)
-    print("CUDA-graph ceiling, ms per step eager → replayed: "
-          + (", ".join(f"{k} {e:.2f} → {g:.2f} ({e / g:.2f}×)" for k, (e, g) in ceiling.items())
-             if isinstance(ceiling, dict) else ceiling))
+    for title, measure, show in (
+            ("host syncs per step (CUDA sync debug mode)", host_syncs, str),
+            (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {args.pattern} estimates them "
+             "on a CPU)", gpu_launches, str),
+            ("CUDA-graph ceiling, ms per step eager → replayed", graph_ceiling,
+             lambda eg: f"{eg[0]:.2f} → {eg[1]:.2f} ({eg[0] / eg[1]:.2f}×)")):
+        with kernels.force(**best):
+            got = per_step(backend, prompt, block, mask_id, measure)
+        print(f"{title}: " + (", ".join(f"{k} {show(v)}" for k, v in got.items()) if isinstance(got, dict) else got))
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 
     print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
