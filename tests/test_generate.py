@@ -341,3 +341,32 @@ def test_chat_template_raise_exception_is_one_error_line(trained_like, tmp_path)
     (folder / "chat_template.jinja").write_text("{{ raise_exception('only user turns, please') }}")
     r = invoke("hi", "--model", str(folder), "--chat", "--no-live")
     assert r.exit_code == 1 and "only user turns, please" in r.stderr and r.stderr.startswith("Error:"), r.output
+
+
+def test_cli_chat_prompt_file_with_conversations(trained_like, tmp_path):
+    """--chat --prompt-file: plain lines and prompt/text objects become user messages, a `messages` line is
+    a whole conversation; each is rendered by the template, and a batch gives each conversation what it
+    gives alone. Without --chat a conversation line is one Error line."""
+    from twotower_cli.text import ChatTemplate
+
+    folder = add_chat(shutil.copytree(trained_like, tmp_path / "chat"))
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."},
+            {"role": "user", "content": "and now?"}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("plain line\n" + json.dumps({"prompt": "from json"}) + "\n" + json.dumps({"messages": talk}) + "\n")
+    common = ("--model", str(folder), "--block", "4", "-n", "8", "--json", "--chat")
+    r = invoke("--prompt-file", str(f), *common)
+    assert r.exit_code == 0, r.output
+    outs = [json.loads(line) for line in r.stdout.splitlines()]
+    template = ChatTemplate.load(folder)
+    conversations = [[{"role": "user", "content": "plain line"}], [{"role": "user", "content": "from json"}], talk]
+    assert [o["chat_prompt"] for o in outs] == [template.render(c) for c in conversations]
+    assert [o["prompt"] for o in outs] == ["plain line", "from json", talk]
+    alone = tmp_path / "one.jsonl"
+    alone.write_text(json.dumps({"messages": talk}) + "\n")
+    assert json.loads(invoke("--prompt-file", str(alone), *common).stdout)["token_ids"] == outs[2]["token_ids"]
+    r = invoke("--prompt-file", str(f), "--model", str(folder), "--no-live")
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "--chat" in r.stderr, r.output
+    alone.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    r = invoke("--prompt-file", str(alone), *common)
+    assert r.exit_code == 1 and "'messages' must be" in r.stderr, r.output

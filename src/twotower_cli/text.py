@@ -198,8 +198,10 @@ def parse_template_args(items: list[str]) -> dict:
     return out
 
 
-def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
-    """Prompts from the argument, a file (one per line, or JSONL with `prompt`/`text`), or stdin."""
+def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bool = False) -> list:
+    """Prompts from the argument, a file (one per line, or JSONL with `prompt`/`text`), or stdin. With
+    `conversations` (generate --chat), a JSONL line may instead hold a whole conversation, `messages`
+    ([{role, content}, ...]): it comes back as that list."""
     if prompt is not None and prompt_file is not None:
         raise TwoTowerError("both a PROMPT and --prompt-file were given", "use one of them")
     if prompt is not None:
@@ -207,30 +209,41 @@ def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     elif prompt_file is not None:
         if not prompt_file.is_file():
             raise TwoTowerError(f"prompt file {prompt_file} does not exist", "check the path")
-        prompts = parse_prompt_lines(prompt_file.read_text().splitlines(), str(prompt_file))
+        prompts = parse_prompt_lines(prompt_file.read_text().splitlines(), str(prompt_file), conversations)
     elif not sys.stdin.isatty():
         prompts = [sys.stdin.read().rstrip("\n")]
     else:
         raise TwoTowerError("no prompt given", 'pass one, e.g. twotower generate "ROMEO.", or use --prompt-file')
-    if not prompts or any(not p.strip() for p in prompts):
+    if not prompts or any(isinstance(p, str) and not p.strip() for p in prompts):
         raise TwoTowerError("empty prompt", "give some text to continue")
     return prompts
 
 
-def parse_prompt_lines(lines: list[str], source: str) -> list[str]:
+def parse_prompt_lines(lines: list[str], source: str, conversations: bool = False) -> list:
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TwoTowerError(f"{source}:{n} is not valid JSON: {e.msg}", "one JSON object or one prompt per line") from None
-            value = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
-            if not isinstance(value, str):
-                raise TwoTowerError(f"{source}:{n} has no string 'prompt' or 'text' field", "JSONL lines need one")
-            out.append(value)
-        else:
+        if not line.lstrip().startswith("{"):
             out.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TwoTowerError(f"{source}:{n} is not valid JSON: {e.msg}", "one JSON object or one prompt per line") from None
+        if isinstance(obj, dict) and "messages" in obj:
+            if not conversations:
+                raise TwoTowerError(f"{source}:{n} is a conversation ('messages')", "generate it with --chat")
+            messages = obj["messages"]
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+                raise TwoTowerError(f"{source}:{n}: 'messages' must be a non-empty list of {{role, content}} strings",
+                                    'e.g. {"messages": [{"role": "user", "content": "Hi"}]}')
+            out.append(messages)
+            continue
+        value = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            raise TwoTowerError(f"{source}:{n} has no string 'prompt' or 'text' field", "JSONL lines need one")
+        out.append(value)
     return out

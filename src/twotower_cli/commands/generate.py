@@ -44,7 +44,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     mask_token_id: Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")] = None,
     stop: Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field.")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
     system: Annotated[str | None, typer.Option(help="With --chat: a system message first.")] = None,
     chat_arg: Annotated[list[str] | None, typer.Option("--chat-arg", help="With --chat: a template variable KEY=VALUE, VALUE as JSON, e.g. enable_thinking=false (repeatable).")] = None,
@@ -73,7 +73,9 @@ def generate(
         raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
     if (system is not None or chat_arg) and not chat:
         raise TwoTowerError("--system and --chat-arg shape a chat template", "add --chat")
-    texts = read_prompts(prompt, prompt_file)
+    items = read_prompts(prompt, prompt_file, conversations=chat)  # strings; with --chat also conversations
+    # what people see of each prompt: its text, or a conversation's last message
+    texts = [item if isinstance(item, str) else item[-1]["content"] for item in items]
     model_texts = texts  # what the model reads: the prompts, or their chat-formatted text
     if chat:  # before the (slow) load: a missing or broken template fails fast
         from twotower_cli.hub import resolve
@@ -84,7 +86,8 @@ def generate(
         template = ChatTemplate.load(Path(model))
         variables = parse_template_args(chat_arg or [])
         head = [] if system is None else [{"role": "system", "content": system}]
-        model_texts = [template.render(head + [{"role": "user", "content": t}], **variables) for t in texts]
+        model_texts = [template.render(head + ([{"role": "user", "content": item}] if isinstance(item, str) else item),
+                                       **variables) for item in items]
     settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
                                 factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
@@ -121,11 +124,11 @@ def generate(
                 finished = ev
     assert finished is not None
     wall = finished.wall_seconds
-    for text, model_text, g in zip(texts, model_texts, finished.generations, strict=True):
+    for item, text, model_text, g in zip(items, texts, model_texts, finished.generations, strict=True):
         out = decode(g.token_ids)
         if as_json:
             print(json.dumps({
-                "prompt": text, **({"chat_prompt": model_text} if chat else {}), "text": out,
+                "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
                 "token_ids": g.token_ids, "finish_reason": g.finish_reason,
                 "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
                 "tokens_per_second": len(g.token_ids) / max(wall, 1e-9), "wall_seconds": wall,
