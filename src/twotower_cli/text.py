@@ -184,6 +184,15 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def render_chats(folder: Path, items: list, system: str | None, variables: dict) -> list[str]:
+    """generate --chat: each prompt as the model reads it, through the checkpoint's chat template. A string
+    is a user message, a list a whole conversation; `system`, if given, goes first."""
+    template = ChatTemplate.load(folder)
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return [template.render(head + ([{"role": "user", "content": item}] if isinstance(item, str) else item),
+                            **variables) for item in items]
+
+
 def parse_template_args(items: list[str]) -> dict:
     """--chat-arg KEY=VALUE items → {KEY: VALUE}, VALUE read as JSON (false, 3, "x", [..]) and else as text."""
     out = {}

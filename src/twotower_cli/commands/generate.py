@@ -65,7 +65,7 @@ def generate(
     from twotower_cli.display import LiveUnmasking, err_console, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import open_runtime, peak_memory_bytes
-    from twotower_cli.text import ChatTemplate, parse_template_args, read_prompts
+    from twotower_cli.text import parse_template_args, read_prompts, render_chats
 
     if mode not in S.MODES:
         raise TwoTowerError(f"mode {mode!r} is not one of {', '.join(S.MODES)}", "pick a --mode")
@@ -83,11 +83,7 @@ def generate(
 
         folder = resolve(model or DEFAULT_MODEL)
         model = str(folder.parent if folder.is_file() else folder)
-        template = ChatTemplate.load(Path(model))
-        variables = parse_template_args(chat_arg or [])
-        head = [] if system is None else [{"role": "system", "content": system}]
-        model_texts = [template.render(head + ([{"role": "user", "content": item}] if isinstance(item, str) else item),
-                                       **variables) for item in items]
+        model_texts = render_chats(Path(model), items, system, parse_template_args(chat_arg or []))
     settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
                                 factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
