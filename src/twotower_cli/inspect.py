@@ -230,7 +230,7 @@ def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: 
     template (None: no template; `generate --chat` needs one) and the ids that end a sequence. An unreadable
     generation or chat-template file is a problem (generate would refuse the checkpoint); a missing
     tokenizer a note (the weights are sound without it)."""
-    from twotower_cli.text import end_token_ids, find_chat_template
+    from twotower_cli.text import end_token_ids, find_chat_template, generation_eos_ids
 
     out: dict[str, Any] = {"tokenizer": (folder / "tokenizer.json").is_file(), "chat_template": None,
                            "eos_token_ids": list(config_eos)}
@@ -242,7 +242,7 @@ def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: 
     except TwoTowerError as e:
         problems.append(e.message)
     try:
-        out["eos_token_ids"] = end_token_ids(folder, list(config_eos))
+        out["eos_token_ids"] = end_token_ids(list(config_eos), generation_eos_ids(folder))
     except TwoTowerError as e:
         problems.append(e.message)
     return out

@@ -50,6 +50,15 @@ class Runtime:
     eos_ids: list[int]  # what ends a sequence: config.json's eos_token_id, then generation_config.json's
 
 
+def model_folder(model: str | None) -> Path:
+    """The checkpoint folder for a model name (alias, hub id in the cache, folder or .safetensors file);
+    None is the embedded default."""
+    from twotower_cli.hub import resolve
+
+    folder = resolve(model or DEFAULT_MODEL)
+    return folder.parent if folder.is_file() else folder
+
+
 def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",
                  context_device: str | None = None, denoiser_device: str | None = None,
                  compile: bool = False, threads: int | None = None) -> Runtime:
@@ -60,23 +69,19 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
         if threads < 1:
             raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
         torch.set_num_threads(threads)
-    from twotower_cli.hub import resolve
-
-    folder = resolve(model or DEFAULT_MODEL)
-    if folder.is_file():
-        folder = folder.parent
+    folder = model_folder(model)
     dev = pick_device(device)
     ctx = pick_device(context_device) if context_device else dev
     den = pick_device(denoiser_device) if denoiser_device else dev
     tdtype = pick_dtype(dtype, ctx)
     tokenizer = Tokenizer(folder)
-    generation_eos_ids(folder)  # read now, before the (slow) load: a bad file fails fast
+    generation_eos = generation_eos_ids(folder)  # read before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
                         context_device=ctx, denoiser_device=den)
     backend = TowerBackend(loaded.twotower, loaded.ar)
     if compile:
         backend.compile()
-    return Runtime(loaded, backend, tokenizer, loaded.cfg, folder, end_token_ids(folder, loaded.cfg.eos_token_ids))
+    return Runtime(loaded, backend, tokenizer, loaded.cfg, folder, end_token_ids(loaded.cfg.eos_token_ids, generation_eos))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

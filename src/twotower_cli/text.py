@@ -146,12 +146,7 @@ def generation_eos_ids(folder: Path) -> list[int]:
     `generate` stops on these: a chat model lists its end-of-turn token there (`<|im_end|>`, 11 for Nemotron,
     spec §1), which config.json's `eos_token_id` may lack."""
     path = folder / "generation_config.json"
-    if not path.is_file():
-        return []
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (ValueError, AttributeError):
-        raise TwoTowerError(f"{path} is not a JSON object", "fix or remove generation_config.json") from None
+    raw = _read_json(path).get("eos_token_id")
     ids = raw if isinstance(raw, list) else [] if raw is None else [raw]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise TwoTowerError(f"eos_token_id {raw!r} in {path} is not a token id or a list of them",
@@ -159,9 +154,9 @@ def generation_eos_ids(folder: Path) -> list[int]:
     return ids
 
 
-def end_token_ids(folder: Path, config_ids: list[int]) -> list[int]:
-    """What ends a sequence: config.json's eos ids (`config_ids`), then generation_config.json's others."""
-    return config_ids + [i for i in generation_eos_ids(folder) if i not in config_ids]
+def end_token_ids(config_ids: list[int], generation_ids: list[int]) -> list[int]:
+    """What ends a sequence: config.json's eos ids, then generation_config.json's others (`generation_eos_ids`)."""
+    return config_ids + [i for i in generation_ids if i not in config_ids]
 
 
 def special_tokens(folder: Path) -> dict[str, str]:

@@ -64,7 +64,7 @@ def generate(
     from twotower_cli import sampler as S
     from twotower_cli.display import LiveUnmasking, err_console, out_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import open_runtime, peak_memory_bytes
+    from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
 
     if mode not in S.MODES:
@@ -78,12 +78,9 @@ def generate(
     texts = [item if isinstance(item, str) else item[-1]["content"] for item in items]
     model_texts = texts  # what the model reads: the prompts, or their chat-formatted text
     if chat:  # before the (slow) load: a missing or broken template fails fast
-        from twotower_cli.hub import resolve
-        from twotower_cli.runtime import DEFAULT_MODEL
-
-        folder = resolve(model or DEFAULT_MODEL)
-        model = str(folder.parent if folder.is_file() else folder)
-        model_texts = render_chats(Path(model), items, system, parse_template_args(chat_arg or []))
+        folder = model_folder(model)
+        model = str(folder)
+        model_texts = render_chats(folder, items, system, parse_template_args(chat_arg or []))
     settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
                                 factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
