@@ -142,6 +142,9 @@ BAD = [
     (["hi", "--threshold", "1.2"], "threshold"),
     (["hi", "-n", "0"], "max-new-tokens"),
     (["hi", "--mask-token-id", "4000"], "outside the vocabulary"),
+    (["hi", "--stop", "4000"], "stop id [4000] is outside the vocabulary"),
+    (["hi", "--stop", "-1"], "stop id [-1]"),
+    (["--prompt-file", "/dev/null"], "is not a regular file"),
     (["hi", "--mode", "nope"], "mode"),
 ]
 

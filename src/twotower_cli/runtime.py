@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
+from twotower_cli.sampler import SamplingConfig
 from twotower_cli.text import Tokenizer, end_token_ids, generation_eos_ids
 from twotower_cli.towers import LoadedModel, TowerBackend, load_model
 
@@ -48,6 +50,16 @@ class Runtime:
     cfg: NemotronHConfig
     folder: Path
     eos_ids: list[int]  # what ends a sequence: config.json's eos_token_id, then generation_config.json's
+
+    def sampling(self, settings: SamplingConfig, mask_given: bool) -> SamplingConfig:
+        """`settings` with this checkpoint's mask id (unless the user gave one) and pad id, validated
+        against its vocabulary."""
+        changes = {} if mask_given else {"mask_token_id": self.cfg.mask_token_id}
+        if self.cfg.pad_token_id is not None:
+            changes["pad_token_id"] = int(self.cfg.pad_token_id)
+        settings = dataclasses.replace(settings, **changes)
+        settings.validate(self.backend.vocab_size)
+        return settings
 
 
 def model_folder(model: str | None) -> Path:

@@ -82,6 +82,7 @@ class SamplingConfig:
         return self.steps if self.steps is not None else self.block_size
 
     def validate(self, vocab_size: int) -> None:
+        bad_stops = [i for i in self.stop_ids if not 0 <= i < vocab_size]
         checks = [
             (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
             (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
@@ -97,6 +98,8 @@ class SamplingConfig:
             (self.top_p is None or 0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]", "or leave it out"),
             (0 <= self.mask_token_id < vocab_size, f"mask token id {self.mask_token_id} is outside the vocabulary "
              f"(0..{vocab_size - 1})", "NVIDIA's mask id is 3"),
+            (not bad_stops, f"stop id {bad_stops[:1]} is outside the vocabulary (0..{vocab_size - 1})",
+             "--stop takes token ids"),
         ]
         for ok, msg, hint in checks:
             if not ok:

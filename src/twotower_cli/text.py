@@ -212,7 +212,8 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bo
         prompts = [prompt]
     elif prompt_file is not None:
         if not prompt_file.is_file():
-            raise TwoTowerError(f"prompt file {prompt_file} does not exist", "check the path")
+            what = "is not a regular file" if prompt_file.exists() else "does not exist"
+            raise TwoTowerError(f"prompt file {prompt_file} {what}", "check the path")
         prompts = parse_prompt_lines(prompt_file.read_text().splitlines(), str(prompt_file), conversations)
     elif not sys.stdin.isatty():
         prompts = [sys.stdin.read().rstrip("\n")]

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from twotower_cli.cli import app, guarded
+from twotower_cli.commands import options as O
 
 
 def _event_json(ev, decode) -> dict:
@@ -30,31 +31,31 @@ def _event_json(ev, decode) -> dict:
 @guarded
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompt-file, or stdin).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
-    mode: Annotated[str, typer.Option(help="mask_diffusion | mock_ar | ar")] = "mask_diffusion",
-    block: Annotated[int, typer.Option(help="Tokens per diffusion block.")] = 16,
-    steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
-    threshold: Annotated[float, typer.Option(help="Commit every masked token whose confidence exceeds this (NVIDIA's operating point: 0.8).")] = 0.8,
-    policy: Annotated[str, typer.Option(help="Commit policy: threshold | topk | factor.")] = "threshold",
-    factor: Annotated[float, typer.Option(help="Fast-dLLM factor for --policy factor.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
-    mask_token_id: Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")] = None,
-    stop: Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")] = None,
+    model: O.Model = None,
+    mode: O.Mode = "mask_diffusion",
+    block: O.Block = 16,
+    steps: O.Steps = None,
+    threshold: O.Threshold = 0.8,
+    policy: O.Policy = "threshold",
+    factor: O.Factor = 1.0,
+    max_new_tokens: O.MaxNewTokens = 128,
+    temperature: O.Temperature = 0.0,
+    top_k: O.TopK = None,
+    top_p: O.TopP = None,
+    seed: O.Seed = 0,
+    mask_token_id: O.MaskTokenId = None,
+    stop: O.Stop = None,
     prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list).")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
-    system: Annotated[str | None, typer.Option(help="With --chat: a system message first.")] = None,
-    chat_arg: Annotated[list[str] | None, typer.Option("--chat-arg", help="With --chat: a template variable KEY=VALUE, VALUE as JSON, e.g. enable_thinking=false (repeatable).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")] = None,
-    context_device: Annotated[str | None, typer.Option(help="Device of the context tower.")] = None,
-    denoiser_device: Annotated[str | None, typer.Option(help="Device of the denoiser tower.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU).")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")] = None,
-    no_live: Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")] = False,
+    system: O.System = None,
+    chat_arg: O.ChatArg = None,
+    device: O.Device = None,
+    context_device: O.ContextDevice = None,
+    denoiser_device: O.DenoiserDevice = None,
+    dtype: O.Dtype = "auto",
+    compile: O.Compile = False,
+    threads: O.Threads = None,
+    no_live: O.NoLive = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: stream every sampler event as a JSON line.")] = False,
 ) -> None:
@@ -88,11 +89,7 @@ def generate(
     settings.validate(vocab_size=1 << 62)  # option errors before the (slow) load; vocab checked below
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
-    if mask_token_id is None:
-        settings = S.SamplingConfig(**{**settings.__dict__, "mask_token_id": rt.cfg.mask_token_id})
-    if rt.cfg.pad_token_id is not None:
-        settings = S.SamplingConfig(**{**settings.__dict__, "pad_token_id": int(rt.cfg.pad_token_id)})
-    settings.validate(rt.backend.vocab_size)
+    settings = rt.sampling(settings, mask_given=mask_token_id is not None)
     prompts = [rt.tokenizer.encode(t, add_special_tokens=not chat) for t in model_texts]
     if any(not p for p in prompts):
         raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")

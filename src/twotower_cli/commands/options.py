@@ -1,0 +1,32 @@
+"""Options that several commands share (generate, chat), declared once: the same name, help and default
+wherever they appear. A command's own options stay in its module."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")]
+Mode = Annotated[str, typer.Option(help="mask_diffusion | mock_ar | ar")]
+Block = Annotated[int, typer.Option(help="Tokens per diffusion block.")]
+Steps = Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")]
+Threshold = Annotated[float, typer.Option(help="Commit every masked token whose confidence exceeds this (NVIDIA's operating point: 0.8).")]
+Policy = Annotated[str, typer.Option(help="Commit policy: threshold | topk | factor.")]
+Factor = Annotated[float, typer.Option(help="Fast-dLLM factor for --policy factor.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")]
+Temperature = Annotated[float, typer.Option(help="0 is greedy.")]
+TopK = Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")]
+TopP = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
+Seed = Annotated[int, typer.Option(help="Random seed for sampling.")]
+MaskTokenId = Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")]
+Stop = Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")]
+System = Annotated[str | None, typer.Option(help="A system message before the first turn (chat templates).")]
+ChatArg = Annotated[list[str] | None, typer.Option("--chat-arg", help="A chat-template variable KEY=VALUE, VALUE as JSON, e.g. enable_thinking=false (repeatable).")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")]
+ContextDevice = Annotated[str | None, typer.Option(help="Device of the context tower.")]
+DenoiserDevice = Annotated[str | None, typer.Option(help="Device of the denoiser tower.")]
+Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")]
+NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")]
