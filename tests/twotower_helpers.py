@@ -96,3 +96,56 @@ def write_base(folder: Path, base: NemotronHForCausalLM, tokenizer: bool = True)
     if tokenizer:
         write_char_tokenizer(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------- chat
+
+CHAT_TEMPLATE = """\
+{%- if messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system = '' %}
+    {%- set turns = messages %}
+{%- endif %}
+{{ bos_token }}<|im_start|>system
+{{ system }}{% if tools is defined %}{{ tools | tojson }}{% endif %}<|im_end|>
+{% for m in turns %}
+    {%- if m.role not in ['user', 'assistant'] %}
+        {{- raise_exception('roles must alternate user and assistant, not ' + m.role) }}
+    {%- endif %}
+<|im_start|>{{ m.role }}
+{{ m.content | trim }}<|im_end|>
+{% if loop.last %}{% break %}{% endif %}
+{% endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think></think>{% else %}<think>
+{% endif %}
+{%- endif %}
+"""
+TOOL_TEMPLATE = "{{ bos_token }}tools {{ tools | tojson }}{% for m in messages %}|{{ m.content }}{% endfor %}"
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def add_chat(folder, where="jinja"):
+    """The char tokenizer plus ChatML special tokens (ids 37-40, inside the tiny vocabulary) and a chat
+    template: in chat_template.jinja, as tokenizer_config.json's string, or in its named list (with a
+    "tool_use" template, which transformers picks for a conversation given tools)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+    tok.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if where == "jinja":
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    elif where == "config":
+        config["chat_template"] = CHAT_TEMPLATE
+    else:
+        config["chat_template"] = [{"name": "tool_use", "template": TOOL_TEMPLATE},
+                                   {"name": "default", "template": CHAT_TEMPLATE}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 38]}))
+    return folder

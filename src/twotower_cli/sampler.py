@@ -140,6 +140,7 @@ class Generation:
     token_ids: list[int]  # generated, cut before the first stop/EOS id
     finish_reason: Literal["eos", "length"]
     nfe: int  # forwards this sequence took part in while active
+    stop_id: int | None = None  # the stop/EOS id that ended it ("eos"), not part of token_ids
 
 
 @dataclass
@@ -303,7 +304,8 @@ def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], nfe_pe
     for b, p in enumerate(prompts):
         ids = out[b].tolist()
         cut = _first_stop(ids, stops)
-        gens.append(Generation(p, ids if cut is None else ids[:cut], "length" if cut is None else "eos", nfe_per_seq[b]))
+        gens.append(Generation(p, ids if cut is None else ids[:cut], "length" if cut is None else "eos", nfe_per_seq[b],
+                               None if cut is None else ids[cut]))
     settings = {k: v for k, v in cfg.__dict__.items()}
     settings["steps"] = cfg.steps_per_block
     settings["stop_ids"] = sorted(stops)

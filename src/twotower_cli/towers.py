@@ -342,6 +342,16 @@ class TowerBackend:
         self.cache = self.ar.backbone.make_cache(batch, device=self.device, dtype=self.ar.lm_head.weight.dtype)
         self._denoiser_view = None
 
+    def state(self) -> TowerCache:
+        """A copy of the context tower's state, for `restore` (chat keeps one between turns)."""
+        assert self.cache is not None, "reset() first"
+        return self.cache.clone()
+
+    def restore(self, state: TowerCache) -> None:
+        """Continue from a state `state()` returned (copied again: extending changes a cache in place)."""
+        self.cache = state.clone()
+        self._denoiser_view = None
+
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
         mask = attention_mask.to(self.device) if attention_mask is not None else None

@@ -2,6 +2,7 @@
 
 from twotower_cli.commands import (
     bench,  # noqa: F401
+    chat,  # noqa: F401
     generate,  # noqa: F401
     inspect,  # noqa: F401
     split,  # noqa: F401

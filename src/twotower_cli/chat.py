@@ -1,0 +1,184 @@
+"""Multi-turn chat over one sampler backend, with the context tower's state kept between turns (`twotower chat`).
+
+Every turn the whole conversation is rendered (by the checkpoint's chat template, or, for a model without
+one, as one running text) and encoded, and the sampler runs on those ids exactly as `generate` would. What
+makes turn n+1 cheap is that the context tower has already read most of them:
+
+    PrefixReuse   wraps the backend. When the sampler resets it and feeds a prompt, it feeds only the ids
+                  past the longest state it holds whose ids are a prefix of the prompt: the live state (the
+                  last turn's prompt and committed blocks), or a snapshot. Otherwise it reads the prompt
+                  from scratch, as the plain backend does.
+    Conversation  the turns so far; per turn the ids of the prompt and of the history before the
+                  template's generation prompt, where a snapshot is taken. The snapshot is what survives a
+                  template that renders a past reply differently from how it was generated (templates that
+                  drop `<think>` content do).
+
+A Mamba state cannot be rewound, so a state is reused only when all of its ids begin the new prompt. The
+result is the tokens of a fresh run on the same ids, up to the rounding difference between one chunked
+prefill and several shorter extends (`tests/test_chat.py` compares them). One sequence at a time: a batch
+or a padded prompt is always read from scratch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from twotower_cli import sampler as S
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.model.cache import TowerCache
+from twotower_cli.text import ChatTemplate, Tokenizer
+from twotower_cli.towers import TowerBackend
+
+
+class PrefixReuse:
+    """A sampler `Backend` that keeps what the context tower has read across `reset`s (module docstring).
+
+    `held`: the ids the inner backend's cache holds (None once that is unknown: after a batch, a padded
+    prompt, or an extend that did not finish). `snapshot`: (ids, a copy of the cache after exactly those
+    ids). `fed` counts the ids fed to the context tower, all calls together."""
+
+    def __init__(self, backend: TowerBackend):
+        self.inner = backend
+        self.vocab_size = backend.vocab_size
+        self.held: list[int] | None = None
+        self.snapshot: tuple[list[int], TowerCache] | None = None
+        self.fed = 0  # ids fed to the context tower so far, all calls
+        self._pending: int | None = None  # the batch size of a reset not applied yet
+
+    def reset(self, batch: int) -> None:
+        self._pending = batch  # applied by the next extend, which may reuse a state instead
+
+    def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        one = ids.shape[0] == 1 and attention_mask is None
+        new = ids[0].tolist() if one else None
+        if self._pending is not None:
+            batch, self._pending = self._pending, None
+            base = self._best_base(new, strict=True) if one else 0
+            if base == 0:
+                self._fresh(batch)
+            ids = ids[:, base:]
+            new = new[base:] if one else None
+        before, self.held = self.held, None  # unknown until the extend below has finished
+        logits = self.inner.extend(ids, attention_mask)
+        self.fed += ids.shape[1]
+        self.held = before + new if before is not None and new is not None else None
+        return logits
+
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if self._pending is not None:  # mock_ar on a one-token prompt: no context to reuse
+            self._fresh(self._pending)
+            self._pending = None
+        return self.inner.denoise(block, t, rows=rows)
+
+    def remember(self, ids: list[int]) -> None:
+        """Bring the cache to exactly `ids` (reading only what no state holds) and keep a copy of it as the
+        snapshot, replacing the previous one."""
+        self._pending = None
+        base = self._best_base(ids, strict=False)
+        if base == 0:
+            self._fresh(1)
+        if base < len(ids):
+            self.extend(torch.tensor([ids[base:]], dtype=torch.long))
+        self.snapshot = (list(ids), self.inner.state())
+
+    def _best_base(self, ids: list[int], strict: bool) -> int:
+        """Make the cache hold the longest known state whose ids begin `ids` (shorter than `ids` if `strict`:
+        the caller needs the logits of a fed id); its length, 0 if none."""
+        def fits(prefix: list[int] | None) -> bool:
+            return prefix is not None and 0 < len(prefix) and (len(prefix) < len(ids) if strict else
+                                                                len(prefix) <= len(ids)) and ids[:len(prefix)] == prefix
+        live = len(self.held) if fits(self.held) else 0
+        saved = len(self.snapshot[0]) if self.snapshot is not None and fits(self.snapshot[0]) else 0
+        if saved > live:
+            self.inner.restore(self.snapshot[1])
+            self.held = list(self.snapshot[0])
+            return saved
+        return live
+
+    def _fresh(self, batch: int) -> None:
+        self.inner.reset(batch)
+        self.held = [] if batch == 1 else None
+
+
+@dataclass
+class Turn:
+    user: str
+    reply: str  # the generated text before the end token
+    generation: S.Generation
+    prompt_tokens: int  # ids the model read for this turn: the whole conversation so far
+    read_tokens: int  # of those, how many the context tower read this turn (the rest it held)
+
+
+class Conversation:
+    """The turns of one chat and how the model reads them.
+
+    With a chat template: the messages (a system message first if given), rendered whole each turn with
+    the generation prompt, encoded without added special tokens (as `generate --chat`). Without one: a
+    running text; each user line is appended (after a newline unless the text already ends with one) and
+    each reply, with the end token that stopped it, follows as generated."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None, system: str | None = None,
+                 variables: dict | None = None):
+        if template is None and system is not None:
+            raise TwoTowerError("--system needs a chat template, and this model has none",
+                                "leave out --system, or use a checkpoint with a chat template")
+        self.tokenizer, self.template, self.system, self.variables = tokenizer, template, system, dict(variables or {})
+        self.turns: list[Turn] = []
+        self._ids: list[int] = []  # without a template: what the model has read and written so far
+
+    def messages(self, user: str | None = None) -> list[dict]:
+        head = [] if self.system is None else [{"role": "system", "content": self.system}]
+        for turn in self.turns:
+            head += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.reply}]
+        return head + ([] if user is None else [{"role": "user", "content": user}])
+
+    def prompt(self, user: str) -> tuple[list[int], list[int] | None]:
+        """(the ids the model reads for this turn, the ids of the history where they begin those ids: where
+        to keep a snapshot, or None). The history: with a template, the conversation up to this user
+        message, without the generation prompt; without one, the text before this line. Either way a reply
+        stopped half-way (and so not recorded) costs only its own ids at the next turn."""
+        if self.template is None:
+            if not self._ids:
+                return self.tokenizer.encode(user), None
+            sep = "" if self.tokenizer.decode(self._ids[-1:]).endswith("\n") else "\n"
+            return self._ids + self.tokenizer.encode(sep + user, add_special_tokens=False), list(self._ids)
+        messages = self.messages(user)
+        ids = self.tokenizer.encode(self.template.render(messages, **self.variables), add_special_tokens=False)
+        try:
+            history = self.tokenizer.encode(
+                self.template.render(messages, add_generation_prompt=False, **self.variables), add_special_tokens=False)
+        except TwoTowerError:  # a template may refuse a conversation that ends on a user turn without the prompt
+            return ids, None
+        return ids, (history if 0 < len(history) < len(ids) and ids[:len(history)] == history else None)
+
+    def add(self, turn: Turn) -> None:
+        """Record a finished turn (`chat_turn` does)."""
+        self.turns.append(turn)
+        if self.template is None:  # the end token that stopped the reply is part of the text the model wrote
+            g = turn.generation
+            self._ids = g.prompt_ids + g.token_ids + ([] if g.stop_id is None else [g.stop_id])
+
+    def reset(self) -> None:
+        self.turns.clear()
+        self._ids = []
+
+
+def chat_turn(backend: PrefixReuse, conversation: Conversation, user: str, cfg: S.SamplingConfig,
+              eos_ids: list[int], generator: torch.Generator | None = None) -> Iterator[S.Event]:
+    """One turn: the sampler's events for the reply to `user`. When the `Finished` event is yielded the
+    turn is already in `conversation.turns`; a turn that does not finish (an interrupt) leaves no trace."""
+    prompt, history = conversation.prompt(user)
+    fed = backend.fed
+    if history is not None:
+        backend.remember(history)
+    read = None
+    for ev in S.generate(backend, [prompt], cfg, eos_ids, generator):
+        if read is None:  # the sampler feeds the prompt before its first event
+            read = backend.fed - fed
+        if isinstance(ev, S.Finished):
+            g = ev.generations[0]
+            conversation.add(Turn(user, conversation.tokenizer.decode(g.token_ids), g, len(prompt), read))
+        yield ev

@@ -1,0 +1,165 @@
+"""`twotower chat`: a multi-turn conversation in the terminal; the context tower keeps its state between turns."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from twotower_cli.cli import app, guarded
+from twotower_cli.commands import options as O
+
+HELP = """/reset   forget the conversation (the system message stays)
+/help    this list
+/exit    quit (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+def _lines(interactive: bool):
+    """The user's lines: read with a prompt (and line editing) on a terminal, else from stdin as they come."""
+    from twotower_cli.display import err_console
+
+    if not interactive:
+        for line in sys.stdin:
+            yield line.rstrip("\n")
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield err_console().input("[bold green]> [/]")
+        except (EOFError, KeyboardInterrupt):
+            err_console().print()
+            return
+
+
+@app.command()
+@guarded
+def chat(
+    model: O.Model = None,
+    mode: O.Mode = "mask_diffusion",
+    block: O.Block = 16,
+    steps: O.Steps = None,
+    threshold: O.Threshold = 0.8,
+    policy: O.Policy = "threshold",
+    factor: O.Factor = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per reply at most.")] = 256,
+    temperature: O.Temperature = 0.0,
+    top_k: O.TopK = None,
+    top_p: O.TopP = None,
+    seed: O.Seed = 0,
+    mask_token_id: O.MaskTokenId = None,
+    stop: O.Stop = None,
+    system: O.System = None,
+    chat_arg: O.ChatArg = None,
+    no_template: Annotated[bool, typer.Option("--no-template", help="Ignore the checkpoint's chat template: the conversation is one running text.")] = False,
+    device: O.Device = None,
+    context_device: O.ContextDevice = None,
+    denoiser_device: O.DenoiserDevice = None,
+    dtype: O.Dtype = "auto",
+    compile: O.Compile = False,
+    threads: O.Threads = None,
+    no_live: O.NoLive = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per reply on stdout.")] = False,
+) -> None:
+    """Talk to a model turn by turn; each turn reads only what the context tower has not read yet.
+
+    With a chat template (instruct models) each line is a user message; without one (base models, the
+    embedded tiny model) the conversation is one running text that each line extends. On a terminal:
+    /reset, /help, /exit. Piped in, every line is a turn."""
+    import torch
+
+    from twotower_cli import sampler as S
+    from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
+    from twotower_cli.cli import report_error
+    from twotower_cli.display import LiveUnmasking, err_console, out_console
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.runtime import model_folder, open_runtime
+    from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
+
+    if mode not in S.MODES:
+        raise TwoTowerError(f"mode {mode!r} is not one of {', '.join(S.MODES)}", "pick a --mode")
+    settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
+                                factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
+                                stop_ids=tuple(stop or ()))
+    settings.validate(vocab_size=1 << 62)  # option errors before the (slow) load
+    folder = model_folder(model)
+    template = None if no_template or find_chat_template(folder) is None else ChatTemplate.load(folder)
+    if template is None and (system is not None or chat_arg):
+        raise TwoTowerError("--system and --chat-arg shape a chat template, and this chat has none",
+                            "leave them out, or use a checkpoint with a chat template (without --no-template)")
+    variables = parse_template_args(chat_arg or [])
+    rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
+                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
+    settings = rt.sampling(settings, mask_given=mask_token_id is not None)
+    conversation = Conversation(rt.tokenizer, template, system, variables)
+    backend = PrefixReuse(rt.backend)
+    gen = torch.Generator().manual_seed(seed)
+    console = err_console()
+    interactive = sys.stdin.isatty()
+    live = not no_live and not as_json and console.is_terminal
+    decode = rt.tokenizer.decode
+    n_blocks = -(-max_new_tokens // (block if mode == "mask_diffusion" else 1))
+    how = f"chat template from {template.origin}" if template is not None else "no chat template: one running text"
+    if interactive:
+        console.print(f"[dim]twotower chat · {rt.folder.name} · {mode} · {how} · /help · Ctrl-D quits[/]", highlight=False)
+    failed = False
+    for line in _lines(interactive):
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/help":
+            console.print(HELP, markup=False)
+            continue
+        if command == "/reset":
+            conversation.reset()
+            console.print("[dim](conversation reset)[/]")
+            continue
+        if command.startswith("/") and " " not in command:
+            report_error(TwoTowerError(f"unknown command {command}", "/help lists them; a message starting with / "
+                                       "needs a space in it"))
+            continue
+        finished = None
+        try:
+            stream = chat_turn(backend, conversation, line, settings, rt.eos_ids, gen)
+            if live:
+                steps_shown = settings.steps_per_block if mode == "mask_diffusion" else 1
+                with LiveUnmasking(decode, [""], n_blocks, steps_shown, mode, settings.mask_token_id) as view:
+                    for ev in stream:
+                        view.handle(ev)
+                        finished = ev if isinstance(ev, S.Finished) else finished
+            else:
+                for ev in stream:
+                    finished = ev if isinstance(ev, S.Finished) else finished
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            console.print("[dim](reply stopped; it is not part of the conversation)[/]")
+            continue
+        except TwoTowerError as e:
+            report_error(e)
+            failed = True
+            continue
+        turn = conversation.turns[-1]
+        g, wall = turn.generation, finished.wall_seconds
+        n = len(g.token_ids)
+        if as_json:
+            print(json.dumps({
+                "turn": len(conversation.turns), "user": line, "text": turn.reply, "token_ids": g.token_ids,
+                "finish_reason": g.finish_reason, "nfe": g.nfe, "tokens_per_nfe": n / max(g.nfe, 1),
+                "tokens_per_second": n / max(wall, 1e-9), "wall_seconds": wall, "prompt_tokens": turn.prompt_tokens,
+                "read_tokens": turn.read_tokens, "mode": mode, "model": str(rt.folder)}), flush=True)
+            continue
+        if not live or not sys.stdout.isatty():
+            out_console().print(turn.reply, markup=False)
+        console.print(f"[dim]{n} tok · NFE {g.nfe} · {n / max(g.nfe, 1):.2f} tok/NFE · {n / max(wall, 1e-9):.1f} tok/s · "
+                      f"context {turn.prompt_tokens} tok, {turn.read_tokens} read this turn"
+                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]")
+    if failed:
+        raise typer.Exit(1)

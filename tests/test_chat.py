@@ -1,0 +1,215 @@
+"""Multi-turn chat (`twotower_cli.chat`, `twotower chat`): every turn gives the tokens of a fresh run on the
+whole conversation's ids (the reference: the sampler on a fresh backend), while the context tower reads only
+what it does not hold."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotower
+from typer.testing import CliRunner
+
+from twotower_cli import sampler as S
+from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
+from twotower_cli.cli import get_app
+from twotower_cli.text import ChatTemplate, Tokenizer
+from twotower_cli.towers import TowerBackend, load_model
+
+USER = ["hello there, friend.", "and what now?", "tell me more, please."]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A TwoTower whose denoiser differs from its context tower (as in test_generate)."""
+    cfg = tiny_cfg()
+    return write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
+                          denoiser=random_base(cfg, 12))
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return load_model(folder, need_denoiser=True).twotower
+
+
+@pytest.fixture(scope="module")
+def chat_folder(folder, tmp_path_factory):
+    return add_chat(shutil.copytree(folder, tmp_path_factory.mktemp("chat") / "tt"))
+
+
+def talk(model, conversation, cfg, eos_ids=(2,), users=USER):
+    """Run the turns through one PrefixReuse; for each, the fresh reference on the same prompt ids."""
+    reuse = PrefixReuse(TowerBackend(model))
+    fresh = TowerBackend(model)
+    pairs = []
+    for user in users:
+        prompt, _ = conversation.prompt(user)
+        events = list(chat_turn(reuse, conversation, user, cfg, list(eos_ids)))
+        turn = conversation.turns[-1]
+        assert isinstance(events[-1], S.Finished) and turn.generation.prompt_ids == prompt
+        want = S.run(fresh, [prompt], cfg, list(eos_ids)).generations[0]
+        pairs.append((turn, want))
+    return pairs
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_running_text_turns_equal_fresh_runs_and_read_only_the_new_ids(model, folder, mode):
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=10)
+    conversation = Conversation(Tokenizer(folder), None)
+    pairs = talk(model, conversation, cfg)
+    for turn, want in pairs:
+        assert turn.generation.token_ids == want.token_ids and turn.generation.finish_reason == want.finish_reason
+    first, _ = pairs[0]
+    assert first.read_tokens == first.prompt_tokens - (mode == "mock_ar")  # mock_ar's context runs one behind
+    for (prev, _), (turn, _) in zip(pairs, pairs[1:], strict=False):
+        # not read again: the previous prompt and what the sampler fed back of its reply: every block but the
+        # last (here of 10 = 4 + 4 + 2 tokens), every token but the last (ar), but the last two (mock_ar)
+        n = len(prev.generation.token_ids)
+        assert prev.generation.finish_reason == "length" and n == 10
+        fed_back = {"mask_diffusion": 8, "ar": n - 1, "mock_ar": n - 2}[mode]
+        held = prev.prompt_tokens + fed_back
+        assert turn.read_tokens == turn.prompt_tokens - held - (mode == "mock_ar"), (turn.read_tokens, held)
+    # the running text: each turn's prompt is the previous prompt, its reply, a newline and the new line
+    tok = Tokenizer(folder)
+    prev = pairs[0][0]
+    second = pairs[1][0].generation.prompt_ids
+    assert tok.decode(second) == tok.decode(prev.generation.prompt_ids) + prev.reply + "\n" + USER[1]
+
+
+def test_an_end_token_stays_in_the_running_text(model, folder):
+    """A reply that stopped on an end token: the next prompt holds that token after the reply."""
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=10)
+    tok = Tokenizer(folder)
+    free = S.run(TowerBackend(model), [tok.encode(USER[0])], cfg).generations[0].token_ids
+    stop = free[3]
+    conversation = Conversation(tok, None)
+    pairs = talk(model, conversation, cfg, eos_ids=(stop,), users=USER[:2])
+    first = pairs[0][0]
+    assert first.generation.finish_reason == "eos" and first.generation.stop_id == stop
+    n = len(first.generation.prompt_ids) + len(first.generation.token_ids)
+    assert pairs[1][0].generation.prompt_ids[:n + 1] == first.generation.prompt_ids + first.generation.token_ids + [stop]
+    assert all(t.generation.token_ids == w.token_ids for t, w in pairs)
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_template_turns_equal_fresh_runs_and_resume_from_the_history_snapshot(model, chat_folder, mode):
+    """The test template renders a past reply without the `<think></think>` its generation prompt wrote, so
+    the live state never begins the next prompt: the snapshot at the end of the previous user turn does."""
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=10)
+    tok, template = Tokenizer(chat_folder), ChatTemplate.load(chat_folder)
+    conversation = Conversation(tok, template, system="be brief.")
+    pairs = talk(model, conversation, cfg, eos_ids=(2, 38))
+    for turn, want in pairs:
+        assert turn.generation.token_ids == want.token_ids
+    messages = [{"role": "system", "content": "be brief."}]
+    for i, (turn, _) in enumerate(pairs):
+        messages.append({"role": "user", "content": USER[i]})
+        assert turn.generation.prompt_ids == tok.encode(template.render(messages), add_special_tokens=False)
+        if i:  # read: from the end of the previous turn's user message on
+            before = tok.encode(template.render(messages[:-2], add_generation_prompt=False), add_special_tokens=False)
+            assert turn.read_tokens == turn.prompt_tokens - len(before)
+        messages.append({"role": "assistant", "content": turn.reply})
+
+
+def test_batches_and_padding_are_read_from_scratch(model):
+    """PrefixReuse as the backend of a padded batch gives what the plain backend gives, and forgets its state."""
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=8)
+    reuse = PrefixReuse(TowerBackend(model))
+    reuse.remember([5, 9, 11, 7])
+    prompts = [[5, 9, 11, 7, 20, 6], [8, 30]]
+    got = S.run(reuse, prompts, cfg).generations
+    want = S.run(TowerBackend(model), prompts, cfg).generations
+    assert [g.token_ids for g in got] == [w.token_ids for w in want] and reuse.held is None
+    one = S.run(reuse, [prompts[0]], cfg).generations[0]  # the snapshot still serves a single sequence
+    assert one.token_ids == S.run(TowerBackend(model), [prompts[0]], cfg).generations[0].token_ids
+
+
+def test_a_stopped_turn_leaves_no_trace(model, folder):
+    """A turn abandoned mid-reply (Ctrl-C) is not recorded; the next turn is what it would have been."""
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+    tok = Tokenizer(folder)
+    reuse = PrefixReuse(TowerBackend(model))
+    conversation = Conversation(tok, None)
+    list(chat_turn(reuse, conversation, USER[0], cfg, [2]))
+    stream = chat_turn(reuse, conversation, "interrupted", cfg, [2])
+    for ev in stream:
+        if isinstance(ev, S.BlockDone):
+            break
+    stream.close()
+    assert len(conversation.turns) == 1
+    list(chat_turn(reuse, conversation, USER[1], cfg, [2]))
+    turn = conversation.turns[-1]
+    assert "interrupted" not in tok.decode(turn.generation.prompt_ids)
+    want = S.run(TowerBackend(model), [turn.generation.prompt_ids], cfg, [2]).generations[0]
+    assert turn.generation.token_ids == want.token_ids and turn.read_tokens < turn.prompt_tokens
+
+
+def test_restore_gives_back_the_state_it_was_given(model):
+    backend = TowerBackend(model)
+    backend.reset(1)
+    backend.extend(torch.tensor([[5, 9, 11, 7, 20]]))
+    saved = backend.state()
+    logits = backend.extend(torch.tensor([[6]]))
+    backend.restore(saved)
+    again = backend.extend(torch.tensor([[6]]))  # the restored copy, not the saved one, is extended
+    backend.restore(saved)
+    assert torch.equal(logits, again) and torch.equal(backend.extend(torch.tensor([[6]])), logits)
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(get_app(), ["chat", *args], input=input)
+
+
+def test_cli_chat_turns_match_generate_chat_on_the_same_conversation(chat_folder, tmp_path):
+    """Turn 2 of `twotower chat` == `twotower generate --chat` on [user 1, reply 1, user 2]; /reset starts
+    over; commands and empty lines are not turns."""
+    common = ("--model", str(chat_folder), "--block", "4", "-n", "10", "--threshold", "0.3", "--system", "be brief.")
+    r = invoke(*common, "--json", input=f"{USER[0]}\n\n/help\n{USER[1]}\n/reset\n{USER[0]}\n")
+    assert r.exit_code == 0, r.output
+    turns = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [t["user"] for t in turns] == [USER[0], USER[1], USER[0]] and [t["turn"] for t in turns] == [1, 2, 1]
+    assert turns[2]["token_ids"] == turns[0]["token_ids"] and turns[1]["read_tokens"] < turns[1]["prompt_tokens"]
+    f = tmp_path / "talk.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": USER[0]},
+                                          {"role": "assistant", "content": turns[0]["text"]},
+                                          {"role": "user", "content": USER[1]}]}) + "\n")
+    g = CliRunner().invoke(get_app(), ["generate", "--prompt-file", str(f), "--chat", "--json", *common])
+    assert g.exit_code == 0, g.output
+    assert json.loads(g.stdout)["token_ids"] == turns[1]["token_ids"]
+    assert "/reset" in r.stderr  # the help text
+
+
+def test_cli_chat_plain_output_and_stats(folder):
+    r = invoke("--model", str(folder), "--block", "4", "-n", "6", "--no-live", input="hello\nmore\n")
+    assert r.exit_code == 0, r.output
+    stats = [ln for ln in r.stderr.splitlines() if "tok/NFE" in ln]
+    assert len(stats) == 2 and "read this turn" in stats[1]
+
+
+@pytest.mark.parametrize("args, text, needle", [
+    (("--system", "x"), "hi\n", "chat template"),
+    (("--steps", "9"), "hi\n", "steps"),
+    (("--stop", "999"), "hi\n", "outside the vocabulary"),
+    ((), "/nope\nhi\n", "unknown command /nope"),
+])
+def test_cli_chat_errors(folder, args, text, needle):
+    r = invoke("--model", str(folder), "--block", "4", "-n", "4", "--no-live", *args, input=text)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and needle in errors[0], r.output
+    assert "Traceback" not in r.output
+    if text.startswith("/nope"):  # an unknown command is reported, and the chat goes on
+        assert r.exit_code == 0 and "tok/NFE" in r.stderr
+    else:
+        assert r.exit_code == 1
+
+
+def test_cli_chat_no_template_ignores_the_template(chat_folder, folder):
+    """--no-template: the conversation is a running text, as for a model without a template."""
+    common = ("--block", "4", "-n", "6", "--json")
+    a = json.loads(invoke("--model", str(chat_folder), "--no-template", *common, input="hello\n").stdout)
+    b = json.loads(invoke("--model", str(folder), *common, input="hello\n").stdout)
+    assert a["prompt_tokens"] == b["prompt_tokens"] and a["token_ids"] == b["token_ids"]
