@@ -127,7 +127,8 @@ def test_batches_and_padding_are_read_from_scratch(model):
 
 
 def test_a_stopped_turn_leaves_no_trace(model, folder):
-    """A turn abandoned mid-reply (Ctrl-C) is not recorded; the next turn is what it would have been."""
+    """A turn abandoned mid-reply (Ctrl-C) is not recorded; the next turn is what it would have been (and,
+    the live state holding the abandoned turn, it starts from the history, which it keeps)."""
     cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
     tok = Tokenizer(folder)
     reuse = PrefixReuse(TowerBackend(model))
@@ -143,7 +144,12 @@ def test_a_stopped_turn_leaves_no_trace(model, folder):
     turn = conversation.turns[-1]
     assert "interrupted" not in tok.decode(turn.generation.prompt_ids)
     want = S.run(TowerBackend(model), [turn.generation.prompt_ids], cfg, [2]).generations[0]
-    assert turn.generation.token_ids == want.token_ids and turn.read_tokens < turn.prompt_tokens
+    assert turn.generation.token_ids == want.token_ids
+    assert turn.read_tokens == turn.prompt_tokens  # the state held the stopped turn: the history is read again
+    assert reuse.snapshot is not None and reuse.snapshot[0] == conversation.turns[0].generation.prompt_ids + \
+        conversation.turns[0].generation.token_ids
+    list(chat_turn(reuse, conversation, USER[2], cfg, [2]))  # ...and from then on only the new ids
+    assert conversation.turns[-1].read_tokens < conversation.turns[-1].prompt_tokens / 2
 
 
 def test_restore_gives_back_the_state_it_was_given(model):

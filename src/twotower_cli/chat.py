@@ -8,8 +8,9 @@ makes turn n+1 cheap is that the context tower has already read most of them:
                   past the longest state it holds whose ids are a prefix of the prompt: the live state (the
                   last turn's prompt and committed blocks), or a snapshot. Otherwise it reads the prompt
                   from scratch, as the plain backend does.
-    Conversation  the turns so far; per turn the ids of the prompt and of the history before the
-                  template's generation prompt, where a snapshot is taken. The snapshot is what survives a
+    Conversation  the turns so far; per turn the ids of the prompt and of the history before this turn's
+                  additions (with a template: up to the user message, without the generation prompt). When
+                  the live state does not begin the prompt, a snapshot is taken there: what survives a
                   template that renders a past reply differently from how it was generated (templates that
                   drop `<think>` content do).
 
@@ -72,6 +73,10 @@ class PrefixReuse:
             self._fresh(self._pending)
             self._pending = None
         return self.inner.denoise(block, t, rows=rows)
+
+    def continues(self, ids: list[int]) -> bool:
+        """Whether the live state is a start of `ids` (so feeding `ids` reads only what follows it)."""
+        return bool(self.held) and len(self.held) < len(ids) and ids[:len(self.held)] == self.held
 
     def remember(self, ids: list[int]) -> None:
         """Bring the cache to exactly `ids` (reading only what no state holds) and keep a copy of it as the
@@ -138,8 +143,7 @@ class Conversation:
     def prompt(self, user: str) -> tuple[list[int], list[int] | None]:
         """(the ids the model reads for this turn, the ids of the history where they begin those ids: where
         to keep a snapshot, or None). The history: with a template, the conversation up to this user
-        message, without the generation prompt; without one, the text before this line. Either way a reply
-        stopped half-way (and so not recorded) costs only its own ids at the next turn."""
+        message, without the generation prompt; without one, the text before this line."""
         if self.template is None:
             if not self._ids:
                 return self.tokenizer.encode(user), None
@@ -169,11 +173,16 @@ class Conversation:
 def chat_turn(backend: PrefixReuse, conversation: Conversation, user: str, cfg: S.SamplingConfig,
               eos_ids: list[int], generator: torch.Generator | None = None) -> Iterator[S.Event]:
     """One turn: the sampler's events for the reply to `user`. When the `Finished` event is yielded the
-    turn is already in `conversation.turns`; a turn that does not finish (an interrupt) leaves no trace."""
+    turn is already in `conversation.turns`; a turn that does not finish (an interrupt) leaves no trace.
+
+    Where the live state begins the prompt (a running text; a template that renders past replies as they
+    were generated), the prompt's new ids are read in one call and no snapshot is taken. Where it does not
+    (a template that drops `<think>` content; the turn after an interrupted one), the history is brought
+    up from the snapshot, or read from scratch, and kept as the new snapshot."""
     prompt, history = conversation.prompt(user)
     fed = backend.fed
-    if history is not None:
-        backend.remember(history)
+    if history is not None and not backend.continues(prompt):
+        backend.remember(history)  # the live state does not fit: start from the history (and keep a copy)
     read = None
     for ev in S.generate(backend, [prompt], cfg, eos_ids, generator):
         if read is None:  # the sampler feeds the prompt before its first event
