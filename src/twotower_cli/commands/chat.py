@@ -80,13 +80,7 @@ def chat(
     from twotower_cli.runtime import model_folder, open_runtime
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
-    if mode not in S.MODES:
-        raise TwoTowerError(f"mode {mode!r} is not one of {', '.join(S.MODES)}", "pick a --mode")
-    settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
-                                factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
-                                stop_ids=tuple(stop or ()))
-    settings.validate(vocab_size=1 << 62)  # option errors before the (slow) load
+    settings = O.sampling_config(locals())  # option errors before the (slow) load
     folder = model_folder(model)
     template = None if no_template or find_chat_template(folder) is None else ChatTemplate.load(folder)
     if template is None and (system is not None or chat_arg):

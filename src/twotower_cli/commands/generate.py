@@ -68,8 +68,7 @@ def generate(
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
 
-    if mode not in S.MODES:
-        raise TwoTowerError(f"mode {mode!r} is not one of {', '.join(S.MODES)}", "pick a --mode")
+    settings = O.sampling_config(locals())  # option errors before the (slow) load
     if events and not as_json:
         raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
     if (system is not None or chat_arg) and not chat:
@@ -82,11 +81,6 @@ def generate(
         folder = model_folder(model)
         model = str(folder)
         model_texts = render_chats(folder, items, system, parse_template_args(chat_arg or []))
-    settings = S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold, policy=policy,
-                                factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, mask_token_id=mask_token_id if mask_token_id is not None else 3,
-                                stop_ids=tuple(stop or ()))
-    settings.validate(vocab_size=1 << 62)  # option errors before the (slow) load; vocab checked below
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
     settings = rt.sampling(settings, mask_given=mask_token_id is not None)

@@ -3,9 +3,12 @@ wherever they appear. A command's own options stay in its module."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from twotower_cli.sampler import SamplingConfig
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")]
 Mode = Annotated[str, typer.Option(help="mask_diffusion | mock_ar | ar")]
@@ -30,3 +33,19 @@ Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")]
 NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")]
+
+
+def sampling_config(options: dict) -> SamplingConfig:
+    """A command's sampling options (its parameters by name: mode, block, steps, threshold, policy, factor,
+    max_new_tokens, temperature, top_k, top_p, mask_token_id, stop) as a `SamplingConfig`, checked as far as
+    they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint."""
+    from twotower_cli.sampler import SamplingConfig
+
+    o = options
+    settings = SamplingConfig(mode=o["mode"], block_size=o["block"], steps=o["steps"], threshold=o["threshold"],
+                              policy=o["policy"], factor=o["factor"], max_new_tokens=o["max_new_tokens"],
+                              temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
+                              mask_token_id=3 if o["mask_token_id"] is None else o["mask_token_id"],
+                              stop_ids=tuple(o["stop"] or ()))
+    settings.validate(vocab_size=1 << 62)  # the vocabulary is known after the load
+    return settings
