@@ -133,6 +133,30 @@ def test_cli_prompt_file_and_stdin(trained_like, tmp_path):
     assert json.loads(r.stdout)["prompt"] == "from stdin"
 
 
+def test_cli_prompt_file_in_batches(trained_like, tmp_path):
+    """--batch-size: a prompt file runs in batches (results in file order, the tokens of one batch of all:
+    padding changes nothing); --events tags each event with its batch."""
+    lines = ["hello", "a b", "the quick brown fox", "x", "what now?"]
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(lines) + "\n")
+    common = ("--prompt-file", str(f), "--model", str(trained_like), "-n", "6", "--block", "4", "--threshold", "0.3",
+              "--json")
+    whole = [json.loads(x) for x in invoke(*common).stdout.splitlines()]
+    r = invoke(*common, "--batch-size", "2", "--events")
+    assert r.exit_code == 0, r.output
+    objs = [json.loads(x) for x in r.stdout.splitlines()]
+    results = [o for o in objs if "event" not in o]
+    assert [o["prompt"] for o in results] == lines == [o["prompt"] for o in whole]
+    assert [o["token_ids"] for o in results] == [o["token_ids"] for o in whole]
+    assert sorted({o["batch"] for o in objs if "event" in o}) == [0, 1, 2]
+    assert [len(o["active"]) for o in objs if o.get("event") == "block_started" and o["block"] == 0] == [2, 2, 1]
+    # a batch's results come before the next batch's events
+    kinds = ["result" if "event" not in o else o["batch"] for o in objs]
+    assert kinds.index(1) > kinds.index("result") and kinds[-1] == "result"
+    stats = invoke(*common[:-1], "--batch-size", "2", "--no-live").stderr
+    assert "in 3 batches" in stats
+
+
 BAD = [
     (["", ], "empty prompt"),
     (["hi", "--block", "0"], "block size"),
@@ -145,6 +169,7 @@ BAD = [
     (["hi", "--stop", "4000"], "stop id [4000] is outside the vocabulary"),
     (["hi", "--stop", "-1"], "stop id [-1]"),
     (["--prompt-file", "/dev/null"], "is not a regular file"),
+    (["hi", "--batch-size", "0"], "batch size 0"),
     (["hi", "--mode", "nope"], "mode"),
 ]
 

@@ -55,6 +55,7 @@ def generate(
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
     threads: O.Threads = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts sampled together (a prompt file is run in batches of this many; each batch's results are printed when it ends).")] = 16,
     no_live: O.NoLive = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: stream every sampler event as a JSON line.")] = False,
@@ -69,6 +70,8 @@ def generate(
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
+    if batch_size < 1:
+        raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:
         raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
     if (system is not None or chat_arg) and not chat:
@@ -91,37 +94,43 @@ def generate(
     n_blocks = -(-max_new_tokens // (block if mode == "mask_diffusion" else 1))
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode
-    finished = None
-    stream = S.generate(rt.backend, prompts, settings, rt.eos_ids, gen)
-    if live:
-        with LiveUnmasking(decode, texts, n_blocks, settings.steps_per_block if mode == "mask_diffusion" else 1,
-                           mode, settings.mask_token_id) as view:
+    nfe = n_new = seq_nfe = 0
+    wall = 0.0
+    for first in range(0, len(prompts), batch_size):  # a batch's results are printed as soon as it finishes
+        batch = slice(first, first + batch_size)
+        finished = None
+        stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
+        if live:
+            with LiveUnmasking(decode, texts[batch], n_blocks, settings.steps_per_block if mode == "mask_diffusion" else 1,
+                               mode, settings.mask_token_id) as view:
+                for ev in stream:
+                    view.handle(ev)
+                    if isinstance(ev, S.Finished):
+                        finished = ev
+        else:
             for ev in stream:
-                view.handle(ev)
+                if events:
+                    print(json.dumps({**_event_json(ev, decode), "batch": first // batch_size}), flush=True)
                 if isinstance(ev, S.Finished):
                     finished = ev
-    else:
-        for ev in stream:
-            if events:
-                print(json.dumps(_event_json(ev, decode)), flush=True)
-            if isinstance(ev, S.Finished):
-                finished = ev
-    assert finished is not None
-    wall = finished.wall_seconds
-    for item, text, model_text, g in zip(items, texts, model_texts, finished.generations, strict=True):
-        out = decode(g.token_ids)
-        if as_json:
-            print(json.dumps({
-                "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
-                "token_ids": g.token_ids, "finish_reason": g.finish_reason,
-                "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
-                "tokens_per_second": len(g.token_ids) / max(wall, 1e-9), "wall_seconds": wall,
-                "mode": mode, "settings": finished.settings, "model": str(rt.folder),
-            }), flush=True)
-        elif not live or not sys.stdout.isatty():
-            shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
-            out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
-    n_new = finished.new_tokens
+        assert finished is not None
+        for item, text, model_text, g in zip(items[batch], texts[batch], model_texts[batch], finished.generations,
+                                             strict=True):
+            out = decode(g.token_ids)
+            if as_json:
+                print(json.dumps({
+                    "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
+                    "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+                    "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
+                    "tokens_per_second": len(g.token_ids) / max(finished.wall_seconds, 1e-9),
+                    "wall_seconds": finished.wall_seconds, "mode": mode, "settings": finished.settings,
+                    "model": str(rt.folder),
+                }), flush=True)
+            elif not live or not sys.stdout.isatty():
+                shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
+                out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+        nfe, n_new, wall = nfe + finished.nfe, n_new + finished.new_tokens, wall + finished.wall_seconds
+        seq_nfe += sum(g.nfe for g in finished.generations)
     n_prompt = sum(len(p) for p in prompts)
     peak = peak_memory_bytes(rt.backend.device) / 2**20
     kernel_note = ""
@@ -129,7 +138,9 @@ def generate(
         from twotower_cli.ops import kernels
 
         kernel_note = f" · kernels {kernels.summary()}"
+    batches = -(-len(prompts) // batch_size)
     err_console().print(
-        f"[dim]prompt {n_prompt} tok · generated {n_new} tok · NFE {finished.nfe} · "
-        f"{n_new / max(finished.nfe, 1) / max(len(prompts), 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
+        f"[dim]prompt {n_prompt} tok · generated {n_new} tok · NFE {nfe}"
+        + (f" in {batches} batches" if batches > 1 else "")
+        + f" · {n_new / max(seq_nfe, 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
         f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]")
