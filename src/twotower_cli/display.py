@@ -42,6 +42,7 @@ class LiveUnmasking:
         self.block = None
         self.fresh: list[set[int]] = [set() for _ in range(self.rows)]
         self.block_index = self.step = self.nfe = 0
+        self.block_steps = steps
         self._last = 0.0
         self.live = Live(console=err_console(), auto_refresh=False, transient=False, redirect_stdout=False,
                          redirect_stderr=False)
@@ -61,6 +62,7 @@ class LiveUnmasking:
 
         if isinstance(event, S.BlockStarted):
             self.block_index, self.step = event.block, 0
+            self.block_steps = min(self.steps, event.size)  # a short last block takes fewer steps
             self.block = None
             self.fresh = [set() for _ in range(self.rows)]
         elif isinstance(event, S.Step):
@@ -96,7 +98,7 @@ class LiveUnmasking:
         if self.hidden_rows:
             parts.append(Text(f"(+{self.hidden_rows} more prompts)", style="dim"))
         status = Text(f"{self.mode}  block {min(self.block_index + 1, self.n_blocks)}/{self.n_blocks}"
-                      + (f"  step {self.step}/{self.steps}" if self.mode == "mask_diffusion" else "")
+                      + (f"  step {self.step}/{self.block_steps}" if self.mode == "mask_diffusion" else "")
                       + f"  NFE {self.nfe}", style="bold blue")
         parts.append(status)
         return Group(*parts)

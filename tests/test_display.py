@@ -1,0 +1,42 @@
+"""The live unmasking view, drawn from a real sampler's events (the same stream `generate` feeds it)."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
+
+from twotower_cli import sampler as S
+from twotower_cli.display import LiveUnmasking
+from twotower_cli.text import Tokenizer
+from twotower_cli.towers import TowerBackend, load_model
+
+
+def text_of(renderable) -> str:
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tmp_path):
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    settings = S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=10)  # blocks of 4, 4, 2
+    view = LiveUnmasking(tok.decode, ["hello"], n_blocks=3, steps=4, mode="mask_diffusion", mask_id=3)
+    seen_masked = False
+    for ev in S.generate(backend, [tok.encode("hello")], settings):
+        view.handle(ev)
+        if isinstance(ev, S.Step):
+            shown = text_of(view.render())
+            masked = int((ev.tokens[0] == 3).sum())
+            assert shown.count(LiveUnmasking.MASK_GLYPH) == masked
+            seen_masked |= masked > 0
+            steps_of_block = 2 if ev.block == 2 else 4
+            assert f"block {ev.block + 1}/3  step {ev.step + 1}/{steps_of_block}  NFE {ev.nfe}" in shown
+        if isinstance(ev, S.Finished):
+            final = text_of(view.render())
+            assert final.startswith("hello" + tok.decode(ev.generations[0].token_ids))
+    assert seen_masked
