@@ -61,6 +61,28 @@ def test_eos_cut_on_a_real_model(backend):
 
 
 @pytest.mark.hf
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_until_ends_one_sequence_at_the_block_it_says(backend, mode):
+    """`until` ends a sequence after the block (ar/mock_ar: token) where it first says so, with its ids
+    uncut and finish_reason "stop"; the other sequences of the batch are untouched."""
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=14)
+    free = [S.run(backend, [p], cfg).generations[0] for p in PROMPTS[:2]]
+    asked = []
+
+    def until(i, ids):
+        asked.append((i, len(ids)))
+        return i == 0 and len(ids) >= 6
+
+    got = None
+    for ev in S.generate(backend, PROMPTS[:2], cfg, until=until):
+        got = ev
+    first, second = got.generations
+    n = 8 if mode == "mask_diffusion" else 6  # the block that reaches 6 ids ends at 8
+    assert first.finish_reason == "stop" and first.token_ids == free[0].token_ids[:n] and first.stop_id is None
+    assert second.token_ids == free[1].token_ids and second.finish_reason == free[1].finish_reason
+    assert max(length for i, length in asked if i == 0) == n  # not asked again once it ended
+
+
 def test_ar_matches_transformers_greedy(tmp_path, hf_checkpoint, tiny_config):
     """`ar` on a transformers-written checkpoint == transformers' greedy decode, with transformers' dt
     clamp at time_step_min lifted to NVIDIA's (0, inf) (spec §9) on its mixers."""

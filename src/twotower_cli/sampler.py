@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -138,7 +138,7 @@ class BlockDone:
 class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # generated, cut before the first stop/EOS id
-    finish_reason: Literal["eos", "length"]
+    finish_reason: Literal["eos", "length", "stop"]  # stop: the caller's `until` ended it
     nfe: int  # forwards this sequence took part in while active
     stop_id: int | None = None  # the stop/EOS id that ended it ("eos"), not part of token_ids
 
@@ -157,6 +157,7 @@ class Finished:
 
 
 Event = BlockStarted | Step | BlockDone | Finished
+Until = Callable[[int, list[int]], bool]  # (sequence index, its generated ids so far) → end it now
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -273,39 +274,62 @@ def select_commits(conf: torch.Tensor, masked: torch.Tensor, k: torch.Tensor) ->
 
 
 def _stop_ids(cfg: SamplingConfig, eos_ids: list[int]) -> torch.Tensor:
-    return torch.tensor(sorted(set(eos_ids) | set(cfg.stop_ids)), dtype=torch.long)
+    return torch.tensor(sorted(stop_set(cfg, eos_ids)), dtype=torch.long)
 
 
-def _first_stop(ids: list[int], stops: set[int]) -> int | None:
+def stop_set(cfg: SamplingConfig, eos_ids: list[int]) -> set[int]:
+    """Every id that ends a sequence: the checkpoint's end ids and the user's stop ids."""
+    return set(eos_ids) | set(cfg.stop_ids)
+
+
+def first_stop(ids: list[int], stops: set[int]) -> int | None:
+    """Index of the first id of `ids` in `stops`, or None: where a sequence's text ends."""
     for i, tok in enumerate(ids):
         if tok in stops:
             return i
     return None
 
 
+def _ask_until(until: Until | None, out: torch.Tensor, done: torch.Tensor, stopped_at: list[int | None]) -> None:
+    """Mark done every sequence still going whose generated ids `until` says end it, and note its length."""
+    if until is None:
+        return
+    for b in (~done).nonzero()[:, 0].tolist():
+        if until(b, out[b].tolist()):
+            done[b] = True
+            stopped_at[b] = out.shape[1]
+
+
 # ---------------------------------------------------------------------------------------------- samplers
 
 def generate(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int] = (),
-             generator: torch.Generator | None = None) -> Iterator[Event]:
-    """Sample continuations for a batch of prompts; yields events, ending with `Finished`."""
+             generator: torch.Generator | None = None, until: Until | None = None) -> Iterator[Event]:
+    """Sample continuations for a batch of prompts; yields events, ending with `Finished`.
+
+    `until(i, ids)`, if given, is asked after each block (ar, mock_ar: each token) for every sequence i
+    still going, with the ids it has generated so far (from the first block, stop ids included); True ends
+    that sequence as an end id would, with finish_reason "stop" and its ids uncut (`serve` ends on stop
+    strings this way and cuts the text itself)."""
     cfg.validate(backend.vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TwoTowerError("empty prompt", "give some text to continue")
     with torch.no_grad():
         if cfg.mode == "mask_diffusion":
-            yield from _mask_diffusion(backend, prompts, cfg, list(eos_ids), generator)
+            yield from _mask_diffusion(backend, prompts, cfg, list(eos_ids), generator, until)
         else:
-            yield from _one_token_at_a_time(backend, prompts, cfg, list(eos_ids), generator)
+            yield from _one_token_at_a_time(backend, prompts, cfg, list(eos_ids), generator, until)
 
 
-def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], nfe_per_seq: list[int],
-            nfe: int, t0: float, cfg: SamplingConfig) -> Finished:
+def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], stopped_at: list[int | None],
+            nfe_per_seq: list[int], nfe: int, t0: float, cfg: SamplingConfig) -> Finished:
     gens = []
     for b, p in enumerate(prompts):
-        ids = out[b].tolist()
-        cut = _first_stop(ids, stops)
-        gens.append(Generation(p, ids if cut is None else ids[:cut], "length" if cut is None else "eos", nfe_per_seq[b],
-                               None if cut is None else ids[cut]))
+        ids = out[b, :stopped_at[b]].tolist()  # the batch went on after `until` ended this one
+        cut = first_stop(ids, stops)
+        if cut is not None:
+            gens.append(Generation(p, ids[:cut], "eos", nfe_per_seq[b], ids[cut]))
+        else:
+            gens.append(Generation(p, ids, "length" if stopped_at[b] is None else "stop", nfe_per_seq[b]))
     settings = {k: v for k, v in cfg.__dict__.items()}
     settings["steps"] = cfg.steps_per_block
     settings["stop_ids"] = sorted(stops)
@@ -313,7 +337,7 @@ def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], nfe_pe
 
 
 def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int],
-                    generator: torch.Generator | None) -> Iterator[Event]:
+                    generator: torch.Generator | None, until: Until | None) -> Iterator[Event]:
     t0 = time.perf_counter()
     B = len(prompts)
     stops_t = _stop_ids(cfg, eos_ids)
@@ -322,6 +346,7 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
     backend.reset(B)
     backend.extend(ids, attention_mask=None if bool(mask.all()) else mask)
     done = torch.zeros(B, dtype=torch.bool)
+    stopped_at: list[int | None] = [None] * B  # length at which `until` ended a sequence
     out = torch.empty(B, 0, dtype=torch.long)
     nfe, nfe_per_seq = 0, [0] * B
     n_blocks = math.ceil(cfg.max_new_tokens / cfg.block_size)
@@ -349,15 +374,16 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
                        [conf[b, p].tolist() for b, p in enumerate(pos)])
         out = torch.cat([out, x], dim=1)
         done |= torch.isin(x, stops_t).any(dim=-1)
+        _ask_until(until, out, done, stopped_at)
         yield BlockDone(blk, x, done.tolist())
         if bool(done.all()) or blk == n_blocks - 1:
             break
         backend.extend(x)
-    yield _finish(prompts, out, stops, nfe_per_seq, nfe, t0, cfg)
+    yield _finish(prompts, out, stops, stopped_at, nfe_per_seq, nfe, t0, cfg)
 
 
 def _one_token_at_a_time(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int],
-                         generator: torch.Generator | None) -> Iterator[Event]:
+                         generator: torch.Generator | None, until: Until | None) -> Iterator[Event]:
     """`ar`: the context tower and its head, cached one-token decode. `mock_ar`: the denoiser reads the
     last committed token at position n-1, seeded with the context state before it, and its logits give
     the next token; the context tower therefore runs one token behind."""
@@ -377,6 +403,7 @@ def _one_token_at_a_time(backend: Backend, prompts: list[list[int]], cfg: Sampli
         ids, mask = left_pad(prompts, cfg.pad_token_id)
         logits = backend.extend(ids, attention_mask=None if bool(mask.all()) else mask).float()
     done = torch.zeros(B, dtype=torch.bool)
+    stopped_at: list[int | None] = [None] * B  # length at which `until` ended a sequence
     tokens: list[torch.Tensor] = []
     nfe, nfe_per_seq = 1, [1] * B
     for i in range(cfg.max_new_tokens):
@@ -386,6 +413,8 @@ def _one_token_at_a_time(backend: Backend, prompts: list[list[int]], cfg: Sampli
         tokens.append(tok)
         yield Step(i, 0, nfe, tok.clone(), [[0]] * B, [[v] for v in pred.tolist()], [[c] for c in conf.tolist()])
         done |= torch.isin(pred, stops_t)
+        if until is not None:
+            _ask_until(until, torch.cat(tokens, dim=1), done, stopped_at)
         yield BlockDone(i, tok, done.tolist())
         if bool(done.all()) or i == cfg.max_new_tokens - 1:
             break
@@ -399,7 +428,7 @@ def _one_token_at_a_time(backend: Backend, prompts: list[list[int]], cfg: Sampli
         for b in (~done).nonzero()[:, 0].tolist():
             nfe_per_seq[b] += 1
     out = torch.cat(tokens, dim=1) if tokens else torch.empty(B, 0, dtype=torch.long)
-    yield _finish(prompts, out, stops, nfe_per_seq, nfe, t0, cfg)
+    yield _finish(prompts, out, stops, stopped_at, nfe_per_seq, nfe, t0, cfg)
 
 
 def run(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int] = (),
