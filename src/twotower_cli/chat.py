@@ -149,14 +149,7 @@ class Conversation:
                 return self.tokenizer.encode(user), None
             sep = "" if self.tokenizer.decode(self._ids[-1:]).endswith("\n") else "\n"
             return self._ids + self.tokenizer.encode(sep + user, add_special_tokens=False), list(self._ids)
-        messages = self.messages(user)
-        ids = self.tokenizer.encode(self.template.render(messages, **self.variables), add_special_tokens=False)
-        try:
-            history = self.tokenizer.encode(
-                self.template.render(messages, add_generation_prompt=False, **self.variables), add_special_tokens=False)
-        except TwoTowerError:  # a template may refuse a conversation that ends on a user turn without the prompt
-            return ids, None
-        return ids, (history if 0 < len(history) < len(ids) and ids[:len(history)] == history else None)
+        return template_ids(self.template, self.tokenizer, self.messages(user), self.variables)
 
     def add(self, turn: Turn) -> None:
         """Record a finished turn (`chat_turn` does)."""
@@ -170,6 +163,28 @@ class Conversation:
         self._ids = []
 
 
+def template_ids(template: ChatTemplate, tokenizer: Tokenizer, messages: list[dict],
+                 variables: dict) -> tuple[list[int], list[int] | None]:
+    """A conversation's ids through a chat template (with the generation prompt, as `generate --chat`), and
+    the ids of the same conversation without the generation prompt where they begin the first: the history
+    a snapshot is kept at (`start_from`); None where they do not."""
+    ids = tokenizer.encode(template.render(messages, **variables), add_special_tokens=False)
+    try:
+        history = tokenizer.encode(template.render(messages, add_generation_prompt=False, **variables),
+                                   add_special_tokens=False)
+    except TwoTowerError:  # a template may refuse a conversation that ends on a user turn without the prompt
+        return ids, None
+    return ids, (history if 0 < len(history) < len(ids) and ids[:len(history)] == history else None)
+
+
+def start_from(backend: PrefixReuse, prompt: list[int], history: list[int] | None) -> None:
+    """Before sampling on `prompt`: where the live state does not begin it, bring the cache to `history`
+    (from the snapshot where it fits, else from scratch) and keep a copy there; then the sampler reads only
+    what follows. Where the live state fits, nothing: one extend, no copy."""
+    if history is not None and not backend.continues(prompt):
+        backend.remember(history)
+
+
 def chat_turn(backend: PrefixReuse, conversation: Conversation, user: str, cfg: S.SamplingConfig,
               eos_ids: list[int], generator: torch.Generator | None = None) -> Iterator[S.Event]:
     """One turn: the sampler's events for the reply to `user`. When the `Finished` event is yielded the
@@ -181,8 +196,7 @@ def chat_turn(backend: PrefixReuse, conversation: Conversation, user: str, cfg: 
     up from the snapshot, or read from scratch, and kept as the new snapshot."""
     prompt, history = conversation.prompt(user)
     fed = backend.fed
-    if history is not None and not backend.continues(prompt):
-        backend.remember(history)  # the live state does not fit: start from the history (and keep a copy)
+    start_from(backend, prompt, history)
     read = None
     for ev in S.generate(backend, [prompt], cfg, eos_ids, generator):
         if read is None:  # the sampler feeds the prompt before its first event

@@ -5,6 +5,7 @@ from twotower_cli.commands import (
     chat,  # noqa: F401
     generate,  # noqa: F401
     inspect,  # noqa: F401
+    serve,  # noqa: F401
     split,  # noqa: F401
     train,  # noqa: F401
 )

@@ -1,0 +1,77 @@
+"""`twotower serve`: an OpenAI-compatible HTTP server (completions, chat completions) over one model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from twotower_cli.cli import app, guarded
+from twotower_cli.commands import options as O
+
+
+@app.command()
+@guarded
+def serve(
+    model: O.Model = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    mode: O.Mode = "mask_diffusion",
+    block: O.Block = 16,
+    steps: O.Steps = None,
+    threshold: O.Threshold = 0.8,
+    policy: O.Policy = "threshold",
+    factor: O.Factor = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per request unless it sets max_tokens.")] = 256,
+    temperature: O.Temperature = 0.0,
+    top_k: O.TopK = None,
+    top_p: O.TopP = None,
+    seed: O.Seed = 0,
+    mask_token_id: O.MaskTokenId = None,
+    stop: O.Stop = None,
+    chat_arg: O.ChatArg = None,
+    device: O.Device = None,
+    context_device: O.ContextDevice = None,
+    denoiser_device: O.DenoiserDevice = None,
+    dtype: O.Dtype = "auto",
+    compile: O.Compile = False,
+    threads: O.Threads = None,
+) -> None:
+    """Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, /v1/models.
+
+    The options are the defaults of every request; a request's own fields (max_tokens, temperature, top_p,
+    stop, seed, stream, and block_size, steps, threshold, mode) override them. One request at a time."""
+    from twotower_cli.display import err_console
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.runtime import model_folder, open_runtime
+    from twotower_cli.serve import Engine, make_server
+    from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
+
+    defaults = O.sampling_config(locals())  # option errors before the (slow) load
+    if not 0 <= port <= 65535:
+        raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
+    variables = parse_template_args(chat_arg or [])
+    folder = model_folder(model)
+    template = ChatTemplate.load(folder) if find_chat_template(folder) is not None else None
+    rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
+                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
+    defaults = rt.sampling(defaults, mask_given=mask_token_id is not None)
+    name = model or rt.folder.name
+    engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed)
+    console = err_console()
+    try:
+        server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{line}[/]", highlight=False,
+                                                                               markup=True, soft_wrap=True))
+    except OSError as e:
+        raise TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                            "pick another --port, or stop what holds this one") from None
+    bound_host, bound_port = server.server_address[:2]
+    chat_note = f"chat template from {template.origin}" if template is not None else "no chat template (completions only)"
+    console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
+                  f"[bold]http://{bound_host}:{bound_port}/v1[/] · {chat_note} · Ctrl-C stops", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("[dim]stopped[/]")
+    finally:
+        server.server_close()

@@ -1,0 +1,384 @@
+"""An OpenAI-compatible HTTP server over one loaded model (`twotower serve`), on the standard library's
+`http.server`.
+
+    GET  /health, /v1/models
+    POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
+    POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
+
+Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
+a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
+the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
+(presence_penalty, user, ...) are ignored; logprobs and n > 1 are refused with a 400. Unset fields take
+the defaults given on the command line.
+
+One request runs at a time (a lock around the model); the prompts of one request are sampled as one batch.
+Every request goes through one `chat.PrefixReuse` backend, so a client that sends its conversation again
+with a turn appended (every chat client does) pays for the new ids only.
+
+`stream: true` answers with server-sent events as OpenAI does: a chunk each time text becomes final (per
+committed block; ar: per token), then one with the finish reason, then `data: [DONE]`. Text that could
+still be the start of a stop string, or ends inside a multi-byte character, is held back until it cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from twotower_cli import sampler as S
+from twotower_cli.chat import PrefixReuse, start_from, template_ids
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.text import ChatTemplate, Tokenizer
+
+
+class BadRequest(Exception):
+    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+@dataclass
+class Request:
+    prompts: list[list[int]]
+    settings: S.SamplingConfig
+    stops: list[str]
+    seed: int | None
+    stream: bool
+    chat: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
+
+
+def _number(body: dict, key: str, kind: type, default):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+    return kind(value)
+
+
+def _text_of(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts, of which the text parts are read."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" for p in content):
+            raise BadRequest("only text message parts are supported")
+        return "".join(str(p.get("text", "")) for p in content)
+    raise BadRequest("a message's 'content' must be a string or a list of text parts")
+
+
+def _prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+    """/v1/completions' prompt → ids per prompt (ids: below the model's vocabulary size, which may exceed
+    the tokenizer's)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]  # one prompt given as ids
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest("'prompt' must be a string, a list of strings, a list of ids or a list of id lists")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p))
+        elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out.append(list(p))
+        else:
+            raise BadRequest("'prompt' must be a string, a list of strings, a list of ids or a list of id lists")
+        if not out[-1]:
+            raise BadRequest("a prompt is empty")
+        if not all(0 <= t < vocab_size for t in out[-1]):
+            raise BadRequest(f"a prompt id is outside the vocabulary (0..{vocab_size - 1})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+@dataclass
+class Piece:
+    """What one sampler event made final: per prompt, new text (may be empty)."""
+    deltas: list[str]
+
+
+@dataclass
+class Result:
+    texts: list[str]
+    finish_reasons: list[str]  # "stop" (an end id or a stop string) or "length"
+    prompt_tokens: int
+    cached_tokens: int  # prompt ids the context tower held from an earlier request (not read again)
+    completion_tokens: int
+    nfe: int
+    seconds: float
+
+
+class Engine:
+    """The model side of the server: parses a request body into a `Request` and runs it."""
+
+    def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
+                 template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0):
+        self.backend = PrefixReuse(backend)
+        self.tokenizer, self.eos_ids, self.defaults, self.name = tokenizer, list(eos_ids), defaults, name
+        self.template, self.variables = template, dict(variables or {})
+        self.lock = threading.Lock()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.created = int(time.time())
+
+    def parse(self, body: dict, chat: bool) -> Request:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        if _number(body, "n", int, 1) != 1:
+            raise BadRequest("only n = 1 is supported")
+        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+            raise BadRequest("logprobs are not supported")
+        history = None
+        if chat:
+            prompt, history = self._render(body)
+            prompts = [prompt]
+        else:
+            prompts = _prompts(body, self.tokenizer, self.backend.vocab_size)
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise BadRequest("'stop' must be a string or a list of non-empty strings")
+        d = self.defaults
+        max_tokens = _number(body, "max_completion_tokens", int, None)
+        top_p = _number(body, "top_p", float, d.top_p)
+        top_k = _number(body, "top_k", int, d.top_k)  # 0 or -1: no top-k, as other servers read it
+        settings = replace(
+            d, max_new_tokens=_number(body, "max_tokens", int, max_tokens or d.max_new_tokens),
+            temperature=_number(body, "temperature", float, d.temperature),
+            top_p=None if top_p == 1.0 else top_p, top_k=top_k if top_k is not None and top_k > 0 else None,
+            mode=body.get("mode", d.mode), block_size=_number(body, "block_size", int, d.block_size),
+            steps=_number(body, "steps", int, d.steps), threshold=_number(body, "threshold", float, d.threshold),
+            policy=body.get("policy", d.policy), factor=_number(body, "factor", float, d.factor))
+        try:
+            settings.validate(self.backend.vocab_size)
+        except TwoTowerError as e:
+            raise BadRequest(e.message) from None
+        if settings.mode != "ar" and self.backend.inner.twotower is None:
+            raise BadRequest("this model has no denoiser: only mode 'ar'")
+        options = body.get("stream_options") or {}
+        return Request(prompts, settings, stops, _number(body, "seed", int, None), bool(body.get("stream")), chat,
+                       isinstance(options, dict) and bool(options.get("include_usage")), history)
+
+    def _render(self, body: dict) -> tuple[list[int], list[int] | None]:
+        if self.template is None:
+            raise BadRequest("this model has no chat template: use /v1/completions")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+        messages = [{**m, "content": _text_of(m.get("content", ""))} for m in messages]
+        variables = body.get("chat_template_kwargs") or {}
+        if not isinstance(variables, dict):
+            raise BadRequest("'chat_template_kwargs' must be an object")
+        try:
+            return template_ids(self.template, self.tokenizer, messages, {**self.variables, **variables})
+        except TwoTowerError as e:
+            raise BadRequest(e.message) from None
+
+    def run(self, req: Request) -> Iterator[Piece | Result]:
+        """Sample under the lock: `Piece`s as text becomes final (their deltas add up to the result's texts),
+        then the `Result`."""
+        decode = self.tokenizer.decode
+        stops = S.stop_set(req.settings, self.eos_ids)
+        B = len(req.prompts)
+        ids: list[list[int]] = [[] for _ in range(B)]
+        sent = [""] * B
+
+        def final_text(row_ids: list[int]) -> tuple[str, bool]:
+            """The text of generated ids, cut before the first stop string; and whether one was found."""
+            cut = S.first_stop(row_ids, stops)
+            text = decode(row_ids if cut is None else row_ids[:cut])
+            found = [i for i in (text.find(s) for s in req.stops) if i >= 0]
+            return (text[:min(found)], True) if found else (text, False)
+
+        until: Callable[[int, list[int]], bool] | None = None
+        if req.stops:
+            def until(i: int, row_ids: list[int]) -> bool:
+                return final_text(row_ids)[1]
+
+        generator = self.generator if req.seed is None else torch.Generator().manual_seed(req.seed)
+        with self.lock:
+            fed, read = self.backend.fed, None
+            if B == 1:
+                start_from(self.backend, req.prompts[0], req.history)
+            stream = S.generate(self.backend, req.prompts, req.settings, self.eos_ids, generator, until)
+            try:
+                for ev in stream:
+                    if read is None:  # the sampler feeds the prompts before its first event
+                        read = self.backend.fed - fed
+                    if isinstance(ev, S.BlockDone):
+                        deltas = []
+                        for b in range(B):
+                            ids[b] += ev.tokens[b].tolist()
+                            text, ended = final_text(ids[b])
+                            ended = ended or S.first_stop(ids[b], stops) is not None
+                            safe = text if ended else self._hold_back(text, req.stops)
+                            delta = safe[len(sent[b]):] if safe.startswith(sent[b]) else ""
+                            sent[b] += delta
+                            deltas.append(delta)
+                        if any(deltas):
+                            yield Piece(deltas)
+                    elif isinstance(ev, S.Finished):
+                        texts = [final_text(g.token_ids)[0] for g in ev.generations]
+                        tail = [t[len(s):] if t.startswith(s) else "" for t, s in zip(texts, sent, strict=True)]
+                        if any(tail):
+                            yield Piece(tail)
+                        n_prompt = sum(len(p) for p in req.prompts)
+                        fed_prompt = n_prompt - B * (req.settings.mode == "mock_ar")  # its context runs one behind
+                        yield Result(texts, ["length" if g.finish_reason == "length" else "stop" for g in ev.generations],
+                                     n_prompt, max(fed_prompt - read, 0), sum(len(g.token_ids) for g in ev.generations),
+                                     ev.nfe, ev.wall_seconds)
+            finally:
+                stream.close()
+
+    @staticmethod
+    def _hold_back(text: str, stops: list[str]) -> str:
+        """`text` without an unfinished multi-byte character at its end, nor an ending that could be the start
+        of a stop string (so streamed text never has to be taken back)."""
+        text = text.rstrip("\ufffd")
+        keep = len(text)
+        for s in stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = min(keep, len(text) - n)
+                    break
+        return text[:keep]
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> dict:
+    if req.chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
+                   for i, (t, f) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
+    else:
+        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
+                   for i, (t, f) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
+    return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": int(time.time()),
+            "model": engine.name, "choices": choices, "usage": _usage(result)}
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}, "nfe": result.nfe,
+            "seconds": round(result.seconds, 6)}
+
+
+def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None, finish: str | None) -> dict:
+    if req.chat:
+        delta = {} if text is None else {"content": text}
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk" if req.chat else "text_completion", "created": int(time.time()),
+            "model": engine.name, "choices": [choice]}
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
+                log: Callable[[str], None] | None = None) -> ThreadingHTTPServer:
+    """The HTTP server (not started: call `serve_forever`); `port` 0 picks a free one (`server_address`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "twotower"
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+            if log is not None:
+                log(f"{self.address_string()} {format % args}")
+
+        def _json(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str) -> None:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+        def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+            if self.path == "/health":
+                self._json(HTTPStatus.OK, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self._json(HTTPStatus.OK, {"object": "list", "data": [
+                    {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+
+        def do_POST(self) -> None:  # noqa: N802
+            routes = {"/v1/completions": False, "/v1/chat/completions": True}
+            if self.path not in routes:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"null")
+                except (ValueError, UnicodeDecodeError):
+                    raise BadRequest("the request body is not valid JSON") from None
+                req = engine.parse(body, chat=routes[self.path])
+                rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
+                if req.stream:
+                    self._stream(req, rid)
+                else:
+                    result = [r for r in engine.run(req) if isinstance(r, Result)][-1]
+                    self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
+            except BadRequest as e:
+                self._error(e.status, e.message)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away; the sampler was closed with the stream
+            except Exception as e:  # noqa: BLE001 — a failed request must not take the server down
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+
+        def _stream(self, req: Request, rid: str) -> None:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+
+            def send(obj) -> None:
+                self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
+                self.wfile.flush()
+
+            if req.chat:
+                send(_chunk(engine, req, rid, 0, None, None) | {"choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+            try:
+                with contextlib.closing(engine.run(req)) as items:  # a client gone mid-stream frees the model
+                    for item in items:
+                        if isinstance(item, Piece):
+                            for i, text in enumerate(item.deltas):
+                                if text:
+                                    send(_chunk(engine, req, rid, i, text, None))
+                        else:
+                            for i, finish in enumerate(item.finish_reasons):
+                                send(_chunk(engine, req, rid, i, None, finish))
+                            if req.include_usage:
+                                send({**_chunk(engine, req, rid, 0, None, None), "choices": [], "usage": _usage(item)})
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream
+                send({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
+                                "code": None}})
+            send("[DONE]")
+
+    return ThreadingHTTPServer((host, port), Handler)

@@ -1,0 +1,219 @@
+"""`twotower serve`: a real HTTP server on a free local port, asked as OpenAI clients ask it. The reference for
+every reply is the sampler run directly on the same ids (what `generate` prints)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotower
+
+from twotower_cli import sampler as S
+from twotower_cli.serve import Engine, make_server
+from twotower_cli.text import ChatTemplate, Tokenizer
+from twotower_cli.towers import TowerBackend, load_model
+
+CFG = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    cfg = tiny_cfg()
+    plain = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
+                           denoiser=random_base(cfg, 12))
+    return add_chat(shutil.copytree(plain, tmp_path_factory.mktemp("chat") / "tt"))
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return load_model(folder, need_denoiser=True).twotower
+
+
+@pytest.fixture(scope="module")
+def url(folder, model):
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", ChatTemplate.load(folder))
+    server = make_server(engine, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def post(url, path, body, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def events(text):
+    """Server-sent events → the JSON objects, and whether the stream ended with [DONE]."""
+    datas = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    return [json.loads(d) for d in datas if d != "[DONE]"], datas[-1] == "[DONE]"
+
+
+def reference(model, ids, cfg=CFG, eos=(2, 38)):
+    return S.run(TowerBackend(model), [ids], cfg, list(eos)).generations[0]
+
+
+def test_completion_is_the_sampler_on_the_same_ids(url, model, folder):
+    tok = Tokenizer(folder)
+    status, body = post(url, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})
+    assert status == 200, body
+    out = json.loads(body)
+    want = reference(model, tok.encode("hello there"))
+    choice = out["choices"][0]
+    assert choice["text"] == tok.decode(want.token_ids) and out["object"] == "text_completion"
+    assert choice["finish_reason"] == ("length" if want.finish_reason == "length" else "stop")
+    assert out["usage"]["completion_tokens"] == len(want.token_ids) and out["usage"]["prompt_tokens"] == 11
+
+
+def test_a_list_of_prompts_and_prompts_as_ids(url, model, folder):
+    tok = Tokenizer(folder)
+    ids = tok.encode("abc")
+    status, body = post(url, "/v1/completions", {"prompt": ["hello there", "abc"], "max_tokens": 12})
+    assert status == 200, body
+    texts = [c["text"] for c in sorted(json.loads(body)["choices"], key=lambda c: c["index"])]
+    assert texts == [tok.decode(reference(model, tok.encode(p)).token_ids) for p in ("hello there", "abc")]
+    status, body = post(url, "/v1/completions", {"prompt": ids, "max_tokens": 12})
+    assert json.loads(body)["choices"][0]["text"] == texts[1]
+
+
+def test_stream_adds_up_to_the_whole_reply(url):
+    whole = json.loads(post(url, "/v1/completions", {"prompt": "what now", "max_tokens": 12})[1])
+    status, body = post(url, "/v1/completions", {"prompt": "what now", "max_tokens": 12, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+    assert status == 200
+    chunks, done = events(body)
+    assert done and len([c for c in chunks if c["choices"] and c["choices"][0]["text"]]) > 1  # block by block
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_stop_strings_cut_the_text_and_end_the_sampling(url, model, folder, mode):
+    """The text ends before the first stop string, sampling ends at the block (ar: token) that wrote it, and
+    a stream never sends text it has to take back (ar streams a token at a time: the stop's first
+    character arrives one token before the stop is complete)."""
+    tok = Tokenizer(folder)
+    free = tok.decode(reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=24, mode=mode)).token_ids)
+    stop = free[5:7]  # a string the free run writes
+    assert len(stop) == 2 and free.find(stop) == 5
+    body = {"prompt": "hello there", "max_tokens": 24, "stop": [stop, "never-written"], "mode": mode}
+    out = json.loads(post(url, "/v1/completions", body)[1])
+    assert out["choices"][0]["text"] == free[:free.find(stop)] and out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] < 24  # sampling ended at the block that wrote it
+    chunks, _ = events(post(url, "/v1/completions", {**body, "stream": True})[1])
+    assert "".join(c["choices"][0]["text"] for c in chunks) == free[:free.find(stop)]
+
+
+def replace_cfg(**kw):
+    return S.SamplingConfig(**{**CFG.__dict__, **kw})
+
+
+def test_chat_completion_renders_the_template(url, model, folder):
+    tok, template = Tokenizer(folder), ChatTemplate.load(folder)
+    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "who are you?"}]
+    body = {"messages": messages, "max_tokens": 12, "chat_template_kwargs": {"enable_thinking": False}}
+    out = json.loads(post(url, "/v1/chat/completions", body)[1])
+    ids = tok.encode(template.render(messages, enable_thinking=False), add_special_tokens=False)
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": tok.decode(reference(model, ids).token_ids)}
+    chunks, done = events(post(url, "/v1/chat/completions", {**body, "stream": True})[1])
+    assert done and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == out["choices"][0]["message"]["content"] and chunks[0]["object"] == "chat.completion.chunk"
+
+
+def test_a_growing_conversation_reads_only_its_new_ids(url, folder):
+    """Requests share one PrefixReuse backend: the second turn of a conversation reads only what is new."""
+    messages = [{"role": "user", "content": "hello"}]
+    first = json.loads(post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8})[1])
+    messages += [first["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+    second = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8})
+    assert second[0] == 200
+    # the test template renders the past reply without the <think></think> it was generated after: the
+    # state kept at the end of the first user message serves (chat.start_from)
+    before = Tokenizer(folder).encode(ChatTemplate.load(folder).render(messages[:1], add_generation_prompt=False),
+                                      add_special_tokens=False)
+    assert json.loads(second[1])["usage"]["prompt_tokens_details"]["cached_tokens"] == len(before) > 0
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < first["usage"]["prompt_tokens"]
+    # the reference: the same conversation as a fresh run (a reused state must not change the reply)
+    tok, template = Tokenizer(folder), ChatTemplate.load(folder)
+    ids = tok.encode(template.render(messages), add_special_tokens=False)
+    model = load_model(folder, need_denoiser=True).twotower
+    want = S.run(TowerBackend(model), [ids], replace_cfg(max_new_tokens=8), [2, 38]).generations[0]
+    assert json.loads(second[1])["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/v1/completions", None, 400, "not valid JSON"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n = 1"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {}, 400, "'prompt' must be"),
+    ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
+    ("/v1/completions", {"prompt": "hi", "steps": 9}, 400, "steps 9"),
+    ("/v1/completions", {"prompt": "hi", "stop": 3}, 400, "'stop'"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "roles must alternate"),
+    ("/v1/nope", {}, 404, "no route"),
+])
+def test_bad_requests_get_an_openai_error(url, path, body, status, needle):
+    got, text = post(url, path, body, raw=b"{bad" if body is None else None)
+    assert got == status, text
+    error = json.loads(text)["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
+
+
+def test_models_and_health(url):
+    with urllib.request.urlopen(url + "/v1/models") as r:
+        assert json.load(r)["data"][0]["id"] == "tiny-test"
+    with urllib.request.urlopen(url + "/health") as r:
+        assert json.load(r) == {"status": "ok"}
+
+
+def test_held_back_text_never_ends_in_a_stop_prefix_or_a_broken_character():
+    hold = Engine._hold_back
+    assert hold("abc</", ["</s>"]) == "abc" and hold("abc<", ["</s>", "<|end"]) == "abc"
+    assert hold("abc", ["</s>"]) == "abc" and hold("ab\ufffd", []) == "ab" and hold("a</s", ["</s>"]) == "a"
+
+
+def test_a_completion_that_continues_the_last_one_reads_only_the_rest(url, model, folder):
+    """Prompts as ids (a random model writes ids the test tokenizer cannot spell): the reply's ids from
+    the reference run, then a prompt that continues prompt + reply."""
+    ids = Tokenizer(folder).encode("abc abc")
+    post(url, "/v1/completions", {"prompt": ids, "max_tokens": 12})
+    reply = reference(model, ids).token_ids
+    assert len(reply) == 12
+    second = json.loads(post(url, "/v1/completions", {"prompt": ids + reply + [5], "max_tokens": 4})[1])
+    # held: the first prompt and its first two blocks of 4 (the last block is never fed back)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) + 8
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+def test_cli_serve_refuses_a_bad_port_in_one_line(folder):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from twotower_cli.cli import get_app
+
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", "70000"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: port 70000"), r.output
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", str(port)])
+    assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.output, r.output
