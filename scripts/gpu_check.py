@@ -11,7 +11,8 @@
    4 steps per block of 16) shows 4 tok/NFE;
 4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path); for one decode step and one
    block denoise: host syncs (CUDA's sync debug mode), GPU activities (profiler), and eager vs CUDA-graph
-   replay ms (what graphs could give; a capture failure names what is not capture-safe);
+   replay ms (what graphs could give; a capture failure names what is not capture-safe); `twotower chat`'s
+   prompt phase with the context tower's state kept between turns vs read again;
 5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
    dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory;
 6. one MoE layer at Nano's sizes: the routed experts as a per-expert loop vs grouped GEMMs (`moe.Experts`),
@@ -225,6 +226,27 @@ def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, block
     return {"prefill_tok_s": L / t_prefill, "decode_tok_s": decode / t_decode, "block_ms": t_block * 1e3}
 
 
+def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.SamplingConfig, turns: int = 3,
+               new: int = 32) -> str:
+    """`twotower chat`'s prompt phase for `turns` turns (each prompt: the last one, its reply and `new` more
+    ids): the conversation read again (a fresh state) vs the state kept (`chat.PrefixReuse`), and how many
+    replies came out identical (in bf16 a chunked prefill and shorter extends round differently)."""
+    import chat as chat_bench  # benchmarks/chat.py
+
+    from twotower_cli.chat import PrefixReuse
+
+    kept, reread = PrefixReuse(backend), TowerBackend(model)
+    gen = torch.Generator().manual_seed(1)
+    parts, same = [], 0
+    for _ in range(turns):
+        first_re, _, g_re, _ = chat_bench.timed_turn(reread, ids, cfg, [])
+        first_kept, _, g, read = chat_bench.timed_turn(kept, ids, cfg, [])
+        same += g.token_ids == g_re.token_ids
+        parts.append(f"{len(ids)} tok ({read} read) {first_re * 1e3:.1f} → {first_kept * 1e3:.1f}")
+        ids = ids + g.token_ids + torch.randint(4, backend.vocab_size, (new,), generator=gen).tolist()
+    return f"{', '.join(parts)} · identical replies {same}/{turns}"
+
+
 def run_tests(timeout: float) -> None:
     """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished)."""
     cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "--no-header", "--durations=8", "-m", "gpu",
@@ -341,6 +363,10 @@ def main() -> None:
             n = fin.new_tokens
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
                   f"{fin.wall_seconds:10.2f}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    with kernels.force(**best):
+        print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
+              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]))
     for title, measure, show in (
             ("host syncs per step (CUDA sync debug mode)", host_syncs, str),
             (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {args.pattern} estimates them "
@@ -353,7 +379,6 @@ def main() -> None:
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 
     print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import attention as attention_bench
     attention_bench.run(device, 64 if smoke else 4096, rounds=1 if smoke else 5)
     del model, backend
