@@ -175,6 +175,14 @@ def test_bad_requests_get_an_openai_error(url, path, body, status, needle):
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
 
 
+def test_a_body_over_the_limit_is_refused_unread(url, monkeypatch):
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "MAX_BODY_BYTES", 100)
+    status, text = post(url, "/v1/completions", {"prompt": "x" * 200})
+    assert status == 413 and "over" in json.loads(text)["error"]["message"]
+
+
 def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
         assert json.load(r)["data"][0]["id"] == "tiny-test"

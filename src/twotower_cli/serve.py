@@ -39,6 +39,8 @@ from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.text import ChatTemplate, Tokenizer
 
+MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
+
 
 class BadRequest(Exception):
     """A request the server refuses: 400 (or `status`) with an OpenAI-style error body."""
@@ -331,6 +333,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
+                                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
                 try:
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (ValueError, UnicodeDecodeError):
