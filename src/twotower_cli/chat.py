@@ -128,8 +128,8 @@ class Conversation:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None, system: str | None = None,
                  variables: dict | None = None):
         if template is None and system is not None:
-            raise TwoTowerError("--system needs a chat template, and this model has none",
-                                "leave out --system, or use a checkpoint with a chat template")
+            raise TwoTowerError("a system message needs a chat template, and there is none",
+                                "leave out the system message, or use a checkpoint with a chat template")
         self.tokenizer, self.template, self.system, self.variables = tokenizer, template, system, dict(variables or {})
         self.turns: list[Turn] = []
         self._ids: list[int] = []  # without a template: what the model has read and written so far

@@ -36,7 +36,10 @@ def _lines(interactive: bool):
             return
 
 
-@app.command()
+@app.command(help="Talk to a model turn by turn; each turn reads only what the context tower has not read yet.\n\n"
+             "With a chat template (instruct models) each line is a user message; without one (base models, the "
+             "embedded tiny model) the conversation is one running text that each line extends. On a terminal: "
+             "/reset, /help, /exit. Piped in, every line is a turn.")
 @guarded
 def chat(
     model: O.Model = None,
@@ -65,11 +68,6 @@ def chat(
     no_live: O.NoLive = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per reply on stdout.")] = False,
 ) -> None:
-    """Talk to a model turn by turn; each turn reads only what the context tower has not read yet.
-
-    With a chat template (instruct models) each line is a user message; without one (base models, the
-    embedded tiny model) the conversation is one running text that each line extends. On a terminal:
-    /reset, /help, /exit. Piped in, every line is a turn."""
     import torch
 
     from twotower_cli import sampler as S

@@ -10,7 +10,10 @@ from twotower_cli.cli import app, guarded
 from twotower_cli.commands import options as O
 
 
-@app.command()
+@app.command(help="Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, "
+             "/v1/models.\n\nThe options are the defaults of every request; a request's own fields (max_tokens, "
+             "temperature, top_p, stop, seed, stream, and block_size, steps, threshold, mode) override them. "
+             "One request at a time.")
 @guarded
 def serve(
     model: O.Model = None,
@@ -37,10 +40,6 @@ def serve(
     compile: O.Compile = False,
     threads: O.Threads = None,
 ) -> None:
-    """Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, /v1/models.
-
-    The options are the defaults of every request; a request's own fields (max_tokens, temperature, top_p,
-    stop, seed, stream, and block_size, steps, threshold, mode) override them. One request at a time."""
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
