@@ -183,6 +183,23 @@ def test_a_body_over_the_limit_is_refused_unread(url, monkeypatch):
     assert status == 413 and "over" in json.loads(text)["error"]["message"]
 
 
+def test_each_completion_is_logged_with_its_numbers(folder, model):
+    lines = []
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = make_server(engine, "127.0.0.1", 0, log=lines.append)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for stream in (False, True):
+            assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": stream})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt 2 tok")]
+    assert len(reports) == 2 and all("4 tok · NFE" in ln for ln in reports), lines
+    assert sum('"POST /v1/completions HTTP/1.1" 200' in ln for ln in lines) == 2
+
+
 def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
         assert json.load(r)["data"][0]["id"] == "tiny-test"

@@ -305,6 +305,11 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             if log is not None:
                 log(f"{self.address_string()} {format % args}")
 
+        def _report(self, r: Result) -> None:
+            if log is not None:
+                log(f"{self.path} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
+                    f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s")
+
         def _json(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -347,6 +352,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 else:
                     result = [r for r in engine.run(req) if isinstance(r, Result)][-1]
                     self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
+                    self._report(result)
             except BadRequest as e:
                 self._error(e.status, e.message)
             except (BrokenPipeError, ConnectionResetError):
@@ -379,6 +385,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                                 send(_chunk(engine, req, rid, i, None, finish))
                             if req.include_usage:
                                 send({**_chunk(engine, req, rid, 0, None, None), "choices": [], "usage": _usage(item)})
+                            self._report(item)
             except (BrokenPipeError, ConnectionResetError):
                 raise
             except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream

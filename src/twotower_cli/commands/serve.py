@@ -40,6 +40,8 @@ def serve(
     compile: O.Compile = False,
     threads: O.Threads = None,
 ) -> None:
+    from rich.markup import escape
+
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
@@ -59,8 +61,8 @@ def serve(
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed)
     console = err_console()
     try:
-        server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{line}[/]", highlight=False,
-                                                                               markup=True, soft_wrap=True))
+        server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
+                                                                               highlight=False, soft_wrap=True))
     except OSError as e:
         raise TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                             "pick another --port, or stop what holds this one") from None
