@@ -203,7 +203,7 @@ def test_each_completion_is_logged_with_its_numbers(folder, model):
 def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
         assert json.load(r)["data"][0]["id"] == "tiny-test"
-    with urllib.request.urlopen(url + "/health") as r:
+    with urllib.request.urlopen(url + "/health?probe=1") as r:
         assert json.load(r) == {"status": "ok"}
 
 

@@ -307,7 +307,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def _report(self, r: Result) -> None:
             if log is not None:
-                log(f"{self.path} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
+                log(f"{self.path.partition('?')[0]} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
                     f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s")
 
         def _json(self, status: int, body: dict) -> None:
@@ -323,9 +323,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
 
         def do_GET(self) -> None:  # noqa: N802 (the base class's name)
-            if self.path == "/health":
+            route = self.path.partition("?")[0]
+            if route == "/health":
                 self._json(HTTPStatus.OK, {"status": "ok"})
-            elif self.path == "/v1/models":
+            elif route == "/v1/models":
                 self._json(HTTPStatus.OK, {"object": "list", "data": [
                     {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
             else:
@@ -333,7 +334,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def do_POST(self) -> None:  # noqa: N802
             routes = {"/v1/completions": False, "/v1/chat/completions": True}
-            if self.path not in routes:
+            route = self.path.partition("?")[0]
+            if route not in routes:
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return
             try:
@@ -345,7 +347,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the request body is not valid JSON") from None
-                req = engine.parse(body, chat=routes[self.path])
+                req = engine.parse(body, chat=routes[route])
                 rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
                 if req.stream:
                     self._stream(req, rid)
