@@ -227,7 +227,7 @@ def test_a_completion_that_continues_the_last_one_reads_only_the_rest(url, model
 
 # ------------------------------------------------------------------------------------------- the command
 
-def test_cli_serve_refuses_a_bad_port_in_one_line(folder):
+def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
     import socket
 
     from typer.testing import CliRunner
@@ -236,6 +236,10 @@ def test_cli_serve_refuses_a_bad_port_in_one_line(folder):
 
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", "70000"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: port 70000"), r.output
+    plain = shutil.copytree(folder, tmp_path / "plain")
+    (plain / "chat_template.jinja").unlink()
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(plain), "--chat-arg", "a=1"])
+    assert r.exit_code == 1 and "no chat template" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()

@@ -54,6 +54,9 @@ def serve(
     variables = parse_template_args(chat_arg or [])
     folder = model_folder(model)
     template = ChatTemplate.load(folder) if find_chat_template(folder) is not None else None
+    if template is None and chat_arg:
+        raise TwoTowerError("--chat-arg sets chat-template variables, and this model has no chat template",
+                            "leave it out (the server answers /v1/completions only)")
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
     defaults = rt.sampling(defaults, mask_given=mask_token_id is not None)
