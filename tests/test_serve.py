@@ -175,6 +175,28 @@ def test_bad_requests_get_an_openai_error(url, path, body, status, needle):
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
 
 
+def test_concurrent_requests_each_get_their_own_reply(url, model, folder):
+    """Requests from several clients at once share one model: each still gets the sampler's reply on its own
+    ids (the lock runs them one at a time; without it they would interleave on one cache)."""
+    tok = Tokenizer(folder)
+    prompts = ["hello there", "abc", "what now", "tell me more"]
+    want = [tok.decode(reference(model, tok.encode(p)).token_ids) for p in prompts]
+    got = [None] * len(prompts)
+
+    def ask(i):  # half of them streamed
+        body = {"prompt": prompts[i], "max_tokens": 12, "stream": i % 2 == 1}
+        text = post(url, "/v1/completions", body)[1]
+        got[i] = ("".join(c["choices"][0]["text"] for c in events(text)[0]) if body["stream"]
+                  else json.loads(text)["choices"][0]["text"])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+
+
 def test_a_body_over_the_limit_is_refused_unread(url, monkeypatch):
     from twotower_cli import serve
 
