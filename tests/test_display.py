@@ -40,3 +40,9 @@ def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tmp_p
             final = text_of(view.render())
             assert final.startswith("hello" + tok.decode(ev.generations[0].token_ids))
     assert seen_masked
+    view.__exit__(None, None, None)  # the last frame keeps the status line unless told not to
+    assert "block 3/3" in text_of(view.render())
+    quiet = LiveUnmasking(tok.decode, [""], n_blocks=1, steps=4, mode="mask_diffusion", mask_id=3, keep_status=False)
+    with quiet:
+        assert "NFE" in text_of(quiet.render())
+    assert "NFE" not in text_of(quiet.render())

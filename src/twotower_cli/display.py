@@ -29,7 +29,7 @@ class LiveUnmasking:
     MASK_GLYPH = "░"
 
     def __init__(self, decode, prompts: list[str], n_blocks: int, steps: int, mode: str, mask_id: int,
-                 fps: float = 20.0, max_rows: int = 4):
+                 fps: float = 20.0, max_rows: int = 4, keep_status: bool = True):
         from rich.live import Live
 
         self.decode = decode
@@ -38,6 +38,8 @@ class LiveUnmasking:
         self.rows = len(self.prompts)
         self.n_blocks, self.steps, self.mode, self.mask_id = n_blocks, steps, mode, mask_id
         self.min_interval = 1.0 / fps
+        self.status = True  # the block / step / NFE line; `keep_status=False` drops it from the last frame
+        self.keep_status = keep_status
         self.committed: list[list[int]] = [[] for _ in range(self.rows)]
         self.block = None
         self.fresh: list[set[int]] = [set() for _ in range(self.rows)]
@@ -52,6 +54,7 @@ class LiveUnmasking:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.status = self.keep_status
         self.live.update(self.render(), refresh=True)
         self.live.__exit__(*exc)
 
@@ -100,5 +103,6 @@ class LiveUnmasking:
         status = Text(f"{self.mode}  block {min(self.block_index + 1, self.n_blocks)}/{self.n_blocks}"
                       + (f"  step {self.step}/{self.block_steps}" if self.mode == "mask_diffusion" else "")
                       + f"  NFE {self.nfe}", style="bold blue")
-        parts.append(status)
+        if self.status:
+            parts.append(status)
         return Group(*parts)

@@ -122,7 +122,8 @@ def chat(
             stream = chat_turn(backend, conversation, line, settings, rt.eos_ids, gen)
             if live:
                 steps_shown = settings.steps_per_block if mode == "mask_diffusion" else 1
-                with LiveUnmasking(decode, [""], n_blocks, steps_shown, mode, settings.mask_token_id) as view:
+                with LiveUnmasking(decode, [""], n_blocks, steps_shown, mode, settings.mask_token_id,
+                                   keep_status=False) as view:  # the turn's stats line replaces it
                     for ev in stream:
                         view.handle(ev)
                         finished = ev if isinstance(ev, S.Finished) else finished
