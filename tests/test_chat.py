@@ -189,6 +189,32 @@ def test_cli_chat_turns_match_generate_chat_on_the_same_conversation(chat_folder
     assert "/reset" in r.stderr  # the help text
 
 
+def test_gather_joins_continued_lines_and_blocks():
+    from twotower_cli.commands.chat import gather
+
+    def more(*lines):
+        rest = list(lines)
+
+        def read():
+            if not rest:
+                raise EOFError
+            return rest.pop(0)
+        return read
+
+    assert gather("plain", more("never read")) == "plain"
+    assert gather("one \\", more("two\\", "three", "four")) == "one \ntwo\nthree"
+    assert gather('"""', more("a", "", "  b", '"""', "after")) == "a\n\n  b"
+    assert gather('"""', more("unclosed")) == "unclosed"  # the end of input closes a block
+    assert gather("dangling\\", more()) == "dangling"
+
+
+def test_cli_chat_multi_line_messages(folder):
+    r = invoke("--model", str(folder), "--block", "4", "-n", "2", "--json",
+               input='"""\nline one\nline two\n"""\nsecond \\\ncontinued\n')
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["user"] for x in r.stdout.splitlines()] == ["line one\nline two", "second \ncontinued"]
+
+
 def test_cli_chat_plain_output_and_stats(folder):
     r = invoke("--model", str(folder), "--block", "4", "-n", "6", "--no-live", input="hello\nmore\n")
     assert r.exit_code == 0, r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -13,16 +14,45 @@ from twotower_cli.commands import options as O
 
 HELP = """/reset   forget the conversation (the system message stays)
 /help    this list
-/exit    quit (or Ctrl-D); Ctrl-C stops a reply"""
+/exit    quit (or Ctrl-D); Ctrl-C stops a reply
+A line ending in \\ continues on the next; a line of \"\"\" opens a block of lines that the next one closes."""
+
+
+def gather(first: str, read_more: Callable[[], str]) -> str:
+    """One message: the line read and, where it asks for more, the lines after it. A line ending in a
+    backslash continues on the next (a newline in its place); a line that is just three double quotes
+    opens a block of lines that the next such line closes (the end of input closes it too)."""
+    if first.strip() == '"""':
+        lines = []
+        try:
+            while (line := read_more()).strip() != '"""':
+                lines.append(line)
+        except EOFError:
+            pass
+        return "\n".join(lines)
+    text = first
+    try:
+        while text.endswith("\\"):
+            text = text[:-1] + "\n" + read_more()
+    except EOFError:
+        text = text.removesuffix("\\")
+    return text
 
 
 def _lines(interactive: bool):
-    """The user's lines: read with a prompt (and line editing) on a terminal, else from stdin as they come."""
+    """The user's messages: read with a prompt (and line editing) on a terminal, else from stdin as they
+    come; either way joined by `gather`."""
     from twotower_cli.display import err_console
 
     if not interactive:
-        for line in sys.stdin:
-            yield line.rstrip("\n")
+        def more() -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+
+        for line in iter(sys.stdin.readline, ""):
+            yield gather(line.rstrip("\n"), more)
         return
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -30,7 +60,7 @@ def _lines(interactive: bool):
         pass
     while True:
         try:
-            yield err_console().input("[bold green]> [/]")
+            yield gather(err_console().input("[bold green]> [/]"), lambda: err_console().input("[dim]. [/]"))
         except (EOFError, KeyboardInterrupt):
             err_console().print()
             return
@@ -39,7 +69,8 @@ def _lines(interactive: bool):
 @app.command(help="Talk to a model turn by turn; each turn reads only what the context tower has not read yet.\n\n"
              "With a chat template (instruct models) each line is a user message; without one (base models, the "
              "embedded tiny model) the conversation is one running text that each line extends. On a terminal: "
-             "/reset, /help, /exit. Piped in, every line is a turn.")
+             "/reset, /help, /exit. Piped in, every line is a turn. A line ending in \\ continues on the next; "
+             "a line of three double quotes opens a multi-line message that the next one closes.")
 @guarded
 def chat(
     model: O.Model = None,
