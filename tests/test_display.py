@@ -46,3 +46,28 @@ def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tmp_p
     with quiet:
         assert "NFE" in text_of(quiet.render())
     assert "NFE" not in text_of(quiet.render())
+
+
+def test_follow_draws_a_live_view_or_hands_events_on(tmp_path, monkeypatch):
+    """display.follow: live, the events are drawn on a terminal console; otherwise they go to `on_event`.
+    Either way it returns the run's Finished event."""
+    from twotower_cli import display
+
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    settings = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=8)
+    want = S.run(backend, [tok.encode("hello")], settings)
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=200)
+    monkeypatch.setattr(display, "err_console", lambda: terminal)
+    got = display.follow(S.generate(backend, [tok.encode("hello")], settings), tok.decode, ["hello"], settings,
+                         live=True, keep_status=False)
+    assert got.generations[0].token_ids == want.generations[0].token_ids
+    drawn = terminal.file.getvalue()  # redraws are throttled: the first frame and the last one are certain
+    last = drawn.rsplit("\x1b[2K", 1)[-1]
+    assert "block 1/2" in drawn and tok.decode(want.generations[0].token_ids) in last and "NFE" not in last
+    seen = []
+    got = display.follow(S.generate(backend, [tok.encode("hello")], settings), tok.decode, ["hello"], settings,
+                         live=False, on_event=seen.append)
+    assert seen[-1] is got and sum(isinstance(e, S.BlockDone) for e in seen) == 2

@@ -106,3 +106,26 @@ class LiveUnmasking:
         if self.status:
             parts.append(status)
         return Group(*parts)
+
+
+def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status: bool = True, on_event=None):
+    """Drain a sampler's events: drawn by a `LiveUnmasking` (sized from the sampling settings) when `live`,
+    else handed to `on_event` if given. Returns the `Finished` event."""
+    from twotower_cli import sampler as S
+
+    finished = None
+    if live:
+        per_step = settings.mode == "mask_diffusion"
+        n_blocks = -(-settings.max_new_tokens // (settings.block_size if per_step else 1))
+        with LiveUnmasking(decode, prompts, n_blocks, settings.steps_per_block if per_step else 1, settings.mode,
+                           settings.mask_token_id, keep_status=keep_status) as view:
+            for ev in stream:
+                view.handle(ev)
+                finished = ev if isinstance(ev, S.Finished) else finished
+    else:
+        for ev in stream:
+            if on_event is not None:
+                on_event(ev)
+            finished = ev if isinstance(ev, S.Finished) else finished
+    assert finished is not None, "a sampler stream ends with Finished"
+    return finished

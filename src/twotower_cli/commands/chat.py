@@ -101,10 +101,9 @@ def chat(
 ) -> None:
     import torch
 
-    from twotower_cli import sampler as S
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
     from twotower_cli.cli import report_error
-    from twotower_cli.display import LiveUnmasking, err_console, out_console
+    from twotower_cli.display import err_console, follow, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
@@ -125,8 +124,6 @@ def chat(
     console = err_console()
     interactive = sys.stdin.isatty()
     live = not no_live and not as_json and console.is_terminal
-    decode = rt.tokenizer.decode
-    n_blocks = -(-max_new_tokens // (block if mode == "mask_diffusion" else 1))
     how = f"chat template from {template.origin}" if template is not None else "no chat template: one running text"
     if interactive:
         console.print(f"[dim]twotower chat · {rt.folder.name} · {mode} · {how} · /help · Ctrl-D quits[/]", highlight=False)
@@ -148,19 +145,9 @@ def chat(
             report_error(TwoTowerError(f"unknown command {command}", "/help lists them; a message starting with / "
                                        "needs a space in it"))
             continue
-        finished = None
-        try:
-            stream = chat_turn(backend, conversation, line, settings, rt.eos_ids, gen)
-            if live:
-                steps_shown = settings.steps_per_block if mode == "mask_diffusion" else 1
-                with LiveUnmasking(decode, [""], n_blocks, steps_shown, mode, settings.mask_token_id,
-                                   keep_status=False) as view:  # the turn's stats line replaces it
-                    for ev in stream:
-                        view.handle(ev)
-                        finished = ev if isinstance(ev, S.Finished) else finished
-            else:
-                for ev in stream:
-                    finished = ev if isinstance(ev, S.Finished) else finished
+        try:  # the live view's status line is replaced by the turn's stats line below
+            finished = follow(chat_turn(backend, conversation, line, settings, rt.eos_ids, gen), rt.tokenizer.decode,
+                              [""], settings, live, keep_status=False)
         except KeyboardInterrupt:
             if not interactive:
                 raise

@@ -64,7 +64,7 @@ def generate(
     import torch
 
     from twotower_cli import sampler as S
-    from twotower_cli.display import LiveUnmasking, err_console, out_console
+    from twotower_cli.display import err_console, follow, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
@@ -91,29 +91,17 @@ def generate(
     if any(not p for p in prompts):
         raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
     gen = torch.Generator().manual_seed(seed)
-    n_blocks = -(-max_new_tokens // (block if mode == "mask_diffusion" else 1))
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode
     nfe = n_new = seq_nfe = 0
     wall = 0.0
     for first in range(0, len(prompts), batch_size):  # a batch's results are printed as soon as it finishes
         batch = slice(first, first + batch_size)
-        finished = None
         stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
-        if live:
-            with LiveUnmasking(decode, texts[batch], n_blocks, settings.steps_per_block if mode == "mask_diffusion" else 1,
-                               mode, settings.mask_token_id) as view:
-                for ev in stream:
-                    view.handle(ev)
-                    if isinstance(ev, S.Finished):
-                        finished = ev
-        else:
-            for ev in stream:
-                if events:
-                    print(json.dumps({**_event_json(ev, decode), "batch": first // batch_size}), flush=True)
-                if isinstance(ev, S.Finished):
-                    finished = ev
-        assert finished is not None
+        def show(ev, index=first // batch_size):  # --events: every event as a JSON line, tagged with its batch
+            print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
+
+        finished = follow(stream, decode, texts[batch], settings, live, on_event=show if events else None)
         for item, text, model_text, g in zip(items[batch], texts[batch], model_texts[batch], finished.generations,
                                              strict=True):
             out = decode(g.token_ids)
