@@ -195,8 +195,8 @@ class Engine:
             raise BadRequest(e.message) from None
 
     def run(self, req: Request) -> Iterator[Piece | Result]:
-        """Sample under the lock: `Piece`s as text becomes final (their deltas add up to the result's texts),
-        then the `Result`."""
+        """Sample under the lock: for a stream, `Piece`s as text becomes final (their deltas add up to the
+        result's texts), then the `Result`."""
         decode = self.tokenizer.decode
         stops = S.stop_set(req.settings, self.eos_ids)
         B = len(req.prompts)
@@ -210,10 +210,18 @@ class Engine:
             found = [i for i in (text.find(s) for s in req.stops) if i >= 0]
             return (text[:min(found)], True) if found else (text, False)
 
+        last: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, final_text) when last decoded
+
+        def row_text(b: int, row_ids: list[int]) -> tuple[str, bool]:
+            """final_text of row b, decoded once per block: `until` and the stream ask about the same ids."""
+            if b not in last or last[b][0] != len(row_ids):
+                last[b] = (len(row_ids), final_text(row_ids))
+            return last[b][1]
+
         until: Callable[[int, list[int]], bool] | None = None
         if req.stops:
             def until(i: int, row_ids: list[int]) -> bool:
-                return final_text(row_ids)[1]
+                return row_text(i, row_ids)[1]
 
         generator = self.generator if req.seed is None else torch.Generator().manual_seed(req.seed)
         with self.lock:
@@ -225,11 +233,11 @@ class Engine:
                 for ev in stream:
                     if read is None:  # the sampler feeds the prompts before its first event
                         read = self.backend.fed - fed
-                    if isinstance(ev, S.BlockDone):
+                    if isinstance(ev, S.BlockDone) and req.stream:  # a whole answer needs only Finished
                         deltas = []
                         for b in range(B):
                             ids[b] += ev.tokens[b].tolist()
-                            text, ended = final_text(ids[b])
+                            text, ended = row_text(b, ids[b])
                             ended = ended or S.first_stop(ids[b], stops) is not None
                             safe = text if ended else self._hold_back(text, req.stops)
                             delta = safe[len(sent[b]):] if safe.startswith(sent[b]) else ""
@@ -240,7 +248,7 @@ class Engine:
                     elif isinstance(ev, S.Finished):
                         texts = [final_text(g.token_ids)[0] for g in ev.generations]
                         tail = [t[len(s):] if t.startswith(s) else "" for t, s in zip(texts, sent, strict=True)]
-                        if any(tail):
+                        if req.stream and any(tail):
                             yield Piece(tail)
                         n_prompt = sum(len(p) for p in req.prompts)
                         fed_prompt = n_prompt - B * (req.settings.mode == "mock_ar")  # its context runs one behind
