@@ -134,11 +134,12 @@ class Conversation:
         self.turns: list[Turn] = []
         self._ids: list[int] = []  # without a template: what the model has read and written so far
 
-    def messages(self, user: str | None = None) -> list[dict]:
+    def messages(self, user: str) -> list[dict]:
+        """The conversation so far and then `user`'s message, as a chat template takes them."""
         head = [] if self.system is None else [{"role": "system", "content": self.system}]
         for turn in self.turns:
             head += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.reply}]
-        return head + ([] if user is None else [{"role": "user", "content": user}])
+        return head + [{"role": "user", "content": user}]
 
     def prompt(self, user: str) -> tuple[list[int], list[int] | None]:
         """(the ids the model reads for this turn, the ids of the history where they begin those ids: where
