@@ -21,7 +21,7 @@ import time
 import torch
 
 from twotower_cli import sampler as S
-from twotower_cli.chat import Conversation, PrefixReuse, Turn
+from twotower_cli.chat import Conversation, PrefixReuse, Turn, start_from
 from twotower_cli.runtime import open_runtime
 from twotower_cli.towers import TowerBackend
 
@@ -69,8 +69,8 @@ def main() -> None:
         user = LINES[i % len(LINES)]
         prompt, history = conversation.prompt(user)
         first_re, whole_re, g_re, _ = timed_turn(reread, prompt, cfg, rt.eos_ids)
-        remember = None if history is None or kept.continues(prompt) else (lambda h=history: kept.remember(h))
-        first_kept, whole_kept, g, read = timed_turn(kept, prompt, cfg, rt.eos_ids, before=remember)
+        first_kept, whole_kept, g, read = timed_turn(kept, prompt, cfg, rt.eos_ids,
+                                                     before=lambda p=prompt, h=history: start_from(kept, p, h))
         same += g.token_ids == g_re.token_ids
         conversation.add(Turn(user, rt.tokenizer.decode(g.token_ids), g, len(prompt), read))
         for j, v in enumerate((first_re, first_kept, whole_re, whole_kept)):
