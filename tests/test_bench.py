@@ -41,6 +41,16 @@ def test_bench_json_fields(folder, tmp_path):
     assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
 
 
+
+def test_bench_block_defaults_to_the_checkpoints_and_a_larger_one_warns(folder):
+    common = ["bench", "--model", str(folder), "-n", "4", "--thresholds", "0.9", "--repeat", "1", "--json"]
+    r = CliRunner().invoke(get_app(), common)
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    assert json.loads(r.stdout)["settings"]["block"] == 4  # write_twotower records block_size 4
+    r = CliRunner().invoke(get_app(), [*common, "--block", "8"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["settings"]["block"] == 8, r.output
+    assert "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
+
 def test_quality_is_the_judge_perplexity_ratio(folder):
     be = TowerBackend(load_model(folder, need_denoiser=True).twotower)
     prompts = [[5, 9, 11], [8, 30, 12, 14]]

@@ -222,6 +222,18 @@ def test_cli_chat_plain_output_and_stats(folder):
     assert len(stats) == 2 and "read this turn" in stats[1]
 
 
+
+def test_cli_chat_block_defaults_to_the_checkpoints(folder):
+    """No --block: the checkpoint's training block (write_twotower records 4); a larger --block warns."""
+    common = ("--model", str(folder), "-n", "6", "--json", "--no-live")
+    r = invoke(*common, input="hello\nmore\n")
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    assert [json.loads(x)["settings"]["block_size"] for x in r.stdout.splitlines()] == [4, 4]
+    r = invoke(*common, "--block", "8", input="hello\n")
+    assert r.exit_code == 0 and json.loads(r.stdout)["settings"]["block_size"] == 8, r.output
+    assert "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
+
+
 @pytest.mark.parametrize("args, text, needle", [
     (("--system", "x"), "hi\n", "chat template"),
     (("--steps", "9"), "hi\n", "steps"),

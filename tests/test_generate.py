@@ -179,6 +179,49 @@ def test_cli_prompt_file_in_batches(trained_like, tmp_path):
     assert "in 3 batches" in stats
 
 
+
+def _with_block_size(src, dst, block_size):
+    """A copy of the checkpoint `src` whose config.json records `block_size` (None: no record, as in NVIDIA's
+    release)."""
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / "config.json").read_text())
+    raw["twotower"].pop("block_size")
+    if block_size is not None:
+        raw["twotower"]["block_size"] = block_size
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dst
+
+
+@pytest.mark.parametrize(("recorded", "block"), [(4, 4), (8, 8), (None, 16)])
+def test_cli_block_defaults_to_the_block_the_denoiser_was_trained_with(trained_like, tmp_path, recorded, block):
+    folder = _with_block_size(trained_like, tmp_path / "ck", recorded)
+    r = invoke("hello", "--model", str(folder), "-n", "20", "--threshold", "0.3", "--json", "--events")
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert lines[-1]["settings"]["block_size"] == block and lines[-1]["settings"]["steps"] == block
+    starts = [x["size"] for x in lines if x.get("event") == "block_started"]
+    assert starts == [block] * (20 // block) + ([20 % block] if 20 % block else [])
+    # --steps is checked against the checkpoint's block, once it is known
+    r = invoke("hello", "--model", str(folder), "--steps", str(block + 1))
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: steps {block + 1} must be between 1 and the block "
+                                                    f"size {block}"), r.output
+
+
+def test_cli_block_larger_than_trained_warns_once_and_samples(trained_like, tmp_path):
+    r = invoke("hello", "--model", str(trained_like), "--block", "8", "-n", "8", "--json")
+    assert r.exit_code == 0, r.output
+    assert [ln for ln in r.stderr.splitlines() if "Warning" in ln] == [
+        "Warning: block 8 is larger than the block this denoiser was trained with (4, config.json); larger blocks "
+        "give much worse text (hint: leave out --block to use 4)"]
+    assert json.loads(r.stdout)["settings"]["block_size"] == 8
+    for args in (("--block", "4"), ("--block", "2"), ("--block", "8", "--mode", "ar"),
+                 ("--block", "8", "--mode", "mock_ar")):
+        r = invoke("hello", "--model", str(trained_like), "-n", "4", "--json", *args)
+        assert r.exit_code == 0 and "Warning" not in r.stderr, (args, r.output)
+    nvidia = _with_block_size(trained_like, tmp_path / "nv", None)
+    r = invoke("hello", "--model", str(nvidia), "--block", "32", "-n", "4", "--json")
+    assert r.exit_code == 0 and "trained with (16, NVIDIA's release)" in r.stderr, r.output
+
 BAD = [
     (["", ], "empty prompt"),
     (["hi", "--block", "0"], "block size"),

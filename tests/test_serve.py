@@ -268,3 +268,34 @@ def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
         port = held.getsockname()[1]
         r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", str(port)])
     assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
+    """No --block: the engine's default block is the checkpoint's training block (write_twotower records 4);
+    a larger --block warns. The server is replaced by one that stops at once, as Ctrl-C would."""
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    engines = []
+
+    class Stopped:
+        server_address = ("127.0.0.1", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    def fake_make_server(engine, host, port, log=None):
+        engines.append(engine)
+        return Stopped()
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", fake_make_server)
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder)])
+    assert r.exit_code == 0 and "Warning" not in r.stderr and "block 4)" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8"])
+    assert r.exit_code == 0 and "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
+    assert [e.defaults.block_size for e in engines] == [4, 8]

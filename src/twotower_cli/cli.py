@@ -61,6 +61,16 @@ def report_error(e: BaseException) -> None:
     err_console().print(line, soft_wrap=True, highlight=False)
 
 
+def report_warning(message: str, hint: str | None = None) -> None:
+    """One `Warning: …` line on stderr: the command goes on."""
+    from twotower_cli.display import err_console
+
+    line = f"[bold yellow]Warning:[/] {_escape(message)}"
+    if hint:
+        line += f" [dim](hint: {_escape(hint)})[/]"
+    err_console().print(line, soft_wrap=True, highlight=False)
+
+
 def _escape(text: str) -> str:
     from rich.markup import escape
 

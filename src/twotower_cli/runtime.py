@@ -51,15 +51,31 @@ class Runtime:
     folder: Path
     eos_ids: list[int]  # what ends a sequence: config.json's eos_token_id, then generation_config.json's
 
-    def sampling(self, settings: SamplingConfig, mask_given: bool) -> SamplingConfig:
-        """`settings` with this checkpoint's mask id (unless the user gave one) and pad id, validated
-        against its vocabulary."""
-        changes = {} if mask_given else {"mask_token_id": self.cfg.mask_token_id}
+    def sampling(self, settings: SamplingConfig, *, mask_token_id: int | None = None,
+                 block: int | None = None) -> SamplingConfig:
+        """`settings` completed from this checkpoint and validated against its vocabulary: its mask id
+        unless the user gave `mask_token_id`, the block its denoiser was trained with unless the user gave
+        `block`, and its pad id."""
+        changes: dict = {}
+        if mask_token_id is None:
+            changes["mask_token_id"] = self.cfg.mask_token_id
+        if block is None:
+            changes["block_size"] = self.cfg.block_size
         if self.cfg.pad_token_id is not None:
             changes["pad_token_id"] = int(self.cfg.pad_token_id)
         settings = dataclasses.replace(settings, **changes)
         settings.validate(self.backend.vocab_size)
         return settings
+
+    def block_warning(self, settings: SamplingConfig) -> tuple[str, str] | None:
+        """(message, hint) when `settings` sample by block diffusion with blocks larger than the denoiser was
+        trained with (NVIDIA: that degrades badly), else None."""
+        trained = self.cfg.block_size
+        if settings.mode != "mask_diffusion" or settings.block_size <= trained:
+            return None
+        source = "config.json" if "block_size" in self.cfg.twotower else "NVIDIA's release"
+        return (f"block {settings.block_size} is larger than the block this denoiser was trained with ({trained}, "
+                f"{source}); larger blocks give much worse text", f"leave out --block to use {trained}")
 
 
 def model_folder(model: str | None) -> Path:

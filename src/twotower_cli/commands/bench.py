@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from twotower_cli.cli import app, guarded
+from twotower_cli.cli import app, guarded, report_warning
 
 
 @app.command()
@@ -17,7 +17,7 @@ def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text (default: built-in prompts).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 64,
-    block: Annotated[int, typer.Option(help="Diffusion block size.")] = 16,
+    block: Annotated[int | None, typer.Option(help="Diffusion block size (default: the block the checkpoint's denoiser was trained with, else 16).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
     thresholds: Annotated[str, typer.Option(help="Comma-separated mask_diffusion thresholds.")] = "0.5,0.7,0.8,0.9",
     repeat: Annotated[int, typer.Option(help="Timed repeats per row (median reported).")] = 3,
@@ -32,7 +32,7 @@ def bench(
     from rich.progress import Progress
     from rich.table import Table
 
-    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, rows_json, run_bench
+    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, row_settings, rows_json, run_bench
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
@@ -54,6 +54,10 @@ def bench(
     folder = resolve(model or DEFAULT_MODEL)
     two = is_twotower_checkpoint(open_checkpoint(folder))  # a plain NemotronH checkpoint benches `ar` only
     rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads)
+    if block is None:
+        block = rt.cfg.block_size
+    elif two and (warning := rt.block_warning(row_settings("mask_diffusion", None, 1, block, None, 3, 0))):
+        report_warning(*warning)
     ids = [rt.tokenizer.encode(t) for t in texts]
     if any(not p for p in ids):
         raise TwoTowerError("a prompt encodes to no tokens", "remove empty lines from the prompt file")

@@ -75,7 +75,7 @@ def _lines(interactive: bool):
 def chat(
     model: O.Model = None,
     mode: O.Mode = "mask_diffusion",
-    block: O.Block = 16,
+    block: O.Block = None,
     steps: O.Steps = None,
     threshold: O.Threshold = 0.8,
     policy: O.Policy = "threshold",
@@ -102,7 +102,7 @@ def chat(
     import torch
 
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
-    from twotower_cli.cli import report_error
+    from twotower_cli.cli import report_error, report_warning
     from twotower_cli.display import err_console, follow, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
@@ -117,7 +117,9 @@ def chat(
     variables = parse_template_args(chat_arg or [])
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
-    settings = rt.sampling(settings, mask_given=mask_token_id is not None)
+    settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
+    if (warning := rt.block_warning(settings)) is not None:
+        report_warning(*warning)
     conversation = Conversation(rt.tokenizer, template, system, variables)
     backend = PrefixReuse(rt.backend)
     gen = torch.Generator().manual_seed(seed)
@@ -165,7 +167,8 @@ def chat(
                 "turn": len(conversation.turns), "user": line, "text": turn.reply, "token_ids": g.token_ids,
                 "finish_reason": g.finish_reason, "nfe": g.nfe, "tokens_per_nfe": n / max(g.nfe, 1),
                 "tokens_per_second": n / max(wall, 1e-9), "wall_seconds": wall, "prompt_tokens": turn.prompt_tokens,
-                "read_tokens": turn.read_tokens, "mode": mode, "model": str(rt.folder)}), flush=True)
+                "read_tokens": turn.read_tokens, "mode": mode, "settings": finished.settings,
+                "model": str(rt.folder)}), flush=True)
             continue
         if not live or not sys.stdout.isatty():
             out_console().print(turn.reply, markup=False)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from twotower_cli.cli import app, guarded
+from twotower_cli.cli import app, guarded, report_warning
 from twotower_cli.commands import options as O
 
 
@@ -33,7 +33,7 @@ def generate(
     prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompt-file, or stdin).")] = None,
     model: O.Model = None,
     mode: O.Mode = "mask_diffusion",
-    block: O.Block = 16,
+    block: O.Block = None,
     steps: O.Steps = None,
     threshold: O.Threshold = 0.8,
     policy: O.Policy = "threshold",
@@ -86,7 +86,9 @@ def generate(
         model_texts = render_chats(folder, items, system, parse_template_args(chat_arg or []))
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
-    settings = rt.sampling(settings, mask_given=mask_token_id is not None)
+    settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
+    if (warning := rt.block_warning(settings)) is not None:
+        report_warning(*warning)
     prompts = [rt.tokenizer.encode(t, add_special_tokens=not chat) for t in model_texts]
     if any(not p for p in prompts):
         raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")

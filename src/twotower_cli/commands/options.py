@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")]
 Mode = Annotated[str, typer.Option(help="mask_diffusion | mock_ar | ar")]
-Block = Annotated[int, typer.Option(help="Tokens per diffusion block.")]
+Block = Annotated[int | None, typer.Option(help="Tokens per diffusion block (default: the block the checkpoint's denoiser was trained with, else 16).")]
 Steps = Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")]
 Threshold = Annotated[float, typer.Option(help="Commit every masked token whose confidence exceeds this (NVIDIA's operating point: 0.8).")]
 Policy = Annotated[str, typer.Option(help="Commit policy: threshold | topk | factor.")]
@@ -38,11 +38,15 @@ NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the
 def sampling_config(options: dict) -> SamplingConfig:
     """A command's sampling options (its parameters by name: mode, block, steps, threshold, policy, factor,
     max_new_tokens, temperature, top_k, top_p, mask_token_id, stop) as a `SamplingConfig`, checked as far as
-    they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint."""
+    they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint (the mask id and
+    block size where the options leave them out)."""
+    from twotower_cli.config import DEFAULT_BLOCK_SIZE
     from twotower_cli.sampler import SamplingConfig
 
     o = options
-    settings = SamplingConfig(mode=o["mode"], block_size=o["block"], steps=o["steps"], threshold=o["threshold"],
+    # no --block: the checkpoint's training block, known after the load; until then a block that fits --steps
+    block = o["block"] if o["block"] is not None else max(o["steps"] or DEFAULT_BLOCK_SIZE, 1)
+    settings = SamplingConfig(mode=o["mode"], block_size=block, steps=o["steps"], threshold=o["threshold"],
                               policy=o["policy"], factor=o["factor"], max_new_tokens=o["max_new_tokens"],
                               temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                               mask_token_id=3 if o["mask_token_id"] is None else o["mask_token_id"],

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from twotower_cli.cli import app, guarded
+from twotower_cli.cli import app, guarded, report_warning
 from twotower_cli.commands import options as O
 
 
@@ -20,7 +20,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     mode: O.Mode = "mask_diffusion",
-    block: O.Block = 16,
+    block: O.Block = None,
     steps: O.Steps = None,
     threshold: O.Threshold = 0.8,
     policy: O.Policy = "threshold",
@@ -59,7 +59,9 @@ def serve(
                             "leave it out (the server answers /v1/completions only)")
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
-    defaults = rt.sampling(defaults, mask_given=mask_token_id is not None)
+    defaults = rt.sampling(defaults, mask_token_id=mask_token_id, block=block)
+    if (warning := rt.block_warning(defaults)) is not None:
+        report_warning(*warning)
     name = model or rt.folder.name
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed)
     console = err_console()
