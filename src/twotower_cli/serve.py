@@ -246,17 +246,34 @@ class Engine:
                         if any(deltas):
                             yield Piece(deltas)
                     elif isinstance(ev, S.Finished):
-                        texts = [final_text(g.token_ids)[0] for g in ev.generations]
+                        finals = [final_text(g.token_ids) for g in ev.generations]
+                        texts = [text for text, _ in finals]
+                        # a stop string: the tokens through it, as a token-at-a-time server counts them (the
+                        # rest of the block that wrote it was sampled, and thrown away with the text after it)
+                        used = [self._through_stop(g.token_ids, req.stops) if found else len(g.token_ids)
+                                for g, (_, found) in zip(ev.generations, finals, strict=True)]
                         tail = [t[len(s):] if t.startswith(s) else "" for t, s in zip(texts, sent, strict=True)]
                         if req.stream and any(tail):
                             yield Piece(tail)
                         n_prompt = sum(len(p) for p in req.prompts)
                         fed_prompt = n_prompt - B * (req.settings.mode == "mock_ar")  # its context runs one behind
                         yield Result(texts, ["length" if g.finish_reason == "length" else "stop" for g in ev.generations],
-                                     n_prompt, max(fed_prompt - read, 0), sum(len(g.token_ids) for g in ev.generations),
+                                     n_prompt, max(fed_prompt - read, 0), sum(used),
                                      ev.nfe, ev.wall_seconds)
             finally:
                 stream.close()
+
+    def _through_stop(self, ids: list[int], stops: list[str]) -> int:
+        """The fewest of `ids` whose text holds one of `stops` (a longer prefix holds it too: binary search)."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            text = self.tokenizer.decode(ids[:mid])
+            if any(s in text for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     @staticmethod
     def _hold_back(text: str, stops: list[str]) -> str:
