@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     rt = open_runtime(args.model, need_denoiser=args.mode != "ar", device=args.device, threads=args.threads)
-    cfg = rt.sampling(S.SamplingConfig(mode=args.mode, max_new_tokens=args.max_new_tokens), mask_given=False)
+    cfg = rt.sampling(S.SamplingConfig(mode=args.mode, max_new_tokens=args.max_new_tokens))
     conversation = Conversation(rt.tokenizer, None)
     kept = PrefixReuse(rt.backend)
     reread = TowerBackend(rt.loaded.twotower, rt.loaded.ar)  # the same weights, its own cache
