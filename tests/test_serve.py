@@ -3,17 +3,20 @@ every reply is the sampler run directly on the same ids (what `generate` prints)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
+import torch
 from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotower
 
 from twotower_cli import sampler as S
-from twotower_cli.serve import Engine, make_server
+from twotower_cli.serve import Engine, Piece, Result, make_server
 from twotower_cli.text import ChatTemplate, Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -261,6 +264,8 @@ def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
 
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", "70000"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: port 70000"), r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--max-batch", "0"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: max batch 0 must be at least 1"), r.output
     plain = shutil.copytree(folder, tmp_path / "plain")
     (plain / "chat_template.jinja").unlink()
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(plain), "--chat-arg", "a=1"])
@@ -302,3 +307,117 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8"])
     assert r.exit_code == 0 and "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
     assert [e.defaults.block_size for e in engines] == [4, 8]
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+@contextlib.contextmanager
+def serving(engine, lines):
+    server = make_server(engine, "127.0.0.1", 0, log=lines.append)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def ask_all_while_busy(engine, base, bodies):
+    """Post every body at once while the model is busy (the test holds its lock), let it go once all are
+    queued; the replies (streams joined into one text per prompt), in order."""
+    got = [None] * len(bodies)
+
+    def ask(i):
+        status, text = post(base, "/v1/completions", bodies[i])
+        assert status == 200, text
+        if bodies[i].get("stream"):
+            chunks = events(text)[0]
+            n = max(c["choices"][0]["index"] for c in chunks) + 1
+            got[i] = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == j)
+                      for j in range(n)]
+        else:
+            got[i] = [c["text"] for c in json.loads(text)["choices"]]
+
+    with engine.lock:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(engine.pending) < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(engine.pending) == len(bodies)
+    for t in threads:
+        t.join(60)
+    return got
+
+
+def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
+    """Requests queued while the model is busy: those with the same settings run as one batch (streamed or
+    not, with their own stop strings, one with two prompts), the others on their own; every reply is the
+    sampler's on its prompt alone."""
+    tok = Tokenizer(folder)
+    lines = []
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    free = tok.decode(reference(model, tok.encode("abc")).token_ids)
+    stop = free[4:6]
+    bodies = [{"prompt": "hello there", "max_tokens": 12},
+              {"prompt": "abc", "max_tokens": 12, "stop": [stop], "stream": True},
+              {"prompt": ["what now", "x"], "max_tokens": 12},
+              {"prompt": "tell me more", "max_tokens": 12, "stream": True},
+              {"prompt": "hello there", "max_tokens": 7}]  # other settings: a batch of its own
+    with serving(engine, lines) as base:
+        got = ask_all_while_busy(engine, base, bodies)
+    want = [[tok.decode(reference(model, tok.encode(p), replace_cfg(max_new_tokens=b["max_tokens"])).token_ids)
+             for p in ([b["prompt"]] if isinstance(b["prompt"], str) else b["prompt"])] for b in bodies]
+    want[1] = [want[1][0][:want[1][0].find(stop)]]
+    assert got == want
+    reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt")]
+    assert sum(ln.endswith("· batch of 4 requests") for ln in reports) == 4 and len(reports) == 5, reports
+
+
+def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):
+    tok = Tokenizer(folder)
+    lines = []
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test", max_batch=2)
+    greedy = [{"prompt": p, "max_tokens": 8} for p in ("hello", "abc", "more")]
+    sampled = [{"prompt": "hello", "max_tokens": 8, "temperature": 0.9, "seed": s} for s in (1, 2)]
+    with serving(engine, lines) as base:
+        got = ask_all_while_busy(engine, base, greedy + sampled)
+    for body, text in zip(greedy + sampled, got, strict=True):
+        cfg = replace_cfg(max_new_tokens=8, temperature=body.get("temperature", 0.0))
+        gen = torch.Generator().manual_seed(body["seed"]) if "seed" in body else None
+        ref = S.run(TowerBackend(model), [tok.encode(body["prompt"])], cfg, [2, 38], gen).generations[0]
+        assert text == [tok.decode(ref.token_ids)], body
+    reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt")]
+    assert sum(ln.endswith("· batch of 2 requests") for ln in reports) == 2 and len(reports) == 5, reports
+
+
+def test_a_reader_that_leaves_does_not_disturb_its_batch(folder, model):
+    """Two streamed requests in one batch; one reader stops after its first piece: the other still gets its
+    whole reply, piece by piece."""
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    reqs = [engine.parse({"prompt": p, "max_tokens": 40, "stream": True}, chat=False) for p in ("hello", "abc")]
+    out = {}
+
+    def leave():
+        items = engine.run(reqs[0])
+        out["left"] = next(items)
+        items.close()
+
+    def stay():
+        out["stayed"] = list(engine.run(reqs[1]))
+
+    with engine.lock:
+        threads = [threading.Thread(target=leave), threading.Thread(target=stay)]
+        for t in threads:
+            t.start()
+        while len(engine.pending) < 2:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    result = out["stayed"][-1]
+    assert isinstance(out["left"], Piece) and isinstance(result, Result) and result.batch == 2
+    want = reference(model, tok.encode("abc"), replace_cfg(max_new_tokens=40))
+    assert result.texts == [tok.decode(want.token_ids)]
+    assert "".join(p.deltas[0] for p in out["stayed"][:-1]) == result.texts[0]

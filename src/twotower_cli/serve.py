@@ -11,9 +11,13 @@ the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a 
 (presence_penalty, user, ...) are ignored; logprobs and n > 1 are refused with a 400. Unset fields take
 the defaults given on the command line.
 
-One request runs at a time (a lock around the model); the prompts of one request are sampled as one batch.
-Every request goes through one `chat.PrefixReuse` backend, so a client that sends its conversation again
-with a turn appended (every chat client does) pays for the new ids only.
+One thread runs the model. Requests queue for it; when it is free it takes the oldest waiting request and
+every other waiting one with the same sampler settings (and no seed of its own, when sampling), up to
+`--max-batch` prompts, and samples them as one batch: clients that send requests concurrently (evaluation
+harnesses do) share the forwards. Greedy replies do not depend on the batch (the sampler's batches give
+each prompt its tokens alone). A batch of one prompt goes through one `chat.PrefixReuse` backend, so a
+client that sends its conversation again with a turn appended (every chat client does) pays for the new
+ids only; a larger batch reads its prompts afresh.
 
 `stream: true` answers with server-sent events as OpenAI does: a chunk each time text becomes final (per
 committed block; ar: per token), then one with the finish reason, then `data: [DONE]`. Text that could
@@ -23,7 +27,9 @@ still be the start of a stop string, or ends inside a multi-byte character, is h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import queue
 import threading
 import time
 import uuid
@@ -126,17 +132,39 @@ class Result:
     completion_tokens: int
     nfe: int
     seconds: float
+    batch: int = 1  # requests sampled together in its batch
+
+
+@dataclass
+class _Ticket:
+    """A request waiting for the model, or being sampled: its outputs go into `out` (pieces, then the result or
+    an exception); `cancelled` is set when its reader stops reading."""
+    req: Request
+    out: queue.Queue
+    cancelled: threading.Event
+
+
+def _batch_key(req: Request) -> tuple:
+    """Requests with equal keys can be sampled as one batch: the same sampler settings, and no seed of their
+    own (a seeded sampling request gets a batch of its own, so that its seed reproduces it)."""
+    own_seed = req.settings.temperature > 0 and req.seed is not None
+    return (dataclasses.astuple(req.settings), id(req) if own_seed else None)
 
 
 class Engine:
     """The model side of the server: parses a request body into a `Request` and runs it."""
 
     def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
-                 template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0):
+                 template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0,
+                 max_batch: int = 16):
         self.backend = PrefixReuse(backend)
+        self.max_batch = max_batch
+        self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
+        self.queued = threading.Condition()  # guards `pending` and `worker`
+        self.worker: threading.Thread | None = None
         self.tokenizer, self.eos_ids, self.defaults, self.name = tokenizer, list(eos_ids), defaults, name
         self.template, self.variables = template, dict(variables or {})
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by the model's thread while it samples a batch
         self.generator = torch.Generator().manual_seed(seed)
         self.created = int(time.time())
 
@@ -195,19 +223,83 @@ class Engine:
             raise BadRequest(e.message) from None
 
     def run(self, req: Request) -> Iterator[Piece | Result]:
-        """Sample under the lock: for a stream, `Piece`s as text becomes final (their deltas add up to the
-        result's texts), then the `Result`."""
+        """Queue `req` for the model; yield, for a stream, `Piece`s as its text becomes final (their deltas add
+        up to the result's texts), then its `Result`. Requests queued together with the same settings are
+        sampled as one batch (`_take`). Closing the iterator early (a client gone mid-stream) ends its rows at
+        the next block, and frees the model when no other request shares the batch."""
+        ticket = _Ticket(req, queue.Queue(), threading.Event())
+        with self.queued:
+            self.pending.append(ticket)
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._work, name="twotower-engine", daemon=True)
+                self.worker.start()
+            self.queued.notify()
+        try:
+            while True:
+                item = ticket.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Result):
+                    return
+        finally:
+            ticket.cancelled.set()
+
+    def _work(self) -> None:
+        """The model's thread: waits for requests, then takes the oldest with all that can share its batch."""
+        while True:
+            with self.queued:
+                while not self.pending:
+                    self.queued.wait()
+            with self.lock:  # whoever holds the lock (a test) makes requests queue up, as a long batch does
+                with self.queued:
+                    tickets = self._take()
+                if not tickets:
+                    continue
+                try:
+                    self._sample(tickets)
+                except BaseException as e:  # noqa: BLE001 — each request answers with the error; the server lives
+                    for t in tickets:
+                        t.out.put(e)
+
+    def _take(self) -> list[_Ticket]:
+        """The oldest waiting request and those after it with the same batch key, up to `max_batch` prompts in
+        all (the first is taken whatever its size); requests whose clients left are dropped."""
+        self.pending = [t for t in self.pending if not t.cancelled.is_set()]
+        if not self.pending:
+            return []
+        key = _batch_key(self.pending[0].req)
+        taken, rows = [], 0
+        for t in self.pending:
+            n = len(t.req.prompts)
+            if _batch_key(t.req) == key and (not taken or rows + n <= self.max_batch):
+                taken.append(t)
+                rows += n
+        self.pending = [t for t in self.pending if t not in taken]
+        return taken
+
+    def _sample(self, tickets: list[_Ticket]) -> None:
+        """Run `tickets` as one sampler batch and hand each its pieces and result."""
         decode = self.tokenizer.decode
-        stops = S.stop_set(req.settings, self.eos_ids)
-        B = len(req.prompts)
+        first = tickets[0].req
+        settings = first.settings
+        stops = S.stop_set(settings, self.eos_ids)
+        owner: list[_Ticket] = []  # row → its request
+        prompts: list[list[int]] = []
+        for t in tickets:
+            owner += [t] * len(t.req.prompts)
+            prompts += t.req.prompts
+        B = len(prompts)
+        rows_of = [[b for b, o in enumerate(owner) if o is t] for t in tickets]
+        row_stops = [t.req.stops for t in owner]
         ids: list[list[int]] = [[] for _ in range(B)]
         sent = [""] * B
 
-        def final_text(row_ids: list[int]) -> tuple[str, bool]:
-            """The text of generated ids, cut before the first stop string; and whether one was found."""
+        def final_text(b: int, row_ids: list[int]) -> tuple[str, bool]:
+            """The text of row b's generated ids, cut before the first stop string; and whether one was found."""
             cut = S.first_stop(row_ids, stops)
             text = decode(row_ids if cut is None else row_ids[:cut])
-            found = [i for i in (text.find(s) for s in req.stops) if i >= 0]
+            found = [i for i in (text.find(s) for s in row_stops[b]) if i >= 0]
             return (text[:min(found)], True) if found else (text, False)
 
         last: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, final_text) when last decoded
@@ -215,53 +307,63 @@ class Engine:
         def row_text(b: int, row_ids: list[int]) -> tuple[str, bool]:
             """final_text of row b, decoded once per block: `until` and the stream ask about the same ids."""
             if b not in last or last[b][0] != len(row_ids):
-                last[b] = (len(row_ids), final_text(row_ids))
+                last[b] = (len(row_ids), final_text(b, row_ids))
             return last[b][1]
 
-        until: Callable[[int, list[int]], bool] | None = None
-        if req.stops:
-            def until(i: int, row_ids: list[int]) -> bool:
-                return row_text(i, row_ids)[1]
+        def until(i: int, row_ids: list[int]) -> bool:  # a stop string written, or its client gone
+            return owner[i].cancelled.is_set() or (bool(row_stops[i]) and row_text(i, row_ids)[1])
 
-        generator = self.generator if req.seed is None else torch.Generator().manual_seed(req.seed)
-        with self.lock:
-            fed, read = self.backend.fed, None
-            if B == 1:
-                start_from(self.backend, req.prompts[0], req.history)
-            stream = S.generate(self.backend, req.prompts, req.settings, self.eos_ids, generator, until)
-            try:
-                for ev in stream:
-                    if read is None:  # the sampler feeds the prompts before its first event
-                        read = self.backend.fed - fed
-                    if isinstance(ev, S.BlockDone) and req.stream:  # a whole answer needs only Finished
-                        deltas = []
-                        for b in range(B):
-                            ids[b] += ev.tokens[b].tolist()
-                            text, ended = row_text(b, ids[b])
-                            ended = ended or S.first_stop(ids[b], stops) is not None
-                            safe = text if ended else self._hold_back(text, req.stops)
-                            delta = safe[len(sent[b]):] if safe.startswith(sent[b]) else ""
-                            sent[b] += delta
-                            deltas.append(delta)
-                        if any(deltas):
-                            yield Piece(deltas)
-                    elif isinstance(ev, S.Finished):
-                        finals = [final_text(g.token_ids) for g in ev.generations]
-                        texts = [text for text, _ in finals]
-                        # a stop string: the tokens through it, as a token-at-a-time server counts them (the
-                        # rest of the block that wrote it was sampled, and thrown away with the text after it)
-                        used = [self._through_stop(g.token_ids, req.stops) if found else len(g.token_ids)
-                                for g, (_, found) in zip(ev.generations, finals, strict=True)]
-                        tail = [t[len(s):] if t.startswith(s) else "" for t, s in zip(texts, sent, strict=True)]
-                        if req.stream and any(tail):
-                            yield Piece(tail)
-                        n_prompt = sum(len(p) for p in req.prompts)
-                        fed_prompt = n_prompt - B * (req.settings.mode == "mock_ar")  # its context runs one behind
-                        yield Result(texts, ["length" if g.finish_reason == "length" else "stop" for g in ev.generations],
-                                     n_prompt, max(fed_prompt - read, 0), sum(used),
-                                     ev.nfe, ev.wall_seconds)
-            finally:
-                stream.close()
+        sampled = first.settings.temperature > 0 and first.seed is not None  # then it is alone in its batch
+        generator = torch.Generator().manual_seed(first.seed) if sampled else self.generator
+        fed, read = self.backend.fed, None
+        if B == 1:
+            start_from(self.backend, prompts[0], first.history)
+        stream = S.generate(self.backend, prompts, settings, self.eos_ids, generator, until)
+        try:
+            for ev in stream:
+                if read is None:  # the sampler feeds the prompts before its first event
+                    read = self.backend.fed - fed
+                if all(t.cancelled.is_set() for t in tickets):
+                    return  # nobody is waiting: free the model
+                if isinstance(ev, S.BlockDone) and any(t.req.stream for t in tickets):
+                    deltas = [""] * B
+                    for b in range(B):
+                        ids[b] += ev.tokens[b].tolist()
+                        if not owner[b].req.stream:
+                            continue
+                        text, ended = row_text(b, ids[b])
+                        ended = ended or S.first_stop(ids[b], stops) is not None
+                        safe = text if ended else self._hold_back(text, row_stops[b])
+                        delta = safe[len(sent[b]):] if safe.startswith(sent[b]) else ""
+                        sent[b] += delta
+                        deltas[b] = delta
+                    self._give_pieces(tickets, rows_of, deltas)
+                elif isinstance(ev, S.Finished):
+                    gens = ev.generations
+                    finals = [final_text(b, g.token_ids) for b, g in enumerate(gens)]
+                    tail = [t[len(s):] if t.startswith(s) else "" for (t, _), s in zip(finals, sent, strict=True)]
+                    self._give_pieces(tickets, rows_of, tail)
+                    # a stop string: the tokens through it, as a token-at-a-time server counts them (the rest
+                    # of the block that wrote it was sampled, and thrown away with the text after it)
+                    used = [self._through_stop(g.token_ids, row_stops[b]) if found else len(g.token_ids)
+                            for b, (g, (_, found)) in enumerate(zip(gens, finals, strict=True))]
+                    n_prompt = sum(len(p) for p in prompts)
+                    fed_prompt = n_prompt - B * (settings.mode == "mock_ar")  # its context runs one behind
+                    cached = max(fed_prompt - read, 0)  # only a batch of one prompt reuses a state
+                    for t, rows in zip(tickets, rows_of, strict=True):
+                        t.out.put(Result([finals[b][0] for b in rows],
+                                         ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
+                                         sum(len(prompts[b]) for b in rows), cached, sum(used[b] for b in rows),
+                                         ev.nfe, ev.wall_seconds, len(tickets)))
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _give_pieces(tickets: list[_Ticket], rows_of: list[list[int]], deltas: list[str]) -> None:
+        """Each streaming request whose rows got new text: a `Piece` of its rows' deltas."""
+        for t, rows in zip(tickets, rows_of, strict=True):
+            if t.req.stream and any(deltas[b] for b in rows):
+                t.out.put(Piece([deltas[b] for b in rows]))
 
     def _through_stop(self, ids: list[int], stops: list[str]) -> int:
         """The fewest of `ids` whose text holds one of `stops` (a longer prefix holds it too: binary search)."""
@@ -332,8 +434,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def _report(self, r: Result) -> None:
             if log is not None:
+                shared = f" · batch of {r.batch} requests" if r.batch > 1 else ""
                 log(f"{self.path.partition('?')[0]} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
-                    f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s")
+                    f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s{shared}")
 
         def _json(self, status: int, body: dict) -> None:
             data = json.dumps(body).encode()

@@ -13,7 +13,7 @@ from twotower_cli.commands import options as O
 @app.command(help="Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, "
              "/v1/models.\n\nThe options are the defaults of every request; a request's own fields (max_tokens, "
              "temperature, top_p, stop, seed, stream, and block_size, steps, threshold, mode) override them. "
-             "One request at a time.")
+             "Requests waiting for the model with the same settings are sampled as one batch (--max-batch).")
 @guarded
 def serve(
     model: O.Model = None,
@@ -39,6 +39,7 @@ def serve(
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
     threads: O.Threads = None,
+    max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests that wait for the model with the same settings share a batch (1: one request at a time).")] = 16,
 ) -> None:
     from rich.markup import escape
 
@@ -49,6 +50,8 @@ def serve(
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
+    if max_batch < 1:
+        raise TwoTowerError(f"max batch {max_batch} must be at least 1", "try --max-batch 16")
     if not 0 <= port <= 65535:
         raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
     variables = parse_template_args(chat_arg or [])
@@ -63,7 +66,8 @@ def serve(
     if (warning := rt.block_warning(defaults)) is not None:
         report_warning(*warning)
     name = model or rt.folder.name
-    engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed)
+    engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed,
+                    max_batch=max_batch)
     console = err_console()
     try:
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
