@@ -372,7 +372,9 @@ def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
     want[1] = [want[1][0][:want[1][0].find(stop)]]
     assert got == want
     reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt")]
-    assert sum(ln.endswith("· batch of 4 requests") for ln in reports) == 4 and len(reports) == 5, reports
+    batched = [ln for ln in reports if ln.endswith("· batch of 4 requests")]
+    assert len(batched) == 4 and len(reports) == 5, reports
+    assert all("(0 cached)" in ln for ln in batched), batched  # a batch reads its prompts afresh
 
 
 def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):

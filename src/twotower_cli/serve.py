@@ -135,7 +135,7 @@ class Result:
     batch: int = 1  # requests sampled together in its batch
 
 
-@dataclass
+@dataclass(eq=False)
 class _Ticket:
     """A request waiting for the model, or being sampled: its outputs go into `out` (pieces, then the result or
     an exception); `cancelled` is set when its reader stops reading."""
@@ -349,7 +349,8 @@ class Engine:
                             for b, (g, (_, found)) in enumerate(zip(gens, finals, strict=True))]
                     n_prompt = sum(len(p) for p in prompts)
                     fed_prompt = n_prompt - B * (settings.mode == "mock_ar")  # its context runs one behind
-                    cached = max(fed_prompt - read, 0)  # only a batch of one prompt reuses a state
+                    # only a batch of one prompt starts from a kept state (`fed` counts a padded batch's columns)
+                    cached = max(fed_prompt - read, 0) if B == 1 else 0
                     for t, rows in zip(tickets, rows_of, strict=True):
                         t.out.put(Result([finals[b][0] for b in rows],
                                          ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
