@@ -285,6 +285,29 @@ def test_router_reuses_its_fp64_casts_only_while_they_are_current():
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0 and not gate._derived
 
 
+
+def test_router_under_no_reuse_sees_a_write_that_keeps_the_version():
+    """FSDP gathers a parameter into the same storage without advancing its version counter (writes through
+    `.data` do the same): the kept cast is then stale, and `no_reuse` (what `train --fsdp` runs in) sees the
+    new weight."""
+    from twotower_cli.model.derived import no_reuse
+
+    cfg = build_tiny_config()
+    moe = MoE(cfg, torch.float64)
+    init_nemotron_h(moe, torch.Generator().manual_seed(0), std=0.1)
+    gate = moe.gate
+    x = randn(7, cfg.hidden_size, seed=1)
+    with torch.no_grad():
+        before = gate(x, torch.float64)[0]
+        gate.weight.data.copy_(randn(*gate.weight.shape, seed=9) * 0.3)  # same storage, same version
+        stale = gate(x, torch.float64)[0]
+        with no_reuse():
+            fresh = gate(x, torch.float64)[0]
+        want = Router(cfg)
+        want.load_state_dict(gate.state_dict())
+        want = want(x, torch.float64)[0]
+    assert torch.equal(stale, before) and torch.equal(fresh, want) and not torch.equal(fresh, before)
+
 def random_experts(n=5, hidden=16, intermediate=24, bias=False, dtype=torch.float32, seed=0) -> Experts:
     experts = Experts(n, hidden, intermediate, bias)
     g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,8 @@
   tensor keeps its dtype; `--train time-conditioning` touches nothing else;
 - a run stopped at step 5 and resumed gives the losses and weights of an uninterrupted run;
 - bad inputs give one `Error:` line and exit code 1;
-- (slow) 2 DDP processes under torchrun equal 1 process with --grad-accum 2.
+- (slow) 2 DDP processes under torchrun equal 1 process with --grad-accum 2; so do 2 FSDP processes
+  (`--fsdp`), which hold half of each tower each and resume exactly.
 """
 
 from __future__ import annotations
@@ -264,21 +265,62 @@ def test_bad_inputs_give_one_error_line(ckpt, data, tmp_path, case):
 
 # ---------------------------------------------------------------------------------------------- DDP
 
-@pytest.mark.slow
-def test_two_ddp_processes_equal_one_with_grad_accum(ckpt, data, tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if exe is None:
         pytest.skip("torchrun not installed")
-    args = ["train", str(ckpt), "--data", str(data), "--block", "4", "--seq-len", "32", "--batch", "2",
-            "--lr", "3e-3", "--steps", "3", "--warmup", "1", "--eval-every", "0", "--device", "cpu", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "twotower_cli", *args,
-                          "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=120)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run = subprocess.run([exe, "--standalone", "--nproc_per_node", str(nproc), *args], capture_output=True, text=True,
+                         env=env, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+TRAIN_ARGS = ["--block", "4", "--seq-len", "32", "--batch", "2", "--lr", "3e-3", "--warmup", "1", "--eval-every", "0",
+              "--device", "cpu", "--json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_grad_accum(ckpt, data, tmp_path, how):
+    args = ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "3"]
+    two = torchrun("-m", "twotower_cli", *args, *(["--fsdp"] if how == "fsdp" else []), "-o", str(tmp_path / how))
     one = CliRunner().invoke(get_app(), [*args, "--grad-accum", "2", "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     r2, r1 = json.loads(two.stdout.strip()), json.loads(one.stdout.strip().splitlines()[-1])  # one JSON line
     assert r2["tokens"] == r1["tokens"] == 3 * 4 * 32
-    assert abs(r2["final_loss"] - r1["final_loss"]) < 1e-5 and abs(r2["eval_loss_after"] - r1["eval_loss_after"]) < 1e-5
-    a, b = tensors(tmp_path / "ddp"), tensors(tmp_path / "one")
+    for key in ("first_loss", "final_loss", "eval_loss_before", "eval_loss_after"):
+        assert abs(r2[key] - r1[key]) < 1e-5, key
+    a, b = tensors(tmp_path / how), tensors(tmp_path / "one")
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
+    assert context_bytes(tmp_path / how) == context_bytes(ckpt)
+    assert (tmp_path / how / "trainer_shards").is_dir() == (how == "fsdp")
+
+
+@pytest.mark.slow
+def test_fsdp_shards_each_tower_and_resumes_exactly(ckpt, data, tmp_path):
+    """Each of 2 ranks holds about half of the trained part and of the context tower; a run stopped at step 2
+    and resumed gives the losses and weights of an uninterrupted one, exactly."""
+    ranks = [json.loads(line) for line in torchrun(str(Path(__file__).with_name("fsdp_shards.py")),
+                                                     str(ckpt)).stdout.splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for part in ("trained", "context"):
+        total = ranks[0][part]["total"]
+        assert all(r[part]["sharded"] and r[part]["total"] == total for r in ranks)
+        assert sum(r[part]["local"] for r in ranks) == total
+        assert max(r[part]["local"] for r in ranks) < 0.6 * total
+    args = ["-m", "twotower_cli", "train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "4", "--fsdp"]
+    full = json.loads(torchrun(*args, "-o", str(tmp_path / "full")).stdout)
+    first = json.loads(torchrun(*args, "--stop-after", "2", "-o", str(tmp_path / "split")).stdout)
+    second = json.loads(torchrun(*args, "--resume", "-o", str(tmp_path / "split")).stdout)
+    assert (first["steps"], second["start_step"], second["steps"]) == (2, 2, 4)
+    assert second["final_loss"] == full["final_loss"] and second["eval_loss_after"] == full["eval_loss_after"]
+    a, b = tensors(tmp_path / "full"), tensors(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_outside_torchrun_is_one_error_line(ckpt, data, tmp_path):
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "1", "--fsdp",
+                                       "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: --fsdp shards the model over the processes torchrun"), r.output
+    assert not (tmp_path / "o").exists()

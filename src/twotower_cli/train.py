@@ -34,7 +34,8 @@ Contract
   containers of them: it loads with `torch.load(weights_only=True)`. `resume=True` continues from it.
 - **Scale-out.** Under `torchrun` (WORLD_SIZE > 1) the process group comes from the environment (NCCL on
   GPUs, gloo on CPUs), `BlockDenoiser` (the trained part) is wrapped in DDP, the micro-batches are sharded
-  by rank and only rank 0 reports and writes.
+  by rank and only rank 0 reports and writes. With `fsdp=True` both towers, the gradients and the optimizer
+  state are sharded over the ranks instead (`sharded`); the data, noise and results are the same.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
+from twotower_cli.model.derived import no_reuse
 from twotower_cli.model.loading import cast_, load_state
 from twotower_cli.model.nemotron_h import NemotronHModel
 from twotower_cli.text import Tokenizer
@@ -76,7 +78,7 @@ T_MIN = 1e-3  # t ~ U[T_MIN, 1] (spec §8)
 EVAL_FRACTION, MAX_EVAL_SEQUENCES = 0.05, 64
 BETAS, WEIGHT_DECAY, GRAD_CLIP, MIN_LR_FRACTION = (0.9, 0.95), 0.01, 1.0, 0.1
 # Settings that must not change across a resume (the rest, e.g. steps or lr, may).
-RESUME_KEYS = ("block", "seq_len", "batch", "grad_accum", "seed", "train", "world_size")
+RESUME_KEYS = ("block", "seq_len", "batch", "grad_accum", "seed", "train", "world_size", "fsdp")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _EPOCH, _NOISE, _EVAL = 1, 2, 3  # tags that keep derived seeds apart
 
@@ -315,6 +317,7 @@ class TrainConfig:
     device: str | None = None
     dtype: str = "auto"
     stop_after: int | None = None  # stop (and save) after this step of the `steps` schedule
+    fsdp: bool = False  # shard both towers, gradients and optimizer state over the ranks (`sharded`)
 
     @property
     def warmup_steps(self) -> int:
@@ -468,12 +471,15 @@ def checkpoint_tensors(model: TwoTower, source: Checkpoint) -> dict[str, Tensor]
 
 
 def save_checkpoint(out: Path, model: TwoTower, source_folder: Path, config: dict[str, Any],
-                    state: dict[str, Any]) -> None:
-    """OUT, atomically: config.json, safetensors, tokenizer files and trainer_state.pt."""
+                    state: dict[str, Any], also: Callable[[Path], None] | None = None) -> None:
+    """OUT, atomically: config.json, safetensors, tokenizer files and trainer_state.pt; `also(folder)` adds
+    more to the folder that replaces OUT."""
     source = open_checkpoint(source_folder)  # opened afresh: on resume the source is OUT itself
     tensors = checkpoint_tensors(model, source)
     aux = [source_folder / f for f in AUX_FILE_PATTERNS if (source_folder / f).is_file()]
     with atomic_output_dir(out, force=True) as tmp:
+        if also is not None:
+            also(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_tensors(tmp, tensors)
         for f in aux:
@@ -531,14 +537,19 @@ class Dist:
             dist.barrier()
 
 
-def setup_distributed(device: str | None) -> Dist:
-    """One process per rank under torchrun (WORLD_SIZE > 1): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
+def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
+    """One process per rank under torchrun (WORLD_SIZE > 1, or any size with `fsdp`, whose device mesh needs
+    a process group): NCCL and cuda:LOCAL_RANK on GPUs, gloo on CPUs."""
     from twotower_cli.runtime import pick_device
 
     dev = pick_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not fsdp:
         return Dist(0, 1, dev, False)
+    if "RANK" not in os.environ:
+        raise TwoTowerError("--fsdp shards the model over the processes torchrun starts, and this is a plain process",
+                            "run `torchrun --nproc_per_node N -m twotower_cli train ... --fsdp` (one process per "
+                            "GPU), or leave out --fsdp")
     rank = int(os.environ["RANK"])
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -567,9 +578,10 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
     if not resuming and out.resolve() == source_folder.resolve():
         raise TwoTowerError("-o is the checkpoint being trained", "write to another folder")
-    env = setup_distributed(cfg.device)
+    env = setup_distributed(cfg.device, cfg.fsdp)
     try:
-        return _train(cfg, env, source_folder, mcfg, state, on_event if env.is_main else None, began)
+        with no_reuse() if cfg.fsdp else contextlib.nullcontext():  # see model.derived
+            return _train(cfg, env, source_folder, mcfg, state, on_event if env.is_main else None, began)
     finally:
         if env.created:
             dist.destroy_process_group()
@@ -585,14 +597,16 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     eos = mcfg.eos_token_ids[0] if mcfg.eos_token_ids else None
     data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size)
     settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
-                "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "lr": cfg.lr, "steps": cfg.steps,
+                "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
+                "steps": cfg.steps,
                 "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint)}
     data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens}
     if state is not None:
         for key in RESUME_KEYS:
-            if state["settings"].get(key) != settings[key]:
-                raise TwoTowerError(f"cannot resume: {key} is {settings[key]} but the saved run used "
-                                    f"{state['settings'].get(key)}", "resume with the same settings, or --force")
+            saved = state["settings"].get(key, False if key == "fsdp" else None)  # states before --fsdp: False
+            if saved != settings[key]:
+                raise TwoTowerError(f"cannot resume: {key} is {settings[key]} but the saved run used {saved}",
+                                    "resume with the same settings, or --force")
         if state["data"] != data_sizes:
             raise TwoTowerError(f"cannot resume: the data differs from the saved run's ({state['data']})",
                                 "resume with the same --data files, or --force")
@@ -600,12 +614,29 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     source = open_checkpoint(source_folder)
-    model = load_for_training(source, mcfg, cfg.train, device, pick_dtype(cfg.dtype, device))
-    denoiser = BlockDenoiser(model)
+    context_dtype = pick_dtype(cfg.dtype, device)
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from twotower_cli import sharded
+
+        mesh = init_device_mesh(device.type, (env.world,))
+        with torch.device("meta"):
+            names = set(trainable_names(TwoTower(mcfg), cfg.train))
+        model, denoiser, context_net = sharded.load_sharded(source, mcfg, names, mesh, context_dtype)
+
+        def contexts(ids: Tensor) -> BlockContext:
+            return context_net(ids, cfg.block)
+    else:
+        model = load_for_training(source, mcfg, cfg.train, device, context_dtype)
+        denoiser = BlockDenoiser(model)
+
+        def contexts(ids: Tensor) -> BlockContext:
+            return context_pass(model.context_tower, ids, cfg.block)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg.lr)
     net: nn.Module = denoiser
-    if env.world > 1:
+    if env.world > 1 and not cfg.fsdp:
         # Every trained parameter gets a gradient each step (the experts are stacked per layer: an expert no
         # token chose gets zero rows), so DDP need not search the graph for unused ones.
         net = nn.parallel.DistributedDataParallel(denoiser)
@@ -617,11 +648,14 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         if start > stop:
             raise TwoTowerError(f"{cfg.out} is already at step {start}, past the {stop} asked for",
                                 "raise --steps (or --stop-after), or pass --force to start over")
-        opt.load_state_dict(state["optimizer"])
-        with torch.no_grad():
-            for n, p in params:
-                if n in state.get("master", {}):
-                    p.copy_(state["master"][n])
+        if cfg.fsdp:
+            sharded.load_shards(source_folder, denoiser, opt)
+        else:
+            opt.load_state_dict(state["optimizer"])
+            with torch.no_grad():
+                for n, p in params:
+                    if n in state.get("master", {}):
+                        p.copy_(state["master"][n])
         torch.set_rng_state(state["rng"]["torch"])
     slots = cfg.grad_accum * env.world
     order = TrainOrder(len(data.train), cfg.seed, cfg.batch, slots)
@@ -635,14 +669,22 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     lossy = any(info.dtype != "F32" for n, info in source.tensors.items() if n.startswith(trained))
 
     def evaluate() -> float:
-        return _evaluate(denoiser, model, data.eval, cfg, mask_id, env)
+        return _evaluate(denoiser, contexts, data.eval, cfg, mask_id, env)
 
     def save(step: int) -> None:
-        if env.is_main:
-            trainer_state = {
-                "version": STATE_VERSION, "step": step, "optimizer": opt.state_dict(), "settings": settings,
-                "data": data_sizes, "history": history, "rng": {"torch": torch.get_rng_state()},
-            }
+        trainer_state = {"version": STATE_VERSION, "step": step, "settings": settings, "data": data_sizes,
+                         "history": history, "rng": {"torch": torch.get_rng_state()}}
+        if cfg.fsdp:  # weights gathered to rank 0; optimizer state and masters written sharded, by every rank
+            shadow = sharded.gather(denoiser, mcfg, source, env.is_main)
+            if env.is_main:
+                save_checkpoint(Path(cfg.out), shadow, source_folder, config, trainer_state,
+                                also=lambda tmp: sharded.save_shards(tmp, denoiser, opt))
+                emit(Saved(step, Path(cfg.out)))
+            else:
+                sharded.save_shards(None, denoiser, opt)
+            del shadow
+        elif env.is_main:
+            trainer_state["optimizer"] = opt.state_dict()
             if lossy:
                 trainer_state["master"] = {n: p.detach().cpu() for n, p in params}
             save_checkpoint(Path(cfg.out), model, source_folder, config, trainer_state)
@@ -671,9 +713,10 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _NOISE, step, slot))
             noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen)
             ids, noisy, mask, t = ids.to(device), noisy.to(device), mask.to(device), t.to(device)
-            context = context_pass(model.context_tower, ids, cfg.block)
+            context = contexts(ids)
             last_micro = micro == cfg.grad_accum - 1
-            sync = net.no_sync() if (env.world > 1 and not last_micro) else contextlib.nullcontext()
+            ddp = env.world > 1 and not cfg.fsdp
+            sync = net.no_sync() if (ddp and not last_micro) else contextlib.nullcontext()
             with sync:
                 loss = net(noisy, t, context, ids, mask)
                 (loss / cfg.grad_accum).backward()
@@ -709,19 +752,27 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
 
 
 @torch.no_grad()
-def _evaluate(denoiser: BlockDenoiser, model: TwoTower, ids: Tensor, cfg: TrainConfig, mask_id: int,
-              env: Dist) -> float:
+def _evaluate(denoiser: BlockDenoiser, contexts: Callable[[Tensor], BlockContext], ids: Tensor, cfg: TrainConfig,
+              mask_id: int, env: Dist) -> float:
     """Mean masked cross-entropy over the held-out sequences, with noise fixed by the seed (the same masks
-    at every evaluation, however the sequences are batched or sharded)."""
+    at every evaluation, however the sequences are batched or sharded). With FSDP every rank runs as many
+    forwards as the busiest one (their gathers are collective); a rank out of sequences scores none."""
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _EVAL))
     noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen)
     total, count = 0.0, 0.0
-    for i in range(env.rank * cfg.batch, len(ids), env.world * cfg.batch):
-        sl = slice(i, i + cfg.batch)
+    starts = range(env.rank * cfg.batch, len(ids), env.world * cfg.batch)
+    rounds = math.ceil(len(ids) / (env.world * cfg.batch)) if cfg.fsdp else len(starts)
+    for k in range(rounds):
+        if k >= len(starts):  # FSDP: this rank is out of sequences; its forward keeps the gathers in step
+            x = ids[:1].to(env.device)
+            denoiser(noisy[:1].to(env.device), t[:1].to(env.device), contexts(x), x, mask[:1].to(env.device))
+            continue
+        sl = slice(starts[k], starts[k] + cfg.batch)
         x = ids[sl].to(env.device)
-        context = context_pass(model.context_tower, x, cfg.block)
         m = mask[sl].to(env.device)
-        total += denoiser(noisy[sl].to(env.device), t[sl].to(env.device), context, x, m, reduction="sum").item()
+        total += denoiser(noisy[sl].to(env.device), t[sl].to(env.device), contexts(x), x, m, reduction="sum").item()
         count += m.sum().item()
+    if cfg.fsdp:  # FSDP leaves a root's parameters gathered after a forward that no backward follows
+        denoiser.reshard()
     total, count = env.all_sum(total, count)
     return total / max(count, 1.0)

@@ -9,19 +9,37 @@ counter), `make(source)` runs every call. The store keeps the source's storage a
 take its address, and the version counter it had, which in-place updates advance (an optimizer step, a
 balancing step of a router bias, a `copy_`); a new tensor in its place (`load_state_dict(assign=True)`, a
 `.data` swap, `.to()`) has another storage. Any of these makes the next call compute anew.
+
+`no_reuse()` turns the store off for what runs inside it: FSDP gathers a sharded parameter into the same
+storage at every forward without advancing its version counter, so under FSDP an unchanged storage and
+version do not mean an unchanged value (`twotower train --fsdp` evaluates inside it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+_REUSE = contextvars.ContextVar("twotower_derived_reuse", default=True)
+
+
+@contextlib.contextmanager
+def no_reuse() -> Iterator[None]:
+    """Inside: `derived` computes every time (module docstring)."""
+    token = _REUSE.set(False)
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
 
 def derived(module: nn.Module, name: str, source: Tensor, make: Callable[[Tensor], Tensor]) -> Tensor:
     """`make(source)`, reused for inference while `source` is the same tensor, unchanged (module docstring)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or source.is_inference():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or source.is_inference() or not _REUSE.get():
         return make(source)
     store: dict[str, tuple[Tensor, int, Tensor]] = module.__dict__.setdefault("_derived", {})
     hit = store.get(name)
