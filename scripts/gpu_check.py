@@ -1,7 +1,8 @@
 """GPU check for issue 8, one run on one H100 in well under 8 minutes:
 
-1. `pytest -m gpu tests/test_kernels.py`: mamba-ssm / causal-conv1d kernels == the torch reference (prefill,
-   one-token decode, seeded blocks shorter than chunk_size, conv, gated norm, SDPA);
+1. `pytest -m gpu tests/test_kernels.py tests/test_train.py`: mamba-ssm / causal-conv1d kernels == the torch
+   reference (prefill, one-token decode, seeded blocks shorter than chunk_size, conv, gated norm, SDPA), and
+   `train --fsdp` on one GPU (torchrun, NCCL) == the unsharded run;
 2. a TwoTower with the real Nemotron-3-Nano dimensions (hidden 2688, Mamba 64×64 heads, 8 groups, state 128,
    chunk 128, attention 32/2×128, 128 experts top-6 of 1856 + a 3712 shared expert, vocab 131072) but only
    the first 7 layers of its pattern ("MEMEM*E"), random weights, bf16 (A_log, D, dt_bias, router fp32);
@@ -250,7 +251,7 @@ def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.Sa
 def run_tests(timeout: float) -> None:
     """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished)."""
     cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "--no-header", "--durations=8", "-m", "gpu",
-           "tests/test_kernels.py", "-p", "no:cacheprovider"]
+           "tests/test_kernels.py", "tests/test_train.py", "-p", "no:cacheprovider"]
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     try:

@@ -324,3 +324,16 @@ def test_fsdp_outside_torchrun_is_one_error_line(ckpt, data, tmp_path):
                                        "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and r.stderr.startswith("Error: --fsdp shards the model over the processes torchrun"), r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+def test_fsdp_on_one_gpu_equals_the_unsharded_run(ckpt, data, tmp_path):
+    """NCCL and CUDA: one FSDP rank (torchrun) against the plain process, same device, same steps."""
+    args = ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS[:-3], "--device", "cuda", "--json", "--steps", "3"]
+    sharded = json.loads(torchrun("-m", "twotower_cli", *args, "--fsdp", "-o", str(tmp_path / "fsdp"), nproc=1).stdout)
+    plain = CliRunner().invoke(get_app(), [*args, "-o", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    plain = json.loads(plain.stdout.strip().splitlines()[-1])
+    for key in ("first_loss", "final_loss", "eval_loss_after"):
+        assert abs(sharded[key] - plain[key]) < 1e-3, key
+    assert context_bytes(tmp_path / "fsdp") == context_bytes(ckpt)
