@@ -598,8 +598,7 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size)
     settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
                 "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
-                "steps": cfg.steps,
-                "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint)}
+                "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint)}
     data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens}
     if state is not None:
         for key in RESUME_KEYS:
