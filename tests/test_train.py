@@ -82,6 +82,35 @@ def test_batched_forward_equals_per_block_denoise(ckpt, block):
             assert diff <= 1e-5, f"block {b} of {nb} (S={block}): max diff {diff:.3g}"
 
 
+def test_gradient_checkpointing_same_gradients_far_fewer_saved_activations(ckpt):
+    """Recomputing each layer in backward gives the same loss and gradients; what autograd keeps for backward
+    (counted by a saved-tensors hook) shrinks to the layers' inputs."""
+    _, source, cfg = T.open_twotower(ckpt)
+    model = T.load_for_training(source, cfg, "all", torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.cfg.vocab_size, (2, 64), generator=gen)
+    noisy, mask, t = T.add_noise(ids, 4, 3, gen)
+    context = T.context_pass(model.context_tower, ids, 4)
+    runs = []
+    for checkpointing in (False, True):
+        model.zero_grad(set_to_none=True)
+        saved = [0]
+
+        def pack(x, saved=saved):
+            saved[0] += x.numel() * x.element_size()
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            loss = T.BlockDenoiser(model, checkpointing)(noisy, t, context, ids, mask)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((loss.item(), grads, saved[0]))
+    (loss0, grads0, saved0), (loss1, grads1, saved1) = runs
+    assert loss0 == loss1 and grads0.keys() == grads1.keys()
+    assert all(torch.allclose(grads0[n], grads1[n], rtol=0, atol=1e-7) for n in grads0)
+    assert saved1 < saved0 / 3, (saved0, saved1)
+
+
 @pytest.mark.parametrize("every,chunk", [(4, 8), (8, 4), (6, 4), (5, 5)])
 def test_scan_states_at_block_boundaries(every, chunk):
     """Block states read off the chunked scan equal the recurrence run up to each block boundary."""
@@ -281,10 +310,12 @@ TRAIN_ARGS = ["--block", "4", "--seq-len", "32", "--batch", "2", "--lr", "3e-3",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize("how", ["ddp", "fsdp", "fsdp+recompute"])
 def test_two_processes_equal_one_with_grad_accum(ckpt, data, tmp_path, how):
+    """(fsdp+recompute: with --gradient-checkpointing, against the one process without it.)"""
     args = ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "3"]
-    two = torchrun("-m", "twotower_cli", *args, *(["--fsdp"] if how == "fsdp" else []), "-o", str(tmp_path / how))
+    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp+recompute": ["--fsdp", "--gradient-checkpointing"]}[how]
+    two = torchrun("-m", "twotower_cli", *args, *flags, "-o", str(tmp_path / how))
     one = CliRunner().invoke(get_app(), [*args, "--grad-accum", "2", "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     r2, r1 = json.loads(two.stdout.strip()), json.loads(one.stdout.strip().splitlines()[-1])  # one JSON line
@@ -294,7 +325,7 @@ def test_two_processes_equal_one_with_grad_accum(ckpt, data, tmp_path, how):
     a, b = tensors(tmp_path / how), tensors(tmp_path / "one")
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
     assert context_bytes(tmp_path / how) == context_bytes(ckpt)
-    assert (tmp_path / how / "trainer_shards").is_dir() == (how == "fsdp")
+    assert (tmp_path / how / "trainer_shards").is_dir() == how.startswith("fsdp")
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ Contract
   with the checkpoint's tokenizer, joined with EOS between documents, packed into sequences of `seq_len`
   (the tail that does not fill one is dropped). The last 5 % of the sequences (at least 1, at most 64) are
   held out for evaluation; training reads the rest in a fresh seeded permutation every epoch.
+- **Memory.** `gradient_checkpointing` keeps only each denoiser layer's input for backward and runs the
+  layer again there (`torch.utils.checkpoint`, non-reentrant): the same loss and gradients.
 - **Optimisation.** AdamW (betas 0.9/0.95, weight decay 0.01 on matrices), linear warmup then cosine decay
   to 10 % of the peak, gradient-norm clipping at 1.0, gradient accumulation. Trained parameters are fp32
   masters computed in fp32 (the model's own fp32 paths, SSD scan, softmax and norms, stay fp32); `dtype` is
@@ -249,13 +251,15 @@ class BlockDenoiser(nn.Module):
     """The trained part of a TwoTower (its modules, shared, not copied): the denoiser tower, its head and the
     time conditioning. `forward` is the batched block forward plus the loss; DDP wraps this module."""
 
-    def __init__(self, model: TwoTower):
+    def __init__(self, model: TwoTower, checkpointing: bool = False):
         super().__init__()
         self.denoiser_tower = model.denoiser_tower
         self.lm_head = model.lm_head
         self.t_embedder = model.t_embedder
         self.t_block = model.t_block
         self.scale_shift_tables = model.scale_shift_tables
+        # gradient checkpointing: keep only each layer's input; backward runs the layer again
+        self.checkpointing = checkpointing
 
     def hidden(self, noisy: Tensor, t: Tensor, context: BlockContext) -> Tensor:
         """noisy [B, L], t [B, nb] → final hidden states [B, L, H] (after norm_f); spec §5 for every block."""
@@ -267,21 +271,32 @@ class BlockDenoiser(nn.Module):
         e = self.t_block(self.t_embedder(t.reshape(-1))).view(B, nb, 3, -1).float()  # [B, nb, 3, H]
         attn_mask = block_attention_mask(L, S, noisy.device)[None, None]
         mods = layer_modulations(self.scale_shift_tables, e, x.dtype)  # [L, B, nb, 3, 1, H]
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for i, layer in enumerate(tower.layers):
-            shift, scale1, gate = mods[i].unbind(-3)  # each [B, nb, 1, H]; scale1 = 1 + scale
-            if layer.kind in "M*":
-                h = layer.norm(torch.addcmul(shift, x, scale1))
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(self._layer, layer, x, mods[i], context.layers[i], attn_mask,
+                                                      use_reentrant=False)
             else:
-                h = torch.addcmul(shift, layer.norm(x), scale1)
-            state = context.layers[i]
-            if layer.kind == "M":
-                out, _ = layer.mixer(h.reshape(B * nb, S, -1), state=state)
-            elif layer.kind == "*":
-                out, _, _ = layer.mixer(h.reshape(B, L, -1), past=state, causal=False, mask=attn_mask)
-            else:
-                out = layer.mixer(h)
-            x = torch.addcmul(x, gate, out.view(B, nb, S, -1))
+                x = self._layer(layer, x, mods[i], context.layers[i], attn_mask)
         return tower.norm_f(x).view(B, L, -1)
+
+    @staticmethod
+    def _layer(layer: nn.Module, x: Tensor, mod: Tensor, state: MambaState | KVCache | None,
+               attn_mask: Tensor) -> Tensor:
+        """One denoiser layer over all blocks: x [B, nb, S, H], mod [B, nb, 3, 1, H] → x after the layer."""
+        B, nb, S, _ = x.shape
+        shift, scale1, gate = mod.unbind(-3)  # each [B, nb, 1, H]; scale1 = 1 + scale
+        if layer.kind in "M*":
+            h = layer.norm(torch.addcmul(shift, x, scale1))
+        else:
+            h = torch.addcmul(shift, layer.norm(x), scale1)
+        if layer.kind == "M":
+            out, _ = layer.mixer(h.reshape(B * nb, S, -1), state=state)
+        elif layer.kind == "*":
+            out, _, _ = layer.mixer(h.reshape(B, nb * S, -1), past=state, causal=False, mask=attn_mask)
+        else:
+            out = layer.mixer(h)
+        return torch.addcmul(x, gate, out.view(B, nb, S, -1))
 
     def logits(self, noisy: Tensor, t: Tensor, context: BlockContext) -> Tensor:
         """[B, L, V] fp32; row j predicts the token at position j."""
@@ -318,6 +333,7 @@ class TrainConfig:
     dtype: str = "auto"
     stop_after: int | None = None  # stop (and save) after this step of the `steps` schedule
     fsdp: bool = False  # shard both towers, gradients and optimizer state over the ranks (`sharded`)
+    gradient_checkpointing: bool = False  # recompute each denoiser layer in backward instead of keeping it
 
     @property
     def warmup_steps(self) -> int:
@@ -623,12 +639,13 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         with torch.device("meta"):
             names = set(trainable_names(TwoTower(mcfg), cfg.train))
         model, denoiser, context_net = sharded.load_sharded(source, mcfg, names, mesh, context_dtype)
+        denoiser.checkpointing = cfg.gradient_checkpointing
 
         def contexts(ids: Tensor) -> BlockContext:
             return context_net(ids, cfg.block)
     else:
         model = load_for_training(source, mcfg, cfg.train, device, context_dtype)
-        denoiser = BlockDenoiser(model)
+        denoiser = BlockDenoiser(model, cfg.gradient_checkpointing)
 
         def contexts(ids: Tensor) -> BlockContext:
             return context_pass(model.context_tower, ids, cfg.block)

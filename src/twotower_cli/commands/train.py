@@ -93,6 +93,7 @@ def train(
     dtype: Annotated[str, typer.Option(help="Context tower dtype: auto | fp32 | bf16 | fp16 (trained weights stay fp32).")] = "auto",
     stop_after: Annotated[int | None, typer.Option("--stop-after", help="Stop (and save) after step N of the --steps schedule; continue with --resume.")] = None,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard both towers, gradients and optimizer state over the torchrun ranks (FSDP2), for models too large for one device.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Keep only each denoiser layer's input and run the layer again in backward: several times less activation memory for a slower step (benchmarks/train_step.py).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
 ) -> None:
     """Train the denoiser by masked diffusion; the context tower stays frozen."""
@@ -105,7 +106,8 @@ def train(
     cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *(more_data or [])], out=out, block=block,
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
-                        train=train_what, device=device, dtype=dtype, stop_after=stop_after, fsdp=fsdp)
+                        train=train_what, device=device, dtype=dtype, stop_after=stop_after, fsdp=fsdp,
+                        gradient_checkpointing=gradient_checkpointing)
     with TrainProgress() as view:
         result = T.train(cfg, on_event=view)
     if not result.is_main:
