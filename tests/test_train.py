@@ -279,10 +279,15 @@ def bad_inputs(ckpt: Path, data: Path, tmp: Path) -> dict[str, list[str]]:
         "seq-len vs block": ["train", str(ckpt), "--data", str(data), "-o", str(tmp / "o4"), "--block", "5",
                              "--seq-len", "32"],
         "existing out": ["train", str(ckpt), "--data", str(data), "-o", str(tmp / "exists"), *common],
+        "bf16 without fsdp": ["train", str(ckpt), "--data", str(data), "-o", str(tmp / "o5"), *common,
+                              "--compute-dtype", "bf16"],
+        "compute dtype": ["train", str(ckpt), "--data", str(data), "-o", str(tmp / "o6"), *common,
+                          "--compute-dtype", "fp8"],
     }
 
 
-@pytest.mark.parametrize("case", ["missing data", "empty data", "not a TwoTower", "seq-len vs block", "existing out"])
+@pytest.mark.parametrize("case", ["missing data", "empty data", "not a TwoTower", "seq-len vs block", "existing out",
+                                  "bf16 without fsdp", "compute dtype"])
 def test_bad_inputs_give_one_error_line(ckpt, data, tmp_path, case):
     r = CliRunner().invoke(get_app(), bad_inputs(ckpt, data, tmp_path)[case])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -347,6 +352,19 @@ def test_fsdp_shards_each_tower_and_resumes_exactly(ckpt, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_fsdp_bf16_compute_is_close_to_fp32_and_not_equal(ckpt, data, tmp_path):
+    """--compute-dtype bf16: the trained part computes in bf16 (so the losses move, a little) and its fp32
+    masters are written in the source dtypes as always."""
+    args = ["-m", "twotower_cli", "train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "3", "--fsdp"]
+    fp32 = json.loads(torchrun(*args, "-o", str(tmp_path / "fp32")).stdout)
+    bf16 = json.loads(torchrun(*args, "--compute-dtype", "bf16", "-o", str(tmp_path / "bf16")).stdout)
+    for key in ("first_loss", "final_loss", "eval_loss_after"):
+        assert bf16[key] != fp32[key] and abs(bf16[key] - fp32[key]) < 1e-2 * fp32[key], key
+    a, b = tensors(tmp_path / "fp32"), tensors(tmp_path / "bf16")
+    assert all(a[k].dtype == b[k].dtype for k in a) and context_bytes(tmp_path / "bf16") == context_bytes(ckpt)
+
+
 def test_fsdp_outside_torchrun_is_one_error_line(ckpt, data, tmp_path):
     r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "1", "--fsdp",
                                        "-o", str(tmp_path / "o")])
@@ -356,7 +374,8 @@ def test_fsdp_outside_torchrun_is_one_error_line(ckpt, data, tmp_path):
 
 @pytest.mark.gpu
 def test_fsdp_on_one_gpu_equals_the_unsharded_run(ckpt, data, tmp_path):
-    """NCCL and CUDA: one FSDP rank (torchrun) against the plain process, same device, same steps."""
+    """NCCL and CUDA: one FSDP rank (torchrun) against the plain process, same device, same steps; and with
+    the trained part computing in bf16, close to it."""
     args = ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS[:-3], "--device", "cuda", "--json", "--steps", "3"]
     sharded = json.loads(torchrun("-m", "twotower_cli", *args, "--fsdp", "-o", str(tmp_path / "fsdp"), nproc=1).stdout)
     plain = CliRunner().invoke(get_app(), [*args, "-o", str(tmp_path / "plain")])
@@ -365,3 +384,6 @@ def test_fsdp_on_one_gpu_equals_the_unsharded_run(ckpt, data, tmp_path):
     for key in ("first_loss", "final_loss", "eval_loss_after"):
         assert abs(sharded[key] - plain[key]) < 1e-3, key
     assert context_bytes(tmp_path / "fsdp") == context_bytes(ckpt)
+    bf16 = json.loads(torchrun("-m", "twotower_cli", *args, "--fsdp", "--compute-dtype", "bf16", "-o",
+                               str(tmp_path / "bf16"), nproc=1).stdout)
+    assert all(abs(bf16[key] - plain[key]) < 2e-2 * plain[key] for key in ("first_loss", "final_loss"))

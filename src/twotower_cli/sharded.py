@@ -17,7 +17,10 @@ do not fit one device (Nemotron-Labs-TwoTower-30B: about 16 bytes per trained pa
   would serve stale values in the evaluations between steps: training with FSDP runs under
   `derived.no_reuse()`.
 - **Numerics.** As without FSDP: trained parameters are fp32 masters and compute in fp32; the context tower
-  runs in `--dtype`. Gradients are reduce-scattered (averaged over ranks) every micro-batch.
+  runs in `--dtype`. Gradients are reduce-scattered (averaged over ranks) every micro-batch. With
+  `--compute-dtype bf16` the trained part's parameters are cast to bf16 as they are gathered
+  (`MixedPrecisionPolicy`: parameters are cast, not ops, so the model's explicit fp32 paths — the SSD scan,
+  softmax, norms, the fp64 router — stay as they are) and gradients are reduced in fp32.
 - **Checkpoints.** The weights are gathered one parameter at a time; rank 0 writes them in NVIDIA's layout
   exactly as the unsharded path does. The optimizer state and the fp32 masters stay sharded: every rank
   writes its shards with `torch.distributed.checkpoint` into `trainer_shards/` beside the weights, inside
@@ -65,11 +68,17 @@ def _load_piece(module: nn.Module, ckpt: Checkpoint, prefix: str, dtype: torch.d
         cast_(module, dtype)
 
 
-def load_sharded(ckpt: Checkpoint, cfg: NemotronHConfig, trained: set[str], mesh, context_dtype: torch.dtype):
+def load_sharded(ckpt: Checkpoint, cfg: NemotronHConfig, trained: set[str], mesh, context_dtype: torch.dtype,
+                 compute_dtype: torch.dtype = torch.float32):
     """(model, denoiser, context): the TwoTower with both towers sharded over `mesh`; `denoiser` is the
     FSDP root of the trained part (`train.BlockDenoiser`), `context` the FSDP root of the context tower
-    (`ContextPass`). Parameters named in `trained` require grad; all others are frozen."""
-    from torch.distributed.fsdp import fully_shard
+    (`ContextPass`). Parameters named in `trained` require grad; all others are frozen. `compute_dtype`
+    other than fp32: the trained part's gathered parameters are cast to it for forward and backward
+    (FSDP's `MixedPrecisionPolicy`), its gradients reduced in fp32 into the fp32 masters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed = MixedPrecisionPolicy() if compute_dtype == torch.float32 else MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
     from twotower_cli.train import BlockDenoiser
 
@@ -92,7 +101,8 @@ def load_sharded(ckpt: Checkpoint, cfg: NemotronHConfig, trained: set[str], mesh
                 prefix = f"{name}.layers.{i}."
                 _load_piece(layer, ckpt, prefix, dtype)
                 mark(layer, prefix)
-                fully_shard([layer.norm, layer.mixer], mesh=mesh)
+                fully_shard([layer.norm, layer.mixer], mesh=mesh,
+                            mp_policy=mixed if name == "denoiser_tower" else MixedPrecisionPolicy())
         roots = [(model.context_tower.embeddings, "context_tower.embeddings.", context_dtype),
                  (model.context_tower.norm_f, "context_tower.norm_f.", context_dtype),
                  (model.denoiser_tower.embeddings, "denoiser_tower.embeddings.", torch.float32),
@@ -103,7 +113,7 @@ def load_sharded(ckpt: Checkpoint, cfg: NemotronHConfig, trained: set[str], mesh
         for module, prefix, dtype in roots:
             _load_piece(module, ckpt, prefix, dtype)
             mark(module, prefix)
-        fully_shard(denoiser, mesh=mesh)
+        fully_shard(denoiser, mesh=mesh, mp_policy=mixed)
         fully_shard(context, mesh=mesh)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_meta and not n.startswith("context_lm_head.")]

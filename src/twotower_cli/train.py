@@ -23,8 +23,9 @@ Contract
   layer again there (`torch.utils.checkpoint`, non-reentrant): the same loss and gradients.
 - **Optimisation.** AdamW (betas 0.9/0.95, weight decay 0.01 on matrices), linear warmup then cosine decay
   to 10 % of the peak, gradient-norm clipping at 1.0, gradient accumulation. Trained parameters are fp32
-  masters computed in fp32 (the model's own fp32 paths, SSD scan, softmax and norms, stay fp32); `dtype` is
-  the frozen context tower's compute dtype. Written tensors keep the source checkpoint's dtypes.
+  masters computed in fp32 (with FSDP, `compute_dtype` bf16 casts them for compute; the model's own fp32
+  paths, SSD scan, softmax and norms, stay fp32 either way); `dtype` is the frozen context tower's compute
+  dtype. Written tensors keep the source checkpoint's dtypes.
 - **Determinism.** Which sequences a micro-batch reads and the noise it draws are pure functions of
   (seed, step, slot), slot = micro_step · world_size + rank. So a run stopped at step s and resumed replays
   exactly the uninterrupted run, and 2 DDP ranks with batch b compute what 1 process with batch b and
@@ -73,6 +74,7 @@ from twotower_cli.towers import TwoTower, is_twotower_checkpoint, layer_modulati
 TRAINER_STATE = "trainer_state.pt"
 STATE_VERSION = 2  # 2: experts stacked per layer (one parameter, one optimizer state)
 TRAIN_CHOICES = ("all", "time-conditioning")
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIME_CONDITIONING = ("t_embedder.", "t_block.", "scale_shift_tables.")
 FROZEN = ("context_tower.", "context_lm_head.")
 
@@ -334,6 +336,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (and save) after this step of the `steps` schedule
     fsdp: bool = False  # shard both towers, gradients and optimizer state over the ranks (`sharded`)
     gradient_checkpointing: bool = False  # recompute each denoiser layer in backward instead of keeping it
+    compute_dtype: str = "fp32"  # the trained part's compute dtype (fp32 masters either way); bf16 needs fsdp
 
     @property
     def warmup_steps(self) -> int:
@@ -358,6 +361,11 @@ class TrainConfig:
             raise TwoTowerError(f"--stop-after {self.stop_after} is not between 1 and --steps {self.steps}", None)
         if not self.data:
             raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise TwoTowerError(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}", None)
+        if self.compute_dtype != "fp32" and not self.fsdp:
+            raise TwoTowerError(f"--compute-dtype {self.compute_dtype} casts parameters as FSDP gathers them",
+                                "add --fsdp (under torchrun; one process is fine: --nproc_per_node 1)")
 
 
 @dataclass
@@ -614,7 +622,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size)
     settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
                 "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
-                "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint)}
+                "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint),
+                "compute_dtype": cfg.compute_dtype}
     data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens}
     if state is not None:
         for key in RESUME_KEYS:
@@ -638,7 +647,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         mesh = init_device_mesh(device.type, (env.world,))
         with torch.device("meta"):
             names = set(trainable_names(TwoTower(mcfg), cfg.train))
-        model, denoiser, context_net = sharded.load_sharded(source, mcfg, names, mesh, context_dtype)
+        model, denoiser, context_net = sharded.load_sharded(source, mcfg, names, mesh, context_dtype,
+                                                            COMPUTE_DTYPES[cfg.compute_dtype])
         denoiser.checkpointing = cfg.gradient_checkpointing
 
         def contexts(ids: Tensor) -> BlockContext:

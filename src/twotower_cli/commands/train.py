@@ -94,6 +94,7 @@ def train(
     stop_after: Annotated[int | None, typer.Option("--stop-after", help="Stop (and save) after step N of the --steps schedule; continue with --resume.")] = None,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard both towers, gradients and optimizer state over the torchrun ranks (FSDP2), for models too large for one device.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Keep only each denoiser layer's input and run the layer again in backward: several times less activation memory for a slower step (benchmarks/train_step.py).")] = False,
+    compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="fp32 | bf16: what the trained part computes in (fp32 masters and gradient reduction either way); bf16 needs --fsdp.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
 ) -> None:
     """Train the denoiser by masked diffusion; the context tower stays frozen."""
@@ -107,7 +108,7 @@ def train(
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
                         train=train_what, device=device, dtype=dtype, stop_after=stop_after, fsdp=fsdp,
-                        gradient_checkpointing=gradient_checkpointing)
+                        gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype)
     with TrainProgress() as view:
         result = T.train(cfg, on_event=view)
     if not result.is_main:
