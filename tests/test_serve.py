@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import threading
 import time
@@ -16,6 +17,7 @@ import torch
 from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotower
 
 from twotower_cli import sampler as S
+from twotower_cli.chat import template_ids
 from twotower_cli.serve import Engine, Piece, Result, make_server
 from twotower_cli.text import ChatTemplate, Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
@@ -423,3 +425,59 @@ def test_a_reader_that_leaves_does_not_disturb_its_batch(folder, model):
     want = reference(model, tok.encode("abc"), replace_cfg(max_new_tokens=40))
     assert result.texts == [tok.decode(want.token_ids)]
     assert "".join(p.deltas[0] for p in out["stayed"][:-1]) == result.texts[0]
+
+
+# ------------------------------------------------------------------------------------------- logprobs
+
+def test_completion_logprobs_in_ar_are_the_next_token_log_probabilities(url, model, folder):
+    """ar: each returned token's logprob is log softmax of the base model's logits at the position before it,
+    from one full forward over prompt + reply (not the server's cached decode); the offsets are where each
+    token's text starts."""
+    tok = Tokenizer(folder)
+    body = {"prompt": "hello there", "max_tokens": 12, "mode": "ar", "logprobs": 0}
+    out = json.loads(post(url, "/v1/completions", body)[1])["choices"][0]
+    lp = out["logprobs"]
+    prompt = tok.encode("hello there")
+    reply = reference(model, prompt, replace_cfg(mode="ar")).token_ids
+    assert [tok.decode([i]) for i in reply] == lp["tokens"] and "".join(lp["tokens"]) == out["text"]
+    with torch.no_grad():
+        logits = TowerBackend(model).ar(torch.tensor([prompt + reply]))
+    logits = getattr(logits, "logits", logits)[0].float().log_softmax(-1)
+    want = [logits[len(prompt) + j - 1, t].item() for j, t in enumerate(reply)]
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], want, strict=True)) < 1e-4
+    assert lp["text_offset"] == [len(tok.decode(reply[:j])) for j in range(len(reply))] and lp["top_logprobs"] is None
+
+
+def test_chat_logprobs_in_mask_diffusion_are_each_tokens_at_its_commit(url, model, folder):
+    """mask_diffusion: the probability the denoiser gave each token at the step that committed it (the
+    sampler's own Step events, collected here); chat's `content` list spells the reply."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "logprobs": True}
+    out = json.loads(post(url, "/v1/chat/completions", body)[1])["choices"][0]
+    content = out["logprobs"]["content"]
+    tok = Tokenizer(folder)
+    prompt = ChatTemplate.load(folder)
+    ids = template_ids(prompt, tok, body["messages"], {})[0]
+    conf, start = {}, 0
+    for ev in S.generate(TowerBackend(model), [ids], CFG, [2, 38]):
+        if isinstance(ev, S.BlockStarted):
+            start = ev.start
+        elif isinstance(ev, S.Step):
+            conf.update({start + p: c for p, c in zip(ev.committed[0], ev.confidences[0], strict=True)})
+        elif isinstance(ev, S.Finished):
+            reply = ev.generations[0].token_ids
+    assert [c["token"] for c in content] == [tok.decode([i]) for i in reply]
+    assert "".join(c["token"] for c in content) == out["message"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx([math.log(conf[j]) for j in range(len(reply))], abs=1e-6)
+    assert all(c["bytes"] == list(c["token"].encode()) and c["top_logprobs"] == [] for c in content)
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("/v1/completions", {"prompt": "hi", "logprobs": 0, "stream": True}, "whole replies only"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "non-negative integer"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3},
+     "chosen tokens' logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "true or false"),
+])
+def test_logprobs_that_cannot_be_given_are_refused(url, path, body, needle):
+    status, text = post(url, path, body)
+    assert status == 400 and needle in json.loads(text)["error"]["message"], text

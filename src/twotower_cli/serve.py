@@ -8,8 +8,11 @@
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
-(presence_penalty, user, ...) are ignored; logprobs and n > 1 are refused with a 400. Unset fields take
-the defaults given on the command line.
+(presence_penalty, user, ...) are ignored; n > 1 is refused with a 400. `logprobs` (chat: `logprobs: true`;
+completions: `logprobs: 0`) gives each returned token's log-probability: in `mask_diffusion` the one the
+denoiser gave it at the step that committed it, in `ar` / `mock_ar` the next-token one (untempered either
+way). Runners-up (`top_logprobs` > 0) are refused: the sampler keeps only the chosen token's probability.
+Unset fields take the defaults given on the command line.
 
 One thread runs the model. Requests queue for it; when it is free it takes the oldest waiting request and
 every other waiting one with the same sampler settings (and no seed of its own, when sampling), up to
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import queue
 import threading
 import time
@@ -67,6 +71,7 @@ class Request:
     stream: bool
     chat: bool
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: bool = False  # each returned token's log-probability (the chosen tokens only)
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
 
 
@@ -133,6 +138,8 @@ class Result:
     nfe: int
     seconds: float
     batch: int = 1  # requests sampled together in its batch
+    token_ids: list[list[int]] = dataclasses.field(default_factory=list)  # per prompt: the tokens counted
+    logprobs: list[list[float]] = dataclasses.field(default_factory=list)  # per prompt, per token (if asked)
 
 
 @dataclass(eq=False)
@@ -173,8 +180,7 @@ class Engine:
             raise BadRequest("the request body must be a JSON object")
         if _number(body, "n", int, 1) != 1:
             raise BadRequest("only n = 1 is supported")
-        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-            raise BadRequest("logprobs are not supported")
+        logprobs = self._logprobs(body, chat)
         history = None
         if chat:
             prompt, history = self._render(body)
@@ -203,8 +209,32 @@ class Engine:
         if settings.mode != "ar" and self.backend.inner.twotower is None:
             raise BadRequest("this model has no denoiser: only mode 'ar'")
         options = body.get("stream_options") or {}
-        return Request(prompts, settings, stops, _number(body, "seed", int, None), bool(body.get("stream")), chat,
-                       isinstance(options, dict) and bool(options.get("include_usage")), history)
+        stream = bool(body.get("stream"))
+        if logprobs and stream:
+            raise BadRequest("logprobs are given for whole replies only: leave out 'stream' or 'logprobs'")
+        return Request(prompts, settings, stops, _number(body, "seed", int, None), stream, chat,
+                       include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+                       history=history, logprobs=logprobs)
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> bool:
+        """Whether the request asks for logprobs: chat `logprobs: true`, completions `logprobs: 0` (an int).
+        Only the chosen tokens' are known (the sampler keeps each token's probability, not the runners-up'),
+        so `top_logprobs` > 0 and completions' `logprobs` > 0 are refused."""
+        value, top = body.get("logprobs"), _number(body, "top_logprobs", int, 0)
+        if chat:
+            if value not in (None, True, False):
+                raise BadRequest("'logprobs' must be true or false")
+            wanted = value is True
+        else:
+            wanted = value is not None and value is not False
+            if wanted and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise BadRequest("'logprobs' must be a non-negative integer")
+            top = max(top, value or 0) if wanted else top
+        if top > 0:
+            raise BadRequest("only the chosen tokens' logprobs are available (the sampler keeps no runners-up): "
+                             "ask for top_logprobs 0" + ("" if chat else " (logprobs: 0)"))
+        return wanted
 
     def _render(self, body: dict) -> tuple[list[int], list[int] | None]:
         if self.template is None:
@@ -315,6 +345,9 @@ class Engine:
 
         sampled = first.settings.temperature > 0 and first.seed is not None  # then it is alone in its batch
         generator = torch.Generator().manual_seed(first.seed) if sampled else self.generator
+        want_logprobs = any(t.req.logprobs for t in tickets)
+        chosen: list[dict[int, float]] = [{} for _ in range(B)]  # row → position → log p of its token
+        block_start = 0
         fed, read = self.backend.fed, None
         if B == 1:
             start_from(self.backend, prompts[0], first.history)
@@ -325,7 +358,13 @@ class Engine:
                     read = self.backend.fed - fed
                 if all(t.cancelled.is_set() for t in tickets):
                     return  # nobody is waiting: free the model
-                if isinstance(ev, S.BlockDone) and any(t.req.stream for t in tickets):
+                if isinstance(ev, S.BlockStarted):
+                    block_start = ev.start
+                elif isinstance(ev, S.Step) and want_logprobs:
+                    for b in range(B):
+                        for pos, conf in zip(ev.committed[b], ev.confidences[b], strict=True):
+                            chosen[b][block_start + pos] = math.log(conf) if conf > 0 else -math.inf
+                elif isinstance(ev, S.BlockDone) and any(t.req.stream for t in tickets):
                     deltas = [""] * B
                     for b in range(B):
                         ids[b] += ev.tokens[b].tolist()
@@ -352,10 +391,13 @@ class Engine:
                     # only a batch of one prompt starts from a kept state (`fed` counts a padded batch's columns)
                     cached = max(fed_prompt - read, 0) if B == 1 else 0
                     for t, rows in zip(tickets, rows_of, strict=True):
+                        counted = [gens[b].token_ids[:used[b]] for b in rows]
+                        logprobs = ([[chosen[b][i] for i in range(used[b])] for b in rows] if t.req.logprobs
+                                    else [])
                         t.out.put(Result([finals[b][0] for b in rows],
                                          ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
                                          sum(len(prompts[b]) for b in rows), cached, sum(used[b] for b in rows),
-                                         ev.nfe, ev.wall_seconds, len(tickets)))
+                                         ev.nfe, ev.wall_seconds, len(tickets), counted, logprobs))
         finally:
             stream.close()
 
@@ -395,14 +437,29 @@ class Engine:
 # ---------------------------------------------------------------------------------------------- HTTP
 
 def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> dict:
+    logprobs = [_logprobs_body(engine.tokenizer, ids, lps, req.chat) if req.logprobs else None
+                for ids, lps in zip(result.token_ids, result.logprobs or [[]] * len(result.token_ids), strict=True)]
     if req.chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
+                    **({"logprobs": lp} if req.logprobs else {})}
+                   for i, (t, f, lp) in enumerate(zip(result.texts, result.finish_reasons, logprobs, strict=True))]
     else:
-        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
-                   for i, (t, f) in enumerate(zip(result.texts, result.finish_reasons, strict=True))]
+        choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": lp}
+                   for i, (t, f, lp) in enumerate(zip(result.texts, result.finish_reasons, logprobs, strict=True))]
     return {"id": rid, "object": "chat.completion" if req.chat else "text_completion", "created": int(time.time()),
             "model": engine.name, "choices": choices, "usage": _usage(result)}
+
+
+def _logprobs_body(tokenizer: Tokenizer, ids: list[int], logprobs: list[float], chat: bool) -> dict:
+    """OpenAI's logprobs object for the chosen tokens `ids` (no runners-up): chat's `content` list, or the
+    completions' parallel lists with each token's offset in the text."""
+    pieces = [tokenizer.decode([i]) for i in ids]
+    values = [lp if math.isfinite(lp) else -9999.0 for lp in logprobs]  # JSON has no -inf
+    if chat:
+        return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                            for t, v in zip(pieces, values, strict=True)]}
+    offsets = [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    return {"tokens": pieces, "token_logprobs": values, "top_logprobs": None, "text_offset": offsets}
 
 
 def _usage(result: Result) -> dict:
