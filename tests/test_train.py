@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -162,12 +163,67 @@ def test_data_packing_jsonl_eos_and_held_out_slice(ckpt, tmp_path):
     d = T.load_data([tmp_path / "a.jsonl", tmp_path / "b.txt"], tok, 2, eos=2, vocab_size=48)
     a, b, c, dd, e, f = (tok.encode(ch)[0] for ch in "abcdef")
     stream = [a, b, 2, c, dd, 2, e, f]
-    assert torch.equal(torch.cat([d.train, d.eval]).flatten(), torch.tensor(stream))
+    assert torch.equal(torch.cat([d.train[:], d.eval]).flatten(), torch.tensor(stream))
     assert len(d.eval) == 1 and d.tokens == 8 and d.documents == 3
     order = T.TrainOrder(len(d.train), seed=0, batch=2, slots=1)
     seen = torch.cat([order.indices(s, 0) for s in range(3)])
     assert sorted(seen[:3].tolist()) == [0, 1, 2]  # one epoch is a permutation
     assert torch.equal(seen, torch.cat([T.TrainOrder(3, 0, 2, 1).indices(s, 0) for s in range(3)]))
+
+
+
+def test_tokenize_then_training_on_the_npy_equals_training_on_the_text(ckpt, data, tmp_path):
+    """`twotower tokenize` writes the stream `train` builds from the same files, so a run on the memory-mapped
+    .npy gives the losses and weights of a run on the text, exactly."""
+    r = CliRunner().invoke(get_app(), ["tokenize", str(ckpt), "--data", str(data), "-o", str(tmp_path / "c.npy"),
+                                       "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    stream = np.load(tmp_path / "c.npy")
+    assert info["documents"] == 1 and info["tokens"] == len(stream) and stream.dtype == np.uint16
+    from twotower_cli.text import Tokenizer
+
+    assert stream.tolist() == Tokenizer(ckpt).encode(TEXT)
+    a = run(ckpt, data, tmp_path / "text", steps=3)
+    b = run(ckpt, tmp_path / "c.npy", tmp_path / "npy", steps=3)
+    assert a.losses == b.losses and a.eval_loss_after == b.eval_loss_after
+    ta, tb = tensors(tmp_path / "text"), tensors(tmp_path / "npy")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_npy_streams_give_sequences_that_never_cross_files(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(10, dtype=np.uint32))
+    np.save(tmp_path / "b.npy", np.arange(100, 107, dtype=np.uint16))
+    d = T.load_data([tmp_path / "a.npy", tmp_path / "b.npy"], None, 3, eos=2, vocab_size=200)
+    got = torch.cat([d.train[:], d.eval]).tolist()
+    assert got == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [100, 101, 102], [103, 104, 105]]
+    assert len(d.eval) == 1 and d.tokens == 17 and d.documents is None
+    assert d.train[torch.tensor([3, 0])].tolist() == [[100, 101, 102], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("2-d", "not a 1-D array of token ids"), ("float", "not a 1-D array of token ids"),
+    ("too big", "outside the model's vocabulary"), ("mixed", "mixes pre-tokenized .npy files with text"),
+])
+def test_bad_token_files_give_one_error_line(ckpt, data, tmp_path, case, needle):
+    arrays = {"2-d": np.zeros((4, 4), np.int32), "float": np.zeros(64, np.float32),
+              "too big": np.full(64, 10_000, np.int32), "mixed": np.zeros(64, np.int32)}
+    np.save(tmp_path / "t.npy", arrays[case])
+    files = ["--data", str(tmp_path / "t.npy")] + (["--data", str(data)] if case == "mixed" else [])
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), *files, "-o", str(tmp_path / "o"), "--block", "4",
+                                       "--seq-len", "32", "--steps", "1", "--device", "cpu"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenize_refuses_bad_output_and_keeps_an_existing_one(ckpt, data, tmp_path):
+    (tmp_path / "c.npy").write_bytes(b"keep")
+    for args, needle in ((["-o", str(tmp_path / "c.npy")], "already exists"), (["-o", str(tmp_path / "c.bin")], ".npy"),
+                         (["-o", str(tmp_path / "d.npy"), "--data", str(tmp_path / "c.npy")], "already tokenized")):
+        r = CliRunner().invoke(get_app(), ["tokenize", str(ckpt), "--data", str(data), *args])
+        assert r.exit_code == 1 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert (tmp_path / "c.npy").read_bytes() == b"keep" and not (tmp_path / "d.npy").exists()
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -49,7 +49,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,74 +94,194 @@ def derive_seed(*parts: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- data
 
+class Sequences:
+    """Sequences of `seq_len` tokens cut from token streams, read when indexed (an index tensor or a slice →
+    [k, seq_len] int64). A stream is a 1-D integer array, in memory or memory-mapped from a `.npy` file, so
+    a corpus larger than memory trains without being loaded; its tail that does not fill a sequence is
+    dropped, and no sequence crosses two streams. Sequences `start` … `stop` - 1 of all of them are this view."""
+
+    def __init__(self, streams: list[np.ndarray], seq_len: int, start: int = 0, stop: int | None = None):
+        self.streams, self.seq_len = streams, seq_len
+        self.bounds = np.cumsum([0] + [len(s) // seq_len for s in streams])  # first sequence of each stream
+        self.start, self.stop = start, int(self.bounds[-1]) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def view(self, start: int, stop: int) -> Sequences:
+        return Sequences(self.streams, self.seq_len, self.start + start, self.start + stop)
+
+    def __getitem__(self, index: Tensor | slice) -> Tensor:
+        rows = torch.arange(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).reshape(-1)
+        L = self.seq_len
+        out = np.empty((len(rows), L), dtype=np.int64)
+        for j, i in enumerate((rows + self.start).tolist()):
+            f = int(np.searchsorted(self.bounds, i, side="right")) - 1
+            k = i - int(self.bounds[f])
+            out[j] = self.streams[f][k * L:(k + 1) * L]
+        return torch.from_numpy(out)
+
+
 @dataclass
 class TokenData:
-    train: Tensor  # [N, seq_len] int64
+    train: Sequences  # [N, seq_len] when indexed
     eval: Tensor  # [M, seq_len] int64
-    tokens: int  # tokens in the stream before packing
-    documents: int
+    tokens: int  # tokens in the streams before packing
+    documents: int | None  # (None for pre-tokenized .npy streams)
 
 
-def read_documents(paths: list[Path]) -> list[str]:
-    """Documents from text files (a file is one document) and JSONL files (one `text` per line)."""
-    docs: list[str] = []
+def iter_documents(paths: list[Path]) -> Iterator[str]:
+    """Documents from text files (a file is one document) and JSONL files (one `text` per line, read a line
+    at a time), empty ones skipped."""
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
         try:
-            text = path.read_text(encoding="utf-8")
+            if path.suffix.lower() != ".jsonl":
+                text = path.read_text(encoding="utf-8")
+                if text:
+                    yield text
+                continue
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}",
+                                            "a .jsonl file holds one JSON object with a 'text' field per line") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each JSONL line needs one")
+                    if obj["text"]:
+                        yield obj["text"]
         except UnicodeDecodeError:
             raise TwoTowerError(f"data file {path} is not UTF-8 text", "pass plain text or JSONL files") from None
-        if path.suffix.lower() != ".jsonl":
-            docs.append(text)
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer that holds every id of the vocabulary."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, dtype: np.dtype,
+                      batch: int = 1024) -> Iterator[tuple[np.ndarray, int]]:
+    """The token stream of the documents (joined with `eos` between them), in chunks of about `batch`
+    documents encoded together (`encode_batch`: all cores): (ids, documents in the chunk)."""
+    first = True
+
+    def chunk(docs: list[str]) -> tuple[np.ndarray, int]:
+        nonlocal first
+        parts, count = [], 0
+        for ids in tokenizer.encode_batch(docs):
+            if not ids:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}",
-                                    "a .jsonl file holds one JSON object with a 'text' field per line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each JSONL line needs one")
-            docs.append(obj["text"])
-    return [d for d in docs if d]
+            if not first and eos is not None:
+                parts.append(np.array([eos], dtype=dtype))
+            parts.append(np.asarray(ids, dtype=dtype))
+            first, count = False, count + 1
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), count
+
+    docs: list[str] = []
+    for doc in iter_documents(paths):
+        docs.append(doc)
+        if len(docs) == batch:
+            yield chunk(docs)
+            docs = []
+    if docs:
+        yield chunk(docs)
 
 
-def pack_sequences(docs: list[list[int]], seq_len: int, eos: int | None) -> Tensor:
-    """Documents joined with `eos` between them, cut into [N, seq_len] (the incomplete tail is dropped)."""
-    parts: list[np.ndarray] = []
-    for i, ids in enumerate(docs):
-        if i and eos is not None:
-            parts.append(np.array([eos], dtype=np.int64))
-        parts.append(np.asarray(ids, dtype=np.int64))
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    n = len(stream) // seq_len
-    return torch.from_numpy(stream[: n * seq_len].copy()).view(n, seq_len)
+def open_token_file(path: Path, vocab_size: int) -> np.ndarray:
+    """A pre-tokenized stream (`twotower tokenize`, or any 1-D integer .npy), memory-mapped and checked."""
+    try:
+        stream = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise TwoTowerError(f"cannot read {path} as a .npy array: {e}", "write it with `twotower tokenize`") from None
+    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+        raise TwoTowerError(f"{path} holds a {stream.dtype} array of shape {list(stream.shape)}, not a 1-D array "
+                            "of token ids", "write it with `twotower tokenize`")
+    if len(stream) and (int(stream.max()) >= vocab_size or int(stream.min()) < 0):
+        raise TwoTowerError(f"{path} holds ids outside the model's vocabulary (0..{vocab_size - 1})",
+                            "tokenize it with this checkpoint's tokenizer")
+    return stream
 
 
 def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | None, vocab_size: int) -> TokenData:
-    """Tokenise, pack and split off the held-out slice (the last sequences of the stream)."""
+    """Tokenise (or memory-map pre-tokenized `.npy` streams), pack, and split off the held-out slice (the
+    last sequences)."""
     if not paths:
         raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
-    docs = [tokenizer.encode(d) for d in read_documents(paths)]
-    docs = [d for d in docs if d]
-    n_tokens = sum(len(d) for d in docs) + (max(len(docs) - 1, 0) if eos is not None else 0)
-    if not docs:
+    paths = [Path(p) for p in paths]
+    npy = [p for p in paths if p.suffix.lower() == ".npy"]
+    if npy and len(npy) != len(paths):
+        raise TwoTowerError("--data mixes pre-tokenized .npy files with text", "tokenize the text too "
+                            "(`twotower tokenize`), or pass text only")
+    if npy:
+        for p in npy:
+            if not p.is_file():
+                raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
+        streams = [open_token_file(p, vocab_size) for p in npy]
+        documents = None
+    else:
+        dtype = np.dtype(np.int64)
+        chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype))
+        streams = [np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, dtype=dtype)]
+        documents = sum(n for _, n in chunks)
+        if len(streams[0]) and int(streams[0].max()) >= vocab_size:
+            raise TwoTowerError(f"the tokenizer produced id {int(streams[0].max())} but the model's vocabulary has "
+                                f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
+    n_tokens = sum(len(s) for s in streams)
+    if not n_tokens:
         raise TwoTowerError(f"the data ({', '.join(str(p) for p in paths)}) holds no text",
                             "pass files with some text in them")
-    top = max(max(d) for d in docs)
-    if top >= vocab_size:
-        raise TwoTowerError(f"the tokenizer produced id {top} but the model's vocabulary has {vocab_size} entries",
-                            "the checkpoint's tokenizer.json does not belong to its weights")
-    seqs = pack_sequences(docs, seq_len, eos)
+    seqs = Sequences(streams, seq_len)
     if len(seqs) < 2:
         raise TwoTowerError(f"the data holds {n_tokens} tokens, fewer than two sequences of --seq-len {seq_len} "
                             "(one to train on, one to evaluate)", "add data or lower --seq-len")
     n_eval = min(max(1, int(len(seqs) * EVAL_FRACTION)), MAX_EVAL_SEQUENCES)
-    return TokenData(seqs[:-n_eval], seqs[-n_eval:], n_tokens, len(docs))
+    return TokenData(seqs.view(0, len(seqs) - n_eval), seqs.view(len(seqs) - n_eval, len(seqs))[:], n_tokens,
+                     documents)
+
+
+def tokenize_to_file(paths: list[Path], tokenizer: Tokenizer, eos: int | None, vocab_size: int, out: Path,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[int, int, np.dtype]:
+    """The token stream of the documents (as `load_data` builds it) written to `out` as a 1-D .npy array of the
+    narrowest dtype, with bounded memory (chunks go to a raw file beside it, then into the .npy), atomically.
+    Returns (tokens, documents, dtype); `progress(documents, tokens)` after each chunk."""
+    dtype = token_dtype(vocab_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.with_name(f".{out.name}.raw-{os.getpid()}")
+    part = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+    tokens = documents = 0
+    try:
+        with open(raw, "wb") as f:
+            for ids, n in iter_token_chunks(paths, tokenizer, eos, dtype):
+                if len(ids) and int(ids.max()) >= vocab_size:
+                    raise TwoTowerError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary "
+                                        f"has {vocab_size} entries",
+                                        "the checkpoint's tokenizer.json does not belong to its weights")
+                f.write(ids.tobytes())
+                tokens, documents = tokens + len(ids), documents + n
+                if progress is not None:
+                    progress(documents, tokens)
+        if not tokens:
+            raise TwoTowerError(f"the data ({', '.join(str(p) for p in paths)}) holds no text",
+                                "pass files with some text in them")
+        source = np.memmap(raw, dtype=dtype, mode="r", shape=(tokens,))
+        target = np.lib.format.open_memmap(part, mode="w+", dtype=dtype, shape=(tokens,))
+        step = 1 << 24
+        for i in range(0, tokens, step):
+            target[i:i + step] = source[i:i + step]
+        target.flush()
+        del source, target
+        os.replace(part, out)
+    finally:
+        raw.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+    return tokens, documents, dtype
 
 
 class TrainOrder:

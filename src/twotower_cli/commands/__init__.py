@@ -7,5 +7,6 @@ from twotower_cli.commands import (
     inspect,  # noqa: F401
     serve,  # noqa: F401
     split,  # noqa: F401
+    tokenize,  # noqa: F401
     train,  # noqa: F401
 )

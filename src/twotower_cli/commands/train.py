@@ -74,7 +74,7 @@ def train(
     more_data: Annotated[list[Path] | None, typer.Argument(
         metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
+        "--data", metavar="FILE", help="Text file (one document), .jsonl file (a 'text' field per line) or .npy token stream from `twotower tokenize` (memory-mapped); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
     block: Annotated[int, typer.Option(help="Diffusion block size S (sample with the same or smaller).")] = 16,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (a multiple of --block).")] = 512,

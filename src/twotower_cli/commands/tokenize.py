@@ -1,0 +1,81 @@
+"""`twotower tokenize`: text and JSONL files → one .npy token stream that `twotower train --data` memory-maps.
+
+A corpus larger than memory then trains without being loaded, and the ranks of a `torchrun` job read one
+file instead of each tokenizing the text. The stream is what `train` builds from the same files (documents
+joined with EOS), so training on it equals training on them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from twotower_cli.cli import app, guarded
+
+
+@app.command()
+@guarded
+def tokenize(
+    checkpoint: Annotated[str, typer.Argument(
+        metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")],
+    more_data: Annotated[list[Path] | None, typer.Argument(
+        metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the numbers on stdout.")] = False,
+) -> None:
+    """Tokenize text and JSONL files once into a .npy token stream for `train --data` (memory-mapped)."""
+    import time
+
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    from twotower_cli import train as T
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.config import NemotronHConfig
+    from twotower_cli.display import err_console
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.runtime import model_folder
+    from twotower_cli.text import Tokenizer
+
+    paths = [*(data or []), *(more_data or [])]
+    if out is None:
+        raise TwoTowerError("no output file given", "pass -o OUT.npy")
+    if out.suffix.lower() != ".npy":
+        raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
+    if out.exists() and not force:
+        raise TwoTowerError(f"{out} already exists", "pass --force to replace it")
+    if not paths:
+        raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+    for p in paths:
+        if p.suffix.lower() == ".npy":
+            raise TwoTowerError(f"{p} is already tokenized", "pass it to `train --data` as it is")
+        if not p.is_file():
+            raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
+    folder = model_folder(checkpoint)
+    ckpt = open_checkpoint(folder)
+    if ckpt.config_raw is None:
+        raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
+    cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+    tokenizer = Tokenizer(folder)
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    console = err_console()
+    t0 = time.perf_counter()
+    with Progress(TextColumn("[bold]tokenize"), TextColumn("{task.fields[docs]:,} documents"),
+                  TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("tokenize", total=None, docs=0, tokens=0)
+        tokens, documents, dtype = T.tokenize_to_file(
+            paths, tokenizer, eos, cfg.vocab_size, out, progress=lambda d, n: bar.update(task, docs=d, tokens=n))
+    seconds = time.perf_counter() - t0
+    size = out.stat().st_size
+    if as_json:
+        print(json.dumps({"out": str(out), "documents": documents, "tokens": tokens, "dtype": str(dtype),
+                          "bytes": size, "seconds": seconds}))
+        return
+    console.print(f"wrote [bold]{out}[/] · {documents:,} document{'s' * (documents != 1)} · {tokens:,} tokens ({dtype}, "
+                  f"{size / 2**20:.1f} MiB) · {seconds:.1f} s · {tokens / max(seconds, 1e-9):,.0f} tok/s", highlight=False)
