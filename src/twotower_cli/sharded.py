@@ -21,8 +21,9 @@ do not fit one device (Nemotron-Labs-TwoTower-30B: about 16 bytes per trained pa
   `--compute-dtype bf16` the trained part's parameters are cast to bf16 as they are gathered
   (`MixedPrecisionPolicy`: parameters are cast, not ops, so the model's explicit fp32 paths — the SSD scan,
   softmax, norms, the fp64 router — stay as they are) and gradients are reduced in fp32.
-- **Checkpoints.** The weights are gathered one parameter at a time; rank 0 writes them in NVIDIA's layout
-  exactly as the unsharded path does. The optimizer state and the fp32 masters stay sharded: every rank
+- **Checkpoints.** The weights are gathered one parameter at a time; rank 0 keeps them in host memory, in
+  the checkpoint's dtypes (the trained part only: about 63 GB for Nano in bf16), and writes them in NVIDIA's
+  layout exactly as the unsharded path does. The optimizer state and the fp32 masters stay sharded: every rank
   writes its shards with `torch.distributed.checkpoint` into `trainer_shards/` beside the weights, inside
   the same atomic replacement of OUT. A resume must use the same world size (like any resume here).
 """
