@@ -120,3 +120,47 @@ def test_cache_on_copies_every_layer_state():
     assert moved.layers[0].ssm.device.type == "meta" and moved.layers[0].conv.device.type == "meta"
     assert moved.layers[1].k.device.type == "meta" and moved.layers[1].v.device.type == "meta"
     assert cache.layers[0].ssm.device.type == "cpu", "the context's own cache must stay where it is"
+
+
+
+def test_load_bytes_counts_what_is_read_onto_each_device(twotower_folder):
+    """Against an independent count from the checkpoint's headers: each tower's tensors at 4 bytes in fp32, on
+    its own device; in bf16 at 2 bytes but the spec's fp32 tensors at 4; as in the file without a dtype."""
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.config import NemotronHConfig
+    from twotower_cli.towers import load_bytes
+
+    ckpt = open_checkpoint(twotower_folder)
+    with torch.device("meta"):
+        model = TwoTower(NemotronHConfig.from_dict(ckpt.config_raw))
+    a, b = torch.device("cpu"), torch.device("cpu", 0)
+    tensors = ckpt.tensors.values()
+    context = sum(t.numel for t in tensors if t.name.startswith(("context_tower.", "context_lm_head.")))
+    total = sum(t.numel for t in tensors)
+    assert load_bytes(model, ckpt, torch.float32, tower_device_map(a, b)) == {a: 4 * context, b: 4 * (total - context)}
+    fp32 = sum(t.numel for t in tensors if layout.keep_fp32(t.name))
+    assert load_bytes(model, ckpt, torch.bfloat16, lambda _key: a) == {a: 2 * (total - fp32) + 4 * fp32}
+    assert load_bytes(model, ckpt, None, lambda _key: a) == {a: sum(t.nbytes for t in tensors)}
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_a_model_larger_than_the_free_memory_is_one_error_before_loading(twotower_folder, monkeypatch, mode):
+    from typer.testing import CliRunner
+
+    from twotower_cli import towers
+    from twotower_cli.cli import get_app
+
+    args = ["generate", "hi", "--model", str(twotower_folder), "--mode", mode, "--device", "cpu", "-n", "2"]
+    monkeypatch.setattr(towers, "free_bytes", lambda device: 1000)
+    real_load_state = towers.load_state
+    read = []
+    monkeypatch.setattr(towers, "load_state", lambda *a, **k: read.append(1))
+    r = CliRunner().invoke(get_app(), args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and not read, r.output
+    assert "GiB on cpu and 0.0 GiB is free there" in lines[0] and "--dtype bf16 halves it" in lines[0]
+    assert ("--mode ar reads the context tower only" in lines[0]) == (mode != "ar")
+    monkeypatch.setattr(towers, "load_state", real_load_state)
+    monkeypatch.setenv("TWOTOWER_SKIP_MEMORY_CHECK", "1")
+    r = CliRunner().invoke(get_app(), args)
+    assert r.exit_code == 0, r.output

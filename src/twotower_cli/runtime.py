@@ -105,7 +105,7 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     tokenizer = Tokenizer(folder)
     generation_eos = generation_eos_ids(folder)  # read before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
-                        context_device=ctx, denoiser_device=den)
+                        context_device=ctx, denoiser_device=den, check_memory=True)
     backend = TowerBackend(loaded.twotower, loaded.ar)
     if compile:
         backend.compile()

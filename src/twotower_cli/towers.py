@@ -226,12 +226,13 @@ def tower_device_map(context_device: torch.device, denoiser_device: torch.device
 
 def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", context_device: str | torch.device | None = None,
-               denoiser_device: str | torch.device | None = None) -> LoadedModel:
+               denoiser_device: str | torch.device | None = None, check_memory: bool = False) -> LoadedModel:
     """Load a checkpoint for sampling.
 
     need_denoiser=True: a TwoTower checkpoint is required (mask_diffusion, mock_ar); the whole model is
     loaded, each tower on its device. need_denoiser=False (ar): only the context tower and its head are
     read from a TwoTower checkpoint, or the whole model from a plain NemotronH checkpoint.
+    `check_memory`: first make sure each device has room for what will be read onto it (`check_room`).
     """
     ckpt = open_checkpoint(path)
     cfg = _config_of(ckpt)
@@ -244,19 +245,88 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
                                 "turn it into one with `twotower split`, or use --mode ar")
         with torch.device("meta"):
             model = TwoTower(cfg)
-        report = load_state(model, ckpt, dtype=dtype, device=tower_device_map(ctx_dev, den_dev))
+        place = tower_device_map(ctx_dev, den_dev)
+        if check_memory:
+            check_room(load_bytes(model, ckpt, dtype, place), dtype, two_devices=ctx_dev != den_dev, whole=True)
+        report = load_state(model, ckpt, dtype=dtype, device=place)
         model.place(ctx_dev, den_dev).eval()  # a no-op: every tensor was read onto its tower's device
         return LoadedModel(cfg, ckpt.folder, model, None, list(report.dropped))
     router = torch.float64 if two else torch.float32
     with torch.device("meta"):
         ar = NemotronHForCausalLM(cfg, router_dtype=router)
+    key_map = None
     if two:
         def key_map(k: str) -> str:
             return "context_lm_head.weight" if k == "lm_head.weight" else "context_tower." + k[len("backbone."):]
-        report = load_state(ar, ckpt, key_map=key_map, dtype=dtype, device=ctx_dev, allow_unused=True)
-    else:
-        report = load_state(ar, ckpt, dtype=dtype, device=ctx_dev)
+    if check_memory:
+        check_room(load_bytes(ar, ckpt, dtype, lambda _key: ctx_dev, key_map), dtype, two_devices=True, whole=False)
+    report = load_state(ar, ckpt, key_map=key_map, dtype=dtype, device=ctx_dev, allow_unused=two)
     return LoadedModel(cfg, ckpt.folder, None, ar.eval(), list(report.dropped))
+
+
+def load_bytes(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, place,
+               key_map=None) -> dict[torch.device, int]:
+    """Bytes `load_state` reads onto each device for `module` (built on meta): every tensor of its state dict
+    in the dtype it is loaded in (fp32 for the spec's fp32 names, else `dtype`, else the file's)."""
+    from twotower_cli.checkpoint import DTYPE_BYTES
+    from twotower_cli.layout import keep_fp32
+
+    need: dict[torch.device, int] = {}
+    for key, t in module.state_dict().items():
+        info = ckpt.tensors.get(key_map(key) if key_map else key)
+        size = (4 if keep_fp32(key) else dtype.itemsize if dtype is not None
+                else DTYPE_BYTES[info.dtype] if info is not None else t.element_size())
+        dev = torch.device(place(key))
+        need[dev] = need.get(dev, 0) + t.numel() * size
+    return need
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device`: CUDA's free memory; on the CPU, Linux's MemAvailable (what
+    can be had without swapping, reclaimable page cache included), else all physical memory; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_room(need: dict[torch.device, int], dtype: torch.dtype | None, two_devices: bool, whole: bool) -> None:
+    """One error, before any reading, when a device lacks room for its part of the model: a load past the
+    free memory ends with the OOM killer (no message) or a CUDA out-of-memory halfway. `TWOTOWER_SKIP_MEMORY_CHECK=1`
+    skips it."""
+    import os
+
+    if os.environ.get("TWOTOWER_SKIP_MEMORY_CHECK") == "1":
+        return
+    for dev, n in need.items():
+        free = free_bytes(dev)
+        if free is None or n <= free:
+            continue
+        ways = []
+        if dtype == torch.float32:
+            ways.append("--dtype bf16 halves it")
+        if dev.type == "cpu" and torch.cuda.is_available():
+            ways.append("--device cuda")
+        if whole and not two_devices:
+            ways.append("one tower per device: --context-device D --denoiser-device D'")
+        if whole:
+            ways.append("--mode ar reads the context tower only")
+        ways.append("TWOTOWER_SKIP_MEMORY_CHECK=1 loads anyway")
+        raise TwoTowerError(f"the model needs {n / 2**30:.1f} GiB on {dev} and {free / 2**30:.1f} GiB is free there",
+                            "; ".join(ways))
 
 
 def causal_lm_view(model: TwoTower) -> NemotronHForCausalLM:
