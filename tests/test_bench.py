@@ -51,6 +51,22 @@ def test_bench_block_defaults_to_the_checkpoints_and_a_larger_one_warns(folder):
     assert r.exit_code == 0 and json.loads(r.stdout)["settings"]["block"] == 8, r.output
     assert "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
 
+
+def test_bench_in_batches_counts_the_same_tokens_nfe_and_quality(folder, tmp_path):
+    """--batch-size 3 over 4 prompts (a batch of 3, then 1): greedy tokens do not depend on the batch, and
+    tokens/NFE counts the forwards each sequence needed (not those its batch ran for the others), so every
+    row but tok/s matches batch size 1 (tests/test_sampler.py pins the per-sequence NFE itself)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\nthe cat\nabc abc\nx\n")
+    common = ["bench", "--model", str(folder), "--prompts", str(prompts), "-n", "8", "--thresholds", "0.05,0.5",
+              "--repeat", "1", "--json"]
+    one, three = (json.loads(CliRunner().invoke(get_app(), [*common, "--batch-size", n]).stdout) for n in ("1", "3"))
+    assert three["settings"]["batch_size"] == 3
+    for a, b in zip(one["rows"], three["rows"], strict=True):
+        assert (a["mode"], a["nfe"], a["tokens_per_nfe"]) == (b["mode"], b["nfe"], b["tokens_per_nfe"])
+        assert a["quality_vs_ar"] == pytest.approx(b["quality_vs_ar"], rel=1e-9)
+    assert one["rows"][2]["tokens_per_nfe"] > 1.2  # threshold 0.05: several tokens per step
+
 def test_quality_is_the_judge_perplexity_ratio(folder):
     be = TowerBackend(load_model(folder, need_denoiser=True).twotower)
     prompts = [[5, 9, 11], [8, 30, 12, 14]]

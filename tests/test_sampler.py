@@ -95,6 +95,22 @@ def test_at_most_masked_and_all_on_last_step():
     assert [len(s.committed[0]) for s in st] == [2, 2]  # ceil(4/2) then everything on the last step
 
 
+
+def test_a_sequences_nfe_counts_the_forwards_it_needed_not_its_batchs():
+    """In a batch, a row whose block is filled sits out the steps the other rows still need: those are not
+    its NFE (so tokens/NFE does not depend on the batch)."""
+    class PerRow(ScriptedBackend):
+        def denoise(self, block, t, rows=None):
+            B, Sz = block.shape
+            conf = torch.tensor([[0.99] * Sz, [0.1] * Sz])[:B]  # row 0 sure of everything, row 1 of nothing
+            self.calls += 1
+            return logits_with(conf, (10 + torch.arange(Sz)).expand(B, Sz))
+
+    fin = S.run(PerRow([]), [[5], [6]], cfg(steps=4, max_new_tokens=8))
+    assert fin.nfe == 8 and [g.nfe for g in fin.generations] == [2, 8]
+    alone = S.run(PerRow([]), [[5]], cfg(steps=4, max_new_tokens=8))
+    assert alone.generations[0].nfe == 2
+
 def test_committed_tokens_never_revised_and_t_is_masked_fraction():
     # later calls predict different tokens everywhere; earlier commits must stay
     be = ScriptedBackend([[0.9, 0.1, 0.1, 0.1], [0.1, 0.9, 0.1, 0.1], [0.1, 0.1, 0.9, 0.9]])

@@ -139,7 +139,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # generated, cut before the first stop/EOS id
     finish_reason: Literal["eos", "length", "stop"]  # stop: the caller's `until` ended it
-    nfe: int  # forwards this sequence took part in while active
+    nfe: int  # forwards this sequence needed: while active and, in mask_diffusion, its block still had masks
     stop_id: int | None = None  # the stop/EOS id that ended it ("eos"), not part of token_ids
 
 
@@ -363,7 +363,7 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
             t = masked.float().mean(dim=-1)
             logits = backend.denoise(x, t, rows=masked).float()
             nfe += 1
-            for b in active.nonzero()[:, 0].tolist():
+            for b in (active & masked.any(dim=-1)).nonzero()[:, 0].tolist():  # rows still filling their block
                 nfe_per_seq[b] += 1
             pred, conf = predict_to_host(logits, cfg, generator, exclude=cfg.mask_token_id)
             k = commit_counts(conf, masked, s, steps, cfg)

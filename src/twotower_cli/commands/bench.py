@@ -21,6 +21,7 @@ def bench(
     steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
     thresholds: Annotated[str, typer.Option(help="Comma-separated mask_diffusion thresholds.")] = "0.5,0.7,0.8,0.9",
     repeat: Annotated[int, typer.Option(help="Timed repeats per row (median reported).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Prompts sampled together (tok/s of the whole batch; tok/NFE per sequence).")] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")] = False,
@@ -66,16 +67,17 @@ def bench(
         task = bar.add_task("benchmarking", total=None)
         rows = run_bench(rt.backend, ids, max_new_tokens=max_new_tokens, block=block, steps=steps, thresholds=thr,
                          repeat=repeat, mask_token_id=rt.cfg.mask_token_id, pad_token_id=int(rt.cfg.pad_token_id or 0),
-                         eos_ids=rt.eos_ids,
+                         eos_ids=rt.eos_ids, batch_size=batch_size,
                          progress=lambda d, t: bar.update(task, completed=d, total=t))
     dtype = rt.backend.ar.lm_head.weight.dtype
     settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,
-                "steps": steps or block, "thresholds": thr, "repeat": repeat, "dtype": str(dtype)}
+                "steps": steps or block, "thresholds": thr, "repeat": repeat, "batch_size": batch_size, "dtype": str(dtype)}
     m = machine_info(rt.backend.device, dtype)
     if as_json:
         print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": m}))
         return
-    table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens · block {block} · "
+    batched = f" · batches of {batch_size}" if batch_size > 1 else ""
+    table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens · block {block}{batched} · "
                         f"median of {repeat}", title_justify="left")
     for col in ("mode", "threshold", "tok/s", "NFE", "tok/NFE", "× ar", "quality"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
