@@ -3,6 +3,7 @@ wherever they appear. A command's own options stay in its module."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -33,6 +34,9 @@ Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")]
 NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")]
+# train and tokenize: `--data a.txt b.jsonl` (the files after the first are arguments)
+MoreData = Annotated[list[Path] | None, typer.Argument(
+    metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)]
 
 
 def sampling_config(options: dict) -> SamplingConfig:

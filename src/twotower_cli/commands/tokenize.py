@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from twotower_cli.cli import app, guarded
+from twotower_cli.commands import options as O
 
 
 @app.command()
@@ -21,8 +22,7 @@ from twotower_cli.cli import app, guarded
 def tokenize(
     checkpoint: Annotated[str, typer.Argument(
         metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")],
-    more_data: Annotated[list[Path] | None, typer.Argument(
-        metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
+    more_data: O.MoreData = None,
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT.npy", help="Output file (required).")] = None,

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from twotower_cli.cli import app, guarded
+from twotower_cli.commands import options as O
 
 
 class TrainProgress:
@@ -71,8 +72,7 @@ def _fmt(x: float) -> str:
 def train(
     checkpoint: Annotated[str, typer.Argument(
         metavar="CKPT", help="TwoTower checkpoint to train: folder, hub id or alias.")],
-    more_data: Annotated[list[Path] | None, typer.Argument(
-        metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)] = None,
+    more_data: O.MoreData = None,
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="FILE", help="Text file (one document), .jsonl file (a 'text' field per line) or .npy token stream from `twotower tokenize` (memory-mapped); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
