@@ -201,6 +201,36 @@ def test_npy_streams_give_sequences_that_never_cross_files(tmp_path):
     assert d.train[torch.tensor([3, 0])].tolist() == [[100, 101, 102], [0, 1, 2]]
 
 
+
+def test_eval_data_is_held_out_instead_of_the_tail(ckpt, data, tmp_path):
+    from twotower_cli.text import Tokenizer
+
+    tok = Tokenizer(ckpt)
+    held = tmp_path / "held.txt"
+    held.write_text("pack my box with five dozen liquor jugs. " * 4)
+    d = T.load_data([data], tok, 32, eos=2, vocab_size=48, eval_paths=[held])
+    whole = T.load_data([data], tok, 32, eos=2, vocab_size=48)
+    assert len(d.train) == len(whole.train) + len(whole.eval)  # all of --data is trained on
+    want = tok.encode(held.read_text())
+    assert d.eval.tolist() == [want[i:i + 32] for i in range(0, len(want) - 31, 32)]
+
+
+def test_log_appends_every_event_as_a_json_line(ckpt, data, tmp_path):
+    log = tmp_path / "logs" / "train.jsonl"
+    common = ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "o"), "--block", "4", "--seq-len", "32",
+              "--batch", "2", "--steps", "4", "--warmup", "1", "--eval-every", "2", "--save-every", "0",
+              "--device", "cpu", "--log", str(log)]
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        r = CliRunner().invoke(get_app(), [*common, *extra])
+        assert r.exit_code == 0, r.output
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [(e["event"], e.get("step", e.get("start_step"))) for e in events]
+    assert kinds == [("started", 0), ("eval", 0), ("step", 1), ("step", 2), ("eval", 2), ("saved", 2),
+                     ("started", 2), ("step", 3), ("step", 4), ("eval", 4), ("saved", 4)]
+    steps = [e for e in events if e["event"] == "step"]
+    assert all(set(e) >= {"loss", "lr", "tokens", "seconds", "time"} for e in steps)
+    assert [e["tokens"] for e in steps] == [64, 128, 64, 128]  # tokens of each invocation, 2 × 32 a step
+
 @pytest.mark.parametrize("case, needle", [
     ("2-d", "not a 1-D array of token ids"), ("float", "not a 1-D array of token ids"),
     ("too big", "outside the model's vocabulary"), ("mixed", "mixes pre-tokenized .npy files with text"),

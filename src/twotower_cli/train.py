@@ -208,11 +208,10 @@ def open_token_file(path: Path, vocab_size: int) -> np.ndarray:
     return stream
 
 
-def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | None, vocab_size: int) -> TokenData:
-    """Tokenise (or memory-map pre-tokenized `.npy` streams), pack, and split off the held-out slice (the
-    last sequences)."""
-    if not paths:
-        raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
+                  vocab_size: int) -> tuple[list[np.ndarray], int | None]:
+    """The token streams of data files: one per pre-tokenized `.npy` file (memory-mapped), or one for all the
+    text and JSONL files (tokenised, documents joined with EOS); and the number of documents (None for .npy)."""
     paths = [Path(p) for p in paths]
     npy = [p for p in paths if p.suffix.lower() == ".npy"]
     if npy and len(npy) != len(paths):
@@ -222,21 +221,35 @@ def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | 
         for p in npy:
             if not p.is_file():
                 raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
-        streams = [open_token_file(p, vocab_size) for p in npy]
-        documents = None
-    else:
-        dtype = np.dtype(np.int64)
-        chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype))
-        streams = [np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, dtype=dtype)]
-        documents = sum(n for _, n in chunks)
-        if len(streams[0]) and int(streams[0].max()) >= vocab_size:
-            raise TwoTowerError(f"the tokenizer produced id {int(streams[0].max())} but the model's vocabulary has "
-                                f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
+        return [open_token_file(p, vocab_size) for p in npy], None
+    dtype = np.dtype(np.int64)
+    chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype))
+    stream = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, dtype=dtype)
+    if len(stream) and int(stream.max()) >= vocab_size:
+        raise TwoTowerError(f"the tokenizer produced id {int(stream.max())} but the model's vocabulary has "
+                            f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
+    return [stream], sum(n for _, n in chunks)
+
+
+def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | None, vocab_size: int,
+              eval_paths: list[Path] | None = None) -> TokenData:
+    """Tokenise (or memory-map pre-tokenized `.npy` streams) and pack. The held-out sequences are those of
+    `eval_paths` when given (and all of `paths` is trained on), else the last sequences of `paths`."""
+    if not paths:
+        raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+    streams, documents = token_streams(paths, tokenizer, eos, vocab_size)
     n_tokens = sum(len(s) for s in streams)
     if not n_tokens:
         raise TwoTowerError(f"the data ({', '.join(str(p) for p in paths)}) holds no text",
                             "pass files with some text in them")
     seqs = Sequences(streams, seq_len)
+    if eval_paths:
+        held = Sequences(token_streams(eval_paths, tokenizer, eos, vocab_size)[0], seq_len)
+        if not len(seqs) or not len(held):
+            which = "--eval-data" if not len(held) else "--data"
+            raise TwoTowerError(f"{which} holds fewer tokens than one sequence of --seq-len {seq_len}",
+                                "add data or lower --seq-len")
+        return TokenData(seqs, held[:], n_tokens, documents)
     if len(seqs) < 2:
         raise TwoTowerError(f"the data holds {n_tokens} tokens, fewer than two sequences of --seq-len {seq_len} "
                             "(one to train on, one to evaluate)", "add data or lower --seq-len")
@@ -457,6 +470,7 @@ class TrainConfig:
     fsdp: bool = False  # shard both towers, gradients and optimizer state over the ranks (`sharded`)
     gradient_checkpointing: bool = False  # recompute each denoiser layer in backward instead of keeping it
     compute_dtype: str = "fp32"  # the trained part's compute dtype (fp32 masters either way); bf16 needs fsdp
+    eval_data: list[Path] = field(default_factory=list)  # held-out files (default: the last 5 % of `data`)
 
     @property
     def warmup_steps(self) -> int:
@@ -716,9 +730,9 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
         raise TwoTowerError(f"{out} already exists", "pass --resume to continue the training saved there, "
                             "or --force to replace it")
     state = load_trainer_state(out) if resuming else None
-    for p in cfg.data:
+    for p in [*cfg.data, *cfg.eval_data]:
         if not Path(p).is_file():
-            raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
+            raise TwoTowerError(f"data file {p} does not exist", "check the --data and --eval-data paths")
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
     if not resuming and out.resolve() == source_folder.resolve():
         raise TwoTowerError("-o is the checkpoint being trained", "write to another folder")
@@ -739,7 +753,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     device = env.device
     tokenizer = Tokenizer(source_folder)
     eos = mcfg.eos_token_ids[0] if mcfg.eos_token_ids else None
-    data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size)
+    data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size,
+                     [Path(p) for p in cfg.eval_data])
     settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
                 "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
                 "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint),

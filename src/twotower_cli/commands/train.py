@@ -22,8 +22,10 @@ class TrainProgress:
     """Draws `train` events: a progress bar with loss, eval loss, tokens/s and ETA, plus a line per
     evaluation and per save (printed above the bar, so logs of non-interactive runs keep them too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Path | None = None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.log = log  # --log: every event appended as a JSON line
 
         from twotower_cli.display import err_console
 
@@ -45,6 +47,8 @@ class TrainProgress:
     def __call__(self, ev) -> None:
         from twotower_cli import train as T
 
+        if self.log is not None:
+            self._write(ev)
         if isinstance(ev, T.Started):
             what = "resuming at step" if ev.start_step else "starting at step"
             self.console.print(
@@ -61,6 +65,17 @@ class TrainProgress:
             self.progress.console.print(f"[dim]step {ev.step}: eval loss {ev.loss:.4f}[/]")
         elif isinstance(ev, T.Saved):
             self.progress.console.print(f"[dim]step {ev.step}: saved {ev.path}[/]")
+
+
+    def _write(self, ev) -> None:
+        import dataclasses
+        import time
+
+        kind = {"Started": "started", "StepDone": "step", "Evaluated": "eval", "Saved": "saved"}[type(ev).__name__]
+        fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(ev).items()}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
 
 
 def _fmt(x: float) -> str:
@@ -95,6 +110,8 @@ def train(
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard both towers, gradients and optimizer state over the torchrun ranks (FSDP2), for models too large for one device.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Keep only each denoiser layer's input and run the layer again in backward: several times less activation memory for a slower step (benchmarks/train_step.py).")] = False,
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="fp32 | bf16: what the trained part computes in (fp32 masters and gradient reduction either way); bf16 needs --fsdp.")] = "fp32",
+    eval_data: Annotated[list[Path] | None, typer.Option("--eval-data", metavar="FILE", help="Held-out file (text, JSONL or .npy) to evaluate on; repeatable (default: the last 5 % of --data).")] = None,
+    log: Annotated[Path | None, typer.Option("--log", metavar="FILE", help="Append every event (start, step with loss, lr and tokens, evaluation, save) as a JSON line to FILE.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
 ) -> None:
     """Train the denoiser by masked diffusion; the context tower stays frozen."""
@@ -108,8 +125,9 @@ def train(
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
                         train=train_what, device=device, dtype=dtype, stop_after=stop_after, fsdp=fsdp,
-                        gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype)
-    with TrainProgress() as view:
+                        gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype,
+                        eval_data=list(eval_data or []))
+    with TrainProgress(log) as view:
         result = T.train(cfg, on_event=view)
     if not result.is_main:
         return
