@@ -282,7 +282,8 @@ def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
 
 def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     """No --block: the engine's default block is the checkpoint's training block (write_twotower records 4);
-    a larger --block warns. The server is replaced by one that stops at once, as Ctrl-C would."""
+    a larger --block warns; so does a public --host without an API key. The server is replaced by one that
+    stops at once, as Ctrl-C would."""
     from typer.testing import CliRunner
 
     import twotower_cli.serve
@@ -299,7 +300,7 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
         def server_close(self):
             pass
 
-    def fake_make_server(engine, host, port, log=None):
+    def fake_make_server(engine, host, port, log=None, api_key=None):
         engines.append(engine)
         return Stopped()
 
@@ -309,6 +310,12 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8"])
     assert r.exit_code == 0 and "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
     assert [e.defaults.block_size for e in engines] == [4, 8]
+    # beyond the loopback, without an API key: a warning; with one, the start line says it is required
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and "Warning: listening on 0.0.0.0 without an API key" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--host", "0.0.0.0"],
+                           env={"TWOTOWER_API_KEY": "k"})
+    assert r.exit_code == 0 and "Warning" not in r.stderr and "API key required" in r.stderr, r.output
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -481,3 +488,33 @@ def test_chat_logprobs_in_mask_diffusion_are_each_tokens_at_its_commit(url, mode
 def test_logprobs_that_cannot_be_given_are_refused(url, path, body, needle):
     status, text = post(url, path, body)
     assert status == 400 and needle in json.loads(text)["error"]["message"], text
+
+
+
+def test_an_api_key_is_asked_of_every_route_but_health(folder, model):
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = make_server(engine, "127.0.0.1", 0, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def ask(path, key=None, body=None):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    try:
+        body = {"prompt": "hi", "max_tokens": 2}
+        for key in (None, "wrong"):
+            for path, b in (("/v1/models", None), ("/v1/completions", body)):
+                status, out = ask(path, key, b)
+                assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, key)
+        assert ask("/health")[0] == 200
+        assert ask("/v1/models", "s3cret")[0] == 200 and ask("/v1/completions", "s3cret", body)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()

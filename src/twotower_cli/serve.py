@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hmac
 import json
 import math
 import queue
@@ -480,8 +481,9 @@ def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None,
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
-                log: Callable[[str], None] | None = None) -> ThreadingHTTPServer:
-    """The HTTP server (not started: call `serve_forever`); `port` 0 picks a free one (`server_address`)."""
+                log: Callable[[str], None] | None = None, api_key: str | None = None) -> ThreadingHTTPServer:
+    """The HTTP server (not started: call `serve_forever`); `port` 0 picks a free one (`server_address`).
+    `api_key`: every route but /health asks for `Authorization: Bearer <api_key>` (401 otherwise)."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twotower"
@@ -508,8 +510,22 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             kind = "invalid_request_error" if status < 500 else "server_error"
             self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
 
+        def _allowed(self) -> bool:
+            """With an API key, whether the request carries it (else a 401 is sent)."""
+            if api_key is None:
+                return True
+            given = self.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return True
+            self._json(HTTPStatus.UNAUTHORIZED, {"error": {
+                "message": "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+            return False
+
         def do_GET(self) -> None:  # noqa: N802 (the base class's name)
             route = self.path.partition("?")[0]
+            if route != "/health" and not self._allowed():
+                return
             if route == "/health":
                 self._json(HTTPStatus.OK, {"status": "ok"})
             elif route == "/v1/models":
@@ -521,6 +537,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
         def do_POST(self) -> None:  # noqa: N802
             routes = {"/v1/completions": False, "/v1/chat/completions": True}
             route = self.path.partition("?")[0]
+            if not self._allowed():
+                return
             if route not in routes:
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return

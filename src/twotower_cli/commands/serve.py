@@ -39,6 +39,7 @@ def serve(
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
     threads: O.Threads = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
     max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests that wait for the model with the same settings share a batch (1: one request at a time).")] = 16,
 ) -> None:
     from rich.markup import escape
@@ -71,12 +72,18 @@ def serve(
     console = err_console()
     try:
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
-                                                                               highlight=False, soft_wrap=True))
+                                                                               highlight=False, soft_wrap=True),
+                             api_key=api_key or None)
     except OSError as e:
         raise TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                             "pick another --port, or stop what holds this one") from None
     bound_host, bound_port = server.server_address[:2]
     chat_note = f"chat template from {template.origin}" if template is not None else "no chat template (completions only)"
+    if api_key:
+        chat_note += " · API key required"
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        report_warning(f"listening on {host} without an API key: whoever reaches port {bound_port} can use the model",
+                       "pass --api-key KEY (or set TWOTOWER_API_KEY)")
     console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
                   f"[bold]http://{bound_host}:{bound_port}/v1[/] · {chat_note} · Ctrl-C stops", highlight=False)
     try:
