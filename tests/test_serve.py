@@ -165,7 +165,7 @@ def test_a_growing_conversation_reads_only_its_new_ids(url, folder):
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", None, 400, "not valid JSON"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n = 1"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "runners-up are known for a scored prompt only"),
     ("/v1/completions", {}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
@@ -480,9 +480,15 @@ def test_chat_logprobs_in_mask_diffusion_are_each_tokens_at_its_commit(url, mode
 
 @pytest.mark.parametrize("path, body, needle", [
     ("/v1/completions", {"prompt": "hi", "logprobs": 0, "stream": True}, "whole replies only"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "non-negative integer"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "whole replies only"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "between 0 and 20"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21, "echo": True, "max_tokens": 0}, "between 0 and 20"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "add 'echo' to score the prompt"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1, "temperature": 0.7}, "the top 1 needs temperature 0"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3},
-     "chosen tokens' logprobs"),
+     "runners-up are known for a scored prompt only"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 1},
+     "needs 'logprobs': true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "true or false"),
 ])
 def test_logprobs_that_cannot_be_given_are_refused(url, path, body, needle):
@@ -518,3 +524,49 @@ def test_an_api_key_is_asked_of_every_route_but_health(folder, model):
     finally:
         server.shutdown()
         server.server_close()
+
+
+
+def full_log_softmax(model, ids):
+    """The base model's next-token log-probabilities after every prefix of ids, from one plain forward (no
+    chunked head): row j is the distribution of the token at position j + 1."""
+    with torch.no_grad():
+        logits = TowerBackend(model).ar(torch.tensor([ids]))
+    return getattr(logits, "logits", logits)[0].float().log_softmax(-1)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_with_its_top_tokens(url, model, folder):
+    tok = Tokenizer(folder)
+    ids = tok.encode("the quick brown fox")
+    out = json.loads(post(url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2})[1])
+    choice, usage = out["choices"][0], out["usage"]
+    assert choice["text"] == tok.decode(ids) and usage["completion_tokens"] == 0 and usage["prompt_tokens"] == len(ids)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [tok.decode([i]) for i in ids] and lp["token_logprobs"][0] is None
+    want = full_log_softmax(model, ids)
+    assert max(abs(lp["token_logprobs"][j] - want[j - 1, ids[j]].item()) for j in range(1, len(ids))) < 1e-4
+    assert lp["top_logprobs"][0] is None
+    for j in range(1, len(ids)):
+        values, top = want[j - 1].topk(2)
+        expected = {tok.decode([i]): v for i, v in zip(top.tolist(), values.tolist(), strict=True)}
+        assert lp["top_logprobs"][j] == pytest.approx(expected, abs=1e-4)
+
+
+def test_loglikelihood_as_lm_eval_asks_for_it(url, model, folder):
+    """lm-eval's local-completions loglikelihood request: context + continuation as ids, echo, max_tokens 1,
+    logprobs 1, greedy; it sums token_logprobs over the continuation (dropping the one generated token) and
+    checks greediness against top_logprobs. Both against the base model directly."""
+    tok = Tokenizer(folder)
+    context, continuation = tok.encode("hello there,"), tok.encode(" my friend")
+    ids = context + continuation
+    body = {"prompt": [ids], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0, "mode": "ar"}
+    lp = json.loads(post(url, "/v1/completions", body)[1])["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt and the one generated token
+    n = len(context)
+    got = sum(lp["token_logprobs"][n:-1])
+    want = full_log_softmax(model, ids)
+    assert got == pytest.approx(sum(want[j - 1, ids[j]].item() for j in range(n, len(ids))), abs=1e-4)
+    greedy = all(max(top, key=top.get) == tok.decode([ids[j]]) for j, top in enumerate(lp["top_logprobs"][n:-1], n))
+    assert greedy == all(want[j - 1].argmax().item() == ids[j] for j in range(n, len(ids)))
+    generated = lp["top_logprobs"][-1]
+    assert list(generated) == [lp["tokens"][-1]] and generated[lp["tokens"][-1]] == lp["token_logprobs"][-1]

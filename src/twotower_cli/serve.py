@@ -8,11 +8,15 @@
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
-(presence_penalty, user, ...) are ignored; n > 1 is refused with a 400. `logprobs` (chat: `logprobs: true`;
-completions: `logprobs: 0`) gives each returned token's log-probability: in `mask_diffusion` the one the
-denoiser gave it at the step that committed it, in `ar` / `mock_ar` the next-token one (untempered either
-way). Runners-up (`top_logprobs` > 0) are refused: the sampler keeps only the chosen token's probability.
-Unset fields take the defaults given on the command line.
+(presence_penalty, user, ...) are ignored; n > 1 is refused with a 400. Unset fields take the defaults
+given on the command line.
+
+`logprobs` (chat: `logprobs: true`; completions: `logprobs: k`) gives each returned token's log-probability:
+in `mask_diffusion` the one the denoiser gave it at the step that committed it, in `ar` / `mock_ar` the
+next-token one (untempered either way). The sampler keeps only the chosen token's probability, so for
+generated tokens the top 1 alone is known, and only when greedy. Completions' `echo` puts the prompt in
+front, its tokens scored by the context tower (one forward); with `max_tokens: 0` that is all, and any
+`logprobs` up to 20 come from the full distribution: what lm-eval's loglikelihood requests ask for.
 
 One thread runs the model. Requests queue for it; when it is free it takes the oldest waiting request and
 every other waiting one with the same sampler settings (and no seed of its own, when sampling), up to
@@ -49,8 +53,10 @@ from twotower_cli import sampler as S
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.text import ChatTemplate, Tokenizer
+from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 class BadRequest(Exception):
@@ -72,7 +78,10 @@ class Request:
     stream: bool
     chat: bool
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
-    logprobs: bool = False  # each returned token's log-probability (the chosen tokens only)
+    logprobs: bool = False  # each returned token's log-probability
+    top_logprobs: int = 0  # and the k most likely tokens at each position
+    echo: bool = False  # completions: the prompt goes in front of the completion (and in the logprobs)
+    score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing sampled
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
 
 
@@ -140,7 +149,8 @@ class Result:
     seconds: float
     batch: int = 1  # requests sampled together in its batch
     token_ids: list[list[int]] = dataclasses.field(default_factory=list)  # per prompt: the tokens counted
-    logprobs: list[list[float]] = dataclasses.field(default_factory=list)  # per prompt, per token (if asked)
+    logprobs: list[list[float | None]] = dataclasses.field(default_factory=list)  # per prompt, per token
+    top: list[list[list[tuple[int, float]] | None]] = dataclasses.field(default_factory=list)  # and its top k
 
 
 @dataclass(eq=False)
@@ -156,7 +166,7 @@ def _batch_key(req: Request) -> tuple:
     """Requests with equal keys can be sampled as one batch: the same sampler settings, and no seed of their
     own (a seeded sampling request gets a batch of its own, so that its seed reproduces it)."""
     own_seed = req.settings.temperature > 0 and req.seed is not None
-    return (dataclasses.astuple(req.settings), id(req) if own_seed else None)
+    return (dataclasses.astuple(req.settings), id(req) if own_seed else None, req.score_only)
 
 
 class Engine:
@@ -181,7 +191,8 @@ class Engine:
             raise BadRequest("the request body must be a JSON object")
         if _number(body, "n", int, 1) != 1:
             raise BadRequest("only n = 1 is supported")
-        logprobs = self._logprobs(body, chat)
+        logprobs, top = self._logprobs(body, chat)
+        echo = not chat and bool(body.get("echo"))
         history = None
         if chat:
             prompt, history = self._render(body)
@@ -196,8 +207,12 @@ class Engine:
         max_tokens = _number(body, "max_completion_tokens", int, None)
         top_p = _number(body, "top_p", float, d.top_p)
         top_k = _number(body, "top_k", int, d.top_k)  # 0 or -1: no top-k, as other servers read it
+        wanted_tokens = _number(body, "max_tokens", int, max_tokens or d.max_new_tokens)
+        score_only = wanted_tokens == 0 and echo
+        if wanted_tokens == 0 and not echo:
+            raise BadRequest("max_tokens 0 asks for nothing: add 'echo' to score the prompt")
         settings = replace(
-            d, max_new_tokens=_number(body, "max_tokens", int, max_tokens or d.max_new_tokens),
+            d, max_new_tokens=1 if score_only else wanted_tokens,
             temperature=_number(body, "temperature", float, d.temperature),
             top_p=None if top_p == 1.0 else top_p, top_k=top_k if top_k is not None and top_k > 0 else None,
             mode=body.get("mode", d.mode), block_size=_number(body, "block_size", int, d.block_size),
@@ -211,31 +226,36 @@ class Engine:
             raise BadRequest("this model has no denoiser: only mode 'ar'")
         options = body.get("stream_options") or {}
         stream = bool(body.get("stream"))
-        if logprobs and stream:
-            raise BadRequest("logprobs are given for whole replies only: leave out 'stream' or 'logprobs'")
+        if (logprobs or echo) and stream:
+            raise BadRequest("logprobs and echo are given for whole replies only: leave out 'stream'")
+        if top > 1 and not score_only:
+            raise BadRequest("runners-up are known for a scored prompt only (echo with max_tokens 0): the sampler "
+                             "keeps the chosen token's probability, so ask for at most 1")
+        if top == 1 and not score_only and settings.temperature > 0:
+            raise BadRequest("with sampling the chosen token need not be the most likely: the top 1 needs temperature 0")
         return Request(prompts, settings, stops, _number(body, "seed", int, None), stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
-                       history=history, logprobs=logprobs)
+                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only)
 
     @staticmethod
-    def _logprobs(body: dict, chat: bool) -> bool:
-        """Whether the request asks for logprobs: chat `logprobs: true`, completions `logprobs: 0` (an int).
-        Only the chosen tokens' are known (the sampler keeps each token's probability, not the runners-up'),
-        so `top_logprobs` > 0 and completions' `logprobs` > 0 are refused."""
-        value, top = body.get("logprobs"), _number(body, "top_logprobs", int, 0)
+    def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
+        """(whether the request asks for logprobs, how many most likely tokens per position): chat's
+        `logprobs: true` and `top_logprobs`, completions' `logprobs: k` (an int, 0 for the chosen tokens only)."""
+        value = body.get("logprobs")
         if chat:
             if value not in (None, True, False):
                 raise BadRequest("'logprobs' must be true or false")
-            wanted = value is True
+            wanted, top = value is True, _number(body, "top_logprobs", int, 0)
+            if top and not wanted:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true")
         else:
             wanted = value is not None and value is not False
-            if wanted and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if wanted and (isinstance(value, bool) or not isinstance(value, int)):
                 raise BadRequest("'logprobs' must be a non-negative integer")
-            top = max(top, value or 0) if wanted else top
-        if top > 0:
-            raise BadRequest("only the chosen tokens' logprobs are available (the sampler keeps no runners-up): "
-                             "ask for top_logprobs 0" + ("" if chat else " (logprobs: 0)"))
-        return wanted
+            top = value if wanted else 0
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        return wanted, top
 
     def _render(self, body: dict) -> tuple[list[int], list[int] | None]:
         if self.template is None:
@@ -309,8 +329,28 @@ class Engine:
         self.pending = [t for t in self.pending if t not in taken]
         return taken
 
+    def _prompt_logprobs(self, ids: list[int], top: int) -> tuple[list[float | None], list]:
+        """Each prompt token's log-probability under the context tower (the first has none), and the `top`
+        most likely tokens at each position: one forward, as in `towers.token_log_probs`."""
+        lps, top_ids, top_lps = token_log_probs(self.backend.inner.ar, ids, top=top)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_lps.tolist(), strict=True)]
+        return [None, *lps.tolist()], [None, *tops] if top else []
+
+    def _score(self, tickets: list[_Ticket]) -> None:
+        """echo with max_tokens 0: each prompt's logprobs, nothing sampled."""
+        for t in tickets:
+            t0 = time.perf_counter()
+            scored = [self._prompt_logprobs(ids, t.req.top_logprobs) for ids in t.req.prompts]
+            n = len(t.req.prompts)
+            t.out.put(Result([self.tokenizer.decode(ids) for ids in t.req.prompts], ["length"] * n,
+                             sum(len(ids) for ids in t.req.prompts), 0, 0, n, time.perf_counter() - t0, len(tickets),
+                             [list(ids) for ids in t.req.prompts], [lp for lp, _ in scored], [tp for _, tp in scored]))
+
     def _sample(self, tickets: list[_Ticket]) -> None:
         """Run `tickets` as one sampler batch and hand each its pieces and result."""
+        if tickets[0].req.score_only:
+            self._score(tickets)
+            return
         decode = self.tokenizer.decode
         first = tickets[0].req
         settings = first.settings
@@ -392,13 +432,27 @@ class Engine:
                     # only a batch of one prompt starts from a kept state (`fed` counts a padded batch's columns)
                     cached = max(fed_prompt - read, 0) if B == 1 else 0
                     for t, rows in zip(tickets, rows_of, strict=True):
-                        counted = [gens[b].token_ids[:used[b]] for b in rows]
-                        logprobs = ([[chosen[b][i] for i in range(used[b])] for b in rows] if t.req.logprobs
-                                    else [])
-                        t.out.put(Result([finals[b][0] for b in rows],
+                        texts = [finals[b][0] for b in rows]
+                        ids_out = [gens[b].token_ids[:used[b]] for b in rows]
+                        lps: list[list[float | None]] = []
+                        tops: list[list] = []
+                        if t.req.logprobs:  # greedy (top 1 asked): the chosen token is the most likely one
+                            lps = [[chosen[b][i] for i in range(used[b])] for b in rows]
+                            tops = [[[(tok, lp)] for tok, lp in zip(ids, lp_row, strict=True)]
+                                    for ids, lp_row in zip(ids_out, lps, strict=True)]
+                        if t.req.echo:  # the prompt in front, scored by the context tower when asked
+                            for j, b in enumerate(rows):
+                                texts[j] = decode(prompts[b]) + texts[j]
+                                ids_out[j] = prompts[b] + ids_out[j]
+                                if t.req.logprobs:
+                                    p_lps, p_tops = self._prompt_logprobs(prompts[b], t.req.top_logprobs)
+                                    lps[j] = p_lps + lps[j]
+                                    tops[j] = (p_tops or [None] * len(prompts[b])) + tops[j]
+                        t.out.put(Result(texts,
                                          ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
                                          sum(len(prompts[b]) for b in rows), cached, sum(used[b] for b in rows),
-                                         ev.nfe, ev.wall_seconds, len(tickets), counted, logprobs))
+                                         ev.nfe, ev.wall_seconds, len(tickets), ids_out,
+                                         lps if t.req.logprobs else [], tops if t.req.top_logprobs else []))
         finally:
             stream.close()
 
@@ -438,8 +492,10 @@ class Engine:
 # ---------------------------------------------------------------------------------------------- HTTP
 
 def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> dict:
-    logprobs = [_logprobs_body(engine.tokenizer, ids, lps, req.chat) if req.logprobs else None
-                for ids, lps in zip(result.token_ids, result.logprobs or [[]] * len(result.token_ids), strict=True)]
+    n = len(result.texts)
+    logprobs = [_logprobs_body(engine.tokenizer, ids, lps, tops, req.chat) if req.logprobs else None
+                for ids, lps, tops in zip(result.token_ids or [[]] * n, result.logprobs or [[]] * n,
+                                          result.top or [None] * n, strict=True)]
     if req.chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f,
                     **({"logprobs": lp} if req.logprobs else {})}
@@ -451,16 +507,34 @@ def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> 
             "model": engine.name, "choices": choices, "usage": _usage(result)}
 
 
-def _logprobs_body(tokenizer: Tokenizer, ids: list[int], logprobs: list[float], chat: bool) -> dict:
-    """OpenAI's logprobs object for the chosen tokens `ids` (no runners-up): chat's `content` list, or the
-    completions' parallel lists with each token's offset in the text."""
+def _logprobs_body(tokenizer: Tokenizer, ids: list[int], logprobs: list[float | None],
+                   tops: list[list[tuple[int, float]] | None] | None, chat: bool) -> dict:
+    """OpenAI's logprobs object: chat's `content` list, or the completions' parallel lists (tokens,
+    token_logprobs, top_logprobs, text_offset). A prompt's first token has no logprob (null), as OpenAI's
+    echo gives it; -inf is written as -9999 (JSON has no infinity)."""
     pieces = [tokenizer.decode([i]) for i in ids]
-    values = [lp if math.isfinite(lp) else -9999.0 for lp in logprobs]  # JSON has no -inf
+
+    def value(lp: float | None) -> float | None:
+        return lp if lp is None or math.isfinite(lp) else -9999.0
+
+    def alternatives(top: list[tuple[int, float]] | None) -> dict[str, float] | None:
+        return None if top is None else {tokenizer.decode([i]): value(v) for i, v in top}
+
     if chat:
-        return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, v in zip(pieces, values, strict=True)]}
-    offsets = [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
-    return {"tokens": pieces, "token_logprobs": values, "top_logprobs": None, "text_offset": offsets}
+        return {"content": [{"token": t, "logprob": value(lp), "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": value(v),
+                                               "bytes": list(tokenizer.decode([i]).encode())} for i, v in tp or []]}
+                            for t, lp, tp in zip(pieces, logprobs, tops or [None] * len(ids), strict=True)]}
+    text = tokenizer.decode(ids)
+    if "".join(pieces) == text:  # each token decodes on its own to its part of the text
+        offsets = [0]
+        for piece in pieces[:-1]:
+            offsets.append(offsets[-1] + len(piece))
+        offsets = offsets[:len(ids)]
+    else:  # a character split across tokens: measure each prefix
+        offsets = [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    return {"tokens": pieces, "token_logprobs": [value(lp) for lp in logprobs],
+            "top_logprobs": None if tops is None else [alternatives(tp) for tp in tops], "text_offset": offsets}
 
 
 def _usage(result: Result) -> dict:

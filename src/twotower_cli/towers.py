@@ -338,15 +338,38 @@ def causal_lm_view(model: TwoTower) -> NemotronHForCausalLM:
     return ar
 
 
+def token_log_probs(ar: NemotronHForCausalLM, ids: list[int], top: int = 0, start: int = 1,
+                    chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under an AR model, for each position i ≥ `start` (≥ 1) of `ids`: the log-probability of ids[i] given
+    ids[:i] [n], and the `top` most likely tokens there with theirs (ids [n, top], log-probabilities [n, top]);
+    on the CPU. One forward over ids[:-1]; the head and softmax run `chunk` positions at a time, so a long
+    sequence never holds [length, vocabulary] logits at once."""
+    dev = ar.lm_head.weight.device
+    x = torch.tensor([ids], device=dev)
+    lps, top_ids, top_lps = [], [], []
+    with torch.no_grad():
+        hidden = ar.backbone(x[:, :-1])[0] if len(ids) > start else None  # position j predicts ids[j + 1]
+        for a in range(start - 1, len(ids) - 1, chunk):
+            logp = F.log_softmax(ar.lm_head(hidden[a:a + chunk]).float(), dim=-1)
+            lps.append(logp.gather(-1, x[0, a + 1:a + 1 + chunk, None])[:, 0])
+            if top:
+                v, i = logp.topk(top, dim=-1)
+                top_ids.append(i)
+                top_lps.append(v)
+    n = max(len(ids) - start, 0)
+
+    def joined(parts: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat(parts).cpu() if parts else torch.zeros(shape, dtype=dtype)
+
+    return (joined(lps, (n,), torch.float32), joined(top_ids, (n, top), torch.long),
+            joined(top_lps, (n, top), torch.float32))
+
+
 def sequence_log_likelihood(ar: NemotronHForCausalLM, prompt: list[int], continuation: list[int]) -> torch.Tensor:
     """Per-token log-likelihood [len(continuation)] of `continuation` after `prompt` under an AR model."""
     if not continuation:
         return torch.zeros(0)
-    dev = ar.lm_head.weight.device
-    ids = torch.tensor([prompt + continuation], device=dev)
-    with torch.no_grad():
-        logits = ar(ids[:, :-1])[0, len(prompt) - 1:]
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu()
+    return token_log_probs(ar, prompt + continuation, start=len(prompt))[0]
 
 
 # ---------------------------------------------------------------------------------------------- sampling backend
