@@ -215,6 +215,21 @@ def test_eval_data_is_held_out_instead_of_the_tail(ckpt, data, tmp_path):
     assert d.eval.tolist() == [want[i:i + 32] for i in range(0, len(want) - 31, 32)]
 
 
+def test_inspect_shows_the_training_record(ckpt, data, tmp_path):
+    """training.json beside the weights (no torch.load needed): `inspect --json` gives its step, settings and
+    losses, equal to the run's own numbers; the human view has a training line."""
+    result = run(ckpt, data, tmp_path / "o", steps=4, stop_after=3)
+    r = CliRunner().invoke(get_app(), ["inspect", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.stdout)["training"]
+    assert record["step"] == 3 and record["settings"]["steps"] == 4 and record["settings"]["block"] == 4
+    assert record["history"]["eval_loss_before"] == result.eval_loss_before
+    assert record["history"]["eval_loss_after"] == result.eval_loss_after
+    human = CliRunner().invoke(get_app(), ["inspect", str(tmp_path / "o")]).output
+    assert "training: step 3 of 4 · eval loss" in human and "1 process" in human
+    assert json.loads(CliRunner().invoke(get_app(), ["inspect", str(ckpt), "--json"]).stdout)["training"] is None
+
+
 def test_log_appends_every_event_as_a_json_line(ckpt, data, tmp_path):
     log = tmp_path / "logs" / "train.jsonl"
     common = ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "o"), "--block", "4", "--seq-len", "32",

@@ -1,6 +1,7 @@
 """Header-only summary and integrity check of a NemotronH or TwoTower checkpoint.
 
-`inspect_checkpoint(path)` reads the safetensors headers, the index and config.json, and never tensor
+`inspect_checkpoint(path)` reads the safetensors headers, the index, config.json (and the training.json
+`twotower train` writes beside its weights, if any), and never tensor
 data, with one documented exception: for a TwoTower checkpoint it reads the bytes of `t_block.1.*` and
 `scale_shift_tables.*` (at most `TIME_READ_LIMIT` bytes, 43 MB for the 30B model) to tell an identity time
 conditioning (as a fresh split leaves it: t_block.1 all zero, every table rows (0, 0, 1)) from a trained
@@ -21,6 +22,7 @@ conditioning, each touched once per token per forward of both towers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -68,6 +70,7 @@ class Report:
     twotower: dict[str, Any] | None = None
     text: dict[str, Any] = field(default_factory=dict)  # tokenizer present, chat template file, end token ids
     tensor_list: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] | None = None  # training.json of a `twotower train` output
 
     def to_json(self, with_tensors: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -79,6 +82,7 @@ class Report:
             "bytes": self.bytes, "bytes_per_part": self.bytes_per_part, "dtypes": self.dtypes,
             "shards": self.shards, "problems": self.problems, "notes": self.notes,
             "unrecognised_keys": self.unrecognised, "twotower": self.twotower, "text": self.text,
+            "training": self.training,
         }
         if with_tensors:
             out["tensor_list"] = self.tensor_list
@@ -199,6 +203,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
             "block_size": (cfg.twotower.get("block_size") if cfg else None),
         }
     text = text_files(ckpt.folder, cfg.eos_token_ids if cfg else [], problems, notes)
+    training = training_record(ckpt.folder, notes)
     shards = []
     for file in ckpt.files:
         shard = ckpt.shards.get(file)
@@ -220,9 +225,25 @@ def inspect_checkpoint(path: str | Path) -> Report:
         tensors=len(ckpt.tensors), bytes=ckpt.total_bytes, bytes_per_part=bytes_per_part,
         dtypes=dict(sorted(Counter(t.dtype for t in ckpt.tensors.values()).items())),
         shards=shards, problems=problems, notes=notes, unrecognised=unrecognised, twotower=twotower, text=text,
+        training=training,
         tensor_list=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "file": t.file}
                      for t in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0]))],
     )
+
+
+def training_record(folder: Path, notes: list[str]) -> dict[str, Any] | None:
+    """`twotower train`'s training.json beside the weights (its step, settings and losses), if there is one."""
+    path = folder / "training.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise ValueError("not a training record")
+    except (ValueError, OSError) as e:
+        notes.append(f"training.json cannot be read ({e}): the training record is not shown")
+        return None
+    return record
 
 
 def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: list[str]) -> dict[str, Any]:
@@ -410,6 +431,18 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
         console.print(f"[bold]time conditioning[/]: {desc}")
         console.print(f"[bold]mask token id[/]: {t['mask_token_id'] if t['mask_token_id'] is not None else 'not recorded (readers use 3)'}"
                       f"   [bold]block size[/]: {t['block_size'] if t['block_size'] is not None else 'not recorded'}")
+    if report.training:
+        r, st, h = report.training, report.training["settings"], report.training.get("history", {})
+        world = st.get("world_size", 1)
+        how = ("FSDP" if st.get("fsdp") else "DDP") + f" × {world}" if world > 1 or st.get("fsdp") else "1 process"
+
+        def loss(x: Any) -> str:
+            return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
+        console.print(f"[bold]training[/]: step {r.get('step')} of {st.get('steps')} · eval loss "
+                      f"{loss(h.get('eval_loss_before'))} → {loss(h.get('eval_loss_after'))} · block {st.get('block')}, "
+                      f"{st.get('batch')} × {st.get('seq_len')} tokens, lr {st.get('lr')}, {st.get('train')} · {how}",
+                      highlight=False)
     if report.text:
         t = report.text
         console.print(f"[bold]text[/]: tokenizer.json {'✓' if t['tokenizer'] else 'missing'} · chat template "

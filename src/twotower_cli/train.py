@@ -72,6 +72,7 @@ from twotower_cli.text import Tokenizer
 from twotower_cli.towers import TwoTower, is_twotower_checkpoint, layer_modulations
 
 TRAINER_STATE = "trainer_state.pt"
+TRAINING_SUMMARY = "training.json"  # step, settings, data and losses, for `twotower inspect` (no torch.load)
 STATE_VERSION = 2  # 2: experts stacked per layer (one parameter, one optimizer state)
 TRAIN_CHOICES = ("all", "time-conditioning")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -643,6 +644,19 @@ def save_checkpoint(out: Path, model: TwoTower, source_folder: Path, config: dic
         for f in aux:
             shutil.copy2(f, tmp / f.name)
         torch.save(state, tmp / TRAINER_STATE)
+        (tmp / TRAINING_SUMMARY).write_text(json.dumps(training_summary(state), indent=2) + "\n")
+
+
+def training_summary(state: dict[str, Any]) -> dict[str, Any]:
+    """The part of a trainer state worth showing without loading it: step, settings, data sizes, losses
+    (NaN written as null)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return clean({"step": state["step"], "settings": state["settings"], "data": state["data"],
+                  "history": state["history"]})
 
 
 def load_trainer_state(out: Path) -> dict[str, Any]:
