@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,30 @@ def test_tokenize_then_training_on_the_npy_equals_training_on_the_text(ckpt, dat
     assert a.losses == b.losses and a.eval_loss_after == b.eval_loss_after
     ta, tb = tensors(tmp_path / "text"), tensors(tmp_path / "npy")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_token_file_of_another_vocabulary_is_refused(ckpt, data, tmp_path):
+    """tokenize records the vocabulary's fingerprint beside the .npy; a checkpoint whose tokenizer maps ids to
+    other tokens (two swapped here) refuses it, in one line, before training."""
+    r = CliRunner().invoke(get_app(), ["tokenize", str(ckpt), "--data", str(data), "-o", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "c.meta.json").read_text())
+    from twotower_cli.text import Tokenizer
+
+    assert meta["tokenizer"] == Tokenizer(ckpt).fingerprint() and meta["tokens"] == len(np.load(tmp_path / "c.npy"))
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    r = CliRunner().invoke(get_app(), ["train", str(other), "--data", str(tmp_path / "c.npy"), "-o", str(tmp_path / "o"),
+                                       "--block", "4", "--seq-len", "32", "--steps", "1", "--device", "cpu"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "tokenized with another vocabulary" in lines[0], r.output
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(tmp_path / "c.npy"), "-o", str(tmp_path / "o"),
+                                       "--block", "4", "--seq-len", "32", "--steps", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
 
 
 def test_npy_streams_give_sequences_that_never_cross_files(tmp_path):

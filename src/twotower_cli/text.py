@@ -38,6 +38,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary (every token and its id, added tokens included): two tokenizers with the
+        same fingerprint map text to the same ids, whatever their files' formatting."""
+        import hashlib
+
+        vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`; `add_special_tokens=False` skips the post-processor's additions (a chat template
         writes its own). Special tokens written in the text (`<|im_start|>`) are read as themselves."""

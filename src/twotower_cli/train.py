@@ -194,8 +194,24 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
         yield chunk(docs)
 
 
-def open_token_file(path: Path, vocab_size: int) -> np.ndarray:
-    """A pre-tokenized stream (`twotower tokenize`, or any 1-D integer .npy), memory-mapped and checked."""
+def token_file_meta(path: Path) -> Path:
+    """Where `twotower tokenize` describes the .npy it wrote: corpus.npy → corpus.meta.json."""
+    return Path(path).with_suffix(".meta.json")
+
+
+def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """A pre-tokenized stream (`twotower tokenize`, or any 1-D integer .npy), memory-mapped and checked; with
+    `tokenizer`, a stream whose meta file names another vocabulary is refused (its ids would mean other text)."""
+    meta = token_file_meta(path)
+    if tokenizer is not None and meta.is_file():
+        try:
+            written = json.loads(meta.read_text()).get("tokenizer")
+        except (ValueError, OSError, AttributeError):
+            written = None
+        if written is not None and written != tokenizer.fingerprint():
+            raise TwoTowerError(f"{path} was tokenized with another vocabulary than this checkpoint's ({written} vs "
+                                f"{tokenizer.fingerprint()}, from {meta.name})",
+                                "tokenize the text again with this checkpoint: `twotower tokenize CKPT --data ...`")
     try:
         stream = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -222,7 +238,7 @@ def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
         for p in npy:
             if not p.is_file():
                 raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
-        return [open_token_file(p, vocab_size) for p in npy], None
+        return [open_token_file(p, vocab_size, tokenizer) for p in npy], None
     dtype = np.dtype(np.int64)
     chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype))
     stream = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, dtype=dtype)
@@ -262,8 +278,9 @@ def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | 
 def tokenize_to_file(paths: list[Path], tokenizer: Tokenizer, eos: int | None, vocab_size: int, out: Path,
                      progress: Callable[[int, int], None] | None = None) -> tuple[int, int, np.dtype]:
     """The token stream of the documents (as `load_data` builds it) written to `out` as a 1-D .npy array of the
-    narrowest dtype, with bounded memory (chunks go to a raw file beside it, then into the .npy), atomically.
-    Returns (tokens, documents, dtype); `progress(documents, tokens)` after each chunk."""
+    narrowest dtype, with bounded memory (chunks go to a raw file beside it, then into the .npy), atomically;
+    beside it `token_file_meta(out)` records the vocabulary's fingerprint, EOS, counts and sources, which
+    `load_data` checks. Returns (tokens, documents, dtype); `progress(documents, tokens)` after each chunk."""
     dtype = token_dtype(vocab_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +308,12 @@ def tokenize_to_file(paths: list[Path], tokenizer: Tokenizer, eos: int | None, v
             target[i:i + step] = source[i:i + step]
         target.flush()
         del source, target
+        meta = token_file_meta(out)
+        meta_part = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
+        meta_part.write_text(json.dumps({"tokenizer": tokenizer.fingerprint(), "vocab_size": vocab_size,
+                                         "eos_token_id": eos, "documents": documents, "tokens": tokens,
+                                         "dtype": str(dtype), "sources": [str(p) for p in paths]}, indent=2) + "\n")
+        os.replace(meta_part, meta)
         os.replace(part, out)
     finally:
         raw.unlink(missing_ok=True)
