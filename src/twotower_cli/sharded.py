@@ -78,11 +78,10 @@ def load_sharded(ckpt: Checkpoint, cfg: NemotronHConfig, trained: set[str], mesh
     (FSDP's `MixedPrecisionPolicy`), its gradients reduced in fp32 into the fp32 masters."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mixed = MixedPrecisionPolicy() if compute_dtype == torch.float32 else MixedPrecisionPolicy(
-        param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-
     from twotower_cli.train import BlockDenoiser
 
+    mixed = MixedPrecisionPolicy() if compute_dtype == torch.float32 else MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     with torch.device("meta"):
         model = TwoTower(cfg)
     model.requires_grad_(False)
