@@ -162,6 +162,26 @@ def test_a_growing_conversation_reads_only_its_new_ids(url, folder):
     assert json.loads(second[1])["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
 
 
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_two_clients_conversations_each_keep_their_state(folder, model, keep):
+    """Client A's first turn, then client B's, then A's second: with room for two conversations A's second
+    turn starts from A's state at its first user message; with room for one, B's took its place and A's
+    history is read again. The replies are those of a fresh run either way."""
+    tok, template = Tokenizer(folder), ChatTemplate.load(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test", template, conversations=keep)
+    with serving(engine, []) as base:
+        a = [{"role": "user", "content": "hello"}]
+        first = json.loads(post(base, "/v1/chat/completions", {"messages": a, "max_tokens": 8})[1])
+        post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "who are you"}], "max_tokens": 8})
+        a += [first["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+        second = json.loads(post(base, "/v1/chat/completions", {"messages": a, "max_tokens": 8})[1])
+    history = tok.encode(template.render(a[:1], add_generation_prompt=False), add_special_tokens=False)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(history) if keep == 2 else 0)
+    want = S.run(TowerBackend(model), [tok.encode(template.render(a), add_special_tokens=False)],
+                 replace_cfg(max_new_tokens=8), [2, 38]).generations[0]
+    assert second["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
+
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", None, 400, "not valid JSON"),
     ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n = 1"),
@@ -268,6 +288,8 @@ def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
     assert r.exit_code == 1 and r.stderr.startswith("Error: port 70000"), r.output
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--max-batch", "0"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: max batch 0 must be at least 1"), r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--conversations", "0"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: conversations 0 must be at least 1"), r.output
     plain = shutil.copytree(folder, tmp_path / "plain")
     (plain / "chat_template.jinja").unlink()
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(plain), "--chat-arg", "a=1"])

@@ -38,14 +38,17 @@ class PrefixReuse:
     """A sampler `Backend` that keeps what the context tower has read across `reset`s (module docstring).
 
     `held`: the ids the inner backend's cache holds (None once that is unknown: after a batch, a padded
-    prompt, or an extend that did not finish). `snapshot`: (ids, a copy of the cache after exactly those
-    ids). `fed` counts the ids fed to the context tower, all calls together."""
+    prompt, or an extend that did not finish). `snapshots`: up to `keep` of (ids, a copy of the cache after
+    exactly those ids), least recently used first: one per conversation, so that a server keeps the
+    conversations of several clients (a snapshot whose ids begin a newer one's is dropped for it). `fed`
+    counts the ids fed to the context tower, all calls together."""
 
-    def __init__(self, backend: TowerBackend):
+    def __init__(self, backend: TowerBackend, keep: int = 1):
         self.inner = backend
         self.vocab_size = backend.vocab_size
         self.held: list[int] | None = None
-        self.snapshot: tuple[list[int], TowerCache] | None = None
+        self.keep = keep
+        self.snapshots: list[tuple[list[int], TowerCache]] = []
         self.fed = 0  # ids fed to the context tower so far, all calls
         self._pending: int | None = None  # the batch size of a reset not applied yet
 
@@ -78,29 +81,39 @@ class PrefixReuse:
         """Whether the live state is a start of `ids` (so feeding `ids` reads only what follows it)."""
         return bool(self.held) and len(self.held) < len(ids) and ids[:len(self.held)] == self.held
 
+    @property
+    def snapshot(self) -> tuple[list[int], TowerCache] | None:
+        """The most recent snapshot."""
+        return self.snapshots[-1] if self.snapshots else None
+
     def remember(self, ids: list[int]) -> None:
         """Bring the cache to exactly `ids` (reading only what no state holds) and keep a copy of it as the
-        snapshot, replacing the previous one."""
+        newest snapshot: it replaces the snapshots whose ids begin it (an earlier turn of the same
+        conversation), and the least recently used goes when there are more than `keep`."""
         self._pending = None
         base = self._best_base(ids, strict=False)
         if base == 0:
             self._fresh(1)
         if base < len(ids):
             self.extend(torch.tensor([ids[base:]], dtype=torch.long))
-        self.snapshot = (list(ids), self.inner.state())
+        ids = list(ids)
+        self.snapshots = [s for s in self.snapshots if not (len(s[0]) <= len(ids) and ids[:len(s[0])] == s[0])]
+        self.snapshots = (self.snapshots + [(ids, self.inner.state())])[-self.keep:]
 
     def _best_base(self, ids: list[int], strict: bool) -> int:
         """Make the cache hold the longest known state whose ids begin `ids` (shorter than `ids` if `strict`:
-        the caller needs the logits of a fed id); its length, 0 if none."""
+        the caller needs the logits of a fed id); its length, 0 if none. A snapshot used becomes the most
+        recently used."""
         def fits(prefix: list[int] | None) -> bool:
             return prefix is not None and 0 < len(prefix) and (len(prefix) < len(ids) if strict else
                                                                 len(prefix) <= len(ids)) and ids[:len(prefix)] == prefix
         live = len(self.held) if fits(self.held) else 0
-        saved = len(self.snapshot[0]) if self.snapshot is not None and fits(self.snapshot[0]) else 0
-        if saved > live:
-            self.inner.restore(self.snapshot[1])
-            self.held = list(self.snapshot[0])
-            return saved
+        best = max((s for s in self.snapshots if fits(s[0])), key=lambda s: len(s[0]), default=None)
+        if best is not None and len(best[0]) > live:
+            self.inner.restore(best[1])
+            self.held = list(best[0])
+            self.snapshots = [s for s in self.snapshots if s is not best] + [best]
+            return len(best[0])
         return live
 
     def _fresh(self, batch: int) -> None:

@@ -24,7 +24,8 @@ every other waiting one with the same sampler settings (and no seed of its own, 
 harnesses do) share the forwards. Greedy replies do not depend on the batch (the sampler's batches give
 each prompt its tokens alone). A batch of one prompt goes through one `chat.PrefixReuse` backend, so a
 client that sends its conversation again with a turn appended (every chat client does) pays for the new
-ids only; a larger batch reads its prompts afresh.
+ids only; a larger batch reads its prompts afresh. The backend keeps a state copy for each of the last
+`conversations` conversations (`PrefixReuse(keep=...)`), so that holds across other clients' requests.
 
 `stream: true` answers with server-sent events as OpenAI does: a chunk each time text becomes final (per
 committed block; ar: per token), then one with the finish reason, then `data: [DONE]`. Text that could
@@ -174,8 +175,8 @@ class Engine:
 
     def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
                  template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0,
-                 max_batch: int = 16):
-        self.backend = PrefixReuse(backend)
+                 max_batch: int = 16, conversations: int = 8):
+        self.backend = PrefixReuse(backend, keep=conversations)
         self.max_batch = max_batch
         self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
         self.queued = threading.Condition()  # guards `pending` and `worker`

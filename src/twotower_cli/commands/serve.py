@@ -40,6 +40,7 @@ def serve(
     compile: O.Compile = False,
     threads: O.Threads = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
+    conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests that wait for the model with the same settings share a batch (1: one request at a time).")] = 16,
 ) -> None:
     from rich.markup import escape
@@ -53,6 +54,8 @@ def serve(
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
     if max_batch < 1:
         raise TwoTowerError(f"max batch {max_batch} must be at least 1", "try --max-batch 16")
+    if conversations < 1:
+        raise TwoTowerError(f"conversations {conversations} must be at least 1", "try --conversations 8")
     if not 0 <= port <= 65535:
         raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
     variables = parse_template_args(chat_arg or [])
@@ -68,7 +71,7 @@ def serve(
         report_warning(*warning)
     name = model or rt.folder.name
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed,
-                    max_batch=max_batch)
+                    max_batch=max_batch, conversations=conversations)
     console = err_console()
     try:
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
