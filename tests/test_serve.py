@@ -592,3 +592,22 @@ def test_loglikelihood_as_lm_eval_asks_for_it(url, model, folder):
     assert greedy == all(want[j - 1].argmax().item() == ids[j] for j in range(n, len(ids)))
     generated = lp["top_logprobs"][-1]
     assert list(generated) == [lp["tokens"][-1]] and generated[lp["tokens"][-1]] == lp["token_logprobs"][-1]
+
+
+def test_metrics_add_up_the_usage_of_the_answered_requests(folder, model):
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine, []) as base:
+        usages = [json.loads(post(base, "/v1/completions", body)[1])["usage"]
+                  for body in ({"prompt": "hello", "max_tokens": 6}, {"prompt": ["ab", "abc"], "max_tokens": 4},
+                               {"prompt": "hello there", "max_tokens": 0, "echo": True})]
+        with urllib.request.urlopen(base + "/metrics") as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["twotower_requests_total"] == 3 and values["twotower_failed_requests_total"] == 0
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert values[f"twotower_{key}_total"] == sum(u[key] for u in usages), key
+    assert values["twotower_cached_prompt_tokens_total"] == sum(u["prompt_tokens_details"]["cached_tokens"]
+                                                                for u in usages)
+    assert values["twotower_batches_total"] == 3 and values["twotower_waiting_requests"] == 0
+    assert "# TYPE twotower_requests_total counter" in text and values["twotower_model_seconds_total"] > 0

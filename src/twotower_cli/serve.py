@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over one loaded model (`twotower serve`), on the standard library's
 `http.server`.
 
-    GET  /health, /v1/models
+    GET  /health, /v1/models, /metrics (Prometheus text: requests, tokens, batches, waiting requests)
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
@@ -58,6 +58,16 @@ from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+METRICS = {  # name: (Prometheus type, help)
+    "requests_total": ("counter", "Requests answered."),
+    "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
+    "prompt_tokens_total": ("counter", "Prompt tokens of the answered requests."),
+    "cached_prompt_tokens_total": ("counter", "Of those, tokens the context tower held already and did not read."),
+    "completion_tokens_total": ("counter", "Completion tokens returned."),
+    "batches_total": ("counter", "Batches the model ran."),
+    "batched_requests_total": ("counter", "Requests in those batches (over batches_total: the mean batch)."),
+    "model_seconds_total": ("counter", "Seconds the model spent on batches."),
+}
 
 
 class BadRequest(Exception):
@@ -184,6 +194,7 @@ class Engine:
         self.tokenizer, self.eos_ids, self.defaults, self.name = tokenizer, list(eos_ids), defaults, name
         self.template, self.variables = template, dict(variables or {})
         self.lock = threading.Lock()  # held by the model's thread while it samples a batch
+        self.counts = dict.fromkeys(METRICS, 0)  # written by the model's thread only (`/metrics`)
         self.generator = torch.Generator().manual_seed(seed)
         self.created = int(time.time())
 
@@ -308,11 +319,35 @@ class Engine:
                     tickets = self._take()
                 if not tickets:
                     continue
+                t0 = time.perf_counter()
                 try:
                     self._sample(tickets)
                 except BaseException as e:  # noqa: BLE001 — each request answers with the error; the server lives
+                    self.counts["failed_requests_total"] += len(tickets)
                     for t in tickets:
                         t.out.put(e)
+                self.counts["batches_total"] += 1
+                self.counts["batched_requests_total"] += len(tickets)
+                self.counts["model_seconds_total"] += time.perf_counter() - t0
+
+    def _answer(self, ticket: _Ticket, result: Result) -> None:
+        """Hand `ticket` its result, and count it for `/metrics`."""
+        c = self.counts
+        c["requests_total"] += 1
+        c["prompt_tokens_total"] += result.prompt_tokens
+        c["cached_prompt_tokens_total"] += result.cached_tokens
+        c["completion_tokens_total"] += result.completion_tokens
+        ticket.out.put(result)
+
+    def metrics(self) -> str:
+        """The counters in Prometheus' text format, and the requests waiting now."""
+        lines = []
+        for name, (kind, text) in METRICS.items():
+            lines += [f"# HELP twotower_{name} {text}", f"# TYPE twotower_{name} {kind}",
+                      f"twotower_{name} {self.counts[name]:g}"]
+        lines += ["# HELP twotower_waiting_requests Requests waiting for the model now.",
+                  "# TYPE twotower_waiting_requests gauge", f"twotower_waiting_requests {len(self.pending)}"]
+        return "\n".join(lines) + "\n"
 
     def _take(self) -> list[_Ticket]:
         """The oldest waiting request and those after it with the same batch key, up to `max_batch` prompts in
@@ -343,7 +378,7 @@ class Engine:
             t0 = time.perf_counter()
             scored = [self._prompt_logprobs(ids, t.req.top_logprobs) for ids in t.req.prompts]
             n = len(t.req.prompts)
-            t.out.put(Result([self.tokenizer.decode(ids) for ids in t.req.prompts], ["length"] * n,
+            self._answer(t, Result([self.tokenizer.decode(ids) for ids in t.req.prompts], ["length"] * n,
                              sum(len(ids) for ids in t.req.prompts), 0, 0, n, time.perf_counter() - t0, len(tickets),
                              [list(ids) for ids in t.req.prompts], [lp for lp, _ in scored], [tp for _, tp in scored]))
 
@@ -449,7 +484,7 @@ class Engine:
                                     p_lps, p_tops = self._prompt_logprobs(prompts[b], t.req.top_logprobs)
                                     lps[j] = p_lps + lps[j]
                                     tops[j] = (p_tops or [None] * len(prompts[b])) + tops[j]
-                        t.out.put(Result(texts,
+                        self._answer(t, Result(texts,
                                          ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
                                          sum(len(prompts[b]) for b in rows), cached, sum(used[b] for b in rows),
                                          ev.nfe, ev.wall_seconds, len(tickets), ids_out,
@@ -603,6 +638,13 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return
             if route == "/health":
                 self._json(HTTPStatus.OK, {"status": "ok"})
+            elif route == "/metrics":
+                data = engine.metrics().encode()
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
             elif route == "/v1/models":
                 self._json(HTTPStatus.OK, {"object": "list", "data": [
                     {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
