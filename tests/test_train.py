@@ -438,11 +438,15 @@ TRAIN_ARGS = ["--block", "4", "--seq-len", "32", "--batch", "2", "--lr", "3e-3",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ddp", "fsdp", "fsdp+recompute"])
+@pytest.mark.parametrize("how", ["ddp", "fsdp", "fsdp+recompute", "fsdp+time-conditioning"])
 def test_two_processes_equal_one_with_grad_accum(ckpt, data, tmp_path, how):
-    """(fsdp+recompute: with --gradient-checkpointing, against the one process without it.)"""
+    """(fsdp+recompute: with --gradient-checkpointing, against the one process without it;
+    fsdp+time-conditioning: both train the time conditioning only, the rest frozen in FSDP's units too.)"""
     args = ["train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "3"]
-    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp+recompute": ["--fsdp", "--gradient-checkpointing"]}[how]
+    if how.endswith("time-conditioning"):
+        args += ["--train", "time-conditioning"]
+    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp+recompute": ["--fsdp", "--gradient-checkpointing"],
+             "fsdp+time-conditioning": ["--fsdp"]}[how]
     two = torchrun("-m", "twotower_cli", *args, *flags, "-o", str(tmp_path / how))
     one = CliRunner().invoke(get_app(), [*args, "--grad-accum", "2", "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
