@@ -10,7 +10,8 @@
    kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms. In section 4, random weights
    are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
    4 steps per block of 16) shows 4 tok/NFE;
-4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path); for one decode step and one
+4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path), for one prompt and for a batch of
+   8 (what `serve --max-batch` gains on a GPU); for one decode step and one
    block denoise: host syncs (CUDA's sync debug mode), GPU activities (profiler), and eager vs CUDA-graph
    replay ms (what graphs could give; a capture failure names what is not capture-safe); `twotower chat`'s
    prompt phase with the context tower's state kept between turns vs read again;
@@ -355,15 +356,20 @@ def main() -> None:
     print(f"\n## 4. sampling on the {cols[-1]} path · prompt {len(ids[0])} · {n_new} new tokens · greedy · "
           "no EOS stop (random weights)")
     print(f"{'mode':26}{'tok/s':>10}{'NFE':>8}{'tok/NFE':>10}{'seconds':>10}")
+    # the same rows for 8 different prompts at once (what `serve --max-batch` and `generate --batch-size` run):
+    # tok/s of the whole batch, NFE of the batch, tok/NFE per sequence
+    window = max(1, min(128, prompt_len - 8))
+    batch = [prompt[0, i:i + window].tolist() for i in range(8)]  # 8 different prompts: shifted windows
     with kernels.force(**best):
-        for label, sc in rows:
-            S.run(backend, ids, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": min(n_new, 16)}))  # warm-up
+        for label, sc in rows + [(f"{lbl} × 8", sc) for lbl, sc in rows[:2]]:
+            prompts = batch if label.endswith("× 8") else ids
+            S.run(backend, prompts, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": min(n_new, 16)}))  # warm-up
             sync(device)
-            fin = S.run(backend, ids, sc)
+            fin = S.run(backend, prompts, sc)
             sync(device)
             n = fin.new_tokens
-            print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{n / max(fin.nfe, 1):10.2f}"
-                  f"{fin.wall_seconds:10.2f}")
+            per_seq = n / max(sum(g.nfe for g in fin.generations), 1)
+            print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
