@@ -184,7 +184,8 @@ def test_two_clients_conversations_each_keep_their_state(folder, model, keep):
 
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", None, 400, "not valid JSON"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n = 1"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "'n' must be between 1 and 16"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "'n' must be between 1 and 16"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "runners-up are known for a scored prompt only"),
     ("/v1/completions", {}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary"),
@@ -611,3 +612,25 @@ def test_metrics_add_up_the_usage_of_the_answered_requests(folder, model):
                                                                 for u in usages)
     assert values["twotower_batches_total"] == 3 and values["twotower_waiting_requests"] == 0
     assert "# TYPE twotower_requests_total counter" in text and values["twotower_model_seconds_total"] > 0
+
+
+
+def test_n_choices_are_rows_of_one_batch(url, model, folder):
+    """n = 3 with sampling: three choices per prompt (index = prompt · n + choice), the sampler's rows for the
+    prompts repeated n times with the request's seed; the prompt is counted once in the usage. Greedy n = 2:
+    two identical choices."""
+    tok = Tokenizer(folder)
+    prompts = ["hello", "abc"]
+    body = {"prompt": prompts, "max_tokens": 8, "n": 3, "temperature": 1.0, "seed": 4}
+    out = json.loads(post(url, "/v1/completions", body)[1])
+    rows = [tok.encode(p) for p in prompts for _ in range(3)]
+    want = S.run(TowerBackend(model), rows, replace_cfg(max_new_tokens=8, temperature=1.0), [2, 38],
+                 torch.Generator().manual_seed(4)).generations
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    assert [c["text"] for c in out["choices"]] == [tok.decode(g.token_ids) for g in want]
+    assert len({c["text"] for c in out["choices"][:3]}) > 1  # the choices of one prompt differ
+    assert out["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts)
+    chat = json.loads(post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 6, "n": 2})[1])
+    texts = [c["message"]["content"] for c in chat["choices"]]
+    assert len(texts) == 2 and texts[0] == texts[1]

@@ -8,8 +8,8 @@
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
-(presence_penalty, user, ...) are ignored; n > 1 is refused with a 400. Unset fields take the defaults
-given on the command line.
+(presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
+of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
 
 `logprobs` (chat: `logprobs: true`; completions: `logprobs: k`) gives each returned token's log-probability:
 in `mask_diffusion` the one the denoiser gave it at the step that committed it, in `ar` / `mock_ar` the
@@ -58,6 +58,7 @@ from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MAX_N = 16  # choices per prompt
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -93,6 +94,7 @@ class Request:
     top_logprobs: int = 0  # and the k most likely tokens at each position
     echo: bool = False  # completions: the prompt goes in front of the completion (and in the logprobs)
     score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing sampled
+    n: int = 1  # choices per prompt: `prompts` holds each prompt n times in a row
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
 
 
@@ -201,8 +203,9 @@ class Engine:
     def parse(self, body: dict, chat: bool) -> Request:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        if _number(body, "n", int, 1) != 1:
-            raise BadRequest("only n = 1 is supported")
+        n = _number(body, "n", int, 1)
+        if not 1 <= n <= MAX_N:
+            raise BadRequest(f"'n' must be between 1 and {MAX_N}")
         logprobs, top = self._logprobs(body, chat)
         echo = not chat and bool(body.get("echo"))
         history = None
@@ -211,6 +214,7 @@ class Engine:
             prompts = [prompt]
         else:
             prompts = _prompts(body, self.tokenizer, self.backend.vocab_size)
+        prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -247,7 +251,7 @@ class Engine:
             raise BadRequest("with sampling the chosen token need not be the most likely: the top 1 needs temperature 0")
         return Request(prompts, settings, stops, _number(body, "seed", int, None), stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
-                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only)
+                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
 
     @staticmethod
     def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
@@ -379,7 +383,8 @@ class Engine:
             scored = [self._prompt_logprobs(ids, t.req.top_logprobs) for ids in t.req.prompts]
             n = len(t.req.prompts)
             self._answer(t, Result([self.tokenizer.decode(ids) for ids in t.req.prompts], ["length"] * n,
-                             sum(len(ids) for ids in t.req.prompts), 0, 0, n, time.perf_counter() - t0, len(tickets),
+                             sum(len(ids) for ids in t.req.prompts) // t.req.n, 0, 0, n, time.perf_counter() - t0,
+                             len(tickets),
                              [list(ids) for ids in t.req.prompts], [lp for lp, _ in scored], [tp for _, tp in scored]))
 
     def _sample(self, tickets: list[_Ticket]) -> None:
@@ -486,7 +491,8 @@ class Engine:
                                     tops[j] = (p_tops or [None] * len(prompts[b])) + tops[j]
                         self._answer(t, Result(texts,
                                          ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
-                                         sum(len(prompts[b]) for b in rows), cached, sum(used[b] for b in rows),
+                                         sum(len(prompts[b]) for b in rows) // t.req.n, cached,
+                                         sum(used[b] for b in rows),
                                          ev.nfe, ev.wall_seconds, len(tickets), ids_out,
                                          lps if t.req.logprobs else [], tops if t.req.top_logprobs else []))
         finally:
