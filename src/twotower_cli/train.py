@@ -166,10 +166,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, dtype: np.dtype,
+def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, dtype: np.dtype, vocab_size: int,
                       batch: int = 1024) -> Iterator[tuple[np.ndarray, int]]:
     """The token stream of the documents (joined with `eos` between them), in chunks of about `batch`
-    documents encoded together (`encode_batch`: all cores): (ids, documents in the chunk)."""
+    documents encoded together (`encode_batch`: all cores): (ids, documents in the chunk). An id past the
+    model's vocabulary (a tokenizer that does not belong to the weights) is an error."""
     first = True
 
     def chunk(docs: list[str]) -> tuple[np.ndarray, int]:
@@ -178,6 +179,9 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
         for ids in tokenizer.encode_batch(docs):
             if not ids:
                 continue
+            if max(ids) >= vocab_size:
+                raise TwoTowerError(f"the tokenizer produced id {max(ids)} but the model's vocabulary has "
+                                    f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
             if not first and eos is not None:
                 parts.append(np.array([eos], dtype=dtype))
             parts.append(np.asarray(ids, dtype=dtype))
@@ -240,11 +244,8 @@ def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
                 raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
         return [open_token_file(p, vocab_size, tokenizer) for p in npy], None
     dtype = np.dtype(np.int64)
-    chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype))
+    chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype, vocab_size))
     stream = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, dtype=dtype)
-    if len(stream) and int(stream.max()) >= vocab_size:
-        raise TwoTowerError(f"the tokenizer produced id {int(stream.max())} but the model's vocabulary has "
-                            f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
     return [stream], sum(n for _, n in chunks)
 
 
@@ -289,11 +290,7 @@ def tokenize_to_file(paths: list[Path], tokenizer: Tokenizer, eos: int | None, v
     tokens = documents = 0
     try:
         with open(raw, "wb") as f:
-            for ids, n in iter_token_chunks(paths, tokenizer, eos, dtype):
-                if len(ids) and int(ids.max()) >= vocab_size:
-                    raise TwoTowerError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary "
-                                        f"has {vocab_size} entries",
-                                        "the checkpoint's tokenizer.json does not belong to its weights")
+            for ids, n in iter_token_chunks(paths, tokenizer, eos, dtype, vocab_size):
                 f.write(ids.tobytes())
                 tokens, documents = tokens + len(ids), documents + n
                 if progress is not None:
