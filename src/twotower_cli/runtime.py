@@ -67,14 +67,14 @@ class Runtime:
         settings.validate(self.backend.vocab_size)
         return settings
 
-    def block_warning(self, settings: SamplingConfig) -> tuple[str, str] | None:
-        """(message, hint) when `settings` sample by block diffusion with blocks larger than the denoiser was
+    def block_warning(self, mode: str, block: int) -> tuple[str, str] | None:
+        """(message, hint) when `mode` samples by block diffusion with blocks larger than the denoiser was
         trained with (NVIDIA: that degrades badly), else None."""
         trained = self.cfg.block_size
-        if settings.mode != "mask_diffusion" or settings.block_size <= trained:
+        if mode != "mask_diffusion" or block <= trained:
             return None
         source = "config.json" if "block_size" in self.cfg.twotower else "NVIDIA's release"
-        return (f"block {settings.block_size} is larger than the block this denoiser was trained with ({trained}, "
+        return (f"block {block} is larger than the block this denoiser was trained with ({trained}, "
                 f"{source}); larger blocks give much worse text", f"leave out --block to use {trained}")
 
 

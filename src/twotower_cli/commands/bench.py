@@ -33,7 +33,7 @@ def bench(
     from rich.progress import Progress
     from rich.table import Table
 
-    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, row_settings, rows_json, run_bench
+    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, rows_json, run_bench
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
@@ -57,7 +57,7 @@ def bench(
     rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads)
     if block is None:
         block = rt.cfg.block_size
-    elif two and (warning := rt.block_warning(row_settings("mask_diffusion", None, 1, block, None, 3, 0))):
+    elif two and (warning := rt.block_warning("mask_diffusion", block)):
         report_warning(*warning)
     ids = [rt.tokenizer.encode(t) for t in texts]
     if any(not p for p in ids):

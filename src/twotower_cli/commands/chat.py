@@ -118,7 +118,7 @@ def chat(
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
     settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
-    if (warning := rt.block_warning(settings)) is not None:
+    if (warning := rt.block_warning(settings.mode, settings.block_size)) is not None:
         report_warning(*warning)
     conversation = Conversation(rt.tokenizer, template, system, variables)
     backend = PrefixReuse(rt.backend)

@@ -87,7 +87,7 @@ def generate(
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
     settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
-    if (warning := rt.block_warning(settings)) is not None:
+    if (warning := rt.block_warning(settings.mode, settings.block_size)) is not None:
         report_warning(*warning)
     prompts = [rt.tokenizer.encode(t, add_special_tokens=not chat) for t in model_texts]
     if any(not p for p in prompts):

@@ -67,7 +67,7 @@ def serve(
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
     defaults = rt.sampling(defaults, mask_token_id=mask_token_id, block=block)
-    if (warning := rt.block_warning(defaults)) is not None:
+    if (warning := rt.block_warning(defaults.mode, defaults.block_size)) is not None:
         report_warning(*warning)
     name = model or rt.folder.name
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed,
