@@ -136,7 +136,7 @@ def gather(denoiser: nn.Module, cfg: NemotronHConfig, source: Checkpoint, is_mai
         with torch.device("meta"):
             shadow = TwoTower(cfg)
     for name, p in denoiser.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        full = p.full_tensor()  # every parameter under FSDP is a sharded DTensor
         if shadow is not None:
             info = source.tensors.get(name)
             dtype = _SAFETENSORS_DTYPES.get(info.dtype, default) if info is not None else default

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower_cli.checkpoint import Checkpoint, open_checkpoint
+from twotower_cli.checkpoint import DTYPE_BYTES, Checkpoint, open_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.layout import TIME_EMBED_DIM
+from twotower_cli.layout import TIME_EMBED_DIM, keep_fp32
 from twotower_cli.model.cache import KVCache, MambaState, TowerCache
 from twotower_cli.model.loading import load_state
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM, NemotronHModel
@@ -268,9 +269,6 @@ def load_bytes(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype | None, p
                key_map=None) -> dict[torch.device, int]:
     """Bytes `load_state` reads onto each device for `module` (built on meta): every tensor of its state dict
     in the dtype it is loaded in (fp32 for the spec's fp32 names, else `dtype`, else the file's)."""
-    from twotower_cli.checkpoint import DTYPE_BYTES
-    from twotower_cli.layout import keep_fp32
-
     need: dict[torch.device, int] = {}
     for key, t in module.state_dict().items():
         info = ckpt.tensors.get(key_map(key) if key_map else key)
@@ -296,8 +294,6 @@ def free_bytes(device: torch.device) -> int | None:
     except OSError:
         pass
     try:
-        import os
-
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
@@ -307,8 +303,6 @@ def check_room(need: dict[torch.device, int], dtype: torch.dtype | None, two_dev
     """One error, before any reading, when a device lacks room for its part of the model: a load past the
     free memory ends with the OOM killer (no message) or a CUDA out-of-memory halfway. `TWOTOWER_SKIP_MEMORY_CHECK=1`
     skips it."""
-    import os
-
     if os.environ.get("TWOTOWER_SKIP_MEMORY_CHECK") == "1":
         return
     for dev, n in need.items():
