@@ -470,9 +470,7 @@ def test_completion_logprobs_in_ar_are_the_next_token_log_probabilities(url, mod
     prompt = tok.encode("hello there")
     reply = reference(model, prompt, replace_cfg(mode="ar")).token_ids
     assert [tok.decode([i]) for i in reply] == lp["tokens"] and "".join(lp["tokens"]) == out["text"]
-    with torch.no_grad():
-        logits = TowerBackend(model).ar(torch.tensor([prompt + reply]))
-    logits = getattr(logits, "logits", logits)[0].float().log_softmax(-1)
+    logits = full_log_softmax(model, prompt + reply)
     want = [logits[len(prompt) + j - 1, t].item() for j, t in enumerate(reply)]
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], want, strict=True)) < 1e-4
     assert lp["text_offset"] == [len(tok.decode(reply[:j])) for j in range(len(reply))] and lp["top_logprobs"] is None
