@@ -38,15 +38,23 @@ def model(folder):
     return load_model(folder, need_denoiser=True).twotower
 
 
+@contextlib.contextmanager
+def serving(engine, lines=None, **options):
+    """A real server on a free local port for `engine` (log lines appended to `lines`): its base URL."""
+    server = make_server(engine, "127.0.0.1", 0, log=None if lines is None else lines.append, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def url(folder, model):
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", ChatTemplate.load(folder))
-    server = make_server(engine, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(engine) as base:
+        yield base
 
 
 def post(url, path, body, raw=None):
@@ -237,15 +245,9 @@ def test_a_body_over_the_limit_is_refused_unread(url, monkeypatch):
 def test_each_completion_is_logged_with_its_numbers(folder, model):
     lines = []
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
-    server = make_server(engine, "127.0.0.1", 0, log=lines.append)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(engine, lines) as base:
         for stream in (False, True):
             assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": stream})[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()
     reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt 2 tok")]
     assert len(reports) == 2 and all("4 tok · NFE" in ln for ln in reports), lines
     assert sum('"POST /v1/completions HTTP/1.1" 200' in ln for ln in lines) == 2
@@ -342,17 +344,6 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- batching
-
-@contextlib.contextmanager
-def serving(engine, lines):
-    server = make_server(engine, "127.0.0.1", 0, log=lines.append)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
 
 def ask_all_while_busy(engine, base, bodies):
     """Post every body at once while the model is busy (the test holds its lock), let it go once all are
@@ -520,11 +511,7 @@ def test_logprobs_that_cannot_be_given_are_refused(url, path, body, needle):
 
 def test_an_api_key_is_asked_of_every_route_but_health(folder, model):
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
-    server = make_server(engine, "127.0.0.1", 0, api_key="s3cret")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-
-    def ask(path, key=None, body=None):
+    def ask(base, path, key=None, body=None):
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
                                      headers=headers)
@@ -534,17 +521,14 @@ def test_an_api_key_is_asked_of_every_route_but_health(folder, model):
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
 
-    try:
+    with serving(engine, api_key="s3cret") as base:
         body = {"prompt": "hi", "max_tokens": 2}
         for key in (None, "wrong"):
             for path, b in (("/v1/models", None), ("/v1/completions", body)):
-                status, out = ask(path, key, b)
+                status, out = ask(base, path, key, b)
                 assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, key)
-        assert ask("/health")[0] == 200
-        assert ask("/v1/models", "s3cret")[0] == 200 and ask("/v1/completions", "s3cret", body)[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert ask(base, "/health")[0] == 200
+        assert ask(base, "/v1/models", "s3cret")[0] == 200 and ask(base, "/v1/completions", "s3cret", body)[0] == 200
 
 
 
