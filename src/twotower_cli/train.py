@@ -206,6 +206,8 @@ def token_file_meta(path: Path) -> Path:
 def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
     """A pre-tokenized stream (`twotower tokenize`, or any 1-D integer .npy), memory-mapped and checked; with
     `tokenizer`, a stream whose meta file names another vocabulary is refused (its ids would mean other text)."""
+    if not Path(path).is_file():
+        raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
     meta = token_file_meta(path)
     if tokenizer is not None and meta.is_file():
         try:
@@ -239,9 +241,6 @@ def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
         raise TwoTowerError("--data mixes pre-tokenized .npy files with text", "tokenize the text too "
                             "(`twotower tokenize`), or pass text only")
     if npy:
-        for p in npy:
-            if not p.is_file():
-                raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
         return [open_token_file(p, vocab_size, tokenizer) for p in npy], None
     dtype = np.dtype(np.int64)
     chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype, vocab_size))
