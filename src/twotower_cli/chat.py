@@ -71,11 +71,26 @@ class PrefixReuse:
         self.held = before + new if before is not None and new is not None else None
         return logits
 
-    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None,
+                **batch) -> torch.Tensor:
         if self._pending is not None:  # mock_ar on a one-token prompt: no context to reuse
             self._fresh(self._pending)
             self._pending = None
-        return self.inner.denoise(block, t, rows=rows)
+        return self.inner.denoise(block, t, rows=rows, **batch)
+
+    def join(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`TowerBackend.join` (continuous batching): the cache then holds a batch, never reused."""
+        if self._pending is not None:
+            self._fresh(self._pending)
+            self._pending = None
+        self.held = None
+        logits = self.inner.join(ids, attention_mask)
+        self.fed += ids.shape[1]
+        return logits
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.held = None
+        self.inner.keep_rows(rows)
 
     def continues(self, ids: list[int]) -> bool:
         """Whether the live state is a start of `ids` (so feeding `ids` reads only what follows it)."""

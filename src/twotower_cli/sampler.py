@@ -320,16 +320,38 @@ def generate(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eo
             yield from _one_token_at_a_time(backend, prompts, cfg, list(eos_ids), generator, until)
 
 
+def generation(prompt: list[int], ids: list[int], stops: set[int], stopped: bool, nfe: int) -> Generation:
+    """A sequence's `Generation` from the ids it generated: cut before its first stop id ("eos"), else
+    "stop" if `until` ended it, else "length"."""
+    cut = first_stop(ids, stops)
+    if cut is not None:
+        return Generation(prompt, ids[:cut], "eos", nfe, ids[cut])
+    return Generation(prompt, ids, "stop" if stopped else "length", nfe)
+
+
+def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfig,
+               generator: torch.Generator | None, **denoise) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Unmask the block `x` [B, S] (mask ids) in place over at most `steps` denoiser forwards (spec §7);
+    after each yields (the masked slots it started from, those it committed, the confidences) [B, S]
+    each. `denoise`: passed on to `backend.denoise`."""
+    for s in range(steps):
+        masked = x == cfg.mask_token_id
+        if not bool(masked.any()):
+            return
+        t = masked.float().mean(dim=-1)
+        logits = backend.denoise(x, t, rows=masked, **denoise).float()
+        pred, conf = predict_to_host(logits, cfg, generator, exclude=cfg.mask_token_id)
+        k = commit_counts(conf, masked, s, steps, cfg)
+        commit = select_commits(conf, masked, k)
+        x.copy_(torch.where(commit, pred, x))
+        yield masked, commit, conf
+
+
 def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], stopped_at: list[int | None],
             nfe_per_seq: list[int], nfe: int, t0: float, cfg: SamplingConfig) -> Finished:
-    gens = []
-    for b, p in enumerate(prompts):
-        ids = out[b, :stopped_at[b]].tolist()  # the batch went on after `until` ended this one
-        cut = first_stop(ids, stops)
-        if cut is not None:
-            gens.append(Generation(p, ids[:cut], "eos", nfe_per_seq[b], ids[cut]))
-        else:
-            gens.append(Generation(p, ids, "length" if stopped_at[b] is None else "stop", nfe_per_seq[b]))
+    # out[b, :stopped_at[b]]: the batch went on after `until` ended this one
+    gens = [generation(p, out[b, :stopped_at[b]].tolist(), stops, stopped_at[b] is not None, nfe_per_seq[b])
+            for b, p in enumerate(prompts)]
     settings = {k: v for k, v in cfg.__dict__.items()}
     settings["steps"] = cfg.steps_per_block
     settings["stop_ids"] = sorted(stops)
@@ -356,19 +378,10 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
         active = ~done
         yield BlockStarted(blk, out.shape[1], size, active.tolist())
         x = torch.full((B, size), cfg.mask_token_id, dtype=torch.long)
-        for s in range(steps):
-            masked = x == cfg.mask_token_id
-            if not bool(masked.any()):
-                break
-            t = masked.float().mean(dim=-1)
-            logits = backend.denoise(x, t, rows=masked).float()
+        for s, (masked, commit, conf) in enumerate(fill_block(backend, x, steps, cfg, generator)):
             nfe += 1
             for b in (active & masked.any(dim=-1)).nonzero()[:, 0].tolist():  # rows still filling their block
                 nfe_per_seq[b] += 1
-            pred, conf = predict_to_host(logits, cfg, generator, exclude=cfg.mask_token_id)
-            k = commit_counts(conf, masked, s, steps, cfg)
-            commit = select_commits(conf, masked, k)
-            x = torch.where(commit, pred, x)
             pos = [row.nonzero()[:, 0].tolist() for row in commit]
             yield Step(blk, s, nfe, x.clone(), pos, [x[b, p].tolist() for b, p in enumerate(pos)],
                        [conf[b, p].tolist() for b, p in enumerate(pos)])

@@ -448,7 +448,26 @@ class TowerBackend:
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 
-    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def join(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Add sequences to the batch: read `ids` [n, L] (left-padded where `attention_mask` is False) as
+        `extend` would into a fresh cache, and put their rows after the current ones; their next-token
+        logits [n, V]. Each row then sees exactly its own tokens."""
+        assert self.cache is not None, "reset() first"
+        held = self.cache
+        self.reset(ids.shape[0])
+        logits = self.extend(ids, attention_mask) if ids.shape[1] else None
+        self.cache = TowerCache.stack([held, self.cache])
+        return logits
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Go on with these rows of the batch only, in this order."""
+        assert self.cache is not None, "reset() first"
+        self.cache = self.cache.select(rows)
+        self._denoiser_view = None
+
+    def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None,
+                batch: list[int] | None = None) -> torch.Tensor:
+        """The sampler's denoise; `batch`: the block is for these rows of the batch only."""
         if self.twotower is None:
             raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
         assert self.cache is not None, "reset() first"
@@ -458,4 +477,6 @@ class TowerBackend:
             if self._denoiser_view is None:
                 self._denoiser_view = cache_on(self.cache, den)
             context = self._denoiser_view
+        if batch is not None:
+            context = context.select(batch)
         return self.twotower.denoise(block, context, t, rows=rows)

@@ -1,0 +1,202 @@
+"""Continuous batching: sequences join a running batch between blocks and leave it when they end (`serve`).
+
+`sampler.generate` runs a fixed batch from the first block to the last: a request that arrives meanwhile
+waits for the whole batch, and a sequence that has ended still takes its place in every forward. Block
+diffusion has a natural point to change the batch: between blocks, when every sequence's context tower has
+read all it committed. `Continuous` works there (ar and mock_ar: between tokens):
+
+    add(prompts, max_new_tokens)   queues sequences; the next `step` reads their prompts into the context
+                                   tower as a batch of their own and stacks those rows after the running ones
+                                   (`TowerBackend.join`: the shorter side is left-padded, and the padding is
+                                   masked, so every row sees exactly its own tokens);
+    step()                         one block (ar, mock_ar: one token) for every sequence; returns what it
+                                   added to each (`RowBlock`) and a `RowDone` for each that ended (its end
+                                   id, its `max_new_tokens`, or the caller's `until`); those leave the batch
+                                   (`TowerBackend.keep_rows`) before the context tower reads the block.
+
+Every sequence gets what `generate` gives it alone (the tests compare them), up to the rounding differences
+that another batch shape can make. Settings are shared but for `max_new_tokens`, which is per sequence: a
+last block shorter than `block_size` is denoised in a forward of its own with the rows that need that size
+(`denoise(..., batch=rows)`), as `generate` does with its short last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from twotower_cli import sampler as S
+from twotower_cli.errors import TwoTowerError
+
+
+@dataclass
+class RowBlock:
+    """What one step added to a sequence."""
+    row: int  # the sequence's id, from `Continuous.add`
+    start: int  # how many tokens it had generated before these
+    tokens: list[int]
+    confidences: list[float]  # each token's probability at the step that committed it
+
+
+@dataclass
+class RowDone:
+    row: int
+    generation: S.Generation
+
+
+@dataclass(eq=False)
+class _Row:
+    id: int
+    prompt: list[int]
+    max_new: int
+    ids: list[int] = field(default_factory=list)
+    nfe: int = 0
+    stopped: bool = False  # `until` ended it
+
+
+class Continuous:
+    """A batch that sequences join and leave between steps (module docstring). `cfg` holds the settings all
+    its sequences share; its `max_new_tokens` is only the default of `add`."""
+
+    def __init__(self, backend: S.Backend, cfg: S.SamplingConfig, eos_ids: list[int] = (),
+                 generator: torch.Generator | None = None, until: S.Until | None = None):
+        cfg.validate(backend.vocab_size)
+        self.backend, self.cfg, self.generator, self.until = backend, cfg, generator, until
+        self.stops_t = S._stop_ids(cfg, list(eos_ids))
+        self.stops = set(self.stops_t.tolist())
+        self.rows: list[_Row] = []  # in the backend's batch order
+        self.waiting: list[_Row] = []
+        self.nfe = 0  # forwards so far, all sequences together
+        self._next_id = 0
+        self._logits: torch.Tensor | None = None  # ar: each row's next-token logits [B, V]
+        self._last: torch.Tensor | None = None  # mock_ar: each row's last token [B, 1], not yet in the context
+
+    def __len__(self) -> int:
+        """Sequences not ended yet, waiting ones included."""
+        return len(self.rows) + len(self.waiting)
+
+    def add(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[int]:
+        """Queue sequences to join at the next step; their ids (for `RowBlock`, `RowDone` and `until`)."""
+        n = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise TwoTowerError("empty prompt", "give some text to continue")
+        if n < 1:
+            raise TwoTowerError(f"max-new-tokens {n} must be at least 1", "try 128")
+        rows = [_Row(self._next_id + i, list(p), n) for i, p in enumerate(prompts)]
+        self._next_id += len(rows)
+        self.waiting += rows
+        return [r.id for r in rows]
+
+    def step(self) -> list[RowBlock | RowDone]:
+        """Admit the waiting sequences, then one block (ar, mock_ar: one token) for every sequence."""
+        with torch.no_grad():
+            if self.waiting:
+                self._admit()
+            if not self.rows:
+                return []
+            if self.cfg.mode == "mask_diffusion":
+                return self._block()
+            return self._token()
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _admit(self) -> None:
+        new, self.waiting = self.waiting, []
+        cfg, fresh = self.cfg, not self.rows
+        feed = [r.prompt[:-1] if cfg.mode == "mock_ar" else r.prompt for r in new]
+        ids, mask = S.left_pad(feed, cfg.pad_token_id)
+        mask = None if bool(mask.all()) else mask
+        if fresh:
+            self.backend.reset(len(new))
+            logits = self.backend.extend(ids, attention_mask=mask) if ids.shape[1] else None
+        else:
+            logits = self.backend.join(ids, attention_mask=mask)
+        self.rows += new
+        if cfg.mode == "ar":
+            self.nfe += 1
+            for r in new:
+                r.nfe = 1  # the prompt's forward gave its first token
+            logits = logits.float()
+            self._logits = logits if fresh else torch.cat([self._logits, logits])
+        elif cfg.mode == "mock_ar":
+            last = torch.tensor([[r.prompt[-1]] for r in new], dtype=torch.long)
+            self._last = last if fresh else torch.cat([self._last, last])
+
+    def _block(self) -> list[RowBlock | RowDone]:
+        cfg = self.cfg
+        sizes = [min(cfg.block_size, r.max_new - len(r.ids)) for r in self.rows]
+        blocks: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.rows)  # row → (tokens, confidences)
+        for size in sorted(set(sizes), reverse=True):
+            index = [j for j, n in enumerate(sizes) if n == size]
+            whole = len(index) == len(self.rows)
+            x = torch.full((len(index), size), cfg.mask_token_id, dtype=torch.long)
+            conf_at_commit = torch.zeros(len(index), size)
+            steps = min(cfg.steps_per_block, size)
+            for masked, commit, conf in S.fill_block(self.backend, x, steps, cfg, self.generator,
+                                                     **({} if whole else {"batch": index})):
+                self.nfe += 1
+                for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
+                    self.rows[index[j]].nfe += 1
+                conf_at_commit = torch.where(commit, conf, conf_at_commit)
+            for j, b in enumerate(index):
+                blocks[b] = (x[j], conf_at_commit[j])
+        events: list[RowBlock | RowDone] = []
+        ended = [self._add_tokens(r, x.tolist(), c.tolist(), events) for r, (x, c) in zip(self.rows, blocks, strict=True)]
+        going = [j for j, e in enumerate(ended) if not e]
+        self._leave(going)
+        if going:
+            self.backend.extend(torch.stack([blocks[j][0] for j in going]))
+        return events
+
+    def _token(self) -> list[RowBlock | RowDone]:
+        if self.cfg.mode == "mock_ar":
+            self._logits = self.backend.denoise(self._last, None)[:, -1].float()
+            self.nfe += 1
+            for r in self.rows:
+                r.nfe += 1
+        pred, conf = S.predict_to_host(self._logits, self.cfg, self.generator, exclude=None)
+        events: list[RowBlock | RowDone] = []
+        ended = [self._add_tokens(r, [t], [c], events)
+                 for r, t, c in zip(self.rows, pred.tolist(), conf.tolist(), strict=True)]
+        going = [j for j, e in enumerate(ended) if not e]
+        tokens = pred[going][:, None]
+        self._leave(going)
+        if not going:
+            return events
+        if self.cfg.mode == "ar":
+            self._logits = self.backend.extend(tokens).float()
+            self.nfe += 1
+            for r in self.rows:
+                r.nfe += 1
+        else:
+            self.backend.extend(self._last)  # `_leave` kept the going rows' last tokens
+            self._last = tokens
+        return events
+
+    def _add_tokens(self, row: _Row, tokens: list[int], confidences: list[float],
+                    events: list[RowBlock | RowDone]) -> bool:
+        """Append a step's tokens to `row` and note its events; whether it has ended."""
+        events.append(RowBlock(row.id, len(row.ids), tokens, confidences))
+        row.ids += tokens
+        eos = any(t in self.stops for t in tokens)
+        row.stopped = not eos and self.until is not None and self.until(row.id, list(row.ids))
+        ended = eos or row.stopped or len(row.ids) >= row.max_new
+        if ended:
+            events.append(RowDone(row.id, S.generation(row.prompt, row.ids, self.stops, row.stopped, row.nfe)))
+        return ended
+
+    def _leave(self, going: list[int]) -> None:
+        """Go on with the rows at `going` only."""
+        if len(going) == len(self.rows):
+            return
+        self.rows = [self.rows[j] for j in going]
+        if going:
+            self.backend.keep_rows(going)
+            if self._logits is not None:
+                self._logits = self._logits[going]
+            if self._last is not None:
+                self._last = self._last[going]
+        else:
+            self._logits = self._last = None
+

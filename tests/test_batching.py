@@ -1,0 +1,161 @@
+"""Continuous batching (`batching.Continuous`, `TowerCache.stack` / `select`): sequences that join a running
+batch between blocks and leave it when they end get what the sampler gives each of them alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
+
+from twotower_cli import sampler as S
+from twotower_cli.batching import Continuous, RowBlock, RowDone
+from twotower_cli.chat import PrefixReuse
+from twotower_cli.model.cache import KVCache, MambaState, TowerCache
+from twotower_cli.towers import TowerBackend, load_model
+
+EOS = [2, 38]
+PROMPTS = [[5, 9, 14, 7, 22, 30], [11, 4], [8, 8, 19, 25, 6, 13, 27, 17, 9], [20], [15, 16, 17, 18], [31, 7, 7]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
+                            denoiser=random_base(cfg, 12))
+    return load_model(folder, need_denoiser=True).twotower
+
+
+def alone(model, prompt, cfg, max_new, eos=EOS):
+    return S.run(TowerBackend(model), [prompt], S.SamplingConfig(**{**cfg.__dict__, "max_new_tokens": max_new}),
+                 eos).generations[0]
+
+
+def drain(batch: Continuous, arrivals: dict[int, list[tuple[list[int], int]]]):
+    """Step `batch` until it is empty, adding arrivals[k] (prompt, max_new) before step k; each row's
+    blocks and its `RowDone`, by row id, and the batch size the backend held after every step."""
+    blocks: dict[int, list[RowBlock]] = {}
+    done: dict[int, RowDone] = {}
+    k, rows_of = 0, {}
+    while len(batch) or any(j >= k for j in arrivals):
+        for prompt, n in arrivals.get(k, []):
+            (rid,) = batch.add([prompt], n)
+            rows_of[rid] = (prompt, n)
+        for ev in batch.step():
+            if isinstance(ev, RowBlock):
+                blocks.setdefault(ev.row, []).append(ev)
+            else:
+                assert ev.row not in done
+                done[ev.row] = ev
+        k += 1
+    return rows_of, blocks, done
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+def test_stacked_caches_give_each_row_its_own_logits_and_select_takes_them_apart(model):
+    """Prompts read one at a time, stacked into one cache (left-padded to the longest): extending the stack
+    gives each row's own next logits; `select` of one row drops the padding no kept row needs."""
+    singles = []
+    for p in PROMPTS[:3]:
+        b = TowerBackend(model)
+        b.reset(1)
+        b.extend(torch.tensor([p]))
+        singles.append(b)
+    stacked = TowerBackend(model)
+    stacked.cache = TowerCache.stack([b.cache for b in singles])
+    assert stacked.cache.length == 9 and stacked.cache.key_mask.sum(dim=1).tolist() == [6, 2, 9]
+    nxt = torch.tensor([[12], [13], [14]])
+    got = stacked.extend(nxt)
+    want = torch.cat([b.extend(nxt[i:i + 1]) for i, b in enumerate(singles)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    block = torch.full((3, 4), 3)
+    torch.testing.assert_close(stacked.denoise(block, torch.ones(3)),
+                               torch.cat([b.denoise(block[:1], torch.ones(1)) for b in singles]), atol=1e-5, rtol=1e-5)
+    one = stacked.cache.select([1])
+    assert one.length == 3 and one.key_mask is None  # row 1 read 3 ids: the 7 columns before them are gone
+    for mine, theirs in zip(one.layers, singles[1].cache.layers, strict=True):
+        if isinstance(mine, KVCache):
+            torch.testing.assert_close(mine.k, theirs.k)
+        elif isinstance(mine, MambaState):
+            torch.testing.assert_close(mine.ssm, theirs.ssm)
+            torch.testing.assert_close(mine.conv, theirs.conv)
+    two = stacked.cache.select([2, 0])
+    assert two.length == 10 and two.key_mask.sum(dim=1).tolist() == [10, 7]
+
+
+# ------------------------------------------------------------------------------------------- Continuous
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_rows_that_join_and_leave_get_what_they_get_alone(model, mode):
+    """Six prompts arriving at four different steps, with their own max_new_tokens (some not a multiple of the
+    block, so short last blocks of several sizes meet in one step): each row's tokens, finish reason and NFE
+    are those of the sampler on its prompt alone, and its blocks add up to its tokens."""
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=12)
+    arrivals = {0: [(PROMPTS[0], 12), (PROMPTS[1], 10)], 1: [(PROMPTS[2], 7)],
+                2: [(PROMPTS[3], 12), (PROMPTS[4], 5)], 4: [(PROMPTS[5], 9)]}
+    eos = EOS + [alone(model, PROMPTS[0], cfg, 12, eos=[]).token_ids[5]]  # so that the first row ends early
+    rows_of, blocks, done = drain(Continuous(TowerBackend(model), cfg, eos), arrivals)
+    assert sorted(done) == list(range(6))
+    for rid, (prompt, n) in rows_of.items():
+        want = alone(model, prompt, cfg, n, eos)
+        got = done[rid].generation
+        assert (got.token_ids, got.finish_reason, got.stop_id, got.nfe) == \
+               (want.token_ids, want.finish_reason, want.stop_id, want.nfe), (rid, mode)
+        ids = [t for b in blocks[rid] for t in b.tokens]
+        assert [b.start for b in blocks[rid]] == [sum(len(c.tokens) for c in blocks[rid][:i]) for i in range(len(blocks[rid]))]
+        assert ids[:len(got.token_ids)] == got.token_ids
+    assert any(g.generation.finish_reason == "eos" for g in done.values()), "no row ended on an end id"
+
+
+def test_the_batch_shrinks_as_rows_end_and_a_row_can_join_an_empty_one(model):
+    """A row leaves the backend's batch with its RowDone; a sequence added after all ended starts afresh."""
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+    backend = TowerBackend(model)
+    batch = Continuous(backend, cfg, [])  # no end ids: rows end at their max_new_tokens
+    batch.add([PROMPTS[0]], 4)
+    batch.add([PROMPTS[1], PROMPTS[2]], 8)
+    sizes = []
+    while len(batch):
+        batch.step()
+        sizes.append(backend.cache.batch if batch.rows else 0)
+    assert sizes == [2, 0]
+    batch.add([PROMPTS[3]], 4)
+    (ev, fin) = batch.step()
+    assert fin.generation.token_ids == alone(model, PROMPTS[3], cfg, 4, eos=[]).token_ids
+
+
+def test_until_ends_a_row_with_stop_and_the_others_go_on(model):
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+    batch = Continuous(TowerBackend(model), cfg, [], until=lambda row, ids: row == 0 and len(ids) >= 4)
+    batch.add([PROMPTS[0], PROMPTS[1]])
+    done = {}
+    while len(batch):
+        done.update({e.row: e.generation for e in batch.step() if isinstance(e, RowDone)})
+    assert done[0].finish_reason == "stop" and len(done[0].token_ids) == 4
+    assert done[1].token_ids == alone(model, PROMPTS[1], cfg, 12, eos=[]).token_ids
+
+
+def test_over_prefix_reuse_a_joined_batch_is_never_reused(model):
+    """serve's backend is a PrefixReuse: after a join or a leave its state holds a batch, so the next
+    sequence is read from scratch, and its tokens are still its own."""
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=8)
+    reuse = PrefixReuse(TowerBackend(model))
+    batch = Continuous(reuse, cfg, [])
+    batch.add([PROMPTS[0]])
+    batch.step()
+    batch.add([PROMPTS[1]])
+    while len(batch):
+        batch.step()
+    assert reuse.held is None
+    batch.add([PROMPTS[0] + [4]])
+    out = [e for e in batch.step() + batch.step() if isinstance(e, RowDone)]
+    assert out[0].generation.token_ids == alone(model, PROMPTS[0] + [4], cfg, 8, eos=[]).token_ids
+
+
+def test_bad_additions_are_refused(model):
+    batch = Continuous(TowerBackend(model), S.SamplingConfig(block_size=4))
+    with pytest.raises(Exception, match="empty prompt"):
+        batch.add([[]])
+    with pytest.raises(Exception, match="at least 1"):
+        batch.add([[5]], 0)
+    assert len(batch) == 0 and batch.step() == []
