@@ -376,8 +376,8 @@ def ask_all_while_busy(engine, base, bodies):
 
 def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
     """Requests queued while the model is busy: those with the same settings run as one batch (streamed or
-    not, with their own stop strings, one with two prompts), the others on their own; every reply is the
-    sampler's on its prompt alone."""
+    not, with their own stop strings and max_tokens, one with two prompts), the others on their own; every
+    reply is the sampler's on its prompt alone."""
     tok = Tokenizer(folder)
     lines = []
     engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
@@ -386,11 +386,12 @@ def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
     bodies = [{"prompt": "hello there", "max_tokens": 12},
               {"prompt": "abc", "max_tokens": 12, "stop": [stop], "stream": True},
               {"prompt": ["what now", "x"], "max_tokens": 12},
-              {"prompt": "tell me more", "max_tokens": 12, "stream": True},
-              {"prompt": "hello there", "max_tokens": 7}]  # other settings: a batch of its own
+              {"prompt": "tell me more", "max_tokens": 7, "stream": True},
+              {"prompt": "hello there", "max_tokens": 12, "threshold": 0.5}]  # other settings: a batch of its own
     with serving(engine, lines) as base:
         got = ask_all_while_busy(engine, base, bodies)
-    want = [[tok.decode(reference(model, tok.encode(p), replace_cfg(max_new_tokens=b["max_tokens"])).token_ids)
+    want = [[tok.decode(reference(model, tok.encode(p), replace_cfg(max_new_tokens=b["max_tokens"],
+                                                                    threshold=b.get("threshold", CFG.threshold))).token_ids)
              for p in ([b["prompt"]] if isinstance(b["prompt"], str) else b["prompt"])] for b in bodies]
     want[1] = [want[1][0][:want[1][0].find(stop)]]
     assert got == want
@@ -398,6 +399,54 @@ def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
     batched = [ln for ln in reports if ln.endswith("· batch of 4 requests")]
     assert len(batched) == 4 and len(reports) == 5, reports
     assert all("(0 cached)" in ln for ln in batched), batched  # a batch reads its prompts afresh
+
+
+class Gated(TowerBackend):
+    """Its first denoiser forward waits for `gate`; `entered` is set once it is waiting."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def denoise(self, *args, **kw):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().denoise(*args, **kw)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_request_that_arrives_mid_batch_joins_it_at_the_next_block(folder, model, continuous):
+    """A request that comes while a batch runs joins it at its next block (continuous batching), or waits for
+    the batch to end (`continuous=False`); either way each reply is the sampler's on its prompt alone."""
+    tok = Tokenizer(folder)
+    lines = []
+    backend = Gated(model)
+    engine = Engine(backend, tok, [2, 38], CFG, "tiny-test", continuous=continuous)
+    bodies = [{"prompt": "hello there", "max_tokens": 16}, {"prompt": "abc", "max_tokens": 6}]
+    got = [None, None]
+
+    def ask(i):
+        got[i] = json.loads(post(base, "/v1/completions", bodies[i])[1])["choices"][0]["text"]
+
+    with serving(engine, lines) as base:
+        first = threading.Thread(target=ask, args=(0,))
+        first.start()
+        assert backend.entered.wait(30)  # the first request's first block is in the denoiser
+        second = threading.Thread(target=ask, args=(1,))
+        second.start()
+        deadline = time.monotonic() + 30
+        while not engine.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        backend.gate.set()
+        first.join(60)
+        second.join(60)
+    want = [tok.decode(reference(model, tok.encode(b["prompt"]), replace_cfg(max_new_tokens=b["max_tokens"])).token_ids)
+            for b in bodies]
+    assert got == want
+    reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt")]
+    assert len(reports) == 2 and sum(ln.endswith("· batch of 2 requests") for ln in reports) == 2 * continuous, reports
+    assert engine.counts["joined_requests_total"] == int(continuous)
+    assert engine.counts["batches_total"] == 2 - continuous and engine.counts["batched_requests_total"] == 2
 
 
 def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):

@@ -91,8 +91,7 @@ class Continuous:
     def step(self) -> list[RowBlock | RowDone]:
         """Admit the waiting sequences, then one block (ar, mock_ar: one token) for every sequence."""
         with torch.no_grad():
-            if self.waiting:
-                self._admit()
+            self.admit()
             if not self.rows:
                 return []
             if self.cfg.mode == "mask_diffusion":
@@ -100,6 +99,13 @@ class Continuous:
             return self._token()
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def admit(self) -> None:
+        """Read the waiting sequences' prompts into the batch now (`step` does it first anyway)."""
+        if not self.waiting:
+            return
+        with torch.no_grad():
+            self._admit()
 
     def _admit(self) -> None:
         new, self.waiting = self.waiting, []

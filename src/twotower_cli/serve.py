@@ -18,14 +18,18 @@ generated tokens the top 1 alone is known, and only when greedy. Completions' `e
 front, its tokens scored by the context tower (one forward); with `max_tokens: 0` that is all, and any
 `logprobs` up to 20 come from the full distribution: what lm-eval's loglikelihood requests ask for.
 
-One thread runs the model. Requests queue for it; when it is free it takes the oldest waiting request and
-every other waiting one with the same sampler settings (and no seed of its own, when sampling), up to
-`--max-batch` prompts, and samples them as one batch: clients that send requests concurrently (evaluation
-harnesses do) share the forwards. Greedy replies do not depend on the batch (the sampler's batches give
-each prompt its tokens alone). A batch of one prompt goes through one `chat.PrefixReuse` backend, so a
-client that sends its conversation again with a turn appended (every chat client does) pays for the new
-ids only; a larger batch reads its prompts afresh. The backend keeps a state copy for each of the last
-`conversations` conversations (`PrefixReuse(keep=...)`), so that holds across other clients' requests.
+One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
+every other waiting one with the same sampler settings but max_tokens (and no seed of its own, when
+sampling), up to `--max-batch` prompts, and samples them as one batch (`batching.Continuous`): clients that
+send requests concurrently (evaluation harnesses do) share the forwards. The batch is continuous: between
+blocks (ar, mock_ar: tokens) a request that has come since, with the same key, joins it while there is room,
+and each request is answered as soon as its own rows end, which then leave the batch; `continuous=False`
+(`--no-continuous`) keeps a batch closed until all of it is done. Greedy replies do not depend on the batch
+(every row sees only its own tokens). A request of one prompt that starts an idle model's batch goes through
+one `chat.PrefixReuse` backend, so a client that sends its conversation again with a turn appended (every
+chat client does) pays for the new ids only; a larger batch reads its prompts afresh. The backend keeps a
+state copy for each of the last `conversations` conversations (`PrefixReuse(keep=...)`), so that holds
+across other clients' requests.
 
 `stream: true` answers with server-sent events as OpenAI does: a chunk each time text becomes final (per
 committed block; ar: per token), then one with the finish reason, then `data: [DONE]`. Text that could
@@ -51,6 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from twotower_cli import sampler as S
+from twotower_cli.batching import Continuous, RowBlock, RowDone
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.text import ChatTemplate, Tokenizer
@@ -65,8 +70,9 @@ METRICS = {  # name: (Prometheus type, help)
     "prompt_tokens_total": ("counter", "Prompt tokens of the answered requests."),
     "cached_prompt_tokens_total": ("counter", "Of those, tokens the context tower held already and did not read."),
     "completion_tokens_total": ("counter", "Completion tokens returned."),
-    "batches_total": ("counter", "Batches the model ran."),
-    "batched_requests_total": ("counter", "Requests in those batches (over batches_total: the mean batch)."),
+    "batches_total": ("counter", "Batches the model ran (from an idle model until it was idle again)."),
+    "batched_requests_total": ("counter", "Requests in those batches (over batches_total: requests per batch)."),
+    "joined_requests_total": ("counter", "Of those, requests that joined a batch already running."),
     "model_seconds_total": ("counter", "Seconds the model spent on batches."),
 }
 
@@ -179,7 +185,8 @@ def _batch_key(req: Request) -> tuple:
     """Requests with equal keys can be sampled as one batch: the same sampler settings, and no seed of their
     own (a seeded sampling request gets a batch of its own, so that its seed reproduces it)."""
     own_seed = req.settings.temperature > 0 and req.seed is not None
-    return (dataclasses.astuple(req.settings), id(req) if own_seed else None, req.score_only)
+    shared = replace(req.settings, max_new_tokens=0)  # each sequence of a batch has its own
+    return (dataclasses.astuple(shared), id(req) if own_seed else None, req.score_only)
 
 
 class Engine:
@@ -187,9 +194,9 @@ class Engine:
 
     def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
                  template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0,
-                 max_batch: int = 16, conversations: int = 8):
+                 max_batch: int = 16, conversations: int = 8, continuous: bool = True):
         self.backend = PrefixReuse(backend, keep=conversations)
-        self.max_batch = max_batch
+        self.max_batch, self.continuous = max_batch, continuous
         self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
         self.queued = threading.Condition()  # guards `pending` and `worker`
         self.worker: threading.Thread | None = None
@@ -320,18 +327,20 @@ class Engine:
                     self.queued.wait()
             with self.lock:  # whoever holds the lock (a test) makes requests queue up, as a long batch does
                 with self.queued:
-                    tickets = self._take()
+                    tickets = self._take(None, self.max_batch)
                 if not tickets:
                     continue
                 t0 = time.perf_counter()
-                try:
-                    self._sample(tickets)
-                except BaseException as e:  # noqa: BLE001 — each request answers with the error; the server lives
-                    self.counts["failed_requests_total"] += len(tickets)
-                    for t in tickets:
-                        t.out.put(e)
                 self.counts["batches_total"] += 1
-                self.counts["batched_requests_total"] += len(tickets)
+                if not tickets[0].req.score_only:
+                    self._sample(tickets)  # answers each request, with the error if one is raised
+                else:
+                    try:
+                        self._score(tickets)
+                    except BaseException as e:  # noqa: BLE001 — each request answers with the error; the server lives
+                        self.counts["failed_requests_total"] += len(tickets)
+                        for t in tickets:
+                            t.out.put(e)
                 self.counts["model_seconds_total"] += time.perf_counter() - t0
 
     def _answer(self, ticket: _Ticket, result: Result) -> None:
@@ -353,20 +362,22 @@ class Engine:
                   "# TYPE twotower_waiting_requests gauge", f"twotower_waiting_requests {len(self.pending)}"]
         return "\n".join(lines) + "\n"
 
-    def _take(self) -> list[_Ticket]:
-        """The oldest waiting request and those after it with the same batch key, up to `max_batch` prompts in
-        all (the first is taken whatever its size); requests whose clients left are dropped."""
+    def _take(self, key: tuple | None, room: int) -> list[_Ticket]:
+        """Waiting requests with batch key `key` (None: the oldest's key, and the oldest whatever its size),
+        oldest first, up to `room` prompts in all; requests whose clients left are dropped."""
         self.pending = [t for t in self.pending if not t.cancelled.is_set()]
         if not self.pending:
             return []
-        key = _batch_key(self.pending[0].req)
+        first = key is None
+        key = _batch_key(self.pending[0].req) if first else key
         taken, rows = [], 0
         for t in self.pending:
             n = len(t.req.prompts)
-            if _batch_key(t.req) == key and (not taken or rows + n <= self.max_batch):
+            if _batch_key(t.req) == key and ((first and not taken) or rows + n <= room):
                 taken.append(t)
                 rows += n
         self.pending = [t for t in self.pending if t not in taken]
+        self.counts["batched_requests_total"] += len(taken)
         return taken
 
     def _prompt_logprobs(self, ids: list[int], top: int) -> tuple[list[float | None], list]:
@@ -388,122 +399,55 @@ class Engine:
                              [list(ids) for ids in t.req.prompts], [lp for lp, _ in scored], [tp for _, tp in scored]))
 
     def _sample(self, tickets: list[_Ticket]) -> None:
-        """Run `tickets` as one sampler batch and hand each its pieces and result."""
-        if tickets[0].req.score_only:
-            self._score(tickets)
-            return
-        decode = self.tokenizer.decode
+        """Sample `tickets` as one `Continuous` batch, handing each its pieces and result as its rows end;
+        between blocks (ar, mock_ar: tokens) waiting requests with the same batch key join it (`continuous`)."""
         first = tickets[0].req
-        settings = first.settings
-        stops = S.stop_set(settings, self.eos_ids)
-        owner: list[_Ticket] = []  # row → its request
-        prompts: list[list[int]] = []
-        for t in tickets:
-            owner += [t] * len(t.req.prompts)
-            prompts += t.req.prompts
-        B = len(prompts)
-        rows_of = [[b for b, o in enumerate(owner) if o is t] for t in tickets]
-        row_stops = [t.req.stops for t in owner]
-        ids: list[list[int]] = [[] for _ in range(B)]
-        sent = [""] * B
-
-        def final_text(b: int, row_ids: list[int]) -> tuple[str, bool]:
-            """The text of row b's generated ids, cut before the first stop string; and whether one was found."""
-            cut = S.first_stop(row_ids, stops)
-            text = decode(row_ids if cut is None else row_ids[:cut])
-            found = [i for i in (text.find(s) for s in row_stops[b]) if i >= 0]
-            return (text[:min(found)], True) if found else (text, False)
-
-        last: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, final_text) when last decoded
-
-        def row_text(b: int, row_ids: list[int]) -> tuple[str, bool]:
-            """final_text of row b, decoded once per block: `until` and the stream ask about the same ids."""
-            if b not in last or last[b][0] != len(row_ids):
-                last[b] = (len(row_ids), final_text(b, row_ids))
-            return last[b][1]
-
-        def until(i: int, row_ids: list[int]) -> bool:  # a stop string written, or its client gone
-            return owner[i].cancelled.is_set() or (bool(row_stops[i]) and row_text(i, row_ids)[1])
-
+        key = _batch_key(first)
         sampled = first.settings.temperature > 0 and first.seed is not None  # then it is alone in its batch
         generator = torch.Generator().manual_seed(first.seed) if sampled else self.generator
-        want_logprobs = any(t.req.logprobs for t in tickets)
-        chosen: list[dict[int, float]] = [{} for _ in range(B)]  # row → position → log p of its token
-        block_start = 0
-        fed, read = self.backend.fed, None
-        if B == 1:
-            start_from(self.backend, prompts[0], first.history)
-        stream = S.generate(self.backend, prompts, settings, self.eos_ids, generator, until)
-        try:
-            for ev in stream:
-                if read is None:  # the sampler feeds the prompts before its first event
-                    read = self.backend.fed - fed
-                if all(t.cancelled.is_set() for t in tickets):
-                    return  # nobody is waiting: free the model
-                if isinstance(ev, S.BlockStarted):
-                    block_start = ev.start
-                elif isinstance(ev, S.Step) and want_logprobs:
-                    for b in range(B):
-                        for pos, conf in zip(ev.committed[b], ev.confidences[b], strict=True):
-                            chosen[b][block_start + pos] = math.log(conf) if conf > 0 else -math.inf
-                elif isinstance(ev, S.BlockDone) and any(t.req.stream for t in tickets):
-                    deltas = [""] * B
-                    for b in range(B):
-                        ids[b] += ev.tokens[b].tolist()
-                        if not owner[b].req.stream:
-                            continue
-                        text, ended = row_text(b, ids[b])
-                        ended = ended or S.first_stop(ids[b], stops) is not None
-                        safe = text if ended else self._hold_back(text, row_stops[b])
-                        delta = safe[len(sent[b]):] if safe.startswith(sent[b]) else ""
-                        sent[b] += delta
-                        deltas[b] = delta
-                    self._give_pieces(tickets, rows_of, deltas)
-                elif isinstance(ev, S.Finished):
-                    gens = ev.generations
-                    finals = [final_text(b, g.token_ids) for b, g in enumerate(gens)]
-                    tail = [t[len(s):] if t.startswith(s) else "" for (t, _), s in zip(finals, sent, strict=True)]
-                    self._give_pieces(tickets, rows_of, tail)
-                    # a stop string: the tokens through it, as a token-at-a-time server counts them (the rest
-                    # of the block that wrote it was sampled, and thrown away with the text after it)
-                    used = [self._through_stop(g.token_ids, row_stops[b]) if found else len(g.token_ids)
-                            for b, (g, (_, found)) in enumerate(zip(gens, finals, strict=True))]
-                    n_prompt = sum(len(p) for p in prompts)
-                    fed_prompt = n_prompt - B * (settings.mode == "mock_ar")  # its context runs one behind
-                    # only a batch of one prompt starts from a kept state (`fed` counts a padded batch's columns)
-                    cached = max(fed_prompt - read, 0) if B == 1 else 0
-                    for t, rows in zip(tickets, rows_of, strict=True):
-                        texts = [finals[b][0] for b in rows]
-                        ids_out = [gens[b].token_ids[:used[b]] for b in rows]
-                        lps: list[list[float | None]] = []
-                        tops: list[list] = []
-                        if t.req.logprobs:  # greedy (top 1 asked): the chosen token is the most likely one
-                            lps = [[chosen[b][i] for i in range(used[b])] for b in rows]
-                            tops = [[[(tok, lp)] for tok, lp in zip(ids, lp_row, strict=True)]
-                                    for ids, lp_row in zip(ids_out, lps, strict=True)]
-                        if t.req.echo:  # the prompt in front, scored by the context tower when asked
-                            for j, b in enumerate(rows):
-                                texts[j] = decode(prompts[b]) + texts[j]
-                                ids_out[j] = prompts[b] + ids_out[j]
-                                if t.req.logprobs:
-                                    p_lps, p_tops = self._prompt_logprobs(prompts[b], t.req.top_logprobs)
-                                    lps[j] = p_lps + lps[j]
-                                    tops[j] = (p_tops or [None] * len(prompts[b])) + tops[j]
-                        self._answer(t, Result(texts,
-                                         ["length" if gens[b].finish_reason == "length" else "stop" for b in rows],
-                                         sum(len(prompts[b]) for b in rows) // t.req.n, cached,
-                                         sum(used[b] for b in rows),
-                                         ev.nfe, ev.wall_seconds, len(tickets), ids_out,
-                                         lps if t.req.logprobs else [], tops if t.req.top_logprobs else []))
-        finally:
-            stream.close()
+        jobs: dict[int, _Job] = {}  # row id → its request's job
+        live: list[_Job] = []
 
-    @staticmethod
-    def _give_pieces(tickets: list[_Ticket], rows_of: list[list[int]], deltas: list[str]) -> None:
-        """Each streaming request whose rows got new text: a `Piece` of its rows' deltas."""
-        for t, rows in zip(tickets, rows_of, strict=True):
-            if t.req.stream and any(deltas[b] for b in rows):
-                t.out.put(Piece([deltas[b] for b in rows]))
+        def until(row: int, ids: list[int]) -> bool:  # a stop string written, or its client gone
+            job = jobs[row]
+            return job.ticket.cancelled.is_set() or (bool(job.ticket.req.stops) and job.text(row, ids)[1])
+
+        batch = Continuous(self.backend, first.settings, self.eos_ids, generator, until)
+        try:
+            while tickets or len(batch):
+                if tickets:
+                    new, tickets = [_Job(t, self) for t in tickets], []
+                    alone = not len(batch) and len(new) == 1 and len(new[0].ticket.req.prompts) == 1
+                    fed = self.backend.fed
+                    if alone:  # its prompt may continue a state the backend kept (`PrefixReuse`)
+                        start_from(self.backend, new[0].ticket.req.prompts[0], new[0].ticket.req.history)
+                    for job in new:
+                        job.add_rows(batch.add(job.ticket.req.prompts, job.ticket.req.settings.max_new_tokens))
+                        jobs.update(dict.fromkeys(job.rows, job))
+                        live.append(job)
+                    batch.admit()
+                    if alone:
+                        fed_prompt = len(new[0].ticket.req.prompts[0]) - (first.settings.mode == "mock_ar")  # one behind
+                        new[0].cached = max(fed_prompt - (self.backend.fed - fed), 0)
+                for job in live:
+                    job.batch = max(job.batch, len(live))
+                events = batch.step()
+                for job in live:
+                    job.take(events)
+                for job in [j for j in live if j.finished]:
+                    live.remove(job)
+                    self._answer(job.ticket, job.result())
+                tickets = []
+                if self.continuous and len(batch) < self.max_batch:
+                    with self.queued:
+                        tickets = self._take(key, self.max_batch - len(batch))
+                    self.counts["joined_requests_total"] += len(tickets)
+        except BaseException as e:  # noqa: BLE001 — each request answers with the error; the server lives
+            self.counts["failed_requests_total"] += len(live) + len(tickets)
+            for job in live:
+                job.ticket.out.put(e)
+            for t in tickets:
+                t.out.put(e)
 
     def _through_stop(self, ids: list[int], stops: list[str]) -> int:
         """The fewest of `ids` whose text holds one of `stops` (a longer prefix holds it too: binary search)."""
@@ -529,6 +473,106 @@ class Engine:
                     keep = min(keep, len(text) - n)
                     break
         return text[:keep]
+
+
+class _Job:
+    """A request in a running batch: its rows' ids, log-probabilities and ends, and the text it has been sent."""
+
+    def __init__(self, ticket: _Ticket, engine: Engine):
+        self.ticket, self.engine = ticket, engine
+        self.stops = S.stop_set(ticket.req.settings, engine.eos_ids)
+        self.rows: list[int] = []  # its row ids in the batch, in the order of its prompts (`add_rows`)
+        self.mine: set[int] = set()
+        self.ids: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list[float]] = {}  # log p of each token at its commit
+        self.sent: dict[int, str] = {}
+        self.done: dict[int, S.Generation] = {}
+        self.cached = 0  # prompt ids the backend held already
+        self.batch = 1  # the most requests sampled together while it ran
+        self.t0 = time.perf_counter()
+        self._texts: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, text) when last decoded
+
+    def add_rows(self, rows: list[int]) -> None:
+        self.rows, self.mine = rows, set(rows)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) == len(self.rows)
+
+    def final_text(self, ids: list[int]) -> tuple[str, bool]:
+        """The text of generated `ids`, cut before the first stop id and the first stop string; and whether a
+        stop string was found."""
+        cut = S.first_stop(ids, self.stops)
+        text = self.engine.tokenizer.decode(ids if cut is None else ids[:cut])
+        found = [i for i in (text.find(s) for s in self.ticket.req.stops) if i >= 0]
+        return (text[:min(found)], True) if found else (text, False)
+
+    def text(self, row: int, ids: list[int]) -> tuple[str, bool]:
+        """`final_text` of a row, decoded once per step: `until` and the stream ask about the same ids."""
+        if row not in self._texts or self._texts[row][0] != len(ids):
+            self._texts[row] = (len(ids), self.final_text(ids))
+        return self._texts[row][1]
+
+    def take(self, events: list[RowBlock | RowDone]) -> None:
+        """Note a step's events for its rows; a streamed request gets a `Piece` of the text that became final."""
+        grown = []
+        for ev in events:
+            if ev.row not in self.mine:
+                continue
+            if isinstance(ev, RowBlock):
+                self.ids.setdefault(ev.row, []).extend(ev.tokens)
+                self.logprobs.setdefault(ev.row, []).extend(math.log(c) if c > 0 else -math.inf
+                                                            for c in ev.confidences)
+                grown.append(ev.row)
+            else:
+                self.done[ev.row] = ev.generation
+        if not self.ticket.req.stream or not grown:
+            return
+        deltas = []
+        for row in self.rows:
+            delta = ""
+            if row in grown:
+                if row in self.done:
+                    safe = self.final_text(self.done[row].token_ids)[0]
+                else:
+                    ids = self.ids[row]
+                    text, ended = self.text(row, ids)
+                    ended = ended or S.first_stop(ids, self.stops) is not None
+                    safe = text if ended else self.engine._hold_back(text, self.ticket.req.stops)
+                sent = self.sent.get(row, "")
+                delta = safe[len(sent):] if safe.startswith(sent) else ""
+                self.sent[row] = sent + delta
+            deltas.append(delta)
+        if any(deltas):
+            self.ticket.out.put(Piece(deltas))
+
+    def result(self) -> Result:
+        req, engine = self.ticket.req, self.engine
+        gens = [self.done[r] for r in self.rows]
+        finals = [self.final_text(g.token_ids) for g in gens]
+        # a stop string: the tokens through it, as a token-at-a-time server counts them (the rest of the
+        # block that wrote it was sampled, and thrown away with the text after it)
+        used = [engine._through_stop(g.token_ids, req.stops) if found else len(g.token_ids)
+                for g, (_, found) in zip(gens, finals, strict=True)]
+        texts = [text for text, _ in finals]
+        ids_out = [g.token_ids[:n] for g, n in zip(gens, used, strict=True)]
+        lps: list[list[float | None]] = []
+        tops: list[list] = []
+        if req.logprobs:  # greedy (top 1 asked): the chosen token is the most likely one
+            lps = [self.logprobs[r][:n] for r, n in zip(self.rows, used, strict=True)]
+            tops = [[[(tok, lp)] for tok, lp in zip(ids, lp_row, strict=True)] for ids, lp_row in zip(ids_out, lps, strict=True)]
+        if req.echo:  # the prompt in front, scored by the context tower when asked
+            for j, prompt in enumerate(req.prompts):
+                texts[j] = engine.tokenizer.decode(prompt) + texts[j]
+                ids_out[j] = prompt + ids_out[j]
+                if req.logprobs:
+                    p_lps, p_tops = engine._prompt_logprobs(prompt, req.top_logprobs)
+                    lps[j] = p_lps + lps[j]
+                    tops[j] = (p_tops or [None] * len(prompt)) + tops[j]
+        return Result(texts, ["length" if g.finish_reason == "length" else "stop" for g in gens],
+                      sum(len(p) for p in req.prompts) // req.n, self.cached, sum(used), max(g.nfe for g in gens),
+                      time.perf_counter() - self.t0, self.batch, ids_out,
+                      lps if req.logprobs else [], tops if req.top_logprobs else [])
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
