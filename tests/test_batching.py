@@ -3,6 +3,8 @@ batch between blocks and leave it when they end get what the sampler gives each 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
@@ -159,3 +161,25 @@ def test_bad_additions_are_refused(model):
     with pytest.raises(Exception, match="at least 1"):
         batch.add([[5]], 0)
     assert len(batch) == 0 and batch.step() == []
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_rows_get_the_top_tokens_they_ask_for(model, mode):
+    """A row added with top=k gets, per token, k (id, log p) best first, the first being its (greedy) token
+    with its own confidence; a row added without gets none, and the same tokens as alone."""
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=8)
+    batch = Continuous(TowerBackend(model), cfg, [])
+    batch.add([PROMPTS[0]], top=3)
+    batch.add([PROMPTS[1]])
+    seen = {0: [], 1: []}
+    while len(batch):
+        for ev in batch.step():
+            if isinstance(ev, RowBlock):
+                seen[ev.row].append(ev)
+    for ev in seen[0]:
+        assert len(ev.top) == len(ev.tokens)
+        for tok, conf, top in zip(ev.tokens, ev.confidences, ev.top, strict=True):
+            assert len(top) == 3 and top[0][0] == tok and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+            assert top[0][1] == pytest.approx(math.log(conf), abs=1e-5)
+    assert all(ev.top is None for ev in seen[1])
+    assert [t for ev in seen[1] for t in ev.tokens] == alone(model, PROMPTS[1], cfg, 8, eos=[]).token_ids

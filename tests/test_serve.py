@@ -194,7 +194,6 @@ def test_two_clients_conversations_each_keep_their_state(folder, model, keep):
     ("/v1/completions", None, 400, "not valid JSON"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "'n' must be between 1 and 16"),
     ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "'n' must be between 1 and 16"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "runners-up are known for a scored prompt only"),
     ("/v1/completions", {}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
@@ -545,9 +544,6 @@ def test_chat_logprobs_in_mask_diffusion_are_each_tokens_at_its_commit(url, mode
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "between 0 and 20"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21, "echo": True, "max_tokens": 0}, "between 0 and 20"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "add 'echo' to score the prompt"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 1, "temperature": 0.7}, "the top 1 needs temperature 0"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 3},
-     "runners-up are known for a scored prompt only"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 1},
      "needs 'logprobs': true"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}, "true or false"),
@@ -579,6 +575,71 @@ def test_an_api_key_is_asked_of_every_route_but_health(folder, model):
         assert ask(base, "/health")[0] == 200
         assert ask(base, "/v1/models", "s3cret")[0] == 200 and ask(base, "/v1/completions", "s3cret", body)[0] == 200
 
+
+
+def test_completion_top_logprobs_in_ar_are_the_next_token_distributions_best(url, model, folder):
+    """`logprobs: 3` in ar: at every generated position the 3 most likely tokens of the base model's
+    next-token distribution (one full forward over prompt + reply), best first."""
+    tok = Tokenizer(folder)
+    prompt = tok.encode("hello there")
+    out = json.loads(post(url, "/v1/completions", {"prompt": "hello there", "max_tokens": 12, "mode": "ar",
+                                                   "logprobs": 3})[1])["choices"][0]["logprobs"]
+    reply = reference(model, prompt, replace_cfg(mode="ar")).token_ids
+    logits = full_log_softmax(model, prompt + reply)
+    for j, top in enumerate(out["top_logprobs"]):
+        values, ids = logits[len(prompt) + j - 1].topk(3)
+        assert list(top) == [tok.decode([i]) for i in ids.tolist()]
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
+        assert top[out["tokens"][j]] == pytest.approx(out["token_logprobs"][j], abs=1e-6)  # greedy: the best
+
+
+class Recording(TowerBackend):
+    """Keeps the logits of every denoiser forward."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.logits = []
+
+    def denoise(self, *args, **kw):
+        out = super().denoise(*args, **kw)
+        self.logits.append(out.float())
+        return out
+
+
+def test_chat_top_logprobs_in_mask_diffusion_are_the_committing_forwards_best(url, model, folder):
+    """`top_logprobs: 2` in mask_diffusion: each token's 2 most likely tokens under the denoiser forward that
+    committed it (the mask id never counts), found here from the sampler's own Step events and logits."""
+    tok = Tokenizer(folder)
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"messages": messages, "max_tokens": 12, "logprobs": True, "top_logprobs": 2}
+    content = json.loads(post(url, "/v1/chat/completions", body)[1])["choices"][0]["logprobs"]["content"]
+    ids = template_ids(ChatTemplate.load(folder), tok, messages, {})[0]
+    backend = Recording(model)
+    want, start = {}, 0
+    for ev in S.generate(backend, [ids], CFG, [2, 38]):
+        if isinstance(ev, S.BlockStarted):
+            start = ev.start
+        elif isinstance(ev, S.Step):
+            logp = backend.logits[-1][0].clone()
+            logp[..., CFG.mask_token_id] = -math.inf
+            logp = logp.log_softmax(-1)
+            for pos in ev.committed[0]:
+                values, top_ids = logp[pos].topk(2)
+                want[start + pos] = list(zip(top_ids.tolist(), values.tolist(), strict=True))
+    assert len(content) == len(want) > 4
+    for j, c in enumerate(content):
+        assert [t["token"] for t in c["top_logprobs"]] == [tok.decode([i]) for i, _ in want[j]]
+        assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx([v for _, v in want[j]], abs=1e-5)
+
+
+def test_sampled_tokens_come_with_the_distributions_best_too(url):
+    """With temperature the chosen token need not be the most likely: its own logprob is given, and the top
+    list is the distribution's best, which it is at most."""
+    body = {"prompt": "hello", "max_tokens": 12, "temperature": 1.5, "seed": 3, "logprobs": 2}
+    lp = json.loads(post(url, "/v1/completions", body)[1])["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["top_logprobs"]) == 12
+    assert all(v <= max(top.values()) + 1e-6 for v, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True))
+    assert any(tok not in top for tok, top in zip(lp["tokens"], lp["top_logprobs"], strict=True))
 
 
 def full_log_softmax(model, ids):
@@ -623,7 +684,8 @@ def test_loglikelihood_as_lm_eval_asks_for_it(url, model, folder):
     greedy = all(max(top, key=top.get) == tok.decode([ids[j]]) for j, top in enumerate(lp["top_logprobs"][n:-1], n))
     assert greedy == all(want[j - 1].argmax().item() == ids[j] for j in range(n, len(ids)))
     generated = lp["top_logprobs"][-1]
-    assert list(generated) == [lp["tokens"][-1]] and generated[lp["tokens"][-1]] == lp["token_logprobs"][-1]
+    assert list(generated) == [lp["tokens"][-1]]  # greedy: the generated token is the most likely one
+    assert generated[lp["tokens"][-1]] == pytest.approx(lp["token_logprobs"][-1], abs=1e-6)
 
 
 def test_metrics_add_up_the_usage_of_the_answered_requests(folder, model):

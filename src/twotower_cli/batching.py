@@ -37,6 +37,7 @@ class RowBlock:
     start: int  # how many tokens it had generated before these
     tokens: list[int]
     confidences: list[float]  # each token's probability at the step that committed it
+    top: list[list[tuple[int, float]]] | None = None  # per token: the most likely (id, log p) there, best first
 
 
 @dataclass
@@ -50,6 +51,7 @@ class _Row:
     id: int
     prompt: list[int]
     max_new: int
+    top: int = 0  # most likely tokens wanted per position (`RowBlock.top`)
     ids: list[int] = field(default_factory=list)
     nfe: int = 0
     stopped: bool = False  # `until` ended it
@@ -76,14 +78,17 @@ class Continuous:
         """Sequences not ended yet, waiting ones included."""
         return len(self.rows) + len(self.waiting)
 
-    def add(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> list[int]:
-        """Queue sequences to join at the next step; their ids (for `RowBlock`, `RowDone` and `until`)."""
+    def add(self, prompts: list[list[int]], max_new_tokens: int | None = None, top: int = 0) -> list[int]:
+        """Queue sequences to join at the next step; their ids (for `RowBlock`, `RowDone` and `until`).
+        `top`: each of their tokens comes with the `top` most likely ones at its position (`RowBlock.top`)
+        under the distribution its confidence is from (mask_diffusion: the denoiser's forward that committed
+        it; ar, mock_ar: the next-token one)."""
         n = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not prompts or any(len(p) == 0 for p in prompts):
             raise TwoTowerError("empty prompt", "give some text to continue")
         if n < 1:
             raise TwoTowerError(f"max-new-tokens {n} must be at least 1", "try 128")
-        rows = [_Row(self._next_id + i, list(p), n) for i, p in enumerate(prompts)]
+        rows = [_Row(self._next_id + i, list(p), n, top) for i, p in enumerate(prompts)]
         self._next_id += len(rows)
         self.waiting += rows
         return [r.id for r in rows]
@@ -132,23 +137,30 @@ class Continuous:
     def _block(self) -> list[RowBlock | RowDone]:
         cfg = self.cfg
         sizes = [min(cfg.block_size, r.max_new - len(r.ids)) for r in self.rows]
-        blocks: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.rows)  # row → (tokens, confidences)
+        blocks: list[tuple] = [None] * len(self.rows)  # row → (tokens, confidences, top ids, top log p)
         for size in sorted(set(sizes), reverse=True):
             index = [j for j, n in enumerate(sizes) if n == size]
             whole = len(index) == len(self.rows)
+            top = max(self.rows[j].top for j in index)
             x = torch.full((len(index), size), cfg.mask_token_id, dtype=torch.long)
             conf_at_commit = torch.zeros(len(index), size)
+            top_ids = torch.zeros(len(index), size, top, dtype=torch.long)
+            top_lps = torch.zeros(len(index), size, top)
             steps = min(cfg.steps_per_block, size)
-            for masked, commit, conf in S.fill_block(self.backend, x, steps, cfg, self.generator,
-                                                     **({} if whole else {"batch": index})):
+            for masked, commit, conf, *alts in S.fill_block(self.backend, x, steps, cfg, self.generator, top,
+                                                            **({} if whole else {"batch": index})):
                 self.nfe += 1
                 for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
                     self.rows[index[j]].nfe += 1
                 conf_at_commit = torch.where(commit, conf, conf_at_commit)
+                if top:
+                    top_ids = torch.where(commit[..., None], alts[0], top_ids)
+                    top_lps = torch.where(commit[..., None], alts[1], top_lps)
             for j, b in enumerate(index):
-                blocks[b] = (x[j], conf_at_commit[j])
+                blocks[b] = (x[j], conf_at_commit[j], top_ids[j], top_lps[j])
         events: list[RowBlock | RowDone] = []
-        ended = [self._add_tokens(r, x.tolist(), c.tolist(), events) for r, (x, c) in zip(self.rows, blocks, strict=True)]
+        ended = [self._add_tokens(r, x.tolist(), c.tolist(), ids, lps, events)
+                 for r, (x, c, ids, lps) in zip(self.rows, blocks, strict=True)]
         going = [j for j, e in enumerate(ended) if not e]
         self._leave(going)
         if going:
@@ -162,9 +174,12 @@ class Continuous:
             for r in self.rows:
                 r.nfe += 1
         pred, conf = S.predict_to_host(self._logits, self.cfg, self.generator, exclude=None)
+        top = max(r.top for r in self.rows)
+        top_ids, top_lps = (S.top_to_host(self._logits, top, exclude=None) if top else
+                            (torch.zeros(len(self.rows), 0, dtype=torch.long), torch.zeros(len(self.rows), 0)))
         events: list[RowBlock | RowDone] = []
-        ended = [self._add_tokens(r, [t], [c], events)
-                 for r, t, c in zip(self.rows, pred.tolist(), conf.tolist(), strict=True)]
+        ended = [self._add_tokens(r, [t], [c], ids[None], lps[None], events)
+                 for r, t, c, ids, lps in zip(self.rows, pred.tolist(), conf.tolist(), top_ids, top_lps, strict=True)]
         going = [j for j, e in enumerate(ended) if not e]
         tokens = pred[going][:, None]
         self._leave(going)
@@ -180,10 +195,15 @@ class Continuous:
             self._last = tokens
         return events
 
-    def _add_tokens(self, row: _Row, tokens: list[int], confidences: list[float],
-                    events: list[RowBlock | RowDone]) -> bool:
-        """Append a step's tokens to `row` and note its events; whether it has ended."""
-        events.append(RowBlock(row.id, len(row.ids), tokens, confidences))
+    def _add_tokens(self, row: _Row, tokens: list[int], confidences: list[float], top_ids: torch.Tensor,
+                    top_lps: torch.Tensor, events: list[RowBlock | RowDone]) -> bool:
+        """Append a step's tokens to `row` (and, per token, the first `row.top` of `top_ids` / `top_lps`
+        [tokens, k]) and note its events; whether it has ended."""
+        top = None
+        if row.top:
+            top = [list(zip(i, v, strict=True)) for i, v in
+                   zip(top_ids[:, :row.top].tolist(), top_lps[:, :row.top].tolist(), strict=True)]
+        events.append(RowBlock(row.id, len(row.ids), tokens, confidences, top))
         row.ids += tokens
         eos = any(t in self.stops for t in tokens)
         row.stopped = not eos and self.until is not None and self.until(row.id, list(row.ids))

@@ -243,6 +243,18 @@ def predict_to_host(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.
     return pred.cpu(), conf.cpu()
 
 
+def top_to_host(logits: torch.Tensor, k: int, exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely ids and their log-probabilities [..., k] per position of logits [..., V], under the
+    same untempered distribution as `predict`'s confidence (`exclude` never counts), on the CPU: only those
+    cross from the device."""
+    logits = logits.float()
+    if exclude is not None:
+        logits = logits.clone()
+        logits[..., exclude] = float("-inf")
+    values, ids = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    return ids.cpu(), values.cpu()
+
+
 def commit_counts(conf: torch.Tensor, masked: torch.Tensor, step: int, steps: int, cfg: SamplingConfig) -> torch.Tensor:
     """How many masked positions each row commits at this step: k [B] (spec §7 step 3)."""
     n_masked = masked.sum(dim=-1)
@@ -330,10 +342,11 @@ def generation(prompt: list[int], ids: list[int], stops: set[int], stopped: bool
 
 
 def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfig,
-               generator: torch.Generator | None, **denoise) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+               generator: torch.Generator | None, top: int = 0, **denoise) -> Iterator[tuple]:
     """Unmask the block `x` [B, S] (mask ids) in place over at most `steps` denoiser forwards (spec §7);
-    after each yields (the masked slots it started from, those it committed, the confidences) [B, S]
-    each. `denoise`: passed on to `backend.denoise`."""
+    after each yields (the masked slots it started from, those it committed, the confidences) [B, S] each,
+    and with `top` > 0 the `top_to_host` ids and log-probabilities [B, S, top] of that forward.
+    `denoise`: passed on to `backend.denoise`."""
     for s in range(steps):
         masked = x == cfg.mask_token_id
         if not bool(masked.any()):
@@ -344,7 +357,7 @@ def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfi
         k = commit_counts(conf, masked, s, steps, cfg)
         commit = select_commits(conf, masked, k)
         x.copy_(torch.where(commit, pred, x))
-        yield masked, commit, conf
+        yield (masked, commit, conf) + (top_to_host(logits, top, cfg.mask_token_id) if top else ())
 
 
 def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], stopped_at: list[int | None],

@@ -11,12 +11,12 @@ the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a 
 (presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
 of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
 
-`logprobs` (chat: `logprobs: true`; completions: `logprobs: k`) gives each returned token's log-probability:
-in `mask_diffusion` the one the denoiser gave it at the step that committed it, in `ar` / `mock_ar` the
-next-token one (untempered either way). The sampler keeps only the chosen token's probability, so for
-generated tokens the top 1 alone is known, and only when greedy. Completions' `echo` puts the prompt in
-front, its tokens scored by the context tower (one forward); with `max_tokens: 0` that is all, and any
-`logprobs` up to 20 come from the full distribution: what lm-eval's loglikelihood requests ask for.
+`logprobs` (chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`) gives each returned
+token's log-probability and the k most likely tokens at its position: in `mask_diffusion` under the
+denoiser's forward that committed it, in `ar` / `mock_ar` under the next-token distribution (untempered
+either way, so a sampled token need not be among them). Only those k ids and values come back from the
+device. Completions' `echo` puts the prompt in front, its tokens scored by the context tower (one forward);
+with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for.
 
 One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
 every other waiting one with the same sampler settings but max_tokens (and no seed of its own, when
@@ -251,11 +251,6 @@ class Engine:
         stream = bool(body.get("stream"))
         if (logprobs or echo) and stream:
             raise BadRequest("logprobs and echo are given for whole replies only: leave out 'stream'")
-        if top > 1 and not score_only:
-            raise BadRequest("runners-up are known for a scored prompt only (echo with max_tokens 0): the sampler "
-                             "keeps the chosen token's probability, so ask for at most 1")
-        if top == 1 and not score_only and settings.temperature > 0:
-            raise BadRequest("with sampling the chosen token need not be the most likely: the top 1 needs temperature 0")
         return Request(prompts, settings, stops, _number(body, "seed", int, None), stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
@@ -422,7 +417,8 @@ class Engine:
                     if alone:  # its prompt may continue a state the backend kept (`PrefixReuse`)
                         start_from(self.backend, new[0].ticket.req.prompts[0], new[0].ticket.req.history)
                     for job in new:
-                        job.add_rows(batch.add(job.ticket.req.prompts, job.ticket.req.settings.max_new_tokens))
+                        req = job.ticket.req
+                        job.add_rows(batch.add(req.prompts, req.settings.max_new_tokens, req.top_logprobs))
                         jobs.update(dict.fromkeys(job.rows, job))
                         live.append(job)
                     batch.admit()
@@ -485,6 +481,7 @@ class _Job:
         self.mine: set[int] = set()
         self.ids: dict[int, list[int]] = {}
         self.logprobs: dict[int, list[float]] = {}  # log p of each token at its commit
+        self.top: dict[int, list[list[tuple[int, float]]]] = {}  # and the most likely tokens there
         self.sent: dict[int, str] = {}
         self.done: dict[int, S.Generation] = {}
         self.cached = 0  # prompt ids the backend held already
@@ -523,6 +520,7 @@ class _Job:
                 self.ids.setdefault(ev.row, []).extend(ev.tokens)
                 self.logprobs.setdefault(ev.row, []).extend(math.log(c) if c > 0 else -math.inf
                                                             for c in ev.confidences)
+                self.top.setdefault(ev.row, []).extend(ev.top or [])
                 grown.append(ev.row)
             else:
                 self.done[ev.row] = ev.generation
@@ -558,9 +556,9 @@ class _Job:
         ids_out = [g.token_ids[:n] for g, n in zip(gens, used, strict=True)]
         lps: list[list[float | None]] = []
         tops: list[list] = []
-        if req.logprobs:  # greedy (top 1 asked): the chosen token is the most likely one
+        if req.logprobs:
             lps = [self.logprobs[r][:n] for r, n in zip(self.rows, used, strict=True)]
-            tops = [[[(tok, lp)] for tok, lp in zip(ids, lp_row, strict=True)] for ids, lp_row in zip(ids_out, lps, strict=True)]
+            tops = [self.top[r][:n] for r, n in zip(self.rows, used, strict=True)]
         if req.echo:  # the prompt in front, scored by the context tower when asked
             for j, prompt in enumerate(req.prompts):
                 texts[j] = engine.tokenizer.decode(prompt) + texts[j]
