@@ -18,7 +18,7 @@ from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotow
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
-from twotower_cli.serve import Engine, Piece, Result, make_server
+from twotower_cli.serve import Engine, Histogram, Piece, Result, make_server
 from twotower_cli.text import ChatTemplate, Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -431,6 +431,7 @@ def test_a_request_that_arrives_mid_batch_joins_it_at_the_next_block(folder, mod
         first = threading.Thread(target=ask, args=(0,))
         first.start()
         assert backend.entered.wait(30)  # the first request's first block is in the denoiser
+        assert engine.running == 1 and "twotower_running_requests 1\n" in engine.metrics()
         second = threading.Thread(target=ask, args=(1,))
         second.start()
         deadline = time.monotonic() + 30
@@ -704,8 +705,24 @@ def test_metrics_add_up_the_usage_of_the_answered_requests(folder, model):
     assert values["twotower_cached_prompt_tokens_total"] == sum(u["prompt_tokens_details"]["cached_tokens"]
                                                                 for u in usages)
     assert values["twotower_batches_total"] == 3 and values["twotower_waiting_requests"] == 0
+    assert values["twotower_running_requests"] == 0
     assert "# TYPE twotower_requests_total counter" in text and values["twotower_model_seconds_total"] > 0
+    # latency histograms: every answered request once (the scored one has no first token nor batch to join)
+    for name, count in (("request_seconds", 3), ("queue_seconds", 2), ("first_token_seconds", 2)):
+        assert f"# TYPE twotower_{name} histogram" in text
+        buckets = [v for k, v in values.items() if k.startswith(f"twotower_{name}_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == values[f'twotower_{name}_bucket{{le="+Inf"}}'] == count
+        assert values[f"twotower_{name}_count"] == count and values[f"twotower_{name}_sum"] >= 0
+    assert values["twotower_first_token_seconds_sum"] <= values["twotower_request_seconds_sum"]
 
+
+
+def test_histogram_counts_each_observation_under_its_bounds():
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 5.0):
+        h.observe(v)
+    assert h.lines("x") == ['x_bucket{le="0.1"} 2', 'x_bucket{le="1"} 3', 'x_bucket{le="+Inf"} 4', "x_sum 5.65",
+                            "x_count 4"]
 
 
 def test_n_choices_are_rows_of_one_batch(url, model, folder):

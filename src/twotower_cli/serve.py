@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over one loaded model (`twotower serve`), on the standard library's
 `http.server`.
 
-    GET  /health, /v1/models, /metrics (Prometheus text: requests, tokens, batches, waiting requests)
+    GET  /health, /v1/models, /metrics (Prometheus text: requests, tokens, batches, latency histograms, queue)
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
@@ -75,6 +75,36 @@ METRICS = {  # name: (Prometheus type, help)
     "joined_requests_total": ("counter", "Of those, requests that joined a batch already running."),
     "model_seconds_total": ("counter", "Seconds the model spent on batches."),
 }
+
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
+HISTOGRAMS = {  # name: help; seconds from the moment a request was queued
+    "queue_seconds": "Seconds a request waited before it joined a batch.",
+    "first_token_seconds": "Seconds until a request's first tokens were committed (its first block; ar: token).",
+    "request_seconds": "Seconds until a request was answered.",
+}
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative counts per upper bound, the sum and the count of the observations."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for bound, n in zip(self.buckets, self.counts, strict=True):
+            total += n
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {total}')
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:g}", f"{name}_count {self.count}"]
 
 
 class BadRequest(Exception):
@@ -179,6 +209,7 @@ class _Ticket:
     req: Request
     out: queue.Queue
     cancelled: threading.Event
+    queued: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def _batch_key(req: Request) -> tuple:
@@ -204,6 +235,8 @@ class Engine:
         self.template, self.variables = template, dict(variables or {})
         self.lock = threading.Lock()  # held by the model's thread while it samples a batch
         self.counts = dict.fromkeys(METRICS, 0)  # written by the model's thread only (`/metrics`)
+        self.latency = {name: Histogram() for name in HISTOGRAMS}  # likewise
+        self.running = 0  # requests in the batch the model runs now
         self.generator = torch.Generator().manual_seed(seed)
         self.created = int(time.time())
 
@@ -345,16 +378,23 @@ class Engine:
         c["prompt_tokens_total"] += result.prompt_tokens
         c["cached_prompt_tokens_total"] += result.cached_tokens
         c["completion_tokens_total"] += result.completion_tokens
+        self.latency["request_seconds"].observe(time.perf_counter() - ticket.queued)
         ticket.out.put(result)
 
     def metrics(self) -> str:
-        """The counters in Prometheus' text format, and the requests waiting now."""
+        """The counters and latency histograms in Prometheus' text format, and the requests waiting and
+        running now."""
         lines = []
         for name, (kind, text) in METRICS.items():
             lines += [f"# HELP twotower_{name} {text}", f"# TYPE twotower_{name} {kind}",
                       f"twotower_{name} {self.counts[name]:g}"]
+        for name, text in HISTOGRAMS.items():
+            lines += [f"# HELP twotower_{name} {text}", f"# TYPE twotower_{name} histogram",
+                      *self.latency[name].lines(f"twotower_{name}")]
         lines += ["# HELP twotower_waiting_requests Requests waiting for the model now.",
-                  "# TYPE twotower_waiting_requests gauge", f"twotower_waiting_requests {len(self.pending)}"]
+                  "# TYPE twotower_waiting_requests gauge", f"twotower_waiting_requests {len(self.pending)}",
+                  "# HELP twotower_running_requests Requests in the batch the model runs now.",
+                  "# TYPE twotower_running_requests gauge", f"twotower_running_requests {self.running}"]
         return "\n".join(lines) + "\n"
 
     def _take(self, key: tuple | None, room: int) -> list[_Ticket]:
@@ -412,24 +452,28 @@ class Engine:
             while tickets or len(batch):
                 if tickets:
                     new, tickets = [_Job(t, self) for t in tickets], []
+                    live += new  # from here on, an error is theirs too
                     alone = not len(batch) and len(new) == 1 and len(new[0].ticket.req.prompts) == 1
                     fed = self.backend.fed
                     if alone:  # its prompt may continue a state the backend kept (`PrefixReuse`)
                         start_from(self.backend, new[0].ticket.req.prompts[0], new[0].ticket.req.history)
                     for job in new:
+                        self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
                         req = job.ticket.req
                         job.add_rows(batch.add(req.prompts, req.settings.max_new_tokens, req.top_logprobs))
                         jobs.update(dict.fromkeys(job.rows, job))
-                        live.append(job)
                     batch.admit()
                     if alone:
                         fed_prompt = len(new[0].ticket.req.prompts[0]) - (first.settings.mode == "mock_ar")  # one behind
                         new[0].cached = max(fed_prompt - (self.backend.fed - fed), 0)
                 for job in live:
                     job.batch = max(job.batch, len(live))
+                self.running = len(live)
                 events = batch.step()
                 for job in live:
-                    job.take(events)
+                    if job.take(events) and job.first is None:
+                        job.first = time.perf_counter()
+                        self.latency["first_token_seconds"].observe(job.first - job.ticket.queued)
                 for job in [j for j in live if j.finished]:
                     live.remove(job)
                     self._answer(job.ticket, job.result())
@@ -444,6 +488,8 @@ class Engine:
                 job.ticket.out.put(e)
             for t in tickets:
                 t.out.put(e)
+        finally:
+            self.running = 0
 
     def _through_stop(self, ids: list[int], stops: list[str]) -> int:
         """The fewest of `ids` whose text holds one of `stops` (a longer prefix holds it too: binary search)."""
@@ -486,7 +532,8 @@ class _Job:
         self.done: dict[int, S.Generation] = {}
         self.cached = 0  # prompt ids the backend held already
         self.batch = 1  # the most requests sampled together while it ran
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()  # when it joined the batch
+        self.first: float | None = None  # when its first tokens were committed
         self._texts: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, text) when last decoded
 
     def add_rows(self, rows: list[int]) -> None:
@@ -510,8 +557,9 @@ class _Job:
             self._texts[row] = (len(ids), self.final_text(ids))
         return self._texts[row][1]
 
-    def take(self, events: list[RowBlock | RowDone]) -> None:
-        """Note a step's events for its rows; a streamed request gets a `Piece` of the text that became final."""
+    def take(self, events: list[RowBlock | RowDone]) -> bool:
+        """Note a step's events for its rows; a streamed request gets a `Piece` of the text that became final.
+        Whether any row got tokens."""
         grown = []
         for ev in events:
             if ev.row not in self.mine:
@@ -525,7 +573,7 @@ class _Job:
             else:
                 self.done[ev.row] = ev.generation
         if not self.ticket.req.stream or not grown:
-            return
+            return bool(grown)
         deltas = []
         for row in self.rows:
             delta = ""
@@ -543,6 +591,7 @@ class _Job:
             deltas.append(delta)
         if any(deltas):
             self.ticket.out.put(Piece(deltas))
+        return True
 
     def result(self) -> Result:
         req, engine = self.ticket.req, self.engine
