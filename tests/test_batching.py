@@ -183,3 +183,28 @@ def test_rows_get_the_top_tokens_they_ask_for(model, mode):
             assert top[0][1] == pytest.approx(math.log(conf), abs=1e-5)
     assert all(ev.top is None for ev in seen[1])
     assert [t for ev in seen[1] for t in ev.tokens] == alone(model, PROMPTS[1], cfg, 8, eos=[]).token_ids
+
+
+def test_run_in_order_keeps_width_rows_and_yields_in_prompt_order(model):
+    """Prompts ending at different lengths (their own end ids): at most `width` rows in the backend at any
+    forward, the next prompts taking the places of ended ones; results in prompt order, each as alone."""
+    from twotower_cli.batching import run_in_order
+
+    class Counting(TowerBackend):
+        def __init__(self, model):
+            super().__init__(model)
+            self.widths = []
+
+        def denoise(self, *args, **kw):
+            self.widths.append(self.cache.batch)
+            return super().denoise(*args, **kw)
+
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+    free = [alone(model, p, cfg, 12, eos=[]).token_ids for p in PROMPTS]
+    eos = [free[0][2], free[2][6]]  # two of them end early
+    backend = Counting(model)
+    got = list(run_in_order(Continuous(backend, cfg, eos), PROMPTS, width=3))
+    assert [i for i, _, _ in got] == list(range(len(PROMPTS)))
+    for (_, g, seconds), p in zip(got, PROMPTS, strict=True):
+        assert g.token_ids == alone(model, p, cfg, 12, eos).token_ids and seconds > 0
+    assert max(backend.widths) == 3 and backend.widths[0] == 3

@@ -176,7 +176,35 @@ def test_cli_prompt_file_in_batches(trained_like, tmp_path):
     kinds = ["result" if "event" not in o else o["batch"] for o in objs]
     assert kinds.index(1) > kinds.index("result") and kinds[-1] == "result"
     stats = invoke(*common[:-1], "--batch-size", "2", "--no-live").stderr
+    assert "continuous batching, ≤ 2 at a time" in stats
+    stats = invoke(*common[:-1], "--batch-size", "2", "--json", "--events").stderr
     assert "in 3 batches" in stats
+
+
+def test_cli_prompt_file_runs_with_continuous_batching(trained_like, backend, tmp_path):
+    """Without the live view a prompt file runs with continuous batching: with a stop id that ends sequences
+    early, the next prompts take their places; every result, in file order, is the sampler's on its prompt
+    alone, and `nfe` is its own."""
+    from twotower_cli.text import Tokenizer
+
+    tok = Tokenizer(trained_like)
+    lines = ["hello", "a b", "the quick brown fox", "x", "what now?", "more text here", "z z", "ok then"]
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(lines) + "\n")
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+    free = [S.run(backend, [tok.encode(x)], cfg).generations[0].token_ids for x in lines]
+    stop = max(set(free[0]), key=lambda t: sum(t in ids[:8] for ids in free))  # ends several of them early
+    eos = sorted(set(json.loads(invoke("hi", "--model", str(trained_like), "-n", "1", "--json").stdout)["settings"]["stop_ids"]))
+    r = invoke("--prompt-file", str(f), "--model", str(trained_like), "-n", "12", "--block", "4", "--threshold", "0.3",
+               "--stop", str(stop), "--batch-size", "3", "--json")
+    assert r.exit_code == 0, r.output
+    results = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [o["prompt"] for o in results] == lines
+    for o in results:
+        want = S.run(backend, [tok.encode(o["prompt"])], cfg, eos + [stop]).generations[0]
+        assert (o["token_ids"], o["finish_reason"], o["nfe"]) == (want.token_ids, want.finish_reason, want.nfe)
+    assert len({len(o["token_ids"]) for o in results}) >= 3  # sequences ended at different steps
+    assert "continuous batching, ≤ 3 at a time" in r.stderr
 
 
 

@@ -22,6 +22,8 @@ last block shorter than `block_size` is denoised in a forward of its own with th
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -226,3 +228,26 @@ class Continuous:
         else:
             self._logits = self._last = None
 
+
+
+def run_in_order(batch: Continuous, prompts: list[list[int]], width: int = 16) -> Iterator[tuple[int, S.Generation, float]]:
+    """Sample every prompt in the (empty) `batch`, at most `width` sequences at a time: when sequences end, the
+    next prompts take their places at the next step. Yields (index, its generation, seconds from its
+    admission to its end) in the prompts' order, each as soon as it and all before it are done."""
+    index_of: dict[int, int] = {}
+    started: dict[int, float] = {}
+    ready: dict[int, tuple[S.Generation, float]] = {}
+    queued, shown = 0, 0
+    while shown < len(prompts):
+        if len(batch) < width and queued < len(prompts):
+            take = list(range(queued, min(len(prompts), queued + width - len(batch))))
+            queued += len(take)
+            now = time.perf_counter()
+            for row, i in zip(batch.add([prompts[i] for i in take]), take, strict=True):
+                index_of[row], started[row] = i, now
+        for ev in batch.step():
+            if isinstance(ev, RowDone):
+                ready[index_of.pop(ev.row)] = (ev.generation, time.perf_counter() - started.pop(ev.row))
+        while shown in ready:
+            yield shown, *ready.pop(shown)
+            shown += 1

@@ -365,10 +365,12 @@ def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], stoppe
     # out[b, :stopped_at[b]]: the batch went on after `until` ended this one
     gens = [generation(p, out[b, :stopped_at[b]].tolist(), stops, stopped_at[b] is not None, nfe_per_seq[b])
             for b, p in enumerate(prompts)]
-    settings = {k: v for k, v in cfg.__dict__.items()}
-    settings["steps"] = cfg.steps_per_block
-    settings["stop_ids"] = sorted(stops)
-    return Finished(gens, nfe, time.perf_counter() - t0, cfg.mode, settings)
+    return Finished(gens, nfe, time.perf_counter() - t0, cfg.mode, settings_record(cfg, stops))
+
+
+def settings_record(cfg: SamplingConfig, stops: set[int]) -> dict:
+    """The settings a run used, as `Finished.settings` (and `--json`) report them."""
+    return {**cfg.__dict__, "steps": cfg.steps_per_block, "stop_ids": sorted(stops)}
 
 
 def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +56,7 @@ def generate(
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
     threads: O.Threads = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts sampled together (a prompt file is run in batches of this many; each batch's results are printed when it ends).")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts sampled together. Without the live view (--json, --no-live, not a terminal) with continuous batching: a prompt takes the place of one that ended, results in file order as soon as they are done; with it (or --events), in batches of this many.")] = 16,
     no_live: O.NoLive = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
     events: Annotated[bool, typer.Option("--events", help="With --json: stream every sampler event as a JSON line.")] = False,
@@ -97,28 +98,43 @@ def generate(
     decode = rt.tokenizer.decode
     nfe = n_new = seq_nfe = 0
     wall = 0.0
-    for first in range(0, len(prompts), batch_size):  # a batch's results are printed as soon as it finishes
+
+    def report(item, text, model_text, g: S.Generation, seconds: float, record: dict) -> None:
+        out = decode(g.token_ids)
+        if as_json:
+            print(json.dumps({
+                "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
+                "token_ids": g.token_ids, "finish_reason": g.finish_reason,
+                "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
+                "tokens_per_second": len(g.token_ids) / max(seconds, 1e-9),
+                "wall_seconds": seconds, "mode": mode, "settings": record, "model": str(rt.folder),
+            }), flush=True)
+        elif not live or not sys.stdout.isatty():
+            shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
+            out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+
+    continuous = len(prompts) > 1 and not live and not events
+    if continuous:  # sequences that end make room for the next prompts at once; results still in file order
+        from twotower_cli.batching import Continuous, run_in_order
+
+        record = S.settings_record(settings, S.stop_set(settings, rt.eos_ids))
+        t0 = time.perf_counter()
+        running = Continuous(rt.backend, settings, rt.eos_ids, gen)
+        for i, g, seconds in run_in_order(running, prompts, width=batch_size):
+            report(items[i], texts[i], model_texts[i], g, seconds, record)
+            n_new, seq_nfe = n_new + len(g.token_ids), seq_nfe + g.nfe
+        wall, nfe = time.perf_counter() - t0, running.nfe
+    for first in range(0, 0 if continuous else len(prompts), batch_size):  # each batch printed when it ends
         batch = slice(first, first + batch_size)
         stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
+
         def show(ev, index=first // batch_size):  # --events: every event as a JSON line, tagged with its batch
             print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
 
         finished = follow(stream, decode, texts[batch], settings, live, on_event=show if events else None)
         for item, text, model_text, g in zip(items[batch], texts[batch], model_texts[batch], finished.generations,
                                              strict=True):
-            out = decode(g.token_ids)
-            if as_json:
-                print(json.dumps({
-                    "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
-                    "token_ids": g.token_ids, "finish_reason": g.finish_reason,
-                    "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
-                    "tokens_per_second": len(g.token_ids) / max(finished.wall_seconds, 1e-9),
-                    "wall_seconds": finished.wall_seconds, "mode": mode, "settings": finished.settings,
-                    "model": str(rt.folder),
-                }), flush=True)
-            elif not live or not sys.stdout.isatty():
-                shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
-                out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+            report(item, text, model_text, g, finished.wall_seconds, finished.settings)
         nfe, n_new, wall = nfe + finished.nfe, n_new + finished.new_tokens, wall + finished.wall_seconds
         seq_nfe += sum(g.nfe for g in finished.generations)
     n_prompt = sum(len(p) for p in prompts)
@@ -131,6 +147,7 @@ def generate(
     batches = -(-len(prompts) // batch_size)
     err_console().print(
         f"[dim]prompt {n_prompt} tok · generated {n_new} tok · NFE {nfe}"
-        + (f" in {batches} batches" if batches > 1 else "")
+        + (f" in {batches} batches" if batches > 1 and not continuous else "")
+        + (f" · continuous batching, ≤ {batch_size} at a time" if continuous else "")
         + f" · {n_new / max(seq_nfe, 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
         f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]")
