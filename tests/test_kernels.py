@@ -942,6 +942,52 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
+    """Continuous batching on the kernel path: prompts of 150, 37 and 5 tokens read one at a time, their caches
+    stacked (left-padded: a masked SDPA, the state-update kernel over rows that never shared a prefill),
+    then a block extension, a denoiser block for all rows and for two of them (`batch=`), and, after the
+    middle row left (`keep_rows`), one more decode step: each row's logits against its own run alone."""
+    _need_kernels()
+    from tests.twotower_helpers import twotower_tensors
+
+    from twotower_cli.model.cache import TowerCache
+    from twotower_cli.model.loading import cast_
+    from twotower_cli.towers import TowerBackend, TwoTower
+
+    cfg = kernel_tower_config()
+    model = TwoTower(cfg)
+    model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=0, std=0.05), "random",
+                                           denoiser=build_tiny_model(cfg, seed=1, std=0.05)))
+    cast_(model.to(DEV).eval(), dtype)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, cfg.vocab_size, (1, n), generator=g).to(DEV) for n in (150, 37, 5)]
+    block = torch.randint(4, cfg.vocab_size, (3, 16), generator=g).to(DEV)
+    masks, t = torch.full((3, 16), 3, device=DEV), torch.tensor([0.3, 0.8, 0.5], device=DEV)
+    tol = 2e-3 if dtype == torch.float32 else 0.1
+
+    def close(got, want, what):
+        got, want = got.float().cpu(), want.float().cpu()
+        assert max_diff(got, want) <= tol * (1 + want.abs().max().item()), f"{what}: max diff {max_diff(got, want):.3e}"
+
+    with torch.no_grad(), kernels.force(kernels=strict_mode(), sdpa=True), fallbacks_fail():
+        alone = [TowerBackend(model) for _ in prompts]
+        for b, ids in zip(alone, prompts, strict=True):
+            b.reset(1)
+            b.extend(ids)
+        stacked = TowerBackend(model)
+        stacked.cache = TowerCache.stack([b.cache for b in alone])
+        close(stacked.extend(block), torch.cat([b.extend(block[i:i + 1]) for i, b in enumerate(alone)]), "extend")
+        close(stacked.denoise(masks, t), torch.cat([b.denoise(masks[i:i + 1], t[i:i + 1]) for i, b in enumerate(alone)]),
+              "denoise")
+        close(stacked.denoise(masks[:2], t[:2], batch=[2, 0]),
+              torch.cat([alone[2].denoise(masks[:1], t[:1]), alone[0].denoise(masks[1:2], t[1:2])]), "denoise rows")
+        stacked.keep_rows([0, 2])
+        step = block[:, :1]
+        close(stacked.extend(step[[0, 2]]), torch.cat([alone[0].extend(step[:1]), alone[2].extend(step[2:])]), "decode")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", SDPA_CASES)
 def test_gpu_sdpa_equals_explicit(case, dtype):
     """Nano's attention sizes (32 query heads on 2 key/value heads × 128): every way the towers call attention,
