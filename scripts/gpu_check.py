@@ -11,7 +11,8 @@
    are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
    4 steps per block of 16) shows 4 tok/NFE;
 4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path), for one prompt and for a batch of
-   8 (what `serve --max-batch` gains on a GPU); for one decode step and one
+   8 (what `serve --max-batch` gains on a GPU), and 24 requests of mixed lengths 8 at a time in fixed batches
+   vs continuous batching (what `serve` and `generate --prompt-file` do); for one decode step and one
    block denoise: host syncs (CUDA's sync debug mode), GPU activities (profiler), and eager vs CUDA-graph
    replay ms (what graphs could give; a capture failure names what is not capture-safe); `twotower chat`'s
    prompt phase with the context tower's state kept between turns vs read again;
@@ -46,6 +47,7 @@ from torch import nn
 
 from twotower_cli import layout
 from twotower_cli import sampler as S
+from twotower_cli.batching import Continuous, run_in_order
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import moe
 from twotower_cli.ops import kernels
@@ -249,6 +251,31 @@ def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.Sa
     return f"{', '.join(parts)} · identical replies {same}/{turns}"
 
 
+def mixed_lengths(backend: TowerBackend, prompts: list[list[int]], cfg: S.SamplingConfig, n_new: int,
+                  device: torch.device, width: int = 8) -> str:
+    """Requests of mixed lengths (n/8, n/2, n tokens in turn), `width` at a time, as `serve` gets them: fixed
+    batches, each running until its longest request is done (the short ones' rows riding along; their
+    tokens cut afterwards), vs continuous batching (`batching.run_in_order`: a request takes the place of
+    one that ended at the next block). Useful tokens per second, one run each."""
+    lengths = [(max(1, n_new // 8), max(1, n_new // 2), n_new)[i % 3] for i in range(len(prompts))]
+    useful = sum(lengths)
+    sync(device)
+    t0 = time.perf_counter()
+    for first in range(0, len(prompts), width):
+        longest = max(lengths[first:first + width])
+        S.run(backend, prompts[first:first + width], S.SamplingConfig(**{**cfg.__dict__, "max_new_tokens": longest}))
+    sync(device)
+    fixed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in run_in_order(Continuous(backend, cfg), prompts, width=width, max_new=lengths):
+        pass
+    sync(device)
+    cont = time.perf_counter() - t0
+    return (f"{len(prompts)} requests of {lengths[0]}/{lengths[1]}/{lengths[2]} tokens, {width} at a time "
+            f"(mask_diffusion thr 0.8): fixed batches {useful / fixed:.1f} tok/s ({fixed:.2f} s) → continuous "
+            f"batching {useful / cont:.1f} tok/s ({cont:.2f} s): {fixed / cont:.2f}×")
+
+
 def run_tests(timeout: float) -> None:
     """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished)."""
     cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "--no-header", "--durations=8", "-m", "gpu",
@@ -370,6 +397,7 @@ def main() -> None:
             n = fin.new_tokens
             per_seq = n / max(sum(g.nfe for g in fin.generations), 1)
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}")
+        print(mixed_lengths(backend, batch * 3, rows[1][1], n_new, device))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "

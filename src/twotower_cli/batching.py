@@ -230,10 +230,12 @@ class Continuous:
 
 
 
-def run_in_order(batch: Continuous, prompts: list[list[int]], width: int = 16) -> Iterator[tuple[int, S.Generation, float]]:
+def run_in_order(batch: Continuous, prompts: list[list[int]], width: int = 16,
+                 max_new: list[int] | None = None) -> Iterator[tuple[int, S.Generation, float]]:
     """Sample every prompt in the (empty) `batch`, at most `width` sequences at a time: when sequences end, the
     next prompts take their places at the next step. Yields (index, its generation, seconds from its
-    admission to its end) in the prompts' order, each as soon as it and all before it are done."""
+    admission to its end) in the prompts' order, each as soon as it and all before it are done. `max_new`:
+    each prompt's own max_new_tokens (default: the batch's)."""
     index_of: dict[int, int] = {}
     started: dict[int, float] = {}
     ready: dict[int, tuple[S.Generation, float]] = {}
@@ -243,7 +245,9 @@ def run_in_order(batch: Continuous, prompts: list[list[int]], width: int = 16) -
             take = list(range(queued, min(len(prompts), queued + width - len(batch))))
             queued += len(take)
             now = time.perf_counter()
-            for row, i in zip(batch.add([prompts[i] for i in take]), take, strict=True):
+            rows = (batch.add([prompts[i] for i in take]) if max_new is None else
+                    [row for i in take for row in batch.add([prompts[i]], max_new[i])])
+            for row, i in zip(rows, take, strict=True):
                 index_of[row], started[row] = i, now
         for ev in batch.step():
             if isinstance(ev, RowDone):
