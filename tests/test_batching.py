@@ -208,3 +208,14 @@ def test_run_in_order_keeps_width_rows_and_yields_in_prompt_order(model):
     for (_, g, seconds), p in zip(got, PROMPTS, strict=True):
         assert g.token_ids == alone(model, p, cfg, 12, eos).token_ids and seconds > 0
     assert max(backend.widths) == 3 and backend.widths[0] == 3
+
+
+def test_run_in_order_gives_each_prompt_its_own_max_new_tokens(model):
+    from twotower_cli.batching import run_in_order
+
+    cfg = S.SamplingConfig(mode="ar", max_new_tokens=12)
+    lengths = [3, 12, 7, 1, 9, 5]
+    got = list(run_in_order(Continuous(TowerBackend(model), cfg, []), PROMPTS, width=2, max_new=lengths))
+    assert [len(g.token_ids) for _, g, _ in got] == lengths
+    assert all(g.token_ids == alone(model, p, cfg, n, eos=[]).token_ids
+               for (_, g, _), p, n in zip(got, PROMPTS, lengths, strict=True))
