@@ -1,4 +1,5 @@
-"""Continuous batching: sequences join a running batch between blocks and leave it when they end (`serve`).
+"""Continuous batching: sequences join a running batch between blocks and leave it when they end (`serve`,
+and `generate` over a prompt file without the live view: `run_in_order`).
 
 `sampler.generate` runs a fixed batch from the first block to the last: a request that arrives meanwhile
 waits for the whole batch, and a sequence that has ended still takes its place in every forward. Block
@@ -18,6 +19,9 @@ Every sequence gets what `generate` gives it alone (the tests compare them), up 
 that another batch shape can make. Settings are shared but for `max_new_tokens`, which is per sequence: a
 last block shorter than `block_size` is denoised in a forward of its own with the rows that need that size
 (`denoise(..., batch=rows)`), as `generate` does with its short last block.
+
+Besides the sampler's `Backend` calls, the backend needs `join(ids, attention_mask)`, `keep_rows(rows)` and
+`denoise(..., batch=rows)`: `towers.TowerBackend` and `chat.PrefixReuse` have them.
 """
 
 from __future__ import annotations
@@ -105,14 +109,14 @@ class Continuous:
                 return self._block()
             return self._token()
 
-    # ------------------------------------------------------------------------------------------ internals
-
     def admit(self) -> None:
         """Read the waiting sequences' prompts into the batch now (`step` does it first anyway)."""
         if not self.waiting:
             return
         with torch.no_grad():
             self._admit()
+
+    # ------------------------------------------------------------------------------------------ internals
 
     def _admit(self) -> None:
         new, self.waiting = self.waiting, []
