@@ -219,3 +219,37 @@ def test_run_in_order_gives_each_prompt_its_own_max_new_tokens(model):
     assert [len(g.token_ids) for _, g, _ in got] == lengths
     assert all(g.token_ids == alone(model, p, cfg, n, eos=[]).token_ids
                for (_, g, _), p, n in zip(got, PROMPTS, lengths, strict=True))
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_a_joining_sequence_starts_from_a_kept_snapshot(model, mode):
+    """PrefixReuse.join_one: a sequence joining a running batch starts from the snapshot whose ids begin its
+    prompt, reads only the rest, keeps a new snapshot at its history, and gets its tokens alone."""
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=8)
+    reuse = PrefixReuse(TowerBackend(model), keep=4)
+    reuse.remember(PROMPTS[2][:5])  # an earlier turn's history
+    batch = Continuous(reuse, cfg, [])
+    batch.add([PROMPTS[0]])
+    batch.step()
+    history = PROMPTS[2][:7]
+    fed = reuse.fed
+    (row,) = batch.add([PROMPTS[2]], reuse=True, history=history)
+    batch.admit()
+    assert reuse.fed - fed == len(PROMPTS[2]) - 5 - (mode == "mock_ar")  # from the snapshot of 5 ids
+    assert [ids for ids, _ in reuse.snapshots] == [history]  # it replaced the earlier turn's
+    done = {}
+    while len(batch):
+        done.update({e.row: e.generation for e in batch.step() if isinstance(e, RowDone)})
+    assert done[row].token_ids == alone(model, PROMPTS[2], cfg, 8, eos=[]).token_ids
+    assert done[0].token_ids == alone(model, PROMPTS[0], cfg, 8, eos=[]).token_ids
+
+
+def test_join_one_that_fails_leaves_the_batch_as_it_was(model, monkeypatch):
+    reuse = PrefixReuse(TowerBackend(model))
+    reuse.reset(2)
+    reuse.extend(torch.tensor([PROMPTS[0][:3], PROMPTS[1] + [4]]))
+    before = reuse.inner.cache
+    monkeypatch.setattr(reuse.inner, "extend", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        reuse.join_one([5, 6, 7])
+    assert reuse.inner.cache is before and reuse.held is None

@@ -449,6 +449,46 @@ def test_a_request_that_arrives_mid_batch_joins_it_at_the_next_block(folder, mod
     assert engine.counts["batches_total"] == 2 - continuous and engine.counts["batched_requests_total"] == 2
 
 
+def test_a_conversation_that_joins_a_running_batch_starts_from_its_kept_state(folder, model):
+    """Client A's first turn alone; then, while client B's long request runs, A's second turn joins B's batch:
+    it starts from A's state kept at its first user message (`PrefixReuse.join_one`), reads only the rest,
+    and replies what a fresh run on the whole conversation replies."""
+    tok, template = Tokenizer(folder), ChatTemplate.load(folder)
+    lines = []
+    backend = Gated(model)
+    backend.gate.set()
+    engine = Engine(backend, tok, [2, 38], CFG, "tiny-test", template)
+    a = [{"role": "user", "content": "hello"}]
+    got = {}
+    with serving(engine, lines) as base:
+        first = json.loads(post(base, "/v1/chat/completions", {"messages": a, "max_tokens": 8})[1])
+        a += [first["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+        backend.gate.clear()
+        backend.entered.clear()
+
+        def ask(name, messages, n):
+            got[name] = json.loads(post(base, "/v1/chat/completions", {"messages": messages, "max_tokens": n})[1])
+
+        b = threading.Thread(target=ask, args=("b", [{"role": "user", "content": "who are you"}], 24))
+        b.start()
+        assert backend.entered.wait(30)
+        second = threading.Thread(target=ask, args=("a", a, 8))
+        second.start()
+        deadline = time.monotonic() + 30
+        while not engine.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        backend.gate.set()
+        b.join(60)
+        second.join(60)
+    history = tok.encode(template.render(a[:1], add_generation_prompt=False), add_special_tokens=False)
+    assert got["a"]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history) > 0
+    assert engine.counts["joined_requests_total"] == 1
+    for name, messages, n in (("a", a, 8), ("b", [{"role": "user", "content": "who are you"}], 24)):
+        want = S.run(TowerBackend(model), [tok.encode(template.render(messages), add_special_tokens=False)],
+                     replace_cfg(max_new_tokens=n), [2, 38]).generations[0]
+        assert got[name]["choices"][0]["message"]["content"] == tok.decode(want.token_ids), name
+
+
 def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):
     tok = Tokenizer(folder)
     lines = []

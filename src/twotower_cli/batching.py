@@ -58,6 +58,8 @@ class _Row:
     prompt: list[int]
     max_new: int
     top: int = 0  # most likely tokens wanted per position (`RowBlock.top`)
+    reuse: bool = False  # join through `backend.join_one` (a state kept for its prompt's start)
+    history: list[int] | None = None  # where `join_one` keeps a state for the prompt's next turn
     ids: list[int] = field(default_factory=list)
     nfe: int = 0
     stopped: bool = False  # `until` ended it
@@ -84,17 +86,22 @@ class Continuous:
         """Sequences not ended yet, waiting ones included."""
         return len(self.rows) + len(self.waiting)
 
-    def add(self, prompts: list[list[int]], max_new_tokens: int | None = None, top: int = 0) -> list[int]:
+    def add(self, prompts: list[list[int]], max_new_tokens: int | None = None, top: int = 0,
+            reuse: bool = False, history: list[int] | None = None) -> list[int]:
         """Queue sequences to join at the next step; their ids (for `RowBlock`, `RowDone` and `until`).
         `top`: each of their tokens comes with the `top` most likely ones at its position (`RowBlock.top`)
         under the distribution its confidence is from (mask_diffusion: the denoiser's forward that committed
-        it; ar, mock_ar: the next-token one)."""
+        it; ar, mock_ar: the next-token one). `reuse` (one prompt): if it joins a running batch, through
+        `backend.join_one(ids, history)`, which may start it from a kept state (`chat.PrefixReuse`); a
+        fresh batch reads its prompts through `reset` and `extend`, which may too."""
         n = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not prompts or any(len(p) == 0 for p in prompts):
             raise TwoTowerError("empty prompt", "give some text to continue")
         if n < 1:
             raise TwoTowerError(f"max-new-tokens {n} must be at least 1", "try 128")
-        rows = [_Row(self._next_id + i, list(p), n, top) for i, p in enumerate(prompts)]
+        if reuse and len(prompts) != 1:
+            raise ValueError("reuse is for one prompt at a time")
+        rows = [_Row(self._next_id + i, list(p), n, top, reuse, history) for i, p in enumerate(prompts)]
         self._next_id += len(rows)
         self.waiting += rows
         return [r.id for r in rows]
@@ -127,6 +134,8 @@ class Continuous:
         if fresh:
             self.backend.reset(len(new))
             logits = self.backend.extend(ids, attention_mask=mask) if ids.shape[1] else None
+        elif len(new) == 1 and new[0].reuse:
+            logits = self.backend.join_one(feed[0], new[0].history)
         else:
             logits = self.backend.join(ids, attention_mask=mask)
         self.rows += new

@@ -92,6 +92,31 @@ class PrefixReuse:
         self.held = None
         self.inner.keep_rows(rows)
 
+    def join_one(self, ids: list[int], history: list[int] | None = None) -> torch.Tensor | None:
+        """Add one sequence to the running batch, reading only what no snapshot holds: its state is built
+        aside as a request alone builds it (`start_from` with the batch's state out of the way, so from a
+        snapshot; a snapshot kept at `history`), then stacked under the batch's rows. Its next-token
+        logits [1, V] (None for no ids: mock_ar on a one-token prompt)."""
+        batch = self.inner.cache
+        self.held, self._pending = None, None
+        try:
+            if history is not None and len(history) < len(ids) and ids[:len(history)] == history:
+                self.remember(history)
+            if ids:
+                self.reset(1)
+                logits = self.extend(torch.tensor([ids], dtype=torch.long))
+            else:
+                self._fresh(1)
+                logits = None
+            aside = self.inner.cache
+        except BaseException:
+            self.inner.adopt(batch)
+            raise
+        finally:
+            self.held, self._pending = None, None
+        self.inner.adopt(TowerCache.stack([batch, aside]))
+        return logits
+
     def continues(self, ids: list[int]) -> bool:
         """Whether the live state is a start of `ids` (so feeding `ids` reads only what follows it)."""
         return bool(self.held) and len(self.held) < len(ids) and ids[:len(self.held)] == self.held

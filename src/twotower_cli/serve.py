@@ -25,11 +25,13 @@ send requests concurrently (evaluation harnesses do) share the forwards. The bat
 blocks (ar, mock_ar: tokens) a request that has come since, with the same key, joins it while there is room,
 and each request is answered as soon as its own rows end, which then leave the batch; `continuous=False`
 (`--no-continuous`) keeps a batch closed until all of it is done. Greedy replies do not depend on the batch
-(every row sees only its own tokens). A request of one prompt that starts an idle model's batch goes through
-one `chat.PrefixReuse` backend, so a client that sends its conversation again with a turn appended (every
-chat client does) pays for the new ids only; a larger batch reads its prompts afresh. The backend keeps a
-state copy for each of the last `conversations` conversations (`PrefixReuse(keep=...)`), so that holds
-across other clients' requests.
+(every row sees only its own tokens). Requests go through one `chat.PrefixReuse` backend, so a client that
+sends its conversation again with a turn appended (every chat client does) pays for the new ids only: a
+request of one prompt starts from the longest kept state its ids begin with, alone on an idle model from
+the live state or a copy, joining a running batch from a copy (`PrefixReuse.join_one`). The backend keeps
+a state copy at the last user message of each of the last `conversations` conversations
+(`PrefixReuse(keep=...)`), so that holds across other clients' requests. Several requests that start an
+idle model's batch together read their prompts afresh, in one padded prefill.
 
 `stream: true` answers with server-sent events as OpenAI does: a chunk each time text becomes final (per
 committed block; ar: per token), then one with the finish reason, then `data: [DONE]`. Text that could
@@ -453,19 +455,14 @@ class Engine:
                 if tickets:
                     new, tickets = [_Job(t, self) for t in tickets], []
                     live += new  # from here on, an error is theirs too
-                    alone = not len(batch) and len(new) == 1 and len(new[0].ticket.req.prompts) == 1
-                    fed = self.backend.fed
-                    if alone:  # its prompt may continue a state the backend kept (`PrefixReuse`)
-                        start_from(self.backend, new[0].ticket.req.prompts[0], new[0].ticket.req.history)
-                    for job in new:
-                        self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
-                        req = job.ticket.req
-                        job.add_rows(batch.add(req.prompts, req.settings.max_new_tokens, req.top_logprobs))
-                        jobs.update(dict.fromkeys(job.rows, job))
-                    batch.admit()
-                    if alone:
-                        fed_prompt = len(new[0].ticket.req.prompts[0]) - (first.settings.mode == "mock_ar")  # one behind
-                        new[0].cached = max(fed_prompt - (self.backend.fed - fed), 0)
+                    fresh = not len(batch)
+                    for job in new if not fresh or len(new) == 1 else []:  # one at a time, each its read counted
+                        self._admit(batch, job, fresh, jobs)
+                        fresh = False
+                    if fresh:  # several requests start an idle model's batch: one padded prefill, nothing reused
+                        for job in new:
+                            self._admit(batch, job, False, jobs, reuse=False)
+                        batch.admit()
                 for job in live:
                     job.batch = max(job.batch, len(live))
                 self.running = len(live)
@@ -490,6 +487,26 @@ class Engine:
                 t.out.put(e)
         finally:
             self.running = 0
+
+    def _admit(self, batch: Continuous, job: _Job, fresh: bool, jobs: dict, reuse: bool = True) -> None:
+        """Add `job`'s rows to `batch` (read now unless `reuse` is False: the caller admits a group). A request
+        of one prompt may start from a state the backend kept (`PrefixReuse`): alone in a fresh batch from the
+        live state or a snapshot (`start_from`), joining a running one from a snapshot (`join_one`); either
+        way a snapshot is kept at its history, and `job.cached` counts the prompt ids not read."""
+        req = job.ticket.req
+        self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
+        one = reuse and len(req.prompts) == 1
+        fed = self.backend.fed
+        if one and fresh:
+            start_from(self.backend, req.prompts[0], req.history)
+        job.add_rows(batch.add(req.prompts, req.settings.max_new_tokens, req.top_logprobs, reuse=one,
+                               history=req.history if one else None))
+        jobs.update(dict.fromkeys(job.rows, job))
+        if reuse:
+            batch.admit()
+        if one:
+            fed_prompt = len(req.prompts[0]) - (req.settings.mode == "mock_ar")  # its context runs one behind
+            job.cached = max(fed_prompt - (self.backend.fed - fed), 0)
 
     def _through_stop(self, ids: list[int], stops: list[str]) -> int:
         """The fewest of `ids` whose text holds one of `stops` (a longer prefix holds it too: binary search)."""

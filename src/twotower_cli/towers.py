@@ -459,6 +459,11 @@ class TowerBackend:
         self.cache = TowerCache.stack([held, self.cache])
         return logits
 
+    def adopt(self, cache: TowerCache) -> None:
+        """Continue from `cache` itself (not a copy, unlike `restore`): a batch put together elsewhere."""
+        self.cache = cache
+        self._denoiser_view = None
+
     def keep_rows(self, rows: list[int]) -> None:
         """Go on with these rows of the batch only, in this order."""
         assert self.cache is not None, "reset() first"
