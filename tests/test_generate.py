@@ -440,3 +440,24 @@ def test_cli_chat_prompt_file_with_conversations(trained_like, tmp_path):
     alone.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
     r = invoke("--prompt-file", str(alone), *common)
     assert r.exit_code == 1 and "'messages' must be" in r.stderr, r.output
+
+
+def test_cli_prompt_file_progress_on_a_terminal_leaves_the_results_on_stdout(trained_like, tmp_path, monkeypatch):
+    """--json to a file with a terminal on stderr: a progress bar there (prompts done, tok/s), every result
+    still a JSON line on stdout."""
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=100)
+    monkeypatch.setattr(display, "err_console", lambda: terminal)
+    f = tmp_path / "p.txt"
+    f.write_text("hello\nabc\nthe quick brown fox\n")
+    r = invoke("--prompt-file", str(f), "--model", str(trained_like), "-n", "6", "--block", "4", "--json",
+               "--batch-size", "2")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["prompt"] for x in r.stdout.splitlines()] == ["hello", "abc", "the quick brown fox"]
+    assert "generate" in screen.getvalue() and "3/3" in screen.getvalue() and "tok/s" in screen.getvalue()
