@@ -489,6 +489,79 @@ def test_a_conversation_that_joins_a_running_batch_starts_from_its_kept_state(fo
         assert got[name]["choices"][0]["message"]["content"] == tok.decode(want.token_ids), name
 
 
+def test_a_streamed_request_of_two_choices_joins_a_running_batch(folder, model):
+    """n = 2, streamed, joining a running batch: both rows join, each stream's chunks add up to the
+    sampler's reply alone."""
+    tok = Tokenizer(folder)
+    backend = Gated(model)
+    engine = Engine(backend, tok, [2, 38], CFG, "tiny-test")
+    got = {}
+
+    def ask(name, body):
+        got[name] = post(base, "/v1/completions", body)
+
+    with serving(engine) as base:
+        first = threading.Thread(target=ask, args=("long", {"prompt": "hello there", "max_tokens": 24}))
+        first.start()
+        assert backend.entered.wait(30)
+        second = threading.Thread(target=ask, args=("two", {"prompt": "abc", "max_tokens": 10, "n": 2, "stream": True}))
+        second.start()
+        while not engine.pending:
+            time.sleep(0.01)
+        backend.gate.set()
+        first.join(60)
+        second.join(60)
+    chunks = events(got["two"][1])[0]
+    texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == j) for j in range(2)]
+    want = tok.decode(reference(model, tok.encode("abc"), replace_cfg(max_new_tokens=10)).token_ids)
+    assert texts == [want, want] and engine.counts["joined_requests_total"] == 1
+    assert sum(1 for c in chunks if c["choices"][0]["index"] == 0 and c["choices"][0]["text"]) > 1  # block by block
+
+
+class FailsOnce(TowerBackend):
+    """Its `fail_at`-th denoiser forward raises, as an out-of-memory error would."""
+
+    def __init__(self, model, fail_at):
+        super().__init__(model)
+        self.calls, self.fail_at = 0, fail_at
+
+    def denoise(self, *args, **kw):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA out of memory (test)")
+        return super().denoise(*args, **kw)
+
+
+def test_an_error_in_a_running_batch_answers_its_requests_and_the_next_batch_starts_afresh(folder, model):
+    """A forward that fails mid-batch: every request in that batch (one streamed, one with two prompts) gets
+    the error (a 500, or an error event in the stream), is counted as failed, and the server goes on: the
+    next request's reply is the sampler's."""
+    tok = Tokenizer(folder)
+    engine = Engine(FailsOnce(model, fail_at=6), tok, [2, 38], CFG, "tiny-test")
+    bodies = [{"prompt": "hello there", "max_tokens": 12}, {"prompt": ["what now", "x"], "max_tokens": 12},
+              {"prompt": "abc", "max_tokens": 12, "stream": True}]
+    with serving(engine) as base:
+        got = [None] * 3
+
+        def ask(i):
+            got[i] = post(base, "/v1/completions", bodies[i])
+
+        with engine.lock:
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            while len(engine.pending) < 3:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(60)
+        after = json.loads(post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})[1])
+    assert [g[0] for g in got[:2]] == [500, 500] and all("CUDA out of memory (test)" in g[1] for g in got)
+    assert got[2][0] == 200 and "error" in got[2][1]  # the stream had begun: the error is its last event
+    assert engine.counts["failed_requests_total"] == 3 and engine.running == 0
+    want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=12))
+    assert after["choices"][0]["text"] == tok.decode(want.token_ids)
+
+
 def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):
     tok = Tokenizer(folder)
     lines = []
