@@ -253,3 +253,28 @@ def test_join_one_that_fails_leaves_the_batch_as_it_was(model, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         reuse.join_one([5, 6, 7])
     assert reuse.inner.cache is before and reuse.held is None
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
+def test_rows_with_their_own_settings_get_what_they_get_alone(model, mode):
+    """Rows of one batch with their own threshold, policy, steps and temperature (one row samples, joining
+    later): every greedy row gets its tokens alone with its settings, and the sampling row, the only one
+    that draws from the batch's generator, the tokens of its seed alone."""
+    base = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=12)
+    own = [base, S.SamplingConfig(**{**base.__dict__, "threshold": 0.9, "steps": 2}),
+           S.SamplingConfig(**{**base.__dict__, "policy": "factor", "factor": 2.0}),
+           S.SamplingConfig(**{**base.__dict__, "policy": "topk", "steps": 3}),
+           S.SamplingConfig(**{**base.__dict__, "temperature": 1.0, "top_p": 0.9, "steps": 2})]  # done first
+    batch = Continuous(TowerBackend(model), base, [], torch.Generator().manual_seed(5))
+    rows = [batch.add([p], settings=c)[0] for p, c in zip(PROMPTS[:4], own[:4], strict=True)]
+    done = {}
+    done.update({e.row: e.generation for e in batch.step() if isinstance(e, RowDone)})
+    rows.append(batch.add([PROMPTS[4]], settings=own[4])[0])
+    while len(batch):
+        done.update({e.row: e.generation for e in batch.step() if isinstance(e, RowDone)})
+    for row, p, c in zip(rows, PROMPTS[:5], own, strict=True):
+        gen = torch.Generator().manual_seed(5) if c.temperature else None
+        want = S.run(TowerBackend(model), [p], c, [], gen).generations[0]
+        assert done[row].token_ids == want.token_ids and done[row].nfe == want.nfe, (mode, c)
+    with pytest.raises(ValueError, match="share block_size"):
+        batch.add([PROMPTS[0]], settings=S.SamplingConfig(**{**base.__dict__, "block_size": 8}))

@@ -374,9 +374,9 @@ def ask_all_while_busy(engine, base, bodies):
 
 
 def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
-    """Requests queued while the model is busy: those with the same settings run as one batch (streamed or
-    not, with their own stop strings and max_tokens, one with two prompts), the others on their own; every
-    reply is the sampler's on its prompt alone."""
+    """Requests queued while the model is busy: those with the same mode and block run as one batch (streamed
+    or not, with their own stop strings, max_tokens, threshold and steps, one with two prompts), the other on
+    its own; every reply is the sampler's on its prompt alone with its settings."""
     tok = Tokenizer(folder)
     lines = []
     engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
@@ -386,17 +386,20 @@ def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
               {"prompt": "abc", "max_tokens": 12, "stop": [stop], "stream": True},
               {"prompt": ["what now", "x"], "max_tokens": 12},
               {"prompt": "tell me more", "max_tokens": 7, "stream": True},
-              {"prompt": "hello there", "max_tokens": 12, "threshold": 0.5}]  # other settings: a batch of its own
+              {"prompt": "hello there", "max_tokens": 12, "threshold": 0.9, "steps": 2},  # its own, in the batch
+              {"prompt": "hello there", "max_tokens": 12, "mode": "ar"}]  # another mode: a batch of its own
     with serving(engine, lines) as base:
         got = ask_all_while_busy(engine, base, bodies)
-    want = [[tok.decode(reference(model, tok.encode(p), replace_cfg(max_new_tokens=b["max_tokens"],
-                                                                    threshold=b.get("threshold", CFG.threshold))).token_ids)
-             for p in ([b["prompt"]] if isinstance(b["prompt"], str) else b["prompt"])] for b in bodies]
+    want = [[tok.decode(reference(model, tok.encode(p), replace_cfg(
+        max_new_tokens=b["max_tokens"], threshold=b.get("threshold", CFG.threshold), steps=b.get("steps"),
+        mode=b.get("mode", CFG.mode))).token_ids) for p in ([b["prompt"]] if isinstance(b["prompt"], str) else b["prompt"])]
+        for b in bodies]
     want[1] = [want[1][0][:want[1][0].find(stop)]]
     assert got == want
+    assert want[4] != want[0]  # its own threshold and steps made a difference
     reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt")]
-    batched = [ln for ln in reports if ln.endswith("· batch of 4 requests")]
-    assert len(batched) == 4 and len(reports) == 5, reports
+    batched = [ln for ln in reports if ln.endswith("· batch of 5 requests")]
+    assert len(batched) == 5 and len(reports) == 6, reports
     assert all("(0 cached)" in ln for ln in batched), batched  # a batch reads its prompts afresh
 
 

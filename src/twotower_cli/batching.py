@@ -52,11 +52,20 @@ class RowDone:
     generation: S.Generation
 
 
+SHARED = ("mode", "block_size", "mask_token_id", "pad_token_id", "stop_ids")  # settings every row of a batch has
+
+
+def _own(c: S.SamplingConfig) -> tuple:
+    """The settings a row may have of its own: how it draws and how many tokens a step commits."""
+    return (c.temperature, c.top_k, c.top_p, c.threshold, c.policy, c.factor, c.steps_per_block)
+
+
 @dataclass(eq=False)
 class _Row:
     id: int
     prompt: list[int]
     max_new: int
+    cfg: S.SamplingConfig
     top: int = 0  # most likely tokens wanted per position (`RowBlock.top`)
     reuse: bool = False  # join through `backend.join_one` (a state kept for its prompt's start)
     history: list[int] | None = None  # where `join_one` keeps a state for the prompt's next turn
@@ -87,21 +96,28 @@ class Continuous:
         return len(self.rows) + len(self.waiting)
 
     def add(self, prompts: list[list[int]], max_new_tokens: int | None = None, top: int = 0,
-            reuse: bool = False, history: list[int] | None = None) -> list[int]:
+            reuse: bool = False, history: list[int] | None = None,
+            settings: S.SamplingConfig | None = None) -> list[int]:
         """Queue sequences to join at the next step; their ids (for `RowBlock`, `RowDone` and `until`).
         `top`: each of their tokens comes with the `top` most likely ones at its position (`RowBlock.top`)
         under the distribution its confidence is from (mask_diffusion: the denoiser's forward that committed
         it; ar, mock_ar: the next-token one). `reuse` (one prompt): if it joins a running batch, through
         `backend.join_one(ids, history)`, which may start it from a kept state (`chat.PrefixReuse`); a
-        fresh batch reads its prompts through `reset` and `extend`, which may too."""
-        n = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        fresh batch reads its prompts through `reset` and `extend`, which may too. `settings`: their own
+        temperature, top_k, top_p, threshold, policy, factor and steps (the rest as the batch's)."""
+        cfg = self.cfg if settings is None else settings
+        bad = [k for k in SHARED if getattr(cfg, k) != getattr(self.cfg, k)]
+        if bad:
+            raise ValueError(f"a batch's rows share {', '.join(bad)}")
+        cfg.validate(self.backend.vocab_size)
+        n = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not prompts or any(len(p) == 0 for p in prompts):
             raise TwoTowerError("empty prompt", "give some text to continue")
         if n < 1:
             raise TwoTowerError(f"max-new-tokens {n} must be at least 1", "try 128")
         if reuse and len(prompts) != 1:
             raise ValueError("reuse is for one prompt at a time")
-        rows = [_Row(self._next_id + i, list(p), n, top, reuse, history) for i, p in enumerate(prompts)]
+        rows = [_Row(self._next_id + i, list(p), n, cfg, top, reuse, history) for i, p in enumerate(prompts)]
         self._next_id += len(rows)
         self.waiting += rows
         return [r.id for r in rows]
@@ -157,12 +173,15 @@ class Continuous:
             index = [j for j, n in enumerate(sizes) if n == size]
             whole = len(index) == len(self.rows)
             top = max(self.rows[j].top for j in index)
+            own = [self.rows[j].cfg for j in index]
+            shared = all(_own(c) == _own(cfg) for c in own)
+            steps = max(min(c.steps_per_block, size) for c in own)
             x = torch.full((len(index), size), cfg.mask_token_id, dtype=torch.long)
             conf_at_commit = torch.zeros(len(index), size)
             top_ids = torch.zeros(len(index), size, top, dtype=torch.long)
             top_lps = torch.zeros(len(index), size, top)
-            steps = min(cfg.steps_per_block, size)
             for masked, commit, conf, *alts in S.fill_block(self.backend, x, steps, cfg, self.generator, top,
+                                                            None if shared else own,
                                                             **({} if whole else {"batch": index})):
                 self.nfe += 1
                 for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
@@ -188,7 +207,11 @@ class Continuous:
             self.nfe += 1
             for r in self.rows:
                 r.nfe += 1
-        pred, conf = S.predict_to_host(self._logits, self.cfg, self.generator, exclude=None)
+        if all(_own(r.cfg) == _own(self.cfg) for r in self.rows):
+            pred, conf = S.predict_to_host(self._logits, self.cfg, self.generator, exclude=None)
+        else:
+            pred, conf = S.predict_rows(self._logits, [r.cfg for r in self.rows], self.generator, None,
+                                        torch.ones(len(self.rows), dtype=torch.bool))
         top = max(r.top for r in self.rows)
         top_ids, top_lps = (S.top_to_host(self._logits, top, exclude=None) if top else
                             (torch.zeros(len(self.rows), 0, dtype=torch.long), torch.zeros(len(self.rows), 0)))

@@ -243,6 +243,33 @@ def predict_to_host(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.
     return pred.cpu(), conf.cpu()
 
 
+def groups(cfgs: list[SamplingConfig], key: Callable[[SamplingConfig], tuple]) -> list[tuple[SamplingConfig, list[int]]]:
+    """Rows grouped by `key` of their settings, in order of first appearance: (one row's settings, rows)."""
+    out: dict[tuple, tuple[SamplingConfig, list[int]]] = {}
+    for b, c in enumerate(cfgs):
+        out.setdefault(key(c), (c, []))[1].append(b)
+    return list(out.values())
+
+
+def _draws(c: SamplingConfig) -> tuple:
+    return (c.temperature, c.top_k, c.top_p)
+
+
+def predict_rows(logits: torch.Tensor, cfgs: list[SamplingConfig], generator: torch.Generator | None,
+                 exclude: int | None, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`predict_to_host` where each row has its own settings (temperature, top_k, top_p), for the rows in
+    `rows` (bool [B]) only (the others: id 0, confidence 0): one call per group of rows that share their
+    settings, so a row draws its noise as it would alone when no other sampling row shares the generator."""
+    pred = torch.zeros(logits.shape[:-1], dtype=torch.long)
+    conf = torch.zeros(logits.shape[:-1])
+    for c, index in groups(cfgs, _draws):
+        index = [b for b in index if rows[b]]
+        if index:
+            at = torch.tensor(index)
+            pred[at], conf[at] = predict_to_host(logits[at.to(logits.device)], c, generator, exclude)
+    return pred, conf
+
+
 def top_to_host(logits: torch.Tensor, k: int, exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely ids and their log-probabilities [..., k] per position of logits [..., V], under the
     same untempered distribution as `predict`'s confidence (`exclude` never counts), on the CPU: only those
@@ -342,19 +369,34 @@ def generation(prompt: list[int], ids: list[int], stops: set[int], stopped: bool
 
 
 def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfig,
-               generator: torch.Generator | None, top: int = 0, **denoise) -> Iterator[tuple]:
+               generator: torch.Generator | None, top: int = 0, row_cfgs: list[SamplingConfig] | None = None,
+               **denoise) -> Iterator[tuple]:
     """Unmask the block `x` [B, S] (mask ids) in place over at most `steps` denoiser forwards (spec §7);
     after each yields (the masked slots it started from, those it committed, the confidences) [B, S] each,
     and with `top` > 0 the `top_to_host` ids and log-probabilities [B, S, top] of that forward.
+    `row_cfgs`: each row's own settings (temperature, top_k, top_p; threshold, policy, factor; steps, at
+    most `steps`), where `cfg` is only the mask id; a row whose block is filled draws nothing more.
     `denoise`: passed on to `backend.denoise`."""
+    size = x.shape[1]
+
+    def commit_key(c: SamplingConfig) -> tuple:
+        return c.threshold, c.policy, c.factor, min(c.steps_per_block, size)
+
     for s in range(steps):
         masked = x == cfg.mask_token_id
         if not bool(masked.any()):
             return
         t = masked.float().mean(dim=-1)
         logits = backend.denoise(x, t, rows=masked, **denoise).float()
-        pred, conf = predict_to_host(logits, cfg, generator, exclude=cfg.mask_token_id)
-        k = commit_counts(conf, masked, s, steps, cfg)
+        if row_cfgs is None:
+            pred, conf = predict_to_host(logits, cfg, generator, exclude=cfg.mask_token_id)
+            k = commit_counts(conf, masked, s, steps, cfg)
+        else:
+            pred, conf = predict_rows(logits, row_cfgs, generator, cfg.mask_token_id, masked.any(dim=-1))
+            k = torch.zeros(x.shape[0], dtype=torch.long)
+            for c, index in groups(row_cfgs, commit_key):
+                at = torch.tensor(index)
+                k[at] = commit_counts(conf[at], masked[at], s, commit_key(c)[3], c)
         commit = select_commits(conf, masked, k)
         x.copy_(torch.where(commit, pred, x))
         yield (masked, commit, conf) + (top_to_host(logits, top, cfg.mask_token_id) if top else ())

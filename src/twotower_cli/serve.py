@@ -19,8 +19,9 @@ device. Completions' `echo` puts the prompt in front, its tokens scored by the c
 with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for.
 
 One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
-every other waiting one with the same sampler settings but max_tokens (and no seed of its own, when
-sampling), up to `--max-batch` prompts, and samples them as one batch (`batching.Continuous`): clients that
+every other waiting one with the same mode, block size and stop ids (and no seed of its own, when
+sampling), up to `--max-batch` prompts, and samples them as one batch (`batching.Continuous`; each row
+keeps its own max_tokens, temperature, top_p, top_k, threshold, policy, factor and steps): clients that
 send requests concurrently (evaluation harnesses do) share the forwards. The batch is continuous: between
 blocks (ar, mock_ar: tokens) a request that has come since, with the same key, joins it while there is room,
 and each request is answered as soon as its own rows end, which then leave the batch; `continuous=False`
@@ -57,7 +58,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from twotower_cli import sampler as S
-from twotower_cli.batching import Continuous, RowBlock, RowDone
+from twotower_cli.batching import SHARED, Continuous, RowBlock, RowDone
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.text import ChatTemplate, Tokenizer
@@ -215,11 +216,13 @@ class _Ticket:
 
 
 def _batch_key(req: Request) -> tuple:
-    """Requests with equal keys can be sampled as one batch: the same sampler settings, and no seed of their
-    own (a seeded sampling request gets a batch of its own, so that its seed reproduces it)."""
+    """Requests with equal keys can be sampled as one batch: the settings a batch's rows share (mode, block
+    size, mask and stop ids; each row has its own max_tokens, temperature, top_p, top_k, threshold, policy,
+    factor and steps), and no seed of their own (a seeded sampling request gets a batch of its own, so that
+    its seed reproduces it)."""
     own_seed = req.settings.temperature > 0 and req.seed is not None
-    shared = replace(req.settings, max_new_tokens=0)  # each sequence of a batch has its own
-    return (dataclasses.astuple(shared), id(req) if own_seed else None, req.score_only)
+    shared = tuple(getattr(req.settings, k) for k in SHARED)
+    return (shared, id(req) if own_seed else None, req.score_only)
 
 
 class Engine:
@@ -500,7 +503,7 @@ class Engine:
         if one and fresh:
             start_from(self.backend, req.prompts[0], req.history)
         job.add_rows(batch.add(req.prompts, req.settings.max_new_tokens, req.top_logprobs, reuse=one,
-                               history=req.history if one else None))
+                               history=req.history if one else None, settings=req.settings))
         jobs.update(dict.fromkeys(job.rows, job))
         if reuse:
             batch.admit()

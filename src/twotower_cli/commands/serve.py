@@ -13,7 +13,7 @@ from twotower_cli.commands import options as O
 @app.command(help="Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, "
              "/v1/models.\n\nThe options are the defaults of every request; a request's own fields (max_tokens, "
              "temperature, top_p, stop, seed, stream, and block_size, steps, threshold, mode) override them. "
-             "Requests with the same settings are sampled as one batch (--max-batch); one that comes while a batch "
+             "Requests with the same mode and block are sampled as one batch (--max-batch); one that comes while a batch "
              "runs joins it at its next block (continuous batching).")
 @guarded
 def serve(
@@ -42,7 +42,7 @@ def serve(
     threads: O.Threads = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests that wait for the model with the same settings share a batch (1: one request at a time).")] = 16,
+    max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests with the same mode and block share a batch (1: one request at a time).")] = 16,
     continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Let a request join a running batch between its blocks (ar, mock_ar: tokens), and finished ones leave it; --no-continuous: a request that comes while a batch runs waits for all of it.")] = True,
 ) -> None:
     from rich.markup import escape
