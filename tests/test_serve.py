@@ -360,17 +360,23 @@ def ask_all_while_busy(engine, base, bodies):
         else:
             got[i] = [c["text"] for c in json.loads(text)["choices"]]
 
+    all_while_busy(engine, [lambda i=i: ask(i) for i in range(len(bodies))])
+    return got
+
+
+def all_while_busy(engine, calls):
+    """Start every call in a thread while the model is busy (the test holds its lock), let it go once each has
+    queued its request; wait for all."""
     with engine.lock:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        threads = [threading.Thread(target=call) for call in calls]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while len(engine.pending) < len(bodies) and time.monotonic() < deadline:
+        while len(engine.pending) < len(calls) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(engine.pending) == len(bodies)
+        assert len(engine.pending) == len(calls)
     for t in threads:
         t.join(60)
-    return got
 
 
 def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
@@ -416,6 +422,25 @@ class Gated(TowerBackend):
         return super().denoise(*args, **kw)
 
 
+def second_comes_while_first_runs(engine, backend, first, second, meanwhile=lambda: None):
+    """Call `first` in a thread; once its first block is in the `Gated` denoiser (then `meanwhile()`), call
+    `second` in another; once that one waits for the model, let the denoiser go on; wait for both."""
+    backend.gate.clear()
+    backend.entered.clear()
+    threads = [threading.Thread(target=first)]
+    threads[0].start()
+    assert backend.entered.wait(30)
+    meanwhile()
+    threads.append(threading.Thread(target=second))
+    threads[1].start()
+    deadline = time.monotonic() + 30
+    while not engine.pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    backend.gate.set()
+    for t in threads:
+        t.join(60)
+
+
 @pytest.mark.parametrize("continuous", [True, False])
 def test_a_request_that_arrives_mid_batch_joins_it_at_the_next_block(folder, model, continuous):
     """A request that comes while a batch runs joins it at its next block (continuous batching), or waits for
@@ -430,19 +455,11 @@ def test_a_request_that_arrives_mid_batch_joins_it_at_the_next_block(folder, mod
     def ask(i):
         got[i] = json.loads(post(base, "/v1/completions", bodies[i])[1])["choices"][0]["text"]
 
-    with serving(engine, lines) as base:
-        first = threading.Thread(target=ask, args=(0,))
-        first.start()
-        assert backend.entered.wait(30)  # the first request's first block is in the denoiser
+    def running():
         assert engine.running == 1 and "twotower_running_requests 1\n" in engine.metrics()
-        second = threading.Thread(target=ask, args=(1,))
-        second.start()
-        deadline = time.monotonic() + 30
-        while not engine.pending and time.monotonic() < deadline:
-            time.sleep(0.01)
-        backend.gate.set()
-        first.join(60)
-        second.join(60)
+
+    with serving(engine, lines) as base:
+        second_comes_while_first_runs(engine, backend, lambda: ask(0), lambda: ask(1), running)
     want = [tok.decode(reference(model, tok.encode(b["prompt"]), replace_cfg(max_new_tokens=b["max_tokens"])).token_ids)
             for b in bodies]
     assert got == want
@@ -466,23 +483,12 @@ def test_a_conversation_that_joins_a_running_batch_starts_from_its_kept_state(fo
     with serving(engine, lines) as base:
         first = json.loads(post(base, "/v1/chat/completions", {"messages": a, "max_tokens": 8})[1])
         a += [first["choices"][0]["message"], {"role": "user", "content": "and then?"}]
-        backend.gate.clear()
-        backend.entered.clear()
 
         def ask(name, messages, n):
             got[name] = json.loads(post(base, "/v1/chat/completions", {"messages": messages, "max_tokens": n})[1])
 
-        b = threading.Thread(target=ask, args=("b", [{"role": "user", "content": "who are you"}], 24))
-        b.start()
-        assert backend.entered.wait(30)
-        second = threading.Thread(target=ask, args=("a", a, 8))
-        second.start()
-        deadline = time.monotonic() + 30
-        while not engine.pending and time.monotonic() < deadline:
-            time.sleep(0.01)
-        backend.gate.set()
-        b.join(60)
-        second.join(60)
+        second_comes_while_first_runs(engine, backend, lambda: ask("b", [{"role": "user", "content": "who are you"}], 24),
+                                      lambda: ask("a", a, 8))
     history = tok.encode(template.render(a[:1], add_generation_prompt=False), add_special_tokens=False)
     assert got["a"]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history) > 0
     assert engine.counts["joined_requests_total"] == 1
@@ -504,16 +510,8 @@ def test_a_streamed_request_of_two_choices_joins_a_running_batch(folder, model):
         got[name] = post(base, "/v1/completions", body)
 
     with serving(engine) as base:
-        first = threading.Thread(target=ask, args=("long", {"prompt": "hello there", "max_tokens": 24}))
-        first.start()
-        assert backend.entered.wait(30)
-        second = threading.Thread(target=ask, args=("two", {"prompt": "abc", "max_tokens": 10, "n": 2, "stream": True}))
-        second.start()
-        while not engine.pending:
-            time.sleep(0.01)
-        backend.gate.set()
-        first.join(60)
-        second.join(60)
+        second_comes_while_first_runs(engine, backend, lambda: ask("long", {"prompt": "hello there", "max_tokens": 24}),
+                                      lambda: ask("two", {"prompt": "abc", "max_tokens": 10, "n": 2, "stream": True}))
     chunks = events(got["two"][1])[0]
     texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == j) for j in range(2)]
     want = tok.decode(reference(model, tok.encode("abc"), replace_cfg(max_new_tokens=10)).token_ids)
@@ -549,14 +547,7 @@ def test_an_error_in_a_running_batch_answers_its_requests_and_the_next_batch_sta
         def ask(i):
             got[i] = post(base, "/v1/completions", bodies[i])
 
-        with engine.lock:
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-            for t in threads:
-                t.start()
-            while len(engine.pending) < 3:
-                time.sleep(0.01)
-        for t in threads:
-            t.join(60)
+        all_while_busy(engine, [lambda i=i: ask(i) for i in range(3)])
         after = json.loads(post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})[1])
     assert [g[0] for g in got[:2]] == [500, 500] and all("CUDA out of memory (test)" in g[1] for g in got)
     assert got[2][0] == 200 and "error" in got[2][1]  # the stream had begun: the error is its last event
@@ -598,14 +589,7 @@ def test_a_reader_that_leaves_does_not_disturb_its_batch(folder, model):
     def stay():
         out["stayed"] = list(engine.run(reqs[1]))
 
-    with engine.lock:
-        threads = [threading.Thread(target=leave), threading.Thread(target=stay)]
-        for t in threads:
-            t.start()
-        while len(engine.pending) < 2:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(60)
+    all_while_busy(engine, [leave, stay])
     result = out["stayed"][-1]
     assert isinstance(out["left"], Piece) and isinstance(result, Result) and result.batch == 2
     want = reference(model, tok.encode("abc"), replace_cfg(max_new_tokens=40))
