@@ -331,9 +331,9 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     monkeypatch.setattr(twotower_cli.serve, "make_server", fake_make_server)
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder)])
     assert r.exit_code == 0 and "Warning" not in r.stderr and "block 4)" in r.stderr, r.output
-    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8"])
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8", "--no-continuous"])
     assert r.exit_code == 0 and "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
-    assert [e.defaults.block_size for e in engines] == [4, 8]
+    assert [e.defaults.block_size for e in engines] == [4, 8] and [e.continuous for e in engines] == [True, False]
     # beyond the loopback, without an API key: a warning; with one, the start line says it is required
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "Warning: listening on 0.0.0.0 without an API key" in r.stderr, r.output
