@@ -519,6 +519,30 @@ def test_a_streamed_request_of_two_choices_joins_a_running_batch(folder, model):
     assert sum(1 for c in chunks if c["choices"][0]["index"] == 0 and c["choices"][0]["text"]) > 1  # block by block
 
 
+def test_chat_turns_that_come_together_each_keep_and_find_their_state(folder, model):
+    """Two clients' first turns queued together, then their second turns together: each first turn keeps a
+    state at its user message although they share a batch, and each second turn starts from its own."""
+    tok, template = Tokenizer(folder), ChatTemplate.load(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test", template)
+    talks = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "who are you"}]]
+    got = [None, None]
+
+    def ask(i):
+        got[i] = json.loads(post(base, "/v1/chat/completions", {"messages": talks[i], "max_tokens": 8})[1])
+
+    with serving(engine) as base:
+        all_while_busy(engine, [lambda: ask(0), lambda: ask(1)])
+        for i in range(2):
+            talks[i] += [got[i]["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+        all_while_busy(engine, [lambda: ask(0), lambda: ask(1)])
+    for i in range(2):
+        history = tok.encode(template.render(talks[i][:1], add_generation_prompt=False), add_special_tokens=False)
+        assert got[i]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history) > 0
+        want = S.run(TowerBackend(model), [tok.encode(template.render(talks[i]), add_special_tokens=False)],
+                     replace_cfg(max_new_tokens=8), [2, 38]).generations[0]
+        assert got[i]["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
+
+
 class FailsOnce(TowerBackend):
     """Its `fail_at`-th denoiser forward raises, as an out-of-memory error would."""
 

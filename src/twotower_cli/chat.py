@@ -117,6 +117,10 @@ class PrefixReuse:
         self.inner.adopt(TowerCache.stack([batch, aside]))
         return logits
 
+    def kept(self, ids: list[int]) -> int:
+        """The length of the longest snapshot whose ids begin `ids` (and are fewer), 0 if none."""
+        return max((len(k) for k, _ in self.snapshots if 0 < len(k) < len(ids) and ids[:len(k)] == k), default=0)
+
     def continues(self, ids: list[int]) -> bool:
         """Whether the live state is a start of `ids` (so feeding `ids` reads only what follows it)."""
         return bool(self.held) and len(self.held) < len(ids) and ids[:len(self.held)] == self.held

@@ -31,8 +31,8 @@ sends its conversation again with a turn appended (every chat client does) pays 
 request of one prompt starts from the longest kept state its ids begin with, alone on an idle model from
 the live state or a copy, joining a running batch from a copy (`PrefixReuse.join_one`). The backend keeps
 a state copy at the last user message of each of the last `conversations` conversations
-(`PrefixReuse(keep=...)`), so that holds across other clients' requests. Several requests that start an
-idle model's batch together read their prompts afresh, in one padded prefill.
+(`PrefixReuse(keep=...)`), so that holds across other clients' requests. Requests that neither keep nor find
+a state join together, in one padded prefill.
 
 `stream: true` answers with server-sent events as OpenAI does: a chunk each time text becomes final (per
 committed block; ar: per token), then one with the finish reason, then `data: [DONE]`. Text that could
@@ -459,13 +459,18 @@ class Engine:
                     new, tickets = [_Job(t, self) for t in tickets], []
                     live += new  # from here on, an error is theirs too
                     fresh = not len(batch)
-                    for job in new if not fresh or len(new) == 1 else []:  # one at a time, each its read counted
-                        self._admit(batch, job, fresh, jobs)
-                        fresh = False
-                    if fresh:  # several requests start an idle model's batch: one padded prefill, nothing reused
-                        for job in new:
+                    # one at a time, each its read counted: a request alone on an idle model, and those whose
+                    # prompt a kept state begins or that keep one for their next turn; the rest in one prefill
+                    solo = new if fresh and len(new) == 1 else [j for j in new if self._keeps_state(j.ticket.req)]
+                    group = [j for j in new if j not in solo]
+                    if group:
+                        for job in group:
                             self._admit(batch, job, False, jobs, reuse=False)
                         batch.admit()
+                        fresh = False
+                    for job in solo:
+                        self._admit(batch, job, fresh, jobs)
+                        fresh = False
                 for job in live:
                     job.batch = max(job.batch, len(live))
                 self.running = len(live)
@@ -490,6 +495,11 @@ class Engine:
                 t.out.put(e)
         finally:
             self.running = 0
+
+    def _keeps_state(self, req: Request) -> bool:
+        """Whether a request of one prompt has a history to keep a state at (a chat turn), or a kept state
+        begins its prompt: then it joins on its own (`PrefixReuse.join_one`)."""
+        return len(req.prompts) == 1 and (req.history is not None or self.backend.kept(req.prompts[0]) > 0)
 
     def _admit(self, batch: Continuous, job: _Job, fresh: bool, jobs: dict, reuse: bool = True) -> None:
         """Add `job`'s rows to `batch` (read now unless `reuse` is False: the caller admits a group). A request
