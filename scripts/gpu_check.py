@@ -256,7 +256,8 @@ def mixed_lengths(backend: TowerBackend, prompts: list[list[int]], cfg: S.Sampli
     """Requests of mixed lengths (n/8, n/2, n tokens in turn), `width` at a time, as `serve` gets them: fixed
     batches, each running until its longest request is done (the short ones' rows riding along; their
     tokens cut afterwards), vs continuous batching (`batching.run_in_order`: a request takes the place of
-    one that ended at the next block). Useful tokens per second, one run each."""
+    one that ended at the next block; a shorter last block padded in the same forwards). Useful tokens per
+    second, one run each."""
     lengths = [(max(1, n_new // 8), max(1, n_new // 2), n_new)[i % 3] for i in range(len(prompts))]
     useful = sum(lengths)
     sync(device)

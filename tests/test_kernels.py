@@ -945,8 +945,9 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
 def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
     """Continuous batching on the kernel path: prompts of 150, 37 and 5 tokens read one at a time, their caches
     stacked (left-padded: a masked SDPA, the state-update kernel over rows that never shared a prefill),
-    then a block extension, a denoiser block for all rows and for two of them (`batch=`), and, after the
-    middle row left (`keep_rows`), one more decode step: each row's logits against its own run alone."""
+    then a block extension, a denoiser block for all rows, blocks of 16, 5 and 9 tokens right-padded to 16
+    (`block_valid`: the seeded scan over the padding, which must not reach the valid positions), and,
+    after the middle row left (`keep_rows`), one more decode step: each row's logits against its run alone."""
     _need_kernels()
     from tests.twotower_helpers import twotower_tensors
 
@@ -979,8 +980,10 @@ def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
         close(stacked.extend(block), torch.cat([b.extend(block[i:i + 1]) for i, b in enumerate(alone)]), "extend")
         close(stacked.denoise(masks, t), torch.cat([b.denoise(masks[i:i + 1], t[i:i + 1]) for i, b in enumerate(alone)]),
               "denoise")
-        close(stacked.denoise(masks[:2], t[:2], batch=[2, 0]),
-              torch.cat([alone[2].denoise(masks[:1], t[:1]), alone[0].denoise(masks[1:2], t[1:2])]), "denoise rows")
+        valid = torch.arange(16)[None, :] < torch.tensor([16, 5, 9])[:, None]  # shorter blocks, right-padded
+        padded = stacked.denoise(masks, t, block_valid=valid)
+        for i, n in enumerate((16, 5, 9)):
+            close(padded[i:i + 1, :n], alone[i].denoise(masks[i:i + 1, :n], t[i:i + 1]), f"padded block {i}")
         stacked.keep_rows([0, 2])
         step = block[:, :1]
         close(stacked.extend(step[[0, 2]]), torch.cat([alone[0].extend(step[:1]), alone[2].extend(step[2:])]), "decode")

@@ -16,12 +16,15 @@ read all it committed. `Continuous` works there (ar and mock_ar: between tokens)
                                    (`TowerBackend.keep_rows`) before the context tower reads the block.
 
 Every sequence gets what `generate` gives it alone (the tests compare them), up to the rounding differences
-that another batch shape can make. Settings are shared but for `max_new_tokens`, which is per sequence: a
-last block shorter than `block_size` is denoised in a forward of its own with the rows that need that size
-(`denoise(..., batch=rows)`), as `generate` does with its short last block.
+that another batch shape can make. A sequence has its own `max_new_tokens` and sampling settings
+(temperature, top-k/p, threshold, policy, factor, steps); a last block shorter than `block_size` (where
+`max_new_tokens` is not a multiple of it) is padded on the right in the same forwards, the padding hidden
+from the denoiser (`TwoTower.denoise(block_valid=...)`: its attention masks it, and its Mamba layers and
+convs are causal), so it is what `generate`'s short last block is.
 
 Besides the sampler's `Backend` calls, the backend needs `join(ids, attention_mask)`, `keep_rows(rows)` and
-`denoise(..., batch=rows)`: `towers.TowerBackend` and `chat.PrefixReuse` have them.
+`denoise(..., block_valid=...)` (and `join_one` for `add(reuse=True)`): `towers.TowerBackend` and
+`chat.PrefixReuse` have them.
 """
 
 from __future__ import annotations
@@ -166,39 +169,35 @@ class Continuous:
             self._last = last if fresh else torch.cat([self._last, last])
 
     def _block(self) -> list[RowBlock | RowDone]:
-        cfg = self.cfg
+        cfg, B = self.cfg, len(self.rows)
         sizes = [min(cfg.block_size, r.max_new - len(r.ids)) for r in self.rows]
-        blocks: list[tuple] = [None] * len(self.rows)  # row → (tokens, confidences, top ids, top log p)
-        for size in sorted(set(sizes), reverse=True):
-            index = [j for j, n in enumerate(sizes) if n == size]
-            whole = len(index) == len(self.rows)
-            top = max(self.rows[j].top for j in index)
-            own = [self.rows[j].cfg for j in index]
-            shared = all(_own(c) == _own(cfg) for c in own)
-            steps = max(min(c.steps_per_block, size) for c in own)
-            x = torch.full((len(index), size), cfg.mask_token_id, dtype=torch.long)
-            conf_at_commit = torch.zeros(len(index), size)
-            top_ids = torch.zeros(len(index), size, top, dtype=torch.long)
-            top_lps = torch.zeros(len(index), size, top)
-            for masked, commit, conf, *alts in S.fill_block(self.backend, x, steps, cfg, self.generator, top,
-                                                            None if shared else own,
-                                                            **({} if whole else {"batch": index})):
-                self.nfe += 1
-                for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
-                    self.rows[index[j]].nfe += 1
-                conf_at_commit = torch.where(commit, conf, conf_at_commit)
-                if top:
-                    top_ids = torch.where(commit[..., None], alts[0], top_ids)
-                    top_lps = torch.where(commit[..., None], alts[1], top_lps)
-            for j, b in enumerate(index):
-                blocks[b] = (x[j], conf_at_commit[j], top_ids[j], top_lps[j])
+        size = max(sizes)
+        # a row whose last block is shorter: padded on the right, in the same forwards (`fill_block`'s valid)
+        valid = None if min(sizes) == size else torch.arange(size)[None, :] < torch.tensor(sizes)[:, None]
+        own = [r.cfg for r in self.rows]
+        shared = valid is None and all(_own(c) == _own(cfg) for c in own)
+        steps = max(min(c.steps_per_block, n) for c, n in zip(own, sizes, strict=True))
+        top = max(r.top for r in self.rows)
+        x = torch.full((B, size), cfg.mask_token_id, dtype=torch.long)
+        conf_at_commit = torch.zeros(B, size)
+        top_ids = torch.zeros(B, size, top, dtype=torch.long)
+        top_lps = torch.zeros(B, size, top)
+        for masked, commit, conf, *alts in S.fill_block(self.backend, x, steps, cfg, self.generator, top,
+                                                        None if shared else own, valid):
+            self.nfe += 1
+            for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
+                self.rows[j].nfe += 1
+            conf_at_commit = torch.where(commit, conf, conf_at_commit)
+            if top:
+                top_ids = torch.where(commit[..., None], alts[0], top_ids)
+                top_lps = torch.where(commit[..., None], alts[1], top_lps)
         events: list[RowBlock | RowDone] = []
-        ended = [self._add_tokens(r, x.tolist(), c.tolist(), ids, lps, events)
-                 for r, (x, c, ids, lps) in zip(self.rows, blocks, strict=True)]
+        ended = [self._add_tokens(r, x[j, :n].tolist(), conf_at_commit[j, :n].tolist(), top_ids[j, :n], top_lps[j, :n],
+                                  events) for j, (r, n) in enumerate(zip(self.rows, sizes, strict=True))]
         going = [j for j, e in enumerate(ended) if not e]
         self._leave(going)
-        if going:
-            self.backend.extend(torch.stack([blocks[j][0] for j in going]))
+        if going:  # rows that go on had a whole block (a shorter one is a row's last)
+            self.backend.extend(x[going])
         return events
 
     def _token(self) -> list[RowBlock | RowDone]:

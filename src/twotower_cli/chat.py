@@ -72,11 +72,11 @@ class PrefixReuse:
         return logits
 
     def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None,
-                **batch) -> torch.Tensor:
+                **padding) -> torch.Tensor:
         if self._pending is not None:  # mock_ar on a one-token prompt: no context to reuse
             self._fresh(self._pending)
             self._pending = None
-        return self.inner.denoise(block, t, rows=rows, **batch)
+        return self.inner.denoise(block, t, rows=rows, **padding)
 
     def join(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """`TowerBackend.join` (continuous batching): the cache then holds a batch, never reused."""

@@ -243,11 +243,11 @@ def predict_to_host(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.
     return pred.cpu(), conf.cpu()
 
 
-def groups(cfgs: list[SamplingConfig], key: Callable[[SamplingConfig], tuple]) -> list[tuple[SamplingConfig, list[int]]]:
-    """Rows grouped by `key` of their settings, in order of first appearance: (one row's settings, rows)."""
-    out: dict[tuple, tuple[SamplingConfig, list[int]]] = {}
-    for b, c in enumerate(cfgs):
-        out.setdefault(key(c), (c, []))[1].append(b)
+def groups(items: list, key: Callable) -> list[tuple]:
+    """Rows grouped by `key` of their items (settings), in order of first appearance: (one row's item, rows)."""
+    out: dict[tuple, tuple] = {}
+    for b, item in enumerate(items):
+        out.setdefault(key(item), (item, []))[1].append(b)
     return list(out.values())
 
 
@@ -260,9 +260,12 @@ def predict_rows(logits: torch.Tensor, cfgs: list[SamplingConfig], generator: to
     """`predict_to_host` where each row has its own settings (temperature, top_k, top_p), for the rows in
     `rows` (bool [B]) only (the others: id 0, confidence 0): one call per group of rows that share their
     settings, so a row draws its noise as it would alone when no other sampling row shares the generator."""
+    together = groups(cfgs, _draws)
+    if len(together) == 1 and bool(rows.all()):  # one call on the logits as they are: no gather
+        return predict_to_host(logits, cfgs[0], generator, exclude)
     pred = torch.zeros(logits.shape[:-1], dtype=torch.long)
     conf = torch.zeros(logits.shape[:-1])
-    for c, index in groups(cfgs, _draws):
+    for c, index in together:
         index = [b for b in index if rows[b]]
         if index:
             at = torch.tensor(index)
@@ -370,33 +373,42 @@ def generation(prompt: list[int], ids: list[int], stops: set[int], stopped: bool
 
 def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfig,
                generator: torch.Generator | None, top: int = 0, row_cfgs: list[SamplingConfig] | None = None,
-               **denoise) -> Iterator[tuple]:
+               valid: torch.Tensor | None = None, **denoise) -> Iterator[tuple]:
     """Unmask the block `x` [B, S] (mask ids) in place over at most `steps` denoiser forwards (spec §7);
     after each yields (the masked slots it started from, those it committed, the confidences) [B, S] each,
     and with `top` > 0 the `top_to_host` ids and log-probabilities [B, S, top] of that forward.
     `row_cfgs`: each row's own settings (temperature, top_k, top_p; threshold, policy, factor; steps, at
     most `steps`), where `cfg` is only the mask id; a row whose block is filled draws nothing more.
-    `denoise`: passed on to `backend.denoise`."""
-    size = x.shape[1]
+    `valid` (bool [B, S], a prefix of each row; needs `row_cfgs`): rows whose blocks are shorter, padded on
+    the right to S; the padding is never masked, counts in no t, and is hidden from the denoiser
+    (`block_valid`), so each row gets what its shorter block gets alone. `denoise`: passed on to
+    `backend.denoise`."""
+    sizes = [x.shape[1]] * x.shape[0] if valid is None else valid.sum(dim=-1).tolist()
+    if valid is not None:
+        denoise["block_valid"] = valid
+    keys = None if row_cfgs is None else [(c, n) for c, n in zip(row_cfgs, sizes, strict=True)]
 
-    def commit_key(c: SamplingConfig) -> tuple:
-        return c.threshold, c.policy, c.factor, min(c.steps_per_block, size)
+    def commit_key(item: tuple[SamplingConfig, int]) -> tuple:
+        c, n = item
+        return c.threshold, c.policy, c.factor, min(c.steps_per_block, n)
 
     for s in range(steps):
         masked = x == cfg.mask_token_id
+        if valid is not None:
+            masked &= valid
         if not bool(masked.any()):
             return
-        t = masked.float().mean(dim=-1)
+        t = masked.float().mean(dim=-1) if valid is None else masked.sum(dim=-1) / torch.tensor(sizes)
         logits = backend.denoise(x, t, rows=masked, **denoise).float()
-        if row_cfgs is None:
+        if keys is None:
             pred, conf = predict_to_host(logits, cfg, generator, exclude=cfg.mask_token_id)
             k = commit_counts(conf, masked, s, steps, cfg)
         else:
             pred, conf = predict_rows(logits, row_cfgs, generator, cfg.mask_token_id, masked.any(dim=-1))
             k = torch.zeros(x.shape[0], dtype=torch.long)
-            for c, index in groups(row_cfgs, commit_key):
+            for item, index in groups(keys, commit_key):
                 at = torch.tensor(index)
-                k[at] = commit_counts(conf[at], masked[at], s, commit_key(c)[3], c)
+                k[at] = commit_counts(conf[at], masked[at], s, commit_key(item)[3], item[0])
         commit = select_commits(conf, masked, k)
         x.copy_(torch.where(commit, pred, x))
         yield (masked, commit, conf) + (top_to_host(logits, top, cfg.mask_token_id) if top else ())

@@ -103,13 +103,16 @@ class TwoTower(nn.Module):
         return e.view(e.shape[0], 3, -1)
 
     def denoise(self, block: torch.Tensor, context: TowerCache, t: torch.Tensor | None,
-                attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                block_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V] (fp32) for the block `block` [B, S] at positions n..n+S-1; row j predicts the
         token AT position n+j. `context` is the context tower's cache after the n context tokens; it is only
         read. `attention_mask` (bool, broadcastable to [B, 1, S, n+S]) overrides the default (every block
         query sees every valid context key and every block key); training uses it. `rows` (bool [B, S])
         limits the head to the positions whose logits are needed (the sampler's masked slots); the other
-        rows of the result are zeros."""
+        rows of the result are zeros. `block_valid` (bool [B, S], True for a prefix of each row): a shorter
+        block right-padded to S; the padding is hidden from attention, and the denoiser's Mamba layers and
+        convs are causal, so the valid positions get the logits of the shorter block alone."""
         dev = self.denoiser_device
         tower = self.denoiser_tower
         # The head's rows as indices, found where `rows` lives (the sampler's is on the host) and moved
@@ -121,11 +124,12 @@ class TwoTower(nn.Module):
         if attention_mask is None:
             ctx_valid = context.key_mask
             n = context.length
-            if ctx_valid is None:
+            if ctx_valid is None and block_valid is None:
                 attention_mask = None  # everything visible: plain bidirectional attention
             else:
-                attention_mask = torch.cat([ctx_valid.to(dev), torch.ones(B, S, dtype=torch.bool, device=dev)], dim=1)
-                attention_mask = attention_mask[:, None, None, :].expand(B, 1, S, n + S)
+                ctx_valid = torch.ones(B, n, dtype=torch.bool, device=dev) if ctx_valid is None else ctx_valid.to(dev)
+                keys = torch.ones(B, S, dtype=torch.bool, device=dev) if block_valid is None else block_valid.to(dev)
+                attention_mask = torch.cat([ctx_valid, keys], dim=1)[:, None, None, :].expand(B, 1, S, n + S)
         mods = None if e is None else layer_modulations(self.scale_shift_tables, e, x.dtype)  # [L, B, 3, 1, H]
         for i, layer in enumerate(tower.layers):
             if mods is not None:
@@ -471,8 +475,8 @@ class TowerBackend:
         self._denoiser_view = None
 
     def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None,
-                batch: list[int] | None = None) -> torch.Tensor:
-        """The sampler's denoise; `batch`: the block is for these rows of the batch only."""
+                block_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampler's denoise; `block_valid`: shorter blocks right-padded (`TwoTower.denoise`)."""
         if self.twotower is None:
             raise TwoTowerError("this checkpoint has no denoiser", "use --mode ar, or split it with `twotower split`")
         assert self.cache is not None, "reset() first"
@@ -482,6 +486,4 @@ class TowerBackend:
             if self._denoiser_view is None:
                 self._denoiser_view = cache_on(self.cache, den)
             context = self._denoiser_view
-        if batch is not None:
-            context = context.select(batch)
-        return self.twotower.denoise(block, context, t, rows=rows)
+        return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
