@@ -85,8 +85,7 @@ class Continuous:
                  generator: torch.Generator | None = None, until: S.Until | None = None):
         cfg.validate(backend.vocab_size)
         self.backend, self.cfg, self.generator, self.until = backend, cfg, generator, until
-        self.stops_t = S._stop_ids(cfg, list(eos_ids))
-        self.stops = set(self.stops_t.tolist())
+        self.stops = S.stop_set(cfg, list(eos_ids))
         self.rows: list[_Row] = []  # in the backend's batch order
         self.waiting: list[_Row] = []
         self.nfe = 0  # forwards so far, all sequences together
@@ -104,9 +103,10 @@ class Continuous:
         """Queue sequences to join at the next step; their ids (for `RowBlock`, `RowDone` and `until`).
         `top`: each of their tokens comes with the `top` most likely ones at its position (`RowBlock.top`)
         under the distribution its confidence is from (mask_diffusion: the denoiser's forward that committed
-        it; ar, mock_ar: the next-token one). `reuse` (one prompt): if it joins a running batch, through
-        `backend.join_one(ids, history)`, which may start it from a kept state (`chat.PrefixReuse`); a
-        fresh batch reads its prompts through `reset` and `extend`, which may too. `settings`: their own
+        it; ar, mock_ar: the next-token one). `reuse` (one prompt, admitted on its own: `admit` after `add`):
+        if it joins a running batch, through `backend.join_one(ids, history)`, which may start it from a
+        kept state (`chat.PrefixReuse`); a fresh batch reads its prompts through `reset` and `extend`, which
+        may too. `settings`: their own
         temperature, top_k, top_p, threshold, policy, factor and steps (the rest as the batch's)."""
         cfg = self.cfg if settings is None else settings
         bad = [k for k in SHARED if getattr(cfg, k) != getattr(self.cfg, k)]
