@@ -543,6 +543,32 @@ def test_chat_turns_that_come_together_each_keep_and_find_their_state(folder, mo
         assert got[i]["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
 
 
+def test_a_request_of_more_prompts_than_max_batch_goes_in_part_by_part(folder, model):
+    """Five prompts (their own lengths of reply, by end ids) in one request with --max-batch 2, streamed: never
+    more than two rows in the model, each prompt's reply the sampler's alone, the choices in prompt order."""
+    tok = Tokenizer(folder)
+
+    class Widths(TowerBackend):
+        def __init__(self, model):
+            super().__init__(model)
+            self.widths = []
+
+        def denoise(self, *args, **kw):
+            self.widths.append(self.cache.batch)
+            return super().denoise(*args, **kw)
+
+    backend = Widths(model)
+    engine = Engine(backend, tok, [2, 38], CFG, "tiny-test", max_batch=2)
+    prompts = ["hello there", "abc", "what now", "x", "the quick brown fox"]
+    with serving(engine) as base:
+        plain = json.loads(post(base, "/v1/completions", {"prompt": prompts, "max_tokens": 12})[1])
+        chunks = events(post(base, "/v1/completions", {"prompt": prompts, "max_tokens": 12, "stream": True})[1])[0]
+    want = [tok.decode(reference(model, tok.encode(p)).token_ids) for p in prompts]
+    assert [c["text"] for c in plain["choices"]] == want
+    assert ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == j) for j in range(5)] == want
+    assert max(backend.widths) == 2 and plain["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts)
+
+
 class FailsOnce(TowerBackend):
     """Its `fail_at`-th denoiser forward raises, as an out-of-memory error would."""
 

@@ -21,7 +21,8 @@ with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for.
 One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
 every other waiting one with the same mode, block size and stop ids (and no seed of its own, when
 sampling), up to `--max-batch` prompts, and samples them as one batch (`batching.Continuous`; each row
-keeps its own max_tokens, temperature, top_p, top_k, threshold, policy, factor and steps): clients that
+keeps its own max_tokens, temperature, top_p, top_k, threshold, policy, factor and steps; a request of
+more prompts than there is room for goes in part by part as rows end): clients that
 send requests concurrently (evaluation harnesses do) share the forwards. The batch is continuous: between
 blocks (ar, mock_ar: tokens) a request that has come since, with the same key, joins it while there is room,
 and each request is answered as soon as its own rows end, which then leave the batch; `continuous=False`
@@ -453,24 +454,14 @@ class Engine:
             return job.ticket.cancelled.is_set() or (bool(job.ticket.req.stops) and job.text(row, ids)[1])
 
         batch = Continuous(self.backend, first.settings, self.eos_ids, generator, until)
+        queued: list[_Job] = []  # requests with prompts not in the batch yet, oldest first
         try:
-            while tickets or len(batch):
+            while tickets or len(batch) or queued:
                 if tickets:
                     new, tickets = [_Job(t, self) for t in tickets], []
                     live += new  # from here on, an error is theirs too
-                    fresh = not len(batch)
-                    # one at a time, each its read counted: a request alone on an idle model, and those whose
-                    # prompt a kept state begins or that keep one for their next turn; the rest in one prefill
-                    solo = new if fresh and len(new) == 1 else [j for j in new if self._keeps_state(j.ticket.req)]
-                    group = [j for j in new if j not in solo]
-                    if group:
-                        for job in group:
-                            self._admit(batch, job, False, jobs, reuse=False)
-                        batch.admit()
-                        fresh = False
-                    for job in solo:
-                        self._admit(batch, job, fresh, jobs)
-                        fresh = False
+                    queued += new
+                queued = self._fill(batch, queued, jobs)
                 for job in live:
                     job.batch = max(job.batch, len(live))
                 self.running = len(live)
@@ -482,10 +473,10 @@ class Engine:
                 for job in [j for j in live if j.finished]:
                     live.remove(job)
                     self._answer(job.ticket, job.result())
-                tickets = []
-                if self.continuous and len(batch) < self.max_batch:
+                room = self.max_batch - len(batch) - sum(j.remaining for j in queued)
+                if self.continuous and room > 0:
                     with self.queued:
-                        tickets = self._take(key, self.max_batch - len(batch))
+                        tickets = self._take(key, room)
                     self.counts["joined_requests_total"] += len(tickets)
         except BaseException as e:  # noqa: BLE001 — each request answers with the error; the server lives
             self.counts["failed_requests_total"] += len(live) + len(tickets)
@@ -496,23 +487,53 @@ class Engine:
         finally:
             self.running = 0
 
+    def _fill(self, batch: Continuous, queued: list[_Job], jobs: dict) -> list[_Job]:
+        """Admit the queued requests' prompts, oldest first, while the batch has room (`max_batch` rows; a
+        request of more prompts goes in part by part as rows end); the requests still queued. One at a time,
+        each its read counted: a request alone on an idle model, and those whose prompt a kept state begins
+        or that keep one for their next turn; the rest in one padded prefill."""
+        room, plan = self.max_batch - len(batch), []
+        for job in queued:
+            if min(room, job.remaining) <= 0:
+                break
+            plan.append((job, min(room, job.remaining)))
+            room -= plan[-1][1]
+        fresh = not len(batch)
+        solo = [job for job, _ in plan if len(job.ticket.req.prompts) == 1
+                and ((fresh and len(plan) == 1) or self._keeps_state(job.ticket.req))]
+        group = [(job, n) for job, n in plan if job not in solo]
+        for job, n in group:
+            self._admit(batch, job, False, jobs, reuse=False, count=n)
+        if group:
+            batch.admit()
+            fresh = False
+        for job in solo:
+            self._admit(batch, job, fresh, jobs)
+            fresh = False
+        return [job for job in queued if job.remaining]
+
     def _keeps_state(self, req: Request) -> bool:
         """Whether a request of one prompt has a history to keep a state at (a chat turn), or a kept state
         begins its prompt: then it joins on its own (`PrefixReuse.join_one`)."""
         return len(req.prompts) == 1 and (req.history is not None or self.backend.kept(req.prompts[0]) > 0)
 
-    def _admit(self, batch: Continuous, job: _Job, fresh: bool, jobs: dict, reuse: bool = True) -> None:
-        """Add `job`'s rows to `batch` (read now unless `reuse` is False: the caller admits a group). A request
-        of one prompt may start from a state the backend kept (`PrefixReuse`): alone in a fresh batch from the
-        live state or a snapshot (`start_from`), joining a running one from a snapshot (`join_one`); either
-        way a snapshot is kept at its history, and `job.cached` counts the prompt ids not read."""
+    def _admit(self, batch: Continuous, job: _Job, fresh: bool, jobs: dict, reuse: bool = True,
+               count: int | None = None) -> None:
+        """Add `job`'s next `count` prompts (all) to `batch` (read now unless `reuse` is False: the caller
+        admits a group). A request of one prompt may start from a state the backend kept (`PrefixReuse`):
+        alone in a fresh batch from the live state or a snapshot (`start_from`), joining a running one from a
+        snapshot (`join_one`); either way a snapshot is kept at its history, and `job.cached` counts the
+        prompt ids not read."""
         req = job.ticket.req
-        self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
+        if not job.rows:
+            job.t0 = time.perf_counter()
+            self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
+        prompts = req.prompts[len(job.rows):][:count or job.remaining]
         one = reuse and len(req.prompts) == 1
         fed = self.backend.fed
         if one and fresh:
             start_from(self.backend, req.prompts[0], req.history)
-        job.add_rows(batch.add(req.prompts, req.settings.max_new_tokens, req.top_logprobs, reuse=one,
+        job.add_rows(batch.add(prompts, req.settings.max_new_tokens, req.top_logprobs, reuse=one,
                                history=req.history if one else None, settings=req.settings))
         jobs.update(dict.fromkeys(job.rows, job))
         if reuse:
@@ -567,11 +588,18 @@ class _Job:
         self._texts: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, text) when last decoded
 
     def add_rows(self, rows: list[int]) -> None:
-        self.rows, self.mine = rows, set(rows)
+        """Its next prompts' row ids (a request of more prompts than the batch has room for comes in parts)."""
+        self.rows += rows
+        self.mine.update(rows)
+
+    @property
+    def remaining(self) -> int:
+        """Its prompts not in the batch yet."""
+        return len(self.ticket.req.prompts) - len(self.rows)
 
     @property
     def finished(self) -> bool:
-        return len(self.done) == len(self.rows)
+        return len(self.done) == len(self.ticket.req.prompts)
 
     def final_text(self, ids: list[int]) -> tuple[str, bool]:
         """The text of generated `ids`, cut before the first stop id and the first stop string; and whether a
