@@ -292,6 +292,8 @@ def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
     assert r.exit_code == 1 and r.stderr.startswith("Error: max batch 0 must be at least 1"), r.output
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--conversations", "0"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: conversations 0 must be at least 1"), r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--max-waiting", "-1"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: max waiting -1 must be 0 (no limit) or more"), r.output
     plain = shutil.copytree(folder, tmp_path / "plain")
     (plain / "chat_template.jinja").unlink()
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(plain), "--chat-arg", "a=1"])
@@ -331,9 +333,11 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     monkeypatch.setattr(twotower_cli.serve, "make_server", fake_make_server)
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder)])
     assert r.exit_code == 0 and "Warning" not in r.stderr and "block 4)" in r.stderr, r.output
-    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8", "--no-continuous"])
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--block", "8", "--no-continuous",
+                                       "--max-waiting", "32"])
     assert r.exit_code == 0 and "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
     assert [e.defaults.block_size for e in engines] == [4, 8] and [e.continuous for e in engines] == [True, False]
+    assert [e.max_waiting for e in engines] == [0, 32]
     # beyond the loopback, without an API key: a warning; with one, the start line says it is required
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--host", "0.0.0.0"])
     assert r.exit_code == 0 and "Warning: listening on 0.0.0.0 without an API key" in r.stderr, r.output
@@ -604,6 +608,31 @@ def test_an_error_in_a_running_batch_answers_its_requests_and_the_next_batch_sta
     assert engine.counts["failed_requests_total"] == 3 and engine.running == 0
     want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=12))
     assert after["choices"][0]["text"] == tok.decode(want.token_ids)
+
+
+def test_max_waiting_refuses_with_a_503_and_retry_after(folder, model):
+    """--max-waiting 1: while one request waits for the busy model, the next is refused at once with a 503,
+    an OpenAI error body and Retry-After; the waiting one is answered, and later requests are taken again."""
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test", max_waiting=1)
+    got = {}
+    with serving(engine) as base:
+        with engine.lock:
+            waiting = threading.Thread(target=lambda: got.update(first=post(base, "/v1/completions",
+                                                                          {"prompt": "hello", "max_tokens": 4})))
+            waiting.start()
+            while not engine.pending:
+                time.sleep(0.01)
+            req = urllib.request.Request(base + "/v1/completions", data=json.dumps({"prompt": "abc"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=30)
+        waiting.join(60)
+        later = post(base, "/v1/completions", {"prompt": "abc", "max_tokens": 4})
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+    error = json.loads(refused.value.read())["error"]
+    assert "busy: 1 requests are waiting" in error["message"] and error["type"] == "server_error"
+    assert got["first"][0] == 200 and later[0] == 200 and engine.counts["refused_requests_total"] == 1
 
 
 def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):

@@ -77,6 +77,7 @@ METRICS = {  # name: (Prometheus type, help)
     "batches_total": ("counter", "Batches the model ran (from an idle model until it was idle again)."),
     "batched_requests_total": ("counter", "Requests in those batches (over batches_total: requests per batch)."),
     "joined_requests_total": ("counter", "Of those, requests that joined a batch already running."),
+    "refused_requests_total": ("counter", "Requests refused with a 503 because --max-waiting requests waited."),
     "model_seconds_total": ("counter", "Seconds the model spent on batches."),
 }
 
@@ -231,9 +232,9 @@ class Engine:
 
     def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
                  template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0,
-                 max_batch: int = 16, conversations: int = 8, continuous: bool = True):
+                 max_batch: int = 16, conversations: int = 8, continuous: bool = True, max_waiting: int = 0):
         self.backend = PrefixReuse(backend, keep=conversations)
-        self.max_batch, self.continuous = max_batch, continuous
+        self.max_batch, self.continuous, self.max_waiting = max_batch, continuous, max_waiting
         self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
         self.queued = threading.Condition()  # guards `pending` and `worker`
         self.worker: threading.Thread | None = None
@@ -332,9 +333,9 @@ class Engine:
 
     def run(self, req: Request) -> Iterator[Piece | Result]:
         """Queue `req` for the model; yield, for a stream, `Piece`s as its text becomes final (their deltas add
-        up to the result's texts), then its `Result`. Requests queued together with the same settings are
-        sampled as one batch (`_take`). Closing the iterator early (a client gone mid-stream) ends its rows at
-        the next block, and frees the model when no other request shares the batch."""
+        up to the result's texts), then its `Result`. Requests with the same batch key share a batch
+        (`_take`, `_sample`). Closing the iterator early (a client gone mid-stream) ends its rows at the next
+        block."""
         ticket = _Ticket(req, queue.Queue(), threading.Event())
         with self.queued:
             self.pending.append(ticket)
@@ -352,6 +353,13 @@ class Engine:
                     return
         finally:
             ticket.cancelled.set()
+
+    def check_room(self) -> None:
+        """A 503 (BadRequest) when `max_waiting` requests wait for the model already (0: no limit)."""
+        if self.max_waiting and len(self.pending) >= self.max_waiting:
+            self.counts["refused_requests_total"] += 1
+            raise BadRequest(f"the server is busy: {len(self.pending)} requests are waiting for the model; "
+                             "retry in a moment", HTTPStatus.SERVICE_UNAVAILABLE)
 
     def _work(self) -> None:
         """The model's thread: waits for requests, then takes the oldest with all that can share its batch."""
@@ -768,6 +776,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                self.send_header("Retry-After", "1")  # clients that retry (OpenAI's do) wait a second
             self.end_headers()
             self.wfile.write(data)
 
@@ -824,6 +834,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the request body is not valid JSON") from None
                 req = engine.parse(body, chat=routes[route])
+                engine.check_room()
                 rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
                 if req.stream:
                     self._stream(req, rid)

@@ -43,6 +43,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests with the same mode and block share a batch (1: one request at a time).")] = 16,
+    max_waiting: Annotated[int, typer.Option(help="Refuse a request with a 503 (and Retry-After) while this many wait for the model (0: no limit).")] = 0,
     continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Let a request join a running batch between its blocks (ar, mock_ar: tokens), and finished ones leave it; --no-continuous: a request that comes while a batch runs waits for all of it.")] = True,
 ) -> None:
     from rich.markup import escape
@@ -56,6 +57,8 @@ def serve(
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
     if max_batch < 1:
         raise TwoTowerError(f"max batch {max_batch} must be at least 1", "try --max-batch 16")
+    if max_waiting < 0:
+        raise TwoTowerError(f"max waiting {max_waiting} must be 0 (no limit) or more", "try --max-waiting 64")
     if conversations < 1:
         raise TwoTowerError(f"conversations {conversations} must be at least 1", "try --conversations 8")
     if not 0 <= port <= 65535:
@@ -73,7 +76,8 @@ def serve(
         report_warning(*warning)
     name = model or rt.folder.name
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed,
-                    max_batch=max_batch, conversations=conversations, continuous=continuous)
+                    max_batch=max_batch, conversations=conversations, continuous=continuous,
+                    max_waiting=max_waiting)
     console = err_console()
     try:
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
