@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
+from tests.twotower_helpers import Widths, random_base, tiny_cfg, write_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone
@@ -190,19 +190,10 @@ def test_run_in_order_keeps_width_rows_and_yields_in_prompt_order(model):
     forward, the next prompts taking the places of ended ones; results in prompt order, each as alone."""
     from twotower_cli.batching import run_in_order
 
-    class Counting(TowerBackend):
-        def __init__(self, model):
-            super().__init__(model)
-            self.widths = []
-
-        def denoise(self, *args, **kw):
-            self.widths.append(self.cache.batch)
-            return super().denoise(*args, **kw)
-
     cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
     free = [alone(model, p, cfg, 12, eos=[]).token_ids for p in PROMPTS]
     eos = [free[0][2], free[2][6]]  # two of them end early
-    backend = Counting(model)
+    backend = Widths(model)
     got = list(run_in_order(Continuous(backend, cfg, eos), PROMPTS, width=3))
     assert [i for i, _, _ in got] == list(range(len(PROMPTS)))
     for (_, g, seconds), p in zip(got, PROMPTS, strict=True):

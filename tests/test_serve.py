@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotower
+from tests.twotower_helpers import Widths, add_chat, random_base, tiny_cfg, write_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
@@ -551,15 +551,6 @@ def test_a_request_of_more_prompts_than_max_batch_goes_in_part_by_part(folder, m
     """Five prompts (their own lengths of reply, by end ids) in one request with --max-batch 2, streamed: never
     more than two rows in the model, each prompt's reply the sampler's alone, the choices in prompt order."""
     tok = Tokenizer(folder)
-
-    class Widths(TowerBackend):
-        def __init__(self, model):
-            super().__init__(model)
-            self.widths = []
-
-        def denoise(self, *args, **kw):
-            self.widths.append(self.cache.batch)
-            return super().denoise(*args, **kw)
 
     backend = Widths(model)
     engine = Engine(backend, tok, [2, 38], CFG, "tiny-test", max_batch=2)

@@ -12,6 +12,7 @@ from twotower_cli.checkpoint import write_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model.init import init_nemotron_h
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM
+from twotower_cli.towers import TowerBackend
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,!?'\n")
 
@@ -149,3 +150,15 @@ def add_chat(folder, where="jinja"):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 38]}))
     return folder
+
+
+class Widths(TowerBackend):
+    """A sampler backend that notes how many rows its cache holds at every denoiser forward (`widths`)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.widths = []
+
+    def denoise(self, *args, **kw):
+        self.widths.append(self.cache.batch)
+        return super().denoise(*args, **kw)
