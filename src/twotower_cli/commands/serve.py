@@ -42,7 +42,7 @@ def serve(
     threads: O.Threads = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="Prompts sampled together at most: requests with the same mode and block share a batch (1: one request at a time).")] = 16,
+    max_batch: Annotated[int, typer.Option(help="Prompts (rows) in the model at most: requests with the same mode and block share a batch, a request of more prompts goes in part by part (1: one prompt at a time).")] = 16,
     max_waiting: Annotated[int, typer.Option(help="Refuse a request with a 503 (and Retry-After) while this many wait for the model (0: no limit).")] = 0,
     continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Let a request join a running batch between its blocks (ar, mock_ar: tokens), and finished ones leave it; --no-continuous: a request that comes while a batch runs waits for all of it.")] = True,
 ) -> None:
