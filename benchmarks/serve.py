@@ -22,11 +22,13 @@ one-at-a-time column's (greedy replies do not depend on the batch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 from twotower_cli import sampler as S
 from twotower_cli.bench import DEFAULT_PROMPTS
@@ -34,11 +36,40 @@ from twotower_cli.runtime import open_runtime
 from twotower_cli.serve import Engine, make_server
 
 
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+def post(url: str, body: dict, path: str = "/v1/completions") -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.load(r)
+
+
+@contextlib.contextmanager
+def serving(engine: Engine):
+    """An in-process server (the real HTTP handler) for `engine` on a free port: its URL."""
+    server = make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def all_at_once(clients: int, client: Callable[[int], None]) -> float:
+    """Run client(0..clients-1) in threads released together; the seconds until the last one is done."""
+    start = threading.Barrier(clients + 1)
+
+    def run(c: int) -> None:
+        start.wait()
+        client(c)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def run_clients(rt, defaults: S.SamplingConfig, max_batch: int, continuous: bool, clients: int, requests: int,
@@ -46,38 +77,25 @@ def run_clients(rt, defaults: S.SamplingConfig, max_batch: int, continuous: bool
     """(tokens/s over the run, latencies, replies by (client, request))."""
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, "bench", max_batch=max_batch,
                     continuous=continuous)
-    server = make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    post(url, {"prompt": "warm up", "max_tokens": 4})
     latencies: list[float] = []
     replies: dict[tuple[int, int], str] = {}
     tokens = [0]
     lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
+    with serving(engine) as url:
+        post(url, {"prompt": "warm up", "max_tokens": 4})
 
-    def client(c: int) -> None:
-        start.wait()
-        for r in range(requests):
-            i = c * requests + r
-            prompt = DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]
-            t0 = time.perf_counter()
-            out = post(url, {"prompt": prompt, "max_tokens": lengths[i % len(lengths)], "temperature": 0})
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                replies[(c, r)] = out["choices"][0]["text"]
-                tokens[0] += out["usage"]["completion_tokens"]
+        def client(c: int) -> None:
+            for r in range(requests):
+                i = c * requests + r
+                prompt = DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]
+                t0 = time.perf_counter()
+                out = post(url, {"prompt": prompt, "max_tokens": lengths[i % len(lengths)], "temperature": 0})
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    replies[(c, r)] = out["choices"][0]["text"]
+                    tokens[0] += out["usage"]["completion_tokens"]
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    server.shutdown()
-    server.server_close()
+        wall = all_at_once(clients, client)
     return tokens[0] / wall, latencies, replies
 
 

@@ -22,27 +22,22 @@ column's (greedy; a reused state differs from a re-read only by rounding).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
-import urllib.request
+
+from serve import all_at_once, post, serving  # benchmarks/serve.py
 
 from twotower_cli import sampler as S
 from twotower_cli.bench import DEFAULT_PROMPTS
 from twotower_cli.runtime import open_runtime
-from twotower_cli.serve import Engine, make_server
+from twotower_cli.serve import Engine
 from twotower_cli.text import ChatTemplate
+
+CHAT = "/v1/chat/completions"
 
 TEMPLATE = ("{% for m in messages %}{{ m.role | upper }}: {{ m.content | trim }}\n{% endfor %}"
             "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-
-
-def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.load(r)
 
 
 def run_clients(rt, template: ChatTemplate, defaults: S.SamplingConfig, keep: int, clients: int, turns: int,
@@ -50,43 +45,30 @@ def run_clients(rt, template: ChatTemplate, defaults: S.SamplingConfig, keep: in
     """(prompt tokens, of them cached, reply tok/s over the run, latencies, replies by (client, turn))."""
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, "bench", template, conversations=keep,
                     max_batch=clients)
-    server = make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    post(url, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4})
     totals = {"prompt": 0, "cached": 0, "completion": 0}
     latencies: list[float] = []
     replies: dict[tuple[int, int], str] = {}
     lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
+    with serving(engine) as url:
+        post(url, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4}, CHAT)
 
-    def client(c: int) -> None:
-        messages: list[dict] = []
-        start.wait()
-        for t in range(turns):
-            messages.append({"role": "user", "content": DEFAULT_PROMPTS[(c + t) % len(DEFAULT_PROMPTS)]})
-            t0 = time.perf_counter()
-            out = post(url, {"messages": messages, "max_tokens": n, "temperature": 0})
-            reply = out["choices"][0]["message"]["content"]
-            messages.append({"role": "assistant", "content": reply})
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                replies[(c, t)] = reply
-                usage = out["usage"]
-                totals["prompt"] += usage["prompt_tokens"]
-                totals["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
-                totals["completion"] += usage["completion_tokens"]
+        def client(c: int) -> None:
+            messages: list[dict] = []
+            for t in range(turns):
+                messages.append({"role": "user", "content": DEFAULT_PROMPTS[(c + t) % len(DEFAULT_PROMPTS)]})
+                t0 = time.perf_counter()
+                out = post(url, {"messages": messages, "max_tokens": n, "temperature": 0}, CHAT)
+                reply = out["choices"][0]["message"]["content"]
+                messages.append({"role": "assistant", "content": reply})
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    replies[(c, t)] = reply
+                    usage = out["usage"]
+                    totals["prompt"] += usage["prompt_tokens"]
+                    totals["cached"] += usage["prompt_tokens_details"]["cached_tokens"]
+                    totals["completion"] += usage["completion_tokens"]
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    server.shutdown()
-    server.server_close()
+        wall = all_at_once(clients, client)
     return totals, totals["completion"] / wall, latencies, replies
 
 
