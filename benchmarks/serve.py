@@ -22,7 +22,6 @@ one-at-a-time column's (greedy replies do not depend on the batch).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import threading
@@ -33,25 +32,13 @@ from collections.abc import Callable
 from twotower_cli import sampler as S
 from twotower_cli.bench import DEFAULT_PROMPTS
 from twotower_cli.runtime import open_runtime
-from twotower_cli.serve import Engine, make_server
+from twotower_cli.serve import Engine, in_background
 
 
 def post(url: str, body: dict, path: str = "/v1/completions") -> dict:
     req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         return json.load(r)
-
-
-@contextlib.contextmanager
-def serving(engine: Engine):
-    """An in-process server (the real HTTP handler) for `engine` on a free port: its URL."""
-    server = make_server(engine, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def all_at_once(clients: int, client: Callable[[int], None]) -> float:
@@ -81,7 +68,7 @@ def run_clients(rt, defaults: S.SamplingConfig, max_batch: int, continuous: bool
     replies: dict[tuple[int, int], str] = {}
     tokens = [0]
     lock = threading.Lock()
-    with serving(engine) as url:
+    with in_background(engine) as url:
         post(url, {"prompt": "warm up", "max_tokens": 4})
 
         def client(c: int) -> None:

@@ -26,12 +26,12 @@ import statistics
 import threading
 import time
 
-from serve import all_at_once, post, serving  # benchmarks/serve.py
+from serve import all_at_once, post  # benchmarks/serve.py
 
 from twotower_cli import sampler as S
 from twotower_cli.bench import DEFAULT_PROMPTS
 from twotower_cli.runtime import open_runtime
-from twotower_cli.serve import Engine
+from twotower_cli.serve import Engine, in_background
 from twotower_cli.text import ChatTemplate
 
 CHAT = "/v1/chat/completions"
@@ -49,7 +49,7 @@ def run_clients(rt, template: ChatTemplate, defaults: S.SamplingConfig, keep: in
     latencies: list[float] = []
     replies: dict[tuple[int, int], str] = {}
     lock = threading.Lock()
-    with serving(engine) as url:
+    with in_background(engine) as url:
         post(url, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4}, CHAT)
 
         def client(c: int) -> None:

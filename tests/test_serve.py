@@ -3,7 +3,6 @@ every reply is the sampler run directly on the same ids (what `generate` prints)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -18,7 +17,7 @@ from tests.twotower_helpers import Widths, add_chat, random_base, tiny_cfg, writ
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
-from twotower_cli.serve import Engine, Histogram, Piece, Result, make_server
+from twotower_cli.serve import Engine, Histogram, Piece, Result, in_background
 from twotower_cli.text import ChatTemplate, Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -38,16 +37,9 @@ def model(folder):
     return load_model(folder, need_denoiser=True).twotower
 
 
-@contextlib.contextmanager
 def serving(engine, lines=None, **options):
     """A real server on a free local port for `engine` (log lines appended to `lines`): its base URL."""
-    server = make_server(engine, "127.0.0.1", 0, log=None if lines is None else lines.append, **options)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return in_background(engine, log=None if lines is None else lines.append, **options)
 
 
 @pytest.fixture(scope="module")

@@ -883,3 +883,16 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             send("[DONE]")
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+@contextlib.contextmanager
+def in_background(engine: Engine, host: str = "127.0.0.1", port: int = 0, **options) -> Iterator[str]:
+    """`make_server` serving from a daemon thread (a notebook, a benchmark, a test): its base URL, e.g.
+    http://127.0.0.1:PORT (`port` 0 picks a free one); the server is shut down on leaving the block."""
+    server = make_server(engine, host, port, **options)
+    threading.Thread(target=server.serve_forever, name="twotower-http", daemon=True).start()
+    try:
+        yield f"http://{server.server_address[0]}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
