@@ -97,25 +97,18 @@ class PrefixReuse:
         aside as a request alone builds it (`start_from` with the batch's state out of the way, so from a
         snapshot; a snapshot kept at `history`), then stacked under the batch's rows. Its next-token
         logits [1, V] (None for no ids: mock_ar on a one-token prompt)."""
-        batch = self.inner.cache
         self.held, self._pending = None, None
         try:
-            if history is not None and len(history) < len(ids) and ids[:len(history)] == history:
-                self.remember(history)
-            if ids:
+            with self.inner.aside():
+                if history is not None and len(history) < len(ids) and ids[:len(history)] == history:
+                    self.remember(history)
+                if not ids:
+                    self._fresh(1)
+                    return None
                 self.reset(1)
-                logits = self.extend(torch.tensor([ids], dtype=torch.long))
-            else:
-                self._fresh(1)
-                logits = None
-            aside = self.inner.cache
-        except BaseException:
-            self.inner.adopt(batch)
-            raise
+                return self.extend(torch.tensor([ids], dtype=torch.long))
         finally:
             self.held, self._pending = None, None
-        self.inner.adopt(TowerCache.stack([batch, aside]))
-        return logits
 
     def kept(self, ids: list[int]) -> int:
         """The length of the longest snapshot whose ids begin `ids` (and are fewer), 0 if none."""

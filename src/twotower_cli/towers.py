@@ -452,21 +452,26 @@ class TowerBackend:
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 
+    @contextlib.contextmanager
+    def aside(self):
+        """Build new rows in a cache of their own inside the block (`reset`, `extend`, `restore` work on it),
+        then put them after the batch's rows (`TowerCache.stack`); on an error the batch is as it was."""
+        assert self.cache is not None, "reset() first"
+        held = self.cache
+        try:
+            yield
+        except BaseException:
+            self.cache, self._denoiser_view = held, None
+            raise
+        self.cache, self._denoiser_view = TowerCache.stack([held, self.cache]), None
+
     def join(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Add sequences to the batch: read `ids` [n, L] (left-padded where `attention_mask` is False) as
         `extend` would into a fresh cache, and put their rows after the current ones; their next-token
         logits [n, V]. Each row then sees exactly its own tokens."""
-        assert self.cache is not None, "reset() first"
-        held = self.cache
-        self.reset(ids.shape[0])
-        logits = self.extend(ids, attention_mask) if ids.shape[1] else None
-        self.cache = TowerCache.stack([held, self.cache])
-        return logits
-
-    def adopt(self, cache: TowerCache) -> None:
-        """Continue from `cache` itself (not a copy, unlike `restore`): a batch put together elsewhere."""
-        self.cache = cache
-        self._denoiser_view = None
+        with self.aside():
+            self.reset(ids.shape[0])
+            return self.extend(ids, attention_mask) if ids.shape[1] else None
 
     def keep_rows(self, rows: list[int]) -> None:
         """Go on with these rows of the batch only, in this order."""
