@@ -79,10 +79,8 @@ class PrefixReuse:
         return self.inner.denoise(block, t, rows=rows, **padding)
 
     def join(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """`TowerBackend.join` (continuous batching): the cache then holds a batch, never reused."""
-        if self._pending is not None:
-            self._fresh(self._pending)
-            self._pending = None
+        """`TowerBackend.join` (continuous batching, onto a batch already read): the cache then holds a batch,
+        never reused."""
         self.held = None
         logits = self.inner.join(ids, attention_mask)
         self.fed += ids.shape[1]
