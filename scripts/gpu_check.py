@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import math
@@ -39,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -277,10 +279,35 @@ def mixed_lengths(backend: TowerBackend, prompts: list[list[int]], cfg: S.Sampli
             f"batching {useful / cont:.1f} tok/s ({cont:.2f} s): {fixed / cont:.2f}×")
 
 
-def run_tests(timeout: float) -> None:
-    """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished)."""
+T_START = time.perf_counter()
+
+
+@contextlib.contextmanager
+def section(title: str, wanted: set[int], number: int):
+    """Prints the section's header (with the seconds since the start) and runs its body, unless it is not in
+    `--sections` (then the body is skipped: `with` bodies cannot be skipped, so the caller checks `number in
+    wanted` too). An exception ends the section, not the check: its type, message and innermost frames are
+    printed and the next section runs, so that one run on a lent GPU says as much as it can."""
+    print(f"\n## {number}. {title}  [{time.perf_counter() - T_START:.0f} s]", flush=True)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - reported, then the next section
+        frames = traceback.extract_tb(e.__traceback__)[-4:]
+        print(f"SECTION {number} FAILED: {type(e).__name__}: {str(e).strip()[:600]}")
+        for f in frames:
+            print(f"    {Path(f.filename).name}:{f.lineno} in {f.name}: {f.line}")
+    finally:
+        sys.stdout.flush()
+
+
+def run_tests(timeout: float, workers: int) -> None:
+    """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished). With
+    `workers` > 0 (pytest-xdist), the tests' first calls compile and autotune their Triton kernels in that many
+    processes at once, on the machine's cores, instead of one after another."""
     cmd = [sys.executable, "-m", "pytest", "-v", "--tb=short", "--no-header", "--durations=8", "-m", "gpu",
            "tests/test_kernels.py", "tests/test_train.py", "-p", "no:cacheprovider"]
+    if workers > 0:
+        cmd += ["-n", str(workers)]
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     try:
@@ -297,13 +324,16 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens for prefill (default 1024; smoke 40)")
     ap.add_argument("--decode", type=int, default=None, help="decode steps timed (default 64; smoke 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per ar / mask_diffusion run (default 64)")
-    ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first (section 1)")
+    ap.add_argument("--test-workers", type=int, default=None,
+                    help="pytest-xdist processes for section 1 (default 4 where xdist is installed, else 0)")
+    ap.add_argument("--sections", default="1-7", help="which sections to run, e.g. 1 or 3-4 (default 1-7)")
     ap.add_argument("--test-timeout", type=float, default=None, help="seconds for pytest -m gpu (default 300)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the kernel path under --compile (TowerBackend.compile; adds its compile time)")
     args = ap.parse_args()
     smoke = args.cpu_smoke
-    t_start = time.perf_counter()
+    t_start = T_START
 
     if smoke:  # tiny tensors: intra-op threads only add synchronisation (350x slower on a busy 2-core box)
         torch.set_num_threads(1)
@@ -329,18 +359,25 @@ def main() -> None:
     print(f"kernels: {kernels.describe()}\nrouted experts ({str(dtype).removeprefix('torch.')}): "
           f"{moe.describe(device, dtype)}\nversions: {' · '.join(versions)}")
 
-    if not args.skip_tests:
-        print("\n## 1. kernel tests", flush=True)
-        run_tests(args.test_timeout or (60 if smoke else 300))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # chat.py, attention.py, moe.py, predict.py
+    wanted = parse_sections(args.sections) - ({1} if args.skip_tests else set())
+    if 1 in wanted:
+        with section("kernel tests", wanted, 1):
+            xdist = importlib.util.find_spec("xdist") is not None
+            run_tests(args.test_timeout or (60 if smoke else 300),
+                      args.test_workers if args.test_workers is not None else (4 if xdist and not smoke else 0))
 
+    model = backend = None
     cfg = NemotronHConfig.build(args.pattern, **(SMOKE if smoke else NANO))
-    t0 = time.perf_counter()
-    model = random_twotower(cfg, device, dtype)
-    sync(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"\n## 2. model: pattern {args.pattern} · {n_params / 1e9:.3f} B parameters (both towers) · {dtype} · "
-          f"built in {time.perf_counter() - t0:.1f} s")
-    backend = TowerBackend(model)
+    if wanted & {2, 3, 4}:
+        with section(f"model: pattern {args.pattern}", wanted, 2):
+            t0 = time.perf_counter()
+            model = random_twotower(cfg, device, dtype)
+            sync(device)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"{n_params / 1e9:.3f} B parameters (both towers) · {dtype} · built in "
+                  f"{time.perf_counter() - t0:.1f} s")
+            backend = TowerBackend(model)
     mask_id = 3
     gen = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(4, cfg.vocab_size, (1, prompt_len), generator=gen).to(device)
@@ -350,42 +387,84 @@ def main() -> None:
     paths = [("torch", dict(kernels="torch", sdpa=False))]
     paths.append(("kernels", dict(kernels="auto", sdpa=True)) if device.type == "cuda"
                  else ("sdpa (cpu)", dict(kernels="torch", sdpa=True)))
-    results = {}
-    n_blocks = 3 if smoke else 10
-    for label, force in paths:
-        with kernels.force(**force):
-            results[label] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
     cols = [lbl for lbl, _ in paths]
-    if args.compile:  # in place: from here on (section 4 too) the decode and block steps run compiled
-        t0 = time.perf_counter()
-        backend.compile()
-        with kernels.force(**paths[-1][1]):
-            results[cols[-1] + "+compile"] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
-        cols.append(cols[-1] + "+compile")
-        print(f"\n(--compile: compilation and timing {time.perf_counter() - t0:.0f} s)")
-    print(f"\n## 3. torch path vs kernel path · prompt {prompt_len} · decode {n_decode} steps · block {block}"
-          + ("" if k or device.type != "cuda" else "  (kernels missing: the kernel column is SDPA only)"))
-    w = max(14, *(len(c) + 2 for c in cols))
-    print(f"{'':24}" + "".join(f"{c:>{w}}" for c in cols) + "".join(f"{'× ' + cols[0]:>12}" for c in cols[1:]))
-    for key, title, higher in (("prefill_tok_s", "prefill tok/s", True), ("decode_tok_s", "decode tok/s", True),
-                               ("block_ms", "block denoise ms", False)):
-        vals = [results[c][key] for c in cols]
-        line = f"{title:24}" + "".join(f"{v:{w}.1f}" for v in vals)
-        line += "".join(f"{(v / vals[0] if higher else vals[0] / v):11.2f}×" for v in vals[1:])
-        print(line)
-
     best = dict(paths[-1][1])
+    if 3 in wanted and backend is not None:
+        with section(f"torch path vs kernel path · prompt {prompt_len} · decode {n_decode} steps · block {block}"
+                     + ("" if k or device.type != "cuda" else "  (kernels missing: the kernel column is SDPA only)"),
+                     wanted, 3):
+            results = {}
+            n_blocks = 3 if smoke else 10
+            for label, force in paths:
+                with kernels.force(**force):
+                    results[label] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
+            if args.compile:  # in place: from here on (section 4 too) the decode and block steps run compiled
+                t0 = time.perf_counter()
+                backend.compile()
+                with kernels.force(**paths[-1][1]):
+                    results[cols[-1] + "+compile"] = measure_path(backend, prompt, n_decode, n_blocks, block,
+                                                                  mask_id)
+                cols.append(cols[-1] + "+compile")
+                print(f"(--compile: compilation and timing {time.perf_counter() - t0:.0f} s)")
+            w = max(14, *(len(c) + 2 for c in cols))
+            print(f"{'':24}" + "".join(f"{c:>{w}}" for c in cols)
+                  + "".join(f"{'× ' + cols[0]:>12}" for c in cols[1:]))
+            for key, title, higher in (("prefill_tok_s", "prefill tok/s", True),
+                                       ("decode_tok_s", "decode tok/s", True),
+                                       ("block_ms", "block denoise ms", False)):
+                vals = [results[c][key] for c in cols]
+                line = f"{title:24}" + "".join(f"{v:{w}.1f}" for v in vals)
+                line += "".join(f"{(v / vals[0] if higher else vals[0] / v):11.2f}×" for v in vals[1:])
+                print(line)
+
     rows = [("ar", S.SamplingConfig(mode="ar", max_new_tokens=n_new)),
             ("mask_diffusion thr 0.8", S.SamplingConfig(mode="mask_diffusion", block_size=block, threshold=0.8,
                                                         max_new_tokens=n_new)),
             ("mask_diffusion 4 steps", S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=4,
                                                         policy="topk", max_new_tokens=n_new))]
     ids = [prompt[0, :min(prompt_len, 256)].tolist()]
-    print(f"\n## 4. sampling on the {cols[-1]} path · prompt {len(ids[0])} · {n_new} new tokens · greedy · "
-          "no EOS stop (random weights)")
+    if 4 in wanted and backend is not None:
+        with section(f"sampling on the {cols[-1]} path · prompt {len(ids[0])} · {n_new} new tokens · greedy · "
+                     "no EOS stop (random weights)", wanted, 4):
+            sampling(backend, model, prompt, ids, rows, best, block, mask_id, n_new, args.pattern, device)
+    del model, backend
+    if 5 in wanted:
+        with section("attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)",
+                     wanted, 5):
+            import attention as attention_bench
+            attention_bench.run(device, 64 if smoke else 4096, rounds=1 if smoke else 5)
+    if 6 in wanted:
+        with section("MoE routed experts: per-expert loop vs grouped GEMMs (benchmarks/moe.py)", wanted, 6):
+            import moe as moe_bench
+            if smoke:
+                moe_bench.run(device, dtype, 64, 32, experts=8, top_k=2, tokens=(1, 16), rounds=1, inner=2)
+            else:
+                moe_bench.run(device, dtype, NANO["hidden_size"], NANO["moe_intermediate_size"], rounds=5, inner=20)
+    if 7 in wanted:
+        with section("the sampler's choice per NFE: logits to the host vs predicted on the device "
+                     "(benchmarks/predict.py)", wanted, 7):
+            import predict as predict_bench
+            predict_bench.run(device, vocab=NANO["vocab_size"] if not smoke else 256, rounds=1 if smoke else 5)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
+
+
+def parse_sections(spec: str) -> set[int]:
+    """"1-7", "1,3-4" → the section numbers."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: list[list[int]], rows, best: dict,
+             block: int, mask_id: int, n_new: int, pattern: str, device: torch.device) -> None:
+    """Section 4: ar vs mask_diffusion rows, mixed lengths, chat turns, per-step syncs / launches / graphs."""
     print(f"{'mode':26}{'tok/s':>10}{'NFE':>8}{'tok/NFE':>10}{'seconds':>10}")
     # the same rows for 8 different prompts at once (what `serve --max-batch` and `generate --batch-size` run):
     # tok/s of the whole batch, NFE of the batch, tok/NFE per sequence
+    prompt_len = prompt.shape[1]
     window = max(1, min(128, prompt_len - 8))
     batch = [prompt[0, i:i + window].tolist() for i in range(8)]  # 8 different prompts: shifted windows
     with kernels.force(**best):
@@ -397,39 +476,23 @@ def main() -> None:
             sync(device)
             n = fin.new_tokens
             per_seq = n / max(sum(g.nfe for g in fin.generations), 1)
-            print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}")
-        print(mixed_lengths(backend, batch * 3, rows[1][1], n_new, device))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+            print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}",
+                  flush=True)
+        print(mixed_lengths(backend, batch * 3, rows[1][1], n_new, device), flush=True)
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
-              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]))
+              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]), flush=True)
     for title, measure, show in (
             ("host syncs per step (CUDA sync debug mode)", host_syncs, str),
-            (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {args.pattern} estimates them "
+            (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {pattern} estimates them "
              "on a CPU)", gpu_launches, str),
             ("CUDA-graph ceiling, ms per step eager → replayed", graph_ceiling,
              lambda eg: f"{eg[0]:.2f} → {eg[1]:.2f} ({eg[0] / eg[1]:.2f}×)")):
         with kernels.force(**best):
             got = per_step(backend, prompt, block, mask_id, measure)
-        print(f"{title}: " + (", ".join(f"{k} {show(v)}" for k, v in got.items()) if isinstance(got, dict) else got))
+        print(f"{title}: " + (", ".join(f"{k} {show(v)}" for k, v in got.items()) if isinstance(got, dict) else got),
+              flush=True)
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
-
-    print("\n## 5. attention with grouped keys/values: previous SDPA dispatch vs _sdpa (benchmarks/attention.py)")
-    import attention as attention_bench
-    attention_bench.run(device, 64 if smoke else 4096, rounds=1 if smoke else 5)
-    del model, backend
-    print("\n## 6. MoE routed experts: per-expert loop vs grouped GEMMs (benchmarks/moe.py)")
-    import moe as moe_bench
-    if smoke:
-        moe_bench.run(device, dtype, 64, 32, experts=8, top_k=2, tokens=(1, 16), rounds=1, inner=2)
-    else:
-        moe_bench.run(device, dtype, NANO["hidden_size"], NANO["moe_intermediate_size"], rounds=5, inner=20)
-    print("\n## 7. the sampler's choice per NFE: logits to the host vs predicted on the device (benchmarks/predict.py)")
-    import predict as predict_bench
-    predict_bench.run(device, vocab=NANO["vocab_size"] if not smoke else 256, rounds=1 if smoke else 5)
-    peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
-
 
 if __name__ == "__main__":
     main()

@@ -87,6 +87,13 @@ def build_conv(src: Path, site: Path, build: Path) -> None:
     shutil.copy2(so, site / Path(so).name)
 
 
+def conv_imports(site: Path) -> bool:
+    """Whether causal_conv1d_cuda in `site` loads with this machine's torch (a child process: a bad .so can abort)."""
+    code = "import torch, causal_conv1d_cuda"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+
+
 def install(args: argparse.Namespace) -> None:
     site = Path(args.site).resolve()
     site.mkdir(parents=True, exist_ok=True)
@@ -110,12 +117,26 @@ def install(args: argparse.Namespace) -> None:
         shutil.copytree(src / "causal_conv1d", pkg)
         build = Path(tmp) / "build"
         build.mkdir()
+        prebuilt = sorted(KIT.glob("causal_conv1d_cuda*.so"))  # kept by an earlier run's --keep (same torch)
+        for so in prebuilt:
+            shutil.copy2(so, site / so.name)
         code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
                 f"gpu_kit.build_conv(__import__('pathlib').Path({str(src)!r}), "
                 f"__import__('pathlib').Path({str(site)!r}), __import__('pathlib').Path({str(build)!r}))")
         try:
-            run([sys.executable, "-c", code], env={"MAX_JOBS": str(os.cpu_count() or 4)}, timeout=args.conv_timeout)
-            print(f"causal-conv1d extension built in {time.perf_counter() - t0:.0f} s", flush=True)
+            if prebuilt and conv_imports(site):
+                print(f"causal-conv1d extension: {prebuilt[-1].name} from {KIT.name}/ (not rebuilt)", flush=True)
+            else:
+                for so in site.glob("causal_conv1d_cuda*.so"):
+                    so.unlink()
+                run([sys.executable, "-c", code], env={"MAX_JOBS": str(os.cpu_count() or 4)},
+                    timeout=args.conv_timeout)
+                print(f"causal-conv1d extension built in {time.perf_counter() - t0:.0f} s", flush=True)
+                if args.keep:  # e.g. the device tool's $OUT: carry it back in .gpu-kit/ to skip the build next time
+                    for so in site.glob("causal_conv1d_cuda*.so"):
+                        Path(args.keep).mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(so, Path(args.keep) / so.name)
+                        print(f"kept {so.name} ({so.stat().st_size / 1e6:.1f} MB) in {args.keep}", flush=True)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             shutil.rmtree(pkg, ignore_errors=True)
             for so in site.glob("causal_conv1d_cuda*.so"):
@@ -156,6 +177,7 @@ def main() -> None:
     p = sub.add_parser("install", help="install the kit on this GPU machine (offline)")
     p.add_argument("--site", default="/tmp/twotower-kit", help="target folder to put on PYTHONPATH")
     p.add_argument("--conv-timeout", type=float, default=300, help="seconds allowed for the causal-conv1d build")
+    p.add_argument("--keep", default=None, help="copy the causal-conv1d extension it builds into this folder")
     p = sub.add_parser("interpret", help="run the gpu kernel tests on this CPU under Triton's interpreter")
     p.add_argument("--site", default=str(ROOT / ".triton-cpu"), help="where to install triton and the wheel")
     p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -- -k chunk_scan")
