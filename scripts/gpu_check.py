@@ -183,6 +183,30 @@ def gpu_launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def host_profile(fn, top: int = 8) -> str:
+    """Where the host's time goes in one call of `fn` (cProfile, after two warm calls; the final synchronize
+    included, so time the host spends waiting for the GPU shows as `synchronize`): the total, then the `top`
+    functions by their own time, as name (file:line) ms/calls. For a step whose eager time is far above its
+    CUDA-graph replay, this names the Python that costs it."""
+    import cProfile
+    import pstats
+
+    wait = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    fn()
+    wait()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    wait()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) → (primitive calls, calls, own s, cumulative s, callers)
+    total = sum(v[2] for v in stats.values())
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return f"total {total * 1e3:.1f} ms: " + "; ".join(
+        f"{name} ({Path(file).name}:{line}) {own * 1e3:.2f}/{calls}" for (file, line, name), (_, calls, own, _, _) in rows)
+
+
 def graph_ceiling(fn, replays: int = 20) -> tuple[float, float]:
     """What CUDA graphs could give, as a number for deciding whether to build them: `fn` eager vs captured
     once in a torch.cuda.CUDAGraph and replayed, ms per call (median of `replays`, each synchronised). A
@@ -262,6 +286,10 @@ def mixed_lengths(backend: TowerBackend, prompts: list[list[int]], cfg: S.Sampli
     second, one run each."""
     lengths = [(max(1, n_new // 8), max(1, n_new // 2), n_new)[i % 3] for i in range(len(prompts))]
     useful = sum(lengths)
+    warm = S.SamplingConfig(**{**cfg.__dict__, "max_new_tokens": max(lengths[:width])})
+    S.run(backend, prompts[:width], warm)  # warm-up of both: first calls of new shapes (joins) compile/autotune
+    for _ in run_in_order(Continuous(backend, cfg), prompts[:width], width=width, max_new=lengths[:width]):
+        pass
     sync(device)
     t0 = time.perf_counter()
     for first in range(0, len(prompts), width):
@@ -487,10 +515,14 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
             (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {pattern} estimates them "
              "on a CPU)", gpu_launches, str),
             ("CUDA-graph ceiling, ms per step eager → replayed", graph_ceiling,
-             lambda eg: f"{eg[0]:.2f} → {eg[1]:.2f} ({eg[0] / eg[1]:.2f}×)")):
-        with kernels.force(**best):
+             lambda eg: f"{eg[0]:.2f} → {eg[1]:.2f} ({eg[0] / eg[1]:.2f}×)"),
+            ("host time per step, torch path (cProfile: own ms/calls)", host_profile, str),
+            ("host time per step, kernel path (cProfile: own ms/calls)", host_profile, str)):
+        force = dict(kernels="torch", sdpa=False) if "torch path" in title else best
+        with kernels.force(**force):
             got = per_step(backend, prompt, block, mask_id, measure)
-        print(f"{title}: " + (", ".join(f"{k} {show(v)}" for k, v in got.items()) if isinstance(got, dict) else got),
+        sep = "\n  " if measure is host_profile else ", "
+        print(f"{title}: " + (sep.join(f"{k} {show(v)}" for k, v in got.items()) if isinstance(got, dict) else got),
               flush=True)
     print(f"kernel fallbacks: {kernels._failed or 'none'} · grouped GEMM fallbacks: {moe._GROUPED_FAILED or 'none'}")
 

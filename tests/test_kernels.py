@@ -549,13 +549,16 @@ def sdpa_case(case: str, cfg, b: int = 2) -> tuple[int, KVCache | None, bool, to
 
 @pytest.fixture
 def sdpa_calls(monkeypatch):
-    """Records (q heads, k heads, q length, has mask, enable_gqa, dtype) of every SDPA call."""
+    """Records (q heads, k heads, q length, has mask, enable_gqa, dtype) of every SDPA call. Returns the output
+    in the layout CUDA's fused kernels give it, [b, heads, L, d] values with L-major strides (not contiguous):
+    on an H100 a `.view` of that raised where the CPU's contiguous output did not."""
     calls, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         calls.append((q.shape[1], k.shape[1], q.shape[2], attn_mask is not None, enable_gqa, q.dtype))
-        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                    enable_gqa=enable_gqa)
+        out = real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                   enable_gqa=enable_gqa)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return calls
@@ -1095,7 +1098,8 @@ def test_gpu_check_script_runs_on_cpu():
     for header in ("## 2. model", "## 3. torch path vs kernel path", "## 4. sampling", "## 5. attention",
                    "## 6. MoE", "## 7. the sampler's choice"):
         assert header in out, header
-    for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling"):
+    for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling", "host time per step, torch",
+                 "host time per step, kernel"):
         assert any(ln.startswith(line) and ln.endswith("n/a off CUDA") for ln in out.splitlines()), line
     assert "kernel fallbacks: none" in out
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here

@@ -269,3 +269,37 @@ def test_bad_settings_raise_twotower_error(kw):
 def test_empty_prompt_is_an_error():
     with pytest.raises(TwoTowerError, match="empty prompt"):
         list(S.generate(ScriptedBackend([[0.5] * 4]), [[]], cfg()))
+
+
+def test_companion_generators_follow_the_generator_and_stay_bounded(monkeypatch):
+    """A CPU generator drawing for another device gets one companion there, seeded once from it (so the same
+    seed gives the same companion seed); entries follow the generator object, not a weak reference (torch
+    2.11's Generator takes none), and the least recently used go beyond _MAX_COMPANIONS."""
+    from collections import OrderedDict
+
+    real = torch.Generator
+
+    class Companion:  # stands in for torch.Generator(device="cuda") on this CPU-only machine
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def manual_seed(self, seed):
+            self.seed = seed
+            return self
+
+    monkeypatch.setattr(S, "_COMPANIONS", OrderedDict())
+    monkeypatch.setattr(S, "_MAX_COMPANIONS", 3)
+    gens = [real().manual_seed(i) for i in range(5)]
+    again = real().manual_seed(0)
+    monkeypatch.setattr(torch, "Generator", Companion)
+    other = torch.device("cuda")
+    first = S._generator_on(gens[0], other)
+    assert isinstance(first, Companion) and S._generator_on(gens[0], other) is first
+    assert S._generator_on(gens[0], torch.device("cpu")) is gens[0]  # its own device: itself
+    twin = S._generator_on(again, other)
+    assert twin is not first and twin.seed == first.seed  # same seed, same companion seed
+    for g in gens[1:]:
+        S._generator_on(g, other)
+    assert len(S._COMPANIONS) == 3
+    assert [e[0] for e in S._COMPANIONS.values()] == gens[2:]  # the least recently used went first
+    assert S._generator_on(gens[0], other) is not first  # evicted: a new companion (seeded afresh)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -189,9 +189,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-# the caller's generator → its companion generator on each other device it has drawn for
-_COMPANIONS: weakref.WeakKeyDictionary[torch.Generator, dict[torch.device, torch.Generator]] = \
-    weakref.WeakKeyDictionary()
+# id(the caller's generator) → (that generator, its companion generator on each other device it has drawn
+# for). Not a WeakKeyDictionary: torch.Generator takes no weak references in some torch releases (2.11's
+# CUDA build, seen on an H100). The generator is held so that its id stays its own while the entry lives;
+# the least recently used entries go beyond _MAX_COMPANIONS (a request's generator in `serve` draws for
+# one request, then is dropped by its caller).
+_COMPANIONS: OrderedDict[int, tuple[torch.Generator, dict[torch.device, torch.Generator]]] = OrderedDict()
+_MAX_COMPANIONS = 256
 
 
 def _generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -199,7 +203,13 @@ def _generator_on(generator: torch.Generator | None, device: torch.device) -> to
     seeded once from `generator` (the same seed gives the same companion); None: torch's default there."""
     if generator is None or generator.device == device:
         return generator
-    per_device = _COMPANIONS.setdefault(generator, {})
+    entry = _COMPANIONS.get(id(generator))
+    if entry is None or entry[0] is not generator:
+        entry = _COMPANIONS[id(generator)] = (generator, {})
+        while len(_COMPANIONS) > _MAX_COMPANIONS:
+            _COMPANIONS.popitem(last=False)
+    _COMPANIONS.move_to_end(id(generator))
+    per_device = entry[1]
     if device not in per_device:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         per_device[device] = torch.Generator(device=device).manual_seed(seed)

@@ -33,6 +33,7 @@ from twotower_cli.checkpoint import DTYPE_BYTES, Checkpoint, open_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.layout import TIME_EMBED_DIM, keep_fp32
+from twotower_cli.model import attention
 from twotower_cli.model.cache import KVCache, MambaState, TowerCache
 from twotower_cli.model.loading import load_state
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM, NemotronHModel
@@ -418,6 +419,8 @@ class TowerBackend:
         COMPILE_MAX_TOKENS (prompts) run eagerly: they are matmul-bound, and each new prompt length would
         cost a recompilation."""
         kernels.prepare_compile()
+        if self.device.type == "cuda":  # its one-off probe, here rather than inside a trace
+            attention.gqa_fused(self.device, self.ar.lm_head.weight.dtype)
         towers = [self.ar.backbone] + ([self.twotower.denoiser_tower] if self.twotower is not None else [])
         for tower in towers:
             for module in compile_regions(tower):

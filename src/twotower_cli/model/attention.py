@@ -15,8 +15,10 @@ finite minimum so that a fully masked row (a left-pad query) gives finite values
 (`ops.kernels.use_sdpa`; TWOTOWER_KERNELS=torch keeps the explicit math) the same attention goes through
 SDPA: no mask (the denoiser's block, one-token decode) or a fresh causal prefill (`is_causal`) use flash
 attention with grouped keys/values; any other mask becomes an additive mask (`MASKED`), which gives the
-explicit path's numbers, fully masked rows included, and runs the memory-efficient kernel with the query
-heads packed or the keys/values expanded (never SDPA's math backend: see `_sdpa`).
+explicit path's numbers, fully masked rows included. Where this torch runs grouped keys/values with a mask
+in a fused kernel (`gqa_fused`: so it does on an H100 with torch 2.11, benchmarks/README) that call is used
+as it is; elsewhere the query heads are packed or the keys/values expanded so that the memory-efficient kernel
+runs (never SDPA's math backend: see `_sdpa`).
 tests/test_kernels.py forces the SDPA path on CPU and checks it against the explicit one.
 """
 
@@ -45,6 +47,35 @@ def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -
     q = torch.arange(L, device=device)[:, None] + t_past
     k = torch.arange(t_past + L, device=device)[None, :]
     return k <= q
+
+
+_GQA_FUSED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def gqa_fused(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA on this CUDA device runs grouped keys/values (`enable_gqa`) with an additive mask in a fused
+    kernel (flash / memory-efficient / cuDNN) for `dtype`, rather than its math backend. Probed once per
+    device and dtype with a tiny call restricted to the fused backends. Older torch had no such kernel (the
+    reason `_sdpa` packs or expands); torch 2.11 on an H100 has one, and there the direct call was faster and
+    smaller than either (scripts/gpu_check.py section 5). False off CUDA: the CPU path keeps its numbers."""
+    key = (str(device), dtype)
+    if key not in _GQA_FUSED:
+        ok = False
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            q = torch.zeros(1, 4, 2, 64, device=device, dtype=dtype)
+            kv = torch.zeros(1, 2, 3, 64, device=device, dtype=dtype)
+            mask = torch.zeros(1, 1, 2, 3, device=device, dtype=dtype)
+            try:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                  SDPBackend.CUDNN_ATTENTION]):
+                    F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, enable_gqa=True)
+                ok = True
+            except RuntimeError:  # "No available kernel": only the math backend takes it
+                ok = False
+        _GQA_FUSED[key] = ok
+    return _GQA_FUSED[key]
 
 
 class Attention(nn.Module):
@@ -116,7 +147,8 @@ class Attention(nn.Module):
                 ~mask, max(torch.finfo(q.dtype).min, MASKED))
         k, v = k.to(q.dtype), v.to(q.dtype)
         scale = 1.0 / math.sqrt(d)
-        if rep == 1 or (attn_mask is None and q.dtype in (torch.float16, torch.bfloat16)):
+        if (rep == 1 or (attn_mask is None and q.dtype in (torch.float16, torch.bfloat16))
+                or (q.is_cuda and gqa_fused(q.device, q.dtype))):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                                                   enable_gqa=rep > 1)
         # pack when the tiled mask has no more elements than the copied keys/values would
@@ -126,6 +158,6 @@ class Attention(nn.Module):
                 attn_mask = attn_mask.repeat(1, 1, rep, 1)  # [b|1, 1, rep·L, T]: row r·L + i is query i
             out = F.scaled_dot_product_attention(q.reshape(b, kv, rep * L, d), k, v, attn_mask=attn_mask,
                                                  scale=scale)
-            return out.view(b, h, L, d)
+            return out.reshape(b, h, L, d)  # CUDA kernels may return [b, kv, rep·L, d] with L-major strides
         return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
                                               attn_mask=attn_mask, is_causal=is_causal, scale=scale)
