@@ -24,6 +24,7 @@ backend class it gets (`fused`: it runs with SDPA restricted to flash / memory-e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -125,6 +126,40 @@ def run(device: torch.device, T: int, rounds: int = 5) -> None:
             line += f"{peak[0]:14.0f}{peak[1]:11.0f}" + "".join(f"{backend_of(fn):>{w}}"
                                                               for fn, w in zip(variants, (10, 8), strict=True))
         print(line, flush=True)
+    growing_keys(att, device, dtype, T, rounds)
+
+
+def growing_keys(att: Attention, device: torch.device, dtype: torch.dtype, T: int, rounds: int,
+                 steps: int = 32) -> None:
+    """What the table above cannot show (it repeats each shape): decode as the context tower runs it, the
+    keys one longer at every step, so every call has a shape SDPA has not seen. SDPA's default backends
+    (cuDNN first on sm90 with torch 2.11, which builds a graph per new shape) vs `sdpa_backends` (flash /
+    memory-efficient / math), the same `_sdpa` call; ms per step, best of `rounds`, each round on key lengths
+    neither side has used."""
+    from twotower_cli.model.attention import sdpa_backends
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    total = T + 2 * rounds * steps
+    q = torch.randn(1, H, 1, D, generator=g).to(device, dtype)
+    k, v = (torch.randn(1, KV, total, D, generator=g).to(device, dtype) for _ in range(2))
+
+    def decode(start: int, restrict: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for t in range(start, start + steps):
+            with sdpa_backends(device) if restrict else contextlib.nullcontext():
+                att._sdpa(q, k[:, :, :t], v[:, :, :t], t - 1, True, None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / steps
+
+    best = [math.inf, math.inf]
+    for r in range(rounds):
+        for i, restrict in enumerate((False, True)):
+            best[i] = min(best[i], decode(T + (2 * r + i) * steps, restrict))
+    print(f"decode, keys growing {T}→ one per step ({steps} steps): default backends {best[0] * 1e3:.3f} ms · "
+          f"sdpa_backends {best[1] * 1e3:.3f} ms per step ({best[0] / best[1]:.2f}×)", flush=True)
 
 
 def backend_of(fn: Callable[[], None]) -> str:

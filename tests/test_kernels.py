@@ -1105,3 +1105,22 @@ def test_gpu_check_script_runs_on_cpu():
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here
     chat = next(ln for ln in out.splitlines() if ln.startswith("chat, prompt phase"))
     assert chat.endswith("identical replies 3/3"), chat  # fp32 on CPU: the kept state changes nothing
+
+
+def test_sdpa_backends_leave_out_cudnn_on_cuda_only():
+    """On CUDA the towers' SDPA calls run with cuDNN attention disabled (it builds a graph per new key length:
+    a build every decode step on an H100 with torch 2.11), flash / memory-efficient / math allowed; off CUDA
+    the selection is left as it is. The flags are global: checked inside and after the context."""
+    from twotower_cli.model.attention import sdpa_backends
+
+    cuda = torch.backends.cuda
+    before = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+              cuda.cudnn_sdp_enabled())
+    with sdpa_backends(torch.device("cuda", 0)):
+        assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+                cuda.cudnn_sdp_enabled()) == (True, True, True, False)
+    with sdpa_backends(torch.device("cpu")):
+        assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+                cuda.cudnn_sdp_enabled()) == before
+    assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+            cuda.cudnn_sdp_enabled()) == before

@@ -16,14 +16,14 @@ finite minimum so that a fully masked row (a left-pad query) gives finite values
 SDPA: no mask (the denoiser's block, one-token decode) or a fresh causal prefill (`is_causal`) use flash
 attention with grouped keys/values; any other mask becomes an additive mask (`MASKED`), which gives the
 explicit path's numbers, fully masked rows included. Where this torch runs grouped keys/values with a mask
-in a fused kernel (`gqa_fused`: so it does on an H100 with torch 2.11, benchmarks/README) that call is used
-as it is; elsewhere the query heads are packed or the keys/values expanded so that the memory-efficient kernel
-runs (never SDPA's math backend: see `_sdpa`).
+in flash or memory-efficient attention (`gqa_fused`, probed once) that call is used as it is; elsewhere the query heads are packed or the keys/values expanded so that the memory-efficient kernel
+runs (never SDPA's math backend: see `_sdpa`). Never cuDNN attention either (`sdpa_backends`).
 tests/test_kernels.py forces the SDPA path on CPU and checks it against the explicit one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -52,12 +52,26 @@ def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -
 _GQA_FUSED: dict[tuple[str, torch.dtype], bool] = {}
 
 
+def sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA backends the towers' attention may use on `device`: on CUDA flash and memory-efficient
+    attention, the math backend as the last resort, and not cuDNN attention. torch 2.11 with its bundled cuDNN
+    prefers cuDNN on sm90 (H100, H200), and cuDNN builds an execution graph for every new shape: the context
+    tower's keys grow by one each decode step and by a block each commit, so every step paid a graph build.
+    On an H100 (scripts/gpu_check.py, benchmarks/README) a decode step took 44.6 ms eager against 1.16 ms
+    as a replayed CUDA graph and ~7 ms of host time when its shapes had been seen before, and kernel-path
+    decode ran at 0.11x the explicit-attention path. Off CUDA: no change (a null context)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def gqa_fused(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether SDPA on this CUDA device runs grouped keys/values (`enable_gqa`) with an additive mask in a fused
-    kernel (flash / memory-efficient / cuDNN) for `dtype`, rather than its math backend. Probed once per
-    device and dtype with a tiny call restricted to the fused backends. Older torch had no such kernel (the
-    reason `_sdpa` packs or expands); torch 2.11 on an H100 has one, and there the direct call was faster and
-    smaller than either (scripts/gpu_check.py section 5). False off CUDA: the CPU path keeps its numbers."""
+    kernel (flash / memory-efficient; cuDNN is never used, `sdpa_backends`) for `dtype`, rather than its math
+    backend. Probed once per device and dtype with a tiny call restricted to those backends; where it runs,
+    the direct call replaces packing or expanding (`_sdpa`). False off CUDA: the CPU path keeps its numbers."""
     key = (str(device), dtype)
     if key not in _GQA_FUSED:
         ok = False
@@ -68,8 +82,7 @@ def gqa_fused(device: torch.device, dtype: torch.dtype) -> bool:
             kv = torch.zeros(1, 2, 3, 64, device=device, dtype=dtype)
             mask = torch.zeros(1, 1, 2, 3, device=device, dtype=dtype)
             try:
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                  SDPBackend.CUDNN_ATTENTION]):
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
                     F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, enable_gqa=True)
                 ok = True
             except RuntimeError:  # "No available kernel": only the math backend takes it
@@ -103,7 +116,8 @@ class Attention(nn.Module):
             past.k, past.v = k.to(past.k.dtype), v.to(past.v.dtype)
         t_past = k.shape[2] - L
         if kernels.use_sdpa(x):
-            out = self._sdpa(q, k, v, t_past, causal, mask)
+            with sdpa_backends(x.device):
+                out = self._sdpa(q, k, v, t_past, causal, mask)
             return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim)), k_new, v_new
 
         # GQA: query head j reads kv head j // (heads / kv), as repeat_kv in the reference does.
