@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,12 +76,37 @@ def prepare(args: argparse.Namespace) -> None:
         print(f"{f.relative_to(ROOT)}  {f.stat().st_size / 1e3:.0f} kB")
 
 
+EXPLICIT = re.compile(r"template\s+[^<\s].*;\s*$")  # `template void f<a, b>(...);`, not `template<...>`
+CONV_UNITS = ("causal_conv1d_fwd.cu", "causal_conv1d_bwd.cu", "causal_conv1d_update.cu")
+
+
+def split_units(csrc: Path, names: tuple[str, ...] = CONV_UNITS) -> list[Path]:
+    """One translation unit per explicit instantiation: each of `names` (in `csrc`) is all templates and ends
+    in `template void f<in_t, w_t>(...);` lines (45 in causal-conv1d 1.7). Its body without those lines becomes
+    `<stem>_impl.cuh`, and each line a `<stem>_NN.cu` that includes it. ninja then compiles 45 small units on
+    all cores instead of three large ones on three (the backward file alone outlasted 170 s on an H100 host's
+    16 cores). Returns the new units."""
+    units = []
+    for name in names:
+        lines = (csrc / name).read_text().splitlines()
+        inst = [ln for ln in lines if EXPLICIT.match(ln)]
+        if not inst:
+            raise ValueError(f"{name}: no explicit instantiations to split")
+        impl = csrc / f"{Path(name).stem}_impl.cuh"
+        impl.write_text("#pragma once\n" + "\n".join(ln for ln in lines if not EXPLICIT.match(ln)) + "\n")
+        for i, line in enumerate(inst):
+            unit = csrc / f"{Path(name).stem}_{i:02d}.cu"
+            unit.write_text(f'#include "{impl.name}"\n{line}\n')
+            units.append(unit)
+    return units
+
+
 def build_conv(src: Path, site: Path, build: Path) -> None:
-    """Compile causal_conv1d_cuda from the sdist's csrc/ for the visible GPU; runs in a child process."""
+    """Compile causal_conv1d_cuda from the sdist's csrc/ for the visible GPU (or TORCH_CUDA_ARCH_LIST); runs in
+    a child process."""
     from torch.utils.cpp_extension import load
 
-    sources = [str(src / "csrc" / n) for n in
-               ("causal_conv1d.cpp", "causal_conv1d_fwd.cu", "causal_conv1d_bwd.cu", "causal_conv1d_update.cu")]
+    sources = [str(src / "csrc" / "causal_conv1d.cpp")] + [str(u) for u in split_units(src / "csrc")]
     load(name="causal_conv1d_cuda", sources=sources, extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
          extra_include_paths=[str(src / "csrc")], build_directory=str(build), verbose=False)
     (so,) = glob.glob(str(build / "causal_conv1d_cuda*.so"))
