@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per ar / mask_diffusion run (default 64)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first (section 1)")
     ap.add_argument("--test-workers", type=int, default=None,
-                    help="pytest-xdist processes for section 1 (default 4 where xdist is installed, else 0)")
+                    help="pytest-xdist processes for section 1 (default 8 where xdist is installed, else 0)")
     ap.add_argument("--sections", default="1-7", help="which sections to run, e.g. 1 or 3-4 (default 1-7)")
     ap.add_argument("--test-timeout", type=float, default=None, help="seconds for pytest -m gpu (default 300)")
     ap.add_argument("--compile", action="store_true",
@@ -393,7 +393,7 @@ def main() -> None:
         with section("kernel tests", wanted, 1):
             xdist = importlib.util.find_spec("xdist") is not None
             run_tests(args.test_timeout or (60 if smoke else 300),
-                      args.test_workers if args.test_workers is not None else (4 if xdist and not smoke else 0))
+                      args.test_workers if args.test_workers is not None else (8 if xdist and not smoke else 0))
 
     model = backend = None
     cfg = NemotronHConfig.build(args.pattern, **(SMOKE if smoke else NANO))

@@ -4,20 +4,25 @@ mamba-ssm publishes no wheels on PyPI and a full source build (its selective-sca
 dozen architectures) takes far longer than a short lease on a lent GPU. twotower needs none of that
 extension: its three mamba-ssm kernels (mamba_chunk_scan_combined, selective_state_update, the gated
 RMSNorm) are Triton, and ops/kernels.py imports them without the package's __init__. causal-conv1d is a
-small CUDA extension (three .cu files); compiled for the one GPU at hand, it builds in a few minutes.
+CUDA extension of three .cu files, 45 explicit template instantiations; compiled as they are, the backward
+file alone outlasted 170 s on a 16-core GPU host, so the build splits them into one unit per instantiation
+(`split_units`). It can also be compiled here, where nvcc and the GPU machine's Python exist (`prebuild`).
 
     # where PyPI is reachable (a CPU machine is fine); writes .gpu-kit/ (~250 KB, ignored by git)
     python scripts/gpu_kit.py prepare
+    # optional, here: the conv extension for that machine's torch / Python / GPU (+2.2 MB in .gpu-kit/)
+    python scripts/gpu_kit.py prebuild [--torch 2.11.0] [--python python3.12] [--arch 9.0]
     # on the GPU machine (needs torch with CUDA, nvcc matching it, ninja, triton, einops), offline
-    python scripts/gpu_kit.py install [--site /tmp/twotower-kit] [--conv-timeout 300]
+    python scripts/gpu_kit.py install [--site /tmp/twotower-kit] [--conv-timeout 300] [--keep $OUT]
     PYTHONPATH=/tmp/twotower-kit:src python scripts/gpu_check.py
 
 `prepare` builds mamba-ssm's pure-Python wheel from its sdist (MAMBA_SKIP_CUDA_BUILD=TRUE, with
 MAMBA_FORCE_BUILD=TRUE so that setup.py does not try to download a prebuilt wheel) and downloads the
 causal-conv1d sdist. `install` installs the wheel into --site, copies causal-conv1d's Python package there
-and JIT-compiles its extension (`causal_conv1d_cuda`) with torch.utils.cpp_extension for the local GPU's
-architecture only; if that fails or outlasts --conv-timeout it removes the package again, and twotower
-runs the conv in torch and the rest on the mamba-ssm kernels. Versions are pinned to the ones
+and uses a prebuilt extension from .gpu-kit/ that loads with the torch there, or else JIT-compiles it
+(`causal_conv1d_cuda`) with torch.utils.cpp_extension for the local GPU's architecture only; if that fails
+or outlasts --conv-timeout it removes the package again, and twotower runs the conv in torch and the rest on
+the mamba-ssm kernels. Versions are pinned to the ones
 ops/kernels.py was checked against (its docstring).
 
 Without a GPU, `interpret` checks the mamba-ssm kernels themselves on this CPU: it installs Triton (~1 GB)
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import lzma
 import os
 import re
 import shutil
@@ -64,7 +70,7 @@ def run(cmd: list[str], env: dict | None = None, timeout: float | None = None) -
 
 def prepare(args: argparse.Namespace) -> None:
     KIT.mkdir(exist_ok=True)
-    for old in KIT.iterdir():
+    for old in [*KIT.glob("*.whl"), *KIT.glob("*.tar.gz")]:  # prebuilt extensions (*.so.xz) stay
         old.unlink()
     pip = [sys.executable, "-m", "pip"]
     # --no-build-isolation: both setup.py files import torch (the one installed here) even to build metadata
@@ -120,6 +126,55 @@ def conv_imports(site: Path) -> bool:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
 
 
+def conv_tag(python: str, arch: str | None = None) -> str:
+    """torch{version}-py{X.Y}-sm{arch}: what a causal_conv1d_cuda build is for (`arch`: TORCH_CUDA_ARCH_LIST's
+    form, e.g. 9.0; default the visible GPU's)."""
+    code = ("import sys, torch; cc = {arch!r} or '.'.join(map(str, torch.cuda.get_device_capability())); "
+            "print(f'torch{torch.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}-sm' + cc.replace('.', ''))")
+    out = subprocess.run([python, "-c", code.replace("{arch!r}", repr(arch))], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip().replace("+", "_")
+
+
+def prebuild(args: argparse.Namespace) -> None:
+    """causal_conv1d_cuda built here, for a GPU machine that cannot reach PyPI: its torch version, its Python,
+    its GPU architecture. Needs PyPI (torch==VERSION with its CUDA libraries goes into a venv of --python),
+    the CUDA compiler that torch was built with (--cuda-home) and no GPU. Writes
+    .gpu-kit/causal_conv1d_cuda-torch{V}-py{X.Y}-sm{A}.so.xz (about 2 MB; 39 MB unpacked), which `install`
+    unpacks and uses when it loads there. 2026-11-27 on this 2-core machine: torch 2.11.0 (cu130), Python
+    3.12, sm 9.0, CUDA 13.0: 5 min 20 s of compiling."""
+    sdists = sorted(KIT.glob("causal_conv1d-*.tar.gz"))
+    if not sdists:
+        sys.exit(f"Error: {KIT.relative_to(ROOT)}/ has no causal-conv1d sdist. "
+                 "Hint: run `python scripts/gpu_kit.py prepare` first.")
+    cuda_home = Path(args.cuda_home)
+    if not (cuda_home / "bin" / "nvcc").exists():
+        sys.exit(f"Error: no nvcc in {cuda_home}/bin. Hint: pass --cuda-home, the CUDA toolkit torch was built with.")
+    venv = Path(args.venv)
+    vpy = venv / "bin" / "python"
+    if not vpy.exists():
+        run([args.python, "-m", "venv", str(venv)])
+    run([str(vpy), "-m", "pip", "install", "-q", f"torch=={args.torch}", "ninja"])
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(sdists[-1]) as tar:
+            tar.extractall(tmp, filter="data")
+        (src,) = Path(tmp).glob("causal_conv1d-*")
+        site, build = Path(tmp) / "site", Path(tmp) / "build"
+        site.mkdir()
+        build.mkdir()
+        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
+                f"gpu_kit.build_conv(__import__('pathlib').Path({str(src)!r}), "
+                f"__import__('pathlib').Path({str(site)!r}), __import__('pathlib').Path({str(build)!r}))")
+        run([str(vpy), "-c", code], env={"TORCH_CUDA_ARCH_LIST": args.arch, "CUDA_HOME": str(cuda_home),
+                                         "PATH": f"{cuda_home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+                                         "MAX_JOBS": str(os.cpu_count() or 2)})
+        (so,) = site.glob("causal_conv1d_cuda*.so")
+        out = KIT / f"causal_conv1d_cuda-{conv_tag(str(vpy), args.arch)}.so.xz"
+        out.write_bytes(lzma.compress(so.read_bytes(), preset=6))
+    print(f"{out.relative_to(ROOT)}  {out.stat().st_size / 1e6:.1f} MB  (built in {time.perf_counter() - t0:.0f} s)")
+
+
 def install(args: argparse.Namespace) -> None:
     site = Path(args.site).resolve()
     site.mkdir(parents=True, exist_ok=True)
@@ -143,26 +198,32 @@ def install(args: argparse.Namespace) -> None:
         shutil.copytree(src / "causal_conv1d", pkg)
         build = Path(tmp) / "build"
         build.mkdir()
-        prebuilt = sorted(KIT.glob("causal_conv1d_cuda*.so"))  # kept by an earlier run's --keep (same torch)
-        for so in prebuilt:
-            shutil.copy2(so, site / so.name)
+        so_path = site / "causal_conv1d_cuda.so"
+        for so in site.glob("causal_conv1d_cuda*.so"):
+            so.unlink()
+        found = None
+        for packed in sorted(KIT.glob("causal_conv1d_cuda-*.so.xz")):  # from `prebuild` or an earlier --keep
+            so_path.write_bytes(lzma.decompress(packed.read_bytes()))
+            if conv_imports(site):
+                found = packed
+                break
+            so_path.unlink()
         code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
                 f"gpu_kit.build_conv(__import__('pathlib').Path({str(src)!r}), "
                 f"__import__('pathlib').Path({str(site)!r}), __import__('pathlib').Path({str(build)!r}))")
         try:
-            if prebuilt and conv_imports(site):
-                print(f"causal-conv1d extension: {prebuilt[-1].name} from {KIT.name}/ (not rebuilt)", flush=True)
+            if found:
+                print(f"causal-conv1d extension: {found.name} from {KIT.name}/ (loads with this torch; not built)",
+                      flush=True)
             else:
-                for so in site.glob("causal_conv1d_cuda*.so"):
-                    so.unlink()
                 run([sys.executable, "-c", code], env={"MAX_JOBS": str(os.cpu_count() or 4)},
                     timeout=args.conv_timeout)
                 print(f"causal-conv1d extension built in {time.perf_counter() - t0:.0f} s", flush=True)
-                if args.keep:  # e.g. the device tool's $OUT: carry it back in .gpu-kit/ to skip the build next time
-                    for so in site.glob("causal_conv1d_cuda*.so"):
-                        Path(args.keep).mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(so, Path(args.keep) / so.name)
-                        print(f"kept {so.name} ({so.stat().st_size / 1e6:.1f} MB) in {args.keep}", flush=True)
+                if args.keep:  # e.g. the device tool's $OUT: put it in .gpu-kit/ to skip the build next time
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
+                    kept = Path(args.keep) / f"causal_conv1d_cuda-{conv_tag(sys.executable)}.so.xz"
+                    kept.write_bytes(lzma.compress(so_path.read_bytes(), preset=6))
+                    print(f"kept {kept} ({kept.stat().st_size / 1e6:.1f} MB)", flush=True)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             shutil.rmtree(pkg, ignore_errors=True)
             for so in site.glob("causal_conv1d_cuda*.so"):
@@ -204,11 +265,17 @@ def main() -> None:
     p.add_argument("--site", default="/tmp/twotower-kit", help="target folder to put on PYTHONPATH")
     p.add_argument("--conv-timeout", type=float, default=300, help="seconds allowed for the causal-conv1d build")
     p.add_argument("--keep", default=None, help="copy the causal-conv1d extension it builds into this folder")
+    p = sub.add_parser("prebuild", help="build causal-conv1d's extension here for a GPU machine's torch (needs PyPI)")
+    p.add_argument("--torch", default="2.11.0", help="that machine's torch version (default 2.11.0, seen there)")
+    p.add_argument("--python", default="python3.12", help="a Python of that machine's version (default python3.12)")
+    p.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST (default 9.0: H100, H200)")
+    p.add_argument("--cuda-home", default="/usr/local/cuda", help="the CUDA toolkit torch was built with")
+    p.add_argument("--venv", default="/tmp/twotower-prebuild", help="where the venv with that torch goes")
     p = sub.add_parser("interpret", help="run the gpu kernel tests on this CPU under Triton's interpreter")
     p.add_argument("--site", default=str(ROOT / ".triton-cpu"), help="where to install triton and the wheel")
     p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -- -k chunk_scan")
     args = ap.parse_args()
-    {"prepare": prepare, "install": install, "interpret": interpret}[args.cmd](args)
+    {"prepare": prepare, "install": install, "prebuild": prebuild, "interpret": interpret}[args.cmd](args)
 
 
 if __name__ == "__main__":
