@@ -328,6 +328,20 @@ def section(title: str, wanted: set[int], number: int):
         sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def cudnn_sdpa():
+    """The towers' attention as it was before `attention.sdpa_backends`: SDPA choosing among all its backends,
+    cuDNN attention included (first on sm90 with torch 2.11; a graph build for every new key length)."""
+    from twotower_cli.model import attention
+
+    kept = attention.sdpa_backends
+    attention.sdpa_backends = lambda device: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        attention.sdpa_backends = kept
+
+
 def run_tests(timeout: float, workers: int) -> None:
     """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished). With
     `workers` > 0 (pytest-xdist), the tests' first calls compile and autotune their Triton kernels in that many
@@ -423,6 +437,10 @@ def main() -> None:
                      wanted, 3):
             results = {}
             n_blocks = 3 if smoke else 10
+            if device.type == "cuda":  # the baseline of the cuDNN change: SDPA's own backend choice
+                with kernels.force(**best), cudnn_sdpa():
+                    results["kernels, any SDPA"] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
+                cols.insert(1, "kernels, any SDPA")
             for label, force in paths:
                 with kernels.force(**force):
                     results[label] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
