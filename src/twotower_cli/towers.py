@@ -451,7 +451,8 @@ class TowerBackend:
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._denoiser_view = None  # the cache changes below (in place)
         eager = self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS  # a prompt: see `compile`
-        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+        with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
+              attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         return self.ar.lm_head(hidden[:, -1]).float()
 
@@ -494,4 +495,5 @@ class TowerBackend:
             if self._denoiser_view is None:
                 self._denoiser_view = cache_on(self.cache, den)
             context = self._denoiser_view
-        return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
+        with attention.sdpa_backends(den):  # for compiled layers too (`Attention.forward`)
+            return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)

@@ -116,7 +116,8 @@ class Attention(nn.Module):
             past.k, past.v = k.to(past.k.dtype), v.to(past.v.dtype)
         t_past = k.shape[2] - L
         if kernels.use_sdpa(x):
-            with sdpa_backends(x.device):
+            # Inside a torch.compile trace the flags are the caller's: TowerBackend sets them around its steps.
+            with sdpa_backends(x.device) if not torch.compiler.is_compiling() else contextlib.nullcontext():
                 out = self._sdpa(q, k, v, t_past, causal, mask)
             return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim)), k_new, v_new
 
