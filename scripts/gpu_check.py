@@ -342,6 +342,32 @@ def cudnn_sdpa():
         attention.sdpa_backends = kept
 
 
+def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_new: int,
+                    device: torch.device) -> str:
+    """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block, eager vs the
+    denoiser step replayed from a per-block CUDA graph (captured at each block's second step), tok/s from
+    one run each after a warm-up, and whether the tokens agree."""
+    if device.type != "cuda":
+        return "cuda graphs (--cuda-graphs): n/a off CUDA"
+    parts = []
+    for steps in (4, 8):
+        sc = S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=steps, policy="topk",
+                              max_new_tokens=n_new)
+        got = {}
+        for graphs in (False, True):
+            backend.graphs = graphs
+            S.run(backend, ids, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": 2 * block}))  # warm-up
+            sync(device)
+            fin = S.run(backend, ids, sc)
+            sync(device)
+            got[graphs] = (fin.new_tokens / fin.wall_seconds, fin.generations[0].token_ids)
+        backend.graphs = False
+        (eager, t0), (graphed, t1) = got[False], got[True]
+        parts.append(f"{steps} steps {eager:.1f} → {graphed:.1f} tok/s ({graphed / eager:.2f}×, tokens "
+                     f"{'equal' if t0 == t1 else 'DIFFER'})")
+    return f"cuda graphs, mask_diffusion eager → --cuda-graphs ({backend.captures} captures): " + ", ".join(parts)
+
+
 def run_tests(timeout: float, workers: int) -> None:
     """pytest -m gpu, its output streamed (one line per test: a timeout still leaves what had finished). With
     `workers` > 0 (pytest-xdist), the tests' first calls compile and autotune their Triton kernels in that many
@@ -525,6 +551,7 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}",
                   flush=True)
         print(mixed_lengths(backend, batch * 3, rows[1][1], n_new, device), flush=True)
+        print(cuda_graph_rows(backend, ids, block, n_new, device), flush=True)
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
               + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]), flush=True)

@@ -945,6 +945,53 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_cuda_graph_denoise_equals_eager(dtype):
+    """`--cuda-graphs` on a real GPU: the denoiser step captured at a block's second step and replayed at the
+    later ones gives the eager step's logits, for blocks of two rows with their own t and masked rows, across
+    a commit (a new capture) and with one row's block padded (`block_valid`); the kernel path as the sampler
+    runs it. tests/test_graphs.py checks the rest on the CPU with a stand-in capture."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.twotower_helpers import twotower_tensors
+
+    from twotower_cli.model.loading import cast_
+    from twotower_cli.towers import TowerBackend, TwoTower
+
+    cfg = kernel_tower_config()
+    model = TwoTower(cfg)
+    model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=5, std=0.05), "random",
+                                           denoiser=build_tiny_model(cfg, seed=6, std=0.05)))
+    cast_(model.to("cuda").eval(), dtype)
+    eager, graphed = TowerBackend(model), TowerBackend(model)
+    graphed.graphs = True
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 40), generator=g).cuda()
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, 9:] = False
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.no_grad(), kernels.force(kernels="auto", sdpa=True), fallbacks_fail(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*capture of the denoiser step failed")
+        for b in (eager, graphed):
+            b.reset(2)
+            b.extend(prompt)
+        for block_no, block_valid in enumerate((None, valid)):
+            x = torch.full((2, 16), 3)
+            for step in range(4):
+                t = torch.tensor([1.0 - step / 5, 0.9 - step / 6])
+                rows = (torch.rand(2, 16, generator=g) < 0.8) & (valid if block_valid is not None else True)
+                want = eager.denoise(x, t, rows=rows, block_valid=block_valid)
+                got = graphed.denoise(x, t, rows=rows, block_valid=block_valid)
+                scale = 1 + want.abs().max().item()
+                assert max_diff(got, want) <= tol * scale, f"block {block_no} step {step}: {max_diff(got, want):.3e}"
+                x = x.clone()
+                x[:, step * 4:(step + 1) * 4] = torch.randint(4, cfg.vocab_size, (2, 4), generator=g)
+            for b in (eager, graphed):
+                b.extend(x.cuda())
+    assert graphed.captures == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
     """Continuous batching on the kernel path: prompts of 150, 37 and 5 tokens read one at a time, their caches
     stacked (left-padded: a masked SDPA, the state-update kernel over rows that never shared a prefill),
@@ -1099,7 +1146,7 @@ def test_gpu_check_script_runs_on_cpu():
                    "## 6. MoE", "## 7. the sampler's choice"):
         assert header in out, header
     for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling", "host time per step, torch",
-                 "host time per step, kernel"):
+                 "host time per step, kernel", "cuda graphs (--cuda-graphs)"):
         assert any(ln.startswith(line) and ln.endswith("n/a off CUDA") for ln in out.splitlines()), line
     assert "kernel fallbacks: none" in out
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here

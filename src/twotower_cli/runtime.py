@@ -89,10 +89,11 @@ def model_folder(model: str | None) -> Path:
 
 def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",
                  context_device: str | None = None, denoiser_device: str | None = None,
-                 compile: bool = False, threads: int | None = None) -> Runtime:
+                 compile: bool = False, threads: int | None = None, cuda_graphs: bool = False) -> Runtime:
     """Resolve the model name (alias, hub id in the cache, or folder), load it, and load its tokenizer.
     `compile`: torch.compile the decode and block steps (`TowerBackend.compile`). `threads`: CPU threads for
-    torch (default: torch's own choice, one per core)."""
+    torch (default: torch's own choice, one per core). `cuda_graphs`: replay the denoiser's step within a
+    block from a CUDA graph (`TowerBackend`); needs the denoiser on a GPU."""
     if threads is not None:
         if threads < 1:
             raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
@@ -102,6 +103,9 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     ctx = pick_device(context_device) if context_device else dev
     den = pick_device(denoiser_device) if denoiser_device else dev
     tdtype = pick_dtype(dtype, ctx)
+    if cuda_graphs and den.type != "cuda":
+        raise TwoTowerError(f"--cuda-graphs needs the denoiser on a GPU; it would run on {den}",
+                            "use --device cuda (or --denoiser-device cuda:N), or drop --cuda-graphs")
     tokenizer = Tokenizer(folder)
     generation_eos = generation_eos_ids(folder)  # read before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
@@ -109,6 +113,7 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     backend = TowerBackend(loaded.twotower, loaded.ar)
     if compile:
         backend.compile()
+    backend.graphs = cuda_graphs
     return Runtime(loaded, backend, tokenizer, loaded.cfg, folder, end_token_ids(loaded.cfg.eos_token_ids, generation_eos))
 
 

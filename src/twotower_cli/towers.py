@@ -22,6 +22,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,8 +393,47 @@ def compile_regions(tower: NemotronHModel) -> list[nn.Module]:
     return regions
 
 
+def capture_graph(fn, device: torch.device):
+    """`fn()` captured once in a CUDA graph on `device`: (replay, out), where `replay()` runs the captured
+    kernels again over the same input buffers `fn` reads and writes `out`, the tensor `fn` returned. As
+    PyTorch asks, `fn` runs once on a side stream first (lazy cuBLAS workspaces, Triton autotuning);
+    capture itself runs nothing, so `replay` is called once before returning."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        graph.replay()
+    return graph.replay, out
+
+
+@dataclass
+class _BlockGraph:
+    """The denoiser's forward for the block in hand, captured (`TowerBackend.denoise` with graphs on)."""
+    key: tuple
+    replay: object = None  # None: seen once (eager), captured at the next call with the same key
+    out: torch.Tensor | None = None
+    block: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
 class TowerBackend:
-    """The sampler's `Backend` over a TwoTower (all modes) or a plain causal LM (`ar` only)."""
+    """The sampler's `Backend` over a TwoTower (all modes) or a plain causal LM (`ar` only).
+
+    With `graphs` (`--cuda-graphs`), the denoiser's forward is captured in a CUDA graph once per block and
+    replayed for the block's later steps: within a block the context tower's cache does not change, so
+    every step runs the same kernels on the same buffers, only the block's ids and t differ (copied into
+    the graph's inputs). A step's Python and launch overhead then goes: on an H100 a 7-layer denoiser step
+    took 11.2 ms eager and 1.7 ms replayed (scripts/gpu_check.py). The first step of a block runs eagerly;
+    the second runs once more on a side stream and is captured; the third and later are replays. So it
+    pays from about four steps per block (`--steps 4` and more) and costs time below three. Any change of
+    the cache (a commit, rows joining or leaving) drops the graph; mock_ar and ar steps are never graphed.
+    A capture that fails is reported once and the backend goes on eagerly."""
 
     def __init__(self, twotower: TwoTower | None = None, ar: NemotronHForCausalLM | None = None):
         if twotower is None and ar is None:
@@ -404,6 +444,9 @@ class TowerBackend:
         self.cache: TowerCache | None = None
         self._denoiser_view: TowerCache | None = None  # self.cache on the denoiser's device, while it is current
         self.compiled = False
+        self.graphs = False
+        self.captures = 0  # graphs captured so far (tests, reports)
+        self._graph: _BlockGraph | None = None
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
         """torch.compile the layers of both towers (`--compile`) for the decode and block steps, one region
@@ -432,9 +475,14 @@ class TowerBackend:
     def device(self) -> torch.device:
         return self.ar.lm_head.weight.device
 
+    def _changed(self) -> None:
+        """The cache changed (or was replaced): the denoiser's copy of it and the captured graph are stale."""
+        self._denoiser_view = None
+        self._graph = None
+
     def reset(self, batch: int) -> None:
         self.cache = self.ar.backbone.make_cache(batch, device=self.device, dtype=self.ar.lm_head.weight.dtype)
-        self._denoiser_view = None
+        self._changed()
 
     def state(self) -> TowerCache:
         """A copy of the context tower's state, for `restore` (chat keeps one between turns)."""
@@ -444,12 +492,12 @@ class TowerBackend:
     def restore(self, state: TowerCache) -> None:
         """Continue from a state `state()` returned (copied again: extending changes a cache in place)."""
         self.cache = state.clone()
-        self._denoiser_view = None
+        self._changed()
 
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        self._denoiser_view = None  # the cache changes below (in place)
+        self._changed()  # the cache changes below (in place)
         eager = self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS  # a prompt: see `compile`
         with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
@@ -465,9 +513,11 @@ class TowerBackend:
         try:
             yield
         except BaseException:
-            self.cache, self._denoiser_view = held, None
+            self.cache = held
+            self._changed()
             raise
-        self.cache, self._denoiser_view = TowerCache.stack([held, self.cache]), None
+        self.cache = TowerCache.stack([held, self.cache])
+        self._changed()
 
     def join(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Add sequences to the batch: read `ids` [n, L] (left-padded where `attention_mask` is False) as
@@ -481,7 +531,7 @@ class TowerBackend:
         """Go on with these rows of the batch only, in this order."""
         assert self.cache is not None, "reset() first"
         self.cache = self.cache.select(rows)
-        self._denoiser_view = None
+        self._changed()
 
     def denoise(self, block: torch.Tensor, t: torch.Tensor | None, rows: torch.Tensor | None = None,
                 block_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -496,4 +546,39 @@ class TowerBackend:
                 self._denoiser_view = cache_on(self.cache, den)
             context = self._denoiser_view
         with attention.sdpa_backends(den):  # for compiled layers too (`Attention.forward`)
+            if self.graphs and t is not None:
+                return self._graphed(block, context, t, rows, block_valid)
             return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
+
+    def _graphed(self, block: torch.Tensor, context: TowerCache, t: torch.Tensor, rows: torch.Tensor | None,
+                 block_valid: torch.Tensor | None) -> torch.Tensor:
+        """`TwoTower.denoise` through the block's graph (class docstring). The graph computes the head for
+        every row; the rows not asked for are zeroed as the eager path leaves them."""
+        den = self.twotower.denoiser_device
+        key = (tuple(block.shape), block_valid is not None)
+        g = self._graph
+        if g is None or g.key != key:  # the block's first step: eager
+            self._graph = _BlockGraph(key)
+            return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
+        if g.replay is None:  # its second: capture
+            g.block, g.t = block.to(den).clone(), t.to(den).clone()
+            g.valid = None if block_valid is None else block_valid.to(den).clone()
+            try:
+                g.replay, g.out = capture_graph(
+                    lambda: self.twotower.denoise(g.block, context, g.t, block_valid=g.valid), den)
+            except Exception as e:  # noqa: BLE001 - an op that is not capture-safe: go on without graphs
+                self.graphs, self._graph = False, None
+                warnings.warn(f"CUDA graph capture of the denoiser step failed ({type(e).__name__}: {e}); "
+                              "running it eagerly", stacklevel=3)
+                return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
+            self.captures += 1
+        else:
+            g.block.copy_(block, non_blocking=True)
+            g.t.copy_(t, non_blocking=True)
+            if g.valid is not None:
+                g.valid.copy_(block_valid, non_blocking=True)
+            g.replay()
+        out = g.out.clone()
+        if rows is not None:
+            out.masked_fill_(~rows.to(den, non_blocking=True)[..., None], 0.0)
+        return out

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from twotower_cli.cli import app, guarded, report_warning
+from twotower_cli.commands import options as O
 
 
 @app.command()
@@ -25,6 +26,7 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")] = False,
+    cuda_graphs: O.CudaGraphs = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout.")] = False,
 ) -> None:
@@ -54,7 +56,8 @@ def bench(
         texts = list(DEFAULT_PROMPTS)
     folder = resolve(model or DEFAULT_MODEL)
     two = is_twotower_checkpoint(open_checkpoint(folder))  # a plain NemotronH checkpoint benches `ar` only
-    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads)
+    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads,
+                      cuda_graphs=cuda_graphs)
     if block is None:
         block = rt.cfg.block_size
     elif two and (warning := rt.block_warning("mask_diffusion", block)):

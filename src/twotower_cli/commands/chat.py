@@ -95,6 +95,7 @@ def chat(
     denoiser_device: O.DenoiserDevice = None,
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
+    cuda_graphs: O.CudaGraphs = False,
     threads: O.Threads = None,
     no_live: O.NoLive = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per reply on stdout.")] = False,
@@ -116,7 +117,8 @@ def chat(
                             "leave them out, or use a checkpoint with a chat template (without --no-template)")
     variables = parse_template_args(chat_arg or [])
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
-                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
+                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
+                      cuda_graphs=cuda_graphs)
     settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
     if (warning := rt.block_warning(settings.mode, settings.block_size)) is not None:
         report_warning(*warning)

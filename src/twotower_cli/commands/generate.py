@@ -55,6 +55,7 @@ def generate(
     denoiser_device: O.DenoiserDevice = None,
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
+    cuda_graphs: O.CudaGraphs = False,
     threads: O.Threads = None,
     batch_size: Annotated[int, typer.Option(help="Prompts sampled together. Without the live view (--json, --no-live, not a terminal) with continuous batching: a prompt takes the place of one that ended, results in file order as soon as they are done; with it (or --events), in batches of this many.")] = 16,
     no_live: O.NoLive = False,
@@ -86,7 +87,8 @@ def generate(
         model = str(folder)
         model_texts = render_chats(folder, items, system, parse_template_args(chat_arg or []))
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
-                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
+                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
+                      cuda_graphs=cuda_graphs)
     settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
     if (warning := rt.block_warning(settings.mode, settings.block_size)) is not None:
         report_warning(*warning)

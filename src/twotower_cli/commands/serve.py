@@ -39,6 +39,7 @@ def serve(
     denoiser_device: O.DenoiserDevice = None,
     dtype: O.Dtype = "auto",
     compile: O.Compile = False,
+    cuda_graphs: O.CudaGraphs = False,
     threads: O.Threads = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
@@ -70,7 +71,8 @@ def serve(
         raise TwoTowerError("--chat-arg sets chat-template variables, and this model has no chat template",
                             "leave it out (the server answers /v1/completions only)")
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
-                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads)
+                      context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
+                      cuda_graphs=cuda_graphs)
     defaults = rt.sampling(defaults, mask_token_id=mask_token_id, block=block)
     if (warning := rt.block_warning(defaults.mode, defaults.block_size)) is not None:
         report_warning(*warning)

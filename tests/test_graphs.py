@@ -1,0 +1,165 @@
+"""`TowerBackend.graphs` (`--cuda-graphs`): the denoiser step captured once per block and replayed. On this
+CPU the capture is a stand-in with a CUDA graph's contract: `replay()` runs the same step again over the
+buffers it captured (the block ids, t and validity the backend copies into them) and writes the same output
+tensor. So these tests check everything but the capture itself: what is copied in, when a graph is made,
+dropped and reused, and that sampling gives what it gives without graphs. `test_kernels.py` has the CUDA
+test of the real capture (`gpu` marker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
+
+from twotower_cli import sampler as S
+from twotower_cli import towers
+from twotower_cli.batching import Continuous, run_in_order
+from twotower_cli.towers import TowerBackend, load_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 21), "random",
+                            denoiser=random_base(cfg, 22))
+    return load_model(folder, need_denoiser=True).twotower
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Stand-in capture: the step runs now (as the warm-up run does), and each replay runs it again into the
+    same output tensor. Records the calls."""
+    calls = []
+
+    def capture(fn, device):
+        out = fn()
+        calls.append(device)
+
+        def replay():
+            out.copy_(fn())
+        return replay, out
+
+    monkeypatch.setattr(towers, "capture_graph", capture)
+    return calls
+
+
+def graphed(model) -> TowerBackend:
+    b = TowerBackend(model)
+    b.graphs = True
+    return b
+
+
+def test_steps_of_a_block_give_the_eager_logits(model, captured):
+    """Within a block: the first step eager, the second captured, the rest replayed, every one with the logits
+    the eager path gives for its ids, t and rows (the rows not asked for zero); a commit drops the graph
+    and the next block captures anew at its second step."""
+    eager, g = TowerBackend(model), graphed(model)
+    prompt = torch.tensor([[5, 9, 14, 7, 22, 30], [11, 4, 8, 8, 19, 25]])
+    gen = torch.Generator().manual_seed(0)
+    for b in (eager, g):
+        b.reset(2)
+        b.extend(prompt)
+    for block_no in range(2):
+        x = torch.full((2, 4), 3)
+        for step in range(4):
+            t = torch.tensor([1.0 - step / 4, 0.75 - step / 8])
+            rows = torch.rand(2, 4, generator=gen) < 0.7
+            want = eager.denoise(x, t, rows=rows)
+            got = g.denoise(x, t, rows=rows)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert g.captures == block_no + (step >= 1)
+            x = x.clone()
+            x[:, step] = torch.randint(4, 40, (2,), generator=gen)
+        for b in (eager, g):
+            b.extend(x)  # the block committed: the graph is stale
+        assert g._graph is None
+    assert captured == [model.denoiser_device] * 2
+
+
+def test_returned_logits_are_not_overwritten_by_the_next_replay(model, captured):
+    g = graphed(model)
+    g.reset(1)
+    g.extend(torch.tensor([[5, 9, 14]]))
+    x = torch.full((1, 4), 3)
+    outs = [g.denoise(x.clone(), torch.tensor([v])) for v in (1.0, 0.8, 0.6, 0.4)]
+    eager = TowerBackend(model)
+    eager.reset(1)
+    eager.extend(torch.tensor([[5, 9, 14]]))
+    for v, out in zip((1.0, 0.8, 0.6, 0.4), outs, strict=True):
+        torch.testing.assert_close(out, eager.denoise(x, torch.tensor([v])), rtol=0, atol=0)
+
+
+def test_a_new_shape_or_validity_starts_over(model, captured):
+    """A block of another shape, or with `block_valid` where there was none, is a new key: eager first."""
+    g = graphed(model)
+    g.reset(1)
+    g.extend(torch.tensor([[5, 9, 14]]))
+    t = torch.tensor([1.0])
+    g.denoise(torch.full((1, 4), 3), t)
+    g.denoise(torch.full((1, 4), 3), t)
+    assert g.captures == 1
+    g.denoise(torch.full((1, 3), 3), t)  # another shape: eager, graph dropped
+    assert g.captures == 1 and g._graph.replay is None
+    valid = torch.tensor([[True, True, False]])
+    g.denoise(torch.full((1, 3), 3), t, block_valid=valid)  # validity: another key again
+    assert g.captures == 1 and g._graph.replay is None
+    g.denoise(torch.full((1, 3), 3), t, block_valid=valid)
+    assert g.captures == 2
+
+
+@pytest.mark.parametrize("mode,policy", [("mask_diffusion", "topk"), ("mask_diffusion", "threshold"),
+                                         ("mock_ar", "threshold")])
+def test_sampling_with_graphs_gives_the_same_tokens(model, captured, mode, policy):
+    """`S.run` on two prompts: same tokens and NFE with graphs as without; mock_ar (no t) is never graphed."""
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy=policy, threshold=0.3, max_new_tokens=12)
+    prompts = [[5, 9, 14, 7, 22, 30], [11, 4]]
+    g = graphed(model)
+    want = S.run(TowerBackend(model), prompts, cfg).generations
+    got = S.run(g, prompts, cfg).generations
+    assert [(x.token_ids, x.nfe) for x in got] == [(x.token_ids, x.nfe) for x in want]
+    assert (g.captures > 0) == (mode == "mask_diffusion")
+
+
+def test_continuous_batching_with_graphs_gives_the_same_tokens(model, captured):
+    """Rows joining and leaving between blocks (each a cache change) and short last blocks right-padded
+    (`block_valid`): the tokens of the run without graphs."""
+    cfg = S.SamplingConfig(mode="mask_diffusion", block_size=4, steps=4, policy="topk", max_new_tokens=12)
+    prompts = [[5, 9, 14, 7, 22, 30], [11, 4], [8, 8, 19, 25, 6], [20], [15, 16, 17, 18]]
+    lengths = [12, 6, 9, 12, 5]
+
+    def tokens(backend):
+        return [gen.token_ids for _, gen, _ in run_in_order(Continuous(backend, cfg), prompts, width=3,
+                                                             max_new=lengths)]
+    g = graphed(model)
+    assert tokens(g) == tokens(TowerBackend(model))
+    assert g.captures > 0
+
+
+def test_a_failed_capture_warns_once_and_goes_on_eagerly(model, monkeypatch):
+    def refuse(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(towers, "capture_graph", refuse)
+    g, eager = graphed(model), TowerBackend(model)
+    for b in (g, eager):
+        b.reset(1)
+        b.extend(torch.tensor([[5, 9, 14]]))
+    x, t = torch.full((1, 4), 3), torch.tensor([1.0])
+    g.denoise(x, t)
+    with pytest.warns(UserWarning, match="capture of the denoiser step failed"):
+        got = g.denoise(x, t)
+    torch.testing.assert_close(got, eager.denoise(x, t), rtol=0, atol=0)
+    assert not g.graphs and g.captures == 0
+
+
+@pytest.mark.parametrize("command", [["generate", "hello", "-n", "4"], ["bench", "-n", "4"]])
+def test_cuda_graphs_without_a_gpu_is_one_error_line(command):
+    """`--cuda-graphs` with the denoiser on the CPU: one Error line with the way out, exit 1, before loading."""
+    from typer.testing import CliRunner
+
+    from twotower_cli.cli import get_app
+
+    r = CliRunner().invoke(get_app(), [*command, "--device", "cpu", "--cuda-graphs"])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.splitlines() == ["Error: --cuda-graphs needs the denoiser on a GPU; it would run on cpu "
+                                     "(hint: use --device cuda (or --denoiser-device cuda:N), or drop --cuda-graphs)"]
