@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tests.twotower_helpers import Widths, random_base, tiny_cfg, write_twotower
+from tests.twotower_helpers import Widths, write_random_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone
@@ -21,10 +21,7 @@ PROMPTS = [[5, 9, 14, 7, 22, 30], [11, 4], [8, 8, 19, 25, 6, 13, 27, 17, 9], [20
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
-                            denoiser=random_base(cfg, 12))
-    return load_model(folder, need_denoiser=True).twotower
+    return load_model(write_random_twotower(tmp_path_factory.mktemp("tt") / "tt"), need_denoiser=True).twotower
 
 
 def alone(model, prompt, cfg, max_new, eos=EOS):

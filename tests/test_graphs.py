@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
+from tests.twotower_helpers import write_random_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli import towers
@@ -19,10 +19,8 @@ from twotower_cli.towers import TowerBackend, load_model
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 21), "random",
-                            denoiser=random_base(cfg, 22))
-    return load_model(folder, need_denoiser=True).twotower
+    return load_model(write_random_twotower(tmp_path_factory.mktemp("tt") / "tt", (21, 22)),
+                      need_denoiser=True).twotower
 
 
 @pytest.fixture

@@ -92,6 +92,13 @@ def write_twotower(folder: Path, base: NemotronHForCausalLM, time_conditioning: 
     return folder
 
 
+def write_random_twotower(folder: Path, seeds: tuple[int, int] = (11, 12), pattern: str = "M*EM-E*M") -> Path:
+    """A TwoTower checkpoint of the tiny config with two random towers (context tower seeds[0], denoiser
+    seeds[1]) and random time conditioning: a model whose denoiser differs from its context tower."""
+    cfg = tiny_cfg(pattern)
+    return write_twotower(folder, random_base(cfg, seeds[0]), "random", denoiser=random_base(cfg, seeds[1]))
+
+
 def write_base(folder: Path, base: NemotronHForCausalLM, tokenizer: bool = True) -> Path:
     write_checkpoint(folder, base.state_dict(), base.cfg.to_dict())
     if tokenizer:
