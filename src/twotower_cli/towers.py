@@ -431,7 +431,7 @@ class TowerBackend:
     the graph's inputs). A step's Python and launch overhead then goes: on an H100 a 7-layer denoiser step
     took 11.2 ms eager and 1.7 ms replayed (scripts/gpu_check.py). The first step of a block runs eagerly;
     the second runs once more on a side stream and is captured; the third and later are replays. So it
-    pays from about four steps per block (`--steps 4` and more) and costs time below three. Any change of
+    pays from four steps per block (`--steps 4` and more) and costs time at two or three. Any change of
     the cache (a commit, rows joining or leaving) drops the graph; mock_ar and ar steps are never graphed.
     A capture that fails is reported once and the backend goes on eagerly."""
 

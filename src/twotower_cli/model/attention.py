@@ -16,8 +16,9 @@ finite minimum so that a fully masked row (a left-pad query) gives finite values
 SDPA: no mask (the denoiser's block, one-token decode) or a fresh causal prefill (`is_causal`) use flash
 attention with grouped keys/values; any other mask becomes an additive mask (`MASKED`), which gives the
 explicit path's numbers, fully masked rows included. Where this torch runs grouped keys/values with a mask
-in flash or memory-efficient attention (`gqa_fused`, probed once) that call is used as it is; elsewhere the query heads are packed or the keys/values expanded so that the memory-efficient kernel
-runs (never SDPA's math backend: see `_sdpa`). Never cuDNN attention either (`sdpa_backends`).
+in flash or memory-efficient attention (`gqa_fused`, probed once) that call is used as it is; elsewhere the
+query heads are packed or the keys/values expanded so that the memory-efficient kernel runs (never SDPA's
+math backend: see `_sdpa`). Never cuDNN attention either (`sdpa_backends`).
 tests/test_kernels.py forces the SDPA path on CPU and checks it against the explicit one.
 """
 
