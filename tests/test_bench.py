@@ -39,6 +39,7 @@ def test_bench_json_fields(folder, tmp_path):
         assert row["tokens_per_second"] > 0 and row["nfe"] > 0
     assert out["rows"][0]["speedup_vs_ar"] == 1.0 and out["rows"][0]["quality_vs_ar"] == 1.0
     assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
+    assert (out["settings"]["compile"], out["settings"]["cuda_graphs"], out["settings"]["graph_captures"]) == (False, False, 0)
 
 
 

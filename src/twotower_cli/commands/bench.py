@@ -74,7 +74,8 @@ def bench(
                          progress=lambda d, t: bar.update(task, completed=d, total=t))
     dtype = rt.backend.ar.lm_head.weight.dtype
     settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,
-                "steps": steps or block, "thresholds": thr, "repeat": repeat, "batch_size": batch_size, "dtype": str(dtype)}
+                "steps": steps or block, "thresholds": thr, "repeat": repeat, "batch_size": batch_size, "dtype": str(dtype),
+                "compile": compile, "cuda_graphs": cuda_graphs, "graph_captures": rt.backend.captures}
     m = machine_info(rt.backend.device, dtype)
     if as_json:
         print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": m}))
@@ -91,5 +92,6 @@ def bench(
     console.print(f"[dim]{m['device']} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
                   f"{m['torch_threads']} threads · {settings['dtype']}[/]")
     if "gpu" in m:
+        graphs = f" · cuda graphs: {rt.backend.captures} captures" if cuda_graphs else ""
         console.print(f"[dim]{escape(m['gpu'])} · kernels: {escape(m['kernels'])} · experts: "
-                      f"{escape(m.get('experts', '-'))}[/]", highlight=False)
+                      f"{escape(m.get('experts', '-'))}{graphs}[/]", highlight=False)
