@@ -7,24 +7,30 @@
    chunk 128, attention 32/2×128, 128 experts top-6 of 1856 + a 3712 shared expert, vocab 131072) but only
    the first 7 layers of its pattern ("MEMEM*E"), random weights, bf16 (A_log, D, dt_bias, router fp32);
 3. one table, side by side from the same run: torch path (TWOTOWER_KERNELS=torch, explicit attention) vs
-   kernel path (kernels + SDPA): prefill tok/s, decode tok/s, block-denoise ms. In section 4, random weights
+   kernel path with SDPA choosing its own backend (cuDNN attention first on sm90 with torch 2.11: the
+   baseline) vs the kernel path as it runs (SDPA without cuDNN, `attention.sdpa_backends`): prefill tok/s,
+   decode tok/s, block-denoise ms. In section 4, random weights
    are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
    4 steps per block of 16) shows 4 tok/NFE;
 4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path), for one prompt and for a batch of
    8 (what `serve --max-batch` gains on a GPU), and 24 requests of mixed lengths 8 at a time in fixed batches
    vs continuous batching (what `serve` and `generate --prompt-file` do); for one decode step and one
    block denoise: host syncs (CUDA's sync debug mode), GPU activities (profiler), and eager vs CUDA-graph
-   replay ms (what graphs could give; a capture failure names what is not capture-safe); `twotower chat`'s
-   prompt phase with the context tower's state kept between turns vs read again;
+   replay ms (what graphs could give; a capture failure names what is not capture-safe), and where the
+   host's time goes (cProfile, torch and kernel path); `--cuda-graphs` (the denoiser step replayed within a
+   block) vs eager at 4 and 8 steps a block; `twotower chat`'s prompt phase with the context tower's state
+   kept between turns vs read again;
 5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
-   dispatch (grouped keys/values with a mask: SDPA's math backend) vs `Attention._sdpa`, ms and peak memory;
+   dispatch (grouped keys/values with a mask) vs `Attention._sdpa`, ms and peak memory, and decode with the
+   keys growing by one a step, SDPA's default backends vs `sdpa_backends`;
 6. one MoE layer at Nano's sizes: the routed experts as a per-expert loop vs grouped GEMMs (`moe.Experts`),
    for 1, 16 and 64 tokens (benchmarks/moe.py);
 7. the sampler's choice per NFE over Nano's vocabulary: logits copied to the host and predicted there vs
    predicted on the GPU with only ids and confidences copied (benchmarks/predict.py).
 
     python scripts/gpu_check.py               # on a CUDA machine with mamba-ssm and causal-conv1d
-    python scripts/gpu_check.py --compile     # + a third column: the kernel path under --compile
+    python scripts/gpu_check.py --compile     # + a column: the kernel path under --compile
+    python scripts/gpu_check.py --sections 1,3  # some sections only (a failing one reports and the next runs)
     python scripts/gpu_check.py --cpu-smoke   # tiny sizes on CPU: checks this script itself
 """
 
