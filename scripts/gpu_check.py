@@ -348,6 +348,17 @@ def cudnn_sdpa():
         attention.sdpa_backends = kept
 
 
+def warm_then_run(backend: TowerBackend, prompts: list[list[int]], sc: S.SamplingConfig, warm_tokens: int,
+                  device: torch.device) -> S.Finished:
+    """`S.run` once with `warm_tokens` new tokens (first calls: Triton autotuning, allocator, graph captures),
+    then the run that counts, synchronised on both sides."""
+    S.run(backend, prompts, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": warm_tokens}))
+    sync(device)
+    fin = S.run(backend, prompts, sc)
+    sync(device)
+    return fin
+
+
 def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_new: int,
                     device: torch.device) -> str:
     """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block, eager vs the
@@ -362,10 +373,7 @@ def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_n
         got = {}
         for graphs in (False, True):
             backend.graphs = graphs
-            S.run(backend, ids, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": 2 * block}))  # warm-up
-            sync(device)
-            fin = S.run(backend, ids, sc)
-            sync(device)
+            fin = warm_then_run(backend, ids, sc, 2 * block, device)  # warm-up: two blocks, so two captures
             got[graphs] = (fin.new_tokens / fin.wall_seconds, fin.generations[0].token_ids)
         backend.graphs = False
         (eager, t0), (graphed, t1) = got[False], got[True]
@@ -548,10 +556,7 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
     with kernels.force(**best):
         for label, sc in rows + [(f"{lbl} × 8", sc) for lbl, sc in rows[:2]]:
             prompts = batch if label.endswith("× 8") else ids
-            S.run(backend, prompts, S.SamplingConfig(**{**sc.__dict__, "max_new_tokens": min(n_new, 16)}))  # warm-up
-            sync(device)
-            fin = S.run(backend, prompts, sc)
-            sync(device)
+            fin = warm_then_run(backend, prompts, sc, min(n_new, 16), device)
             n = fin.new_tokens
             per_seq = n / max(sum(g.nfe for g in fin.generations), 1)
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}",

@@ -126,6 +126,28 @@ def conv_imports(site: Path) -> bool:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
 
 
+def unpack(sdist: Path, into: Path) -> Path:
+    """The causal-conv1d sdist unpacked into `into`: its top folder."""
+    with tarfile.open(sdist) as tar:
+        tar.extractall(into, filter="data")
+    (src,) = into.glob("causal_conv1d-*")
+    return src
+
+
+def build_conv_in(python: str, src: Path, site: Path, build: Path, env: dict | None = None,
+                  timeout: float | None = None) -> None:
+    """`build_conv` in a child process of `python` (the torch it builds against), on all cores."""
+    code = (f"import sys, pathlib; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
+            f"gpu_kit.build_conv(pathlib.Path({str(src)!r}), pathlib.Path({str(site)!r}), "
+            f"pathlib.Path({str(build)!r}))")
+    run([python, "-c", code], env={"MAX_JOBS": str(os.cpu_count() or 2), **(env or {})}, timeout=timeout)
+
+
+def pack(so: Path, dest: Path) -> None:
+    """An extension packed for .gpu-kit/ (xz: 39 MB → 3 MB)."""
+    dest.write_bytes(lzma.compress(so.read_bytes(), preset=6))
+
+
 def conv_tag(python: str, arch: str | None = None) -> str:
     """torch{version}-py{X.Y}-sm{arch}: what a causal_conv1d_cuda build is for (`arch`: TORCH_CUDA_ARCH_LIST's
     form, e.g. 9.0; default the visible GPU's)."""
@@ -157,21 +179,16 @@ def prebuild(args: argparse.Namespace) -> None:
     run([str(vpy), "-m", "pip", "install", "-q", f"torch=={args.torch}", "ninja"])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(sdists[-1]) as tar:
-            tar.extractall(tmp, filter="data")
-        (src,) = Path(tmp).glob("causal_conv1d-*")
+        src = unpack(sdists[-1], Path(tmp))
         site, build = Path(tmp) / "site", Path(tmp) / "build"
         site.mkdir()
         build.mkdir()
-        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
-                f"gpu_kit.build_conv(__import__('pathlib').Path({str(src)!r}), "
-                f"__import__('pathlib').Path({str(site)!r}), __import__('pathlib').Path({str(build)!r}))")
-        run([str(vpy), "-c", code], env={"TORCH_CUDA_ARCH_LIST": args.arch, "CUDA_HOME": str(cuda_home),
-                                         "PATH": f"{cuda_home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-                                         "MAX_JOBS": str(os.cpu_count() or 2)})
+        build_conv_in(str(vpy), src, site, build, env={
+            "TORCH_CUDA_ARCH_LIST": args.arch, "CUDA_HOME": str(cuda_home),
+            "PATH": f"{cuda_home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"})
         (so,) = site.glob("causal_conv1d_cuda*.so")
         out = KIT / f"causal_conv1d_cuda-{conv_tag(str(vpy), args.arch)}.so.xz"
-        out.write_bytes(lzma.compress(so.read_bytes(), preset=6))
+        pack(so, out)
     print(f"{out.relative_to(ROOT)}  {out.stat().st_size / 1e6:.1f} MB  (built in {time.perf_counter() - t0:.0f} s)")
 
 
@@ -190,9 +207,7 @@ def install(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(sdists[-1]) as tar:
-            tar.extractall(tmp, filter="data")
-        (src,) = Path(tmp).glob("causal_conv1d-*")
+        src = unpack(sdists[-1], Path(tmp))
         pkg = site / "causal_conv1d"
         shutil.rmtree(pkg, ignore_errors=True)
         shutil.copytree(src / "causal_conv1d", pkg)
@@ -208,21 +223,17 @@ def install(args: argparse.Namespace) -> None:
                 found = packed
                 break
             so_path.unlink()
-        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import gpu_kit; "
-                f"gpu_kit.build_conv(__import__('pathlib').Path({str(src)!r}), "
-                f"__import__('pathlib').Path({str(site)!r}), __import__('pathlib').Path({str(build)!r}))")
         try:
             if found:
                 print(f"causal-conv1d extension: {found.name} from {KIT.name}/ (loads with this torch; not built)",
                       flush=True)
             else:
-                run([sys.executable, "-c", code], env={"MAX_JOBS": str(os.cpu_count() or 4)},
-                    timeout=args.conv_timeout)
+                build_conv_in(sys.executable, src, site, build, timeout=args.conv_timeout)
                 print(f"causal-conv1d extension built in {time.perf_counter() - t0:.0f} s", flush=True)
                 if args.keep:  # e.g. the device tool's $OUT: put it in .gpu-kit/ to skip the build next time
                     Path(args.keep).mkdir(parents=True, exist_ok=True)
                     kept = Path(args.keep) / f"causal_conv1d_cuda-{conv_tag(sys.executable)}.so.xz"
-                    kept.write_bytes(lzma.compress(so_path.read_bytes(), preset=6))
+                    pack(so_path, kept)
                     print(f"kept {kept} ({kept.stat().st_size / 1e6:.1f} MB)", flush=True)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             shutil.rmtree(pkg, ignore_errors=True)
