@@ -156,11 +156,13 @@ def host_syncs(fn) -> int:
 
 
 @torch.no_grad()
-def per_step(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int, measure) -> dict | str:
+def per_step(backend: TowerBackend, prompt: torch.Tensor, block: int, mask_id: int, measure,
+             cuda_only: bool = True) -> dict | str:
     """{"decode": measure(fn), "denoise": measure(fn)} for one decode step and one block denoise after a
-    64-token prefill (`one_step_each`), on CUDA; the cache is reset afterwards. A string says why there is no
-    number: off CUDA, or the first exception, a finding rather than the end of the check."""
-    if backend.device.type != "cuda":
+    64-token prefill (`one_step_each`), on CUDA (or anywhere, without `cuda_only`); the cache is reset
+    afterwards. A string says why there is no number: off CUDA, or the first exception, a finding rather
+    than the end of the check."""
+    if cuda_only and backend.device.type != "cuda":
         return "n/a off CUDA"
     out = {}
     try:
@@ -364,8 +366,6 @@ def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_n
     """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block, eager vs the
     denoiser step replayed from a per-block CUDA graph (captured at each block's second step), tok/s from
     one run each after a warm-up, and whether the tokens agree."""
-    if device.type != "cuda":
-        return "cuda graphs (--cuda-graphs): n/a off CUDA"
     parts = []
     for steps in (4, 8):
         sc = S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=steps, policy="topk",
@@ -380,6 +380,28 @@ def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_n
         parts.append(f"{steps} steps {eager:.1f} → {graphed:.1f} tok/s ({graphed / eager:.2f}×, tokens "
                      f"{'equal' if t0 == t1 else 'DIFFER'})")
     return f"cuda graphs, mask_diffusion eager → --cuda-graphs ({backend.captures} captures): " + ", ".join(parts)
+
+
+@contextlib.contextmanager
+def stand_in_capture():
+    """Off CUDA (`--cpu-smoke`): `towers.capture_graph` replaced by a stand-in with a CUDA graph's contract, as
+    in tests/test_graphs.py: the step runs now, and each replay runs it again over the same input buffers into
+    the same output tensor. Exercises `cuda_graph_rows` and the backend's graph bookkeeping, not a capture."""
+    from twotower_cli import towers
+
+    def capture(fn, device):
+        out = fn()
+
+        def replay():
+            out.copy_(fn())
+        return replay, out
+
+    kept = towers.capture_graph
+    towers.capture_graph = capture
+    try:
+        yield
+    finally:
+        towers.capture_graph = kept
 
 
 def run_tests(timeout: float, workers: int) -> None:
@@ -562,7 +584,10 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
             print(f"{label:26}{n / fin.wall_seconds:10.1f}{fin.nfe:8d}{per_seq:10.2f}{fin.wall_seconds:10.2f}",
                   flush=True)
         print(mixed_lengths(backend, batch * 3, rows[1][1], n_new, device), flush=True)
-        print(cuda_graph_rows(backend, ids, block, n_new, device), flush=True)
+        with stand_in_capture() if device.type != "cuda" else contextlib.nullcontext():
+            graphs = cuda_graph_rows(backend, ids, block, n_new, device)
+        print(graphs + (" (stand-in capture off CUDA: bookkeeping only)" if device.type != "cuda" else ""),
+              flush=True)
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
               + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]), flush=True)
@@ -576,7 +601,7 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
             ("host time per step, kernel path (cProfile: own ms/calls)", host_profile, str)):
         force = dict(kernels="torch", sdpa=False) if "torch path" in title else best
         with kernels.force(**force):
-            got = per_step(backend, prompt, block, mask_id, measure)
+            got = per_step(backend, prompt, block, mask_id, measure, cuda_only=measure is not host_profile)
         sep = "\n  " if measure is host_profile else ", "
         print(f"{title}: " + (sep.join(f"{k} {show(v)}" for k, v in got.items()) if isinstance(got, dict) else got),
               flush=True)
