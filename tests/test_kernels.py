@@ -1136,7 +1136,8 @@ def test_gpu_moe_grouped_experts_equal_the_loop(tokens, monkeypatch):
 def test_gpu_check_script_runs_on_cpu():
     """scripts/gpu_check.py --cpu-smoke (tiny sizes, CPU): the one prepared script a lent GPU runs must not rot
     between GPU sessions (each has minutes of device time). Every section prints, and the CUDA-only
-    measurements say they did not run rather than inventing numbers."""
+    measurements say they did not run rather than inventing numbers; the cProfile host-time rows run on the
+    CPU, and the --cuda-graphs rows through a stand-in capture, whose replays must give the eager tokens."""
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, str(root / "scripts" / "gpu_check.py"), "--cpu-smoke", "--skip-tests"],
                          capture_output=True, text=True, timeout=300, cwd=root)
@@ -1145,9 +1146,15 @@ def test_gpu_check_script_runs_on_cpu():
     for header in ("## 2. model", "## 3. torch path vs kernel path", "## 4. sampling", "## 5. attention",
                    "## 6. MoE", "## 7. the sampler's choice"):
         assert header in out, header
-    for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling", "host time per step, torch",
-                 "host time per step, kernel", "cuda graphs (--cuda-graphs)"):
+    for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling"):
         assert any(ln.startswith(line) and ln.endswith("n/a off CUDA") for ln in out.splitlines()), line
+    for line in ("host time per step, torch", "host time per step, kernel"):
+        lines = out.splitlines()
+        i = next(i for i, ln in enumerate(lines) if ln.startswith(line))
+        assert " decode total " in lines[i] and lines[i + 1].startswith("  denoise total "), lines[i:i + 2]
+    graphs = next(ln for ln in out.splitlines() if ln.startswith("cuda graphs, mask_diffusion"))
+    assert int(graphs.split("(", 1)[1].split(" captures)")[0]) > 0 and graphs.count("tokens equal") == 2, graphs
+    assert "stand-in capture off CUDA" in graphs, graphs
     assert "kernel fallbacks: none" in out
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here
     chat = next(ln for ln in out.splitlines() if ln.startswith("chat, prompt phase"))
