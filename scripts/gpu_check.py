@@ -17,9 +17,9 @@
    vs continuous batching (what `serve` and `generate --prompt-file` do); for one decode step and one
    block denoise: host syncs (CUDA's sync debug mode), GPU activities (profiler), and eager vs CUDA-graph
    replay ms (what graphs could give; a capture failure names what is not capture-safe), and where the
-   host's time goes (cProfile, torch and kernel path); `--cuda-graphs` (the denoiser step replayed within a
-   block) vs eager at 4 and 8 steps a block; `twotower chat`'s prompt phase with the context tower's state
-   kept between turns vs read again;
+   host's time goes (cProfile, torch and kernel path); `--cuda-graphs` vs eager: the denoiser step replayed
+   within a block at 4 and 8 steps a block, and ar's decode step replayed over fixed-size key/value
+   buffers; `twotower chat`'s prompt phase with the context tower's state kept between turns vs read again;
 5. attention at Nano's sizes with masks (commit, padded batches, the training block mask): the previous SDPA
    dispatch (grouped keys/values with a mask) vs `Attention._sdpa`, ms and peak memory, and decode with the
    keys growing by one a step, SDPA's default backends vs `sdpa_backends`;
@@ -364,12 +364,13 @@ def warm_then_run(backend: TowerBackend, prompts: list[list[int]], sc: S.Samplin
 def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_new: int,
                     device: torch.device) -> str:
     """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block, eager vs the
-    denoiser step replayed from a per-block CUDA graph (captured at each block's second step), tok/s from
-    one run each after a warm-up, and whether the tokens agree."""
+    denoiser step replayed from a per-block CUDA graph (captured at each block's second step), and ar, eager
+    vs the decode step replayed over fixed-size key/value buffers; tok/s from one run each after a warm-up,
+    and whether the tokens agree."""
     parts = []
-    for steps in (4, 8):
-        sc = S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=steps, policy="topk",
-                              max_new_tokens=n_new)
+    for steps in (4, 8, 0):
+        sc = (S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=steps, policy="topk",
+                               max_new_tokens=n_new) if steps else S.SamplingConfig(mode="ar", max_new_tokens=n_new))
         got = {}
         for graphs in (False, True):
             backend.graphs = graphs
@@ -377,9 +378,10 @@ def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_n
             got[graphs] = (fin.new_tokens / fin.wall_seconds, fin.generations[0].token_ids)
         backend.graphs = False
         (eager, t0), (graphed, t1) = got[False], got[True]
-        parts.append(f"{steps} steps {eager:.1f} → {graphed:.1f} tok/s ({graphed / eager:.2f}×, tokens "
-                     f"{'equal' if t0 == t1 else 'DIFFER'})")
-    return f"cuda graphs, mask_diffusion eager → --cuda-graphs ({backend.captures} captures): " + ", ".join(parts)
+        parts.append(f"{f'{steps} steps' if steps else 'ar'} {eager:.1f} → {graphed:.1f} tok/s "
+                     f"({graphed / eager:.2f}×, tokens {'equal' if t0 == t1 else 'DIFFER'})")
+    return (f"cuda graphs, mask_diffusion and ar, eager → --cuda-graphs ({backend.captures} captures): "
+            + ", ".join(parts))
 
 
 @contextlib.contextmanager
@@ -389,19 +391,19 @@ def stand_in_capture():
     the same output tensor. Exercises `cuda_graph_rows` and the backend's graph bookkeeping, not a capture."""
     from twotower_cli import towers
 
-    def capture(fn, device):
+    def capture(fn, device, after_warmup=None):  # no warm-up run here: nothing to undo
         out = fn()
 
         def replay():
             out.copy_(fn())
         return replay, out
 
-    kept = towers.capture_graph
-    towers.capture_graph = capture
+    kept = towers.capture_graph, towers.GRAPH_DEVICES
+    towers.capture_graph, towers.GRAPH_DEVICES = capture, {"cuda", "cpu"}
     try:
         yield
     finally:
-        towers.capture_graph = kept
+        towers.capture_graph, towers.GRAPH_DEVICES = kept
 
 
 def run_tests(timeout: float, workers: int) -> None:

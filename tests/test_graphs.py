@@ -1,9 +1,11 @@
-"""`TowerBackend.graphs` (`--cuda-graphs`): the denoiser step captured once per block and replayed. On this
-CPU the capture is a stand-in with a CUDA graph's contract: `replay()` runs the same step again over the
-buffers it captured (the block ids, t and validity the backend copies into them) and writes the same output
-tensor. So these tests check everything but the capture itself: what is copied in, when a graph is made,
-dropped and reused, and that sampling gives what it gives without graphs. `test_kernels.py` has the CUDA
-test of the real capture (`gpu` marker)."""
+"""`TowerBackend.graphs` (`--cuda-graphs`): the denoiser step captured once per block and replayed, and the
+context tower's one-token step captured over fixed-size key/value buffers. On this CPU the capture is a
+stand-in with a CUDA graph's contract: a warm-up run (then `after_warmup`), and `replay()` runs the same step
+again over the buffers it captured (the ids, t, validity and position the backend copies into them) and
+writes the same output tensor. So these tests check everything but the capture itself: what is copied in,
+when a graph is made, dropped and reused, that the cache after graphed steps is the eager one, and that
+sampling gives what it gives without graphs. `test_kernels.py` has the CUDA tests of the real capture (`gpu`
+marker)."""
 
 from __future__ import annotations
 
@@ -25,11 +27,15 @@ def model(tmp_path_factory):
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Stand-in capture: the step runs now (as the warm-up run does), and each replay runs it again into the
-    same output tensor. Records the calls."""
+    """Stand-in capture: the warm-up run, `after_warmup`, then the capture's one replay (the step runs again
+    into what becomes the output tensor); each later replay runs it again into that tensor. Records the
+    calls."""
     calls = []
 
-    def capture(fn, device):
+    def capture(fn, device, after_warmup=None):
+        fn()
+        if after_warmup is not None:
+            after_warmup()
         out = fn()
         calls.append(device)
 
@@ -38,6 +44,7 @@ def captured(monkeypatch):
         return replay, out
 
     monkeypatch.setattr(towers, "capture_graph", capture)
+    monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
     return calls
 
 
@@ -106,16 +113,20 @@ def test_a_new_shape_or_validity_starts_over(model, captured):
 
 
 @pytest.mark.parametrize("mode,policy", [("mask_diffusion", "topk"), ("mask_diffusion", "threshold"),
-                                         ("mock_ar", "threshold")])
-def test_sampling_with_graphs_gives_the_same_tokens(model, captured, mode, policy):
-    """`S.run` on two prompts: same tokens and NFE with graphs as without; mock_ar (no t) is never graphed."""
-    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy=policy, threshold=0.3, max_new_tokens=12)
+                                         ("mock_ar", "threshold"), ("ar", "threshold")])
+def test_sampling_with_graphs_gives_the_same_tokens(model, captured, mode, policy, monkeypatch):
+    """`S.run` on two prompts of different lengths (left pads): same tokens and NFE with graphs as without.
+    mask_diffusion graphs its denoiser steps (its context steps are blocks); ar and mock_ar their one-token
+    context steps (mock_ar's denoiser step has no t and is never graphed), here across two growths of the
+    decode buffers."""
+    monkeypatch.setattr(towers, "DECODE_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy=policy, threshold=0.3, max_new_tokens=24)
     prompts = [[5, 9, 14, 7, 22, 30], [11, 4]]
     g = graphed(model)
     want = S.run(TowerBackend(model), prompts, cfg).generations
     got = S.run(g, prompts, cfg).generations
     assert [(x.token_ids, x.nfe) for x in got] == [(x.token_ids, x.nfe) for x in want]
-    assert (g.captures > 0) == (mode == "mask_diffusion")
+    assert g.captures == (6 if mode == "mask_diffusion" else 3), g.captures  # 6 blocks; decode buffers made, grown twice
 
 
 def test_continuous_batching_with_graphs_gives_the_same_tokens(model, captured):
@@ -134,10 +145,11 @@ def test_continuous_batching_with_graphs_gives_the_same_tokens(model, captured):
 
 
 def test_a_failed_capture_warns_once_and_goes_on_eagerly(model, monkeypatch):
-    def refuse(fn, device):
+    def refuse(fn, device, after_warmup=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(towers, "capture_graph", refuse)
+    monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
     g, eager = graphed(model), TowerBackend(model)
     for b in (g, eager):
         b.reset(1)
@@ -161,3 +173,76 @@ def test_cuda_graphs_without_a_gpu_is_one_error_line(command):
     assert r.exit_code == 1, r.output
     assert r.stderr.splitlines() == ["Error: --cuda-graphs needs the denoiser on a GPU; it would run on cpu "
                                      "(hint: use --device cuda (or --denoiser-device cuda:N), or drop --cuda-graphs)"]
+
+
+def assert_same_cache(got: towers.TowerCache, want: towers.TowerCache, atol: float = 1e-6) -> None:
+    assert got.length == want.length
+    assert (got.key_mask is None) == (want.key_mask is None)
+    if want.key_mask is not None:
+        assert torch.equal(got.key_mask, want.key_mask)
+    for a, b in zip(got.layers, want.layers, strict=True):
+        if isinstance(b, towers.KVCache):
+            assert a.k.shape == b.k.shape
+            torch.testing.assert_close(a.k, b.k, rtol=0, atol=atol)
+            torch.testing.assert_close(a.v, b.v, rtol=0, atol=atol)
+        elif isinstance(b, towers.MambaState):
+            torch.testing.assert_close(a.conv, b.conv, rtol=0, atol=atol)
+            torch.testing.assert_close(a.ssm, b.ssm, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("pads", [False, True])
+def test_decode_steps_give_the_eager_logits_and_cache(model, captured, monkeypatch, pads):
+    """One-token context steps: the first eager, the second captured over buffers of the cache's keys and
+    values, the rest replayed, and the buffers doubled (a new capture) when full. Every step's logits, and
+    the cache after it (K/V, key mask, Mamba states, length), are the eager path's; so is a denoiser block
+    read from the cache afterwards, and `state()` / `restore`. A prompt extension drops the graph."""
+    monkeypatch.setattr(towers, "DECODE_MIN_CAPACITY", 4)
+    eager, g = TowerBackend(model), graphed(model)
+    prompt = torch.tensor([[5, 9, 14, 7, 22, 30], [0, 0, 11, 4, 8, 19]])
+    mask = torch.tensor([[True] * 6, [False, False] + [True] * 4]) if pads else None
+    for b in (eager, g):
+        b.reset(2)
+        b.extend(prompt, attention_mask=mask)
+    gen = torch.Generator().manual_seed(1)
+    captures = []
+    for _ in range(24):  # 6 + 24 tokens: buffers of 14 columns (twice the 7 at capture), then 28, 56
+        tok = torch.randint(4, 40, (2, 1), generator=gen)
+        torch.testing.assert_close(g.extend(tok), eager.extend(tok), rtol=0, atol=1e-5)
+        assert_same_cache(g.cache, eager.cache)
+        captures.append(g.captures)
+    assert captures[:3] == [0, 1, 1] and g.captures == 3 and g._decode.capacity == 56
+    x, t = torch.full((2, 4), 3), torch.tensor([0.5, 1.0])
+    torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)
+    saved = g.state()
+    tok = torch.tensor([[7], [8]])
+    first = g.extend(tok)
+    g.restore(saved)
+    assert g._decode is None  # a restored cache is another cache
+    torch.testing.assert_close(g.extend(tok), first, rtol=0, atol=1e-5)  # eager now: keys not padded
+    g.extend(torch.tensor([[1, 2], [3, 4]]))  # two tokens: eager, the graph dropped
+    assert g._decode is None and not g._armed
+
+
+def test_a_failed_decode_capture_leaves_the_states_and_goes_on_eagerly(model, monkeypatch):
+    """A capture that fails after its warm-up ran (advancing the Mamba states in place): the states are put
+    back, one warning, and the step and the ones after it are the eager path's."""
+    def fail_after_warmup(fn, device, after_warmup=None):
+        fn()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(towers, "capture_graph", fail_after_warmup)
+    monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
+    eager, g = TowerBackend(model), graphed(model)
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[5, 9, 14]]))
+    for i, tok in enumerate(([[7]], [[8]], [[9]], [[10]])):
+        want = eager.extend(torch.tensor(tok))
+        if i == 1:
+            with pytest.warns(UserWarning, match="capture of the decode step failed"):
+                got = g.extend(torch.tensor(tok))
+        else:
+            got = g.extend(torch.tensor(tok))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert_same_cache(g.cache, eager.cache)
+    assert not g.graphs and g.captures == 0

@@ -992,6 +992,50 @@ def test_gpu_cuda_graph_denoise_equals_eager(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_cuda_graph_decode_equals_eager(dtype, monkeypatch):
+    """`--cuda-graphs` on a real GPU, decode: the context tower's one-token step captured over fixed-size
+    key/value buffers (the kernels' in-place state updates, the masked SDPA over the buffer) and replayed, the buffers doubled and the step captured again when full; two rows, one
+    left-padded. Every step's logits and the Mamba states against the eager path; the capture's warm-up must
+    leave the states as they were (`capture_graph(after_warmup=...)`)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from tests.twotower_helpers import twotower_tensors
+
+    from twotower_cli import towers
+    from twotower_cli.model.loading import cast_
+    from twotower_cli.towers import TowerBackend, TwoTower
+
+    monkeypatch.setattr(towers, "DECODE_MIN_CAPACITY", 16)
+    cfg = kernel_tower_config()
+    model = TwoTower(cfg)
+    model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=7, std=0.05), "random",
+                                           denoiser=build_tiny_model(cfg, seed=8, std=0.05)))
+    cast_(model.to("cuda").eval(), dtype)
+    eager, graphed = TowerBackend(model), TowerBackend(model)
+    graphed.graphs = True
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 12), generator=g).cuda()
+    mask = torch.ones(2, 12, dtype=torch.bool, device="cuda")
+    mask[1, :5] = False
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.no_grad(), kernels.force(kernels="auto", sdpa=True), fallbacks_fail(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*capture of the decode step failed")
+        for b in (eager, graphed):
+            b.reset(2)
+            b.extend(prompt, attention_mask=mask)
+        for step in range(40):  # 12 + 40 tokens: buffers of 26 columns, then 52
+            tok = torch.randint(4, cfg.vocab_size, (2, 1), generator=g).cuda()
+            want, got = eager.extend(tok), graphed.extend(tok)
+            scale = 1 + want.abs().max().item()
+            assert max_diff(got, want) <= tol * scale, f"step {step}: {max_diff(got, want):.3e}"
+    assert graphed.captures == 2 and graphed.cache.length == eager.cache.length == 52
+    for a, b in zip(graphed.cache.layers, eager.cache.layers, strict=True):
+        if hasattr(b, "ssm"):
+            assert max_diff(a.ssm, b.ssm) <= tol * (1 + b.ssm.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
     """Continuous batching on the kernel path: prompts of 150, 37 and 5 tokens read one at a time, their caches
     stacked (left-padded: a masked SDPA, the state-update kernel over rows that never shared a prefill),
@@ -1152,8 +1196,8 @@ def test_gpu_check_script_runs_on_cpu():
         lines = out.splitlines()
         i = next(i for i, ln in enumerate(lines) if ln.startswith(line))
         assert " decode total " in lines[i] and lines[i + 1].startswith("  denoise total "), lines[i:i + 2]
-    graphs = next(ln for ln in out.splitlines() if ln.startswith("cuda graphs, mask_diffusion"))
-    assert int(graphs.split("(", 1)[1].split(" captures)")[0]) > 0 and graphs.count("tokens equal") == 2, graphs
+    graphs = next(ln for ln in out.splitlines() if ln.startswith("cuda graphs, mask_diffusion and ar"))
+    assert int(graphs.split("(", 1)[1].split(" captures)")[0]) > 0 and graphs.count("tokens equal") == 3, graphs
     assert "stand-in capture off CUDA" in graphs, graphs
     assert "kernel fallbacks: none" in out
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here

@@ -102,12 +102,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.q_dim, cfg.hidden_size, bias=bias)
 
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [b, h, L, d], k_new / v_new [b, kv, L, d]."""
+        b, L, _ = x.shape
+        q = self.q_proj(x).view(b, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k_new = self.k_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
+        v_new = self.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
+        return q, k_new, v_new
+
     def forward(self, x: Tensor, past: KVCache | None = None, causal: bool = True,
                 mask: Tensor | None = None, append: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        b, L, _ = x.shape
-        q = self.q_proj(x).view(b, L, self.n_heads, self.head_dim).transpose(1, 2)  # [b, h, L, d]
-        k_new = self.k_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)  # [b, kv, L, d]
-        v_new = self.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k_new, v_new = self._project(x)
         if past is not None and past.length:
             k = torch.cat([past.k.to(k_new.dtype), k_new], dim=2)
             v = torch.cat([past.v.to(v_new.dtype), v_new], dim=2)
@@ -115,12 +120,29 @@ class Attention(nn.Module):
             k, v = k_new, v_new
         if append and past is not None:
             past.k, past.v = k.to(past.k.dtype), v.to(past.v.dtype)
+        return self._attend(x, q, k, v, causal, mask), k_new, v_new
+
+    def step_into(self, x: Tensor, k_buf: Tensor, v_buf: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+        """One new token per row over key/value buffers of a fixed size, for a decode step captured in a CUDA
+        graph (`towers.TowerBackend`, `--cuda-graphs`): x [b, 1, H]; k_buf / v_buf [b, kv, C, d] hold the
+        past at columns 0 .. pos-1; pos [1] long (on the device: the graph reads it at replay); valid [b, C]
+        bool, True where a row has a real key, the column `pos` included. Writes the new key and value at
+        column `pos` and attends over all C columns, the invalid ones masked: the same attention as
+        `forward(x, past)` over the first pos+1 columns, with shapes that do not change from step to step."""
+        q, k_new, v_new = self._project(x)
+        k_buf.index_copy_(2, pos, k_new.to(k_buf.dtype))
+        v_buf.index_copy_(2, pos, v_new.to(v_buf.dtype))
+        return self._attend(x, q, k_buf.to(k_new.dtype), v_buf.to(v_new.dtype), False, valid[:, None, None, :])
+
+    def _attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
+        """The output projection of q's attention over k / v [b, kv, T, d] (the last L keys the queries' own)."""
+        b, L, _ = x.shape
         t_past = k.shape[2] - L
         if kernels.use_sdpa(x):
             # Inside a torch.compile trace the flags are the caller's: TowerBackend sets them around its steps.
             with sdpa_backends(x.device) if not torch.compiler.is_compiling() else contextlib.nullcontext():
                 out = self._sdpa(q, k, v, t_past, causal, mask)
-            return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim)), k_new, v_new
+            return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim))
 
         # GQA: query head j reads kv head j // (heads / kv), as repeat_kv in the reference does.
         rep = self.n_heads // self.n_kv
@@ -133,7 +155,7 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         out = torch.softmax(scores, dim=-1) @ v  # [b, h, L, d]
         out = out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim).to(x.dtype)
-        return self.o_proj(out), k_new, v_new
+        return self.o_proj(out)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
         """The same attention through F.scaled_dot_product_attention; q [b, h, L, d], k/v [b, kv, T, d].

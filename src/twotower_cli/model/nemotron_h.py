@@ -122,6 +122,32 @@ class NemotronHModel(nn.Module):
             cache.length = t_past + L
         return self.norm_f(x)
 
+    def step_into(self, input_ids: Tensor, cache: TowerCache, kv: dict[int, tuple[Tensor, Tensor]], pos: Tensor,
+                  valid: Tensor) -> Tensor:
+        """One decode step (input_ids [b, 1]) over fixed-size buffers, for a CUDA graph (`TowerBackend`):
+        `kv[i]` = layer i's key/value buffers [b, kv, C, d] with the past at columns 0 .. pos-1, `pos` [1]
+        long on the device, `valid` [b, C] bool (the key mask; column `pos` set here). Every tensor it writes
+        keeps its storage: the new keys/values go into the buffers at `pos` (`Attention.step_into`), the
+        Mamba layers' new states are copied into the cache's state tensors (the kernels update those in
+        place already). `cache`'s length, key mask and K/V tensors are the caller's to advance. Computes
+        what `forward(input_ids, cache)` does; returns hidden [b, 1, H] after norm_f."""
+        valid.index_fill_(1, pos, True)
+        x = self.embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer.norm(x)
+            if layer.kind == "M":
+                state = cache.layers[i]
+                out, new = layer.mixer(h, state, in_place=True)
+                for have, got in ((state.conv, new.conv), (state.ssm, new.ssm)):
+                    if got is not have:
+                        have.copy_(got)
+            elif layer.kind == "*":
+                out = layer.mixer.step_into(h, *kv[i], pos, valid)
+            else:
+                out = layer.mixer(h)
+            x = x + out
+        return self.norm_f(x)
+
 
 class NemotronHForCausalLM(nn.Module):
     def __init__(self, cfg: NemotronHConfig, router_dtype: torch.dtype = torch.float32):
