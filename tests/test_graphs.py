@@ -116,17 +116,18 @@ def test_a_new_shape_or_validity_starts_over(model, captured):
                                          ("mock_ar", "threshold"), ("ar", "threshold")])
 def test_sampling_with_graphs_gives_the_same_tokens(model, captured, mode, policy, monkeypatch):
     """`S.run` on two prompts of different lengths (left pads): same tokens and NFE with graphs as without.
-    mask_diffusion graphs its denoiser steps (its context steps are blocks); ar and mock_ar their one-token
-    context steps (mock_ar's denoiser step has no t and is never graphed), here across two growths of the
-    decode buffers."""
-    monkeypatch.setattr(towers, "DECODE_MIN_CAPACITY", 8)
+    mask_diffusion: the denoiser step of blocks 1 and 2 over the cache, of block 3 over the fixed-size
+    buffers (made at the second commit) and replayed from then on, and the commit captured at the third; ar
+    and mock_ar: the one-token step, over buffers made at the second step and remade once (mock_ar's
+    denoiser step has no t and is never graphed)."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
     cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy=policy, threshold=0.3, max_new_tokens=24)
     prompts = [[5, 9, 14, 7, 22, 30], [11, 4]]
     g = graphed(model)
     want = S.run(TowerBackend(model), prompts, cfg).generations
     got = S.run(g, prompts, cfg).generations
     assert [(x.token_ids, x.nfe) for x in got] == [(x.token_ids, x.nfe) for x in want]
-    assert g.captures == (6 if mode == "mask_diffusion" else 3), g.captures  # 6 blocks; decode buffers made, grown twice
+    assert g.captures == (4 if mode == "mask_diffusion" else 2), g.captures
 
 
 def test_continuous_batching_with_graphs_gives_the_same_tokens(model, captured):
@@ -192,11 +193,11 @@ def assert_same_cache(got: towers.TowerCache, want: towers.TowerCache, atol: flo
 
 @pytest.mark.parametrize("pads", [False, True])
 def test_decode_steps_give_the_eager_logits_and_cache(model, captured, monkeypatch, pads):
-    """One-token context steps: the first eager, the second captured over buffers of the cache's keys and
-    values, the rest replayed, and the buffers doubled (a new capture) when full. Every step's logits, and
+    """One-token context steps: the first eager, the second over new buffers holding the cache's keys and
+    values, the third captured, the rest replayed, and the buffers doubled (captured again) when full. Every step's logits, and
     the cache after it (K/V, key mask, Mamba states, length), are the eager path's; so is a denoiser block
-    read from the cache afterwards, and `state()` / `restore`. A prompt extension drops the graph."""
-    monkeypatch.setattr(towers, "DECODE_MIN_CAPACITY", 4)
+    read from the cache afterwards, and `state()` / `restore`. A prompt extension drops the buffers."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 4)
     eager, g = TowerBackend(model), graphed(model)
     prompt = torch.tensor([[5, 9, 14, 7, 22, 30], [0, 0, 11, 4, 8, 19]])
     mask = torch.tensor([[True] * 6, [False, False] + [True] * 4]) if pads else None
@@ -205,22 +206,23 @@ def test_decode_steps_give_the_eager_logits_and_cache(model, captured, monkeypat
         b.extend(prompt, attention_mask=mask)
     gen = torch.Generator().manual_seed(1)
     captures = []
-    for _ in range(24):  # 6 + 24 tokens: buffers of 14 columns (twice the 7 at capture), then 28, 56
+    for _ in range(30):  # 6 + 30 tokens: buffers of 16 columns made at the second step (twice the 8 it
+        # needs), then 34 and 70; with each, the step is run once, then captured, then replayed
         tok = torch.randint(4, 40, (2, 1), generator=gen)
         torch.testing.assert_close(g.extend(tok), eager.extend(tok), rtol=0, atol=1e-5)
         assert_same_cache(g.cache, eager.cache)
         captures.append(g.captures)
-    assert captures[:3] == [0, 1, 1] and g.captures == 3 and g._decode.capacity == 56
+    assert captures[:4] == [0, 0, 1, 1] and g.captures == 3 and g._static.capacity == 70
     x, t = torch.full((2, 4), 3), torch.tensor([0.5, 1.0])
     torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)
     saved = g.state()
     tok = torch.tensor([[7], [8]])
     first = g.extend(tok)
     g.restore(saved)
-    assert g._decode is None  # a restored cache is another cache
+    assert g._static is None  # a restored cache is another cache
     torch.testing.assert_close(g.extend(tok), first, rtol=0, atol=1e-5)  # eager now: keys not padded
-    g.extend(torch.tensor([[1, 2], [3, 4]]))  # two tokens: eager, the graph dropped
-    assert g._decode is None and not g._armed
+    g.extend(torch.randint(4, 40, (2, towers.STATIC_MAX_TOKENS + 1), generator=gen))  # a prompt: eager
+    assert g._static is None and not g._armed
 
 
 def test_a_failed_decode_capture_leaves_the_states_and_goes_on_eagerly(model, monkeypatch):
@@ -236,13 +238,41 @@ def test_a_failed_decode_capture_leaves_the_states_and_goes_on_eagerly(model, mo
     for b in (eager, g):
         b.reset(1)
         b.extend(torch.tensor([[5, 9, 14]]))
-    for i, tok in enumerate(([[7]], [[8]], [[9]], [[10]])):
+    for i, tok in enumerate(([[7]], [[8]], [[9]], [[10]], [[11]])):
         want = eager.extend(torch.tensor(tok))
-        if i == 1:
-            with pytest.warns(UserWarning, match="capture of the decode step failed"):
+        if i == 2:
+            with pytest.warns(UserWarning, match="capture of a context step failed"):
                 got = g.extend(torch.tensor(tok))
         else:
             got = g.extend(torch.tensor(tok))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         assert_same_cache(g.cache, eager.cache)
     assert not g.graphs and g.captures == 0
+
+
+def test_denoiser_graph_outlives_commits_once_the_context_is_in_buffers(model, captured, monkeypatch):
+    """mask_diffusion's pattern: denoiser steps, then a commit of the block. Blocks 0 and 1 graph their steps
+    over the cache (a capture each, dropped at the commit); the second commit makes the fixed-size buffers,
+    block 2 captures its step over them, the third commit is captured, and from then on the denoiser graph
+    and the commit graph are replayed with no new capture. Every logit is the eager path's."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    eager, g = TowerBackend(model), graphed(model)
+    prompt = torch.tensor([[5, 9, 14, 7, 22, 30], [11, 4, 8, 8, 19, 25]])
+    for b in (eager, g):
+        b.reset(2)
+        b.extend(prompt)
+    gen = torch.Generator().manual_seed(3)
+    after_steps = []
+    for _ in range(5):
+        x = torch.full((2, 4), 3)
+        for step in range(3):
+            t = torch.tensor([1.0 - step / 3, 0.9 - step / 4])
+            torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)
+            x = x.clone()
+            x[:, step] = torch.randint(4, 40, (2,), generator=gen)
+        after_steps.append(g.captures)
+        x[:, 3] = torch.randint(4, 40, (2,), generator=gen)
+        torch.testing.assert_close(g.extend(x), eager.extend(x), rtol=0, atol=1e-5)
+        assert_same_cache(g.cache, eager.cache)
+    assert after_steps == [1, 2, 3, 4, 4] and g.captures == 4
+    assert g._static is not None and g._graph.static is g._static

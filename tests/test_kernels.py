@@ -994,9 +994,12 @@ def test_gpu_cuda_graph_denoise_equals_eager(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_cuda_graph_decode_equals_eager(dtype, monkeypatch):
     """`--cuda-graphs` on a real GPU, decode: the context tower's one-token step captured over fixed-size
-    key/value buffers (the kernels' in-place state updates, the masked SDPA over the buffer) and replayed, the buffers doubled and the step captured again when full; two rows, one
-    left-padded. Every step's logits and the Mamba states against the eager path; the capture's warm-up must
-    leave the states as they were (`capture_graph(after_warmup=...)`)."""
+    key/value buffers (the kernels' in-place state updates, the masked SDPA over the buffer) and replayed,
+    the buffers doubled and the step captured again when full; two rows, one left-padded. Then
+    mask_diffusion's pattern, four blocks of 16: denoiser steps and a commit of 16 tokens (the chunk scan
+    and conv kernels from a state, copied back), both graphed over the buffers. Every step's logits and
+    the Mamba states against the eager path; the capture's warm-up must leave the states as they were
+    (`capture_graph(after_warmup=...)`)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tests.twotower_helpers import twotower_tensors
@@ -1005,7 +1008,7 @@ def test_gpu_cuda_graph_decode_equals_eager(dtype, monkeypatch):
     from twotower_cli.model.loading import cast_
     from twotower_cli.towers import TowerBackend, TwoTower
 
-    monkeypatch.setattr(towers, "DECODE_MIN_CAPACITY", 16)
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
     cfg = kernel_tower_config()
     model = TwoTower(cfg)
     model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=7, std=0.05), "random",
@@ -1019,19 +1022,34 @@ def test_gpu_cuda_graph_decode_equals_eager(dtype, monkeypatch):
     mask[1, :5] = False
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     with torch.no_grad(), kernels.force(kernels="auto", sdpa=True), fallbacks_fail(), warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*capture of the decode step failed")
+        warnings.filterwarnings("error", message=".*capture of a context step failed")
         for b in (eager, graphed):
             b.reset(2)
             b.extend(prompt, attention_mask=mask)
-        for step in range(40):  # 12 + 40 tokens: buffers of 26 columns, then 52
+        for step in range(40):  # 12 + 40 tokens: buffers of 28 columns, then 58
             tok = torch.randint(4, cfg.vocab_size, (2, 1), generator=g).cuda()
             want, got = eager.extend(tok), graphed.extend(tok)
             scale = 1 + want.abs().max().item()
             assert max_diff(got, want) <= tol * scale, f"step {step}: {max_diff(got, want):.3e}"
-    assert graphed.captures == 2 and graphed.cache.length == eager.cache.length == 52
-    for a, b in zip(graphed.cache.layers, eager.cache.layers, strict=True):
-        if hasattr(b, "ssm"):
-            assert max_diff(a.ssm, b.ssm) <= tol * (1 + b.ssm.abs().max().item())
+        assert graphed.captures == 2 and graphed.cache.length == eager.cache.length == 52
+        for a, b in zip(graphed.cache.layers, eager.cache.layers, strict=True):
+            if hasattr(b, "ssm"):
+                assert max_diff(a.ssm, b.ssm) <= tol * (1 + b.ssm.abs().max().item())
+        for block_no in range(4):
+            x = torch.full((2, 16), 3, device="cuda")
+            for step in range(3):
+                t = torch.tensor([1.0 - step / 3, 0.9 - step / 4])
+                want, got = eager.denoise(x, t), graphed.denoise(x, t)
+                scale = 1 + want.abs().max().item()
+                assert max_diff(got, want) <= tol * scale, f"block {block_no} step {step}: {max_diff(got, want):.3e}"
+                x = x.clone()
+                x[:, step * 5:(step + 1) * 5] = torch.randint(4, cfg.vocab_size, (2, 5), generator=g).cuda()
+            want, got = eager.extend(x), graphed.extend(x)
+            assert max_diff(got, want) <= tol * (1 + want.abs().max().item()), f"commit {block_no}"
+    # 2 decode captures; block 0's denoiser step over the buffers (1); its commit does not fit them: remade
+    # with 136 columns, run uncaptured; block 1 captures the denoiser step (1) and its commit (1); blocks 2
+    # and 3 replay both (the same run on the CPU with a stand-in capture counts 2, 3, 5, 5, 5)
+    assert graphed.captures == 5 and graphed.cache.length == 52 + 64
 
 
 @pytest.mark.gpu

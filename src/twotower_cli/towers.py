@@ -418,6 +418,7 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
 class _BlockGraph:
     """The denoiser's forward for the block in hand, captured (`TowerBackend.denoise` with graphs on)."""
     key: tuple
+    static: _Static | None = None  # the fixed-size context it reads, if any (then it outlives commits)
     replay: object = None  # None: seen once (eager), captured at the next call with the same key
     out: torch.Tensor | None = None
     block: torch.Tensor | None = None
@@ -426,48 +427,57 @@ class _BlockGraph:
 
 
 @dataclass
-class _DecodeGraph:
-    """The context tower's one-token step over fixed-size buffers, captured (`TowerBackend.extend` with graphs
-    on): `kv` maps each attention layer to its key/value buffers [b, kv, capacity, d], `valid` [b, capacity]
-    is the key mask, `ids` [b, 1] and `pos` [1] the inputs copied in before each replay."""
-    capacity: int
-    ids: torch.Tensor
-    pos: torch.Tensor
-    valid: torch.Tensor
-    kv: dict
-    masked: bool  # the cache has a key mask (left pads) to keep up to date
+class _StepGraph:
+    """A context step of one length over the fixed-size buffers: None until captured (seen once)."""
+    ids: torch.Tensor | None = None
     replay: object = None
     out: torch.Tensor | None = None
 
 
+@dataclass
+class _Static:
+    """The context tower's cache in buffers of a fixed number of columns (`TowerBackend` with graphs on):
+    `kv` maps each attention layer to its key/value buffers [b, kv, capacity, d], `valid` [b, capacity] is
+    the key mask, `pos` [1] the next column (copied in before each replay), `steps` the context steps seen
+    or captured per length, and `context` the view of it all that the denoiser reads (every column, the
+    unused ones masked; the cache's own Mamba state tensors)."""
+    capacity: int
+    pos: torch.Tensor
+    valid: torch.Tensor
+    kv: dict
+    masked: bool  # the cache has a key mask (left pads) to keep up to date
+    context: TowerCache
+    steps: dict
+
+
 # Where `TowerBackend.graphs` captures steps: CUDA graphs exist there only (tests add "cpu" with a stand-in).
 GRAPH_DEVICES = {"cuda"}
-DECODE_MIN_CAPACITY = 256  # key/value columns of the first decode buffers; they double when full
+STATIC_MIN_CAPACITY = 256  # key/value columns of the first fixed-size buffers; they double when full
+STATIC_MAX_TOKENS = 64  # context steps up to this many tokens run over them (longer ones: prompts, eagerly)
 
 
 class TowerBackend:
     """The sampler's `Backend` over a TwoTower (all modes) or a plain causal LM (`ar` only).
 
-    With `graphs` (`--cuda-graphs`), the denoiser's forward is captured in a CUDA graph once per block and
-    replayed for the block's later steps: within a block the context tower's cache does not change, so
-    every step runs the same kernels on the same buffers, only the block's ids and t differ (copied into
-    the graph's inputs). A step's Python and launch overhead then goes: on an H100 a 7-layer denoiser step
-    took 11.2 ms eager and 1.7 ms replayed (scripts/gpu_check.py). The first step of a block runs eagerly;
-    the second runs once more on a side stream and is captured; the third and later are replays. So it
-    pays from four steps per block (`--steps 4` and more) and costs time at two or three. Any change of
-    the cache (a commit, rows joining or leaving) drops the graph; mock_ar's denoiser steps (no t) are not
-    graphed.
+    With `graphs` (`--cuda-graphs`), steps are captured in CUDA graphs and replayed, without the Python and
+    launch overhead of each kernel: on an H100 a 7-layer denoiser step took 11.2 ms eager and 1.7 ms
+    replayed, a decode step 44.6 ms and 1.16 ms (scripts/gpu_check.py; not yet measured through this path).
 
-    The context tower's one-token steps (`ar` and `mock_ar` decode) are graphed too, over key/value buffers
-    of a fixed number of columns (twice the cache's length when made, at least DECODE_MIN_CAPACITY) that
-    hold the cache's keys and values; each step writes its key and value at its position and attends over
-    all columns with the unused ones masked (`Attention.step_into`), and the Mamba layers update their
-    states in place, so every step has the same shapes (`NemotronHModel.step_into`). The first one-token step
-    in a row runs eagerly, the second makes the buffers and is captured, later ones replay; full buffers are
-    doubled and the step captured again (log2 of the length captures in all). The same decode step on an
-    H100 took 44.6 ms eager and 1.16 ms replayed (7 layers, the cuDNN build per key length included in the
-    eager time; not yet measured through this path). A capture that fails is reported once and the backend
-    goes on eagerly."""
+    - Context steps of up to STATIC_MAX_TOKENS tokens (ar / mock_ar decode, mask_diffusion's commits) run
+      over key/value buffers of a fixed number of columns (twice the cache's length when made, at least
+      STATIC_MIN_CAPACITY) that hold the cache's keys and values: a step writes its keys and values at its
+      columns and attends over all columns with the unused ones masked (`Attention.step_into`), and the
+      Mamba layers update their states in place (`NemotronHModel.step_into`), so each step of a length
+      has the same shapes. The first such step after any other change runs eagerly, the second makes the
+      buffers, and a length's step is captured the second time it comes; later ones replay. A step that
+      does not fit doubles the buffers (everything captured again: log2 of the length times in all).
+    - The denoiser's step is captured the second time a block of its shape comes and replayed after: over
+      those buffers (every column, the unused masked) once they exist, so the graph outlives commits, and
+      before that over the cache itself, for the steps of one block. mock_ar's denoiser steps (no t) are
+      not graphed.
+
+    Prompts, padded steps, rows joining or leaving, `restore` drop everything; the next steps run eagerly
+    again. A capture that fails is reported once and the backend goes on eagerly."""
 
     def __init__(self, twotower: TwoTower | None = None, ar: NemotronHForCausalLM | None = None):
         if twotower is None and ar is None:
@@ -481,8 +491,8 @@ class TowerBackend:
         self.graphs = False
         self.captures = 0  # graphs captured so far (tests, reports)
         self._graph: _BlockGraph | None = None
-        self._decode: _DecodeGraph | None = None
-        self._armed = False  # the last step was a one-token context step that could be graphed
+        self._static: _Static | None = None
+        self._armed = False  # the last step was a context step that could run over fixed-size buffers
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
         """torch.compile the layers of both towers (`--compile`) for the decode and block steps, one region
@@ -515,7 +525,7 @@ class TowerBackend:
         """The cache changed (or was replaced): the denoiser's copy of it and the captured graphs are stale."""
         self._denoiser_view = None
         self._graph = None
-        self._decode = None
+        self._static = None
         self._armed = False
 
     def reset(self, batch: int) -> None:
@@ -534,64 +544,75 @@ class TowerBackend:
 
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
-        one_token = (self.graphs and ids.shape[1] == 1 and attention_mask is None
-                     and self.device.type in GRAPH_DEVICES)
-        if one_token and (self._armed or self._decode is not None):
-            return self._graphed_step(ids)
+        static = (self.graphs and attention_mask is None and 0 < self.cache.length
+                  and ids.shape[1] <= STATIC_MAX_TOKENS and self.device.type in GRAPH_DEVICES)
+        if static and (self._armed or self._static is not None):
+            return self._static_step(ids)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._changed()  # the cache changes below (in place)
         eager = self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS  # a prompt: see `compile`
         with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
-        self._armed = one_token  # a second one-token step in a row is captured
+        self._armed = static  # the next such step makes the buffers
         return self.ar.lm_head(hidden[:, -1]).float()
 
-    def _graphed_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """A one-token context step (`ar` and `mock_ar` decode) through the decode graph (class docstring): its
-        key/value buffers are made from the cache, and the step captured, at the second one-token step in a
-        row, and again with twice the columns when they are full; later steps copy the ids and the position in
-        and replay. The cache's K/V tensors are views of the buffers' first `length` columns, so everything
-        that reads the cache (the denoiser, `state()`) sees what an eager step leaves there."""
+    def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """A context step of L tokens over the fixed-size buffers (class docstring): the buffers are made
+        from the cache at the second such step in a row, and again with twice the columns when the step
+        would not fit; a step of a length seen before with these buffers is captured, later ones replay.
+        The cache's K/V are views of the buffers' first `length` columns, so everything that reads the cache
+        (the denoiser, `state()`) sees what an eager step leaves there."""
         cache = self.cache
-        self._denoiser_view = None  # the cache changes: the denoiser's copy and its block graph are stale
-        self._graph = None
-        g = self._decode
-        T = cache.length
+        T, L = cache.length, ids.shape[1]
+        s = self._static
+        if s is None or T + L > s.capacity:
+            s = self._static = self._make_static(max(STATIC_MIN_CAPACITY, 2 * (T + L)))
+        self._denoiser_view = None  # the cache changes: the denoiser's copy is stale, and a block graph
+        if self._graph is not None and self._graph.static is not s:  # that read the cache itself
+            self._graph = None
         with attention.sdpa_backends(self.device):
-            if g is None or T >= g.capacity:
-                g = self._decode = self._decode_buffers(max(DECODE_MIN_CAPACITY, 2 * g.capacity if g else 2 * T))
-                g.ids.copy_(ids)
-                g.pos.fill_(T)
+            s.pos.fill_(T)
+            step = s.steps.get(L)
+            if step is None:  # the first step of this length: uncaptured
+                s.steps[L] = _StepGraph()
+                out = self._run_static(s, ids.to(self.device))
+            elif step.replay is None:
+                step.ids = ids.to(self.device).clone()
                 try:
-                    self._capture_decode(g)
+                    self._capture_static(s, step)
                 except Exception as e:  # noqa: BLE001 - not capture-safe here: go on without graphs
                     self.graphs = False
                     self._changed()
-                    warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
+                    warnings.warn(f"CUDA graph capture of a context step failed ({type(e).__name__}: {e}); "
                                   "running it eagerly", stacklevel=3)
                     return self.extend(ids)
                 self.captures += 1
+                out = step.out
             else:
-                g.ids.copy_(ids, non_blocking=True)
-                g.pos.fill_(T)
-                g.replay()
-        T += 1
-        for i, (k, v) in g.kv.items():
+                step.ids.copy_(ids, non_blocking=True)
+                step.replay()
+                out = step.out
+        T += L
+        for i, (k, v) in s.kv.items():
             cache.layers[i].k, cache.layers[i].v = k[:, :, :T], v[:, :, :T]
-        if g.masked:
-            cache.key_mask = g.valid[:, :T]
+        if s.masked:
+            cache.key_mask = s.valid[:, :T]
         cache.length = T
-        return g.out.clone()
+        return out.clone()
 
-    def _decode_buffers(self, capacity: int) -> _DecodeGraph:
+    def _run_static(self, s: _Static, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.ar.backbone.step_into(ids, self.cache, s.kv, s.pos, s.valid)
+        return self.ar.lm_head(hidden[:, -1]).float()
+
+    def _make_static(self, capacity: int) -> _Static:
         """Fixed-size key/value buffers and key mask of `capacity` columns holding the cache's; the cache's K/V
         become views of them."""
         cache, dev = self.cache, self.device
         T, b = cache.length, cache.batch
         valid = torch.zeros(b, capacity, dtype=torch.bool, device=dev)
         valid[:, :T] = cache.valid().to(dev)
-        kv = {}
+        kv, layers = {}, list(cache.layers)
         for i, c in enumerate(cache.layers):
             if isinstance(c, KVCache):
                 k = c.k.new_zeros(b, c.k.shape[1], capacity, c.k.shape[3])
@@ -599,27 +620,24 @@ class TowerBackend:
                 k[:, :, :T], v[:, :, :T] = c.k, c.v
                 kv[i] = (k, v)
                 c.k, c.v = k[:, :, :T], v[:, :, :T]
-        return _DecodeGraph(capacity, torch.zeros(b, 1, dtype=torch.long, device=dev),
-                            torch.zeros(1, dtype=torch.long, device=dev), valid, kv, cache.key_mask is not None)
+                layers[i] = KVCache(k, v)
+        return _Static(capacity, torch.zeros(1, dtype=torch.long, device=dev), valid, kv, cache.key_mask is not None,
+                       TowerCache(layers, valid, capacity), {})
 
-    def _capture_decode(self, g: _DecodeGraph) -> None:
+    def _capture_static(self, s: _Static, step: _StepGraph) -> None:
         """Capture the step; the capture's warm-up run advances the Mamba states, which are put back before
         the capture (its final replay is the step itself)."""
-        cache = self.cache
-        states = [c for c in cache.layers if isinstance(c, MambaState)]
-        kept = [(s.conv.clone(), s.ssm.clone()) for s in states]
+        states = [c for c in self.cache.layers if isinstance(c, MambaState)]
+        kept = [(m.conv.clone(), m.ssm.clone()) for m in states]
 
         def put_back():
-            for s, (conv, ssm) in zip(states, kept, strict=True):
-                s.conv.copy_(conv)
-                s.ssm.copy_(ssm)
-
-        def step():
-            hidden = self.ar.backbone.step_into(g.ids, cache, g.kv, g.pos, g.valid)
-            return self.ar.lm_head(hidden[:, -1]).float()
+            for m, (conv, ssm) in zip(states, kept, strict=True):
+                m.conv.copy_(conv)
+                m.ssm.copy_(ssm)
 
         try:
-            g.replay, g.out = capture_graph(step, self.device, after_warmup=put_back)
+            step.replay, step.out = capture_graph(lambda: self._run_static(s, step.ids), self.device,
+                                                  after_warmup=put_back)
         except BaseException:
             put_back()  # a warm-up or capture that failed part-way leaves the states as they were
             raise
@@ -676,9 +694,12 @@ class TowerBackend:
         every row; the rows not asked for are zeroed as the eager path leaves them."""
         den = self.twotower.denoiser_device
         key = (tuple(block.shape), block_valid is not None)
+        static = self._static if _same_device(den, self.device) else None
+        if static is not None:  # the context in its fixed-size buffers: the graph outlives commits
+            context = static.context
         g = self._graph
-        if g is None or g.key != key:  # the block's first step: eager
-            self._graph = _BlockGraph(key)
+        if g is None or g.key != key or g.static is not static:  # the first step of its kind: eager
+            self._graph = _BlockGraph(key, static)
             return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
         if g.replay is None:  # its second: capture
             g.block, g.t = block.to(den).clone(), t.to(den).clone()

@@ -122,17 +122,18 @@ class Attention(nn.Module):
             past.k, past.v = k.to(past.k.dtype), v.to(past.v.dtype)
         return self._attend(x, q, k, v, causal, mask), k_new, v_new
 
-    def step_into(self, x: Tensor, k_buf: Tensor, v_buf: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
-        """One new token per row over key/value buffers of a fixed size, for a decode step captured in a CUDA
-        graph (`towers.TowerBackend`, `--cuda-graphs`): x [b, 1, H]; k_buf / v_buf [b, kv, C, d] hold the
-        past at columns 0 .. pos-1; pos [1] long (on the device: the graph reads it at replay); valid [b, C]
-        bool, True where a row has a real key, the column `pos` included. Writes the new key and value at
-        column `pos` and attends over all C columns, the invalid ones masked: the same attention as
-        `forward(x, past)` over the first pos+1 columns, with shapes that do not change from step to step."""
+    def step_into(self, x: Tensor, k_buf: Tensor, v_buf: Tensor, cols: Tensor, mask: Tensor) -> Tensor:
+        """L new tokens per row over key/value buffers of a fixed size, for a context step captured in a CUDA
+        graph (`towers.TowerBackend`, `--cuda-graphs`): x [b, L, H]; k_buf / v_buf [b, kv, C, d] hold the
+        past at the columns before `cols`; cols [L] long, the new tokens' columns (on the device: the graph
+        reads them at replay); mask [b|1, 1, L, C] bool, what each new token may attend to (its row's valid
+        keys up to its own column). Writes the new keys and values at `cols` and attends over all C columns
+        under `mask`: the same attention as `forward(x, past)` over the filled columns, with shapes that do
+        not change from step to step."""
         q, k_new, v_new = self._project(x)
-        k_buf.index_copy_(2, pos, k_new.to(k_buf.dtype))
-        v_buf.index_copy_(2, pos, v_new.to(v_buf.dtype))
-        return self._attend(x, q, k_buf.to(k_new.dtype), v_buf.to(v_new.dtype), False, valid[:, None, None, :])
+        k_buf.index_copy_(2, cols, k_new.to(k_buf.dtype))
+        v_buf.index_copy_(2, cols, v_new.to(v_buf.dtype))
+        return self._attend(x, q, k_buf.to(k_new.dtype), v_buf.to(v_new.dtype), False, mask)
 
     def _attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
         """The output projection of q's attention over k / v [b, kv, T, d] (the last L keys the queries' own)."""

@@ -124,14 +124,19 @@ class NemotronHModel(nn.Module):
 
     def step_into(self, input_ids: Tensor, cache: TowerCache, kv: dict[int, tuple[Tensor, Tensor]], pos: Tensor,
                   valid: Tensor) -> Tensor:
-        """One decode step (input_ids [b, 1]) over fixed-size buffers, for a CUDA graph (`TowerBackend`):
-        `kv[i]` = layer i's key/value buffers [b, kv, C, d] with the past at columns 0 .. pos-1, `pos` [1]
-        long on the device, `valid` [b, C] bool (the key mask; column `pos` set here). Every tensor it writes
-        keeps its storage: the new keys/values go into the buffers at `pos` (`Attention.step_into`), the
-        Mamba layers' new states are copied into the cache's state tensors (the kernels update those in
-        place already). `cache`'s length, key mask and K/V tensors are the caller's to advance. Computes
-        what `forward(input_ids, cache)` does; returns hidden [b, 1, H] after norm_f."""
-        valid.index_fill_(1, pos, True)
+        """A context step of L tokens (input_ids [b, L]) over fixed-size buffers, for a CUDA graph
+        (`TowerBackend`): `kv[i]` = layer i's key/value buffers [b, kv, C, d] with the past at columns
+        0 .. pos-1, `pos` [1] long on the device, `valid` [b, C] bool (the key mask; the new columns set
+        here). Every tensor it writes keeps its storage: the new keys/values go into the buffers
+        (`Attention.step_into`), the Mamba layers' new states are copied into the cache's state tensors (the
+        kernels update those in place already on a one-token step). `cache`'s length, key mask and K/V
+        tensors are the caller's to advance. Computes what `forward(input_ids, cache)` does; returns hidden
+        [b, L, H] after norm_f."""
+        L, C = input_ids.shape[1], valid.shape[1]
+        cols = pos + torch.arange(L, device=pos.device)
+        valid.index_fill_(1, cols, True)
+        causal = torch.arange(C, device=pos.device)[None, :] <= cols[:, None]  # [L, C]
+        mask = valid[:, None, None, :] & causal[None, None]
         x = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer.norm(x)
@@ -142,7 +147,7 @@ class NemotronHModel(nn.Module):
                     if got is not have:
                         have.copy_(got)
             elif layer.kind == "*":
-                out = layer.mixer.step_into(h, *kv[i], pos, valid)
+                out = layer.mixer.step_into(h, *kv[i], cols, mask)
             else:
                 out = layer.mixer(h)
             x = x + out
