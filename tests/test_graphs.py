@@ -275,4 +275,44 @@ def test_denoiser_graph_outlives_commits_once_the_context_is_in_buffers(model, c
         torch.testing.assert_close(g.extend(x), eager.extend(x), rtol=0, atol=1e-5)
         assert_same_cache(g.cache, eager.cache)
     assert after_steps == [1, 2, 3, 4, 4] and g.captures == 4
-    assert g._static is not None and g._graph.static is g._static
+    assert g._static is not None and list(g._static.blocks) == [((2, 4), False)] and g._graph is None
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_a_second_run_replays_what_the_first_captured(model, captured, monkeypatch, mode):
+    """`S.run` twice on one backend (as `bench` and `--prompt-file` do), the same batch size and other prompts:
+    the second run's cache goes into the first run's buffers right after its prompt, so it captures
+    nothing, and gives the tokens it gives without graphs."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy="topk", max_new_tokens=16)
+    g = graphed(model)
+    S.run(g, [[5, 9, 14, 7, 22, 30], [11, 4]], cfg)
+    first = g.captures
+    prompts = [[8, 8, 19], [20, 6, 15, 16, 17]]
+    got = S.run(g, prompts, cfg).generations
+    want = S.run(TowerBackend(model), prompts, cfg).generations
+    assert [x.token_ids for x in got] == [x.token_ids for x in want]
+    assert first > 0 and g.captures == first
+
+
+def test_a_cache_set_aside_keeps_its_values_when_the_buffers_take_another(model, captured, monkeypatch):
+    """`aside` (continuous batching's join) holds the batch's cache while new rows are read into a fresh one
+    of the same size: the buffers the held cache lived in are handed to the new rows, so the held cache
+    must have been given tensors of its own first. After the join every row's logits are those of the same
+    steps without graphs."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    eager, g = TowerBackend(model), graphed(model)
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[5, 9, 14, 7]]))
+        for tok in (22, 30, 11):  # eager, into the buffers, captured
+            b.extend(torch.tensor([[tok]]))
+    assert g._static is not None
+    for b in (eager, g):
+        with b.aside():
+            b.reset(1)
+            b.extend(torch.tensor([[4, 8, 8, 19, 25, 6]]))  # a prompt read into the spare buffers
+            b.extend(torch.tensor([[20]]))
+    assert_same_cache(g.cache, eager.cache)
+    for tok in ([[15], [16]], [[17], [18]], [[19], [21]]):
+        torch.testing.assert_close(g.extend(torch.tensor(tok)), eager.extend(torch.tensor(tok)), rtol=0, atol=1e-5)

@@ -416,9 +416,8 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
 
 @dataclass
 class _BlockGraph:
-    """The denoiser's forward for the block in hand, captured (`TowerBackend.denoise` with graphs on)."""
+    """The denoiser's forward for blocks of one shape, captured (`TowerBackend.denoise` with graphs on)."""
     key: tuple
-    static: _Static | None = None  # the fixed-size context it reads, if any (then it outlives commits)
     replay: object = None  # None: seen once (eager), captured at the next call with the same key
     out: torch.Tensor | None = None
     block: torch.Tensor | None = None
@@ -436,18 +435,30 @@ class _StepGraph:
 
 @dataclass
 class _Static:
-    """The context tower's cache in buffers of a fixed number of columns (`TowerBackend` with graphs on):
-    `kv` maps each attention layer to its key/value buffers [b, kv, capacity, d], `valid` [b, capacity] is
-    the key mask, `pos` [1] the next column (copied in before each replay), `steps` the context steps seen
-    or captured per length, and `context` the view of it all that the denoiser reads (every column, the
-    unused ones masked; the cache's own Mamba state tensors)."""
+    """Fixed-size buffers for the context tower's cache (`TowerBackend` with graphs on), and the graphs
+    captured over them: `kv` maps each attention layer to its key/value buffers [b, kv, capacity, d],
+    `states` each Mamba layer to a state of its own, `valid` [b, capacity] is the key mask, `pos` [1] the
+    next column (set before each step), `context` the view of it all that the denoiser reads (every column,
+    the unused ones masked), `steps` the context steps per length and `blocks` the denoiser steps per block
+    shape. `owner` is the cache whose K/V are views of these buffers and whose Mamba states are these."""
     capacity: int
     pos: torch.Tensor
     valid: torch.Tensor
     kv: dict
-    masked: bool  # the cache has a key mask (left pads) to keep up to date
+    states: dict
     context: TowerCache
     steps: dict
+    blocks: dict
+    masked: bool = False  # the owner has a key mask (left pads) to keep up to date
+    owner: TowerCache | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 # Where `TowerBackend.graphs` captures steps: CUDA graphs exist there only (tests add "cpu" with a stand-in).
@@ -468,16 +479,19 @@ class TowerBackend:
       STATIC_MIN_CAPACITY) that hold the cache's keys and values: a step writes its keys and values at its
       columns and attends over all columns with the unused ones masked (`Attention.step_into`), and the
       Mamba layers update their states in place (`NemotronHModel.step_into`), so each step of a length
-      has the same shapes. The first such step after any other change runs eagerly, the second makes the
-      buffers, and a length's step is captured the second time it comes; later ones replay. A step that
-      does not fit doubles the buffers (everything captured again: log2 of the length times in all).
+      has the same shapes. The first such step after any other change runs eagerly, the second moves the
+      cache into buffers, and a length's step is captured the second time it comes; later ones replay. A
+      step that does not fit doubles the buffers (everything captured again: log2 of the length times).
     - The denoiser's step is captured the second time a block of its shape comes and replayed after: over
       those buffers (every column, the unused masked) once they exist, so the graph outlives commits, and
       before that over the cache itself, for the steps of one block. mock_ar's denoiser steps (no t) are
       not graphed.
 
-    Prompts, padded steps, rows joining or leaving, `restore` drop everything; the next steps run eagerly
-    again. A capture that fails is reported once and the backend goes on eagerly."""
+    Prompts, padded steps, rows joining or leaving, `restore` and `reset` take the cache out of the buffers
+    (it gets tensors of its own) and drop the graph over the cache itself. The buffers and the graphs over
+    them are kept for the next cache of the same batch size that fits them, which goes into them at once,
+    after its prompt: a second `S.run` (bench's repeats, `--prompt-file` batches) replays from its first
+    block, with no capture. A capture that fails is reported once and the backend goes on eagerly."""
 
     def __init__(self, twotower: TwoTower | None = None, ar: NemotronHForCausalLM | None = None):
         if twotower is None and ar is None:
@@ -491,7 +505,8 @@ class TowerBackend:
         self.graphs = False
         self.captures = 0  # graphs captured so far (tests, reports)
         self._graph: _BlockGraph | None = None
-        self._static: _Static | None = None
+        self._static: _Static | None = None  # the buffers the cache lives in, if it does
+        self._spare: _Static | None = None  # the last ones, with their graphs, for the next cache that fits
         self._armed = False  # the last step was a context step that could run over fixed-size buffers
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
@@ -522,11 +537,14 @@ class TowerBackend:
         return self.ar.lm_head.weight.device
 
     def _changed(self) -> None:
-        """The cache changed (or was replaced): the denoiser's copy of it and the captured graphs are stale."""
+        """The cache changed (or was replaced): the denoiser's copy of it and the graph over it are stale, and
+        the fixed-size buffers are given up (kept, with their graphs, for a next cache that fits them)."""
         self._denoiser_view = None
         self._graph = None
-        self._static = None
         self._armed = False
+        if self._static is not None:
+            self._release(self._static)
+            self._spare, self._static = self._static, None
 
     def reset(self, batch: int) -> None:
         self.cache = self.ar.backbone.make_cache(batch, device=self.device, dtype=self.ar.lm_head.weight.dtype)
@@ -544,9 +562,10 @@ class TowerBackend:
 
     def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         assert self.cache is not None, "reset() first"
-        static = (self.graphs and attention_mask is None and 0 < self.cache.length
-                  and ids.shape[1] <= STATIC_MAX_TOKENS and self.device.type in GRAPH_DEVICES)
-        if static and (self._armed or self._static is not None):
+        graphs = self.graphs and self.device.type in GRAPH_DEVICES
+        T, L = self.cache.length, ids.shape[1]
+        static = graphs and attention_mask is None and 0 < T and L <= STATIC_MAX_TOKENS
+        if static and (self._static is not None or self._armed or self._spare_fits(T + L)):
             return self._static_step(ids)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._changed()  # the cache changes below (in place)
@@ -555,22 +574,26 @@ class TowerBackend:
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         self._armed = static  # the next such step makes the buffers
+        if graphs and self._spare_fits(self.cache.length + 1):  # e.g. a prompt read: on over the last buffers
+            self._adopt(self.cache.length + 1)
         return self.ar.lm_head(hidden[:, -1]).float()
 
     def _static_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """A context step of L tokens over the fixed-size buffers (class docstring): the buffers are made
-        from the cache at the second such step in a row, and again with twice the columns when the step
-        would not fit; a step of a length seen before with these buffers is captured, later ones replay.
-        The cache's K/V are views of the buffers' first `length` columns, so everything that reads the cache
-        (the denoiser, `state()`) sees what an eager step leaves there."""
+        """A context step of L tokens over the fixed-size buffers (class docstring): the buffers hold the
+        cache from the second such step in a row (or at once where the last ones fit), and are made anew with
+        twice the columns when the step would not fit; a step of a length seen before with these buffers is
+        captured, later ones replay. The cache's K/V are views of the buffers' first `length` columns, so
+        everything that reads the cache (the denoiser, `state()`) sees what an eager step leaves there."""
         cache = self.cache
         T, L = cache.length, ids.shape[1]
         s = self._static
         if s is None or T + L > s.capacity:
-            s = self._static = self._make_static(max(STATIC_MIN_CAPACITY, 2 * (T + L)))
-        self._denoiser_view = None  # the cache changes: the denoiser's copy is stale, and a block graph
-        if self._graph is not None and self._graph.static is not s:  # that read the cache itself
-            self._graph = None
+            if s is not None:  # too small: given up for good
+                self._release(s)
+                self._static = None
+            s = self._adopt(T + L)
+        self._denoiser_view = None  # the cache changes: the denoiser's copy and a graph over it are stale
+        self._graph = None  # (graphs over the buffers stay: `s.blocks`)
         with attention.sdpa_backends(self.device):
             s.pos.fill_(T)
             step = s.steps.get(L)
@@ -582,10 +605,7 @@ class TowerBackend:
                 try:
                     self._capture_static(s, step)
                 except Exception as e:  # noqa: BLE001 - not capture-safe here: go on without graphs
-                    self.graphs = False
-                    self._changed()
-                    warnings.warn(f"CUDA graph capture of a context step failed ({type(e).__name__}: {e}); "
-                                  "running it eagerly", stacklevel=3)
+                    self._no_graphs("a context step", e)
                     return self.extend(ids)
                 self.captures += 1
                 out = step.out
@@ -601,28 +621,81 @@ class TowerBackend:
         cache.length = T
         return out.clone()
 
+    def _no_graphs(self, what: str, e: Exception) -> None:
+        self.graphs = False
+        self._changed()
+        self._spare = None
+        warnings.warn(f"CUDA graph capture of {what} failed ({type(e).__name__}: {e}); running it eagerly",
+                      stacklevel=4)
+
     def _run_static(self, s: _Static, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.ar.backbone.step_into(ids, self.cache, s.kv, s.pos, s.valid)
         return self.ar.lm_head(hidden[:, -1]).float()
 
-    def _make_static(self, capacity: int) -> _Static:
-        """Fixed-size key/value buffers and key mask of `capacity` columns holding the cache's; the cache's K/V
-        become views of them."""
+    def _spare_fits(self, need: int) -> bool:
+        s = self._spare
+        return s is not None and s.batch == self.cache.batch and s.capacity >= need
+
+    def _adopt(self, need: int) -> _Static:
+        """Put the cache into fixed-size buffers of at least `need` columns: the spare ones (their graphs kept)
+        if they fit, else new ones of twice that (at least STATIC_MIN_CAPACITY). The cache's K/V, key mask
+        and Mamba states are copied in; its K/V become views of the buffers, its Mamba states the buffers'."""
+        cache = self.cache
+        s = self._spare if self._spare_fits(need) else self._new_static(max(STATIC_MIN_CAPACITY, 2 * need))
+        self._spare = None
+        T = cache.length
+        s.valid.zero_()
+        s.valid[:, :T] = cache.valid().to(s.valid.device)
+        for i, (k, v) in s.kv.items():
+            c = cache.layers[i]
+            k[:, :, :T], v[:, :, :T] = c.k, c.v
+            c.k, c.v = k[:, :, :T], v[:, :, :T]
+        for i, m in s.states.items():
+            m.conv.copy_(cache.layers[i].conv)
+            m.ssm.copy_(cache.layers[i].ssm)
+            cache.layers[i] = m
+        s.masked = cache.key_mask is not None
+        if s.masked:
+            cache.key_mask = s.valid[:, :T]
+        s.owner = cache
+        self._static = s
+        return s
+
+    def _new_static(self, capacity: int) -> _Static:
         cache, dev = self.cache, self.device
-        T, b = cache.length, cache.batch
-        valid = torch.zeros(b, capacity, dtype=torch.bool, device=dev)
-        valid[:, :T] = cache.valid().to(dev)
-        kv, layers = {}, list(cache.layers)
+        b = cache.batch
+        kv, states, layers = {}, {}, []
         for i, c in enumerate(cache.layers):
             if isinstance(c, KVCache):
-                k = c.k.new_zeros(b, c.k.shape[1], capacity, c.k.shape[3])
-                v = c.v.new_zeros(b, c.v.shape[1], capacity, c.v.shape[3])
-                k[:, :, :T], v[:, :, :T] = c.k, c.v
-                kv[i] = (k, v)
-                c.k, c.v = k[:, :, :T], v[:, :, :T]
-                layers[i] = KVCache(k, v)
-        return _Static(capacity, torch.zeros(1, dtype=torch.long, device=dev), valid, kv, cache.key_mask is not None,
-                       TowerCache(layers, valid, capacity), {})
+                kv[i] = (c.k.new_zeros(b, c.k.shape[1], capacity, c.k.shape[3]),
+                         c.v.new_zeros(b, c.v.shape[1], capacity, c.v.shape[3]))
+                layers.append(KVCache(*kv[i]))
+            elif isinstance(c, MambaState):
+                states[i] = MambaState(torch.zeros_like(c.conv), torch.zeros_like(c.ssm))
+                layers.append(states[i])
+            else:
+                layers.append(None)
+        valid = torch.zeros(b, capacity, dtype=torch.bool, device=dev)
+        return _Static(capacity, torch.zeros(1, dtype=torch.long, device=dev), valid, kv, states,
+                       TowerCache(layers, valid, capacity), {}, {})
+
+    @staticmethod
+    def _release(s: _Static) -> None:
+        """The cache that lived in `s` gets tensors of its own (whoever still holds it, e.g. `aside`, keeps
+        what it had), so that `s` can take in another."""
+        owner, s.owner = s.owner, None
+        if owner is None:
+            return
+        for i, (k, v) in s.kv.items():
+            c = owner.layers[i]
+            if isinstance(c, KVCache):
+                c.k = c.k.clone() if _shares(c.k, k) else c.k
+                c.v = c.v.clone() if _shares(c.v, v) else c.v
+        for i, m in s.states.items():
+            if owner.layers[i] is m:
+                owner.layers[i] = m.clone()
+        if owner.key_mask is not None and _shares(owner.key_mask, s.valid):
+            owner.key_mask = owner.key_mask.clone()
 
     def _capture_static(self, s: _Static, step: _StepGraph) -> None:
         """Capture the step; the capture's warm-up run advances the Mamba states, which are put back before
@@ -690,16 +763,23 @@ class TowerBackend:
 
     def _graphed(self, block: torch.Tensor, context: TowerCache, t: torch.Tensor, rows: torch.Tensor | None,
                  block_valid: torch.Tensor | None) -> torch.Tensor:
-        """`TwoTower.denoise` through the block's graph (class docstring). The graph computes the head for
-        every row; the rows not asked for are zeroed as the eager path leaves them."""
+        """`TwoTower.denoise` through the graph for blocks of this shape (class docstring): over the fixed-size
+        buffers where the cache lives in them (kept with them), else over the cache (until it changes). The
+        graph computes the head for every row; the rows not asked for are zeroed as the eager path leaves
+        them."""
         den = self.twotower.denoiser_device
         key = (tuple(block.shape), block_valid is not None)
         static = self._static if _same_device(den, self.device) else None
-        if static is not None:  # the context in its fixed-size buffers: the graph outlives commits
+        if static is not None:
             context = static.context
-        g = self._graph
-        if g is None or g.key != key or g.static is not static:  # the first step of its kind: eager
-            self._graph = _BlockGraph(key, static)
+            g = static.blocks.get(key)
+        else:
+            g = self._graph if self._graph is not None and self._graph.key == key else None
+        if g is None:  # the first step of its kind: eager
+            if static is not None:
+                static.blocks[key] = _BlockGraph(key)
+            else:
+                self._graph = _BlockGraph(key)
             return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
         if g.replay is None:  # its second: capture
             g.block, g.t = block.to(den).clone(), t.to(den).clone()
@@ -708,10 +788,9 @@ class TowerBackend:
                 g.replay, g.out = capture_graph(
                     lambda: self.twotower.denoise(g.block, context, g.t, block_valid=g.valid), den)
             except Exception as e:  # noqa: BLE001 - an op that is not capture-safe: go on without graphs
-                self.graphs, self._graph = False, None
-                warnings.warn(f"CUDA graph capture of the denoiser step failed ({type(e).__name__}: {e}); "
-                              "running it eagerly", stacklevel=3)
-                return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
+                self._no_graphs("the denoiser step", e)
+                return self.twotower.denoise(block, self.cache if static is not None else context, t, rows=rows,
+                                             block_valid=block_valid)
             self.captures += 1
         else:
             g.block.copy_(block, non_blocking=True)
