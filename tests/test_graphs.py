@@ -316,3 +316,20 @@ def test_a_cache_set_aside_keeps_its_values_when_the_buffers_take_another(model,
     assert_same_cache(g.cache, eager.cache)
     for tok in ([[15], [16]], [[17], [18]], [[19], [21]]):
         torch.testing.assert_close(g.extend(torch.tensor(tok)), eager.extend(torch.tensor(tok)), rtol=0, atol=1e-5)
+
+
+def test_buffers_are_kept_per_batch_size(model, captured, monkeypatch):
+    """Runs of 2, 1 and again 2 prompts (a server's batch changes size): the third finds the buffers and
+    graphs of the first and captures nothing; with one size kept (SPARE_BATCH_SIZES = 1) it captures again."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode="mask_diffusion", block_size=4, steps=4, policy="topk", max_new_tokens=16)
+    for kept, recaptures in ((8, False), (1, True)):
+        monkeypatch.setattr(towers, "SPARE_BATCH_SIZES", kept)
+        g = graphed(model)
+        S.run(g, [[5, 9, 14, 7], [11, 4]], cfg)
+        S.run(g, [[8, 19, 25]], cfg)
+        before = g.captures
+        got = S.run(g, [[20, 6, 15], [16, 17]], cfg).generations
+        assert [x.token_ids for x in got] == [x.token_ids for x in
+                                              S.run(TowerBackend(model), [[20, 6, 15], [16, 17]], cfg).generations]
+        assert (g.captures > before) == recaptures

@@ -18,6 +18,7 @@ conditioning"; on a fresh split (identity tables, zero `t_block`) both coincide.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -465,6 +466,7 @@ def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
 GRAPH_DEVICES = {"cuda"}
 STATIC_MIN_CAPACITY = 256  # key/value columns of the first fixed-size buffers; they double when full
 STATIC_MAX_TOKENS = 64  # context steps up to this many tokens run over them (longer ones: prompts, eagerly)
+SPARE_BATCH_SIZES = 8  # buffers (and their graphs) kept for this many batch sizes (a server's batch varies)
 
 
 class TowerBackend:
@@ -489,9 +491,10 @@ class TowerBackend:
 
     Prompts, padded steps, rows joining or leaving, `restore` and `reset` take the cache out of the buffers
     (it gets tensors of its own) and drop the graph over the cache itself. The buffers and the graphs over
-    them are kept for the next cache of the same batch size that fits them, which goes into them at once,
-    after its prompt: a second `S.run` (bench's repeats, `--prompt-file` batches) replays from its first
-    block, with no capture. A capture that fails is reported once and the backend goes on eagerly."""
+    them are kept (for the last SPARE_BATCH_SIZES batch sizes) for the next cache of that batch size that
+    fits them, which goes into them at once, after its prompt: a second `S.run` (bench's repeats,
+    `--prompt-file` batches) replays from its first block, with no capture, and a server's batch finds the
+    graphs of each size it had before. A capture that fails is reported once and the backend goes on eagerly."""
 
     def __init__(self, twotower: TwoTower | None = None, ar: NemotronHForCausalLM | None = None):
         if twotower is None and ar is None:
@@ -506,7 +509,8 @@ class TowerBackend:
         self.captures = 0  # graphs captured so far (tests, reports)
         self._graph: _BlockGraph | None = None
         self._static: _Static | None = None  # the buffers the cache lives in, if it does
-        self._spare: _Static | None = None  # the last ones, with their graphs, for the next cache that fits
+        # buffers given up, with their graphs, per batch size (the latest SPARE_BATCH_SIZES sizes)
+        self._spares: collections.OrderedDict[int, _Static] = collections.OrderedDict()
         self._armed = False  # the last step was a context step that could run over fixed-size buffers
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
@@ -544,7 +548,10 @@ class TowerBackend:
         self._armed = False
         if self._static is not None:
             self._release(self._static)
-            self._spare, self._static = self._static, None
+            self._spares.pop(self._static.batch, None)
+            self._spares[self._static.batch], self._static = self._static, None
+            while len(self._spares) > SPARE_BATCH_SIZES:
+                self._spares.popitem(last=False)
 
     def reset(self, batch: int) -> None:
         self.cache = self.ar.backbone.make_cache(batch, device=self.device, dtype=self.ar.lm_head.weight.dtype)
@@ -624,7 +631,7 @@ class TowerBackend:
     def _no_graphs(self, what: str, e: Exception) -> None:
         self.graphs = False
         self._changed()
-        self._spare = None
+        self._spares.clear()
         warnings.warn(f"CUDA graph capture of {what} failed ({type(e).__name__}: {e}); running it eagerly",
                       stacklevel=4)
 
@@ -633,16 +640,17 @@ class TowerBackend:
         return self.ar.lm_head(hidden[:, -1]).float()
 
     def _spare_fits(self, need: int) -> bool:
-        s = self._spare
-        return s is not None and s.batch == self.cache.batch and s.capacity >= need
+        s = self._spares.get(self.cache.batch)
+        return s is not None and s.capacity >= need
 
     def _adopt(self, need: int) -> _Static:
         """Put the cache into fixed-size buffers of at least `need` columns: the spare ones (their graphs kept)
         if they fit, else new ones of twice that (at least STATIC_MIN_CAPACITY). The cache's K/V, key mask
         and Mamba states are copied in; its K/V become views of the buffers, its Mamba states the buffers'."""
         cache = self.cache
-        s = self._spare if self._spare_fits(need) else self._new_static(max(STATIC_MIN_CAPACITY, 2 * need))
-        self._spare = None
+        s = self._spares.pop(cache.batch, None)
+        if s is None or s.capacity < need:
+            s = self._new_static(max(STATIC_MIN_CAPACITY, 2 * need))
         T = cache.length
         s.valid.zero_()
         s.valid[:, :T] = cache.valid().to(s.valid.device)
