@@ -301,6 +301,30 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
     assert leftovers(tmp_path, "out") == ["out"]
 
 
+def test_force_never_replaces_the_source_or_the_current_folder(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    src = random_checkpoint(models / "base")
+    (models / "notes.txt").write_text("mine")
+    before = digest(src)
+    cases = [(src, "the output folder is the source folder"), (models, "holds the source checkpoint"),
+             (src / "..", "holds the source checkpoint")]
+    for out, message in cases:
+        for force in ([], ["--force"]):
+            result = invoke(str(src), "-o", str(out), *force)
+            assert result.exit_code == 1 and message in result.stderr and result.stderr.count("Error:") == 1, \
+                result.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", "./", "../work"):
+        result = invoke(str(src), "-o", out, "--force")
+        assert result.exit_code == 1 and "is the current folder or holds it" in result.stderr, result.stderr
+    assert digest(src) == before and (models / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["data.txt"]
+    assert sorted(p.name for p in models.iterdir()) == ["base", "notes.txt"]
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),

@@ -520,8 +520,7 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
             on_bytes: Callable[[int], None] | None = None, copier: RangeCopier | None = None) -> SplitResult:
     """Write the planned checkpoint to `out` atomically; `on_bytes(n)` reports progress."""
     out = Path(out)
-    if out.resolve() == plan.source_folder.resolve():
-        raise TwoTowerError("the output folder is the source folder", "choose another -o")
+    check_output(out, plan.source_folder)
     copier = copier or RangeCopier()
     report = on_bytes or (lambda n: None)
     written = verified = 0
@@ -583,6 +582,25 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
         if verify:
             verified = verify_output(plan, tmp, sources)
     return SplitResult(out, written, verified, copier.method)
+
+
+def check_output(out: Path, source_folder: Path) -> None:
+    """Refuse an OUT whose replacement (`--force`) would delete the source checkpoint or the folder the
+    command runs in: OUT may not be either of them, nor a folder that holds one."""
+    target = Path(out).resolve()
+
+    def holds(path: Path) -> bool:
+        path = path.resolve()
+        return path == target or target in path.parents
+
+    if target == source_folder.resolve():
+        raise TwoTowerError("the output folder is the source folder", "choose another -o")
+    if holds(source_folder):
+        raise TwoTowerError(f"the output folder {out} holds the source checkpoint {source_folder}: replacing it "
+                            "would delete the source", "choose another -o")
+    if holds(Path.cwd()):
+        raise TwoTowerError(f"the output folder {out} is the current folder or holds it: replacing it would delete "
+                            "everything in it", "choose another -o, e.g. a new folder inside this one")
 
 
 class _Stopped(Exception):

@@ -35,7 +35,7 @@ def split(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import display_name, resolve
-    from twotower_cli.split import execute, load_source, plan_split
+    from twotower_cli.split import check_output, execute, load_source, plan_split
 
     console = err_console()
     name = display_name(source)
@@ -43,6 +43,7 @@ def split(
     ckpt, cfg = load_source(path)
     plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
     out = output or Path(f"{name}-twotower")
+    check_output(out, plan.source_folder)  # before "already exists": --force must not be the way out
     if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
