@@ -325,6 +325,23 @@ def test_force_never_replaces_the_source_or_the_current_folder(tmp_path, monkeyp
     assert sorted(p.name for p in models.iterdir()) == ["base", "notes.txt"]
 
 
+def test_atomic_output_replaces_dot_and_files_without_leftovers(tmp_path, monkeypatch):
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "old.txt").write_text("old")
+    monkeypatch.chdir(run)
+    with atomic_output_dir(Path("."), force=True) as tmp:  # "." has no name: the folder is found by its path
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in run.iterdir()) == ["new.txt"]
+    (tmp_path / "out").write_text("a file where the folder goes")
+    with atomic_output_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "out" / "new.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),

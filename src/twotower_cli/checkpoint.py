@@ -350,9 +350,9 @@ def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
-    out = Path(out)
-    if out.exists() and not force:
+    if Path(out).exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
+    out = Path(os.path.abspath(out))  # "." or "run/.." has no name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -362,7 +362,10 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # OUT was a file or a link: rmtree would leave it behind
+                old.unlink()
         else:
             os.replace(tmp, out)
     except BaseException:
