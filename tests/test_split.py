@@ -413,6 +413,16 @@ def test_default_output_and_dry_run(tmp_path, monkeypatch):
     assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
 
 
+def test_tilde_in_output_is_the_home_folder(tmp_path, monkeypatch):
+    """`--output=~/x` reaches us unexpanded (shells expand ~ only at the start of a word), as sources do."""
+    src = random_checkpoint(tmp_path / "src")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert invoke(str(src), "--output=~/tt").exit_code == 0
+    assert inspect_checkpoint(Path("~/tt").expanduser()).problems == [] and not (tmp_path / "~").exists()
+    assert (tmp_path / "home" / "tt").is_dir()
+
+
 def test_alias_source_from_the_cache(tmp_path, monkeypatch):
     from test_hub import fake_cache
 

@@ -42,7 +42,7 @@ def split(
     path = resolve(source, base=True)
     ckpt, cfg = load_source(path)
     plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
-    out = output or Path(f"{name}-twotower")
+    out = output.expanduser() if output else Path(f"{name}-twotower")  # `-o=~/x`: no shell expands that ~
     check_output(out, plan.source_folder)  # before "already exists": --force must not be the way out
     if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")

@@ -42,9 +42,10 @@ def tokenize(
     from twotower_cli.runtime import model_folder
     from twotower_cli.text import Tokenizer
 
-    paths = [*(data or []), *(more_data or [])]
+    paths = [p.expanduser() for p in [*(data or []), *(more_data or [])]]  # `--data=~/x`: no shell expands that ~
     if out is None:
         raise TwoTowerError("no output file given", "pass -o OUT.npy")
+    out = out.expanduser()
     if out.suffix.lower() != ".npy":
         raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
     if out.exists() and not force:
