@@ -84,9 +84,13 @@ def test_allow_download_false_never_goes_online(tmp_path, monkeypatch):
         raise LocalEntryNotFoundError("not cached")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
-    with pytest.raises(TwoTowerError, match="downloads are off"):
+    with pytest.raises(TwoTowerError, match="downloads are off") as e:
         hub.resolve("org/model", allow_download=False)
     assert calls[0]["local_files_only"] is True
+    # HF_HUB_OFFLINE is not set: the hint must not send the user to unset it, and a typed `org/model`
+    # may have been meant as a local folder.
+    assert "HF_HUB_OFFLINE" not in e.value.hint and "hf download org/model" in e.value.hint
+    assert "neither a folder here nor in the Hugging Face cache" in e.value.message
 
 
 def test_download_fetches_only_checkpoint_files(tmp_path, monkeypatch):

@@ -104,22 +104,32 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
         if text.startswith((".", "/", "~")) or os.sep in text:
             raise TwoTowerError(f"{text} does not exist", hint)
         raise TwoTowerError(f"{text!r} is not a local path, a known model name or a hub repo id", hint)
-    return _snapshot(repo_id, offline=_env_true("HF_HUB_OFFLINE") or not allow_download)
+    env_offline = _env_true("HF_HUB_OFFLINE")
+    offline = None if allow_download and not env_offline else "HF_HUB_OFFLINE" if env_offline else "command"
+    return _snapshot(repo_id, offline, as_path=repo_id == text)
 
 
-def _snapshot(repo_id: str, offline: bool) -> Path:
+def _snapshot(repo_id: str, offline: str | None, as_path: bool = False) -> Path:
+    """The cached (or downloaded) snapshot of `repo_id`. `offline`: None (downloads allowed), "HF_HUB_OFFLINE"
+    or "command" (the command never downloads); the error names the one that applies. `as_path`: the name
+    was typed as `owner/name`, which may also have been meant as a local folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = hub_cache_dir()
     try:
-        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline,
+        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline is not None,
                                    allow_patterns=list(DOWNLOAD_PATTERNS))
     except LocalEntryNotFoundError:
-        if offline:
-            raise TwoTowerError(f"{repo_id} is not in the Hugging Face cache at {cache} and downloads are off",
-                                "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
-                                ) from None
+        if offline is not None:
+            where = f"the Hugging Face cache at {cache}"
+            what = f"{repo_id} is neither a folder here nor in {where}," if as_path else f"{repo_id} is not in {where}"
+            if offline == "HF_HUB_OFFLINE":
+                hint = "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
+            else:
+                hint = (f"this command reads only the cache: download it first (`hf download {repo_id}`, or run "
+                        "`twotower split` or `generate` on it), or set HF_HOME to the cache that holds it")
+            raise TwoTowerError(f"{what} and downloads are off", hint) from None
         raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable",
                             "check the network, or set HF_HOME to a cache that already holds it") from None
     except RepositoryNotFoundError:
