@@ -264,6 +264,23 @@ def test_mtp_tensors_are_noted_not_problems(tmp_path):
     assert r.problems == [] and any("mtp.layers.0.norm.weight" in n for n in r.notes)
 
 
+@pytest.mark.parametrize("config,architecture,problem", [
+    ([1], "?", "config.json is not a JSON object"),
+    ({"architectures": "NemotronHForCausalLM"}, "NemotronHForCausalLM", None),
+    ({"architectures": [1]}, "1", None),
+])
+def test_odd_config_json_is_reported_not_a_crash(tmp_path, config, architecture, problem):
+    folder = random_checkpoint(tmp_path / "c")
+    if isinstance(config, dict):
+        config = json.loads((folder / "config.json").read_text()) | config
+    (folder / "config.json").write_text(json.dumps(config))
+    result = invoke(str(folder), "--json")
+    assert "Traceback" not in result.output and "Error:" not in result.output, result.output
+    report = json.loads(result.stdout)
+    assert report["architecture"] == architecture
+    assert report["problems"] == ([problem] if problem else [])
+
+
 def test_unknown_layout_names_its_keys(tmp_path):
     folder = write_with(tmp_path / "c", {"transformer.h.0.attn.weight": torch.zeros(2),
                                          "transformer.h.1.attn.weight": torch.zeros(2), "wte.weight": torch.zeros(2)})

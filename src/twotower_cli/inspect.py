@@ -119,7 +119,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         try:
             cfg = NemotronHConfig.from_dict(ckpt.config_raw)
         except TwoTowerError as e:
-            problems.append(f"config.json: {e.message}")
+            problems.append(e.message if e.message.startswith("config.json") else f"config.json: {e.message}")
     names = list(ckpt.tensors)
     layout = detect_layout(names)
     unrecognised: list[str] = []
@@ -210,8 +210,9 @@ def inspect_checkpoint(path: str | Path) -> Report:
         shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0,
                        "bytes": shard.file_size if shard else 0,
                        "status": "ok" if shard else ("missing" if file in ckpt.missing_files else "unreadable")})
-    raw = ckpt.config_raw or {}
-    arch = ", ".join(raw.get("architectures") or []) or "?"
+    raw = ckpt.config_raw if isinstance(ckpt.config_raw, dict) else {}
+    arch = raw.get("architectures") or []
+    arch = ", ".join(map(str, arch if isinstance(arch, list) else [arch])) or "?"
     return Report(
         path=str(path), layout=layout, architecture=arch,
         source=(cfg.twotower.get("source") if cfg else None) or None,
