@@ -380,6 +380,7 @@ def test_truncated_source_is_refused_before_writing(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--dtype", "int8"], "unknown --dtype"),
     (["--max-shard-size", "lots"], "cannot read the size"),
+    (["--max-shard-size", "inf"], "cannot read the size"),
     (["--block-size", "0"], "--block-size must be positive"),
     (["--mask-token-id", "999"], "outside the vocabulary"),
 ])

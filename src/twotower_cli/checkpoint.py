@@ -342,7 +342,7 @@ def parse_size(text: str | int) -> int:
         num, mult = s, 1
     try:
         value = int(float(num) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):  # "lots", "nan", "inf"
         raise TwoTowerError(f"cannot read the size {text!r}", "write it like 5GB, 500MB or 2GiB") from None
     if value <= 0:
         raise TwoTowerError(f"size {text!r} must be positive", "write it like 5GB, 500MB or 2GiB")
