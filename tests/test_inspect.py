@@ -281,6 +281,17 @@ def test_odd_config_json_is_reported_not_a_crash(tmp_path, config, architecture,
     assert report["problems"] == ([problem] if problem else [])
 
 
+def test_bracketed_names_are_printed_as_they_are(tmp_path, monkeypatch):
+    """Paths and names are not rich markup: `ckpt[v2]` printed as `ckpt`, `[bold]` vanished into style."""
+    monkeypatch.chdir(tmp_path)
+    random_checkpoint(tmp_path / "ckpt[v2]")
+    (tmp_path / "ckpt[v2]" / "generation_config.json").write_text("{")  # a problem line that names the path
+    result = invoke("ckpt[v2]")
+    assert result.exit_code == 1
+    assert "checkpoint       ckpt[v2]" in result.stderr
+    assert "✗ ckpt[v2]/generation_config.json is not valid JSON" in result.stderr, result.stderr
+
+
 def test_unknown_layout_names_its_keys(tmp_path):
     folder = write_with(tmp_path / "c", {"transformer.h.0.attn.weight": torch.zeros(2),
                                          "transformer.h.1.attn.weight": torch.zeros(2), "wte.weight": torch.zeros(2)})

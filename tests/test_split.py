@@ -424,6 +424,14 @@ def test_tilde_in_output_is_the_home_folder(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "tt").is_dir()
 
 
+def test_bracketed_paths_are_printed_as_they_are(tmp_path, monkeypatch):
+    random_checkpoint(tmp_path / "base[v2]")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("base[v2]", "-o", "out[bold]")
+    assert result.exit_code == 0, result.output
+    assert "split base[v2] → out[bold]" in result.stderr and "wrote out[bold]" in result.stderr, result.stderr
+
+
 def test_alias_source_from_the_cache(tmp_path, monkeypatch):
     from test_hub import fake_cache
 

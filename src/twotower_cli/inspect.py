@@ -382,7 +382,9 @@ def pattern_text(pattern: str) -> Any:
 
 
 def render(report: Report, console: Any, tensors: bool = False) -> None:
-    """The human view of a report, on a rich console (stderr in the CLI)."""
+    """The human view of a report, on a rich console (stderr in the CLI). Text from the checkpoint (paths,
+    file and tensor names, problems) is escaped: a folder `ckpt[v2]` must not print as `ckpt`."""
+    from rich.markup import escape
     from rich.table import Table
 
     title = {"nemotron_h": "NemotronH single tower", "twotower": "TwoTower (context tower + denoiser)",
@@ -390,11 +392,11 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold")
     info.add_column()
-    info.add_row("checkpoint", report.path)
+    info.add_row("checkpoint", escape(report.path))
     info.add_row("layout", title)
-    info.add_row("architecture", report.architecture)
+    info.add_row("architecture", escape(report.architecture))
     if report.source:
-        info.add_row("source", report.source)
+        info.add_row("source", escape(str(report.source)))
     if report.hidden_size:
         info.add_row("hidden / vocab", f"{report.hidden_size} / {report.vocab_size}")
     if report.attention:
@@ -447,13 +449,13 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     if report.text:
         t = report.text
         console.print(f"[bold]text[/]: tokenizer.json {'✓' if t['tokenizer'] else 'missing'} · chat template "
-                      f"{t['chat_template'] or 'none'} · ends on {', '.join(map(str, t['eos_token_ids'])) or 'nothing'}",
+                      f"{escape(t['chat_template'] or 'none')} · ends on {', '.join(map(str, t['eos_token_ids'])) or 'nothing'}",
                       highlight=False)
     shards = Table(title="shards", title_justify="left")
     for col in ("file", "tensors", "bytes", "status"):
         shards.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
     for s in report.shards:
-        shards.add_row(s["file"], str(s["tensors"]), _bytes(s["bytes"]), s["status"])
+        shards.add_row(escape(s["file"]), str(s["tensors"]), _bytes(s["bytes"]), s["status"])
     console.print(shards)
     if tensors:  # plain lines, not a table: full names at any width, easy to grep
         console.print(f"[bold]tensors[/] ({len(report.tensor_list):,})")
@@ -462,11 +464,11 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
             console.print(f"  {t['name']:<{width}}  {t['dtype']:<5} {str(t['shape']):<16} {t['file']}",
                           soft_wrap=True, markup=False)
     for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(f"[dim]note: {escape(note)}[/]")
     if report.problems:
         console.print(f"[bold red]{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}:[/]")
         for p in report.problems:
-            console.print(f"  [red]✗[/] {p}", soft_wrap=True)
+            console.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
     else:
         console.print("[bold green]✓ no problems found[/]")
 

@@ -73,9 +73,10 @@ def _gb(n: int) -> str:
 
 
 def _print_plan(plan, out: Path, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    console.print(f"[bold]split[/] {plan.source_name} → {out}  ({len(plan.shards)} shard"
+    console.print(f"[bold]split[/] {escape(plan.source_name)} → {escape(str(out))}  ({len(plan.shards)} shard"
                   f"{'s' if len(plan.shards) > 1 else ''}, {_gb(plan.total_bytes)}, dtype {plan.dtype})")
     parts = Table(title="plan", title_justify="left")
     for col in ("part", "tensors", "parameters", "bytes"):
@@ -94,16 +95,17 @@ def _print_plan(plan, out: Path, console) -> None:
     for line in [*plan.transforms, *plan.notes]:
         console.print(f"[dim]• {line}[/]")
     if plan.dropped:
-        shown = ", ".join(plan.dropped[:8]) + (f", ... ({len(plan.dropped) - 8} more)" if len(plan.dropped) > 8 else "")
+        shown = ", ".join(map(escape, plan.dropped[:8])) + (f", ... ({len(plan.dropped) - 8} more)" if len(plan.dropped) > 8 else "")
         console.print(f"[dim]• dropped: {shown}[/]", soft_wrap=True)
     if plan.aux_files:
         console.print(f"[dim]• copied as they are: {', '.join(plan.aux_files)}[/]")
 
 
 def _print_summary(plan, result, seconds: float, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"wrote {result.out}", title_justify="left")
+    table = Table(title=f"wrote {escape(str(result.out))}", title_justify="left")
     for col in ("part", "tensors", "bytes"):
         table.add_column(col, justify="left" if col == "part" else "right")
     for part, p in plan.parts().items():

@@ -32,6 +32,7 @@ def tokenize(
     """Tokenize text and JSONL files once into a .npy token stream for `train --data` (memory-mapped)."""
     import time
 
+    from rich.markup import escape
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
     from twotower_cli import train as T
@@ -78,5 +79,5 @@ def tokenize(
         print(json.dumps({"out": str(out), "documents": documents, "tokens": tokens, "dtype": str(dtype),
                           "bytes": size, "seconds": seconds}))
         return
-    console.print(f"wrote [bold]{out}[/] · {documents:,} document{'s' * (documents != 1)} · {tokens:,} tokens ({dtype}, "
+    console.print(f"wrote [bold]{escape(str(out))}[/] · {documents:,} document{'s' * (documents != 1)} · {tokens:,} tokens ({dtype}, "
                   f"{size / 2**20:.1f} MiB) · {seconds:.1f} s · {tokens / max(seconds, 1e-9):,.0f} tok/s", highlight=False)
