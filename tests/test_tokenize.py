@@ -1,6 +1,8 @@
-"""tokenize: command-line paths (the stream itself is tested against `train`'s in test_train.py)."""
+"""tokenize: command-line paths and what it fetches (the stream itself is tested against `train`'s in test_train.py)."""
 
 from __future__ import annotations
+
+import shutil
 
 import numpy as np
 from typer.testing import CliRunner
@@ -21,3 +23,28 @@ def test_tokenize_expands_tilde_in_paths(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert np.load(home / "c.npy").tolist() == Tokenizer(resolve("tiny")).encode("ROMEO. Hello.")
     assert not (tmp_path / "~").exists()
+
+
+def test_tokenize_fetches_no_weights(tmp_path, monkeypatch):
+    """Tokenizing needs config.json and the tokenizer, not the checkpoint's weights (63 GB for Nano)."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    for f in resolve("tiny").iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, snap / f.name)
+    seen = {}
+
+    def fake(repo_id, **kw):
+        seen.update(kw)
+        return str(snap)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    (tmp_path / "d.txt").write_text("ROMEO. Hello.")
+    r = CliRunner().invoke(get_app(), ["tokenize", "org/model", "--data", str(tmp_path / "d.txt"),
+                                       "-o", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    assert "config.json" in seen["allow_patterns"] and "tokenizer.json" in seen["allow_patterns"]
+    assert not any(p.endswith((".safetensors", ".index.json")) for p in seen["allow_patterns"])
+    assert np.load(tmp_path / "c.npy").tolist() == Tokenizer(resolve("tiny")).encode("ROMEO. Hello.")

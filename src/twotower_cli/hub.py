@@ -42,6 +42,7 @@ AUX_FILE_PATTERNS = (
     "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
 )
 DOWNLOAD_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *AUX_FILE_PATTERNS)
+TEXT_PATTERNS = ("config.json", *AUX_FILE_PATTERNS)  # what tokenizing needs: no weights
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -77,10 +78,11 @@ def display_name(name_or_path: str) -> str:
     return name_or_path.rstrip("/").split("/")[-1]
 
 
-def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = False) -> Path:
+def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = False, weights: bool = True) -> Path:
     """A local folder or .safetensors file for a path, embedded name, alias or hub repo id.
 
     `base=True` asks for a single-tower source: the embedded name `tiny` then means `tiny-base`.
+    `weights=False` fetches only config.json and the tokenizer files (`tokenize` needs no 63 GB of weights).
     Raises TwoTowerError when the name cannot be turned into local files.
     """
     text = str(name_or_path)
@@ -106,10 +108,11 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
         raise TwoTowerError(f"{text!r} is not a local path, a known model name or a hub repo id", hint)
     env_offline = _env_true("HF_HUB_OFFLINE")
     offline = None if allow_download and not env_offline else "HF_HUB_OFFLINE" if env_offline else "command"
-    return _snapshot(repo_id, offline, as_path=repo_id == text)
+    return _snapshot(repo_id, offline, as_path=repo_id == text, patterns=DOWNLOAD_PATTERNS if weights else TEXT_PATTERNS)
 
 
-def _snapshot(repo_id: str, offline: str | None, as_path: bool = False) -> Path:
+def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
+              patterns: tuple[str, ...] = DOWNLOAD_PATTERNS) -> Path:
     """The cached (or downloaded) snapshot of `repo_id`. `offline`: None (downloads allowed), "HF_HUB_OFFLINE"
     or "command" (the command never downloads); the error names the one that applies. `as_path`: the name
     was typed as `owner/name`, which may also have been meant as a local folder."""
@@ -119,7 +122,7 @@ def _snapshot(repo_id: str, offline: str | None, as_path: bool = False) -> Path:
     cache = hub_cache_dir()
     try:
         folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline is not None,
-                                   allow_patterns=list(DOWNLOAD_PATTERNS))
+                                   allow_patterns=list(patterns))
     except LocalEntryNotFoundError:
         if offline is not None:
             where = f"the Hugging Face cache at {cache}"

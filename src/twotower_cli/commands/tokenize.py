@@ -36,11 +36,10 @@ def tokenize(
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
     from twotower_cli import train as T
-    from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.config import NemotronHConfig
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import model_folder
+    from twotower_cli.hub import resolve
     from twotower_cli.text import Tokenizer
 
     paths = [p.expanduser() for p in [*(data or []), *(more_data or [])]]  # `--data=~/x`: no shell expands that ~
@@ -58,11 +57,9 @@ def tokenize(
             raise TwoTowerError(f"{p} is already tokenized", "pass it to `train --data` as it is")
         if not p.is_file():
             raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
-    folder = model_folder(checkpoint)
-    ckpt = open_checkpoint(folder)
-    if ckpt.config_raw is None:
-        raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
-    cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+    folder = resolve(checkpoint, weights=False)  # config.json and the tokenizer: a hub id downloads no weights
+    folder = folder.parent if folder.is_file() else folder
+    cfg = NemotronHConfig.from_file(folder)
     tokenizer = Tokenizer(folder)
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     console = err_console()
