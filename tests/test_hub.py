@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -90,7 +91,32 @@ def test_allow_download_false_never_goes_online(tmp_path, monkeypatch):
     # HF_HUB_OFFLINE is not set: the hint must not send the user to unset it, and a typed `org/model`
     # may have been meant as a local folder.
     assert "HF_HUB_OFFLINE" not in e.value.hint and "hf download org/model" in e.value.hint
-    assert "neither a folder here nor in the Hugging Face cache" in e.value.message
+    assert e.value.message.endswith("and downloads are off (and there is no folder org/model here)")
+
+
+@pytest.mark.parametrize("raised,message", [
+    ("LocalEntryNotFoundError", "cannot download org/model: the hub is not reachable"),
+    ("RepositoryNotFoundError", "org/model was not found on the Hugging Face hub"),
+])
+def test_a_typed_owner_name_may_have_been_a_folder(tmp_path, monkeypatch, raised, message):
+    """`twotower split models/nano` with no such folder here reads as a hub id: say both."""
+    from huggingface_hub import errors
+
+    def fake(repo_id, **kw):
+        cls = getattr(errors, raised)
+        if raised == "LocalEntryNotFoundError":
+            raise cls("nope")
+        raise cls("nope", response=SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("org/model")
+    assert e.value.message == f"{message} (and there is no folder org/model here)"
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("nemotron-3-nano")  # an alias is no folder name: nothing to add
+    assert "no folder" not in e.value.message
 
 
 def test_download_fetches_only_checkpoint_files(tmp_path, monkeypatch):

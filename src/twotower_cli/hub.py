@@ -120,23 +120,23 @@ def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = hub_cache_dir()
+    local = f" (and there is no folder {repo_id} here)" if as_path else ""
     try:
         folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline is not None,
                                    allow_patterns=list(patterns))
     except LocalEntryNotFoundError:
         if offline is not None:
-            where = f"the Hugging Face cache at {cache}"
-            what = f"{repo_id} is neither a folder here nor in {where}," if as_path else f"{repo_id} is not in {where}"
             if offline == "HF_HUB_OFFLINE":
                 hint = "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
             else:
                 hint = (f"this command reads only the cache: download it first (`hf download {repo_id}`, or run "
                         "`twotower split` or `generate` on it), or set HF_HOME to the cache that holds it")
-            raise TwoTowerError(f"{what} and downloads are off", hint) from None
-        raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable",
+            raise TwoTowerError(f"{repo_id} is not in the Hugging Face cache at {cache} and downloads are off{local}",
+                                hint) from None
+        raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable{local}",
                             "check the network, or set HF_HOME to a cache that already holds it") from None
     except RepositoryNotFoundError:
-        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub",
+        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
                             "check the spelling; gated models need `hf auth login`") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot download {repo_id}: {e}", "check the network and your HF token") from None
