@@ -404,6 +404,17 @@ def test_bad_sources(tmp_path):
     assert result.exit_code == 1 and "missing tensor backbone.layers.1.mixer.q_proj.weight" in result.stderr
 
 
+def test_tied_embeddings_missing_is_a_problem_line(tmp_path):
+    cfg = small_config(tie_word_embeddings=True)
+    t = random_tensors(cfg)
+    del t["backbone.embeddings.weight"]
+    write_checkpoint(tmp_path / "tied", t, cfg.to_dict())
+    result = invoke(str(tmp_path / "tied"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and result.stderr.count("Error:") == 1, result.stderr
+    assert "missing tensor backbone.embeddings.weight" in result.stderr and "KeyError" not in result.stderr
+    assert leftovers(tmp_path, "x") == []
+
+
 def test_default_output_and_dry_run(tmp_path, monkeypatch):
     src = random_checkpoint(tmp_path / "my-model")
     monkeypatch.chdir(tmp_path)

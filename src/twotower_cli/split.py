@@ -297,8 +297,8 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     view = source_view(ckpt, cfg)
     src = dict(view.tensors)
     transforms = list(view.transforms)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in src:
-        emb = src["backbone.embeddings.weight"]  # present, or the shape check below says so
+    emb = src.get("backbone.embeddings.weight")  # if absent, the shape check below says so
+    if cfg.tie_word_embeddings and "lm_head.weight" not in src and emb is not None:
         src["lm_head.weight"] = SourceTensor("lm_head.weight", emb.dtype, emb.shape, emb.file, emb.start,
                                              emb.end, emb.origin)
         transforms.append("tied embeddings: both heads written as copies of backbone.embeddings.weight")
