@@ -415,6 +415,20 @@ def test_tied_embeddings_missing_is_a_problem_line(tmp_path):
     assert leftovers(tmp_path, "x") == []
 
 
+def test_a_quantized_source_is_refused(tmp_path):
+    """An FP8 checkpoint's weights mean nothing without their scale tensors, which split would drop."""
+    cfg = small_config()
+    t = random_tensors(cfg)
+    w = "backbone.layers.0.mixer.in_proj.weight"
+    t[w] = t[w].to(torch.float8_e4m3fn)
+    t[w + "_scale"] = torch.ones(())
+    raw = cfg.to_dict() | {"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}}
+    write_checkpoint(tmp_path / "fp8", t, raw)
+    result = invoke(str(tmp_path / "fp8"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and "is a quantized checkpoint (FP8)" in result.stderr, result.stderr
+    assert leftovers(tmp_path, "x") == []
+
+
 def test_default_output_and_dry_run(tmp_path, monkeypatch):
     src = random_checkpoint(tmp_path / "my-model")
     monkeypatch.chdir(tmp_path)

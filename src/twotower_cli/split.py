@@ -289,6 +289,12 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     if cfg.is_twotower or any(n.startswith(("context_tower.", "denoiser_tower.")) for n in ckpt.tensors):
         raise TwoTowerError(f"{source_name or ckpt.folder} is already a TwoTower checkpoint",
                             "split takes a single-tower NemotronH checkpoint")
+    quant = cfg.raw.get("quantization_config")
+    if quant is not None:  # FP8 / NVFP4 weights need their scale tensors, which no TwoTower layout has
+        kind = (quant.get("quant_algo") or quant.get("quant_method")) if isinstance(quant, dict) else None
+        raise TwoTowerError(f"{source_name or ckpt.folder} is a quantized checkpoint" + (f" ({kind})" if kind else "")
+                            + ": split copies weights as they are and would drop their scales",
+                            "split the BF16 checkpoint of the model (e.g. nemotron-3-nano) instead")
     problems = index_problems(ckpt)
     if problems:
         raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"
