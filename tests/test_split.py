@@ -472,6 +472,28 @@ def test_alias_source_from_the_cache(tmp_path, monkeypatch):
     assert conf["twotower"]["source"] == "nemotron-3-nano"
 
 
+def test_a_twotower_alias_is_refused_before_its_weights_download(tmp_path, monkeypatch):
+    import shutil
+
+    from twotower_cli.hub import resolve
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    shutil.copy(resolve("tiny") / "config.json", snap / "config.json")  # a TwoTower's config, no weights
+    asked = []
+
+    def fake(repo_id, **kw):
+        asked.append(kw["allow_patterns"])
+        return str(snap)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = invoke("nemotron-labs-twotower", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "already a TwoTower checkpoint" in result.stderr, result.output
+    assert asked and not any("*.safetensors" in patterns for patterns in asked)
+
+
 def test_help_lists_aliases():
     result = runner.invoke(get_app(), ["split", "--help"])
     assert result.exit_code == 0
