@@ -472,14 +472,20 @@ def test_alias_source_from_the_cache(tmp_path, monkeypatch):
     assert conf["twotower"]["source"] == "nemotron-3-nano"
 
 
-def test_a_twotower_alias_is_refused_before_its_weights_download(tmp_path, monkeypatch):
-    import shutil
-
+@pytest.mark.parametrize("source,config,message", [
+    ("nemotron-labs-twotower", "tiny", "already a TwoTower checkpoint"),
+    ("org/Nano-FP8", "fp8", "is a quantized checkpoint (FP8)"),
+])
+def test_a_source_split_cannot_take_is_refused_before_its_weights_download(tmp_path, monkeypatch, source, config,
+                                                                           message):
     from twotower_cli.hub import resolve
 
     snap = tmp_path / "snap"
     snap.mkdir()
-    shutil.copy(resolve("tiny") / "config.json", snap / "config.json")  # a TwoTower's config, no weights
+    raw = json.loads((resolve("tiny" if config == "tiny" else "tiny-base") / "config.json").read_text())
+    if config == "fp8":
+        raw["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    (snap / "config.json").write_text(json.dumps(raw))  # a config, no weights
     asked = []
 
     def fake(repo_id, **kw):
@@ -489,8 +495,8 @@ def test_a_twotower_alias_is_refused_before_its_weights_download(tmp_path, monke
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    result = invoke("nemotron-labs-twotower", "-o", str(tmp_path / "out"))
-    assert result.exit_code == 1 and "already a TwoTower checkpoint" in result.stderr, result.output
+    result = invoke(source, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and message in result.stderr, result.output
     assert asked and not any("*.safetensors" in patterns for patterns in asked)
 
 

@@ -266,6 +266,20 @@ def output_config(cfg: NemotronHConfig, mask_token_id: int, block_size: int, sou
     return raw, notes
 
 
+def check_source_config(raw: dict[str, Any], name: str) -> None:
+    """Refuse, from config.json alone (so before a hub source's weights download), what split cannot take:
+    a TwoTower, or a quantized checkpoint (FP8 / NVFP4 weights need scale tensors no TwoTower layout has)."""
+    arch = raw.get("architectures") or []
+    if TWOTOWER_ARCHITECTURE in (arch if isinstance(arch, list) else [arch]):
+        raise TwoTowerError(f"{name} is already a TwoTower checkpoint", "split takes a single-tower NemotronH checkpoint")
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        kind = (quant.get("quant_algo") or quant.get("quant_method")) if isinstance(quant, dict) else None
+        raise TwoTowerError(f"{name} is a quantized checkpoint" + (f" ({kind})" if kind else "")
+                            + ": split copies weights as they are and would drop their scales",
+                            "split the BF16 checkpoint of the model (e.g. nemotron-3-nano) instead")
+
+
 def _out_dtype(src_dtype: str, target: str | None, name: str) -> str:
     """The output dtype of a source tensor. The fp32-in-memory tensors of spec §1 (A_log, D, dt_bias,
     router) are never narrowed: an F32 source keeps F32 under --dtype bf16/fp16."""
@@ -289,12 +303,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     if cfg.is_twotower or any(n.startswith(("context_tower.", "denoiser_tower.")) for n in ckpt.tensors):
         raise TwoTowerError(f"{source_name or ckpt.folder} is already a TwoTower checkpoint",
                             "split takes a single-tower NemotronH checkpoint")
-    quant = cfg.raw.get("quantization_config")
-    if quant is not None:  # FP8 / NVFP4 weights need their scale tensors, which no TwoTower layout has
-        kind = (quant.get("quant_algo") or quant.get("quant_method")) if isinstance(quant, dict) else None
-        raise TwoTowerError(f"{source_name or ckpt.folder} is a quantized checkpoint" + (f" ({kind})" if kind else "")
-                            + ": split copies weights as they are and would drop their scales",
-                            "split the BF16 checkpoint of the model (e.g. nemotron-3-nano) instead")
+    check_source_config(cfg.raw, source_name or str(ckpt.folder))
     problems = index_problems(ckpt)
     if problems:
         raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"

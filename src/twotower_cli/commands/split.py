@@ -39,7 +39,7 @@ def split(
 
     console = err_console()
     name = display_name(source)
-    _refuse_twotower(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
+    _check_config_first(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
     path = resolve(source, base=True)
     ckpt, cfg = load_source(path)
     plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
@@ -69,21 +69,19 @@ def split(
     _print_summary(plan, result, time.perf_counter() - start, console)
 
 
-def _refuse_twotower(path: Path, source: str) -> None:
-    """A TwoTower source is refused from its config.json alone: `split nemotron-labs-twotower` would
-    otherwise download NVIDIA's 126 GB of weights only for plan_split to say the same."""
+def _check_config_first(path: Path, source: str) -> None:
+    """A TwoTower or quantized source is refused from its config.json alone: `split nemotron-labs-twotower`
+    would otherwise download NVIDIA's 126 GB of weights only for plan_split to say the same."""
     import json
 
-    from twotower_cli.config import TWOTOWER_ARCHITECTURE
-    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.split import check_source_config
 
-    config = (path if path.is_dir() else path.parent) / "config.json"
     try:
-        arch = json.loads(config.read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
+        raw = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
+    except (OSError, ValueError):
         return  # missing or malformed: load_source says so with its own message
-    if TWOTOWER_ARCHITECTURE in (arch if isinstance(arch, list) else [arch]):
-        raise TwoTowerError(f"{source} is already a TwoTower checkpoint", "split takes a single-tower NemotronH checkpoint")
+    if isinstance(raw, dict):
+        check_source_config(raw, source)
 
 
 def _gb(n: int) -> str:
