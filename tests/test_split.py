@@ -301,7 +301,7 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
     assert leftovers(tmp_path, "out") == ["out"]
 
 
-def test_force_never_replaces_the_source_or_the_current_folder(tmp_path, monkeypatch):
+def test_output_never_replaces_or_enters_the_source_nor_replaces_the_current_folder(tmp_path, monkeypatch):
     models = tmp_path / "models"
     src = random_checkpoint(models / "base")
     (models / "notes.txt").write_text("mine")
@@ -320,6 +320,10 @@ def test_force_never_replaces_the_source_or_the_current_folder(tmp_path, monkeyp
     for out in (".", "./", "../work"):
         result = invoke(str(src), "-o", out, "--force")
         assert result.exit_code == 1 and "is the current folder or holds it" in result.stderr, result.stderr
+    monkeypatch.chdir(src)  # `split .` in the source folder: the default OUT would land inside it
+    for args in ([], ["-o", "sub/tt"]):
+        result = invoke(".", *args)
+        assert result.exit_code == 1 and "is inside the source checkpoint" in result.stderr, result.stderr
     assert digest(src) == before and (models / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in work.iterdir()) == ["data.txt"]
     assert sorted(p.name for p in models.iterdir()) == ["base", "notes.txt"]
