@@ -66,6 +66,15 @@ def test_hf_hub_cache_env_wins(tmp_path, monkeypatch, offline):
     assert hub.resolve("org/m") == snap
 
 
+def test_legacy_huggingface_hub_cache_env_is_read(tmp_path, monkeypatch, offline):
+    """huggingface_hub still honours HUGGINGFACE_HUB_CACHE; a cache there must be found, not downloaded again."""
+    snap = fake_cache(tmp_path / "legacy", "org/m")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy" / "hub"))
+    assert hub.resolve("org/m") == snap
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))
+    assert hub.hub_cache_dir() == tmp_path / "new"  # the newer name wins, as in huggingface_hub
+
+
 def test_not_cached_offline_is_a_clean_error(offline):
     with pytest.raises(TwoTowerError) as e:
         hub.resolve("nemotron-labs-twotower")
