@@ -372,6 +372,30 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, error, message)
     assert digest(src) == before
 
 
+def test_sigterm_mid_write_leaves_nothing(tmp_path):
+    """`kill`, `timeout` and batch schedulers send SIGTERM: the split must clean up as on Ctrl-C."""
+    src = random_checkpoint(tmp_path / "src", max_shard_size="3KB")
+    before = digest(src)
+    code = f"""
+import os, signal, time
+from twotower_cli.cli import get_app
+from twotower_cli.split import RangeCopier
+real, calls = RangeCopier.copy, []
+def copy(self, *args):
+    calls.append(1)
+    if len(calls) == 10:  # a few tensors in, from a writer thread: the signal goes to the process
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    return real(self, *args)
+RangeCopier.copy = copy
+get_app()(["split", {str(src)!r}, "-o", {str(tmp_path / "out")!r}, "--max-shard-size", "4KB"], prog_name="twotower")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "Error: interrupted" in r.stderr, (r.returncode, r.stderr)
+    assert leftovers(tmp_path, "out") == []
+    assert digest(src) == before
+
+
 def test_truncated_source_is_refused_before_writing(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     with open(src / "model.safetensors", "r+b") as f:
