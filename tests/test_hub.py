@@ -175,3 +175,11 @@ def test_display_name(tmp_path):
     assert hub.display_name(str(tmp_path / "my-ckpt")) == "my-ckpt"
     assert hub.display_name("nemotron-3-nano") == "nemotron-3-nano"
     assert hub.display_name("org/Foo-7B") == "Foo-7B"
+
+
+def test_display_name_reads_tilde_as_resolve_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "nano").mkdir()
+    (tmp_path / "nano" / "model.safetensors").write_bytes(b"")
+    assert hub.resolve("~/nano/model.safetensors") == tmp_path / "nano" / "model.safetensors"
+    assert hub.display_name("~/nano/model.safetensors") == "nano"  # not "model.safetensors"

@@ -73,7 +73,7 @@ def display_name(name_or_path: str) -> str:
     """A short name for a source, used for default output folders: `nemotron-3-nano`, `Foo-7B`, `my-ckpt`."""
     if name_or_path.lower() in ALIASES or name_or_path.lower() in EMBEDDED:
         return name_or_path.lower()
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()  # as resolve() reads it
     if p.exists():
         p = p.resolve()
         return p.parent.name if p.is_file() else p.name
