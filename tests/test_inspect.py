@@ -292,6 +292,14 @@ def test_bracketed_names_are_printed_as_they_are(tmp_path, monkeypatch):
     assert "✗ ckpt[v2]/generation_config.json is not valid JSON" in result.stderr, result.stderr
 
 
+def test_one_shard_of_a_sharded_checkpoint_says_so(sharded):
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    r = inspect_checkpoint(shard)
+    assert any(p.startswith("missing tensor") for p in r.problems)  # the others' tensors: missing from this file
+    assert any(n.startswith(f"{shard.name} is one shard of the checkpoint") for n in r.notes), r.notes
+    assert not any("is one shard" in n for n in inspect_checkpoint(sharded).notes)
+
+
 def test_unknown_layout_names_its_keys(tmp_path):
     folder = write_with(tmp_path / "c", {"transformer.h.0.attn.weight": torch.zeros(2),
                                          "transformer.h.1.attn.weight": torch.zeros(2), "wte.weight": torch.zeros(2)})

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twotower_cli.checkpoint import DTYPE_BYTES, Checkpoint, TensorInfo, index_problems, open_checkpoint
+from twotower_cli.checkpoint import (
+    DTYPE_BYTES,
+    INDEX_NAME,
+    Checkpoint,
+    TensorInfo,
+    index_problems,
+    open_checkpoint,
+)
 from twotower_cli.config import LAYER_KINDS, NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
@@ -112,6 +119,9 @@ def inspect_checkpoint(path: str | Path) -> Report:
     ckpt = open_checkpoint(path, strict=False)
     problems = index_problems(ckpt)
     notes: list[str] = []
+    if Path(path).is_file() and (ckpt.folder / INDEX_NAME).is_file():
+        notes.append(f"{Path(path).name} is one shard of the checkpoint in {ckpt.folder} (it has {INDEX_NAME}): "
+                     "the tensors of the other shards show as missing; inspect the folder for the whole checkpoint")
     cfg: NemotronHConfig | None = None
     if ckpt.config_raw is None:
         problems.append(f"no config.json in {ckpt.folder}: tensor shapes cannot be checked")
