@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -65,6 +66,15 @@ def test_hf_hub_cache_env_wins(tmp_path, monkeypatch, offline):
     assert hub.resolve("org/m") == snap
 
 
+def test_legacy_huggingface_hub_cache_env_is_read(tmp_path, monkeypatch, offline):
+    """huggingface_hub still honours HUGGINGFACE_HUB_CACHE; a cache there must be found, not downloaded again."""
+    snap = fake_cache(tmp_path / "legacy", "org/m")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy" / "hub"))
+    assert hub.resolve("org/m") == snap
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "new"))
+    assert hub.hub_cache_dir() == tmp_path / "new"  # the newer name wins, as in huggingface_hub
+
+
 def test_not_cached_offline_is_a_clean_error(offline):
     with pytest.raises(TwoTowerError) as e:
         hub.resolve("nemotron-labs-twotower")
@@ -84,9 +94,38 @@ def test_allow_download_false_never_goes_online(tmp_path, monkeypatch):
         raise LocalEntryNotFoundError("not cached")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
-    with pytest.raises(TwoTowerError, match="downloads are off"):
+    with pytest.raises(TwoTowerError, match="downloads are off") as e:
         hub.resolve("org/model", allow_download=False)
     assert calls[0]["local_files_only"] is True
+    # HF_HUB_OFFLINE is not set: the hint must not send the user to unset it, and a typed `org/model`
+    # may have been meant as a local folder.
+    assert "HF_HUB_OFFLINE" not in e.value.hint and "hf download org/model" in e.value.hint
+    assert e.value.message.endswith("and downloads are off (and there is no folder org/model here)")
+
+
+@pytest.mark.parametrize("raised,message", [
+    ("LocalEntryNotFoundError", "cannot download org/model: the hub is not reachable"),
+    ("RepositoryNotFoundError", "org/model was not found on the Hugging Face hub"),
+])
+def test_a_typed_owner_name_may_have_been_a_folder(tmp_path, monkeypatch, raised, message):
+    """`twotower split models/nano` with no such folder here reads as a hub id: say both."""
+    from huggingface_hub import errors
+
+    def fake(repo_id, **kw):
+        cls = getattr(errors, raised)
+        if raised == "LocalEntryNotFoundError":
+            raise cls("nope")
+        raise cls("nope", response=SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("org/model")
+    assert e.value.message == f"{message} (and there is no folder org/model here)"
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("nemotron-3-nano")  # an alias is no folder name: nothing to add
+    assert "no folder" not in e.value.message
 
 
 def test_download_fetches_only_checkpoint_files(tmp_path, monkeypatch):
@@ -136,3 +175,11 @@ def test_display_name(tmp_path):
     assert hub.display_name(str(tmp_path / "my-ckpt")) == "my-ckpt"
     assert hub.display_name("nemotron-3-nano") == "nemotron-3-nano"
     assert hub.display_name("org/Foo-7B") == "Foo-7B"
+
+
+def test_display_name_reads_tilde_as_resolve_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "nano").mkdir()
+    (tmp_path / "nano" / "model.safetensors").write_bytes(b"")
+    assert hub.resolve("~/nano/model.safetensors") == tmp_path / "nano" / "model.safetensors"
+    assert hub.display_name("~/nano/model.safetensors") == "nano"  # not "model.safetensors"

@@ -147,13 +147,84 @@ def test_tensor_in_two_shards(sharded):
     assert any(p.startswith("backbone.norm_f.weight appears in more than one shard: model-") for p in probs)
 
 
-def test_truncated_data(tmp_path):
+def data_spans(f: Path) -> tuple[int, list[tuple[int, int, str]]]:
+    """The data section's start and every tensor's (begin, end, name) in it, read straight from the header."""
+    n = struct.unpack("<Q", f.read_bytes()[:8])[0]
+    header = json.loads(f.read_bytes()[8:8 + n])
+    return 8 + n, sorted((*v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_truncated_data_is_one_line(tmp_path, keep):
     folder = random_checkpoint(tmp_path / "c")
     f = folder / "model.safetensors"
+    start, spans = data_spans(f)
+    size = int(f.stat().st_size * keep)
     with open(f, "r+b") as fh:
-        fh.truncate(f.stat().st_size - 100)
+        fh.truncate(size)
+    cut = [name for _b, e, name in spans if e > size - start]
+    assert problems_of(folder) == [
+        f"model.safetensors is truncated: its tensors need {spans[-1][1]:,} data bytes, it holds {size - start:,} "
+        f"({len(cut)} tensor{'s' * (len(cut) > 1)} cut short, from {cut[0]})"]
+
+
+def test_bytes_that_belong_to_no_tensor(tmp_path):
+    """safetensors refuses a file whose tensors do not cover its data exactly (bytes appended, say)."""
+    from safetensors import safe_open
+
+    folder = random_checkpoint(tmp_path / "c")
+    f = folder / "model.safetensors"
+    with open(f, "ab") as fh:
+        fh.write(b"\0" * 24)
+    with pytest.raises(Exception, match="not fully covered"), safe_open(str(f), "pt"):
+        pass
+    assert problems_of(folder) == ["model.safetensors: 24 data bytes after the last tensor belong to no tensor "
+                                   "(safetensors refuses such a file)"]
+
+
+def test_a_gap_between_tensors(tmp_path):
+    from safetensors import safe_open
+
+    folder = random_checkpoint(tmp_path / "c")
+    f = folder / "model.safetensors"
+    raw = f.read_bytes()
+    start, spans = data_spans(f)
+    header = json.loads(raw[8:start])
+    (_b0, _e0, before), (b1, e1, gone), (_b2, _e2, after) = spans[3:6]
+    del header[gone]  # its bytes stay where they are, owned by no tensor
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[start:])
+    with pytest.raises(Exception, match="offset"), safe_open(str(f), "pt"):
+        pass
+    assert problems_of(folder) == [f"model.safetensors: data bytes {b1}..{e1} between {before} and {after} "
+                                   "belong to no tensor",
+                                   f"missing tensor {gone} (the config expects {list(nemotron_h_shapes(small_config())[gone])})"]
+
+
+@pytest.mark.parametrize("edit", ["float offset", "string shape", "metadata list"])
+def test_header_types_safetensors_refuses(tmp_path, edit):
+    from safetensors import safe_open
+
+    folder = random_checkpoint(tmp_path / "c")
+    f = folder / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    entry = header["backbone.norm_f.weight"]
+    if edit == "float offset":
+        entry["data_offsets"] = [float(entry["data_offsets"][0]), entry["data_offsets"][1]]
+    elif edit == "string shape":
+        entry["shape"] = [str(s) for s in entry["shape"]]
+    else:
+        header["__metadata__"] = ["pt"]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    f.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(Exception, match="invalid"), safe_open(str(f), "pt"):
+        pass
     probs = problems_of(folder)
-    assert any("(truncated file)" in p for p in probs)
+    assert probs and all("model.safetensors" in p or "no tensors" in p for p in probs)
 
 
 @pytest.mark.parametrize("how", ["tiny", "length"])
@@ -191,6 +262,42 @@ def test_mtp_tensors_are_noted_not_problems(tmp_path):
     t = random_tensors(small_config()) | {"mtp.layers.0.norm.weight": torch.ones(16)}
     r = inspect_checkpoint(write_with(tmp_path / "c", t))
     assert r.problems == [] and any("mtp.layers.0.norm.weight" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("config,architecture,problem", [
+    ([1], "?", "config.json is not a JSON object"),
+    ({"architectures": "NemotronHForCausalLM"}, "NemotronHForCausalLM", None),
+    ({"architectures": [1]}, "1", None),
+])
+def test_odd_config_json_is_reported_not_a_crash(tmp_path, config, architecture, problem):
+    folder = random_checkpoint(tmp_path / "c")
+    if isinstance(config, dict):
+        config = json.loads((folder / "config.json").read_text()) | config
+    (folder / "config.json").write_text(json.dumps(config))
+    result = invoke(str(folder), "--json")
+    assert "Traceback" not in result.output and "Error:" not in result.output, result.output
+    report = json.loads(result.stdout)
+    assert report["architecture"] == architecture
+    assert report["problems"] == ([problem] if problem else [])
+
+
+def test_bracketed_names_are_printed_as_they_are(tmp_path, monkeypatch):
+    """Paths and names are not rich markup: `ckpt[v2]` printed as `ckpt`, `[bold]` vanished into style."""
+    monkeypatch.chdir(tmp_path)
+    random_checkpoint(tmp_path / "ckpt[v2]")
+    (tmp_path / "ckpt[v2]" / "generation_config.json").write_text("{")  # a problem line that names the path
+    result = invoke("ckpt[v2]")
+    assert result.exit_code == 1
+    assert "checkpoint       ckpt[v2]" in result.stderr
+    assert "✗ ckpt[v2]/generation_config.json is not valid JSON" in result.stderr, result.stderr
+
+
+def test_one_shard_of_a_sharded_checkpoint_says_so(sharded):
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    r = inspect_checkpoint(shard)
+    assert any(p.startswith("missing tensor") for p in r.problems)  # the others' tensors: missing from this file
+    assert any(n.startswith(f"{shard.name} is one shard of the checkpoint") for n in r.notes), r.notes
+    assert not any("is one shard" in n for n in inspect_checkpoint(sharded).notes)
 
 
 def test_unknown_layout_names_its_keys(tmp_path):

@@ -301,6 +301,51 @@ def test_existing_output_is_refused_unless_forced(tmp_path):
     assert leftovers(tmp_path, "out") == ["out"]
 
 
+def test_output_never_replaces_or_enters_the_source_nor_replaces_the_current_folder(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    src = random_checkpoint(models / "base")
+    (models / "notes.txt").write_text("mine")
+    before = digest(src)
+    cases = [(src, "the output folder is the source folder"), (models, "holds the source checkpoint"),
+             (src / "..", "holds the source checkpoint")]
+    for out, message in cases:
+        for force in ([], ["--force"]):
+            result = invoke(str(src), "-o", str(out), *force)
+            assert result.exit_code == 1 and message in result.stderr and result.stderr.count("Error:") == 1, \
+                result.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out in (".", "./", "../work"):
+        result = invoke(str(src), "-o", out, "--force")
+        assert result.exit_code == 1 and "is the current folder or holds it" in result.stderr, result.stderr
+    monkeypatch.chdir(src)  # `split .` in the source folder: the default OUT would land inside it
+    for args in ([], ["-o", "sub/tt"]):
+        result = invoke(".", *args)
+        assert result.exit_code == 1 and "is inside the source checkpoint" in result.stderr, result.stderr
+    assert digest(src) == before and (models / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in work.iterdir()) == ["data.txt"]
+    assert sorted(p.name for p in models.iterdir()) == ["base", "notes.txt"]
+
+
+def test_atomic_output_replaces_dot_and_files_without_leftovers(tmp_path, monkeypatch):
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "old.txt").write_text("old")
+    monkeypatch.chdir(run)
+    with atomic_output_dir(Path("."), force=True) as tmp:  # "." has no name: the folder is found by its path
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in run.iterdir()) == ["new.txt"]
+    (tmp_path / "out").write_text("a file where the folder goes")
+    with atomic_output_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "out" / "new.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),
@@ -327,6 +372,30 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, error, message)
     assert digest(src) == before
 
 
+def test_sigterm_mid_write_leaves_nothing(tmp_path):
+    """`kill`, `timeout` and batch schedulers send SIGTERM: the split must clean up as on Ctrl-C."""
+    src = random_checkpoint(tmp_path / "src", max_shard_size="3KB")
+    before = digest(src)
+    code = f"""
+import os, signal, time
+from twotower_cli.cli import get_app
+from twotower_cli.split import RangeCopier
+real, calls = RangeCopier.copy, []
+def copy(self, *args):
+    calls.append(1)
+    if len(calls) == 10:  # a few tensors in, from a writer thread: the signal goes to the process
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    return real(self, *args)
+RangeCopier.copy = copy
+get_app()(["split", {str(src)!r}, "-o", {str(tmp_path / "out")!r}, "--max-shard-size", "4KB"], prog_name="twotower")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "Error: interrupted" in r.stderr, (r.returncode, r.stderr)
+    assert leftovers(tmp_path, "out") == []
+    assert digest(src) == before
+
+
 def test_truncated_source_is_refused_before_writing(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     with open(src / "model.safetensors", "r+b") as f:
@@ -339,6 +408,7 @@ def test_truncated_source_is_refused_before_writing(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--dtype", "int8"], "unknown --dtype"),
     (["--max-shard-size", "lots"], "cannot read the size"),
+    (["--max-shard-size", "inf"], "cannot read the size"),
     (["--block-size", "0"], "--block-size must be positive"),
     (["--mask-token-id", "999"], "outside the vocabulary"),
 ])
@@ -362,6 +432,31 @@ def test_bad_sources(tmp_path):
     assert result.exit_code == 1 and "missing tensor backbone.layers.1.mixer.q_proj.weight" in result.stderr
 
 
+def test_tied_embeddings_missing_is_a_problem_line(tmp_path):
+    cfg = small_config(tie_word_embeddings=True)
+    t = random_tensors(cfg)
+    del t["backbone.embeddings.weight"]
+    write_checkpoint(tmp_path / "tied", t, cfg.to_dict())
+    result = invoke(str(tmp_path / "tied"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and result.stderr.count("Error:") == 1, result.stderr
+    assert "missing tensor backbone.embeddings.weight" in result.stderr and "KeyError" not in result.stderr
+    assert leftovers(tmp_path, "x") == []
+
+
+def test_a_quantized_source_is_refused(tmp_path):
+    """An FP8 checkpoint's weights mean nothing without their scale tensors, which split would drop."""
+    cfg = small_config()
+    t = random_tensors(cfg)
+    w = "backbone.layers.0.mixer.in_proj.weight"
+    t[w] = t[w].to(torch.float8_e4m3fn)
+    t[w + "_scale"] = torch.ones(())
+    raw = cfg.to_dict() | {"quantization_config": {"quant_method": "modelopt", "quant_algo": "FP8"}}
+    write_checkpoint(tmp_path / "fp8", t, raw)
+    result = invoke(str(tmp_path / "fp8"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and "is a quantized checkpoint (FP8)" in result.stderr, result.stderr
+    assert leftovers(tmp_path, "x") == []
+
+
 def test_default_output_and_dry_run(tmp_path, monkeypatch):
     src = random_checkpoint(tmp_path / "my-model")
     monkeypatch.chdir(tmp_path)
@@ -370,6 +465,24 @@ def test_default_output_and_dry_run(tmp_path, monkeypatch):
     assert not (tmp_path / "my-model-twotower").exists()
     assert invoke(str(src)).exit_code == 0
     assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
+
+
+def test_tilde_in_output_is_the_home_folder(tmp_path, monkeypatch):
+    """`--output=~/x` reaches us unexpanded (shells expand ~ only at the start of a word), as sources do."""
+    src = random_checkpoint(tmp_path / "src")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert invoke(str(src), "--output=~/tt").exit_code == 0
+    assert inspect_checkpoint(Path("~/tt").expanduser()).problems == [] and not (tmp_path / "~").exists()
+    assert (tmp_path / "home" / "tt").is_dir()
+
+
+def test_bracketed_paths_are_printed_as_they_are(tmp_path, monkeypatch):
+    random_checkpoint(tmp_path / "base[v2]")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("base[v2]", "-o", "out[bold]")
+    assert result.exit_code == 0, result.output
+    assert "split base[v2] → out[bold]" in result.stderr and "wrote out[bold]" in result.stderr, result.stderr
 
 
 def test_alias_source_from_the_cache(tmp_path, monkeypatch):
@@ -385,6 +498,34 @@ def test_alias_source_from_the_cache(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     conf = json.loads((tmp_path / "nemotron-3-nano-twotower" / "config.json").read_text())
     assert conf["twotower"]["source"] == "nemotron-3-nano"
+
+
+@pytest.mark.parametrize("source,config,message", [
+    ("nemotron-labs-twotower", "tiny", "already a TwoTower checkpoint"),
+    ("org/Nano-FP8", "fp8", "is a quantized checkpoint (FP8)"),
+])
+def test_a_source_split_cannot_take_is_refused_before_its_weights_download(tmp_path, monkeypatch, source, config,
+                                                                           message):
+    from twotower_cli.hub import resolve
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    raw = json.loads((resolve("tiny" if config == "tiny" else "tiny-base") / "config.json").read_text())
+    if config == "fp8":
+        raw["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    (snap / "config.json").write_text(json.dumps(raw))  # a config, no weights
+    asked = []
+
+    def fake(repo_id, **kw):
+        asked.append(kw["allow_patterns"])
+        return str(snap)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = invoke(source, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert asked and not any("*.safetensors" in patterns for patterns in asked)
 
 
 def test_help_lists_aliases():

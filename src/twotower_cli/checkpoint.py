@@ -95,11 +95,16 @@ def read_shard_header(path: Path) -> ShardHeader:
     if not isinstance(header, dict):
         raise TwoTowerError(f"{path.name} has a corrupt safetensors header", "re-download or re-write the file")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TwoTowerError(f"{path.name}: __metadata__ is not a map of strings", "re-download or re-write the file")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            info = TensorInfo(name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), path.name,
-                              (int(entry["data_offsets"][0]), int(entry["data_offsets"][1])), 8 + n)
+        try:  # types as strict as safetensors' own parser: 0.5 or "4" as an offset is not 0 or 4
+            offsets = entry["data_offsets"]
+            if not isinstance(entry["dtype"], str) or len(offsets) != 2:
+                raise ValueError
+            info = TensorInfo(name, entry["dtype"], tuple(_uint(s) for s in entry["shape"]), path.name,
+                              (_uint(offsets[0]), _uint(offsets[1])), 8 + n)
         except (KeyError, TypeError, ValueError, IndexError):
             raise TwoTowerError(f"{path.name}: malformed header entry for {name!r}",
                                 "re-download or re-write the file") from None
@@ -107,30 +112,47 @@ def read_shard_header(path: Path) -> ShardHeader:
     return ShardHeader(path.name, 8 + n, size, tensors, metadata)
 
 
+def _uint(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
 def shard_problems(shard: ShardHeader) -> list[str]:
-    """Consistency of a shard's byte layout: offsets inside the file, sizes matching dtype × shape."""
+    """Consistency of a shard's byte layout, as safetensors checks it on load: sizes matching dtype × shape,
+    and the tensors filling the data bytes exactly, back to back (no overlap, no gap, nothing after the
+    last one, nothing missing: a truncated file is one line, however many tensors it cuts)."""
     problems = []
     data_len = shard.file_size - shard.header_size
     spans = []
     for t in shard.tensors.values():
         begin, end = t.data_offsets
-        if t.dtype not in DTYPE_BYTES:
-            problems.append(f"{shard.file}: {t.name} has unknown dtype {t.dtype}")
-            continue
-        if begin < 0 or end < begin:
+        if end < begin:
             problems.append(f"{shard.file}: {t.name} has invalid data offsets {list(t.data_offsets)}")
             continue
-        if end > data_len:
-            problems.append(f"{shard.file}: {t.name} ends at byte {end} but the file holds {data_len} data bytes "
-                            "(truncated file)")
-        if t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
+        if t.dtype not in DTYPE_BYTES:
+            problems.append(f"{shard.file}: {t.name} has unknown dtype {t.dtype}")
+        elif t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
             problems.append(f"{shard.file}: {t.name} spans {t.nbytes} bytes but {t.dtype}{list(t.shape)} needs "
                             f"{t.numel * DTYPE_BYTES[t.dtype]}")
         spans.append((begin, end, t.name))
     spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
-        if b1 < e0:
-            problems.append(f"{shard.file}: tensors {n0} and {n1} overlap")
+    covered, last = 0, None
+    for begin, end, name in spans:
+        if begin > covered:
+            problems.append(f"{shard.file}: data bytes {covered}..{begin} " + (f"between {last} and {name}" if last
+                            else f"before {name}") + " belong to no tensor")
+        elif begin < covered and last is not None:
+            problems.append(f"{shard.file}: tensors {last} and {name} overlap")
+        if end >= covered:
+            covered, last = end, name
+    if covered > data_len:
+        cut = [name for _b, end, name in spans if end > data_len]
+        problems.append(f"{shard.file} is truncated: its tensors need {covered:,} data bytes, it holds {data_len:,} "
+                        f"({len(cut)} tensor{'s' * (len(cut) > 1)} cut short, from {cut[0]})")
+    elif covered < data_len:
+        problems.append(f"{shard.file}: {data_len - covered:,} data bytes after the last tensor belong to no tensor "
+                        "(safetensors refuses such a file)")
     return problems
 
 
@@ -320,7 +342,7 @@ def parse_size(text: str | int) -> int:
         num, mult = s, 1
     try:
         value = int(float(num) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):  # "lots", "nan", "inf"
         raise TwoTowerError(f"cannot read the size {text!r}", "write it like 5GB, 500MB or 2GiB") from None
     if value <= 0:
         raise TwoTowerError(f"size {text!r} must be positive", "write it like 5GB, 500MB or 2GiB")
@@ -350,9 +372,9 @@ def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
-    out = Path(out)
-    if out.exists() and not force:
+    if Path(out).exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
+    out = Path(os.path.abspath(out))  # "." or "run/.." has no name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -362,7 +384,10 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # OUT was a file or a link: rmtree would leave it behind
+                old.unlink()
         else:
             os.replace(tmp, out)
     except BaseException:

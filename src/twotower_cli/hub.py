@@ -42,6 +42,7 @@ AUX_FILE_PATTERNS = (
     "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
 )
 DOWNLOAD_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *AUX_FILE_PATTERNS)
+TEXT_PATTERNS = ("config.json", *AUX_FILE_PATTERNS)  # what tokenizing needs: no weights
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -51,12 +52,14 @@ def _env_true(name: str) -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    """The Hugging Face hub cache as the environment says now, as huggingface_hub reads it: HF_HUB_CACHE,
+    else the legacy HUGGINGFACE_HUB_CACHE (still set by many images), else HF_HOME/hub."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.path.expandvars(os.environ[name])).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
 def repo_id_for(name: str) -> str | None:
@@ -70,17 +73,18 @@ def display_name(name_or_path: str) -> str:
     """A short name for a source, used for default output folders: `nemotron-3-nano`, `Foo-7B`, `my-ckpt`."""
     if name_or_path.lower() in ALIASES or name_or_path.lower() in EMBEDDED:
         return name_or_path.lower()
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()  # as resolve() reads it
     if p.exists():
         p = p.resolve()
         return p.parent.name if p.is_file() else p.name
     return name_or_path.rstrip("/").split("/")[-1]
 
 
-def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = False) -> Path:
+def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = False, weights: bool = True) -> Path:
     """A local folder or .safetensors file for a path, embedded name, alias or hub repo id.
 
     `base=True` asks for a single-tower source: the embedded name `tiny` then means `tiny-base`.
+    `weights=False` fetches only config.json and the tokenizer files (`tokenize` needs no 63 GB of weights).
     Raises TwoTowerError when the name cannot be turned into local files.
     """
     text = str(name_or_path)
@@ -104,26 +108,37 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
         if text.startswith((".", "/", "~")) or os.sep in text:
             raise TwoTowerError(f"{text} does not exist", hint)
         raise TwoTowerError(f"{text!r} is not a local path, a known model name or a hub repo id", hint)
-    return _snapshot(repo_id, offline=_env_true("HF_HUB_OFFLINE") or not allow_download)
+    env_offline = _env_true("HF_HUB_OFFLINE")
+    offline = None if allow_download and not env_offline else "HF_HUB_OFFLINE" if env_offline else "command"
+    return _snapshot(repo_id, offline, as_path=repo_id == text, patterns=DOWNLOAD_PATTERNS if weights else TEXT_PATTERNS)
 
 
-def _snapshot(repo_id: str, offline: bool) -> Path:
+def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
+              patterns: tuple[str, ...] = DOWNLOAD_PATTERNS) -> Path:
+    """The cached (or downloaded) snapshot of `repo_id`. `offline`: None (downloads allowed), "HF_HUB_OFFLINE"
+    or "command" (the command never downloads); the error names the one that applies. `as_path`: the name
+    was typed as `owner/name`, which may also have been meant as a local folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = hub_cache_dir()
+    local = f" (and there is no folder {repo_id} here)" if as_path else ""
     try:
-        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline,
-                                   allow_patterns=list(DOWNLOAD_PATTERNS))
+        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline is not None,
+                                   allow_patterns=list(patterns))
     except LocalEntryNotFoundError:
-        if offline:
-            raise TwoTowerError(f"{repo_id} is not in the Hugging Face cache at {cache} and downloads are off",
-                                "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
-                                ) from None
-        raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable",
+        if offline is not None:
+            if offline == "HF_HUB_OFFLINE":
+                hint = "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
+            else:
+                hint = (f"this command reads only the cache: download it first (`hf download {repo_id}`, or run "
+                        "`twotower split` or `generate` on it), or set HF_HOME to the cache that holds it")
+            raise TwoTowerError(f"{repo_id} is not in the Hugging Face cache at {cache} and downloads are off{local}",
+                                hint) from None
+        raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable{local}",
                             "check the network, or set HF_HOME to a cache that already holds it") from None
     except RepositoryNotFoundError:
-        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub",
+        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
                             "check the spelling; gated models need `hf auth login`") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot download {repo_id}: {e}", "check the network and your HF token") from None

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twotower_cli.checkpoint import DTYPE_BYTES, Checkpoint, TensorInfo, index_problems, open_checkpoint
+from twotower_cli.checkpoint import (
+    DTYPE_BYTES,
+    INDEX_NAME,
+    Checkpoint,
+    TensorInfo,
+    index_problems,
+    open_checkpoint,
+)
 from twotower_cli.config import LAYER_KINDS, NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
@@ -112,6 +119,9 @@ def inspect_checkpoint(path: str | Path) -> Report:
     ckpt = open_checkpoint(path, strict=False)
     problems = index_problems(ckpt)
     notes: list[str] = []
+    if Path(path).is_file() and (ckpt.folder / INDEX_NAME).is_file():
+        notes.append(f"{Path(path).name} is one shard of the checkpoint in {ckpt.folder} (it has {INDEX_NAME}): "
+                     "the tensors of the other shards show as missing; inspect the folder for the whole checkpoint")
     cfg: NemotronHConfig | None = None
     if ckpt.config_raw is None:
         problems.append(f"no config.json in {ckpt.folder}: tensor shapes cannot be checked")
@@ -119,7 +129,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         try:
             cfg = NemotronHConfig.from_dict(ckpt.config_raw)
         except TwoTowerError as e:
-            problems.append(f"config.json: {e.message}")
+            problems.append(e.message if e.message.startswith("config.json") else f"config.json: {e.message}")
     names = list(ckpt.tensors)
     layout = detect_layout(names)
     unrecognised: list[str] = []
@@ -210,8 +220,9 @@ def inspect_checkpoint(path: str | Path) -> Report:
         shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0,
                        "bytes": shard.file_size if shard else 0,
                        "status": "ok" if shard else ("missing" if file in ckpt.missing_files else "unreadable")})
-    raw = ckpt.config_raw or {}
-    arch = ", ".join(raw.get("architectures") or []) or "?"
+    raw = ckpt.config_raw if isinstance(ckpt.config_raw, dict) else {}
+    arch = raw.get("architectures") or []
+    arch = ", ".join(map(str, arch if isinstance(arch, list) else [arch])) or "?"
     return Report(
         path=str(path), layout=layout, architecture=arch,
         source=(cfg.twotower.get("source") if cfg else None) or None,
@@ -381,7 +392,9 @@ def pattern_text(pattern: str) -> Any:
 
 
 def render(report: Report, console: Any, tensors: bool = False) -> None:
-    """The human view of a report, on a rich console (stderr in the CLI)."""
+    """The human view of a report, on a rich console (stderr in the CLI). Text from the checkpoint (paths,
+    file and tensor names, problems) is escaped: a folder `ckpt[v2]` must not print as `ckpt`."""
+    from rich.markup import escape
     from rich.table import Table
 
     title = {"nemotron_h": "NemotronH single tower", "twotower": "TwoTower (context tower + denoiser)",
@@ -389,11 +402,11 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold")
     info.add_column()
-    info.add_row("checkpoint", report.path)
+    info.add_row("checkpoint", escape(report.path))
     info.add_row("layout", title)
-    info.add_row("architecture", report.architecture)
+    info.add_row("architecture", escape(report.architecture))
     if report.source:
-        info.add_row("source", report.source)
+        info.add_row("source", escape(str(report.source)))
     if report.hidden_size:
         info.add_row("hidden / vocab", f"{report.hidden_size} / {report.vocab_size}")
     if report.attention:
@@ -446,13 +459,13 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     if report.text:
         t = report.text
         console.print(f"[bold]text[/]: tokenizer.json {'✓' if t['tokenizer'] else 'missing'} · chat template "
-                      f"{t['chat_template'] or 'none'} · ends on {', '.join(map(str, t['eos_token_ids'])) or 'nothing'}",
+                      f"{escape(t['chat_template'] or 'none')} · ends on {', '.join(map(str, t['eos_token_ids'])) or 'nothing'}",
                       highlight=False)
     shards = Table(title="shards", title_justify="left")
     for col in ("file", "tensors", "bytes", "status"):
         shards.add_column(col, justify="right" if col in ("tensors", "bytes") else "left")
     for s in report.shards:
-        shards.add_row(s["file"], str(s["tensors"]), _bytes(s["bytes"]), s["status"])
+        shards.add_row(escape(s["file"]), str(s["tensors"]), _bytes(s["bytes"]), s["status"])
     console.print(shards)
     if tensors:  # plain lines, not a table: full names at any width, easy to grep
         console.print(f"[bold]tensors[/] ({len(report.tensor_list):,})")
@@ -461,11 +474,11 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
             console.print(f"  {t['name']:<{width}}  {t['dtype']:<5} {str(t['shape']):<16} {t['file']}",
                           soft_wrap=True, markup=False)
     for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
+        console.print(f"[dim]note: {escape(note)}[/]")
     if report.problems:
         console.print(f"[bold red]{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}:[/]")
         for p in report.problems:
-            console.print(f"  [red]✗[/] {p}", soft_wrap=True)
+            console.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
     else:
         console.print("[bold green]✓ no problems found[/]")
 

@@ -266,6 +266,20 @@ def output_config(cfg: NemotronHConfig, mask_token_id: int, block_size: int, sou
     return raw, notes
 
 
+def check_source_config(raw: dict[str, Any], name: str) -> None:
+    """Refuse, from config.json alone (so before a hub source's weights download), what split cannot take:
+    a TwoTower, or a quantized checkpoint (FP8 / NVFP4 weights need scale tensors no TwoTower layout has)."""
+    arch = raw.get("architectures") or []
+    if TWOTOWER_ARCHITECTURE in (arch if isinstance(arch, list) else [arch]):
+        raise TwoTowerError(f"{name} is already a TwoTower checkpoint", "split takes a single-tower NemotronH checkpoint")
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        kind = (quant.get("quant_algo") or quant.get("quant_method")) if isinstance(quant, dict) else None
+        raise TwoTowerError(f"{name} is a quantized checkpoint" + (f" ({kind})" if kind else "")
+                            + ": split copies weights as they are and would drop their scales",
+                            "split the BF16 checkpoint of the model (e.g. nemotron-3-nano) instead")
+
+
 def _out_dtype(src_dtype: str, target: str | None, name: str) -> str:
     """The output dtype of a source tensor. The fp32-in-memory tensors of spec §1 (A_log, D, dt_bias,
     router) are never narrowed: an F32 source keeps F32 under --dtype bf16/fp16."""
@@ -289,6 +303,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     if cfg.is_twotower or any(n.startswith(("context_tower.", "denoiser_tower.")) for n in ckpt.tensors):
         raise TwoTowerError(f"{source_name or ckpt.folder} is already a TwoTower checkpoint",
                             "split takes a single-tower NemotronH checkpoint")
+    check_source_config(cfg.raw, source_name or str(ckpt.folder))
     problems = index_problems(ckpt)
     if problems:
         raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"
@@ -297,8 +312,8 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     view = source_view(ckpt, cfg)
     src = dict(view.tensors)
     transforms = list(view.transforms)
-    if cfg.tie_word_embeddings and "lm_head.weight" not in src:
-        emb = src["backbone.embeddings.weight"]  # present, or the shape check below says so
+    emb = src.get("backbone.embeddings.weight")  # if absent, the shape check below says so
+    if cfg.tie_word_embeddings and "lm_head.weight" not in src and emb is not None:
         src["lm_head.weight"] = SourceTensor("lm_head.weight", emb.dtype, emb.shape, emb.file, emb.start,
                                              emb.end, emb.origin)
         transforms.append("tied embeddings: both heads written as copies of backbone.embeddings.weight")
@@ -520,8 +535,7 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
             on_bytes: Callable[[int], None] | None = None, copier: RangeCopier | None = None) -> SplitResult:
     """Write the planned checkpoint to `out` atomically; `on_bytes(n)` reports progress."""
     out = Path(out)
-    if out.resolve() == plan.source_folder.resolve():
-        raise TwoTowerError("the output folder is the source folder", "choose another -o")
+    check_output(out, plan.source_folder)
     copier = copier or RangeCopier()
     report = on_bytes or (lambda n: None)
     written = verified = 0
@@ -583,6 +597,31 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
         if verify:
             verified = verify_output(plan, tmp, sources)
     return SplitResult(out, written, verified, copier.method)
+
+
+def check_output(out: Path, source_folder: Path) -> None:
+    """Refuse an OUT whose replacement (`--force`) would delete the source checkpoint or the folder the
+    command runs in (OUT may not be either of them, nor a folder that holds one), and an OUT inside the
+    source folder (`split .` run in it: the source is only read, and a hub cache snapshot is no place for
+    an output that deleting the cached model would delete too)."""
+    target = Path(out).resolve()
+    source = source_folder.resolve()
+
+    def holds(path: Path) -> bool:
+        path = path.resolve()
+        return path == target or target in path.parents
+
+    if target == source:
+        raise TwoTowerError("the output folder is the source folder", "choose another -o")
+    if holds(source):
+        raise TwoTowerError(f"the output folder {out} holds the source checkpoint {source_folder}: replacing it "
+                            "would delete the source", "choose another -o")
+    if source in target.parents:
+        raise TwoTowerError(f"the output folder {out} is inside the source checkpoint {source_folder}",
+                            f"choose an -o outside it, e.g. -o {source.parent / target.name}")
+    if holds(Path.cwd()):
+        raise TwoTowerError(f"the output folder {out} is the current folder or holds it: replacing it would delete "
+                            "everything in it", "choose another -o, e.g. a new folder inside this one")
 
 
 class _Stopped(Exception):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -35,14 +38,16 @@ def split(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import display_name, resolve
-    from twotower_cli.split import execute, load_source, plan_split
+    from twotower_cli.split import check_output, execute, load_source, plan_split
 
     console = err_console()
     name = display_name(source)
+    _check_config_first(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
     path = resolve(source, base=True)
     ckpt, cfg = load_source(path)
     plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
-    out = output or Path(f"{name}-twotower")
+    out = output.expanduser() if output else Path(f"{name}-twotower")  # `-o=~/x`: no shell expands that ~
+    check_output(out, plan.source_folder)  # before "already exists": --force must not be the way out
     if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
@@ -60,11 +65,44 @@ def split(
     )
 
     start = time.perf_counter()
-    with Progress(TextColumn("[bold]split[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    with _term_as_interrupt(), Progress(TextColumn("[bold]split[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("split", total=plan.total_bytes - sum(len(s.header) for s in plan.shards))
         result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n))
     _print_summary(plan, result, time.perf_counter() - start, console)
+
+
+def _check_config_first(path: Path, source: str) -> None:
+    """A TwoTower or quantized source is refused from its config.json alone: `split nemotron-labs-twotower`
+    would otherwise download NVIDIA's 126 GB of weights only for plan_split to say the same."""
+    import json
+
+    from twotower_cli.split import check_source_config
+
+    try:
+        raw = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # missing or malformed: load_source says so with its own message
+    if isinstance(raw, dict):
+        check_source_config(raw, source)
+
+
+@contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a batch scheduler) ends the split as Ctrl-C does, so the temporary folder
+    is removed; by default it would end the process at once and leave the partial output (tens of GB) behind."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _gb(n: int) -> str:
@@ -72,9 +110,10 @@ def _gb(n: int) -> str:
 
 
 def _print_plan(plan, out: Path, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    console.print(f"[bold]split[/] {plan.source_name} → {out}  ({len(plan.shards)} shard"
+    console.print(f"[bold]split[/] {escape(plan.source_name)} → {escape(str(out))}  ({len(plan.shards)} shard"
                   f"{'s' if len(plan.shards) > 1 else ''}, {_gb(plan.total_bytes)}, dtype {plan.dtype})")
     parts = Table(title="plan", title_justify="left")
     for col in ("part", "tensors", "parameters", "bytes"):
@@ -93,16 +132,17 @@ def _print_plan(plan, out: Path, console) -> None:
     for line in [*plan.transforms, *plan.notes]:
         console.print(f"[dim]• {line}[/]")
     if plan.dropped:
-        shown = ", ".join(plan.dropped[:8]) + (f", ... ({len(plan.dropped) - 8} more)" if len(plan.dropped) > 8 else "")
+        shown = ", ".join(map(escape, plan.dropped[:8])) + (f", ... ({len(plan.dropped) - 8} more)" if len(plan.dropped) > 8 else "")
         console.print(f"[dim]• dropped: {shown}[/]", soft_wrap=True)
     if plan.aux_files:
         console.print(f"[dim]• copied as they are: {', '.join(plan.aux_files)}[/]")
 
 
 def _print_summary(plan, result, seconds: float, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"wrote {result.out}", title_justify="left")
+    table = Table(title=f"wrote {escape(str(result.out))}", title_justify="left")
     for col in ("part", "tensors", "bytes"):
         table.add_column(col, justify="left" if col == "part" else "right")
     for part, p in plan.parts().items():

@@ -24,7 +24,8 @@ def tokenize(
         metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")],
     more_data: O.MoreData = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); repeatable.")] = None,
+        "--data", metavar="FILE", help="Text file (one document, tokenized whole: memory ~150x its size) or .jsonl file (a 'text' field per "
+                "line, bounded memory: use it for large corpora); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the numbers on stdout.")] = False,
@@ -32,19 +33,20 @@ def tokenize(
     """Tokenize text and JSONL files once into a .npy token stream for `train --data` (memory-mapped)."""
     import time
 
+    from rich.markup import escape
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
     from twotower_cli import train as T
-    from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.config import NemotronHConfig
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import model_folder
+    from twotower_cli.hub import resolve
     from twotower_cli.text import Tokenizer
 
-    paths = [*(data or []), *(more_data or [])]
+    paths = [p.expanduser() for p in [*(data or []), *(more_data or [])]]  # `--data=~/x`: no shell expands that ~
     if out is None:
         raise TwoTowerError("no output file given", "pass -o OUT.npy")
+    out = out.expanduser()
     if out.suffix.lower() != ".npy":
         raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
     if out.exists() and not force:
@@ -56,11 +58,9 @@ def tokenize(
             raise TwoTowerError(f"{p} is already tokenized", "pass it to `train --data` as it is")
         if not p.is_file():
             raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
-    folder = model_folder(checkpoint)
-    ckpt = open_checkpoint(folder)
-    if ckpt.config_raw is None:
-        raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
-    cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+    folder = resolve(checkpoint, weights=False)  # config.json and the tokenizer: a hub id downloads no weights
+    folder = folder.parent if folder.is_file() else folder
+    cfg = NemotronHConfig.from_file(folder)
     tokenizer = Tokenizer(folder)
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     console = err_console()
@@ -77,5 +77,5 @@ def tokenize(
         print(json.dumps({"out": str(out), "documents": documents, "tokens": tokens, "dtype": str(dtype),
                           "bytes": size, "seconds": seconds}))
         return
-    console.print(f"wrote [bold]{out}[/] · {documents:,} document{'s' * (documents != 1)} · {tokens:,} tokens ({dtype}, "
+    console.print(f"wrote [bold]{escape(str(out))}[/] · {documents:,} document{'s' * (documents != 1)} · {tokens:,} tokens ({dtype}, "
                   f"{size / 2**20:.1f} MiB) · {seconds:.1f} s · {tokens / max(seconds, 1e-9):,.0f} tok/s", highlight=False)
