@@ -16,6 +16,7 @@ from tests.twotower_helpers import write_random_twotower
 from twotower_cli import sampler as S
 from twotower_cli import towers
 from twotower_cli.batching import Continuous, run_in_order
+from twotower_cli.ops import kernels
 from twotower_cli.towers import TowerBackend, load_model
 
 
@@ -191,13 +192,17 @@ def assert_same_cache(got: towers.TowerCache, want: towers.TowerCache, atol: flo
             torch.testing.assert_close(a.ssm, b.ssm, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
 @pytest.mark.parametrize("pads", [False, True])
-def test_decode_steps_give_the_eager_logits_and_cache(model, captured, monkeypatch, pads):
+def test_decode_steps_give_the_eager_logits_and_cache(model, captured, monkeypatch, pads, sdpa):
     """One-token context steps: the first eager, the second over new buffers holding the cache's keys and
     values, the third captured, the rest replayed, and the buffers doubled (captured again) when full. Every step's logits, and
     the cache after it (K/V, key mask, Mamba states, length), are the eager path's; so is a denoiser block
-    read from the cache afterwards, and `state()` / `restore`. A prompt extension drops the buffers."""
+    read from the cache afterwards, and `state()` / `restore`. A prompt extension drops the buffers. Both
+    attention paths: the CPU's explicit one and SDPA's (CUDA's: the mask over the buffer as an additive
+    mask, the grouped heads packed)."""
     monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 4)
+    monkeypatch.setitem(kernels._forced, "sdpa", sdpa)
     eager, g = TowerBackend(model), graphed(model)
     prompt = torch.tensor([[5, 9, 14, 7, 22, 30], [0, 0, 11, 4, 8, 19]])
     mask = torch.tensor([[True] * 6, [False, False] + [True] * 4]) if pads else None
@@ -250,12 +255,15 @@ def test_a_failed_decode_capture_leaves_the_states_and_goes_on_eagerly(model, mo
     assert not g.graphs and g.captures == 0
 
 
-def test_denoiser_graph_outlives_commits_once_the_context_is_in_buffers(model, captured, monkeypatch):
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_denoiser_graph_outlives_commits_once_the_context_is_in_buffers(model, captured, monkeypatch, sdpa):
     """mask_diffusion's pattern: denoiser steps, then a commit of the block. Blocks 0 and 1 graph their steps
     over the cache (a capture each, dropped at the commit); the second commit makes the fixed-size buffers,
     block 2 captures its step over them, the third commit is captured, and from then on the denoiser graph
-    and the commit graph are replayed with no new capture. Every logit is the eager path's."""
+    and the commit graph are replayed with no new capture. Every logit is the eager path's, with either
+    attention path."""
     monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    monkeypatch.setitem(kernels._forced, "sdpa", sdpa)
     eager, g = TowerBackend(model), graphed(model)
     prompt = torch.tensor([[5, 9, 14, 7, 22, 30], [11, 4, 8, 8, 19, 25]])
     for b in (eager, g):
