@@ -146,16 +146,22 @@ def test_continuous_batching_with_graphs_gives_the_same_tokens(model, captured):
     assert g.captures > 0
 
 
-def test_a_failed_capture_warns_once_and_goes_on_eagerly(model, monkeypatch):
-    def refuse(fn, device, after_warmup=None):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(towers, "capture_graph", refuse)
+def capturing_with(capture, model, monkeypatch) -> tuple[TowerBackend, TowerBackend]:
+    """(with graphs, eager) backends after the same 3-token prompt, `capture` standing in for the capture."""
+    monkeypatch.setattr(towers, "capture_graph", capture)
     monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
     g, eager = graphed(model), TowerBackend(model)
     for b in (g, eager):
         b.reset(1)
         b.extend(torch.tensor([[5, 9, 14]]))
+    return g, eager
+
+
+def test_a_failed_capture_warns_once_and_goes_on_eagerly(model, monkeypatch):
+    def refuse(fn, device, after_warmup=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    g, eager = capturing_with(refuse, model, monkeypatch)
     x, t = torch.full((1, 4), 3), torch.tensor([1.0])
     g.denoise(x, t)
     with pytest.warns(UserWarning, match="capture of the denoiser step failed"):
@@ -237,12 +243,7 @@ def test_a_failed_decode_capture_leaves_the_states_and_goes_on_eagerly(model, mo
         fn()
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(towers, "capture_graph", fail_after_warmup)
-    monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
-    eager, g = TowerBackend(model), graphed(model)
-    for b in (eager, g):
-        b.reset(1)
-        b.extend(torch.tensor([[5, 9, 14]]))
+    g, eager = capturing_with(fail_after_warmup, model, monkeypatch)
     for i, tok in enumerate(([[7]], [[8]], [[9]], [[10]], [[11]])):
         want = eager.extend(torch.tensor(tok))
         if i == 2:

@@ -943,6 +943,23 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
         assert max_diff(a, b) <= tol * (1 + b.abs().max().item()), f"output {i}: max diff {max_diff(a, b):.3e}"
 
 
+def eager_and_graphed(dtype: torch.dtype, seed: int):
+    """(cfg, eager backend, backend with graphs) over one random TwoTower of `kernel_tower_config` on CUDA."""
+    from tests.twotower_helpers import twotower_tensors
+
+    from twotower_cli.model.loading import cast_
+    from twotower_cli.towers import TowerBackend, TwoTower
+
+    cfg = kernel_tower_config()
+    model = TwoTower(cfg)
+    model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=seed, std=0.05), "random",
+                                           denoiser=build_tiny_model(cfg, seed=seed + 1, std=0.05)))
+    cast_(model.to("cuda").eval(), dtype)
+    eager, graphed = TowerBackend(model), TowerBackend(model)
+    graphed.graphs = True
+    return cfg, eager, graphed
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_cuda_graph_denoise_equals_eager(dtype):
@@ -952,18 +969,7 @@ def test_gpu_cuda_graph_denoise_equals_eager(dtype):
     runs it. tests/test_graphs.py checks the rest on the CPU with a stand-in capture."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.twotower_helpers import twotower_tensors
-
-    from twotower_cli.model.loading import cast_
-    from twotower_cli.towers import TowerBackend, TwoTower
-
-    cfg = kernel_tower_config()
-    model = TwoTower(cfg)
-    model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=5, std=0.05), "random",
-                                           denoiser=build_tiny_model(cfg, seed=6, std=0.05)))
-    cast_(model.to("cuda").eval(), dtype)
-    eager, graphed = TowerBackend(model), TowerBackend(model)
-    graphed.graphs = True
+    cfg, eager, graphed = eager_and_graphed(dtype, seed=5)
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(4, cfg.vocab_size, (2, 40), generator=g).cuda()
     valid = torch.ones(2, 16, dtype=torch.bool)
@@ -1002,20 +1008,10 @@ def test_gpu_cuda_graph_decode_equals_eager(dtype, monkeypatch):
     (`capture_graph(after_warmup=...)`)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from tests.twotower_helpers import twotower_tensors
-
     from twotower_cli import towers
-    from twotower_cli.model.loading import cast_
-    from twotower_cli.towers import TowerBackend, TwoTower
 
     monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
-    cfg = kernel_tower_config()
-    model = TwoTower(cfg)
-    model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=7, std=0.05), "random",
-                                           denoiser=build_tiny_model(cfg, seed=8, std=0.05)))
-    cast_(model.to("cuda").eval(), dtype)
-    eager, graphed = TowerBackend(model), TowerBackend(model)
-    graphed.graphs = True
+    cfg, eager, graphed = eager_and_graphed(dtype, seed=7)
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(4, cfg.vocab_size, (2, 12), generator=g).cuda()
     mask = torch.ones(2, 12, dtype=torch.bool, device="cuda")
