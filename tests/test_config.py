@@ -67,3 +67,25 @@ def test_unknown_keys_round_trip_unchanged(tmp_path):
 def test_validation_errors(overrides, match):
     with pytest.raises(TwoTowerError, match=match):
         NemotronHConfig.from_dict(raw(**overrides))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("hidden_size", None, r"missing 'hidden_size' \(it is null\)"),
+    ("vocab_size", None, r"missing 'vocab_size' \(it is null\)"),
+    ("eos_token_id", "x", "config key 'eos_token_id' is 'x'"),
+    ("eos_token_id", [2, "x"], r"config key 'eos_token_id' is \[2, 'x'\]"),
+    ("pad_token_id", -1, "config key 'pad_token_id' is -1"),
+    ("bos_token_id", 1.5, "config key 'bos_token_id' is 1.5"),
+])
+def test_null_sizes_and_bad_token_ids_are_config_errors(key, value, match):
+    """Keys present with a value of the wrong kind (not left out, which `raw` does for None): a TwoTowerError
+    naming the key, not a TypeError or ValueError from deep inside (which the CLI reports as a bug)."""
+    d = raw()
+    d[key] = value
+    with pytest.raises(TwoTowerError, match=match):
+        NemotronHConfig.from_dict(d)
+
+
+def test_token_ids_that_are_fine():
+    assert NemotronHConfig.from_dict({**raw(), "eos_token_id": 11}).eos_token_ids == [11]
+    assert NemotronHConfig.from_dict({**raw(), "eos_token_id": [2, 11]}).eos_token_ids == [2, 11]

@@ -129,8 +129,9 @@ class NemotronHConfig:
             raise TwoTowerError("config.json is not a JSON object", "a Hugging Face config is a JSON object")
         pattern = normalise_pattern(raw)
         for key in ("hidden_size", "vocab_size"):
-            if key not in raw:
-                raise TwoTowerError(f"config.json is missing {key!r}", "is this a NemotronH checkpoint?")
+            if raw.get(key) is None:
+                raise TwoTowerError(f"config.json is missing {key!r}" + (" (it is null)" if key in raw else ""),
+                                    "is this a NemotronH checkpoint?")
         for kind in sorted(set(pattern)):
             for key in _REQUIRED_BY_KIND[kind]:
                 if raw.get(key) is None:
@@ -243,6 +244,13 @@ class NemotronHConfig:
                 )
         if self.mlp_hidden_act != "relu2":
             raise TwoTowerError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported", "NemotronH uses relu2")
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in ids):
+                raise TwoTowerError(f"config key {key!r} is {value!r}",
+                                    "it must be a token id (a non-negative integer)"
+                                    + (", a list of them" if key == "eos_token_id" else "") + " or null")
 
     # ---------------------------------------------------------------- derived sizes
     @property
