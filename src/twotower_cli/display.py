@@ -76,6 +76,8 @@ class LiveUnmasking:
             for r in range(self.rows):
                 self.committed[r].extend(event.tokens[r].tolist())
             self.block = None
+        elif isinstance(event, S.Finished):  # the text as generated: cut at its end id, as --no-live prints it
+            self.committed = [list(g.token_ids) for g in event.generations[: self.rows]]
         now = time.perf_counter()
         if now - self._last >= self.min_interval:
             self._last = now
