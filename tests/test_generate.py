@@ -276,6 +276,18 @@ def test_cli_bad_input_one_error_line(trained_like, args, needle):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("option", ["--stop", "--mask-token-id"])
+def test_cli_negative_token_id_names_no_vocabulary_it_does_not_have(trained_like, option):
+    """A negative id is refused before the load, when the vocabulary is not known yet: the message must not
+    name a range of ids the model does not have (it named 0..4611686018427387903)."""
+    import re
+
+    vocab = json.loads((trained_like / "config.json").read_text())["vocab_size"]
+    r = invoke("hi", option, "-1", "--model", str(trained_like))
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "-1" in r.stderr, r.output
+    assert all(int(n) <= vocab for n in re.findall(r"\d+", r.stderr)), r.stderr
+
+
 def test_cli_not_twotower_for_diffusion(tmp_path):
     folder = write_base(tmp_path / "base", random_base(tiny_cfg(), 1))
     for mode in ("mask_diffusion", "mock_ar"):

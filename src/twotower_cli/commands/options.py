@@ -56,5 +56,5 @@ def sampling_config(options: dict) -> SamplingConfig:
                               temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                               mask_token_id=3 if o["mask_token_id"] is None else o["mask_token_id"],
                               stop_ids=tuple(o["stop"] or ()))
-    settings.validate(vocab_size=1 << 62)  # the vocabulary is known after the load
+    settings.validate(vocab_size=None)  # the vocabulary is known after the load
     return settings
