@@ -473,3 +473,21 @@ def test_cli_prompt_file_progress_on_a_terminal_leaves_the_results_on_stdout(tra
     assert r.exit_code == 0, r.output
     assert [json.loads(x)["prompt"] for x in r.stdout.splitlines()] == ["hello", "abc", "the quick brown fox"]
     assert "generate" in screen.getvalue() and "3/3" in screen.getvalue() and "tok/s" in screen.getvalue()
+
+
+@pytest.mark.slow
+def test_cli_output_to_a_reader_that_left_ends_quietly(trained_like):
+    """`twotower generate ... | head -1`: when the reader closes the pipe, the command stops without an
+    `Error: Broken pipe` line (as click and rich end on a broken pipe: exit code 1, nothing said)."""
+    import subprocess
+    import sys
+
+    # far more than a pipe buffer of events, so a write after the reader left is certain
+    args = [sys.executable, "-m", "twotower_cli", "generate", "hello", "--model", str(trained_like), "--mode", "ar",
+            "-n", "1000", "--json", "--events"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(p.stdout.readline())["event"] == "block_started"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1
+    assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
