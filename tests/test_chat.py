@@ -223,6 +223,21 @@ def test_cli_chat_plain_output_and_stats(folder):
 
 
 
+def test_cli_chat_stats_line_is_one_line_on_a_narrow_stderr(folder, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    narrow = Console(file=io.StringIO(), width=40)
+    monkeypatch.setattr(display, "err_console", lambda: narrow)
+    r = invoke("--model", str(folder), "--block", "4", "-n", "6", "--no-live", input="hello\n")
+    assert r.exit_code == 0, r.output
+    lines = narrow.file.getvalue().splitlines()
+    assert len(lines) == 1 and "tok/NFE" in lines[0] and "read this turn" in lines[0], lines
+
+
 def test_cli_chat_block_defaults_to_the_checkpoints(folder):
     """No --block: the checkpoint's training block (write_twotower records 4); a larger --block warns."""
     common = ("--model", str(folder), "-n", "6", "--json", "--no-live")

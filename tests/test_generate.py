@@ -135,6 +135,23 @@ def test_cli_plain_text_and_stats_line(trained_like):
     assert "tok/NFE" in r.stderr and "NFE" in r.stderr and "peak" in r.stderr
 
 
+def test_cli_stats_line_is_one_line_on_a_narrow_stderr(trained_like, monkeypatch):
+    """The stats line is one line whatever stderr's width (rich wraps at 80 columns when stderr is a file or a
+    pipe: `2> log` split it in two)."""
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    narrow = Console(file=io.StringIO(), width=40)
+    monkeypatch.setattr(display, "err_console", lambda: narrow)
+    r = invoke("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
+    assert r.exit_code == 0, r.output
+    lines = narrow.file.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prompt ") and lines[0].rstrip().endswith("MiB"), lines
+
+
 def test_cli_events_stream(trained_like):
     r = invoke("hello", "--model", str(trained_like), "--block", "4", "-n", "8", "--json", "--events")
     assert r.exit_code == 0, r.output

@@ -176,6 +176,6 @@ def chat(
             out_console().print(turn.reply, markup=False)
         console.print(f"[dim]{n} tok · NFE {g.nfe} · {n / max(g.nfe, 1):.2f} tok/NFE · {n / max(wall, 1e-9):.1f} tok/s · "
                       f"context {turn.prompt_tokens} tok, {turn.read_tokens} read this turn"
-                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]")
+                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]", soft_wrap=True)
     if failed:
         raise typer.Exit(1)

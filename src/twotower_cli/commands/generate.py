@@ -162,4 +162,4 @@ def generate(
         + (f" in {batches} batches" if batches > 1 and not continuous else "")
         + (f" · continuous batching, ≤ {batch_size} at a time" if continuous else "")
         + f" · {n_new / max(seq_nfe, 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
-        f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]")
+        f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]", soft_wrap=True)  # one line in a log, too
