@@ -508,3 +508,28 @@ def test_cli_output_to_a_reader_that_left_ends_quietly(trained_like):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1
     assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_cli_live_view_on_a_terminal_prints_the_prompts_it_does_not_draw(trained_like, tmp_path, monkeypatch):
+    """Six prompts, live on a terminal: the view draws four and counts the others ("+2 more prompts"); those
+    two are printed, as --no-live prints them, instead of shown nowhere."""
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    prompts = ["hello", "abc", "the quick", "brown fox", "jumps over", "the lazy dog"]
+    f, rest = tmp_path / "p.txt", tmp_path / "rest.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    rest.write_text("\n".join(prompts[4:]) + "\n")
+    common = ("--model", str(trained_like), "-n", "6", "--block", "4")
+    want = invoke("--prompt-file", str(rest), *common, "--no-live")
+    assert want.exit_code == 0, want.output
+    screen = Console(file=io.StringIO(), force_terminal=True, width=200)
+    monkeypatch.setattr(display, "err_console", lambda: screen)
+    monkeypatch.setattr(display, "stdout_is_terminal", lambda: True)
+    r = invoke("--prompt-file", str(f), *common)
+    assert r.exit_code == 0, r.output
+    assert "(+2 more prompts)" in screen.file.getvalue()
+    assert r.stdout == want.stdout

@@ -19,6 +19,13 @@ def out_console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+def stdout_is_terminal() -> bool:
+    """Whether the results go to the screen the live view draws on (then its last frame is the result)."""
+    import sys
+
+    return sys.stdout.isatty()
+
+
 # ---------------------------------------------------------------------------------------------- live unmasking
 
 class LiveUnmasking:
@@ -27,9 +34,10 @@ class LiveUnmasking:
     throttled (at most `fps` per second) and done by rich `Live` on stderr, so frames never tear."""
 
     MASK_GLYPH = "░"
+    MAX_ROWS = 4  # sequences drawn; the others are counted in a "(+n more prompts)" line
 
     def __init__(self, decode, prompts: list[str], n_blocks: int, steps: int, mode: str, mask_id: int,
-                 fps: float = 20.0, max_rows: int = 4, keep_status: bool = True):
+                 fps: float = 20.0, max_rows: int = MAX_ROWS, keep_status: bool = True):
         from rich.live import Live
 
         self.decode = decode

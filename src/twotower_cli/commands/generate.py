@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -66,7 +65,7 @@ def generate(
     import torch
 
     from twotower_cli import sampler as S
-    from twotower_cli.display import err_console, follow, out_console
+    from twotower_cli.display import LiveUnmasking, err_console, follow, out_console, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
@@ -101,7 +100,8 @@ def generate(
     nfe = n_new = seq_nfe = 0
     wall = 0.0
 
-    def report(item, text, model_text, g: S.Generation, seconds: float, record: dict) -> None:
+    def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
+        """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
         out = decode(g.token_ids)
         if as_json:
             print(json.dumps({
@@ -111,7 +111,7 @@ def generate(
                 "tokens_per_second": len(g.token_ids) / max(seconds, 1e-9),
                 "wall_seconds": seconds, "mode": mode, "settings": record, "model": str(rt.folder),
             }), flush=True)
-        elif not live or not sys.stdout.isatty():
+        elif not drawn:
             shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
             out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
 
@@ -125,7 +125,7 @@ def generate(
         t0 = time.perf_counter()
         running = Continuous(rt.backend, settings, rt.eos_ids, gen)
         # a progress bar on a terminal while the results go elsewhere (--json > out.jsonl)
-        shown = not no_live and err_console().is_terminal and not sys.stdout.isatty()
+        shown = not no_live and err_console().is_terminal and not stdout_is_terminal()
         with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                       TimeRemainingColumn(), console=err_console(), transient=True, disable=not shown,
                       redirect_stdout=False, redirect_stderr=False) as bar:  # the results stay on stdout
@@ -144,9 +144,11 @@ def generate(
             print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
 
         finished = follow(stream, decode, texts[batch], settings, live, on_event=show if events else None)
-        for item, text, model_text, g in zip(items[batch], texts[batch], model_texts[batch], finished.generations,
-                                             strict=True):
-            report(item, text, model_text, g, finished.wall_seconds, finished.settings)
+        for row, (item, text, model_text, g) in enumerate(zip(items[batch], texts[batch], model_texts[batch],
+                                                              finished.generations, strict=True)):
+            # the live view draws the first rows of a batch; the others are printed, not lost
+            drawn = live and stdout_is_terminal() and row < LiveUnmasking.MAX_ROWS
+            report(item, text, model_text, g, finished.wall_seconds, finished.settings, drawn)
         nfe, n_new, wall = nfe + finished.nfe, n_new + finished.new_tokens, wall + finished.wall_seconds
         seq_nfe += sum(g.nfe for g in finished.generations)
     n_prompt = sum(len(p) for p in prompts)
