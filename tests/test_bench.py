@@ -98,3 +98,14 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
 def test_bench_bad_thresholds(folder):
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", "a,b"])
     assert r.exit_code == 1 and r.stderr.startswith("Error:")
+
+
+@pytest.mark.parametrize("thresholds", ["0", "0.5,0", "1.5"])
+def test_bench_threshold_out_of_range_is_refused_as_generate_refuses_it(folder, thresholds):
+    """A threshold generate refuses is refused here too (0 ran as 0.8 and was reported as 0)."""
+    want = CliRunner().invoke(get_app(), ["generate", "hi", "--model", str(folder), "--threshold",
+                                          thresholds.split(",")[-1]])
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", thresholds, "-n", "4",
+                                       "--block", "4", "--repeat", "1"])
+    assert want.exit_code == 1 and r.exit_code == 1, r.output
+    assert r.stderr.splitlines() == want.stderr.splitlines()
