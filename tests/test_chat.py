@@ -238,6 +238,16 @@ def test_cli_chat_stats_line_is_one_line_on_a_narrow_stderr(folder, monkeypatch)
     assert len(lines) == 1 and "tok/NFE" in lines[0] and "read this turn" in lines[0], lines
 
 
+def test_cli_chat_top_k_while_greedy_warns_once_and_replies_greedily(folder):
+    common = ("--model", str(folder), "--block", "4", "-n", "6", "--no-live")
+    greedy = invoke(*common, input="hello\nmore\n")
+    r = invoke(*common, "--top-k", "3", input="hello\nmore\n")
+    assert r.exit_code == 0 and r.stdout == greedy.stdout, r.output
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [
+        "Warning: --top-k: no effect at --temperature 0, which decodes greedily (hint: add --temperature, e.g. "
+        "--temperature 0.8)"]
+
+
 def test_cli_chat_block_defaults_to_the_checkpoints(folder):
     """No --block: the checkpoint's training block (write_twotower records 4); a larger --block warns."""
     common = ("--model", str(folder), "-n", "6", "--json", "--no-live")

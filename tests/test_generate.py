@@ -305,6 +305,20 @@ def test_cli_negative_token_id_names_no_vocabulary_it_does_not_have(trained_like
     assert all(int(n) <= vocab for n in re.findall(r"\d+", r.stderr)), r.stderr
 
 
+@pytest.mark.parametrize("options", [["--top-k", "2"], ["--top-p", "0.5"], ["--top-k", "2", "--top-p", "0.5"]])
+def test_cli_top_k_top_p_while_greedy_warn_that_they_change_nothing(trained_like, options):
+    """--top-k / --top-p without --temperature: the greedy text, and one Warning line saying so (they were
+    ignored in silence); with a temperature, no warning."""
+    common = ("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
+    greedy = invoke(*common)
+    r = invoke(*common, *options)
+    assert r.exit_code == 0 and r.stdout == greedy.stdout, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert len(warnings) == 1 and all(o in warnings[0] for o in options[::2]) and "temperature" in warnings[0]
+    sampled = invoke(*common, *options, "--temperature", "0.7")
+    assert sampled.exit_code == 0 and "Warning" not in sampled.stderr, sampled.output
+
+
 def test_cli_not_twotower_for_diffusion(tmp_path):
     folder = write_base(tmp_path / "base", random_base(tiny_cfg(), 1))
     for mode in ("mask_diffusion", "mock_ar"):

@@ -110,6 +110,7 @@ def chat(
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
+    O.warn_if_filters_unused(settings)
     folder = model_folder(model)
     template = None if no_template or find_chat_template(folder) is None else ChatTemplate.load(folder)
     if template is None and (system is not None or chat_arg):

@@ -71,6 +71,7 @@ def generate(
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
+    O.warn_if_filters_unused(settings)
     if batch_size < 1:
         raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:

@@ -58,3 +58,14 @@ def sampling_config(options: dict) -> SamplingConfig:
                               stop_ids=tuple(o["stop"] or ()))
     settings.validate(vocab_size=None)  # the vocabulary is known after the load
     return settings
+
+
+def warn_if_filters_unused(settings: SamplingConfig) -> None:
+    """generate, chat: a `Warning:` line for --top-k / --top-p at temperature 0, where they change nothing
+    (not serve, where they are defaults for requests that may bring a temperature)."""
+    if settings.temperature == 0 and (settings.top_k is not None or settings.top_p is not None):
+        from twotower_cli.cli import report_warning
+
+        given = " and ".join(o for o, v in (("--top-k", settings.top_k), ("--top-p", settings.top_p)) if v is not None)
+        report_warning(f"{given}: no effect at --temperature 0, which decodes greedily",
+                       "add --temperature, e.g. --temperature 0.8")
