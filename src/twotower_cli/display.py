@@ -63,7 +63,7 @@ class LiveUnmasking:
 
     def __exit__(self, *exc) -> None:
         self.status = self.keep_status
-        self.live.update(self.render(), refresh=True)
+        self.live.update(self.render(whole=True))  # drawn by the exit, which lets it run past the screen
         self.live.__exit__(*exc)
 
     def handle(self, event) -> None:
@@ -91,7 +91,8 @@ class LiveUnmasking:
             self._last = now
             self.live.update(self.render(), refresh=True)
 
-    def render(self):
+    def render(self, whole: bool = False):
+        """A frame, cut to the terminal's height (`_Fit`) unless `whole` (the last frame: all the text)."""
         from rich.console import Group
         from rich.text import Text
 
@@ -115,7 +116,32 @@ class LiveUnmasking:
                       + f"  NFE {self.nfe}", style="bold blue")
         if self.status:
             parts.append(status)
-        return Group(*parts)
+        return Group(*parts) if whole else _Fit(parts[: 2 * self.rows: 2], parts[2 * self.rows:])
+
+
+class _Fit:
+    """The live view's rows of text (each then a blank line) and the lines under them, cut to the console's
+    height: a row taller than its share keeps its last lines, where its block unmasks, under a dim "…" line.
+    (rich's Live cuts a frame taller than the terminal at the bottom, and with it the block and status line.)"""
+
+    def __init__(self, rows: list, footer: list):
+        self.rows, self.footer = rows, footer
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+        from rich.style import Style
+
+        below = sum(len(console.render_lines(part, options, pad=False)) for part in self.footer)  # wrapped lines
+        share = max(1, (options.size.height - below) // max(len(self.rows), 1) - 1)
+        for row in self.rows:
+            lines = console.render_lines(row, options, pad=False)
+            if len(lines) > share:
+                lines = lines[-1:] if share == 1 else [[Segment("…", Style(dim=True))], *lines[1 - share:]]
+            for line in lines:
+                yield from line
+                yield Segment.line()
+            yield Segment.line()
+        yield from self.footer
 
 
 def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status: bool = True, on_event=None):
