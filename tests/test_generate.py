@@ -281,6 +281,8 @@ BAD = [
     (["--prompt-file", "/dev/null"], "is not a regular file"),
     (["hi", "--batch-size", "0"], "batch size 0"),
     (["hi", "--mode", "nope"], "mode"),
+    (["hi", "--temperature", "inf"], "temperature inf must be a finite number"),  # it sampled <unk> every token
+    (["hi", "--seed", str(2**70)], f"seed {2**70} is out of range"),  # "ValueError: Overflow ... looks like a bug"
 ]
 
 

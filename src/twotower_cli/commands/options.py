@@ -42,13 +42,16 @@ MoreData = Annotated[list[Path] | None, typer.Argument(
 
 def sampling_config(options: dict) -> SamplingConfig:
     """A command's sampling options (its parameters by name: mode, block, steps, threshold, policy, factor,
-    max_new_tokens, temperature, top_k, top_p, mask_token_id, stop) as a `SamplingConfig`, checked as far as
+    max_new_tokens, temperature, top_k, top_p, mask_token_id, stop; and seed) as a `SamplingConfig`, checked as far as
     they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint (the mask id and
     block size where the options leave them out)."""
     from twotower_cli.config import DEFAULT_BLOCK_SIZE
+    from twotower_cli.errors import TwoTowerError
     from twotower_cli.sampler import SamplingConfig
 
     o = options
+    if o.get("seed") is not None and not -(2**63) <= o["seed"] < 2**64:  # what torch.Generator.manual_seed takes
+        raise TwoTowerError(f"seed {o['seed']} is out of range", "use a seed from 0 to 2**64 - 1")
     # no --block: the checkpoint's training block, known after the load; until then a block that fits --steps
     block = o["block"] if o["block"] is not None else max(o["steps"] or DEFAULT_BLOCK_SIZE, 1)
     settings = SamplingConfig(mode=o["mode"], block_size=block, steps=o["steps"], threshold=o["threshold"],
