@@ -283,6 +283,7 @@ BAD = [
     (["hi", "--mode", "nope"], "mode"),
     (["hi", "--temperature", "inf"], "temperature inf must be a finite number"),  # it sampled <unk> every token
     (["hi", "--seed", str(2**70)], f"seed {2**70} is out of range"),  # "ValueError: Overflow ... looks like a bug"
+    (["hi", "--threads", str(2**40)], "more than torch can take"),  # the same
 ]
 
 
