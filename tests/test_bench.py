@@ -109,3 +109,10 @@ def test_bench_threshold_out_of_range_is_refused_as_generate_refuses_it(folder, 
                                        "--block", "4", "--repeat", "1"])
     assert want.exit_code == 1 and r.exit_code == 1, r.output
     assert r.stderr.splitlines() == want.stderr.splitlines()
+
+
+def test_bench_prompt_file_that_is_a_folder_is_named_as_one(folder, tmp_path):
+    """--prompts DIR: said "does not exist" of a folder that exists; generate's --prompt-file says what it is."""
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(tmp_path)])
+    want = CliRunner().invoke(get_app(), ["generate", "--model", str(folder), "--prompt-file", str(tmp_path)])
+    assert r.exit_code == want.exit_code == 1 and r.stderr == want.stderr and "not a regular file" in r.stderr

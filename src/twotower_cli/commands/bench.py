@@ -50,7 +50,8 @@ def bench(
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
     if prompts is not None:
         if not prompts.is_file():
-            raise TwoTowerError(f"prompt file {prompts} does not exist", "check the path")
+            what = "is not a regular file" if prompts.exists() else "does not exist"
+            raise TwoTowerError(f"prompt file {prompts} {what}", "check the path")
         texts = parse_prompt_lines(prompts.read_text().splitlines(), str(prompts))
     else:
         texts = list(DEFAULT_PROMPTS)
