@@ -116,3 +116,11 @@ def test_bench_prompt_file_that_is_a_folder_is_named_as_one(folder, tmp_path):
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(tmp_path)])
     want = CliRunner().invoke(get_app(), ["generate", "--model", str(folder), "--prompt-file", str(tmp_path)])
     assert r.exit_code == want.exit_code == 1 and r.stderr == want.stderr and "not a regular file" in r.stderr
+
+
+def test_bench_prompt_file_that_is_not_utf8_is_one_error_line(folder, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ROMEO \xff.\n")
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(bad)])
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: prompt file {bad} is not UTF-8 text"), r.output
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -248,6 +248,12 @@ def test_cli_chat_top_k_while_greedy_warns_once_and_replies_greedily(folder):
         "--temperature 0.8)"]
 
 
+def test_cli_chat_stdin_that_is_not_utf8_is_one_error_line(folder):
+    r = invoke("--model", str(folder), "--block", "4", "-n", "2", "--json", input=b"hello \xff\n")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert r.stderr.startswith("Error: stdin is not UTF-8 text"), r.stderr
+
+
 def test_cli_chat_block_defaults_to_the_checkpoints(folder):
     """No --block: the checkpoint's training block (write_twotower records 4); a larger --block warns."""
     common = ("--model", str(folder), "-n", "6", "--json", "--no-live")

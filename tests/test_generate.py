@@ -322,6 +322,20 @@ def test_cli_top_k_top_p_while_greedy_warn_that_they_change_nothing(trained_like
     assert sampled.exit_code == 0 and "Warning" not in sampled.stderr, sampled.output
 
 
+def test_cli_text_that_is_not_utf8_is_one_error_line(trained_like, tmp_path):
+    """Bytes that are not UTF-8 in a prompt file, on stdin or in the argument (Python reads those as lone
+    surrogates) are one Error line naming where they came from (they were a UnicodeDecodeError or the
+    tokenizer's "TypeError: TextInputSequence must be str", "this looks like a bug")."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ROMEO \xff.\n")
+    runs = [(invoke("--prompt-file", str(bad), "--model", str(trained_like)), f"prompt file {bad} is not UTF-8"),
+            (invoke("--model", str(trained_like), input=b"ROMEO \xff."), "stdin is not UTF-8"),
+            (invoke("ROMEO \udcff.", "--model", str(trained_like)), "the prompt is not UTF-8")]
+    for r, needle in runs:
+        err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(err) == 1 and err[0].startswith("Error: " + needle), r.output
+
+
 def test_cli_not_twotower_for_diffusion(tmp_path):
     folder = write_base(tmp_path / "base", random_base(tiny_cfg(), 1))
     for mode in ("mask_diffusion", "mock_ar"):

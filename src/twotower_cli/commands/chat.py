@@ -43,15 +43,16 @@ def _lines(interactive: bool):
     """The user's messages: read with a prompt (and line editing) on a terminal, else from stdin as they
     come; either way joined by `gather`."""
     from twotower_cli.display import err_console
+    from twotower_cli.text import read_stdin
 
     if not interactive:
         def more() -> str:
-            line = sys.stdin.readline()
+            line = read_stdin(sys.stdin.readline)
             if not line:
                 raise EOFError
             return line.rstrip("\n")
 
-        for line in iter(sys.stdin.readline, ""):
+        while line := read_stdin(sys.stdin.readline):
             yield gather(line.rstrip("\n"), more)
         return
     try:
