@@ -564,3 +564,38 @@ def test_cli_live_view_on_a_terminal_prints_the_prompts_it_does_not_draw(trained
     assert r.exit_code == 0, r.output
     assert "(+2 more prompts)" in screen.file.getvalue()
     assert r.stdout == want.stdout
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_cli_ctrl_c_without_the_live_view_prints_the_text_so_far(trained_like, monkeypatch, mode):
+    """Ctrl-C after two blocks (ar: tokens) with --no-live: the text of those blocks, as a run of that length
+    prints it, then `Error: interrupted` and exit code 1 (it printed nothing: the text was lost)."""
+    from twotower_cli.towers import TowerBackend
+
+    common = ("hello", "--model", str(trained_like), "--block", "4", "--no-live", "--mode", mode)
+    n = 8 if mode == "mask_diffusion" else 2
+    want = invoke(*common, "-n", str(n))
+    assert want.exit_code == 0, want.output
+    real, calls = TowerBackend.extend, []
+
+    def interrupted(self, *args, **kwargs):  # the prompt, then one extend per committed block (ar: token)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TowerBackend, "extend", interrupted)
+    r = invoke(*common, "-n", "40")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
+    assert r.stdout == want.stdout
+    # the live view on a terminal, the text going to a file: the file gets it too
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    calls.clear()
+    monkeypatch.setattr(display, "err_console", lambda: Console(file=io.StringIO(), force_terminal=True, width=100))
+    r = invoke(*[a for a in common if a != "--no-live"], "-n", "40")
+    assert r.exit_code == 1 and r.stdout == want.stdout, r.output

@@ -146,7 +146,7 @@ class _Fit:
 
 def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status: bool = True, on_event=None):
     """Drain a sampler's events: drawn by a `LiveUnmasking` (sized from the sampling settings) when `live`,
-    else handed to `on_event` if given. Returns the `Finished` event."""
+    and handed to `on_event` if given. Returns the `Finished` event."""
     from twotower_cli import sampler as S
 
     finished = None
@@ -157,6 +157,8 @@ def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status
                            settings.mask_token_id, keep_status=keep_status) as view:
             for ev in stream:
                 view.handle(ev)
+                if on_event is not None:
+                    on_event(ev)
                 finished = ev if isinstance(ev, S.Finished) else finished
     else:
         for ev in stream:

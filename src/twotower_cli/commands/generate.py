@@ -101,6 +101,10 @@ def generate(
     nfe = n_new = seq_nfe = 0
     wall = 0.0
 
+    def plain(text: str, out: str) -> None:
+        shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
+        out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+
     def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
         """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
         out = decode(g.token_ids)
@@ -113,8 +117,7 @@ def generate(
                 "wall_seconds": seconds, "mode": mode, "settings": record, "model": str(rt.folder),
             }), flush=True)
         elif not drawn:
-            shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
-            out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+            plain(text, out)
 
     continuous = len(prompts) > 1 and not live and not events
     if continuous:  # sequences that end make room for the next prompts at once; results still in file order
@@ -141,10 +144,24 @@ def generate(
         batch = slice(first, first + batch_size)
         stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
 
-        def show(ev, index=first // batch_size):  # --events: every event as a JSON line, tagged with its batch
-            print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
+        so_far: list[list[int]] = [[] for _ in prompts[batch]]  # each sequence's committed ids
 
-        finished = follow(stream, decode, texts[batch], settings, live, on_event=show if events else None)
+        def seen(ev, index=first // batch_size, so_far=so_far):
+            if isinstance(ev, S.BlockDone):
+                for ids, row in zip(so_far, ev.tokens.tolist(), strict=True):
+                    ids.extend(row)
+            if events:  # --events: every event as a JSON line, tagged with its batch
+                print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
+
+        try:
+            finished = follow(stream, decode, texts[batch], settings, live, on_event=seen)
+        except KeyboardInterrupt:  # Ctrl-C: the text so far, where the live view does not show it on the screen
+            if not as_json:
+                stops = S.stop_set(settings, rt.eos_ids)
+                for row, (text, ids) in enumerate(zip(texts[batch], so_far, strict=True)):
+                    if not (live and stdout_is_terminal() and row < LiveUnmasking.MAX_ROWS):
+                        plain(text, decode(ids[:S.first_stop(ids, stops)]))
+            raise
         for row, (item, text, model_text, g) in enumerate(zip(items[batch], texts[batch], model_texts[batch],
                                                               finished.generations, strict=True)):
             # the live view draws the first rows of a batch; the others are printed, not lost
