@@ -98,3 +98,29 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
 def test_bench_bad_thresholds(folder):
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", "a,b"])
     assert r.exit_code == 1 and r.stderr.startswith("Error:")
+
+
+@pytest.mark.parametrize("thresholds", ["0", "0.5,0", "1.5"])
+def test_bench_threshold_out_of_range_is_refused_as_generate_refuses_it(folder, thresholds):
+    """A threshold generate refuses is refused here too (0 ran as 0.8 and was reported as 0)."""
+    want = CliRunner().invoke(get_app(), ["generate", "hi", "--model", str(folder), "--threshold",
+                                          thresholds.split(",")[-1]])
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", thresholds, "-n", "4",
+                                       "--block", "4", "--repeat", "1"])
+    assert want.exit_code == 1 and r.exit_code == 1, r.output
+    assert r.stderr.splitlines() == want.stderr.splitlines()
+
+
+def test_bench_prompt_file_that_is_a_folder_is_named_as_one(folder, tmp_path):
+    """--prompts DIR: said "does not exist" of a folder that exists; generate's --prompt-file says what it is."""
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(tmp_path)])
+    want = CliRunner().invoke(get_app(), ["generate", "--model", str(folder), "--prompt-file", str(tmp_path)])
+    assert r.exit_code == want.exit_code == 1 and r.stderr == want.stderr and "not a regular file" in r.stderr
+
+
+def test_bench_prompt_file_that_is_not_utf8_is_one_error_line(folder, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ROMEO \xff.\n")
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(bad)])
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: prompt file {bad} is not UTF-8 text"), r.output
+    assert len(r.stderr.strip().splitlines()) == 1

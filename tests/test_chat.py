@@ -223,6 +223,37 @@ def test_cli_chat_plain_output_and_stats(folder):
 
 
 
+def test_cli_chat_stats_line_is_one_line_on_a_narrow_stderr(folder, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    narrow = Console(file=io.StringIO(), width=40)
+    monkeypatch.setattr(display, "err_console", lambda: narrow)
+    r = invoke("--model", str(folder), "--block", "4", "-n", "6", "--no-live", input="hello\n")
+    assert r.exit_code == 0, r.output
+    lines = narrow.file.getvalue().splitlines()
+    assert len(lines) == 1 and "tok/NFE" in lines[0] and "read this turn" in lines[0], lines
+
+
+def test_cli_chat_top_k_while_greedy_warns_once_and_replies_greedily(folder):
+    common = ("--model", str(folder), "--block", "4", "-n", "6", "--no-live")
+    greedy = invoke(*common, input="hello\nmore\n")
+    r = invoke(*common, "--top-k", "3", input="hello\nmore\n")
+    assert r.exit_code == 0 and r.stdout == greedy.stdout, r.output
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [
+        "Warning: --top-k: no effect at --temperature 0, which decodes greedily (hint: add --temperature, e.g. "
+        "--temperature 0.8)"]
+
+
+def test_cli_chat_stdin_that_is_not_utf8_is_one_error_line(folder):
+    r = invoke("--model", str(folder), "--block", "4", "-n", "2", "--json", input=b"hello \xff\n")
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert r.stderr.startswith("Error: stdin is not UTF-8 text"), r.stderr
+
+
 def test_cli_chat_block_defaults_to_the_checkpoints(folder):
     """No --block: the checkpoint's training block (write_twotower records 4); a larger --block warns."""
     common = ("--model", str(folder), "-n", "6", "--json", "--no-live")

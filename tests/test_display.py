@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
 
@@ -71,3 +72,58 @@ def test_follow_draws_a_live_view_or_hands_events_on(tmp_path, monkeypatch):
     got = display.follow(S.generate(backend, [tok.encode("hello")], settings), tok.decode, ["hello"], settings,
                          live=False, on_event=seen.append)
     assert seen[-1] is got and sum(isinstance(e, S.BlockDone) for e in seen) == 2
+
+
+def test_live_view_ends_on_the_text_as_generated_not_past_its_end_id(tmp_path):
+    """A stop id inside a block: the last frame shows the generation cut there (what --no-live prints), not
+    the rest of the block the sampler filled after it."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    prompt = tok.encode("hello")
+    free = S.run(backend, [prompt], S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=12))
+    ids = free.generations[0].token_ids
+    # a stop id whose first use is not the last of its block, so the block holds tokens after it
+    stop = next(t for i, t in enumerate(ids) if ids.index(t) == i and i % 4 != 3 and tok.decode(ids[i + 1:(i // 4 + 1) * 4]))
+    settings = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=12, stop_ids=(stop,))
+    want = S.run(backend, [prompt], settings).generations[0]
+    assert want.finish_reason == "eos" and want.token_ids == ids[:ids.index(stop)]
+    view = LiveUnmasking(tok.decode, ["hello"], n_blocks=3, steps=4, mode="mask_diffusion", mask_id=3)
+    for ev in S.generate(backend, [prompt], settings):
+        view.handle(ev)
+    shown = text_of(view.render()).rsplit("\n\nmask_diffusion  block", 1)[0]
+    assert shown == "hello" + tok.decode(want.token_ids)
+
+
+@pytest.mark.parametrize("width", [60, 24])  # 24: the status line wraps
+def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tmp_path, width):
+    """A text taller than the terminal: every frame fits its height and still shows the block being unmasked
+    and the status line (rich's Live cut such a frame at the bottom, under a "..."); the last frame is all
+    the text."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    settings = S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=40)
+    terminal = Console(file=io.StringIO(), width=width, height=10, color_system=None)
+    prompt = "".join(f"line {i}\n" for i in range(12))  # taller than the terminal by itself
+    view = LiveUnmasking(tok.decode, [prompt], n_blocks=10, steps=4, mode="mask_diffusion", mask_id=3)
+    tall = 0
+    for ev in S.generate(backend, [tok.encode(prompt)], settings):
+        view.handle(ev)
+        if isinstance(ev, S.Step):
+            with terminal.capture() as frame:
+                terminal.print(view.render())
+            lines = frame.get().splitlines()
+            with terminal.capture() as whole:
+                terminal.print(view.render(whole=True))
+            tall += len(whole.get().splitlines()) > terminal.height
+            assert len(lines) <= terminal.height, lines
+            assert sum(ln.count(LiveUnmasking.MASK_GLYPH) for ln in lines) == int((ev.tokens[0] == 3).sum())
+            status = f"mask_diffusion  block {ev.block + 1}/10  step {ev.step + 1}/4  NFE {ev.nfe}"
+            assert " ".join(" ".join(lines[-3:]).split()).endswith(" ".join(status.split()))
+        if isinstance(ev, S.Finished):
+            final = text_of(view.render(whole=True))
+            assert final.startswith(prompt + tok.decode(ev.generations[0].token_ids))
+    assert tall > 0  # the text did outgrow the terminal

@@ -135,6 +135,23 @@ def test_cli_plain_text_and_stats_line(trained_like):
     assert "tok/NFE" in r.stderr and "NFE" in r.stderr and "peak" in r.stderr
 
 
+def test_cli_stats_line_is_one_line_on_a_narrow_stderr(trained_like, monkeypatch):
+    """The stats line is one line whatever stderr's width (rich wraps at 80 columns when stderr is a file or a
+    pipe: `2> log` split it in two)."""
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    narrow = Console(file=io.StringIO(), width=40)
+    monkeypatch.setattr(display, "err_console", lambda: narrow)
+    r = invoke("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
+    assert r.exit_code == 0, r.output
+    lines = narrow.file.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prompt ") and lines[0].rstrip().endswith("MiB"), lines
+
+
 def test_cli_events_stream(trained_like):
     r = invoke("hello", "--model", str(trained_like), "--block", "4", "-n", "8", "--json", "--events")
     assert r.exit_code == 0, r.output
@@ -264,6 +281,9 @@ BAD = [
     (["--prompt-file", "/dev/null"], "is not a regular file"),
     (["hi", "--batch-size", "0"], "batch size 0"),
     (["hi", "--mode", "nope"], "mode"),
+    (["hi", "--temperature", "inf"], "temperature inf must be a finite number"),  # it sampled <unk> every token
+    (["hi", "--seed", str(2**70)], f"seed {2**70} is out of range"),  # "ValueError: Overflow ... looks like a bug"
+    (["hi", "--threads", str(2**40)], "more than torch can take"),  # the same
 ]
 
 
@@ -274,6 +294,46 @@ def test_cli_bad_input_one_error_line(trained_like, args, needle):
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("Error:") and needle in err[0], r.stderr
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("option", ["--stop", "--mask-token-id"])
+def test_cli_negative_token_id_names_no_vocabulary_it_does_not_have(trained_like, option):
+    """A negative id is refused before the load, when the vocabulary is not known yet: the message must not
+    name a range of ids the model does not have (it named 0..4611686018427387903)."""
+    import re
+
+    vocab = json.loads((trained_like / "config.json").read_text())["vocab_size"]
+    r = invoke("hi", option, "-1", "--model", str(trained_like))
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "-1" in r.stderr, r.output
+    assert all(int(n) <= vocab for n in re.findall(r"\d+", r.stderr)), r.stderr
+
+
+@pytest.mark.parametrize("options", [["--top-k", "2"], ["--top-p", "0.5"], ["--top-k", "2", "--top-p", "0.5"]])
+def test_cli_top_k_top_p_while_greedy_warn_that_they_change_nothing(trained_like, options):
+    """--top-k / --top-p without --temperature: the greedy text, and one Warning line saying so (they were
+    ignored in silence); with a temperature, no warning."""
+    common = ("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
+    greedy = invoke(*common)
+    r = invoke(*common, *options)
+    assert r.exit_code == 0 and r.stdout == greedy.stdout, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert len(warnings) == 1 and all(o in warnings[0] for o in options[::2]) and "temperature" in warnings[0]
+    sampled = invoke(*common, *options, "--temperature", "0.7")
+    assert sampled.exit_code == 0 and "Warning" not in sampled.stderr, sampled.output
+
+
+def test_cli_text_that_is_not_utf8_is_one_error_line(trained_like, tmp_path):
+    """Bytes that are not UTF-8 in a prompt file, on stdin or in the argument (Python reads those as lone
+    surrogates) are one Error line naming where they came from (they were a UnicodeDecodeError or the
+    tokenizer's "TypeError: TextInputSequence must be str", "this looks like a bug")."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ROMEO \xff.\n")
+    runs = [(invoke("--prompt-file", str(bad), "--model", str(trained_like)), f"prompt file {bad} is not UTF-8"),
+            (invoke("--model", str(trained_like), input=b"ROMEO \xff."), "stdin is not UTF-8"),
+            (invoke("ROMEO \udcff.", "--model", str(trained_like)), "the prompt is not UTF-8")]
+    for r, needle in runs:
+        err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(err) == 1 and err[0].startswith("Error: " + needle), r.output
 
 
 def test_cli_not_twotower_for_diffusion(tmp_path):
@@ -461,3 +521,81 @@ def test_cli_prompt_file_progress_on_a_terminal_leaves_the_results_on_stdout(tra
     assert r.exit_code == 0, r.output
     assert [json.loads(x)["prompt"] for x in r.stdout.splitlines()] == ["hello", "abc", "the quick brown fox"]
     assert "generate" in screen.getvalue() and "3/3" in screen.getvalue() and "tok/s" in screen.getvalue()
+
+
+@pytest.mark.slow
+def test_cli_output_to_a_reader_that_left_ends_quietly(trained_like):
+    """`twotower generate ... | head -1`: when the reader closes the pipe, the command stops without an
+    `Error: Broken pipe` line (as click and rich end on a broken pipe: exit code 1, nothing said)."""
+    import subprocess
+    import sys
+
+    # far more than a pipe buffer of events, so a write after the reader left is certain
+    args = [sys.executable, "-m", "twotower_cli", "generate", "hello", "--model", str(trained_like), "--mode", "ar",
+            "-n", "1000", "--json", "--events"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(p.stdout.readline())["event"] == "block_started"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1
+    assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_cli_live_view_on_a_terminal_prints_the_prompts_it_does_not_draw(trained_like, tmp_path, monkeypatch):
+    """Six prompts, live on a terminal: the view draws four and counts the others ("+2 more prompts"); those
+    two are printed, as --no-live prints them, instead of shown nowhere."""
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    prompts = ["hello", "abc", "the quick", "brown fox", "jumps over", "the lazy dog"]
+    f, rest = tmp_path / "p.txt", tmp_path / "rest.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    rest.write_text("\n".join(prompts[4:]) + "\n")
+    common = ("--model", str(trained_like), "-n", "6", "--block", "4")
+    want = invoke("--prompt-file", str(rest), *common, "--no-live")
+    assert want.exit_code == 0, want.output
+    screen = Console(file=io.StringIO(), force_terminal=True, width=200)
+    monkeypatch.setattr(display, "err_console", lambda: screen)
+    monkeypatch.setattr(display, "stdout_is_terminal", lambda: True)
+    r = invoke("--prompt-file", str(f), *common)
+    assert r.exit_code == 0, r.output
+    assert "(+2 more prompts)" in screen.file.getvalue()
+    assert r.stdout == want.stdout
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_cli_ctrl_c_without_the_live_view_prints_the_text_so_far(trained_like, monkeypatch, mode):
+    """Ctrl-C after two blocks (ar: tokens) with --no-live: the text of those blocks, as a run of that length
+    prints it, then `Error: interrupted` and exit code 1 (it printed nothing: the text was lost)."""
+    from twotower_cli.towers import TowerBackend
+
+    common = ("hello", "--model", str(trained_like), "--block", "4", "--no-live", "--mode", mode)
+    n = 8 if mode == "mask_diffusion" else 2
+    want = invoke(*common, "-n", str(n))
+    assert want.exit_code == 0, want.output
+    real, calls = TowerBackend.extend, []
+
+    def interrupted(self, *args, **kwargs):  # the prompt, then one extend per committed block (ar: token)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TowerBackend, "extend", interrupted)
+    r = invoke(*common, "-n", "40")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
+    assert r.stdout == want.stdout
+    # the live view on a terminal, the text going to a file: the file gets it too
+    import io
+
+    from rich.console import Console
+
+    from twotower_cli import display
+
+    calls.clear()
+    monkeypatch.setattr(display, "err_console", lambda: Console(file=io.StringIO(), force_terminal=True, width=100))
+    r = invoke(*[a for a in common if a != "--no-live"], "-n", "40")
+    assert r.exit_code == 1 and r.stdout == want.stdout, r.output

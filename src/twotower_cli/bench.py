@@ -52,7 +52,7 @@ class Row:
 
 def row_settings(mode: str, threshold: float | None, max_new_tokens: int, block: int, steps: int | None,
                  mask_token_id: int, pad_token_id: int) -> S.SamplingConfig:
-    return S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=threshold or 0.8,
+    return S.SamplingConfig(mode=mode, block_size=block, steps=steps, threshold=0.8 if threshold is None else threshold,
                             max_new_tokens=max_new_tokens, mask_token_id=mask_token_id, pad_token_id=pad_token_id)
 
 

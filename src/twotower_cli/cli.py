@@ -87,6 +87,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
+        except BrokenPipeError:  # the reader left (`| head`): click ends quietly with exit code 1, as rich does
+            raise
         except BaseException as e:  # noqa: BLE001 — the one place errors turn into an exit code
             if isinstance(e, SystemExit):
                 raise

@@ -19,6 +19,13 @@ def out_console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
+def stdout_is_terminal() -> bool:
+    """Whether the results go to the screen the live view draws on (then its last frame is the result)."""
+    import sys
+
+    return sys.stdout.isatty()
+
+
 # ---------------------------------------------------------------------------------------------- live unmasking
 
 class LiveUnmasking:
@@ -27,9 +34,10 @@ class LiveUnmasking:
     throttled (at most `fps` per second) and done by rich `Live` on stderr, so frames never tear."""
 
     MASK_GLYPH = "░"
+    MAX_ROWS = 4  # sequences drawn; the others are counted in a "(+n more prompts)" line
 
     def __init__(self, decode, prompts: list[str], n_blocks: int, steps: int, mode: str, mask_id: int,
-                 fps: float = 20.0, max_rows: int = 4, keep_status: bool = True):
+                 fps: float = 20.0, max_rows: int = MAX_ROWS, keep_status: bool = True):
         from rich.live import Live
 
         self.decode = decode
@@ -55,7 +63,7 @@ class LiveUnmasking:
 
     def __exit__(self, *exc) -> None:
         self.status = self.keep_status
-        self.live.update(self.render(), refresh=True)
+        self.live.update(self.render(whole=True))  # drawn by the exit, which lets it run past the screen
         self.live.__exit__(*exc)
 
     def handle(self, event) -> None:
@@ -76,12 +84,15 @@ class LiveUnmasking:
             for r in range(self.rows):
                 self.committed[r].extend(event.tokens[r].tolist())
             self.block = None
+        elif isinstance(event, S.Finished):  # the text as generated: cut at its end id, as --no-live prints it
+            self.committed = [list(g.token_ids) for g in event.generations[: self.rows]]
         now = time.perf_counter()
         if now - self._last >= self.min_interval:
             self._last = now
             self.live.update(self.render(), refresh=True)
 
-    def render(self):
+    def render(self, whole: bool = False):
+        """A frame, cut to the terminal's height (`_Fit`) unless `whole` (the last frame: all the text)."""
         from rich.console import Group
         from rich.text import Text
 
@@ -105,12 +116,37 @@ class LiveUnmasking:
                       + f"  NFE {self.nfe}", style="bold blue")
         if self.status:
             parts.append(status)
-        return Group(*parts)
+        return Group(*parts) if whole else _Fit(parts[: 2 * self.rows: 2], parts[2 * self.rows:])
+
+
+class _Fit:
+    """The live view's rows of text (each then a blank line) and the lines under them, cut to the console's
+    height: a row taller than its share keeps its last lines, where its block unmasks, under a dim "…" line.
+    (rich's Live cuts a frame taller than the terminal at the bottom, and with it the block and status line.)"""
+
+    def __init__(self, rows: list, footer: list):
+        self.rows, self.footer = rows, footer
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+        from rich.style import Style
+
+        below = sum(len(console.render_lines(part, options, pad=False)) for part in self.footer)  # wrapped lines
+        share = max(1, (options.size.height - below) // max(len(self.rows), 1) - 1)
+        for row in self.rows:
+            lines = console.render_lines(row, options, pad=False)
+            if len(lines) > share:
+                lines = lines[-1:] if share == 1 else [[Segment("…", Style(dim=True))], *lines[1 - share:]]
+            for line in lines:
+                yield from line
+                yield Segment.line()
+            yield Segment.line()
+        yield from self.footer
 
 
 def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status: bool = True, on_event=None):
     """Drain a sampler's events: drawn by a `LiveUnmasking` (sized from the sampling settings) when `live`,
-    else handed to `on_event` if given. Returns the `Finished` event."""
+    and handed to `on_event` if given. Returns the `Finished` event."""
     from twotower_cli import sampler as S
 
     finished = None
@@ -121,6 +157,8 @@ def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status
                            settings.mask_token_id, keep_status=keep_status) as view:
             for ev in stream:
                 view.handle(ev)
+                if on_event is not None:
+                    on_event(ev)
                 finished = ev if isinstance(ev, S.Finished) else finished
     else:
         for ev in stream:

@@ -97,6 +97,8 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     if threads is not None:
         if threads < 1:
             raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
+        if threads >= 2**31:  # torch takes a C int
+            raise TwoTowerError(f"threads {threads} is more than torch can take", "try --threads 1")
         torch.set_num_threads(threads)
     folder = model_folder(model)
     dev = pick_device(device)

@@ -81,8 +81,12 @@ class SamplingConfig:
     def steps_per_block(self) -> int:
         return self.steps if self.steps is not None else self.block_size
 
-    def validate(self, vocab_size: int) -> None:
-        bad_stops = [i for i in self.stop_ids if not 0 <= i < vocab_size]
+    def validate(self, vocab_size: int | None) -> None:
+        """A `TwoTowerError` for the first setting out of range; `vocab_size` None (before a model is
+        loaded): token ids are only checked to be ids at all."""
+        limit = vocab_size if vocab_size is not None else math.inf
+        ids = f"(0..{vocab_size - 1})" if vocab_size is not None else "(ids are 0 or more)"
+        bad_stops = [i for i in self.stop_ids if not 0 <= i < limit]
         checks = [
             (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
             (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
@@ -93,13 +97,13 @@ class SamplingConfig:
             (self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),
             (self.factor > 0, f"factor {self.factor} must be positive", "Fast-dLLM uses about 1"),
             (self.max_new_tokens >= 1, f"max-new-tokens {self.max_new_tokens} must be at least 1", "try 128"),
-            (self.temperature >= 0, f"temperature {self.temperature} must be >= 0", "0 is greedy"),
+            (0 <= self.temperature < math.inf, f"temperature {self.temperature} must be a finite number >= 0",
+             "0 is greedy"),
             (self.top_k is None or self.top_k >= 1, f"top-k {self.top_k} must be at least 1", "or leave it out"),
             (self.top_p is None or 0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]", "or leave it out"),
-            (0 <= self.mask_token_id < vocab_size, f"mask token id {self.mask_token_id} is outside the vocabulary "
-             f"(0..{vocab_size - 1})", "NVIDIA's mask id is 3"),
-            (not bad_stops, f"stop id {bad_stops[:1]} is outside the vocabulary (0..{vocab_size - 1})",
-             "--stop takes token ids"),
+            (0 <= self.mask_token_id < limit, f"mask token id {self.mask_token_id} is outside the vocabulary {ids}",
+             "NVIDIA's mask id is 3"),
+            (not bad_stops, f"stop id {bad_stops[:1]} is outside the vocabulary {ids}", "--stop takes token ids"),
         ]
         for ok, msg, hint in checks:
             if not ok:

@@ -214,6 +214,35 @@ def parse_template_args(items: list[str]) -> dict:
     return out
 
 
+def utf8_text(text: str, source: str) -> str:
+    """`text`, or a `TwoTowerError` naming `source` where it was not UTF-8: Python reads such bytes in argv and
+    stdin as lone surrogates, which the tokenizer refuses with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TwoTowerError(f"{source} is not UTF-8 text (at character {e.start})",
+                            "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+    return text
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of the file `what` names (a prompt file), or a `TwoTowerError` where it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TwoTowerError(f"{what} {path} is not UTF-8 text (at byte {e.start})",
+                            "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+
+
+def read_stdin(read) -> str:
+    """`read()` of stdin (read or readline), or a `TwoTowerError` where it is not UTF-8 (a strict decoder
+    raises; a surrogate-escaping one gives lone surrogates)."""
+    try:
+        return utf8_text(read(), "stdin")
+    except UnicodeDecodeError as e:
+        raise TwoTowerError(f"stdin is not UTF-8 text ({e.reason})", "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+
+
 def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bool = False) -> list:
     """Prompts from the argument, a file (one per line, or JSONL with `prompt`/`text`), or stdin. With
     `conversations` (generate --chat), a JSONL line may instead hold a whole conversation, `messages`
@@ -221,14 +250,14 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bo
     if prompt is not None and prompt_file is not None:
         raise TwoTowerError("both a PROMPT and --prompt-file were given", "use one of them")
     if prompt is not None:
-        prompts = [prompt]
+        prompts = [utf8_text(prompt, "the prompt")]
     elif prompt_file is not None:
         if not prompt_file.is_file():
             what = "is not a regular file" if prompt_file.exists() else "does not exist"
             raise TwoTowerError(f"prompt file {prompt_file} {what}", "check the path")
-        prompts = parse_prompt_lines(prompt_file.read_text().splitlines(), str(prompt_file), conversations)
+        prompts = parse_prompt_lines(read_utf8(prompt_file, "prompt file").splitlines(), str(prompt_file), conversations)
     elif not sys.stdin.isatty():
-        prompts = [sys.stdin.read().rstrip("\n")]
+        prompts = [read_stdin(sys.stdin.read).rstrip("\n")]
     else:
         raise TwoTowerError("no prompt given", 'pass one, e.g. twotower generate "ROMEO.", or use --prompt-file')
     if not prompts or any(isinstance(p, str) and not p.strip() for p in prompts):

@@ -41,7 +41,7 @@ def bench(
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import resolve
     from twotower_cli.runtime import DEFAULT_MODEL, open_runtime
-    from twotower_cli.text import parse_prompt_lines
+    from twotower_cli.text import parse_prompt_lines, read_utf8
     from twotower_cli.towers import is_twotower_checkpoint
 
     try:
@@ -50,8 +50,9 @@ def bench(
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
     if prompts is not None:
         if not prompts.is_file():
-            raise TwoTowerError(f"prompt file {prompts} does not exist", "check the path")
-        texts = parse_prompt_lines(prompts.read_text().splitlines(), str(prompts))
+            what = "is not a regular file" if prompts.exists() else "does not exist"
+            raise TwoTowerError(f"prompt file {prompts} {what}", "check the path")
+        texts = parse_prompt_lines(read_utf8(prompts, "prompt file").splitlines(), str(prompts))
     else:
         texts = list(DEFAULT_PROMPTS)
     folder = resolve(model or DEFAULT_MODEL)

@@ -43,15 +43,16 @@ def _lines(interactive: bool):
     """The user's messages: read with a prompt (and line editing) on a terminal, else from stdin as they
     come; either way joined by `gather`."""
     from twotower_cli.display import err_console
+    from twotower_cli.text import read_stdin
 
     if not interactive:
         def more() -> str:
-            line = sys.stdin.readline()
+            line = read_stdin(sys.stdin.readline)
             if not line:
                 raise EOFError
             return line.rstrip("\n")
 
-        for line in iter(sys.stdin.readline, ""):
+        while line := read_stdin(sys.stdin.readline):
             yield gather(line.rstrip("\n"), more)
         return
     try:
@@ -110,6 +111,7 @@ def chat(
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
+    O.warn_if_filters_unused(settings)
     folder = model_folder(model)
     template = None if no_template or find_chat_template(folder) is None else ChatTemplate.load(folder)
     if template is None and (system is not None or chat_arg):
@@ -176,6 +178,6 @@ def chat(
             out_console().print(turn.reply, markup=False)
         console.print(f"[dim]{n} tok · NFE {g.nfe} · {n / max(g.nfe, 1):.2f} tok/NFE · {n / max(wall, 1e-9):.1f} tok/s · "
                       f"context {turn.prompt_tokens} tok, {turn.read_tokens} read this turn"
-                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]")
+                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]", soft_wrap=True)
     if failed:
         raise typer.Exit(1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -66,12 +65,13 @@ def generate(
     import torch
 
     from twotower_cli import sampler as S
-    from twotower_cli.display import err_console, follow, out_console
+    from twotower_cli.display import LiveUnmasking, err_console, follow, out_console, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
+    O.warn_if_filters_unused(settings)
     if batch_size < 1:
         raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:
@@ -101,7 +101,12 @@ def generate(
     nfe = n_new = seq_nfe = 0
     wall = 0.0
 
-    def report(item, text, model_text, g: S.Generation, seconds: float, record: dict) -> None:
+    def plain(text: str, out: str) -> None:
+        shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
+        out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+
+    def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
+        """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
         out = decode(g.token_ids)
         if as_json:
             print(json.dumps({
@@ -111,9 +116,8 @@ def generate(
                 "tokens_per_second": len(g.token_ids) / max(seconds, 1e-9),
                 "wall_seconds": seconds, "mode": mode, "settings": record, "model": str(rt.folder),
             }), flush=True)
-        elif not live or not sys.stdout.isatty():
-            shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
-            out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+        elif not drawn:
+            plain(text, out)
 
     continuous = len(prompts) > 1 and not live and not events
     if continuous:  # sequences that end make room for the next prompts at once; results still in file order
@@ -125,7 +129,7 @@ def generate(
         t0 = time.perf_counter()
         running = Continuous(rt.backend, settings, rt.eos_ids, gen)
         # a progress bar on a terminal while the results go elsewhere (--json > out.jsonl)
-        shown = not no_live and err_console().is_terminal and not sys.stdout.isatty()
+        shown = not no_live and err_console().is_terminal and not stdout_is_terminal()
         with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                       TimeRemainingColumn(), console=err_console(), transient=True, disable=not shown,
                       redirect_stdout=False, redirect_stderr=False) as bar:  # the results stay on stdout
@@ -140,13 +144,29 @@ def generate(
         batch = slice(first, first + batch_size)
         stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
 
-        def show(ev, index=first // batch_size):  # --events: every event as a JSON line, tagged with its batch
-            print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
+        so_far: list[list[int]] = [[] for _ in prompts[batch]]  # each sequence's committed ids
 
-        finished = follow(stream, decode, texts[batch], settings, live, on_event=show if events else None)
-        for item, text, model_text, g in zip(items[batch], texts[batch], model_texts[batch], finished.generations,
-                                             strict=True):
-            report(item, text, model_text, g, finished.wall_seconds, finished.settings)
+        def seen(ev, index=first // batch_size, so_far=so_far):
+            if isinstance(ev, S.BlockDone):
+                for ids, row in zip(so_far, ev.tokens.tolist(), strict=True):
+                    ids.extend(row)
+            if events:  # --events: every event as a JSON line, tagged with its batch
+                print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
+
+        try:
+            finished = follow(stream, decode, texts[batch], settings, live, on_event=seen)
+        except KeyboardInterrupt:  # Ctrl-C: the text so far, where the live view does not show it on the screen
+            if not as_json:
+                stops = S.stop_set(settings, rt.eos_ids)
+                for row, (text, ids) in enumerate(zip(texts[batch], so_far, strict=True)):
+                    if not (live and stdout_is_terminal() and row < LiveUnmasking.MAX_ROWS):
+                        plain(text, decode(ids[:S.first_stop(ids, stops)]))
+            raise
+        for row, (item, text, model_text, g) in enumerate(zip(items[batch], texts[batch], model_texts[batch],
+                                                              finished.generations, strict=True)):
+            # the live view draws the first rows of a batch; the others are printed, not lost
+            drawn = live and stdout_is_terminal() and row < LiveUnmasking.MAX_ROWS
+            report(item, text, model_text, g, finished.wall_seconds, finished.settings, drawn)
         nfe, n_new, wall = nfe + finished.nfe, n_new + finished.new_tokens, wall + finished.wall_seconds
         seq_nfe += sum(g.nfe for g in finished.generations)
     n_prompt = sum(len(p) for p in prompts)
@@ -162,4 +182,4 @@ def generate(
         + (f" in {batches} batches" if batches > 1 and not continuous else "")
         + (f" · continuous batching, ≤ {batch_size} at a time" if continuous else "")
         + f" · {n_new / max(seq_nfe, 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
-        f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]")
+        f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]", soft_wrap=True)  # one line in a log, too

@@ -42,13 +42,16 @@ MoreData = Annotated[list[Path] | None, typer.Argument(
 
 def sampling_config(options: dict) -> SamplingConfig:
     """A command's sampling options (its parameters by name: mode, block, steps, threshold, policy, factor,
-    max_new_tokens, temperature, top_k, top_p, mask_token_id, stop) as a `SamplingConfig`, checked as far as
+    max_new_tokens, temperature, top_k, top_p, mask_token_id, stop; and seed) as a `SamplingConfig`, checked as far as
     they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint (the mask id and
     block size where the options leave them out)."""
     from twotower_cli.config import DEFAULT_BLOCK_SIZE
+    from twotower_cli.errors import TwoTowerError
     from twotower_cli.sampler import SamplingConfig
 
     o = options
+    if o.get("seed") is not None and not -(2**63) <= o["seed"] < 2**64:  # what torch.Generator.manual_seed takes
+        raise TwoTowerError(f"seed {o['seed']} is out of range", "use a seed from 0 to 2**64 - 1")
     # no --block: the checkpoint's training block, known after the load; until then a block that fits --steps
     block = o["block"] if o["block"] is not None else max(o["steps"] or DEFAULT_BLOCK_SIZE, 1)
     settings = SamplingConfig(mode=o["mode"], block_size=block, steps=o["steps"], threshold=o["threshold"],
@@ -56,5 +59,16 @@ def sampling_config(options: dict) -> SamplingConfig:
                               temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                               mask_token_id=3 if o["mask_token_id"] is None else o["mask_token_id"],
                               stop_ids=tuple(o["stop"] or ()))
-    settings.validate(vocab_size=1 << 62)  # the vocabulary is known after the load
+    settings.validate(vocab_size=None)  # the vocabulary is known after the load
     return settings
+
+
+def warn_if_filters_unused(settings: SamplingConfig) -> None:
+    """generate, chat: a `Warning:` line for --top-k / --top-p at temperature 0, where they change nothing
+    (not serve, where they are defaults for requests that may bring a temperature)."""
+    if settings.temperature == 0 and (settings.top_k is not None or settings.top_p is not None):
+        from twotower_cli.cli import report_warning
+
+        given = " and ".join(o for o, v in (("--top-k", settings.top_k), ("--top-p", settings.top_p)) if v is not None)
+        report_warning(f"{given}: no effect at --temperature 0, which decodes greedily",
+                       "add --temperature, e.g. --temperature 0.8")
