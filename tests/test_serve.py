@@ -203,6 +203,19 @@ def test_bad_requests_get_an_openai_error(url, path, body, status, needle):
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
 
 
+@pytest.mark.parametrize("raw, needle", [
+    (b'{"prompt": "hi", "max_tokens": Infinity}', "'max_tokens' must be an integer, not inf"),
+    (b'{"prompt": "hi", "max_tokens": NaN}', "'max_tokens' must be an integer, not nan"),
+    (b'{"prompt": "hi", "max_tokens": 1e400}', "'max_tokens' must be an integer, not inf"),
+    (b'{"prompt": "hi", "seed": -Infinity}', "'seed' must be an integer, not -inf"),
+    (b'{"prompt": "hi", "top_p": NaN}', "'top_p' must be a number, not nan"),
+])
+def test_numbers_json_cannot_hold_are_a_bad_request(url, raw, needle):
+    """Python's json reads NaN, Infinity and 1e400 as floats: a 400 naming the field, not a 500."""
+    got, text = post(url, "/v1/completions", None, raw=raw)
+    assert got == 400 and json.loads(text)["error"]["message"] == needle, text
+
+
 def test_concurrent_requests_each_get_their_own_reply(url, model, folder):
     """Requests from several clients at once share one model: each still gets the sampler's reply on its own
     ids (the lock runs them one at a time; without it they would interleave on one cache)."""

@@ -143,7 +143,9 @@ def _number(body: dict, key: str, kind: type, default):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    finite = not isinstance(value, float) or math.isfinite(value)  # JSON's NaN, Infinity and 1e400 are floats
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite or (
+            kind is int and value != int(value)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}")
     return kind(value)
 
