@@ -216,6 +216,40 @@ def test_numbers_json_cannot_hold_are_a_bad_request(url, raw, needle):
     assert got == 400 and json.loads(text)["error"]["message"] == needle, text
 
 
+def test_a_seed_beyond_64_bits_is_a_bad_request_and_the_model_goes_on(folder, model):
+    """torch's generators take 64-bit seeds: a larger one is a 400 (it used to end the model's thread, and
+    every later request waited for ever)."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine) as base:
+        for seed in (1 << 64, -(1 << 63) - 1):
+            got, text = post(base, "/v1/completions", {"prompt": "hi", "seed": seed, "temperature": 1.0})
+            assert got == 400 and "'seed' must be a 64-bit integer" in json.loads(text)["error"]["message"], text
+        for seed in ((1 << 64) - 1, -(1 << 63)):  # the ends of the range sample
+            body = {"prompt": "hi", "seed": seed, "temperature": 1.0, "max_tokens": 2}
+            assert post(base, "/v1/completions", body)[0] == 200
+
+
+def test_an_error_setting_up_a_batch_answers_its_requests_and_the_model_goes_on(folder, model, monkeypatch):
+    """A batch that fails before its first block (here: building it) answers its requests with a 500; the
+    model's thread lives on and the next request is the sampler's."""
+    from twotower_cli import serve
+
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+
+    def broken(*args, **kw):
+        raise RuntimeError("no batch (test)")
+
+    with serving(engine) as base:
+        monkeypatch.setattr(serve, "Continuous", broken)
+        failed = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})
+        monkeypatch.undo()
+        after = json.loads(post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})[1])
+    assert failed[0] == 500 and "no batch (test)" in json.loads(failed[1])["error"]["message"]
+    assert engine.counts["failed_requests_total"] == 1
+    assert after["choices"][0]["text"] == tok.decode(reference(model, tok.encode("hello there")).token_ids)
+
+
 def test_concurrent_requests_each_get_their_own_reply(url, model, folder):
     """Requests from several clients at once share one model: each still gets the sampler's reply on its own
     ids (the lock runs them one at a time; without it they would interleave on one cache)."""

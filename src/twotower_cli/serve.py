@@ -293,7 +293,10 @@ class Engine:
         stream = bool(body.get("stream"))
         if (logprobs or echo) and stream:
             raise BadRequest("logprobs and echo are given for whole replies only: leave out 'stream'")
-        return Request(prompts, settings, stops, _number(body, "seed", int, None), stream, chat,
+        seed = _number(body, "seed", int, None)
+        if seed is not None and not -(1 << 63) <= seed < 1 << 64:  # what torch.Generator.manual_seed takes
+            raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
+        return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
 
@@ -455,7 +458,6 @@ class Engine:
         first = tickets[0].req
         key = _batch_key(first)
         sampled = first.settings.temperature > 0 and first.seed is not None  # then it is alone in its batch
-        generator = torch.Generator().manual_seed(first.seed) if sampled else self.generator
         jobs: dict[int, _Job] = {}  # row id → its request's job
         live: list[_Job] = []
 
@@ -463,9 +465,10 @@ class Engine:
             job = jobs[row]
             return job.ticket.cancelled.is_set() or (bool(job.ticket.req.stops) and job.text(row, ids)[1])
 
-        batch = Continuous(self.backend, first.settings, self.eos_ids, generator, until)
         queued: list[_Job] = []  # requests with prompts not in the batch yet, oldest first
-        try:
+        try:  # from the first line: an error here that ended the model's thread would leave every client waiting
+            generator = torch.Generator().manual_seed(first.seed) if sampled else self.generator
+            batch = Continuous(self.backend, first.settings, self.eos_ids, generator, until)
             while tickets or len(batch) or queued:
                 if tickets:
                     new, tickets = [_Job(t, self) for t in tickets], []
