@@ -280,6 +280,22 @@ def test_a_body_over_the_limit_is_refused_unread(url, monkeypatch):
     assert status == 413 and "over" in json.loads(text)["error"]["message"]
 
 
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3"])
+def test_a_content_length_that_is_no_number_of_bytes_is_a_bad_request(url, length):
+    """A 400 (not a 500, and for -1 not a read that waits for the client to close)."""
+    import http.client
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", length)
+    conn.endheaders(b'{"prompt": "hi"}')
+    r = conn.getresponse()
+    assert r.status == 400 and "Content-Length" in json.loads(r.read())["error"]["message"]
+    conn.close()
+
+
 def test_each_completion_is_logged_with_its_numbers(folder, model):
     lines = []
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")

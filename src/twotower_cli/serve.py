@@ -830,7 +830,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = self.headers.get("Content-Length") or "0"
+                if not length.isdigit():  # a negative one would read until the client closes
+                    raise BadRequest(f"the Content-Length header {length!r} is not a number of bytes")
+                length = int(length)
                 if length > MAX_BODY_BYTES:
                     raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
                                      HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
