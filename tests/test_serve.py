@@ -722,6 +722,33 @@ def test_a_reader_that_leaves_does_not_disturb_its_batch(folder, model):
     assert "".join(p.deltas[0] for p in out["stayed"][:-1]) == result.texts[0]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_before_its_answer_frees_the_model(folder, model, stream):
+    """A client that closes its connection while its (long) request runs: its rows end at the next block,
+    streamed or not (a non-streamed one used to run to its max_tokens for nobody), and the model goes on."""
+    import socket
+    import urllib.parse
+
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    huge = 10 ** 6
+    body = json.dumps({"prompt": "hello there", "max_tokens": huge, "stream": stream}).encode()
+    with serving(engine) as base:
+        where = urllib.parse.urlsplit(base)
+        with socket.create_connection((where.hostname, where.port), timeout=30) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while engine.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.running == 1
+        deadline = time.monotonic() + 60
+        while engine.counts["requests_total"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.counts["requests_total"] == 1 and engine.running == 0  # its rows ended: answered to nobody
+        assert 0 < engine.counts["completion_tokens_total"] < huge
+        assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
 # ------------------------------------------------------------------------------------------- logprobs
 
 def test_completion_logprobs_in_ar_are_the_next_token_log_probabilities(url, model, folder):

@@ -48,6 +48,8 @@ import hmac
 import json
 import math
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -68,6 +70,7 @@ from twotower_cli.towers import token_log_probs
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
+GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -336,11 +339,12 @@ class Engine:
         except TwoTowerError as e:
             raise BadRequest(e.message) from None
 
-    def run(self, req: Request) -> Iterator[Piece | Result]:
+    def run(self, req: Request, gone: Callable[[], bool] | None = None) -> Iterator[Piece | Result]:
         """Queue `req` for the model; yield, for a stream, `Piece`s as its text becomes final (their deltas add
         up to the result's texts), then its `Result`. Requests with the same batch key share a batch
         (`_take`, `_sample`). Closing the iterator early (a client gone mid-stream) ends its rows at the next
-        block."""
+        block; so does `gone()` turning true while it waits (asked every `GONE_POLL_SECONDS`; a client that
+        leaves before its answer): then it raises ConnectionResetError."""
         ticket = _Ticket(req, queue.Queue(), threading.Event())
         with self.queued:
             self.pending.append(ticket)
@@ -350,7 +354,12 @@ class Engine:
             self.queued.notify()
         try:
             while True:
-                item = ticket.out.get()
+                try:
+                    item = ticket.out.get(timeout=None if gone is None else GONE_POLL_SECONDS)
+                except queue.Empty:
+                    if gone():
+                        raise ConnectionResetError("the client went away") from None
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -790,6 +799,15 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             kind = "invalid_request_error" if status < 500 else "server_error"
             self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
 
+        def _gone(self) -> bool:
+            """Whether the client has closed its connection: after its request it sends nothing, so a socket
+            that reads as ready holds the end of the stream (or an error)."""
+            try:
+                ready, _, _ = select.select([self.connection], [], [], 0)
+                return bool(ready) and not self.connection.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return True
+
         def _allowed(self) -> bool:
             """With an API key, whether the request carries it (else a 401 is sent)."""
             if api_key is None:
@@ -847,7 +865,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 if req.stream:
                     self._stream(req, rid)
                 else:
-                    result = [r for r in engine.run(req) if isinstance(r, Result)][-1]
+                    result = [r for r in engine.run(req, self._gone) if isinstance(r, Result)][-1]
                     self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
                     self._report(result)
             except BadRequest as e:
@@ -871,7 +889,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 send(_chunk(engine, req, rid, 0, None, None) | {"choices": [
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
             try:
-                with contextlib.closing(engine.run(req)) as items:  # a client gone mid-stream frees the model
+                with contextlib.closing(engine.run(req, self._gone)) as items:  # a client gone frees the model
                     for item in items:
                         if isinstance(item, Piece):
                             for i, text in enumerate(item.deltas):
