@@ -749,6 +749,76 @@ def test_a_client_that_leaves_before_its_answer_frees_the_model(folder, model, s
         assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
+def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, model):
+    """`Engine.close` (Ctrl-C): a running request and one waiting behind it (another mode) get a 503, the
+    model's thread ends, and a request after it is refused with a 503 too."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    got = {}
+    with serving(engine) as base:
+        def ask(name, body):
+            got[name] = post(base, "/v1/completions", body)
+
+        threads = [threading.Thread(target=ask, args=("running", {"prompt": "hello", "max_tokens": 10 ** 6}))]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while engine.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads.append(threading.Thread(target=ask, args=("waiting", {"prompt": "abc", "mode": "ar"})))
+        threads[1].start()
+        while not engine.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 1 and len(engine.pending) == 1
+        engine.close()
+        for t in threads:
+            t.join(60)
+        ask("after", {"prompt": "abc", "max_tokens": 2})
+    assert not engine.worker.is_alive() and engine.running == 0
+    for name in ("running", "waiting", "after"):
+        status, text = got[name]
+        assert status == 503 and json.loads(text)["error"]["message"] == "the server is shutting down", (name, text)
+
+
+def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
+    """SIGINT to `twotower serve` while a request runs: exit code 0, 'stopped', the client answered with a
+    503, the port free (the interpreter used to exit under the model's thread: "terminate called without an
+    active exception", exit code 134)."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--model", str(folder), "--port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored as in `&`
+    try:
+        first = proc.stderr.readline()
+        base = re.search(r"(http://[\d.]+:\d+)/v1", first).group(1)
+        got = {}
+        asking = threading.Thread(target=lambda: got.update(answer=post(
+            base, "/v1/completions", {"prompt": "hello", "max_tokens": 10 ** 6})))
+        asking.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(base + "/metrics") as r:
+                if "twotower_running_requests 1\n" in r.read().decode():
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+        asking.join(60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "stopped" in rest and "terminate" not in rest and "Traceback" not in rest, rest
+    assert got["answer"][0] == 503 and "shutting down" in got["answer"][1]
+    with socket.socket() as again:  # the port is free for the next server (which, like this one, reuses addresses)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        again.listen()
+
+
 # ------------------------------------------------------------------------------------------- logprobs
 
 def test_completion_logprobs_in_ar_are_the_next_token_log_probabilities(url, model, folder):

@@ -243,6 +243,8 @@ class Engine:
         self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
         self.queued = threading.Condition()  # guards `pending` and `worker`
         self.worker: threading.Thread | None = None
+        self.open: set[_Ticket] = set()  # requests not answered yet, waiting or running (`close`)
+        self.closing = False  # `close` was called: the model's thread ends, new requests get a 503
         self.tokenizer, self.eos_ids, self.defaults, self.name = tokenizer, list(eos_ids), defaults, name
         self.template, self.variables = template, dict(variables or {})
         self.lock = threading.Lock()  # held by the model's thread while it samples a batch
@@ -347,6 +349,9 @@ class Engine:
         leaves before its answer): then it raises ConnectionResetError."""
         ticket = _Ticket(req, queue.Queue(), threading.Event())
         with self.queued:
+            if self.closing:
+                raise BadRequest("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+            self.open.add(ticket)
             self.pending.append(ticket)
             if self.worker is None:
                 self.worker = threading.Thread(target=self._work, name="twotower-engine", daemon=True)
@@ -367,6 +372,22 @@ class Engine:
                     return
         finally:
             ticket.cancelled.set()
+            with self.queued:
+                self.open.discard(ticket)
+
+    def close(self) -> None:
+        """Stop the model (the server shuts down): every request waiting or running is answered with a 503,
+        the running batch stops before its next block (ar: token), and the model's thread ends; this returns
+        once it has (a thread still inside torch when the interpreter exits aborts the process)."""
+        with self.queued:
+            self.closing = True
+            tickets, worker = list(self.open), self.worker
+            self.queued.notify_all()
+        for t in tickets:
+            t.out.put(BadRequest("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE))
+            t.cancelled.set()
+        if worker is not None:
+            worker.join()
 
     def check_room(self) -> None:
         """A 503 (BadRequest) when `max_waiting` requests wait for the model already (0: no limit)."""
@@ -379,8 +400,10 @@ class Engine:
         """The model's thread: waits for requests, then takes the oldest with all that can share its batch."""
         while True:
             with self.queued:
-                while not self.pending:
+                while not self.pending and not self.closing:
                     self.queued.wait()
+                if self.closing:
+                    return
             with self.lock:  # whoever holds the lock (a test) makes requests queue up, as a long batch does
                 with self.queued:
                     tickets = self._take(None, self.max_batch)
@@ -478,7 +501,7 @@ class Engine:
         try:  # from the first line: an error here that ended the model's thread would leave every client waiting
             generator = torch.Generator().manual_seed(first.seed) if sampled else self.generator
             batch = Continuous(self.backend, first.settings, self.eos_ids, generator, until)
-            while tickets or len(batch) or queued:
+            while (tickets or len(batch) or queued) and not self.closing:
                 if tickets:
                     new, tickets = [_Job(t, self) for t in tickets], []
                     live += new  # from here on, an error is theirs too

@@ -102,4 +102,5 @@ def serve(
     except KeyboardInterrupt:
         console.print("[dim]stopped[/]")
     finally:
+        engine.close()  # requests still running get a 503, and the model's thread ends before the interpreter
         server.server_close()
