@@ -422,6 +422,24 @@ def test_bad_inputs_give_one_error_line(ckpt, data, tmp_path, case):
     assert r.stdout == ""
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--lr", "nan"], "Error: --lr must be positive, not nan"),
+    (["--lr", "inf"], "Error: --lr must be finite, not inf"),
+    (["--data-folder"], "is a folder, not a file"),
+])
+def test_options_and_data_a_user_gets_wrong_are_named_in_the_error(ckpt, data, tmp_path, args, needle):
+    """--lr nan used to be AdamW's ValueError "looks like a bug", --lr inf trained to NaN weights, and a
+    folder given as --data "does not exist"."""
+    if args == ["--data-folder"]:
+        args = ["--data", str(data.parent)]
+    out = tmp_path / "o"
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "-o", str(out), "--block", "4",
+                                       "--seq-len", "32", "--steps", "1", "--device", "cpu", *args])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], r.output
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -498,8 +498,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         def positive(name: str, value: int | float) -> None:
-            if value <= 0:
-                raise TwoTowerError(f"--{name.replace('_', '-')} must be positive, not {value}", None)
+            if not 0 < value < math.inf:  # NaN too
+                what = "finite" if value == math.inf else "positive"
+                raise TwoTowerError(f"--{name.replace('_', '-')} must be {what}, not {value}", None)
 
         for name in ("block", "seq_len", "batch", "grad_accum", "steps", "lr"):
             positive(name, getattr(self, name))
@@ -765,7 +766,8 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     state = load_trainer_state(out) if resuming else None
     for p in [*cfg.data, *cfg.eval_data]:
         if not Path(p).is_file():
-            raise TwoTowerError(f"data file {p} does not exist", "check the --data and --eval-data paths")
+            raise TwoTowerError(f"data file {p} {'is a folder, not a file' if Path(p).is_dir() else 'does not exist'}",
+                                "check the --data and --eval-data paths (each names a file)")
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
     if not resuming and out.resolve() == source_folder.resolve():
         raise TwoTowerError("-o is the checkpoint being trained", "write to another folder")
