@@ -341,6 +341,23 @@ def test_cli_20_steps_lower_eval_loss_and_keep_the_context_tower(ckpt, data, tmp
     assert load_model(out, need_denoiser=True).twotower is not None
 
 
+def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
+    """A run whose loss went NaN prints null for it, as training.json does (json.dumps wrote NaN, which
+    strict parsers such as jq refuse)."""
+    r = CliRunner().invoke(get_app(), [
+        "train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--block", "4", "--seq-len", "32",
+        "--batch", "4", "--lr", "1e6", "--steps", "3", "--warmup", "0", "--eval-every", "0", "--device", "cpu",
+        "--json"])
+    assert r.exit_code == 0, r.output
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    res = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    assert res["final_loss"] is None and res["eval_loss_after"] is None, res  # diverged
+    assert isinstance(res["first_loss"], float) and isinstance(res["eval_loss_before"], float)
+
+
 def test_time_conditioning_only(ckpt, data, tmp_path):
     out = tmp_path / "tc"
     run(ckpt, data, out, steps=3, train="time-conditioning")

@@ -577,10 +577,12 @@ class TrainResult:
     is_main: bool = True  # rank 0 (the process that reports and writes)
 
     def to_json(self) -> dict[str, Any]:
+        """The `--json` object: JSON has no NaN (a run that diverged, a loss never measured): null, as in
+        training.json."""
         d = asdict(self)
         d["out"] = str(self.out)
         del d["losses"], d["is_main"]
-        return d
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
