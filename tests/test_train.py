@@ -343,7 +343,8 @@ def test_cli_20_steps_lower_eval_loss_and_keep_the_context_tower(ckpt, data, tmp
 
 def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
     """A run whose loss went NaN prints null for it, as training.json does (json.dumps wrote NaN, which
-    strict parsers such as jq refuse)."""
+    strict parsers such as jq refuse), and says so in one Warning line (the summary showed '-', as for a
+    loss never measured)."""
     r = CliRunner().invoke(get_app(), [
         "train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--block", "4", "--seq-len", "32",
         "--batch", "4", "--lr", "1e6", "--steps", "3", "--warmup", "0", "--eval-every", "0", "--device", "cpu",
@@ -355,6 +356,8 @@ def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
 
     res = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=refuse)
     assert res["final_loss"] is None and res["eval_loss_after"] is None, res  # diverged
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]  # said once, not only in a bar
+    assert len(warnings) == 1 and "training diverged" in warnings[0], r.stderr
     assert isinstance(res["first_loss"], float) and isinstance(res["eval_loss_before"], float)
 
 

@@ -36,6 +36,7 @@ class TrainProgress:
             TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
             console=self.console, transient=False, disable=not self.console.is_terminal)
         self.task = None
+        self.diverged = False  # a step's loss was not finite (warned once)
 
     def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
@@ -60,6 +61,12 @@ class TrainProgress:
         elif isinstance(ev, T.StepDone):
             self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4f}",
                                  tps=f"{ev.tokens / max(ev.seconds, 1e-9):,.0f}")
+            if not math.isfinite(ev.loss) and not self.diverged:  # else only the bar (none in a log) shows it
+                self.diverged = True
+                self.progress.console.print(
+                    f"[bold yellow]Warning:[/] the loss is {ev.loss} at step {ev.step}: training diverged, and "
+                    "the weights it saves are not finite [dim](hint: lower --lr, or raise --warmup)[/]",
+                    soft_wrap=True, highlight=False)
         elif isinstance(ev, T.Evaluated):
             self.progress.update(self.task, eval=f"{ev.loss:.4f}")
             self.progress.console.print(f"[dim]step {ev.step}: eval loss {ev.loss:.4f}[/]")
