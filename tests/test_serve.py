@@ -401,6 +401,30 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     assert r.exit_code == 0 and "Warning" not in r.stderr and "API key required" in r.stderr, r.output
 
 
+def test_an_ipv6_host_is_served_and_a_bad_host_gets_a_host_hint(folder, model):
+    """--host ::1 serves (the server was IPv4 only: "Address family for hostname not supported"); a host that
+    is no address of this machine names --host in its hint, not --port."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from twotower_cli.cli import get_app
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine, host="::1") as base:
+        assert base.startswith("http://[::1]:")
+        assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--host", "nohost.invalid", "--port", "0"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "cannot listen on nohost.invalid" in lines[0], r.output
+    assert "--host" in lines[0] and "--port" not in lines[0], r.output
+
+
 # ------------------------------------------------------------------------------------------- batching
 
 def ask_all_while_busy(engine, base, bodies):

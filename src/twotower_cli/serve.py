@@ -931,7 +931,16 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                                 "code": None}})
             send("[DONE]")
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address: ::1, ::
+
+    return Server((host, port), Handler)
+
+
+def base_url(server: ThreadingHTTPServer) -> str:
+    """http://HOST:PORT of a server (an IPv6 host in brackets)."""
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @contextlib.contextmanager
@@ -941,7 +950,7 @@ def in_background(engine: Engine, host: str = "127.0.0.1", port: int = 0, **opti
     server = make_server(engine, host, port, **options)
     threading.Thread(target=server.serve_forever, name="twotower-http", daemon=True).start()
     try:
-        yield f"http://{server.server_address[0]}:{server.server_address[1]}"
+        yield base_url(server)
     finally:
         server.shutdown()
         server.server_close()

@@ -52,7 +52,7 @@ def serve(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
-    from twotower_cli.serve import Engine, make_server
+    from twotower_cli.serve import Engine, base_url, make_server
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
@@ -86,9 +86,14 @@ def serve(
                                                                                highlight=False, soft_wrap=True),
                              api_key=api_key or None)
     except OSError as e:
+        import errno
+        import socket
+
+        on_host = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL
         raise TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                            "pick another --port, or stop what holds this one") from None
-    bound_host, bound_port = server.server_address[:2]
+                            "--host takes an address of this machine: 127.0.0.1, 0.0.0.0 (all), ::1 or :: (IPv6)"
+                            if on_host else "pick another --port, or stop what holds this one") from None
+    bound_port = server.server_address[1]
     chat_note = f"chat template from {template.origin}" if template is not None else "no chat template (completions only)"
     if api_key:
         chat_note += " · API key required"
@@ -96,7 +101,7 @@ def serve(
         report_warning(f"listening on {host} without an API key: whoever reaches port {bound_port} can use the model",
                        "pass --api-key KEY (or set TWOTOWER_API_KEY)")
     console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
-                  f"[bold]http://{bound_host}:{bound_port}/v1[/] · {chat_note} · Ctrl-C stops", highlight=False)
+                  f"[bold]{base_url(server)}/v1[/] · {chat_note} · Ctrl-C stops", highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
