@@ -361,6 +361,33 @@ def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
     assert isinstance(res["first_loss"], float) and isinstance(res["eval_loss_before"], float)
 
 
+@pytest.mark.parametrize("at, saved", [(7, 6), (1, None)])
+def test_ctrl_c_says_which_step_out_holds(ckpt, data, tmp_path, monkeypatch, at, saved):
+    """Ctrl-C (KeyboardInterrupt) at step `at`, saving every 3 steps: one Error line that names the step OUT
+    holds (its trainer state's) and how to go on, or that nothing was written ("interrupted" said neither)."""
+    real = T.learning_rate
+
+    def interrupted(step, *args):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(T, "learning_rate", interrupted)
+    out = tmp_path / "out"
+    args = ["train", str(ckpt), "--data", str(data), "-o", str(out), "--block", "4", "--seq-len", "32", "--batch",
+            "2", "--steps", "10", "--save-every", "3", "--eval-every", "0", "--device", "cpu"]
+    r = CliRunner().invoke(get_app(), args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    if saved is None:
+        assert not out.exists() and "interrupted before the first save" in lines[0], r.output
+        return
+    assert torch.load(out / T.TRAINER_STATE, weights_only=True)["step"] == saved
+    assert f"holds step {saved}" in lines[0] and "--resume" in lines[0], r.output
+    monkeypatch.undo()
+    assert CliRunner().invoke(get_app(), [*args, "--resume"]).exit_code == 0
+
+
 def test_time_conditioning_only(ckpt, data, tmp_path):
     out = tmp_path / "tc"
     run(ckpt, data, out, steps=3, train="time-conditioning")

@@ -37,6 +37,7 @@ class TrainProgress:
             console=self.console, transient=False, disable=not self.console.is_terminal)
         self.task = None
         self.diverged = False  # a step's loss was not finite (warned once)
+        self.saved: int | None = None  # the step last saved
 
     def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
@@ -71,6 +72,7 @@ class TrainProgress:
             self.progress.update(self.task, eval=f"{ev.loss:.4f}")
             self.progress.console.print(f"[dim]step {ev.step}: eval loss {ev.loss:.4f}[/]")
         elif isinstance(ev, T.Saved):
+            self.saved = ev.step
             self.progress.console.print(f"[dim]step {ev.step}: saved {ev.path}[/]")
 
 
@@ -135,7 +137,14 @@ def train(
                         gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype,
                         eval_data=list(eval_data or []))
     with TrainProgress(log) as view:
-        result = T.train(cfg, on_event=view)
+        try:
+            result = T.train(cfg, on_event=view)
+        except KeyboardInterrupt:  # OUT holds the last save whole (each replaces it atomically): say which
+            if view.saved is None:
+                raise TwoTowerError("interrupted before the first save", f"{out} was not written" + (
+                    "" if not out.exists() else " (it holds what it held before)")) from None
+            raise TwoTowerError(f"interrupted; {out} holds step {view.saved}",
+                                "continue with the same command and --resume") from None
     if not result.is_main:
         return
     err_console().print(
