@@ -141,6 +141,45 @@ def test_chat_completion_renders_the_template(url, model, folder):
     assert text == out["choices"][0]["message"]["content"] and chunks[0]["object"] == "chat.completion.chunk"
 
 
+def test_chat_takes_null_content_and_streams_a_role_for_every_choice(url):
+    """An assistant message whose content is null (OpenAI's, beside tool calls) reads as empty, not a 400;
+    a stream of n choices opens each with its role, as OpenAI's does (only the first had one)."""
+    def ask(content, **more):
+        body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content},
+                             {"role": "user", "content": "and?"}], "max_tokens": 8, **more}
+        return post(url, "/v1/chat/completions", body)
+
+    null, empty = ask(None), ask("")
+    assert null[0] == 200, null
+    assert json.loads(null[1])["choices"] == json.loads(empty[1])["choices"]
+    chunks, done = events(ask("", stream=True, n=2)[1])
+    roles = [c["choices"][0]["index"] for c in chunks if "role" in c["choices"][0]["delta"]]
+    assert done and roles == [0, 1], chunks
+
+
+def test_cli_serve_refuses_a_chat_arg_the_server_sets(folder, monkeypatch):
+    """--chat-arg messages=... made every chat request a 500; now it is refused at the start (the server is
+    replaced by one that stops at once, as Ctrl-C would, so that a start is no hang)."""
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    class Stopped:
+        server_address = ("127.0.0.1", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **kw: Stopped())
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--chat-arg", "messages=[]"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "--chat-arg cannot set messages" in lines[0], r.output
+
+
 def test_a_growing_conversation_reads_only_its_new_ids(url, folder):
     """Requests share one PrefixReuse backend: the second turn of a conversation reads only what is new."""
     messages = [{"role": "user", "content": "hello"}]
@@ -194,6 +233,10 @@ def test_two_clients_conversations_each_keep_their_state(folder, model, keep):
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "roles must alternate"),
     ("/v1/nope", {}, 404, "no route"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "chat_template_kwargs": {"messages": []}}, 400, "cannot set messages"),  # was a 500
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_tokens 0 asks for nothing"),  # was read as unset
 ])
 def test_bad_requests_get_an_openai_error(url, path, body, status, needle):
     got, text = post(url, path, body, raw=b"{bad" if body is None else None)

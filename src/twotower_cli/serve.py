@@ -153,8 +153,18 @@ def _number(body: dict, key: str, kind: type, default):
     return kind(value)
 
 
+def template_variables_taken(variables: dict) -> str | None:
+    """The chat-template variables the server sets itself (the conversation, and the generation prompt that
+    opens the reply) that `variables` would set too, or None."""
+    taken = [k for k in ("messages", "add_generation_prompt") if k in variables]
+    return ", ".join(taken) or None
+
+
 def _text_of(content) -> str:
-    """A message's content: a string, or OpenAI's list of parts, of which the text parts are read."""
+    """A message's content: a string, or OpenAI's list of parts, of which the text parts are read (null, as
+    an assistant's message with tool calls has it: empty)."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
@@ -277,10 +287,10 @@ class Engine:
         max_tokens = _number(body, "max_completion_tokens", int, None)
         top_p = _number(body, "top_p", float, d.top_p)
         top_k = _number(body, "top_k", int, d.top_k)  # 0 or -1: no top-k, as other servers read it
-        wanted_tokens = _number(body, "max_tokens", int, max_tokens or d.max_new_tokens)
+        wanted_tokens = _number(body, "max_tokens", int, d.max_new_tokens if max_tokens is None else max_tokens)
         score_only = wanted_tokens == 0 and echo
         if wanted_tokens == 0 and not echo:
-            raise BadRequest("max_tokens 0 asks for nothing: add 'echo' to score the prompt")
+            raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"))
         settings = replace(
             d, max_new_tokens=1 if score_only else wanted_tokens,
             temperature=_number(body, "temperature", float, d.temperature),
@@ -336,6 +346,8 @@ class Engine:
         variables = body.get("chat_template_kwargs") or {}
         if not isinstance(variables, dict):
             raise BadRequest("'chat_template_kwargs' must be an object")
+        if taken := template_variables_taken(variables):
+            raise BadRequest(f"'chat_template_kwargs' cannot set {taken}: the server does")
         try:
             return template_ids(self.template, self.tokenizer, messages, {**self.variables, **variables})
         except TwoTowerError as e:
@@ -909,8 +921,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self.wfile.flush()
 
             if req.chat:
-                send(_chunk(engine, req, rid, 0, None, None) | {"choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                for i in range(len(req.prompts)):  # each choice's first chunk names its role
+                    send(_chunk(engine, req, rid, i, None, None) | {"choices": [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
             try:
                 with contextlib.closing(engine.run(req, self._gone)) as items:  # a client gone frees the model
                     for item in items:

@@ -52,7 +52,7 @@ def serve(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
-    from twotower_cli.serve import Engine, base_url, make_server
+    from twotower_cli.serve import Engine, base_url, make_server, template_variables_taken
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
@@ -65,6 +65,9 @@ def serve(
     if not 0 <= port <= 65535:
         raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
     variables = parse_template_args(chat_arg or [])
+    if taken := template_variables_taken(variables):
+        raise TwoTowerError(f"--chat-arg cannot set {taken}: the server sets it for each request",
+                            "leave it out (a request may send 'messages')")
     folder = model_folder(model)
     template = ChatTemplate.load(folder) if find_chat_template(folder) is not None else None
     if template is None and chat_arg:
