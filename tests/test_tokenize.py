@@ -48,3 +48,33 @@ def test_tokenize_fetches_no_weights(tmp_path, monkeypatch):
     assert "config.json" in seen["allow_patterns"] and "tokenizer.json" in seen["allow_patterns"]
     assert not any(p.endswith((".safetensors", ".index.json")) for p in seen["allow_patterns"])
     assert np.load(tmp_path / "c.npy").tolist() == Tokenizer(resolve("tiny")).encode("ROMEO. Hello.")
+
+
+def test_sigterm_mid_tokenize_leaves_nothing(tmp_path):
+    """SIGTERM (`kill`, `timeout`, a scheduler) ends tokenize as Ctrl-C does (`cli.guarded`): one Error line,
+    exit 1, and neither OUT nor its raw / partial files beside it (by default the process would die at once
+    and leave `.OUT.raw-PID` behind, as large as the token stream)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"text": "ROMEO. Hello number {i}."}}\n' for i in range(50)))
+    out = tmp_path / "out" / "tokens.npy"
+    code = f"""
+import os, signal, time
+from twotower_cli import train
+from twotower_cli.cli import get_app
+real = train.iter_token_chunks
+def chunks(*args, **kwargs):
+    for i, chunk in enumerate(real(*args, **kwargs)):
+        yield chunk
+        os.kill(os.getpid(), signal.SIGTERM)  # after the first chunk is written to the raw file
+        time.sleep(1)
+train.iter_token_chunks = chunks
+get_app()(["tokenize", "tiny", "--data", {str(data)!r}, "-o", {str(out)!r}], prog_name="twotower")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "Error: interrupted", (r.returncode, r.stderr)
+    assert sorted(p.name for p in out.parent.iterdir()) == []

@@ -7,9 +7,11 @@ goes to stdout, everything for people to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -84,7 +86,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _term_as_interrupt():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.ClickException):
             raise
         except BrokenPipeError:  # the reader left (`| head`): click ends quietly with exit code 1, as rich does
@@ -98,6 +101,26 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _term_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a batch scheduler, a container stopping) ends a command as Ctrl-C does: a
+    KeyboardInterrupt in the main thread, so that what it writes is cleaned up (split's and tokenize's
+    temporary folders), train says which step its output holds, and serve answers its open requests and
+    stops its model's thread; by default SIGTERM ends the process at once and leaves partial output behind."""
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (tests that call commands from threads): signals left alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def get_app() -> typer.Typer:

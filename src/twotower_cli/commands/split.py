@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -65,7 +62,7 @@ def split(
     )
 
     start = time.perf_counter()
-    with _term_as_interrupt(), Progress(TextColumn("[bold]split[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    with Progress(TextColumn("[bold]split[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("split", total=plan.total_bytes - sum(len(s.header) for s in plan.shards))
         result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n))
@@ -85,24 +82,6 @@ def _check_config_first(path: Path, source: str) -> None:
         return  # missing or malformed: load_source says so with its own message
     if isinstance(raw, dict):
         check_source_config(raw, source)
-
-
-@contextmanager
-def _term_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`, a batch scheduler) ends the split as Ctrl-C does, so the temporary folder
-    is removed; by default it would end the process at once and leave the partial output (tens of GB) behind."""
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _gb(n: int) -> str:
