@@ -8,8 +8,9 @@
    the first 7 layers of its pattern ("MEMEM*E"), random weights, bf16 (A_log, D, dt_bias, router fp32);
 3. one table, side by side from the same run: torch path (TWOTOWER_KERNELS=torch, explicit attention) vs
    kernel path with SDPA choosing its own backend (cuDNN attention first on sm90 with torch 2.11: the
-   baseline) vs the kernel path as it runs (SDPA without cuDNN, `attention.sdpa_backends`): prefill tok/s,
-   decode tok/s, block-denoise ms. In section 4, random weights
+   baseline) vs the kernel path as it runs (SDPA without cuDNN, `attention.sdpa_backends`) vs that path with
+   `--cuda-graphs` (decode steps and block denoises replayed): prefill tok/s, decode tok/s, block-denoise
+   ms. In section 4, random weights
    are never confident, so the threshold policy commits ~1 token per NFE; the fixed-steps row (policy topk,
    4 steps per block of 16) shows 4 tok/NFE;
 4. `ar` vs `mask_diffusion` tok/s and tokens/NFE (the last column's path), for one prompt and for a batch of
@@ -508,13 +509,23 @@ def main() -> None:
             for label, force in paths:
                 with kernels.force(**force):
                     results[label] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
+            # --cuda-graphs: decode steps and block denoises replayed (after measure_path's warm-up steps);
+            # off CUDA through the stand-in capture, which only checks that the column can be made
+            backend.graphs = True
+            try:
+                with (kernels.force(**best),
+                      stand_in_capture() if device.type != "cuda" else contextlib.nullcontext()):
+                    results[cols[-1] + "+graphs"] = measure_path(backend, prompt, n_decode, n_blocks, block, mask_id)
+                cols.append(cols[-1] + "+graphs")
+            finally:
+                backend.graphs = False
             if args.compile:  # in place: from here on (section 4 too) the decode and block steps run compiled
                 t0 = time.perf_counter()
                 backend.compile()
                 with kernels.force(**paths[-1][1]):
-                    results[cols[-1] + "+compile"] = measure_path(backend, prompt, n_decode, n_blocks, block,
-                                                                  mask_id)
-                cols.append(cols[-1] + "+compile")
+                    results[paths[-1][0] + "+compile"] = measure_path(backend, prompt, n_decode, n_blocks, block,
+                                                                      mask_id)
+                cols.append(paths[-1][0] + "+compile")
                 print(f"(--compile: compilation and timing {time.perf_counter() - t0:.0f} s)")
             w = max(14, *(len(c) + 2 for c in cols))
             print(f"{'':24}" + "".join(f"{c:>{w}}" for c in cols)
