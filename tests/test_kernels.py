@@ -1214,6 +1214,7 @@ def test_gpu_check_script_runs_on_cpu():
     assert int(graphs.split("(", 1)[1].split(" captures)")[0]) > 0 and graphs.count("tokens equal") == 3, graphs
     assert "stand-in capture off CUDA" in graphs, graphs
     assert "kernel fallbacks: none" in out
+    assert "sdpa (cpu)+graphs" in out  # section 3's --cuda-graphs column, made with the stand-in capture
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here
     chat = next(ln for ln in out.splitlines() if ln.startswith("chat, prompt phase"))
     assert chat.endswith("identical replies 3/3"), chat  # fp32 on CPU: the kept state changes nothing
