@@ -93,3 +93,23 @@ def test_reads_transformers_in_memory_layout(tmp_path):
     assert "model.layers.2.mixer.experts.up_proj" in names and "model.embeddings.weight" in names
     a, b = load_nemotron_h(orig).state_dict(), load_nemotron_h(fused).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+def test_shared_expert_width_is_not_multiplied_by_n_shared_experts(tmp_path):
+    """transformers and NVIDIA's remote code build the shared expert with `moe_shared_expert_intermediate_size`
+    rows whatever `n_shared_experts` says (Nano: 1 shared expert of 3712): a checkpoint transformers writes with
+    n_shared_experts=2 must load and give its logits."""
+    cfg = build_tiny_config("M*EM-E", n_shared_experts=2)
+    torch.manual_seed(0)
+    hf_cfg = transformers.NemotronHConfig(**cfg.to_dict())
+    hf = transformers.NemotronHForCausalLM(hf_cfg).float().eval()
+    for p in hf.parameters():
+        p.normal_(0.0, 0.1) if p.dim() > 1 else None
+    hf.save_pretrained(tmp_path / "hf")
+    ours, hf = load_nemotron_h(tmp_path / "hf"), load_hf(tmp_path / "hf")
+    up = ours.backbone.layers[2].mixer.shared_experts.up_proj.weight
+    assert up.shape == (cfg.moe_shared_expert_intermediate_size, cfg.hidden_size)
+    ids = torch.randint(3, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    d = max_diff(ours(ids), hf(ids).logits)
+    assert d <= 1e-4, f"fp32 logits differ from transformers by {d:.3g}"

@@ -67,7 +67,7 @@ def layer_shapes(cfg: NemotronHConfig, i: int) -> dict[str, tuple[int, ...]]:
                 out[f"mixer.experts.{j}.up_proj.bias"] = (cfg.moe_intermediate_size,)
                 out[f"mixer.experts.{j}.down_proj.bias"] = (H,)
         if cfg.n_shared_experts:
-            S = cfg.shared_expert_size * cfg.n_shared_experts
+            S = cfg.shared_expert_size  # not times n_shared_experts (model.moe.MoE)
             out["mixer.shared_experts.up_proj.weight"] = (S, H)
             out["mixer.shared_experts.down_proj.weight"] = (H, S)
             if cfg.mlp_bias:

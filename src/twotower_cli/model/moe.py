@@ -238,7 +238,9 @@ class MoE(nn.Module):
         self.router_dtype = router_dtype
         self.gate = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_expert_size * cfg.n_shared_experts, cfg.mlp_bias)
+        # One shared expert of moe_shared_expert_intermediate_size units, whatever n_shared_experts says (> 0):
+        # transformers and NVIDIA's remote code build it so, and checkpoints hold it so.
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_expert_size, cfg.mlp_bias)
                                if cfg.n_shared_experts else None)
 
     def forward(self, x: Tensor) -> Tensor:
