@@ -9,13 +9,19 @@ marker)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tests.twotower_helpers import write_random_twotower
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from twotower_cli import sampler as S
 from twotower_cli import towers
 from twotower_cli.batching import Continuous, run_in_order
+from twotower_cli.model import moe
 from twotower_cli.ops import kernels
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -46,6 +52,100 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(towers, "capture_graph", capture)
     monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
+    return calls
+
+
+class _Outside:
+    """A tensor a recorded graph reads but does not own (an input, a buffer, a weight): its memory held weakly,
+    as a CUDA graph holds only the addresses."""
+
+    def __init__(self, t: torch.Tensor):
+        self.ref = StorageWeakRef(t.untyped_storage())
+        self.meta = (t.storage_offset(), t.shape, t.stride(), t.dtype)
+
+    def get(self) -> torch.Tensor:
+        assert not self.ref.expired(), "a replay reads memory that has been freed since the capture"
+        offset, shape, stride, dtype = self.meta
+        return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_with_weak_ptr(self.ref.cdata), offset,
+                                                shape, stride)
+
+
+class _Recorder(TorchDispatchMode):
+    """The aten ops of one run, with the tensors they read and write: those made during the run are the
+    graph's (kept), the others `_Outside`. A host read of a tensor's value raises, as it does in a capture."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.owned = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SYNCS:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func})")
+        out = func(*args, **kwargs)
+        read = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.owned.update(t.untyped_storage()._cdata for t in tree_flatten(out)[0]
+                          if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in read)
+
+        def held(x):
+            outside = isinstance(x, torch.Tensor) and x.untyped_storage()._cdata not in self.owned
+            return _Outside(x) if outside else x
+        self.ops.append((func, tree_map(held, args), tree_map(held, kwargs), tree_map(held, out)))
+        return out
+
+    def record(self, fn):
+        saved = {name: getattr(torch.Tensor, name) for name in self.HOST_READS}
+
+        def refuse(*_args, **_kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing (a host read)")
+        try:
+            for name in self.HOST_READS:
+                setattr(torch.Tensor, name, refuse)
+            with self:
+                return fn()
+        finally:
+            for name, f in saved.items():
+                setattr(torch.Tensor, name, f)
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        def get(x):
+            return x.get() if isinstance(x, _Outside) else x
+        for func, args, kwargs, out in self.ops:
+            new = func(*tree_map(get, args), **tree_map(get, kwargs))
+            for o, n in zip(tree_flatten(tree_map(get, out))[0], tree_flatten(new)[0], strict=True):
+                if isinstance(o, torch.Tensor) and o.data_ptr() != n.data_ptr():
+                    o.copy_(n)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """A stand-in capture closer to CUDA's: the warm-up run and `after_warmup`, then `fn` runs once more while
+    its aten ops are recorded (a host read of a value raises), whatever that run changed is undone with
+    `after_warmup` (a capture runs nothing), and `replay()` runs the recorded ops again: the Python of the
+    step ran once, at the capture, and a replay reads and writes the same memory, raising if memory it
+    reads from outside the graph was freed since. The MoE layers take their grouped route (CUDA's in bf16:
+    no host sync). Records the calls."""
+    calls = []
+
+    def capture(fn, device, after_warmup=None):
+        fn()
+        if after_warmup is not None:
+            after_warmup()
+        recorder = _Recorder()
+        out = recorder.record(fn)
+        if after_warmup is not None:
+            after_warmup()
+        recorder.replay()
+        calls.append(device)
+        return recorder.replay, out
+
+    monkeypatch.setattr(towers, "capture_graph", capture)
+    monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(moe, "CPU_ROWS_PER_GROUP", 10**6)
     return calls
 
 
@@ -342,3 +442,42 @@ def test_buffers_are_kept_per_batch_size(model, captured, monkeypatch):
         assert [x.token_ids for x in got] == [x.token_ids for x in
                                               S.run(TowerBackend(model), [[20, 6, 15], [16, 17]], cfg).generations]
         assert (g.captures > before) == recaptures
+
+
+def test_the_recording_stand_in_refuses_host_reads_and_reads_of_freed_memory(recorded):
+    """The stand-in itself: a replay reads its inputs' memory as it is then; a host read in the captured step
+    raises; a replay after an input was freed raises."""
+    x = {"a": torch.randn(4), "w": torch.randn(4)}
+    replay, out = towers.capture_graph(lambda: x["a"] * x["w"] + 1, torch.device("cpu"))
+    x["a"].fill_(1.0)
+    replay()
+    assert torch.equal(out, x["w"] + 1)
+    with pytest.raises(RuntimeError, match="host read"):
+        towers.capture_graph(lambda: x["a"] * (2 if bool(x["a"].sum() > 0) else 1), torch.device("cpu"))
+    del x["a"]
+    with pytest.raises(AssertionError, match="freed"):
+        replay()
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar", "mock_ar"])
+def test_sampling_and_continuous_batching_under_a_recorded_capture(model, recorded, monkeypatch, mode):
+    """`S.run` twice (the second replays the first's graphs) and a continuous batch (rows joining and
+    leaving, short blocks right-padded) with captures that replay only what the capture recorded: the tokens
+    of the runs without graphs, and no capture refused."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy="topk", max_new_tokens=12)
+    prompts = [[5, 9, 14, 7, 22, 30], [11, 4], [8, 8, 19, 25, 6], [20], [15, 16, 17, 18]]
+
+    def tokens(backend):
+        with torch.no_grad():
+            runs = [S.run(backend, prompts[:2], cfg).generations, S.run(backend, prompts[2:4], cfg).generations]
+        got = [g.token_ids for run in runs for g in run]
+        return got + [gen.token_ids for _, gen, _ in run_in_order(Continuous(backend, cfg), prompts, width=3,
+                                                                   max_new=[12, 6, 9, 12, 5])]
+    g = graphed(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tokens(g)
+    assert got == tokens(TowerBackend(model))
+    assert len(recorded) == g.captures > 0
+
