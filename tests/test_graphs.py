@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from twotower_cli import sampler as S
 from twotower_cli import towers
 from twotower_cli.batching import Continuous, run_in_order
+from twotower_cli.chat import PrefixReuse, start_from
 from twotower_cli.model import moe
 from twotower_cli.ops import kernels
 from twotower_cli.towers import TowerBackend, load_model
@@ -481,3 +482,30 @@ def test_sampling_and_continuous_batching_under_a_recorded_capture(model, record
     assert got == tokens(TowerBackend(model))
     assert len(recorded) == g.captures > 0
 
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_chat_turns_with_graphs_capture_and_give_the_tokens_without(model, recorded, monkeypatch, mode):
+    """A chat's turns through `PrefixReuse` (`start_from` brings the cache to a history outside the sampler,
+    from a snapshot or from scratch; the live state goes on where it fits): with graphs, no capture refused
+    (a history read under autograd took the MoE layers' host-synchronising route into the capture and ended
+    graphs for the session) and the tokens of the same turns without graphs."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy="topk", max_new_tokens=8)
+
+    def turns(backend):
+        reuse, outs, history = PrefixReuse(backend, keep=2), [], [5, 9, 14]
+        for i in range(5):
+            prompt = history + [20 + i, 21, 22 + i]
+            start_from(reuse, prompt, history)
+            with torch.no_grad():
+                outs.append(S.run(reuse, [prompt], cfg).generations[0].token_ids)
+            # the next history: this turn with part of its reply (a template that drops some), or at the
+            # third turn another conversation's
+            history = prompt + outs[-1][:3] + [7] if i != 2 else [5, 9, 14]
+        return outs
+    g = graphed(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = turns(g)
+    assert got == turns(TowerBackend(model))
+    assert g.graphs and g.captures > 0
