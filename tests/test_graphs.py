@@ -509,3 +509,44 @@ def test_chat_turns_with_graphs_capture_and_give_the_tokens_without(model, recor
         got = turns(g)
     assert got == turns(TowerBackend(model))
     assert g.graphs and g.captures > 0
+
+
+def test_a_cache_nobody_holds_is_not_copied_out_of_the_buffers(model, captured, monkeypatch):
+    """`reset`, `restore` and `keep_rows` replace a cache that lives in the buffers: where nothing else holds
+    it, its keys, values and states are not copied out first (a whole cache's worth of memory and copying,
+    on a GPU at every new batch, restored turn and row leaving a server's batch, only to be dropped); one
+    that is held (`aside`) still gets its own. The steps after are the eager path's."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    eager, g = TowerBackend(model), graphed(model)
+    prompt = torch.tensor([[5, 9, 14, 7], [11, 4, 8, 19]])
+
+    def decode(backends, toks):
+        for tok in toks:
+            torch.testing.assert_close(*(b.extend(torch.tensor(tok)) for b in backends), rtol=0, atol=1e-5)
+
+    def no_copies(*_args, **_kwargs):
+        raise AssertionError("a cache nobody holds was copied")
+    for b in (eager, g):
+        b.reset(2)
+        b.extend(prompt)
+    decode((g, eager), ([[22], [30]], [[11], [12]]))
+    saved = [b.state() for b in (g, eager)]
+    assert g._static is not None
+    with monkeypatch.context() as m:
+        m.setattr(towers.MambaState, "clone", no_copies)
+        m.setattr(torch.Tensor, "clone", no_copies)
+        g.keep_rows([1])
+    eager.keep_rows([1])
+    decode((g, eager), ([[13]], [[14]], [[15]]))
+    for b, state in zip((g, eager), saved, strict=True):
+        b.restore(state)
+    decode((g, eager), ([[16], [17]], [[18], [19]]))
+    with monkeypatch.context() as m:
+        m.setattr(towers.MambaState, "clone", no_copies)
+        m.setattr(torch.Tensor, "clone", no_copies)
+        g.reset(2)
+    eager.reset(2)
+    for b in (g, eager):
+        b.extend(prompt)
+    decode((g, eager), ([[20], [21]], [[22], [23]]))
+    assert g.captures > 0

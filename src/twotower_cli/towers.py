@@ -24,6 +24,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,7 +442,8 @@ class _Static:
     `states` each Mamba layer to a state of its own, `valid` [b, capacity] is the key mask, `pos` [1] the
     next column (set before each step), `context` the view of it all that the denoiser reads (every column,
     the unused ones masked), `steps` the context steps per length and `blocks` the denoiser steps per block
-    shape. `owner` is the cache whose K/V are views of these buffers and whose Mamba states are these."""
+    shape. `owner` is the cache whose K/V are views of these buffers and whose Mamba states are these, held
+    weakly: a cache nobody holds any more needs nothing of its own when the buffers take in another."""
     capacity: int
     pos: torch.Tensor
     valid: torch.Tensor
@@ -451,7 +453,7 @@ class _Static:
     steps: dict
     blocks: dict
     masked: bool = False  # the owner has a key mask (left pads) to keep up to date
-    owner: TowerCache | None = None
+    owner: weakref.ref | None = None  # to a TowerCache
 
     @property
     def batch(self) -> int:
@@ -665,7 +667,7 @@ class TowerBackend:
         s.masked = cache.key_mask is not None
         if s.masked:
             cache.key_mask = s.valid[:, :T]
-        s.owner = cache
+        s.owner = weakref.ref(cache)
         self._static = s
         return s
 
@@ -690,8 +692,10 @@ class TowerBackend:
     @staticmethod
     def _release(s: _Static) -> None:
         """The cache that lived in `s` gets tensors of its own (whoever still holds it, e.g. `aside`, keeps
-        what it had), so that `s` can take in another."""
-        owner, s.owner = s.owner, None
+        what it had), so that `s` can take in another. One that nobody holds (`reset`, `restore` and
+        `keep_rows` have replaced it) is not copied: that was a whole cache's worth of memory and copying."""
+        owner = None if s.owner is None else s.owner()
+        s.owner = None
         if owner is None:
             return
         for i, (k, v) in s.kv.items():
