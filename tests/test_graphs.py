@@ -550,3 +550,29 @@ def test_a_cache_nobody_holds_is_not_copied_out_of_the_buffers(model, captured, 
         b.extend(prompt)
     decode((g, eager), ([[20], [21]], [[22], [23]]))
     assert g.captures > 0
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_what_a_former_cache_left_in_the_buffers_cannot_reach_the_next(model, captured, monkeypatch, sdpa):
+    """Buffers taken over from a cache that left them keep its keys and values past the new cache's length,
+    masked: a masked key weighs 0, but 0 · inf is NaN, so an inf or NaN the former cache held there (a
+    float16 overflow) would reach every later cache in them. They are cleared when a cache takes them."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
+    monkeypatch.setitem(kernels._forced, "sdpa", sdpa)
+    eager, g = TowerBackend(model), graphed(model)
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[5, 9, 14, 7]]))
+        for tok in (20, 30):  # eager, then into the buffers
+            b.extend(torch.tensor([[tok]]))
+    for k, v in g._static.kv.values():  # what the former cache left past its columns
+        k[:, :, 8:].fill_(float("inf"))
+        v[:, :, 8:].fill_(float("nan"))
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[11, 4]]))  # into the spare buffers
+    for tok in (21, 22, 23):
+        torch.testing.assert_close(g.extend(torch.tensor([[tok]])), eager.extend(torch.tensor([[tok]])), rtol=0,
+                                   atol=1e-5)
+    x, t = torch.full((1, 4), 3), torch.tensor([0.5])
+    torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)

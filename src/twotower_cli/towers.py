@@ -648,10 +648,13 @@ class TowerBackend:
     def _adopt(self, need: int) -> _Static:
         """Put the cache into fixed-size buffers of at least `need` columns: the spare ones (their graphs kept)
         if they fit, else new ones of twice that (at least STATIC_MIN_CAPACITY). The cache's K/V, key mask
-        and Mamba states are copied in; its K/V become views of the buffers, its Mamba states the buffers'."""
+        and Mamba states are copied in; its K/V become views of the buffers, its Mamba states the buffers'.
+        Spare buffers are cleared past the cache's columns: masked keys weigh 0, but 0 · inf is NaN, so an
+        inf or NaN a former cache left there (a float16 overflow) would reach every later one."""
         cache = self.cache
         s = self._spares.pop(cache.batch, None)
-        if s is None or s.capacity < need:
+        spare = s is not None and s.capacity >= need
+        if not spare:
             s = self._new_static(max(STATIC_MIN_CAPACITY, 2 * need))
         T = cache.length
         s.valid.zero_()
@@ -659,6 +662,8 @@ class TowerBackend:
         for i, (k, v) in s.kv.items():
             c = cache.layers[i]
             k[:, :, :T], v[:, :, :T] = c.k, c.v
+            if spare:
+                k[:, :, T:], v[:, :, T:] = 0, 0
             c.k, c.v = k[:, :, :T], v[:, :, :T]
         for i, m in s.states.items():
             m.conv.copy_(cache.layers[i].conv)
