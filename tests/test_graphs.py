@@ -9,6 +9,7 @@ marker)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -576,3 +577,58 @@ def test_what_a_former_cache_left_in_the_buffers_cannot_reach_the_next(model, ca
                                    atol=1e-5)
     x, t = torch.full((1, 4), 3), torch.tensor([0.5])
     torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)
+
+
+def test_each_capture_runs_on_a_stream_of_the_device_it_is_given(monkeypatch):
+    """`capture_graph` against a model of torch.cuda's streams: `torch.cuda.graph` without a stream captures on
+    one stream per process, made on the device that was current at the first capture, and entering it makes
+    that device current. With the towers on two GPUs (--context-device, --denoiser-device) the second
+    device's steps were captured on the first device's stream: their kernels ran on their own device's
+    stream, outside the capture, so the graph recorded nothing (its replays left the outputs as they were)
+    or the capture failed. Each capture now warms up and captures on a stream of the device it is given."""
+    current = {"device": 0}
+    captures = []
+
+    class Stream:
+        def __init__(self):
+            self.device = current["device"]
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def on(device=None, stream=None):
+        before = current["device"]
+        current["device"] = stream.device if stream is not None else torch.device(device).index
+        try:
+            yield
+        finally:
+            current["device"] = before
+
+    class Graph:
+        def replay(self):
+            pass
+
+    class graph:  # torch.cuda.graph
+        default_capture_stream = None
+
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            if stream is None and graph.default_capture_stream is None:
+                graph.default_capture_stream = Stream()
+            self.stream = stream if stream is not None else graph.default_capture_stream
+            self.ctx = on(stream=self.stream)
+
+        def __enter__(self):
+            self.ctx.__enter__()
+            captures.append(self.stream.device)
+
+        def __exit__(self, *exc):
+            self.ctx.__exit__(*exc)
+
+    cuda = torch.cuda
+    for name, value in (("device", lambda d: on(device=d)), ("stream", lambda s: on(stream=s)), ("Stream", Stream),
+                        ("current_stream", lambda device=None: Stream()), ("CUDAGraph", Graph), ("graph", graph)):
+        monkeypatch.setattr(cuda, name, value)
+    for device in ("cuda:1", "cuda:0", "cuda:1"):  # the denoiser's step, a context step, the denoiser's
+        towers.capture_graph(lambda: torch.zeros(1), torch.device(device))
+    assert captures == [1, 0, 1]

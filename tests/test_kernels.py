@@ -1109,6 +1109,44 @@ def test_gpu_cuda_graph_replays_moe_layers_as_they_run(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graphs_with_a_tower_on_each_of_two_gpus(monkeypatch):
+    """`--cuda-graphs` with the context tower on cuda:0 and the denoiser on cuda:1: decode steps and commits
+    captured on cuda:0, the denoiser's steps on cuda:1, none refused, every replay's logits the eager
+    path's. torch.cuda.graph's own capture stream lives on the device of the first capture; captures on
+    the other device must not use it (`towers.capture_graph`)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from twotower_cli import towers
+
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
+    cfg, eager, graphed = eager_and_graphed(torch.float32, seed=11)
+    eager.twotower.place("cuda:0", "cuda:1")
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 12), generator=g)
+
+    def same(got, want, what):
+        assert max_diff(got, want.to(got.device)) <= 1e-4 * (1 + want.abs().max().item()), what
+
+    with torch.no_grad(), kernels.force(kernels="auto", sdpa=True), fallbacks_fail(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA graph capture of")
+        for b in (eager, graphed):
+            b.reset(2)
+            b.extend(prompt)
+        for block_no in range(4):
+            x = torch.full((2, 16), 3)
+            for step in range(3):
+                t = torch.tensor([1.0 - step / 3, 0.9 - step / 4])
+                same(graphed.denoise(x, t), eager.denoise(x, t), f"block {block_no} step {step}")
+                x = x.clone()
+                x[:, step * 5:(step + 1) * 5] = torch.randint(4, cfg.vocab_size, (2, 5), generator=g)
+            same(graphed.extend(x), eager.extend(x), f"commit {block_no}")
+        for step in range(6):
+            tok = torch.randint(4, cfg.vocab_size, (2, 1), generator=g)
+            same(graphed.extend(tok), eager.extend(tok), f"decode {step}")
+    assert graphed.graphs and graphed.captures >= 6
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
     """Continuous batching on the kernel path: prompts of 150, 37 and 5 tokens read one at a time, their caches

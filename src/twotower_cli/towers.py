@@ -400,7 +400,10 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
     kernels again over the same input buffers `fn` reads and writes `out`, the tensor `fn` returned. As
     PyTorch asks, `fn` runs once on a side stream first (lazy cuBLAS workspaces, Triton autotuning);
     `after_warmup()` then undoes what that run changed, for an `fn` that updates state in place. Capture
-    itself runs nothing, so `replay` is called once before returning: net, `fn` ran once."""
+    itself runs nothing, so `replay` is called once before returning: net, `fn` ran once. The capture runs on
+    that side stream too, one of `device`'s: `torch.cuda.graph`'s own is one stream per process, made on the
+    device current at its first capture, so with the towers on two GPUs the other device's steps would be
+    captured on a stream of the wrong device (their kernels run outside the capture)."""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -410,7 +413,7 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
         if after_warmup is not None:
             after_warmup()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             out = fn()
         graph.replay()
     return graph.replay, out
