@@ -152,6 +152,22 @@ def test_a_stopped_turn_leaves_no_trace(model, folder):
     assert conversation.turns[-1].read_tokens < conversation.turns[-1].prompt_tokens / 2
 
 
+def test_a_remembered_history_holds_no_autograd_graph(model, chat_folder):
+    """`start_from` reads a history outside the sampler (chat_turn, serve): the snapshot and the live state
+    it leaves are plain tensors, not the ends of an autograd graph that would keep every activation of that
+    read alive for as long as the snapshot is kept."""
+    tok, template = Tokenizer(chat_folder), ChatTemplate.load(chat_folder)
+    conversation = Conversation(tok, template)
+    reuse = PrefixReuse(TowerBackend(model))
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=6)
+    for user in USER[:2]:  # the second turn brings the cache up to its history and keeps a snapshot there
+        list(chat_turn(reuse, conversation, user, cfg, [2, 38]))
+    assert reuse.snapshot is not None
+    for cache in (reuse.snapshot[1], reuse.inner.cache):
+        tensors = [t for c in cache.layers if c is not None for t in vars(c).values()]
+        assert tensors and not any(t.requires_grad for t in tensors)
+
+
 def test_restore_gives_back_the_state_it_was_given(model):
     backend = TowerBackend(model)
     backend.reset(1)

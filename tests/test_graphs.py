@@ -9,13 +9,21 @@ marker)."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 from tests.twotower_helpers import write_random_twotower
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from twotower_cli import sampler as S
 from twotower_cli import towers
 from twotower_cli.batching import Continuous, run_in_order
+from twotower_cli.chat import PrefixReuse, start_from
+from twotower_cli.model import moe
 from twotower_cli.ops import kernels
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -46,6 +54,100 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(towers, "capture_graph", capture)
     monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
+    return calls
+
+
+class _Outside:
+    """A tensor a recorded graph reads but does not own (an input, a buffer, a weight): its memory held weakly,
+    as a CUDA graph holds only the addresses."""
+
+    def __init__(self, t: torch.Tensor):
+        self.ref = StorageWeakRef(t.untyped_storage())
+        self.meta = (t.storage_offset(), t.shape, t.stride(), t.dtype)
+
+    def get(self) -> torch.Tensor:
+        assert not self.ref.expired(), "a replay reads memory that has been freed since the capture"
+        offset, shape, stride, dtype = self.meta
+        return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_with_weak_ptr(self.ref.cdata), offset,
+                                                shape, stride)
+
+
+class _Recorder(TorchDispatchMode):
+    """The aten ops of one run, with the tensors they read and write: those made during the run are the
+    graph's (kept), the others `_Outside`. A host read of a tensor's value raises, as it does in a capture."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.owned = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SYNCS:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func})")
+        out = func(*args, **kwargs)
+        read = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.owned.update(t.untyped_storage()._cdata for t in tree_flatten(out)[0]
+                          if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in read)
+
+        def held(x):
+            outside = isinstance(x, torch.Tensor) and x.untyped_storage()._cdata not in self.owned
+            return _Outside(x) if outside else x
+        self.ops.append((func, tree_map(held, args), tree_map(held, kwargs), tree_map(held, out)))
+        return out
+
+    def record(self, fn):
+        saved = {name: getattr(torch.Tensor, name) for name in self.HOST_READS}
+
+        def refuse(*_args, **_kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing (a host read)")
+        try:
+            for name in self.HOST_READS:
+                setattr(torch.Tensor, name, refuse)
+            with self:
+                return fn()
+        finally:
+            for name, f in saved.items():
+                setattr(torch.Tensor, name, f)
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        def get(x):
+            return x.get() if isinstance(x, _Outside) else x
+        for func, args, kwargs, out in self.ops:
+            new = func(*tree_map(get, args), **tree_map(get, kwargs))
+            for o, n in zip(tree_flatten(tree_map(get, out))[0], tree_flatten(new)[0], strict=True):
+                if isinstance(o, torch.Tensor) and o.data_ptr() != n.data_ptr():
+                    o.copy_(n)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """A stand-in capture closer to CUDA's: the warm-up run and `after_warmup`, then `fn` runs once more while
+    its aten ops are recorded (a host read of a value raises), whatever that run changed is undone with
+    `after_warmup` (a capture runs nothing), and `replay()` runs the recorded ops again: the Python of the
+    step ran once, at the capture, and a replay reads and writes the same memory, raising if memory it
+    reads from outside the graph was freed since. The MoE layers take their grouped route (CUDA's in bf16:
+    no host sync). Records the calls."""
+    calls = []
+
+    def capture(fn, device, after_warmup=None):
+        fn()
+        if after_warmup is not None:
+            after_warmup()
+        recorder = _Recorder()
+        out = recorder.record(fn)
+        if after_warmup is not None:
+            after_warmup()
+        recorder.replay()
+        calls.append(device)
+        return recorder.replay, out
+
+    monkeypatch.setattr(towers, "capture_graph", capture)
+    monkeypatch.setattr(towers, "GRAPH_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(moe, "CPU_ROWS_PER_GROUP", 10**6)
     return calls
 
 
@@ -342,3 +444,191 @@ def test_buffers_are_kept_per_batch_size(model, captured, monkeypatch):
         assert [x.token_ids for x in got] == [x.token_ids for x in
                                               S.run(TowerBackend(model), [[20, 6, 15], [16, 17]], cfg).generations]
         assert (g.captures > before) == recaptures
+
+
+def test_the_recording_stand_in_refuses_host_reads_and_reads_of_freed_memory(recorded):
+    """The stand-in itself: a replay reads its inputs' memory as it is then; a host read in the captured step
+    raises; a replay after an input was freed raises."""
+    x = {"a": torch.randn(4), "w": torch.randn(4)}
+    replay, out = towers.capture_graph(lambda: x["a"] * x["w"] + 1, torch.device("cpu"))
+    x["a"].fill_(1.0)
+    replay()
+    assert torch.equal(out, x["w"] + 1)
+    with pytest.raises(RuntimeError, match="host read"):
+        towers.capture_graph(lambda: x["a"] * (2 if bool(x["a"].sum() > 0) else 1), torch.device("cpu"))
+    del x["a"]
+    with pytest.raises(AssertionError, match="freed"):
+        replay()
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar", "mock_ar"])
+def test_sampling_and_continuous_batching_under_a_recorded_capture(model, recorded, monkeypatch, mode):
+    """`S.run` twice (the second replays the first's graphs) and a continuous batch (rows joining and
+    leaving, short blocks right-padded) with captures that replay only what the capture recorded: the tokens
+    of the runs without graphs, and no capture refused."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy="topk", max_new_tokens=12)
+    prompts = [[5, 9, 14, 7, 22, 30], [11, 4], [8, 8, 19, 25, 6], [20], [15, 16, 17, 18]]
+
+    def tokens(backend):
+        with torch.no_grad():
+            runs = [S.run(backend, prompts[:2], cfg).generations, S.run(backend, prompts[2:4], cfg).generations]
+        got = [g.token_ids for run in runs for g in run]
+        return got + [gen.token_ids for _, gen, _ in run_in_order(Continuous(backend, cfg), prompts, width=3,
+                                                                   max_new=[12, 6, 9, 12, 5])]
+    g = graphed(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tokens(g)
+    assert got == tokens(TowerBackend(model))
+    assert len(recorded) == g.captures > 0
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_chat_turns_with_graphs_capture_and_give_the_tokens_without(model, recorded, monkeypatch, mode):
+    """A chat's turns through `PrefixReuse` (`start_from` brings the cache to a history outside the sampler,
+    from a snapshot or from scratch; the live state goes on where it fits): with graphs, no capture refused
+    (a history read under autograd took the MoE layers' host-synchronising route into the capture and ended
+    graphs for the session) and the tokens of the same turns without graphs."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=4, policy="topk", max_new_tokens=8)
+
+    def turns(backend):
+        reuse, outs, history = PrefixReuse(backend, keep=2), [], [5, 9, 14]
+        for i in range(5):
+            prompt = history + [20 + i, 21, 22 + i]
+            start_from(reuse, prompt, history)
+            with torch.no_grad():
+                outs.append(S.run(reuse, [prompt], cfg).generations[0].token_ids)
+            # the next history: this turn with part of its reply (a template that drops some), or at the
+            # third turn another conversation's
+            history = prompt + outs[-1][:3] + [7] if i != 2 else [5, 9, 14]
+        return outs
+    g = graphed(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = turns(g)
+    assert got == turns(TowerBackend(model))
+    assert g.graphs and g.captures > 0
+
+
+def test_a_cache_nobody_holds_is_not_copied_out_of_the_buffers(model, captured, monkeypatch):
+    """`reset`, `restore` and `keep_rows` replace a cache that lives in the buffers: where nothing else holds
+    it, its keys, values and states are not copied out first (a whole cache's worth of memory and copying,
+    on a GPU at every new batch, restored turn and row leaving a server's batch, only to be dropped); one
+    that is held (`aside`) still gets its own. The steps after are the eager path's."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 8)
+    eager, g = TowerBackend(model), graphed(model)
+    prompt = torch.tensor([[5, 9, 14, 7], [11, 4, 8, 19]])
+
+    def decode(backends, toks):
+        for tok in toks:
+            torch.testing.assert_close(*(b.extend(torch.tensor(tok)) for b in backends), rtol=0, atol=1e-5)
+
+    def no_copies(*_args, **_kwargs):
+        raise AssertionError("a cache nobody holds was copied")
+    for b in (eager, g):
+        b.reset(2)
+        b.extend(prompt)
+    decode((g, eager), ([[22], [30]], [[11], [12]]))
+    saved = [b.state() for b in (g, eager)]
+    assert g._static is not None
+    with monkeypatch.context() as m:
+        m.setattr(towers.MambaState, "clone", no_copies)
+        m.setattr(torch.Tensor, "clone", no_copies)
+        g.keep_rows([1])
+    eager.keep_rows([1])
+    decode((g, eager), ([[13]], [[14]], [[15]]))
+    for b, state in zip((g, eager), saved, strict=True):
+        b.restore(state)
+    decode((g, eager), ([[16], [17]], [[18], [19]]))
+    with monkeypatch.context() as m:
+        m.setattr(towers.MambaState, "clone", no_copies)
+        m.setattr(torch.Tensor, "clone", no_copies)
+        g.reset(2)
+    eager.reset(2)
+    for b in (g, eager):
+        b.extend(prompt)
+    decode((g, eager), ([[20], [21]], [[22], [23]]))
+    assert g.captures > 0
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
+def test_what_a_former_cache_left_in_the_buffers_cannot_reach_the_next(model, captured, monkeypatch, sdpa):
+    """Buffers taken over from a cache that left them keep its keys and values past the new cache's length,
+    masked: a masked key weighs 0, but 0 · inf is NaN, so an inf or NaN the former cache held there (a
+    float16 overflow) would reach every later cache in them. They are cleared when a cache takes them."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
+    monkeypatch.setitem(kernels._forced, "sdpa", sdpa)
+    eager, g = TowerBackend(model), graphed(model)
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[5, 9, 14, 7]]))
+        for tok in (20, 30):  # eager, then into the buffers
+            b.extend(torch.tensor([[tok]]))
+    for k, v in g._static.kv.values():  # what the former cache left past its columns
+        k[:, :, 8:].fill_(float("inf"))
+        v[:, :, 8:].fill_(float("nan"))
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[11, 4]]))  # into the spare buffers
+    for tok in (21, 22, 23):
+        torch.testing.assert_close(g.extend(torch.tensor([[tok]])), eager.extend(torch.tensor([[tok]])), rtol=0,
+                                   atol=1e-5)
+    x, t = torch.full((1, 4), 3), torch.tensor([0.5])
+    torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)
+
+
+def test_each_capture_runs_on_a_stream_of_the_device_it_is_given(monkeypatch):
+    """`capture_graph` against a model of torch.cuda's streams: `torch.cuda.graph` without a stream captures on
+    one stream per process, made on the device that was current at the first capture, and entering it makes
+    that device current. With the towers on two GPUs (--context-device, --denoiser-device) the second
+    device's steps were captured on the first device's stream: their kernels ran on their own device's
+    stream, outside the capture, so the graph recorded nothing (its replays left the outputs as they were)
+    or the capture failed. Each capture now warms up and captures on a stream of the device it is given."""
+    current = {"device": 0}
+    captures = []
+
+    class Stream:
+        def __init__(self):
+            self.device = current["device"]
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def on(device=None, stream=None):
+        before = current["device"]
+        current["device"] = stream.device if stream is not None else torch.device(device).index
+        try:
+            yield
+        finally:
+            current["device"] = before
+
+    class Graph:
+        def replay(self):
+            pass
+
+    class graph:  # torch.cuda.graph
+        default_capture_stream = None
+
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            if stream is None and graph.default_capture_stream is None:
+                graph.default_capture_stream = Stream()
+            self.stream = stream if stream is not None else graph.default_capture_stream
+            self.ctx = on(stream=self.stream)
+
+        def __enter__(self):
+            self.ctx.__enter__()
+            captures.append(self.stream.device)
+
+        def __exit__(self, *exc):
+            self.ctx.__exit__(*exc)
+
+    cuda = torch.cuda
+    for name, value in (("device", lambda d: on(device=d)), ("stream", lambda s: on(stream=s)), ("Stream", Stream),
+                        ("current_stream", lambda device=None: Stream()), ("CUDAGraph", Graph), ("graph", graph)):
+        monkeypatch.setattr(cuda, name, value)
+    for device in ("cuda:1", "cuda:0", "cuda:1"):  # the denoiser's step, a context step, the denoiser's
+        towers.capture_graph(lambda: torch.zeros(1), torch.device(device))
+    assert captures == [1, 0, 1]

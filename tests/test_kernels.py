@@ -943,14 +943,15 @@ def test_gpu_twotower_denoise_kernels_equal_torch(dtype, compiled):
         assert max_diff(a, b) <= tol * (1 + b.abs().max().item()), f"output {i}: max diff {max_diff(a, b):.3e}"
 
 
-def eager_and_graphed(dtype: torch.dtype, seed: int):
-    """(cfg, eager backend, backend with graphs) over one random TwoTower of `kernel_tower_config` on CUDA."""
+def eager_and_graphed(dtype: torch.dtype, seed: int, cfg=None):
+    """(cfg, eager backend, backend with graphs) over one random TwoTower of `cfg` (`kernel_tower_config`) on
+    CUDA."""
     from tests.twotower_helpers import twotower_tensors
 
     from twotower_cli.model.loading import cast_
     from twotower_cli.towers import TowerBackend, TwoTower
 
-    cfg = kernel_tower_config()
+    cfg = cfg or kernel_tower_config()
     model = TwoTower(cfg)
     model.load_state_dict(twotower_tensors(build_tiny_model(cfg, seed=seed, std=0.05), "random",
                                            denoiser=build_tiny_model(cfg, seed=seed + 1, std=0.05)))
@@ -1046,6 +1047,103 @@ def test_gpu_cuda_graph_decode_equals_eager(dtype, monkeypatch):
     # with 136 columns, run uncaptured; block 1 captures the denoiser step (1) and its commit (1); blocks 2
     # and 3 replay both (the same run on the CPU with a stand-in capture counts 2, 3, 5, 5, 5)
     assert graphed.captures == 5 and graphed.cache.length == 52 + 64
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_moe_layers_as_they_run(monkeypatch):
+    """`--cuda-graphs` over towers with MoE layers, as Nano's, in bf16 (the grouped GEMM route, with no host
+    sync; fp32 takes the per-expert loop, which reads the routing on the host and cannot be captured): every
+    context step (decode, commits) and denoiser step is captured, none refused, and each replay gives what
+    the same step gives run directly over the same buffers: a second backend whose capture runs the step
+    instead of capturing it. Against that reference rather than the eager path, the comparison does not
+    hinge on the routing of a token whose experts nearly tie (`kernel_tower_config`)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from twotower_cli import towers
+
+    cfg = build_tiny_config("M*EM-E*M", hidden_size=256, mamba_num_heads=8, mamba_head_dim=64, n_groups=2,
+                            ssm_state_size=64, chunk_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=64, moe_intermediate_size=128, moe_shared_expert_intermediate_size=128)
+    cfg, ref, graphed = eager_and_graphed(torch.bfloat16, seed=9, cfg=cfg)
+    ref.graphs = True
+    real = towers.capture_graph
+
+    def run_instead(fn, device, after_warmup=None):
+        fn()
+        if after_warmup is not None:
+            after_warmup()
+        out = fn()
+        return (lambda: out.copy_(fn())), out
+
+    capture = {"with": real}
+    monkeypatch.setattr(towers, "capture_graph", lambda fn, device, after_warmup=None: capture["with"](
+        fn, device, after_warmup=after_warmup))
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
+
+    def both(step, what):
+        capture["with"] = real
+        got = step(graphed)
+        capture["with"] = run_instead
+        want = step(ref)
+        assert max_diff(got, want) <= 1e-2 * (1 + want.abs().max().item()), f"{what}: {max_diff(got, want):.3e}"
+
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 12), generator=g).cuda()
+    mask = torch.ones(2, 12, dtype=torch.bool, device="cuda")
+    mask[1, :5] = False
+    with torch.no_grad(), kernels.force(kernels="auto", sdpa=True), fallbacks_fail(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA graph capture of")
+        both(lambda b: (b.reset(2), b.extend(prompt, attention_mask=mask))[1], "prompt")
+        for step in range(20):
+            tok = torch.randint(4, cfg.vocab_size, (2, 1), generator=g).cuda()
+            both(lambda b, tok=tok: b.extend(tok), f"decode {step}")
+        for block_no in range(3):
+            x = torch.full((2, 16), 3, device="cuda")
+            for step in range(3):
+                t = torch.tensor([1.0 - step / 3, 0.9 - step / 4])
+                both(lambda b, x=x, t=t: b.denoise(x, t), f"block {block_no} step {step}")
+                x = x.clone()
+                x[:, step * 5:(step + 1) * 5] = torch.randint(4, cfg.vocab_size, (2, 5), generator=g).cuda()
+            both(lambda b, x=x: b.extend(x), f"commit {block_no}")
+    assert graphed.graphs and graphed.captures == ref.captures >= 4
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graphs_with_a_tower_on_each_of_two_gpus(monkeypatch):
+    """`--cuda-graphs` with the context tower on cuda:0 and the denoiser on cuda:1: decode steps and commits
+    captured on cuda:0, the denoiser's steps on cuda:1, none refused, every replay's logits the eager
+    path's. torch.cuda.graph's own capture stream lives on the device of the first capture; captures on
+    the other device must not use it (`towers.capture_graph`)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from twotower_cli import towers
+
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 16)
+    cfg, eager, graphed = eager_and_graphed(torch.float32, seed=11)
+    eager.twotower.place("cuda:0", "cuda:1")
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(4, cfg.vocab_size, (2, 12), generator=g)
+
+    def same(got, want, what):
+        assert max_diff(got, want.to(got.device)) <= 1e-4 * (1 + want.abs().max().item()), what
+
+    with torch.no_grad(), kernels.force(kernels="auto", sdpa=True), fallbacks_fail(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA graph capture of")
+        for b in (eager, graphed):
+            b.reset(2)
+            b.extend(prompt)
+        for block_no in range(4):
+            x = torch.full((2, 16), 3)
+            for step in range(3):
+                t = torch.tensor([1.0 - step / 3, 0.9 - step / 4])
+                same(graphed.denoise(x, t), eager.denoise(x, t), f"block {block_no} step {step}")
+                x = x.clone()
+                x[:, step * 5:(step + 1) * 5] = torch.randint(4, cfg.vocab_size, (2, 5), generator=g)
+            same(graphed.extend(x), eager.extend(x), f"commit {block_no}")
+        for step in range(6):
+            tok = torch.randint(4, cfg.vocab_size, (2, 1), generator=g)
+            same(graphed.extend(tok), eager.extend(tok), f"decode {step}")
+    assert graphed.graphs and graphed.captures >= 6
 
 
 @pytest.mark.gpu

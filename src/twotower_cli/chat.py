@@ -124,13 +124,17 @@ class PrefixReuse:
     def remember(self, ids: list[int]) -> None:
         """Bring the cache to exactly `ids` (reading only what no state holds) and keep a copy of it as the
         newest snapshot: it replaces the snapshots whose ids begin it (an earlier turn of the same
-        conversation), and the least recently used goes when there are more than `keep`."""
+        conversation), and the least recently used goes when there are more than `keep`. Without autograd:
+        `start_from` calls it outside the sampler, and a snapshot read with it would keep every activation of
+        the read alive (under --cuda-graphs the MoE layers' grouped route, which autograd refuses, would fail
+        the capture and end graphs for the session)."""
         self._pending = None
         base = self._best_base(ids, strict=False)
         if base == 0:
             self._fresh(1)
         if base < len(ids):
-            self.extend(torch.tensor([ids[base:]], dtype=torch.long))
+            with torch.no_grad():
+                self.extend(torch.tensor([ids[base:]], dtype=torch.long))
         ids = list(ids)
         self.snapshots = [s for s in self.snapshots if not (len(s[0]) <= len(ids) and ids[:len(s[0])] == s[0])]
         self.snapshots = (self.snapshots + [(ids, self.inner.state())])[-self.keep:]

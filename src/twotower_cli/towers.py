@@ -24,6 +24,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -399,7 +400,10 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
     kernels again over the same input buffers `fn` reads and writes `out`, the tensor `fn` returned. As
     PyTorch asks, `fn` runs once on a side stream first (lazy cuBLAS workspaces, Triton autotuning);
     `after_warmup()` then undoes what that run changed, for an `fn` that updates state in place. Capture
-    itself runs nothing, so `replay` is called once before returning: net, `fn` ran once."""
+    itself runs nothing, so `replay` is called once before returning: net, `fn` ran once. The capture runs on
+    that side stream too, one of `device`'s: `torch.cuda.graph`'s own is one stream per process, made on the
+    device current at its first capture, so with the towers on two GPUs the other device's steps would be
+    captured on a stream of the wrong device (their kernels run outside the capture)."""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -409,7 +413,7 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
         if after_warmup is not None:
             after_warmup()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             out = fn()
         graph.replay()
     return graph.replay, out
@@ -441,7 +445,8 @@ class _Static:
     `states` each Mamba layer to a state of its own, `valid` [b, capacity] is the key mask, `pos` [1] the
     next column (set before each step), `context` the view of it all that the denoiser reads (every column,
     the unused ones masked), `steps` the context steps per length and `blocks` the denoiser steps per block
-    shape. `owner` is the cache whose K/V are views of these buffers and whose Mamba states are these."""
+    shape. `owner` is the cache whose K/V are views of these buffers and whose Mamba states are these, held
+    weakly: a cache nobody holds any more needs nothing of its own when the buffers take in another."""
     capacity: int
     pos: torch.Tensor
     valid: torch.Tensor
@@ -451,7 +456,7 @@ class _Static:
     steps: dict
     blocks: dict
     masked: bool = False  # the owner has a key mask (left pads) to keep up to date
-    owner: TowerCache | None = None
+    owner: weakref.ref | None = None  # to a TowerCache
 
     @property
     def batch(self) -> int:
@@ -646,10 +651,13 @@ class TowerBackend:
     def _adopt(self, need: int) -> _Static:
         """Put the cache into fixed-size buffers of at least `need` columns: the spare ones (their graphs kept)
         if they fit, else new ones of twice that (at least STATIC_MIN_CAPACITY). The cache's K/V, key mask
-        and Mamba states are copied in; its K/V become views of the buffers, its Mamba states the buffers'."""
+        and Mamba states are copied in; its K/V become views of the buffers, its Mamba states the buffers'.
+        Spare buffers are cleared past the cache's columns: masked keys weigh 0, but 0 · inf is NaN, so an
+        inf or NaN a former cache left there (a float16 overflow) would reach every later one."""
         cache = self.cache
         s = self._spares.pop(cache.batch, None)
-        if s is None or s.capacity < need:
+        spare = s is not None and s.capacity >= need
+        if not spare:
             s = self._new_static(max(STATIC_MIN_CAPACITY, 2 * need))
         T = cache.length
         s.valid.zero_()
@@ -657,6 +665,8 @@ class TowerBackend:
         for i, (k, v) in s.kv.items():
             c = cache.layers[i]
             k[:, :, :T], v[:, :, :T] = c.k, c.v
+            if spare:
+                k[:, :, T:], v[:, :, T:] = 0, 0
             c.k, c.v = k[:, :, :T], v[:, :, :T]
         for i, m in s.states.items():
             m.conv.copy_(cache.layers[i].conv)
@@ -665,7 +675,7 @@ class TowerBackend:
         s.masked = cache.key_mask is not None
         if s.masked:
             cache.key_mask = s.valid[:, :T]
-        s.owner = cache
+        s.owner = weakref.ref(cache)
         self._static = s
         return s
 
@@ -690,8 +700,10 @@ class TowerBackend:
     @staticmethod
     def _release(s: _Static) -> None:
         """The cache that lived in `s` gets tensors of its own (whoever still holds it, e.g. `aside`, keeps
-        what it had), so that `s` can take in another."""
-        owner, s.owner = s.owner, None
+        what it had), so that `s` can take in another. One that nobody holds (`reset`, `restore` and
+        `keep_rows` have replaced it) is not copied: that was a whole cache's worth of memory and copying."""
+        owner = None if s.owner is None else s.owner()
+        s.owner = None
         if owner is None:
             return
         for i, (k, v) in s.kv.items():
