@@ -632,3 +632,29 @@ def test_each_capture_runs_on_a_stream_of_the_device_it_is_given(monkeypatch):
     for device in ("cuda:1", "cuda:0", "cuda:1"):  # the denoiser's step, a context step, the denoiser's
         towers.capture_graph(lambda: torch.zeros(1), torch.device(device))
     assert captures == [1, 0, 1]
+
+
+def test_only_decode_steps_and_commits_of_a_block_width_are_captured(model, captured, monkeypatch):
+    """Context steps of other lengths (chat turns, a server's continuations) run over the buffers but are not
+    captured, however often their length comes; once the denoiser has seen blocks of that width (commits),
+    the length is captured at its next two steps. Logits as without graphs throughout."""
+    monkeypatch.setattr(towers, "STATIC_MIN_CAPACITY", 64)  # no growth (a new capture) within the test
+    eager, g = TowerBackend(model), graphed(model)
+    for b in (eager, g):
+        b.reset(1)
+        b.extend(torch.tensor([[5, 9, 14, 7]]))
+    gen = torch.Generator().manual_seed(4)
+
+    def step(width: int) -> None:
+        ids = torch.randint(4, 40, (1, width), generator=gen)
+        torch.testing.assert_close(g.extend(ids), eager.extend(ids), rtol=0, atol=1e-5)
+
+    for _ in range(4):
+        step(3)
+    assert g._static is not None and g.captures == 0
+    x, t = torch.full((1, 3), 3), torch.tensor([1.0])
+    torch.testing.assert_close(g.denoise(x, t), eager.denoise(x, t), rtol=0, atol=1e-5)  # a block of width 3
+    step(3)
+    assert g.captures == 0
+    step(3)
+    assert g.captures == 1

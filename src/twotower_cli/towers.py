@@ -487,8 +487,10 @@ class TowerBackend:
       columns and attends over all columns with the unused ones masked (`Attention.step_into`), and the
       Mamba layers update their states in place (`NemotronHModel.step_into`), so each step of a length
       has the same shapes. The first such step after any other change runs eagerly, the second moves the
-      cache into buffers, and a length's step is captured the second time it comes; later ones replay. A
-      step that does not fit doubles the buffers (everything captured again: log2 of the length times).
+      cache into buffers. One-token steps and steps of a width the denoiser's blocks had (commits) are
+      captured the second time they come and replayed after; other lengths run over the buffers
+      uncaptured. A step that does not fit doubles the buffers (everything captured again: log2 of the
+      length times).
     - The denoiser's step is captured the second time a block of its shape comes and replayed after: over
       those buffers (every column, the unused masked) once they exist, so the graph outlives commits, and
       before that over the cache itself, for the steps of one block. mock_ar's denoiser steps (no t) are
@@ -516,6 +518,10 @@ class TowerBackend:
         self._static: _Static | None = None  # the buffers the cache lives in, if it does
         # buffers given up, with their graphs, per batch size (the latest SPARE_BATCH_SIZES sizes)
         self._spares: collections.OrderedDict[int, _Static] = collections.OrderedDict()
+        # Context steps captured: one token (decode) and the widths of the denoiser's blocks (commits). Other
+        # lengths (chat turns, a server's continuations) run over the buffers uncaptured: a graph per length
+        # that came twice would hold a memory pool each, per batch size, for lengths that rarely recur.
+        self._block_widths: set[int] = set()
         self._armed = False  # the last step was a context step that could run over fixed-size buffers
 
     def compile(self, backend: str = "inductor") -> TowerBackend:
@@ -608,9 +614,11 @@ class TowerBackend:
         self._graph = None  # (graphs over the buffers stay: `s.blocks`)
         with attention.sdpa_backends(self.device):
             s.pos.fill_(T)
-            step = s.steps.get(L)
-            if step is None:  # the first step of this length: uncaptured
-                s.steps[L] = _StepGraph()
+            captured = L == 1 or L in self._block_widths  # the lengths graphed (see `_block_widths`)
+            step = s.steps.get(L) if captured else None
+            if step is None:  # uncaptured: another length, or the first step of this one with these buffers
+                if captured:
+                    s.steps[L] = _StepGraph()
                 out = self._run_static(s, ids.to(self.device))
             elif step.replay is None:
                 step.ids = ids.to(self.device).clone()
@@ -777,6 +785,7 @@ class TowerBackend:
                 self._denoiser_view = cache_on(self.cache, den)
             context = self._denoiser_view
         with attention.sdpa_backends(den):  # for compiled layers too (`Attention.forward`)
+            self._block_widths.add(block.shape[1])
             if self.graphs and t is not None and den.type in GRAPH_DEVICES:
                 return self._graphed(block, context, t, rows, block_valid)
             return self.twotower.denoise(block, context, t, rows=rows, block_valid=block_valid)
