@@ -466,3 +466,15 @@ def test_text_files(tmp_path):
     (folder / "generation_config.json").write_text('{"eos_token_id": "eleven"}')
     problems = problems_of(folder)
     assert len(problems) == 1 and "generation_config.json" in problems[0]
+
+
+def test_sparse_nano_help_prints_usage_and_builds_nothing(tmp_path):
+    """`python benchmarks/sparse_nano.py --help` built a 63 GB sparse checkpoint in a folder named '--help'."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_nano.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout.lower()
+    assert list(tmp_path.iterdir()) == []
