@@ -11,7 +11,6 @@ tools (inspect, split --dry-run) see exactly what they would see on the real dow
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from twotower_cli.checkpoint import assign_shards, encode_header, shard_names, write_index
@@ -98,7 +97,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 if __name__ == "__main__":
-    out = build_sparse_nano(sys.argv[1] if len(sys.argv) > 1 else "/tmp/twotower-nano-sparse")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="/tmp/twotower-nano-sparse",
+                        help="where to build it (default: /tmp/twotower-nano-sparse)")
+    out = build_sparse_nano(parser.parse_args().folder)
     n_files = len(list(out.glob("*.safetensors")))
     apparent = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print(f"{out}: {n_files} shards, {apparent / 1e9:.2f} GB apparent, "

@@ -409,6 +409,25 @@ def test_twotower_fields(tmp_path):
     assert "TwoTower" in result.stderr and "1↔1" in result.stderr and "trained" in result.stderr
 
 
+def test_truncated_twotower_time_conditioning_is_unknown_and_its_shard_not_ok(tmp_path):
+    """A shard cut short before the time-conditioning bytes: those bytes were not read, so they are neither
+    'identity' nor 'trained'; and the shard's row does not say 'ok' beside a truncation problem."""
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.split import execute, load_source, plan_split
+
+    src = random_checkpoint(tmp_path / "src", small_config())
+    out = execute(plan_split(*load_source(src), "5GB", "keep", 5, 8, "src-name"), tmp_path / "out").out
+    ckpt = open_checkpoint(out)
+    first = min(ckpt.tensors[n].file_range[0] for n in ckpt.tensors if n.startswith(("t_block.", "scale_shift")))
+    f = out / ckpt.tensors["t_block.1.weight"].file
+    with open(f, "r+b") as fh:
+        fh.truncate(first)
+    r = inspect_checkpoint(out)
+    assert any("truncated" in p for p in r.problems)
+    assert r.twotower["time_conditioning"] == "unknown"
+    assert [s["status"] for s in r.shards if s["file"] == f.name] == ["truncated"]
+
+
 # ---------------------------------------------------------------------------------------------- 30B
 
 def test_sparse_nano_totals_under_a_second(tmp_path):
@@ -447,3 +466,15 @@ def test_text_files(tmp_path):
     (folder / "generation_config.json").write_text('{"eos_token_id": "eleven"}')
     problems = problems_of(folder)
     assert len(problems) == 1 and "generation_config.json" in problems[0]
+
+
+def test_sparse_nano_help_prints_usage_and_builds_nothing(tmp_path):
+    """`python benchmarks/sparse_nano.py --help` built a 63 GB sparse checkpoint in a folder named '--help'."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_nano.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout.lower()
+    assert list(tmp_path.iterdir()) == []

@@ -1133,3 +1133,21 @@ def test_n_choices_are_rows_of_one_batch(url, model, folder):
                                                            "max_tokens": 6, "n": 2})[1])
     texts = [c["message"]["content"] for c in chat["choices"]]
     assert len(texts) == 2 and texts[0] == texts[1]
+
+
+def test_help_names_every_request_field_that_overrides_an_option():
+    """`serve --help` lists the request fields that override its options: all the sampler fields the server
+    reads (top_k, n, policy and factor were missing)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from twotower_cli.cli import get_app
+
+    r = CliRunner().invoke(get_app(), ["serve", "--help"], terminal_width=200)
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())
+    listed = re.search(r"a request's own fields \(([^)]*)\) override them", text)
+    assert listed, text[:600]
+    names = set(re.findall(r"[a-z_]+", listed.group(1))) - {"and"}
+    assert {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n", "block_size", "steps",
+            "threshold", "policy", "factor", "mode"} <= names

@@ -217,9 +217,13 @@ def inspect_checkpoint(path: str | Path) -> Report:
     shards = []
     for file in ckpt.files:
         shard = ckpt.shards.get(file)
+        if shard is None:
+            status = "missing" if file in ckpt.missing_files else "unreadable"
+        else:
+            ends = [t.data_offsets[1] for t in shard.tensors.values()]
+            status = "truncated" if ends and max(ends) > shard.file_size - shard.header_size else "ok"
         shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0,
-                       "bytes": shard.file_size if shard else 0,
-                       "status": "ok" if shard else ("missing" if file in ckpt.missing_files else "unreadable")})
+                       "bytes": shard.file_size if shard else 0, "status": status})
     raw = ckpt.config_raw if isinstance(ckpt.config_raw, dict) else {}
     arch = raw.get("architectures") or []
     arch = ", ".join(map(str, arch if isinstance(arch, list) else [arch])) or "?"
@@ -338,7 +342,10 @@ def time_conditioning_state(ckpt: Checkpoint, cfg: NemotronHConfig | None) -> st
                 expected_chunks = iter([(t.nbytes, bytes(2 * width) + _ONE[t.dtype] * t.shape[1])])
             offset = t.file_range[0]
             for n, want in expected_chunks:
-                if os.pread(fds[t.file], n, offset) != want:
+                got = os.pread(fds[t.file], n, offset)
+                if len(got) < n:  # the file ends first (truncated): these bytes tell nothing
+                    return "unknown"
+                if got != want:
                     return "trained"
                 offset += n
         return "identity"

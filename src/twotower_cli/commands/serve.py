@@ -12,7 +12,8 @@ from twotower_cli.commands import options as O
 
 @app.command(help="Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, "
              "/v1/models.\n\nThe options are the defaults of every request; a request's own fields (max_tokens, "
-             "temperature, top_p, stop, seed, stream, and block_size, steps, threshold, mode) override them. "
+             "temperature, top_p, top_k, stop, seed, stream, n, and block_size, steps, threshold, policy, factor, "
+             "mode) override them. "
              "Requests with the same mode and block are sampled as one batch (--max-batch); one that comes while a batch "
              "runs joins it at its next block (continuous batching).")
 @guarded
