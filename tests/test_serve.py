@@ -157,6 +157,17 @@ def test_chat_takes_null_content_and_streams_a_role_for_every_choice(url):
     assert done and roles == [0, 1], chunks
 
 
+class StoppedServer:
+    """A stand-in for `serve.make_server`'s server that stops at once, as Ctrl-C would (a CLI start is no hang)."""
+    server_address = ("127.0.0.1", 1)
+
+    def serve_forever(self):
+        raise KeyboardInterrupt
+
+    def server_close(self):
+        pass
+
+
 def test_cli_serve_refuses_a_chat_arg_the_server_sets(folder, monkeypatch):
     """--chat-arg messages=... made every chat request a 500; now it is refused at the start (the server is
     replaced by one that stops at once, as Ctrl-C would, so that a start is no hang)."""
@@ -165,16 +176,7 @@ def test_cli_serve_refuses_a_chat_arg_the_server_sets(folder, monkeypatch):
     import twotower_cli.serve
     from twotower_cli.cli import get_app
 
-    class Stopped:
-        server_address = ("127.0.0.1", 1)
-
-        def serve_forever(self):
-            raise KeyboardInterrupt
-
-        def server_close(self):
-            pass
-
-    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **kw: Stopped())
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **kw: StoppedServer())
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--chat-arg", "messages=[]"])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and "--chat-arg cannot set messages" in lines[0], r.output
@@ -415,18 +417,9 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
 
     engines = []
 
-    class Stopped:
-        server_address = ("127.0.0.1", 1)
-
-        def serve_forever(self):
-            raise KeyboardInterrupt
-
-        def server_close(self):
-            pass
-
     def fake_make_server(engine, host, port, log=None, api_key=None):
         engines.append(engine)
-        return Stopped()
+        return StoppedServer()
 
     monkeypatch.setattr(twotower_cli.serve, "make_server", fake_make_server)
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder)])
