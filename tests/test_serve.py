@@ -1144,3 +1144,42 @@ def test_help_names_every_request_field_that_overrides_an_option():
     names = set(re.findall(r"[a-z_]+", listed.group(1))) - {"and"}
     assert {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "stream", "n", "block_size", "steps",
             "threshold", "policy", "factor", "mode"} <= names
+
+
+def test_a_waiting_request_on_a_connection_past_fd_1023_is_answered(folder, model, monkeypatch):
+    """A busy server's connections get descriptors past select()'s FD_SETSIZE (1024): asking whether such
+    a client is gone must not fail (select.select raised ValueError, and every such request was a 500)."""
+    import os
+    import resource
+
+    from twotower_cli import serve
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip("the descriptor limit is below 1200 here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    monkeypatch.setattr(serve, "GONE_POLL_SECONDS", 0.01)
+    held = []
+    try:
+        while True:  # the next descriptors, the server's accepted socket's among them, are past 1023
+            held.append(os.open(os.devnull, os.O_RDONLY))
+            if held[-1] >= 1030:
+                break
+        for _ in range(4):  # free only the top ones: the server's sockets get those
+            os.close(held.pop())
+        engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+        got = {}
+        with serving(engine) as base:
+            asking = threading.Thread(target=lambda: got.update(answer=post(
+                base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})))
+            with engine.lock:  # the request waits for the model: its client is asked after
+                asking.start()
+                time.sleep(0.3)
+            asking.join(60)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert got["answer"][0] == 200, got

@@ -836,9 +836,15 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def _gone(self) -> bool:
             """Whether the client has closed its connection: after its request it sends nothing, so a socket
-            that reads as ready holds the end of the stream (or an error)."""
+            that reads as ready holds the end of the stream (or an error). poll, not select: a busy server's
+            sockets have descriptors past select's FD_SETSIZE (1024), where select raises ValueError."""
             try:
-                ready, _, _ = select.select([self.connection], [], [], 0)
+                if hasattr(select, "poll"):
+                    poller = select.poll()
+                    poller.register(self.connection, select.POLLIN)
+                    ready = poller.poll(0)
+                else:  # Windows: no poll, and no FD_SETSIZE limit on descriptor numbers there
+                    ready, _, _ = select.select([self.connection], [], [], 0)
                 return bool(ready) and not self.connection.recv(1, socket.MSG_PEEK)
             except OSError:
                 return True
