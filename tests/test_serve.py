@@ -325,7 +325,7 @@ def test_a_body_over_the_limit_is_refused_unread(url, monkeypatch):
     assert status == 413 and "over" in json.loads(text)["error"]["message"]
 
 
-@pytest.mark.parametrize("length", ["abc", "-1", "1e3"])
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3", "\u00b2"])  # '²' (latin-1) is a digit to str.isdigit
 def test_a_content_length_that_is_no_number_of_bytes_is_a_bad_request(url, length):
     """A 400 (not a 500, and for -1 not a read that waits for the client to close)."""
     import http.client

@@ -890,7 +890,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return
             try:
                 length = self.headers.get("Content-Length") or "0"
-                if not length.isdigit():  # a negative one would read until the client closes
+                if not (length.isascii() and length.isdigit()):  # -1 would read until the client closes; '²' is a digit
                     raise BadRequest(f"the Content-Length header {length!r} is not a number of bytes")
                 length = int(length)
                 if length > MAX_BODY_BYTES:
