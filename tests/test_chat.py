@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -304,3 +305,37 @@ def test_cli_chat_no_template_ignores_the_template(chat_folder, folder):
     a = json.loads(invoke("--model", str(chat_folder), "--no-template", *common, input="hello\n").stdout)
     b = json.loads(invoke("--model", str(folder), *common, input="hello\n").stdout)
     assert a["prompt_tokens"] == b["prompt_tokens"] and a["token_ids"] == b["token_ids"]
+
+
+def test_cli_chat_sigterm_during_a_reply_ends_an_interactive_chat(folder, monkeypatch):
+    """On a terminal Ctrl-C during a reply stops only that reply; SIGTERM (`kill`, a container stopping),
+    which `cli.guarded` raises as Ctrl-C's KeyboardInterrupt, must still end the chat (it stopped the reply
+    and waited for the next message: the process did not end)."""
+    import os
+    import signal
+    import sys
+
+    from twotower_cli import display
+    from twotower_cli.commands import chat as chat_command
+
+    class Terminal:  # stdin as a terminal: the interactive loop reads its lines with a prompt
+        def __getattr__(self, name):
+            return getattr(sys, name)
+
+        stdin = type("Tty", (), {"isatty": staticmethod(lambda: True)})()
+
+    real_follow, replies = display.follow, []
+
+    def follow(*args, **kwargs):
+        replies.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # while the reply runs
+        time.sleep(0.5)
+        return real_follow(*args, **kwargs)
+
+    lines = iter(["hello", "more"])
+    monkeypatch.setattr(chat_command, "sys", Terminal())
+    monkeypatch.setattr(chat_command, "_lines", lambda interactive: lines)
+    monkeypatch.setattr(display, "follow", follow)
+    r = invoke("--model", str(folder), "--block", "4", "-n", "2", "--no-live")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == "Error: interrupted", r.output
+    assert replies == [1] and "reply stopped" not in r.stderr, r.output

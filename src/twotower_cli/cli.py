@@ -103,6 +103,11 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt (`_term_as_interrupt`): what cleans up on Ctrl-C cleans up
+    on it too, but where Ctrl-C only stops the work in hand (chat's reply on a terminal), it ends the command."""
+
+
 @contextlib.contextmanager
 def _term_as_interrupt() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a batch scheduler, a container stopping) ends a command as Ctrl-C does: a
@@ -110,7 +115,7 @@ def _term_as_interrupt() -> Iterator[None]:
     temporary folders), train says which step its output holds, and serve answers its open requests and
     stops its model's thread; by default SIGTERM ends the process at once and leaves partial output behind."""
     def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         previous = signal.signal(signal.SIGTERM, stop)

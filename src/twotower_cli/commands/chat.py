@@ -104,7 +104,7 @@ def chat(
     import torch
 
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
-    from twotower_cli.cli import report_error, report_warning
+    from twotower_cli.cli import Terminated, report_error, report_warning
     from twotower_cli.display import err_console, follow, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
@@ -154,8 +154,8 @@ def chat(
         try:  # the live view's status line is replaced by the turn's stats line below
             finished = follow(chat_turn(backend, conversation, line, settings, rt.eos_ids, gen), rt.tokenizer.decode,
                               [""], settings, live, keep_status=False)
-        except KeyboardInterrupt:
-            if not interactive:
+        except KeyboardInterrupt as e:
+            if not interactive or isinstance(e, Terminated):  # SIGTERM ends the chat, not only the reply
                 raise
             console.print("[dim](reply stopped; it is not part of the conversation)[/]")
             continue
