@@ -507,6 +507,8 @@ class TrainConfig:
         if self.seq_len % self.block:
             raise TwoTowerError(f"--seq-len {self.seq_len} is not a multiple of --block {self.block}",
                                 f"use e.g. --seq-len {max(1, self.seq_len // self.block) * self.block}")
+        if self.seed < 0:  # the derived seeds are numpy SeedSequence's, which takes non-negative integers
+            raise TwoTowerError(f"--seed {self.seed} is negative", "use a seed of 0 or more")
         for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative", None)
