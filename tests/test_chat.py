@@ -339,3 +339,17 @@ def test_cli_chat_sigterm_during_a_reply_ends_an_interactive_chat(folder, monkey
     r = invoke("--model", str(folder), "--block", "4", "-n", "2", "--no-live")
     assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == "Error: interrupted", r.output
     assert replies == [1] and "reply stopped" not in r.stderr, r.output
+
+
+@pytest.mark.parametrize("command, arg", [("chat", "messages=[]"), ("chat", "add_generation_prompt=false"),
+                                          ("generate", "messages=[]")])
+def test_cli_chat_arg_the_command_sets_is_one_error_line(chat_folder, command, arg):
+    """--chat-arg setting what chat / generate --chat pass the template themselves (the conversation; chat's
+    generation prompt) is one Error line, as serve refuses it (it was 'TypeError: render() got multiple
+    values ...', reported as a bug)."""
+    args = ["--model", str(chat_folder), "-n", "4", "--block", "4", "--no-live", "--chat-arg", arg]
+    args = [*args, "--chat", "hi"] if command == "generate" else args
+    r = CliRunner().invoke(get_app(), [command, *args], input="hi\n")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: --chat-arg cannot set {arg.split('=')[0]}") and "bug" not in lines[0]

@@ -108,6 +108,7 @@ def chat(
     from twotower_cli.display import err_console, follow, out_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
+    from twotower_cli.serve import template_variables_taken
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
@@ -118,6 +119,8 @@ def chat(
         raise TwoTowerError("--system and --chat-arg shape a chat template, and this chat has none",
                             "leave them out, or use a checkpoint with a chat template (without --no-template)")
     variables = parse_template_args(chat_arg or [])
+    if taken := template_variables_taken(variables):  # else a TypeError at the first turn, "a bug"
+        raise TwoTowerError(f"--chat-arg cannot set {taken}: chat sets it for each turn", "leave it out")
     rt = open_runtime(str(folder), need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
                       cuda_graphs=cuda_graphs)

@@ -78,6 +78,9 @@ def generate(
         raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
     if (system is not None or chat_arg) and not chat:
         raise TwoTowerError("--system and --chat-arg shape a chat template", "add --chat")
+    variables = parse_template_args(chat_arg or [])
+    if "messages" in variables:  # else a TypeError from the template's render, "a bug"
+        raise TwoTowerError("--chat-arg cannot set messages: the prompts are the messages", "leave it out")
     items = read_prompts(prompt, prompt_file, conversations=chat)  # strings; with --chat also conversations
     # what people see of each prompt: its text, or a conversation's last message
     texts = [item if isinstance(item, str) else item[-1]["content"] for item in items]
@@ -85,7 +88,7 @@ def generate(
     if chat:  # before the (slow) load: a missing or broken template fails fast
         folder = model_folder(model)
         model = str(folder)
-        model_texts = render_chats(folder, items, system, parse_template_args(chat_arg or []))
+        model_texts = render_chats(folder, items, system, variables)
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
                       cuda_graphs=cuda_graphs)
