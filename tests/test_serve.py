@@ -1183,3 +1183,36 @@ def test_a_waiting_request_on_a_connection_past_fd_1023_is_answered(folder, mode
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert got["answer"][0] == 200, got
+
+
+def test_an_answer_to_a_client_that_left_prints_no_traceback(folder, model, monkeypatch, capsys):
+    """The 503 `Engine.close` (Ctrl-C, SIGTERM) gives a request whose client has left (and was not noticed
+    yet) fails to write: the server goes on quietly, without socketserver's 'Exception occurred during
+    processing of request' traceback on its stderr."""
+    import socket
+    import struct
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "GONE_POLL_SECONDS", 60)  # the client's leaving is not noticed before close
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    with serving(engine) as base:
+        where = urllib.parse.urlsplit(base)
+        with engine.lock:  # the request waits for the model
+            client = socket.create_connection((where.hostname, where.port), timeout=30)
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 30
+            while not engine.pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # a reset: the server's next write fails
+            time.sleep(0.2)
+            closing = threading.Thread(target=engine.close)  # answers with a 503, then waits for the model
+            closing.start()
+            time.sleep(0.5)  # the handler writes its 503
+        closing.join(60)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err

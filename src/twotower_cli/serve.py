@@ -50,6 +50,7 @@ import math
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -952,6 +953,13 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address: ::1, ::
+
+        def handle_error(self, request, client_address) -> None:
+            """A client that left before its answer (an error, or `Engine.close`'s 503, written to a closed
+            socket) is no error of the server's: no traceback on its stderr."""
+            if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                return
+            super().handle_error(request, client_address)
 
     return Server((host, port), Handler)
 
