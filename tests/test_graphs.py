@@ -281,8 +281,9 @@ def test_cuda_graphs_without_a_gpu_is_one_error_line(command):
 
     r = CliRunner().invoke(get_app(), [*command, "--device", "cpu", "--cuda-graphs"])
     assert r.exit_code == 1, r.output
-    assert r.stderr.splitlines() == ["Error: --cuda-graphs needs the denoiser on a GPU; it would run on cpu "
-                                     "(hint: use --device cuda (or --denoiser-device cuda:N), or drop --cuda-graphs)"]
+    assert r.stderr.splitlines() == ["Error: --cuda-graphs needs a tower on a GPU; both would run on cpu (hint: use "
+                                     "--device cuda (or --context-device / --denoiser-device cuda:N), or drop "
+                                     "--cuda-graphs)"]
 
 
 def assert_same_cache(got: towers.TowerCache, want: towers.TowerCache, atol: float = 1e-6) -> None:

@@ -92,8 +92,8 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
                  compile: bool = False, threads: int | None = None, cuda_graphs: bool = False) -> Runtime:
     """Resolve the model name (alias, hub id in the cache, or folder), load it, and load its tokenizer.
     `compile`: torch.compile the decode and block steps (`TowerBackend.compile`). `threads`: CPU threads for
-    torch (default: torch's own choice, one per core). `cuda_graphs`: replay the denoiser's step within a
-    block from a CUDA graph (`TowerBackend`); needs the denoiser on a GPU."""
+    torch (default: torch's own choice, one per core). `cuda_graphs`: replay the steps of the towers that run
+    on a GPU from CUDA graphs (`TowerBackend`); needs one of them there."""
     if threads is not None:
         if threads < 1:
             raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
@@ -105,9 +105,10 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     ctx = pick_device(context_device) if context_device else dev
     den = pick_device(denoiser_device) if denoiser_device else dev
     tdtype = pick_dtype(dtype, ctx)
-    if cuda_graphs and den.type != "cuda":
-        raise TwoTowerError(f"--cuda-graphs needs the denoiser on a GPU; it would run on {den}",
-                            "use --device cuda (or --denoiser-device cuda:N), or drop --cuda-graphs")
+    if cuda_graphs and ctx.type != "cuda" and den.type != "cuda":
+        where = f"both would run on {den}" if ctx == den else f"they would run on {ctx} and {den}"
+        raise TwoTowerError(f"--cuda-graphs needs a tower on a GPU; {where}",
+                            "use --device cuda (or --context-device / --denoiser-device cuda:N), or drop --cuda-graphs")
     tokenizer = Tokenizer(folder)
     generation_eos = generation_eos_ids(folder)  # read before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,
