@@ -605,11 +605,8 @@ class TowerBackend:
         cache = self.cache
         T, L = cache.length, ids.shape[1]
         s = self._static
-        if s is None or T + L > s.capacity:
-            if s is not None:  # too small: given up for good
-                self._release(s)
-                self._static = None
-            s = self._adopt(T + L)
+        if s is None or T + L > s.capacity:  # (buffers too small are dropped: the cache is copied out of them
+            s = self._adopt(T + L)  # into the new ones, with nothing of its own to make first)
         self._denoiser_view = None  # the cache changes: the denoiser's copy and a graph over it are stale
         self._graph = None  # (graphs over the buffers stay: `s.blocks`)
         with attention.sdpa_backends(self.device):
