@@ -225,6 +225,11 @@ def uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.
     return torch.rand(shape, generator=_generator_on(generator, device), device=device)
 
 
+def seed_in_range(seed: int) -> bool:
+    """Whether `torch.Generator.manual_seed` takes `seed`: a signed or unsigned 64-bit integer."""
+    return -(1 << 63) <= seed < 1 << 64
+
+
 def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
             exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prediction and confidence per position of fp32 logits [..., V].

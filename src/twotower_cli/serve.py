@@ -310,7 +310,7 @@ class Engine:
         if (logprobs or echo) and stream:
             raise BadRequest("logprobs and echo are given for whole replies only: leave out 'stream'")
         seed = _number(body, "seed", int, None)
-        if seed is not None and not -(1 << 63) <= seed < 1 << 64:  # what torch.Generator.manual_seed takes
+        if seed is not None and not S.seed_in_range(seed):
             raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),

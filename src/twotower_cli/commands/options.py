@@ -47,10 +47,10 @@ def sampling_config(options: dict) -> SamplingConfig:
     block size where the options leave them out)."""
     from twotower_cli.config import DEFAULT_BLOCK_SIZE
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.sampler import SamplingConfig
+    from twotower_cli.sampler import SamplingConfig, seed_in_range
 
     o = options
-    if o.get("seed") is not None and not -(2**63) <= o["seed"] < 2**64:  # what torch.Generator.manual_seed takes
+    if o.get("seed") is not None and not seed_in_range(o["seed"]):
         raise TwoTowerError(f"seed {o['seed']} is out of range", "use a seed from 0 to 2**64 - 1")
     # no --block: the checkpoint's training block, known after the load; until then a block that fits --steps
     block = o["block"] if o["block"] is not None else max(o["steps"] or DEFAULT_BLOCK_SIZE, 1)
