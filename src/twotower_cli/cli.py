@@ -11,16 +11,57 @@ import contextlib
 import functools
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import click
 import typer
+import typer.core
+from typer.core import TyperGroup
 
 from twotower_cli import __version__
 from twotower_cli.errors import TwoTowerError
 
+# The click typer runs on: recent typer carries its own copy (`typer._click`, whose exceptions are not the click
+# package's), older typer uses click itself.
+_click = getattr(typer.core, "_click", None) or typer.core.click
+_NoArgsIsHelp = getattr(_click.exceptions, "NoArgsIsHelpError", ())  # click < 8.2 prints the help and exits 0
+
+
+class _Commands(TyperGroup):
+    """The command group, whose command line errors (an unknown option, a value that does not parse, a
+    missing or extra argument) are bad input like any other: one `Error: …` line with a hint and exit code 1,
+    where typer draws a usage line and a boxed message and exits with 2. `twotower` alone still prints the
+    help (exit code 2, as click does)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            # not standalone: click exceptions come out; typer.Exit's code is returned, and a command that
+            # ends normally returns None (`guarded` returns nothing)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as e:  # the help is printed already
+            sys.exit(e.exit_code)
+        except _click.exceptions.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            path = ctx.command_path if ctx is not None else self._path(args, prog_name)
+            report_error(TwoTowerError(e.format_message(), f"{path} -h lists its arguments and options"))
+            sys.exit(1)
+        except typer.Abort:
+            report_error(KeyboardInterrupt())
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def _path(self, args, prog_name) -> str:  # noqa: ANN001
+        """`twotower COMMAND` for an error that names no context (an option missing its value)."""
+        prog = prog_name or "twotower"
+        name = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)
+        return f"{prog} {name}" if name in self.commands else prog
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="twotower",
     help="Block-diffusion language models from pretrained NemotronH checkpoints.",
     no_args_is_help=True,
@@ -81,14 +122,14 @@ def _escape(text: str) -> str:
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command so that errors become one `Error: …` line and exit code 1 (traceback only with
-    TWOTOWER_DEBUG=1). Typer's own usage errors keep their exit code 2."""
+    TWOTOWER_DEBUG=1). Command line errors typer finds are reported the same way (`_Commands`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             with _term_as_interrupt():
-                return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.ClickException):
+                fn(*args, **kwargs)  # nothing returned: the exit code is 0 (`_Commands.main`)
+        except (typer.Exit, typer.Abort, _click.exceptions.ClickException):
             raise
         except BrokenPipeError:  # the reader left (`| head`): click ends quietly with exit code 1, as rich does
             raise

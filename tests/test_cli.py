@@ -1,0 +1,53 @@
+"""The command line itself: a command line typer cannot parse is bad input like any other — one `Error: …`
+line on stderr with a hint naming the command's help, exit code 1, nothing on stdout, no usage box."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from twotower_cli.cli import get_app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args, command, needle", [
+    (["generate", "--bogus", "x"], "twotower generate", "No such option: --bogus"),
+    (["generate", "-n", "abc", "x"], "twotower generate", "'--max-new-tokens'"),
+    (["generate", "--mode"], "twotower generate", "'--mode' requires an argument"),
+    (["split", "tiny-base", "out"], "twotower split", "unexpected extra argument"),
+    (["inspect"], "twotower inspect", "Missing argument"),
+    (["train", "--steps", "1.5"], "twotower train", "'--steps'"),
+    (["serve", "--port", "http"], "twotower serve", "'--port'"),
+    (["nosuch"], "twotower", "No such command 'nosuch'"),
+    (["--bogus"], "twotower", "No such option: --bogus"),
+])
+def test_command_line_errors_are_one_error_line(args, command, needle):
+    r = runner.invoke(get_app(), args)
+    assert r.exit_code == 1, r.output
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: ") and needle in lines[0], lines[0]
+    assert lines[0].endswith(f"(hint: {command} -h lists its arguments and options)"), lines[0]
+    assert "Usage:" not in r.output and "╭" not in r.output
+
+
+def test_help_version_and_no_arguments_keep_their_exit_codes():
+    assert runner.invoke(get_app(), ["--version"]).exit_code == 0
+    r = runner.invoke(get_app(), ["generate", "-h"])
+    assert r.exit_code == 0 and "--max-new-tokens" in r.stdout
+    r = runner.invoke(get_app(), [])
+    assert r.exit_code == 2 and "generate" in r.output and "Error" not in r.output  # the help, as click does
+
+
+def test_the_installed_command_reports_command_line_errors_in_one_line():
+    """Through the real entry point (`python -m twotower_cli`), not only the test runner."""
+    p = subprocess.run([sys.executable, "-m", "twotower_cli", "generate", "--top-k", "many", "hi"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("Error: ") and "'--top-k'" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
