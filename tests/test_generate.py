@@ -541,6 +541,58 @@ def test_cli_output_to_a_reader_that_left_ends_quietly(trained_like):
     assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
 
 
+@pytest.mark.parametrize(("mode", "at", "signal"), [("mask_diffusion", "extend", "int"), ("mask_diffusion", "denoise", "term"),
+                                              ("ar", "extend", "int")])
+def test_cli_ctrl_c_with_continuous_batching_prints_the_prompts_under_way(trained_like, tmp_path, monkeypatch,
+                                                                          mode, at, signal):
+    """Several prompts without the live view run with continuous batching. Ctrl-C (or SIGTERM: cli.Terminated)
+    after two blocks (ar: tokens), as they go into the context or in the third block's first denoiser step:
+    each prompt under way prints its text so far, in file order, as a run of that length prints it, then
+    `Error: interrupted` and exit code 1, as one prompt does (their text was lost); with --json each is a
+    record with finish_reason "interrupted". The fourth prompt, which has not started (--batch-size 3), is not
+    printed."""
+    from twotower_cli.cli import Terminated
+
+    prompts = ["hello", "abc", "the quick", "brown fox"]
+    f, first3 = tmp_path / "p.txt", tmp_path / "first3.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    first3.write_text("\n".join(prompts[:3]) + "\n")
+    common = ("--model", str(trained_like), "--block", "4", "--mode", mode, "--batch-size", "3")
+    n = 8 if mode == "mask_diffusion" else 2
+    want = invoke("--prompt-file", str(first3), *common, "-n", str(n), "--no-live")
+    want_json = invoke("--prompt-file", str(first3), *common, "-n", str(n), "--json")
+    assert want.exit_code == 0 and want_json.exit_code == 0, want.output + want_json.output
+    records = [json.loads(line) for line in want_json.stdout.splitlines()]
+    # each went on after the n tokens it shows: ended by its length, not by an end id
+    assert [x["finish_reason"] for x in records] == ["length"] * 3, records
+    real_extend, real_denoise, extends = TowerBackend.extend, TowerBackend.denoise, []
+    stop = Terminated if signal == "term" else KeyboardInterrupt
+
+    def extend(self, *args, **kwargs):  # the prompts, then one feed per committed block (ar: token)
+        extends.append(1)
+        if at == "extend" and len(extends) == 3:
+            raise stop
+        return real_extend(self, *args, **kwargs)
+
+    def denoise(self, *args, **kwargs):
+        if at == "denoise" and len(extends) == 3:
+            raise stop
+        return real_denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(TowerBackend, "extend", extend)
+    monkeypatch.setattr(TowerBackend, "denoise", denoise)
+    r = invoke("--prompt-file", str(f), *common, "-n", "40", "--no-live")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
+    assert r.stdout == want.stdout
+    extends.clear()
+    r = invoke("--prompt-file", str(f), *common, "-n", "40", "--json")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["prompt"], x["text"], x["token_ids"], x["finish_reason"]) for x in got] == [
+        (x["prompt"], x["text"], x["token_ids"], "interrupted") for x in records]
+    assert all(x["settings"]["max_new_tokens"] == 40 and x["mode"] == mode and x["nfe"] >= 1 for x in got)
+
+
 def test_cli_live_view_on_a_terminal_prints_the_prompts_it_does_not_draw(trained_like, tmp_path, monkeypatch):
     """Six prompts, live on a terminal: the view draws four and counts the others ("+2 more prompts"); those
     two are printed, as --no-live prints them, instead of shown nowhere."""

@@ -142,7 +142,8 @@ class BlockDone:
 class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # generated, cut before the first stop/EOS id
-    finish_reason: Literal["eos", "length", "stop"]  # stop: the caller's `until` ended it
+    # stop: the caller's `until` ended it; interrupted: what it had when a run was stopped (`Continuous.so_far`)
+    finish_reason: Literal["eos", "length", "stop", "interrupted"]
     nfe: int  # forwards this sequence needed: while active and, in mask_diffusion, its block still had masks
     stop_id: int | None = None  # the stop/EOS id that ended it ("eos"), not part of token_ids
 
