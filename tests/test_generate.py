@@ -252,6 +252,24 @@ def test_cli_block_defaults_to_the_block_the_denoiser_was_trained_with(trained_l
                                                     f"size {block}"), r.output
 
 
+@pytest.mark.parametrize("mode", ["ar", "mock_ar"])
+def test_cli_ar_modes_are_not_refused_over_steps_and_block_they_do_not_use(trained_like, mode):
+    """ar and mock_ar decode token by token: --steps beyond the checkpoint's block (4), or beyond --block, does
+    not stop them (it was 'Error: steps 9 must be between 1 and the block size 4') and changes nothing; a
+    --steps that is no number of steps at all is still an error, as --threshold 2 is in these modes."""
+    common = ("hello", "--model", str(trained_like), "--mode", mode, "-n", "6", "--no-live")
+    want = invoke(*common)
+    assert want.exit_code == 0, want.output
+    for extra in (("--steps", "9"), ("--block", "2", "--steps", "3")):
+        r = invoke(*common, *extra)
+        assert r.exit_code == 0 and r.stdout == want.stdout, (extra, r.output)
+    r = invoke(*common, "--steps", "0")
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: steps 0 must be at least 1 (hint: {mode} does not use it: leave it out)"), r.output
+    r = invoke(*common, "--threshold", "2")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: threshold 2.0 must be in (0, 1]"), r.output
+
+
 def test_cli_block_larger_than_trained_warns_once_and_samples(trained_like, tmp_path):
     r = invoke("hello", "--model", str(trained_like), "--block", "8", "-n", "8", "--json")
     assert r.exit_code == 0, r.output
