@@ -209,6 +209,51 @@ def test_run_in_order_gives_each_prompt_its_own_max_new_tokens(model):
                for (_, g, _), p, n in zip(got, PROMPTS, lengths, strict=True))
 
 
+class _Interrupting(TowerBackend):
+    """Ctrl-C from inside a step: a KeyboardInterrupt at the 2nd context feed (`at="extend"`: the one after
+    the first block), or at the first denoiser forward after it (`at="denoise"`: in the second block)."""
+
+    def __init__(self, model, at: str):
+        super().__init__(model)
+        self.at, self.extends = at, 0
+
+    def extend(self, *args, **kwargs):
+        self.extends += 1
+        if self.at == "extend" and self.extends == 2:
+            raise KeyboardInterrupt
+        return super().extend(*args, **kwargs)
+
+    def denoise(self, *args, **kwargs):
+        if self.at == "denoise" and self.extends >= 2:
+            raise KeyboardInterrupt
+        return super().denoise(*args, **kwargs)
+
+
+@pytest.mark.parametrize("at", ["extend", "denoise"])
+def test_run_in_order_interrupted_gives_what_the_prompts_under_way_have(model, at):
+    """Six prompts, three at a time, the first with max_new 4 (one block): interrupted as the first block's
+    tokens go into the context, `unfinished()` has the first prompt's whole result (that step ended it but
+    never returned) and the next two prompts' first blocks (finish_reason "interrupted"); interrupted in the
+    second block, the first prompt was yielded, and the fourth, which joined for that block, has nothing
+    yet: the two in between, as before. Each as the prompt alone with max_new 4 gives it."""
+    from twotower_cli.batching import run_in_order
+
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
+    results = run_in_order(Continuous(_Interrupting(model, at), cfg, []), PROMPTS, width=3,
+                           max_new=[4] + [12] * (len(PROMPTS) - 1))
+    yielded = []
+    with pytest.raises(KeyboardInterrupt):
+        for i, g, _ in results:
+            yielded.append((i, g.token_ids))
+    first = alone(model, PROMPTS[0], cfg, 4, eos=[])
+    assert yielded == ([] if at == "extend" else [(0, first.token_ids)])
+    rest = results.unfinished()
+    want = ([(0, first.token_ids, "length")] if at == "extend" else []) + [
+        (i, alone(model, PROMPTS[i], cfg, 4, eos=[]).token_ids, "interrupted") for i in (1, 2)]
+    assert [(i, g.token_ids, g.finish_reason) for i, g, _ in rest] == want
+    assert all(len(g.token_ids) == 4 and g.nfe >= 1 and seconds > 0 for _, g, seconds in rest)
+
+
 @pytest.mark.parametrize("mode", ["mask_diffusion", "mock_ar", "ar"])
 def test_a_joining_sequence_starts_from_a_kept_snapshot(model, mode):
     """PrefixReuse.join_one: a sequence joining a running batch starts from the snapshot whose ids begin its

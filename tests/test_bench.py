@@ -93,6 +93,11 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(base), "-n", "4", "--repeat", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert [x["mode"] for x in json.loads(r.stdout)["rows"]] == ["ar"]
+    # --steps beyond --block: nothing to refuse where only ar runs (it was 'Error: steps 9 must be between ...')
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(base), "-n", "4", "--repeat", "1", "--json",
+                                       "--block", "4", "--steps", "9"])
+    assert r.exit_code == 0, r.output
+    assert [x["mode"] for x in json.loads(r.stdout)["rows"]] == ["ar"]
 
 
 def test_bench_bad_thresholds(folder):

@@ -282,6 +282,16 @@ def test_cli_chat_block_defaults_to_the_checkpoints(folder):
     assert "Warning: block 8 is larger than the block this denoiser was trained with (4" in r.stderr
 
 
+def test_cli_chat_ar_is_not_refused_over_steps_it_does_not_use(folder):
+    """--mode ar with --steps beyond the block (4): the replies of a run without it (it was an Error line)."""
+    common = ("--model", str(folder), "--mode", "ar", "-n", "4", "--json")
+    want = invoke(*common, input="hello\nmore\n")
+    r = invoke(*common, "--steps", "9", input="hello\nmore\n")
+    assert want.exit_code == 0 and r.exit_code == 0, r.output
+    assert [json.loads(x)["token_ids"] for x in r.stdout.splitlines()] == [
+        json.loads(x)["token_ids"] for x in want.stdout.splitlines()]
+
+
 @pytest.mark.parametrize("args, text, needle", [
     (("--system", "x"), "hi\n", "chat template"),
     (("--steps", "9"), "hi\n", "steps"),

@@ -252,6 +252,24 @@ def test_cli_block_defaults_to_the_block_the_denoiser_was_trained_with(trained_l
                                                     f"size {block}"), r.output
 
 
+@pytest.mark.parametrize("mode", ["ar", "mock_ar"])
+def test_cli_ar_modes_are_not_refused_over_steps_and_block_they_do_not_use(trained_like, mode):
+    """ar and mock_ar decode token by token: --steps beyond the checkpoint's block (4), or beyond --block, does
+    not stop them (it was 'Error: steps 9 must be between 1 and the block size 4') and changes nothing; a
+    --steps that is no number of steps at all is still an error, as --threshold 2 is in these modes."""
+    common = ("hello", "--model", str(trained_like), "--mode", mode, "-n", "6", "--no-live")
+    want = invoke(*common)
+    assert want.exit_code == 0, want.output
+    for extra in (("--steps", "9"), ("--block", "2", "--steps", "3")):
+        r = invoke(*common, *extra)
+        assert r.exit_code == 0 and r.stdout == want.stdout, (extra, r.output)
+    r = invoke(*common, "--steps", "0")
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: steps 0 must be at least 1 (hint: {mode} does not use it: leave it out)"), r.output
+    r = invoke(*common, "--threshold", "2")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: threshold 2.0 must be in (0, 1]"), r.output
+
+
 def test_cli_block_larger_than_trained_warns_once_and_samples(trained_like, tmp_path):
     r = invoke("hello", "--model", str(trained_like), "--block", "8", "-n", "8", "--json")
     assert r.exit_code == 0, r.output
@@ -539,6 +557,58 @@ def test_cli_output_to_a_reader_that_left_ends_quietly(trained_like):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1
     assert "Error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize(("mode", "at", "signal"), [("mask_diffusion", "extend", "int"), ("mask_diffusion", "denoise", "term"),
+                                              ("ar", "extend", "int")])
+def test_cli_ctrl_c_with_continuous_batching_prints_the_prompts_under_way(trained_like, tmp_path, monkeypatch,
+                                                                          mode, at, signal):
+    """Several prompts without the live view run with continuous batching. Ctrl-C (or SIGTERM: cli.Terminated)
+    after two blocks (ar: tokens), as they go into the context or in the third block's first denoiser step:
+    each prompt under way prints its text so far, in file order, as a run of that length prints it, then
+    `Error: interrupted` and exit code 1, as one prompt does (their text was lost); with --json each is a
+    record with finish_reason "interrupted". The fourth prompt, which has not started (--batch-size 3), is not
+    printed."""
+    from twotower_cli.cli import Terminated
+
+    prompts = ["hello", "abc", "the quick", "brown fox"]
+    f, first3 = tmp_path / "p.txt", tmp_path / "first3.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    first3.write_text("\n".join(prompts[:3]) + "\n")
+    common = ("--model", str(trained_like), "--block", "4", "--mode", mode, "--batch-size", "3")
+    n = 8 if mode == "mask_diffusion" else 2
+    want = invoke("--prompt-file", str(first3), *common, "-n", str(n), "--no-live")
+    want_json = invoke("--prompt-file", str(first3), *common, "-n", str(n), "--json")
+    assert want.exit_code == 0 and want_json.exit_code == 0, want.output + want_json.output
+    records = [json.loads(line) for line in want_json.stdout.splitlines()]
+    # each went on after the n tokens it shows: ended by its length, not by an end id
+    assert [x["finish_reason"] for x in records] == ["length"] * 3, records
+    real_extend, real_denoise, extends = TowerBackend.extend, TowerBackend.denoise, []
+    stop = Terminated if signal == "term" else KeyboardInterrupt
+
+    def extend(self, *args, **kwargs):  # the prompts, then one feed per committed block (ar: token)
+        extends.append(1)
+        if at == "extend" and len(extends) == 3:
+            raise stop
+        return real_extend(self, *args, **kwargs)
+
+    def denoise(self, *args, **kwargs):
+        if at == "denoise" and len(extends) == 3:
+            raise stop
+        return real_denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(TowerBackend, "extend", extend)
+    monkeypatch.setattr(TowerBackend, "denoise", denoise)
+    r = invoke("--prompt-file", str(f), *common, "-n", "40", "--no-live")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
+    assert r.stdout == want.stdout
+    extends.clear()
+    r = invoke("--prompt-file", str(f), *common, "-n", "40", "--json")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["prompt"], x["text"], x["token_ids"], x["finish_reason"]) for x in got] == [
+        (x["prompt"], x["text"], x["token_ids"], "interrupted") for x in records]
+    assert all(x["settings"]["max_new_tokens"] == 40 and x["mode"] == mode and x["nfe"] >= 1 for x in got)
 
 
 def test_cli_live_view_on_a_terminal_prints_the_prompts_it_does_not_draw(trained_like, tmp_path, monkeypatch):

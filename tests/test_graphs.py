@@ -286,6 +286,25 @@ def test_cuda_graphs_without_a_gpu_is_one_error_line(command):
                                      "--cuda-graphs)"]
 
 
+def test_cuda_graphs_help_names_what_is_replayed_in_every_command():
+    """Every command with --cuda-graphs (the README: generate, chat, serve, bench) says the same of it, and
+    names what the backend replays: decode steps and block commits
+    (test_only_decode_steps_and_commits_of_a_block_width_are_captured), denoiser steps past a block's end
+    (test_denoiser_graph_outlives_commits_once_the_context_is_in_buffers), kept per batch size
+    (test_buffers_are_kept_per_batch_size). It said "within each block" and left the commits out."""
+    import typer.main
+
+    from twotower_cli.cli import get_app
+
+    commands = typer.main.get_command(get_app()).commands
+    helps = {name: p.help for name, c in commands.items() for p in c.params if p.name == "cuda_graphs"}
+    assert set(helps) == {"generate", "chat", "serve", "bench"}
+    (text,) = set(helps.values())
+    for said in ("decode steps", "block commits", "denoiser steps", "across blocks", "per batch size"):
+        assert said in text, (said, text)
+    assert "within each block" not in text
+
+
 def assert_same_cache(got: towers.TowerCache, want: towers.TowerCache, atol: float = 1e-6) -> None:
     assert got.length == want.length
     assert (got.key_mask is None) == (want.key_mask is None)

@@ -223,6 +223,35 @@ def test_two_clients_conversations_each_keep_their_state(folder, model, keep):
                  replace_cfg(max_new_tokens=8), [2, 38]).generations[0]
     assert second["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
 
+def test_an_ar_request_is_not_refused_over_steps_it_does_not_use(url):
+    """A request in mode ar with steps beyond the block (the server's 4, or its own block_size) gets the reply
+    of one without them (it was a 400: 'steps 9 must be between 1 and the block size 4'); in mask_diffusion
+    that is still a 400 (test_bad_requests_get_an_openai_error)."""
+    body = {"prompt": "hi", "max_tokens": 4, "mode": "ar"}
+    status, want = post(url, "/v1/completions", body)
+    assert status == 200, want
+    for extra in ({"steps": 9}, {"steps": 3, "block_size": 2}):
+        status, got = post(url, "/v1/completions", {**body, **extra})
+        assert status == 200, got
+        assert json.loads(got)["choices"] == json.loads(want)["choices"]
+
+
+def test_cli_serve_in_ar_is_not_refused_over_steps_it_does_not_use(folder, monkeypatch):
+    """serve --mode ar loads no denoiser, so no request can sample by blocks: --steps beyond the block (4) is
+    nothing to refuse (it was an Error line); in mask_diffusion it still is, before the server starts."""
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    engines = []
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda engine, *a, **k: engines.append(engine) or StoppedServer())
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--mode", "ar", "--steps", "9"])
+    assert r.exit_code == 0 and [e.defaults.steps for e in engines] == [9], r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--steps", "9"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: steps 9 must be between 1 and the block size 4"), r.output
+
+
 @pytest.mark.parametrize("path, body, status, needle", [
     ("/v1/completions", None, 400, "not valid JSON"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "'n' must be between 1 and 16"),

@@ -92,6 +92,7 @@ class Continuous:
         self._next_id = 0
         self._logits: torch.Tensor | None = None  # ar: each row's next-token logits [B, V]
         self._last: torch.Tensor | None = None  # mock_ar: each row's last token [B, 1], not yet in the context
+        self._made: list[RowBlock | RowDone] = []  # the step's events so far; one interrupted leaves them here
 
     def __len__(self) -> int:
         """Sequences not ended yet, waiting ones included."""
@@ -127,13 +128,25 @@ class Continuous:
 
     def step(self) -> list[RowBlock | RowDone]:
         """Admit the waiting sequences, then one block (ar, mock_ar: one token) for every sequence."""
+        self._made = []
         with torch.no_grad():
             self.admit()
-            if not self.rows:
-                return []
-            if self.cfg.mode == "mask_diffusion":
-                return self._block()
-            return self._token()
+            if self.rows and self.cfg.mode == "mask_diffusion":
+                self._block()
+            elif self.rows:
+                self._token()
+        made, self._made = self._made, []
+        return made
+
+    def so_far(self) -> dict[int, S.Generation]:
+        """By id, what each sequence has, for a caller that stops early (Ctrl-C, SIGTERM) and shows it: each
+        one a step that did not return (an interrupt) had ended, the `Generation` that step would have returned
+        in its `RowDone`; each one still in the batch or waiting, the ids it has so far (waiting: none), with
+        finish_reason "interrupted"."""
+        out = {r.id: S.Generation(r.prompt, r.ids[:S.first_stop(r.ids, self.stops)], "interrupted", r.nfe)
+               for r in self.rows + self.waiting}
+        out.update({ev.row: ev.generation for ev in self._made if isinstance(ev, RowDone)})
+        return out
 
     def admit(self) -> None:
         """Read the waiting sequences' prompts into the batch now (`step` does it first anyway)."""
@@ -168,7 +181,7 @@ class Continuous:
             last = torch.tensor([[r.prompt[-1]] for r in new], dtype=torch.long)
             self._last = last if fresh else torch.cat([self._last, last])
 
-    def _block(self) -> list[RowBlock | RowDone]:
+    def _block(self) -> None:
         cfg, B = self.cfg, len(self.rows)
         sizes = [min(cfg.block_size, r.max_new - len(r.ids)) for r in self.rows]
         size = max(sizes)
@@ -191,16 +204,14 @@ class Continuous:
             if top:
                 top_ids = torch.where(commit[..., None], alts[0], top_ids)
                 top_lps = torch.where(commit[..., None], alts[1], top_lps)
-        events: list[RowBlock | RowDone] = []
-        ended = [self._add_tokens(r, x[j, :n].tolist(), conf_at_commit[j, :n].tolist(), top_ids[j, :n], top_lps[j, :n],
-                                  events) for j, (r, n) in enumerate(zip(self.rows, sizes, strict=True))]
+        ended = [self._add_tokens(r, x[j, :n].tolist(), conf_at_commit[j, :n].tolist(), top_ids[j, :n], top_lps[j, :n])
+                 for j, (r, n) in enumerate(zip(self.rows, sizes, strict=True))]
         going = [j for j, e in enumerate(ended) if not e]
         self._leave(going)
         if going:  # rows that go on had a whole block (a shorter one is a row's last)
             self.backend.extend(x[going])
-        return events
 
-    def _token(self) -> list[RowBlock | RowDone]:
+    def _token(self) -> None:
         if self.cfg.mode == "mock_ar":
             self._logits = self.backend.denoise(self._last, None)[:, -1].float()
             self.nfe += 1
@@ -214,14 +225,13 @@ class Continuous:
         top = max(r.top for r in self.rows)
         top_ids, top_lps = (S.top_to_host(self._logits, top, exclude=None) if top else
                             (torch.zeros(len(self.rows), 0, dtype=torch.long), torch.zeros(len(self.rows), 0)))
-        events: list[RowBlock | RowDone] = []
-        ended = [self._add_tokens(r, [t], [c], ids[None], lps[None], events)
+        ended = [self._add_tokens(r, [t], [c], ids[None], lps[None])
                  for r, t, c, ids, lps in zip(self.rows, pred.tolist(), conf.tolist(), top_ids, top_lps, strict=True)]
         going = [j for j, e in enumerate(ended) if not e]
         tokens = pred[going][:, None]
         self._leave(going)
         if not going:
-            return events
+            return
         if self.cfg.mode == "ar":
             self._logits = self.backend.extend(tokens).float()
             self.nfe += 1
@@ -230,23 +240,22 @@ class Continuous:
         else:
             self.backend.extend(self._last)  # `_leave` kept the going rows' last tokens
             self._last = tokens
-        return events
 
     def _add_tokens(self, row: _Row, tokens: list[int], confidences: list[float], top_ids: torch.Tensor,
-                    top_lps: torch.Tensor, events: list[RowBlock | RowDone]) -> bool:
+                    top_lps: torch.Tensor) -> bool:
         """Append a step's tokens to `row` (and, per token, the first `row.top` of `top_ids` / `top_lps`
-        [tokens, k]) and note its events; whether it has ended."""
+        [tokens, k]) and note its events in the step's; whether it has ended."""
         top = None
         if row.top:
             top = [list(zip(i, v, strict=True)) for i, v in
                    zip(top_ids[:, :row.top].tolist(), top_lps[:, :row.top].tolist(), strict=True)]
-        events.append(RowBlock(row.id, len(row.ids), tokens, confidences, top))
+        self._made.append(RowBlock(row.id, len(row.ids), tokens, confidences, top))
         row.ids += tokens
         eos = any(t in self.stops for t in tokens)
         row.stopped = not eos and self.until is not None and self.until(row.id, list(row.ids))
         ended = eos or row.stopped or len(row.ids) >= row.max_new
         if ended:
-            events.append(RowDone(row.id, S.generation(row.prompt, row.ids, self.stops, row.stopped, row.nfe)))
+            self._made.append(RowDone(row.id, S.generation(row.prompt, row.ids, self.stops, row.stopped, row.nfe)))
         return ended
 
     def _leave(self, going: list[int]) -> None:
@@ -264,29 +273,60 @@ class Continuous:
             self._logits = self._last = None
 
 
+class InOrder:
+    """`run_in_order`'s results: iterate (once) for them; `unfinished()` after an interrupt."""
+
+    def __init__(self, batch: Continuous, prompts: list[list[int]], width: int = 16, max_new: list[int] | None = None):
+        self.batch, self.prompts, self.width, self.max_new = batch, prompts, width, max_new
+        self.index_of: dict[int, int] = {}  # row id -> prompt index, while not yielded
+        self.started: dict[int, float] = {}  # row id -> when it was added
+        self.ready: dict[int, tuple[S.Generation, float]] = {}  # by prompt index: ended, waiting for those before
+        self.shown = 0  # prompts yielded
+
+    def __iter__(self) -> Iterator[tuple[int, S.Generation, float]]:
+        batch, prompts, width, max_new = self.batch, self.prompts, self.width, self.max_new
+        queued = 0
+        while self.shown < len(prompts):
+            if len(batch) < width and queued < len(prompts):
+                take = list(range(queued, min(len(prompts), queued + width - len(batch))))
+                queued += len(take)
+                now = time.perf_counter()
+                rows = (batch.add([prompts[i] for i in take]) if max_new is None else
+                        [row for i in take for row in batch.add([prompts[i]], max_new[i])])
+                for row, i in zip(rows, take, strict=True):
+                    self.index_of[row], self.started[row] = i, now
+            for ev in batch.step():
+                if isinstance(ev, RowDone):
+                    self.ready[self.index_of.pop(ev.row)] = (ev.generation, time.perf_counter() - self.started.pop(ev.row))
+            while self.shown in self.ready:
+                self.shown += 1  # before the yield: the caller has it, even if it is interrupted handling it
+                yield self.shown - 1, *self.ready.pop(self.shown - 1)
+
+    def unfinished(self) -> list[tuple[int, S.Generation, float]]:
+        """After an interrupt (Ctrl-C, SIGTERM; in a step or while the caller handled a result), what the
+        prompts after the last one yielded have, as the iteration gives them: those that ended, their results;
+        those under way, their ids so far (finish_reason "interrupted"; `Continuous.so_far`). Up to the first
+        that has nothing to show (no ids yet, or never added), so that they stay a run in the prompts'
+        order: prompts join in order, so one with no ids yet comes after every one that has some."""
+        now = time.perf_counter()
+        so_far = self.batch.so_far()
+        have = dict(self.ready)
+        for row, i in self.index_of.items():
+            g = so_far.get(row)
+            if g is not None and (g.token_ids or g.finish_reason != "interrupted"):
+                have[i] = (g, now - self.started[row])
+        out, i = [], self.shown
+        while i in have:
+            out.append((i, *have[i]))
+            i += 1
+        return out
+
 
 def run_in_order(batch: Continuous, prompts: list[list[int]], width: int = 16,
-                 max_new: list[int] | None = None) -> Iterator[tuple[int, S.Generation, float]]:
+                 max_new: list[int] | None = None) -> InOrder:
     """Sample every prompt in the (empty) `batch`, at most `width` sequences at a time: when sequences end, the
-    next prompts take their places at the next step. Yields (index, its generation, seconds from its
-    admission to its end) in the prompts' order, each as soon as it and all before it are done. `max_new`:
-    each prompt's own max_new_tokens (default: the batch's)."""
-    index_of: dict[int, int] = {}
-    started: dict[int, float] = {}
-    ready: dict[int, tuple[S.Generation, float]] = {}
-    queued, shown = 0, 0
-    while shown < len(prompts):
-        if len(batch) < width and queued < len(prompts):
-            take = list(range(queued, min(len(prompts), queued + width - len(batch))))
-            queued += len(take)
-            now = time.perf_counter()
-            rows = (batch.add([prompts[i] for i in take]) if max_new is None else
-                    [row for i in take for row in batch.add([prompts[i]], max_new[i])])
-            for row, i in zip(rows, take, strict=True):
-                index_of[row], started[row] = i, now
-        for ev in batch.step():
-            if isinstance(ev, RowDone):
-                ready[index_of.pop(ev.row)] = (ev.generation, time.perf_counter() - started.pop(ev.row))
-        while shown in ready:
-            yield shown, *ready.pop(shown)
-            shown += 1
+    next prompts take their places at the next step. Iterating the result yields (index, its generation,
+    seconds from its admission to its end) in the prompts' order, each as soon as it and all before it are
+    done; after an interrupt its `unfinished()` gives what the prompts under way have. `max_new`: each
+    prompt's own max_new_tokens (default: the batch's)."""
+    return InOrder(batch, prompts, width, max_new)

@@ -83,16 +83,21 @@ class SamplingConfig:
 
     def validate(self, vocab_size: int | None) -> None:
         """A `TwoTowerError` for the first setting out of range; `vocab_size` None (before a model is
-        loaded): token ids are only checked to be ids at all."""
+        loaded): token ids are only checked to be ids at all. Settings a mode does not use are checked too,
+        each on its own (`--threshold 2` is an error in ar as well), but `steps` is held to `block_size`
+        only in mask_diffusion, the one mode that uses either."""
         limit = vocab_size if vocab_size is not None else math.inf
         ids = f"(0..{vocab_size - 1})" if vocab_size is not None else "(ids are 0 or more)"
         bad_stops = [i for i in self.stop_ids if not 0 <= i < limit]
+        diffusion = self.mode == "mask_diffusion"  # the one mode that uses block_size and steps
         checks = [
             (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
             (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
-            (self.steps is None or 1 <= self.steps <= self.block_size,
-             f"steps {self.steps} must be between 1 and the block size {self.block_size}",
-             "steps per block cannot exceed the tokens in a block"),
+            (self.steps is None or (self.steps >= 1 and (self.steps <= self.block_size or not diffusion)),
+             f"steps {self.steps} must be "
+             + (f"between 1 and the block size {self.block_size}" if diffusion else "at least 1"),
+             "steps per block cannot exceed the tokens in a block" if diffusion
+             else f"{self.mode} does not use it: leave it out"),
             (0.0 < self.threshold <= 1.0, f"threshold {self.threshold} must be in (0, 1]", "NVIDIA's operating point is 0.8"),
             (self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),
             (self.factor > 0, f"factor {self.factor} must be positive", "Fast-dLLM uses about 1"),
@@ -142,7 +147,8 @@ class BlockDone:
 class Generation:
     prompt_ids: list[int]
     token_ids: list[int]  # generated, cut before the first stop/EOS id
-    finish_reason: Literal["eos", "length", "stop"]  # stop: the caller's `until` ended it
+    # stop: the caller's `until` ended it; interrupted: what it had when a run was stopped (`Continuous.so_far`)
+    finish_reason: Literal["eos", "length", "stop", "interrupted"]
     nfe: int  # forwards this sequence needed: while active and, in mask_diffusion, its block still had masks
     stop_id: int | None = None  # the stop/EOS id that ended it ("eos"), not part of token_ids
 

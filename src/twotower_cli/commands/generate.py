@@ -131,17 +131,24 @@ def generate(
         record = S.settings_record(settings, S.stop_set(settings, rt.eos_ids))
         t0 = time.perf_counter()
         running = Continuous(rt.backend, settings, rt.eos_ids, gen)
+        results = run_in_order(running, prompts, width=batch_size)
         # a progress bar on a terminal while the results go elsewhere (--json > out.jsonl)
         shown = not no_live and err_console().is_terminal and not stdout_is_terminal()
-        with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                      TimeRemainingColumn(), console=err_console(), transient=True, disable=not shown,
-                      redirect_stdout=False, redirect_stderr=False) as bar:  # the results stay on stdout
-            task = bar.add_task("prompts", total=len(prompts), rate="")
-            for i, g, seconds in run_in_order(running, prompts, width=batch_size):
+        try:
+            with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err_console(),
+                          transient=True, disable=not shown, redirect_stdout=False,
+                          redirect_stderr=False) as bar:  # the results stay on stdout
+                task = bar.add_task("prompts", total=len(prompts), rate="")
+                for i, g, seconds in results:
+                    report(items[i], texts[i], model_texts[i], g, seconds, record)
+                    n_new, seq_nfe = n_new + len(g.token_ids), seq_nfe + g.nfe
+                    rate = f"{n_new / max(time.perf_counter() - t0, 1e-9):.1f} tok/s"
+                    bar.update(task, completed=i + 1, rate=rate)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the prompts under way, in file order, with the text so far
+            for i, g, seconds in results.unfinished():  # (--json: finish_reason "interrupted")
                 report(items[i], texts[i], model_texts[i], g, seconds, record)
-                n_new, seq_nfe = n_new + len(g.token_ids), seq_nfe + g.nfe
-                rate = f"{n_new / max(time.perf_counter() - t0, 1e-9):.1f} tok/s"
-                bar.update(task, completed=i + 1, rate=rate)
+            raise
         wall, nfe = time.perf_counter() - t0, running.nfe
     for first in range(0, 0 if continuous else len(prompts), batch_size):  # each batch printed when it ends
         batch = slice(first, first + batch_size)

@@ -32,7 +32,7 @@ ContextDevice = Annotated[str | None, typer.Option(help="Device of the context t
 DenoiserDevice = Annotated[str | None, typer.Option(help="Device of the denoiser tower.")]
 Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")]
-CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs", help="GPU: replay steps from CUDA graphs: the denoiser's within each block (pays from about 4 steps a block) and ar / mock_ar decode.")]
+CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs", help="GPU: replay steps from CUDA graphs (decode steps, block commits, denoiser steps), kept across blocks and, per batch size, for the next prompts.")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")]
 NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")]
 # train and tokenize: `--data a.txt b.jsonl` (the files after the first are arguments)
