@@ -364,10 +364,10 @@ def warm_then_run(backend: TowerBackend, prompts: list[list[int]], sc: S.Samplin
 
 def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_new: int,
                     device: torch.device) -> str:
-    """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block, eager vs the
-    denoiser step replayed from a per-block CUDA graph (captured at each block's second step), and ar, eager
-    vs the decode step replayed over fixed-size key/value buffers; tok/s from one run each after a warm-up,
-    and whether the tokens agree."""
+    """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block and ar, eager
+    vs replayed from CUDA graphs over the fixed-size key/value buffers (the denoiser's steps, the block
+    commits and the decode steps; the warm-up run captures them, the timed run replays); tok/s from one run
+    each after a warm-up, and whether the tokens agree."""
     parts = []
     for steps in (4, 8, 0):
         sc = (S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=steps, policy="topk",
