@@ -1216,3 +1216,122 @@ def test_an_answer_to_a_client_that_left_prints_no_traceback(folder, model, monk
         closing.join(60)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+def ask_raw(url, method, path, body=None, headers=None):
+    """One request of any method: (status, headers, body bytes); http.client reads no body after a HEAD."""
+    import http.client
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "TRACE"])
+@pytest.mark.parametrize("path, allow", [("/v1/completions", {"POST", "OPTIONS"}),
+                                         ("/v1/chat/completions", {"POST", "OPTIONS"}),
+                                         ("/v1/models", {"GET", "HEAD", "OPTIONS"}),
+                                         ("/health", {"GET", "HEAD", "OPTIONS"})])
+def test_a_method_a_route_does_not_take_is_a_405_with_allow(url, method, path, allow):
+    """Methods other than GET and POST got http.server's HTML 501 page: now an OpenAI error object, 405, and
+    the Allow header naming what the route takes (RFC 9110 §15.5.6)."""
+    status, headers, body = ask_raw(url, method, path, body=b'{"prompt": "hi"}' if method != "TRACE" else None,
+                                    headers={"Content-Type": "application/json"})
+    assert status == 405 and headers["Content-Type"] == "application/json", (status, body)
+    assert {m.strip() for m in headers["Allow"].split(",")} == allow
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and method in error["message"] and path in error["message"]
+
+
+def test_get_on_a_post_route_and_post_on_a_get_route_are_405s(url):
+    for method, path, allow in (("GET", "/v1/completions", "POST"), ("POST", "/v1/models", "GET")):
+        status, headers, body = ask_raw(url, method, path, body=b"{}" if method == "POST" else None)
+        assert status == 405 and allow in headers["Allow"] and "error" in json.loads(body), (method, path, body)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS"])
+def test_any_method_on_an_unknown_path_is_a_404_error_object(url, method):
+    status, headers, body = ask_raw(url, method, "/v1/nope")
+    assert status == 404 and json.loads(body)["error"]["message"] == "no route /v1/nope", body
+    assert "Allow" not in headers
+
+
+def test_a_method_http_has_not_is_a_501_error_object(url):
+    """An unknown method (no do_ handler) and a request line http.server cannot read: its own refusals, in the
+    API's error shape too."""
+    import socket
+    import urllib.parse
+
+    status, headers, body = ask_raw(url, "BREW", "/v1/completions")
+    assert status == 501 and headers["Content-Type"] == "application/json", body
+    assert "BREW" in json.loads(body)["error"]["message"]
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(b"GET /health now HTTP/1.1\r\n\r\n")  # a word too many
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400" and b"application/json" in head, raw
+    assert json.loads(body)["error"]["message"].startswith("Bad request syntax"), raw
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/health", "/v1/models"])
+def test_options_answers_the_methods_a_route_takes(url, path):
+    status, headers, body = ask_raw(url, "OPTIONS", path)
+    assert status == 204 and body == b""
+    assert {m.strip() for m in headers["Allow"].split(",")} == (
+        {"POST", "OPTIONS"} if path == "/v1/completions" else {"GET", "HEAD", "OPTIONS"})
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics"])
+def test_head_is_the_get_without_its_body(url, path):
+    """HEAD on a GET route: the GET's status and headers (Content-Length included), no body (RFC 9110 §9.3.2).
+    A raw socket, so that a body sent after the headers would be seen."""
+    import socket
+    import urllib.parse
+
+    got_status, got_headers, got_body = ask_raw(url, "GET", path)
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):  # the server closes the connection after its answer (HTTP/1.0)
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert int(lines[0].split()[1]) == got_status == 200 and rest == b"", raw
+    assert headers["Content-Type"] == got_headers["Content-Type"]
+    if path != "/metrics":  # the metrics change between the two requests (the GET was counted)
+        assert int(headers["Content-Length"]) == len(got_body)
+
+
+def test_head_on_a_post_route_is_a_405_without_a_body(url):
+    import socket
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(b"HEAD /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"405" and b"Allow: POST" in head and rest == b"", raw
+
+
+def test_the_api_key_is_asked_before_a_method_is_judged(folder, model):
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine, api_key="s3cret") as base:
+        assert ask_raw(base, "PUT", "/v1/completions")[0] == 401
+        assert ask_raw(base, "PUT", "/v1/completions", headers={"Authorization": "Bearer s3cret"})[0] == 405
+        assert ask_raw(base, "HEAD", "/health")[0] == 200

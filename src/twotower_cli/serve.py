@@ -5,6 +5,11 @@
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
+HEAD on a GET route answers the GET's status and headers without the body; OPTIONS a 204 with the route's
+methods in `Allow`; any other method a route does not take a 405 with `Allow`, and a path the API does not
+have a 404, all as OpenAI error objects (so are http.server's own refusals: an unknown method's 501, a
+request line it cannot read).
+
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
@@ -71,6 +76,8 @@ from twotower_cli.towers import token_log_probs
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
+ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
+          "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
@@ -821,19 +828,33 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 log(f"{self.path.partition('?')[0]} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
                     f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s{shared}")
 
-        def _json(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
+        def _send(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+            """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's)."""
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-            if status == HTTPStatus.SERVICE_UNAVAILABLE:
-                self.send_header("Retry-After", "1")  # clients that retry (OpenAI's do) wait a second
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
-        def _error(self, status: int, message: str) -> None:
+        def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                headers = {"Retry-After": "1", **(headers or {})}  # clients that retry (OpenAI's do) wait a second
+            self._send(status, "application/json", json.dumps(body).encode(), headers)
+
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
             kind = "invalid_request_error" if status < 500 else "server_error"
-            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}}, headers)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (a method it has no handler for, a request line or headers it cannot
+            read) as the API's error objects, not its HTML page."""
+            message = message or self.responses.get(code, ("error",))[0]
+            self.log_error("code %d, message %s", code, message)
+            self.close_connection = True
+            self._error(code, message, {"Connection": "close"})
 
         def _gone(self) -> bool:
             """Whether the client has closed its connection: after its request it sends nothing, so a socket
@@ -862,33 +883,41 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
             return False
 
-        def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+        def _dispatch(self) -> None:
+            """Every method: the route's own (HEAD: a GET route's answer without its body), OPTIONS (a 204 with
+            the methods the route takes), a 405 with `Allow` for any other, a 404 for a path the API lacks."""
             route = self.path.partition("?")[0]
             if route != "/health" and not self._allowed():
                 return
+            method = ROUTES.get(route)
+            if method is None:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+                return
+            allowed = (method, "HEAD", "OPTIONS") if method == "GET" else (method, "OPTIONS")
+            if self.command == "OPTIONS":
+                self.send_response(HTTPStatus.NO_CONTENT)
+                self.send_header("Allow", ", ".join(allowed))
+                self.end_headers()
+            elif self.command not in allowed:
+                self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {route}: use {method}",
+                            {"Allow": ", ".join(allowed)})
+            elif method == "GET":
+                self._get(route)
+            else:
+                self._post(route)
+
+        do_GET = do_HEAD = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_TRACE = do_CONNECT = _dispatch
+
+        def _get(self, route: str) -> None:
             if route == "/health":
                 self._json(HTTPStatus.OK, {"status": "ok"})
             elif route == "/metrics":
-                data = engine.metrics().encode()
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            elif route == "/v1/models":
+                self._send(HTTPStatus.OK, "text/plain; version=0.0.4", engine.metrics().encode())
+            else:
                 self._json(HTTPStatus.OK, {"object": "list", "data": [
                     {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
-            else:
-                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
-        def do_POST(self) -> None:  # noqa: N802
-            routes = {"/v1/completions": False, "/v1/chat/completions": True}
-            route = self.path.partition("?")[0]
-            if not self._allowed():
-                return
-            if route not in routes:
-                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
-                return
+        def _post(self, route: str) -> None:
             try:
                 length = self.headers.get("Content-Length") or "0"
                 if not (length.isascii() and length.isdigit()):  # -1 would read until the client closes; '²' is a digit
@@ -901,7 +930,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the request body is not valid JSON") from None
-                req = engine.parse(body, chat=routes[route])
+                req = engine.parse(body, chat=route == "/v1/chat/completions")
                 engine.check_room()
                 rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
                 if req.stream:
