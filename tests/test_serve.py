@@ -789,8 +789,8 @@ def test_a_client_that_leaves_before_its_answer_frees_the_model(folder, model, s
     import socket
     import urllib.parse
 
-    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
     huge = 10 ** 6
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", max_model_len=2 * huge)
     body = json.dumps({"prompt": "hello there", "max_tokens": huge, "stream": stream}).encode()
     with serving(engine) as base:
         where = urllib.parse.urlsplit(base)
@@ -812,7 +812,7 @@ def test_a_client_that_leaves_before_its_answer_frees_the_model(folder, model, s
 def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, model):
     """`Engine.close` (Ctrl-C): a running request and one waiting behind it (another mode) get a 503, the
     model's thread ends, and a request after it is refused with a 503 too."""
-    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", max_model_len=10 ** 7)
     got = {}
     with serving(engine) as base:
         def ask(name, body):
@@ -849,7 +849,8 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--model", str(folder), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--model", str(folder), "--port", "0",
+                             "--max-model-len", str(10 ** 7)],  # room for a request that runs until it is stopped
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored as in `&`
@@ -1335,3 +1336,128 @@ def test_the_api_key_is_asked_before_a_method_is_judged(folder, model):
         assert ask_raw(base, "PUT", "/v1/completions")[0] == 401
         assert ask_raw(base, "PUT", "/v1/completions", headers={"Authorization": "Bearer s3cret"})[0] == 405
         assert ask_raw(base, "HEAD", "/health")[0] == 200
+
+
+# ------------------------------------------------------------------------------------------- context length
+
+SHORT = 40  # max_position_embeddings of the `short` model
+
+
+@pytest.fixture(scope="module")
+def short(folder, tmp_path_factory):
+    """The test model with a context of SHORT tokens stated in its config.json (max_position_embeddings)."""
+    short = shutil.copytree(folder, tmp_path_factory.mktemp("short") / "tt")
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = SHORT
+    (short / "config.json").write_text(json.dumps(config))
+    return short
+
+
+@pytest.fixture(scope="module")
+def short_url(short):
+    """A server over `short` whose requests default to 20 tokens."""
+    engine = Engine(TowerBackend(load_model(short, need_denoiser=True).twotower), Tokenizer(short), [2, 38],
+                    replace_cfg(max_new_tokens=20), "tiny-test", ChatTemplate.load(short))
+    with serving(engine) as base:
+        yield base
+
+
+def chat_ids(folder, messages):
+    return template_ids(ChatTemplate.load(folder), Tokenizer(folder), messages, {})[0]
+
+
+TALK = [{"role": "user", "content": "hi"}]  # 38 ids as the test template renders it
+LONG_TALK = [{"role": "user", "content": "tell me the whole story"}]  # 59
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 30},
+     "asks for 41: 11 in the prompt and 30 to complete; set 'max_tokens' to 29 or less"),
+    ("/v1/completions", {"prompt": "hello there", "max_completion_tokens": 30},
+     "set 'max_completion_tokens' to 29 or less"),
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 10 ** 12}, f"asks for {10 ** 12 + 11}:"),
+    ("/v1/completions", {"prompt": ["hi", "hello there"], "max_tokens": 30, "n": 2}, "11 in the longest prompt"),
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 30, "echo": True, "logprobs": 1}, "asks for 41"),
+    ("/v1/completions", {"prompt": [5] * (SHORT + 1), "max_tokens": 0, "echo": True}, "the prompt alone is 41 tokens"),
+    ("/v1/completions", {"prompt": [5] * SHORT}, "alone is 40 tokens, which leaves no room for a completion"),
+    ("/v1/chat/completions", {"messages": TALK, "max_tokens": 3, "n": 2}, "asks for 41: 38 in the conversation"),
+    ("/v1/chat/completions", {"messages": LONG_TALK}, "the conversation alone is 59 tokens; shorten the conversation"),
+])
+def test_a_request_beyond_the_context_length_is_a_400_naming_it(short_url, path, body, needle):
+    """The longest prompt and max_tokens together beyond max_position_embeddings (40 here): a 400 with
+    OpenAI's code for it, naming the limit, the counts and what would fit; n, echo and scoring alike."""
+    status, text = post(short_url, path, body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error", error
+    assert error["message"].startswith(f"this model's maximum context length is {SHORT} tokens"), error
+    assert needle in error["message"], error
+    assert post(short_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
+
+
+def test_a_config_without_max_position_embeddings_bounds_requests_at_4096(url):
+    """The test model's config.json has no max_position_embeddings: 4096, as transformers reads it, so a
+    request for 10^12 tokens is refused at once instead of holding the model."""
+    status, text = post(url, "/v1/completions", {"prompt": "hello there", "max_tokens": 10 ** 12})
+    error = json.loads(text)["error"]
+    assert status == 400 and error["message"].startswith("this model's maximum context length is 4096 tokens"), text
+    assert "set 'max_tokens' to 4085 or less" in error["message"], text
+
+
+def test_a_request_that_fills_the_context_exactly_is_answered(short_url, model, folder):
+    """Prompt + max_tokens == the context length is allowed (the bound is inclusive), as is scoring a prompt
+    of the context length."""
+    tok = Tokenizer(folder)
+    out = json.loads(post(short_url, "/v1/completions", {"prompt": "hello there", "max_tokens": SHORT - 11})[1])
+    want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=SHORT - 11))
+    assert out["choices"][0]["text"] == tok.decode(want.token_ids)
+    ids = tok.encode("the quick brown fox jumps over the lazy d")[:SHORT]
+    assert len(ids) == SHORT
+    scored = post(short_url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert scored[0] == 200 and json.loads(scored[1])["usage"]["prompt_tokens"] == SHORT
+
+
+def test_a_request_without_max_tokens_gets_the_default_cut_to_what_fits(short_url, model, folder):
+    """No max_tokens: the server's default (20 here) where it fits, else what is left of the context, as vLLM
+    does, not a 400. Prompts of one request share it: the longest decides (n and echo do not change it)."""
+    tok = Tokenizer(folder)
+    short_prompt, long_prompt = "hi", "the quick brown fox jumps"  # room for 38 and for 15
+    assert len(tok.encode(long_prompt)) == 25
+    out = json.loads(post(short_url, "/v1/completions", {"prompt": [short_prompt, long_prompt], "n": 2,
+                                                         "echo": True})[1])
+    want = [reference(model, tok.encode(p), replace_cfg(max_new_tokens=15)) for p in (short_prompt, long_prompt)]
+    assert all(w.finish_reason == "length" for w in want)  # no end id first: the bound is what ends them
+    assert [c["text"] for c in out["choices"]] == [p + tok.decode(w.token_ids) for p, w in
+                                                   zip((short_prompt, long_prompt), want, strict=True) for _ in range(2)]
+    alone = json.loads(post(short_url, "/v1/completions", {"prompt": short_prompt})[1])
+    assert alone["usage"]["completion_tokens"] == 20  # the default, where it fits
+    ids = chat_ids(folder, TALK)
+    chat = json.loads(post(short_url, "/v1/chat/completions", {"messages": TALK})[1])
+    want = reference(model, ids, replace_cfg(max_new_tokens=min(20, SHORT - len(ids))))
+    assert SHORT - len(ids) < 20 and chat["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
+
+
+def test_cli_serve_max_model_len_defaults_to_the_checkpoints_and_warns_beyond_it(short, folder, monkeypatch):
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    engines = []
+
+    def fake_make_server(engine, host, port, log=None, api_key=None):
+        engines.append(engine)
+        return StoppedServer()
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", fake_make_server)
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short)], terminal_width=200)
+    assert r.exit_code == 0 and "Warning" not in r.stderr and f"context {SHORT} tokens" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "16"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "100"], terminal_width=200)
+    assert r.exit_code == 0 and f"Warning: --max-model-len 100 is beyond the {SHORT} tokens" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--max-model-len", "100000"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output  # no value stated: nothing to warn of
+    assert [e.max_model_len for e in engines] == [SHORT, 16, 100, 100000]
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "0"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: max model len 0 must be at least 1"), r.output

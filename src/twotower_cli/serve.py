@@ -11,10 +11,16 @@ have a 404, all as OpenAI error objects (so are http.server's own refusals: an u
 request line it cannot read).
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
-a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
+a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
 (presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
 of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
+
+A request's longest prompt and its max_tokens together may not exceed the model's context length,
+`max_model_len` (`--max-model-len`; by default the checkpoint's `max_position_embeddings`, which transformers
+reads as 4096 where config.json has none): over it is a 400 (code `context_length_exceeded`, as OpenAI's),
+so that no client ties the model up with a request of 10^12 tokens. A request without max_tokens gets the
+server's default cut to what fits, as vLLM does.
 
 `logprobs` (chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`) gives each returned
 token's log-probability and the k most likely tokens at its position: in `mask_diffusion` under the
@@ -124,11 +130,11 @@ class Histogram:
 
 
 class BadRequest(Exception):
-    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body."""
+    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body (`code`: its `code`)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.code = message, status, code
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -255,8 +261,11 @@ class Engine:
 
     def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
                  template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0,
-                 max_batch: int = 16, conversations: int = 8, continuous: bool = True, max_waiting: int = 0):
+                 max_batch: int = 16, conversations: int = 8, continuous: bool = True, max_waiting: int = 0,
+                 max_model_len: int | None = None):
         self.backend = PrefixReuse(backend, keep=conversations)
+        # tokens of prompt and completion a request may take (None: the checkpoint's max_position_embeddings)
+        self.max_model_len = max_model_len or backend.ar.cfg.max_position_embeddings
         self.max_batch, self.continuous, self.max_waiting = max_batch, continuous, max_waiting
         self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
         self.queued = threading.Condition()  # guards `pending` and `worker`
@@ -286,16 +295,20 @@ class Engine:
             prompts = [prompt]
         else:
             prompts = _prompts(body, self.tokenizer, self.backend.vocab_size)
+        longest = max(len(p) for p in prompts)
+        where = "the conversation" if chat else "the prompt" if len(prompts) == 1 else "the longest prompt"
         prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise BadRequest("'stop' must be a string or a list of non-empty strings")
         d = self.defaults
-        max_tokens = _number(body, "max_completion_tokens", int, None)
         top_p = _number(body, "top_p", float, d.top_p)
         top_k = _number(body, "top_k", int, d.top_k)  # 0 or -1: no top-k, as other servers read it
-        wanted_tokens = _number(body, "max_tokens", int, d.max_new_tokens if max_tokens is None else max_tokens)
+        completion = _number(body, "max_completion_tokens", int, None)
+        max_tokens = _number(body, "max_tokens", int, None)  # the older name wins where both are given
+        field, wanted = ("max_tokens", max_tokens) if max_tokens is not None else ("max_completion_tokens", completion)
+        wanted_tokens = self._fit(longest, wanted, field, where)
         score_only = wanted_tokens == 0 and echo
         if wanted_tokens == 0 and not echo:
             raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"))
@@ -322,6 +335,25 @@ class Engine:
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
+
+    def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
+        """The completion tokens of a request whose longest prompt is `prompt` tokens: `wanted` (its max_tokens),
+        refused when prompt and completion exceed `max_model_len`; None: the server's default, cut to what
+        fits. (A negative `wanted` is left to the sampler's check.)"""
+        limit = self.max_model_len
+        room = limit - prompt
+        context = f"this model's maximum context length is {limit} tokens (prompt and completion together)"
+        if room < 0 or (room == 0 and wanted != 0):
+            raise BadRequest(f"{context}, and {where} alone is {prompt} tokens"
+                             + (", which leaves no room for a completion" if room == 0 else "") + f"; shorten {where}",
+                             code="context_length_exceeded")
+        if wanted is None:
+            return min(self.defaults.max_new_tokens, room)
+        if wanted > room:
+            raise BadRequest(f"{context}, and this request asks for {prompt + wanted}: {prompt} in {where} and "
+                             f"{wanted} to complete; set '{field}' to {room} or less, or shorten {where}",
+                             code="context_length_exceeded")
+        return wanted
 
     @staticmethod
     def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
@@ -844,9 +876,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 headers = {"Retry-After": "1", **(headers or {})}  # clients that retry (OpenAI's do) wait a second
             self._send(status, "application/json", json.dumps(body).encode(), headers)
 
-        def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None,
+                   code: str | None = None) -> None:
             kind = "invalid_request_error" if status < 500 else "server_error"
-            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}}, headers)
+            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """http.server's own refusals (a method it has no handler for, a request line or headers it cannot
@@ -940,7 +973,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
                     self._report(result)
             except BadRequest as e:
-                self._error(e.status, e.message)
+                self._error(e.status, e.message, code=e.code)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away; the sampler was closed with the stream
             except Exception as e:  # noqa: BLE001 — a failed request must not take the server down
