@@ -838,10 +838,26 @@ def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, mode
         assert status == 503 and json.loads(text)["error"]["message"] == "the server is shutting down", (name, text)
 
 
-def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
+SLOW_503 = """
+import http.server, time
+send_response = http.server.BaseHTTPRequestHandler.send_response
+def slow(self, code, message=None):
+    if code == 503:
+        time.sleep(0.5)  # the answer is still being written when the server closes
+    send_response(self, code, message)
+http.server.BaseHTTPRequestHandler.send_response = slow
+from twotower_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("slow_answer", [False, True])
+def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path, slow_answer):
     """SIGINT to `twotower serve` while a request runs: exit code 0, 'stopped', the client answered with a
     503, the port free (the interpreter used to exit under the model's thread: "terminate called without an
-    active exception", exit code 134)."""
+    active exception", exit code 134). `slow_answer`: the 503 takes half a second to write, and is still
+    written (request threads are daemon threads: the process used to exit under them, and the client got a
+    closed connection instead of its answer)."""
     import os
     import re
     import signal
@@ -849,7 +865,8 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--model", str(folder), "--port", "0",
+    run = ["-c", SLOW_503] if slow_answer else ["-m", "twotower_cli"]
+    proc = subprocess.Popen([sys.executable, *run, "serve", "--model", str(folder), "--port", "0",
                              "--max-model-len", str(10 ** 7)],  # room for a request that runs until it is stopped
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
@@ -858,8 +875,14 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
         first = proc.stderr.readline()
         base = re.search(r"(http://[\d.]+:\d+)/v1", first).group(1)
         got = {}
-        asking = threading.Thread(target=lambda: got.update(answer=post(
-            base, "/v1/completions", {"prompt": "hello", "max_tokens": 10 ** 6})))
+
+        def ask():
+            try:
+                got["answer"] = post(base, "/v1/completions", {"prompt": "hello", "max_tokens": 10 ** 6})
+            except OSError as e:  # the connection closed without an answer
+                got["answer"] = (None, repr(e))
+
+        asking = threading.Thread(target=ask)
         asking.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -873,7 +896,7 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopped" in rest and "terminate" not in rest and "Traceback" not in rest, rest
-    assert got["answer"][0] == 503 and "shutting down" in got["answer"][1]
+    assert got["answer"][0] == 503 and "shutting down" in got["answer"][1], got
     with socket.socket() as again:  # the port is free for the next server (which, like this one, reuses addresses)
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", int(base.rsplit(":", 1)[1])))
@@ -1461,3 +1484,30 @@ def test_cli_serve_max_model_len_defaults_to_the_checkpoints_and_warns_beyond_it
     assert [e.max_model_len for e in engines] == [SHORT, 16, 100, 100000]
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "0"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: max model len 0 must be at least 1"), r.output
+
+
+def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothing(folder, model, monkeypatch):
+    """`server_close` waits for the requests being handled, but only so long (serve.CLOSE_SECONDS): a client
+    that opened a connection and never finished its request does not keep the server from stopping."""
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "CLOSE_SECONDS", 0.2)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = serve.make_server(engine, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = serve.base_url(server)
+    where = urllib.parse.urlsplit(base)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as stuck:
+        stuck.sendall(b"POST /v1/completions HTTP/1.1\r\n")  # and nothing more
+        with urllib.request.urlopen(base + "/health", timeout=30) as r:  # accepted after the stuck one
+            assert r.status == 200
+        server.shutdown()
+        closing = threading.Thread(target=server.server_close)
+        closing.start()
+        closing.join(60)
+        assert not closing.is_alive()
+        assert sum(t.is_alive() for t in server.handlers) == 1  # the stuck one, left behind
+    engine.close()

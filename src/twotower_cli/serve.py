@@ -85,6 +85,7 @@ MAX_N = 16  # choices per prompt
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
+CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -1015,6 +1016,28 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address: ::1, ::
+
+        def __init__(self, *args, **kwargs):
+            self.handlers: list[threading.Thread] = []  # the request threads, the live ones at least
+            super().__init__(*args, **kwargs)
+
+        def process_request(self, request, client_address) -> None:
+            """As ThreadingMixIn's: each request in a daemon thread (a client that never finishes its request
+            cannot keep the process alive), kept in `handlers` for `server_close`."""
+            thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                      name="twotower-request", daemon=True)
+            self.handlers = [t for t in self.handlers if t.is_alive()] + [thread]
+            thread.start()
+
+        def server_close(self) -> None:
+            """Stop listening, then wait up to CLOSE_SECONDS for the requests being handled to end: at Ctrl-C or
+            SIGTERM `serve` closes the engine first, which answers every open request with a 503, and their
+            threads write it before the process exits (as daemon threads they would be cut off mid-answer).
+            A client that does not finish its request is not waited for longer."""
+            super().server_close()
+            deadline = time.monotonic() + CLOSE_SECONDS
+            for thread in self.handlers:
+                thread.join(max(deadline - time.monotonic(), 0))
 
         def handle_error(self, request, client_address) -> None:
             """A client that left before its answer (an error, or `Engine.close`'s 503, written to a closed

@@ -122,4 +122,4 @@ def serve(
         console.print("[dim]stopped[/]")
     finally:
         engine.close()  # requests still running get a 503, and the model's thread ends before the interpreter
-        server.server_close()
+        server.server_close()  # then their threads write those 503s (it waits up to serve.CLOSE_SECONDS)
