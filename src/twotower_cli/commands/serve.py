@@ -16,7 +16,8 @@ from twotower_cli.commands import options as O
              "mode) override them. "
              "Requests with the same mode and block are sampled as one batch (--max-batch); one that comes while a batch "
              "runs joins it at its next block (continuous batching). A request's prompt and max_tokens together may "
-             "not exceed --max-model-len (a 400); one without max_tokens gets --max-new-tokens cut to what fits.")
+             "not exceed --max-model-len (a 400); one without max_tokens gets --max-new-tokens cut to what fits. "
+             "Ctrl-C or SIGTERM answers the open requests with a 503 and waits up to 2 s for those answers to be written.")
 @guarded
 def serve(
     model: O.Model = None,
