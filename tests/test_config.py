@@ -63,6 +63,8 @@ def test_unknown_keys_round_trip_unchanged(tmp_path):
     ({"n_routed_experts": None}, "missing 'n_routed_experts'"),
     ({"hybrid_override_pattern": None}, "no layer pattern"),
     ({"time_step_limit": [0.0, "lots"]}, "not a number"),
+    ({"max_position_embeddings": 0}, "config key 'max_position_embeddings' is 0"),
+    ({"max_position_embeddings": "long"}, "config key 'max_position_embeddings' is 'long'"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(TwoTowerError, match=match):
@@ -89,3 +91,11 @@ def test_null_sizes_and_bad_token_ids_are_config_errors(key, value, match):
 def test_token_ids_that_are_fine():
     assert NemotronHConfig.from_dict({**raw(), "eos_token_id": 11}).eos_token_ids == [11]
     assert NemotronHConfig.from_dict({**raw(), "eos_token_id": [2, 11]}).eos_token_ids == [2, 11]
+
+
+def test_max_position_embeddings_is_read_and_defaults_as_transformers_does():
+    """The context length `serve` bounds requests by: the config's value, or 4096 where the key is absent or
+    null (transformers' NemotronHConfig default; the embedded tiny model's config has none)."""
+    assert NemotronHConfig.from_dict(raw(max_position_embeddings=262144)).max_position_embeddings == 262144
+    assert NemotronHConfig.from_dict(raw()).max_position_embeddings == 4096
+    assert NemotronHConfig.from_dict({**raw(), "max_position_embeddings": None}).max_position_embeddings == 4096

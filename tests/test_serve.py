@@ -818,8 +818,8 @@ def test_a_client_that_leaves_before_its_answer_frees_the_model(folder, model, s
     import socket
     import urllib.parse
 
-    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
     huge = 10 ** 6
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", max_model_len=2 * huge)
     body = json.dumps({"prompt": "hello there", "max_tokens": huge, "stream": stream}).encode()
     with serving(engine) as base:
         where = urllib.parse.urlsplit(base)
@@ -841,7 +841,7 @@ def test_a_client_that_leaves_before_its_answer_frees_the_model(folder, model, s
 def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, model):
     """`Engine.close` (Ctrl-C): a running request and one waiting behind it (another mode) get a 503, the
     model's thread ends, and a request after it is refused with a 503 too."""
-    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", max_model_len=10 ** 7)
     got = {}
     with serving(engine) as base:
         def ask(name, body):
@@ -867,10 +867,26 @@ def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, mode
         assert status == 503 and json.loads(text)["error"]["message"] == "the server is shutting down", (name, text)
 
 
-def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
+SLOW_503 = """
+import http.server, time
+send_response = http.server.BaseHTTPRequestHandler.send_response
+def slow(self, code, message=None):
+    if code == 503:
+        time.sleep(0.5)  # the answer is still being written when the server closes
+    send_response(self, code, message)
+http.server.BaseHTTPRequestHandler.send_response = slow
+from twotower_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("slow_answer", [False, True])
+def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path, slow_answer):
     """SIGINT to `twotower serve` while a request runs: exit code 0, 'stopped', the client answered with a
     503, the port free (the interpreter used to exit under the model's thread: "terminate called without an
-    active exception", exit code 134)."""
+    active exception", exit code 134). `slow_answer`: the 503 takes half a second to write, and is still
+    written (request threads are daemon threads: the process used to exit under them, and the client got a
+    closed connection instead of its answer)."""
     import os
     import re
     import signal
@@ -878,7 +894,9 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--model", str(folder), "--port", "0"],
+    run = ["-c", SLOW_503] if slow_answer else ["-m", "twotower_cli"]
+    proc = subprocess.Popen([sys.executable, *run, "serve", "--model", str(folder), "--port", "0",
+                             "--max-model-len", str(10 ** 7)],  # room for a request that runs until it is stopped
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored as in `&`
@@ -886,8 +904,14 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
         first = proc.stderr.readline()
         base = re.search(r"(http://[\d.]+:\d+)/v1", first).group(1)
         got = {}
-        asking = threading.Thread(target=lambda: got.update(answer=post(
-            base, "/v1/completions", {"prompt": "hello", "max_tokens": 10 ** 6})))
+
+        def ask():
+            try:
+                got["answer"] = post(base, "/v1/completions", {"prompt": "hello", "max_tokens": 10 ** 6})
+            except OSError as e:  # the connection closed without an answer
+                got["answer"] = (None, repr(e))
+
+        asking = threading.Thread(target=ask)
         asking.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -901,7 +925,7 @@ def test_ctrl_c_stops_the_server_cleanly_while_it_samples(folder, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopped" in rest and "terminate" not in rest and "Traceback" not in rest, rest
-    assert got["answer"][0] == 503 and "shutting down" in got["answer"][1]
+    assert got["answer"][0] == 503 and "shutting down" in got["answer"][1], got
     with socket.socket() as again:  # the port is free for the next server (which, like this one, reuses addresses)
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", int(base.rsplit(":", 1)[1])))
@@ -1245,3 +1269,274 @@ def test_an_answer_to_a_client_that_left_prints_no_traceback(folder, model, monk
         closing.join(60)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+def ask_raw(url, method, path, body=None, headers=None):
+    """One request of any method: (status, headers, body bytes); http.client reads no body after a HEAD."""
+    import http.client
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "TRACE"])
+@pytest.mark.parametrize("path, allow", [("/v1/completions", {"POST", "OPTIONS"}),
+                                         ("/v1/chat/completions", {"POST", "OPTIONS"}),
+                                         ("/v1/models", {"GET", "HEAD", "OPTIONS"}),
+                                         ("/health", {"GET", "HEAD", "OPTIONS"})])
+def test_a_method_a_route_does_not_take_is_a_405_with_allow(url, method, path, allow):
+    """Methods other than GET and POST got http.server's HTML 501 page: now an OpenAI error object, 405, and
+    the Allow header naming what the route takes (RFC 9110 §15.5.6)."""
+    status, headers, body = ask_raw(url, method, path, body=b'{"prompt": "hi"}' if method != "TRACE" else None,
+                                    headers={"Content-Type": "application/json"})
+    assert status == 405 and headers["Content-Type"] == "application/json", (status, body)
+    assert {m.strip() for m in headers["Allow"].split(",")} == allow
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and method in error["message"] and path in error["message"]
+
+
+def test_get_on_a_post_route_and_post_on_a_get_route_are_405s(url):
+    for method, path, allow in (("GET", "/v1/completions", "POST"), ("POST", "/v1/models", "GET")):
+        status, headers, body = ask_raw(url, method, path, body=b"{}" if method == "POST" else None)
+        assert status == 405 and allow in headers["Allow"] and "error" in json.loads(body), (method, path, body)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS"])
+def test_any_method_on_an_unknown_path_is_a_404_error_object(url, method):
+    status, headers, body = ask_raw(url, method, "/v1/nope")
+    assert status == 404 and json.loads(body)["error"]["message"] == "no route /v1/nope", body
+    assert "Allow" not in headers
+
+
+def test_a_method_http_has_not_is_a_501_error_object(url):
+    """An unknown method (no do_ handler) and a request line http.server cannot read: its own refusals, in the
+    API's error shape too."""
+    import socket
+    import urllib.parse
+
+    status, headers, body = ask_raw(url, "BREW", "/v1/completions")
+    assert status == 501 and headers["Content-Type"] == "application/json", body
+    assert "BREW" in json.loads(body)["error"]["message"]
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(b"GET /health now HTTP/1.1\r\n\r\n")  # a word too many
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"400" and b"application/json" in head, raw
+    assert json.loads(body)["error"]["message"].startswith("Bad request syntax"), raw
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/health", "/v1/models"])
+def test_options_answers_the_methods_a_route_takes(url, path):
+    status, headers, body = ask_raw(url, "OPTIONS", path)
+    assert status == 204 and body == b""
+    assert {m.strip() for m in headers["Allow"].split(",")} == (
+        {"POST", "OPTIONS"} if path == "/v1/completions" else {"GET", "HEAD", "OPTIONS"})
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics"])
+def test_head_is_the_get_without_its_body(url, path):
+    """HEAD on a GET route: the GET's status and headers (Content-Length included), no body (RFC 9110 §9.3.2).
+    A raw socket, so that a body sent after the headers would be seen."""
+    import socket
+    import urllib.parse
+
+    got_status, got_headers, got_body = ask_raw(url, "GET", path)
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):  # the server closes the connection after its answer (HTTP/1.0)
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert int(lines[0].split()[1]) == got_status == 200 and rest == b"", raw
+    assert headers["Content-Type"] == got_headers["Content-Type"]
+    if path != "/metrics":  # the metrics change between the two requests (the GET was counted)
+        assert int(headers["Content-Length"]) == len(got_body)
+
+
+def test_head_on_a_post_route_is_a_405_without_a_body(url):
+    import socket
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(b"HEAD /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"405" and b"Allow: POST" in head and rest == b"", raw
+
+
+def test_the_api_key_is_asked_before_a_method_is_judged(folder, model):
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine, api_key="s3cret") as base:
+        assert ask_raw(base, "PUT", "/v1/completions")[0] == 401
+        assert ask_raw(base, "PUT", "/v1/completions", headers={"Authorization": "Bearer s3cret"})[0] == 405
+        assert ask_raw(base, "HEAD", "/health")[0] == 200
+
+
+# ------------------------------------------------------------------------------------------- context length
+
+SHORT = 40  # max_position_embeddings of the `short` model
+
+
+@pytest.fixture(scope="module")
+def short(folder, tmp_path_factory):
+    """The test model with a context of SHORT tokens stated in its config.json (max_position_embeddings)."""
+    short = shutil.copytree(folder, tmp_path_factory.mktemp("short") / "tt")
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = SHORT
+    (short / "config.json").write_text(json.dumps(config))
+    return short
+
+
+@pytest.fixture(scope="module")
+def short_url(short):
+    """A server over `short` whose requests default to 20 tokens."""
+    engine = Engine(TowerBackend(load_model(short, need_denoiser=True).twotower), Tokenizer(short), [2, 38],
+                    replace_cfg(max_new_tokens=20), "tiny-test", ChatTemplate.load(short))
+    with serving(engine) as base:
+        yield base
+
+
+def chat_ids(folder, messages):
+    return template_ids(ChatTemplate.load(folder), Tokenizer(folder), messages, {})[0]
+
+
+TALK = [{"role": "user", "content": "hi"}]  # 38 ids as the test template renders it
+LONG_TALK = [{"role": "user", "content": "tell me the whole story"}]  # 59
+
+
+@pytest.mark.parametrize("path, body, needle", [
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 30},
+     "asks for 41: 11 in the prompt and 30 to complete; set 'max_tokens' to 29 or less"),
+    ("/v1/completions", {"prompt": "hello there", "max_completion_tokens": 30},
+     "set 'max_completion_tokens' to 29 or less"),
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 10 ** 12}, f"asks for {10 ** 12 + 11}:"),
+    ("/v1/completions", {"prompt": ["hi", "hello there"], "max_tokens": 30, "n": 2}, "11 in the longest prompt"),
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 30, "echo": True, "logprobs": 1}, "asks for 41"),
+    ("/v1/completions", {"prompt": [5] * (SHORT + 1), "max_tokens": 0, "echo": True}, "the prompt alone is 41 tokens"),
+    ("/v1/completions", {"prompt": [5] * SHORT}, "alone is 40 tokens, which leaves no room for a completion"),
+    ("/v1/chat/completions", {"messages": TALK, "max_tokens": 3, "n": 2}, "asks for 41: 38 in the conversation"),
+    ("/v1/chat/completions", {"messages": LONG_TALK}, "the conversation alone is 59 tokens; shorten the conversation"),
+])
+def test_a_request_beyond_the_context_length_is_a_400_naming_it(short_url, path, body, needle):
+    """The longest prompt and max_tokens together beyond max_position_embeddings (40 here): a 400 with
+    OpenAI's code for it, naming the limit, the counts and what would fit; n, echo and scoring alike."""
+    status, text = post(short_url, path, body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error", error
+    assert error["message"].startswith(f"this model's maximum context length is {SHORT} tokens"), error
+    assert needle in error["message"], error
+    assert post(short_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
+
+
+def test_a_config_without_max_position_embeddings_bounds_requests_at_4096(url):
+    """The test model's config.json has no max_position_embeddings: 4096, as transformers reads it, so a
+    request for 10^12 tokens is refused at once instead of holding the model."""
+    status, text = post(url, "/v1/completions", {"prompt": "hello there", "max_tokens": 10 ** 12})
+    error = json.loads(text)["error"]
+    assert status == 400 and error["message"].startswith("this model's maximum context length is 4096 tokens"), text
+    assert "set 'max_tokens' to 4085 or less" in error["message"], text
+
+
+def test_a_request_that_fills_the_context_exactly_is_answered(short_url, model, folder):
+    """Prompt + max_tokens == the context length is allowed (the bound is inclusive), as is scoring a prompt
+    of the context length."""
+    tok = Tokenizer(folder)
+    out = json.loads(post(short_url, "/v1/completions", {"prompt": "hello there", "max_tokens": SHORT - 11})[1])
+    want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=SHORT - 11))
+    assert out["choices"][0]["text"] == tok.decode(want.token_ids)
+    ids = tok.encode("the quick brown fox jumps over the lazy d")[:SHORT]
+    assert len(ids) == SHORT
+    scored = post(short_url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert scored[0] == 200 and json.loads(scored[1])["usage"]["prompt_tokens"] == SHORT
+
+
+def test_a_request_without_max_tokens_gets_the_default_cut_to_what_fits(short_url, model, folder):
+    """No max_tokens: the server's default (20 here) where it fits, else what is left of the context, as vLLM
+    does, not a 400. Prompts of one request share it: the longest decides (n and echo do not change it)."""
+    tok = Tokenizer(folder)
+    short_prompt, long_prompt = "hi", "the quick brown fox jumps"  # room for 38 and for 15
+    assert len(tok.encode(long_prompt)) == 25
+    out = json.loads(post(short_url, "/v1/completions", {"prompt": [short_prompt, long_prompt], "n": 2,
+                                                         "echo": True})[1])
+    want = [reference(model, tok.encode(p), replace_cfg(max_new_tokens=15)) for p in (short_prompt, long_prompt)]
+    assert all(w.finish_reason == "length" for w in want)  # no end id first: the bound is what ends them
+    assert [c["text"] for c in out["choices"]] == [p + tok.decode(w.token_ids) for p, w in
+                                                   zip((short_prompt, long_prompt), want, strict=True) for _ in range(2)]
+    alone = json.loads(post(short_url, "/v1/completions", {"prompt": short_prompt})[1])
+    assert alone["usage"]["completion_tokens"] == 20  # the default, where it fits
+    ids = chat_ids(folder, TALK)
+    chat = json.loads(post(short_url, "/v1/chat/completions", {"messages": TALK})[1])
+    want = reference(model, ids, replace_cfg(max_new_tokens=min(20, SHORT - len(ids))))
+    assert SHORT - len(ids) < 20 and chat["choices"][0]["message"]["content"] == tok.decode(want.token_ids)
+
+
+def test_cli_serve_max_model_len_defaults_to_the_checkpoints_and_warns_beyond_it(short, folder, monkeypatch):
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    engines = []
+
+    def fake_make_server(engine, host, port, log=None, api_key=None):
+        engines.append(engine)
+        return StoppedServer()
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", fake_make_server)
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short)], terminal_width=200)
+    assert r.exit_code == 0 and "Warning" not in r.stderr and f"context {SHORT} tokens" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "16"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "100"], terminal_width=200)
+    assert r.exit_code == 0 and f"Warning: --max-model-len 100 is beyond the {SHORT} tokens" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--max-model-len", "100000"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output  # no value stated: nothing to warn of
+    assert [e.max_model_len for e in engines] == [SHORT, 16, 100, 100000]
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(short), "--max-model-len", "0"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: max model len 0 must be at least 1"), r.output
+
+
+def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothing(folder, model, monkeypatch):
+    """`server_close` waits for the requests being handled, but only so long (serve.CLOSE_SECONDS): a client
+    that opened a connection and never finished its request does not keep the server from stopping."""
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "CLOSE_SECONDS", 0.2)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = serve.make_server(engine, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = serve.base_url(server)
+    where = urllib.parse.urlsplit(base)
+    with socket.create_connection((where.hostname, where.port), timeout=30) as stuck:
+        stuck.sendall(b"POST /v1/completions HTTP/1.1\r\n")  # and nothing more
+        with urllib.request.urlopen(base + "/health", timeout=30) as r:  # accepted after the stuck one
+            assert r.status == 200
+        server.shutdown()
+        closing = threading.Thread(target=server.server_close)
+        closing.start()
+        closing.join(60)
+        assert not closing.is_alive()
+        assert sum(t.is_alive() for t in server.handlers) == 1  # the stuck one, left behind
+    engine.close()

@@ -119,6 +119,9 @@ class NemotronHConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
+    # tokens of a sequence (prompt and completion) the model is meant for; attention has no positions, so
+    # nothing breaks beyond it. Absent: 4096, as transformers' and vLLM's NemotronHConfig read such a config
+    max_position_embeddings: int = 4096
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # ---------------------------------------------------------------- reading and writing
@@ -206,7 +209,7 @@ class NemotronHConfig:
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         kinds = set(self.pattern)
-        positive = ["hidden_size", "vocab_size"]
+        positive = ["hidden_size", "vocab_size", "max_position_embeddings"]
         if "M" in kinds:
             positive += ["mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size"]
         if "*" in kinds:

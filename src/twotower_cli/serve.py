@@ -5,11 +5,22 @@
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
+HEAD on a GET route answers the GET's status and headers without the body; OPTIONS a 204 with the route's
+methods in `Allow`; any other method a route does not take a 405 with `Allow`, and a path the API does not
+have a 404, all as OpenAI error objects (so are http.server's own refusals: an unknown method's 501, a
+request line it cannot read).
+
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
-a list of them), n (1 only), stream, chat_template_kwargs (template variables, as vLLM names them); and
+a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
 (presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
 of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
+
+A request's longest prompt and its max_tokens together may not exceed the model's context length,
+`max_model_len` (`--max-model-len`; by default the checkpoint's `max_position_embeddings`, which transformers
+reads as 4096 where config.json has none): over it is a 400 (code `context_length_exceeded`, as OpenAI's),
+so that no client ties the model up with a request of 10^12 tokens. A request without max_tokens gets the
+server's default cut to what fits, as vLLM does.
 
 `logprobs` (chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`) gives each returned
 token's log-probability and the k most likely tokens at its position: in `mask_diffusion` under the
@@ -71,7 +82,10 @@ from twotower_cli.towers import token_log_probs
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
+ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
+          "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
+CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -117,11 +131,11 @@ class Histogram:
 
 
 class BadRequest(Exception):
-    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body."""
+    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body (`code`: its `code`)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
         super().__init__(message)
-        self.message, self.status = message, status
+        self.message, self.status, self.code = message, status, code
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -248,8 +262,11 @@ class Engine:
 
     def __init__(self, backend, tokenizer: Tokenizer, eos_ids: list[int], defaults: S.SamplingConfig, name: str,
                  template: ChatTemplate | None = None, variables: dict | None = None, seed: int = 0,
-                 max_batch: int = 16, conversations: int = 8, continuous: bool = True, max_waiting: int = 0):
+                 max_batch: int = 16, conversations: int = 8, continuous: bool = True, max_waiting: int = 0,
+                 max_model_len: int | None = None):
         self.backend = PrefixReuse(backend, keep=conversations)
+        # tokens of prompt and completion a request may take (None: the checkpoint's max_position_embeddings)
+        self.max_model_len = max_model_len or backend.ar.cfg.max_position_embeddings
         self.max_batch, self.continuous, self.max_waiting = max_batch, continuous, max_waiting
         self.pending: list[_Ticket] = []  # requests waiting for the model, oldest first
         self.queued = threading.Condition()  # guards `pending` and `worker`
@@ -279,16 +296,20 @@ class Engine:
             prompts = [prompt]
         else:
             prompts = _prompts(body, self.tokenizer, self.backend.vocab_size)
+        longest = max(len(p) for p in prompts)
+        where = "the conversation" if chat else "the prompt" if len(prompts) == 1 else "the longest prompt"
         prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise BadRequest("'stop' must be a string or a list of non-empty strings")
         d = self.defaults
-        max_tokens = _number(body, "max_completion_tokens", int, None)
         top_p = _number(body, "top_p", float, d.top_p)
         top_k = _number(body, "top_k", int, d.top_k)  # 0 or -1: no top-k, as other servers read it
-        wanted_tokens = _number(body, "max_tokens", int, d.max_new_tokens if max_tokens is None else max_tokens)
+        completion = _number(body, "max_completion_tokens", int, None)
+        max_tokens = _number(body, "max_tokens", int, None)  # the older name wins where both are given
+        field, wanted = ("max_tokens", max_tokens) if max_tokens is not None else ("max_completion_tokens", completion)
+        wanted_tokens = self._fit(longest, wanted, field, where)
         score_only = wanted_tokens == 0 and echo
         if wanted_tokens == 0 and not echo:
             raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"))
@@ -315,6 +336,25 @@ class Engine:
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
+
+    def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
+        """The completion tokens of a request whose longest prompt is `prompt` tokens: `wanted` (its max_tokens),
+        refused when prompt and completion exceed `max_model_len`; None: the server's default, cut to what
+        fits. (A negative `wanted` is left to the sampler's check.)"""
+        limit = self.max_model_len
+        room = limit - prompt
+        context = f"this model's maximum context length is {limit} tokens (prompt and completion together)"
+        if room < 0 or (room == 0 and wanted != 0):
+            raise BadRequest(f"{context}, and {where} alone is {prompt} tokens"
+                             + (", which leaves no room for a completion" if room == 0 else "") + f"; shorten {where}",
+                             code="context_length_exceeded")
+        if wanted is None:
+            return min(self.defaults.max_new_tokens, room)
+        if wanted > room:
+            raise BadRequest(f"{context}, and this request asks for {prompt + wanted}: {prompt} in {where} and "
+                             f"{wanted} to complete; set '{field}' to {room} or less, or shorten {where}",
+                             code="context_length_exceeded")
+        return wanted
 
     @staticmethod
     def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
@@ -821,19 +861,34 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 log(f"{self.path.partition('?')[0]} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
                     f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s{shared}")
 
-        def _json(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
+        def _send(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+            """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's)."""
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-            if status == HTTPStatus.SERVICE_UNAVAILABLE:
-                self.send_header("Retry-After", "1")  # clients that retry (OpenAI's do) wait a second
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
-        def _error(self, status: int, message: str) -> None:
+        def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                headers = {"Retry-After": "1", **(headers or {})}  # clients that retry (OpenAI's do) wait a second
+            self._send(status, "application/json", json.dumps(body).encode(), headers)
+
+        def _error(self, status: int, message: str, headers: dict[str, str] | None = None,
+                   code: str | None = None) -> None:
             kind = "invalid_request_error" if status < 500 else "server_error"
-            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (a method it has no handler for, a request line or headers it cannot
+            read) as the API's error objects, not its HTML page."""
+            message = message or self.responses.get(code, ("error",))[0]
+            self.log_error("code %d, message %s", code, message)
+            self.close_connection = True
+            self._error(code, message, {"Connection": "close"})
 
         def _gone(self) -> bool:
             """Whether the client has closed its connection: after its request it sends nothing, so a socket
@@ -862,33 +917,41 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
             return False
 
-        def do_GET(self) -> None:  # noqa: N802 (the base class's name)
+        def _dispatch(self) -> None:
+            """Every method: the route's own (HEAD: a GET route's answer without its body), OPTIONS (a 204 with
+            the methods the route takes), a 405 with `Allow` for any other, a 404 for a path the API lacks."""
             route = self.path.partition("?")[0]
             if route != "/health" and not self._allowed():
                 return
+            method = ROUTES.get(route)
+            if method is None:
+                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+                return
+            allowed = (method, "HEAD", "OPTIONS") if method == "GET" else (method, "OPTIONS")
+            if self.command == "OPTIONS":
+                self.send_response(HTTPStatus.NO_CONTENT)
+                self.send_header("Allow", ", ".join(allowed))
+                self.end_headers()
+            elif self.command not in allowed:
+                self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {route}: use {method}",
+                            {"Allow": ", ".join(allowed)})
+            elif method == "GET":
+                self._get(route)
+            else:
+                self._post(route)
+
+        do_GET = do_HEAD = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_TRACE = do_CONNECT = _dispatch
+
+        def _get(self, route: str) -> None:
             if route == "/health":
                 self._json(HTTPStatus.OK, {"status": "ok"})
             elif route == "/metrics":
-                data = engine.metrics().encode()
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            elif route == "/v1/models":
+                self._send(HTTPStatus.OK, "text/plain; version=0.0.4", engine.metrics().encode())
+            else:
                 self._json(HTTPStatus.OK, {"object": "list", "data": [
                     {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
-            else:
-                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
-        def do_POST(self) -> None:  # noqa: N802
-            routes = {"/v1/completions": False, "/v1/chat/completions": True}
-            route = self.path.partition("?")[0]
-            if not self._allowed():
-                return
-            if route not in routes:
-                self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
-                return
+        def _post(self, route: str) -> None:
             try:
                 length = self.headers.get("Content-Length") or "0"
                 if not (length.isascii() and length.isdigit()):  # -1 would read until the client closes; '²' is a digit
@@ -901,7 +964,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     body = json.loads(self.rfile.read(length) or b"null")
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the request body is not valid JSON") from None
-                req = engine.parse(body, chat=routes[route])
+                req = engine.parse(body, chat=route == "/v1/chat/completions")
                 engine.check_room()
                 rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
                 if req.stream:
@@ -911,7 +974,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
                     self._report(result)
             except BadRequest as e:
-                self._error(e.status, e.message)
+                self._error(e.status, e.message, code=e.code)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away; the sampler was closed with the stream
             except Exception as e:  # noqa: BLE001 — a failed request must not take the server down
@@ -953,6 +1016,28 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address: ::1, ::
+
+        def __init__(self, *args, **kwargs):
+            self.handlers: list[threading.Thread] = []  # the request threads, the live ones at least
+            super().__init__(*args, **kwargs)
+
+        def process_request(self, request, client_address) -> None:
+            """As ThreadingMixIn's: each request in a daemon thread (a client that never finishes its request
+            cannot keep the process alive), kept in `handlers` for `server_close`."""
+            thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                      name="twotower-request", daemon=True)
+            self.handlers = [t for t in self.handlers if t.is_alive()] + [thread]
+            thread.start()
+
+        def server_close(self) -> None:
+            """Stop listening, then wait up to CLOSE_SECONDS for the requests being handled to end: at Ctrl-C or
+            SIGTERM `serve` closes the engine first, which answers every open request with a 503, and their
+            threads write it before the process exits (as daemon threads they would be cut off mid-answer).
+            A client that does not finish its request is not waited for longer."""
+            super().server_close()
+            deadline = time.monotonic() + CLOSE_SECONDS
+            for thread in self.handlers:
+                thread.join(max(deadline - time.monotonic(), 0))
 
         def handle_error(self, request, client_address) -> None:
             """A client that left before its answer (an error, or `Engine.close`'s 503, written to a closed

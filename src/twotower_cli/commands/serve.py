@@ -15,7 +15,9 @@ from twotower_cli.commands import options as O
              "temperature, top_p, top_k, stop, seed, stream, n, and block_size, steps, threshold, policy, factor, "
              "mode) override them. "
              "Requests with the same mode and block are sampled as one batch (--max-batch); one that comes while a batch "
-             "runs joins it at its next block (continuous batching).")
+             "runs joins it at its next block (continuous batching). A request's prompt and max_tokens together may "
+             "not exceed --max-model-len (a 400); one without max_tokens gets --max-new-tokens cut to what fits. "
+             "Ctrl-C or SIGTERM answers the open requests with a 503 and waits up to 2 s for those answers to be written.")
 @guarded
 def serve(
     model: O.Model = None,
@@ -27,7 +29,8 @@ def serve(
     threshold: O.Threshold = 0.8,
     policy: O.Policy = "threshold",
     factor: O.Factor = 1.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per request unless it sets max_tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per request unless it sets max_tokens (cut to what fits in --max-model-len).")] = 256,
+    max_model_len: Annotated[int | None, typer.Option(help="Tokens of prompt and completion a request may take at most; over it is a 400 (default: the checkpoint's max_position_embeddings, 4096 where config.json has none).")] = None,
     temperature: O.Temperature = 0.0,
     top_k: O.TopK = None,
     top_p: O.TopP = None,
@@ -59,6 +62,8 @@ def serve(
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
     if max_batch < 1:
         raise TwoTowerError(f"max batch {max_batch} must be at least 1", "try --max-batch 16")
+    if max_model_len is not None and max_model_len < 1:
+        raise TwoTowerError(f"max model len {max_model_len} must be at least 1", "try --max-model-len 4096")
     if max_waiting < 0:
         raise TwoTowerError(f"max waiting {max_waiting} must be 0 (no limit) or more", "try --max-waiting 64")
     if conversations < 1:
@@ -80,10 +85,15 @@ def serve(
     defaults = rt.sampling(defaults, mask_token_id=mask_token_id, block=block)
     if (warning := rt.block_warning(defaults.mode, defaults.block_size)) is not None:
         report_warning(*warning)
+    stated = rt.cfg.raw.get("max_position_embeddings")
+    if max_model_len is not None and stated is not None and max_model_len > stated:
+        report_warning(f"--max-model-len {max_model_len} is beyond the {stated} tokens this checkpoint is meant for "
+                       "(max_position_embeddings); longer sequences run, but the model was not trained on them",
+                       f"leave out --max-model-len to use {stated}")
     name = model or rt.folder.name
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed,
                     max_batch=max_batch, conversations=conversations, continuous=continuous,
-                    max_waiting=max_waiting)
+                    max_waiting=max_waiting, max_model_len=max_model_len)
     console = err_console()
     try:
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
@@ -105,11 +115,12 @@ def serve(
         report_warning(f"listening on {host} without an API key: whoever reaches port {bound_port} can use the model",
                        "pass --api-key KEY (or set TWOTOWER_API_KEY)")
     console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
-                  f"[bold]{base_url(server)}/v1[/] · {chat_note} · Ctrl-C stops", highlight=False)
+                  f"[bold]{base_url(server)}/v1[/] · context {engine.max_model_len} tokens · {chat_note} · Ctrl-C stops",
+                  highlight=False)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         console.print("[dim]stopped[/]")
     finally:
         engine.close()  # requests still running get a 503, and the model's thread ends before the interpreter
-        server.server_close()
+        server.server_close()  # then their threads write those 503s (it waits up to serve.CLOSE_SECONDS)
