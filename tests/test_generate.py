@@ -658,6 +658,19 @@ def test_cli_ctrl_c_without_the_live_view_prints_the_text_so_far(trained_like, m
     r = invoke(*common, "-n", "40")
     assert r.exit_code == 1 and r.stderr.strip() == "Error: interrupted", r.output
     assert r.stdout == want.stdout
+    # --json: the record so far, as a run of that length gives it, with finish_reason "interrupted"
+    monkeypatch.setattr(TowerBackend, "extend", real)
+    whole = invoke(*common, "-n", str(n), "--json")
+    assert whole.exit_code == 0, whole.output
+    monkeypatch.setattr(TowerBackend, "extend", interrupted)
+    calls.clear()
+    cut = invoke(*common, "-n", "40", "--json")
+    assert cut.exit_code == 1 and cut.stderr.strip() == "Error: interrupted", cut.output
+    (got,), (full,) = ([json.loads(line) for line in x.stdout.splitlines()] for x in (cut, whole))
+    assert full["finish_reason"] == "length" and got["finish_reason"] == "interrupted"
+    assert {k: got[k] for k in ("prompt", "text", "token_ids", "nfe")} == \
+        {k: full[k] for k in ("prompt", "text", "token_ids", "nfe")}
+    assert got["settings"] == {**full["settings"], "max_new_tokens": 40}
     # the live view on a terminal, the text going to a file: the file gets it too
     import io
 

@@ -155,8 +155,11 @@ def generate(
         stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
 
         so_far: list[list[int]] = [[] for _ in prompts[batch]]  # each sequence's committed ids
+        nfe_so_far, t_batch = [0], time.perf_counter()
 
-        def seen(ev, index=first // batch_size, so_far=so_far):
+        def seen(ev, index=first // batch_size, so_far=so_far, nfe_so_far=nfe_so_far):
+            if isinstance(ev, S.Step):
+                nfe_so_far[0] = ev.nfe
             if isinstance(ev, S.BlockDone):
                 for ids, row in zip(so_far, ev.tokens.tolist(), strict=True):
                     ids.extend(row)
@@ -166,11 +169,18 @@ def generate(
         try:
             finished = follow(stream, decode, texts[batch], settings, live, on_event=seen)
         except KeyboardInterrupt:  # Ctrl-C: the text so far, where the live view does not show it on the screen
+            stops = S.stop_set(settings, rt.eos_ids)
             if not as_json:
-                stops = S.stop_set(settings, rt.eos_ids)
                 for row, (text, ids) in enumerate(zip(texts[batch], so_far, strict=True)):
                     if not (live and stdout_is_terminal() and row < LiveUnmasking.MAX_ROWS):
                         plain(text, decode(ids[:S.first_stop(ids, stops)]))
+            elif len(prompts) == 1 and not events and so_far[0]:
+                # --json, one prompt: its record so far, finish_reason "interrupted", as several prompts give
+                # theirs (a batch of one: the batch's forwards are its own; --events has said it all already)
+                ids = so_far[0][:S.first_stop(so_far[0], stops)]
+                g = S.Generation(prompts[0], ids, "interrupted", nfe_so_far[0])
+                report(items[0], texts[0], model_texts[0], g, time.perf_counter() - t_batch,
+                       S.settings_record(settings, stops))
             raise
         for row, (item, text, model_text, g) in enumerate(zip(items[batch], texts[batch], model_texts[batch],
                                                               finished.generations, strict=True)):
