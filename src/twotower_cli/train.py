@@ -60,7 +60,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twotower_cli.checkpoint import Checkpoint, atomic_output_dir, open_checkpoint, save_tensors
+from twotower_cli.checkpoint import (
+    Checkpoint,
+    atomic_output_dir,
+    open_checkpoint,
+    save_tensors,
+    settle_output,
+)
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.hub import AUX_FILE_PATTERNS
@@ -787,6 +793,7 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     began = time.perf_counter()
     cfg.validate()
     out = Path(cfg.out)
+    settle_output(out)  # a run killed while replacing OUT may have left the previous OUT aside: put it back
     resuming = cfg.resume and out.exists()
     if out.exists() and not (cfg.resume or cfg.force):
         raise TwoTowerError(f"{out} already exists", "pass --resume to continue the training saved there, "
