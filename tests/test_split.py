@@ -346,6 +346,110 @@ def test_atomic_output_replaces_dot_and_files_without_leftovers(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
 
 
+# Replaces OUT with a folder holding v.txt = "new", dying (os._exit: no handler runs) or raising
+# KeyboardInterrupt at its STEP-th filesystem step; prints the number of steps when none was reached.
+REPLACE_AND_DIE = """
+import os, sys
+from pathlib import Path
+from twotower_cli import checkpoint as C
+out, at, mode, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if mode == "fallback":  # a system or filesystem without renameat2's RENAME_EXCHANGE
+    C._exchange = lambda a, b: False
+steps = 0
+def step(fn):
+    def wrapped(*args, **kwargs):
+        global steps
+        steps += 1
+        if steps == at:
+            if how == "crash":
+                os._exit(17)
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    return wrapped
+os.replace = step(os.replace)
+for name in ("_exchange", "_remove"):
+    if hasattr(C, name):
+        setattr(C, name, step(getattr(C, name)))
+with C.atomic_output_dir(out, force=True) as tmp:
+    (tmp / "v.txt").write_text("new")
+print(steps)
+"""
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("how", ["crash", "raise"])
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_replacing_an_output_keeps_the_old_or_the_new_at_every_step(tmp_path, mode, how):
+    """`atomic_output_dir(force=True)` killed (or interrupted) at each of its filesystem steps in turn: OUT
+    holds the old output or the new one, complete, right away (with the exchange, or after an exception);
+    only a crash between the fallback's two renames leaves OUT missing, with the old one aside. Then
+    `settle_output`, which the next run starts with, leaves OUT old or new and nothing else beside it."""
+    from twotower_cli.checkpoint import _exchange, settle_output
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (tmp_path / "probe2").mkdir()
+    if mode == "exchange" and not _exchange(probe, tmp_path / "probe2"):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    seen = set()
+    for at in range(1, 20):
+        case = tmp_path / f"step{at}"
+        (case / "out").mkdir(parents=True)
+        (case / "out" / "v.txt").write_text("old")
+        r = subprocess.run([sys.executable, "-c", REPLACE_AND_DIE, str(case / "out"), str(at), mode, how],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        finished = r.returncode == 0
+        assert finished or r.returncode == (17 if how == "crash" else -2), r.stderr  # -2: died of its SIGINT
+        state = (case / "out" / "v.txt").read_text() if (case / "out").exists() else None
+        beside = sorted(p.name for p in case.iterdir())
+        if mode == "fallback" and how == "crash" and state is None:  # killed between the two renames
+            assert len(beside) == 2 and any(n.startswith(".out.old-") for n in beside), beside
+        else:
+            assert state in ("old", "new"), (at, beside)
+        seen.add(state)
+        settle_output(case / "out")
+        assert (case / "out" / "v.txt").read_text() in ("old", "new"), at
+        assert sorted(p.name for p in case.iterdir()) == ["out"], (at, beside)
+        if finished:
+            assert (case / "out" / "v.txt").read_text() == "new" and int(r.stdout) == at - 1
+            break
+    assert "old" in seen and "new" in seen and at > 2  # the failures did fall on both sides of the swap
+
+
+def test_settle_output_puts_back_or_removes_only_a_dead_writers_leftovers(tmp_path):
+    """The rule, name by name: a dead process's `.OUT.old-PID` becomes OUT when OUT is missing, else goes; its
+    `.OUT.tmp-PID-*` go; a live process's, other outputs' and the user's own files stay."""
+    from twotower_cli.checkpoint import settle_output
+
+    dead, live = dead_pid(), os.getppid()
+
+    def folder(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "v.txt").write_text(text)
+
+    folder(f".out.old-{dead}", "old")
+    folder(f".out.tmp-{dead}-ab12_xyz", "unfinished")
+    (tmp_path / f".out.tmp-{dead}-cd34_xyz").write_text("a file swapped out")
+    for name in (f".out.old-{live}", f".out.tmp-{live}-ab12_xyz", f".other.old-{dead}", f".out.old-{dead}.bak",
+                 "out.old-1", ".out.old-x", "notes"):
+        folder(name, "keep")
+    keep = sorted(p.name for p in tmp_path.iterdir() if (p / "v.txt").is_file() and (p / "v.txt").read_text() == "keep")
+    settle_output(tmp_path / "out")
+    assert (tmp_path / "out" / "v.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
+    folder(f".out.old-{dead}", "older")  # OUT is there now: the one aside is stale
+    settle_output(tmp_path / "out")
+    assert (tmp_path / "out" / "v.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
+    settle_output(tmp_path / "missing" / "out")  # no folder to look in: nothing to do
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),

@@ -1,10 +1,12 @@
-"""tokenize: command-line paths and what it fetches (the stream itself is tested against `train`'s in test_train.py)."""
+"""tokenize: command-line paths, what it fetches, plain text read in pieces of bounded size (the stream itself is
+tested against `train`'s in test_train.py)."""
 
 from __future__ import annotations
 
 import shutil
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from twotower_cli.cli import get_app
@@ -77,4 +79,149 @@ get_app()(["tokenize", "tiny", "--data", {str(data)!r}, "-o", {str(out)!r}], pro
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "Error: interrupted", (r.returncode, r.stderr)
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ plain text, read in pieces
+
+WORDS = ("the king and queen of France, my lord; Hélène’s letter — 日本 said: “Go!” ROMEO. well, 42 times? "
+         "ay... (aside) [Exit] naïve").split()
+
+
+def ordinary_text(n_lines: int, seed: int = 0) -> str:
+    """Prose and verse lines as corpora have them: blank lines (runs of 1-3), indented and very long lines
+    (longer than the test's pieces), lines ending in punctuation, Windows and old-Mac line ends, a wide run
+    of spaces, non-ASCII text."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.choice((1, 3, 8, 14, 90))))
+        lead = rng.choice(("", "", "", "  ", "\t", "    "))
+        end = rng.choice(("\n", "\n", "\n", "\n\n", "\n\n\n", ".\n\n", "\r\n", "\r\n\r\n", " \n", "\r"))
+        lines.append(lead + words + (" " * 300 if i % 97 == 50 else "") + end)
+    return "".join(lines)
+
+
+def variant_tokenizer(tmp_path, kind: str) -> Tokenizer:
+    """The tiny tokenizer, with merges across line breaks ("ĊĊ", "ĠĊ", ".Ċ" as new entries) and a pre-tokenizer
+    of the Llama-3 / GPT-4 kind (runs of newlines, and punctuation with the newlines after it, are one piece),
+    or that prefixes a space to a text (`add_prefix_space`), or with a BOS and an EOS around each text."""
+    import json
+
+    spec = json.loads((resolve("tiny") / "tokenizer.json").read_text())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    if kind == "newlines":
+        for pair in (("Ċ", "Ċ"), ("ĊĊ", "Ċ"), ("Ġ", "Ċ"), (".", "Ċ"), (".Ċ", "Ċ"), ("č", "Ċ"), ("Ġ", "Ġ")):
+            vocab.setdefault("".join(pair), len(vocab))
+            merges.insert(0, list(pair) if isinstance(merges[0], list) else " ".join(pair))
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    elif kind == "prefix-space":
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+    elif kind == "bos-eos":
+        spec["post_processor"] = {"type": "TemplateProcessing", "single": [
+            {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "</s>", "type_id": 0}}], "pair": [], "special_tokens": {
+            "<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}, "</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}
+    folder = tmp_path / f"tok-{kind}"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return Tokenizer(folder)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "newlines", "prefix-space", "bos-eos"])
+def test_text_read_in_pieces_gives_the_ids_of_the_whole(tmp_path, monkeypatch, kind):
+    """A text file is read in pieces of TEXT_PIECE_CHARS characters and still gives exactly `encode` of its
+    whole text (newlines as `read_text` reads them: '\\r\\n' and '\\r' as '\\n'), including for tokenizers that
+    merge across line breaks, prefix a space to a text or wrap it in BOS/EOS, where cutting at any line
+    end would change tokens (checked here, so the text does exercise the cuts)."""
+    from twotower_cli import train
+
+    tok = Tokenizer(resolve("tiny")) if kind == "tiny" else variant_tokenizer(tmp_path, kind)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(ordinary_text(400).encode())
+    text = path.read_text(encoding="utf-8")
+    whole = tok.encode(text)
+    lines = text.splitlines(keepends=True)
+    if kind in ("newlines", "prefix-space", "bos-eos"):  # cutting after every newline would be wrong
+        assert sum((tok.encode(line) for line in lines), []) != whole
+    monkeypatch.setattr(train, "TEXT_PIECE_CHARS", 256)
+    monkeypatch.setattr(train, "TEXT_PIECE_BATCH", 3)
+    parts = list(train.iter_text_ids(path, tok))
+    assert len(parts) > len(text) // 1024  # it was read in pieces (plus the affixes)
+    streamed = sum(parts, [])
+    first = next((i for i, (a, b) in enumerate(zip(streamed, whole, strict=False)) if a != b), None)
+    assert streamed == whole, (len(streamed), len(whole), first)
+
+
+def test_tokenize_reads_text_in_bounded_pieces(tmp_path, monkeypatch):
+    """`tokenize --data X.txt` never reads, nor hands the tokenizer, more than about one piece of the text at a
+    time (the reads and the encoded texts are recorded), and writes the stream of the text encoded whole."""
+    from twotower_cli import train
+
+    piece, reads, encoded = 512, [], []
+
+    class Recorded:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append((n, len(data)))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def recorded_open(*args, **kwargs):
+        return Recorded(open(*args, **kwargs))
+
+    real_encode, real_batch = Tokenizer.encode, Tokenizer.encode_batch
+
+    def encode(self, text, *args, **kwargs):
+        encoded.append(len(text))
+        return real_encode(self, text, *args, **kwargs)
+
+    def encode_batch(self, texts, *args, **kwargs):
+        encoded.extend(len(t) for t in texts)
+        return real_batch(self, texts, *args, **kwargs)
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(ordinary_text(300, seed=1), encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    expected = Tokenizer(resolve("tiny")).encode(text)
+    monkeypatch.setattr(train, "open", recorded_open, raising=False)
+    monkeypatch.setattr(train, "TEXT_PIECE_CHARS", piece, raising=False)
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    monkeypatch.setattr(Tokenizer, "encode_batch", encode_batch)
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(path), "-o", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "c.npy").tolist() == expected
+    assert sum(got for _, got in reads) == len(text) > 20 * piece
+    assert reads and all(0 < n <= piece for n, _ in reads), sorted(reads)[-3:]
+    assert max(encoded) <= 2 * piece, max(encoded)
+
+
+def test_text_not_utf8_past_the_first_pieces_leaves_nothing(tmp_path, monkeypatch):
+    """A byte that is not UTF-8 deep in a text file is found after pieces before it were encoded and written:
+    still one Error line, exit 1, and no OUT nor partial files beside it."""
+    from twotower_cli import train
+
+    monkeypatch.setattr(train, "TEXT_PIECE_CHARS", 256)
+    (tmp_path / "d.txt").write_bytes(ordinary_text(200).encode() + b"\xff\xfe" + ordinary_text(10).encode())
+    out = tmp_path / "out" / "c.npy"
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "d.txt"), "-o", str(out)])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "is not UTF-8 text" in lines[0], r.output
     assert sorted(p.name for p in out.parent.iterdir()) == []

@@ -407,6 +407,22 @@ def test_resume_is_exact(ckpt, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_after_a_crash_between_the_renames_of_a_save(ckpt, data, tmp_path):
+    """Where OUT cannot be swapped in one step, a run killed between moving OUT aside and moving the new save
+    in leaves only `.OUT.old-PID`: `--resume` puts it back and continues from it, instead of finding no OUT
+    and starting over."""
+    import subprocess
+    import sys
+
+    run(ckpt, data, tmp_path / "out", steps=4, stop_after=2)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (tmp_path / "out").rename(tmp_path / f".out.old-{dead.pid}")
+    second = run(ckpt, data, tmp_path / "out", steps=4, resume=True)
+    assert second.start_step == 2 and second.steps == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_resume_refuses_a_trainer_state_of_another_version(ckpt, data, tmp_path):
     """Version 1 states (per-expert parameters, so per-expert optimizer states) cannot resume version 2's
     stacked experts: one error with the way out, not a mismatched optimizer."""

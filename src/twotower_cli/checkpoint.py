@@ -11,9 +11,13 @@ The header layer does not import torch, so header-only commands (inspect, split 
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -371,28 +375,122 @@ def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
 
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed."""
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed.
+
+    Guarantee, for a crash (SIGKILL, power loss) at any moment as much as for an exception:
+    - OUT is never half written: it names the previous output or the new one, complete (or, only in the
+      fallback below, neither until the next run).
+    - Replacing an existing OUT (`force`), the two are swapped in one step where the system can
+      (Linux `renameat2(RENAME_EXCHANGE)`: ext4, xfs, btrfs, tmpfs...), so OUT is never missing; the old
+      one, now under the temporary name, is then removed. Elsewhere (other systems, NFS) OUT is moved aside
+      to `.OUT.old-PID` and the new one moved in; an exception between the two moves puts the old one back,
+      and after a crash between them OUT is missing until the next `settle_output(OUT)`.
+    - What a crash leaves beside OUT is settled by the next call for the same OUT (`settle_output`, run
+      first here; `train` runs it before it looks for OUT to resume): the old output put back as OUT if
+      OUT is missing, leftovers removed, so a crash costs the unfinished output and nothing else. (Only
+      leftovers of processes that no longer run here: one machine at a time writes a given OUT.)"""
+    settle_output(out)
     if Path(out).exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     out = Path(os.path.abspath(out))  # "." or "run/.." has no name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         _publish_modes(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+        if not os.path.lexists(out):
             os.replace(tmp, out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:  # OUT was a file or a link: rmtree would leave it behind
-                old.unlink()
+        elif _exchange(tmp, out):
+            _remove(tmp)  # the old output, now under the temporary name
         else:
-            os.replace(tmp, out)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            try:
+                os.replace(out, old)
+                os.replace(tmp, out)
+            except BaseException:
+                if os.path.lexists(old) and not os.path.lexists(out):
+                    os.replace(old, out)
+                raise
+            _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def settle_output(out: Path) -> None:
+    """Settle what `atomic_output_dir` left beside OUT in a process that no longer runs on this machine (a
+    crash): its previous output moved aside (`.OUT.old-PID`) is put back as OUT if OUT is missing (the crash
+    came between the two moves) and removed otherwise (it came after them); its temporary folders
+    (`.OUT.tmp-PID-*`: an unfinished output, or an old one swapped out) are removed. A live process's are
+    left alone, so are other names. Safe to run from several processes at once (the ranks of a job)."""
+    out = Path(os.path.abspath(out))
+    try:
+        names = sorted(os.listdir(out.parent))
+    except OSError:  # no parent folder yet: nothing to settle
+        return
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.(?:old-(\d+)|tmp-(\d+)-[a-z0-9_]+)")
+    for name in names:
+        m = leftover.fullmatch(name)
+        if m is None or _alive(int(m[1] or m[2])):
+            continue
+        path = out.parent / name
+        try:
+            if m[1] and not os.path.lexists(out):
+                os.replace(path, out)
+            else:
+                _remove(path)
+        except FileNotFoundError:  # another process settled it first
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (an unknown answer counts as yes: nothing is removed)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:  # a file or a link: rmtree would leave it behind
+        path.unlink(missing_ok=True)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2 (glibc 2.28+, Linux), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one atomic step; False where the system or filesystem cannot (then
+    nothing changed). Python's os has no such call; renameat2 is Linux 3.15+."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # flag or call unknown here (EPERM: a seccomp filter); the two renames report real errors
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _publish_modes(folder: Path) -> None:

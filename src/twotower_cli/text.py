@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from twotower_cli.errors import TwoTowerError
+
+_CUT_WINDOW = 1024  # characters on each side of a cut that `Tokenizer._cuts_cleanly` encodes
+_CUT_TRIES = 8  # candidate cuts of each kind tried per piece
 
 
 class Tokenizer:
@@ -51,9 +57,96 @@ class Tokenizer:
         writes its own). Special tokens written in the text (`<|im_start|>`) are read as themselves."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` of each text (special tokens added as `encode` adds them), on all cores."""
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def encode_stream(self, f: TextIO, piece_chars: int = 1 << 18, batch: int = 16) -> Iterator[list[int]]:
+        """`encode(f.read())` in consecutive lists of ids, reading `f` a piece of `piece_chars` characters at
+        a time and encoding `batch` pieces together (`encode_batch`: all cores), so that at most about
+        (batch + 1) · piece_chars characters of the text are held at once, whatever its length. Nothing for
+        an empty text.
+
+        A piece ends where cutting the text changes no token: at the end of a line (else before a space)
+        where a window of text around the cut encodes to the ids of its two sides encoded apart
+        (`_cuts_cleanly`). That check is local, as what a tokenizer does across a cut is: two newlines
+        merged into one vocabulary entry, punctuation and the newlines after it kept as one pre-token, a
+        space prefixed to the first word of a text all fail it (tested). Where no cut passes within a
+        piece, the next piece is read onto it and the search repeats. The post-processor's special tokens
+        (a BOS, an EOS) are added once around the whole text; a post-processor that does more than wrap a
+        text in fixed tokens makes the text be read and encoded whole."""
+        affixes = self._affixes
+        if affixes is None:
+            if text := f.read():
+                yield self.encode(text)
+            return
+        prefix, suffix = affixes
+        group: list[str] = []
+        started = False
+        for piece in self._pieces(f, piece_chars):
+            if not started:
+                yield prefix
+                started = True
+            group.append(piece)
+            if len(group) == batch:
+                yield from self.encode_batch(group, add_special_tokens=False)
+                group = []
+        if group:
+            yield from self.encode_batch(group, add_special_tokens=False)
+        if started:
+            yield suffix
+
+    def _pieces(self, f: TextIO, piece_chars: int) -> Iterator[str]:
+        """The text of `f` in consecutive pieces of about `piece_chars` characters that encode apart to what
+        the whole encodes to (`encode_stream`)."""
+        overlap = max(1, min(_CUT_WINDOW, piece_chars // 4))
+        text = ""
+        while chunk := f.read(piece_chars):
+            text += chunk
+            if cut := self._cut(text, overlap):
+                yield text[:cut]
+                text = text[cut:]
+        if text:
+            yield text
+
+    def _cut(self, text: str, overlap: int) -> int:
+        """The last place near the end of `text`, with at least `overlap` characters after it, where it can be
+        cut without changing a token: after a newline, else before a space; 0 if none of the last
+        `_CUT_TRIES` of each passes."""
+        end = len(text) - overlap
+        for sep, after in (("\n", 1), (" ", 0)):
+            limit = end
+            for _ in range(_CUT_TRIES):
+                i = text.rfind(sep, 0, limit)
+                if i < 0:
+                    break
+                if i + after > 0 and self._cuts_cleanly(text, i + after, overlap):
+                    return i + after
+                limit = i
+        return 0
+
+    def _cuts_cleanly(self, text: str, cut: int, overlap: int) -> bool:
+        """Whether the `overlap` characters on each side of `cut` encode together to the ids of each side
+        encoded alone. A tokenizer's merges across the cut are local (a pre-token, or a BPE word of
+        whitespace and the word after it); each side must hold a character that is not whitespace, so that
+        a run of whitespace across the cut (which some pre-tokenizers keep as one piece) ends inside the
+        window instead of being cut short by it."""
+        left, right = text[max(0, cut - overlap):cut], text[cut:cut + overlap]
+        if not left.strip() or not right.strip():
+            return False
+        return self.encode(left + right, False) == self.encode(left, False) + self.encode(right, False)
+
+    @functools.cached_property
+    def _affixes(self) -> tuple[list[int], list[int]] | None:
+        """The ids the post-processor puts before and after a text's own (a BOS, an EOS; none for most
+        decoder tokenizers), or None where it does anything else (not the same around two texts)."""
+        found = set()
+        for probe in ("a", "Hello, world.\n\n  x"):
+            bare, full = self.encode(probe, False), self.encode(probe, True)
+            starts = [i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare]
+            found.add((tuple(full[:starts[0]]), tuple(full[starts[0] + len(bare):])) if starts else None)
+        only = found.pop() if len(found) == 1 else None
+        return None if only is None else (list(only[0]), list(only[1]))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

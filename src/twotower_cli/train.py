@@ -15,7 +15,7 @@ Contract
 - **Noise and loss.** Per block t ~ U[1e-3, 1]; each token is masked with probability t, at least one per
   block. The denoiser is conditioned on the realised masked fraction of its block, which is what the
   sampler feeds it (spec §4). Loss: mean cross-entropy over the masked positions, no 1/t weight.
-- **Data.** Text files (one document each) or JSONL files (`.jsonl`, one `{"text": ...}` per line), encoded
+- **Data.** Text files (one document each, read in pieces: `iter_text_ids`) or JSONL files (`.jsonl`, one `{"text": ...}` per line), encoded
   with the checkpoint's tokenizer, joined with EOS between documents, packed into sequences of `seq_len`
   (the tail that does not fill one is dropped). The last 5 % of the sequences (at least 1, at most 64) are
   held out for evaluation; training reads the rest in a fresh seeded permutation every epoch.
@@ -60,7 +60,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twotower_cli.checkpoint import Checkpoint, atomic_output_dir, open_checkpoint, save_tensors
+from twotower_cli.checkpoint import (
+    Checkpoint,
+    atomic_output_dir,
+    open_checkpoint,
+    save_tensors,
+    settle_output,
+)
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.hub import AUX_FILE_PATTERNS
@@ -131,34 +137,33 @@ class TokenData:
     documents: int | None  # (None for pre-tokenized .npy streams)
 
 
-def iter_documents(paths: list[Path]) -> Iterator[str]:
-    """Documents from text files (a file is one document) and JSONL files (one `text` per line, read a line
-    at a time), empty ones skipped."""
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
-        try:
-            if path.suffix.lower() != ".jsonl":
-                text = path.read_text(encoding="utf-8")
-                if text:
-                    yield text
+TEXT_PIECE_CHARS = 1 << 18  # characters of a plain-text file read at a time (`Tokenizer.encode_stream`)
+TEXT_PIECE_BATCH = 16  # pieces encoded together: ~4 M characters, ~0.6 GB of tokenizer memory at a time
+
+
+def iter_jsonl_documents(path: Path) -> Iterator[str]:
+    """The `text` of each line of a JSONL file, read a line at a time, empty ones skipped."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}",
-                                            "a .jsonl file holds one JSON object with a 'text' field per line") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each JSONL line needs one")
-                    if obj["text"]:
-                        yield obj["text"]
-        except UnicodeDecodeError:
-            raise TwoTowerError(f"data file {path} is not UTF-8 text", "pass plain text or JSONL files") from None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}",
+                                    "a .jsonl file holds one JSON object with a 'text' field per line") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each JSONL line needs one")
+            if obj["text"]:
+                yield obj["text"]
+
+
+def iter_text_ids(path: Path, tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """The ids of a plain-text file, one document (what `tokenizer.encode` of its whole text gives, newlines
+    read as `Path.read_text` reads them), in pieces: read `TEXT_PIECE_CHARS` characters at a time, never
+    whole (`Tokenizer.encode_stream`)."""
+    with open(path, encoding="utf-8") as f:
+        yield from tokenizer.encode_stream(f, TEXT_PIECE_CHARS, TEXT_PIECE_BATCH)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -168,34 +173,59 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, dtype: np.dtype, vocab_size: int,
                       batch: int = 1024) -> Iterator[tuple[np.ndarray, int]]:
-    """The token stream of the documents (joined with `eos` between them), in chunks of about `batch`
-    documents encoded together (`encode_batch`: all cores): (ids, documents in the chunk). An id past the
-    model's vocabulary (a tokenizer that does not belong to the weights) is an error."""
+    """The token stream of the documents (joined with `eos` between them): a text file is one document, a
+    JSONL file one per line (its `text`), empty ones skipped. In chunks, with the documents each ends:
+    JSONL documents `batch` at a time (`encode_batch`: all cores), a text file in pieces of bounded size
+    (`iter_text_ids`), the last of them counting the document. An id past the model's vocabulary (a
+    tokenizer that does not belong to the weights) is an error."""
     first = True
 
-    def chunk(docs: list[str]) -> tuple[np.ndarray, int]:
+    def array(ids: list[int]) -> np.ndarray:
+        if max(ids) >= vocab_size:
+            raise TwoTowerError(f"the tokenizer produced id {max(ids)} but the model's vocabulary has "
+                                f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
+        return np.asarray(ids, dtype=dtype)
+
+    def opening(ids: list[int]) -> list[np.ndarray]:
+        """A document's first ids, after EOS unless it opens the stream."""
         nonlocal first
+        parts = [array(ids)] if first or eos is None else [np.array([eos], dtype=dtype), array(ids)]
+        first = False
+        return parts
+
+    def chunk(docs: list[str]) -> tuple[np.ndarray, int]:
         parts, count = [], 0
         for ids in tokenizer.encode_batch(docs):
-            if not ids:
-                continue
-            if max(ids) >= vocab_size:
-                raise TwoTowerError(f"the tokenizer produced id {max(ids)} but the model's vocabulary has "
-                                    f"{vocab_size} entries", "the checkpoint's tokenizer.json does not belong to its weights")
-            if not first and eos is not None:
-                parts.append(np.array([eos], dtype=dtype))
-            parts.append(np.asarray(ids, dtype=dtype))
-            first, count = False, count + 1
+            if ids:
+                parts += opening(ids)
+                count += 1
         return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), count
 
-    docs: list[str] = []
-    for doc in iter_documents(paths):
-        docs.append(doc)
-        if len(docs) == batch:
-            yield chunk(docs)
-            docs = []
-    if docs:
-        yield chunk(docs)
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
+        try:
+            if path.suffix.lower() == ".jsonl":
+                docs: list[str] = []
+                for doc in iter_jsonl_documents(path):
+                    docs.append(doc)
+                    if len(docs) == batch:
+                        yield chunk(docs)
+                        docs = []
+                if docs:
+                    yield chunk(docs)
+                continue
+            held = None  # each piece waits for the next, so that the last one counts the document
+            for ids in iter_text_ids(path, tokenizer):
+                if not ids:
+                    continue
+                if held is not None:
+                    yield held, 0
+                held = array(ids) if held is not None else np.concatenate(opening(ids))
+            if held is not None:
+                yield held, 1
+        except UnicodeDecodeError:
+            raise TwoTowerError(f"data file {path} is not UTF-8 text", "pass plain text or JSONL files") from None
 
 
 def token_file_meta(path: Path) -> Path:
@@ -763,6 +793,7 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     began = time.perf_counter()
     cfg.validate()
     out = Path(cfg.out)
+    settle_output(out)  # a run killed while replacing OUT may have left the previous OUT aside: put it back
     resuming = cfg.resume and out.exists()
     if out.exists() and not (cfg.resume or cfg.force):
         raise TwoTowerError(f"{out} already exists", "pass --resume to continue the training saved there, "

@@ -24,8 +24,8 @@ def tokenize(
         metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")],
     more_data: O.MoreData = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Text file (one document, tokenized whole: memory ~150x its size) or .jsonl file (a 'text' field per "
-                "line, bounded memory: use it for large corpora); repeatable.")] = None,
+        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); either is read in pieces, "
+                "in bounded memory; repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the numbers on stdout.")] = False,
