@@ -557,6 +557,26 @@ def test_requests_waiting_together_are_sampled_as_one_batch(folder, model):
     assert all("(0 cached)" in ln for ln in batched), batched  # a batch reads its prompts afresh
 
 
+def test_ar_requests_that_differ_only_in_block_size_share_a_batch(folder, model):
+    """ar and mock_ar use no blocks and no mask id: requests that differ only there run as one batch, each
+    reply the sampler's on its prompt alone; mask_diffusion requests of different blocks still do not."""
+    tok = Tokenizer(folder)
+    lines = []
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    bodies = [{"prompt": "hello there", "max_tokens": 6, "mode": mode, **extra}
+              for mode in ("ar", "mock_ar", "mask_diffusion")
+              for extra in ({}, {"block_size": 2}, {"block_size": 3, "steps": 3})]
+    with serving(engine, lines) as base:
+        got = ask_all_while_busy(engine, base, bodies)
+    for body, text in zip(bodies, got, strict=True):
+        cfg = replace_cfg(max_new_tokens=6, mode=body["mode"], block_size=body.get("block_size", CFG.block_size),
+                          steps=body.get("steps"))
+        assert text == [tok.decode(reference(model, tok.encode(body["prompt"]), cfg).token_ids)], body
+    reports = [ln for ln in lines if ln.startswith("/v1/completions · prompt")]
+    assert sum(ln.endswith("· batch of 3 requests") for ln in reports) == 6, reports  # ar's three, mock_ar's
+    assert sum(not ln.endswith("requests") for ln in reports) == 3, reports  # each mask_diffusion block alone
+
+
 class Gated(TowerBackend):
     """Its first denoiser forward waits for `gate`; `entered` is set once it is waiting."""
 

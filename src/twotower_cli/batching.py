@@ -56,6 +56,14 @@ class RowDone:
 
 
 SHARED = ("mode", "block_size", "mask_token_id", "pad_token_id", "stop_ids")  # settings every row of a batch has
+BLOCK_ONLY = ("block_size", "mask_token_id")  # of those, the ones only mask_diffusion uses
+
+
+def shared_settings(cfg: S.SamplingConfig) -> tuple:
+    """The SHARED settings of `cfg` that a batch's rows must agree on: ar and mock_ar use no blocks and no
+    mask id, so rows that differ only there can share a batch."""
+    diffusion = cfg.mode == "mask_diffusion"
+    return tuple(None if k in BLOCK_ONLY and not diffusion else getattr(cfg, k) for k in SHARED)
 
 
 def _own(c: S.SamplingConfig) -> tuple:
@@ -110,7 +118,7 @@ class Continuous:
         may too. `settings`: their own
         temperature, top_k, top_p, threshold, policy, factor and steps (the rest as the batch's)."""
         cfg = self.cfg if settings is None else settings
-        bad = [k for k in SHARED if getattr(cfg, k) != getattr(self.cfg, k)]
+        bad = [k for k, a, b in zip(SHARED, shared_settings(cfg), shared_settings(self.cfg), strict=True) if a != b]
         if bad:
             raise ValueError(f"a batch's rows share {', '.join(bad)}")
         cfg.validate(self.backend.vocab_size)

@@ -30,7 +30,7 @@ device. Completions' `echo` puts the prompt in front, its tokens scored by the c
 with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for.
 
 One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
-every other waiting one with the same mode, block size and stop ids (and no seed of its own, when
+every other waiting one with the same mode and stop ids (mask_diffusion: and block size; no seed of its own, when
 sampling), up to `--max-batch` prompts, and samples them as one batch (`batching.Continuous`; each row
 keeps its own max_tokens, temperature, top_p, top_k, threshold, policy, factor and steps; a request of
 more prompts than there is room for goes in part by part as rows end): clients that
@@ -73,7 +73,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from twotower_cli import sampler as S
-from twotower_cli.batching import SHARED, Continuous, RowBlock, RowDone
+from twotower_cli.batching import Continuous, RowBlock, RowDone, shared_settings
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.text import ChatTemplate, Tokenizer
@@ -248,12 +248,12 @@ class _Ticket:
 
 
 def _batch_key(req: Request) -> tuple:
-    """Requests with equal keys can be sampled as one batch: the settings a batch's rows share (mode, block
-    size, mask and stop ids; each row has its own max_tokens, temperature, top_p, top_k, threshold, policy,
-    factor and steps), and no seed of their own (a seeded sampling request gets a batch of its own, so that
+    """Requests with equal keys can be sampled as one batch: the settings a batch's rows share (mode, stop
+    ids, and in mask_diffusion block size and mask id: `shared_settings`; each row has its own max_tokens,
+    temperature, top_p, top_k, threshold, policy, factor and steps), and no seed of their own (a seeded sampling request gets a batch of its own, so that
     its seed reproduces it)."""
     own_seed = req.settings.temperature > 0 and req.seed is not None
-    shared = tuple(getattr(req.settings, k) for k in SHARED)
+    shared = shared_settings(req.settings)
     return (shared, id(req) if own_seed else None, req.score_only)
 
 
