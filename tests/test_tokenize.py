@@ -225,3 +225,29 @@ def test_text_not_utf8_past_the_first_pieces_leaves_nothing(tmp_path, monkeypatc
     lines = r.output.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "is not UTF-8 text" in lines[0], r.output
     assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+def test_a_tokenizer_saved_with_truncation_and_padding_gives_the_whole_text(tmp_path):
+    """A tokenizer.json saved with truncation (max_length 4) and padding on: prompts and corpus documents keep
+    every id, none added (the tokenizer as saved cuts and pads, which the assertion first shows)."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src = resolve("tiny")
+    text = "ROMEO. What light through yonder window breaks?"
+    plain = HFTokenizer.from_file(str(src / "tokenizer.json"))
+    whole = plain.encode(text, add_special_tokens=False).ids
+    plain.enable_truncation(max_length=4)
+    plain.enable_padding(length=64, pad_id=0)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    plain.save(str(folder / "tokenizer.json"))
+    saved = json.loads((folder / "tokenizer.json").read_text())
+    assert saved["truncation"] and saved["padding"]
+    assert HFTokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False).ids != whole
+    tok = Tokenizer(folder)
+    assert len(whole) > 4
+    assert tok.encode(text, add_special_tokens=False) == whole
+    short = HFTokenizer.from_file(str(src / "tokenizer.json")).encode("ROMEO.", add_special_tokens=False).ids
+    assert tok.encode_batch([text, "ROMEO."], add_special_tokens=False) == [whole, short]

@@ -30,6 +30,10 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exceptions on malformed files
             raise TwoTowerError(f"cannot read {path}: {e}", "the tokenizer file may be corrupt") from None
+        # a tokenizer.json saved with truncation or padding on (a fine-tuning script's max_length) would cut
+        # every prompt and corpus document short, or pad it, without a word: ids are the whole text's here
+        self._tok.no_truncation()
+        self._tok.no_padding()
         # tokenizer_config.json's special tokens are read as themselves in text, as transformers registers them
         # at load; only those in the vocabulary (a new id would be past the model's embeddings)
         added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
