@@ -450,6 +450,44 @@ def test_settle_output_puts_back_or_removes_only_a_dead_writers_leftovers(tmp_pa
     settle_output(tmp_path / "missing" / "out")  # no folder to look in: nothing to do
 
 
+@pytest.fixture
+def fresh_renameat2():
+    """`checkpoint._renameat2` looked up again in the test, and again after it (it is cached)."""
+    from twotower_cli import checkpoint
+
+    checkpoint._renameat2.cache_clear()
+    yield
+    checkpoint._renameat2.cache_clear()
+
+
+@pytest.mark.parametrize("platform, libc", [
+    ("win32", TypeError("argument of type 'NoneType' is not iterable")),  # what ctypes.CDLL(None) raises there
+    ("darwin", None),  # a C library without renameat2
+    ("linux", OSError("libc not found")),
+])
+def test_replacing_an_output_falls_back_to_two_renames_where_there_is_no_renameat2(
+        tmp_path, monkeypatch, fresh_renameat2, platform, libc):
+    """Windows, macOS, a Linux libc that cannot be opened: `atomic_output_dir(force=True)` replaces OUT by its
+    two renames, without an error (on Windows it raised ctypes' TypeError: 'this looks like a bug')."""
+    import ctypes
+
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    def cdll(*args, **kwargs):
+        if libc is not None:
+            raise libc
+        return object()  # no renameat2 attribute
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(sys, "platform", platform)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "v.txt").write_text("old")
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "v.txt").write_text("new")
+    assert (out / "v.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),

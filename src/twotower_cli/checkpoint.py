@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -469,10 +470,13 @@ _RENAME_EXCHANGE = 2
 
 @functools.cache
 def _renameat2() -> Any:
-    """libc's renameat2 (glibc 2.28+, Linux), or None."""
+    """libc's renameat2 (glibc 2.28+, Linux), or None: on other systems it is not looked for (the call and
+    RENAME_EXCHANGE's value are Linux's; on Windows `ctypes.CDLL(None)` itself raises TypeError)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
