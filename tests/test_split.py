@@ -488,6 +488,24 @@ def test_replacing_an_output_falls_back_to_two_renames_where_there_is_no_renamea
     assert (out / "v.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_settle_output_asks_after_no_process_on_windows(tmp_path, monkeypatch):
+    """`os.kill(pid, 0)` is no question on Windows: signal 0 is CTRL_C_EVENT there, a Ctrl-C sent to the
+    console's processes (this one among them), and its success says nothing of `pid`. There nothing is
+    asked, and what another process left beside OUT is left alone (it may still be writing it)."""
+    from twotower_cli.checkpoint import settle_output
+
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(sys, "platform", "win32")
+    dead = dead_pid()
+    names = sorted([f".out.old-{dead}", f".out.tmp-{dead}-ab12_xyz"])
+    for name in names:
+        (tmp_path / name).mkdir()
+    settle_output(tmp_path / "out")
+    assert sent == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),

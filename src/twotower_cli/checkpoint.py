@@ -389,7 +389,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     - What a crash leaves beside OUT is settled by the next call for the same OUT (`settle_output`, run
       first here; `train` runs it before it looks for OUT to resume): the old output put back as OUT if
       OUT is missing, leftovers removed, so a crash costs the unfinished output and nothing else. (Only
-      leftovers of processes that no longer run here: one machine at a time writes a given OUT.)"""
+      leftovers of processes that no longer run here: one machine at a time writes a given OUT. Not on
+      Windows, where no process can be asked after safely (`_alive`): there they stay for the user.)"""
     settle_output(out)
     if Path(out).exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
@@ -445,8 +446,10 @@ def settle_output(out: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine (an unknown answer counts as yes: nothing is removed)."""
-    if pid == os.getpid():
+    """Whether a process `pid` runs on this machine (an unknown answer counts as yes: nothing is removed).
+    Always unknown on Windows, where `os.kill(pid, 0)` asks nothing: signal 0 is CTRL_C_EVENT there, a
+    Ctrl-C sent to the processes of the console."""
+    if pid == os.getpid() or sys.platform == "win32":
         return True
     try:
         os.kill(pid, 0)
