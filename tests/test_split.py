@@ -506,6 +506,48 @@ def test_settle_output_asks_after_no_process_on_windows(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd through /proc")
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_a_replacing_output_is_on_the_disk_before_it_takes_outs_name(tmp_path, monkeypatch, mode):
+    """A power loss after the swap must find the new OUT whole: every file and folder of it is fsynced before
+    it is given OUT's name (with the exchange or the renames), and OUT's folder after, so that the swap
+    itself is on the disk (nothing was fsynced: after a power loss OUT could name files never written)."""
+    from twotower_cli import checkpoint
+
+    events = []
+    real_fsync, real_replace, real_exchange = os.fsync, os.replace, checkpoint._exchange
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("rename", str(b)))
+        return real_replace(a, b)
+
+    def exchange(a, b):
+        done = mode == "exchange" and real_exchange(a, b)
+        if done:
+            events.append(("rename", str(b)))
+        return done
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(checkpoint, "_exchange", exchange)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "v.txt").write_text("old")
+    with checkpoint.atomic_output_dir(out, force=True) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "v.txt").write_text("new")
+        (tmp / "sub" / "w.txt").write_text("new too")
+    assert (out / "v.txt").read_text() == "new"
+    swap = events.index(("rename", str(out)))
+    synced = {os.path.relpath(path, tmp) for kind, path in events[:swap] if kind == "fsync"}
+    assert synced >= {".", "sub", "v.txt", os.path.join("sub", "w.txt")}, events
+    assert ("fsync", str(tmp_path)) in events[swap:], events
+
+
 @pytest.mark.parametrize("error,message", [
     (KeyboardInterrupt(), "Error: interrupted"),
     (OSError(errno.ENOSPC, "No space left on device"), "Error: No space left on device"),

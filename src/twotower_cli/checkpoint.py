@@ -380,7 +380,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
 
     Guarantee, for a crash (SIGKILL, power loss) at any moment as much as for an exception:
     - OUT is never half written: it names the previous output or the new one, complete (or, only in the
-      fallback below, neither until the next run).
+      fallback below, neither until the next run). The new one's files and folders are on the disk
+      (fsync) before it takes OUT's name, and OUT's folder after, so that a power loss finds them written.
     - Replacing an existing OUT (`force`), the two are swapped in one step where the system can
       (Linux `renameat2(RENAME_EXCHANGE)`: ext4, xfs, btrfs, tmpfs...), so OUT is never missing; the old
       one, now under the temporary name, is then removed. Elsewhere (other systems, NFS) OUT is moved aside
@@ -400,6 +401,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _publish_modes(tmp)
+        _sync_tree(tmp)
         if not os.path.lexists(out):
             os.replace(tmp, out)
         elif _exchange(tmp, out):
@@ -414,6 +416,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
                     os.replace(old, out)
                 raise
             _remove(old)
+        _fsync(out.parent, folder=True)  # the new name itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -498,6 +501,41 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
         return False  # flag or call unknown here (EPERM: a seccomp filter); the two renames report real errors
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (links are not followed: what they point at is not the
+    output's), so that what is renamed into place next has its data on the disk: without it, a power loss
+    soon after the rename can leave the new name pointing at empty or partly written files."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                _fsync(path, folder=False)
+        _fsync(root, folder=True)
+
+
+def _fsync(path: str | Path, folder: bool) -> None:
+    """fsync one file or folder. Folders where the system can open one (not Windows) and only as far as it
+    can (some filesystems refuse); a file's fsync error is raised (its data may not be written), unless the
+    filesystem has no fsync at all."""
+    if folder and os.name == "nt":
+        return
+    # Windows' fsync (_commit) needs a handle that may write; elsewhere a read-only one does, whatever the modes
+    flags = (os.O_RDWR | getattr(os, "O_BINARY", 0)) if os.name == "nt" else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not folder and e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _publish_modes(folder: Path) -> None:
