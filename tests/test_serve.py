@@ -887,6 +887,28 @@ def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, mode
         assert status == 503 and json.loads(text)["error"]["message"] == "the server is shutting down", (name, text)
 
 
+def test_close_ends_a_running_stream_with_the_error_the_others_get(folder, model):
+    """A stream under way when the server closes (Ctrl-C) ends with an error event and [DONE]: the message the
+    requests answered with a 503 get, not the name of the server's own exception class in front of it (it
+    read 'BadRequest: the server is shutting down')."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", max_model_len=10 ** 7)
+    got = {}
+    with serving(engine) as base:
+        asking = threading.Thread(target=lambda: got.update(answer=post(
+            base, "/v1/completions", {"prompt": "hello", "max_tokens": 10 ** 6, "stream": True})))
+        asking.start()
+        deadline = time.monotonic() + 30
+        while engine.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.close()
+        asking.join(60)
+    status, text = got["answer"]
+    sent, done = events(text)
+    assert status == 200 and done, text[:300]
+    assert sent[-1] == {"error": {"message": "the server is shutting down", "type": "server_error", "param": None,
+                                  "code": None}}, sent[-1]
+
+
 SLOW_503 = """
 import http.server, time
 send_response = http.server.BaseHTTPRequestHandler.send_response

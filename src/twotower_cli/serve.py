@@ -138,6 +138,12 @@ class BadRequest(Exception):
         self.message, self.status, self.code = message, status, code
 
 
+def _error_body(status: int, message: str, code: str | None = None) -> dict:
+    """An OpenAI error object, for an answer of `status` (or an error event in a stream)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 # ---------------------------------------------------------------------------------------------- requests
 
 @dataclass
@@ -879,8 +885,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def _error(self, status: int, message: str, headers: dict[str, str] | None = None,
                    code: str | None = None) -> None:
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
+            self._json(status, _error_body(status, message, code), headers)
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """http.server's own refusals (a method it has no handler for, a request line or headers it cannot
@@ -1009,9 +1014,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                             self._report(item)
             except (BrokenPipeError, ConnectionResetError):
                 raise
+            except BadRequest as e:  # the server shutting down: the error a request not yet answered gets
+                send(_error_body(e.status, e.message, e.code))
             except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream
-                send({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
-                                "code": None}})
+                send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}"))
             send("[DONE]")
 
     class Server(ThreadingHTTPServer):
