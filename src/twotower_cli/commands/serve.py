@@ -14,7 +14,7 @@ from twotower_cli.commands import options as O
              "/v1/models.\n\nThe options are the defaults of every request; a request's own fields (max_tokens, "
              "temperature, top_p, top_k, stop, seed, stream, n, and block_size, steps, threshold, policy, factor, "
              "mode) override them. "
-             "Requests with the same mode and block are sampled as one batch (--max-batch); one that comes while a batch "
+             "Requests with the same mode (mask_diffusion: and block) are sampled as one batch (--max-batch); one that comes while a batch "
              "runs joins it at its next block (continuous batching). A request's prompt and max_tokens together may "
              "not exceed --max-model-len (a 400); one without max_tokens gets --max-new-tokens cut to what fits. "
              "Ctrl-C or SIGTERM answers the open requests with a 503 and waits up to 2 s for those answers to be written.")
@@ -47,7 +47,7 @@ def serve(
     threads: O.Threads = None,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="TWOTOWER_API_KEY", help="Ask every request for 'Authorization: Bearer KEY' (as OpenAI clients send their api_key); /health stays open.")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
-    max_batch: Annotated[int, typer.Option(help="Prompts (rows) in the model at most: requests with the same mode and block share a batch, a request of more prompts goes in part by part (1: one prompt at a time).")] = 16,
+    max_batch: Annotated[int, typer.Option(help="Prompts (rows) in the model at most: requests with the same mode (mask_diffusion: and block) share a batch, a request of more prompts goes in part by part (1: one prompt at a time).")] = 16,
     max_waiting: Annotated[int, typer.Option(help="Refuse a request with a 503 (and Retry-After) while this many wait for the model (0: no limit).")] = 0,
     continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Let a request join a running batch between its blocks (ar, mock_ar: tokens), and finished ones leave it; --no-continuous: a request that comes while a batch runs waits for all of it.")] = True,
 ) -> None:
