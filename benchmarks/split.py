@@ -9,8 +9,8 @@ writeback; the source stays in the page cache for all), times:
           after a `--force` replacement never finds the old output gone and the new one unwritten)
   split   the `twotower split SRC -o OUT` process (interpreter start and command imports included)
   library `execute(plan_split(...))` in a fresh process, i.e. the split work without CLI start-up
-and prints medians, ratios to both floors (goal ≤ 1.1× the like-for-like one, floor+sync) and each
-process's peak RSS (goal < 300 MB).
+and prints medians, ratios to both floors (goal ≤ 1.1× the floor; floor+sync is the like-for-like one)
+and each process's peak RSS (goal < 300 MB).
 
     python benchmarks/split.py [--dir /tmp/twotower-split-bench] [--repeats 3] [--gb 1.5]
 """
@@ -144,7 +144,7 @@ def main() -> None:
         med = statistics.median(t for t, _ in rows)
         print(f"{name:12}{med:10.2f}{med / floor:10.2f}{med / synced:10.2f}{2 * total / med / 1e9:10.2f}"
               f"{max(r for _, r in rows):13.0f}")
-    print("goal: split ≤ 1.10 × floor+sync (the same bytes, as durably written), peak RSS < 300 MB")
+    print("goal: split ≤ 1.10 × floor, peak RSS < 300 MB (× +sync: against the same bytes written as durably)")
 
 
 if __name__ == "__main__":
