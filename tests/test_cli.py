@@ -41,7 +41,8 @@ def test_help_version_and_no_arguments_keep_their_exit_codes():
     r = runner.invoke(get_app(), ["generate", "-h"])
     assert r.exit_code == 0 and "--max-new-tokens" in r.stdout
     r = runner.invoke(get_app(), [])
-    assert r.exit_code == 2 and "generate" in r.output and "Error" not in r.output  # the help, as click does
+    # the help, as click does (exit code 2 from click 8.2 on, 0 before)
+    assert r.exit_code in (0, 2) and "generate" in r.output and "Error" not in r.output
 
 
 def test_the_installed_command_reports_command_line_errors_in_one_line():
