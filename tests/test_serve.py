@@ -1489,6 +1489,13 @@ def test_a_request_beyond_the_context_length_is_a_400_naming_it(short_url, path,
     assert post(short_url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_negative_max_tokens_is_a_400_naming_the_request_field(url, field):
+    status, text = post(url, "/v1/completions", {"prompt": "hello there", field: -5})
+    assert status == 400, text
+    assert json.loads(text)["error"]["message"] == f"'{field}' -5 must be 0 or more", text
+
+
 def test_a_config_without_max_position_embeddings_bounds_requests_at_4096(url):
     """The test model's config.json has no max_position_embeddings: 4096, as transformers reads it, so a
     request for 10^12 tokens is refused at once instead of holding the model."""

@@ -346,7 +346,9 @@ class Engine:
     def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
         """The completion tokens of a request whose longest prompt is `prompt` tokens: `wanted` (its max_tokens),
         refused when prompt and completion exceed `max_model_len`; None: the server's default, cut to what
-        fits. (A negative `wanted` is left to the sampler's check.)"""
+        fits."""
+        if wanted is not None and wanted < 0:
+            raise BadRequest(f"'{field}' {wanted} must be 0 or more")
         limit = self.max_model_len
         room = limit - prompt
         context = f"this model's maximum context length is {limit} tokens (prompt and completion together)"
