@@ -251,3 +251,25 @@ def test_a_tokenizer_saved_with_truncation_and_padding_gives_the_whole_text(tmp_
     assert tok.encode(text, add_special_tokens=False) == whole
     short = HFTokenizer.from_file(str(src / "tokenizer.json")).encode("ROMEO.", add_special_tokens=False).ids
     assert tok.encode_batch([text, "ROMEO."], add_special_tokens=False) == [whole, short]
+
+
+def test_tokenize_reads_a_pipe_as_it_reads_the_file(tmp_path):
+    """`--data <(zcat corpus.txt.gz)`: a pipe (here a named one, written by a thread) gives the stream the
+    same text as a file gives; a folder is refused by name."""
+    import os
+    import threading
+
+    text = "ROMEO.\nBut soft, what light through yonder window breaks?\n\n" * 200
+    (tmp_path / "d.txt").write_text(text)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
+    writer.start()
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(fifo), "-o", str(tmp_path / "p.npy")])
+    writer.join(30)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "d.txt"), "-o", str(tmp_path / "f.npy")])
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "f.npy"))
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path), "-o", str(tmp_path / "x.npy")])
+    assert r.exit_code == 1 and f"data file {tmp_path} is a folder, not a file" in r.stderr, r.output

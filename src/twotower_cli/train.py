@@ -202,7 +202,7 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
         return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), count
 
     for path in map(Path, paths):
-        if not path.is_file():
+        if path.is_dir() or not path.exists():  # files, and pipes (`tokenize --data <(zcat …)`: read once here)
             raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
         try:
             if path.suffix.lower() == ".jsonl":

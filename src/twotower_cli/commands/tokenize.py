@@ -24,8 +24,8 @@ def tokenize(
         metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")],
     more_data: O.MoreData = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line); either is read in pieces, "
-                "in bounded memory; repeatable.")] = None,
+        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line), or a pipe of text "
+                "(`<(zcat corpus.txt.gz)`); read in pieces, in bounded memory; repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the numbers on stdout.")] = False,
@@ -56,8 +56,9 @@ def tokenize(
     for p in paths:
         if p.suffix.lower() == ".npy":
             raise TwoTowerError(f"{p} is already tokenized", "pass it to `train --data` as it is")
-        if not p.is_file():
-            raise TwoTowerError(f"data file {p} does not exist", "check the --data paths")
+        if p.is_dir() or not p.exists():  # a pipe is fine (`--data <(zcat corpus.txt.gz)`): it is read once
+            raise TwoTowerError(f"data file {p} {'is a folder, not a file' if p.is_dir() else 'does not exist'}",
+                                "check the --data paths")
     folder = resolve(checkpoint, weights=False)  # config.json and the tokenizer: a hub id downloads no weights
     folder = folder.parent if folder.is_file() else folder
     cfg = NemotronHConfig.from_file(folder)
