@@ -766,3 +766,28 @@ def test_sparse_nano_dry_run_plan(tmp_path):
 
 def plan_cfg(folder: Path):
     return load_source(folder)[1]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_execute_reports_the_phases_after_the_copy(tmp_path, monkeypatch, verify):
+    """After the bytes: "verify" (with --verify), then "sync" — said before the output goes to the disk, while
+    it is not yet at OUT, and with every byte copied (the progress display's last wait)."""
+    from twotower_cli import checkpoint
+
+    src = random_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    ckpt, cfg = load_source(src)
+    plan = plan_split(ckpt, cfg, "4KB", "keep", 3, 16)
+    copied, seen, synced = [0], [], []
+    real_sync = checkpoint._sync_tree
+    monkeypatch.setattr(checkpoint, "_sync_tree", lambda folder: (synced.append(len(seen)), real_sync(folder)))
+
+    def phase(name):
+        seen.append((name, out.exists(), copied[0]))
+
+    result = execute(plan, out, verify=verify, on_bytes=lambda n: copied.__setitem__(0, copied[0] + n),
+                     on_phase=phase)
+    total = plan.total_bytes - sum(len(s.header) for s in plan.shards)
+    assert seen == [*([("verify", False, total)] if verify else []), ("sync", False, total)]
+    assert synced == [len(seen)]  # the sync came after the last phase said so
+    assert out.is_dir() and (result.bytes_verified > 0) == verify

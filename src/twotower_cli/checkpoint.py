@@ -22,7 +22,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,8 +375,10 @@ def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed.
+    `on_sync()` is called as the finished output starts going to the disk (a progress display can say so:
+    for a large output that is the last wait).
 
     Guarantee, for a crash (SIGKILL, power loss) at any moment as much as for an exception:
     - OUT is never half written: it names the previous output or the new one, complete (or, only in the
@@ -401,6 +403,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _publish_modes(tmp)
+        if on_sync is not None:
+            on_sync()
         _sync_tree(tmp)
         if not os.path.lexists(out):
             os.replace(tmp, out)

@@ -532,14 +532,18 @@ class SplitResult:
 
 
 def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool = False,
-            on_bytes: Callable[[int], None] | None = None, copier: RangeCopier | None = None) -> SplitResult:
-    """Write the planned checkpoint to `out` atomically; `on_bytes(n)` reports progress."""
+            on_bytes: Callable[[int], None] | None = None, copier: RangeCopier | None = None,
+            on_phase: Callable[[str], None] | None = None) -> SplitResult:
+    """Write the planned checkpoint to `out` atomically; `on_bytes(n)` reports progress, `on_phase(name)` the
+    phases after the copy: "verify" (with `verify`), then "sync" (the output going to the disk)."""
     out = Path(out)
     check_output(out, plan.source_folder)
     copier = copier or RangeCopier()
     report = on_bytes or (lambda n: None)
     written = verified = 0
-    with atomic_output_dir(out, force=force) as tmp, _SourceFiles(plan.source_folder) as sources:
+    phase = on_phase or (lambda name: None)
+    with atomic_output_dir(out, force=force, on_sync=lambda: phase("sync")) as tmp, \
+            _SourceFiles(plan.source_folder) as sources:
         for file in {t.src.file for s in plan.shards for t in s.tensors if t.src is not None}:
             sources.fd(file)  # open every source shard up front: the workers below only read the table
         stop = threading.Event()
@@ -595,6 +599,7 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
         for name in plan.aux_files:
             shutil.copyfile(plan.source_folder / name, tmp / name)
         if verify:
+            phase("verify")
             verified = verify_output(plan, tmp, sources)
     return SplitResult(out, written, verified, copier.method)
 

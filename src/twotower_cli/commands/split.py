@@ -62,10 +62,12 @@ def split(
     )
 
     start = time.perf_counter()
-    with Progress(TextColumn("[bold]split[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    phases = {"verify": "split · verifying", "sync": "split · writing to disk"}  # after the copy's 100 %
+    with Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("split", total=plan.total_bytes - sum(len(s.header) for s in plan.shards))
-        result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n))
+        result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n),
+                         on_phase=lambda name: progress.update(task, description=phases[name]))
     _print_summary(plan, result, time.perf_counter() - start, console)
 
 
