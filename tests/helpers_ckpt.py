@@ -9,6 +9,7 @@ about names, shapes and bytes.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib.util
 import shutil
@@ -62,7 +63,8 @@ def random_checkpoint(folder: Path, cfg: NemotronHConfig | None = None, dtype: t
     return folder
 
 
-_HF_CACHE = Path(tempfile.mkdtemp(prefix="twotower-hf-"))
+_HF_CACHE = Path(tempfile.mkdtemp(prefix="twotower-hf-"))  # transformers-written checkpoints, built once a run
+atexit.register(shutil.rmtree, _HF_CACHE, ignore_errors=True)  # (each run left one in /tmp)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -508,9 +509,11 @@ def test_options_and_data_a_user_gets_wrong_are_named_in_the_error(ckpt, data, t
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """`torchrun` (as `python -m torch.distributed.run`, which needs no script on the PATH) on this Python."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                          *args], capture_output=True, text=True, env=env, timeout=180)
+    # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temporary folder at every run
+    with tempfile.TemporaryDirectory(prefix="twotower-torchrun-") as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              str(nproc), *args], capture_output=True, text=True, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
 
