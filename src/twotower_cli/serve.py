@@ -919,9 +919,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             given = self.headers.get("Authorization", "")
             if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return True
-            self._json(HTTPStatus.UNAUTHORIZED, {"error": {
-                "message": "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
-                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+            self._error(HTTPStatus.UNAUTHORIZED, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                        code="invalid_api_key")
             return False
 
         def _dispatch(self) -> None:
