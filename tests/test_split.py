@@ -688,6 +688,42 @@ def test_settle_output_leaves_a_running_containers_output_alone(tmp_path):
     assert (out / "v.txt").read_text() == "from the container" and leftovers(tmp_path, "out") == ["out"]
 
 
+def test_an_out_that_appears_while_writing_is_not_replaced_without_force(tmp_path):
+    """Without `force`, OUT is checked before the (long) write and again as it is put in place: an OUT
+    another run made meanwhile is an error, and stays as it is (it was swapped out and removed)."""
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(TwoTowerError, match="appeared while the output was written"):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "v.txt").write_text("mine")
+            out.mkdir()  # the other run finishes first
+            (out / "v.txt").write_text("theirs")
+    assert (out / "v.txt").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_publishing_the_modes_leaves_what_links_point_at_alone(tmp_path):
+    """The finished output's modes are set to the umask's, but a link in it is not followed: the file it
+    points at (a source's) keeps its modes (chmod followed it and made a private file readable to all)."""
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    private = tmp_path / "source" / "secret.json"
+    private.parent.mkdir()
+    private.write_text("{}")
+    private.chmod(0o600)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "secret.json").symlink_to(private)
+        (tmp / "v.txt").write_text("new")
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "v.txt").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd through /proc")
 @pytest.mark.parametrize("mode", ["exchange", "fallback"])
 def test_a_replacing_output_is_on_the_disk_before_it_takes_outs_name(tmp_path, monkeypatch, mode):

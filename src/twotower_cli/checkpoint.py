@@ -394,7 +394,8 @@ def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None
       one back, and after a crash between them OUT is missing until the next `settle_output(OUT)`.
     - Once the new output holds OUT's name the write has succeeded: an exception after that (Ctrl-C or
       SIGTERM while the old output is removed) ends the block normally, and what is left of the old output
-      is settled later.
+      is settled later. Without `force`, an OUT that appears while the output is written (another run) is
+      an error, not replaced.
     - What a crash leaves beside OUT is settled by the next call for the same OUT (`settle_output`, run
       first here; `train` runs it before it looks for OUT to resume): the old output put back as OUT if
       OUT is missing, leftovers removed, so a crash costs the unfinished output and nothing else. (Only
@@ -439,8 +440,11 @@ def _swap_in(tmp: Path, out: Path, old: Path, force: bool) -> Path | None:
     """Give the finished output `tmp` the name `out`; returns where the previous output now is (None: there
     was none). The fallback's two renames are undone on an exception between them."""
     if not os.path.lexists(out):
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # (what appeared there since is not replaced: rename refuses a file or a full folder)
         return None
+    if not force and os.path.exists(out):
+        raise TwoTowerError(f"{out} appeared while the output was written (another run writing it?)",
+                            "pass --force to replace it, or choose another -o")
     if _exchange(tmp, out):
         return tmp  # the old output, now under the temporary name
     try:
@@ -634,13 +638,16 @@ def _fsync(path: str | Path, folder: bool) -> None:
 
 def _publish_modes(folder: Path) -> None:
     """mkdtemp makes 0700 folders and safetensors writes 0600 files: give the finished checkpoint the modes
-    an ordinary file would get under the user's umask, so a shared or installed copy is readable."""
+    an ordinary file would get under the user's umask, so a shared or installed copy is readable. Links are
+    left as they are: chmod would follow them and change what they point at (a source file's modes)."""
     umask = os.umask(0)
     os.umask(umask)
     for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
