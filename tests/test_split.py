@@ -347,7 +347,8 @@ def test_atomic_output_replaces_dot_and_files_without_leftovers(tmp_path, monkey
 
 
 # Replaces OUT with a folder holding v.txt = "new", dying (os._exit: no handler runs) or raising
-# KeyboardInterrupt at its STEP-th filesystem step; prints the number of steps when none was reached.
+# KeyboardInterrupt at its STEP-th filesystem step (just before or just after each rename, exchange or removal);
+# prints the number of steps when it ends.
 REPLACE_AND_DIE = """
 import os, sys
 from pathlib import Path
@@ -356,20 +357,23 @@ out, at, mode, how = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[
 if mode == "fallback":  # a system or filesystem without renameat2's RENAME_EXCHANGE
     C._exchange = lambda a, b: False
 steps = 0
+def hit():
+    global steps
+    steps += 1
+    if steps == at:
+        if how == "crash":
+            os._exit(17)
+        raise KeyboardInterrupt
 def step(fn):
     def wrapped(*args, **kwargs):
-        global steps
-        steps += 1
-        if steps == at:
-            if how == "crash":
-                os._exit(17)
-            raise KeyboardInterrupt
-        return fn(*args, **kwargs)
+        hit()
+        result = fn(*args, **kwargs)
+        hit()
+        return result
     return wrapped
 os.replace = step(os.replace)
 for name in ("_exchange", "_remove"):
-    if hasattr(C, name):
-        setattr(C, name, step(getattr(C, name)))
+    setattr(C, name, step(getattr(C, name)))
 with C.atomic_output_dir(out, force=True) as tmp:
     (tmp / "v.txt").write_text("new")
 print(steps)
@@ -386,10 +390,12 @@ def dead_pid() -> int:
 @pytest.mark.parametrize("how", ["crash", "raise"])
 @pytest.mark.parametrize("mode", ["exchange", "fallback"])
 def test_replacing_an_output_keeps_the_old_or_the_new_at_every_step(tmp_path, mode, how):
-    """`atomic_output_dir(force=True)` killed (or interrupted) at each of its filesystem steps in turn: OUT
-    holds the old output or the new one, complete, right away (with the exchange, or after an exception);
-    only a crash between the fallback's two renames leaves OUT missing, with the old one aside. Then
-    `settle_output`, which the next run starts with, leaves OUT old or new and nothing else beside it."""
+    """`atomic_output_dir(force=True)` killed (or interrupted) just before or after each of its filesystem
+    steps in turn: OUT holds the old output or the new one, complete, right away (with the exchange, or
+    after an exception); only a crash between the fallback's two renames leaves OUT missing, with the old one
+    aside. An interrupt succeeds exactly when it comes after the new output took OUT's name (the write is
+    done: exit status 0, not "interrupted"). Then `settle_output`, which the next run starts with, leaves OUT
+    old or new and nothing else beside it."""
     from twotower_cli.checkpoint import _exchange, settle_output
 
     probe = tmp_path / "probe"
@@ -412,42 +418,49 @@ def test_replacing_an_output_keeps_the_old_or_the_new_at_every_step(tmp_path, mo
             assert len(beside) == 2 and any(n.startswith(".out.old-") for n in beside), beside
         else:
             assert state in ("old", "new"), (at, beside)
+        if how == "raise":
+            assert finished == (state == "new"), (at, state, r.returncode, r.stderr)
         seen.add(state)
         settle_output(case / "out")
         assert (case / "out" / "v.txt").read_text() in ("old", "new"), at
         assert sorted(p.name for p in case.iterdir()) == ["out"], (at, beside)
         if finished:
-            assert (case / "out" / "v.txt").read_text() == "new" and int(r.stdout) == at - 1
-            break
-    assert "old" in seen and "new" in seen and at > 2  # the failures did fall on both sides of the swap
+            assert (case / "out" / "v.txt").read_text() == "new" and int(r.stdout) >= at - 1
+            if int(r.stdout) < at:  # step `at` never came: every step has been tried
+                break
+    assert "old" in seen and "new" in seen and at > 4  # the failures did fall on both sides of the swap
 
 
 def test_settle_output_puts_back_or_removes_only_a_dead_writers_leftovers(tmp_path):
-    """The rule, name by name: a dead process's `.OUT.old-PID` becomes OUT when OUT is missing, else goes; its
-    `.OUT.tmp-PID-*` go; a live process's, other outputs' and the user's own files stay."""
-    from twotower_cli.checkpoint import settle_output
+    """The rule, name by name: a dead process's `.OUT.old-MACHINE-PID` becomes OUT when OUT is missing, else
+    goes; its `.OUT.tmp-MACHINE-PID-*` go; a live process's, another machine's (returned), other outputs'
+    and the user's own files stay, and so do the names older versions gave (no MACHINE: whose is unknown)."""
+    from twotower_cli.checkpoint import _machine, settle_output
 
-    dead, live = dead_pid(), os.getppid()
+    dead, live, me, other = dead_pid(), os.getppid(), _machine(), "0123456789ab"
+    assert len(me) == 12 and me != other
 
     def folder(name, text):
         (tmp_path / name).mkdir()
         (tmp_path / name / "v.txt").write_text(text)
 
-    folder(f".out.old-{dead}", "old")
-    folder(f".out.tmp-{dead}-ab12_xyz", "unfinished")
-    (tmp_path / f".out.tmp-{dead}-cd34_xyz").write_text("a file swapped out")
-    for name in (f".out.old-{live}", f".out.tmp-{live}-ab12_xyz", f".other.old-{dead}", f".out.old-{dead}.bak",
-                 "out.old-1", ".out.old-x", "notes"):
+    folder(f".out.old-{me}-{dead}", "old")
+    folder(f".out.tmp-{me}-{dead}-ab12_xyz", "unfinished")
+    (tmp_path / f".out.tmp-{me}-{dead}-cd34_xyz").write_text("a file swapped out")
+    foreign = [f".out.old-{other}-{dead}", f".out.tmp-{other}-{dead}-ab12_xyz", f".out.old-{dead}",
+               f".out.tmp-{dead}-ab12_xyz"]
+    for name in (f".out.old-{me}-{live}", f".out.tmp-{me}-{live}-ab12_xyz", f".other.old-{me}-{dead}",
+                 f".out.old-{me}-{dead}.bak", f".out.old-{me}", "out.old-1", ".out.old-x", "notes", *foreign):
         folder(name, "keep")
     keep = sorted(p.name for p in tmp_path.iterdir() if (p / "v.txt").is_file() and (p / "v.txt").read_text() == "keep")
+    assert sorted(p.name for p in settle_output(tmp_path / "out")) == sorted(foreign)
+    assert (tmp_path / "out" / "v.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
+    folder(f".out.old-{me}-{dead}", "older")  # OUT is there now: the one aside is stale
     settle_output(tmp_path / "out")
     assert (tmp_path / "out" / "v.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
-    folder(f".out.old-{dead}", "older")  # OUT is there now: the one aside is stale
-    settle_output(tmp_path / "out")
-    assert (tmp_path / "out" / "v.txt").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
-    settle_output(tmp_path / "missing" / "out")  # no folder to look in: nothing to do
+    assert settle_output(tmp_path / "missing" / "out") == []  # no folder to look in: nothing to do
 
 
 @pytest.fixture
@@ -492,18 +505,223 @@ def test_settle_output_asks_after_no_process_on_windows(tmp_path, monkeypatch):
     """`os.kill(pid, 0)` is no question on Windows: signal 0 is CTRL_C_EVENT there, a Ctrl-C sent to the
     console's processes (this one among them), and its success says nothing of `pid`. There nothing is
     asked, and what another process left beside OUT is left alone (it may still be writing it)."""
-    from twotower_cli.checkpoint import settle_output
+    from twotower_cli.checkpoint import _machine, settle_output
 
     sent = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
     monkeypatch.setattr(sys, "platform", "win32")
     dead = dead_pid()
-    names = sorted([f".out.old-{dead}", f".out.tmp-{dead}-ab12_xyz"])
+    names = sorted([f".out.old-{_machine()}-{dead}", f".out.tmp-{_machine()}-{dead}-ab12_xyz"])
     for name in names:
         (tmp_path / name).mkdir()
     settle_output(tmp_path / "out")
     assert sent == []
     assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def exchange_or_skip(tmp_path: Path, mode: str, monkeypatch) -> None:
+    """Replace OUT by the exchange (skipped where there is none) or by the fallback's two renames."""
+    from twotower_cli import checkpoint
+
+    if mode == "fallback":
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+        return
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe2").mkdir()
+    swapped = checkpoint._exchange(tmp_path / "probe", tmp_path / "probe2")
+    (tmp_path / "probe").rmdir()
+    (tmp_path / "probe2").rmdir()
+    if not swapped:
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_an_interrupt_while_the_old_output_is_removed_is_a_success(tmp_path, monkeypatch, mode):
+    """Ctrl-C while the old OUT is removed, after the new one took its name: the write is done, so the block
+    ends normally (it raised KeyboardInterrupt: "Error: interrupted", exit code 1, over a complete OUT). What
+    is left of the old output stays beside OUT until the next write to OUT, in this process too."""
+    from twotower_cli import checkpoint
+
+    exchange_or_skip(tmp_path, mode, monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(3):
+        (out / f"old{i}.txt").write_text("old")
+    removed = []
+
+    def remove(path):  # removes one file of the old output, then the user presses Ctrl-C
+        if not removed:
+            removed.append(path)
+            (path / "old0.txt").unlink()
+            raise KeyboardInterrupt
+        real_remove(path)
+
+    real_remove = checkpoint._remove
+    monkeypatch.setattr(checkpoint, "_remove", remove)
+    try:
+        with checkpoint.atomic_output_dir(out, force=True) as tmp:
+            (tmp / "v.txt").write_text("new")
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt came out of a write that was done")
+    assert sorted(p.name for p in out.iterdir()) == ["v.txt"] and (out / "v.txt").read_text() == "new"
+    (aside,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert aside == removed[0] and sorted(p.name for p in aside.iterdir()) == ["old1.txt", "old2.txt"]
+    with checkpoint.atomic_output_dir(out, force=True) as tmp:  # the next write settles it first
+        (tmp / "v.txt").write_text("newer")
+    assert (out / "v.txt").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_split_sigtermed_while_removing_the_old_output_succeeds(tmp_path):
+    """`split --force` sent SIGTERM (as a scheduler does) while it removes the previous OUT: the new split is
+    complete at OUT, so the command succeeds quietly (it said "Error: interrupted" and exited with 1); the
+    next run removes what was left of the old OUT."""
+    src = random_checkpoint(tmp_path / "src")
+    before = digest(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("the previous OUT")
+    code = f"""
+import os, signal
+from twotower_cli import checkpoint
+from twotower_cli.cli import get_app
+real = checkpoint._remove
+def remove(path):  # the signal is handled inside the removal
+    os.kill(os.getpid(), signal.SIGTERM)
+    real(path)
+checkpoint._remove = remove
+get_app()(["split", {str(src)!r}, "-o", {str(out)!r}, "--force"], prog_name="twotower")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "Error" not in r.stderr, (r.returncode, r.stderr)
+    assert_exact_split(src, out)
+    assert not (out / "stale.txt").exists() and digest(src) == before
+    assert invoke(str(src), "-o", str(tmp_path / "out"), "--force").exit_code == 0
+    assert leftovers(tmp_path, "out") == ["out"]
+
+
+# Writes OUT as a run on this host (or, with "elsewhere", on a host of that name sharing the folder) that
+# dies (os._exit) halfway through.
+CRASH_WHILE_WRITING = """
+import os, platform, sys
+if sys.argv[2] == "elsewhere":
+    platform.node = lambda: "elsewhere"
+from pathlib import Path
+from twotower_cli.checkpoint import atomic_output_dir
+with atomic_output_dir(Path(sys.argv[1]), force=True) as tmp:
+    (tmp / "half.txt").write_text("half")
+    os._exit(17)
+"""
+
+
+def test_settle_output_leaves_another_hosts_leftovers_alone(tmp_path):
+    """A process id says nothing about another host sharing the folder (or another container): the
+    unfinished output of a run there whose id is not running here may be in progress, and is left alone
+    (and returned); the same of a dead run on this host is removed. Only the host name differs here."""
+    from twotower_cli.checkpoint import settle_output
+
+    out = tmp_path / "out"
+    for host in ("elsewhere", "here"):
+        r = subprocess.run([sys.executable, "-c", CRASH_WHILE_WRITING, str(out), host], capture_output=True,
+                           text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 17, r.stderr
+    there, here = sorted((p for p in tmp_path.iterdir()), key=lambda p: (p / "half.txt").stat().st_mtime_ns)
+    assert settle_output(out) == [there]
+    assert sorted(tmp_path.iterdir()) == [there] and (there / "half.txt").read_text() == "half"
+
+
+# In a new PID namespace (a container's): PID 1 makes the next process id inside it LAST + 1, then that
+# process writes OUT, stopping halfway until the file GO exists.
+WRITE_IN_A_CONTAINER = """
+import os, sys, time
+from pathlib import Path
+out, last, ready, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+Path("/proc/sys/kernel/ns_last_pid").write_text(last)
+pid = os.fork()
+if pid:
+    os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+if os.getpid() != int(last) + 1:
+    os._exit(3)
+from twotower_cli.checkpoint import atomic_output_dir
+with atomic_output_dir(out, force=True) as tmp:
+    (tmp / "v.txt").write_text("from the container")
+    ready.write_text(str(tmp))
+    for _ in range(600):
+        if go.exists():
+            break
+        time.sleep(0.05)
+os._exit(0)
+"""
+
+
+def test_settle_output_leaves_a_running_containers_output_alone(tmp_path):
+    """A run in another PID namespace (a container on a shared volume) writing OUT under a process id that
+    no process has here: `settle_output` here leaves its temporary folder alone (it took it for a dead run's
+    and removed it under it), and the run completes OUT."""
+    import shutil
+
+    from twotower_cli.checkpoint import settle_output
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rpf", "--mount-proc", "true"], capture_output=True).returncode:
+        pytest.skip("no unshare, or no user and PID namespaces for this user")
+    out, ready, go = tmp_path / "out", tmp_path / "ready", tmp_path / "go"
+    out.mkdir()
+    (out / "v.txt").write_text("old")
+    pid = dead_pid()  # no process has it here
+    writer = subprocess.Popen([unshare, "-rpf", "--mount-proc", sys.executable, "-c", WRITE_IN_A_CONTAINER,
+                               str(out), str(pid - 1), str(ready), str(go)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if ready.exists() or writer.poll() is not None:
+                break
+            time.sleep(0.05)
+        if writer.poll() == 3:
+            pytest.skip("the PID namespace did not give the writer the chosen id")
+        tmp = Path(ready.read_text())
+        assert tmp.name.endswith(f"-{pid}-" + tmp.name.rsplit("-", 1)[1]), tmp.name  # the id, dead here
+        settle_output(out)
+        assert (tmp / "v.txt").read_text() == "from the container"
+    finally:
+        go.write_text("")
+        _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    assert (out / "v.txt").read_text() == "from the container" and leftovers(tmp_path, "out") == ["out"]
+
+
+def test_an_out_that_appears_while_writing_is_not_replaced_without_force(tmp_path):
+    """Without `force`, OUT is checked before the (long) write and again as it is put in place: an OUT
+    another run made meanwhile is an error, and stays as it is (it was swapped out and removed)."""
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(TwoTowerError, match="appeared while the output was written"):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "v.txt").write_text("mine")
+            out.mkdir()  # the other run finishes first
+            (out / "v.txt").write_text("theirs")
+    assert (out / "v.txt").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_publishing_the_modes_leaves_what_links_point_at_alone(tmp_path):
+    """The finished output's modes are set to the umask's, but a link in it is not followed: the file it
+    points at (a source's) keeps its modes (chmod followed it and made a private file readable to all)."""
+    from twotower_cli.checkpoint import atomic_output_dir
+
+    private = tmp_path / "source" / "secret.json"
+    private.parent.mkdir()
+    private.write_text("{}")
+    private.chmod(0o600)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "secret.json").symlink_to(private)
+        (tmp / "v.txt").write_text("new")
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "v.txt").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd through /proc")

@@ -389,6 +389,32 @@ def test_ctrl_c_says_which_step_out_holds(ckpt, data, tmp_path, monkeypatch, at,
     assert CliRunner().invoke(get_app(), [*args, "--resume"]).exit_code == 0
 
 
+def test_an_interrupt_while_a_save_removes_the_previous_one_is_not_a_failed_save(ckpt, data, tmp_path, monkeypatch):
+    """Ctrl-C while a save removes the save before it, after the new one took OUT's name: that save is done
+    (it raised, and `train -o` said OUT held the step before, or "was not written"); training goes on, and
+    the next save removes what was left of the old one (this process's own leftover, no longer in use)."""
+    from twotower_cli import checkpoint
+
+    real, calls = checkpoint._remove, []
+
+    def remove(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(checkpoint, "_remove", remove)
+    out = tmp_path / "out"
+    try:
+        result = T.train(T.TrainConfig(checkpoint=ckpt, data=[data], out=out, block=4, seq_len=32, batch=4,
+                                       steps=6, warmup=2, eval_every=0, save_every=2, device="cpu"))
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt came out of a save that was done")
+    assert result.steps == 6 and len(calls) >= 2  # saves at 2, 4 (interrupted removal) and 6
+    assert torch.load(out / T.TRAINER_STATE, weights_only=True)["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_time_conditioning_only(ckpt, data, tmp_path):
     out = tmp_path / "tc"
     run(ckpt, data, out, steps=3, train="time-conditioning")
@@ -410,15 +436,17 @@ def test_resume_is_exact(ckpt, data, tmp_path):
 
 def test_resume_after_a_crash_between_the_renames_of_a_save(ckpt, data, tmp_path):
     """Where OUT cannot be swapped in one step, a run killed between moving OUT aside and moving the new save
-    in leaves only `.OUT.old-PID`: `--resume` puts it back and continues from it, instead of finding no OUT
-    and starting over."""
+    in leaves only `.OUT.old-MACHINE-PID`: `--resume` puts it back and continues from it, instead of finding
+    no OUT and starting over."""
     import subprocess
     import sys
+
+    from twotower_cli.checkpoint import _machine
 
     run(ckpt, data, tmp_path / "out", steps=4, stop_after=2)
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
-    (tmp_path / "out").rename(tmp_path / f".out.old-{dead.pid}")
+    (tmp_path / "out").rename(tmp_path / f".out.old-{_machine()}-{dead.pid}")
     second = run(ckpt, data, tmp_path / "out", steps=4, resume=True)
     assert second.start_step == 2 and second.steps == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

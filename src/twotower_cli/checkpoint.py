@@ -14,14 +14,17 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -387,73 +390,164 @@ def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None
     - Replacing an existing OUT (`force`), the two are swapped in one step where the system can
       (Linux `renameat2(RENAME_EXCHANGE)`: ext4, xfs, btrfs, tmpfs...), so OUT is never missing; the old
       one, now under the temporary name, is then removed. Elsewhere (other systems, NFS) OUT is moved aside
-      to `.OUT.old-PID` and the new one moved in; an exception between the two moves puts the old one back,
-      and after a crash between them OUT is missing until the next `settle_output(OUT)`.
+      to `.OUT.old-MACHINE-PID` and the new one moved in; an exception between the two moves puts the old
+      one back, and after a crash between them OUT is missing until the next `settle_output(OUT)`.
+    - Once the new output holds OUT's name the write has succeeded: an exception after that (Ctrl-C or
+      SIGTERM while the old output is removed) ends the block normally, and what is left of the old output
+      is settled later. Without `force`, an OUT that appears while the output is written (another run) is
+      an error, not replaced.
     - What a crash leaves beside OUT is settled by the next call for the same OUT (`settle_output`, run
       first here; `train` runs it before it looks for OUT to resume): the old output put back as OUT if
       OUT is missing, leftovers removed, so a crash costs the unfinished output and nothing else. (Only
-      leftovers of processes that no longer run here: one machine at a time writes a given OUT. Not on
-      Windows, where no process can be asked after safely (`_alive`): there they stay for the user.)"""
+      leftovers of this machine's processes that no longer run: see `settle_output`. Not on Windows,
+      where no process can be asked after safely (`_alive`): there they stay for the user.)"""
     settle_output(out)
     if Path(out).exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     out = Path(os.path.abspath(out))  # "." or "run/.." has no name to put the temporary folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    old = out.with_name(_leftover_name(out, "old"))  # the fallback's place for the old output
+    with _WRITING_LOCK:  # registered before another thread's `settle_output` can see it
+        tmp = Path(tempfile.mkdtemp(prefix=_leftover_name(out, "tmp") + "-", dir=out.parent))
+        _WRITING.update((str(tmp), str(old)))
+    new = None  # (device, inode) of the finished output: OUT is the new output when it has them
     try:
         yield tmp
         _publish_modes(tmp)
         if on_sync is not None:
             on_sync()
         _sync_tree(tmp)
-        if not os.path.lexists(out):
-            os.replace(tmp, out)
-        elif _exchange(tmp, out):
-            _remove(tmp)  # the old output, now under the temporary name
-        else:
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            try:
-                os.replace(out, old)
-                os.replace(tmp, out)
-            except BaseException:
-                if os.path.lexists(old) and not os.path.lexists(out):
-                    os.replace(old, out)
-                raise
-            _remove(old)
+        st = os.lstat(tmp)
+        new = (st.st_dev, st.st_ino)
+        aside = _swap_in(tmp, out, old, force)
         _fsync(out.parent, folder=True)  # the new name itself
+        if aside is not None:
+            _remove(aside)
+    except BaseException as e:
+        if not _holds(out, new):  # not written: OUT is as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # OUT holds the new output, whole (its files are on the disk): the write succeeded, whatever came
+        # after it. What is left of the old one (under `tmp` or `old`) goes at the next `settle_output(OUT)`.
+        if not isinstance(e, (KeyboardInterrupt, OSError)):
+            raise
+    finally:
+        with _WRITING_LOCK:
+            _WRITING.difference_update((str(tmp), str(old)))
+
+
+def _swap_in(tmp: Path, out: Path, old: Path, force: bool) -> Path | None:
+    """Give the finished output `tmp` the name `out`; returns where the previous output now is (None: there
+    was none). The fallback's two renames are undone on an exception between them."""
+    if not os.path.lexists(out):
+        os.replace(tmp, out)  # (what appeared there since is not replaced: rename refuses a file or a full folder)
+        return None
+    if not force and os.path.exists(out):
+        raise TwoTowerError(f"{out} appeared while the output was written (another run writing it?)",
+                            "pass --force to replace it, or choose another -o")
+    if _exchange(tmp, out):
+        return tmp  # the old output, now under the temporary name
+    try:
+        os.replace(out, old)
+        os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(old) and not os.path.lexists(out):
+            os.replace(old, out)
         raise
+    return old
 
 
-def settle_output(out: Path) -> None:
-    """Settle what `atomic_output_dir` left beside OUT in a process that no longer runs on this machine (a
-    crash): its previous output moved aside (`.OUT.old-PID`) is put back as OUT if OUT is missing (the crash
-    came between the two moves) and removed otherwise (it came after them); its temporary folders
-    (`.OUT.tmp-PID-*`: an unfinished output, or an old one swapped out) are removed. A live process's are
-    left alone, so are other names. Safe to run from several processes at once (the ranks of a job)."""
+def _holds(out: Path, new: tuple[int, int] | None) -> bool:
+    """Whether OUT is now the finished output whose (device, inode) is `new`."""
+    if new is None:
+        return False
+    try:
+        st = os.lstat(out)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == new
+
+
+def settle_output(out: Path) -> list[Path]:
+    """Settle what `atomic_output_dir` left beside OUT in a process of this machine that no longer runs (a
+    crash): its previous output moved aside (`.OUT.old-MACHINE-PID`) is put back as OUT if OUT is missing
+    (the crash came between the two moves) and removed otherwise (it came after them); its temporary
+    folders (`.OUT.tmp-MACHINE-PID-*`: an unfinished output, or an old one swapped out) are removed. A live
+    process's are left alone, so are other names. Safe to run from several processes at once (the ranks of
+    a job).
+
+    A process id says whether a writer runs only on its own host and in its own PID namespace, so every
+    leftover carries its writer's `_machine()`: those of another one (another host or container sharing
+    the folder, or a run before a reboot) are left alone, as are names without one (written by an older
+    version); they are returned, for a caller that wants to mention them."""
     out = Path(os.path.abspath(out))
     try:
         names = sorted(os.listdir(out.parent))
     except OSError:  # no parent folder yet: nothing to settle
-        return
-    leftover = re.compile(rf"\.{re.escape(out.name)}\.(?:old-(\d+)|tmp-(\d+)-[a-z0-9_]+)")
+        return []
+    me = _machine()
+    # .OUT.old-MACHINE-PID, .OUT.tmp-MACHINE-PID-RANDOM (and older versions' names, without MACHINE)
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.(?:old-(?:(?P<om>[0-9a-f]{{12}})-)?(?P<op>\d+)"
+                          rf"|tmp-(?:(?P<tm>[0-9a-f]{{12}})-)?(?P<tp>\d+)-[a-z0-9_]+)")
+    foreign = []
     for name in names:
         m = leftover.fullmatch(name)
-        if m is None or _alive(int(m[1] or m[2])):
+        if m is None:
             continue
         path = out.parent / name
+        if (m["om"] or m["tm"]) != me:
+            foreign.append(path)
+            continue
+        if _writing(path, int(m["op"] or m["tp"])):
+            continue
         try:
-            if m[1] and not os.path.lexists(out):
+            if m["op"] and not os.path.lexists(out):
                 os.replace(path, out)
             else:
                 _remove(path)
         except FileNotFoundError:  # another process settled it first
             pass
+    return foreign
+
+
+_WRITING: set[str] = set()  # this process's leftover-named paths in use: `settle_output` leaves them alone
+_WRITING_LOCK = threading.Lock()
+
+
+def _leftover_name(out: Path, kind: str) -> str:
+    """`.OUT.KIND-MACHINE-PID`: the name of what `atomic_output_dir` keeps beside OUT (a temporary folder
+    adds `-RANDOM`), which says who may settle it (`settle_output`)."""
+    return f".{out.name}.{kind}-{_machine()}-{os.getpid()}"
+
+
+@functools.cache
+def _machine() -> str:
+    """12 hex digits naming where this process's ids mean something: the host name, the boot (Linux's
+    boot_id, new at each boot) and the PID namespace (a container's own). Processes with the same one see
+    one another under the same ids; elsewhere (another host or container on a shared folder, the same host
+    after a reboot) an id says nothing, so a leftover named with another is never taken for a dead run's."""
+    facts = [platform.node()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            facts.append(read())
+        except OSError:  # not Linux (or no /proc): the host name alone
+            facts.append("")
+    return hashlib.sha256("\0".join(facts).encode()).hexdigest()[:12]
+
+
+def _writing(path: Path, pid: int) -> bool:
+    """Whether the leftover-named `path` of this machine's process `pid` may still be written. This process
+    knows its own: one it is not writing is what an interrupted removal left (or an earlier process that
+    had the same id)."""
+    if pid == os.getpid():
+        with _WRITING_LOCK:
+            return str(path) in _WRITING
+    return _alive(pid)
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine (an unknown answer counts as yes: nothing is removed).
+    """Whether a process `pid` runs here (same `_machine()`; an unknown answer counts as yes: nothing is removed).
     Always unknown on Windows, where `os.kill(pid, 0)` asks nothing: signal 0 is CTRL_C_EVENT there, a
     Ctrl-C sent to the processes of the console."""
     if pid == os.getpid() or sys.platform == "win32":
@@ -544,13 +638,16 @@ def _fsync(path: str | Path, folder: bool) -> None:
 
 def _publish_modes(folder: Path) -> None:
     """mkdtemp makes 0700 folders and safetensors writes 0600 files: give the finished checkpoint the modes
-    an ordinary file would get under the user's umask, so a shared or installed copy is readable."""
+    an ordinary file would get under the user's umask, so a shared or installed copy is readable. Links are
+    left as they are: chmod would follow them and change what they point at (a source file's modes)."""
     umask = os.umask(0)
     os.umask(umask)
     for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
