@@ -391,26 +391,31 @@ def test_ctrl_c_says_which_step_out_holds(ckpt, data, tmp_path, monkeypatch, at,
 
 def test_an_interrupt_while_a_save_removes_the_previous_one_is_not_a_failed_save(ckpt, data, tmp_path, monkeypatch):
     """Ctrl-C while a save removes the save before it, after the new one took OUT's name: that save is done
-    (it raised, and `train -o` said OUT held the step before, or "was not written"); training goes on, and
-    the next save removes what was left of the old one (this process's own leftover, no longer in use)."""
+    (`train -o` said OUT held the step before), and the interrupt still stops the run (it is not lost in the
+    save): one Error line naming the new step; `--resume` goes on from it and removes what was left of the
+    old one."""
     from twotower_cli import checkpoint
 
     real, calls = checkpoint._remove, []
 
     def remove(path):
         calls.append(path)
-        if len(calls) == 1:
+        if len(calls) == 1:  # the save at step 4 removing step 2's (the save at 2 had none to remove)
             raise KeyboardInterrupt
         real(path)
 
     monkeypatch.setattr(checkpoint, "_remove", remove)
     out = tmp_path / "out"
-    try:
-        result = T.train(T.TrainConfig(checkpoint=ckpt, data=[data], out=out, block=4, seq_len=32, batch=4,
-                                       steps=6, warmup=2, eval_every=0, save_every=2, device="cpu"))
-    except KeyboardInterrupt:
-        pytest.fail("the interrupt came out of a save that was done")
-    assert result.steps == 6 and len(calls) >= 2  # saves at 2, 4 (interrupted removal) and 6
+    args = ["train", str(ckpt), "--data", str(data), "-o", str(out), "--block", "4", "--seq-len", "32", "--batch",
+            "4", "--steps", "6", "--warmup", "2", "--save-every", "2", "--eval-every", "0", "--device", "cpu"]
+    r = CliRunner().invoke(get_app(), args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert r.exit_code == 1 and len(lines) == 1 and "holds step 4" in lines[0], r.output
+    assert len(calls) == 1 and torch.load(out / T.TRAINER_STATE, weights_only=True)["step"] == 4
+    assert len(list(tmp_path.iterdir())) == 2  # OUT and the old save's remains, for the next run
+    monkeypatch.undo()
+    again = CliRunner().invoke(get_app(), [*args, "--resume"])
+    assert again.exit_code == 0, again.output
     assert torch.load(out / T.TRAINER_STATE, weights_only=True)["step"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -394,7 +394,7 @@ def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None
       one back, and after a crash between them OUT is missing until the next `settle_output(OUT)`.
     - Once the new output holds OUT's name the write has succeeded: an exception after that (Ctrl-C or
       SIGTERM while the old output is removed) ends the block normally, and what is left of the old output
-      is settled later. Without `force`, an OUT that appears while the output is written (another run) is
+      is settled later; such an interrupt is kept for `deferred_interrupt()`. Without `force`, an OUT that appears while the output is written (another run) is
       an error, not replaced.
     - What a crash leaves beside OUT is settled by the next call for the same OUT (`settle_output`, run
       first here; `train` runs it before it looks for OUT to resume): the old output put back as OUT if
@@ -408,6 +408,7 @@ def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.with_name(_leftover_name(out, "old"))  # the fallback's place for the old output
     with _WRITING_LOCK:  # registered before another thread's `settle_output` can see it
+        _DEFERRED.clear()  # one an earlier write kept that nobody took is not this write's
         tmp = Path(tempfile.mkdtemp(prefix=_leftover_name(out, "tmp") + "-", dir=out.parent))
         _WRITING.update((str(tmp), str(old)))
     new = None  # (device, inode) of the finished output: OUT is the new output when it has them
@@ -431,6 +432,9 @@ def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None
         # after it. What is left of the old one (under `tmp` or `old`) goes at the next `settle_output(OUT)`.
         if not isinstance(e, (KeyboardInterrupt, OSError)):
             raise
+        if isinstance(e, KeyboardInterrupt):  # still a request to stop, for a caller that goes on after this
+            with _WRITING_LOCK:
+                _DEFERRED.append(e)
     finally:
         with _WRITING_LOCK:
             _WRITING.difference_update((str(tmp), str(old)))
@@ -512,6 +516,17 @@ def settle_output(out: Path) -> list[Path]:
 
 _WRITING: set[str] = set()  # this process's leftover-named paths in use: `settle_output` leaves them alone
 _WRITING_LOCK = threading.Lock()
+_DEFERRED: list[KeyboardInterrupt] = []  # interrupts `atomic_output_dir` took after its output was in place
+
+
+def deferred_interrupt() -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that `atomic_output_dir` absorbed since the last call (it came after the output
+    had taken OUT's name, so the write succeeded), or None. A caller that goes on after a write (`train`
+    between saves) raises it once the write is accounted for, so that the interrupt still stops it."""
+    with _WRITING_LOCK:
+        taken = _DEFERRED[:1]
+        _DEFERRED.clear()
+    return taken[0] if taken else None
 
 
 def _leftover_name(out: Path, kind: str) -> str:

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from twotower_cli.checkpoint import (
     Checkpoint,
     atomic_output_dir,
+    deferred_interrupt,
     open_checkpoint,
     save_tensors,
     settle_output,
@@ -921,6 +922,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
             save_checkpoint(Path(cfg.out), model, source_folder, config, trainer_state)
             emit(Saved(step, Path(cfg.out)))
         env.barrier()
+        if (interrupt := deferred_interrupt()) is not None:  # it came as the save's old output was removed:
+            raise interrupt  # the save is done (and said), and the interrupt still stops the run
 
     emit(Started(start, stop, cfg.steps, sum(p.numel() for _, p in params),
                  sum(p.numel() for p in model.parameters() if not p.requires_grad),
