@@ -3,7 +3,9 @@ tested against `train`'s in test_train.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +82,59 @@ get_app()(["tokenize", "tiny", "--data", {str(data)!r}, "-o", {str(out)!r}], pro
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "Error: interrupted", (r.returncode, r.stderr)
     assert sorted(p.name for p in out.parent.iterdir()) == []
+
+
+def _tokenize(data, out):
+    return CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(data), "-o", str(out), "--force"])
+
+
+def test_an_interrupt_between_the_stream_and_its_meta_never_pairs_them_wrongly(tmp_path, monkeypatch):
+    """OUT and OUT's meta file (which names the vocabulary) cannot change in one step. Interrupted between
+    the two, a re-tokenize must not leave the new meta file beside the old stream (it was: the meta file was
+    put in place first), which `train` would take for the new vocabulary's ids: the old meta goes first,
+    and what is left is a stream without a meta file, or the old pair."""
+    from twotower_cli import train as T
+
+    (tmp_path / "a.txt").write_text("ROMEO. Hello.")
+    (tmp_path / "b.txt").write_text("JULIET. Good night, good night!")
+    out = tmp_path / "c.npy"
+    assert _tokenize(tmp_path / "a.txt", out).exit_code == 0
+    old_ids, old_meta = np.load(out).tolist(), T.token_file_meta(out).read_text()
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out:  # the new stream taking OUT's name
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(T.os, "replace", replace)
+    r = _tokenize(tmp_path / "b.txt", out)
+    assert r.exit_code == 1 and "interrupted" in r.output
+    meta = T.token_file_meta(out)
+    assert np.load(out).tolist() == old_ids
+    assert not meta.exists() or meta.read_text() == old_meta  # never the new meta beside the old ids
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.npy"]
+
+
+def test_tokenize_removes_what_a_killed_run_left(tmp_path):
+    """A run killed at once (kill -9) leaves its raw file, as large as the token stream, and its partial
+    .npy beside OUT; the next tokenize to OUT removes this machine's dead runs' (not another machine's)."""
+    import subprocess
+    import sys
+
+    from twotower_cli.checkpoint import _machine
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    out = tmp_path / "c.npy"
+    left = [f".c.npy.raw-{_machine()}-{dead.pid}", f".c.npy.part-{_machine()}-{dead.pid}.npy",
+            f".c.meta.json.part-{_machine()}-{dead.pid}"]
+    foreign = f".c.npy.raw-{'0' * 12}-{dead.pid}"
+    for name in [*left, foreign]:
+        (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / "a.txt").write_text("ROMEO. Hello.")
+    assert _tokenize(tmp_path / "a.txt", out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([foreign, "a.txt", "c.meta.json", "c.npy"])
 
 
 # ------------------------------------------------------------------------------ plain text, read in pieces

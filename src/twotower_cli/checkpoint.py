@@ -514,6 +514,32 @@ def settle_output(out: Path) -> list[Path]:
     return foreign
 
 
+def scratch_path(out: Path, kind: str, suffix: str = "") -> Path:
+    """`.OUT.KIND-MACHINE-PID[SUFFIX]` beside the file OUT: what this process writes on its way to OUT, which
+    `settle_scratch(OUT, KIND)` removes once the process is gone (a crash, a kill -9)."""
+    out = Path(out)
+    return out.with_name(_leftover_name(out, kind) + suffix)
+
+
+def settle_scratch(out: Path, kinds: tuple[str, ...]) -> None:
+    """Remove the `scratch_path(OUT, KIND)` files that this machine's processes no longer running left
+    beside OUT (another machine's, or a live process's, are left alone: `settle_output`)."""
+    out = Path(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:{'|'.join(map(re.escape, kinds))})-"
+                         rf"(?P<m>[0-9a-f]{{12}})-(?P<p>\d+)(?:\.[a-z]+)?")
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and m["m"] == _machine() and int(m["p"]) != os.getpid() and not _alive(int(m["p"])):
+            try:
+                (out.parent / name).unlink()
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+
+
 _WRITING: set[str] = set()  # this process's leftover-named paths in use: `settle_output` leaves them alone
 _WRITING_LOCK = threading.Lock()
 _DEFERRED: list[KeyboardInterrupt] = []  # interrupts `atomic_output_dir` took after its output was in place
@@ -626,6 +652,11 @@ def _sync_tree(folder: Path) -> None:
             if not os.path.islink(path):
                 _fsync(path, folder=False)
         _fsync(root, folder=True)
+
+
+def sync_path(path: str | Path, folder: bool = False) -> None:
+    """fsync a file (or a folder: the names in it) that is about to be, or just was, given its final name."""
+    _fsync(path, folder)
 
 
 def _fsync(path: str | Path, folder: bool) -> None:

@@ -66,7 +66,10 @@ from twotower_cli.checkpoint import (
     deferred_interrupt,
     open_checkpoint,
     save_tensors,
+    scratch_path,
     settle_output,
+    settle_scratch,
+    sync_path,
 )
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
@@ -314,9 +317,12 @@ def tokenize_to_file(paths: list[Path], tokenizer: Tokenizer, eos: int | None, v
     `load_data` checks. Returns (tokens, documents, dtype); `progress(documents, tokens)` after each chunk."""
     dtype = token_dtype(vocab_size)
     out = Path(out)
+    meta = token_file_meta(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    raw = out.with_name(f".{out.name}.raw-{os.getpid()}")
-    part = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+    settle_scratch(out, ("raw", "part"))  # what a killed run left (a raw file as large as the stream)
+    settle_scratch(meta, ("part",))
+    raw, part = scratch_path(out, "raw"), scratch_path(out, "part", ".npy")
+    meta_part = scratch_path(meta, "part")
     tokens = documents = 0
     try:
         with open(raw, "wb") as f:
@@ -335,16 +341,21 @@ def tokenize_to_file(paths: list[Path], tokenizer: Tokenizer, eos: int | None, v
             target[i:i + step] = source[i:i + step]
         target.flush()
         del source, target
-        meta = token_file_meta(out)
-        meta_part = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
         meta_part.write_text(json.dumps({"tokenizer": tokenizer.fingerprint(), "vocab_size": vocab_size,
                                          "eos_token_id": eos, "documents": documents, "tokens": tokens,
                                          "dtype": str(dtype), "sources": [str(p) for p in paths]}, indent=2) + "\n")
-        os.replace(meta_part, meta)
+        for f in (part, meta_part):  # on the disk before their names say they are there
+            sync_path(f)
+        # Two files cannot change in one step: the old meta goes first, so that an interruption between the
+        # steps leaves a stream without a meta file (read unchecked, as any .npy), never one whose meta file
+        # describes another stream (another vocabulary's, accepted as this one's).
+        meta.unlink(missing_ok=True)
         os.replace(part, out)
+        os.replace(meta_part, meta)
+        sync_path(out.parent, folder=True)
     finally:
-        raw.unlink(missing_ok=True)
-        part.unlink(missing_ok=True)
+        for f in (raw, part, meta_part):
+            f.unlink(missing_ok=True)
     return tokens, documents, dtype
 
 
