@@ -1520,16 +1520,20 @@ def test_a_request_that_fills_the_context_exactly_is_answered(short_url, model, 
 
 def test_a_request_without_max_tokens_gets_the_default_cut_to_what_fits(short_url, model, folder):
     """No max_tokens: the server's default (20 here) where it fits, else what is left of the context, as vLLM
-    does, not a 400. Prompts of one request share it: the longest decides (n and echo do not change it)."""
+    does, not a 400. Each prompt of a request gets its own cut, as vLLM's: a short prompt beside a long one
+    keeps the default (all of them got the longest's cut); n and echo do not change it."""
     tok = Tokenizer(folder)
     short_prompt, long_prompt = "hi", "the quick brown fox jumps"  # room for 38 and for 15
     assert len(tok.encode(long_prompt)) == 25
     out = json.loads(post(short_url, "/v1/completions", {"prompt": [short_prompt, long_prompt], "n": 2,
                                                          "echo": True})[1])
-    want = [reference(model, tok.encode(p), replace_cfg(max_new_tokens=15)) for p in (short_prompt, long_prompt)]
+    want = [reference(model, tok.encode(p), replace_cfg(max_new_tokens=cut))
+            for p, cut in ((short_prompt, 20), (long_prompt, 15))]
     assert all(w.finish_reason == "length" for w in want)  # no end id first: the bound is what ends them
     assert [c["text"] for c in out["choices"]] == [p + tok.decode(w.token_ids) for p, w in
                                                    zip((short_prompt, long_prompt), want, strict=True) for _ in range(2)]
+    assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 4
+    assert out["usage"]["completion_tokens"] == 2 * 20 + 2 * 15
     alone = json.loads(post(short_url, "/v1/completions", {"prompt": short_prompt})[1])
     assert alone["usage"]["completion_tokens"] == 20  # the default, where it fits
     ids = chat_ids(folder, TALK)

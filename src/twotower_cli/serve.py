@@ -16,11 +16,12 @@ the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a 
 (presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
 of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
 
-A request's longest prompt and its max_tokens together may not exceed the model's context length,
+Each prompt of a request and its max_tokens together may not exceed the model's context length,
 `max_model_len` (`--max-model-len`; by default the checkpoint's `max_position_embeddings`, which transformers
-reads as 4096 where config.json has none): over it is a 400 (code `context_length_exceeded`, as OpenAI's),
-so that no client ties the model up with a request of 10^12 tokens. A request without max_tokens gets the
-server's default cut to what fits, as vLLM does.
+reads as 4096 where config.json has none): over it, for any of its prompts, is a 400 for the request (code
+`context_length_exceeded`, as OpenAI's and vLLM's), so that no client ties the model up with a request of
+10^12 tokens. A request without max_tokens gets the server's default cut to what fits beside each prompt
+(each row its own cut), as vLLM does.
 
 `logprobs` (chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`) gives each returned
 token's log-probability and the k most likely tokens at its position: in `mask_diffusion` under the
@@ -160,6 +161,7 @@ class Request:
     echo: bool = False  # completions: the prompt goes in front of the completion (and in the logprobs)
     score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing sampled
     n: int = 1  # choices per prompt: `prompts` holds each prompt n times in a row
+    max_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: its own cut (`Engine._fit`)
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
 
 
@@ -302,9 +304,7 @@ class Engine:
             prompts = [prompt]
         else:
             prompts = _prompts(body, self.tokenizer, self.backend.vocab_size)
-        longest = max(len(p) for p in prompts)
         where = "the conversation" if chat else "the prompt" if len(prompts) == 1 else "the longest prompt"
-        prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -315,12 +315,17 @@ class Engine:
         completion = _number(body, "max_completion_tokens", int, None)
         max_tokens = _number(body, "max_tokens", int, None)  # the older name wins where both are given
         field, wanted = ("max_tokens", max_tokens) if max_tokens is not None else ("max_completion_tokens", completion)
-        wanted_tokens = self._fit(longest, wanted, field, where)
-        score_only = wanted_tokens == 0 and echo
-        if wanted_tokens == 0 and not echo:
+        # each prompt its own cut, as vLLM's get_max_tokens: the default cut to what fits beside that prompt,
+        # not beside the longest; longest first, so that a 400 (any row it cannot fit) names the longest
+        lengths = sorted({len(p) for p in prompts}, reverse=True)
+        cuts = {length: self._fit(length, wanted, field, where) for length in lengths}
+        score_only = wanted == 0 and echo
+        if wanted == 0 and not echo:
             raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"))
+        prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
+        rows_max = [1 if score_only else cuts[len(p)] for p in prompts]
         settings = replace(
-            d, max_new_tokens=1 if score_only else wanted_tokens,
+            d, max_new_tokens=max(rows_max),
             temperature=_number(body, "temperature", float, d.temperature),
             top_p=None if top_p == 1.0 else top_p, top_k=top_k if top_k is not None and top_k > 0 else None,
             mode=body.get("mode", d.mode), block_size=_number(body, "block_size", int, d.block_size),
@@ -341,12 +346,13 @@ class Engine:
             raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
-                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
+                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n,
+                       max_tokens=rows_max)
 
     def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
-        """The completion tokens of a request whose longest prompt is `prompt` tokens: `wanted` (its max_tokens),
-        refused when prompt and completion exceed `max_model_len`; None: the server's default, cut to what
-        fits."""
+        """The completion tokens of a prompt of `prompt` tokens: `wanted` (its request's max_tokens), refused
+        when prompt and completion exceed `max_model_len` (as OpenAI and vLLM refuse it: the whole request, for
+        any of its prompts); None: the server's default, cut to what fits beside this prompt."""
         if wanted is not None and wanted < 0:
             raise BadRequest(f"'{field}' {wanted} must be 0 or more")
         limit = self.max_model_len
@@ -634,13 +640,15 @@ class Engine:
         if not job.rows:
             job.t0 = time.perf_counter()
             self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
-        prompts = req.prompts[len(job.rows):][:count or job.remaining]
+        first = len(job.rows)
+        prompts = req.prompts[first:][:count or job.remaining]
         one = reuse and len(req.prompts) == 1
         fed = self.backend.fed
         if one and fresh:
             start_from(self.backend, req.prompts[0], req.history)
-        job.add_rows(batch.add(prompts, req.settings.max_new_tokens, req.top_logprobs, reuse=one,
-                               history=req.history if one else None, settings=req.settings))
+        for prompt, cut in zip(prompts, req.max_tokens[first:first + len(prompts)], strict=True):  # each its own cut
+            job.add_rows(batch.add([prompt], cut, req.top_logprobs, reuse=one, history=req.history if one else None,
+                                   settings=req.settings))
         jobs.update(dict.fromkeys(job.rows, job))
         if reuse:
             batch.admit()
