@@ -383,7 +383,8 @@ def test_each_completion_is_logged_with_its_numbers(folder, model):
 
 def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
-        assert json.load(r)["data"][0]["id"] == "tiny-test"
+        model = json.load(r)["data"][0]
+    assert model["id"] == "tiny-test" and model["max_model_len"] == 4096  # as vLLM's: the context a client has
     with urllib.request.urlopen(url + "/health?probe=1") as r:
         assert json.load(r) == {"status": "ok"}
 
@@ -1745,6 +1746,8 @@ def test_a_request_that_fills_the_context_exactly_is_answered(short_url, model, 
     assert len(ids) == SHORT
     scored = post(short_url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
     assert scored[0] == 200 and json.loads(scored[1])["usage"]["prompt_tokens"] == SHORT
+    with urllib.request.urlopen(short_url + "/v1/models") as r:  # the limit a client can read beforehand
+        assert json.load(r)["data"][0]["max_model_len"] == SHORT
 
 
 def test_a_request_without_max_tokens_gets_the_default_cut_to_what_fits(short_url, model, folder):

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over one loaded model (`twotower serve`), on the standard library's
 `http.server`.
 
-    GET  /health, /v1/models, /metrics (Prometheus text: requests, tokens, batches, latency histograms, queue)
+    GET  /health, /v1/models (with max_model_len, as vLLM's), /metrics (Prometheus text: requests, tokens,
+         batches, latency histograms, queue)
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
@@ -1181,7 +1182,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._send(HTTPStatus.OK, "text/plain; version=0.0.4", engine.metrics().encode())
             else:
                 self._json(HTTPStatus.OK, {"object": "list", "data": [
-                    {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
+                    {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower",
+                     "max_model_len": engine.max_model_len}]})  # as vLLM's: how a client learns the context
 
         def _post(self, route: str) -> None:
             try:
