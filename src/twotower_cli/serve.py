@@ -945,8 +945,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             """How the request's body is framed (`_unread`): Content-Length bytes, or chunks (Transfer-Encoding:
             chunked, RFC 9112 §7.1). Framing the server cannot follow is a 400 (501: a transfer coding other
             than chunked), and the connection closes after it, since where the next request begins is unknown."""
-            coding, lengths = self.headers.get("Transfer-Encoding"), self.headers.get_all("Content-Length") or []
-            if coding is not None:
+            codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length") or []
+            if codings:
+                coding = ", ".join(codings)
                 if coding.strip().lower() != "chunked":
                     self._unknown_end()
                     raise BadRequest(f"the transfer coding {coding!r} is not supported: send the body as it is, "
@@ -1060,6 +1061,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's). What is
             left of the request's body is read first (`_settle`); `Connection: close` when the connection ends."""
             self._settle()
+            if engine.closing:  # the server stops: a client should not send its next request here
+                self.close_connection = True
             self.send_response(status)
             if status != HTTPStatus.NO_CONTENT:
                 self.send_header("Content-Type", content_type)
@@ -1097,7 +1100,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             socket reports a hang-up (POLLHUP, POLLERR) and writes fail. So at the end of stream the server sends,
             once, what the client must read past: in a stream an SSE comment, to an HTTP/1.1 client an interim
             100 (Continue), which every HTTP/1.1 client must skip (RFC 9110 §15.2); the client is gone when the
-            socket hangs up (polled again every GONE_POLL_SECONDS). An HTTP/1.0 client may be sent no interim
+            socket hangs up (polled again every GONE_POLL_SECONDS; one that half-closed and closes later is seen
+            at the next thing written to it: a stream's next event, else its answer). An HTTP/1.0 client may be sent no interim
             answer (§15.2), so its end of stream still counts as leaving: a half-closing HTTP/1.0 client must
             stream. poll, not select: a busy server's sockets have descriptors past select's FD_SETSIZE (1024),
             where select raises ValueError."""
