@@ -882,6 +882,8 @@ def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, mode
         for t in threads:
             t.join(60)
         ask("after", {"prompt": "abc", "max_tokens": 2})
+        status, headers, _ = ask_raw(base, "POST", "/v1/completions", body=b'{"prompt": "abc", "max_tokens": 2}')
+        assert status == 503 and headers["Connection"] == "close"  # a kept connection is not to be used again
     assert not engine.worker.is_alive() and engine.running == 0
     for name in ("running", "waiting", "after"):
         status, text = got[name]
