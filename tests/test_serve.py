@@ -383,7 +383,8 @@ def test_each_completion_is_logged_with_its_numbers(folder, model):
 
 def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
-        assert json.load(r)["data"][0]["id"] == "tiny-test"
+        model = json.load(r)["data"][0]
+    assert model["id"] == "tiny-test" and model["max_model_len"] == 4096  # as vLLM's: the context a client has
     with urllib.request.urlopen(url + "/health?probe=1") as r:
         assert json.load(r) == {"status": "ok"}
 
@@ -881,6 +882,8 @@ def test_close_answers_the_open_requests_and_ends_the_models_thread(folder, mode
         for t in threads:
             t.join(60)
         ask("after", {"prompt": "abc", "max_tokens": 2})
+        status, headers, _ = ask_raw(base, "POST", "/v1/completions", body=b'{"prompt": "abc", "max_tokens": 2}')
+        assert status == 503 and headers["Connection"] == "close"  # a kept connection is not to be used again
     assert not engine.worker.is_alive() and engine.running == 0
     for name in ("running", "waiting", "after"):
         status, text = got[name]
@@ -1397,9 +1400,9 @@ def test_head_is_the_get_without_its_body(url, path):
     got_status, got_headers, got_body = ask_raw(url, "GET", path)
     where = urllib.parse.urlsplit(url)
     with socket.create_connection((where.hostname, where.port), timeout=30) as s:
-        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         raw = b""
-        while chunk := s.recv(65536):  # the server closes the connection after its answer (HTTP/1.0)
+        while chunk := s.recv(65536):  # the server closes the connection after its answer (as asked)
             raw += chunk
     head, _, rest = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
@@ -1416,7 +1419,7 @@ def test_head_on_a_post_route_is_a_405_without_a_body(url):
 
     where = urllib.parse.urlsplit(url)
     with socket.create_connection((where.hostname, where.port), timeout=30) as s:
-        s.sendall(b"HEAD /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"HEAD /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         raw = b""
         while chunk := s.recv(65536):
             raw += chunk
@@ -1430,6 +1433,235 @@ def test_the_api_key_is_asked_before_a_method_is_judged(folder, model):
         assert ask_raw(base, "PUT", "/v1/completions")[0] == 401
         assert ask_raw(base, "PUT", "/v1/completions", headers={"Authorization": "Bearer s3cret"})[0] == 405
         assert ask_raw(base, "HEAD", "/health")[0] == 200
+        assert ask_raw(base, "OPTIONS", "*")[0] == 204  # the server's methods, like /health, need no key
+
+
+# ------------------------------------------------------------------------------------------- connections
+
+def connect(url):
+    """An http.client connection to the server (HTTP/1.1: it keeps the connection between requests)."""
+    import http.client
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    return http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+
+
+def raw_socket(url):
+    import socket
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(url)
+    return socket.create_connection((where.hostname, where.port), timeout=60)
+
+
+def read_all(s):
+    raw = b""
+    while chunk := s.recv(65536):
+        raw += chunk
+    return raw
+
+
+def parse_response(raw):
+    """(status, headers, body) of the answer in `raw` bytes, as http.client reads it (interim 1xx answers
+    skipped, chunks joined)."""
+    import http.client
+    import io
+
+    class Received:
+        def makefile(self, *args, **kwargs):
+            return io.BytesIO(raw)
+
+    r = http.client.HTTPResponse(Received())
+    r.begin()
+    return r.status, r.headers, r.read()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_error_reads_the_body_first_and_the_connection_serves_the_next_requests(url, model, folder, chunked):
+    """A 404 or 405 to a request with a body: the body is read (and dropped) before the answer, so the client,
+    which sends all of it before it reads, gets the error object rather than a broken pipe; and the connection
+    stays open (HTTP/1.1): a stream and a whole reply follow on the same socket. The body with a
+    Content-Length, or in chunks (which were not read at all: the request was a 400 'not a JSON object')."""
+    tok = Tokenizer(folder)
+    want = tok.decode(reference(model, tok.encode("hello there")).token_ids)
+    conn = connect(url)
+
+    def ask(method, path, body):
+        data = json.dumps(body).encode()
+        conn.request(method, path, body=iter([data[:7], data[7:]]) if chunked else data,
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.headers, r.read()
+
+    big = {"prompt": "x" * (4 << 20)}  # more than the sockets' buffers hold
+    status, headers, text = ask("POST", "/v1/nope", big)
+    assert status == 404 and json.loads(text)["error"]["message"] == "no route /v1/nope", text
+    sock = conn.sock
+    status, headers, text = ask("PUT", "/v1/completions", big)
+    assert status == 405 and headers["Allow"] == "POST, OPTIONS", text
+    status, headers, text = ask("POST", "/v1/completions", {"prompt": "hello there", "max_tokens": 12, "stream": True})
+    chunks, done = events(text.decode())
+    assert status == 200 and done and "".join(c["choices"][0]["text"] for c in chunks) == want
+    status, headers, text = ask("POST", "/v1/completions", {"prompt": "hello there", "max_tokens": 12})
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == want, text
+    assert conn.sock is sock and "Connection" not in headers  # one connection throughout
+    conn.close()
+
+
+def test_a_401_reads_the_body_first_and_keeps_the_connection(folder, model):
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine, api_key="s3cret") as base:
+        conn = connect(base)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "x" * (4 << 20)}).encode())
+        r = conn.getresponse()
+        assert r.status == 401 and json.loads(r.read())["error"]["code"] == "invalid_api_key"
+        sock = conn.sock
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "hi", "max_tokens": 2}).encode(),
+                     headers={"Authorization": "Bearer s3cret"})
+        r = conn.getresponse()
+        assert r.status == 200 and len(json.loads(r.read())["choices"]) == 1 and conn.sock is sock
+        conn.close()
+
+
+@pytest.mark.parametrize("path, status", [("/v1/completions", 413), ("/v1/nope", 404)])
+def test_a_body_too_large_to_read_still_gets_its_answer_and_the_connection_closes(url, monkeypatch, path, status):
+    """A body over MAX_BODY_BYTES is not read: the answer says `Connection: close`, and the server reads and
+    drops what the client still sends for a moment before it closes, so that a client that sends all of its
+    body before it reads (http.client) gets the answer rather than a broken pipe."""
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "MAX_BODY_BYTES", 1000)
+    conn = connect(url)
+    conn.request("POST", path, body=b"x" * (8 << 20), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == status and r.headers["Connection"] == "close", r.status
+    assert "error" in json.loads(r.read())
+    conn.close()
+
+
+def test_expect_100_continue_is_answered_when_the_body_is_wanted_and_a_refusal_comes_without_it(url, model, folder):
+    """`Expect: 100-continue` (curl sends it with bodies over 1 MiB): a 100 once the server reads the body,
+    then the answer (it was never sent: curl waits a second for it); a request refused on its headers is
+    answered at once, without the body, and its connection closes (the client may send the body or not)."""
+    tok = Tokenizer(folder)
+    body = json.dumps({"prompt": "hello there", "max_tokens": 12}).encode()
+    head = (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n")
+    with raw_socket(url) as s:
+        s.sendall(head % (b"/v1/completions", len(body)))
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += s.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        s.sendall(body)
+        status, _, text = parse_response(read_all(s))
+    assert status == 200 and json.loads(text)["choices"][0]["text"] == tok.decode(
+        reference(model, tok.encode("hello there")).token_ids)
+    with raw_socket(url) as s:
+        s.sendall(head % (b"/v1/nope", len(body)))
+        raw = read_all(s)
+    status, headers, text = parse_response(raw)
+    assert raw.startswith(b"HTTP/1.1 404") and headers["Connection"] == "close" and "error" in json.loads(text), raw
+
+
+def test_options_star_names_the_servers_methods_and_an_absolute_url_is_its_path(url):
+    """`OPTIONS *` asks about the server as a whole (RFC 9110 §9.3.7): a 204 with every method it takes (it was
+    a 404). A request target that is a whole URL (the absolute-form, RFC 9112 §3.2.2, as sent to a proxy) is
+    its path (it was a 404)."""
+    status, headers, body = ask_raw(url, "OPTIONS", "*")
+    assert status == 204 and body == b"", (status, body)
+    assert {m.strip() for m in headers["Allow"].split(",")} == {"GET", "HEAD", "POST", "OPTIONS"}
+    assert ask_raw(url, "GET", "*")[0] == 400
+    status, _, body = ask_raw(url, "GET", url + "/v1/models?x=1")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "tiny-test", body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(folder, model, monkeypatch, stream):
+    """A client that shuts its socket for writing once its request is sent (nc -N, some HTTP clients) still
+    reads: it was taken for gone, and its request cancelled without an answer. The server now sends what the
+    client must read past (an interim 100; in a stream an SSE comment) and takes it for gone only when that
+    brings back a reset (a client that closed: `test_a_client_that_leaves_before_its_answer_frees_the_model`).
+    The answer is the sampler's."""
+    import socket
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "GONE_POLL_SECONDS", 0.01)
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    body = json.dumps({"prompt": "hello there", "max_tokens": 12, "stream": stream}).encode()
+    with serving(engine) as base, raw_socket(base) as s:
+        with engine.lock:  # the request waits for the model, its client asked after again and again
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 30
+            while not engine.pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+        status, _, text = parse_response(read_all(s))  # the server closes once it reads the end of stream
+    want = tok.decode(reference(model, tok.encode("hello there")).token_ids)
+    assert status == 200, text
+    if stream:
+        chunks, done = events(text.decode())
+        assert done and "".join(c["choices"][0]["text"] for c in chunks) == want
+    else:
+        assert json.loads(text)["choices"][0]["text"] == want
+
+
+def test_idle_connections_close_after_a_while_and_when_the_server_closes(folder, model, monkeypatch):
+    """A connection kept open between requests is closed by the server after KEEP_ALIVE_SECONDS without one,
+    and at once by `server_close` (which does not wait for it as for a request being answered)."""
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "KEEP_ALIVE_SECONDS", 0.2)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    with serving(engine) as base:
+        conn = connect(base)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status": "ok"}'
+        assert conn.sock.recv(1) == b""  # the server closed it
+        conn.close()
+    monkeypatch.setattr(serve, "KEEP_ALIVE_SECONDS", 600)
+    server = serve.make_server(engine, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    conn = connect(serve.base_url(server))
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() == b'{"status": "ok"}'
+    server.shutdown()
+    server.server_close()
+    assert conn.sock.recv(1) == b"" and not any(t.is_alive() for t in server.handlers)
+    conn.close()
+    engine.close()
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"5\r\nabc", "malformed"),  # the chunk ends early: the client closes
+    (b"zz\r\nabc\r\n0\r\n\r\n", "malformed"),
+])
+def test_a_malformed_chunked_body_is_a_400_and_closes_the_connection(url, body, needle):
+    with raw_socket(url) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        if body.endswith(b"abc"):
+            import socket
+
+            s.shutdown(socket.SHUT_WR)
+        status, headers, text = parse_response(read_all(s))
+    assert status == 400 and needle in json.loads(text)["error"]["message"] and headers["Connection"] == "close"
+
+
+@pytest.mark.parametrize("headers, status, needle", [
+    ("Transfer-Encoding: gzip\r\n", 501, "transfer coding 'gzip' is not supported"),
+    ("Content-Length: 5\r\nContent-Length: 6\r\n", 400, "Content-Length headers that disagree"),
+])
+def test_a_body_whose_end_cannot_be_found_is_refused_and_closes_the_connection(url, headers, status, needle):
+    with raw_socket(url) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + headers.encode() + b"\r\n{}")
+        answer = parse_response(read_all(s))
+    assert answer[0] == status and needle in json.loads(answer[2])["error"]["message"], answer
+    assert answer[1]["Connection"] == "close"
 
 
 # ------------------------------------------------------------------------------------------- context length
@@ -1516,20 +1748,26 @@ def test_a_request_that_fills_the_context_exactly_is_answered(short_url, model, 
     assert len(ids) == SHORT
     scored = post(short_url, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
     assert scored[0] == 200 and json.loads(scored[1])["usage"]["prompt_tokens"] == SHORT
+    with urllib.request.urlopen(short_url + "/v1/models") as r:  # the limit a client can read beforehand
+        assert json.load(r)["data"][0]["max_model_len"] == SHORT
 
 
 def test_a_request_without_max_tokens_gets_the_default_cut_to_what_fits(short_url, model, folder):
     """No max_tokens: the server's default (20 here) where it fits, else what is left of the context, as vLLM
-    does, not a 400. Prompts of one request share it: the longest decides (n and echo do not change it)."""
+    does, not a 400. Each prompt of a request gets its own cut, as vLLM's: a short prompt beside a long one
+    keeps the default (all of them got the longest's cut); n and echo do not change it."""
     tok = Tokenizer(folder)
     short_prompt, long_prompt = "hi", "the quick brown fox jumps"  # room for 38 and for 15
     assert len(tok.encode(long_prompt)) == 25
     out = json.loads(post(short_url, "/v1/completions", {"prompt": [short_prompt, long_prompt], "n": 2,
                                                          "echo": True})[1])
-    want = [reference(model, tok.encode(p), replace_cfg(max_new_tokens=15)) for p in (short_prompt, long_prompt)]
+    want = [reference(model, tok.encode(p), replace_cfg(max_new_tokens=cut))
+            for p, cut in ((short_prompt, 20), (long_prompt, 15))]
     assert all(w.finish_reason == "length" for w in want)  # no end id first: the bound is what ends them
     assert [c["text"] for c in out["choices"]] == [p + tok.decode(w.token_ids) for p, w in
                                                    zip((short_prompt, long_prompt), want, strict=True) for _ in range(2)]
+    assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 4
+    assert out["usage"]["completion_tokens"] == 2 * 20 + 2 * 15
     alone = json.loads(post(short_url, "/v1/completions", {"prompt": short_prompt})[1])
     assert alone["usage"]["completion_tokens"] == 20  # the default, where it fits
     ids = chat_ids(folder, TALK)

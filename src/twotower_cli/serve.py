@@ -1,14 +1,22 @@
 """An OpenAI-compatible HTTP server over one loaded model (`twotower serve`), on the standard library's
 `http.server`.
 
-    GET  /health, /v1/models, /metrics (Prometheus text: requests, tokens, batches, latency histograms, queue)
+    GET  /health, /v1/models (with max_model_len, as vLLM's), /metrics (Prometheus text: requests, tokens,
+         batches, latency histograms, queue)
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
 HEAD on a GET route answers the GET's status and headers without the body; OPTIONS a 204 with the route's
-methods in `Allow`; any other method a route does not take a 405 with `Allow`, and a path the API does not
-have a 404, all as OpenAI error objects (so are http.server's own refusals: an unknown method's 501, a
-request line it cannot read).
+methods in `Allow` (`OPTIONS *`: the server's); any other method a route does not take a 405 with `Allow`,
+and a path the API does not have a 404, all as OpenAI error objects (so are http.server's own refusals: an
+unknown method's 501, a request line it cannot read). A request target may be a path or a whole URL.
+
+Connections are HTTP/1.1's: kept open between requests (for KEEP_ALIVE_SECONDS without one), a request body
+read by its Content-Length or in chunks, `Expect: 100-continue` answered when the body is wanted, a stream
+sent in chunks. An answer given before the body was read (an error) reads and drops the body first, so that
+a client still sending it reads the answer rather than a reset, and the connection goes on; a body over
+MAX_BODY_BYTES, or one whose end cannot be found, is not read, and the connection closes after the answer
+(`Connection: close`, and a moment of reading what still comes, for the same reason).
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
@@ -16,11 +24,12 @@ the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a 
 (presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
 of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
 
-A request's longest prompt and its max_tokens together may not exceed the model's context length,
+Each prompt of a request and its max_tokens together may not exceed the model's context length,
 `max_model_len` (`--max-model-len`; by default the checkpoint's `max_position_embeddings`, which transformers
-reads as 4096 where config.json has none): over it is a 400 (code `context_length_exceeded`, as OpenAI's),
-so that no client ties the model up with a request of 10^12 tokens. A request without max_tokens gets the
-server's default cut to what fits, as vLLM does.
+reads as 4096 where config.json has none): over it, for any of its prompts, is a 400 for the request (code
+`context_length_exceeded`, as OpenAI's and vLLM's), so that no client ties the model up with a request of
+10^12 tokens. A request without max_tokens gets the server's default cut to what fits beside each prompt
+(each row its own cut), as vLLM does.
 
 `logprobs` (chat: `logprobs: true` and `top_logprobs`; completions: `logprobs: k`) gives each returned
 token's log-probability and the k most likely tokens at its position: in `mask_diffusion` under the
@@ -84,8 +93,11 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+SERVER_METHODS = ("GET", "HEAD", "POST", "OPTIONS")  # what `OPTIONS *` answers
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
 CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
+KEEP_ALIVE_SECONDS = 75.0  # how long a connection may wait between requests (nginx's keepalive_timeout)
+LINGER_SECONDS = 2.0  # how long a connection closed with a request body unread reads and drops the rest
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -160,6 +172,7 @@ class Request:
     echo: bool = False  # completions: the prompt goes in front of the completion (and in the logprobs)
     score_only: bool = False  # echo with max_tokens 0: the prompt's logprobs, nothing sampled
     n: int = 1  # choices per prompt: `prompts` holds each prompt n times in a row
+    max_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: its own cut (`Engine._fit`)
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
 
 
@@ -302,9 +315,7 @@ class Engine:
             prompts = [prompt]
         else:
             prompts = _prompts(body, self.tokenizer, self.backend.vocab_size)
-        longest = max(len(p) for p in prompts)
         where = "the conversation" if chat else "the prompt" if len(prompts) == 1 else "the longest prompt"
-        prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
@@ -315,12 +326,17 @@ class Engine:
         completion = _number(body, "max_completion_tokens", int, None)
         max_tokens = _number(body, "max_tokens", int, None)  # the older name wins where both are given
         field, wanted = ("max_tokens", max_tokens) if max_tokens is not None else ("max_completion_tokens", completion)
-        wanted_tokens = self._fit(longest, wanted, field, where)
-        score_only = wanted_tokens == 0 and echo
-        if wanted_tokens == 0 and not echo:
+        # each prompt its own cut, as vLLM's get_max_tokens: the default cut to what fits beside that prompt,
+        # not beside the longest; longest first, so that a 400 (any row it cannot fit) names the longest
+        lengths = sorted({len(p) for p in prompts}, reverse=True)
+        cuts = {length: self._fit(length, wanted, field, where) for length in lengths}
+        score_only = wanted == 0 and echo
+        if wanted == 0 and not echo:
             raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"))
+        prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
+        rows_max = [1 if score_only else cuts[len(p)] for p in prompts]
         settings = replace(
-            d, max_new_tokens=1 if score_only else wanted_tokens,
+            d, max_new_tokens=max(rows_max),
             temperature=_number(body, "temperature", float, d.temperature),
             top_p=None if top_p == 1.0 else top_p, top_k=top_k if top_k is not None and top_k > 0 else None,
             mode=body.get("mode", d.mode), block_size=_number(body, "block_size", int, d.block_size),
@@ -341,12 +357,13 @@ class Engine:
             raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
-                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n)
+                       history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n,
+                       max_tokens=rows_max)
 
     def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
-        """The completion tokens of a request whose longest prompt is `prompt` tokens: `wanted` (its max_tokens),
-        refused when prompt and completion exceed `max_model_len`; None: the server's default, cut to what
-        fits."""
+        """The completion tokens of a prompt of `prompt` tokens: `wanted` (its request's max_tokens), refused
+        when prompt and completion exceed `max_model_len` (as OpenAI and vLLM refuse it: the whole request, for
+        any of its prompts); None: the server's default, cut to what fits beside this prompt."""
         if wanted is not None and wanted < 0:
             raise BadRequest(f"'{field}' {wanted} must be 0 or more")
         limit = self.max_model_len
@@ -634,13 +651,15 @@ class Engine:
         if not job.rows:
             job.t0 = time.perf_counter()
             self.latency["queue_seconds"].observe(job.t0 - job.ticket.queued)
-        prompts = req.prompts[len(job.rows):][:count or job.remaining]
+        first = len(job.rows)
+        prompts = req.prompts[first:][:count or job.remaining]
         one = reuse and len(req.prompts) == 1
         fed = self.backend.fed
         if one and fresh:
             start_from(self.backend, req.prompts[0], req.history)
-        job.add_rows(batch.add(prompts, req.settings.max_new_tokens, req.top_logprobs, reuse=one,
-                               history=req.history if one else None, settings=req.settings))
+        for prompt, cut in zip(prompts, req.max_tokens[first:first + len(prompts)], strict=True):  # each its own cut
+            job.add_rows(batch.add([prompt], cut, req.top_logprobs, reuse=one, history=req.history if one else None,
+                                   settings=req.settings))
         jobs.update(dict.fromkeys(job.rows, job))
         if reuse:
             batch.admit()
@@ -858,6 +877,57 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twotower"
+        protocol_version = "HTTP/1.1"  # persistent connections: a client's next request needs no new one
+
+        def setup(self) -> None:
+            super().setup()
+            self.idle = False  # waiting for the connection's next request (`server_close` ends such a wait)
+            self._linger = False
+            self.server.connections.add(self)
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                self.server.connections.discard(self)
+                if self._linger:
+                    self._linger_close()
+
+        def handle_one_request(self) -> None:
+            """The connection's next request, once it begins (`_next_request`), as http.server handles it."""
+            self._unread: int | str = 0  # request body not read yet: bytes, or "chunked"
+            self._continue = False  # the client waits for a 100 (Continue) before it sends its body
+            self._linger = False  # the connection closes with bytes unread: `_linger_close` reads them
+            self._probed = False  # `_gone` has sent something to learn whether the client is there
+            self._stream: bool | None = None  # an event stream's headers are sent: in chunks (True) or not
+            self.route = ""
+            if not self._next_request():
+                self.close_connection = True
+                return
+            super().handle_one_request()
+
+        def _next_request(self) -> bool:
+            """Whether the client begins another request: its first byte (or one in `rfile`'s buffer already),
+            waited for up to KEEP_ALIVE_SECONDS; not when it closes, goes quiet that long, or the server closes
+            (`server_close` shuts an idle connection, which ends the wait)."""
+            self.idle = True
+            try:
+                if self.server.stopping:
+                    return False
+                self.connection.settimeout(KEEP_ALIVE_SECONDS)
+                return bool(self.rfile.peek(1))
+            except OSError:  # the wait timed out, or the connection was reset or shut
+                return False
+            finally:
+                self.idle = False
+                with contextlib.suppress(OSError):
+                    self.connection.settimeout(None)
+
+        def handle_expect_100(self) -> bool:
+            """`Expect: 100-continue`: the 100 goes out when the body is read (`_read_body`), so that a request
+            refused on its headers (401, 404, 405, 413) is answered without its body being sent first."""
+            self._continue = True
+            return True
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
             if log is not None:
@@ -866,16 +936,141 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
         def _report(self, r: Result) -> None:
             if log is not None:
                 shared = f" · batch of {r.batch} requests" if r.batch > 1 else ""
-                log(f"{self.path.partition('?')[0]} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
+                log(f"{self.route} · prompt {r.prompt_tokens} tok ({r.cached_tokens} cached) · {r.completion_tokens} tok "
                     f"· NFE {r.nfe} · {r.completion_tokens / max(r.seconds, 1e-9):.1f} tok/s · {r.seconds:.2f} s{shared}")
 
-        def _send(self, status: int, content_type: str, data: bytes, headers: dict[str, str] | None = None) -> None:
-            """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's)."""
+        # ------------------------------------------------------------------------------ the request's body
+
+        def _framing(self) -> None:
+            """How the request's body is framed (`_unread`): Content-Length bytes, or chunks (Transfer-Encoding:
+            chunked, RFC 9112 §7.1). Framing the server cannot follow is a 400 (501: a transfer coding other
+            than chunked), and the connection closes after it, since where the next request begins is unknown."""
+            codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length") or []
+            if codings:
+                coding = ", ".join(codings)
+                if coding.strip().lower() != "chunked":
+                    self._unknown_end()
+                    raise BadRequest(f"the transfer coding {coding!r} is not supported: send the body as it is, "
+                                     "with a Content-Length, or chunked", HTTPStatus.NOT_IMPLEMENTED)
+                if self.request_version < "HTTP/1.1":  # chunks are HTTP/1.1's (RFC 9112 §6.1)
+                    self._unknown_end()
+                    raise BadRequest("an HTTP/1.0 request cannot be sent in chunks: give a Content-Length")
+                self._unread = "chunked"
+                if lengths:  # framed by the chunks; a message with both closes its connection (RFC 9112 §6.3)
+                    self.close_connection = True
+                return
+            for length in lengths:  # -1 would read until the client closes; '²' is a digit to str.isdigit
+                if not (length.strip().isascii() and length.strip().isdigit()):
+                    self._unknown_end()
+                    raise BadRequest(f"the Content-Length header {length!r} is not a number of bytes")
+            if len({int(length) for length in lengths}) > 1:
+                self._unknown_end()
+                raise BadRequest(f"the request has Content-Length headers that disagree: {', '.join(lengths)}")
+            self._unread = int(lengths[0]) if lengths else 0
+
+        def _unknown_end(self) -> None:
+            """The request's end cannot be found: nothing more is read as a request; the connection closes
+            after the answer, reading what still comes for a moment first (`_linger_close`)."""
+            self._unread, self.close_connection, self._linger = 0, True, True
+
+        def _read_body(self) -> bytes:
+            """The request's body, MAX_BODY_BYTES at most (else a 413), after the 100 (Continue) its client
+            waits for when it sent `Expect: 100-continue`."""
+            if self._unread != "chunked" and self._unread > MAX_BODY_BYTES:
+                raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
+                                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            if self._continue:
+                self._continue = False
+                self.send_response_only(HTTPStatus.CONTINUE)
+                self.end_headers()
+            if self._unread == "chunked":
+                body = self._chunks(MAX_BODY_BYTES)
+                if body is None:
+                    self._unknown_end()
+                    raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
+                                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                return body
+            body, self._unread = self.rfile.read(self._unread), 0
+            return body
+
+        def _chunks(self, limit: int) -> bytes | None:
+            """A chunked body (RFC 9112 §7.1: hex size and extensions, data, CRLF; a 0 size; trailers, dropped),
+            read to its end; None once it is past `limit` bytes (then the rest is left unread)."""
+            body = bytearray()
+            self._unread = 0
+            while True:
+                line = self.rfile.readline(4096)
+                size = line.split(b";", 1)[0].strip()
+                if not line.endswith(b"\n") or not size or size.strip(b"0123456789abcdefABCDEF"):
+                    self._unknown_end()
+                    raise BadRequest("the chunked request body is malformed")
+                size = int(size, 16)
+                if size == 0:
+                    break
+                if len(body) + size > limit:
+                    return None
+                data = self.rfile.read(size)
+                body += data
+                if len(data) < size or self.rfile.readline(4096) not in (b"\r\n", b"\n"):
+                    self._unknown_end()
+                    raise BadRequest("the chunked request body is malformed")
+            while self.rfile.readline(65537).strip():  # trailer fields, up to the empty line
+                pass
+            return bytes(body)
+
+        def _settle(self) -> None:
+            """Before an answer to a request whose body was not read (an error; a GET sent with a body): read it
+            and drop it, so that the client, which may be sending it still, reads the answer rather than a reset
+            (closing a socket with bytes unread resets the connection), and the connection takes the next
+            request. A body over MAX_BODY_BYTES, or one its client has not sent (it waits for a 100), is not
+            waited for: the connection closes after the answer (`_linger_close`)."""
+            if not self._unread:
+                return
+            if self._continue or (self._unread != "chunked" and self._unread > MAX_BODY_BYTES):
+                self._unknown_end()
+                return
+            try:
+                if self._unread == "chunked":
+                    if self._chunks(MAX_BODY_BYTES) is None:
+                        self._unknown_end()
+                    return
+                left, self._unread = self._unread, 0
+                while left and (piece := self.rfile.read(min(left, 1 << 16))):
+                    left -= len(piece)
+            except BadRequest:
+                pass  # a malformed chunk: the connection closes (`_unknown_end`), the answer stands
+
+        def _linger_close(self) -> None:
+            """Closing a connection whose client may still be sending (what `_settle` did not read): say so
+            (shutdown for writing, after the answer), then read and drop what comes until the client closes or
+            LINGER_SECONDS pass, so that the answer is read before the socket closes (a close with bytes unread
+            sends a reset, which can reach the client before it has read its answer)."""
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + LINGER_SECONDS
+                while (left := deadline - time.monotonic()) > 0:
+                    self.connection.settimeout(left)
+                    if not self.connection.recv(1 << 16):
+                        break
+            except OSError:
+                pass
+
+        # ------------------------------------------------------------------------------ answers
+
+        def _send(self, status: int, content_type: str | None, data: bytes, headers: dict[str, str] | None = None) -> None:
+            """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's). What is
+            left of the request's body is read first (`_settle`); `Connection: close` when the connection ends."""
+            self._settle()
+            if engine.closing:  # the server stops: a client should not send its next request here
+                self.close_connection = True
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
+            if status != HTTPStatus.NO_CONTENT:
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
@@ -891,24 +1086,47 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """http.server's own refusals (a method it has no handler for, a request line or headers it cannot
-            read) as the API's error objects, not its HTML page."""
+            read) as the API's error objects, not its HTML page; the connection closes after them."""
             message = message or self.responses.get(code, ("error",))[0]
             self.log_error("code %d, message %s", code, message)
-            self.close_connection = True
-            self._error(code, message, {"Connection": "close"})
+            self._unknown_end()
+            self._error(code, message)
 
         def _gone(self) -> bool:
-            """Whether the client has closed its connection: after its request it sends nothing, so a socket
-            that reads as ready holds the end of the stream (or an error). poll, not select: a busy server's
-            sockets have descriptors past select's FD_SETSIZE (1024), where select raises ValueError."""
+            """Whether the client has left, asked while its request waits for the model. It sends nothing after
+            its request, so a socket that reads as ready holds its end of stream: the client closed, or only
+            half-closed (shutdown for writing, as `nc -N` does) and still reads. The two are the same FIN to TCP
+            until the server sends something: a closed client's system answers it with a reset, after which the
+            socket reports a hang-up (POLLHUP, POLLERR) and writes fail. So at the end of stream the server sends,
+            once, what the client must read past: in a stream an SSE comment, to an HTTP/1.1 client an interim
+            100 (Continue), which every HTTP/1.1 client must skip (RFC 9110 §15.2); the client is gone when the
+            socket hangs up (polled again every GONE_POLL_SECONDS; one that half-closed and closes later is seen
+            at the next thing written to it: a stream's next event, else its answer). An HTTP/1.0 client may be sent no interim
+            answer (§15.2), so its end of stream still counts as leaving: a half-closing HTTP/1.0 client must
+            stream. poll, not select: a busy server's sockets have descriptors past select's FD_SETSIZE (1024),
+            where select raises ValueError."""
             try:
                 if hasattr(select, "poll"):
                     poller = select.poll()
                     poller.register(self.connection, select.POLLIN)
                     ready = poller.poll(0)
+                    if ready and ready[0][1] & (select.POLLHUP | select.POLLERR):
+                        return True
                 else:  # Windows: no poll, and no FD_SETSIZE limit on descriptor numbers there
                     ready, _, _ = select.select([self.connection], [], [], 0)
-                return bool(ready) and not self.connection.recv(1, socket.MSG_PEEK)
+                if not ready or self.connection.recv(1, socket.MSG_PEEK):
+                    return False  # nothing, or bytes (a next request sent early): the client is there
+                if self._probed:
+                    return False  # sent something, and no hang-up came back: a half-close
+                if self._stream is not None:
+                    self._write(b": keep-alive\n\n")  # a comment: event stream readers skip it
+                elif self.request_version >= "HTTP/1.1":
+                    self.send_response_only(HTTPStatus.CONTINUE)
+                    self.end_headers()
+                else:
+                    return True
+                self._probed = True
+                return False
             except OSError:
                 return True
 
@@ -925,9 +1143,24 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
         def _dispatch(self) -> None:
             """Every method: the route's own (HEAD: a GET route's answer without its body), OPTIONS (a 204 with
-            the methods the route takes), a 405 with `Allow` for any other, a 404 for a path the API lacks."""
-            route = self.path.partition("?")[0]
-            if route != "/health" and not self._allowed():
+            the methods the route takes; `OPTIONS *`: those of the server), a 405 with `Allow` for any other, a
+            404 for a path the API lacks. The target may be a path or an absolute URL (RFC 9112 §3.2)."""
+            try:
+                self._framing()
+            except BadRequest as e:
+                self._error(e.status, e.message, code=e.code)
+                return
+            target = self.path
+            if target.lower().startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
+                target = "/" + target.split("://", 1)[1].partition("/")[2]
+            self.route = route = target.partition("?")[0]
+            if route not in ("/health", "*") and not self._allowed():
+                return
+            if route == "*":  # the asterisk-form: the server as a whole, for OPTIONS only (RFC 9110 §9.3.7)
+                if self.command == "OPTIONS":
+                    self._send(HTTPStatus.NO_CONTENT, None, b"", {"Allow": ", ".join(SERVER_METHODS)})
+                else:
+                    self._error(HTTPStatus.BAD_REQUEST, f"the request target * is for OPTIONS, not {self.command}")
                 return
             method = ROUTES.get(route)
             if method is None:
@@ -935,9 +1168,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return
             allowed = (method, "HEAD", "OPTIONS") if method == "GET" else (method, "OPTIONS")
             if self.command == "OPTIONS":
-                self.send_response(HTTPStatus.NO_CONTENT)
-                self.send_header("Allow", ", ".join(allowed))
-                self.end_headers()
+                self._send(HTTPStatus.NO_CONTENT, None, b"", {"Allow": ", ".join(allowed)})
             elif self.command not in allowed:
                 self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {route}: use {method}",
                             {"Allow": ", ".join(allowed)})
@@ -955,46 +1186,53 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._send(HTTPStatus.OK, "text/plain; version=0.0.4", engine.metrics().encode())
             else:
                 self._json(HTTPStatus.OK, {"object": "list", "data": [
-                    {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower"}]})
+                    {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower",
+                     "max_model_len": engine.max_model_len}]})  # as vLLM's: how a client learns the context
 
         def _post(self, route: str) -> None:
             try:
-                length = self.headers.get("Content-Length") or "0"
-                if not (length.isascii() and length.isdigit()):  # -1 would read until the client closes; '²' is a digit
-                    raise BadRequest(f"the Content-Length header {length!r} is not a number of bytes")
-                length = int(length)
-                if length > MAX_BODY_BYTES:
-                    raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
-                                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
                 try:
-                    body = json.loads(self.rfile.read(length) or b"null")
+                    body = json.loads(self._read_body() or b"null")
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the request body is not valid JSON") from None
                 req = engine.parse(body, chat=route == "/v1/chat/completions")
                 engine.check_room()
                 rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
                 if req.stream:
-                    self._stream(req, rid)
+                    self._events(req, rid)
                 else:
                     result = [r for r in engine.run(req, self._gone) if isinstance(r, Result)][-1]
                     self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
                     self._report(result)
             except BadRequest as e:
                 self._error(e.status, e.message, code=e.code)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away; the sampler was closed with the stream
+            except ConnectionError:  # the client went away; the sampler was closed with the stream
+                self.close_connection = True
             except Exception as e:  # noqa: BLE001 — a failed request must not take the server down
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+                if self._stream is not None:  # the stream's headers are out: no other answer can follow
+                    self.close_connection = True
+                else:
+                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
 
-        def _stream(self, req: Request, rid: str) -> None:
+        def _write(self, data: bytes) -> None:
+            """Bytes of the event stream: a chunk each (HTTP/1.1), or as they are (HTTP/1.0: the stream ends
+            with the connection)."""
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._stream else data)
+
+        def _events(self, req: Request, rid: str) -> None:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            self._stream = self.request_version >= "HTTP/1.1"
+            if self._stream:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+                self.send_header("Connection", "close")
             self.end_headers()
 
             def send(obj) -> None:
-                self.wfile.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
-                self.wfile.flush()
+                self._write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
 
             if req.chat:
                 for i in range(len(req.prompts)):  # each choice's first chunk names its role
@@ -1013,19 +1251,23 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                             if req.include_usage:
                                 send({**_chunk(engine, req, rid, 0, None, None), "choices": [], "usage": _usage(item)})
                             self._report(item)
-            except (BrokenPipeError, ConnectionResetError):
+            except ConnectionError:
                 raise
             except BadRequest as e:  # the server shutting down: the error a request not yet answered gets
                 send(_error_body(e.status, e.message, e.code))
             except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream
                 send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}"))
             send("[DONE]")
+            if self._stream:
+                self.wfile.write(b"0\r\n\r\n")  # the last chunk
 
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address: ::1, ::
 
         def __init__(self, *args, **kwargs):
             self.handlers: list[threading.Thread] = []  # the request threads, the live ones at least
+            self.connections: set[Handler] = set()  # the open connections' handlers
+            self.stopping = False  # `server_close` was called: no connection waits for another request
             super().__init__(*args, **kwargs)
 
         def process_request(self, request, client_address) -> None:
@@ -1037,11 +1279,17 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             thread.start()
 
         def server_close(self) -> None:
-            """Stop listening, then wait up to CLOSE_SECONDS for the requests being handled to end: at Ctrl-C or
-            SIGTERM `serve` closes the engine first, which answers every open request with a 503, and their
-            threads write it before the process exits (as daemon threads they would be cut off mid-answer).
-            A client that does not finish its request is not waited for longer."""
+            """Stop listening, end the connections that wait for a next request, then wait up to CLOSE_SECONDS
+            for the requests being handled to end: at Ctrl-C or SIGTERM `serve` closes the engine first, which
+            answers every open request with a 503, and their threads write it before the process exits (as
+            daemon threads they would be cut off mid-answer). A client that does not finish its request is not
+            waited for longer."""
             super().server_close()
+            self.stopping = True
+            for handler in list(self.connections):
+                if handler.idle:
+                    with contextlib.suppress(OSError):
+                        handler.connection.shutdown(socket.SHUT_RDWR)
             deadline = time.monotonic() + CLOSE_SECONDS
             for thread in self.handlers:
                 thread.join(max(deadline - time.monotonic(), 0))
@@ -1049,7 +1297,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
         def handle_error(self, request, client_address) -> None:
             """A client that left before its answer (an error, or `Engine.close`'s 503, written to a closed
             socket) is no error of the server's: no traceback on its stderr."""
-            if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            if isinstance(sys.exc_info()[1], ConnectionError):
                 return
             super().handle_error(request, client_address)
 
