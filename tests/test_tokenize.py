@@ -162,7 +162,9 @@ def ordinary_text(n_lines: int, seed: int = 0) -> str:
 def variant_tokenizer(tmp_path, kind: str) -> Tokenizer:
     """The tiny tokenizer, with merges across line breaks ("ĊĊ", "ĠĊ", ".Ċ" as new entries) and a pre-tokenizer
     of the Llama-3 / GPT-4 kind (runs of newlines, and punctuation with the newlines after it, are one piece),
-    or that prefixes a space to a text (`add_prefix_space`), or with a BOS and an EOS around each text."""
+    or that prefixes a space to a text (`add_prefix_space`), or with a BOS and an EOS around each text, or whose
+    normalizer puts a space before every text (`Prepend`, as "▁" in Llama-2-era tokenizers): no cut at a line end
+    nor before a space ever passes for that one (checked where it is used)."""
     import json
 
     spec = json.loads((resolve("tiny") / "tokenizer.json").read_text())
@@ -178,6 +180,8 @@ def variant_tokenizer(tmp_path, kind: str) -> Tokenizer:
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     elif kind == "prefix-space":
         spec["pre_tokenizer"]["add_prefix_space"] = True
+    elif kind == "prepend":
+        spec["normalizer"] = {"type": "Prepend", "prepend": " "}
     elif kind == "bos-eos":
         spec["post_processor"] = {"type": "TemplateProcessing", "single": [
             {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
@@ -212,6 +216,69 @@ def test_text_read_in_pieces_gives_the_ids_of_the_whole(tmp_path, monkeypatch, k
     streamed = sum(parts, [])
     first = next((i for i, (a, b) in enumerate(zip(streamed, whole, strict=False)) if a != b), None)
     assert streamed == whole, (len(streamed), len(whole), first)
+
+
+def streamed_with_work(tok: Tokenizer, text: str, piece: int) -> tuple[list[int], int, int]:
+    """`tok.encode_stream` of `text` read `piece` characters at a time: the ids, the pieces encoded (one list of
+    ids each, beside the empty affixes), and the work its search for cuts did, in characters: those of the texts
+    handed to `Tokenizer._cut` (searched) and to the tokenizer (encoded), the pieces themselves included."""
+    import io
+
+    work = [0]
+    real_cut, real_encode, real_batch = Tokenizer._cut, Tokenizer.encode, Tokenizer.encode_batch
+
+    def cut(self, text, *args, **kwargs):
+        work[0] += len(text)
+        return real_cut(self, text, *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        work[0] += len(text)
+        return real_encode(self, text, *args, **kwargs)
+
+    def encode_batch(self, texts, *args, **kwargs):
+        work[0] += sum(map(len, texts))
+        return real_batch(self, texts, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Tokenizer, "_cut", cut)
+        m.setattr(Tokenizer, "encode", encode)
+        m.setattr(Tokenizer, "encode_batch", encode_batch)
+        parts = list(tok.encode_stream(io.StringIO(text, newline=""), piece_chars=piece, batch=1))
+    return sum(parts, []), sum(1 for p in parts if p), work[0]
+
+
+@pytest.mark.parametrize("kind", ["prepend", "no-cut-stretch"])
+def test_text_that_cannot_be_cut_is_searched_in_linear_work(tmp_path, kind):
+    """A text that no cut can be found in for many pieces — every text, for a tokenizer whose normalizer puts a
+    space before each text (each piece would start with one the whole has once), or, with the tiny tokenizer, a
+    stretch without a line end or a space amid ordinary lines — still gives `encode` of the whole text, and the
+    search does work in proportion to the text: 4 times the text, about 4 times the characters searched and
+    encoded (it was ~16 times: each read was appended to the text held and the whole held text searched again)."""
+    tok = variant_tokenizer(tmp_path, "prepend") if kind == "prepend" else Tokenizer(resolve("tiny"))
+
+    def text(n):
+        if kind == "prepend":
+            return ordinary_text(n, seed=n)
+        return ordinary_text(n // 2, seed=n) + "日本語の文章。" * (12 * n) + ordinary_text(n // 2, seed=n + 1)
+
+    piece, runs = 64, {}
+    for n in (100, 400):
+        t = text(n)
+        whole = tok.encode(t)
+        ids, pieces, work = streamed_with_work(tok, t, piece)
+        assert ids == whole, (n, len(ids), len(whole))
+        runs[n] = len(t), pieces, work
+    (small, pieces_small, work_small), (large, pieces_large, work_large) = runs[100], runs[400]
+    assert large > 3.5 * small > 100 * piece  # many pieces long
+    if kind == "prepend":  # no cut passes anywhere: one piece, the whole text (checked on a line end and a space)
+        t = "The king said hello.\nThe queen said nothing."
+        for cut in (t.index("\n") + 1, t.index(" said")):
+            assert tok.encode(t, False) != tok.encode(t[:cut], False) + tok.encode(t[cut:], False)
+        assert pieces_small == pieces_large == 1
+    else:  # cut before the stretch and after it
+        assert pieces_small > 10 and pieces_large > 40
+    ratio = (work_large / large) / (work_small / small)
+    assert ratio < 1.3, (work_small, small, work_large, large, ratio)
 
 
 def test_tokenize_reads_text_in_bounded_pieces(tmp_path, monkeypatch):

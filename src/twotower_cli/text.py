@@ -68,17 +68,19 @@ class Tokenizer:
     def encode_stream(self, f: TextIO, piece_chars: int = 1 << 18, batch: int = 16) -> Iterator[list[int]]:
         """`encode(f.read())` in consecutive lists of ids, reading `f` a piece of `piece_chars` characters at
         a time and encoding `batch` pieces together (`encode_batch`: all cores), so that at most about
-        (batch + 1) · piece_chars characters of the text are held at once, whatever its length. Nothing for
-        an empty text.
+        (batch + 1) · piece_chars characters of the text are held at once, whatever its length, where cuts
+        pass (below). Nothing for an empty text.
 
         A piece ends where cutting the text changes no token: at the end of a line (else before a space)
         where a window of text around the cut encodes to the ids of its two sides encoded apart
         (`_cuts_cleanly`). That check is local, as what a tokenizer does across a cut is: two newlines
         merged into one vocabulary entry, punctuation and the newlines after it kept as one pre-token, a
         space prefixed to the first word of a text all fail it (tested). Where no cut passes within a
-        piece, the next piece is read onto it and the search repeats. The post-processor's special tokens
-        (a BOS, an EOS) are added once around the whole text; a post-processor that does more than wrap a
-        text in fixed tokens makes the text be read and encoded whole."""
+        piece, the next read is held with it and searched in turn (each read is searched once): text is
+        held until a cut passes, the whole text if none does (as for a tokenizer whose normalizer puts a
+        string before every text), with work linear in its length (tested). The post-processor's special
+        tokens (a BOS, an EOS) are added once around the whole text; a post-processor that does more than
+        wrap a text in fixed tokens makes the text be read and encoded whole."""
         affixes = self._affixes
         if affixes is None:
             if text := f.read():
@@ -102,29 +104,40 @@ class Tokenizer:
 
     def _pieces(self, f: TextIO, piece_chars: int) -> Iterator[str]:
         """The text of `f` in consecutive pieces of about `piece_chars` characters that encode apart to what
-        the whole encodes to (`encode_stream`)."""
+        the whole encodes to (`encode_stream`). The reads since the last cut are held as read and joined
+        once, at the next cut; each read is searched once, with the characters around it that a check
+        needs: the work is linear in the text's length even where no cut is ever found."""
         overlap = max(1, min(_CUT_WINDOW, piece_chars // 4))
-        text = ""
+        held: list[str] = []  # the text read since the last cut
+        size = 0  # its length
+        tail = ""  # its end: the last read and up to 2 · overlap characters before it
         while chunk := f.read(piece_chars):
-            text += chunk
-            if cut := self._cut(text, overlap):
-                yield text[:cut]
-                text = text[cut:]
-        if text:
-            yield text
+            held.append(chunk)
+            size += len(chunk)
+            tail = tail[-2 * overlap:] + chunk
+            # cuts up to `overlap` characters before the previous read's end were searched then
+            if cut := self._cut(tail, overlap, len(tail) - len(chunk) - overlap):
+                cut += size - len(tail)
+                text = "".join(held)
+                piece, rest = text[:cut], text[cut:]
+                del text
+                held, size, tail = [rest], len(rest), rest[-2 * overlap:]
+                yield piece
+        if held:
+            yield "".join(held)
 
-    def _cut(self, text: str, overlap: int) -> int:
-        """The last place near the end of `text`, with at least `overlap` characters after it, where it can be
-        cut without changing a token: after a newline, else before a space; 0 if none of the last
-        `_CUT_TRIES` of each passes."""
-        end = len(text) - overlap
+    def _cut(self, text: str, overlap: int, searched: int = 0) -> int:
+        """The last place past `searched` (and 0) in `text`, with at least `overlap` characters after it, where
+        it can be cut without changing a token: after a newline, else before a space; 0 if none of the
+        last `_CUT_TRIES` of each passes."""
+        first, end = max(searched, 0) + 1, len(text) - overlap
         for sep, after in (("\n", 1), (" ", 0)):
-            limit = end
+            limit = end + 1 - after
             for _ in range(_CUT_TRIES):
-                i = text.rfind(sep, 0, limit)
+                i = text.rfind(sep, first - after, limit)
                 if i < 0:
                     break
-                if i + after > 0 and self._cuts_cleanly(text, i + after, overlap):
+                if self._cuts_cleanly(text, i + after, overlap):
                     return i + after
                 limit = i
         return 0
