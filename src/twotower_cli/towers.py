@@ -403,7 +403,13 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
     itself runs nothing, so `replay` is called once before returning: net, `fn` ran once. The capture runs on
     that side stream too, one of `device`'s: `torch.cuda.graph`'s own is one stream per process, made on the
     device current at its first capture, so with the towers on two GPUs the other device's steps would be
-    captured on a stream of the wrong device (their kernels run outside the capture)."""
+    captured on a stream of the wrong device (their kernels run outside the capture).
+
+    A capture that fails raises what `fn` raised (the operation that is not capture-safe), with the caller's
+    stream current again. (`torch.cuda.graph` ends the capture before it restores the stream; after an
+    operation that is not capture-safe, ending it raises too, "operation failed due to a previous error
+    during capture": that error replaced `fn`'s, and the capture stream stayed current for the eager run
+    that follows.)"""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -413,8 +419,19 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
         if after_warmup is not None:
             after_warmup()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            out = fn()
+        raised: list[BaseException] = []
+        with torch.cuda.stream(side):  # restores the caller's stream however the capture ends
+            try:
+                with torch.cuda.graph(graph, stream=side):
+                    try:
+                        out = fn()
+                    except BaseException as e:
+                        raised.append(e)
+                        raise
+            except BaseException as e:
+                if raised and e is not raised[0]:
+                    raise raised[0] from None
+                raise
         graph.replay()
     return graph.replay, out
 
