@@ -60,7 +60,7 @@ from twotower_cli.batching import Continuous, run_in_order
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import moe
 from twotower_cli.ops import kernels
-from twotower_cli.towers import TowerBackend, TwoTower
+from twotower_cli.towers import TowerBackend, TwoTower, capture_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,7 +221,8 @@ def graph_ceiling(fn, replays: int = 20) -> tuple[float, float]:
     once in a torch.cuda.CUDAGraph and replayed, ms per call (median of `replays`, each synchronised). A
     measurement, not a sampling path: the replays repeat the captured step over the same cache (the Mamba
     states in it advance, the K/V length stays that of the capture), right for timing, wrong for sampling.
-    Capture raises at the first operation that is not capture-safe (a host sync, a host-to-device copy)."""
+    Capture raises at the first operation that is not capture-safe (a host sync, a host-to-device copy), with
+    that operation's error (`towers.capture_graph`, the backend's own capture)."""
     side = torch.cuda.Stream()  # warm on a side stream, as capture wants (autotuning, lazy caches)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -230,11 +231,8 @@ def graph_ceiling(fn, replays: int = 20) -> tuple[float, float]:
     torch.cuda.current_stream().wait_stream(side)
     dev = torch.device("cuda", torch.cuda.current_device())
     eager = statistics.median(timed(fn, dev, replays))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    replayed = statistics.median(timed(graph.replay, dev, replays))
+    replay, _ = capture_graph(fn, dev)
+    replayed = statistics.median(timed(replay, dev, replays))
     return eager * 1e3, replayed * 1e3
 
 
