@@ -42,7 +42,9 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import math
+import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -415,11 +417,56 @@ def run_tests(timeout: float, workers: int) -> None:
         cmd += ["-n", str(workers)]
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
+    # In a process group of its own: at the timeout the whole group is stopped, pytest's xdist workers and
+    # the torchrun of the FSDP test too. Killing pytest alone left them running on the GPU (the workers until
+    # they notice, a torchrun until its job ends) beside the sections timed after this one.
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     try:
-        status = f"exit {subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode}"
+        status = f"exit {proc.wait(timeout=timeout)}"
     except subprocess.TimeoutExpired:
+        stop_group(proc)
         status = f"TIMED OUT after {timeout:.0f} s (--test-timeout)"
+    except BaseException:  # Ctrl-C: the tests go too
+        stop_group(proc)
+        raise
     print(f"({status}, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """End the process group that `proc` leads: SIGTERM (torchrun's agent then stops its ranks), up to `grace`
+    seconds for its processes to go, then SIGKILL for any left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline and group_alive(proc):
+            time.sleep(0.1)
+        if not group_alive(proc):
+            break
+    proc.wait()
+
+
+def group_alive(proc: subprocess.Popen) -> bool:
+    """Whether a process of `proc`'s group is still running (the leader is reaped here; on Linux, zombies
+    whose parent has not reaped them do not count)."""
+    proc.poll()
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    if not Path("/proc/self/stat").exists():
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -1316,6 +1318,41 @@ def test_gpu_check_script_runs_on_cpu():
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here
     chat = next(ln for ln in out.splitlines() if ln.startswith("chat, prompt phase"))
     assert chat.endswith("identical replies 3/3"), chat  # fp32 on CPU: the kept state changes nothing
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_gpu_check_tests_that_time_out_take_their_child_processes_with_them(tmp_path, monkeypatch, capsys):
+    """Section 1 of scripts/gpu_check.py at its --test-timeout: pytest goes, and so do the processes it started
+    (xdist workers, the FSDP test's torchrun), which otherwise ran on beside the sections timed after it. A
+    stand-in for `python -m pytest ...` that starts a child and waits; after the timeout neither runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    pids = tmp_path / "pids"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 120 &\necho $! > {pids}\nwait\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+    child = None
+    try:
+        gpu_check.run_tests(timeout=1.0, workers=0)
+        child = int(pids.read_text())
+        assert "TIMED OUT after 1 s" in capsys.readouterr().out
+        assert not _running(child)
+    finally:
+        if child is not None and _running(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_sdpa_backends_leave_out_cudnn_on_cuda_only():
