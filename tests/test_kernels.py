@@ -1359,6 +1359,30 @@ def test_gpu_check_tests_that_time_out_take_their_child_processes_with_them(tmp_
             os.kill(child, signal.SIGKILL)
 
 
+def test_gpu_check_graph_rows_say_where_the_tokens_part(monkeypatch):
+    """scripts/gpu_check.py's --cuda-graphs line compares the greedy tokens of the eager and graphed runs; in
+    bf16 on a GPU they may part after some tokens (another attention kernel over the buffers, near-tie
+    choices of random weights), so a difference says after how many equal tokens, not only that it differs."""
+    import importlib.util
+
+    from twotower_cli import sampler as S
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    backend = SimpleNamespace(graphs=False, captures=2)
+    eager, graphed = list(range(10, 26)), list(range(10, 21)) + [99] * 5  # part after 11 of 16
+
+    def run(b, prompts, sc, warm, device):
+        tokens = (graphed if b.graphs and sc.mode == "ar" else eager)[:sc.max_new_tokens]
+        return S.Finished([S.Generation(prompts[0], tokens, "length", len(tokens))], len(tokens), 1.0, sc.mode)
+
+    monkeypatch.setattr(gpu_check, "warm_then_run", run)
+    line = gpu_check.cuda_graph_rows(backend, [[5, 6]], 16, 16, torch.device("cpu"))
+    assert line.count("tokens equal") == 2 and "ar 16.0 → 16.0 tok/s (1.00×, tokens DIFFER after the first 11 of 16)" in line
+
+
 def test_sdpa_backends_leave_out_cudnn_on_cuda_only():
     """On CUDA the towers' SDPA calls run with cuDNN attention disabled (it builds a graph per new key length:
     a build every decode step on an H100 with torch 2.11), flash / memory-efficient / math allowed; off CUDA
