@@ -265,16 +265,35 @@ def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, block
     return {"prefill_tok_s": L / t_prefill, "decode_tok_s": decode / t_decode, "block_ms": t_block * 1e3}
 
 
-def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.SamplingConfig, turns: int = 3,
-               new: int = 32) -> str:
+class SyncedSteps:
+    """`backend` with each context step waited for on `device` (`sync`): the sampler's first event, which
+    benchmarks/chat.py's `timed_turn` times as the prompt phase, then comes after the prompt has been read,
+    not only after its kernels were launched (a GPU runs them asynchronously, and nothing in the sampler
+    waits for them before that event)."""
+
+    def __init__(self, backend, device: torch.device):
+        self._inner, self._device = backend, device
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._inner.extend(ids, attention_mask)
+        sync(self._device)
+        return out
+
+
+def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.SamplingConfig, device: torch.device,
+               turns: int = 3, new: int = 32) -> str:
     """`twotower chat`'s prompt phase for `turns` turns (each prompt: the last one, its reply and `new` more
     ids): the conversation read again (a fresh state) vs the state kept (`chat.PrefixReuse`), and how many
-    replies came out identical (in bf16 a chunked prefill and shorter extends round differently)."""
+    replies came out identical (in bf16 a chunked prefill and shorter extends round differently). Context
+    steps are waited for (`SyncedSteps`), so the times are the prompt's reading on `device`."""
     import chat as chat_bench  # benchmarks/chat.py
 
     from twotower_cli.chat import PrefixReuse
 
-    kept, reread = PrefixReuse(backend), TowerBackend(model)
+    kept, reread = SyncedSteps(PrefixReuse(backend), device), SyncedSteps(TowerBackend(model), device)
     gen = torch.Generator().manual_seed(1)
     parts, same = [], 0
     for _ in range(turns):
@@ -653,7 +672,7 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
               flush=True)
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
-              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]), flush=True)
+              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1], device), flush=True)
     for title, measure, show in (
             ("host syncs per step (CUDA sync debug mode)", host_syncs, str),
             (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {pattern} estimates them "

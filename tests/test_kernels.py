@@ -1383,6 +1383,48 @@ def test_gpu_check_graph_rows_say_where_the_tokens_part(monkeypatch):
     assert line.count("tokens equal") == 2 and "ar 16.0 → 16.0 tok/s (1.00×, tokens DIFFER after the first 11 of 16)" in line
 
 
+def test_gpu_check_chat_turns_time_the_prompt_read_not_its_launch(tmp_path, monkeypatch):
+    """scripts/gpu_check.py's chat line times each turn's prompt phase up to the sampler's first event
+    (benchmarks/chat.py `timed_turn`). Nothing before that event waits for the GPU, so it timed the launch of
+    the prefill's kernels (read again or kept: about the same), not the prefill: each context step is now
+    waited for on the device, before the first event of every turn."""
+    import importlib.util
+
+    from tests.twotower_helpers import write_random_twotower
+
+    from twotower_cli import sampler as S
+    from twotower_cli.towers import TowerBackend, load_model
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", root / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    model = load_model(write_random_twotower(tmp_path / "tt"), need_denoiser=True).twotower
+    log = []
+    real_extend, real_generate = TowerBackend.extend, S.generate
+
+    def extend(self, *args, **kwargs):
+        log.append("extend")
+        return real_extend(self, *args, **kwargs)
+
+    def generate(*args, **kwargs):
+        log.append("turn")
+        for ev in real_generate(*args, **kwargs):
+            log.append("event")
+            yield ev
+
+    monkeypatch.setattr(TowerBackend, "extend", extend)
+    monkeypatch.setattr(S, "generate", generate)
+    monkeypatch.setattr(gpu_check, "sync", lambda device: log.append("sync"))
+    cfg = S.SamplingConfig(mode="mask_diffusion", block_size=4, steps=4, policy="topk", max_new_tokens=4)
+    line = gpu_check.chat_turns(TowerBackend(model), model, [5, 9, 14, 7, 21], cfg, torch.device("cpu"), turns=2,
+                                new=3)
+    assert line.endswith("identical replies 2/2"), line
+    turns = " ".join(log).split("turn")[1:]
+    assert len(turns) == 4 and all(t.split("event")[0].split() == ["extend", "sync"] for t in turns), log
+
+
 def test_sdpa_backends_leave_out_cudnn_on_cuda_only():
     """On CUDA the towers' SDPA calls run with cuDNN attention disabled (it builds a graph per new key length:
     a build every decode step on an H100 with torch 2.11), flash / memory-efficient / math allowed; off CUDA
