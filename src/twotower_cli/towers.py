@@ -256,7 +256,8 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
             model = TwoTower(cfg)
         place = tower_device_map(ctx_dev, den_dev)
         if check_memory:
-            check_room(load_bytes(model, ckpt, dtype, place), dtype, two_devices=ctx_dev != den_dev, whole=True)
+            check_room(load_bytes(model, ckpt, dtype, place), dtype,
+                       two_devices=physical_device(ctx_dev) != physical_device(den_dev), whole=True)
         report = load_state(model, ckpt, dtype=dtype, device=place)
         model.place(ctx_dev, den_dev).eval()  # a no-op: every tensor was read onto its tower's device
         return LoadedModel(cfg, ckpt.folder, model, None, list(report.dropped))
@@ -307,13 +308,23 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
+def physical_device(device: torch.device) -> torch.device:
+    """`device` with its index: `cuda` is the current GPU (where tensors made on `cuda` go)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_room(need: dict[torch.device, int], dtype: torch.dtype | None, two_devices: bool, whole: bool) -> None:
     """One error, before any reading, when a device lacks room for its part of the model: a load past the
     free memory ends with the OOM killer (no message) or a CUDA out-of-memory halfway. `TWOTOWER_SKIP_MEMORY_CHECK=1`
     skips it."""
     if os.environ.get("TWOTOWER_SKIP_MEMORY_CHECK") == "1":
         return
-    for dev, n in need.items():
+    merged: dict[torch.device, int] = {}
+    for dev, n in need.items():  # `cuda` and `cuda:0` (--device cuda --denoiser-device cuda:0) are one GPU
+        merged[physical_device(dev)] = merged.get(physical_device(dev), 0) + n
+    for dev, n in merged.items():
         free = free_bytes(dev)
         if free is None or n <= free:
             continue
