@@ -42,7 +42,9 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import math
+import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +62,7 @@ from twotower_cli.batching import Continuous, run_in_order
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import moe
 from twotower_cli.ops import kernels
-from twotower_cli.towers import TowerBackend, TwoTower
+from twotower_cli.towers import TowerBackend, TwoTower, capture_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,7 +223,8 @@ def graph_ceiling(fn, replays: int = 20) -> tuple[float, float]:
     once in a torch.cuda.CUDAGraph and replayed, ms per call (median of `replays`, each synchronised). A
     measurement, not a sampling path: the replays repeat the captured step over the same cache (the Mamba
     states in it advance, the K/V length stays that of the capture), right for timing, wrong for sampling.
-    Capture raises at the first operation that is not capture-safe (a host sync, a host-to-device copy)."""
+    Capture raises at the first operation that is not capture-safe (a host sync, a host-to-device copy), with
+    that operation's error (`towers.capture_graph`, the backend's own capture)."""
     side = torch.cuda.Stream()  # warm on a side stream, as capture wants (autotuning, lazy caches)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -230,11 +233,8 @@ def graph_ceiling(fn, replays: int = 20) -> tuple[float, float]:
     torch.cuda.current_stream().wait_stream(side)
     dev = torch.device("cuda", torch.cuda.current_device())
     eager = statistics.median(timed(fn, dev, replays))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    replayed = statistics.median(timed(graph.replay, dev, replays))
+    replay, _ = capture_graph(fn, dev)
+    replayed = statistics.median(timed(replay, dev, replays))
     return eager * 1e3, replayed * 1e3
 
 
@@ -265,16 +265,35 @@ def measure_path(backend: TowerBackend, prompt: torch.Tensor, decode: int, block
     return {"prefill_tok_s": L / t_prefill, "decode_tok_s": decode / t_decode, "block_ms": t_block * 1e3}
 
 
-def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.SamplingConfig, turns: int = 3,
-               new: int = 32) -> str:
+class SyncedSteps:
+    """`backend` with each context step waited for on `device` (`sync`): the sampler's first event, which
+    benchmarks/chat.py's `timed_turn` times as the prompt phase, then comes after the prompt has been read,
+    not only after its kernels were launched (a GPU runs them asynchronously, and nothing in the sampler
+    waits for them before that event)."""
+
+    def __init__(self, backend, device: torch.device):
+        self._inner, self._device = backend, device
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def extend(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._inner.extend(ids, attention_mask)
+        sync(self._device)
+        return out
+
+
+def chat_turns(backend: TowerBackend, model: TwoTower, ids: list[int], cfg: S.SamplingConfig, device: torch.device,
+               turns: int = 3, new: int = 32) -> str:
     """`twotower chat`'s prompt phase for `turns` turns (each prompt: the last one, its reply and `new` more
     ids): the conversation read again (a fresh state) vs the state kept (`chat.PrefixReuse`), and how many
-    replies came out identical (in bf16 a chunked prefill and shorter extends round differently)."""
+    replies came out identical (in bf16 a chunked prefill and shorter extends round differently). Context
+    steps are waited for (`SyncedSteps`), so the times are the prompt's reading on `device`."""
     import chat as chat_bench  # benchmarks/chat.py
 
     from twotower_cli.chat import PrefixReuse
 
-    kept, reread = PrefixReuse(backend), TowerBackend(model)
+    kept, reread = SyncedSteps(PrefixReuse(backend), device), SyncedSteps(TowerBackend(model), device)
     gen = torch.Generator().manual_seed(1)
     parts, same = [], 0
     for _ in range(turns):
@@ -367,7 +386,10 @@ def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_n
     """`--cuda-graphs` (`TowerBackend.graphs`): mask_diffusion at 4 and 8 fixed steps per block and ar, eager
     vs replayed from CUDA graphs over the fixed-size key/value buffers (the denoiser's steps, the block
     commits and the decode steps; the warm-up run captures them, the timed run replays); tok/s from one run
-    each after a warm-up, and whether the tokens agree."""
+    each after a warm-up, and whether the tokens agree (else how many first ones do: in bf16 the steps over
+    the buffers attend over every column with a mask, another SDPA kernel than the eager step's, and random
+    weights' greedy choices are near-ties, so the two can part after some tokens; the `gpu` tests compare
+    the logits themselves)."""
     parts = []
     for steps in (4, 8, 0):
         sc = (S.SamplingConfig(mode="mask_diffusion", block_size=block, steps=steps, policy="topk",
@@ -379,8 +401,10 @@ def cuda_graph_rows(backend: TowerBackend, ids: list[list[int]], block: int, n_n
             got[graphs] = (fin.new_tokens / fin.wall_seconds, fin.generations[0].token_ids)
         backend.graphs = False
         (eager, t0), (graphed, t1) = got[False], got[True]
+        same = next((i for i, (a, b) in enumerate(zip(t0, t1, strict=False)) if a != b), min(len(t0), len(t1)))
         parts.append(f"{f'{steps} steps' if steps else 'ar'} {eager:.1f} → {graphed:.1f} tok/s "
-                     f"({graphed / eager:.2f}×, tokens {'equal' if t0 == t1 else 'DIFFER'})")
+                     f"({graphed / eager:.2f}×, tokens "
+                     + ("equal)" if t0 == t1 else f"DIFFER after the first {same} of {len(t0)})"))
     return (f"cuda graphs, mask_diffusion and ar, eager → --cuda-graphs ({backend.captures} captures): "
             + ", ".join(parts))
 
@@ -417,11 +441,56 @@ def run_tests(timeout: float, workers: int) -> None:
         cmd += ["-n", str(workers)]
     print(f"$ {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
+    # In a process group of its own: at the timeout the whole group is stopped, pytest's xdist workers and
+    # the torchrun of the FSDP test too. Killing pytest alone left them running on the GPU (the workers until
+    # they notice, a torchrun until its job ends) beside the sections timed after this one.
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     try:
-        status = f"exit {subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode}"
+        status = f"exit {proc.wait(timeout=timeout)}"
     except subprocess.TimeoutExpired:
+        stop_group(proc)
         status = f"TIMED OUT after {timeout:.0f} s (--test-timeout)"
+    except BaseException:  # Ctrl-C: the tests go too
+        stop_group(proc)
+        raise
     print(f"({status}, {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """End the process group that `proc` leads: SIGTERM (torchrun's agent then stops its ranks), up to `grace`
+    seconds for its processes to go, then SIGKILL for any left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline and group_alive(proc):
+            time.sleep(0.1)
+        if not group_alive(proc):
+            break
+    proc.wait()
+
+
+def group_alive(proc: subprocess.Popen) -> bool:
+    """Whether a process of `proc`'s group is still running (the leader is reaped here; on Linux, zombies
+    whose parent has not reaped them do not count)."""
+    proc.poll()
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    if not Path("/proc/self/stat").exists():
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def main() -> None:
@@ -603,7 +672,7 @@ def sampling(backend: TowerBackend, model: TwoTower, prompt: torch.Tensor, ids: 
               flush=True)
     with kernels.force(**best):
         print("chat, prompt phase ms re-read → kept (benchmarks/chat.py): "
-              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1]), flush=True)
+              + chat_turns(backend, model, prompt[0].tolist(), rows[1][1], device), flush=True)
     for title, measure, show in (
             ("host syncs per step (CUDA sync debug mode)", host_syncs, str),
             (f"GPU activities per step (profiler; benchmarks/dispatch.py --pattern {pattern} estimates them "

@@ -678,3 +678,60 @@ def test_only_decode_steps_and_commits_of_a_block_width_are_captured(model, capt
     assert g.captures == 0
     step(3)
     assert g.captures == 1
+
+
+def test_a_capture_that_fails_raises_its_cause_with_the_callers_stream_current(monkeypatch):
+    """`capture_graph` through torch's own `torch.cuda.graph` over a model of CUDA streams and stream capture:
+    an operation that is not capture-safe (a host read) raises inside the capture and invalidates it, and
+    ending an invalidated capture raises too (cudaErrorStreamCaptureInvalidated). torch.cuda.graph ends the
+    capture before it restores the stream, so that second error replaced the first (the warning of
+    `TowerBackend._no_graphs` named no operation) and the capture stream stayed current for the eager run
+    that follows. Now the step's own error comes out and the caller's stream is current again; a capture
+    that works is unchanged."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    default = Stream()
+    state = {"current": default, "capturing": False, "invalid": False}
+
+    class StreamContext:  # torch.cuda.stream (torch.cuda.graph enters and exits its own by hand)
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            self.before, state["current"] = state["current"], self.stream
+
+        def __exit__(self, *exc):
+            state["current"] = self.before
+
+    class Graph:  # torch.cuda.CUDAGraph
+        def capture_begin(self, *pool, **options):
+            state["capturing"], state["invalid"] = True, False
+
+        def capture_end(self):
+            state["capturing"] = False
+            if state["invalid"]:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        def replay(self):
+            pass
+
+    def step_with_a_host_read():
+        if state["capturing"]:
+            state["invalid"] = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return torch.zeros(1)
+
+    cuda = torch.cuda
+    for name, value in (("device", lambda d: contextlib.nullcontext()), ("stream", StreamContext),
+                        ("Stream", Stream), ("current_stream", lambda device=None: state["current"]),
+                        ("CUDAGraph", Graph), ("synchronize", lambda device=None: None),
+                        ("empty_cache", lambda: None)):
+        monkeypatch.setattr(cuda, name, value)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        towers.capture_graph(step_with_a_host_read, torch.device("cuda", 0))
+    assert state["current"] is default
+    replay, out = towers.capture_graph(lambda: torch.ones(2), torch.device("cuda", 0))
+    assert state["current"] is default and torch.equal(out, torch.ones(2)) and replay is not None

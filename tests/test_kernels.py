@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -1198,11 +1200,13 @@ def test_gpu_stacked_caches_give_each_row_its_own_logits(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", SDPA_CASES)
-def test_gpu_sdpa_equals_explicit(case, dtype):
+def test_gpu_sdpa_equals_explicit(case, dtype, monkeypatch):
     """Nano's attention sizes (32 query heads on 2 key/value heads × 128): every way the towers call attention,
     the SDPA path against the explicit one in the same dtype, forward and (the training block mask)
-    backward. On CUDA only the fused backends are allowed: a call that would fall to SDPA's math backend
-    raises."""
+    backward. On CUDA only the towers' fused backends are allowed (flash, memory-efficient: `sdpa_backends`
+    without its last resort): a call that would fall to SDPA's math backend raises. (Restricting them
+    around the call is not enough: `Attention._attend` enters `sdpa_backends` itself, whose choice replaces
+    the caller's, math included.)"""
     cfg = build_tiny_config("*", num_attention_heads=32, num_key_value_heads=2, head_dim=128, hidden_size=512)
     att = _attention(cfg).to(DEV, dtype)
     L, past, causal, mask = sdpa_case(case, cfg)
@@ -1210,15 +1214,17 @@ def test_gpu_sdpa_equals_explicit(case, dtype):
     mask = None if mask is None else mask.to(DEV)
     x = randn(2, L, 512, seed=1).to(DEV, dtype)
     grad = case == "train_block"
-    fused = contextlib.nullcontext()
     if DEV == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        fused = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                             SDPBackend.CUDNN_ATTENTION])
+
+        from twotower_cli.model import attention
+
+        monkeypatch.setattr(attention, "sdpa_backends", lambda device: sdpa_kernel(
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]))
     outs = []
-    for sdpa, backends in ((False, contextlib.nullcontext()), (True, fused)):
+    for sdpa in (False, True):
         xi = x.clone().requires_grad_(grad)
-        with kernels.force(sdpa=sdpa), backends:
+        with kernels.force(sdpa=sdpa):
             out = att(xi, past, causal=causal, mask=mask)[0]
             if grad:
                 out.float().square().mean().backward()
@@ -1316,6 +1322,107 @@ def test_gpu_check_script_runs_on_cpu():
     assert "FAILED" not in out, out  # a section that raised is reported and skipped, which must not pass here
     chat = next(ln for ln in out.splitlines() if ln.startswith("chat, prompt phase"))
     assert chat.endswith("identical replies 3/3"), chat  # fp32 on CPU: the kept state changes nothing
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_gpu_check_tests_that_time_out_take_their_child_processes_with_them(tmp_path, monkeypatch, capsys):
+    """Section 1 of scripts/gpu_check.py at its --test-timeout: pytest goes, and so do the processes it started
+    (xdist workers, the FSDP test's torchrun), which otherwise ran on beside the sections timed after it. A
+    stand-in for `python -m pytest ...` that starts a child and waits; after the timeout neither runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    pids = tmp_path / "pids"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nsleep 120 &\necho $! > {pids}\nwait\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check.sys, "executable", str(fake))
+    child = None
+    try:
+        gpu_check.run_tests(timeout=1.0, workers=0)
+        child = int(pids.read_text())
+        assert "TIMED OUT after 1 s" in capsys.readouterr().out
+        assert not _running(child)
+    finally:
+        if child is not None and _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_gpu_check_graph_rows_say_where_the_tokens_part(monkeypatch):
+    """scripts/gpu_check.py's --cuda-graphs line compares the greedy tokens of the eager and graphed runs; in
+    bf16 on a GPU they may part after some tokens (another attention kernel over the buffers, near-tie
+    choices of random weights), so a difference says after how many equal tokens, not only that it differs."""
+    import importlib.util
+
+    from twotower_cli import sampler as S
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test",
+                                                  Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    backend = SimpleNamespace(graphs=False, captures=2)
+    eager, graphed = list(range(10, 26)), list(range(10, 21)) + [99] * 5  # part after 11 of 16
+
+    def run(b, prompts, sc, warm, device):
+        tokens = (graphed if b.graphs and sc.mode == "ar" else eager)[:sc.max_new_tokens]
+        return S.Finished([S.Generation(prompts[0], tokens, "length", len(tokens))], len(tokens), 1.0, sc.mode)
+
+    monkeypatch.setattr(gpu_check, "warm_then_run", run)
+    line = gpu_check.cuda_graph_rows(backend, [[5, 6]], 16, 16, torch.device("cpu"))
+    assert line.count("tokens equal") == 2 and "ar 16.0 → 16.0 tok/s (1.00×, tokens DIFFER after the first 11 of 16)" in line
+
+
+def test_gpu_check_chat_turns_time_the_prompt_read_not_its_launch(tmp_path, monkeypatch):
+    """scripts/gpu_check.py's chat line times each turn's prompt phase up to the sampler's first event
+    (benchmarks/chat.py `timed_turn`). Nothing before that event waits for the GPU, so it timed the launch of
+    the prefill's kernels (read again or kept: about the same), not the prefill: each context step is now
+    waited for on the device, before the first event of every turn."""
+    import importlib.util
+
+    from tests.twotower_helpers import write_random_twotower
+
+    from twotower_cli import sampler as S
+    from twotower_cli.towers import TowerBackend, load_model
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", root / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    model = load_model(write_random_twotower(tmp_path / "tt"), need_denoiser=True).twotower
+    log = []
+    real_extend, real_generate = TowerBackend.extend, S.generate
+
+    def extend(self, *args, **kwargs):
+        log.append("extend")
+        return real_extend(self, *args, **kwargs)
+
+    def generate(*args, **kwargs):
+        log.append("turn")
+        for ev in real_generate(*args, **kwargs):
+            log.append("event")
+            yield ev
+
+    monkeypatch.setattr(TowerBackend, "extend", extend)
+    monkeypatch.setattr(S, "generate", generate)
+    monkeypatch.setattr(gpu_check, "sync", lambda device: log.append("sync"))
+    cfg = S.SamplingConfig(mode="mask_diffusion", block_size=4, steps=4, policy="topk", max_new_tokens=4)
+    line = gpu_check.chat_turns(TowerBackend(model), model, [5, 9, 14, 7, 21], cfg, torch.device("cpu"), turns=2,
+                                new=3)
+    assert line.endswith("identical replies 2/2"), line
+    turns = " ".join(log).split("turn")[1:]
+    assert len(turns) == 4 and all(t.split("event")[0].split() == ["extend", "sync"] for t in turns), log
 
 
 def test_sdpa_backends_leave_out_cudnn_on_cuda_only():

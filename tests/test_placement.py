@@ -164,3 +164,31 @@ def test_a_model_larger_than_the_free_memory_is_one_error_before_loading(twotowe
     monkeypatch.setenv("TWOTOWER_SKIP_MEMORY_CHECK", "1")
     r = CliRunner().invoke(get_app(), args)
     assert r.exit_code == 0, r.output
+
+
+def test_one_gpu_named_two_ways_is_one_device_to_the_memory_check(twotower_folder, monkeypatch):
+    """`--device cuda --denoiser-device cuda:0` (or `--context-device cuda:0` beside the default `cuda`) puts
+    both towers on one GPU under two names: the check adds them up (each tower fits alone, both do not),
+    and load_model calls it one device (so the hint offers one tower per device). Two GPUs stay two."""
+    from twotower_cli import towers
+    from twotower_cli.errors import TwoTowerError
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(towers, "free_bytes", lambda device: 10 * 2**30)
+    one, two = torch.device("cuda"), torch.device("cuda", 0)
+    with pytest.raises(TwoTowerError, match="12.0 GiB on cuda:0 and 10.0 GiB is free there"):
+        towers.check_room({one: 6 * 2**30, two: 6 * 2**30}, torch.bfloat16, two_devices=False, whole=True)
+    towers.check_room({two: 6 * 2**30, torch.device("cuda", 1): 6 * 2**30}, torch.bfloat16, two_devices=True,
+                      whole=True)
+
+    seen = {}
+
+    def check(need, dtype, two_devices, whole):
+        seen.update(need=need, two_devices=two_devices)
+        raise RuntimeError("checked")
+
+    monkeypatch.setattr(towers, "check_room", check)
+    with pytest.raises(RuntimeError, match="checked"):
+        load_model(twotower_folder, need_denoiser=True, dtype=torch.bfloat16, context_device="cuda",
+                   denoiser_device="cuda:0", check_memory=True)
+    assert seen["two_devices"] is False and set(seen["need"]) == {one, two}

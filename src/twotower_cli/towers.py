@@ -256,7 +256,8 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
             model = TwoTower(cfg)
         place = tower_device_map(ctx_dev, den_dev)
         if check_memory:
-            check_room(load_bytes(model, ckpt, dtype, place), dtype, two_devices=ctx_dev != den_dev, whole=True)
+            check_room(load_bytes(model, ckpt, dtype, place), dtype,
+                       two_devices=physical_device(ctx_dev) != physical_device(den_dev), whole=True)
         report = load_state(model, ckpt, dtype=dtype, device=place)
         model.place(ctx_dev, den_dev).eval()  # a no-op: every tensor was read onto its tower's device
         return LoadedModel(cfg, ckpt.folder, model, None, list(report.dropped))
@@ -307,13 +308,23 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
+def physical_device(device: torch.device) -> torch.device:
+    """`device` with its index: `cuda` is the current GPU (where tensors made on `cuda` go)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def check_room(need: dict[torch.device, int], dtype: torch.dtype | None, two_devices: bool, whole: bool) -> None:
     """One error, before any reading, when a device lacks room for its part of the model: a load past the
     free memory ends with the OOM killer (no message) or a CUDA out-of-memory halfway. `TWOTOWER_SKIP_MEMORY_CHECK=1`
     skips it."""
     if os.environ.get("TWOTOWER_SKIP_MEMORY_CHECK") == "1":
         return
-    for dev, n in need.items():
+    merged: dict[torch.device, int] = {}
+    for dev, n in need.items():  # `cuda` and `cuda:0` (--device cuda --denoiser-device cuda:0) are one GPU
+        merged[physical_device(dev)] = merged.get(physical_device(dev), 0) + n
+    for dev, n in merged.items():
         free = free_bytes(dev)
         if free is None or n <= free:
             continue
@@ -403,7 +414,13 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
     itself runs nothing, so `replay` is called once before returning: net, `fn` ran once. The capture runs on
     that side stream too, one of `device`'s: `torch.cuda.graph`'s own is one stream per process, made on the
     device current at its first capture, so with the towers on two GPUs the other device's steps would be
-    captured on a stream of the wrong device (their kernels run outside the capture)."""
+    captured on a stream of the wrong device (their kernels run outside the capture).
+
+    A capture that fails raises what `fn` raised (the operation that is not capture-safe), with the caller's
+    stream current again. (`torch.cuda.graph` ends the capture before it restores the stream; after an
+    operation that is not capture-safe, ending it raises too, "operation failed due to a previous error
+    during capture": that error replaced `fn`'s, and the capture stream stayed current for the eager run
+    that follows.)"""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -413,8 +430,19 @@ def capture_graph(fn, device: torch.device, after_warmup=None):
         if after_warmup is not None:
             after_warmup()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            out = fn()
+        raised: list[BaseException] = []
+        with torch.cuda.stream(side):  # restores the caller's stream however the capture ends
+            try:
+                with torch.cuda.graph(graph, stream=side):
+                    try:
+                        out = fn()
+                    except BaseException as e:
+                        raised.append(e)
+                        raise
+            except BaseException as e:
+                if raised and e is not raised[0]:
+                    raise raised[0] from None
+                raise
         graph.replay()
     return graph.replay, out
 
