@@ -30,6 +30,10 @@ def pick_device(device: str | None) -> torch.device:
         raise TwoTowerError(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TwoTowerError(f"device {device} asked for but CUDA is not available", "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
+        gpus = f"{count} GPU{'s' * (count != 1)}"
+        raise TwoTowerError(f"device {device} asked for but this machine has {gpus}",
+                            "use --device cuda (cuda:0)" if count == 1 else f"use cuda:0 to cuda:{count - 1}")
     return dev
 
 
