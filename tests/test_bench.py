@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
+from tests.twotower_helpers import random_base, reshard, tiny_cfg, write_base, write_twotower
 from typer.testing import CliRunner
 
 from twotower_cli.bench import run_bench
@@ -98,6 +98,9 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
                                        "--block", "4", "--steps", "9"])
     assert r.exit_code == 0, r.output
     assert [x["mode"] for x in json.loads(r.stdout)["rows"]] == ["ar"]
+    # ... but they change nothing there: one Warning line each (they were ignored in silence)
+    assert [ln.split(":")[1] for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [" --block", " --steps"]
+    assert "a plain NemotronH checkpoint: bench times ar only" in r.stderr, r.stderr
 
 
 def test_bench_bad_thresholds(folder):
@@ -129,3 +132,23 @@ def test_bench_prompt_file_that_is_not_utf8_is_one_error_line(folder, tmp_path):
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(bad)])
     assert r.exit_code == 1 and r.stderr.startswith(f"Error: prompt file {bad} is not UTF-8 text"), r.output
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_max_new_tokens_zero_hints_at_benchs_own_default(folder):
+    """-n 0 said "(hint: try 128)", generate's default, where bench's is 64."""
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "-n", "0"])
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: max-new-tokens 0 must be at least 1 (hint: try 64)", r.output
+
+
+def test_bench_names_a_missing_shard(folder, tmp_path):
+    """A TwoTower whose denoiser shard is gone was benched as a plain NemotronH checkpoint (its denoiser
+    tensors unseen), then refused for 'tensor(s) missing'; now one Error line naming the shard."""
+    from twotower_cli.checkpoint import open_checkpoint
+
+    sharded = reshard(folder, tmp_path / "sharded")
+    shard = open_checkpoint(sharded).tensors["denoiser_tower.embeddings.weight"].file
+    (sharded / shard).unlink()
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(sharded), "-n", "4", "--repeat", "1"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: checkpoint at {sharded} is incomplete: shard {shard} named in the index is missing (hint: "
+        "re-download the checkpoint, or re-run the `twotower split` that wrote it)"), r.output

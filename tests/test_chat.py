@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_twotower
+from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -363,3 +363,35 @@ def test_cli_chat_arg_the_command_sets_is_one_error_line(chat_folder, command, a
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert lines[0].startswith(f"Error: --chat-arg cannot set {arg.split('=')[0]}") and "bug" not in lines[0]
+
+
+def test_cli_chat_max_new_tokens_zero_hints_at_chats_own_default(folder):
+    """-n 0 said "(hint: try 128)", generate's default, where chat's is 256."""
+    r = invoke("--model", str(folder), "-n", "0", input="hi\n")
+    assert r.exit_code == 1 and r.stderr.strip() == "Error: max-new-tokens 0 must be at least 1 (hint: try 256)", r.output
+
+
+def test_cli_chat_warns_of_options_its_mode_does_not_read(folder):
+    """As generate: --block/--threshold in ar (and --threshold under --policy topk) were ignored in silence;
+    one Warning line each, and the same replies as without them."""
+    common = ("--model", str(folder), "-n", "6", "--no-live")
+    plain = invoke(*common, "--mode", "ar", input="hi\n")
+    r = invoke(*common, "--mode", "ar", "--block", "8", "--threshold", "0.5", input="hi\n")
+    assert r.exit_code == 0 and r.stdout == plain.stdout, r.output
+    assert [ln.split(":")[1] for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [" --block", " --threshold"]
+    r = invoke(*common, "--policy", "topk", "--threshold", "0.5", input="hi\n")
+    assert r.exit_code == 0 and [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [
+        "Warning: --threshold: no effect with --policy topk (hint: leave it out, or use --policy threshold)"], r.output
+    assert "Warning" not in plain.stderr
+
+
+def test_cli_chat_names_a_missing_shard(folder, tmp_path):
+    from twotower_cli.checkpoint import open_checkpoint
+
+    sharded = reshard(folder, tmp_path / "sharded")
+    shard = open_checkpoint(sharded).tensors["context_tower.embeddings.weight"].file
+    (sharded / shard).unlink()
+    r = invoke("--model", str(sharded), "-n", "4", input="hi\n")
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: checkpoint at {sharded} is incomplete: shard {shard} named in the index is missing (hint: "
+        "re-download the checkpoint, or re-run the `twotower split` that wrote it)"), r.output

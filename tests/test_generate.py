@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, random_base, tiny_cfg, write_base, write_twotower
+from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_base, write_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -280,7 +280,9 @@ def test_cli_block_larger_than_trained_warns_once_and_samples(trained_like, tmp_
     for args in (("--block", "4"), ("--block", "2"), ("--block", "8", "--mode", "ar"),
                  ("--block", "8", "--mode", "mock_ar")):
         r = invoke("hello", "--model", str(trained_like), "-n", "4", "--json", *args)
-        assert r.exit_code == 0 and "Warning" not in r.stderr, (args, r.output)
+        assert r.exit_code == 0 and "larger than" not in r.stderr, (args, r.output)
+        # ar and mock_ar: only that --block changes nothing (test_cli_options_the_mode_does_not_read_warn_once_each)
+        assert ("Warning" in r.stderr) == ("--mode" in args), (args, r.output)
     nvidia = _with_block_size(trained_like, tmp_path / "nv", None)
     r = invoke("hello", "--model", str(nvidia), "--block", "32", "-n", "4", "--json")
     assert r.exit_code == 0 and "trained with (16, NVIDIA's release)" in r.stderr, r.output
@@ -292,7 +294,7 @@ BAD = [
     (["hi", "--block", "4", "--steps", "5"], "steps"),
     (["hi", "--threshold", "0"], "threshold"),
     (["hi", "--threshold", "1.2"], "threshold"),
-    (["hi", "-n", "0"], "max-new-tokens"),
+    (["hi", "-n", "0"], "max-new-tokens 0 must be at least 1 (hint: try 128)"),  # generate's default
     (["hi", "--mask-token-id", "4000"], "outside the vocabulary"),
     (["hi", "--stop", "4000"], "stop id [4000] is outside the vocabulary"),
     (["hi", "--stop", "-1"], "stop id [-1]"),
@@ -575,7 +577,8 @@ def test_cli_ctrl_c_with_continuous_batching_prints_the_prompts_under_way(traine
     f, first3 = tmp_path / "p.txt", tmp_path / "first3.txt"
     f.write_text("\n".join(prompts) + "\n")
     first3.write_text("\n".join(prompts[:3]) + "\n")
-    common = ("--model", str(trained_like), "--block", "4", "--mode", mode, "--batch-size", "3")
+    block = ("--block", "4") if mode == "mask_diffusion" else ()  # ar reads no --block (it would warn)
+    common = ("--model", str(trained_like), *block, "--mode", mode, "--batch-size", "3")
     n = 8 if mode == "mask_diffusion" else 2
     want = invoke("--prompt-file", str(first3), *common, "-n", str(n), "--no-live")
     want_json = invoke("--prompt-file", str(first3), *common, "-n", str(n), "--json")
@@ -642,7 +645,8 @@ def test_cli_ctrl_c_without_the_live_view_prints_the_text_so_far(trained_like, m
     prints it, then `Error: interrupted` and exit code 1 (it printed nothing: the text was lost)."""
     from twotower_cli.towers import TowerBackend
 
-    common = ("hello", "--model", str(trained_like), "--block", "4", "--no-live", "--mode", mode)
+    block = ("--block", "4") if mode == "mask_diffusion" else ()  # ar reads no --block (it would warn)
+    common = ("hello", "--model", str(trained_like), *block, "--no-live", "--mode", mode)
     n = 8 if mode == "mask_diffusion" else 2
     want = invoke(*common, "-n", str(n))
     assert want.exit_code == 0, want.output
@@ -682,3 +686,63 @@ def test_cli_ctrl_c_without_the_live_view_prints_the_text_so_far(trained_like, m
     monkeypatch.setattr(display, "err_console", lambda: Console(file=io.StringIO(), force_terminal=True, width=100))
     r = invoke(*[a for a in common if a != "--no-live"], "-n", "40")
     assert r.exit_code == 1 and r.stdout == want.stdout, r.output
+
+
+def _without_shard(sharded, dst, prefix):
+    """A copy of the sharded checkpoint without the shard holding the first tensor named `prefix`*."""
+    from twotower_cli.checkpoint import open_checkpoint
+
+    shard = next(i.file for n, i in sorted(open_checkpoint(sharded).tensors.items()) if n.startswith(prefix))
+    shutil.copytree(sharded, dst)
+    (dst / shard).unlink()
+    return dst, shard
+
+
+@pytest.fixture(scope="module")
+def sharded(trained_like, tmp_path_factory):
+    return reshard(trained_like, tmp_path_factory.mktemp("sharded") / "tt")
+
+
+@pytest.mark.parametrize("prefix", ["context_tower.", "denoiser_tower."])
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_cli_missing_shard_is_named(sharded, trained_like, tmp_path, prefix, mode):
+    """A shard the index names but the folder lacks is one Error line naming it, with a hint to fetch or write it
+    again (it was "15 tensor(s) missing ... is the config.json the one these weights were saved with?", or, for
+    a lost denoiser shard, "not a TwoTower checkpoint"); the whole sharded copy samples what the original does."""
+    common = ("hello", "--mode", mode, "-n", "6", "--no-live")
+    whole = invoke(*common, "--model", str(sharded))
+    assert whole.exit_code == 0 and whole.stdout == invoke(*common, "--model", str(trained_like)).stdout, whole.output
+    folder, shard = _without_shard(sharded, tmp_path / "ck", prefix)
+    r = invoke(*common, "--model", str(folder))
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: checkpoint at {folder} is incomplete: shard {shard} named in the index is missing (hint: "
+        "re-download the checkpoint, or re-run the `twotower split` that wrote it)"), r.output
+
+
+UNUSED = [  # options given that the mode or policy never reads → the flags its Warning lines name
+    (("--mode", "ar", "--block", "32"), ["--block"]),
+    (("--mode", "ar", "--threshold", "0.5"), ["--threshold"]),
+    (("--mode", "mock_ar", "--steps", "2", "--policy", "topk", "--factor", "2"), ["--steps", "--policy", "--factor"]),
+    (("--policy", "topk", "--threshold", "0.5"), ["--threshold"]),
+    (("--policy", "factor", "--threshold", "0.5"), ["--threshold"]),
+    (("--policy", "threshold", "--factor", "2"), ["--factor"]),
+    (("--threshold", "0.8", "--block", "4", "--steps", "2"), []),  # all read by mask_diffusion's threshold policy
+    (("--policy", "factor", "--factor", "2"), []),
+    (("--mode", "ar",), []),  # defaults are never warned about
+]
+
+
+@pytest.mark.parametrize(("args", "flags"), UNUSED)
+def test_cli_options_the_mode_does_not_read_warn_once_each(trained_like, args, flags):
+    """--block/--steps/--threshold/--policy/--factor outside mask_diffusion, and --threshold or --factor under a
+    policy that does not read it, were ignored in silence: one Warning line each (for options given, never for
+    defaults), and the same text as without them."""
+    common = ("hello", "--model", str(trained_like), "-n", "6", "--no-live")
+    r = invoke(*common, *args)
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert [w.split(":")[1].strip() for w in warnings] == flags, r.stderr
+    assert all("no effect" in w for w in warnings), warnings
+    if flags and "--mode" in args:  # unused options change nothing
+        mode = args[args.index("--mode") + 1]
+        assert r.stdout == invoke(*common, "--mode", mode).stdout

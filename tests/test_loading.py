@@ -11,6 +11,7 @@ from twotower_cli.checkpoint import open_checkpoint, write_checkpoint
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.model import NemotronHForCausalLM, NemotronHModel
 from twotower_cli.model.loading import load_nemotron_h, load_state
+from twotower_cli.towers import load_model
 
 
 def file_tensors(path):
@@ -61,6 +62,68 @@ def test_missing_and_wrong_shape_are_named(tmp_path):
     for name in ("backbone.layers.0.mixer.dt_bias", "backbone.layers.2.mixer.experts.3.up_proj.weight",
                  "backbone.layers.1.mixer.k_proj.weight is [3, 64], expected [32, 64]"):
         assert name in msg, msg
+
+
+def test_a_missing_shard_is_named_not_its_tensors(tmp_path):
+    """A shard the index lists but the folder lacks: one error naming the file (as `inspect` does), with a hint
+    to fetch or write it again; it was "N tensor(s) missing: ... is the config.json the one these weights were
+    saved with?"."""
+    path = write_tiny_checkpoint(tmp_path, build_tiny_config(), sharded=True)
+    files = open_checkpoint(path).files
+    (path / files[1]).unlink()
+    with pytest.raises(TwoTowerError) as err:
+        load_nemotron_h(path)
+    assert err.value.message == f"checkpoint at {path} is incomplete: shard {files[1]} named in the index is missing"
+    assert err.value.hint == "re-download the checkpoint, or re-run the `twotower split` that wrote it"
+    (path / files[-1]).unlink()
+    with pytest.raises(TwoTowerError, match=f"2 shards named in the index are missing: {files[1]}, {files[-1]} "):
+        load_model(path, need_denoiser=False)
+
+
+class _FailingSafeOpen:
+    """safe_open whose reads raise `error` (what a GPU out of memory, or a host one, raises mid-load)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def get_tensor(self, name):
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "device", "where"), [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda:0", "memory on cuda:0"),
+    (MemoryError(), "cpu", "host memory"),
+])
+def test_out_of_memory_while_reading_is_not_called_a_corrupt_file(tmp_path, monkeypatch, error, device, where):
+    """A read that fails for want of memory said "the file may be truncated or corrupt" (sending people to
+    re-download a good file): it says out of memory, with what may make room. A file that is really cut short
+    still says truncated or corrupt."""
+    import safetensors
+
+    path = write_tiny_checkpoint(tmp_path, build_tiny_config())
+    ckpt = open_checkpoint(path)
+    name = sorted(ckpt.tensors)[0]
+    monkeypatch.setattr(safetensors, "safe_open", _FailingSafeOpen(error))
+    for read in (lambda: dict(ckpt.iter_tensors([name], device=device)), lambda: ckpt.read(name, device=device)):
+        with pytest.raises(TwoTowerError) as err:
+            read()
+        assert err.value.message.startswith(f"out of {where} reading "), err.value.message
+        assert "corrupt" not in str(err.value) and "--dtype" in err.value.hint and "--device" in err.value.hint
+    monkeypatch.undo()
+    data = path / "model.safetensors"
+    with open(data, "r+b") as f:  # opened above, then cut short: safetensors refuses it
+        f.truncate(data.stat().st_size - 8)
+    with pytest.raises(TwoTowerError, match="may be truncated or corrupt"):
+        dict(ckpt.iter_tensors([name]))
 
 
 def test_unexpected_is_an_error_mtp_is_dropped_and_reported(tmp_path):

@@ -192,3 +192,29 @@ def test_one_gpu_named_two_ways_is_one_device_to_the_memory_check(twotower_folde
         load_model(twotower_folder, need_denoiser=True, dtype=torch.bfloat16, context_device="cuda",
                    denoiser_device="cuda:0", check_memory=True)
     assert seen["two_devices"] is False and set(seen["need"]) == {one, two}
+
+
+@pytest.mark.parametrize("option", ["--device", "--context-device", "--denoiser-device"])
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_gpu_index_beyond_the_machines_gpus_is_one_error_naming_how_many(twotower_folder, monkeypatch, option,
+                                                                         count):
+    """`--device cuda:3` with fewer GPUs was a traceback from the memory check (CUDA's invalid device
+    ordinal); now one Error line saying how many GPUs there are, before anything is read."""
+    from typer.testing import CliRunner
+
+    from twotower_cli import towers
+    from twotower_cli.cli import get_app
+    from twotower_cli.runtime import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    read = []
+    monkeypatch.setattr(towers, "load_state", lambda *a, **k: read.append(1))
+    r = CliRunner().invoke(get_app(), ["generate", "hi", "--model", str(twotower_folder), option, "cuda:3", "-n", "2"])
+    gpus = "1 GPU" if count == 1 else "2 GPUs"
+    hint = "use --device cuda (cuda:0)" if count == 1 else "use cuda:0 to cuda:1"
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: device cuda:3 asked for but this machine has {gpus} (hint: {hint})"), r.output
+    assert not read
+    assert pick_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)  # the last one is there
+    assert pick_device("cuda") == torch.device("cuda")

@@ -141,20 +141,48 @@ def test_chat_completion_renders_the_template(url, model, folder):
     assert text == out["choices"][0]["message"]["content"] and chunks[0]["object"] == "chat.completion.chunk"
 
 
+TOOL_CALLS = [{"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]
+
+
 def test_chat_takes_null_content_and_streams_a_role_for_every_choice(url):
-    """An assistant message whose content is null (OpenAI's, beside tool calls) reads as empty, not a 400;
-    a stream of n choices opens each with its role, as OpenAI's does (only the first had one)."""
+    """An assistant message with tool calls whose content is null or absent (OpenAI's shape for a turn that
+    only called tools) reads as empty, not a 400; a stream of n choices opens each with its role, as OpenAI's
+    does (only the first had one)."""
     def ask(content, **more):
-        body = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content},
+        said = {"role": "assistant", "tool_calls": TOOL_CALLS}
+        if content != "absent":
+            said["content"] = content
+        body = {"messages": [{"role": "user", "content": "hi"}, said,
                              {"role": "user", "content": "and?"}], "max_tokens": 8, **more}
         return post(url, "/v1/chat/completions", body)
 
-    null, empty = ask(None), ask("")
-    assert null[0] == 200, null
-    assert json.loads(null[1])["choices"] == json.loads(empty[1])["choices"]
+    null, absent, empty = ask(None), ask("absent"), ask("")
+    assert null[0] == 200 and absent[0] == 200, (null, absent)
+    assert json.loads(null[1])["choices"] == json.loads(empty[1])["choices"] == json.loads(absent[1])["choices"]
     chunks, done = events(ask("", stream=True, n=2)[1])
     roles = [c["choices"][0]["index"] for c in chunks if "role" in c["choices"][0]["delta"]]
     assert done and roles == [0, 1], chunks
+
+
+@pytest.mark.parametrize("messages, needle", [
+    ([{"role": "user"}], "messages[0] (user) has no 'content'"),
+    ([{"role": "user", "content": None}], "messages[0] (user) has a null 'content'"),
+    ([{"role": "system", "content": "be brief"}, {"role": "user"}], "messages[1] (user) has no 'content'"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "and?"}],
+     "messages[1] (assistant) has no 'content'"),  # no tool calls: nothing said at all
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []},
+      {"role": "user", "content": "and?"}], "messages[1] (assistant) has a null 'content'"),
+    ([{"role": "user", "content": 5}], "messages[0]: a message's 'content' must be a string"),
+])
+def test_chat_message_without_content_is_a_400_naming_it(url, messages, needle):
+    """A message with no content (or a null one) is refused as OpenAI refuses it, naming the message; it was a
+    200 with a reply to an empty message. Only an assistant message with tool calls may go without
+    (`test_chat_takes_null_content_and_streams_a_role_for_every_choice`)."""
+    got, text = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert got == 400, text
+    error = json.loads(text)["error"]
+    assert error["message"].startswith(needle) and error["type"] == "invalid_request_error", error
+    assert "only an assistant message with tool_calls" in error["message"] or "content' must be" in needle
 
 
 class StoppedServer:

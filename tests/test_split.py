@@ -887,6 +887,29 @@ def test_default_output_and_dry_run(tmp_path, monkeypatch):
     assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
 
 
+def test_dry_run_into_an_existing_output_says_the_real_run_needs_force(tmp_path):
+    """A dry run into an OUT that exists said only "dry run: nothing written", where the real run stops at
+    "already exists": it warns that the real run needs --force (with --force: that it replaces OUT); OUT is
+    left as it was either way."""
+    src = random_checkpoint(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real = invoke(str(src), "-o", str(out))
+    assert real.exit_code == 1 and "already exists" in real.stderr, real.output
+    dry = invoke(str(src), "-o", str(out), "--dry-run")
+    assert dry.exit_code == 0 and "nothing written" in dry.stderr, dry.output
+    warnings = [ln for ln in dry.stderr.splitlines() if ln.startswith("Warning:")]
+    assert warnings == [f"Warning: {out} already exists: the real run needs --force to replace it "
+                        "(hint: add --force, or choose another -o)"], dry.stderr
+    forced = invoke(str(src), "-o", str(out), "--dry-run", "--force")
+    assert forced.exit_code == 0 and "Warning" not in forced.stderr, forced.output
+    assert f"the real run replaces the existing {out}" in " ".join(forced.stderr.split()), forced.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    fresh = invoke(str(src), "-o", str(tmp_path / "new"), "--dry-run")
+    assert fresh.exit_code == 0 and "Warning" not in fresh.stderr and "replaces" not in fresh.stderr, fresh.output
+
+
 def test_tilde_in_output_is_the_home_folder(tmp_path, monkeypatch):
     """`--output=~/x` reaches us unexpanded (shells expand ~ only at the start of a word), as sources do."""
     src = random_checkpoint(tmp_path / "src")

@@ -169,3 +169,16 @@ class Widths(TowerBackend):
     def denoise(self, *args, **kw):
         self.widths.append(self.cache.batch)
         return super().denoise(*args, **kw)
+
+
+def reshard(folder: Path, out: Path, shards: int = 6) -> Path:
+    """`folder`'s checkpoint rewritten as about `shards` safetensors files with an index (the other files copied)."""
+    from twotower_cli.checkpoint import open_checkpoint, write_checkpoint
+
+    ckpt = open_checkpoint(folder)
+    extra = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix != ".safetensors"
+             and p.name not in ("config.json", "model.safetensors.index.json")]
+    write_checkpoint(out, dict(ckpt.iter_tensors(list(ckpt.tensors))), ckpt.config_raw, extra,
+                     max_shard_size=ckpt.total_bytes // shards + 1)
+    assert len(open_checkpoint(out).files) > 2
+    return out

@@ -198,7 +198,7 @@ class Checkpoint:
             with safe_open(str(self.path(info.file)), framework="pt", device=str(device)) as f:
                 return f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types on corrupt files
-            raise TwoTowerError(f"cannot read {name} from {info.file}: {e}", "the file may be truncated or corrupt") from None
+            raise _read_error(f"{name} from {info.file}", device, e) from None
 
     def iter_tensors(self, names: Iterable[str], device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         """Tensors grouped by file so each shard is opened once."""
@@ -218,7 +218,20 @@ class Checkpoint:
             except TwoTowerError:
                 raise
             except Exception as e:
-                raise TwoTowerError(f"cannot read {file}: {e}", "the file may be truncated or corrupt") from None
+                raise _read_error(file, device, e) from None
+
+
+def _read_error(what: str, device: str | torch.device, e: Exception) -> TwoTowerError:
+    """The error for a tensor read that failed: out of memory (on a GPU, or in host memory) is said as such,
+    with what may make room; anything else is the file's fault (safetensors' own errors, a short read)."""
+    import torch
+
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        where = "host memory" if isinstance(e, MemoryError) or torch.device(device).type == "cpu" else f"memory on {device}"
+        return TwoTowerError(f"out of {where} reading {what}",
+                             "load a smaller --dtype (bf16), put a tower on another --device, or free memory "
+                             "(other processes on the GPU)")
+    return TwoTowerError(f"cannot read {what}: {e}", "the file may be truncated or corrupt")
 
 
 def _read_json(path: Path) -> Any:

@@ -208,6 +208,21 @@ def _text_of(content) -> str:
     raise BadRequest("a message's 'content' must be a string or a list of text parts")
 
 
+def _content_of(i: int, message: dict) -> str:
+    """Message `i`'s text (`_text_of`). Its content is required, as OpenAI requires it, except on an assistant
+    message that carries tool calls (OpenAI's shape for a turn that only called tools: content absent or
+    null), which the chat template is given as it is."""
+    content = message.get("content")
+    if content is None and not (message["role"] == "assistant" and (message.get("tool_calls")
+                                                                      or message.get("function_call"))):
+        raise BadRequest(f"messages[{i}] ({message['role']}) has " + ("a null" if "content" in message else "no")
+                         + " 'content': only an assistant message with tool_calls may leave it out")
+    try:
+        return _text_of(content)
+    except BadRequest as e:
+        raise BadRequest(f"messages[{i}]: {e.message}") from None
+
+
 def _prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
     """/v1/completions' prompt → ids per prompt (ids: below the model's vocabulary size, which may exceed
     the tokenizer's)."""
@@ -408,7 +423,7 @@ class Engine:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
-        messages = [{**m, "content": _text_of(m.get("content", ""))} for m in messages]
+        messages = [{**m, "content": _content_of(i, m)} for i, m in enumerate(messages)]
         variables = body.get("chat_template_kwargs") or {}
         if not isinstance(variables, dict):
             raise BadRequest("'chat_template_kwargs' must be an object")

@@ -40,10 +40,12 @@ def bench(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import resolve
+    from twotower_cli.model.loading import require_shards
     from twotower_cli.runtime import DEFAULT_MODEL, open_runtime
     from twotower_cli.text import parse_prompt_lines, read_utf8
     from twotower_cli.towers import is_twotower_checkpoint
 
+    O.check_max_new_tokens(max_new_tokens)  # before the (slow) load, with bench's own default as the hint
     try:
         thr = [float(x) for x in thresholds.split(",") if x.strip()]
     except ValueError:
@@ -56,7 +58,14 @@ def bench(
     else:
         texts = list(DEFAULT_PROMPTS)
     folder = resolve(model or DEFAULT_MODEL)
-    two = is_twotower_checkpoint(open_checkpoint(folder))  # a plain NemotronH checkpoint benches `ar` only
+    ckpt = open_checkpoint(folder)
+    require_shards(ckpt)  # a TwoTower checkpoint that lost its denoiser shards is no plain NemotronH one
+    two = is_twotower_checkpoint(ckpt)  # a plain NemotronH checkpoint benches `ar` only
+    if not two:
+        from twotower_cli.sampler import SamplingConfig
+
+        O.warn_if_options_unused(SamplingConfig(mode="ar"), O.given("block", "steps"),
+                                 why=f"on {folder.name}, a plain NemotronH checkpoint: bench times ar only")
     rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads,
                       cuda_graphs=cuda_graphs)
     if block is None:

@@ -113,6 +113,7 @@ def chat(
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
     O.warn_if_filters_unused(settings)
+    O.warn_if_options_unused(settings, O.given("block", "steps", "threshold", "policy", "factor"))
     folder = model_folder(model)
     template = None if no_template or find_chat_template(folder) is None else ChatTemplate.load(folder)
     if template is None and (system is not None or chat_arg):

@@ -72,6 +72,7 @@ def generate(
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
     O.warn_if_filters_unused(settings)
+    O.warn_if_options_unused(settings, O.given("block", "steps", "threshold", "policy", "factor"))
     if batch_size < 1:
         raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:

@@ -50,6 +50,7 @@ def sampling_config(options: dict) -> SamplingConfig:
     from twotower_cli.sampler import SamplingConfig, seed_in_range
 
     o = options
+    check_max_new_tokens(o["max_new_tokens"])
     if o.get("seed") is not None and not seed_in_range(o["seed"]):
         raise TwoTowerError(f"seed {o['seed']} is out of range", "use a seed from 0 to 2**64 - 1")
     # no --block: the checkpoint's training block, known after the load; until then a block that fits --steps
@@ -72,3 +73,69 @@ def warn_if_filters_unused(settings: SamplingConfig) -> None:
         given = " and ".join(o for o, v in (("--top-k", settings.top_k), ("--top-p", settings.top_p)) if v is not None)
         report_warning(f"{given}: no effect at --temperature 0, which decodes greedily",
                        "add --temperature, e.g. --temperature 0.8")
+
+
+def _click_module(name: str):
+    """A module of the click that typer runs on (recent typer carries its own copy, `typer._click`)."""
+    import importlib
+
+    from twotower_cli.cli import _click
+
+    return importlib.import_module(f"{_click.__name__}.{name}")
+
+
+def _context():
+    """The running command's click context, or None outside a command."""
+    return _click_module("globals").get_current_context(silent=True)
+
+
+def _command_default(name: str):
+    """The default the running command declares for its parameter `name` (None outside a command)."""
+    ctx = _context()
+    for param in ctx.command.params if ctx is not None else ():
+        if param.name == name:
+            return param.default
+    return None
+
+
+def check_max_new_tokens(n: int) -> None:
+    """-n below 1 is one Error line whose hint is the running command's own default (generate 128, chat 256,
+    bench 64), not one number for all of them."""
+    from twotower_cli.errors import TwoTowerError
+
+    if n < 1:
+        default = _command_default("max_new_tokens")
+        raise TwoTowerError(f"max-new-tokens {n} must be at least 1",
+                            f"try {default}" if isinstance(default, int) and default >= 1 else "try 128")
+
+
+def given(*names: str) -> set[str]:
+    """Of the running command's parameters `names`, those the user set (on the command line or through an
+    environment variable), as opposed to left at their defaults."""
+    ctx = _context()
+    if ctx is None:
+        return set()
+    default = _click_module("core").ParameterSource.DEFAULT
+    return {n for n in names if ctx.get_parameter_source(n) not in (None, default)}
+
+
+def warn_if_options_unused(settings: SamplingConfig, passed: set[str], why: str | None = None) -> None:
+    """generate, chat, bench: one `Warning:` line for each sampling option the user gave (`passed`: parameter
+    names, see `given`) that the chosen mode and policy never read: --block, --steps, --threshold, --policy and
+    --factor outside mask_diffusion (ar and mock_ar commit one token per step); in mask_diffusion, --threshold
+    unless --policy threshold, --factor unless --policy factor. `why`: what the line says instead of the mode
+    (bench, which has no --mode)."""
+    from twotower_cli.cli import report_warning
+
+    flags = {"block": "--block", "steps": "--steps", "threshold": "--threshold", "policy": "--policy",
+             "factor": "--factor"}
+    if settings.mode != "mask_diffusion":
+        for name in [n for n in flags if n in passed]:
+            report_warning(f"{flags[name]}: no effect " + (why or f"in --mode {settings.mode}, which commits one "
+                                                                   "token per step"),
+                           "leave it out" + ("" if why else ", or use --mode mask_diffusion"))
+        return
+    for name, policy in (("threshold", "threshold"), ("factor", "factor")):
+        if name in passed and settings.policy != policy:
+            report_warning(f"{flags[name]}: no effect with --policy {settings.policy}",
+                           f"leave it out, or use --policy {policy}")

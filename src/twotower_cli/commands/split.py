@@ -32,6 +32,8 @@ def split(
     Both towers and both heads are byte copies of the source; the time conditioning starts as the
     identity, so the fresh denoiser computes exactly the base model.
     """
+    from rich.markup import escape
+
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import display_name, resolve
@@ -49,6 +51,13 @@ def split(
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
     if dry_run:
+        if out.exists() and not force:  # the real run stops at "already exists": say so now
+            from twotower_cli.cli import report_warning
+
+            report_warning(f"{out} already exists: the real run needs --force to replace it",
+                           "add --force, or choose another -o")
+        elif out.exists():
+            console.print(f"[dim]the real run replaces the existing {escape(str(out))}[/]", highlight=False)
         console.print("[dim]dry run: nothing written[/]")
         return
 

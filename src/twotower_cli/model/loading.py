@@ -93,6 +93,19 @@ def _fmt(names: list[str]) -> str:
     return shown + (f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
 
 
+def require_shards(ckpt: Checkpoint) -> None:
+    """One TwoTowerError naming the shards the index lists that are not in the folder (a download or a split
+    cut short): without it, the tensors they hold read as missing from the model ("does the config match?"),
+    or a TwoTower checkpoint whose denoiser shards are gone reads as a plain NemotronH one."""
+    gone = ckpt.missing_files
+    if not gone:
+        return
+    what = (f"shard {gone[0]} named in the index is missing" if len(gone) == 1
+            else f"{len(gone)} shards named in the index are missing: {_fmt(gone)}")
+    raise TwoTowerError(f"checkpoint at {ckpt.folder} is incomplete: {what}",
+                        "re-download the checkpoint, or re-run the `twotower split` that wrote it")
+
+
 def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device | Callable[[str], torch.device] = "cpu",
                allow_unused: bool = False) -> LoadReport:
@@ -100,6 +113,7 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
     `device` is one device, or a function module key → device (a device map): each tensor is read from the
     file straight onto its own device (safetensors' `safe_open(device=...)`), so two towers on two GPUs never
     pass through host memory together."""
+    require_shards(ckpt)
     report = LoadReport()
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     sources: dict[str, _Source] = {}
