@@ -635,3 +635,239 @@ def test_fsdp_on_one_gpu_equals_the_unsharded_run(ckpt, data, tmp_path):
     bf16 = json.loads(torchrun("-m", "twotower_cli", *args, "--fsdp", "--compute-dtype", "bf16", "-o",
                                str(tmp_path / "bf16"), nproc=1).stdout)
     assert all(abs(bf16[key] - plain[key]) < 2e-2 * plain[key] for key in ("first_loss", "final_loss"))
+
+
+# ---------------------------------------------------------------------------------------------- guards (user audit)
+
+SMALL = ["--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--eval-every", "0", "--device", "cpu"]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative name → bytes): what a refused command must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and "hint" in lines[0], r.output
+    assert r.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture
+def project(ckpt, data, tmp_path):
+    """proj/ holding a checkpoint, the data and a notes file; proj/run: an earlier training output."""
+    proj = tmp_path / "proj"
+    shutil.copytree(ckpt, proj / "ckpt")
+    shutil.copy(data, proj / "small.txt")
+    (proj / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(get_app(), ["train", str(proj / "ckpt"), "--data", str(proj / "small.txt"),
+                                       "-o", str(proj / "run"), "--block", "4", *SMALL])
+    assert r.exit_code == 0, r.output
+    return proj
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("-o . in the project", "holds the source checkpoint ckpt"),
+    ("-o . in the run, --resume", "is the current folder or holds it"),
+    ("-o the folder holding the checkpoint", "holds the source checkpoint"),
+    ("-o the checkpoint", "is the source folder"),
+    ("-o inside the checkpoint", "is inside the source checkpoint"),
+    ("--data inside OUT", "holds the --data file"),
+    ("--eval-data inside OUT", "holds the --eval-data file"),
+    ("--log inside OUT", "holds the --log file"),
+    ("--resume, OUT holds the checkpoint", "holds the source checkpoint"),
+    ("-o the current folder's parent", "holds the source checkpoint"),
+    ("-o the current folder's parent, checkpoint elsewhere", "is the current folder or holds it"),
+])
+def test_out_that_would_delete_the_source_the_data_or_the_current_folder_is_refused(ckpt, project, monkeypatch,
+                                                                                   case, needle):
+    """Every save replaces OUT whole, so with --force (or --resume) these deleted the project, the checkpoint
+    or the data (`cd proj && train ./ckpt --data small.txt -o . --force` deleted proj/). Now: one Error line,
+    exit 1, every file as it was."""
+    proj = project
+    monkeypatch.chdir(proj)
+    (proj / "run" / "held.txt").write_text(TEXT)
+    args = {
+        "-o . in the project": ["./ckpt", "--data", "small.txt", "-o", ".", "--force"],
+        "-o the folder holding the checkpoint": [str(proj / "ckpt"), "--data", str(proj / "small.txt"), "-o",
+                                                 str(proj), "--force"],
+        "-o the checkpoint": ["ckpt", "--data", "small.txt", "-o", "ckpt", "--force"],
+        "-o inside the checkpoint": ["ckpt", "--data", "small.txt", "-o", "ckpt/trained"],
+        "--data inside OUT": ["ckpt", "--data", "run/held.txt", "-o", "run", "--force"],
+        "--eval-data inside OUT": ["ckpt", "--data", "small.txt", "--eval-data", "run/held.txt", "-o", "run",
+                                   "--force"],
+        "--log inside OUT": ["ckpt", "--data", "small.txt", "-o", "run", "--force", "--log", "run/log.jsonl"],
+        "--resume, OUT holds the checkpoint": ["run/ckpt", "--data", "small.txt", "-o", "run", "--resume"],
+        "-o the current folder's parent": ["ckpt", "--data", "small.txt", "-o", str(proj.parent), "--force"],
+        "-o the current folder's parent, checkpoint elsewhere": [str(ckpt), "--data", "small.txt", "-o",
+                                                                 str(proj.parent), "--force"],
+        "-o . in the run, --resume": ["../ckpt", "--data", "../small.txt", "-o", ".", "--resume"],
+    }[case]
+    if case == "-o . in the run, --resume":
+        monkeypatch.chdir(proj / "run")
+    if case == "--resume, OUT holds the checkpoint":
+        shutil.copytree(proj / "ckpt", proj / "run" / "ckpt")
+    before = tree(proj.parent)
+    r = CliRunner().invoke(get_app(), ["train", *args, "--block", "4", *SMALL[:4], "--steps", "3", *SMALL[6:]])
+    assert needle in one_error(r)
+    assert tree(proj.parent) == before
+
+
+def test_resume_with_out_as_the_checkpoint_still_continues_it(project, monkeypatch):
+    """`train OUT -o OUT --resume` (the checkpoint argument is the run itself) continues the run, as before;
+    a checkpoint that is no training run (no trainer state) is one Error line saying so."""
+    monkeypatch.chdir(project)
+    r = CliRunner().invoke(get_app(), ["train", "run", "--data", "small.txt", "-o", "run", "--resume", "--json",
+                                       "--block", "4", *SMALL[:4], "--steps", "3", *SMALL[6:]])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["start_step"] == 2 and res["steps"] == 3
+    assert torch.load(project / "run" / T.TRAINER_STATE, weights_only=True)["step"] == 3
+    before = tree(project)
+    r = CliRunner().invoke(get_app(), ["train", "ckpt", "--data", "small.txt", "-o", "ckpt", "--resume",
+                                       "--block", "4", *SMALL])
+    assert "nothing to resume" in one_error(r) and tree(project) == before
+
+
+def test_resume_and_force_together_are_refused(project):
+    """They conflict (--force: start over replacing OUT; --resume: continue it); it used to resume silently."""
+    before = tree(project)
+    r = CliRunner().invoke(get_app(), ["train", str(project / "ckpt"), "--data", str(project / "small.txt"), "-o",
+                                       str(project / "run"), "--resume", "--force", "--block", "4", *SMALL[:4],
+                                       "--steps", "3", *SMALL[6:]])
+    line = one_error(r)
+    assert "--resume and --force conflict" in line and tree(project) == before
+
+
+def test_block_defaults_to_the_checkpoints_recorded_block(ckpt, data, tmp_path):
+    """Without --block, the checkpoint's twotower.block_size (4 here) is trained and kept, not 16: the run
+    equals one with --block 4, and config.json still says 4. A checkpoint that records none gets 16."""
+    common = ["--data", str(data), *SMALL, "--json"]
+    runs = {}
+    for name, extra in (("default", []), ("explicit", ["--block", "4"])):
+        r = CliRunner().invoke(get_app(), ["train", str(ckpt), "-o", str(tmp_path / name), *common, *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        assert json.loads((tmp_path / name / "config.json").read_text())["twotower"]["block_size"] == 4
+        assert json.loads((tmp_path / name / T.TRAINING_SUMMARY).read_text())["settings"]["block"] == 4
+    assert runs["default"]["final_loss"] == runs["explicit"]["final_loss"]
+    assert runs["default"]["eval_loss_after"] == runs["explicit"]["eval_loss_after"]
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare)
+    config = json.loads((bare / "config.json").read_text())
+    del config["twotower"]["block_size"]
+    (bare / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(get_app(), ["train", str(bare), "-o", str(tmp_path / "o16"), *common])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o16" / "config.json").read_text())["twotower"]["block_size"] == 16
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "-o", str(tmp_path / "o30"), *common, "--seq-len", "30"])
+    assert "--seq-len 30 is not a multiple of the block size 4 (twotower.block_size in" in one_error(r)
+    assert not (tmp_path / "o30").exists()
+    help_text = CliRunner().invoke(get_app(), ["train", "--help"], env={"COLUMNS": "300"}).output
+    assert "twotower.block_size" in help_text
+
+
+@pytest.mark.parametrize("warmup, steps, needle", [(5, 2, "never reaches --lr 0.003"),
+                                                   (2, 2, "only at the last step"), (1, 2, None)])
+def test_warmup_not_below_steps_is_a_warning(ckpt, data, tmp_path, warmup, steps, needle):
+    """A --warmup the schedule never finishes: the run goes on, with one Warning line; the learning rates
+    it logs confirm that --lr is never reached (or only at the last step)."""
+    log = tmp_path / "log.jsonl"
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "o"),
+                                       "--block", "4", "--seq-len", "32", "--batch", "2", "--lr", "3e-3",
+                                       "--steps", str(steps), "--warmup", str(warmup), "--device", "cpu",
+                                       "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    lrs = [e["lr"] for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"]
+    if needle is None:
+        assert warnings == [] and max(lrs) == pytest.approx(3e-3)
+        return
+    assert len(warnings) == 1 and needle in warnings[0] and "--warmup" in warnings[0], r.stderr
+    assert max(lrs) < 3e-3 if warmup > steps else (lrs[-1] == pytest.approx(3e-3) and max(lrs[:-1]) < 3e-3)
+
+
+def test_json_tokens_seconds_and_throughput_agree_fresh_and_resumed(ckpt, data, tmp_path):
+    """tokens_per_second = tokens / train_seconds, both this invocation's (they were the whole run's tokens
+    over this part's time on a resume); total_tokens counts the whole run. Checked against the --log step
+    events, which count tokens and step time independently of the result."""
+    log = tmp_path / "log.jsonl"
+    common = ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "o"), "--block", "4", "--seq-len",
+              "32", "--batch", "2", "--steps", "5", "--warmup", "1", "--eval-every", "0", "--device", "cpu",
+              "--json", "--log", str(log)]
+    results = []
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        r = CliRunner().invoke(get_app(), [*common, *extra])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        last = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"][-1]
+        assert res["tokens"] == last["tokens"] and res["train_seconds"] == last["seconds"]
+        assert res["tokens_per_second"] == pytest.approx(res["tokens"] / res["train_seconds"], rel=1e-12)
+        assert 0 < res["train_seconds"] <= res["seconds"]
+        summary = [ln for ln in r.stderr.splitlines() if ln.startswith("steps ")]
+        assert len(summary) == 1 and f"{res['tokens']:,} tokens in" in summary[0], r.stderr
+        assert f"{res['tokens_per_second']:,.0f} tok/s" in summary[0]
+        results.append(res)
+    fresh, resumed = results
+    assert fresh["tokens"] == fresh["total_tokens"] == 2 * 2 * 32
+    assert resumed["tokens"] == 3 * 2 * 32 and resumed["total_tokens"] == 5 * 2 * 32
+
+
+def test_npy_without_its_meta_file_trains_with_a_warning(ckpt, data, tmp_path):
+    """The vocabulary check needs corpus.meta.json: without it the run goes on and says it could not check."""
+    r = CliRunner().invoke(get_app(), ["tokenize", str(ckpt), "--data", str(data), "-o", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    args = ["train", str(ckpt), "--data", str(tmp_path / "c.npy"), "--block", "4", *SMALL]
+    r = CliRunner().invoke(get_app(), [*args, "-o", str(tmp_path / "checked")])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    (tmp_path / "c.meta.json").unlink()
+    r = CliRunner().invoke(get_app(), [*args, "-o", str(tmp_path / "unchecked")])
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert r.exit_code == 0 and len(warnings) == 1, r.output
+    assert "no c.meta.json" in warnings[0] and "vocabulary could not be checked" in warnings[0]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("text named .npy", "is not a .npy array of token ids"),
+    ("object array", "holds an array of Python objects, not token ids"),
+])
+def test_a_file_that_is_no_token_array_is_refused_without_talk_of_unpickling(ckpt, tmp_path, case, needle):
+    """numpy's message ("contains pickled (object) data ... load it unsafely using allow_pickle=") pointed users
+    at unpickling a file that is no token stream at all."""
+    path = tmp_path / "x.npy"
+    if case == "text named .npy":
+        path.write_text(TEXT)
+    else:
+        np.save(path, np.array([1, "a", None], dtype=object), allow_pickle=True)
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(path), "-o", str(tmp_path / "o"),
+                                       "--block", "4", *SMALL])
+    line = one_error(r)
+    assert needle in line and "pickle" not in line.replace("run code", ""), line
+    assert "twotower tokenize" in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["out is a folder", "out is a link to the data", "meta is the data"])
+def test_tokenize_never_replaces_a_folder_or_the_data_it_reads(ckpt, data, tmp_path, case):
+    """-o naming a folder (with --force it tokenized everything, removed the old meta file, then failed on
+    the rename), or the data file under another name: one Error line, every file as it was."""
+    work = tmp_path / "w"
+    work.mkdir()
+    text = work / "a.txt"
+    out = work / "c.npy"
+    if case == "out is a folder":
+        text.write_text(TEXT)
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        (work / "c.meta.json").write_text("{}")
+    elif case == "out is a link to the data":
+        out.write_text(TEXT)  # the user's text, under a .npy name, read through a link named a.txt
+        text.symlink_to(out)
+    else:
+        text = work / "c.meta.json"
+        text.write_text(TEXT)
+    before = tree(work)
+    r = CliRunner().invoke(get_app(), ["tokenize", str(ckpt), "--data", str(text), "-o", str(out), "--force"])
+    line = one_error(r)
+    assert ("is a folder" if case == "out is a folder" else "would replace the data file") in line
+    assert tree(work) == before

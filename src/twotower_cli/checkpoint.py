@@ -390,6 +390,42 @@ def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return groups if groups[0] else []
 
 
+def check_output_folder(out: str | Path, source_folder: str | Path | None, *, may_be_source: bool = False,
+                        inputs: Iterable[tuple[str, str | Path]] = ()) -> None:
+    """Refuse an output folder whose replacement (`--force`, or `train`'s saves, which replace OUT each
+    time) would delete what the command reads or the folder it runs in: OUT may not be the source
+    checkpoint (unless `may_be_source`: `train --resume`, whose source is OUT), nor hold it, nor hold the
+    current folder, nor hold one of the `inputs` ((what, path): the files read while OUT is written).
+    OUT inside the source folder is refused too (a run in the source folder, `split .`: the source is
+    only read, and a hub cache snapshot is no place for an output that deleting the cached model would
+    delete too). `source_folder=None`: no source to protect (a hub id not in a local folder). Paths are
+    compared resolved (symlinks followed), whether they exist yet or not."""
+    target = Path(out).expanduser().resolve()
+
+    def holds(path: str | Path) -> bool:
+        path = Path(path).expanduser().resolve()
+        return path == target or target in path.parents
+
+    if source_folder is not None:
+        source = Path(source_folder).expanduser().resolve()
+        if target == source:
+            if not may_be_source:
+                raise TwoTowerError("the output folder is the source folder", "choose another -o")
+        elif holds(source):
+            raise TwoTowerError(f"the output folder {out} holds the source checkpoint {source_folder}: replacing "
+                                "it would delete the source", "choose another -o")
+        elif source in target.parents:
+            raise TwoTowerError(f"the output folder {out} is inside the source checkpoint {source_folder}",
+                                f"choose an -o outside it, e.g. -o {source.parent / target.name}")
+    if holds(Path.cwd()):
+        raise TwoTowerError(f"the output folder {out} is the current folder or holds it: replacing it would delete "
+                            "everything in it", "choose another -o, e.g. a new folder inside this one")
+    for what, path in inputs:
+        if holds(path):
+            raise TwoTowerError(f"the output folder {out} holds the {what} {path}: replacing the folder would "
+                                "delete it", f"keep the {what} outside the output folder, or choose another -o")
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False, on_sync: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out`, on any failure it is removed.

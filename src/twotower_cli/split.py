@@ -42,6 +42,7 @@ from twotower_cli.checkpoint import (
     DTYPE_BYTES,
     Checkpoint,
     atomic_output_dir,
+    check_output_folder,
     encode_header,
     index_problems,
     open_checkpoint,
@@ -606,27 +607,9 @@ def execute(plan: SplitPlan, out: str | Path, force: bool = False, verify: bool 
 
 def check_output(out: Path, source_folder: Path) -> None:
     """Refuse an OUT whose replacement (`--force`) would delete the source checkpoint or the folder the
-    command runs in (OUT may not be either of them, nor a folder that holds one), and an OUT inside the
-    source folder (`split .` run in it: the source is only read, and a hub cache snapshot is no place for
-    an output that deleting the cached model would delete too)."""
-    target = Path(out).resolve()
-    source = source_folder.resolve()
-
-    def holds(path: Path) -> bool:
-        path = path.resolve()
-        return path == target or target in path.parents
-
-    if target == source:
-        raise TwoTowerError("the output folder is the source folder", "choose another -o")
-    if holds(source):
-        raise TwoTowerError(f"the output folder {out} holds the source checkpoint {source_folder}: replacing it "
-                            "would delete the source", "choose another -o")
-    if source in target.parents:
-        raise TwoTowerError(f"the output folder {out} is inside the source checkpoint {source_folder}",
-                            f"choose an -o outside it, e.g. -o {source.parent / target.name}")
-    if holds(Path.cwd()):
-        raise TwoTowerError(f"the output folder {out} is the current folder or holds it: replacing it would delete "
-                            "everything in it", "choose another -o, e.g. a new folder inside this one")
+    command runs in, and an OUT inside the source folder (`checkpoint.check_output_folder`, which `train`
+    shares)."""
+    check_output_folder(out, source_folder)
 
 
 class _Stopped(Exception):

@@ -44,6 +44,7 @@ Contract
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 from twotower_cli.checkpoint import (
     Checkpoint,
     atomic_output_dir,
+    check_output_folder,
     deferred_interrupt,
     open_checkpoint,
     save_tensors,
@@ -71,7 +73,7 @@ from twotower_cli.checkpoint import (
     settle_scratch,
     sync_path,
 )
-from twotower_cli.config import NemotronHConfig
+from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
@@ -237,12 +239,23 @@ def token_file_meta(path: Path) -> Path:
     return Path(path).with_suffix(".meta.json")
 
 
-def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
+Warn = Callable[[str, str | None], None]  # (message, hint): a `Warning:` line, the run goes on
+
+
+def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = None,
+                    warn: Warn | None = None) -> np.ndarray:
     """A pre-tokenized stream (`twotower tokenize`, or any 1-D integer .npy), memory-mapped and checked; with
-    `tokenizer`, a stream whose meta file names another vocabulary is refused (its ids would mean other text)."""
-    if not Path(path).is_file():
+    `tokenizer`, a stream whose meta file names another vocabulary is refused (its ids would mean other text),
+    and one whose vocabulary cannot be checked (no meta file, or one that records none) is read with
+    `warn(message, hint)`. A file that is not a .npy array, or holds Python objects, is refused (numpy
+    would offer to unpickle it, which runs code from the file)."""
+    path = Path(path)
+    if not path.is_file():
         raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
     meta = token_file_meta(path)
+    written = None
     if tokenizer is not None and meta.is_file():
         try:
             written = json.loads(meta.read_text()).get("tokenizer")
@@ -252,21 +265,36 @@ def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = N
             raise TwoTowerError(f"{path} was tokenized with another vocabulary than this checkpoint's ({written} vs "
                                 f"{tokenizer.fingerprint()}, from {meta.name})",
                                 "tokenize the text again with this checkpoint: `twotower tokenize CKPT --data ...`")
+    hint = "write it with `twotower tokenize CKPT --data FILE -o OUT.npy`"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as e:
+        raise TwoTowerError(f"cannot read {path}: {e.strerror or e}", "check the --data paths") from None
+    if head != NPY_MAGIC:
+        raise TwoTowerError(f"{path} is not a .npy array of token ids (it does not start as .npy files do)", hint)
     try:
         stream = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise TwoTowerError(f"cannot read {path} as a .npy array: {e}", "write it with `twotower tokenize`") from None
+        if "object" in str(e).lower() or "pickle" in str(e).lower():
+            raise TwoTowerError(f"{path} holds an array of Python objects, not token ids (refused: loading it would "
+                                "run code from the file)", hint) from None
+        raise TwoTowerError(f"cannot read {path} as a .npy array of token ids: {e}", hint) from None
     if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
         raise TwoTowerError(f"{path} holds a {stream.dtype} array of shape {list(stream.shape)}, not a 1-D array "
-                            "of token ids", "write it with `twotower tokenize`")
+                            "of token ids", hint)
     if len(stream) and (int(stream.max()) >= vocab_size or int(stream.min()) < 0):
         raise TwoTowerError(f"{path} holds ids outside the model's vocabulary (0..{vocab_size - 1})",
                             "tokenize it with this checkpoint's tokenizer")
+    if tokenizer is not None and written is None and warn is not None:
+        why = f"no {meta.name} beside it" if not meta.is_file() else f"{meta.name} records no vocabulary"
+        warn(f"{path}: {why}, so its vocabulary could not be checked against this checkpoint's (ids of another "
+             "tokenizer would train on other text)", "write it with `twotower tokenize`, which writes the meta file")
     return stream
 
 
-def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
-                  vocab_size: int) -> tuple[list[np.ndarray], int | None]:
+def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None, vocab_size: int,
+                  warn: Warn | None = None) -> tuple[list[np.ndarray], int | None]:
     """The token streams of data files: one per pre-tokenized `.npy` file (memory-mapped), or one for all the
     text and JSONL files (tokenised, documents joined with EOS); and the number of documents (None for .npy)."""
     paths = [Path(p) for p in paths]
@@ -275,7 +303,7 @@ def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
         raise TwoTowerError("--data mixes pre-tokenized .npy files with text", "tokenize the text too "
                             "(`twotower tokenize`), or pass text only")
     if npy:
-        return [open_token_file(p, vocab_size, tokenizer) for p in npy], None
+        return [open_token_file(p, vocab_size, tokenizer, warn) for p in npy], None
     dtype = np.dtype(np.int64)
     chunks = list(iter_token_chunks(paths, tokenizer, eos, dtype, vocab_size))
     stream = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, dtype=dtype)
@@ -283,19 +311,20 @@ def token_streams(paths: list[Path], tokenizer: Tokenizer, eos: int | None,
 
 
 def load_data(paths: list[Path], tokenizer: Tokenizer, seq_len: int, eos: int | None, vocab_size: int,
-              eval_paths: list[Path] | None = None) -> TokenData:
+              eval_paths: list[Path] | None = None, warn: Warn | None = None) -> TokenData:
     """Tokenise (or memory-map pre-tokenized `.npy` streams) and pack. The held-out sequences are those of
-    `eval_paths` when given (and all of `paths` is trained on), else the last sequences of `paths`."""
+    `eval_paths` when given (and all of `paths` is trained on), else the last sequences of `paths`.
+    `warn(message, hint)`: a .npy whose vocabulary cannot be checked (`open_token_file`)."""
     if not paths:
         raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
-    streams, documents = token_streams(paths, tokenizer, eos, vocab_size)
+    streams, documents = token_streams(paths, tokenizer, eos, vocab_size, warn)
     n_tokens = sum(len(s) for s in streams)
     if not n_tokens:
         raise TwoTowerError(f"the data ({', '.join(str(p) for p in paths)}) holds no text",
                             "pass files with some text in them")
     seqs = Sequences(streams, seq_len)
     if eval_paths:
-        held = Sequences(token_streams(eval_paths, tokenizer, eos, vocab_size)[0], seq_len)
+        held = Sequences(token_streams(eval_paths, tokenizer, eos, vocab_size, warn)[0], seq_len)
         if not len(seqs) or not len(held):
             which = "--eval-data" if not len(held) else "--data"
             raise TwoTowerError(f"{which} holds fewer tokens than one sequence of --seq-len {seq_len}",
@@ -513,7 +542,7 @@ class TrainConfig:
     checkpoint: str | Path
     data: list[Path]
     out: Path
-    block: int = 16
+    block: int | None = None  # None: the checkpoint's `twotower.block_size` (16 where none is recorded)
     seq_len: int = 512
     batch: int = 8
     grad_accum: int = 1
@@ -538,17 +567,28 @@ class TrainConfig:
     def warmup_steps(self) -> int:
         return min(100, self.steps // 10) if self.warmup is None else self.warmup
 
-    def validate(self) -> None:
+    def validate(self, block_from: str | None = None) -> None:
+        """Refuse settings that cannot run. `block_from` names where `block` came from when the user did
+        not give it (the checkpoint's config), for the error that --seq-len is not a multiple of it; with
+        `block` None (not known yet) the checks on it wait for the call that knows it."""
         def positive(name: str, value: int | float) -> None:
             if not 0 < value < math.inf:  # NaN too
                 what = "finite" if value == math.inf else "positive"
                 raise TwoTowerError(f"--{name.replace('_', '-')} must be {what}, not {value}", None)
 
-        for name in ("block", "seq_len", "batch", "grad_accum", "steps", "lr"):
+        if self.resume and self.force:
+            raise TwoTowerError("--resume and --force conflict: --resume continues the training saved in OUT, "
+                                "--force starts over and replaces OUT",
+                                "pass --resume to continue, or --force to start over, not both")
+        for name in ("seq_len", "batch", "grad_accum", "steps", "lr"):
             positive(name, getattr(self, name))
-        if self.seq_len % self.block:
-            raise TwoTowerError(f"--seq-len {self.seq_len} is not a multiple of --block {self.block}",
-                                f"use e.g. --seq-len {max(1, self.seq_len // self.block) * self.block}")
+        if self.block is not None:
+            positive("block", self.block)
+            if self.seq_len % self.block:
+                what = f"--block {self.block}" if block_from is None else f"the block size {self.block} ({block_from})"
+                raise TwoTowerError(f"--seq-len {self.seq_len} is not a multiple of {what}",
+                                    f"use e.g. --seq-len {max(1, self.seq_len // self.block) * self.block}"
+                                    + ("" if block_from is None else ", or pass --block"))
         if self.seed < 0:  # the derived seeds are numpy SeedSequence's, which takes non-negative integers
             raise TwoTowerError(f"--seed {self.seed} is negative", "use a seed of 0 or more")
         for name in ("eval_every", "save_every", "warmup_steps"):
@@ -602,19 +642,32 @@ class Saved:
     path: Path
 
 
-Event = Started | StepDone | Evaluated | Saved
+@dataclass
+class Warned:
+    """Something the run goes on despite (a `Warning:` line), e.g. a .npy whose vocabulary cannot be checked."""
+    message: str
+    hint: str | None = None
+
+
+Event = Started | StepDone | Evaluated | Saved | Warned
 
 
 @dataclass
 class TrainResult:
+    """What a run did. This invocation's numbers (a resumed run's, from `start_step`): `tokens`,
+    `train_seconds`, `tokens_per_second` = tokens / train_seconds (training throughput: time in optimizer
+    steps, no loading, evaluation or saving), `seconds` (its wall time, all of that included). The whole
+    run's, across resumes: `steps`, `total_tokens`, the losses."""
     steps: int  # optimizer steps done in total (across resumes)
-    tokens: int  # tokens trained on in total
+    tokens: int  # tokens trained on by this invocation
+    total_tokens: int  # tokens trained on in total (across resumes): steps × tokens per step
     first_loss: float
     final_loss: float
     eval_loss_before: float
     eval_loss_after: float
     seconds: float  # wall time of this invocation (loading, evaluations and saves included)
-    tokens_per_second: float  # training tokens of this invocation / time in optimizer steps
+    train_seconds: float  # time this invocation spent in optimizer steps
+    tokens_per_second: float  # tokens / train_seconds (0 when no step ran)
     start_step: int
     out: Path
     losses: list[float] = field(default_factory=list)  # per step of this invocation
@@ -655,6 +708,19 @@ def open_twotower(path: str | Path) -> tuple[Path, Checkpoint, NemotronHConfig]:
         raise TwoTowerError(f"{folder} is not a TwoTower checkpoint (no denoiser_tower.* tensors)",
                             "turn a NemotronH checkpoint into one with `twotower split`")
     return folder, ckpt, cfg
+
+
+def recorded_block(cfg: NemotronHConfig, folder: Path) -> tuple[int, str]:
+    """The block a checkpoint records (`twotower.block_size` in config.json, written by `split --block-size`
+    and `train --block`), else DEFAULT_BLOCK_SIZE; and where it came from, for messages."""
+    value = cfg.twotower.get("block_size")
+    where = folder / "config.json"
+    if value is None:
+        return DEFAULT_BLOCK_SIZE, f"the default: {where} records no twotower.block_size"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TwoTowerError(f"twotower.block_size in {where} is {value!r}, not a positive integer",
+                            "pass --block")
+    return value, f"twotower.block_size in {where}"
 
 
 def trained_prefixes(train: str) -> tuple[str, ...]:
@@ -805,19 +871,33 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     began = time.perf_counter()
     cfg.validate()
     out = Path(cfg.out)
+    # Every save replaces OUT whole: refuse an OUT that is or holds the checkpoint being trained (unless
+    # resuming, whose source is OUT), holds the current folder or a data file, or lies inside the checkpoint.
+    # First on the paths as given (nothing is touched before), then on the folder a hub id resolves to.
+    local = Path(str(cfg.checkpoint)).expanduser()
+    local = (local.parent if local.is_file() else local) if local.exists() else None
+    inputs = [*(("--data file", p) for p in cfg.data), *(("--eval-data file", p) for p in cfg.eval_data)]
+    check_output_folder(out, local, may_be_source=cfg.resume, inputs=inputs)
     settle_output(out)  # a run killed while replacing OUT may have left the previous OUT aside: put it back
     resuming = cfg.resume and out.exists()
     if out.exists() and not (cfg.resume or cfg.force):
         raise TwoTowerError(f"{out} already exists", "pass --resume to continue the training saved there, "
                             "or --force to replace it")
+    if resuming and local is not None and out.resolve() == local.resolve() and not (out / TRAINER_STATE).is_file():
+        raise TwoTowerError(f"{out} is the checkpoint given to train and holds no {TRAINER_STATE}, so there is "
+                            "nothing to resume", "write to another -o (it must not be the checkpoint itself)")
     state = load_trainer_state(out) if resuming else None
     for p in [*cfg.data, *cfg.eval_data]:
         if not Path(p).is_file():
             raise TwoTowerError(f"data file {p} {'is a folder, not a file' if Path(p).is_dir() else 'does not exist'}",
                                 "check the --data and --eval-data paths (each names a file)")
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
-    if not resuming and out.resolve() == source_folder.resolve():
-        raise TwoTowerError("-o is the checkpoint being trained", "write to another folder")
+    if not resuming:
+        check_output_folder(out, source_folder, inputs=inputs)
+    if cfg.block is None:  # the block the checkpoint was split or trained with (on resume: OUT's, the run's own)
+        block, origin = recorded_block(mcfg, source_folder)
+        cfg = dataclasses.replace(cfg, block=block)
+        cfg.validate(origin)
     env = setup_distributed(cfg.device, cfg.fsdp)
     try:
         with no_reuse() if cfg.fsdp else contextlib.nullcontext():  # see model.derived
@@ -836,7 +916,7 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     tokenizer = Tokenizer(source_folder)
     eos = mcfg.eos_token_ids[0] if mcfg.eos_token_ids else None
     data = load_data([Path(p) for p in cfg.data], tokenizer, cfg.seq_len, eos, mcfg.vocab_size,
-                     [Path(p) for p in cfg.eval_data])
+                     [Path(p) for p in cfg.eval_data], warn=lambda message, hint: emit(Warned(message, hint)))
     settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
                 "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
                 "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint),
@@ -936,6 +1016,11 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         if (interrupt := deferred_interrupt()) is not None:  # it came as the save's old output was removed:
             raise interrupt  # the save is done (and said), and the interrupt still stops the run
 
+    if cfg.warmup is not None and cfg.warmup >= cfg.steps:  # said after the checks: a refused run prints one Error
+        emit(Warned(f"--warmup {cfg.warmup} is not below --steps {cfg.steps}: the learning rate "
+                    + (f"reaches --lr {cfg.lr:g} only at the last step and never decays" if cfg.warmup == cfg.steps
+                       else f"never reaches --lr {cfg.lr:g} (it peaks at {cfg.lr * cfg.steps / cfg.warmup:.3g})"),
+                    f"use a --warmup below --steps, e.g. --warmup {min(100, cfg.steps // 10)}"))
     emit(Started(start, stop, cfg.steps, sum(p.numel() for _, p in params),
                  sum(p.numel() for p in model.parameters() if not p.requires_grad),
                  len(data.train), len(data.eval), tokens_per_step, env.world, str(device)))
@@ -989,10 +1074,10 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         history["eval_loss_after"] = eval_loss
     trained = (stop - start) * tokens_per_step
     return TrainResult(
-        steps=stop, tokens=stop * tokens_per_step, first_loss=history["first_loss"],
+        steps=stop, tokens=trained, total_tokens=stop * tokens_per_step, first_loss=history["first_loss"],
         final_loss=history.get("final_loss", math.nan), eval_loss_before=history["eval_loss_before"],
-        eval_loss_after=eval_loss, seconds=time.perf_counter() - began,
-        tokens_per_second=trained / max(train_seconds, 1e-9),
+        eval_loss_after=eval_loss, seconds=time.perf_counter() - began, train_seconds=train_seconds,
+        tokens_per_second=trained / train_seconds if train_seconds > 0 else 0.0,
         start_step=start, out=Path(cfg.out), losses=losses, is_main=env.is_main)
 
 

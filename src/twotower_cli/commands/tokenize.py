@@ -8,6 +8,7 @@ joined with EOS), so training on it equals training on them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -49,16 +50,24 @@ def tokenize(
     out = out.expanduser()
     if out.suffix.lower() != ".npy":
         raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
+    if out.is_dir():  # --force or not: a folder is not replaced by a file (nor its contents lost)
+        raise TwoTowerError(f"{out} is a folder", f"name the file to write, e.g. -o {out / 'tokens.npy'}")
     if out.exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it")
     if not paths:
         raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
+    meta = T.token_file_meta(out)  # written beside OUT (an old one removed first)
     for p in paths:
         if p.suffix.lower() == ".npy":
             raise TwoTowerError(f"{p} is already tokenized", "pass it to `train --data` as it is")
         if p.is_dir() or not p.exists():  # a pipe is fine (`--data <(zcat corpus.txt.gz)`): it is read once
             raise TwoTowerError(f"data file {p} {'is a folder, not a file' if p.is_dir() else 'does not exist'}",
                                 "check the --data paths")
+        for written in (out, meta):  # the same file under another name (a link): writing it would replace the data
+            if written.exists() and os.path.samefile(written, p):
+                raise TwoTowerError(f"-o {out} would replace the data file {p}"
+                                    + (f" (it is {written})" if written != out else ""),
+                                    "choose another -o")
     folder = resolve(checkpoint, weights=False)  # config.json and the tokenizer: a hub id downloads no weights
     folder = folder.parent if folder.is_file() else folder
     cfg = NemotronHConfig.from_file(folder)

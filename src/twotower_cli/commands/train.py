@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from twotower_cli.cli import app, guarded
+from twotower_cli.cli import app, guarded, report_warning
 from twotower_cli.commands import options as O
 
 
@@ -74,13 +74,16 @@ class TrainProgress:
         elif isinstance(ev, T.Saved):
             self.saved = ev.step
             self.progress.console.print(f"[dim]step {ev.step}: saved {ev.path}[/]")
+        elif isinstance(ev, T.Warned):
+            report_warning(ev.message, ev.hint)
 
 
     def _write(self, ev) -> None:
         import dataclasses
         import time
 
-        kind = {"Started": "started", "StepDone": "step", "Evaluated": "eval", "Saved": "saved"}[type(ev).__name__]
+        kind = {"Started": "started", "StepDone": "step", "Evaluated": "eval", "Saved": "saved",
+                "Warned": "warning"}[type(ev).__name__]
         fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(ev).items()}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as f:
@@ -100,7 +103,7 @@ def train(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="FILE", help="Text file (one document), .jsonl file (a 'text' field per line) or .npy token stream from `twotower tokenize` (memory-mapped); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
-    block: Annotated[int, typer.Option(help="Diffusion block size S (sample with the same or smaller).")] = 16,
+    block: Annotated[int | None, typer.Option(help="Diffusion block size S (sample with the same or smaller; default: the checkpoint's twotower.block_size, else 16).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (a multiple of --block).")] = 512,
     batch: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
@@ -110,8 +113,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the data order and the noise.")] = 0,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps (0: only before and after).")] = 100,
     save_every: Annotated[int, typer.Option("--save-every", help="Save every N steps (0: only at the end).")] = 500,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the training saved in OUT (a fresh start if OUT does not exist).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the training saved in OUT (a fresh start if OUT does not exist); not with --force.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT (never the checkpoint, the current folder or a folder holding them or the data).")] = False,
     train_what: Annotated[str, typer.Option("--train", help="all | time-conditioning")] = "all",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="Context tower dtype: auto | fp32 | bf16 | fp16 (trained weights stay fp32).")] = "auto",
@@ -130,6 +133,10 @@ def train(
 
     if out is None:
         raise TwoTowerError("no output folder given", "pass -o OUT")
+    if log is not None:  # each save replaces OUT whole: a log inside it would be deleted at every save
+        from twotower_cli.checkpoint import check_output_folder
+
+        check_output_folder(out, None, inputs=[("--log file", log)])
     cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *(more_data or [])], out=out, block=block,
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
@@ -147,9 +154,10 @@ def train(
                                 "continue with the same command and --resume") from None
     if not result.is_main:
         return
-    err_console().print(
-        f"[dim]steps {result.start_step}→{result.steps} · {result.tokens:,} tokens · loss {_fmt(result.first_loss)} → "
+    err_console().print(  # tok/s: this invocation's tokens over its time in optimizer steps (TrainResult)
+        f"[dim]steps {result.start_step}→{result.steps} · {result.tokens:,} tokens in {result.train_seconds:.1f} s of "
+        f"steps: {result.tokens_per_second:,.0f} tok/s · loss {_fmt(result.first_loss)} → "
         f"{_fmt(result.final_loss)} · eval {_fmt(result.eval_loss_before)} → {_fmt(result.eval_loss_after)} · "
-        f"{result.tokens_per_second:,.0f} tok/s · {result.seconds:.1f} s · saved {result.out}[/]")
+        f"{result.seconds:.1f} s in all · saved {result.out}[/]")
     if as_json:
         print(json.dumps(result.to_json()), flush=True)
