@@ -439,6 +439,24 @@ def test_resume_is_exact(ckpt, data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_without_warmup_keeps_the_runs_warmup(ckpt, data, tmp_path):
+    """`--resume` without `--warmup` continues with the warmup the run started with; it took the default
+    again (min(100, steps // 10) of this call's --steps: 1 here, not 3), so the learning rates and the
+    weights parted from the uninterrupted run's."""
+    def go(out, **kw):
+        cfg = T.TrainConfig(checkpoint=ckpt, data=[data], out=out, block=4, seq_len=32, batch=4, lr=3e-3,
+                            steps=10, eval_every=0, save_every=0, device="cpu", **kw)
+        return T.train(cfg)
+
+    go(tmp_path / "full", warmup=3)
+    go(tmp_path / "split", warmup=3, stop_after=4)
+    go(tmp_path / "split", resume=True)
+    a, b = tensors(tmp_path / "full"), tensors(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = torch.load(tmp_path / "split" / T.TRAINER_STATE, weights_only=True)["settings"]
+    assert saved["warmup"] == 3
+
+
 def test_resume_after_a_crash_between_the_renames_of_a_save(ckpt, data, tmp_path):
     """Where OUT cannot be swapped in one step, a run killed between moving OUT aside and moving the new save
     in leaves only `.OUT.old-MACHINE-PID`: `--resume` puts it back and continues from it, instead of finding

@@ -894,6 +894,9 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
     if not resuming:
         check_output_folder(out, source_folder, inputs=inputs)
+    saved_warmup = state["settings"].get("warmup") if state is not None else None
+    if cfg.warmup is None and saved_warmup is not None:  # resumed without --warmup: the run's own warmup, not
+        cfg = dataclasses.replace(cfg, warmup=int(saved_warmup))  # the default recomputed from this call's --steps
     if cfg.block is None:  # the block the checkpoint was split or trained with (on resume: OUT's, the run's own)
         block, origin = recorded_block(mcfg, source_folder)
         cfg = dataclasses.replace(cfg, block=block)
