@@ -93,28 +93,28 @@ def load_sharded(ckpt: Checkpoint, cfg: NemotronHConfig, trained: set[str], mesh
 
     towers = (("context_tower", model.context_tower, context_dtype), ("denoiser_tower", model.denoiser_tower,
                                                                        torch.float32))
-    with warnings.catch_warnings():
-        # FSDP2 warns that a unit's output is a view, in case a caller changes it in place: none does
-        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-        for name, tower, dtype in towers:
-            for i, layer in enumerate(tower.layers):
-                prefix = f"{name}.layers.{i}."
-                _load_piece(layer, ckpt, prefix, dtype)
-                mark(layer, prefix)
-                fully_shard([layer.norm, layer.mixer], mesh=mesh,
-                            mp_policy=mixed if name == "denoiser_tower" else MixedPrecisionPolicy())
-        roots = [(model.context_tower.embeddings, "context_tower.embeddings.", context_dtype),
-                 (model.context_tower.norm_f, "context_tower.norm_f.", context_dtype),
-                 (model.denoiser_tower.embeddings, "denoiser_tower.embeddings.", torch.float32),
-                 (model.denoiser_tower.norm_f, "denoiser_tower.norm_f.", torch.float32),
-                 (model.lm_head, "lm_head.", torch.float32), (model.t_embedder, "t_embedder.", torch.float32),
-                 (model.t_block, "t_block.", torch.float32),
-                 (model.scale_shift_tables, "scale_shift_tables.", torch.float32)]
-        for module, prefix, dtype in roots:
-            _load_piece(module, ckpt, prefix, dtype)
-            mark(module, prefix)
-        fully_shard(denoiser, mesh=mesh, mp_policy=mixed)
-        fully_shard(context, mesh=mesh)
+    # FSDP2 warns, at a unit's first forward (in training, long after this returns: so not only while
+    # loading), that its output is a view, in case a caller changes it in place: none does
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
+    for name, tower, dtype in towers:
+        for i, layer in enumerate(tower.layers):
+            prefix = f"{name}.layers.{i}."
+            _load_piece(layer, ckpt, prefix, dtype)
+            mark(layer, prefix)
+            fully_shard([layer.norm, layer.mixer], mesh=mesh,
+                        mp_policy=mixed if name == "denoiser_tower" else MixedPrecisionPolicy())
+    roots = [(model.context_tower.embeddings, "context_tower.embeddings.", context_dtype),
+             (model.context_tower.norm_f, "context_tower.norm_f.", context_dtype),
+             (model.denoiser_tower.embeddings, "denoiser_tower.embeddings.", torch.float32),
+             (model.denoiser_tower.norm_f, "denoiser_tower.norm_f.", torch.float32),
+             (model.lm_head, "lm_head.", torch.float32), (model.t_embedder, "t_embedder.", torch.float32),
+             (model.t_block, "t_block.", torch.float32),
+             (model.scale_shift_tables, "scale_shift_tables.", torch.float32)]
+    for module, prefix, dtype in roots:
+        _load_piece(module, ckpt, prefix, dtype)
+        mark(module, prefix)
+    fully_shard(denoiser, mesh=mesh, mp_policy=mixed)
+    fully_shard(context, mesh=mesh)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_meta and not n.startswith("context_lm_head.")]
     if left:

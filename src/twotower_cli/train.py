@@ -824,6 +824,8 @@ class Dist:
     world: int
     device: torch.device
     created: bool  # we initialised the process group (and destroy it at the end)
+    training: bool = False  # past the checks and the loading: in the steps, evaluations and saves
+    saved: int | None = None  # the step OUT last received (on every rank: a save is collective)
 
     @property
     def is_main(self) -> bool:
@@ -839,6 +841,57 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+class OtherRankReports(Exception):
+    """Raised on a rank other than 0 of a `torchrun` job in place of an error that rank 0 reports too (an
+    interrupt, which every rank receives; a check of the options, the data or OUT, which every rank makes on
+    the same files): the command exits with 1 and prints nothing, so the job says it once."""
+
+
+def job_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a `torchrun` job, (0, 1) outside one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective failed because another process of the job ended (gloo: the connection closed; NCCL: a
+    backend error, the job aborted)."""
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing"))
+
+
+def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: Path) -> BaseException:
+    """What a rank of a `torchrun` job raises for `e`, so that the job prints one `Error:` line per cause:
+    rank 0 alone reports an interrupt and a check every rank makes alike; an error of one rank's own (out of
+    memory, a failed write) is said by that rank, with its rank; a collective broken by another rank's end
+    is said by rank 0 alone (with the step OUT holds), instead of the transport's message."""
+    started = env is not None and env.training
+    if isinstance(e, KeyboardInterrupt):
+        return e if rank == 0 else OtherRankReports()
+    if _peer_lost(e):
+        if rank != 0:  # rank 0 says it (with the step OUT holds), and the rank that failed says why
+            return OtherRankReports()
+        saved = env.saved if env is not None else None
+        return TwoTowerError("stopped: another process of the job ended (interrupted, or failed: then its Error "
+                             "line says why)" + (f"; {out} holds step {saved}" if saved is not None else ""),
+                             "continue with the same command and --resume" if saved is not None else
+                             "torchrun's report names the process that ended first")
+    if isinstance(e, TwoTowerError) and not started:
+        return e if rank == 0 else OtherRankReports()
+    if isinstance(e, TwoTowerError):
+        return TwoTowerError(f"rank {rank} of {world}: {e.message}", e.hint)
+    if isinstance(e, MemoryError):
+        return TwoTowerError(f"rank {rank} of {world}: out of memory", "try a smaller --batch or --seq-len, or "
+                             "--gradient-checkpointing")
+    if isinstance(e, OSError):
+        return TwoTowerError(f"rank {rank} of {world}: {e.strerror or e}"
+                             + (f": {e.filename}" if getattr(e, "filename", None) else ""),
+                             "check paths, permissions and free disk space")
+    return TwoTowerError(f"rank {rank} of {world}: {type(e).__name__}: {e}",
+                         "this looks like a bug; rerun with TWOTOWER_DEBUG=1 and report it")
 
 
 def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
@@ -867,8 +920,24 @@ def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
 # ---------------------------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> TrainResult:
-    """Train the denoiser as `cfg` says; `on_event` (rank 0 only) sees progress. See the module docstring."""
+    """Train the denoiser as `cfg` says; `on_event` (rank 0 only) sees progress. See the module docstring.
+    Under `torchrun`, errors are raised so that the job reports each cause once (`_job_error`)."""
     began = time.perf_counter()
+    rank, world = job_rank()
+    job: list[Dist] = []  # this process's place in the job, once set up
+    try:
+        return _train_checked(cfg, began, job, on_event)
+    except BaseException as e:
+        if world == 1 or isinstance(e, SystemExit) or os.environ.get("TWOTOWER_DEBUG") == "1":
+            raise
+        mapped = _job_error(e, rank, world, job[0] if job else None, Path(cfg.out))
+        if mapped is e:
+            raise
+        raise mapped from e
+
+
+def _train_checked(cfg: TrainConfig, began: float, job: list[Dist],
+                   on_event: Callable[[Event], None] | None) -> TrainResult:
     cfg.validate()
     out = Path(cfg.out)
     # Every save replaces OUT whole: refuse an OUT that is or holds the checkpoint being trained (unless
@@ -902,6 +971,7 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
         cfg = dataclasses.replace(cfg, block=block)
         cfg.validate(origin)
     env = setup_distributed(cfg.device, cfg.fsdp)
+    job.append(env)
     try:
         with no_reuse() if cfg.fsdp else contextlib.nullcontext():  # see model.derived
             return _train(cfg, env, source_folder, mcfg, state, on_event if env.is_main else None, began)
@@ -1016,9 +1086,11 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
             save_checkpoint(Path(cfg.out), model, source_folder, config, trainer_state)
             emit(Saved(step, Path(cfg.out)))
         env.barrier()
+        env.saved = step
         if (interrupt := deferred_interrupt()) is not None:  # it came as the save's old output was removed:
             raise interrupt  # the save is done (and said), and the interrupt still stops the run
 
+    env.training = True  # from here on an error may be this rank's own (`_job_error`)
     if cfg.warmup is not None and cfg.warmup >= cfg.steps:  # said after the checks: a refused run prints one Error
         emit(Warned(f"--warmup {cfg.warmup} is not below --steps {cfg.steps}: the learning rate "
                     + (f"reaches --lr {cfg.lr:g} only at the last step and never decays" if cfg.warmup == cfg.steps

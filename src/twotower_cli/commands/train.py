@@ -146,6 +146,8 @@ def train(
     with TrainProgress(log) as view:
         try:
             result = T.train(cfg, on_event=view)
+        except T.OtherRankReports:  # another rank of the torchrun job (rank 0) says the same: exit 1 quietly
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:  # OUT holds the last save whole (each replaces it atomically): say which
             if view.saved is None:
                 raise TwoTowerError("interrupted before the first save", f"{out} was not written" + (

@@ -1,0 +1,24 @@
+"""Run by tests/test_train.py under torchrun: `twotower train` (the arguments after the script), in which rank
+FAIL_RANK raises a RuntimeError (as a device out of memory would) in its FAIL_CALL-th call of `add_noise`
+(one call per micro-batch, after one for the first evaluation): one rank of the job failing on its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twotower_cli import train as T
+from twotower_cli.cli import main
+
+if int(os.environ["RANK"]) == int(os.environ["FAIL_RANK"]):
+    add_noise, calls = T.add_noise, [0]
+
+    def failing_add_noise(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(os.environ["FAIL_CALL"]):
+            raise RuntimeError("out of memory on this rank (simulated)")
+        return add_noise(*args, **kwargs)
+
+    T.add_noise = failing_add_noise
+sys.argv = ["twotower", *sys.argv[1:]]
+main()
