@@ -679,6 +679,18 @@ def test_one_rank_failing_is_said_by_that_rank_and_rank_0_says_what_out_holds(ck
 
 
 @pytest.mark.slow
+def test_a_check_of_one_ranks_own_gpu_is_said_by_that_rank(ckpt, data, tmp_path):
+    """A TwoTowerError that only one rank meets while loading (its GPU's memory check) is said by that rank,
+    with its rank: it was taken for a check every rank makes alike, left to rank 0, and no line said why."""
+    code, errors = torchrun_failing(str(Path(__file__).with_name("failing_rank.py")), "train", str(ckpt), "--data",
+                                    str(data), *TRAIN_ARGS, "--steps", "4", "-o", str(tmp_path / "o"), nproc=2,
+                                    env={"FAIL_RANK": "1", "FAIL_AT": "load"})
+    assert code != 0
+    assert "Error: rank 1 of 2: not enough free memory on this rank's GPU (simulated) (hint: free some)" in errors, errors
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
 def test_sigterm_to_torchrun_is_one_error_line_saying_the_step_out_holds(ckpt, data, tmp_path):
     """SIGTERM to torchrun (a scheduler stopping the job) reaches every rank: one Error line for the job,
     with the step OUT holds (rank 1 said, besides, that OUT was never written), and OUT resumes."""

@@ -824,7 +824,7 @@ class Dist:
     world: int
     device: torch.device
     created: bool  # we initialised the process group (and destroy it at the end)
-    training: bool = False  # past the checks and the loading: in the steps, evaluations and saves
+    training: bool = False  # past the checks every rank makes alike: loading, steps, evaluations, saves
     saved: int | None = None  # the step OUT last received (on every rank: a save is collective)
 
     @property
@@ -1004,6 +1004,9 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         if state["data"] != data_sizes:
             raise TwoTowerError(f"cannot resume: the data differs from the saved run's ({state['data']})",
                                 "resume with the same --data files, or --force")
+    # From here on an error may be this rank's own (`_job_error`), a TwoTowerError too: the load's memory
+    # check looks at this rank's GPU, which another job may fill on one rank only.
+    env.training = True
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1090,7 +1093,6 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         if (interrupt := deferred_interrupt()) is not None:  # it came as the save's old output was removed:
             raise interrupt  # the save is done (and said), and the interrupt still stops the run
 
-    env.training = True  # from here on an error may be this rank's own (`_job_error`)
     if cfg.warmup is not None and cfg.warmup >= cfg.steps:  # said after the checks: a refused run prints one Error
         emit(Warned(f"--warmup {cfg.warmup} is not below --steps {cfg.steps}: the learning rate "
                     + (f"reaches --lr {cfg.lr:g} only at the last step and never decays" if cfg.warmup == cfg.steps
