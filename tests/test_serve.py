@@ -1839,6 +1839,7 @@ def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothi
     from twotower_cli import serve
 
     monkeypatch.setattr(serve, "CLOSE_SECONDS", 0.2)
+    monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 600)  # it is still stuck when the server closes
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
     server = serve.make_server(engine, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -1853,5 +1854,130 @@ def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothi
         closing.start()
         closing.join(60)
         assert not closing.is_alive()
-        assert sum(t.is_alive() for t in server.handlers) == 1  # the stuck one, left behind
+        assert sum(t.is_alive() for t in server.handlers) == 1  # the stuck one, left behind (for the
+    engine.close()  # REQUEST_READ_SECONDS it may take: test_a_request_that_stalls_is_a_408_and_frees_its_thread)
+
+
+# ------------------------------------------------------------------------------------- stalls and timeouts
+
+def _until(condition, seconds=30.0):
+    """Whether `condition()` turns true within `seconds` (asked every 20 ms): a bound for what must happen,
+    not a measurement."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def own_server(engine, **options):
+    """A started `make_server` (not `in_background`: the test reads its `handlers`)."""
+    from twotower_cli import serve
+
+    server = serve.make_server(engine, port=0, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("sent", [
+    b"POST /v1/compl",  # inside the request line
+    b"POST /v1/completions HTTP/1.1\r\n",  # before the headers
+    b"POST /v1/completions HTTP/1.1\r\nContent-Type: appl",  # inside them
+    b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"prompt\": ",  # inside the body
+    b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"pro",  # inside a chunk
+    b"GET /v1/nope HTTP/1.1\r\nContent-Length: 10\r\n\r\nab",  # the body of a request refused (a 404)
+])
+def test_a_request_that_stalls_is_a_408_and_frees_its_thread(folder, model, monkeypatch, sent):
+    """A client that stops sending mid-request held its connection's thread for ever (there was no timeout
+    once the request's first byte had come): now, after REQUEST_READ_SECONDS without a byte, it is answered
+    with a 408 (an OpenAI error object, `Connection: close`), the connection closes and the thread ends; the
+    server serves the next client. A 404 whose body stalls keeps its 404 and closes the connection."""
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 0.3)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    base = serve.base_url(server)
+    where = urllib.parse.urlsplit(base)
+    import socket
+
+    with socket.create_connection((where.hostname, where.port), timeout=20) as stuck:
+        stuck.sendall(sent)  # and nothing more
+        status, headers, body = parse_response(read_all(stuck))  # the server closes: read_all ends
+    error = json.loads(body)["error"]
+    if sent.startswith(b"GET"):
+        assert status == 404 and "no route" in error["message"], body
+    else:
+        assert status == 408 and "did not come in time" in error["message"], body
+        assert error["type"] == "invalid_request_error"
+    assert headers["Connection"] == "close"
+    assert _until(lambda: not any(t.is_alive() for t in server.handlers))
+    assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    server.shutdown()
+    server.server_close()
     engine.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_read_timeout_does_not_bound_the_models_time_nor_the_wait_between_requests(folder, model, monkeypatch,
+                                                                                      stream):
+    """REQUEST_READ_SECONDS is for reading the request only: a request whose answer takes the model longer
+    (here: the model held for 1 s, with a read timeout of 0.1 s) gets its full answer, and a kept connection
+    then waits KEEP_ALIVE_SECONDS, not REQUEST_READ_SECONDS, for its next request."""
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 0.1)
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    want = tok.decode(reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=6)).token_ids)
+    with serving(engine) as base:
+        conn = connect(base)
+        with engine.lock:  # the model is busy for a second
+            conn.request("POST", "/v1/completions", json.dumps(
+                {"prompt": "hello there", "max_tokens": 6, "stream": stream}), {"Content-Type": "application/json"})
+            time.sleep(1.0)
+        answer = conn.getresponse()
+        text = answer.read().decode()
+        assert answer.status == 200, text
+        got = ("".join(e["choices"][0]["text"] for e in events(text)[0]) if stream
+               else json.loads(text)["choices"][0]["text"])
+        assert got == want
+        time.sleep(0.5)  # longer than REQUEST_READ_SECONDS between requests: the connection is still open
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status": "ok"}'
+        conn.close()
+    engine.close()
+
+
+def test_a_stream_its_client_stops_reading_is_closed_after_send_seconds(folder, model, monkeypatch):
+    """A client that stops reading its stream held its thread for ever, blocked in a write once the socket's
+    buffers were full: now a write that waits SEND_SECONDS ends the stream (its rows leave the batch) and the
+    connection. The buffers are made small (the server's, inherited by accepted sockets from the listening
+    one; the client's) so that a few kB fill them."""
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "SEND_SECONDS", 0.3)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    where = urllib.parse.urlsplit(serve.base_url(server))
+    body = json.dumps({"prompt": "hello there", "max_tokens": 400, "n": 16, "stream": True}).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((where.hostname, where.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert _until(lambda: engine.counts["batches_total"] and server.handlers)  # the model has begun it
+        # the client reads nothing; its connection's thread must end all the same
+        assert _until(lambda: not any(t.is_alive() for t in server.handlers), 60)
+    assert post(serve.base_url(server), "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    server.shutdown()
+    server.server_close()
+    engine.close()
+

@@ -16,7 +16,13 @@ read by its Content-Length or in chunks, `Expect: 100-continue` answered when th
 sent in chunks. An answer given before the body was read (an error) reads and drops the body first, so that
 a client still sending it reads the answer rather than a reset, and the connection goes on; a body over
 MAX_BODY_BYTES, or one whose end cannot be found, is not read, and the connection closes after the answer
-(`Connection: close`, and a moment of reading what still comes, for the same reason).
+(`Connection: close`, and a moment of reading what still comes, for the same reason). A request begun (its
+first byte came) may go REQUEST_READ_SECONDS without another byte of its request line, headers or body: then
+it is answered with a 408 and the connection closes, so that a client that stalls mid-request does not hold
+a thread for ever (one that keeps trickling bytes still can: the timeout is per read, as nginx's
+client_body_timeout, so that a large body over a slow link still comes). Once the request is read, the model
+takes the time it needs; an answer's writes may each wait SEND_SECONDS for a client that stops reading (a
+slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
@@ -98,6 +104,8 @@ GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks wheth
 CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
 KEEP_ALIVE_SECONDS = 75.0  # how long a connection may wait between requests (nginx's keepalive_timeout)
 LINGER_SECONDS = 2.0  # how long a connection closed with a request body unread reads and drops the rest
+REQUEST_READ_SECONDS = 30.0  # how long a request begun may go without a byte of it coming (then a 408)
+SEND_SECONDS = 60.0  # how long an answer may wait for its client to read (then the connection closes)
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -915,11 +923,40 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self._linger = False  # the connection closes with bytes unread: `_linger_close` reads them
             self._probed = False  # `_gone` has sent something to learn whether the client is there
             self._stream: bool | None = None  # an event stream's headers are sent: in chunks (True) or not
+            self._answered = False  # an answer's status line is sent (not an interim 100)
             self.route = ""
+            self.command, self.request_version, self.requestline, self.headers = "", "HTTP/1.1", "", None
             if not self._next_request():
                 self.close_connection = True
                 return
-            super().handle_one_request()
+            try:  # as http.server's, but a read that times out is answered (`_timed_out`)
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline:
+                    self.close_connection = True
+                elif len(self.raw_requestline) > 65536:
+                    self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                elif self.parse_request():  # else it has answered
+                    handler = getattr(self, "do_" + self.command, None)
+                    if handler is None:
+                        self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+                    else:
+                        handler()
+                        self.wfile.flush()
+            except TimeoutError:
+                self._timed_out()
+
+        def _timed_out(self) -> None:
+            """A read or a write timed out: the client stopped sending its request for REQUEST_READ_SECONDS
+            (answered with a 408 when no answer has begun), or stopped reading its answer for SEND_SECONDS. The
+            connection closes either way (where the request ends, or the answer, is lost)."""
+            self.close_connection = True
+            if self._answered:
+                return
+            self.log_error("request timed out: nothing of it came for %g s", REQUEST_READ_SECONDS)
+            self._unknown_end()
+            with contextlib.suppress(OSError):
+                self._error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not come in time: nothing of it came for "
+                            f"{REQUEST_READ_SECONDS:g} s; send it whole")
 
         def _next_request(self) -> bool:
             """Whether the client begins another request: its first byte (or one in `rfile`'s buffer already),
@@ -935,8 +972,15 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return False
             finally:
                 self.idle = False
-                with contextlib.suppress(OSError):
-                    self.connection.settimeout(None)
+                with contextlib.suppress(OSError):  # a request begun: each read waits so long for its bytes
+                    self.connection.settimeout(REQUEST_READ_SECONDS)
+
+        def _sending(self) -> None:
+            """The request is read: from here the socket's timeout is for writes (SEND_SECONDS: a client that
+            stops reading its answer), none of which are waited for while the model works (the connection is not
+            read while a request waits for its answer but through `_gone`, which does not block)."""
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(SEND_SECONDS)
 
         def handle_expect_100(self) -> bool:
             """`Expect: 100-continue`: the 100 goes out when the body is read (`_read_body`), so that a request
@@ -1004,8 +1048,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     self._unknown_end()
                     raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
                                      HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                self._sending()
                 return body
             body, self._unread = self.rfile.read(self._unread), 0
+            self._sending()
             return body
 
         def _chunks(self, limit: int) -> bytes | None:
@@ -1054,6 +1100,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     left -= len(piece)
             except BadRequest:
                 pass  # a malformed chunk: the connection closes (`_unknown_end`), the answer stands
+            except TimeoutError:
+                self._unknown_end()  # the body stalled: the answer stands, and the connection closes
 
         def _linger_close(self) -> None:
             """Closing a connection whose client may still be sending (what `_settle` did not read): say so
@@ -1076,8 +1124,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's). What is
             left of the request's body is read first (`_settle`); `Connection: close` when the connection ends."""
             self._settle()
+            self._sending()
             if engine.closing:  # the server stops: a client should not send its next request here
                 self.close_connection = True
+            self._answered = True
             self.send_response(status)
             if status != HTTPStatus.NO_CONTENT:
                 self.send_header("Content-Type", content_type)
@@ -1087,8 +1137,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            if self.command != "HEAD":  # in pieces: SEND_SECONDS bounds each, not the whole of a long answer
+                for at in range(0, len(data), 1 << 16):
+                    self.wfile.write(data[at:at + (1 << 16)])
 
         def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
             if status == HTTPStatus.SERVICE_UNAVAILABLE:
@@ -1223,6 +1274,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._error(e.status, e.message, code=e.code)
             except ConnectionError:  # the client went away; the sampler was closed with the stream
                 self.close_connection = True
+            except TimeoutError:  # its body stalled (a 408), or it stopped reading its answer
+                raise
             except Exception as e:  # noqa: BLE001 — a failed request must not take the server down
                 if self._stream is not None:  # the stream's headers are out: no other answer can follow
                     self.close_connection = True
@@ -1235,6 +1288,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._stream else data)
 
         def _events(self, req: Request, rid: str) -> None:
+            self._answered = True
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
@@ -1266,7 +1320,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                             if req.include_usage:
                                 send({**_chunk(engine, req, rid, 0, None, None), "choices": [], "usage": _usage(item)})
                             self._report(item)
-            except ConnectionError:
+            except (ConnectionError, TimeoutError):  # the client left, or stopped reading (SEND_SECONDS)
                 raise
             except BadRequest as e:  # the server shutting down: the error a request not yet answered gets
                 send(_error_body(e.status, e.message, e.code))
