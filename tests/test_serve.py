@@ -475,7 +475,7 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
 
     engines = []
 
-    def fake_make_server(engine, host, port, log=None, api_key=None):
+    def fake_make_server(engine, host, port, log=None, api_key=None, allowed_origins=()):
         engines.append(engine)
         return StoppedServer()
 
@@ -1812,7 +1812,7 @@ def test_cli_serve_max_model_len_defaults_to_the_checkpoints_and_warns_beyond_it
 
     engines = []
 
-    def fake_make_server(engine, host, port, log=None, api_key=None):
+    def fake_make_server(engine, host, port, log=None, api_key=None, allowed_origins=()):
         engines.append(engine)
         return StoppedServer()
 
@@ -1980,4 +1980,96 @@ def test_a_stream_its_client_stops_reading_is_closed_after_send_seconds(folder, 
     server.shutdown()
     server.server_close()
     engine.close()
+
+
+# ------------------------------------------------------------------------------------------------ CORS
+
+def ask(base, method, path, headers=None, body=None):
+    """(status, headers, body) of one request on its own connection."""
+    conn = connect(base)
+    conn.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, r.headers, r.read()
+    conn.close()
+    return out
+
+
+PAGE = "http://localhost:3000"
+
+
+def test_without_allowed_origins_no_cors_header_is_sent(url):
+    """The default: no Access-Control-* header on any answer, a preflight included (a browser then keeps
+    other origins' pages from calling the server)."""
+    preflight = {"Origin": PAGE, "Access-Control-Request-Method": "POST"}
+    for method, path, headers in [("OPTIONS", "/v1/chat/completions", preflight), ("GET", "/v1/models", {"Origin": PAGE}),
+                                  ("GET", "/v1/nope", {"Origin": PAGE})]:
+        _, headers_out, _ = ask(url, method, path, headers)
+        assert not [h for h in headers_out if h.lower().startswith("access-control-")], (path, headers_out)
+
+
+def test_an_allowed_origin_gets_cors_headers_on_every_answer_and_a_preflight_without_the_key(folder, model):
+    """--allowed-origin: a browser's preflight (OPTIONS with Origin and Access-Control-Request-Method, sent
+    without the API key) gets a 204 naming the origin, the route's methods, Authorization and Content-Type
+    (and the headers it asked for) and a Max-Age; every answer to that origin, the 401 without the key, the
+    404, a completion and a stream, names it, with `Vary: Origin`. Another origin is named by none."""
+    from twotower_cli import serve
+
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    key = {"Authorization": "Bearer k"}
+    with serving(engine, api_key="k", allowed_origins=[PAGE, "https://app.example"]) as base:
+        status, h, _ = ask(base, "OPTIONS", "/v1/chat/completions", {
+            "Origin": PAGE, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        assert status == 204 and h["Access-Control-Allow-Origin"] == PAGE and h["Vary"] == "Origin"
+        assert h["Access-Control-Allow-Methods"] == "POST"
+        allowed = {x.strip().lower() for x in h["Access-Control-Allow-Headers"].split(",")}
+        assert {"authorization", "content-type", "x-stainless-os"} <= allowed
+        assert int(h["Access-Control-Max-Age"]) == serve.CORS_MAX_AGE
+        status, h, _ = ask(base, "OPTIONS", "/v1/models", {"Origin": PAGE, "Access-Control-Request-Method": "GET"})
+        assert status == 204 and h["Access-Control-Allow-Methods"] == "GET, HEAD"
+        assert ask(base, "OPTIONS", "/v1/models")[0] == 401  # a plain OPTIONS still needs the key
+        want = tok.decode(reference(model, tok.encode("hi"), replace_cfg(max_new_tokens=4)).token_ids)
+        for method, path, headers, body, code in [
+                ("POST", "/v1/completions", {}, {"prompt": "hi", "max_tokens": 4}, 401),
+                ("GET", "/v1/nope", key, None, 404),
+                ("POST", "/v1/completions", key, {"prompt": "hi", "max_tokens": 4}, 200),
+                ("POST", "/v1/completions", key, {"prompt": "hi", "max_tokens": 4, "stream": True}, 200)]:
+            status, h, raw = ask(base, method, path, {**headers, "Origin": PAGE}, body)
+            assert status == code and h["Access-Control-Allow-Origin"] == PAGE and h["Vary"] == "Origin", (path, h)
+            if code == 200:
+                text = ("".join(e["choices"][0]["text"] for e in events(raw.decode())[0]) if body.get("stream")
+                        else json.loads(raw)["choices"][0]["text"])
+                assert text == want
+        status, h, _ = ask(base, "GET", "/v1/models", {**key, "Origin": "http://evil.example"})
+        assert status == 200 and "Access-Control-Allow-Origin" not in h and h["Vary"] == "Origin"
+        status, h, _ = ask(base, "OPTIONS", "/v1/completions", {
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "Access-Control-Allow-Origin" not in h
+    with serving(engine, allowed_origins=["*"]) as base:
+        status, h, _ = ask(base, "GET", "/v1/models", {"Origin": "http://anywhere.example"})
+        assert status == 200 and h["Access-Control-Allow-Origin"] == "*" and "Vary" not in h
+    engine.close()
+
+
+def test_cli_serve_takes_allowed_origins_and_refuses_one_that_is_no_origin(folder, monkeypatch):
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    given = []
+    monkeypatch.setattr(twotower_cli.serve, "make_server",
+                        lambda engine, *a, allowed_origins=(), **k: given.append(allowed_origins) or StoppedServer())
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--allowed-origin", PAGE,
+                                       "--allowed-origin", "*"])
+    assert r.exit_code == 0 and given == [[PAGE, "*"]], r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder)])
+    assert r.exit_code == 0 and given[-1] == [], r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--allowed-origin", PAGE + "/"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: --allowed-origin '{PAGE}/'"), r.output
+    assert f"--allowed-origin {PAGE})" in lines[0]
+    assert len(given) == 2  # refused before the model was loaded
 

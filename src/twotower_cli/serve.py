@@ -24,6 +24,12 @@ client_body_timeout, so that a large body over a slow link still comes). Once th
 takes the time it needs; an answer's writes may each wait SEND_SECONDS for a client that stops reading (a
 slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
 
+CORS (`allowed_origins`, `--allowed-origin`): none by default, so that a page of another origin in a browser
+cannot use the server (which may hold an API key, or serve on a trusted network); with origins, every answer
+(errors and streams too) carries Access-Control-Allow-Origin (`*`, or the request's Origin where it is allowed,
+with `Vary: Origin`), and a preflight OPTIONS is answered without asking for the API key (browsers send none)
+with the route's methods, the headers asked for besides Authorization and Content-Type, and a Max-Age.
+
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
 the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
@@ -80,7 +86,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -106,6 +112,8 @@ KEEP_ALIVE_SECONDS = 75.0  # how long a connection may wait between requests (ng
 LINGER_SECONDS = 2.0  # how long a connection closed with a request body unread reads and drops the rest
 REQUEST_READ_SECONDS = 30.0  # how long a request begun may go without a byte of it coming (then a 408)
 SEND_SECONDS = 60.0  # how long an answer may wait for its client to read (then the connection closes)
+CORS_MAX_AGE = 7200  # seconds a browser may keep a preflight's answer (Chromium keeps it 2 h at most)
+CORS_HEADERS = ("Authorization", "Content-Type")  # request headers a cross-origin request may always send
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -894,9 +902,13 @@ def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None,
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
-                log: Callable[[str], None] | None = None, api_key: str | None = None) -> ThreadingHTTPServer:
+                log: Callable[[str], None] | None = None, api_key: str | None = None,
+                allowed_origins: Sequence[str] = ()) -> ThreadingHTTPServer:
     """The HTTP server (not started: call `serve_forever`); `port` 0 picks a free one (`server_address`).
-    `api_key`: every route but /health asks for `Authorization: Bearer <api_key>` (401 otherwise)."""
+    `api_key`: every route but /health asks for `Authorization: Bearer <api_key>` (401 otherwise).
+    `allowed_origins`: the origins (scheme://host[:port], or `*`: any) whose browser pages may call the server
+    (CORS); none by default: no `Access-Control-*` header is sent, and browsers keep other origins' pages out."""
+    origins = {o.lower() for o in allowed_origins}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twotower"
@@ -1132,7 +1144,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             if status != HTTPStatus.NO_CONTENT:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
+            for name, value in {**(headers or {}), **self._cors()}.items():
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
@@ -1207,10 +1219,35 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                         code="invalid_api_key")
             return False
 
+        def _cors(self) -> dict[str, str]:
+            """The CORS headers of every answer (none without `allowed_origins`): Access-Control-Allow-Origin,
+            `*` when any origin is allowed, else the request's Origin when it is one of them (with `Vary: Origin`,
+            since the answer then depends on it; so does one to an origin left out, which gets no Allow-Origin)."""
+            if not origins:
+                return {}
+            if "*" in origins:
+                return {"Access-Control-Allow-Origin": "*"}
+            origin = (self.headers.get("Origin") or "") if self.headers is not None else ""
+            if origin.lower() in origins:
+                return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+            return {"Vary": "Origin"}
+
+        def _preflight(self, allowed: tuple[str, ...]) -> dict[str, str]:
+            """A CORS preflight's headers (an OPTIONS with Origin and Access-Control-Request-Method, which a
+            browser sends before a cross-origin request and without its API key): the route's methods, the
+            headers asked for (its client's own, e.g. the openai package's X-Stainless-*) besides Authorization
+            and Content-Type, and how long the answer may be kept."""
+            asked = [h.strip() for h in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
+            names = list(CORS_HEADERS) + [h for h in asked if h and h.lower() not in ("authorization", "content-type")
+                                          and all(c.isalnum() or c in "-_" for c in h)]
+            return {"Access-Control-Allow-Methods": ", ".join(m for m in allowed if m != "OPTIONS"),
+                    "Access-Control-Allow-Headers": ", ".join(names), "Access-Control-Max-Age": str(CORS_MAX_AGE)}
+
         def _dispatch(self) -> None:
             """Every method: the route's own (HEAD: a GET route's answer without its body), OPTIONS (a 204 with
-            the methods the route takes; `OPTIONS *`: those of the server), a 405 with `Allow` for any other, a
-            404 for a path the API lacks. The target may be a path or an absolute URL (RFC 9112 §3.2)."""
+            the methods the route takes; `OPTIONS *`: those of the server; with `allowed_origins`, a CORS
+            preflight, which needs no API key), a 405 with `Allow` for any other, a 404 for a path the API lacks.
+            The target may be a path or an absolute URL (RFC 9112 §3.2)."""
             try:
                 self._framing()
             except BadRequest as e:
@@ -1220,7 +1257,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             if target.lower().startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
             self.route = route = target.partition("?")[0]
-            if route not in ("/health", "*") and not self._allowed():
+            preflight = (bool(origins) and self.command == "OPTIONS" and "Origin" in self.headers
+                         and "Access-Control-Request-Method" in self.headers)
+            if route not in ("/health", "*") and not preflight and not self._allowed():
                 return
             if route == "*":  # the asterisk-form: the server as a whole, for OPTIONS only (RFC 9110 §9.3.7)
                 if self.command == "OPTIONS":
@@ -1234,7 +1273,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return
             allowed = (method, "HEAD", "OPTIONS") if method == "GET" else (method, "OPTIONS")
             if self.command == "OPTIONS":
-                self._send(HTTPStatus.NO_CONTENT, None, b"", {"Allow": ", ".join(allowed)})
+                self._send(HTTPStatus.NO_CONTENT, None, b"", {"Allow": ", ".join(allowed),
+                                                              **(self._preflight(allowed) if preflight else {})})
             elif self.command not in allowed:
                 self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {route}: use {method}",
                             {"Allow": ", ".join(allowed)})
@@ -1292,6 +1332,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            for name, value in self._cors().items():
+                self.send_header(name, value)
             self._stream = self.request_version >= "HTTP/1.1"
             if self._stream:
                 self.send_header("Transfer-Encoding", "chunked")
