@@ -2073,3 +2073,26 @@ def test_cli_serve_takes_allowed_origins_and_refuses_one_that_is_no_origin(folde
     assert f"--allowed-origin {PAGE})" in lines[0]
     assert len(given) == 2  # refused before the model was loaded
 
+
+# ------------------------------------------------------------------------------------------ route aliases
+
+@pytest.mark.parametrize("alias, route, body", [
+    ("/models", "/v1/models", None),
+    ("/completions", "/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+    ("/chat/completions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+])
+def test_routes_without_v1_answer_as_the_v1_routes(url, alias, route, body):
+    """An OpenAI client given the server's address without /v1 as base_url asks for /chat/completions etc.
+    (llama.cpp's server answers them too): they were 404s, they answer as the /v1 routes."""
+    method = "GET" if body is None else "POST"
+    got, want = ask(url, method, alias, body=body), ask(url, method, route, body=body)
+    assert got[0] == want[0] == 200
+    strip = ("id", "created")
+    a, b = json.loads(got[2]), json.loads(want[2])
+    if body is not None:
+        a, b = ({k: v for k, v in x.items() if k not in strip} for x in (a, b))
+        for x in (a, b):
+            x["usage"] = {k: v for k, v in x["usage"].items() if k not in ("seconds", "prompt_tokens_details")}
+    assert a == b
+    assert ask(url, "OPTIONS", alias)[1]["Allow"] == ask(url, "OPTIONS", route)[1]["Allow"]
+

@@ -6,6 +6,9 @@
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
+/models, /completions and /chat/completions answer as the /v1 routes (as llama.cpp's server does; vLLM's
+has /v1 only): an OpenAI client given the server's address without /v1 as its base_url still works.
+
 HEAD on a GET route answers the GET's status and headers without the body; OPTIONS a 204 with the route's
 methods in `Allow` (`OPTIONS *`: the server's); any other method a route does not take a 405 with `Allow`,
 and a path the API does not have a 404, all as OpenAI error objects (so are http.server's own refusals: an
@@ -105,6 +108,9 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+# the API's routes without /v1, as llama.cpp's server also answers them: a client given the server's address
+# without /v1 as its base_url (a common mistake with OpenAI clients) asks for these
+ALIASES = {"/models": "/v1/models", "/completions": "/v1/completions", "/chat/completions": "/v1/chat/completions"}
 SERVER_METHODS = ("GET", "HEAD", "POST", "OPTIONS")  # what `OPTIONS *` answers
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
 CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
@@ -1247,7 +1253,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             """Every method: the route's own (HEAD: a GET route's answer without its body), OPTIONS (a 204 with
             the methods the route takes; `OPTIONS *`: those of the server; with `allowed_origins`, a CORS
             preflight, which needs no API key), a 405 with `Allow` for any other, a 404 for a path the API lacks.
-            The target may be a path or an absolute URL (RFC 9112 §3.2)."""
+            The target may be a path or an absolute URL (RFC 9112 §3.2); /models, /completions and
+            /chat/completions are the /v1 routes (`ALIASES`)."""
             try:
                 self._framing()
             except BadRequest as e:
@@ -1256,7 +1263,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             target = self.path
             if target.lower().startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
-            self.route = route = target.partition("?")[0]
+            self.route = route = ALIASES.get(target.partition("?")[0], target.partition("?")[0])
             preflight = (bool(origins) and self.command == "OPTIONS" and "Origin" in self.headers
                          and "Access-Control-Request-Method" in self.headers)
             if route not in ("/health", "*") and not preflight and not self._allowed():
