@@ -2096,3 +2096,34 @@ def test_routes_without_v1_answer_as_the_v1_routes(url, alias, route, body):
     assert a == b
     assert ask(url, "OPTIONS", alias)[1]["Allow"] == ask(url, "OPTIONS", route)[1]["Allow"]
 
+
+# ---------------------------------------------------------------------------------- unused sampling options
+
+def test_cli_serve_warns_of_sampling_options_its_mode_or_policy_never_reads(folder, monkeypatch):
+    """As generate, chat and bench: one Warning line for each option given that the server's mode or policy
+    does not read (only those given); where a request may still choose the mode or policy that reads it, the
+    line says so. No warning for options that are read, nor for defaults."""
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **k: StoppedServer())
+
+    def warnings(*args):
+        r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), *args])
+        assert r.exit_code == 0, r.output
+        return [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+
+    assert warnings() == [] and warnings("--block", "4", "--threshold", "0.5") == []
+    assert warnings("--mode", "mask_diffusion", "--policy", "threshold", "--factor", "2") == [
+        "Warning: --factor: no effect with --policy threshold (unless a request sets policy factor) "
+        "(hint: leave it out, or use --policy factor)"]
+    got = warnings("--mode", "ar", "--steps", "2", "--threshold", "0.5")  # no denoiser: no request can use them
+    assert got == ["Warning: --steps: no effect in --mode ar, which commits one token per step "
+                   "(hint: leave it out, or use --mode mask_diffusion)",
+                   "Warning: --threshold: no effect in --mode ar, which commits one token per step "
+                   "(hint: leave it out, or use --mode mask_diffusion)"], got
+    got = warnings("--mode", "mock_ar", "--block", "4")
+    assert got == ["Warning: --block: no effect in --mode mock_ar, which commits one token per step (unless a "
+                   "request sets mode mask_diffusion) (hint: leave it out, or use --mode mask_diffusion)"], got

@@ -85,6 +85,9 @@ def serve(
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
                       cuda_graphs=cuda_graphs)
     defaults = rt.sampling(defaults, mask_token_id=mask_token_id, block=block)
+    # requests may set mode and policy themselves: the options are defaults (in ar no denoiser is loaded)
+    O.warn_if_options_unused(defaults, O.given("block", "steps", "threshold", "policy", "factor"),
+                             requests=rt.backend.twotower is not None)
     if (warning := rt.block_warning(defaults.mode, defaults.block_size)) is not None:
         report_warning(*warning)
     stated = rt.cfg.raw.get("max_position_embeddings")
