@@ -28,7 +28,8 @@ takes the time it needs; an answer's writes may each wait SEND_SECONDS for a cli
 slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
 
 CORS (`allowed_origins`, `--allowed-origin`): none by default, so that a page of another origin in a browser
-cannot use the server (which may hold an API key, or serve on a trusted network); with origins, every answer
+can neither send the API key nor read an answer (the server may hold a key, or serve a trusted network; a
+page's "simple" request without a preflight, a text/plain POST, still reaches it); with origins, every answer
 (errors and streams too) carries Access-Control-Allow-Origin (`*`, or the request's Origin where it is allowed,
 with `Vary: Origin`), and a preflight OPTIONS is answered without asking for the API key (browsers send none)
 with the route's methods, the headers asked for besides Authorization and Content-Type, and a Max-Age.
