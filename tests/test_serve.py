@@ -475,7 +475,7 @@ def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
 
     engines = []
 
-    def fake_make_server(engine, host, port, log=None, api_key=None):
+    def fake_make_server(engine, host, port, log=None, api_key=None, allowed_origins=()):
         engines.append(engine)
         return StoppedServer()
 
@@ -1812,7 +1812,7 @@ def test_cli_serve_max_model_len_defaults_to_the_checkpoints_and_warns_beyond_it
 
     engines = []
 
-    def fake_make_server(engine, host, port, log=None, api_key=None):
+    def fake_make_server(engine, host, port, log=None, api_key=None, allowed_origins=()):
         engines.append(engine)
         return StoppedServer()
 
@@ -1839,6 +1839,7 @@ def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothi
     from twotower_cli import serve
 
     monkeypatch.setattr(serve, "CLOSE_SECONDS", 0.2)
+    monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 600)  # it is still stuck when the server closes
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
     server = serve.make_server(engine, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -1853,5 +1854,276 @@ def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothi
         closing.start()
         closing.join(60)
         assert not closing.is_alive()
-        assert sum(t.is_alive() for t in server.handlers) == 1  # the stuck one, left behind
+        assert sum(t.is_alive() for t in server.handlers) == 1  # the stuck one, left behind (for the
+    engine.close()  # REQUEST_READ_SECONDS it may take: test_a_request_that_stalls_is_a_408_and_frees_its_thread)
+
+
+# ------------------------------------------------------------------------------------- stalls and timeouts
+
+def _until(condition, seconds=30.0):
+    """Whether `condition()` turns true within `seconds` (asked every 20 ms): a bound for what must happen,
+    not a measurement."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def own_server(engine, **options):
+    """A started `make_server` (not `in_background`: the test reads its `handlers`)."""
+    from twotower_cli import serve
+
+    server = serve.make_server(engine, port=0, **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("sent", [
+    b"POST /v1/compl",  # inside the request line
+    b"POST /v1/completions HTTP/1.1\r\n",  # before the headers
+    b"POST /v1/completions HTTP/1.1\r\nContent-Type: appl",  # inside them
+    b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"prompt\": ",  # inside the body
+    b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"pro",  # inside a chunk
+    b"GET /v1/nope HTTP/1.1\r\nContent-Length: 10\r\n\r\nab",  # the body of a request refused (a 404)
+])
+def test_a_request_that_stalls_is_a_408_and_frees_its_thread(folder, model, monkeypatch, sent):
+    """A client that stops sending mid-request held its connection's thread for ever (there was no timeout
+    once the request's first byte had come): now, after REQUEST_READ_SECONDS without a byte, it is answered
+    with a 408 (an OpenAI error object, `Connection: close`), the connection closes and the thread ends; the
+    server serves the next client. A 404 whose body stalls keeps its 404 and closes the connection."""
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 0.3)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    base = serve.base_url(server)
+    where = urllib.parse.urlsplit(base)
+    import socket
+
+    with socket.create_connection((where.hostname, where.port), timeout=20) as stuck:
+        stuck.sendall(sent)  # and nothing more
+        status, headers, body = parse_response(read_all(stuck))  # the server closes: read_all ends
+    error = json.loads(body)["error"]
+    if sent.startswith(b"GET"):
+        assert status == 404 and "no route" in error["message"], body
+    else:
+        assert status == 408 and "did not come in time" in error["message"], body
+        assert error["type"] == "invalid_request_error"
+    assert headers["Connection"] == "close"
+    assert _until(lambda: not any(t.is_alive() for t in server.handlers))
+    assert post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    server.shutdown()
+    server.server_close()
     engine.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_read_timeout_does_not_bound_the_models_time_nor_the_wait_between_requests(folder, model, monkeypatch,
+                                                                                      stream):
+    """REQUEST_READ_SECONDS is for reading the request only: a request whose answer takes the model longer
+    (here: the model held for 1 s, with a read timeout of 0.1 s) gets its full answer, and a kept connection
+    then waits KEEP_ALIVE_SECONDS, not REQUEST_READ_SECONDS, for its next request."""
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 0.1)
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    want = tok.decode(reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=6)).token_ids)
+    with serving(engine) as base:
+        conn = connect(base)
+        with engine.lock:  # the model is busy for a second
+            conn.request("POST", "/v1/completions", json.dumps(
+                {"prompt": "hello there", "max_tokens": 6, "stream": stream}), {"Content-Type": "application/json"})
+            time.sleep(1.0)
+        answer = conn.getresponse()
+        text = answer.read().decode()
+        assert answer.status == 200, text
+        got = ("".join(e["choices"][0]["text"] for e in events(text)[0]) if stream
+               else json.loads(text)["choices"][0]["text"])
+        assert got == want
+        time.sleep(0.5)  # longer than REQUEST_READ_SECONDS between requests: the connection is still open
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status": "ok"}'
+        conn.close()
+    engine.close()
+
+
+def test_a_stream_its_client_stops_reading_is_closed_after_send_seconds(folder, model, monkeypatch):
+    """A client that stops reading its stream held its thread for ever, blocked in a write once the socket's
+    buffers were full: now a write that waits SEND_SECONDS ends the stream (its rows leave the batch) and the
+    connection. The buffers are made small (the server's, inherited by accepted sockets from the listening
+    one; the client's) so that a few kB fill them."""
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "SEND_SECONDS", 0.3)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    where = urllib.parse.urlsplit(serve.base_url(server))
+    body = json.dumps({"prompt": "hello there", "max_tokens": 400, "n": 16, "stream": True}).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((where.hostname, where.port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert _until(lambda: engine.counts["batches_total"] and server.handlers)  # the model has begun it
+        # the client reads nothing; its connection's thread must end all the same
+        assert _until(lambda: not any(t.is_alive() for t in server.handlers), 60)
+    assert post(serve.base_url(server), "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+# ------------------------------------------------------------------------------------------------ CORS
+
+def ask(base, method, path, headers=None, body=None):
+    """(status, headers, body) of one request on its own connection."""
+    conn = connect(base)
+    conn.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, r.headers, r.read()
+    conn.close()
+    return out
+
+
+PAGE = "http://localhost:3000"
+
+
+def test_without_allowed_origins_no_cors_header_is_sent(url):
+    """The default: no Access-Control-* header on any answer, a preflight included (a browser then keeps
+    other origins' pages from calling the server)."""
+    preflight = {"Origin": PAGE, "Access-Control-Request-Method": "POST"}
+    for method, path, headers in [("OPTIONS", "/v1/chat/completions", preflight), ("GET", "/v1/models", {"Origin": PAGE}),
+                                  ("GET", "/v1/nope", {"Origin": PAGE})]:
+        _, headers_out, _ = ask(url, method, path, headers)
+        assert not [h for h in headers_out if h.lower().startswith("access-control-")], (path, headers_out)
+
+
+def test_an_allowed_origin_gets_cors_headers_on_every_answer_and_a_preflight_without_the_key(folder, model):
+    """--allowed-origin: a browser's preflight (OPTIONS with Origin and Access-Control-Request-Method, sent
+    without the API key) gets a 204 naming the origin, the route's methods, Authorization and Content-Type
+    (and the headers it asked for) and a Max-Age; every answer to that origin, the 401 without the key, the
+    404, a completion and a stream, names it, with `Vary: Origin`. Another origin is named by none."""
+    from twotower_cli import serve
+
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    key = {"Authorization": "Bearer k"}
+    with serving(engine, api_key="k", allowed_origins=[PAGE, "https://app.example"]) as base:
+        status, h, _ = ask(base, "OPTIONS", "/v1/chat/completions", {
+            "Origin": PAGE, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+        assert status == 204 and h["Access-Control-Allow-Origin"] == PAGE and h["Vary"] == "Origin"
+        assert h["Access-Control-Allow-Methods"] == "POST"
+        allowed = {x.strip().lower() for x in h["Access-Control-Allow-Headers"].split(",")}
+        assert {"authorization", "content-type", "x-stainless-os"} <= allowed
+        assert int(h["Access-Control-Max-Age"]) == serve.CORS_MAX_AGE
+        status, h, _ = ask(base, "OPTIONS", "/v1/models", {"Origin": PAGE, "Access-Control-Request-Method": "GET"})
+        assert status == 204 and h["Access-Control-Allow-Methods"] == "GET, HEAD"
+        assert ask(base, "OPTIONS", "/v1/models")[0] == 401  # a plain OPTIONS still needs the key
+        want = tok.decode(reference(model, tok.encode("hi"), replace_cfg(max_new_tokens=4)).token_ids)
+        for method, path, headers, body, code in [
+                ("POST", "/v1/completions", {}, {"prompt": "hi", "max_tokens": 4}, 401),
+                ("GET", "/v1/nope", key, None, 404),
+                ("POST", "/v1/completions", key, {"prompt": "hi", "max_tokens": 4}, 200),
+                ("POST", "/v1/completions", key, {"prompt": "hi", "max_tokens": 4, "stream": True}, 200)]:
+            status, h, raw = ask(base, method, path, {**headers, "Origin": PAGE}, body)
+            assert status == code and h["Access-Control-Allow-Origin"] == PAGE and h["Vary"] == "Origin", (path, h)
+            if code == 200:
+                text = ("".join(e["choices"][0]["text"] for e in events(raw.decode())[0]) if body.get("stream")
+                        else json.loads(raw)["choices"][0]["text"])
+                assert text == want
+        status, h, _ = ask(base, "GET", "/v1/models", {**key, "Origin": "http://evil.example"})
+        assert status == 200 and "Access-Control-Allow-Origin" not in h and h["Vary"] == "Origin"
+        status, h, _ = ask(base, "OPTIONS", "/v1/completions", {
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "Access-Control-Allow-Origin" not in h
+    with serving(engine, allowed_origins=["*"]) as base:
+        status, h, _ = ask(base, "GET", "/v1/models", {"Origin": "http://anywhere.example"})
+        assert status == 200 and h["Access-Control-Allow-Origin"] == "*" and "Vary" not in h
+    engine.close()
+
+
+def test_cli_serve_takes_allowed_origins_and_refuses_one_that_is_no_origin(folder, monkeypatch):
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    given = []
+    monkeypatch.setattr(twotower_cli.serve, "make_server",
+                        lambda engine, *a, allowed_origins=(), **k: given.append(allowed_origins) or StoppedServer())
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--allowed-origin", PAGE,
+                                       "--allowed-origin", "*"])
+    assert r.exit_code == 0 and given == [[PAGE, "*"]], r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder)])
+    assert r.exit_code == 0 and given[-1] == [], r.output
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--allowed-origin", PAGE + "/"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: --allowed-origin '{PAGE}/'"), r.output
+    assert f"--allowed-origin {PAGE})" in lines[0]
+    assert len(given) == 2  # refused before the model was loaded
+
+
+# ------------------------------------------------------------------------------------------ route aliases
+
+@pytest.mark.parametrize("alias, route, body", [
+    ("/models", "/v1/models", None),
+    ("/completions", "/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+    ("/chat/completions", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+])
+def test_routes_without_v1_answer_as_the_v1_routes(url, alias, route, body):
+    """An OpenAI client given the server's address without /v1 as base_url asks for /chat/completions etc.
+    (llama.cpp's server answers them too): they were 404s, they answer as the /v1 routes."""
+    method = "GET" if body is None else "POST"
+    got, want = ask(url, method, alias, body=body), ask(url, method, route, body=body)
+    assert got[0] == want[0] == 200
+    strip = ("id", "created")
+    a, b = json.loads(got[2]), json.loads(want[2])
+    if body is not None:
+        a, b = ({k: v for k, v in x.items() if k not in strip} for x in (a, b))
+        for x in (a, b):
+            x["usage"] = {k: v for k, v in x["usage"].items() if k not in ("seconds", "prompt_tokens_details")}
+    assert a == b
+    assert ask(url, "OPTIONS", alias)[1]["Allow"] == ask(url, "OPTIONS", route)[1]["Allow"]
+
+
+# ---------------------------------------------------------------------------------- unused sampling options
+
+def test_cli_serve_warns_of_sampling_options_its_mode_or_policy_never_reads(folder, monkeypatch):
+    """As generate, chat and bench: one Warning line for each option given that the server's mode or policy
+    does not read (only those given); where a request may still choose the mode or policy that reads it, the
+    line says so. No warning for options that are read, nor for defaults."""
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **k: StoppedServer())
+
+    def warnings(*args):
+        r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), *args])
+        assert r.exit_code == 0, r.output
+        return [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+
+    assert warnings() == [] and warnings("--block", "4", "--threshold", "0.5") == []
+    assert warnings("--mode", "mask_diffusion", "--policy", "threshold", "--factor", "2") == [
+        "Warning: --factor: no effect with --policy threshold (unless a request sets policy factor) "
+        "(hint: leave it out, or use --policy factor)"]
+    got = warnings("--mode", "ar", "--steps", "2", "--threshold", "0.5")  # no denoiser: no request can use them
+    assert got == ["Warning: --steps: no effect in --mode ar, which commits one token per step "
+                   "(hint: leave it out, or use --mode mask_diffusion)",
+                   "Warning: --threshold: no effect in --mode ar, which commits one token per step "
+                   "(hint: leave it out, or use --mode mask_diffusion)"], got
+    got = warnings("--mode", "mock_ar", "--block", "4")
+    assert got == ["Warning: --block: no effect in --mode mock_ar, which commits one token per step (unless a "
+                   "request sets mode mask_diffusion) (hint: leave it out, or use --mode mask_diffusion)"], got

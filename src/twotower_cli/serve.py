@@ -6,6 +6,9 @@
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
+/models, /completions and /chat/completions answer as the /v1 routes (as llama.cpp's server does; vLLM's
+has /v1 only): an OpenAI client given the server's address without /v1 as its base_url still works.
+
 HEAD on a GET route answers the GET's status and headers without the body; OPTIONS a 204 with the route's
 methods in `Allow` (`OPTIONS *`: the server's); any other method a route does not take a 405 with `Allow`,
 and a path the API does not have a 404, all as OpenAI error objects (so are http.server's own refusals: an
@@ -16,7 +19,20 @@ read by its Content-Length or in chunks, `Expect: 100-continue` answered when th
 sent in chunks. An answer given before the body was read (an error) reads and drops the body first, so that
 a client still sending it reads the answer rather than a reset, and the connection goes on; a body over
 MAX_BODY_BYTES, or one whose end cannot be found, is not read, and the connection closes after the answer
-(`Connection: close`, and a moment of reading what still comes, for the same reason).
+(`Connection: close`, and a moment of reading what still comes, for the same reason). A request begun (its
+first byte came) may go REQUEST_READ_SECONDS without another byte of its request line, headers or body: then
+it is answered with a 408 and the connection closes, so that a client that stalls mid-request does not hold
+a thread for ever (one that keeps trickling bytes still can: the timeout is per read, as nginx's
+client_body_timeout, so that a large body over a slow link still comes). Once the request is read, the model
+takes the time it needs; an answer's writes may each wait SEND_SECONDS for a client that stops reading (a
+slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
+
+CORS (`allowed_origins`, `--allowed-origin`): none by default, so that a page of another origin in a browser
+can neither send the API key nor read an answer (the server may hold a key, or serve a trusted network; a
+page's "simple" request without a preflight, a text/plain POST, still reaches it); with origins, every answer
+(errors and streams too) carries Access-Control-Allow-Origin (`*`, or the request's Origin where it is allowed,
+with `Vary: Origin`), and a preflight OPTIONS is answered without asking for the API key (browsers send none)
+with the route's methods, the headers asked for besides Authorization and Content-Type, and a Max-Age.
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
@@ -74,7 +90,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -93,11 +109,18 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+# the API's routes without /v1, as llama.cpp's server also answers them: a client given the server's address
+# without /v1 as its base_url (a common mistake with OpenAI clients) asks for these
+ALIASES = {"/models": "/v1/models", "/completions": "/v1/completions", "/chat/completions": "/v1/chat/completions"}
 SERVER_METHODS = ("GET", "HEAD", "POST", "OPTIONS")  # what `OPTIONS *` answers
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
 CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
 KEEP_ALIVE_SECONDS = 75.0  # how long a connection may wait between requests (nginx's keepalive_timeout)
 LINGER_SECONDS = 2.0  # how long a connection closed with a request body unread reads and drops the rest
+REQUEST_READ_SECONDS = 30.0  # how long a request begun may go without a byte of it coming (then a 408)
+SEND_SECONDS = 60.0  # how long an answer may wait for its client to read (then the connection closes)
+CORS_MAX_AGE = 7200  # seconds a browser may keep a preflight's answer (Chromium keeps it 2 h at most)
+CORS_HEADERS = ("Authorization", "Content-Type")  # request headers a cross-origin request may always send
 METRICS = {  # name: (Prometheus type, help)
     "requests_total": ("counter", "Requests answered."),
     "failed_requests_total": ("counter", "Requests that failed in the model (answered with a 500)."),
@@ -886,9 +909,13 @@ def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None,
 
 
 def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
-                log: Callable[[str], None] | None = None, api_key: str | None = None) -> ThreadingHTTPServer:
+                log: Callable[[str], None] | None = None, api_key: str | None = None,
+                allowed_origins: Sequence[str] = ()) -> ThreadingHTTPServer:
     """The HTTP server (not started: call `serve_forever`); `port` 0 picks a free one (`server_address`).
-    `api_key`: every route but /health asks for `Authorization: Bearer <api_key>` (401 otherwise)."""
+    `api_key`: every route but /health asks for `Authorization: Bearer <api_key>` (401 otherwise).
+    `allowed_origins`: the origins (scheme://host[:port], or `*`: any) whose browser pages may call the server
+    (CORS); none by default: no `Access-Control-*` header is sent, and browsers keep other origins' pages out."""
+    origins = {o.lower() for o in allowed_origins}
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twotower"
@@ -915,11 +942,40 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self._linger = False  # the connection closes with bytes unread: `_linger_close` reads them
             self._probed = False  # `_gone` has sent something to learn whether the client is there
             self._stream: bool | None = None  # an event stream's headers are sent: in chunks (True) or not
+            self._answered = False  # an answer's status line is sent (not an interim 100)
             self.route = ""
+            self.command, self.request_version, self.requestline, self.headers = "", "HTTP/1.1", "", None
             if not self._next_request():
                 self.close_connection = True
                 return
-            super().handle_one_request()
+            try:  # as http.server's, but a read that times out is answered (`_timed_out`)
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline:
+                    self.close_connection = True
+                elif len(self.raw_requestline) > 65536:
+                    self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                elif self.parse_request():  # else it has answered
+                    handler = getattr(self, "do_" + self.command, None)
+                    if handler is None:
+                        self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+                    else:
+                        handler()
+                        self.wfile.flush()
+            except TimeoutError:
+                self._timed_out()
+
+        def _timed_out(self) -> None:
+            """A read or a write timed out: the client stopped sending its request for REQUEST_READ_SECONDS
+            (answered with a 408 when no answer has begun), or stopped reading its answer for SEND_SECONDS. The
+            connection closes either way (where the request ends, or the answer, is lost)."""
+            self.close_connection = True
+            if self._answered:
+                return
+            self.log_error("request timed out: nothing of it came for %g s", REQUEST_READ_SECONDS)
+            self._unknown_end()
+            with contextlib.suppress(OSError):
+                self._error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not come in time: nothing of it came for "
+                            f"{REQUEST_READ_SECONDS:g} s; send it whole")
 
         def _next_request(self) -> bool:
             """Whether the client begins another request: its first byte (or one in `rfile`'s buffer already),
@@ -935,8 +991,15 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return False
             finally:
                 self.idle = False
-                with contextlib.suppress(OSError):
-                    self.connection.settimeout(None)
+                with contextlib.suppress(OSError):  # a request begun: each read waits so long for its bytes
+                    self.connection.settimeout(REQUEST_READ_SECONDS)
+
+        def _sending(self) -> None:
+            """The request is read: from here the socket's timeout is for writes (SEND_SECONDS: a client that
+            stops reading its answer), none of which are waited for while the model works (the connection is not
+            read while a request waits for its answer but through `_gone`, which does not block)."""
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(SEND_SECONDS)
 
         def handle_expect_100(self) -> bool:
             """`Expect: 100-continue`: the 100 goes out when the body is read (`_read_body`), so that a request
@@ -1004,8 +1067,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     self._unknown_end()
                     raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MiB",
                                      HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                self._sending()
                 return body
             body, self._unread = self.rfile.read(self._unread), 0
+            self._sending()
             return body
 
         def _chunks(self, limit: int) -> bytes | None:
@@ -1054,6 +1119,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     left -= len(piece)
             except BadRequest:
                 pass  # a malformed chunk: the connection closes (`_unknown_end`), the answer stands
+            except TimeoutError:
+                self._unknown_end()  # the body stalled: the answer stands, and the connection closes
 
         def _linger_close(self) -> None:
             """Closing a connection whose client may still be sending (what `_settle` did not read): say so
@@ -1076,19 +1143,22 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             """A whole answer; to a HEAD, its status and headers only (Content-Length still the body's). What is
             left of the request's body is read first (`_settle`); `Connection: close` when the connection ends."""
             self._settle()
+            self._sending()
             if engine.closing:  # the server stops: a client should not send its next request here
                 self.close_connection = True
+            self._answered = True
             self.send_response(status)
             if status != HTTPStatus.NO_CONTENT:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
+            for name, value in {**(headers or {}), **self._cors()}.items():
                 self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            if self.command != "HEAD":  # in pieces: SEND_SECONDS bounds each, not the whole of a long answer
+                for at in range(0, len(data), 1 << 16):
+                    self.wfile.write(data[at:at + (1 << 16)])
 
         def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
             if status == HTTPStatus.SERVICE_UNAVAILABLE:
@@ -1156,10 +1226,36 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                         code="invalid_api_key")
             return False
 
+        def _cors(self) -> dict[str, str]:
+            """The CORS headers of every answer (none without `allowed_origins`): Access-Control-Allow-Origin,
+            `*` when any origin is allowed, else the request's Origin when it is one of them (with `Vary: Origin`,
+            since the answer then depends on it; so does one to an origin left out, which gets no Allow-Origin)."""
+            if not origins:
+                return {}
+            if "*" in origins:
+                return {"Access-Control-Allow-Origin": "*"}
+            origin = (self.headers.get("Origin") or "") if self.headers is not None else ""
+            if origin.lower() in origins:
+                return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+            return {"Vary": "Origin"}
+
+        def _preflight(self, allowed: tuple[str, ...]) -> dict[str, str]:
+            """A CORS preflight's headers (an OPTIONS with Origin and Access-Control-Request-Method, which a
+            browser sends before a cross-origin request and without its API key): the route's methods, the
+            headers asked for (its client's own, e.g. the openai package's X-Stainless-*) besides Authorization
+            and Content-Type, and how long the answer may be kept."""
+            asked = [h.strip() for h in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
+            names = list(CORS_HEADERS) + [h for h in asked if h and h.lower() not in ("authorization", "content-type")
+                                          and all(c.isalnum() or c in "-_" for c in h)]
+            return {"Access-Control-Allow-Methods": ", ".join(m for m in allowed if m != "OPTIONS"),
+                    "Access-Control-Allow-Headers": ", ".join(names), "Access-Control-Max-Age": str(CORS_MAX_AGE)}
+
         def _dispatch(self) -> None:
             """Every method: the route's own (HEAD: a GET route's answer without its body), OPTIONS (a 204 with
-            the methods the route takes; `OPTIONS *`: those of the server), a 405 with `Allow` for any other, a
-            404 for a path the API lacks. The target may be a path or an absolute URL (RFC 9112 §3.2)."""
+            the methods the route takes; `OPTIONS *`: those of the server; with `allowed_origins`, a CORS
+            preflight, which needs no API key), a 405 with `Allow` for any other, a 404 for a path the API lacks.
+            The target may be a path or an absolute URL (RFC 9112 §3.2); /models, /completions and
+            /chat/completions are the /v1 routes (`ALIASES`)."""
             try:
                 self._framing()
             except BadRequest as e:
@@ -1168,8 +1264,10 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             target = self.path
             if target.lower().startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
-            self.route = route = target.partition("?")[0]
-            if route not in ("/health", "*") and not self._allowed():
+            self.route = route = ALIASES.get(target.partition("?")[0], target.partition("?")[0])
+            preflight = (bool(origins) and self.command == "OPTIONS" and "Origin" in self.headers
+                         and "Access-Control-Request-Method" in self.headers)
+            if route not in ("/health", "*") and not preflight and not self._allowed():
                 return
             if route == "*":  # the asterisk-form: the server as a whole, for OPTIONS only (RFC 9110 §9.3.7)
                 if self.command == "OPTIONS":
@@ -1183,7 +1281,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return
             allowed = (method, "HEAD", "OPTIONS") if method == "GET" else (method, "OPTIONS")
             if self.command == "OPTIONS":
-                self._send(HTTPStatus.NO_CONTENT, None, b"", {"Allow": ", ".join(allowed)})
+                self._send(HTTPStatus.NO_CONTENT, None, b"", {"Allow": ", ".join(allowed),
+                                                              **(self._preflight(allowed) if preflight else {})})
             elif self.command not in allowed:
                 self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {route}: use {method}",
                             {"Allow": ", ".join(allowed)})
@@ -1223,6 +1322,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._error(e.status, e.message, code=e.code)
             except ConnectionError:  # the client went away; the sampler was closed with the stream
                 self.close_connection = True
+            except TimeoutError:  # its body stalled (a 408), or it stopped reading its answer
+                raise
             except Exception as e:  # noqa: BLE001 — a failed request must not take the server down
                 if self._stream is not None:  # the stream's headers are out: no other answer can follow
                     self.close_connection = True
@@ -1235,9 +1336,12 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._stream else data)
 
         def _events(self, req: Request, rid: str) -> None:
+            self._answered = True
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            for name, value in self._cors().items():
+                self.send_header(name, value)
             self._stream = self.request_version >= "HTTP/1.1"
             if self._stream:
                 self.send_header("Transfer-Encoding", "chunked")
@@ -1266,7 +1370,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                             if req.include_usage:
                                 send({**_chunk(engine, req, rid, 0, None, None), "choices": [], "usage": _usage(item)})
                             self._report(item)
-            except ConnectionError:
+            except (ConnectionError, TimeoutError):  # the client left, or stopped reading (SEND_SECONDS)
                 raise
             except BadRequest as e:  # the server shutting down: the error a request not yet answered gets
                 send(_error_body(e.status, e.message, e.code))

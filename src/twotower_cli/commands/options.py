@@ -119,12 +119,14 @@ def given(*names: str) -> set[str]:
     return {n for n in names if ctx.get_parameter_source(n) not in (None, default)}
 
 
-def warn_if_options_unused(settings: SamplingConfig, passed: set[str], why: str | None = None) -> None:
-    """generate, chat, bench: one `Warning:` line for each sampling option the user gave (`passed`: parameter
-    names, see `given`) that the chosen mode and policy never read: --block, --steps, --threshold, --policy and
-    --factor outside mask_diffusion (ar and mock_ar commit one token per step); in mask_diffusion, --threshold
-    unless --policy threshold, --factor unless --policy factor. `why`: what the line says instead of the mode
-    (bench, which has no --mode)."""
+def warn_if_options_unused(settings: SamplingConfig, passed: set[str], why: str | None = None,
+                           requests: bool = False) -> None:
+    """generate, chat, bench, serve: one `Warning:` line for each sampling option the user gave (`passed`:
+    parameter names, see `given`) that the chosen mode and policy never read: --block, --steps, --threshold,
+    --policy and --factor outside mask_diffusion (ar and mock_ar commit one token per step); in mask_diffusion,
+    --threshold unless --policy threshold, --factor unless --policy factor. `why`: what the line says instead of
+    the mode (bench, which has no --mode). `requests` (serve, with a denoiser loaded): the options are defaults
+    that a request may set the mode or policy to use, which the line says."""
     from twotower_cli.cli import report_warning
 
     flags = {"block": "--block", "steps": "--steps", "threshold": "--threshold", "policy": "--policy",
@@ -132,10 +134,12 @@ def warn_if_options_unused(settings: SamplingConfig, passed: set[str], why: str 
     if settings.mode != "mask_diffusion":
         for name in [n for n in flags if n in passed]:
             report_warning(f"{flags[name]}: no effect " + (why or f"in --mode {settings.mode}, which commits one "
-                                                                   "token per step"),
+                                                                   "token per step")
+                           + (" (unless a request sets mode mask_diffusion)" if requests else ""),
                            "leave it out" + ("" if why else ", or use --mode mask_diffusion"))
         return
     for name, policy in (("threshold", "threshold"), ("factor", "factor")):
         if name in passed and settings.policy != policy:
-            report_warning(f"{flags[name]}: no effect with --policy {settings.policy}",
+            report_warning(f"{flags[name]}: no effect with --policy {settings.policy}"
+                           + (f" (unless a request sets policy {policy})" if requests else ""),
                            f"leave it out, or use --policy {policy}")

@@ -49,6 +49,7 @@ def serve(
     conversations: Annotated[int, typer.Option(help="Conversations whose context-tower state is kept between requests (one copy of the state at each one's last user message), so that a client's next turn reads only its new ids even after other clients' requests.")] = 8,
     max_batch: Annotated[int, typer.Option(help="Prompts (rows) in the model at most: requests with the same mode (mask_diffusion: and block) share a batch, a request of more prompts goes in part by part (1: one prompt at a time).")] = 16,
     max_waiting: Annotated[int, typer.Option(help="Refuse a request with a 503 (and Retry-After) while this many wait for the model (0: no limit).")] = 0,
+    allowed_origin: Annotated[list[str] | None, typer.Option("--allowed-origin", help="Let browser pages of this origin (scheme://host[:port], e.g. http://localhost:3000; * for any) call the server: CORS headers on every answer, preflights answered (repeatable). Default: none, no CORS headers, so that no web page of another origin can send the server its --api-key or read its answers.")] = None,
     continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Let a request join a running batch between its blocks (ar, mock_ar: tokens), and finished ones leave it; --no-continuous: a request that comes while a batch runs waits for all of it.")] = True,
 ) -> None:
     from rich.markup import escape
@@ -70,6 +71,7 @@ def serve(
         raise TwoTowerError(f"conversations {conversations} must be at least 1", "try --conversations 8")
     if not 0 <= port <= 65535:
         raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
+    origins = [_origin(o) for o in allowed_origin or []]
     variables = parse_template_args(chat_arg or [])
     if taken := template_variables_taken(variables):
         raise TwoTowerError(f"--chat-arg cannot set {taken}: the server sets it for each request",
@@ -83,6 +85,9 @@ def serve(
                       context_device=context_device, denoiser_device=denoiser_device, compile=compile, threads=threads,
                       cuda_graphs=cuda_graphs)
     defaults = rt.sampling(defaults, mask_token_id=mask_token_id, block=block)
+    # requests may set mode and policy themselves: the options are defaults (in ar no denoiser is loaded)
+    O.warn_if_options_unused(defaults, O.given("block", "steps", "threshold", "policy", "factor"),
+                             requests=rt.backend.twotower is not None)
     if (warning := rt.block_warning(defaults.mode, defaults.block_size)) is not None:
         report_warning(*warning)
     stated = rt.cfg.raw.get("max_position_embeddings")
@@ -98,7 +103,7 @@ def serve(
     try:
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
                                                                                highlight=False, soft_wrap=True),
-                             api_key=api_key or None)
+                             api_key=api_key or None, allowed_origins=origins)
     except OSError as e:
         import errno
         import socket
@@ -114,6 +119,8 @@ def serve(
     elif host not in ("127.0.0.1", "localhost", "::1"):
         report_warning(f"listening on {host} without an API key: whoever reaches port {bound_port} can use the model",
                        "pass --api-key KEY (or set TWOTOWER_API_KEY)")
+    if origins:
+        chat_note += " · CORS: " + ", ".join(origins)
     console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
                   f"[bold]{base_url(server)}/v1[/] · context {engine.max_model_len} tokens · {chat_note} · Ctrl-C stops",
                   highlight=False)
@@ -124,3 +131,17 @@ def serve(
     finally:
         engine.close()  # requests still running get a 503, and the model's thread ends before the interpreter
         server.server_close()  # then their threads write those 503s (it waits up to serve.CLOSE_SECONDS)
+
+
+def _origin(value: str) -> str:
+    """An --allowed-origin: `*`, or a browser's Origin (scheme://host[:port], no path)."""
+    import re
+
+    from twotower_cli.errors import TwoTowerError
+
+    if value == "*" or re.fullmatch(r"https?://[^/\s?#@]+", value):
+        return value
+    fixed = re.match(r"https?://[^/\s?#@]+", value)
+    raise TwoTowerError(f"--allowed-origin {value!r} is not an origin",
+                        f"use scheme://host[:port] as a browser sends it, e.g. --allowed-origin {fixed.group(0)}" if fixed
+                        else "use scheme://host[:port] as a browser sends it, e.g. http://localhost:3000, or * for any")
