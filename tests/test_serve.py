@@ -819,6 +819,52 @@ def test_max_waiting_refuses_with_a_503_and_retry_after(folder, model):
     assert got["first"][0] == 200 and later[0] == 200 and engine.counts["refused_requests_total"] == 1
 
 
+def test_max_waiting_holds_when_requests_pass_the_early_check_together(folder, model, monkeypatch):
+    """Requests that arrive together all pass `check_room` (asked before a stream's headers) before any is
+    queued: the limit is checked again as each is queued, so --max-waiting 1 never lets 2 wait (it did: seen
+    as twotower_waiting_requests 2 under bursts of 64 clients). Here the early check lets everything by."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", max_waiting=1)
+    monkeypatch.setattr(engine, "check_room", lambda: None)
+    got = {}
+    with serving(engine) as base:
+        with engine.lock:  # the model is busy: requests wait
+            first = threading.Thread(target=lambda: got.update(first=post(base, "/v1/completions",
+                                                                        {"prompt": "hello", "max_tokens": 4})))
+            first.start()
+            while not engine.pending:
+                time.sleep(0.01)
+            second = threading.Thread(target=lambda: got.update(second=post(base, "/v1/completions",
+                                                                          {"prompt": "abc", "max_tokens": 4})))
+            second.start()
+            second.join(30)
+            assert len(engine.pending) == 1
+        first.join(60)
+    assert got["first"][0] == 200 and got["second"][0] == 503, got
+    assert engine.counts["refused_requests_total"] == 1
+
+
+def test_a_burst_of_connections_waits_for_the_server_instead_of_being_reset(folder, model):
+    """64 clients connecting at once while the server has not yet taken any (its thread busy): the system
+    holds them for it (socketserver's default backlog of 5 dropped the rest, which clients saw as resets and
+    timeouts before any answer or 503)."""
+    import socket
+
+    from twotower_cli.serve import make_server
+
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = make_server(engine, "127.0.0.1", 0)  # listening, never accepting
+    clients = []
+    try:
+        for _ in range(64):
+            clients.append(socket.create_connection(server.server_address[:2], timeout=3))
+    finally:
+        for c in clients:
+            c.close()
+        server.server_close()
+        engine.close()
+    assert len(clients) == 64
+
+
 def test_max_batch_and_seeded_sampling_split_the_batches(folder, model):
     tok = Tokenizer(folder)
     lines = []
