@@ -52,3 +52,22 @@ def test_the_installed_command_reports_command_line_errors_in_one_line():
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("Error: ") and "'--top-k'" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_gpu_out_of_memory_is_said_as_such_not_as_a_bug(monkeypatch):
+    """torch's out-of-memory error on a GPU is a RuntimeError (not Python's MemoryError): it was reported as
+    "OutOfMemoryError: CUDA out of memory. Tried … (and the allocator's paragraph)" with the hint "this looks
+    like a bug". Now: its first sentences and what to do about it."""
+    import torch
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.10 GiB of which 1.20 GiB is free. Including non-PyTorch memory, this "
+                                     "process has 77.80 GiB memory in use.")
+
+    monkeypatch.setattr("twotower_cli.runtime.open_runtime", full)
+    r = runner.invoke(get_app(), ["generate", "hello", "--no-live"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: CUDA out of memory. Tried to allocate 2.00 GiB (hint: use a smaller --dtype"), lines
+    assert "bug" not in lines[0] and "Including" not in lines[0]

@@ -20,7 +20,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from twotower_cli import __version__
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import OUT_OF_DEVICE_MEMORY_HINT, TwoTowerError, device_out_of_memory
 
 # The click typer runs on: recent typer carries its own copy (`typer._click`, whose exceptions are not the click
 # package's), older typer uses click itself.
@@ -93,6 +93,8 @@ def report_error(e: BaseException) -> None:
         msg, hint = "interrupted", None
     elif isinstance(e, MemoryError):
         msg, hint = "out of memory", "try a smaller --dtype, fewer tokens or another device"
+    elif (oom := device_out_of_memory(e)) is not None:
+        msg, hint = oom, OUT_OF_DEVICE_MEMORY_HINT
     elif isinstance(e, OSError):
         msg, hint = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""), \
             "check paths, permissions and free disk space"

@@ -74,7 +74,7 @@ from twotower_cli.checkpoint import (
     sync_path,
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, device_out_of_memory
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.derived import no_reuse
@@ -883,9 +883,9 @@ def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: P
         return e if rank == 0 else OtherRankReports()
     if isinstance(e, TwoTowerError):
         return TwoTowerError(f"rank {rank} of {world}: {e.message}", e.hint)
-    if isinstance(e, MemoryError):
-        return TwoTowerError(f"rank {rank} of {world}: out of memory", "try a smaller --batch or --seq-len, or "
-                             "--gradient-checkpointing")
+    if isinstance(e, MemoryError) or (oom := device_out_of_memory(e)) is not None:
+        return TwoTowerError(f"rank {rank} of {world}: " + ("out of memory" if isinstance(e, MemoryError) else oom),
+                             "try a smaller --batch or --seq-len, or --gradient-checkpointing")
     if isinstance(e, OSError):
         return TwoTowerError(f"rank {rank} of {world}: {e.strerror or e}"
                              + (f": {e.filename}" if getattr(e, "filename", None) else ""),
