@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 
-from twotower_cli.checkpoint import open_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.model.loading import require_shards
 from twotower_cli.sampler import SamplingConfig
 from twotower_cli.text import Tokenizer, end_token_ids, generation_eos_ids
 from twotower_cli.towers import LoadedModel, TowerBackend, load_model
@@ -115,7 +113,6 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
         where = f"both would run on {den}" if ctx == den else f"they would run on {ctx} and {den}"
         raise TwoTowerError(f"--cuda-graphs needs a tower on a GPU; {where}",
                             "use --device cuda (or --context-device / --denoiser-device cuda:N), or drop --cuda-graphs")
-    require_shards(open_checkpoint(folder))  # before the checkpoint is judged TwoTower or not by its tensors
     tokenizer = Tokenizer(folder)
     generation_eos = generation_eos_ids(folder)  # read before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,

@@ -38,7 +38,7 @@ from twotower_cli.errors import TwoTowerError
 from twotower_cli.layout import TIME_EMBED_DIM, keep_fp32
 from twotower_cli.model import attention
 from twotower_cli.model.cache import KVCache, MambaState, TowerCache
-from twotower_cli.model.loading import load_state
+from twotower_cli.model.loading import load_state, require_shards
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM, NemotronHModel
 from twotower_cli.ops import kernels
 
@@ -244,6 +244,7 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
     `check_memory`: first make sure each device has room for what will be read onto it (`check_room`).
     """
     ckpt = open_checkpoint(path)
+    require_shards(ckpt)  # before the checkpoint is judged TwoTower or not by its tensors
     cfg = _config_of(ckpt)
     two = is_twotower_checkpoint(ckpt)
     ctx_dev = torch.device(context_device or device)
