@@ -20,7 +20,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from twotower_cli import __version__
-from twotower_cli.errors import OUT_OF_DEVICE_MEMORY_HINT, TwoTowerError, device_out_of_memory
+from twotower_cli.errors import TwoTowerError, describe
 
 # The click typer runs on: recent typer carries its own copy (`typer._click`, whose exceptions are not the click
 # package's), older typer uses click itself.
@@ -87,19 +87,7 @@ def _root(
 def report_error(e: BaseException) -> None:
     from twotower_cli.display import err_console
 
-    if isinstance(e, TwoTowerError):
-        msg, hint = e.message, e.hint
-    elif isinstance(e, KeyboardInterrupt):
-        msg, hint = "interrupted", None
-    elif isinstance(e, MemoryError):
-        msg, hint = "out of memory", "try a smaller --dtype, fewer tokens or another device"
-    elif (oom := device_out_of_memory(e)) is not None:
-        msg, hint = oom, OUT_OF_DEVICE_MEMORY_HINT
-    elif isinstance(e, OSError):
-        msg, hint = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""), \
-            "check paths, permissions and free disk space"
-    else:
-        msg, hint = f"{type(e).__name__}: {e}", "this looks like a bug; rerun with TWOTOWER_DEBUG=1 and report it"
+    msg, hint = describe(e)
     line = f"[bold red]Error:[/] {_escape(msg)}"
     if hint:
         line += f" [dim](hint: {_escape(hint)})[/]"

@@ -27,3 +27,20 @@ def device_out_of_memory(e: BaseException) -> str | None:
         return None
     text = str(e).strip()
     return ". ".join(text.split(". ")[:2]).rstrip(".") or "out of GPU memory"
+
+
+def describe(e: BaseException) -> tuple[str, str | None]:
+    """(message, hint) of the `Error:` line for `e`: a TwoTowerError's own; an interrupt; out of memory (host
+    or GPU); a system error with its path; anything else as a bug to report."""
+    if isinstance(e, TwoTowerError):
+        return e.message, e.hint
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", None
+    if isinstance(e, MemoryError):
+        return "out of memory", "try a smaller --dtype, fewer tokens or another device"
+    if (oom := device_out_of_memory(e)) is not None:
+        return oom, OUT_OF_DEVICE_MEMORY_HINT
+    if isinstance(e, OSError):
+        return (f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""),
+                "check paths, permissions and free disk space")
+    return f"{type(e).__name__}: {e}", "this looks like a bug; rerun with TWOTOWER_DEBUG=1 and report it"

@@ -74,7 +74,7 @@ from twotower_cli.checkpoint import (
     sync_path,
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
-from twotower_cli.errors import TwoTowerError, device_out_of_memory
+from twotower_cli.errors import TwoTowerError, describe, device_out_of_memory
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.derived import no_reuse
@@ -881,17 +881,10 @@ def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: P
                              "torchrun's report names the process that ended first")
     if isinstance(e, TwoTowerError) and not started:
         return e if rank == 0 else OtherRankReports()
-    if isinstance(e, TwoTowerError):
-        return TwoTowerError(f"rank {rank} of {world}: {e.message}", e.hint)
-    if isinstance(e, MemoryError) or (oom := device_out_of_memory(e)) is not None:
-        return TwoTowerError(f"rank {rank} of {world}: " + ("out of memory" if isinstance(e, MemoryError) else oom),
-                             "try a smaller --batch or --seq-len, or --gradient-checkpointing")
-    if isinstance(e, OSError):
-        return TwoTowerError(f"rank {rank} of {world}: {e.strerror or e}"
-                             + (f": {e.filename}" if getattr(e, "filename", None) else ""),
-                             "check paths, permissions and free disk space")
-    return TwoTowerError(f"rank {rank} of {world}: {type(e).__name__}: {e}",
-                         "this looks like a bug; rerun with TWOTOWER_DEBUG=1 and report it")
+    message, hint = describe(e)  # this rank's own error, said as the CLI says it, with its rank
+    if isinstance(e, MemoryError) or device_out_of_memory(e) is not None:
+        hint = "try a smaller --batch or --seq-len, or --gradient-checkpointing"
+    return TwoTowerError(f"rank {rank} of {world}: {message}", hint)
 
 
 def setup_distributed(device: str | None, fsdp: bool = False) -> Dist:
