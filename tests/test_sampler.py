@@ -1,4 +1,5 @@
-"""The sampler's commit rule (spec §7) on a scripted fake denoiser: every clause, NFE, early exit, EOS."""
+"""The sampler's commit rule (spec §7) on a scripted fake denoiser: every clause, NFE, early exit, EOS; and
+every mode on a real tiny TwoTower against a reference sampler written from spec §7 (no cache reuse)."""
 
 from __future__ import annotations
 
@@ -303,3 +304,106 @@ def test_companion_generators_follow_the_generator_and_stay_bounded(monkeypatch)
     assert len(S._COMPANIONS) == 3
     assert [e[0] for e in S._COMPANIONS.values()] == gens[2:]  # the least recently used went first
     assert S._generator_on(gens[0], other) is not first  # evicted: a new companion (seeded afresh)
+
+
+# ---------------------------------------------------------------------------------------------- reference sampler
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """A tiny TwoTower whose denoiser is unlike its context tower, with random time conditioning."""
+    from tests.twotower_helpers import write_random_twotower
+
+    from twotower_cli.towers import load_model
+
+    return load_model(write_random_twotower(tmp_path_factory.mktemp("ref") / "tt"), need_denoiser=True).twotower
+
+
+def reference_mask_diffusion(model, prompt: list[int], n: int, block: int, steps: int, threshold: float,
+                             stops: set[int]) -> list[int]:
+    """Spec §7 written out for one sequence, greedy, without any cache reuse: for every step the context
+    tower reads the prompt and every committed block from scratch. The last block is n mod block long, with
+    min(steps, its size) steps; the reference stops after a block that holds a stop id and cuts at the first."""
+    out: list[int] = []
+    while len(out) < n:
+        size = min(block, n - len(out))
+        todo = min(steps, size)
+        x = [MASK] * size
+        cache = model.context_tower.make_cache(1)
+        model.context_tower(torch.tensor([prompt + out]), cache=cache)
+        for s in range(todo):
+            masked = [j for j in range(size) if x[j] == MASK]
+            if not masked:
+                break
+            t = torch.tensor([len(masked) / size])
+            logits = model.denoise(torch.tensor([x]), cache, t)[0].double()
+            logits[:, MASK] = -math.inf
+            p = torch.softmax(logits, -1)
+            pred = p.argmax(-1).tolist()
+            conf = {j: p[j, pred[j]].item() for j in masked}
+            k = max(sum(c > threshold for c in conf.values()), 1, math.ceil(len(masked) / (todo - s)))
+            k = len(masked) if s == todo - 1 else min(k, len(masked))
+            for j in sorted(masked, key=lambda j: -conf[j])[:k]:
+                x[j] = pred[j]
+        out += x
+        if any(tok in stops for tok in x):
+            break
+    cut = next((i for i, tok in enumerate(out) if tok in stops), len(out))
+    return out[:cut]
+
+
+PROMPTS = [[5, 9, 11, 7, 20, 6, 13, 8, 30, 31, 4, 17], [8], [12, 14, 16]]
+
+
+@pytest.mark.parametrize("n,block,steps,threshold", [(10, 4, 4, 0.3), (9, 4, 2, 0.5), (7, 16, 16, 0.05),
+                                                     (12, 1, 1, 0.9), (21, 8, 3, 0.99)])
+def test_mask_diffusion_equals_the_spec_reference_sampler(real, n, block, steps, threshold):
+    """A batch of prompts of different lengths (one of one token, one longer than chunk_size), -n not a
+    multiple of the block (a short last block), against the reference run on each prompt alone."""
+    from twotower_cli.towers import TowerBackend
+
+    c = S.SamplingConfig(block_size=block, steps=steps, threshold=threshold, max_new_tokens=n, mask_token_id=MASK)
+    with torch.no_grad():
+        got = S.run(TowerBackend(real), PROMPTS, c).generations
+        for p, g in zip(PROMPTS, got, strict=True):
+            want = reference_mask_diffusion(real, p, n, block, steps, threshold, set())
+            assert g.token_ids == want and g.finish_reason == "length", f"prompt of {len(p)}"
+
+
+def test_stop_inside_a_block_ends_the_sequence_there_and_the_rest_goes_on(real):
+    """A stop id committed inside a block: the text is cut before it, that sequence commits no later block,
+    and the other sequences of the batch go on as they would alone."""
+    from twotower_cli.towers import TowerBackend
+
+    c = S.SamplingConfig(block_size=4, steps=4, threshold=0.3, max_new_tokens=12, mask_token_id=MASK)
+    with torch.no_grad():
+        free = reference_mask_diffusion(real, PROMPTS[0], 12, 4, 4, 0.3, set())
+        stop = free[5]  # inside the second block
+        assert stop not in free[:4]
+        got = S.run(TowerBackend(real), PROMPTS, S.SamplingConfig(**{**c.__dict__, "stop_ids": (stop,)})).generations
+        for p, g in zip(PROMPTS, got, strict=True):
+            want = reference_mask_diffusion(real, p, 12, 4, 4, 0.3, {stop})
+            assert g.token_ids == want, f"prompt of {len(p)}"
+    assert got[0].token_ids == free[:free.index(stop)] and got[0].finish_reason == "eos" and got[0].stop_id == stop
+
+
+@pytest.mark.parametrize("mode", ["mock_ar", "ar"])
+def test_one_token_modes_equal_the_spec_reference(real, mode):
+    """ar: the context tower and its head over the whole text, argmax of the last position. mock_ar: the
+    denoiser without time conditioning reads the last token with the context tower's state before it."""
+    from twotower_cli.towers import TowerBackend
+
+    n = 9
+    with torch.no_grad():
+        got = S.run(TowerBackend(real), PROMPTS, S.SamplingConfig(mode=mode, max_new_tokens=n)).generations
+        for p, g in zip(PROMPTS, got, strict=True):
+            text = list(p)
+            for _ in range(n):
+                if mode == "ar":
+                    logits = real.context_lm_head(real.context_tower(torch.tensor([text])))[0, -1]
+                else:
+                    cache = real.context_tower.make_cache(1)
+                    if len(text) > 1:
+                        real.context_tower(torch.tensor([text[:-1]]), cache=cache)
+                    logits = real.denoise(torch.tensor([text[-1:]]), cache, None)[0, -1]
+                text.append(int(logits.argmax()))
+            assert g.token_ids == text[len(p):], f"{mode}, prompt of {len(p)}"
