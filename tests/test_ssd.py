@@ -191,3 +191,21 @@ def test_strong_decay_is_exact_and_causal():
     B2[:, t:] *= -3.0
     y2, _ = ssd_chunked(x2, dt, A, B2, C, CHUNK, state)
     assert torch.equal(y2[:, :t], y[:, :t])
+
+
+@pytest.mark.parametrize("L", [1, 5, 3 * CHUNK + 5])
+def test_seeded_scan_of_bf16_inputs_runs_in_fp32(L):
+    """Spec §5/§9: a denoiser block is scanned in fp32 from the context's fp32 state, whatever the model
+    dtype. The state here is large with a fractional part that bf16 (8 bits of mantissa) would round away,
+    so a scan that cast it, or ran the recurrence, in bf16 would be off by far more than the tolerance."""
+    x, dt, A, B, C, _ = random_inputs(L, seed=4)
+    x, B, C = x.bfloat16(), B.bfloat16(), C.bfloat16()
+    state = 300.0 + torch.rand(x.shape[0], x.shape[2], x.shape[3], B.shape[-1],
+                               generator=torch.Generator().manual_seed(5))
+    y_ref, s_ref = ssd_sequential(x.float(), dt, A, B.float(), C.float(), CHUNK, state.double().float())
+    y, s = ssd_chunked(x, dt, A, B, C, CHUNK, state)
+    assert y.dtype == s.dtype == torch.float32
+    tol = 1e-6 * (1 + y_ref.abs().max().item())
+    assert max_diff(y, y_ref) <= tol and max_diff(s, s_ref) <= 1e-6 * 400, f"{max_diff(y, y_ref):.3g}"
+    y_step, s_step = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    assert max_diff(y_step, y_ref[:, 0]) <= tol and s_step.dtype == torch.float32

@@ -279,3 +279,41 @@ def test_written_checkpoints_are_readable_by_others(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- dtype rules
+
+# spec §1: kept in fp32 in memory whatever the load dtype (written out here, not taken from the code)
+SPEC_FP32 = ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.gate.weight", "mixer.gate.e_score_correction_bias")
+
+
+def moe_router_dtypes(tower) -> set:
+    return {layer.mixer.router_dtype for layer in tower.layers if layer.kind == "E"}
+
+
+def test_bf16_load_keeps_the_spec_fp32_tensors_and_fp64_routers(tmp_path):
+    """Both towers of a TwoTower loaded in bf16: exactly the spec's fp32 tensors stay fp32, everything else
+    is bf16; the routers of both towers (and of `ar` read from a TwoTower checkpoint) run in fp64, a plain
+    NemotronH's in fp32 (spec §2 MoE, §9)."""
+    cfg = tiny_cfg(pattern="M*EM-E*M")
+    base = random_base(cfg, seed=5)
+    folder = write_twotower(tmp_path / "tt", base, time_conditioning="random")
+    model = load_model(folder, need_denoiser=True, dtype=torch.bfloat16).twotower
+    seen = set()
+    for name, t in model.state_dict().items():
+        fp32 = name.endswith(SPEC_FP32)
+        seen.update(s for s in SPEC_FP32 if name.endswith(s))
+        assert t.dtype == (torch.float32 if fp32 else torch.bfloat16), f"{name}: {t.dtype}"
+    assert seen == set(SPEC_FP32)
+    assert moe_router_dtypes(model.context_tower) == moe_router_dtypes(model.denoiser_tower) == {torch.float64}
+    ar = load_model(folder, need_denoiser=False, dtype=torch.bfloat16).ar
+    assert moe_router_dtypes(ar.backbone) == {torch.float64}
+    plain = load_model(write_base(tmp_path / "base", base), need_denoiser=False).ar
+    assert moe_router_dtypes(plain.backbone) == {torch.float32}
+    # the denoiser of a bf16 TwoTower reads the context's fp32 SSM states as they are
+    with torch.no_grad():
+        cache = model.context_tower.make_cache(1)
+        model.context_tower(torch.tensor([[5, 9, 11, 7, 20]]), cache=cache)
+        assert all(c.ssm.dtype == torch.float32 for c in cache.layers if hasattr(c, "ssm"))
+        logits = model.denoise(torch.tensor([[3, 3, 12]]), cache, torch.tensor([0.66]))
+    assert logits.dtype == torch.float32 and logits.isfinite().all()
