@@ -113,3 +113,49 @@ def test_shared_expert_width_is_not_multiplied_by_n_shared_experts(tmp_path):
     ids = torch.randint(3, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     d = max_diff(ours(ids), hf(ids).logits)
     assert d <= 1e-4, f"fp32 logits differ from transformers by {d:.3g}"
+
+
+@torch.no_grad()
+def test_a_finite_time_step_limit_clamps_as_transformers_does(tmp_path):
+    """A config with a finite `time_step_limit` (the only dt clamp, spec §1/§4): softplus(dt + dt_bias) is
+    clamped into it, as transformers' chunked scan does with `dt_limit` (its one-token step passes no limit,
+    so only the full forward is compared). Both bounds bite: dt_bias spreads the heads' dt across them."""
+    cfg = build_tiny_config("M*EM-E", time_step_limit=[0.05, 0.2])
+    path = write_hf_checkpoint(tmp_path, cfg)
+    ours, hf, free = load_nemotron_h(path), load_hf(path, unclamp=False), load_nemotron_h(path)
+    assert ours.cfg.time_step_limit == (0.05, 0.2)
+    free.backbone.layers[0].mixer.time_step_limit = free.backbone.layers[3].mixer.time_step_limit = (0.0, math.inf)
+    for model in (ours.backbone, hf.model, free.backbone):
+        for i in (0, 3):
+            model.layers[i].mixer.dt_bias.copy_(torch.linspace(-6.0, 2.0, cfg.mamba_num_heads))
+    for m in hf.modules():
+        if hasattr(m, "time_step_limit"):
+            m.time_step_limit = (0.05, 0.2)
+    ids = torch.randint(3, cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(2))
+    d = max_diff(ours(ids), hf(ids).logits)
+    assert d <= 1e-4, f"clamped fp32 logits differ from transformers by {d:.3g}"
+    assert max_diff(ours(ids), free(ids)) > 1e-3  # the clamp does change the logits
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_transformers(tmp_path):
+    """Prompts of different lengths, left-padded with an attention mask (spec §9): at the real positions our
+    logits equal transformers' (which zeroes pad states before the projection and after the conv; pads then
+    come before any state, so neither feeds nor decays it), and each row equals the prompt run alone."""
+    cfg = build_tiny_config("M*EM-E")
+    path = write_hf_checkpoint(tmp_path, cfg)
+    ours, hf = load_nemotron_h(path), load_hf(path)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [13, 1, 6]
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n:] = torch.randint(3, cfg.vocab_size, (n,), generator=gen)
+        mask[i, T - n:] = 1
+    got, want = ours(ids, attention_mask=mask.bool()), hf(ids, attention_mask=mask).logits
+    for i, n in enumerate(lengths):
+        d = max_diff(got[i, T - n:], want[i, T - n:])
+        assert d <= 1e-4, f"row {i} ({n} tokens): fp32 logits differ from transformers by {d:.3g}"
+        d = max_diff(got[i, T - n:], hf(ids[i:i + 1, T - n:]).logits[0])
+        assert d <= 1e-4, f"row {i} ({n} tokens) differs from the prompt alone by {d:.3g}"
