@@ -38,6 +38,25 @@ def test_timestep_embedding_formula():
     assert abs(e[1, 128 + k].item() - math.sin(250 * f)) < 1e-5
 
 
+def test_time_embedding_of_a_bf16_model_scales_t_in_bf16_as_nvidia_does(tmp_path):
+    """NVIDIA's TimestepEmbedder computes t * 1000 in the model dtype (its sampler casts t to the model dtype
+    first; its Megatron trainer casts the drawn t to the embeddings' dtype), and only then the fp32 sinusoid:
+    a bf16 denoiser was trained on, and is sampled by NVIDIA with, bf16(bf16(t) * 1000). For t = 3/16 that
+    is 188, not 187.5: half a radian apart in the fastest frequency. fp32 models: exactly t * 1000."""
+    folder = write_twotower(tmp_path / "tt", random_base(tiny_cfg(), seed=2), time_conditioning="random")
+    t = torch.arange(1, 17) / 16  # every masked fraction of a 16-token block
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    for dtype in (torch.bfloat16, torch.float32):
+        emb = load_model(folder, need_denoiser=True, dtype=dtype).twotower.t_embedder
+        scaled = (t.to(dtype) * 1000).float()
+        args = scaled[:, None] * freqs[None]
+        want = emb.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype))
+        with torch.no_grad():
+            assert torch.equal(emb(t), want), dtype
+    assert scaled.tolist() == (t * 1000).tolist()  # fp32: nothing rounded
+    assert (t.bfloat16() * 1000).float()[2].item() == 188.0
+
+
 def test_mock_ar_equals_ar_on_fresh_split(fresh):
     _, _, folder = fresh
     lm = load_model(folder, need_denoiser=True)

@@ -50,14 +50,20 @@ def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Te
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """[B] in [0, 1] → [B, dim] fp32: `[cos(1000 t f_k), sin(1000 t f_k)]`, f_k = exp(-ln(max_period) k / half)."""
+    """[B] in [0, 1] → [B, dim] fp32: `[cos(1000 t f_k), sin(1000 t f_k)]`, f_k = exp(-ln(max_period) k / half).
+    1000 t is computed in t's dtype, the rest in fp32 (`TimestepEmbedder` says why)."""
     freqs = _frequencies(dim // 2, max_period, t.device)
-    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    args = (t * 1000.0).float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
-    """Linear(256, H) → SiLU → Linear(H, H); keys `t_embedder.mlp.{0,2}.*`."""
+    """Linear(256, H) → SiLU → Linear(H, H); keys `t_embedder.mlp.{0,2}.*`.
+
+    t goes in in the weights' dtype, so a bf16 model sees bf16(bf16(t) · 1000), as NVIDIA's embedder computes
+    it both in its Megatron trainer (t cast to the embeddings' dtype) and in its sampler (t cast to the model
+    dtype): the values the denoiser was trained on. In fp32 that is exactly 1000 t; in bf16 it rounds (t = 3/16:
+    188, not 187.5), which moves the fastest frequencies by up to half a radian."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -65,7 +71,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         w = self.mlp[0].weight
-        return self.mlp(timestep_embedding(t).to(device=w.device, dtype=w.dtype))
+        return self.mlp(timestep_embedding(t.to(device=w.device, dtype=w.dtype)).to(dtype=w.dtype))
 
 
 class TwoTower(nn.Module):
