@@ -625,12 +625,14 @@ def test_fsdp_shards_each_tower_and_resumes_exactly(ckpt, data, tmp_path):
 @pytest.mark.slow
 def test_fsdp_bf16_compute_is_close_to_fp32_and_not_equal(ckpt, data, tmp_path):
     """--compute-dtype bf16: the trained part computes in bf16 (so the losses move, a little) and its fp32
-    masters are written in the source dtypes as always."""
+    masters are written in the source dtypes as always. (A little: up to 1.5 % here, as the time embedding
+    then takes 1000·t rounded to bf16, as NVIDIA's trainer does; this tiny model's random time conditioning
+    reads its fastest frequencies, which that rounding moves most.)"""
     args = ["-m", "twotower_cli", "train", str(ckpt), "--data", str(data), *TRAIN_ARGS, "--steps", "3", "--fsdp"]
     fp32 = json.loads(torchrun(*args, "-o", str(tmp_path / "fp32")).stdout)
     bf16 = json.loads(torchrun(*args, "--compute-dtype", "bf16", "-o", str(tmp_path / "bf16")).stdout)
     for key in ("first_loss", "final_loss", "eval_loss_after"):
-        assert bf16[key] != fp32[key] and abs(bf16[key] - fp32[key]) < 1e-2 * fp32[key], key
+        assert bf16[key] != fp32[key] and abs(bf16[key] - fp32[key]) < 3e-2 * fp32[key], key
     a, b = tensors(tmp_path / "fp32"), tensors(tmp_path / "bf16")
     assert all(a[k].dtype == b[k].dtype for k in a) and context_bytes(tmp_path / "bf16") == context_bytes(ckpt)
 
