@@ -167,11 +167,12 @@ def ref_denoise(model: TwoTower, ctx_ids: torch.Tensor, block: torch.Tensor, t: 
         else:
             out = layer.mixer.down_proj(F.relu(layer.mixer.up_proj(h)) ** 2)
         x = x + out
-    # time conditioning
-    e = model.t_block(model.t_embedder(torch.tensor([t])))[0].view(3, -1)
+    # time conditioning (t None: none at all, tables included: shift 0, scale 0, gate 1)
+    e = None if t is None else model.t_block(model.t_embedder(torch.tensor([t])))[0].view(3, -1)
     y = den.embeddings(block)
     for i, layer in enumerate(den.layers):
-        shift, scale, gate = (model.scale_shift_tables[i] + e).unbind(0)
+        shift, scale, gate = (torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, cfg.hidden_size) if e is None
+                              else model.scale_shift_tables[i] + e).unbind(0)
         if layer.kind in "M*":
             h = ref_rmsnorm(y * (1 + scale) + shift, layer.norm.weight, eps)
         else:
@@ -272,6 +273,21 @@ def test_left_padded_batch_of_blocks_equals_the_slow_reference_row_by_row(traine
             want = ref_denoise(model, ctx, blocks[b], float(t[b]))
             diff = (got[b] - want).abs().max().item()
             assert diff <= 1e-4, f"row {b} (context {len(ctx)}, block {size}): max diff {diff:.3g}"
+
+
+def test_mock_ar_step_has_no_time_conditioning_at_all(trained_like):
+    """mock_ar's denoiser step (t=None, spec §7) runs without time conditioning: not even the per-layer
+    tables, as NVIDIA's generate_mock_ar runs the denoiser with no modulation. On a model whose tables are not
+    the identity that differs from every t."""
+    model = trained_like
+    ctx, last = torch.tensor([5, 9, 11, 7, 20, 6, 13, 8, 30]), torch.tensor([[17]])
+    with torch.no_grad():
+        cache = model.context_tower.make_cache(1)
+        model.context_tower(ctx[None], cache=cache)
+        got = model.denoise(last, cache, None)[0]
+        want = ref_denoise(model, ctx, last[0], None)
+        assert (got - want).abs().max().item() <= 1e-4
+        assert (got - model.denoise(last, cache, torch.zeros(1))[0]).abs().max().item() > 1e-3
 
 
 def test_head_on_needed_rows_only_equals_full(fresh):
