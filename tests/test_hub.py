@@ -183,3 +183,19 @@ def test_display_name_reads_tilde_as_resolve_does(tmp_path, monkeypatch):
     (tmp_path / "nano" / "model.safetensors").write_bytes(b"")
     assert hub.resolve("~/nano/model.safetensors") == tmp_path / "nano" / "model.safetensors"
     assert hub.display_name("~/nano/model.safetensors") == "nano"  # not "model.safetensors"
+
+
+def test_display_name_of_a_hub_cache_snapshot(tmp_path):
+    """A snapshot folder (or a file in it, a link to blobs/<hash>) is named after its repo, not after the
+    revision hash or `blobs`: split's default output is then `Tiny-NemotronH-twotower`."""
+    repo = tmp_path / "hub" / "models--acme--Tiny-NemotronH"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0a1b2c").write_bytes(b"")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(Path("..", "..", "blobs", "0a1b2c"))
+    assert hub.display_name(str(snap)) == "Tiny-NemotronH"
+    assert hub.display_name(str(snap / "model.safetensors")) == "Tiny-NemotronH"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").symlink_to(repo / "blobs" / "0a1b2c")
+    assert hub.display_name(str(tmp_path / "plain" / "model.safetensors")) == "plain"

@@ -75,8 +75,13 @@ def display_name(name_or_path: str) -> str:
         return name_or_path.lower()
     p = Path(name_or_path).expanduser()  # as resolve() reads it
     if p.exists():
-        p = p.resolve()
-        return p.parent.name if p.is_file() else p.name
+        # The folder, symlinks followed ("." has a name then), but not a file's own link: in a hub cache
+        # snapshot each file links to blobs/<hash>, whose folder name says nothing.
+        folder = (p if p.is_dir() else Path(os.path.abspath(p)).parent).resolve()
+        repo = folder.parent.parent.name  # a snapshot: .../models--org--name/snapshots/<revision>
+        if folder.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+            return repo.split("--", 2)[2]
+        return folder.name
     return name_or_path.rstrip("/").split("/")[-1]
 
 
