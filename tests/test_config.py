@@ -66,7 +66,7 @@ def test_unknown_keys_round_trip_unchanged(tmp_path):
     ({"n_routed_experts": None}, "missing 'n_routed_experts'"),
     ({"hybrid_override_pattern": None}, "no layer pattern"),
     ({"layers_block_type": ["mamba"] * 6}, r"hybrid_override_pattern 'M\*EM-E' and layers_block_type \(read as "
-                                          "'MMMMMM'\) describe different layers"),
+                                          r"'MMMMMM'\) describe different layers"),
     ({"hybrid_override_pattern": None, "layers_block_type": "mamba"}, "layers_block_type is 'mamba', not a list"),
     ({"hybrid_override_pattern": None, "layers_block_type": [["mamba"]]}, "not a NemotronH layer kind"),
     ({"time_step_limit": [0.0, "lots"]}, "not a number"),
