@@ -852,6 +852,51 @@ def test_bad_sources(tmp_path):
     assert result.exit_code == 1 and "missing tensor backbone.layers.1.mixer.q_proj.weight" in result.stderr
 
 
+@pytest.mark.parametrize("extra", [
+    "backbone.layers.0.mixer.in_proj.bias",  # the weights have a bias the config (mamba_proj_bias false) denies
+    "backbone.layers.6.norm.weight",  # a layer past the pattern
+    "model.layers.1.mixer.q_proj.bias",  # transformers' module names, same thing
+    "lm_head.bias",
+])
+def test_tensors_of_the_model_the_config_does_not_explain_are_refused(tmp_path, extra):
+    """Dropping them would make a split that computes something else than the source (spec §3: an exact
+    copy); inspect calls the source unsound for the same reason. Keys outside the model are dropped and named."""
+    src = random_checkpoint(tmp_path / "src", extra={extra: torch.ones(16), "optimizer.step": torch.ones(1)})
+    result = invoke(str(src), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1, result.output
+    assert f"unexpected tensor {extra} (the config does not explain it)" in result.stderr
+    assert leftovers(tmp_path, "x") == []
+    assert f"unexpected tensor {extra}" in " ".join(inspect_checkpoint(src).problems)
+    src = random_checkpoint(tmp_path / "src2", extra={"optimizer.step": torch.ones(1)})
+    result = invoke(str(src), "-o", str(tmp_path / "y"), "--dry-run")
+    assert result.exit_code == 0 and "dropped 1 tensor the config does not explain" in result.stderr
+    assert "optimizer.step" in result.stderr
+
+
+def test_two_source_tensors_with_one_meaning_are_refused(tmp_path):
+    """The legacy embedding name beside the current one: the split would silently keep one of them."""
+    cfg = small_config()
+    t = random_tensors(cfg)
+    t["backbone.embedding.weight"] = torch.zeros_like(t["backbone.embeddings.weight"])
+    write_checkpoint(tmp_path / "src", t, cfg.to_dict())
+    result = invoke(str(tmp_path / "src"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and result.stderr.count("Error:") == 1, result.output
+    assert "backbone.embedding.weight and backbone.embeddings.weight are both backbone.embeddings.weight" \
+        in result.stderr
+    assert any("are both backbone.embeddings.weight" in p for p in inspect_checkpoint(tmp_path / "src").problems)
+
+
+def test_a_tied_source_that_also_ships_lm_head_splits_with_the_embedding_as_head(tmp_path):
+    """tie_word_embeddings: transformers' head is the embedding whatever lm_head.weight holds; so is ours."""
+    cfg = small_config(tie_word_embeddings=True)
+    src = random_checkpoint(tmp_path / "src", cfg, extra={"lm_head.weight": torch.zeros(64, 16, dtype=torch.bfloat16)})
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    emb = raw_bytes(src, "backbone.embeddings.weight")
+    assert raw_bytes(out, "lm_head.weight") == raw_bytes(out, "context_lm_head.weight") == emb
+
+
 def test_tied_embeddings_missing_is_a_problem_line(tmp_path):
     cfg = small_config(tie_word_embeddings=True)
     t = random_tensors(cfg)

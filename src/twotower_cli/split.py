@@ -70,6 +70,8 @@ INIT_SEED = 0
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
+MODEL_NAMESPACE = ("backbone.", "model.", "lm_head.")  # source keys that are part of the model's computation
+
 _FUSED_EXPERTS = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)(?:\.weight)?$")
 
 
@@ -140,6 +142,9 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
         if name not in expected:
             unexpected.append(info.name)
             continue
+        if name in out:  # e.g. backbone.embedding.weight beside backbone.embeddings.weight: which one is meant?
+            raise TwoTowerError(f"{out[name].origin} and {info.name} are both {name}",
+                                "remove one of the two from the checkpoint")
         out[name] = SourceTensor(name, info.dtype, info.shape, info.file, start, end, info.name)
     transforms = []
     if renamed:
@@ -149,6 +154,10 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
     if unfused:
         transforms.append(f"unfused {unfused} stacked expert tensors into per-expert tensors (byte slices)")
     return SourceView(out, transforms, dropped, unexpected)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def shape_problems(view: dict[str, SourceTensor] | dict[str, tuple[int, ...]],
@@ -308,7 +317,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     problems = index_problems(ckpt)
     if problems:
         raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"
-                            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""),
+                            + (f" (and {_count(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""),
                             "run `twotower inspect` on it for the full list")
     view = source_view(ckpt, cfg)
     src = dict(view.tensors)
@@ -320,6 +329,11 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
         transforms.append("tied embeddings: both heads written as copies of backbone.embeddings.weight")
     expected = nemotron_h_shapes(cfg) | {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)}
     problems = shape_problems(src, expected)
+    # A tensor of the model's own (a bias the config says is absent, a layer past the pattern) cannot be
+    # dropped: the split would no longer compute what the source does. Other keys are dropped and reported.
+    # (lm_head.weight is unexpected only beside tied embeddings, where the head is the embedding, as in transformers.)
+    foreign = [n for n in view.unexpected if n.startswith(MODEL_NAMESPACE) and n != "lm_head.weight"]
+    problems += [f"unexpected tensor {n} (the config does not explain it)" for n in foreign]
     for t in src.values():
         if t.dtype not in DTYPE_BYTES or t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
             problems.append(f"{t.origin}: {t.nbytes} bytes do not hold {t.dtype}{list(t.shape)}")
@@ -328,9 +342,9 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
                             "run `twotower inspect` on it for the full list")
     if view.dropped:
-        transforms.append(f"dropped {len(view.dropped)} tensors the model does not use (mtp.*, rotary buffers)")
+        transforms.append(f"dropped {_count(len(view.dropped), 'tensor')} the model does not use (mtp.*, rotary buffers)")
     if view.unexpected:
-        transforms.append(f"dropped {len(view.unexpected)} tensors the config does not explain")
+        transforms.append(f"dropped {_count(len(view.unexpected), 'tensor')} the config does not explain")
 
     target = DTYPE_CHOICES[dtype]
     tensors: list[OutTensor] = []
