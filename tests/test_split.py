@@ -897,6 +897,15 @@ def test_a_tied_source_that_also_ships_lm_head_splits_with_the_embedding_as_head
     assert raw_bytes(out, "lm_head.weight") == raw_bytes(out, "context_lm_head.weight") == emb
 
 
+def test_one_shard_of_a_sharded_source_is_refused_by_name(tmp_path):
+    src = random_checkpoint(tmp_path / "src", max_shard_size="4KB")
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    result = invoke(str(shard), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1, result.output
+    assert f"{shard.name} is one shard of the checkpoint in {src}" in result.stderr.replace("\n", "")
+    assert "missing tensor" not in result.stderr and leftovers(tmp_path, "x") == []
+
+
 def test_tied_embeddings_missing_is_a_problem_line(tmp_path):
     cfg = small_config(tie_word_embeddings=True)
     t = random_tensors(cfg)

@@ -40,6 +40,7 @@ from typing import Any
 
 from twotower_cli.checkpoint import (
     DTYPE_BYTES,
+    INDEX_NAME,
     Checkpoint,
     atomic_output_dir,
     check_output_folder,
@@ -417,10 +418,23 @@ def _is_aux(name: str) -> bool:
 def load_source(path: Path) -> tuple[Checkpoint, NemotronHConfig]:
     """Headers and config of a split source (a folder, or a .safetensors file with config.json beside it)."""
     ckpt = open_checkpoint(path)
+    if ckpt.index is None and ckpt.files[0] in _indexed_files(ckpt.folder):
+        # A file of a sharded checkpoint alone holds part of the model: say so, not "missing tensor ...".
+        raise TwoTowerError(f"{ckpt.files[0]} is one shard of the checkpoint in {ckpt.folder} "
+                            f"(it has {INDEX_NAME})", f"split the folder: twotower split {ckpt.folder}")
     if ckpt.config_raw is None:
         raise TwoTowerError(f"no config.json beside the weights in {ckpt.folder}",
                             "split needs the NemotronH config.json of the checkpoint")
     return ckpt, NemotronHConfig.from_dict(ckpt.config_raw)
+
+
+def _indexed_files(folder: Path) -> set[str]:
+    """The shard files the folder's index names (none when it has no readable index)."""
+    try:
+        weight_map = json.loads((folder / INDEX_NAME).read_text()).get("weight_map")
+        return set(map(str, weight_map.values())) if isinstance(weight_map, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        return set()
 
 
 # ============================================================================================ bytes
