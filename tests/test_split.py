@@ -201,6 +201,20 @@ def test_dtype_conversion(tmp_path, dtype, torch_dtype):
     assert_identity_time_conditioning(out, torch_dtype)
 
 
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_dtype_conversion_updates_the_configs_dtype(tmp_path, key):
+    """transformers' from_pretrained(dtype="auto") loads the dtype config.json names: after --dtype bf16 a
+    config still saying float32 would load the bf16 weights widened to fp32 (twice the memory)."""
+    cfg = small_config()
+    src = random_checkpoint(tmp_path / "src", cfg.with_updates(**{key: "float32"}), dtype=torch.float32)
+    result = invoke(str(src), "-o", str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())[key] == "bfloat16"
+    assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+    assert invoke(str(src), "-o", str(tmp_path / "keep")).exit_code == 0
+    assert json.loads((tmp_path / "keep" / "config.json").read_text())[key] == "float32"
+
+
 def test_bf16_conversion_matches_torch_rounding(tmp_path):
     src = random_checkpoint(tmp_path / "src", dtype=torch.float32)
     out = tmp_path / "out"

@@ -41,6 +41,7 @@ from typing import Any
 from twotower_cli.checkpoint import (
     DTYPE_BYTES,
     INDEX_NAME,
+    TORCH_DTYPE_NAMES,
     Checkpoint,
     atomic_output_dir,
     check_output_folder,
@@ -249,10 +250,15 @@ class SplitPlan:
 
 
 def output_config(cfg: NemotronHConfig, mask_token_id: int, block_size: int, source: str,
-                  shipped: set[str]) -> tuple[dict[str, Any], list[str]]:
+                  shipped: set[str], dtype: str = "keep") -> tuple[dict[str, Any], list[str]]:
     """The TwoTower config.json (spec §3) and notes on what changed beyond the `twotower` block."""
     raw = cfg.to_dict()
     notes = []
+    if dtype != "keep":  # transformers' `dtype="auto"` loads what the config says: say what was written
+        for key in ("dtype", "torch_dtype"):  # v5 writes dtype, v4 torch_dtype
+            if key in raw and raw[key] != TORCH_DTYPE_NAMES[dtype]:
+                notes.append(f"config {key} {raw[key]!r} → {TORCH_DTYPE_NAMES[dtype]!r} (--dtype {dtype})")
+                raw[key] = TORCH_DTYPE_NAMES[dtype]
     raw["architectures"] = [TWOTOWER_ARCHITECTURE]
     raw["model_type"] = "nemotron_h"
     auto_map = raw.get("auto_map")
@@ -365,7 +371,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
               for file, group in zip(shard_names(len(groups)), groups, strict=True)]
 
     aux = [p.name for p in sorted(ckpt.folder.iterdir()) if p.is_file() and _is_aux(p.name)]
-    config, notes = output_config(cfg, mask_token_id, block_size, source_name, shipped=set(aux))
+    config, notes = output_config(cfg, mask_token_id, block_size, source_name, shipped=set(aux), dtype=dtype)
     return SplitPlan(source_name, ckpt.folder, config, shards, dtype, transforms,
                      view.dropped + view.unexpected, aux, notes)
 
