@@ -238,6 +238,12 @@ def test_truncated_or_corrupt_header(sharded, how):
         f.write_bytes(bytes(data))
     probs = problems_of(sharded)
     assert any(f.name in p and ("truncated" in p or "does not fit" in p) for p in probs)
+    result = invoke(str(sharded), "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1 and data["sound"] is False
+    row = next(r for r in data["shards"] if r["file"] == f.name)
+    assert row["status"] == "unreadable" and row["bytes"] == f.stat().st_size  # the file's size, not 0
+    assert "✗ not sound: " in invoke(str(sharded)).stderr
 
 
 def write_with(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -343,6 +349,7 @@ def test_json_fields(sharded):
         assert key in data
     assert data["layout"] == "nemotron_h" and data["pattern"] == "M*E-ME" and data["num_layers"] == 6
     assert data["tensors"] == 55 and data["dtypes"] == {"BF16": 55} and data["problems"] == []
+    assert data["sound"] is True
     assert len(data["tensor_list"]) == 55
     assert result.stderr == ""  # --json: nothing for people
 
@@ -352,7 +359,7 @@ def test_human_output(sharded):
     assert result.exit_code == 0
     err = result.stderr
     for text in ("NemotronH single tower", "M Mamba-2 ×2", "* attention ×1", "E MoE ×2", "- MLP ×1",
-                 "no problems found", "backbone.layers.0.mixer.in_proj.weight", "model-00001-of-"):
+                 "✓ sound: no problems found", "backbone.layers.0.mixer.in_proj.weight", "model-00001-of-"):
         assert text in err
     assert result.stdout == ""
 
