@@ -1100,3 +1100,115 @@ def test_execute_reports_the_phases_after_the_copy(tmp_path, monkeypatch, verify
     assert seen == [*([("verify", False, total)] if verify else []), ("sync", False, total)]
     assert synced == [len(seen)]  # the sync came after the last phase said so
     assert out.is_dir() and (result.bytes_verified > 0) == verify
+
+
+# ---------------------------------------------------------------- spec §3, checked from the spec text alone
+
+def _spec_read(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """name → (dtype, shape, bytes), parsing safetensors by hand (8-byte length, JSON, data), index or not."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for file in files:
+        data = (folder / file).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        header.pop("__metadata__", None)
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            out[name] = (e["dtype"], tuple(e["shape"]), data[8 + n + begin:8 + n + end])
+    return out
+
+
+def _spec_pattern(c: dict) -> str:
+    kinds = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "moe": "E", "mlp": "-"}
+    return c.get("hybrid_override_pattern") or "".join(kinds[k] for k in c["layers_block_type"])
+
+
+def _spec_tower(c: dict) -> dict[str, tuple[int, ...]]:
+    """Spec §1's tensor table for one tower, names after `backbone.`, sizes from config.json's keys."""
+    pattern = _spec_pattern(c)
+    H, V = c["hidden_size"], c["vocab_size"]
+    hd = c.get("head_dim") or H // c["num_attention_heads"]
+    t = {"embeddings.weight": (V, H), "norm_f.weight": (H,)}
+    for i, kind in enumerate(pattern):
+        p = f"layers.{i}."
+        t[p + "norm.weight"] = (H,)
+        if kind == "M":
+            heads = c["mamba_num_heads"]
+            d_inner = heads * c["mamba_head_dim"]  # never from `expand`
+            conv = d_inner + 2 * c["n_groups"] * c["ssm_state_size"]
+            t |= {p + "mixer.in_proj.weight": (d_inner + conv + heads, H), p + "mixer.conv1d.weight": (conv, 1, c["conv_kernel"]),
+                  p + "mixer.conv1d.bias": (conv,), p + "mixer.dt_bias": (heads,), p + "mixer.A_log": (heads,),
+                  p + "mixer.D": (heads,), p + "mixer.norm.weight": (d_inner,), p + "mixer.out_proj.weight": (H, d_inner)}
+        elif kind == "*":
+            q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+            t |= {p + "mixer.q_proj.weight": (q, H), p + "mixer.k_proj.weight": (kv, H),
+                  p + "mixer.v_proj.weight": (kv, H), p + "mixer.o_proj.weight": (H, q)}
+        elif kind == "E":
+            E, inter, shared = c["n_routed_experts"], c["moe_intermediate_size"], c["moe_shared_expert_intermediate_size"]
+            t |= {p + "mixer.gate.weight": (E, H), p + "mixer.gate.e_score_correction_bias": (E,),
+                  p + "mixer.shared_experts.up_proj.weight": (shared, H),
+                  p + "mixer.shared_experts.down_proj.weight": (H, shared)}
+            for j in range(E):
+                t |= {p + f"mixer.experts.{j}.up_proj.weight": (inter, H), p + f"mixer.experts.{j}.down_proj.weight": (H, inter)}
+        else:
+            t |= {p + "mixer.up_proj.weight": (c["intermediate_size"], H), p + "mixer.down_proj.weight": (H, c["intermediate_size"])}
+    return t
+
+
+def assert_spec_twotower(src: Path, out: Path) -> None:
+    """Spec §3, read as a loader that never saw this code would: config fields, the exact set of names and
+    shapes, towers and heads byte copies of the source (legacy / module names allowed there), identity time
+    conditioning (t_block.1 zero, tables rows shift 0, scale 0, gate 1)."""
+    import numpy as np
+
+    c_src = json.loads((src / "config.json").read_text())
+    c_out = json.loads((out / "config.json").read_text())
+    assert c_out["architectures"] == ["NemotronHTwoTowerForCausalLM"] and c_out["model_type"] == "nemotron_h"
+    for key, value in c_src.items():  # every source key kept (auto_map may shrink), unknown ones included
+        if key not in ("architectures", "auto_map"):
+            assert json.dumps(c_out.get(key)) == json.dumps(value), key
+    H = c_src["hidden_size"]
+    tower = _spec_tower(c_src)
+    want = {f"{side}_tower.{k}": v for k, v in tower.items() for side in ("context", "denoiser")}
+    want |= {"context_lm_head.weight": (c_src["vocab_size"], H), "lm_head.weight": (c_src["vocab_size"], H),
+             "t_embedder.mlp.0.weight": (H, 256), "t_embedder.mlp.0.bias": (H,), "t_embedder.mlp.2.weight": (H, H),
+             "t_embedder.mlp.2.bias": (H,), "t_block.1.weight": (3 * H, H), "t_block.1.bias": (3 * H,)}
+    want |= {f"scale_shift_tables.{i}": (3, H) for i in range(len(_spec_pattern(c_src)))}
+    got = _spec_read(out)
+    assert {k: v[1] for k, v in got.items()} == want
+    source = {k.replace("model.", "backbone.", 1).replace("backbone.embedding.", "backbone.embeddings."): v
+              for k, v in _spec_read(src).items()}
+    for name, (dtype, _shape, data) in got.items():
+        if name.endswith("lm_head.weight"):
+            assert (dtype, data) == source["lm_head.weight"][::2], name
+        elif "_tower." in name:
+            assert (dtype, data) == source["backbone." + name.split("_tower.", 1)[1]][::2], name
+        elif name.startswith(("t_block.1.", "scale_shift_tables.")):
+            as_f32 = {"F32": "<f4", "F16": "<f2"}
+            values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" \
+                else np.frombuffer(data, as_f32[dtype]).astype(np.float32)
+            expect = np.zeros(len(values), np.float32)
+            if name.startswith("scale_shift_tables."):
+                expect[2 * H:] = 1.0
+            assert np.array_equal(values, expect), name
+
+
+@pytest.mark.parametrize("source", ["ours", "ours-sharded-legacy-mixed", "transformers"])
+def test_split_output_is_spec_section_3(tmp_path, source):
+    if source == "transformers":
+        src = hf_written(tmp_path / "src", sharded=True)
+    elif source == "ours":
+        src = random_checkpoint(tmp_path / "src")
+    else:  # legacy embedding name, fp32 / fp16 / bf16 tensors side by side, several shards
+        cfg = small_config()
+        t = random_tensors(cfg, fp32_router=True)
+        t["backbone.embedding.weight"] = t.pop("backbone.embeddings.weight").float()
+        t["lm_head.weight"] = t["lm_head.weight"].half()
+        src = tmp_path / "src"
+        write_checkpoint(src, t, cfg.to_dict(), max_shard_size="4KB")
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out), "--max-shard-size", "30KB")
+    assert result.exit_code == 0, result.output
+    assert_spec_twotower(src, out)
