@@ -830,6 +830,37 @@ get_app()(["split", {str(src)!r}, "-o", {str(tmp_path / "out")!r}, "--max-shard-
     assert digest(src) == before
 
 
+def test_sigkill_mid_copy_leaves_no_out_and_the_rerun_is_whole(tmp_path):
+    """SIGKILL cleans nothing up: OUT must not exist (only a hidden temporary folder), the source is as it was,
+    and the next run over the same OUT removes the leftover and writes the whole, exact output."""
+    import signal
+
+    src = random_checkpoint(tmp_path / "src", max_shard_size="3KB")
+    before = digest(src)
+    out = tmp_path / "out"
+    code = f"""
+import os, signal
+from twotower_cli.cli import get_app
+from twotower_cli.split import RangeCopier
+real, calls = RangeCopier.copy, []
+def copy(self, *args):
+    calls.append(1)
+    if len(calls) == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args)
+RangeCopier.copy = copy
+get_app()(["split", {str(src)!r}, "-o", {str(out)!r}, "--max-shard-size", "4KB"], prog_name="twotower")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    assert not out.exists() and len(leftovers(tmp_path, "out")) == 1  # the killed run's temporary folder
+    assert digest(src) == before
+    result = invoke(str(src), "-o", str(out), "--max-shard-size", "4KB", "--verify")
+    assert result.exit_code == 0, result.output
+    assert leftovers(tmp_path, "out") == ["out"] and digest(src) == before
+    assert_exact_split(src, out)
+
+
 def test_truncated_source_is_refused_before_writing(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     with open(src / "model.safetensors", "r+b") as f:
