@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from helpers_ckpt import hf_written, random_checkpoint, random_tensors, small_config, sparse_nano
 from twotower_cli.checkpoint import INDEX_NAME, save_tensors
 from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
 from twotower_cli.inspect import inspect_checkpoint
 from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes
 
@@ -244,6 +245,23 @@ def test_truncated_or_corrupt_header(sharded, how):
     row = next(r for r in data["shards"] if r["file"] == f.name)
     assert row["status"] == "unreadable" and row["bytes"] == f.stat().st_size  # the file's size, not 0
     assert "✗ not sound: " in invoke(str(sharded)).stderr
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/model.safetensors", "/tmp/model.safetensors", "sub/model.safetensors"])
+def test_an_index_naming_files_outside_its_folder_is_corrupt(sharded, tmp_path, where):
+    """Shards are files beside the index. One elsewhere was read as if it were here (inspect: sound) and
+    split then failed with 'No such file' on the basename; now both say the index is corrupt."""
+    from twotower_cli.split import load_source
+
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = where
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = invoke(str(sharded))
+    assert result.exit_code == 1 and result.stderr.startswith("Error:"), result.output
+    assert f"places tensors in {where!r}, which is not a file of" in result.stderr.replace("\n", "")
+    with pytest.raises(TwoTowerError, match="which is not a file of"):
+        load_source(sharded)
 
 
 def write_with(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
