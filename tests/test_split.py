@@ -175,6 +175,22 @@ def test_transformers_fused_experts_are_unfused(tmp_path):
     assert inspect_checkpoint(out).problems == []
 
 
+@pytest.mark.parametrize("key,shape,message", [
+    # layer 0 is Mamba: the stack's slices were written as experts of layer 0, and the output failed inspect
+    ("backbone.layers.0.mixer.experts.up_proj", (4, 12, 16), "unexpected tensor backbone.layers.0.mixer.experts.up_proj"),
+    # five experts where the config has four: expert 4 went into the output as well
+    ("backbone.layers.2.mixer.experts.up_proj", (5, 12, 16), "cannot unfuse it into 4 experts of shape [12, 16]"),
+    # a stack beside the per-expert tensors it would make: one of the two was silently kept
+    ("backbone.layers.2.mixer.experts.up_proj", (4, 12, 16), "are both backbone.layers.2.mixer.experts.0.up_proj.weight"),
+])
+def test_fused_expert_stacks_that_do_not_fit_the_config_are_refused(tmp_path, key, shape, message):
+    src = random_checkpoint(tmp_path / "src", extra={key: torch.ones(shape, dtype=torch.bfloat16)})
+    result = invoke(str(src), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert leftovers(tmp_path, "x") == []
+    assert any(message in p for p in inspect_checkpoint(src).problems)
+
+
 def test_time_conditioning_is_deterministic(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     a, b = tmp_path / "a", tmp_path / "b"

@@ -114,6 +114,13 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
     out: dict[str, SourceTensor] = {}
     renamed = legacy = unfused = 0
     dropped, unexpected = [], []
+
+    def put(t: SourceTensor) -> None:
+        if t.name in out:  # e.g. backbone.embedding.weight beside backbone.embeddings.weight: which one is meant?
+            raise TwoTowerError(f"{out[t.name].origin} and {t.origin} are both {t.name}",
+                                "remove one of the two from the checkpoint")
+        out[t.name] = t
+
     for info in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0])):
         name = info.name
         if is_dropped(name):
@@ -130,24 +137,24 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
         if fused and len(info.shape) == 3:
             n_experts, per_shape = info.shape[0], info.shape[1:]
             want = expected.get(f"{fused.group(1)}.0.{fused.group(2)}.weight")
-            if want is not None and tuple(per_shape) != want:
+            if want is None:  # no MoE layer there in the config: its slices would be tensors of no layer
+                unexpected.append(info.name)
+                continue
+            if (n_experts, *per_shape) != (cfg.n_routed_experts, *want):
                 raise TwoTowerError(f"{info.name} has shape {list(info.shape)}: cannot unfuse it into "
-                                    f"{n_experts} experts of shape {list(want)}",
+                                    f"{cfg.n_routed_experts} experts of shape {list(want)}",
                                     "only [experts, out, in] stacks (as transformers writes them) are supported")
             step = (end - start) // max(n_experts, 1)
             for j in range(n_experts):
                 key = f"{fused.group(1)}.{j}.{fused.group(2)}.weight"
-                out[key] = SourceTensor(key, info.dtype, tuple(per_shape), info.file,
-                                        start + j * step, start + (j + 1) * step, info.name)
+                put(SourceTensor(key, info.dtype, tuple(per_shape), info.file,
+                                 start + j * step, start + (j + 1) * step, info.name))
             unfused += 1
             continue
         if name not in expected:
             unexpected.append(info.name)
             continue
-        if name in out:  # e.g. backbone.embedding.weight beside backbone.embeddings.weight: which one is meant?
-            raise TwoTowerError(f"{out[name].origin} and {info.name} are both {name}",
-                                "remove one of the two from the checkpoint")
-        out[name] = SourceTensor(name, info.dtype, info.shape, info.file, start, end, info.name)
+        put(SourceTensor(name, info.dtype, info.shape, info.file, start, end, info.name))
     transforms = []
     if renamed:
         transforms.append(f"renamed model.* → backbone.* ({renamed} tensors, transformers' module names)")
