@@ -72,6 +72,11 @@ def test_unknown_keys_round_trip_unchanged(tmp_path):
     ({"time_step_limit": [0.0, "lots"]}, "not a number"),
     ({"max_position_embeddings": 0}, "config key 'max_position_embeddings' is 0"),
     ({"max_position_embeddings": "long"}, "config key 'max_position_embeddings' is 'long'"),
+    ({"twotower": {"mask_token_id": "three"}}, "config key twotower.mask_token_id is 'three'"),
+    ({"twotower": {"mask_token_id": 100}}, "config key twotower.mask_token_id is 100"),  # vocab_size 100
+    ({"twotower": {"block_size": 0}}, "config key twotower.block_size is 0"),
+    ({"twotower": {"block_size": 16.5}}, "config key twotower.block_size is 16.5"),
+    ({"twotower": [3, 16]}, "config key 'twotower' is"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(TwoTowerError, match=match):

@@ -261,6 +261,18 @@ class NemotronHConfig:
                     f"topk_group={self.topk_group}",
                     "n_group must divide n_routed_experts and topk_group must be at most n_group",
                 )
+        block = self.raw.get("twotower")
+        if block is not None and not isinstance(block, dict):
+            raise TwoTowerError(f"config key 'twotower' is {block!r}", "it is an object like {\"mask_token_id\": 3, "
+                                "\"block_size\": 16}, or absent")
+        for key, low, high in (("mask_token_id", 0, self.vocab_size - 1), ("block_size", 1, None)):
+            value = (block or {}).get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low
+                                      or (high is not None and value > high)):
+                raise TwoTowerError(f"config key twotower.{key} is {value!r}",
+                                    f"it must be an integer from {low}" + (f" to {high} (the vocabulary)" if high else "")
+                                    + (f"; NVIDIA's is {DEFAULT_MASK_TOKEN_ID}" if key == "mask_token_id" else
+                                       f"; NVIDIA's is {DEFAULT_BLOCK_SIZE}"))
         if self.mlp_hidden_act != "relu2":
             raise TwoTowerError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported", "NemotronH uses relu2")
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
