@@ -1002,6 +1002,28 @@ def test_default_output_and_dry_run(tmp_path, monkeypatch):
     assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
 
 
+@pytest.mark.parametrize("args", [[], ["--max-shard-size", "20KB"], ["--dtype", "fp32", "--max-shard-size", "30KB"],
+                                  ["--dtype", "bf16", "--max-shard-size", "7KB"]])
+def test_dry_run_shows_the_files_the_real_run_writes(tmp_path, args):
+    """Shard names, tensor counts and bytes (headers included) of the dry run's table are those of the files
+    the real run writes, on a mixed fp32 / fp16 / bf16 source."""
+    import re
+
+    cfg = small_config()
+    t = random_tensors(cfg, fp32_router=True)
+    t["lm_head.weight"] = t["lm_head.weight"].half()
+    t["backbone.embeddings.weight"] = t["backbone.embeddings.weight"].float()
+    write_checkpoint(tmp_path / "src", t, cfg.to_dict(), max_shard_size="3KB")
+    out = tmp_path / "out"
+    dry = invoke(str(tmp_path / "src"), "-o", str(out), "--dry-run", *args)
+    assert dry.exit_code == 0, dry.output
+    table = {m[0]: (int(m[1]), int(m[2].replace(",", "")))
+             for m in re.findall(r"│ (model[\w.-]*\.safetensors) +│ +(\d+) │ +([\d,]+) B │", dry.stderr)}
+    assert invoke(str(tmp_path / "src"), "-o", str(out), *args).exit_code == 0
+    written = open_checkpoint(out)
+    assert table == {f: (len(written.shards[f].tensors), (out / f).stat().st_size) for f in written.files}
+
+
 def test_dry_run_into_an_existing_output_says_the_real_run_needs_force(tmp_path):
     """A dry run into an OUT that exists said only "dry run: nothing written", where the real run stops at
     "already exists": it warns that the real run needs --force (with --force: that it replaces OUT); OUT is
