@@ -21,7 +21,7 @@ def fake_cache(home: Path, repo_id: str, files: dict[str, str] | None = None, sh
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
-    for name, text in ({"config.json": "{}"} if files is None else files).items():
+    for name, text in ({"config.json": "{}", "model.safetensors": ""} if files is None else files).items():
         (snap / name).write_text(text)
     return snap
 
@@ -199,3 +199,18 @@ def test_display_name_of_a_hub_cache_snapshot(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "model.safetensors").symlink_to(repo / "blobs" / "0a1b2c")
     assert hub.display_name(str(tmp_path / "plain" / "model.safetensors")) == "plain"
+
+
+def test_a_cached_snapshot_without_weights_says_so_offline(offline, monkeypatch):
+    """After `tokenize` (text files only) the cache holds the repo without weights: offline, that is said
+    with what to do, not 'no safetensors weights in <snapshot>'; the text files still resolve."""
+    snap = fake_cache(offline, "org/m", files={"config.json": "{}", "tokenizer.json": "{}"})
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("org/m")
+    assert e.value.message == f"org/m is in the Hugging Face cache at {offline / 'hub'} without its weights"
+    assert "unset HF_HUB_OFFLINE" in e.value.hint
+    assert hub.resolve("org/m", weights=False) == snap
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(TwoTowerError, match="without its weights") as e:
+        hub.resolve("org/m", allow_download=False)
+    assert "hf download org/m" in e.value.hint

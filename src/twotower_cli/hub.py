@@ -147,7 +147,13 @@ def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
                             "check the spelling; gated models need `hf auth login`") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot download {repo_id}: {e}", "check the network and your HF token") from None
-    return Path(folder)
+    folder = Path(folder)
+    if offline is not None and "*.safetensors" in patterns and not any(folder.glob("*.safetensors")):
+        # The cache answers with whatever the snapshot holds: after `tokenize`, only the text files.
+        hint = (f"download the weights first (`hf download {repo_id}`, or `twotower split` on it)"
+                if offline == "command" else "unset HF_HUB_OFFLINE to download them")
+        raise TwoTowerError(f"{repo_id} is in the Hugging Face cache at {cache} without its weights", hint)
+    return folder
 
 
 def aliases_help() -> str:
