@@ -27,6 +27,9 @@ def test_both_pattern_forms_agree():
     newer = raw(hybrid_override_pattern=None,
                 layers_block_type=["linear_attention", "full_attention", "moe", "linear_attention", "mlp", "moe"])
     assert NemotronHConfig.from_dict(newer).pattern == "M*EM-E"
+    both = raw(layers_block_type=newer["layers_block_type"])  # both keys, saying the same: fine
+    assert NemotronHConfig.from_dict(both).pattern == "M*EM-E"
+    assert NemotronHConfig.from_dict({**raw(), "num_hidden_layers": None}).num_hidden_layers == 6  # null: counted
 
 
 @pytest.mark.parametrize("limit", [[0.0, {"__float__": "Infinity"}], [0.0, float("inf")]])
@@ -62,9 +65,18 @@ def test_unknown_keys_round_trip_unchanged(tmp_path):
     ({"hidden_size": None}, "missing 'hidden_size'"),
     ({"n_routed_experts": None}, "missing 'n_routed_experts'"),
     ({"hybrid_override_pattern": None}, "no layer pattern"),
+    ({"layers_block_type": ["mamba"] * 6}, r"hybrid_override_pattern 'M\*EM-E' and layers_block_type \(read as "
+                                          r"'MMMMMM'\) describe different layers"),
+    ({"hybrid_override_pattern": None, "layers_block_type": "mamba"}, "layers_block_type is 'mamba', not a list"),
+    ({"hybrid_override_pattern": None, "layers_block_type": [["mamba"]]}, "not a NemotronH layer kind"),
     ({"time_step_limit": [0.0, "lots"]}, "not a number"),
     ({"max_position_embeddings": 0}, "config key 'max_position_embeddings' is 0"),
     ({"max_position_embeddings": "long"}, "config key 'max_position_embeddings' is 'long'"),
+    ({"twotower": {"mask_token_id": "three"}}, "config key twotower.mask_token_id is 'three'"),
+    ({"twotower": {"mask_token_id": 100}}, "config key twotower.mask_token_id is 100"),  # vocab_size 100
+    ({"twotower": {"block_size": 0}}, "config key twotower.block_size is 0"),
+    ({"twotower": {"block_size": 16.5}}, "config key twotower.block_size is 16.5"),
+    ({"twotower": [3, 16]}, "config key 'twotower' is"),
 ])
 def test_validation_errors(overrides, match):
     with pytest.raises(TwoTowerError, match=match):

@@ -21,7 +21,7 @@ def fake_cache(home: Path, repo_id: str, files: dict[str, str] | None = None, sh
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
-    for name, text in ({"config.json": "{}"} if files is None else files).items():
+    for name, text in ({"config.json": "{}", "model.safetensors": ""} if files is None else files).items():
         (snap / name).write_text(text)
     return snap
 
@@ -183,3 +183,34 @@ def test_display_name_reads_tilde_as_resolve_does(tmp_path, monkeypatch):
     (tmp_path / "nano" / "model.safetensors").write_bytes(b"")
     assert hub.resolve("~/nano/model.safetensors") == tmp_path / "nano" / "model.safetensors"
     assert hub.display_name("~/nano/model.safetensors") == "nano"  # not "model.safetensors"
+
+
+def test_display_name_of_a_hub_cache_snapshot(tmp_path):
+    """A snapshot folder (or a file in it, a link to blobs/<hash>) is named after its repo, not after the
+    revision hash or `blobs`: split's default output is then `Tiny-NemotronH-twotower`."""
+    repo = tmp_path / "hub" / "models--acme--Tiny-NemotronH"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "0a1b2c").write_bytes(b"")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(Path("..", "..", "blobs", "0a1b2c"))
+    assert hub.display_name(str(snap)) == "Tiny-NemotronH"
+    assert hub.display_name(str(snap / "model.safetensors")) == "Tiny-NemotronH"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").symlink_to(repo / "blobs" / "0a1b2c")
+    assert hub.display_name(str(tmp_path / "plain" / "model.safetensors")) == "plain"
+
+
+def test_a_cached_snapshot_without_weights_says_so_offline(offline, monkeypatch):
+    """After `tokenize` (text files only) the cache holds the repo without weights: offline, that is said
+    with what to do, not 'no safetensors weights in <snapshot>'; the text files still resolve."""
+    snap = fake_cache(offline, "org/m", files={"config.json": "{}", "tokenizer.json": "{}"})
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("org/m")
+    assert e.value.message == f"org/m is in the Hugging Face cache at {offline / 'hub'} without its weights"
+    assert "unset HF_HUB_OFFLINE" in e.value.hint
+    assert hub.resolve("org/m", weights=False) == snap
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(TwoTowerError, match="without its weights") as e:
+        hub.resolve("org/m", allow_download=False)
+    assert "hf download org/m" in e.value.hint

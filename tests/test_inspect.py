@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from helpers_ckpt import hf_written, random_checkpoint, random_tensors, small_config, sparse_nano
 from twotower_cli.checkpoint import INDEX_NAME, save_tensors
 from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
 from twotower_cli.inspect import inspect_checkpoint
 from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes
 
@@ -238,6 +239,29 @@ def test_truncated_or_corrupt_header(sharded, how):
         f.write_bytes(bytes(data))
     probs = problems_of(sharded)
     assert any(f.name in p and ("truncated" in p or "does not fit" in p) for p in probs)
+    result = invoke(str(sharded), "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1 and data["sound"] is False
+    row = next(r for r in data["shards"] if r["file"] == f.name)
+    assert row["status"] == "unreadable" and row["bytes"] == f.stat().st_size  # the file's size, not 0
+    assert "✗ not sound: " in invoke(str(sharded)).stderr
+
+
+@pytest.mark.parametrize("where", ["../elsewhere/model.safetensors", "/tmp/model.safetensors", "sub/model.safetensors"])
+def test_an_index_naming_files_outside_its_folder_is_corrupt(sharded, tmp_path, where):
+    """Shards are files beside the index. One elsewhere was read as if it were here (inspect: sound) and
+    split then failed with 'No such file' on the basename; now both say the index is corrupt."""
+    from twotower_cli.split import load_source
+
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = where
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = invoke(str(sharded))
+    assert result.exit_code == 1 and result.stderr.startswith("Error:"), result.output
+    assert f"places tensors in {where!r}, which is not a file of" in result.stderr.replace("\n", "")
+    with pytest.raises(TwoTowerError, match="which is not a file of"):
+        load_source(sharded)
 
 
 def write_with(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
@@ -343,6 +367,7 @@ def test_json_fields(sharded):
         assert key in data
     assert data["layout"] == "nemotron_h" and data["pattern"] == "M*E-ME" and data["num_layers"] == 6
     assert data["tensors"] == 55 and data["dtypes"] == {"BF16": 55} and data["problems"] == []
+    assert data["sound"] is True
     assert len(data["tensor_list"]) == 55
     assert result.stderr == ""  # --json: nothing for people
 
@@ -352,7 +377,7 @@ def test_human_output(sharded):
     assert result.exit_code == 0
     err = result.stderr
     for text in ("NemotronH single tower", "M Mamba-2 ×2", "* attention ×1", "E MoE ×2", "- MLP ×1",
-                 "no problems found", "backbone.layers.0.mixer.in_proj.weight", "model-00001-of-"):
+                 "✓ sound: no problems found", "backbone.layers.0.mixer.in_proj.weight", "model-00001-of-"):
         assert text in err
     assert result.stdout == ""
 

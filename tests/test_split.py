@@ -175,6 +175,22 @@ def test_transformers_fused_experts_are_unfused(tmp_path):
     assert inspect_checkpoint(out).problems == []
 
 
+@pytest.mark.parametrize("key,shape,message", [
+    # layer 0 is Mamba: the stack's slices were written as experts of layer 0, and the output failed inspect
+    ("backbone.layers.0.mixer.experts.up_proj", (4, 12, 16), "unexpected tensor backbone.layers.0.mixer.experts.up_proj"),
+    # five experts where the config has four: expert 4 went into the output as well
+    ("backbone.layers.2.mixer.experts.up_proj", (5, 12, 16), "cannot unfuse it into 4 experts of shape [12, 16]"),
+    # a stack beside the per-expert tensors it would make: one of the two was silently kept
+    ("backbone.layers.2.mixer.experts.up_proj", (4, 12, 16), "are both backbone.layers.2.mixer.experts.0.up_proj.weight"),
+])
+def test_fused_expert_stacks_that_do_not_fit_the_config_are_refused(tmp_path, key, shape, message):
+    src = random_checkpoint(tmp_path / "src", extra={key: torch.ones(shape, dtype=torch.bfloat16)})
+    result = invoke(str(src), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert leftovers(tmp_path, "x") == []
+    assert any(message in p for p in inspect_checkpoint(src).problems)
+
+
 def test_time_conditioning_is_deterministic(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     a, b = tmp_path / "a", tmp_path / "b"
@@ -199,6 +215,20 @@ def test_dtype_conversion(tmp_path, dtype, torch_dtype):
         for d in dst:
             assert got[d].dtype == torch_dtype and torch.equal(got[d], value.to(torch_dtype)), d
     assert_identity_time_conditioning(out, torch_dtype)
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_dtype_conversion_updates_the_configs_dtype(tmp_path, key):
+    """transformers' from_pretrained(dtype="auto") loads the dtype config.json names: after --dtype bf16 a
+    config still saying float32 would load the bf16 weights widened to fp32 (twice the memory)."""
+    cfg = small_config()
+    src = random_checkpoint(tmp_path / "src", cfg.with_updates(**{key: "float32"}), dtype=torch.float32)
+    result = invoke(str(src), "-o", str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())[key] == "bfloat16"
+    assert load_file(str(tmp_path / "bf16" / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+    assert invoke(str(src), "-o", str(tmp_path / "keep")).exit_code == 0
+    assert json.loads((tmp_path / "keep" / "config.json").read_text())[key] == "float32"
 
 
 def test_bf16_conversion_matches_torch_rounding(tmp_path):
@@ -816,6 +846,37 @@ get_app()(["split", {str(src)!r}, "-o", {str(tmp_path / "out")!r}, "--max-shard-
     assert digest(src) == before
 
 
+def test_sigkill_mid_copy_leaves_no_out_and_the_rerun_is_whole(tmp_path):
+    """SIGKILL cleans nothing up: OUT must not exist (only a hidden temporary folder), the source is as it was,
+    and the next run over the same OUT removes the leftover and writes the whole, exact output."""
+    import signal
+
+    src = random_checkpoint(tmp_path / "src", max_shard_size="3KB")
+    before = digest(src)
+    out = tmp_path / "out"
+    code = f"""
+import os, signal
+from twotower_cli.cli import get_app
+from twotower_cli.split import RangeCopier
+real, calls = RangeCopier.copy, []
+def copy(self, *args):
+    calls.append(1)
+    if len(calls) == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args)
+RangeCopier.copy = copy
+get_app()(["split", {str(src)!r}, "-o", {str(out)!r}, "--max-shard-size", "4KB"], prog_name="twotower")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    assert not out.exists() and len(leftovers(tmp_path, "out")) == 1  # the killed run's temporary folder
+    assert digest(src) == before
+    result = invoke(str(src), "-o", str(out), "--max-shard-size", "4KB", "--verify")
+    assert result.exit_code == 0, result.output
+    assert leftovers(tmp_path, "out") == ["out"] and digest(src) == before
+    assert_exact_split(src, out)
+
+
 def test_truncated_source_is_refused_before_writing(tmp_path):
     src = random_checkpoint(tmp_path / "src")
     with open(src / "model.safetensors", "r+b") as f:
@@ -852,6 +913,60 @@ def test_bad_sources(tmp_path):
     assert result.exit_code == 1 and "missing tensor backbone.layers.1.mixer.q_proj.weight" in result.stderr
 
 
+@pytest.mark.parametrize("extra", [
+    "backbone.layers.0.mixer.in_proj.bias",  # the weights have a bias the config (mamba_proj_bias false) denies
+    "backbone.layers.6.norm.weight",  # a layer past the pattern
+    "model.layers.1.mixer.q_proj.bias",  # transformers' module names, same thing
+    "lm_head.bias",
+])
+def test_tensors_of_the_model_the_config_does_not_explain_are_refused(tmp_path, extra):
+    """Dropping them would make a split that computes something else than the source (spec §3: an exact
+    copy); inspect calls the source unsound for the same reason. Keys outside the model are dropped and named."""
+    src = random_checkpoint(tmp_path / "src", extra={extra: torch.ones(16), "optimizer.step": torch.ones(1)})
+    result = invoke(str(src), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1, result.output
+    assert f"unexpected tensor {extra} (the config does not explain it)" in result.stderr
+    assert leftovers(tmp_path, "x") == []
+    assert f"unexpected tensor {extra}" in " ".join(inspect_checkpoint(src).problems)
+    src = random_checkpoint(tmp_path / "src2", extra={"optimizer.step": torch.ones(1)})
+    result = invoke(str(src), "-o", str(tmp_path / "y"), "--dry-run")
+    assert result.exit_code == 0 and "dropped 1 tensor the config does not explain" in result.stderr
+    assert "optimizer.step" in result.stderr
+
+
+def test_two_source_tensors_with_one_meaning_are_refused(tmp_path):
+    """The legacy embedding name beside the current one: the split would silently keep one of them."""
+    cfg = small_config()
+    t = random_tensors(cfg)
+    t["backbone.embedding.weight"] = torch.zeros_like(t["backbone.embeddings.weight"])
+    write_checkpoint(tmp_path / "src", t, cfg.to_dict())
+    result = invoke(str(tmp_path / "src"), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and result.stderr.count("Error:") == 1, result.output
+    assert "backbone.embedding.weight and backbone.embeddings.weight are both backbone.embeddings.weight" \
+        in result.stderr
+    assert any("are both backbone.embeddings.weight" in p for p in inspect_checkpoint(tmp_path / "src").problems)
+
+
+def test_a_tied_source_that_also_ships_lm_head_splits_with_the_embedding_as_head(tmp_path):
+    """tie_word_embeddings: transformers' head is the embedding whatever lm_head.weight holds; so is ours."""
+    cfg = small_config(tie_word_embeddings=True)
+    src = random_checkpoint(tmp_path / "src", cfg, extra={"lm_head.weight": torch.zeros(64, 16, dtype=torch.bfloat16)})
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    emb = raw_bytes(src, "backbone.embeddings.weight")
+    assert raw_bytes(out, "lm_head.weight") == raw_bytes(out, "context_lm_head.weight") == emb
+
+
+def test_one_shard_of_a_sharded_source_is_refused_by_name(tmp_path):
+    src = random_checkpoint(tmp_path / "src", max_shard_size="4KB")
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    result = invoke(str(shard), "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1, result.output
+    assert f"{shard.name} is one shard of the checkpoint in {src}" in result.stderr.replace("\n", "")
+    assert "missing tensor" not in result.stderr and leftovers(tmp_path, "x") == []
+
+
 def test_tied_embeddings_missing_is_a_problem_line(tmp_path):
     cfg = small_config(tie_word_embeddings=True)
     t = random_tensors(cfg)
@@ -885,6 +1000,28 @@ def test_default_output_and_dry_run(tmp_path, monkeypatch):
     assert not (tmp_path / "my-model-twotower").exists()
     assert invoke(str(src)).exit_code == 0
     assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
+
+
+@pytest.mark.parametrize("args", [[], ["--max-shard-size", "20KB"], ["--dtype", "fp32", "--max-shard-size", "30KB"],
+                                  ["--dtype", "bf16", "--max-shard-size", "7KB"]])
+def test_dry_run_shows_the_files_the_real_run_writes(tmp_path, args):
+    """Shard names, tensor counts and bytes (headers included) of the dry run's table are those of the files
+    the real run writes, on a mixed fp32 / fp16 / bf16 source."""
+    import re
+
+    cfg = small_config()
+    t = random_tensors(cfg, fp32_router=True)
+    t["lm_head.weight"] = t["lm_head.weight"].half()
+    t["backbone.embeddings.weight"] = t["backbone.embeddings.weight"].float()
+    write_checkpoint(tmp_path / "src", t, cfg.to_dict(), max_shard_size="3KB")
+    out = tmp_path / "out"
+    dry = invoke(str(tmp_path / "src"), "-o", str(out), "--dry-run", *args)
+    assert dry.exit_code == 0, dry.output
+    table = {m[0]: (int(m[1]), int(m[2].replace(",", "")))
+             for m in re.findall(r"│ (model[\w.-]*\.safetensors) +│ +(\d+) │ +([\d,]+) B │", dry.stderr)}
+    assert invoke(str(tmp_path / "src"), "-o", str(out), *args).exit_code == 0
+    written = open_checkpoint(out)
+    assert table == {f: (len(written.shards[f].tensors), (out / f).stat().st_size) for f in written.files}
 
 
 def test_dry_run_into_an_existing_output_says_the_real_run_needs_force(tmp_path):
@@ -1032,3 +1169,115 @@ def test_execute_reports_the_phases_after_the_copy(tmp_path, monkeypatch, verify
     assert seen == [*([("verify", False, total)] if verify else []), ("sync", False, total)]
     assert synced == [len(seen)]  # the sync came after the last phase said so
     assert out.is_dir() and (result.bytes_verified > 0) == verify
+
+
+# ---------------------------------------------------------------- spec §3, checked from the spec text alone
+
+def _spec_read(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """name → (dtype, shape, bytes), parsing safetensors by hand (8-byte length, JSON, data), index or not."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for file in files:
+        data = (folder / file).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        header.pop("__metadata__", None)
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            out[name] = (e["dtype"], tuple(e["shape"]), data[8 + n + begin:8 + n + end])
+    return out
+
+
+def _spec_pattern(c: dict) -> str:
+    kinds = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "moe": "E", "mlp": "-"}
+    return c.get("hybrid_override_pattern") or "".join(kinds[k] for k in c["layers_block_type"])
+
+
+def _spec_tower(c: dict) -> dict[str, tuple[int, ...]]:
+    """Spec §1's tensor table for one tower, names after `backbone.`, sizes from config.json's keys."""
+    pattern = _spec_pattern(c)
+    H, V = c["hidden_size"], c["vocab_size"]
+    hd = c.get("head_dim") or H // c["num_attention_heads"]
+    t = {"embeddings.weight": (V, H), "norm_f.weight": (H,)}
+    for i, kind in enumerate(pattern):
+        p = f"layers.{i}."
+        t[p + "norm.weight"] = (H,)
+        if kind == "M":
+            heads = c["mamba_num_heads"]
+            d_inner = heads * c["mamba_head_dim"]  # never from `expand`
+            conv = d_inner + 2 * c["n_groups"] * c["ssm_state_size"]
+            t |= {p + "mixer.in_proj.weight": (d_inner + conv + heads, H), p + "mixer.conv1d.weight": (conv, 1, c["conv_kernel"]),
+                  p + "mixer.conv1d.bias": (conv,), p + "mixer.dt_bias": (heads,), p + "mixer.A_log": (heads,),
+                  p + "mixer.D": (heads,), p + "mixer.norm.weight": (d_inner,), p + "mixer.out_proj.weight": (H, d_inner)}
+        elif kind == "*":
+            q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+            t |= {p + "mixer.q_proj.weight": (q, H), p + "mixer.k_proj.weight": (kv, H),
+                  p + "mixer.v_proj.weight": (kv, H), p + "mixer.o_proj.weight": (H, q)}
+        elif kind == "E":
+            E, inter, shared = c["n_routed_experts"], c["moe_intermediate_size"], c["moe_shared_expert_intermediate_size"]
+            t |= {p + "mixer.gate.weight": (E, H), p + "mixer.gate.e_score_correction_bias": (E,),
+                  p + "mixer.shared_experts.up_proj.weight": (shared, H),
+                  p + "mixer.shared_experts.down_proj.weight": (H, shared)}
+            for j in range(E):
+                t |= {p + f"mixer.experts.{j}.up_proj.weight": (inter, H), p + f"mixer.experts.{j}.down_proj.weight": (H, inter)}
+        else:
+            t |= {p + "mixer.up_proj.weight": (c["intermediate_size"], H), p + "mixer.down_proj.weight": (H, c["intermediate_size"])}
+    return t
+
+
+def assert_spec_twotower(src: Path, out: Path) -> None:
+    """Spec §3, read as a loader that never saw this code would: config fields, the exact set of names and
+    shapes, towers and heads byte copies of the source (legacy / module names allowed there), identity time
+    conditioning (t_block.1 zero, tables rows shift 0, scale 0, gate 1)."""
+    import numpy as np
+
+    c_src = json.loads((src / "config.json").read_text())
+    c_out = json.loads((out / "config.json").read_text())
+    assert c_out["architectures"] == ["NemotronHTwoTowerForCausalLM"] and c_out["model_type"] == "nemotron_h"
+    for key, value in c_src.items():  # every source key kept (auto_map may shrink), unknown ones included
+        if key not in ("architectures", "auto_map"):
+            assert json.dumps(c_out.get(key)) == json.dumps(value), key
+    H = c_src["hidden_size"]
+    tower = _spec_tower(c_src)
+    want = {f"{side}_tower.{k}": v for k, v in tower.items() for side in ("context", "denoiser")}
+    want |= {"context_lm_head.weight": (c_src["vocab_size"], H), "lm_head.weight": (c_src["vocab_size"], H),
+             "t_embedder.mlp.0.weight": (H, 256), "t_embedder.mlp.0.bias": (H,), "t_embedder.mlp.2.weight": (H, H),
+             "t_embedder.mlp.2.bias": (H,), "t_block.1.weight": (3 * H, H), "t_block.1.bias": (3 * H,)}
+    want |= {f"scale_shift_tables.{i}": (3, H) for i in range(len(_spec_pattern(c_src)))}
+    got = _spec_read(out)
+    assert {k: v[1] for k, v in got.items()} == want
+    source = {k.replace("model.", "backbone.", 1).replace("backbone.embedding.", "backbone.embeddings."): v
+              for k, v in _spec_read(src).items()}
+    for name, (dtype, _shape, data) in got.items():
+        if name.endswith("lm_head.weight"):
+            assert (dtype, data) == source["lm_head.weight"][::2], name
+        elif "_tower." in name:
+            assert (dtype, data) == source["backbone." + name.split("_tower.", 1)[1]][::2], name
+        elif name.startswith(("t_block.1.", "scale_shift_tables.")):
+            as_f32 = {"F32": "<f4", "F16": "<f2"}
+            values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" \
+                else np.frombuffer(data, as_f32[dtype]).astype(np.float32)
+            expect = np.zeros(len(values), np.float32)
+            if name.startswith("scale_shift_tables."):
+                expect[2 * H:] = 1.0
+            assert np.array_equal(values, expect), name
+
+
+@pytest.mark.parametrize("source", ["ours", "ours-sharded-legacy-mixed", "transformers"])
+def test_split_output_is_spec_section_3(tmp_path, source):
+    if source == "transformers":
+        src = hf_written(tmp_path / "src", sharded=True)
+    elif source == "ours":
+        src = random_checkpoint(tmp_path / "src")
+    else:  # legacy embedding name, fp32 / fp16 / bf16 tensors side by side, several shards
+        cfg = small_config()
+        t = random_tensors(cfg, fp32_router=True)
+        t["backbone.embedding.weight"] = t.pop("backbone.embeddings.weight").float()
+        t["lm_head.weight"] = t["lm_head.weight"].half()
+        src = tmp_path / "src"
+        write_checkpoint(src, t, cfg.to_dict(), max_shard_size="4KB")
+    out = tmp_path / "out"
+    result = invoke(str(src), "-o", str(out), "--max-shard-size", "30KB")
+    assert result.exit_code == 0, result.output
+    assert_spec_twotower(src, out)

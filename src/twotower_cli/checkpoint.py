@@ -260,6 +260,10 @@ def open_checkpoint(path: str | Path, strict: bool = True) -> Checkpoint:
             index = {str(k): str(v) for k, v in idx["weight_map"].items()}
             index_meta = idx.get("metadata") or {}
             files = sorted(set(index.values()))
+            for file in files:  # shards are files of this folder: not "../other/model.safetensors", not "/x"
+                if Path(file).name != file or file in (".", ".."):
+                    raise TwoTowerError(f"{INDEX_NAME} places tensors in {file!r}, which is not a file of {folder}",
+                                        "the index file is corrupt: its weight_map names shard files beside it")
         elif (folder / SINGLE_NAME).is_file():
             files, index, index_meta = [SINGLE_NAME], None, {}
         else:

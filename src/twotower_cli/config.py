@@ -56,13 +56,28 @@ def parse_float(value: Any, key: str) -> float:
 
 
 def normalise_pattern(raw: dict[str, Any]) -> str:
-    """The layer pattern as a string of M/*/E/-, from `hybrid_override_pattern` or `layers_block_type`."""
-    if "hybrid_override_pattern" in raw and raw["hybrid_override_pattern"] is not None:
-        pattern = str(raw["hybrid_override_pattern"])
-    elif "layers_block_type" in raw and raw["layers_block_type"] is not None:
+    """The layer pattern as a string of M/*/E/-, from `hybrid_override_pattern` or `layers_block_type`.
+    A config with both must say the same in both: transformers reads `layers_block_type` first, older
+    readers (vLLM, NVIDIA's remote code) `hybrid_override_pattern`, so a disagreement is two models."""
+    pattern_key = raw.get("hybrid_override_pattern")
+    block_types = raw.get("layers_block_type")
+    if pattern_key is not None and block_types is not None:
+        pattern, listed = normalise_pattern({"hybrid_override_pattern": pattern_key}), \
+            normalise_pattern({"layers_block_type": block_types})
+        if pattern != listed:
+            raise TwoTowerError(f"config.json's hybrid_override_pattern {pattern!r} and layers_block_type "
+                                f"(read as {listed!r}) describe different layers",
+                                "keep one of the two keys, the one that matches the weights")
+        return pattern
+    if pattern_key is not None:
+        pattern = str(pattern_key)
+    elif block_types is not None:
+        if not isinstance(block_types, list):
+            raise TwoTowerError(f"layers_block_type is {block_types!r}, not a list",
+                                "it lists one layer kind per layer, e.g. [\"mamba\", \"moe\", \"attention\"]")
         chars = []
-        for i, name in enumerate(raw["layers_block_type"]):
-            if name not in _BLOCK_TYPE_TO_CHAR:
+        for i, name in enumerate(block_types):
+            if not isinstance(name, str) or name not in _BLOCK_TYPE_TO_CHAR:
                 raise TwoTowerError(
                     f"layers_block_type[{i}] is {name!r}, not a NemotronH layer kind",
                     f"expected one of {sorted(_BLOCK_TYPE_TO_CHAR)}",
@@ -142,7 +157,8 @@ class NemotronHConfig:
                         f"config.json is missing {key!r}, needed by its {LAYER_KINDS[kind]} layers",
                         "is this a NemotronH checkpoint?",
                     )
-        n_layers = raw.get("num_hidden_layers", len(pattern))
+        n_layers = raw.get("num_hidden_layers")
+        n_layers = len(pattern) if n_layers is None else n_layers  # null, as absent: transformers counts the pattern
         if n_layers != len(pattern):
             raise TwoTowerError(
                 f"num_hidden_layers is {n_layers} but the layer pattern has {len(pattern)} layers",
@@ -245,6 +261,18 @@ class NemotronHConfig:
                     f"topk_group={self.topk_group}",
                     "n_group must divide n_routed_experts and topk_group must be at most n_group",
                 )
+        block = self.raw.get("twotower")
+        if block is not None and not isinstance(block, dict):
+            raise TwoTowerError(f"config key 'twotower' is {block!r}", "it is an object like {\"mask_token_id\": 3, "
+                                "\"block_size\": 16}, or absent")
+        for key, low, high in (("mask_token_id", 0, self.vocab_size - 1), ("block_size", 1, None)):
+            value = (block or {}).get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low
+                                      or (high is not None and value > high)):
+                raise TwoTowerError(f"config key twotower.{key} is {value!r}",
+                                    f"it must be an integer from {low}" + (f" to {high} (the vocabulary)" if high else "")
+                                    + (f"; NVIDIA's is {DEFAULT_MASK_TOKEN_ID}" if key == "mask_token_id" else
+                                       f"; NVIDIA's is {DEFAULT_BLOCK_SIZE}"))
         if self.mlp_hidden_act != "relu2":
             raise TwoTowerError(f"mlp_hidden_act {self.mlp_hidden_act!r} is not supported", "NemotronH uses relu2")
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):

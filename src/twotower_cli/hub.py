@@ -75,8 +75,13 @@ def display_name(name_or_path: str) -> str:
         return name_or_path.lower()
     p = Path(name_or_path).expanduser()  # as resolve() reads it
     if p.exists():
-        p = p.resolve()
-        return p.parent.name if p.is_file() else p.name
+        # The folder, symlinks followed ("." has a name then), but not a file's own link: in a hub cache
+        # snapshot each file links to blobs/<hash>, whose folder name says nothing.
+        folder = (p if p.is_dir() else Path(os.path.abspath(p)).parent).resolve()
+        repo = folder.parent.parent.name  # a snapshot: .../models--org--name/snapshots/<revision>
+        if folder.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+            return repo.split("--", 2)[2]
+        return folder.name
     return name_or_path.rstrip("/").split("/")[-1]
 
 
@@ -142,7 +147,13 @@ def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
                             "check the spelling; gated models need `hf auth login`") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot download {repo_id}: {e}", "check the network and your HF token") from None
-    return Path(folder)
+    folder = Path(folder)
+    if offline is not None and "*.safetensors" in patterns and not any(folder.glob("*.safetensors")):
+        # The cache answers with whatever the snapshot holds: after `tokenize`, only the text files.
+        hint = (f"download the weights first (`hf download {repo_id}`, or `twotower split` on it)"
+                if offline == "command" else "unset HF_HUB_OFFLINE to download them")
+        raise TwoTowerError(f"{repo_id} is in the Hugging Face cache at {cache} without its weights", hint)
+    return folder
 
 
 def aliases_help() -> str:

@@ -12,7 +12,7 @@ It returns a `Report`: layout ("nemotron_h", "twotower" or "unknown"), sizes, pa
 per layer kind, active parameters per token, dtypes, bytes, shards, and `problems` — one line per
 integrity fault (index vs shards, truncated files, missing/unexpected/wrong-shape tensors). `to_json`
 gives the `--json` object and `render` draws the human view with rich. A checkpoint is sound when
-`problems` is empty; the CLI exits 1 otherwise.
+`problems` is empty (`"sound"` in the JSON); the CLI exits 1 otherwise.
 
 Active parameters per token (one tower): every parameter except the routed experts a token does not use,
 i.e. total - sum over MoE layers of routed_expert_params * (n_routed - top_k) / n_routed; shared
@@ -81,7 +81,7 @@ class Report:
 
     def to_json(self, with_tensors: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "path": self.path, "layout": self.layout, "architecture": self.architecture, "source": self.source,
+            "path": self.path, "sound": not self.problems, "layout": self.layout, "architecture": self.architecture, "source": self.source,
             "pattern": self.pattern, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size, "attention": self.attention, "experts": self.experts,
             "parameters": self.parameters, "parameters_by_kind": self.parameters_by_kind,
@@ -222,8 +222,13 @@ def inspect_checkpoint(path: str | Path) -> Report:
         else:
             ends = [t.data_offsets[1] for t in shard.tensors.values()]
             status = "truncated" if ends and max(ends) > shard.file_size - shard.header_size else "ok"
-        shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0,
-                       "bytes": shard.file_size if shard else 0, "status": status})
+        size = shard.file_size if shard else 0
+        if shard is None and file not in ckpt.missing_files:
+            try:
+                size = ckpt.path(file).stat().st_size
+            except OSError:
+                pass
+        shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0, "bytes": size, "status": status})
     raw = ckpt.config_raw if isinstance(ckpt.config_raw, dict) else {}
     arch = raw.get("architectures") or []
     arch = ", ".join(map(str, arch if isinstance(arch, list) else [arch])) or "?"
@@ -483,9 +488,9 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     if report.problems:
-        console.print(f"[bold red]{len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}:[/]")
+        console.print(f"[bold red]✗ not sound: {len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}:[/]")
         for p in report.problems:
             console.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
     else:
-        console.print("[bold green]✓ no problems found[/]")
+        console.print("[bold green]✓ sound: no problems found[/]")
 

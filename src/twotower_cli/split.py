@@ -40,6 +40,8 @@ from typing import Any
 
 from twotower_cli.checkpoint import (
     DTYPE_BYTES,
+    INDEX_NAME,
+    TORCH_DTYPE_NAMES,
     Checkpoint,
     atomic_output_dir,
     check_output_folder,
@@ -69,6 +71,8 @@ INIT_STD = 0.02  # t_embedder weights (DiT's init); biases start at 0
 INIT_SEED = 0
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+MODEL_NAMESPACE = ("backbone.", "model.", "lm_head.")  # source keys that are part of the model's computation
 
 _FUSED_EXPERTS = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)(?:\.weight)?$")
 
@@ -110,6 +114,13 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
     out: dict[str, SourceTensor] = {}
     renamed = legacy = unfused = 0
     dropped, unexpected = [], []
+
+    def put(t: SourceTensor) -> None:
+        if t.name in out:  # e.g. backbone.embedding.weight beside backbone.embeddings.weight: which one is meant?
+            raise TwoTowerError(f"{out[t.name].origin} and {t.origin} are both {t.name}",
+                                "remove one of the two from the checkpoint")
+        out[t.name] = t
+
     for info in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0])):
         name = info.name
         if is_dropped(name):
@@ -126,21 +137,24 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
         if fused and len(info.shape) == 3:
             n_experts, per_shape = info.shape[0], info.shape[1:]
             want = expected.get(f"{fused.group(1)}.0.{fused.group(2)}.weight")
-            if want is not None and tuple(per_shape) != want:
+            if want is None:  # no MoE layer there in the config: its slices would be tensors of no layer
+                unexpected.append(info.name)
+                continue
+            if (n_experts, *per_shape) != (cfg.n_routed_experts, *want):
                 raise TwoTowerError(f"{info.name} has shape {list(info.shape)}: cannot unfuse it into "
-                                    f"{n_experts} experts of shape {list(want)}",
+                                    f"{cfg.n_routed_experts} experts of shape {list(want)}",
                                     "only [experts, out, in] stacks (as transformers writes them) are supported")
             step = (end - start) // max(n_experts, 1)
             for j in range(n_experts):
                 key = f"{fused.group(1)}.{j}.{fused.group(2)}.weight"
-                out[key] = SourceTensor(key, info.dtype, tuple(per_shape), info.file,
-                                        start + j * step, start + (j + 1) * step, info.name)
+                put(SourceTensor(key, info.dtype, tuple(per_shape), info.file,
+                                 start + j * step, start + (j + 1) * step, info.name))
             unfused += 1
             continue
         if name not in expected:
             unexpected.append(info.name)
             continue
-        out[name] = SourceTensor(name, info.dtype, info.shape, info.file, start, end, info.name)
+        put(SourceTensor(name, info.dtype, info.shape, info.file, start, end, info.name))
     transforms = []
     if renamed:
         transforms.append(f"renamed model.* → backbone.* ({renamed} tensors, transformers' module names)")
@@ -149,6 +163,10 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
     if unfused:
         transforms.append(f"unfused {unfused} stacked expert tensors into per-expert tensors (byte slices)")
     return SourceView(out, transforms, dropped, unexpected)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def shape_problems(view: dict[str, SourceTensor] | dict[str, tuple[int, ...]],
@@ -239,10 +257,15 @@ class SplitPlan:
 
 
 def output_config(cfg: NemotronHConfig, mask_token_id: int, block_size: int, source: str,
-                  shipped: set[str]) -> tuple[dict[str, Any], list[str]]:
+                  shipped: set[str], dtype: str = "keep") -> tuple[dict[str, Any], list[str]]:
     """The TwoTower config.json (spec §3) and notes on what changed beyond the `twotower` block."""
     raw = cfg.to_dict()
     notes = []
+    if dtype != "keep":  # transformers' `dtype="auto"` loads what the config says: say what was written
+        for key in ("dtype", "torch_dtype"):  # v5 writes dtype, v4 torch_dtype
+            if key in raw and raw[key] != TORCH_DTYPE_NAMES[dtype]:
+                notes.append(f"config {key} {raw[key]!r} → {TORCH_DTYPE_NAMES[dtype]!r} (--dtype {dtype})")
+                raw[key] = TORCH_DTYPE_NAMES[dtype]
     raw["architectures"] = [TWOTOWER_ARCHITECTURE]
     raw["model_type"] = "nemotron_h"
     auto_map = raw.get("auto_map")
@@ -308,7 +331,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     problems = index_problems(ckpt)
     if problems:
         raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"
-                            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""),
+                            + (f" (and {_count(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""),
                             "run `twotower inspect` on it for the full list")
     view = source_view(ckpt, cfg)
     src = dict(view.tensors)
@@ -320,6 +343,11 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
         transforms.append("tied embeddings: both heads written as copies of backbone.embeddings.weight")
     expected = nemotron_h_shapes(cfg) | {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)}
     problems = shape_problems(src, expected)
+    # A tensor of the model's own (a bias the config says is absent, a layer past the pattern) cannot be
+    # dropped: the split would no longer compute what the source does. Other keys are dropped and reported.
+    # (lm_head.weight is unexpected only beside tied embeddings, where the head is the embedding, as in transformers.)
+    foreign = [n for n in view.unexpected if n.startswith(MODEL_NAMESPACE) and n != "lm_head.weight"]
+    problems += [f"unexpected tensor {n} (the config does not explain it)" for n in foreign]
     for t in src.values():
         if t.dtype not in DTYPE_BYTES or t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
             problems.append(f"{t.origin}: {t.nbytes} bytes do not hold {t.dtype}{list(t.shape)}")
@@ -328,9 +356,9 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
                             "run `twotower inspect` on it for the full list")
     if view.dropped:
-        transforms.append(f"dropped {len(view.dropped)} tensors the model does not use (mtp.*, rotary buffers)")
+        transforms.append(f"dropped {_count(len(view.dropped), 'tensor')} the model does not use (mtp.*, rotary buffers)")
     if view.unexpected:
-        transforms.append(f"dropped {len(view.unexpected)} tensors the config does not explain")
+        transforms.append(f"dropped {_count(len(view.unexpected), 'tensor')} the config does not explain")
 
     target = DTYPE_CHOICES[dtype]
     tensors: list[OutTensor] = []
@@ -350,7 +378,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
               for file, group in zip(shard_names(len(groups)), groups, strict=True)]
 
     aux = [p.name for p in sorted(ckpt.folder.iterdir()) if p.is_file() and _is_aux(p.name)]
-    config, notes = output_config(cfg, mask_token_id, block_size, source_name, shipped=set(aux))
+    config, notes = output_config(cfg, mask_token_id, block_size, source_name, shipped=set(aux), dtype=dtype)
     return SplitPlan(source_name, ckpt.folder, config, shards, dtype, transforms,
                      view.dropped + view.unexpected, aux, notes)
 
@@ -403,10 +431,23 @@ def _is_aux(name: str) -> bool:
 def load_source(path: Path) -> tuple[Checkpoint, NemotronHConfig]:
     """Headers and config of a split source (a folder, or a .safetensors file with config.json beside it)."""
     ckpt = open_checkpoint(path)
+    if ckpt.index is None and ckpt.files[0] in _indexed_files(ckpt.folder):
+        # A file of a sharded checkpoint alone holds part of the model: say so, not "missing tensor ...".
+        raise TwoTowerError(f"{ckpt.files[0]} is one shard of the checkpoint in {ckpt.folder} "
+                            f"(it has {INDEX_NAME})", f"split the folder: twotower split {ckpt.folder}")
     if ckpt.config_raw is None:
         raise TwoTowerError(f"no config.json beside the weights in {ckpt.folder}",
                             "split needs the NemotronH config.json of the checkpoint")
     return ckpt, NemotronHConfig.from_dict(ckpt.config_raw)
+
+
+def _indexed_files(folder: Path) -> set[str]:
+    """The shard files the folder's index names (none when it has no readable index)."""
+    try:
+        weight_map = json.loads((folder / INDEX_NAME).read_text()).get("weight_map")
+        return set(map(str, weight_map.values())) if isinstance(weight_map, dict) else set()
+    except (OSError, ValueError, AttributeError):
+        return set()
 
 
 # ============================================================================================ bytes
