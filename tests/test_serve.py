@@ -2173,3 +2173,65 @@ def test_cli_serve_warns_of_sampling_options_its_mode_or_policy_never_reads(fold
     got = warnings("--mode", "mock_ar", "--block", "4")
     assert got == ["Warning: --block: no effect in --mode mock_ar, which commits one token per step (unless a "
                    "request sets mode mask_diffusion) (hint: leave it out, or use --mode mask_diffusion)"], got
+
+
+# ------------------------------------------------------------------------------ fields the server does not honour
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+PROMPT = {"prompt": "hi", "max_tokens": 4}
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {**PROMPT, "logit_bias": {"5": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 100}}, "logit_bias"),
+    ("/v1/completions", {**PROMPT, "presence_penalty": 1.5}, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": -0.5}, "frequency_penalty"),
+    ("/v1/completions", {**PROMPT, "suffix": " the end"}, "suffix"),
+    ("/v1/completions", {**PROMPT, "best_of": 3}, "best_of"),
+    ("/v1/completions", {**PROMPT, "n": 2, "best_of": 4}, "best_of"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {**CHAT, "function_call": {"name": "f"}}, "function_call"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, "echo"),  # vLLM's chat echo; completions' is honoured
+    ("/v1/completions", {**PROMPT, "repetition_penalty": 1.3}, "repetition_penalty"),
+    ("/v1/completions", {**PROMPT, "min_p": 0.1}, "min_p"),
+    ("/v1/completions", {**PROMPT, "ignore_eos": True}, "ignore_eos"),
+    ("/v1/completions", {**PROMPT, "presence_penalty": True}, "presence_penalty"),  # true is not 0
+])
+def test_a_field_that_would_change_the_output_and_is_not_honoured_is_a_400_naming_it(url, path, body, field):
+    """These fields were read by no one: the answer came as if they had not been sent (a JSON-mode request
+    got free text, a logit_bias banning a token got it). Now each is a 400 naming the field, with OpenAI's
+    code for it, and the server goes on."""
+    status, text = post(url, path, body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["message"].startswith(f"'{field}'") and "not supported" in error["message"], error
+    assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_parameter"
+    assert post(url, "/v1/completions", PROMPT)[0] == 200
+
+
+@pytest.mark.parametrize("path, plain, neutral", [
+    ("/v1/completions", PROMPT, {"logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "suffix": "",
+                                 "best_of": 1, "user": "u-1", "seed": 3, "min_p": 0, "repetition_penalty": 1.0,
+                                 "stream_options": None, "model": "anything", "echo": False}),
+    ("/v1/chat/completions", CHAT, {"logit_bias": None, "response_format": {"type": "text"}, "tools": [],
+                                    "tool_choice": "none", "parallel_tool_calls": False, "user": "u-1",
+                                    "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "n": 1,
+                                    "modalities": ["text"], "echo": False, "function_call": "auto"}),
+])
+def test_neutral_values_and_fields_that_do_not_change_the_output_are_accepted(url, path, plain, neutral):
+    """Clients send some of these fields with their neutral values (LangChain's penalties 0 and logit_bias
+    {}, lm-eval's seed) or fields that change nothing of the output (user, metadata, store): those requests
+    are answered, as without them."""
+    def content(text):
+        choice = json.loads(text)["choices"][0]
+        return choice["message"]["content"] if "message" in choice else choice["text"]
+
+    status, text = post(url, path, {**plain, **neutral})
+    assert status == 200, text
+    assert content(text) == content(post(url, path, plain)[1])
+

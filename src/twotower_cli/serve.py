@@ -35,10 +35,13 @@ with `Vary: Origin`), and a preflight OPTIONS is answered without asking for the
 with the route's methods, the headers asked for besides Authorization and Content-Type, and a Max-Age.
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
-a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
-the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
-(presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
-of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
+a list of them), n, stream, stream_options, logprobs, top_logprobs, echo (completions), chat_template_kwargs
+(template variables, as vLLM names them); and the sampler's own: mode, block_size, steps, threshold, policy,
+factor. A field that would change the output and is not honoured (logit_bias, the penalties, suffix,
+best_of, response_format, tools, ...: `UNHONOURED`) is a 400 naming it unless its value changes nothing;
+fields that change nothing of the output (user, metadata, store, ...) are accepted. `n` (up to 16) samples
+that many choices of each prompt as rows of one batch (usage counts each prompt once). Unset fields take the
+defaults given on the command line.
 
 Each prompt of a request and its max_tokens together may not exceed the model's context length,
 `max_model_len` (`--max-model-len`; by default the checkpoint's `max_position_embeddings`, which transformers
@@ -107,6 +110,21 @@ from twotower_cli.towers import token_log_probs
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
+# Request fields that would change the output and that the server does not honour: field → the values that
+# change nothing (null always does). Any other value is a 400 naming the field (OpenAI's code
+# `unsupported_parameter`), not an answer that silently differs from what was asked: OpenAI's fields, then
+# vLLM's / llama.cpp's sampling extensions. The sampler has no hook for a bias or a penalty on the logits, no
+# constrained decoding and no tool-call parser. Fields that change nothing of the output (user, metadata,
+# store, service_tier, parallel_tool_calls, prediction, ...) and fields no server names are accepted.
+UNHONOURED = {
+    "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "suffix": ("",),
+    "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+    "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (), "reasoning_effort": (),
+    "verbosity": (), "web_search_options": (),
+    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "stop_token_ids": ([],),
+    "use_beam_search": (False,), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "structured_outputs": (), "grammar": (), "json_schema": (),
+}
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 # the API's routes without /v1, as llama.cpp's server also answers them: a client given the server's address
@@ -208,6 +226,23 @@ def _number(body: dict, key: str, kind: type, default):
             kind is int and value != int(value)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}")
     return kind(value)
+
+
+def _refuse_unhonoured(body: dict, chat: bool, n: int) -> None:
+    """A 400 naming the first field of `body` that would change the output and is not honoured: one of
+    `UNHONOURED` with a value other than its neutral ones, completions' `best_of` other than `n` (the server
+    returns every choice it samples), chat's `echo` (vLLM's extension; completions' is honoured)."""
+    for field, neutral in [*UNHONOURED.items(), ("echo", (False,))] if chat else UNHONOURED.items():
+        value = body.get(field)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                         for v in neutral):  # 0.0 is 0, false is not
+            leave = " or ".join(["leave it out", *(f"send {json.dumps(v)}" for v in neutral)])
+            raise BadRequest(f"'{field}' is not supported by this server, which would answer as if it were not "
+                             f"given: {leave}", code="unsupported_parameter")
+    best_of = _number(body, "best_of", int, None)
+    if not chat and best_of is not None and best_of != n:
+        raise BadRequest(f"'best_of' {best_of} is not supported by this server, which returns every choice it "
+                         f"samples: leave it out, or ask for n choices with 'n'", code="unsupported_parameter")
 
 
 def template_variables_taken(variables: dict) -> str | None:
@@ -345,6 +380,7 @@ class Engine:
         n = _number(body, "n", int, 1)
         if not 1 <= n <= MAX_N:
             raise BadRequest(f"'n' must be between 1 and {MAX_N}")
+        _refuse_unhonoured(body, chat, n)
         logprobs, top = self._logprobs(body, chat)
         echo = not chat and bool(body.get("echo"))
         history = None
