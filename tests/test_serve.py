@@ -2235,3 +2235,80 @@ def test_neutral_values_and_fields_that_do_not_change_the_output_are_accepted(ur
     assert status == 200, text
     assert content(text) == content(post(url, path, plain)[1])
 
+
+# ------------------------------------------------------------------------------ a request that trickles in
+
+@pytest.mark.parametrize("head, limits", [
+    (b"POST /v1/completions HTTP/1.1\r\nX-Pad: " + b"a" * 1500, {"REQUEST_HEAD_SECONDS": 0.5}),
+    (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1500\r\n\r\n" + b" " * 1500,
+     {"REQUEST_BODY_SECONDS": 0.5, "BODY_MIN_RATE": 1000}),
+])
+def test_a_request_that_trickles_in_is_a_408_at_its_deadline_and_frees_its_thread(folder, model, monkeypatch,
+                                                                                   head, limits):
+    """A client that sends its request a byte at a time, each well within REQUEST_READ_SECONDS of the last,
+    held its connection's thread for as long as it kept trickling (the timeout was per read). Now the request
+    line and headers must come within REQUEST_HEAD_SECONDS, and the body within REQUEST_BODY_SECONDS plus a
+    second per BODY_MIN_RATE bytes: the trickling client gets a 408 while it still sends, its connection
+    closes and its thread ends. (Limits made small; a real socket, a byte every 20 ms.)"""
+    import select
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    for name, value in limits.items():
+        monkeypatch.setattr(serve, name, value, raising=False)  # (the old code had none of them)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    where = urllib.parse.urlsplit(serve.base_url(server))
+    answered = b""
+    with socket.create_connection((where.hostname, where.port), timeout=20) as client:
+        for i in range(len(head)):  # at most 30 s of trickling: far past the deadline
+            if select.select([client], [], [], 0)[0]:
+                answered = read_all(client)
+                break
+            try:
+                client.sendall(head[i:i + 1])
+            except OSError:  # closed by the server: its answer is waiting to be read
+                answered = read_all(client)
+                break
+            time.sleep(0.02)
+    assert answered, "the server never answered the trickling client"
+    status, headers, body = parse_response(answered)
+    error = json.loads(body)["error"]
+    assert status == 408 and "did not come in time: it came too slowly" in error["message"], body
+    assert headers["Connection"] == "close"
+    assert _until(lambda: not any(t.is_alive() for t in server.handlers))
+    assert post(serve.base_url(server), "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+def test_a_large_body_over_a_slow_link_still_comes(folder, model, monkeypatch):
+    """The body's deadline moves a second later for every BODY_MIN_RATE bytes that come: a body sent at a
+    steady rate above it is read whole, however long that takes past REQUEST_BODY_SECONDS."""
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "REQUEST_BODY_SECONDS", 0.3)
+    monkeypatch.setattr(serve, "BODY_MIN_RATE", 2000)
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    where = urllib.parse.urlsplit(serve.base_url(server))
+    body = json.dumps({"prompt": "hi", "max_tokens": 4, "user": "x" * 4000}).encode()
+    with socket.create_connection((where.hostname, where.port), timeout=20) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        for at in range(0, len(body), 400):  # 400 bytes every 50 ms (8000 bytes/s): past 0.3 s in all
+            client.sendall(body[at:at + 400])
+            time.sleep(0.05)
+        status, _, answer = parse_response(read_all(client))
+    want = tok.decode(reference(model, tok.encode("hi"), replace_cfg(max_new_tokens=4)).token_ids)
+    assert status == 200 and json.loads(answer)["choices"][0]["text"] == want, answer
+    server.shutdown()
+    server.server_close()
+    engine.close()
+

@@ -20,10 +20,12 @@ sent in chunks. An answer given before the body was read (an error) reads and dr
 a client still sending it reads the answer rather than a reset, and the connection goes on; a body over
 MAX_BODY_BYTES, or one whose end cannot be found, is not read, and the connection closes after the answer
 (`Connection: close`, and a moment of reading what still comes, for the same reason). A request begun (its
-first byte came) may go REQUEST_READ_SECONDS without another byte of its request line, headers or body: then
-it is answered with a 408 and the connection closes, so that a client that stalls mid-request does not hold
-a thread for ever (one that keeps trickling bytes still can: the timeout is per read, as nginx's
-client_body_timeout, so that a large body over a slow link still comes). Once the request is read, the model
+first byte came) may go REQUEST_READ_SECONDS without another byte of its request line, headers or body, its
+request line and headers may take REQUEST_HEAD_SECONDS in all (as nginx's client_header_timeout), its body
+REQUEST_BODY_SECONDS and a second more for every BODY_MIN_RATE bytes that came (as Apache's mod_reqtimeout,
+so that a large body over a slow link still comes): past any of these it is answered with a 408 and the
+connection closes, so that a client that stalls, or trickles its request a byte at a time, does not hold a
+thread for ever (`_Reads`). Once the request is read, the model
 takes the time it needs; an answer's writes may each wait SEND_SECONDS for a client that stops reading (a
 slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
 
@@ -84,6 +86,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hmac
+import io
 import json
 import math
 import queue
@@ -136,6 +139,9 @@ CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being hand
 KEEP_ALIVE_SECONDS = 75.0  # how long a connection may wait between requests (nginx's keepalive_timeout)
 LINGER_SECONDS = 2.0  # how long a connection closed with a request body unread reads and drops the rest
 REQUEST_READ_SECONDS = 30.0  # how long a request begun may go without a byte of it coming (then a 408)
+REQUEST_HEAD_SECONDS = 60.0  # how long its request line and headers may take in all (nginx's client_header_timeout)
+REQUEST_BODY_SECONDS = 60.0  # how long its body may take, and a second more for every BODY_MIN_RATE bytes that
+BODY_MIN_RATE = 500  # came (Apache's mod_reqtimeout: body=...,MinRate=500): a slow link's large body still comes
 SEND_SECONDS = 60.0  # how long an answer may wait for its client to read (then the connection closes)
 CORS_MAX_AGE = 7200  # seconds a browser may keep a preflight's answer (Chromium keeps it 2 h at most)
 CORS_HEADERS = ("Authorization", "Content-Type")  # request headers a cross-origin request may always send
@@ -890,6 +896,39 @@ class _Job:
 
 # ---------------------------------------------------------------------------------------------- HTTP
 
+class _Reads(io.RawIOBase):
+    """A connection's reads, under its `rfile`'s buffer, against a deadline for the request being read: each
+    read waits REQUEST_READ_SECONDS at most, and none goes past `deadline` (a TimeoutError then), which each
+    byte read moves 1/`rate` s later (0: not at all). Without a deadline (between requests, while an answer is
+    written) a read waits the socket's own timeout."""
+
+    def __init__(self, connection: socket.socket, raw: io.RawIOBase):
+        super().__init__()
+        self.connection, self.raw = connection, raw
+        self.deadline: float | None = None
+        self.rate = 0.0
+        self.late = False  # the last read timed out at the deadline, not after REQUEST_READ_SECONDS without a byte
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            self.late = left <= REQUEST_READ_SECONDS
+            if left <= 0:
+                raise TimeoutError("the request did not come in time")
+            self.connection.settimeout(min(left, REQUEST_READ_SECONDS))
+        n = self.raw.readinto(buffer)
+        if n and self.deadline is not None and self.rate:
+            self.deadline += n / self.rate
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> dict:
     n = len(result.texts)
     logprobs = [_logprobs_body(engine.tokenizer, ids, lps, tops, req.chat) if req.logprobs else None
@@ -964,10 +1003,13 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twotower"
+        rbufsize = 0  # `setup` buffers the connection's reads itself, over `_Reads`
         protocol_version = "HTTP/1.1"  # persistent connections: a client's next request needs no new one
 
         def setup(self) -> None:
             super().setup()
+            self._reads = _Reads(self.connection, self.rfile)
+            self.rfile = io.BufferedReader(self._reads)
             self.idle = False  # waiting for the connection's next request (`server_close` ends such a wait)
             self._linger = False
             self.server.connections.add(self)
@@ -1010,17 +1052,20 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._timed_out()
 
         def _timed_out(self) -> None:
-            """A read or a write timed out: the client stopped sending its request for REQUEST_READ_SECONDS
-            (answered with a 408 when no answer has begun), or stopped reading its answer for SEND_SECONDS. The
-            connection closes either way (where the request ends, or the answer, is lost)."""
+            """A read or a write timed out: the client stopped sending its request for REQUEST_READ_SECONDS, or
+            sent it too slowly (past its deadline: `_Reads`), both answered with a 408 when no answer has begun;
+            or it stopped reading its answer for SEND_SECONDS. The connection closes either way (where the
+            request ends, or the answer, is lost)."""
             self.close_connection = True
             if self._answered:
                 return
-            self.log_error("request timed out: nothing of it came for %g s", REQUEST_READ_SECONDS)
+            why = (f"it came too slowly (its request line and headers may take {REQUEST_HEAD_SECONDS:g} s in all, "
+                   f"its body {REQUEST_BODY_SECONDS:g} s and a second for every {BODY_MIN_RATE} bytes)"
+                   if self._reads.late else f"nothing of it came for {REQUEST_READ_SECONDS:g} s")
+            self.log_error("request timed out: %s", why)
             self._unknown_end()
             with contextlib.suppress(OSError):
-                self._error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not come in time: nothing of it came for "
-                            f"{REQUEST_READ_SECONDS:g} s; send it whole")
+                self._error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not come in time: {why}; send it whole")
 
         def _next_request(self) -> bool:
             """Whether the client begins another request: its first byte (or one in `rfile`'s buffer already),
@@ -1035,14 +1080,14 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             except OSError:  # the wait timed out, or the connection was reset or shut
                 return False
             finally:
-                self.idle = False
-                with contextlib.suppress(OSError):  # a request begun: each read waits so long for its bytes
-                    self.connection.settimeout(REQUEST_READ_SECONDS)
+                self.idle = False  # a request begun: its head must come by a deadline (`_Reads`)
+                self._reads.deadline, self._reads.rate = time.monotonic() + REQUEST_HEAD_SECONDS, 0.0
 
         def _sending(self) -> None:
             """The request is read: from here the socket's timeout is for writes (SEND_SECONDS: a client that
             stops reading its answer), none of which are waited for while the model works (the connection is not
             read while a request waits for its answer but through `_gone`, which does not block)."""
+            self._reads.deadline = None
             with contextlib.suppress(OSError):
                 self.connection.settimeout(SEND_SECONDS)
 
@@ -1067,7 +1112,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
         def _framing(self) -> None:
             """How the request's body is framed (`_unread`): Content-Length bytes, or chunks (Transfer-Encoding:
             chunked, RFC 9112 §7.1). Framing the server cannot follow is a 400 (501: a transfer coding other
-            than chunked), and the connection closes after it, since where the next request begins is unknown."""
+            than chunked), and the connection closes after it, since where the next request begins is unknown.
+            The head is read: from here its body has a deadline of its own (`_Reads`)."""
+            self._reads.deadline, self._reads.rate = time.monotonic() + REQUEST_BODY_SECONDS, BODY_MIN_RATE
             codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length") or []
             if codings:
                 coding = ", ".join(codings)
