@@ -2312,3 +2312,38 @@ def test_a_large_body_over_a_slow_link_still_comes(folder, model, monkeypatch):
     server.server_close()
     engine.close()
 
+
+# ------------------------------------------------------------------------------ a page of another origin
+
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/json"])
+def test_a_page_of_another_origin_cannot_make_the_model_run(folder, model, content_type):
+    """A browser page may POST a "simple" request (a text/plain, form or multipart body; `fetch` with mode
+    no-cors) to any origin without a preflight; it cannot read the answer, but the model ran for it (a page
+    could keep a GPU busy, or have a local server generate, as a CSRF). The browser sends such a request with
+    the page's Origin: without CORS for it, it is now a 403 and the model does not run. A page the server
+    allows (--allowed-origin), one served beside the API through a proxy (Sec-Fetch-Site: same-origin), and a
+    client that is no browser (no Origin: curl -d sends a form content type) are answered."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    headers = {"Content-Type": content_type, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site",
+               "Sec-Fetch-Mode": "no-cors"}
+
+    def send(base, **changes):
+        conn = connect(base)
+        conn.request("POST", "/v1/completions", body=body,
+                     headers={k: v for k, v in {**headers, **changes}.items() if v is not None})
+        r = conn.getresponse()
+        out = r.status, r.read()
+        conn.close()
+        return out
+
+    with serving(engine) as base:
+        status, text = send(base)
+        assert status == 403 and "origin http://evil.example" in json.loads(text)["error"]["message"], text
+        assert engine.counts["batches_total"] == 0  # the model never ran
+        assert send(base, **{"Sec-Fetch-Site": "same-origin"})[0] == 200
+        assert send(base, Origin=None, **{"Sec-Fetch-Site": None, "Sec-Fetch-Mode": None})[0] == 200
+    with serving(engine, allowed_origins=["http://evil.example"]) as base:
+        assert send(base)[0] == 200
+    engine.close()

@@ -30,8 +30,9 @@ takes the time it needs; an answer's writes may each wait SEND_SECONDS for a cli
 slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
 
 CORS (`allowed_origins`, `--allowed-origin`): none by default, so that a page of another origin in a browser
-can neither send the API key nor read an answer (the server may hold a key, or serve a trusted network; a
-page's "simple" request without a preflight, a text/plain POST, still reaches it); with origins, every answer
+can neither send the API key nor read an answer (the server may hold a key, or serve a trusted network), and
+a POST such a page sends without a preflight (a "simple" request: a text/plain or form body, a fetch of mode
+no-cors), which carries its Origin, is refused with a 403 before the model runs for it; with origins, every answer
 (errors and streams too) carries Access-Control-Allow-Origin (`*`, or the request's Origin where it is allowed,
 with `Vary: Origin`), and a preflight OPTIONS is answered without asking for the API key (browsers send none)
 with the route's methods, the headers asked for besides Authorization and Content-Type, and a Max-Age.
@@ -1331,6 +1332,15 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
             return {"Vary": "Origin"}
 
+        def _foreign(self) -> bool:
+            """Whether the request comes from a browser page of an origin not allowed (`_cors`), other than the
+            server's own (`Sec-Fetch-Site: same-origin`, as a proxy serving a page beside the API forwards it).
+            Such a page may send a POST that needs no preflight (a "simple" request: a text/plain or form body,
+            a fetch of mode no-cors), which the browser sends with its Origin; the model would run for it
+            although the page cannot read the answer, so it is refused (403) before the body is read."""
+            return ("Origin" in self.headers and "Access-Control-Allow-Origin" not in self._cors()
+                    and self.headers.get("Sec-Fetch-Site", "").lower() != "same-origin")
+
         def _preflight(self, allowed: tuple[str, ...]) -> dict[str, str]:
             """A CORS preflight's headers (an OPTIONS with Origin and Access-Control-Request-Method, which a
             browser sends before a cross-origin request and without its API key): the route's methods, the
@@ -1380,6 +1390,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                             {"Allow": ", ".join(allowed)})
             elif method == "GET":
                 self._get(route)
+            elif self._foreign():
+                self._error(HTTPStatus.FORBIDDEN, f"a web page of origin {self.headers['Origin']} may not call this "
+                            "server: start it with --allowed-origin for that origin to let it")
             else:
                 self._post(route)
 
