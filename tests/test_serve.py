@@ -2200,6 +2200,7 @@ PROMPT = {"prompt": "hi", "max_tokens": 4}
     ("/v1/completions", {**PROMPT, "repetition_penalty": 1.3}, "repetition_penalty"),
     ("/v1/completions", {**PROMPT, "min_p": 0.1}, "min_p"),
     ("/v1/completions", {**PROMPT, "ignore_eos": True}, "ignore_eos"),
+    ("/v1/chat/completions", {**CHAT, "add_generation_prompt": False}, "add_generation_prompt"),
     ("/v1/completions", {**PROMPT, "presence_penalty": True}, "presence_penalty"),  # true is not 0
 ])
 def test_a_field_that_would_change_the_output_and_is_not_honoured_is_a_400_naming_it(url, path, body, field):
@@ -2221,7 +2222,8 @@ def test_a_field_that_would_change_the_output_and_is_not_honoured_is_a_400_namin
     ("/v1/chat/completions", CHAT, {"logit_bias": None, "response_format": {"type": "text"}, "tools": [],
                                     "tool_choice": "none", "parallel_tool_calls": False, "user": "u-1",
                                     "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "n": 1,
-                                    "modalities": ["text"], "echo": False, "function_call": "auto"}),
+                                    "modalities": ["text"], "echo": False, "function_call": "auto",
+                                    "add_generation_prompt": True}),
 ])
 def test_neutral_values_and_fields_that_do_not_change_the_output_are_accepted(url, path, plain, neutral):
     """Clients send some of these fields with their neutral values (LangChain's penalties 0 and logit_bias

@@ -126,7 +126,8 @@ UNHONOURED = {
     "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (), "reasoning_effort": (),
     "verbosity": (), "web_search_options": (),
     "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "stop_token_ids": ([],),
-    "use_beam_search": (False,), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "use_beam_search": (False,), "include_stop_str_in_output": (False,), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "structured_outputs": (), "grammar": (), "json_schema": (),
 }
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
