@@ -2173,3 +2173,179 @@ def test_cli_serve_warns_of_sampling_options_its_mode_or_policy_never_reads(fold
     got = warnings("--mode", "mock_ar", "--block", "4")
     assert got == ["Warning: --block: no effect in --mode mock_ar, which commits one token per step (unless a "
                    "request sets mode mask_diffusion) (hint: leave it out, or use --mode mask_diffusion)"], got
+
+
+# ------------------------------------------------------------------------------ fields the server does not honour
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+PROMPT = {"prompt": "hi", "max_tokens": 4}
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/completions", {**PROMPT, "logit_bias": {"5": -100}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 100}}, "logit_bias"),
+    ("/v1/completions", {**PROMPT, "presence_penalty": 1.5}, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": -0.5}, "frequency_penalty"),
+    ("/v1/completions", {**PROMPT, "suffix": " the end"}, "suffix"),
+    ("/v1/completions", {**PROMPT, "best_of": 3}, "best_of"),
+    ("/v1/completions", {**PROMPT, "n": 2, "best_of": 4}, "best_of"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
+    ("/v1/chat/completions", {**CHAT, "function_call": {"name": "f"}}, "function_call"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
+    ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, "echo"),  # vLLM's chat echo; completions' is honoured
+    ("/v1/completions", {**PROMPT, "repetition_penalty": 1.3}, "repetition_penalty"),
+    ("/v1/completions", {**PROMPT, "min_p": 0.1}, "min_p"),
+    ("/v1/completions", {**PROMPT, "ignore_eos": True}, "ignore_eos"),
+    ("/v1/chat/completions", {**CHAT, "add_generation_prompt": False}, "add_generation_prompt"),
+    ("/v1/completions", {**PROMPT, "presence_penalty": True}, "presence_penalty"),  # true is not 0
+])
+def test_a_field_that_would_change_the_output_and_is_not_honoured_is_a_400_naming_it(url, path, body, field):
+    """These fields were read by no one: the answer came as if they had not been sent (a JSON-mode request
+    got free text, a logit_bias banning a token got it). Now each is a 400 naming the field, with OpenAI's
+    code for it, and the server goes on."""
+    status, text = post(url, path, body)
+    assert status == 400, text
+    error = json.loads(text)["error"]
+    assert error["message"].startswith(f"'{field}'") and "not supported" in error["message"], error
+    assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_parameter"
+    assert post(url, "/v1/completions", PROMPT)[0] == 200
+
+
+@pytest.mark.parametrize("path, plain, neutral", [
+    ("/v1/completions", PROMPT, {"logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "suffix": "",
+                                 "best_of": 1, "user": "u-1", "seed": 3, "min_p": 0, "repetition_penalty": 1.0,
+                                 "stream_options": None, "model": "anything", "echo": False}),
+    ("/v1/chat/completions", CHAT, {"logit_bias": None, "response_format": {"type": "text"}, "tools": [],
+                                    "tool_choice": "none", "parallel_tool_calls": False, "user": "u-1",
+                                    "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "n": 1,
+                                    "modalities": ["text"], "echo": False, "function_call": "auto",
+                                    "add_generation_prompt": True}),
+])
+def test_neutral_values_and_fields_that_do_not_change_the_output_are_accepted(url, path, plain, neutral):
+    """Clients send some of these fields with their neutral values (LangChain's penalties 0 and logit_bias
+    {}, lm-eval's seed) or fields that change nothing of the output (user, metadata, store): those requests
+    are answered, as without them."""
+    def content(text):
+        choice = json.loads(text)["choices"][0]
+        return choice["message"]["content"] if "message" in choice else choice["text"]
+
+    status, text = post(url, path, {**plain, **neutral})
+    assert status == 200, text
+    assert content(text) == content(post(url, path, plain)[1])
+
+
+# ------------------------------------------------------------------------------ a request that trickles in
+
+@pytest.mark.parametrize("head, limits", [
+    (b"POST /v1/completions HTTP/1.1\r\nX-Pad: " + b"a" * 1500, {"REQUEST_HEAD_SECONDS": 0.5}),
+    (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1500\r\n\r\n" + b" " * 1500,
+     {"REQUEST_BODY_SECONDS": 0.5, "BODY_MIN_RATE": 1000}),
+])
+def test_a_request_that_trickles_in_is_a_408_at_its_deadline_and_frees_its_thread(folder, model, monkeypatch,
+                                                                                   head, limits):
+    """A client that sends its request a byte at a time, each well within REQUEST_READ_SECONDS of the last,
+    held its connection's thread for as long as it kept trickling (the timeout was per read). Now the request
+    line and headers must come within REQUEST_HEAD_SECONDS, and the body within REQUEST_BODY_SECONDS plus a
+    second per BODY_MIN_RATE bytes: the trickling client gets a 408 while it still sends, its connection
+    closes and its thread ends. (Limits made small; a real socket, a byte every 20 ms.)"""
+    import select
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    for name, value in limits.items():
+        monkeypatch.setattr(serve, name, value, raising=False)  # (the old code had none of them)
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    where = urllib.parse.urlsplit(serve.base_url(server))
+    answered = b""
+    with socket.create_connection((where.hostname, where.port), timeout=20) as client:
+        for i in range(len(head)):  # at most 30 s of trickling: far past the deadline
+            if select.select([client], [], [], 0)[0]:
+                answered = read_all(client)
+                break
+            try:
+                client.sendall(head[i:i + 1])
+            except OSError:  # closed by the server: its answer is waiting to be read
+                answered = read_all(client)
+                break
+            time.sleep(0.02)
+    assert answered, "the server never answered the trickling client"
+    status, headers, body = parse_response(answered)
+    error = json.loads(body)["error"]
+    assert status == 408 and "did not come in time: it came too slowly" in error["message"], body
+    assert headers["Connection"] == "close"
+    assert _until(lambda: not any(t.is_alive() for t in server.handlers))
+    assert post(serve.base_url(server), "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+def test_a_large_body_over_a_slow_link_still_comes(folder, model, monkeypatch):
+    """The body's deadline moves a second later for every BODY_MIN_RATE bytes that come: a body sent at a
+    steady rate above it is read whole, however long that takes past REQUEST_BODY_SECONDS."""
+    import socket
+    import urllib.parse
+
+    from twotower_cli import serve
+
+    monkeypatch.setattr(serve, "REQUEST_BODY_SECONDS", 0.3)
+    monkeypatch.setattr(serve, "BODY_MIN_RATE", 2000)
+    tok = Tokenizer(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], CFG, "tiny-test")
+    server = own_server(engine)
+    where = urllib.parse.urlsplit(serve.base_url(server))
+    body = json.dumps({"prompt": "hi", "max_tokens": 4, "user": "x" * 4000}).encode()
+    with socket.create_connection((where.hostname, where.port), timeout=20) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        for at in range(0, len(body), 400):  # 400 bytes every 50 ms (8000 bytes/s): past 0.3 s in all
+            client.sendall(body[at:at + 400])
+            time.sleep(0.05)
+        status, _, answer = parse_response(read_all(client))
+    want = tok.decode(reference(model, tok.encode("hi"), replace_cfg(max_new_tokens=4)).token_ids)
+    assert status == 200 and json.loads(answer)["choices"][0]["text"] == want, answer
+    server.shutdown()
+    server.server_close()
+    engine.close()
+
+
+# ------------------------------------------------------------------------------ a page of another origin
+
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/json"])
+def test_a_page_of_another_origin_cannot_make_the_model_run(folder, model, content_type):
+    """A browser page may POST a "simple" request (a text/plain, form or multipart body; `fetch` with mode
+    no-cors) to any origin without a preflight; it cannot read the answer, but the model ran for it (a page
+    could keep a GPU busy, or have a local server generate, as a CSRF). The browser sends such a request with
+    the page's Origin: without CORS for it, it is now a 403 and the model does not run. A page the server
+    allows (--allowed-origin), one served beside the API through a proxy (Sec-Fetch-Site: same-origin), and a
+    client that is no browser (no Origin: curl -d sends a form content type) are answered."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    headers = {"Content-Type": content_type, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site",
+               "Sec-Fetch-Mode": "no-cors"}
+
+    def send(base, **changes):
+        conn = connect(base)
+        conn.request("POST", "/v1/completions", body=body,
+                     headers={k: v for k, v in {**headers, **changes}.items() if v is not None})
+        r = conn.getresponse()
+        out = r.status, r.read()
+        conn.close()
+        return out
+
+    with serving(engine) as base:
+        status, text = send(base)
+        assert status == 403 and "origin http://evil.example" in json.loads(text)["error"]["message"], text
+        assert engine.counts["batches_total"] == 0  # the model never ran
+        assert send(base, **{"Sec-Fetch-Site": "same-origin"})[0] == 200
+        assert send(base, Origin=None, **{"Sec-Fetch-Site": None, "Sec-Fetch-Mode": None})[0] == 200
+    with serving(engine, allowed_origins=["http://evil.example"]) as base:
+        assert send(base)[0] == 200
+    engine.close()

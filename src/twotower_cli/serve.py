@@ -20,25 +20,31 @@ sent in chunks. An answer given before the body was read (an error) reads and dr
 a client still sending it reads the answer rather than a reset, and the connection goes on; a body over
 MAX_BODY_BYTES, or one whose end cannot be found, is not read, and the connection closes after the answer
 (`Connection: close`, and a moment of reading what still comes, for the same reason). A request begun (its
-first byte came) may go REQUEST_READ_SECONDS without another byte of its request line, headers or body: then
-it is answered with a 408 and the connection closes, so that a client that stalls mid-request does not hold
-a thread for ever (one that keeps trickling bytes still can: the timeout is per read, as nginx's
-client_body_timeout, so that a large body over a slow link still comes). Once the request is read, the model
+first byte came) may go REQUEST_READ_SECONDS without another byte of its request line, headers or body, its
+request line and headers may take REQUEST_HEAD_SECONDS in all (as nginx's client_header_timeout), its body
+REQUEST_BODY_SECONDS and a second more for every BODY_MIN_RATE bytes that came (as Apache's mod_reqtimeout,
+so that a large body over a slow link still comes): past any of these it is answered with a 408 and the
+connection closes, so that a client that stalls, or trickles its request a byte at a time, does not hold a
+thread for ever (`_Reads`). Once the request is read, the model
 takes the time it needs; an answer's writes may each wait SEND_SECONDS for a client that stops reading (a
 slow reader only has to read something in that time), else the connection closes, and a stream's rows end.
 
 CORS (`allowed_origins`, `--allowed-origin`): none by default, so that a page of another origin in a browser
-can neither send the API key nor read an answer (the server may hold a key, or serve a trusted network; a
-page's "simple" request without a preflight, a text/plain POST, still reaches it); with origins, every answer
+can neither send the API key nor read an answer (the server may hold a key, or serve a trusted network), and
+a POST such a page sends without a preflight (a "simple" request: a text/plain or form body, a fetch of mode
+no-cors), which carries its Origin, is refused with a 403 before the model runs for it; with origins, every answer
 (errors and streams too) carries Access-Control-Allow-Origin (`*`, or the request's Origin where it is allowed,
 with `Vary: Origin`), and a preflight OPTIONS is answered without asking for the API key (browsers send none)
 with the route's methods, the headers asked for besides Authorization and Content-Type, and a Max-Age.
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
-a list of them), n, stream, chat_template_kwargs (template variables, as vLLM names them); and
-the sampler's own: mode, block_size, steps, threshold, policy, factor. Fields a local model has no use for
-(presence_penalty, user, ...) are ignored. `n` (up to 16) samples that many choices of each prompt as rows
-of one batch (usage counts each prompt once). Unset fields take the defaults given on the command line.
+a list of them), n, stream, stream_options, logprobs, top_logprobs, echo (completions), chat_template_kwargs
+(template variables, as vLLM names them); and the sampler's own: mode, block_size, steps, threshold, policy,
+factor. A field that would change the output and is not honoured (logit_bias, the penalties, suffix,
+best_of, response_format, tools, ...: `UNHONOURED`) is a 400 naming it unless its value changes nothing;
+fields that change nothing of the output (user, metadata, store, ...) are accepted. `n` (up to 16) samples
+that many choices of each prompt as rows of one batch (usage counts each prompt once). Unset fields take the
+defaults given on the command line.
 
 Each prompt of a request and its max_tokens together may not exceed the model's context length,
 `max_model_len` (`--max-model-len`; by default the checkpoint's `max_position_embeddings`, which transformers
@@ -81,6 +87,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hmac
+import io
 import json
 import math
 import queue
@@ -107,6 +114,22 @@ from twotower_cli.towers import token_log_probs
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_N = 16  # choices per prompt
+# Request fields that would change the output and that the server does not honour: field → the values that
+# change nothing (null always does). Any other value is a 400 naming the field (OpenAI's code
+# `unsupported_parameter`), not an answer that silently differs from what was asked: OpenAI's fields, then
+# vLLM's / llama.cpp's sampling extensions. The sampler has no hook for a bias or a penalty on the logits, no
+# constrained decoding and no tool-call parser. Fields that change nothing of the output (user, metadata,
+# store, service_tier, parallel_tool_calls, prediction, ...) and fields no server names are accepted.
+UNHONOURED = {
+    "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "suffix": ("",),
+    "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+    "function_call": ("none", "auto"), "modalities": (["text"],), "audio": (), "reasoning_effort": (),
+    "verbosity": (), "web_search_options": (),
+    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "stop_token_ids": ([],),
+    "use_beam_search": (False,), "include_stop_str_in_output": (False,), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "structured_outputs": (), "grammar": (), "json_schema": (),
+}
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 # the API's routes without /v1, as llama.cpp's server also answers them: a client given the server's address
@@ -118,6 +141,9 @@ CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being hand
 KEEP_ALIVE_SECONDS = 75.0  # how long a connection may wait between requests (nginx's keepalive_timeout)
 LINGER_SECONDS = 2.0  # how long a connection closed with a request body unread reads and drops the rest
 REQUEST_READ_SECONDS = 30.0  # how long a request begun may go without a byte of it coming (then a 408)
+REQUEST_HEAD_SECONDS = 60.0  # how long its request line and headers may take in all (nginx's client_header_timeout)
+REQUEST_BODY_SECONDS = 60.0  # how long its body may take, and a second more for every BODY_MIN_RATE bytes that
+BODY_MIN_RATE = 500  # came (Apache's mod_reqtimeout: body=...,MinRate=500): a slow link's large body still comes
 SEND_SECONDS = 60.0  # how long an answer may wait for its client to read (then the connection closes)
 CORS_MAX_AGE = 7200  # seconds a browser may keep a preflight's answer (Chromium keeps it 2 h at most)
 CORS_HEADERS = ("Authorization", "Content-Type")  # request headers a cross-origin request may always send
@@ -208,6 +234,23 @@ def _number(body: dict, key: str, kind: type, default):
             kind is int and value != int(value)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}")
     return kind(value)
+
+
+def _refuse_unhonoured(body: dict, chat: bool, n: int) -> None:
+    """A 400 naming the first field of `body` that would change the output and is not honoured: one of
+    `UNHONOURED` with a value other than its neutral ones, completions' `best_of` other than `n` (the server
+    returns every choice it samples), chat's `echo` (vLLM's extension; completions' is honoured)."""
+    for field, neutral in [*UNHONOURED.items(), ("echo", (False,))] if chat else UNHONOURED.items():
+        value = body.get(field)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                         for v in neutral):  # 0.0 is 0, false is not
+            leave = " or ".join(["leave it out", *(f"send {json.dumps(v)}" for v in neutral)])
+            raise BadRequest(f"'{field}' is not supported by this server, which would answer as if it were not "
+                             f"given: {leave}", code="unsupported_parameter")
+    best_of = _number(body, "best_of", int, None)
+    if not chat and best_of is not None and best_of != n:
+        raise BadRequest(f"'best_of' {best_of} is not supported by this server, which returns every choice it "
+                         f"samples: leave it out, or ask for n choices with 'n'", code="unsupported_parameter")
 
 
 def template_variables_taken(variables: dict) -> str | None:
@@ -345,6 +388,7 @@ class Engine:
         n = _number(body, "n", int, 1)
         if not 1 <= n <= MAX_N:
             raise BadRequest(f"'n' must be between 1 and {MAX_N}")
+        _refuse_unhonoured(body, chat, n)
         logprobs, top = self._logprobs(body, chat)
         echo = not chat and bool(body.get("echo"))
         history = None
@@ -854,6 +898,39 @@ class _Job:
 
 # ---------------------------------------------------------------------------------------------- HTTP
 
+class _Reads(io.RawIOBase):
+    """A connection's reads, under its `rfile`'s buffer, against a deadline for the request being read: each
+    read waits REQUEST_READ_SECONDS at most, and none goes past `deadline` (a TimeoutError then), which each
+    byte read moves 1/`rate` s later (0: not at all). Without a deadline (between requests, while an answer is
+    written) a read waits the socket's own timeout."""
+
+    def __init__(self, connection: socket.socket, raw: io.RawIOBase):
+        super().__init__()
+        self.connection, self.raw = connection, raw
+        self.deadline: float | None = None
+        self.rate = 0.0
+        self.late = False  # the last read timed out at the deadline, not after REQUEST_READ_SECONDS without a byte
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            self.late = left <= REQUEST_READ_SECONDS
+            if left <= 0:
+                raise TimeoutError("the request did not come in time")
+            self.connection.settimeout(min(left, REQUEST_READ_SECONDS))
+        n = self.raw.readinto(buffer)
+        if n and self.deadline is not None and self.rate:
+            self.deadline += n / self.rate
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> dict:
     n = len(result.texts)
     logprobs = [_logprobs_body(engine.tokenizer, ids, lps, tops, req.chat) if req.logprobs else None
@@ -928,10 +1005,13 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "twotower"
+        rbufsize = 0  # `setup` buffers the connection's reads itself, over `_Reads`
         protocol_version = "HTTP/1.1"  # persistent connections: a client's next request needs no new one
 
         def setup(self) -> None:
             super().setup()
+            self._reads = _Reads(self.connection, self.rfile)
+            self.rfile = io.BufferedReader(self._reads)
             self.idle = False  # waiting for the connection's next request (`server_close` ends such a wait)
             self._linger = False
             self.server.connections.add(self)
@@ -974,17 +1054,20 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._timed_out()
 
         def _timed_out(self) -> None:
-            """A read or a write timed out: the client stopped sending its request for REQUEST_READ_SECONDS
-            (answered with a 408 when no answer has begun), or stopped reading its answer for SEND_SECONDS. The
-            connection closes either way (where the request ends, or the answer, is lost)."""
+            """A read or a write timed out: the client stopped sending its request for REQUEST_READ_SECONDS, or
+            sent it too slowly (past its deadline: `_Reads`), both answered with a 408 when no answer has begun;
+            or it stopped reading its answer for SEND_SECONDS. The connection closes either way (where the
+            request ends, or the answer, is lost)."""
             self.close_connection = True
             if self._answered:
                 return
-            self.log_error("request timed out: nothing of it came for %g s", REQUEST_READ_SECONDS)
+            why = (f"it came too slowly (its request line and headers may take {REQUEST_HEAD_SECONDS:g} s in all, "
+                   f"its body {REQUEST_BODY_SECONDS:g} s and a second for every {BODY_MIN_RATE} bytes)"
+                   if self._reads.late else f"nothing of it came for {REQUEST_READ_SECONDS:g} s")
+            self.log_error("request timed out: %s", why)
             self._unknown_end()
             with contextlib.suppress(OSError):
-                self._error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not come in time: nothing of it came for "
-                            f"{REQUEST_READ_SECONDS:g} s; send it whole")
+                self._error(HTTPStatus.REQUEST_TIMEOUT, f"the request did not come in time: {why}; send it whole")
 
         def _next_request(self) -> bool:
             """Whether the client begins another request: its first byte (or one in `rfile`'s buffer already),
@@ -999,14 +1082,14 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             except OSError:  # the wait timed out, or the connection was reset or shut
                 return False
             finally:
-                self.idle = False
-                with contextlib.suppress(OSError):  # a request begun: each read waits so long for its bytes
-                    self.connection.settimeout(REQUEST_READ_SECONDS)
+                self.idle = False  # a request begun: its head must come by a deadline (`_Reads`)
+                self._reads.deadline, self._reads.rate = time.monotonic() + REQUEST_HEAD_SECONDS, 0.0
 
         def _sending(self) -> None:
             """The request is read: from here the socket's timeout is for writes (SEND_SECONDS: a client that
             stops reading its answer), none of which are waited for while the model works (the connection is not
             read while a request waits for its answer but through `_gone`, which does not block)."""
+            self._reads.deadline = None
             with contextlib.suppress(OSError):
                 self.connection.settimeout(SEND_SECONDS)
 
@@ -1031,7 +1114,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
         def _framing(self) -> None:
             """How the request's body is framed (`_unread`): Content-Length bytes, or chunks (Transfer-Encoding:
             chunked, RFC 9112 §7.1). Framing the server cannot follow is a 400 (501: a transfer coding other
-            than chunked), and the connection closes after it, since where the next request begins is unknown."""
+            than chunked), and the connection closes after it, since where the next request begins is unknown.
+            The head is read: from here its body has a deadline of its own (`_Reads`)."""
+            self._reads.deadline, self._reads.rate = time.monotonic() + REQUEST_BODY_SECONDS, BODY_MIN_RATE
             codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length") or []
             if codings:
                 coding = ", ".join(codings)
@@ -1248,6 +1333,15 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
             return {"Vary": "Origin"}
 
+        def _foreign(self) -> bool:
+            """Whether the request comes from a browser page of an origin not allowed (`_cors`), other than the
+            server's own (`Sec-Fetch-Site: same-origin`, as a proxy serving a page beside the API forwards it).
+            Such a page may send a POST that needs no preflight (a "simple" request: a text/plain or form body,
+            a fetch of mode no-cors), which the browser sends with its Origin; the model would run for it
+            although the page cannot read the answer, so it is refused (403) before the body is read."""
+            return ("Origin" in self.headers and "Access-Control-Allow-Origin" not in self._cors()
+                    and self.headers.get("Sec-Fetch-Site", "").lower() != "same-origin")
+
         def _preflight(self, allowed: tuple[str, ...]) -> dict[str, str]:
             """A CORS preflight's headers (an OPTIONS with Origin and Access-Control-Request-Method, which a
             browser sends before a cross-origin request and without its API key): the route's methods, the
@@ -1297,6 +1391,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                             {"Allow": ", ".join(allowed)})
             elif method == "GET":
                 self._get(route)
+            elif self._foreign():
+                self._error(HTTPStatus.FORBIDDEN, f"a web page of origin {self.headers['Origin']} may not call this "
+                            "server: start it with --allowed-origin for that origin to let it")
             else:
                 self._post(route)
 
