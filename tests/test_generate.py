@@ -172,6 +172,33 @@ def test_cli_prompt_file_and_stdin(trained_like, tmp_path):
     assert json.loads(r.stdout)["prompt"] == "from stdin"
 
 
+def test_cli_dash_reads_stdin_and_a_byte_order_mark_is_not_text(trained_like, tmp_path):
+    """`-` as PROMPT or --prompt-file is stdin (mlx-lm's convention), not the one-character prompt "-"; a
+    prompt file saved with a UTF-8 byte-order mark (Windows editors) reads as the same file without it (its
+    first JSONL line was taken for a plain prompt: the JSON text itself)."""
+    common = ("--model", str(trained_like), "-n", "4", "--block", "4", "--json")
+    lines = '{"prompt": "hello"}\nabc\n'
+    plain, bom = tmp_path / "p.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text(lines, encoding="utf-8")
+    bom.write_text(lines, encoding="utf-8-sig")
+
+    def results(r):
+        assert r.exit_code == 0, r.output
+        return [(o["prompt"], o["token_ids"]) for o in map(json.loads, r.stdout.splitlines())]
+
+    want = results(invoke("--prompt-file", str(plain), *common))
+    assert [p for p, _ in want] == ["hello", "abc"]
+    assert results(invoke("--prompt-file", str(bom), *common)) == want
+    assert results(invoke("--prompt-file", "-", *common, input=lines)) == want
+    assert results(invoke("-", *common, input="hello\n")) == want[:1]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for r, source in ((invoke("--prompt-file", str(empty), *common), f"prompt file {empty}"),
+                      (invoke("--prompt-file", "-", *common, input=""), "stdin")):
+        assert r.exit_code == 1 and r.stderr.strip() == (f"Error: {source} holds no prompts (hint: one prompt per "
+                                                         "line, or JSONL with a prompt field)"), r.output
+
+
 def test_cli_prompt_file_in_batches(trained_like, tmp_path):
     """--batch-size: a prompt file runs in batches (results in file order, the tokens of one batch of all:
     padding changes nothing); --events tags each event with its batch."""

@@ -30,7 +30,7 @@ def _event_json(ev, decode) -> dict:
 @app.command()
 @guarded
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompt-file, or stdin).")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Text to continue; - reads it from stdin, as does no PROMPT with stdin piped (or use --prompt-file).")] = None,
     model: O.Model = None,
     mode: O.Mode = "mask_diffusion",
     block: O.Block = None,
@@ -45,7 +45,7 @@ def generate(
     seed: O.Seed = 0,
     mask_token_id: O.MaskTokenId = None,
     stop: O.Stop = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list); - reads stdin.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
     system: O.System = None,
     chat_arg: O.ChatArg = None,
