@@ -14,7 +14,7 @@ from twotower_cli.commands import options as O
 
 HELP = """/reset   forget the conversation (the system message stays)
 /help    this list
-/exit    quit (or Ctrl-D); Ctrl-C stops a reply
+/exit    quit (or Ctrl-D); Ctrl-C stops a reply, or drops the line being typed
 A line ending in \\ continues on the next; a line of \"\"\" opens a block of lines that the next one closes."""
 
 
@@ -59,18 +59,24 @@ def _lines(interactive: bool):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    from twotower_cli.cli import Terminated
+
     while True:
         try:
             yield gather(err_console().input("[bold green]> [/]"), lambda: err_console().input("[dim]. [/]"))
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             err_console().print()
             return
+        except KeyboardInterrupt as e:  # Ctrl-C drops the line being typed, as a shell or Python's prompt does:
+            if isinstance(e, Terminated):  # one pressed just after a reply ended must not end the conversation
+                raise
+            err_console().print("\n[dim](Ctrl-D or /exit quits)[/]")
 
 
 @app.command(help="Talk to a model turn by turn; each turn reads only what the context tower has not read yet.\n\n"
              "With a chat template (instruct models) each line is a user message; without one (base models, the "
-             "embedded tiny model) the conversation is one running text that each line extends. On a terminal: "
-             "/reset, /help, /exit. Piped in, every line is a turn. A line ending in \\ continues on the next; "
+             "embedded tiny model) the conversation is one running text that each line extends. Commands: "
+             "/reset, /help, /exit. Piped in, every other line is a turn. A line ending in \\ continues on the next; "
              "a line of three double quotes opens a multi-line message that the next one closes.")
 @guarded
 def chat(
@@ -154,6 +160,7 @@ def chat(
         if command.startswith("/") and " " not in command:
             report_error(TwoTowerError(f"unknown command {command}", "/help lists them; a message starting with / "
                                        "needs a space in it"))
+            failed = failed or not interactive  # piped in, a line that got no reply fails the run, as a failed turn does
             continue
         try:  # the live view's status line is replaced by the turn's stats line below
             finished = follow(chat_turn(backend, conversation, line, settings, rt.eos_ids, gen), rt.tokenizer.decode,
