@@ -433,3 +433,9 @@ def test_cli_chat_ctrl_c_at_the_prompt_drops_the_line_and_the_chat_goes_on(folde
         r = invoke(*common)
         assert r.exit_code == code, r.output
         assert [json.loads(x)["user"] for x in r.stdout.splitlines()] == replies, r.output
+    # the banner names the folder as it is, not read as rich markup ("m[bold]tt" was shown as "mtt")
+    tagged = shutil.copytree(folder, folder.parent / "m[bold]tt")
+    console = typing(EOFError())
+    monkeypatch.setattr(display, "err_console", lambda: console)
+    r = invoke("--model", str(tagged), "-n", "2")
+    assert r.exit_code == 0 and "twotower chat · m[bold]tt · mask_diffusion" in r.stderr, r.output

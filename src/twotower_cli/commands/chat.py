@@ -108,6 +108,7 @@ def chat(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per reply on stdout.")] = False,
 ) -> None:
     import torch
+    from rich.markup import escape
 
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
     from twotower_cli.cli import Terminated, report_error, report_warning
@@ -142,7 +143,8 @@ def chat(
     live = not no_live and not as_json and console.is_terminal
     how = f"chat template from {template.origin}" if template is not None else "no chat template: one running text"
     if interactive:
-        console.print(f"[dim]twotower chat · {rt.folder.name} · {mode} · {how} · /help · Ctrl-D quits[/]", highlight=False)
+        console.print(f"[dim]twotower chat · {escape(rt.folder.name)} · {mode} · {escape(how)} · /help · Ctrl-D quits[/]",
+                      highlight=False)  # escaped: a folder named like a tag, "m[bold]", is text
     failed = False
     for line in _lines(interactive):
         command = line.strip()
