@@ -135,6 +135,17 @@ def test_cli_plain_text_and_stats_line(trained_like):
     assert "tok/NFE" in r.stderr and "NFE" in r.stderr and "peak" in r.stderr
 
 
+def test_cli_plain_text_is_written_as_it_is(trained_like):
+    """The text on stdout is the prompt and the generation byte for byte: rich printed it with its tabs
+    expanded to spaces, its carriage returns dropped and `:smile:` turned into an emoji."""
+    prompt = "a\tb :smile:\r\nc"
+    common = ("--model", str(trained_like), "-n", "6", "--block", "4")
+    r = invoke(prompt, *common, "--no-live")
+    assert r.exit_code == 0, r.output
+    generated = json.loads(invoke(prompt, *common, "--json").stdout)["text"]
+    assert r.stdout_bytes.decode() == prompt + generated + "\n"  # (`stdout` turns \r\n into \n)
+
+
 def test_cli_stats_line_is_one_line_on_a_narrow_stderr(trained_like, monkeypatch):
     """The stats line is one line whatever stderr's width (rich wraps at 80 columns when stderr is a file or a
     pipe: `2> log` split it in two)."""

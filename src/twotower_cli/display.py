@@ -15,8 +15,17 @@ def err_console() -> Console:
 
 @functools.cache
 def out_console() -> Console:
-    """Data that scripts read (`--json`), plain text results."""
-    return Console(highlight=False, soft_wrap=True)
+    """Data that scripts read (`inspect --json`). Generated text goes through `print_text` instead."""
+    return Console(highlight=False, soft_wrap=True, emoji=False)
+
+
+def print_text(text: str) -> None:
+    """Generated text (and a newline) on stdout as it is: rich would expand its tabs, drop its carriage
+    returns and turn `:smile:` into an emoji."""
+    import sys
+
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def stdout_is_terminal() -> bool:

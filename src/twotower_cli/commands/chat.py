@@ -112,7 +112,7 @@ def chat(
 
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
     from twotower_cli.cli import Terminated, report_error, report_warning
-    from twotower_cli.display import err_console, follow, out_console
+    from twotower_cli.display import err_console, follow, print_text
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
     from twotower_cli.serve import template_variables_taken
@@ -188,7 +188,7 @@ def chat(
                 "model": str(rt.folder)}), flush=True)
             continue
         if not live or not sys.stdout.isatty():
-            out_console().print(turn.reply, markup=False)
+            print_text(turn.reply)
         console.print(f"[dim]{n} tok · NFE {g.nfe} · {n / max(g.nfe, 1):.2f} tok/NFE · {n / max(wall, 1e-9):.1f} tok/s · "
                       f"context {turn.prompt_tokens} tok, {turn.read_tokens} read this turn"
                       + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]", soft_wrap=True)

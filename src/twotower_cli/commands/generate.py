@@ -65,7 +65,7 @@ def generate(
     import torch
 
     from twotower_cli import sampler as S
-    from twotower_cli.display import LiveUnmasking, err_console, follow, out_console, stdout_is_terminal
+    from twotower_cli.display import LiveUnmasking, err_console, follow, print_text, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
@@ -107,7 +107,7 @@ def generate(
 
     def plain(text: str, out: str) -> None:
         shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
-        out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+        print_text(shown + out if len(texts) == 1 else f"{shown}{out}\n")
 
     def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
         """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
