@@ -38,6 +38,11 @@ def test_bench_json_fields(folder, tmp_path):
             assert key in row
         assert row["tokens_per_second"] > 0 and row["nfe"] > 0
     assert out["rows"][0]["speedup_vs_ar"] == 1.0 and out["rows"][0]["quality_vs_ar"] == 1.0
+    # --prompts -: the same prompts from stdin (as generate's --prompt-file -), the same tokens and NFE
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", "-", "-n", "8", "--block", "4",
+                                       "--thresholds", "0.5,0.9", "--repeat", "1", "--json"], input="hello\nthe cat\n")
+    assert r.exit_code == 0, r.output
+    assert [(x["tokens"], x["nfe"]) for x in json.loads(r.stdout)["rows"]] == [(x["tokens"], x["nfe"]) for x in out["rows"]]
     assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
     assert (out["settings"]["compile"], out["settings"]["cuda_graphs"], out["settings"]["graph_captures"]) == (False, False, 0)
 

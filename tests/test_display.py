@@ -49,6 +49,22 @@ def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tmp_p
     assert "NFE" not in text_of(quiet.render())
 
 
+@pytest.mark.parametrize("mode", ["ar", "mock_ar"])
+def test_live_view_counts_tokens_not_blocks_in_the_one_token_modes(tmp_path, mode):
+    """ar and mock_ar commit one token per forward: the status line counts tokens of -n ("token 3/5"), where
+    it said "block 3/5" of blocks that do not exist in those modes."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    settings = S.SamplingConfig(mode=mode, block_size=4, max_new_tokens=5)
+    view = LiveUnmasking(tok.decode, ["hello"], n_blocks=5, steps=1, mode=mode, mask_id=3)
+    for ev in S.generate(backend, [tok.encode("hello")], settings):
+        view.handle(ev)
+        if isinstance(ev, S.Step):
+            assert text_of(view.render()).rstrip().endswith(f"{mode}  token {ev.block + 1}/5  NFE {ev.nfe}")
+
+
 def test_follow_draws_a_live_view_or_hands_events_on(tmp_path, monkeypatch):
     """display.follow: live, the events are drawn on a terminal console; otherwise they go to `on_event`.
     Either way it returns the run's Finished event."""

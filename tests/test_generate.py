@@ -135,6 +135,17 @@ def test_cli_plain_text_and_stats_line(trained_like):
     assert "tok/NFE" in r.stderr and "NFE" in r.stderr and "peak" in r.stderr
 
 
+def test_cli_plain_text_is_written_as_it_is(trained_like):
+    """The text on stdout is the prompt and the generation byte for byte: rich printed it with its tabs
+    expanded to spaces, its carriage returns dropped and `:smile:` turned into an emoji."""
+    prompt = "a\tb :smile:\r\nc"
+    common = ("--model", str(trained_like), "-n", "6", "--block", "4")
+    r = invoke(prompt, *common, "--no-live")
+    assert r.exit_code == 0, r.output
+    generated = json.loads(invoke(prompt, *common, "--json").stdout)["text"]
+    assert r.stdout_bytes.decode() == prompt + generated + "\n"  # (`stdout` turns \r\n into \n)
+
+
 def test_cli_stats_line_is_one_line_on_a_narrow_stderr(trained_like, monkeypatch):
     """The stats line is one line whatever stderr's width (rich wraps at 80 columns when stderr is a file or a
     pipe: `2> log` split it in two)."""
@@ -170,6 +181,33 @@ def test_cli_prompt_file_and_stdin(trained_like, tmp_path):
     r = invoke("--model", str(trained_like), "-n", "4", "--block", "4", "--json", input="from stdin")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["prompt"] == "from stdin"
+
+
+def test_cli_dash_reads_stdin_and_a_byte_order_mark_is_not_text(trained_like, tmp_path):
+    """`-` as PROMPT or --prompt-file is stdin (mlx-lm's convention), not the one-character prompt "-"; a
+    prompt file saved with a UTF-8 byte-order mark (Windows editors) reads as the same file without it (its
+    first JSONL line was taken for a plain prompt: the JSON text itself)."""
+    common = ("--model", str(trained_like), "-n", "4", "--block", "4", "--json")
+    lines = '{"prompt": "hello"}\nabc\n'
+    plain, bom = tmp_path / "p.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text(lines, encoding="utf-8")
+    bom.write_text(lines, encoding="utf-8-sig")
+
+    def results(r):
+        assert r.exit_code == 0, r.output
+        return [(o["prompt"], o["token_ids"]) for o in map(json.loads, r.stdout.splitlines())]
+
+    want = results(invoke("--prompt-file", str(plain), *common))
+    assert [p for p, _ in want] == ["hello", "abc"]
+    assert results(invoke("--prompt-file", str(bom), *common)) == want
+    assert results(invoke("--prompt-file", "-", *common, input=lines)) == want
+    assert results(invoke("-", *common, input="hello\n")) == want[:1]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for r, source in ((invoke("--prompt-file", str(empty), *common), f"prompt file {empty}"),
+                      (invoke("--prompt-file", "-", *common, input=""), "stdin")):
+        assert r.exit_code == 1 and r.stderr.strip() == (f"Error: {source} holds no prompts (hint: one prompt per "
+                                                         "line, or JSONL with a prompt field)"), r.output
 
 
 def test_cli_prompt_file_in_batches(trained_like, tmp_path):

@@ -15,8 +15,17 @@ def err_console() -> Console:
 
 @functools.cache
 def out_console() -> Console:
-    """Data that scripts read (`--json`), plain text results."""
-    return Console(highlight=False, soft_wrap=True)
+    """Data that scripts read (`inspect --json`). Generated text goes through `print_text` instead."""
+    return Console(highlight=False, soft_wrap=True, emoji=False)
+
+
+def print_text(text: str) -> None:
+    """Generated text (and a newline) on stdout as it is: rich would expand its tabs, drop its carriage
+    returns and turn `:smile:` into an emoji."""
+    import sys
+
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def stdout_is_terminal() -> bool:
@@ -30,7 +39,7 @@ def stdout_is_terminal() -> bool:
 
 class LiveUnmasking:
     """Draws the sampler's events: prompt, committed text, the current block with masked slots as dim
-    placeholders and this step's commits highlighted, block i/n, step s/steps and NFE. Redraws are
+    placeholders and this step's commits highlighted, block i/n, step s/steps and NFE (ar, mock_ar: token i/n). Redraws are
     throttled (at most `fps` per second) and done by rich `Live` on stderr, so frames never tear."""
 
     MASK_GLYPH = "░"
@@ -111,7 +120,8 @@ class LiveUnmasking:
             parts.append(Text(""))
         if self.hidden_rows:
             parts.append(Text(f"(+{self.hidden_rows} more prompts)", style="dim"))
-        status = Text(f"{self.mode}  block {min(self.block_index + 1, self.n_blocks)}/{self.n_blocks}"
+        unit = "block" if self.mode == "mask_diffusion" else "token"  # ar and mock_ar: a "block" of one token
+        status = Text(f"{self.mode}  {unit} {min(self.block_index + 1, self.n_blocks)}/{self.n_blocks}"
                       + (f"  step {self.step}/{self.block_steps}" if self.mode == "mask_diffusion" else "")
                       + f"  NFE {self.nfe}", style="bold blue")
         if self.status:

@@ -336,9 +336,10 @@ def utf8_text(text: str, source: str) -> str:
 
 
 def read_utf8(path: Path, what: str) -> str:
-    """The text of the file `what` names (a prompt file), or a `TwoTowerError` where it is not UTF-8."""
+    """The text of the file `what` names (a prompt file), without the byte-order mark that Windows editors put
+    first (else a JSONL file's first line reads as a plain prompt), or a `TwoTowerError` where it is not UTF-8."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise TwoTowerError(f"{what} {path} is not UTF-8 text (at byte {e.start})",
                             "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
@@ -354,22 +355,27 @@ def read_stdin(read) -> str:
 
 
 def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bool = False) -> list:
-    """Prompts from the argument, a file (one per line, or JSONL with `prompt`/`text`), or stdin. With
-    `conversations` (generate --chat), a JSONL line may instead hold a whole conversation, `messages`
-    ([{role, content}, ...]): it comes back as that list."""
+    """Prompts from the argument, a file (one per line, or JSONL with `prompt`/`text`), or stdin: a PROMPT of
+    `-` (as mlx-lm reads it), or none while stdin is not a terminal, is one prompt; a --prompt-file of `-` is
+    the file. With `conversations` (generate --chat), a JSONL line may instead hold a whole conversation,
+    `messages` ([{role, content}, ...]): it comes back as that list."""
     if prompt is not None and prompt_file is not None:
         raise TwoTowerError("both a PROMPT and --prompt-file were given", "use one of them")
-    if prompt is not None:
+    if prompt == "-" or (prompt is None and prompt_file is None and not sys.stdin.isatty()):
+        prompts = [read_stdin(sys.stdin.read).rstrip("\n")]
+    elif prompt is not None:
         prompts = [utf8_text(prompt, "the prompt")]
+    elif str(prompt_file) == "-":
+        prompts = parse_prompt_lines(read_stdin(sys.stdin.read).splitlines(), "stdin", conversations)
     elif prompt_file is not None:
         if not prompt_file.is_file():
             what = "is not a regular file" if prompt_file.exists() else "does not exist"
             raise TwoTowerError(f"prompt file {prompt_file} {what}", "check the path")
         prompts = parse_prompt_lines(read_utf8(prompt_file, "prompt file").splitlines(), str(prompt_file), conversations)
-    elif not sys.stdin.isatty():
-        prompts = [read_stdin(sys.stdin.read).rstrip("\n")]
     else:
         raise TwoTowerError("no prompt given", 'pass one, e.g. twotower generate "ROMEO.", or use --prompt-file')
+    if not prompts and prompt_file is not None:
+        raise TwoTowerError(f"{'stdin' if str(prompt_file) == '-' else f'prompt file {prompt_file}'} holds no prompts", "one prompt per line, or JSONL with a prompt field")
     if not prompts or any(isinstance(p, str) and not p.strip() for p in prompts):
         raise TwoTowerError("empty prompt", "give some text to continue")
     return prompts

@@ -16,7 +16,7 @@ from twotower_cli.commands import options as O
 @guarded
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text (default: built-in prompts).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text; - reads stdin (default: built-in prompts).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 64,
     block: Annotated[int | None, typer.Option(help="Diffusion block size (default: the block the checkpoint's denoiser was trained with, else 16).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
@@ -42,7 +42,7 @@ def bench(
     from twotower_cli.hub import resolve
     from twotower_cli.model.loading import require_shards
     from twotower_cli.runtime import DEFAULT_MODEL, open_runtime
-    from twotower_cli.text import parse_prompt_lines, read_utf8
+    from twotower_cli.text import read_prompts
     from twotower_cli.towers import is_twotower_checkpoint
 
     O.check_max_new_tokens(max_new_tokens)  # before the (slow) load, with bench's own default as the hint
@@ -50,13 +50,7 @@ def bench(
         thr = [float(x) for x in thresholds.split(",") if x.strip()]
     except ValueError:
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
-    if prompts is not None:
-        if not prompts.is_file():
-            what = "is not a regular file" if prompts.exists() else "does not exist"
-            raise TwoTowerError(f"prompt file {prompts} {what}", "check the path")
-        texts = parse_prompt_lines(read_utf8(prompts, "prompt file").splitlines(), str(prompts))
-    else:
-        texts = list(DEFAULT_PROMPTS)
+    texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts)  # as generate reads them
     folder = resolve(model or DEFAULT_MODEL)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)  # a TwoTower checkpoint that lost its denoiser shards is no plain NemotronH one

@@ -14,7 +14,7 @@ from twotower_cli.commands import options as O
 
 HELP = """/reset   forget the conversation (the system message stays)
 /help    this list
-/exit    quit (or Ctrl-D); Ctrl-C stops a reply
+/exit    quit (or Ctrl-D); Ctrl-C stops a reply, or drops the line being typed
 A line ending in \\ continues on the next; a line of \"\"\" opens a block of lines that the next one closes."""
 
 
@@ -59,18 +59,24 @@ def _lines(interactive: bool):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    from twotower_cli.cli import Terminated
+
     while True:
         try:
             yield gather(err_console().input("[bold green]> [/]"), lambda: err_console().input("[dim]. [/]"))
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             err_console().print()
             return
+        except KeyboardInterrupt as e:  # Ctrl-C drops the line being typed, as a shell or Python's prompt does:
+            if isinstance(e, Terminated):  # one pressed just after a reply ended must not end the conversation
+                raise
+            err_console().print("\n[dim](Ctrl-D or /exit quits)[/]")
 
 
 @app.command(help="Talk to a model turn by turn; each turn reads only what the context tower has not read yet.\n\n"
              "With a chat template (instruct models) each line is a user message; without one (base models, the "
-             "embedded tiny model) the conversation is one running text that each line extends. On a terminal: "
-             "/reset, /help, /exit. Piped in, every line is a turn. A line ending in \\ continues on the next; "
+             "embedded tiny model) the conversation is one running text that each line extends. Commands: "
+             "/reset, /help, /exit. Piped in, every other line is a turn. A line ending in \\ continues on the next; "
              "a line of three double quotes opens a multi-line message that the next one closes.")
 @guarded
 def chat(
@@ -102,10 +108,11 @@ def chat(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per reply on stdout.")] = False,
 ) -> None:
     import torch
+    from rich.markup import escape
 
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
     from twotower_cli.cli import Terminated, report_error, report_warning
-    from twotower_cli.display import err_console, follow, out_console
+    from twotower_cli.display import err_console, follow, print_text
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
     from twotower_cli.serve import template_variables_taken
@@ -136,7 +143,8 @@ def chat(
     live = not no_live and not as_json and console.is_terminal
     how = f"chat template from {template.origin}" if template is not None else "no chat template: one running text"
     if interactive:
-        console.print(f"[dim]twotower chat · {rt.folder.name} · {mode} · {how} · /help · Ctrl-D quits[/]", highlight=False)
+        console.print(f"[dim]twotower chat · {escape(rt.folder.name)} · {mode} · {escape(how)} · /help · Ctrl-D quits[/]",
+                      highlight=False)  # escaped: a folder named like a tag, "m[bold]", is text
     failed = False
     for line in _lines(interactive):
         command = line.strip()
@@ -154,6 +162,7 @@ def chat(
         if command.startswith("/") and " " not in command:
             report_error(TwoTowerError(f"unknown command {command}", "/help lists them; a message starting with / "
                                        "needs a space in it"))
+            failed = failed or not interactive  # piped in, a line that got no reply fails the run, as a failed turn does
             continue
         try:  # the live view's status line is replaced by the turn's stats line below
             finished = follow(chat_turn(backend, conversation, line, settings, rt.eos_ids, gen), rt.tokenizer.decode,
@@ -179,7 +188,7 @@ def chat(
                 "model": str(rt.folder)}), flush=True)
             continue
         if not live or not sys.stdout.isatty():
-            out_console().print(turn.reply, markup=False)
+            print_text(turn.reply)
         console.print(f"[dim]{n} tok · NFE {g.nfe} · {n / max(g.nfe, 1):.2f} tok/NFE · {n / max(wall, 1e-9):.1f} tok/s · "
                       f"context {turn.prompt_tokens} tok, {turn.read_tokens} read this turn"
                       + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]", soft_wrap=True)

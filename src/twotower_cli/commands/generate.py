@@ -30,7 +30,7 @@ def _event_json(ev, decode) -> dict:
 @app.command()
 @guarded
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="Text to continue (or use --prompt-file, or stdin).")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Text to continue; - reads it from stdin, as does no PROMPT with stdin piped (or use --prompt-file).")] = None,
     model: O.Model = None,
     mode: O.Mode = "mask_diffusion",
     block: O.Block = None,
@@ -45,7 +45,7 @@ def generate(
     seed: O.Seed = 0,
     mask_token_id: O.MaskTokenId = None,
     stop: O.Stop = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list); - reads stdin.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
     system: O.System = None,
     chat_arg: O.ChatArg = None,
@@ -65,7 +65,7 @@ def generate(
     import torch
 
     from twotower_cli import sampler as S
-    from twotower_cli.display import LiveUnmasking, err_console, follow, out_console, stdout_is_terminal
+    from twotower_cli.display import LiveUnmasking, err_console, follow, print_text, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
     from twotower_cli.text import parse_template_args, read_prompts, render_chats
@@ -107,7 +107,7 @@ def generate(
 
     def plain(text: str, out: str) -> None:
         shown = "" if chat else text  # a chat reply is printed alone, as chat tools print it
-        out_console().print(shown + out if len(texts) == 1 else f"{shown}{out}\n", markup=False)
+        print_text(shown + out if len(texts) == 1 else f"{shown}{out}\n")
 
     def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
         """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
