@@ -168,6 +168,41 @@ def test_attention_mask_and_past():
     assert max_diff(bi, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["causal", "past", "mask"])
+def test_long_queries_attend_in_row_chunks_with_the_same_numbers(case, monkeypatch):
+    """The explicit path splits the queries so that a chunk's scores stay under SCORE_ELEMENTS (a long prefill
+    held [h, L, L] fp32 three times); forced down to 2-3 rows a chunk, it gives the unsplit numbers and never
+    builds scores for more rows than that."""
+    from twotower_cli.model import attention as attention_mod
+
+    cfg = build_tiny_config()
+    attn = Attention(cfg)
+    init_nemotron_h(attn, torch.Generator().manual_seed(0), std=0.2)
+    x = randn(2, 11, cfg.hidden_size, seed=3)
+    t_past = 4 if case == "past" else 0
+    past = None
+    if case == "past":
+        _, k, v = attn(randn(2, t_past, cfg.hidden_size, seed=4))
+        past = KVCache(k, v)
+    mask = None
+    if case == "mask":  # left pads on row 0, bidirectional elsewhere
+        mask = torch.ones(2, 1, 11, 11, dtype=torch.bool)
+        mask[0, :, :, :3] = False
+    whole, _, _ = attn(x, past, mask=mask)
+    rows_seen = []
+    explicit = attention_mod.Attention._explicit
+
+    def spy(self, q, *args):
+        rows_seen.append(q.shape[2])
+        return explicit(self, q, *args)
+
+    monkeypatch.setattr(attention_mod.Attention, "_explicit", spy)
+    monkeypatch.setattr(attention_mod, "SCORE_ELEMENTS", 2 * cfg.num_attention_heads * (t_past + 11) * 2 + 7)
+    chunked, _, _ = attn(x, past, mask=mask)
+    assert rows_seen == [2, 2, 2, 2, 2, 1], rows_seen
+    assert max_diff(chunked, whole) <= 1e-5
+
+
 # -------------------------------------------------------------------------------------------------- MoE
 
 def naive_moe(moe: MoE, x: torch.Tensor, cfg, dtype=torch.float32) -> torch.Tensor:

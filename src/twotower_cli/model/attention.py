@@ -50,6 +50,8 @@ def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -
     return k <= q
 
 
+SCORE_ELEMENTS = 1 << 26  # fp32 scores of one chunk of queries on the explicit path (256 MiB; `_attend`)
+
 _GQA_FUSED: dict[tuple[str, torch.dtype], bool] = {}
 
 
@@ -149,14 +151,32 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         k = k.float().repeat_interleave(rep, dim=1)
         v = v.float().repeat_interleave(rep, dim=1)
-        scores = (q.float() @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [b, h, L, T]
-        if mask is None and causal:
-            mask = causal_mask(L, t_past, x.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = torch.softmax(scores, dim=-1) @ v  # [b, h, L, d]
+        q = q.float()
+        # Queries in row chunks whose [b, h, rows, T] scores stay under SCORE_ELEMENTS: a long prompt's prefill
+        # would otherwise hold its whole score matrix three times over (scores, masked, softmax: 35 GB for 27k
+        # tokens at 4 heads). Each row's softmax is its own, so chunks change nothing but the memory.
+        rows = max(1, SCORE_ELEMENTS // max(1, b * self.n_heads * k.shape[2]))
+        if L <= rows:
+            out = self._explicit(q, k, v, t_past, causal, mask)
+        else:
+            out = torch.cat([self._explicit(q[:, :, a:a + rows], k, v, t_past + a, causal,
+                                            None if mask is None else mask[..., a:a + rows, :])
+                             for a in range(0, L, rows)], dim=2)
         out = out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim).to(x.dtype)
         return self.o_proj(out)
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
+        """fp32 softmax(q kᵀ / sqrt(d)) v of queries q [b, h, L, d] at positions t_past .. t_past + L - 1 over
+        the first t_past + L of keys / values k, v [b, h, T, d] (T ≥ t_past + L: a chunk's later keys are masked
+        by `causal`, or by `mask` [b|1, 1, L, T])."""
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [b, h, L, T]
+        if mask is None and causal:
+            mask = causal_mask(q.shape[2], t_past, q.device)
+            if mask.shape[1] < k.shape[2]:  # a chunk before the last: the keys past its last query are not seen
+                mask = F.pad(mask, (0, k.shape[2] - mask.shape[1]))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1) @ v  # [b, h, L, d]
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
         """The same attention through F.scaled_dot_product_attention; q [b, h, L, d], k/v [b, kv, T, d].
