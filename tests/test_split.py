@@ -231,6 +231,23 @@ def test_dtype_conversion_updates_the_configs_dtype(tmp_path, key):
     assert json.loads((tmp_path / "keep" / "config.json").read_text())[key] == "float32"
 
 
+def test_a_config_with_layers_block_type_only_gets_the_pattern_string_too(tmp_path):
+    """transformers 5 may write `layers_block_type` alone; NVIDIA's TwoTower config and transformers < 5 read
+    `hybrid_override_pattern`: the output has both, saying the same, and the source's list is kept."""
+    from twotower_cli.config import pattern_to_block_types
+
+    cfg = small_config()
+    types = pattern_to_block_types(cfg.pattern)
+    src = random_checkpoint(tmp_path / "src", cfg.with_updates(hybrid_override_pattern=None, layers_block_type=types))
+    assert "hybrid_override_pattern" not in json.loads((src / "config.json").read_text())
+    result = invoke(str(src), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["hybrid_override_pattern"] == _spec_pattern({"layers_block_type": types}) == cfg.pattern
+    assert written["layers_block_type"] == types
+    assert "hybrid_override_pattern added" in result.output
+
+
 def test_bf16_conversion_matches_torch_rounding(tmp_path):
     src = random_checkpoint(tmp_path / "src", dtype=torch.float32)
     out = tmp_path / "out"

@@ -266,6 +266,10 @@ def output_config(cfg: NemotronHConfig, mask_token_id: int, block_size: int, sou
             if key in raw and raw[key] != TORCH_DTYPE_NAMES[dtype]:
                 notes.append(f"config {key} {raw[key]!r} → {TORCH_DTYPE_NAMES[dtype]!r} (--dtype {dtype})")
                 raw[key] = TORCH_DTYPE_NAMES[dtype]
+    if "hybrid_override_pattern" not in raw:  # a v5 config with layers_block_type only: NVIDIA's layout and
+        # transformers < 5 read the pattern string (the two agree: `normalise_pattern` checked them)
+        raw["hybrid_override_pattern"] = cfg.pattern
+        notes.append("config hybrid_override_pattern added beside layers_block_type (older readers need it)")
     raw["architectures"] = [TWOTOWER_ARCHITECTURE]
     raw["model_type"] = "nemotron_h"
     auto_map = raw.get("auto_map")
