@@ -409,6 +409,21 @@ def test_each_completion_is_logged_with_its_numbers(folder, model):
     assert sum('"POST /v1/completions HTTP/1.1" 200' in ln for ln in lines) == 2
 
 
+def test_fields_the_server_does_not_read_are_named_in_the_log(folder, model):
+    """A typo ("max_token") or another server's option changes nothing: it is answered, and the log names it
+    (once per request); fields the server reads, and unhonoured ones at their neutral values, are not named."""
+    lines = []
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test", ChatTemplate.load(folder))
+    with serving(engine, lines) as base:
+        status, _ = post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "max_token": 9, "user": "u1",
+                                                   "presence_penalty": 0, "stream_options": None})
+        assert status == 200
+        assert post(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 2, "temperature": 0})[0] == 200
+    named = [ln for ln in lines if "fields ignored" in ln]
+    assert named == ["/v1/completions · fields ignored (they change nothing here): 'max_token', 'user'"], lines
+
+
 def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
         model = json.load(r)["data"][0]

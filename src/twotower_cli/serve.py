@@ -130,6 +130,14 @@ UNHONOURED = {
     "continue_final_message": (False,), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
     "structured_outputs": (), "grammar": (), "json_schema": (),
 }
+# Request fields the server reads (`Engine.parse`); any other, besides `UNHONOURED`'s, changes nothing of the
+# answer and is named in the log (`Request.ignored`), as vLLM logs the fields it ignores: a client's typo
+# ("max_token") or an option of another server then shows where the operator looks.
+READ_FIELDS = frozenset({
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+    "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "best_of", "chat_template_kwargs",
+    "mode", "block_size", "steps", "threshold", "policy", "factor",
+})
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 # the API's routes without /v1, as llama.cpp's server also answers them: a client given the server's address
@@ -223,6 +231,7 @@ class Request:
     n: int = 1  # choices per prompt: `prompts` holds each prompt n times in a row
     max_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: its own cut (`Engine._fit`)
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
+    ignored: list[str] = dataclasses.field(default_factory=list)  # fields that change nothing here (`READ_FIELDS`)
 
 
 def _number(body: dict, key: str, kind: type, default):
@@ -440,7 +449,7 @@ class Engine:
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n,
-                       max_tokens=rows_max)
+                       max_tokens=rows_max, ignored=sorted(k for k in body if k not in READ_FIELDS | UNHONOURED.keys()))
 
     def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
         """The completion tokens of a prompt of `prompt` tokens: `wanted` (its request's max_tokens), refused
@@ -1416,6 +1425,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 except (ValueError, UnicodeDecodeError):
                     raise BadRequest("the request body is not valid JSON") from None
                 req = engine.parse(body, chat=route == "/v1/chat/completions")
+                if req.ignored and log is not None:
+                    log(f"{route} · fields ignored (they change nothing here): {', '.join(map(repr, req.ignored))}")
                 engine.check_room()
                 rid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
                 if req.stream:
