@@ -112,6 +112,23 @@ def test_live_view_ends_on_the_text_as_generated_not_past_its_end_id(tmp_path):
     assert shown == "hello" + tok.decode(want.token_ids)
 
 
+def test_live_view_ends_on_the_final_text_it_is_given(tmp_path):
+    """`final` (generate's --stop-text cut): the last frame shows that text, not the ids decoded, while the
+    frames before it show the blocks as they unmask."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    settings = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=8)
+    view = LiveUnmasking(tok.decode, ["hello"], n_blocks=2, steps=4, mode="mask_diffusion", mask_id=3,
+                         final=lambda ids: f"<{len(ids)} ids>")
+    for ev in S.generate(backend, [tok.encode("hello")], settings):
+        view.handle(ev)
+        if isinstance(ev, S.BlockDone):
+            assert "ids>" not in text_of(view.render())
+    assert text_of(view.render()).startswith("hello<8 ids>\n")
+
+
 @pytest.mark.parametrize("width", [60, 24])  # 24: the status line wraps
 def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tmp_path, width):
     """A text taller than the terminal: every frame fits its height and still shows the block being unmasked

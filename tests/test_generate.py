@@ -128,6 +128,68 @@ def test_cli_modes_json(trained_like, mode):
     assert obj["settings"]["block_size"] == 4
 
 
+def _reference_stop(text: str, stop: str) -> tuple[str, bool]:
+    """The slow obvious reference: the whole generation's text, cut at the stop text's first occurrence."""
+    at = text.find(stop)
+    return (text, False) if at < 0 else (text[:at], True)
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_cli_stop_text_ends_the_text_before_its_first_occurrence(trained_like, mode):
+    """--stop-text against the free run cut by hand: a stop text made of the end of one token and the start
+    of the next (mask_diffusion: of two blocks), the ids are those of the text before it, finish_reason
+    "stop", and mask_diffusion runs no block after the one it appears in."""
+    from twotower_cli.text import Tokenizer
+
+    decode = Tokenizer(trained_like).decode
+    common = ("hello", "--model", str(trained_like), "--mode", mode, "--block", "4", "--threshold", "0.3",
+              "-n", "24", "--json")
+    free = json.loads(invoke(*common).stdout)
+    ids, text = free["token_ids"], free["text"]
+    assert len(ids) == 24 and decode(ids) == text
+    head = decode(ids[:8])  # the first two blocks of 4
+    assert text.startswith(head) and 2 <= len(head) <= len(text) - 2
+    stop = text[len(head) - 2:len(head) + 2]
+    r = invoke(*common, "--stop-text", stop)
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    want, found = _reference_stop(text, stop)
+    assert found and got["text"] == want and got["finish_reason"] == "stop"
+    kept = got["token_ids"]
+    assert kept == ids[:len(kept)] and want.startswith(decode(kept)) and not want.startswith(decode(ids[:len(kept) + 1]))
+    assert got["settings"]["stop_texts"] == [stop]
+    if mode == "mask_diffusion":
+        assert got["nfe"] < free["nfe"]
+    plain = invoke(*common[:-1], "--stop-text", stop, "--no-live")
+    assert plain.stdout == "hello" + want + "\n"
+
+
+def test_cli_stop_text_in_a_batch_ends_only_the_prompts_that_write_it(trained_like, tmp_path):
+    """Two prompts, continuous batching (and fixed batches, --events): each result is its own free run cut by
+    the reference; the one that never writes the stop text runs to its length."""
+    f = tmp_path / "p.txt"
+    f.write_text("hello\nthe quick brown fox\n")
+    common = ("--prompt-file", str(f), "--model", str(trained_like), "--block", "4", "--threshold", "0.3",
+              "-n", "16", "--json")
+    free = [json.loads(x) for x in invoke(*common).stdout.splitlines()]
+    a, b = (o["text"] for o in free)
+    stop = next(a[i:i + 3] for i in range(len(a) - 3) if a[i:i + 3] not in b)  # in the first only
+    for extra in ((), ("--events",)):
+        r = invoke(*common, *extra, "--stop-text", stop)
+        assert r.exit_code == 0, r.output
+        got = [json.loads(x) for x in r.stdout.splitlines() if "event" not in json.loads(x)]
+        for o, g in zip(free, got, strict=True):
+            want, found = _reference_stop(o["text"], stop)
+            assert g["text"] == want and g["finish_reason"] == ("stop" if found else o["finish_reason"])
+        assert [g["finish_reason"] for g in got] == ["stop", free[1]["finish_reason"]]
+        assert got[1]["token_ids"] == free[1]["token_ids"]
+
+
+def test_cli_empty_stop_text_is_one_error_line(trained_like):
+    r = invoke("hello", "--model", str(trained_like), "--stop-text", "")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: --stop-text ''") and "Traceback" not in r.output
+
+
 def test_cli_plain_text_and_stats_line(trained_like):
     r = invoke("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
     assert r.exit_code == 0, r.output

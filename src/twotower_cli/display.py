@@ -46,10 +46,12 @@ class LiveUnmasking:
     MAX_ROWS = 4  # sequences drawn; the others are counted in a "(+n more prompts)" line
 
     def __init__(self, decode, prompts: list[str], n_blocks: int, steps: int, mode: str, mask_id: int,
-                 fps: float = 20.0, max_rows: int = MAX_ROWS, keep_status: bool = True):
+                 fps: float = 20.0, max_rows: int = MAX_ROWS, keep_status: bool = True, final=None):
         from rich.live import Live
 
         self.decode = decode
+        self.final = final or decode  # generated ids → the text the command prints (`Finished`)
+        self.texts: list[str] | None = None  # each row's final text, once `Finished` came
         self.prompts = prompts[:max_rows]
         self.hidden_rows = max(0, len(prompts) - max_rows)
         self.rows = len(self.prompts)
@@ -93,8 +95,8 @@ class LiveUnmasking:
             for r in range(self.rows):
                 self.committed[r].extend(event.tokens[r].tolist())
             self.block = None
-        elif isinstance(event, S.Finished):  # the text as generated: cut at its end id, as --no-live prints it
-            self.committed = [list(g.token_ids) for g in event.generations[: self.rows]]
+        elif isinstance(event, S.Finished):  # the text as --no-live prints it: cut at its end id (or stop text)
+            self.texts = [self.final(list(g.token_ids)) for g in event.generations[: self.rows]]
         now = time.perf_counter()
         if now - self._last >= self.min_interval:
             self._last = now
@@ -109,7 +111,7 @@ class LiveUnmasking:
         for r in range(self.rows):
             t = Text()
             t.append(self.prompts[r], style="dim cyan")
-            t.append(self.decode(self.committed[r]))
+            t.append(self.texts[r] if self.texts is not None else self.decode(self.committed[r]))
             if self.block is not None:
                 for j, tok in enumerate(self.block[r]):
                     if tok == self.mask_id:
@@ -154,9 +156,11 @@ class _Fit:
         yield from self.footer
 
 
-def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status: bool = True, on_event=None):
+def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status: bool = True, on_event=None,
+           final=None):
     """Drain a sampler's events: drawn by a `LiveUnmasking` (sized from the sampling settings) when `live`,
-    and handed to `on_event` if given. Returns the `Finished` event."""
+    and handed to `on_event` if given. Returns the `Finished` event. `final`: generated ids → the text the
+    last frame shows (default: decoded)."""
     from twotower_cli import sampler as S
 
     finished = None
@@ -164,7 +168,7 @@ def follow(stream, decode, prompts: list[str], settings, live: bool, keep_status
         per_step = settings.mode == "mask_diffusion"
         n_blocks = -(-settings.max_new_tokens // (settings.block_size if per_step else 1))
         with LiveUnmasking(decode, prompts, n_blocks, settings.steps_per_block if per_step else 1, settings.mode,
-                           settings.mask_token_id, keep_status=keep_status) as view:
+                           settings.mask_token_id, keep_status=keep_status, final=final) as view:
             for ev in stream:
                 view.handle(ev)
                 if on_event is not None:

@@ -108,7 +108,7 @@ from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone, shared_settings
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.text import ChatTemplate, Tokenizer
+from twotower_cli.text import ChatTemplate, Tokenizer, cut_at_stop_text
 from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
@@ -830,9 +830,7 @@ class _Job:
         """The text of generated `ids`, cut before the first stop id and the first stop string; and whether a
         stop string was found."""
         cut = S.first_stop(ids, self.stops)
-        text = self.engine.tokenizer.decode(ids if cut is None else ids[:cut])
-        found = [i for i in (text.find(s) for s in self.ticket.req.stops) if i >= 0]
-        return (text[:min(found)], True) if found else (text, False)
+        return cut_at_stop_text(self.engine.tokenizer.decode(ids if cut is None else ids[:cut]), self.ticket.req.stops)
 
     def text(self, row: int, ids: list[int]) -> tuple[str, bool]:
         """`final_text` of a row, decoded once per step: `until` and the stream ask about the same ids."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -322,6 +322,13 @@ def parse_template_args(items: list[str]) -> dict:
         except ValueError:
             out[key.strip()] = value
     return out
+
+
+def cut_at_stop_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` before the first place one of the stop strings `stops` begins, and whether one was found: a
+    stop string ends the text and is not part of it (OpenAI's `stop`, `generate --stop-text`)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(found)], True) if found else (text, False)
 
 
 def utf8_text(text: str, source: str) -> str:

@@ -45,6 +45,7 @@ def generate(
     seed: O.Seed = 0,
     mask_token_id: O.MaskTokenId = None,
     stop: O.Stop = None,
+    stop_text: O.StopText = None,
     prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list); - reads stdin.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
     system: O.System = None,
@@ -68,11 +69,14 @@ def generate(
     from twotower_cli.display import LiveUnmasking, err_console, follow, print_text, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
-    from twotower_cli.text import parse_template_args, read_prompts, render_chats
+    from twotower_cli.text import cut_at_stop_text, parse_template_args, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
     O.warn_if_filters_unused(settings)
     O.warn_if_options_unused(settings, O.given("block", "steps", "threshold", "policy", "factor"))
+    stop_texts = list(stop_text or [])
+    if "" in stop_texts:
+        raise TwoTowerError("--stop-text '' would end every sequence before its first token", "give some text")
     if batch_size < 1:
         raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:
@@ -102,6 +106,15 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode
+    stops = S.stop_set(settings, rt.eos_ids)
+
+    def final_text(ids: list[int]) -> tuple[str, bool]:
+        """The text of generated ids: before the first end id and the first --stop-text; whether one ended it."""
+        cut = S.first_stop(ids, stops)
+        return cut_at_stop_text(decode(ids if cut is None else ids[:cut]), stop_texts)
+
+    # a --stop-text ends its sequence once written (the sampler asks after each block; ar, mock_ar: token)
+    until = (lambda _row, ids: final_text(ids)[1]) if stop_texts else None
     nfe = n_new = seq_nfe = 0
     wall = 0.0
 
@@ -111,14 +124,18 @@ def generate(
 
     def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
         """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
-        out = decode(g.token_ids)
+        out, cut = final_text(g.token_ids)
+        ids = g.token_ids
+        if cut:  # the tokens the text before the stop text is made of (the one it begins in is not)
+            while ids and not out.startswith(decode(ids)):
+                ids = ids[:-1]
         if as_json:
             print(json.dumps({
                 "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
-                "token_ids": g.token_ids, "finish_reason": g.finish_reason,
-                "nfe": g.nfe, "tokens_per_nfe": len(g.token_ids) / max(g.nfe, 1),
-                "tokens_per_second": len(g.token_ids) / max(seconds, 1e-9),
-                "wall_seconds": seconds, "mode": mode, "settings": record, "model": str(rt.folder),
+                "token_ids": ids, "finish_reason": g.finish_reason,
+                "nfe": g.nfe, "tokens_per_nfe": len(ids) / max(g.nfe, 1),
+                "tokens_per_second": len(ids) / max(seconds, 1e-9), "wall_seconds": seconds, "mode": mode,
+                "settings": {**record, "stop_texts": stop_texts, "seed": seed}, "model": str(rt.folder),
             }), flush=True)
         elif not drawn:
             plain(text, out)
@@ -129,9 +146,9 @@ def generate(
 
         from twotower_cli.batching import Continuous, run_in_order
 
-        record = S.settings_record(settings, S.stop_set(settings, rt.eos_ids))
+        record = S.settings_record(settings, stops)
         t0 = time.perf_counter()
-        running = Continuous(rt.backend, settings, rt.eos_ids, gen)
+        running = Continuous(rt.backend, settings, rt.eos_ids, gen, until)
         results = run_in_order(running, prompts, width=batch_size)
         # a progress bar on a terminal while the results go elsewhere (--json > out.jsonl)
         shown = not no_live and err_console().is_terminal and not stdout_is_terminal()
@@ -153,7 +170,7 @@ def generate(
         wall, nfe = time.perf_counter() - t0, running.nfe
     for first in range(0, 0 if continuous else len(prompts), batch_size):  # each batch printed when it ends
         batch = slice(first, first + batch_size)
-        stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen)
+        stream = S.generate(rt.backend, prompts[batch], settings, rt.eos_ids, gen, until)
 
         so_far: list[list[int]] = [[] for _ in prompts[batch]]  # each sequence's committed ids
         nfe_so_far, t_batch = [0], time.perf_counter()
@@ -168,13 +185,13 @@ def generate(
                 print(json.dumps({**_event_json(ev, decode), "batch": index}), flush=True)
 
         try:
-            finished = follow(stream, decode, texts[batch], settings, live, on_event=seen)
+            finished = follow(stream, decode, texts[batch], settings, live, on_event=seen,
+                              final=lambda ids: final_text(ids)[0])
         except KeyboardInterrupt:  # Ctrl-C: the text so far, where the live view does not show it on the screen
-            stops = S.stop_set(settings, rt.eos_ids)
             if not as_json:
                 for row, (text, ids) in enumerate(zip(texts[batch], so_far, strict=True)):
                     if not (live and stdout_is_terminal() and row < LiveUnmasking.MAX_ROWS):
-                        plain(text, decode(ids[:S.first_stop(ids, stops)]))
+                        plain(text, final_text(ids)[0])
             elif len(prompts) == 1 and not events and so_far[0]:
                 # --json, one prompt: its record so far, finish_reason "interrupted", as several prompts give
                 # theirs (a batch of one: the batch's forwards are its own; --events has said it all already)
