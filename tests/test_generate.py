@@ -143,13 +143,20 @@ def test_cli_stop_text_ends_the_text_before_its_first_occurrence(trained_like, m
 
     decode = Tokenizer(trained_like).decode
     common = ("hello", "--model", str(trained_like), "--mode", mode, "--block", "4", "--threshold", "0.3",
-              "-n", "24", "--json")
+              "-n", "48", "--json")
     free = json.loads(invoke(*common).stdout)
     ids, text = free["token_ids"], free["text"]
-    assert len(ids) == 24 and decode(ids) == text
-    head = decode(ids[:8])  # the first two blocks of 4
-    assert text.startswith(head) and 2 <= len(head) <= len(text) - 2
-    stop = text[len(head) - 2:len(head) + 2]
+    assert len(ids) == 48 and decode(ids) == text
+    for blocks in (2, 10):  # 10: past the tokens a 4-character stop text is looked for in (`until`'s window)
+        head = decode(ids[:4 * blocks])
+        assert text.startswith(head) and 2 <= len(head) <= len(text) - 2
+        check_stop(common, free, text[len(head) - 2:len(head) + 2], mode, decode, early=blocks == 2)
+    long_stop = text[:len(decode(ids[:16])) + 1]  # from the first character to the fifth block
+    check_stop(common, free, long_stop, mode, decode)
+
+
+def check_stop(common, free, stop, mode, decode, early=False):
+    ids, text = free["token_ids"], free["text"]
     r = invoke(*common, "--stop-text", stop)
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
@@ -158,7 +165,7 @@ def test_cli_stop_text_ends_the_text_before_its_first_occurrence(trained_like, m
     kept = got["token_ids"]
     assert kept == ids[:len(kept)] and want.startswith(decode(kept)) and not want.startswith(decode(ids[:len(kept) + 1]))
     assert got["settings"]["stop_texts"] == [stop]
-    if mode == "mask_diffusion":
+    if mode == "mask_diffusion" and early:  # written by block 3 of 12: the blocks after it are not run
         assert got["nfe"] < free["nfe"]
     plain = invoke(*common[:-1], "--stop-text", stop, "--no-live")
     assert plain.stdout == "hello" + want + "\n"

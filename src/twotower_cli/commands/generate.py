@@ -113,8 +113,12 @@ def generate(
         cut = S.first_stop(ids, stops)
         return cut_at_stop_text(decode(ids if cut is None else ids[:cut]), stop_texts)
 
-    # a --stop-text ends its sequence once written (the sampler asks after each block; ar, mock_ar: token)
-    until = (lambda _row, ids: final_text(ids)[1]) if stop_texts else None
+    # A --stop-text ends its sequence once written: the sampler asks after each block (ar, mock_ar: token),
+    # and a stop text first written then ends in those new tokens, so the tokens that could hold it are the
+    # last block and, before it, as many as its characters (up to 4 tokens a character where a tokenizer spells
+    # one in bytes): decoding only those keeps the check from growing with the text.
+    window = settings.block_size + 4 * (max(map(len, stop_texts), default=0) + 2)
+    until = (lambda _row, ids: final_text(ids[-window:])[1]) if stop_texts else None
     nfe = n_new = seq_nfe = 0
     wall = 0.0
 
