@@ -197,6 +197,26 @@ def test_cli_empty_stop_text_is_one_error_line(trained_like):
     assert r.exit_code == 1 and r.stderr.startswith("Error: --stop-text ''") and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("extra", [(), ("--events",)])  # continuous batching; one fixed batch
+def test_cli_stats_line_of_several_prompts_says_which_nfe_is_which(trained_like, tmp_path, extra):
+    """Three prompts share each forward: the stats line's NFE is the batch's forwards, then their sum over the
+    sequences (each prompt's `nfe` in --json), and tok/NFE is the tokens over that sum (it divided the tokens
+    of all by the forwards of each before: a 3-prompt batch read 1.00 tok/NFE beside NFE 16 and 48 tokens)."""
+    import re
+
+    f = tmp_path / "p.txt"
+    f.write_text("hello\nthe quick brown fox\nabc\n")
+    common = ("--prompt-file", str(f), "--model", str(trained_like), "--block", "4", "--threshold", "0.3", "-n", "12")
+    runs = [json.loads(x) for x in invoke(*common, "--json").stdout.splitlines()]
+    summed, tokens = sum(o["nfe"] for o in runs), sum(len(o["token_ids"]) for o in runs)
+    r = invoke(*common, "--json", *extra) if extra else invoke(*common, "--no-live")
+    line = r.stderr.strip().splitlines()[-1]
+    m = re.search(r"generated (\d+) tok · NFE (\d+) \((\d+) over the sequences\).* ([\d.]+) tok/NFE a sequence", line)
+    assert m, line
+    assert int(m[1]) == tokens and int(m[3]) == summed and int(m[2]) < summed
+    assert m[4] == f"{tokens / summed:.2f}"
+
+
 def test_cli_plain_text_and_stats_line(trained_like):
     r = invoke("hello", "--model", str(trained_like), "-n", "6", "--block", "4", "--no-live")
     assert r.exit_code == 0, r.output

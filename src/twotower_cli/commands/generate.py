@@ -222,6 +222,10 @@ def generate(
     err_console().print(
         f"[dim]prompt {n_prompt} tok · generated {n_new} tok · NFE {nfe}"
         + (f" in {batches} batches" if batches > 1 and not continuous else "")
+        # several sequences share each forward: NFE counts forwards, tok/NFE is each sequence's own (its tokens
+        # over the forwards it took part in), the measure of the diffusion and the same as one prompt alone gets
+        + (f" ({seq_nfe} over the sequences)" if seq_nfe != nfe else "")
         + (f" · continuous batching, ≤ {batch_size} at a time" if continuous else "")
-        + f" · {n_new / max(seq_nfe, 1):.2f} tok/NFE · {n_new / max(wall, 1e-9):.1f} tok/s · "
+        + f" · {n_new / max(seq_nfe, 1):.2f} tok/NFE{' a sequence' if seq_nfe != nfe else ''} · "
+        f"{n_new / max(wall, 1e-9):.1f} tok/s · "
         f"{wall:.2f} s · peak {peak:.0f} MiB{kernel_note}[/]", soft_wrap=True)  # one line in a log, too
