@@ -129,6 +129,29 @@ def test_live_view_ends_on_the_final_text_it_is_given(tmp_path):
     assert text_of(view.render()).startswith("hello<8 ids>\n")
 
 
+def test_a_block_settled_at_a_stop_id_draws_no_mask_placeholder_as_text(tmp_path):
+    """A block whose text a stop id decided before it was filled keeps masked slots after the stop id
+    (`sampler.fill_block`); the frames after it draw the committed text, not the mask token's text."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
+    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
+    tok = Tokenizer(folder)
+    prompt = tok.encode("hello")
+    free = S.run(backend, [prompt], S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=12))
+    ids = free.generations[0].token_ids
+    seen = 0
+    for stop in dict.fromkeys(ids):  # each id as the stop id, in order of first use
+        settings = S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=12, stop_ids=(stop,))
+        view = LiveUnmasking(tok.decode, ["hello"], n_blocks=3, steps=4, mode="mask_diffusion", mask_id=3)
+        for ev in S.generate(backend, [prompt], settings):
+            view.handle(ev)
+            if isinstance(ev, S.BlockDone) and 3 in ev.tokens[0].tolist():
+                seen += 1
+                assert tok.decode([3]) not in text_of(view.render())
+                assert text_of(view.render()).startswith("hello" + tok.decode(ids[:ids.index(stop)]))
+    assert seen  # some stop id settled its block early
+
+
 @pytest.mark.parametrize("width", [60, 24])  # 24: the status line wraps
 def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tmp_path, width):
     """A text taller than the terminal: every frame fits its height and still shows the block being unmasked

@@ -154,6 +154,48 @@ def test_eos_cuts_output_and_stops():
     assert fin.generations[0].token_ids == [20, 2] and fin.nfe == 1
 
 
+class StopAtOne(ScriptedBackend):
+    """Per row r of the batch: confidences `table[r][n]` at its n-th call, targets [20, 2, 21, 22] (2: EOS)."""
+
+    def denoise(self, block, t, rows=None):
+        B, Sz = block.shape
+        conf = torch.tensor([self.table[r][min(self.calls, len(self.table[r]) - 1)][:Sz] for r in range(B)])
+        self.calls += 1
+        self.rows_asked = getattr(self, "rows_asked", []) + [rows.any(dim=-1).tolist()]
+        return logits_with(conf, torch.tensor([20, 2, 21, 22][:Sz]).expand(B, Sz))
+
+
+SURE_OF_THE_HEAD = [[0.99, 0.99, 0.1, 0.1]]  # step 1 commits [20, 2, _, _]: the text ends at the EOS
+SURE_OF_THE_EOS = [[0.1, 0.99, 0.1, 0.1], [0.99, 0.1, 0.1, 0.1]]  # step 1 commits [_, 2, _, _], step 2 slot 0
+
+
+@pytest.mark.parametrize("runner", ["generate", "continuous"])
+def test_a_block_ends_when_its_text_is_decided_by_a_stop_id(runner):
+    """An EOS committed with every slot before it committed decides the text: the block takes no more
+    forwards (the slots after it stay masked), the text is the one a full block gives, cut at the EOS. An EOS
+    with a masked slot before it decides nothing yet. In a batch the settled row sits out the other's steps."""
+    from twotower_cli.batching import Continuous, run_in_order
+
+    def run(table, prompts):
+        be = StopAtOne(table)
+        settings = cfg(steps=4, max_new_tokens=12, threshold=0.8)
+        if runner == "generate":
+            fin = S.run(be, prompts, settings, eos_ids=[2])
+            return be, fin.generations, fin.nfe
+        batch = Continuous(be, settings, [2])
+        gens = [g for _, g, _ in run_in_order(batch, prompts)]
+        return be, gens, batch.nfe
+
+    be, (g,), nfe = run([SURE_OF_THE_HEAD], [[5]])
+    assert g.token_ids == [20] and g.finish_reason == "eos" and nfe == g.nfe == 1  # was 3: steps after the EOS
+    be, (g,), nfe = run([SURE_OF_THE_EOS], [[5]])
+    assert g.token_ids == [20] and nfe == g.nfe == 2  # slot 0 was masked after step 1: one more step
+    slow = [[0.1, 0.1, 0.1, 0.1]]  # a row sure of nothing: one slot a step, 4 steps a block
+    be, (a, b), nfe = run([SURE_OF_THE_HEAD, slow], [[5], [6]])
+    assert a.token_ids == [20] and a.nfe == 1 and b.token_ids == [20] and b.nfe == 2
+    assert be.rows_asked[:2] == [[True, True], [False, True]]  # the settled row's head rows are not computed
+
+
 def test_topk_and_factor_policies():
     row = [0.99, 0.97, 0.6, 0.95, 0.2, 0.1, 0.1, 0.1]
     # topk: only the schedule, ceil(8/4) = 2 per step, however confident

@@ -94,6 +94,7 @@ class Continuous:
         cfg.validate(backend.vocab_size)
         self.backend, self.cfg, self.generator, self.until = backend, cfg, generator, until
         self.stops = S.stop_set(cfg, list(eos_ids))
+        self._stop_ids = torch.tensor(sorted(self.stops), dtype=torch.long)  # `fill_block`: rows settle at one
         self.rows: list[_Row] = []  # in the backend's batch order
         self.waiting: list[_Row] = []
         self.nfe = 0  # forwards so far, all sequences together
@@ -204,7 +205,7 @@ class Continuous:
         top_ids = torch.zeros(B, size, top, dtype=torch.long)
         top_lps = torch.zeros(B, size, top)
         for masked, commit, conf, *alts in S.fill_block(self.backend, x, steps, cfg, self.generator, top,
-                                                        None if shared else own, valid):
+                                                        None if shared else own, valid, self._stop_ids):
             self.nfe += 1
             for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
                 self.rows[j].nfe += 1

@@ -92,8 +92,8 @@ class LiveUnmasking:
             self.fresh = [set(p) for p in event.committed[: self.rows]]
             self.step, self.nfe = event.step + 1, event.nfe
         elif isinstance(event, S.BlockDone):
-            for r in range(self.rows):
-                self.committed[r].extend(event.tokens[r].tolist())
+            for r in range(self.rows):  # a block that settled at a stop id keeps masked slots after it
+                self.committed[r].extend(t for t in event.tokens[r].tolist() if t != self.mask_id)
             self.block = None
         elif isinstance(event, S.Finished):  # the text as --no-live prints it: cut at its end id (or stop text)
             self.texts = [self.final(list(g.token_ids)) for g in event.generations[: self.rows]]

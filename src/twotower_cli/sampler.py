@@ -398,7 +398,7 @@ def generation(prompt: list[int], ids: list[int], stops: set[int], stopped: bool
 
 def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfig,
                generator: torch.Generator | None, top: int = 0, row_cfgs: list[SamplingConfig] | None = None,
-               valid: torch.Tensor | None = None, **denoise) -> Iterator[tuple]:
+               valid: torch.Tensor | None = None, stops: torch.Tensor | None = None, **denoise) -> Iterator[tuple]:
     """Unmask the block `x` [B, S] (mask ids) in place over at most `steps` denoiser forwards (spec §7);
     after each yields (the masked slots it started from, those it committed, the confidences) [B, S] each,
     and with `top` > 0 the `top_to_host` ids and log-probabilities [B, S, top] of that forward.
@@ -406,8 +406,10 @@ def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfi
     most `steps`), where `cfg` is only the mask id; a row whose block is filled draws nothing more.
     `valid` (bool [B, S], a prefix of each row; needs `row_cfgs`): rows whose blocks are shorter, padded on
     the right to S; the padding is never masked, counts in no t, and is hidden from the denoiser
-    (`block_valid`), so each row gets what its shorter block gets alone. `denoise`: passed on to
-    `backend.denoise`."""
+    (`block_valid`), so each row gets what its shorter block gets alone. `stops` (the stop/end ids): a row
+    whose block holds a committed stop id with every slot before it committed is settled — its text ends
+    there, so the slots after it are left masked and it takes no more steps (nor counts in the yielded
+    `masked`); the block ends when every row is filled or settled. `denoise`: passed on to `backend.denoise`."""
     sizes = [x.shape[1]] * x.shape[0] if valid is None else valid.sum(dim=-1).tolist()
     if valid is not None:
         denoise["block_valid"] = valid
@@ -421,6 +423,8 @@ def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfi
         masked = x == cfg.mask_token_id
         if valid is not None:
             masked &= valid
+        if stops is not None:
+            masked &= ~settled(x, masked, stops)[:, None]
         if not bool(masked.any()):
             return
         t = masked.float().mean(dim=-1) if valid is None else masked.sum(dim=-1) / torch.tensor(sizes)
@@ -437,6 +441,14 @@ def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfi
         commit = select_commits(conf, masked, k)
         x.copy_(torch.where(commit, pred, x))
         yield (masked, commit, conf) + (top_to_host(logits, top, cfg.mask_token_id) if top else ())
+
+
+def settled(x: torch.Tensor, masked: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the rows of block `x` [B, S] whose text is decided: a committed stop id (in `stops`) with no
+    slot of `masked` [B, S] before the first one."""
+    pos = torch.arange(x.shape[1])
+    first = torch.where(torch.isin(x, stops) & ~masked, pos, x.shape[1]).min(dim=-1).values
+    return (first < x.shape[1]) & ~(masked & (pos < first[:, None])).any(dim=-1)
 
 
 def _finish(prompts: list[list[int]], out: torch.Tensor, stops: set[int], stopped_at: list[int | None],
@@ -472,7 +484,7 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
         active = ~done
         yield BlockStarted(blk, out.shape[1], size, active.tolist())
         x = torch.full((B, size), cfg.mask_token_id, dtype=torch.long)
-        for s, (masked, commit, conf) in enumerate(fill_block(backend, x, steps, cfg, generator)):
+        for s, (masked, commit, conf) in enumerate(fill_block(backend, x, steps, cfg, generator, stops=stops_t)):
             nfe += 1
             for b in (active & masked.any(dim=-1)).nonzero()[:, 0].tolist():  # rows still filling their block
                 nfe_per_seq[b] += 1
