@@ -14,17 +14,23 @@ from twotower_cli.text import Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(backend, tokenizer) of a tiny TwoTower whose denoiser is unlike its context tower."""
+    cfg = tiny_cfg()
+    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
+                            denoiser=random_base(cfg, 12))
+    return TowerBackend(load_model(folder, need_denoiser=True).twotower), Tokenizer(folder)
+
+
 def text_of(renderable) -> str:
     console = Console(file=io.StringIO(), width=200, color_system=None)
     console.print(renderable)
     return console.file.getvalue()
 
 
-def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tmp_path):
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tiny):
+    backend, tok = tiny
     settings = S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=10)  # blocks of 4, 4, 2
     view = LiveUnmasking(tok.decode, ["hello"], n_blocks=3, steps=4, mode="mask_diffusion", mask_id=3)
     seen_masked = False
@@ -50,13 +56,10 @@ def test_live_view_shows_masks_commits_and_the_steps_of_a_short_last_block(tmp_p
 
 
 @pytest.mark.parametrize("mode", ["ar", "mock_ar"])
-def test_live_view_counts_tokens_not_blocks_in_the_one_token_modes(tmp_path, mode):
+def test_live_view_counts_tokens_not_blocks_in_the_one_token_modes(tiny, mode):
     """ar and mock_ar commit one token per forward: the status line counts tokens of -n ("token 3/5"), where
     it said "block 3/5" of blocks that do not exist in those modes."""
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+    backend, tok = tiny
     settings = S.SamplingConfig(mode=mode, block_size=4, max_new_tokens=5)
     view = LiveUnmasking(tok.decode, ["hello"], n_blocks=5, steps=1, mode=mode, mask_id=3)
     for ev in S.generate(backend, [tok.encode("hello")], settings):
@@ -65,15 +68,12 @@ def test_live_view_counts_tokens_not_blocks_in_the_one_token_modes(tmp_path, mod
             assert text_of(view.render()).rstrip().endswith(f"{mode}  token {ev.block + 1}/5  NFE {ev.nfe}")
 
 
-def test_follow_draws_a_live_view_or_hands_events_on(tmp_path, monkeypatch):
+def test_follow_draws_a_live_view_or_hands_events_on(tiny, monkeypatch):
     """display.follow: live, the events are drawn on a terminal console; otherwise they go to `on_event`.
     Either way it returns the run's Finished event."""
     from twotower_cli import display
 
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+    backend, tok = tiny
     settings = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=8)
     want = S.run(backend, [tok.encode("hello")], settings)
     terminal = Console(file=io.StringIO(), force_terminal=True, width=200)
@@ -90,13 +90,10 @@ def test_follow_draws_a_live_view_or_hands_events_on(tmp_path, monkeypatch):
     assert seen[-1] is got and sum(isinstance(e, S.BlockDone) for e in seen) == 2
 
 
-def test_live_view_ends_on_the_text_as_generated_not_past_its_end_id(tmp_path):
+def test_live_view_ends_on_the_text_as_generated_not_past_its_end_id(tiny):
     """A stop id inside a block: the last frame shows the generation cut there (what --no-live prints), not
     the rest of the block the sampler filled after it."""
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+    backend, tok = tiny
     prompt = tok.encode("hello")
     free = S.run(backend, [prompt], S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=12))
     ids = free.generations[0].token_ids
@@ -112,13 +109,10 @@ def test_live_view_ends_on_the_text_as_generated_not_past_its_end_id(tmp_path):
     assert shown == "hello" + tok.decode(want.token_ids)
 
 
-def test_live_view_ends_on_the_final_text_it_is_given(tmp_path):
+def test_live_view_ends_on_the_final_text_it_is_given(tiny):
     """`final` (generate's --stop-text cut): the last frame shows that text, not the ids decoded, while the
     frames before it show the blocks as they unmask."""
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+    backend, tok = tiny
     settings = S.SamplingConfig(block_size=4, threshold=0.5, max_new_tokens=8)
     view = LiveUnmasking(tok.decode, ["hello"], n_blocks=2, steps=4, mode="mask_diffusion", mask_id=3,
                          final=lambda ids: f"<{len(ids)} ids>")
@@ -129,13 +123,10 @@ def test_live_view_ends_on_the_final_text_it_is_given(tmp_path):
     assert text_of(view.render()).startswith("hello<8 ids>\n")
 
 
-def test_a_block_settled_at_a_stop_id_draws_no_mask_placeholder_as_text(tmp_path):
+def test_a_block_settled_at_a_stop_id_draws_no_mask_placeholder_as_text(tiny):
     """A block whose text a stop id decided before it was filled keeps masked slots after the stop id
     (`sampler.fill_block`); the frames after it draw the committed text, not the mask token's text."""
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+    backend, tok = tiny
     prompt = tok.encode("hello")
     free = S.run(backend, [prompt], S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=12))
     ids = free.generations[0].token_ids
@@ -153,14 +144,11 @@ def test_a_block_settled_at_a_stop_id_draws_no_mask_placeholder_as_text(tmp_path
 
 
 @pytest.mark.parametrize("width", [60, 24])  # 24: the status line wraps
-def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tmp_path, width):
+def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tiny, width):
     """A text taller than the terminal: every frame fits its height and still shows the block being unmasked
     and the status line (rich's Live cut such a frame at the bottom, under a "..."); the last frame is all
     the text."""
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path / "tt", random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))
-    backend = TowerBackend(load_model(folder, need_denoiser=True).twotower)
-    tok = Tokenizer(folder)
+    backend, tok = tiny
     settings = S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=40)
     terminal = Console(file=io.StringIO(), width=width, height=10, color_system=None)
     prompt = "".join(f"line {i}\n" for i in range(12))  # taller than the terminal by itself
