@@ -1,4 +1,5 @@
 """A long prompt's prefill through the CPU attention path: whole score matrix (before) vs query row chunks.
+With --sdpa, the SDPA path (CUDA's, forced on CPU) after a cached past: whole additive mask vs row chunks.
 
 The explicit CPU path (`Attention._attend` without SDPA) built the [b, h, L, L] fp32 scores of a prefill at
 once, and held them about three times (scores, the masked copy, the softmax): a 27k-token prompt of the tiny
@@ -9,6 +10,7 @@ difference between the two outputs.
 
     python benchmarks/long_prompt.py                       # tiny's attention (4 heads on 2, head_dim 48)
     python benchmarks/long_prompt.py --lengths 4096,8192 --heads 32 --kv-heads 2 --head-dim 128 --hidden 2688
+    python benchmarks/long_prompt.py --sdpa --past 1024 --lengths 16384,24576   # the SDPA path's mask
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ import json, resource, sys, time
 import torch
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import attention
+from twotower_cli.model.cache import KVCache
 from twotower_cli.model.init import init_nemotron_h
+from twotower_cli.ops import kernels
 
-L, heads, kv, head_dim, hidden, whole, out_path, threads = json.loads(sys.argv[1])
+L, heads, kv, head_dim, hidden, whole, out_path, threads, sdpa, past_len = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
-if whole:
-    attention.SCORE_ELEMENTS = 1 << 62  # the path before the change: one chunk, the whole score matrix
+if whole:  # the paths before the change: one chunk, the whole score matrix / additive mask
+    attention.SCORE_ELEMENTS = attention.MASK_ELEMENTS = 1 << 62
 cfg = NemotronHConfig.build("*", hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
                             head_dim=head_dim, vocab_size=16)
 layer = attention.Attention(cfg)
 init_nemotron_h(layer, torch.Generator().manual_seed(0), std=0.02)
 x = torch.randn(1, L, hidden, generator=torch.Generator().manual_seed(1))
-with torch.no_grad():
+with torch.no_grad(), kernels.force(sdpa=bool(sdpa)):
+    past = None
+    if past_len:
+        _, k, v = layer(torch.randn(1, past_len, hidden, generator=torch.Generator().manual_seed(2)))
+        past = KVCache(k, v)
     t0 = time.perf_counter()
-    out, _, _ = layer(x)
+    out, _, _ = layer(x, past)
     seconds = time.perf_counter() - t0
 torch.save(out, out_path)
 print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -46,7 +54,8 @@ print(json.dumps({"seconds": seconds, "peak_mib": resource.getrusage(resource.RU
 
 
 def run(L: int, args: argparse.Namespace, whole: bool, out_path: str) -> dict:
-    spec = json.dumps([L, args.heads, args.kv_heads, args.head_dim, args.hidden, whole, out_path, args.threads])
+    spec = json.dumps([L, args.heads, args.kv_heads, args.head_dim, args.hidden, whole, out_path, args.threads,
+                       args.sdpa, args.past])
     env = {**os.environ, "TWOTOWER_KERNELS": "torch"}
     done = subprocess.run([sys.executable, "-c", CHILD, spec], capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -63,13 +72,17 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=48)
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sdpa", action="store_true", help="the SDPA path (forced on CPU) instead of the explicit one")
+    p.add_argument("--past", type=int, default=0, help="tokens already cached before the prompt (not timed)")
     args = p.parse_args()
     import torch
 
     from twotower_cli.model import attention
 
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; attention {args.heads} heads on "
-          f"{args.kv_heads}, head_dim {args.head_dim}; chunks of at most {attention.SCORE_ELEMENTS} scores")
+          f"{args.kv_heads}, head_dim {args.head_dim}; past {args.past}; "
+          + (f"SDPA path, masks of at most {attention.MASK_ELEMENTS} entries" if args.sdpa else
+             f"explicit path, chunks of at most {attention.SCORE_ELEMENTS} scores"))
     print(f"{'L':>7} | {'whole s':>8} {'whole MiB':>10} | {'chunked s':>9} {'chunked MiB':>11} | {'speed':>6} "
           f"{'memory':>7} | max |diff|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -203,6 +203,50 @@ def test_long_queries_attend_in_row_chunks_with_the_same_numbers(case, monkeypat
     assert max_diff(chunked, whole) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["past", "mask"])
+def test_sdpa_calls_that_build_a_mask_go_in_row_chunks_with_the_same_numbers(case, monkeypatch):
+    """On the SDPA path (CUDA's; forced here on CPU) a call that builds an additive mask goes in query chunks
+    of at most MASK_ELEMENTS mask entries: the unsplit numbers, a causal chunk after a past reading the keys
+    up to its own last query only; a call without a mask (a fresh causal prefill) is not split."""
+    from twotower_cli.model import attention as attention_mod
+    from twotower_cli.ops import kernels
+
+    cfg = build_tiny_config()
+    attn = Attention(cfg)
+    init_nemotron_h(attn, torch.Generator().manual_seed(0), std=0.2)
+    x = randn(2, 11, cfg.hidden_size, seed=3)
+    t_past = 4 if case == "past" else 0
+    past = None
+    if case == "past":
+        _, k, v = attn(randn(2, t_past, cfg.hidden_size, seed=4))
+        past = KVCache(k, v)
+    mask = None
+    if case == "mask":  # left pads on row 0
+        mask = torch.ones(2, 1, 11, 11, dtype=torch.bool).tril()
+        mask[0, :, :, :3] = False
+    with torch.no_grad(), kernels.force(sdpa=True):
+        whole, _, _ = attn(x, past, mask=mask)
+        calls = []
+        sdpa = attention_mod.Attention._sdpa
+
+        def spy(self, q, k, *args):
+            calls.append((q.shape[2], k.shape[2]))
+            return sdpa(self, q, k, *args)
+
+        monkeypatch.setattr(attention_mod.Attention, "_sdpa", spy)
+        mask_batch = 1 if mask is None else 2  # the causal mask after a past is one for the batch
+        monkeypatch.setattr(attention_mod, "MASK_ELEMENTS", mask_batch * (t_past + 11) * 3 + 5)  # 3 rows of it
+        chunked, _, _ = attn(x, past, mask=mask)
+        assert max_diff(chunked, whole) <= 1e-5
+        if case == "past":
+            assert calls == [(3, 7), (3, 10), (3, 13), (2, 15)], calls
+        else:
+            assert calls == [(3, 11), (3, 11), (3, 11), (2, 11)], calls
+        calls.clear()
+        attn(x)  # a fresh causal prefill: flash attention, no mask built, one call
+        assert calls == [(11, 11)]
+
+
 # -------------------------------------------------------------------------------------------------- MoE
 
 def naive_moe(moe: MoE, x: torch.Tensor, cfg, dtype=torch.float32) -> torch.Tensor:

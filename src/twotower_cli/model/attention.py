@@ -50,6 +50,7 @@ def causal_mask(L: int, t_past: int, device: torch.device | str | None = None) -
     return k <= q
 
 
+MASK_ELEMENTS = 1 << 28  # additive mask entries of one SDPA call at most (512 MiB of bf16; `_sdpa_rows`)
 SCORE_ELEMENTS = 1 << 26  # fp32 scores of one chunk of queries on the explicit path (256 MiB; `_attend`)
 
 _GQA_FUSED: dict[tuple[str, torch.dtype], bool] = {}
@@ -144,7 +145,7 @@ class Attention(nn.Module):
         if kernels.use_sdpa(x):
             # Inside a torch.compile trace the flags are the caller's: TowerBackend sets them around its steps.
             with sdpa_backends(x.device) if not torch.compiler.is_compiling() else contextlib.nullcontext():
-                out = self._sdpa(q, k, v, t_past, causal, mask)
+                out = self._sdpa_rows(q, k, v, t_past, causal, mask)
             return self.o_proj(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim))
 
         # GQA: query head j reads kv head j // (heads / kv), as repeat_kv in the reference does.
@@ -177,6 +178,26 @@ class Attention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1) @ v  # [b, h, L, d]
+
+    def _sdpa_rows(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
+        """`_sdpa`, with the queries in row chunks where it would build an additive mask of more than
+        MASK_ELEMENTS (a long left-padded prefill, or long new text after a cached past: 2 GiB of bf16 at 32k x
+        32k); a causal chunk reads the keys up to its last query only. Calls without a mask (flash attention:
+        the block, decode, a fresh causal prefill) go through whole."""
+        L, T = q.shape[2], k.shape[2]
+        masked = mask is not None or (causal and L > 1 and t_past > 0)
+        rows = max(1, MASK_ELEMENTS // max(1, (1 if mask is None else mask.shape[0]) * T))
+        if not masked or L <= rows:
+            return self._sdpa(q, k, v, t_past, causal, mask)
+        parts = []
+        for a in range(0, L, rows):
+            n = min(rows, L - a)
+            if mask is None:  # causal after a past: this chunk sees the keys up to its own last query
+                end = t_past + a + n
+                parts.append(self._sdpa(q[:, :, a:a + n], k[:, :, :end], v[:, :, :end], t_past + a, True, None))
+            else:
+                parts.append(self._sdpa(q[:, :, a:a + n], k, v, t_past, causal, mask[..., a:a + n, :]))
+        return torch.cat(parts, dim=2)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, t_past: int, causal: bool, mask: Tensor | None) -> Tensor:
         """The same attention through F.scaled_dot_product_attention; q [b, h, L, d], k/v [b, kv, T, d].
