@@ -168,13 +168,9 @@ def test_attention_mask_and_past():
     assert max_diff(bi, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["causal", "past", "mask"])
-def test_long_queries_attend_in_row_chunks_with_the_same_numbers(case, monkeypatch):
-    """The explicit path splits the queries so that a chunk's scores stay under SCORE_ELEMENTS (a long prefill
-    held [h, L, L] fp32 three times); forced down to 2-3 rows a chunk, it gives the unsplit numbers and never
-    builds scores for more rows than that."""
-    from twotower_cli.model import attention as attention_mod
-
+def long_query_case(case: str, causal_mask: bool = False):
+    """(cfg, attention, x [2, 11, H], t_past, past, mask) for the row-chunk tests: "causal" (a fresh prefill),
+    "past" (4 tokens cached first) or "mask" (row 0 left-padded by 3; bidirectional unless `causal_mask`)."""
     cfg = build_tiny_config()
     attn = Attention(cfg)
     init_nemotron_h(attn, torch.Generator().manual_seed(0), std=0.2)
@@ -185,9 +181,21 @@ def test_long_queries_attend_in_row_chunks_with_the_same_numbers(case, monkeypat
         _, k, v = attn(randn(2, t_past, cfg.hidden_size, seed=4))
         past = KVCache(k, v)
     mask = None
-    if case == "mask":  # left pads on row 0, bidirectional elsewhere
+    if case == "mask":
         mask = torch.ones(2, 1, 11, 11, dtype=torch.bool)
+        mask = mask.tril() if causal_mask else mask
         mask[0, :, :, :3] = False
+    return cfg, attn, x, t_past, past, mask
+
+
+@pytest.mark.parametrize("case", ["causal", "past", "mask"])
+def test_long_queries_attend_in_row_chunks_with_the_same_numbers(case, monkeypatch):
+    """The explicit path splits the queries so that a chunk's scores stay under SCORE_ELEMENTS (a long prefill
+    held [h, L, L] fp32 three times); forced down to 2-3 rows a chunk, it gives the unsplit numbers and never
+    builds scores for more rows than that."""
+    from twotower_cli.model import attention as attention_mod
+
+    cfg, attn, x, t_past, past, mask = long_query_case(case)
     whole, _, _ = attn(x, past, mask=mask)
     rows_seen = []
     explicit = attention_mod.Attention._explicit
@@ -211,19 +219,7 @@ def test_sdpa_calls_that_build_a_mask_go_in_row_chunks_with_the_same_numbers(cas
     from twotower_cli.model import attention as attention_mod
     from twotower_cli.ops import kernels
 
-    cfg = build_tiny_config()
-    attn = Attention(cfg)
-    init_nemotron_h(attn, torch.Generator().manual_seed(0), std=0.2)
-    x = randn(2, 11, cfg.hidden_size, seed=3)
-    t_past = 4 if case == "past" else 0
-    past = None
-    if case == "past":
-        _, k, v = attn(randn(2, t_past, cfg.hidden_size, seed=4))
-        past = KVCache(k, v)
-    mask = None
-    if case == "mask":  # left pads on row 0
-        mask = torch.ones(2, 1, 11, 11, dtype=torch.bool).tril()
-        mask[0, :, :, :3] = False
+    cfg, attn, x, t_past, past, mask = long_query_case(case, causal_mask=True)
     with torch.no_grad(), kernels.force(sdpa=True):
         whole, _, _ = attn(x, past, mask=mask)
         calls = []
