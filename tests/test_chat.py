@@ -94,6 +94,69 @@ def test_an_end_token_stays_in_the_running_text(model, folder):
     assert all(t.generation.token_ids == w.token_ids for t, w in pairs)
 
 
+VARIED = "the quick brown fox"  # a prompt the random tiny model continues with varied text (not "dj" repeated)
+
+
+def _stop_inside(text: str) -> str:
+    """The shortest text that first occurs past the first third of `text` (the cut the reference makes)."""
+    for n in (1, 2, 3):
+        for i in range(len(text) // 3, len(text) - n):
+            if text.find(text[i:i + n]) == i:
+                return text[i:i + n]
+    raise AssertionError(f"no stop text to take from {text!r}")
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_a_stop_text_ends_the_reply_and_the_running_text_keeps_it(model, folder, mode):
+    """A reply cut by a stop text: the free run's text before its first occurrence (the slow reference: the
+    whole reply decoded and cut by hand), the ids of that text, and the next prompt is the previous one, the
+    model's tokens through the stop text, a newline (unless they end in one) and the next line."""
+    from twotower_cli.text import StopTexts
+
+    cfg = S.SamplingConfig(mode=mode, block_size=4, threshold=0.3, max_new_tokens=32)
+    tok = Tokenizer(folder)
+    free = S.run(TowerBackend(model), [tok.encode(VARIED)], cfg, [2]).generations[0]
+    text = tok.decode(free.token_ids)
+    stop = _stop_inside(text)
+    want = text[:text.find(stop)]
+    cutter = StopTexts([stop], tok.decode, {2}, cfg.block_size)
+    conversation = Conversation(tok, None)
+    reuse = PrefixReuse(TowerBackend(model))
+    list(chat_turn(reuse, conversation, VARIED, cfg, [2], stop_texts=cutter))
+    turn = conversation.turns[0]
+    assert turn.reply == want and turn.generation.finish_reason == "stop"
+    assert turn.reply_ids == free.token_ids[:len(turn.reply_ids)] and tok.decode(turn.reply_ids) == want[
+        :len(tok.decode(turn.reply_ids))] and not want.startswith(tok.decode(free.token_ids[:len(turn.reply_ids) + 1]))
+    through = next(n for n in range(1, len(free.token_ids) + 1) if stop in tok.decode(free.token_ids[:n]))
+    assert turn.written == free.token_ids[:through]
+    if mode == "mask_diffusion":  # the blocks after the one the stop text ends in are not run
+        assert len(turn.generation.token_ids) <= -(-through // 4) * 4 < len(free.token_ids)
+    list(chat_turn(reuse, conversation, USER[1], cfg, [2], stop_texts=cutter))
+    second = conversation.turns[1].generation.prompt_ids
+    written = tok.decode(free.token_ids[:through])
+    sep = "" if written.endswith("\n") else "\n"
+    assert tok.decode(second) == VARIED + written + sep + USER[1]
+    want2 = S.run(TowerBackend(model), [second], cfg, [2]).generations[0]  # and the turn is a fresh run's
+    text2 = tok.decode(want2.token_ids)
+    assert conversation.turns[1].reply == (text2[:text2.find(stop)] if stop in text2 else text2)
+
+
+def test_a_stop_text_cuts_the_assistant_message_a_template_renders(model, chat_folder):
+    from twotower_cli.text import StopTexts
+
+    cfg = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=32)
+    tok, template = Tokenizer(chat_folder), ChatTemplate.load(chat_folder)
+    conversation = Conversation(tok, template)
+    prompt, _ = conversation.prompt(VARIED)
+    free = tok.decode(S.run(TowerBackend(model), [prompt], cfg, [2, 38]).generations[0].token_ids)
+    stop = _stop_inside(free)
+    cutter = StopTexts([stop], tok.decode, {2, 38}, cfg.block_size)
+    reuse = PrefixReuse(TowerBackend(model))
+    list(chat_turn(reuse, conversation, VARIED, cfg, [2, 38], stop_texts=cutter))
+    assert conversation.turns[0].reply == free[:free.find(stop)]
+    assert conversation.messages(USER[1])[1] == {"role": "assistant", "content": free[:free.find(stop)]}
+
+
 @pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
 def test_template_turns_equal_fresh_runs_and_resume_from_the_history_snapshot(model, chat_folder, mode):
     """The test template renders a past reply without the `<think></think>` its generation prompt wrote, so
@@ -306,6 +369,25 @@ def test_cli_chat_errors(folder, args, text, needle):
     if text.startswith("/nope"):  # an unknown command is reported, and the chat goes on (piped in: exit code 1
         assert "tok/NFE" in r.stderr  # at the end, as after a failed turn; a script's line got no reply)
     assert r.exit_code == 1
+
+
+def test_cli_chat_stop_text_ends_each_reply_before_it(folder):
+    """`chat --stop-text`: each reply is the free reply cut before the stop text, its ids those of that text,
+    finish_reason "stop", and the settings record it; the plain output prints the cut reply."""
+    common = ("--model", str(folder), "--block", "4", "-n", "32", "--threshold", "0.3")
+    free = json.loads(invoke(*common, "--json", input=VARIED + "\n").stdout)
+    stop = _stop_inside(free["text"])
+    r = invoke(*common, "--json", "--stop-text", stop, input=VARIED + "\nmore\n")
+    assert r.exit_code == 0, r.output
+    first, second = (json.loads(x) for x in r.stdout.splitlines())
+    want = free["text"][:free["text"].find(stop)]
+    assert first["text"] == want and first["finish_reason"] == "stop" and first["settings"]["stop_texts"] == [stop]
+    assert first["token_ids"] == free["token_ids"][:len(first["token_ids"])] and len(first["token_ids"]) < 32
+    assert stop not in second["text"]
+    plain = invoke(*common, "--no-live", "--stop-text", stop, input=VARIED + "\n")
+    assert plain.exit_code == 0 and plain.stdout == want + "\n" and "ended at a --stop-text" in plain.stderr
+    empty = invoke(*common, "--stop-text", "", input="hello\n")
+    assert empty.exit_code == 1 and empty.stderr.startswith("Error: --stop-text ''") and "Traceback" not in empty.output
 
 
 def test_cli_chat_no_template_ignores_the_template(chat_folder, folder):

@@ -30,7 +30,7 @@ import torch
 from twotower_cli import sampler as S
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.model.cache import TowerCache
-from twotower_cli.text import ChatTemplate, Tokenizer
+from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer
 from twotower_cli.towers import TowerBackend
 
 
@@ -163,10 +163,21 @@ class PrefixReuse:
 @dataclass
 class Turn:
     user: str
-    reply: str  # the generated text before the end token
+    reply: str  # the generated text before the end token (and before a stop text)
     generation: S.Generation
     prompt_tokens: int  # ids the model read for this turn: the whole conversation so far
     read_tokens: int  # of those, how many the context tower read this turn (the rest it held)
+    reply_ids: list[int] | None = None  # the ids the reply is made of (default: the generation's)
+    # what the model wrote, as a running text keeps it: the reply and the end token that stopped it, or the
+    # tokens up to the one a stop text ends in (default: the generation's ids and end token)
+    written: list[int] | None = None
+
+    def __post_init__(self):
+        g = self.generation
+        if self.reply_ids is None:
+            self.reply_ids = g.token_ids
+        if self.written is None:
+            self.written = g.token_ids + ([] if g.stop_id is None else [g.stop_id])
 
 
 class Conversation:
@@ -175,7 +186,7 @@ class Conversation:
     With a chat template: the messages (a system message first if given), rendered whole each turn with
     the generation prompt, encoded without added special tokens (as `generate --chat`). Without one: a
     running text; each user line is appended (after a newline unless the text already ends with one) and
-    each reply, with the end token that stopped it, follows as generated."""
+    each reply, with the end token or the stop text that stopped it, follows as generated."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None, system: str | None = None,
                  variables: dict | None = None):
@@ -208,8 +219,7 @@ class Conversation:
         """Record a finished turn (`chat_turn` does)."""
         self.turns.append(turn)
         if self.template is None:  # the end token that stopped the reply is part of the text the model wrote
-            g = turn.generation
-            self._ids = g.prompt_ids + g.token_ids + ([] if g.stop_id is None else [g.stop_id])
+            self._ids = turn.generation.prompt_ids + turn.written
 
     def reset(self) -> None:
         self.turns.clear()
@@ -239,22 +249,31 @@ def start_from(backend: PrefixReuse, prompt: list[int], history: list[int] | Non
 
 
 def chat_turn(backend: PrefixReuse, conversation: Conversation, user: str, cfg: S.SamplingConfig,
-              eos_ids: list[int], generator: torch.Generator | None = None) -> Iterator[S.Event]:
+              eos_ids: list[int], generator: torch.Generator | None = None,
+              stop_texts: StopTexts | None = None) -> Iterator[S.Event]:
     """One turn: the sampler's events for the reply to `user`. When the `Finished` event is yielded the
     turn is already in `conversation.turns`; a turn that does not finish (an interrupt) leaves no trace.
 
     Where the live state begins the prompt (a running text; a template that renders past replies as they
     were generated), the prompt's new ids are read in one call and no snapshot is taken. Where it does not
     (a template that drops `<think>` content; the turn after an interrupted one), the history is brought
-    up from the snapshot, or read from scratch, and kept as the new snapshot."""
+    up from the snapshot, or read from scratch, and kept as the new snapshot.
+
+    `stop_texts` end a reply once it writes one of them: the reply is the text before it (a template's
+    assistant message too); a running text keeps what the model wrote through it."""
     prompt, history = conversation.prompt(user)
     fed = backend.fed
     start_from(backend, prompt, history)
     read = None
-    for ev in S.generate(backend, [prompt], cfg, eos_ids, generator):
+    until = None if stop_texts is None else stop_texts.until
+    for ev in S.generate(backend, [prompt], cfg, eos_ids, generator, until):
         if read is None:  # the sampler feeds the prompt before its first event
             read = backend.fed - fed
         if isinstance(ev, S.Finished):
             g = ev.generations[0]
-            conversation.add(Turn(user, conversation.tokenizer.decode(g.token_ids), g, len(prompt), read))
+            turn = Turn(user, conversation.tokenizer.decode(g.token_ids), g, len(prompt), read)
+            if stop_texts is not None and (cut := stop_texts.final(g.token_ids))[1]:
+                turn = Turn(user, cut[0], g, len(prompt), read, reply_ids=stop_texts.ids_before(g.token_ids, cut[0]),
+                            written=stop_texts.ids_through(g.token_ids))
+            conversation.add(turn)
         yield ev

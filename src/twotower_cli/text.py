@@ -331,6 +331,60 @@ def cut_at_stop_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(found)], True) if found else (text, False)
 
 
+class StopTexts:
+    """`--stop-text`: texts that end a sequence once it writes them, and the end ids that end it before.
+
+    `final(ids)` is the text of generated ids, cut before the first end id and the first stop text, and
+    whether a stop text cut it; `until` is what the sampler asks after each block (ar, mock_ar: each token)
+    (None without stop texts); `ids_before` and `ids_through` are the generated ids that make the text
+    before the stop text, and the ids up to the one in which it ends."""
+
+    def __init__(self, texts: Sequence[str], decode, end_ids: set[int], block_size: int):
+        self.texts, self.decode, self.end_ids = self.check(texts), decode, set(end_ids)
+        # A stop text first written in a block ends in that block's tokens, so the tokens that could hold it
+        # are the last block and, before it, as many as its characters (up to 4 tokens a character where a
+        # tokenizer spells one in bytes): decoding only those keeps the check from growing with the text.
+        self._window = block_size + 4 * (max(map(len, self.texts), default=0) + 2)
+
+    @staticmethod
+    def check(texts: Sequence[str] | None) -> list[str]:
+        """The stop texts as a list, or a `TwoTowerError` for an empty one (before a slow load)."""
+        if "" in (texts := list(texts or [])):
+            raise TwoTowerError("--stop-text '' would end every sequence before its first token", "give some text")
+        return texts
+
+    def _end(self, ids: list[int]) -> list[int]:
+        """`ids` before the first end id."""
+        return next((ids[:i] for i, tok in enumerate(ids) if tok in self.end_ids), ids)
+
+    def final(self, ids: list[int]) -> tuple[str, bool]:
+        return cut_at_stop_text(self.decode(self._end(ids)), self.texts)
+
+    @property
+    def until(self):
+        if not self.texts:
+            return None
+        return lambda _row, ids: self.final(ids[-self._window:])[1]
+
+    def ids_before(self, ids: list[int], text: str) -> list[int]:
+        """The most of `ids` whose text begins `text` (the text before a stop text: the token it begins in
+        is not one of them)."""
+        ids = self._end(ids)
+        while ids and not text.startswith(self.decode(ids)):
+            ids = ids[:-1]
+        return ids
+
+    def ids_through(self, ids: list[int]) -> list[int]:
+        """The fewest of `ids` whose text holds a stop text (all of them, where none does)."""
+        text, found = self.final(ids)
+        if not found:
+            return ids
+        for n in range(len(self.ids_before(ids, text)) + 1, len(ids) + 1):
+            if self.final(ids[:n])[1]:
+                return ids[:n]
+        return ids
+
+
 def utf8_text(text: str, source: str) -> str:
     """`text`, or a `TwoTowerError` naming `source` where it was not UTF-8: Python reads such bytes in argv and
     stdin as lone surrogates, which the tokenizer refuses with a bare TypeError."""

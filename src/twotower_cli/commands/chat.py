@@ -94,6 +94,7 @@ def chat(
     seed: O.Seed = 0,
     mask_token_id: O.MaskTokenId = None,
     stop: O.Stop = None,
+    stop_text: O.StopText = None,
     system: O.System = None,
     chat_arg: O.ChatArg = None,
     no_template: Annotated[bool, typer.Option("--no-template", help="Ignore the checkpoint's chat template: the conversation is one running text.")] = False,
@@ -110,15 +111,17 @@ def chat(
     import torch
     from rich.markup import escape
 
+    from twotower_cli import sampler as S
     from twotower_cli.chat import Conversation, PrefixReuse, chat_turn
     from twotower_cli.cli import Terminated, report_error, report_warning
     from twotower_cli.display import err_console, follow, print_text
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime
     from twotower_cli.serve import template_variables_taken
-    from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
+    from twotower_cli.text import ChatTemplate, StopTexts, find_chat_template, parse_template_args
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
+    stop_texts = StopTexts.check(stop_text)
     O.warn_if_filters_unused(settings)
     O.warn_if_options_unused(settings, O.given("block", "steps", "threshold", "policy", "factor"))
     folder = model_folder(model)
@@ -136,6 +139,7 @@ def chat(
     if (warning := rt.block_warning(settings.mode, settings.block_size)) is not None:
         report_warning(*warning)
     conversation = Conversation(rt.tokenizer, template, system, variables)
+    cutter = StopTexts(stop_texts, rt.tokenizer.decode, S.stop_set(settings, rt.eos_ids), settings.block_size)
     backend = PrefixReuse(rt.backend)
     gen = torch.Generator().manual_seed(seed)
     console = err_console()
@@ -165,8 +169,9 @@ def chat(
             failed = failed or not interactive  # piped in, a line that got no reply fails the run, as a failed turn does
             continue
         try:  # the live view's status line is replaced by the turn's stats line below
-            finished = follow(chat_turn(backend, conversation, line, settings, rt.eos_ids, gen), rt.tokenizer.decode,
-                              [""], settings, live, keep_status=False)
+            finished = follow(chat_turn(backend, conversation, line, settings, rt.eos_ids, gen, cutter),
+                              rt.tokenizer.decode, [""], settings, live, keep_status=False,
+                              final=lambda ids: cutter.final(ids)[0])
         except KeyboardInterrupt as e:
             if not interactive or isinstance(e, Terminated):  # SIGTERM ends the chat, not only the reply
                 raise
@@ -178,19 +183,21 @@ def chat(
             continue
         turn = conversation.turns[-1]
         g, wall = turn.generation, finished.wall_seconds
-        n = len(g.token_ids)
+        n = len(turn.reply_ids)
         if as_json:
             print(json.dumps({
-                "turn": len(conversation.turns), "user": line, "text": turn.reply, "token_ids": g.token_ids,
+                "turn": len(conversation.turns), "user": line, "text": turn.reply, "token_ids": turn.reply_ids,
                 "finish_reason": g.finish_reason, "nfe": g.nfe, "tokens_per_nfe": n / max(g.nfe, 1),
                 "tokens_per_second": n / max(wall, 1e-9), "wall_seconds": wall, "prompt_tokens": turn.prompt_tokens,
-                "read_tokens": turn.read_tokens, "mode": mode, "settings": finished.settings,
+                "read_tokens": turn.read_tokens, "mode": mode,
+                "settings": {**finished.settings, "stop_texts": stop_texts, "seed": seed},
                 "model": str(rt.folder)}), flush=True)
             continue
         if not live or not sys.stdout.isatty():
             print_text(turn.reply)
         console.print(f"[dim]{n} tok · NFE {g.nfe} · {n / max(g.nfe, 1):.2f} tok/NFE · {n / max(wall, 1e-9):.1f} tok/s · "
                       f"context {turn.prompt_tokens} tok, {turn.read_tokens} read this turn"
-                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "") + "[/]", soft_wrap=True)
+                      + (" · cut at --max-new-tokens" if g.finish_reason == "length" else "")
+                      + (" · ended at a --stop-text" if g.finish_reason == "stop" else "") + "[/]", soft_wrap=True)
     if failed:
         raise typer.Exit(1)

@@ -69,14 +69,12 @@ def generate(
     from twotower_cli.display import LiveUnmasking, err_console, follow, print_text, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
-    from twotower_cli.text import cut_at_stop_text, parse_template_args, read_prompts, render_chats
+    from twotower_cli.text import StopTexts, parse_template_args, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
     O.warn_if_filters_unused(settings)
     O.warn_if_options_unused(settings, O.given("block", "steps", "threshold", "policy", "factor"))
-    stop_texts = list(stop_text or [])
-    if "" in stop_texts:
-        raise TwoTowerError("--stop-text '' would end every sequence before its first token", "give some text")
+    stop_texts = StopTexts.check(stop_text)
     if batch_size < 1:
         raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:
@@ -107,18 +105,8 @@ def generate(
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode
     stops = S.stop_set(settings, rt.eos_ids)
-
-    def final_text(ids: list[int]) -> tuple[str, bool]:
-        """The text of generated ids: before the first end id and the first --stop-text; whether one ended it."""
-        cut = S.first_stop(ids, stops)
-        return cut_at_stop_text(decode(ids if cut is None else ids[:cut]), stop_texts)
-
-    # A --stop-text ends its sequence once written: the sampler asks after each block (ar, mock_ar: token),
-    # and a stop text first written then ends in those new tokens, so the tokens that could hold it are the
-    # last block and, before it, as many as its characters (up to 4 tokens a character where a tokenizer spells
-    # one in bytes): decoding only those keeps the check from growing with the text.
-    window = settings.block_size + 4 * (max(map(len, stop_texts), default=0) + 2)
-    until = (lambda _row, ids: final_text(ids[-window:])[1]) if stop_texts else None
+    cutter = StopTexts(stop_texts, decode, stops, settings.block_size)
+    final_text, until = cutter.final, cutter.until  # the text before the first end id and --stop-text
     nfe = n_new = seq_nfe = 0
     wall = 0.0
 
@@ -129,10 +117,8 @@ def generate(
     def report(item, text, model_text, g: S.Generation, seconds: float, record: dict, drawn: bool = False) -> None:
         """Print one result; `drawn`: the live view's last frame on the terminal already shows it."""
         out, cut = final_text(g.token_ids)
-        ids = g.token_ids
-        if cut:  # the tokens the text before the stop text is made of (the one it begins in is not)
-            while ids and not out.startswith(decode(ids)):
-                ids = ids[:-1]
+        # the tokens the text before a stop text is made of (the one it begins in is not)
+        ids = cutter.ids_before(g.token_ids, out) if cut else g.token_ids
         if as_json:
             print(json.dumps({
                 "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
