@@ -45,6 +45,32 @@ def test_bench_json_fields(folder, tmp_path):
     assert [(x["tokens"], x["nfe"]) for x in json.loads(r.stdout)["rows"]] == [(x["tokens"], x["nfe"]) for x in out["rows"]]
     assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
     assert (out["settings"]["compile"], out["settings"]["cuda_graphs"], out["settings"]["graph_captures"]) == (False, False, 0)
+    assert out["settings"]["devices"] == {"context": "cpu", "denoiser": "cpu"}
+
+
+def test_bench_places_the_towers_as_generate_does(folder, monkeypatch):
+    """--context-device / --denoiser-device reach the loader (one tower per GPU for the 30B model on 80 GB
+    cards) and the settings say where each tower ran; on CPU the same tokens as without them."""
+    from twotower_cli import runtime
+    from twotower_cli.errors import TwoTowerError
+
+    common = ["bench", "--model", str(folder), "-n", "8", "--block", "4", "--thresholds", "0.8", "--repeat", "1",
+              "--json"]
+    seen = {}
+
+    def spy(*a, **k):
+        seen.update(k)
+        raise TwoTowerError("stopped before the load", "a test")
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime, "open_runtime", spy)
+        r = CliRunner().invoke(get_app(), [*common, "--context-device", "cuda:0", "--denoiser-device", "cuda:1"])
+    assert r.exit_code == 1 and (seen["context_device"], seen["denoiser_device"]) == ("cuda:0", "cuda:1")
+    placed = CliRunner().invoke(get_app(), [*common, "--context-device", "cpu", "--denoiser-device", "cpu"])
+    assert placed.exit_code == 0, placed.output
+    plain = CliRunner().invoke(get_app(), common)
+    rows = [[(x["tokens"], x["nfe"]) for x in json.loads(r.stdout)["rows"]] for r in (placed, plain)]
+    assert rows[0] == rows[1]
 
 
 

@@ -194,12 +194,14 @@ def test_one_gpu_named_two_ways_is_one_device_to_the_memory_check(twotower_folde
     assert seen["two_devices"] is False and set(seen["need"]) == {one, two}
 
 
+@pytest.mark.parametrize("command", [("generate", "hi"), ("bench",)])
 @pytest.mark.parametrize("option", ["--device", "--context-device", "--denoiser-device"])
 @pytest.mark.parametrize("count", [1, 2])
 def test_a_gpu_index_beyond_the_machines_gpus_is_one_error_naming_how_many(twotower_folder, monkeypatch, option,
-                                                                         count):
+                                                                         count, command):
     """`--device cuda:3` with fewer GPUs was a traceback from the memory check (CUDA's invalid device
-    ordinal); now one Error line saying how many GPUs there are, before anything is read."""
+    ordinal); now one Error line saying how many GPUs there are, before anything is read. bench places the
+    towers as generate does (the 30B model's two towers need two 80 GB GPUs)."""
     from typer.testing import CliRunner
 
     from twotower_cli import towers
@@ -210,7 +212,7 @@ def test_a_gpu_index_beyond_the_machines_gpus_is_one_error_naming_how_many(twoto
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     read = []
     monkeypatch.setattr(towers, "load_state", lambda *a, **k: read.append(1))
-    r = CliRunner().invoke(get_app(), ["generate", "hi", "--model", str(twotower_folder), option, "cuda:3", "-n", "2"])
+    r = CliRunner().invoke(get_app(), [*command, "--model", str(twotower_folder), option, "cuda:3", "-n", "2"])
     gpus = "1 GPU" if count == 1 else "2 GPUs"
     hint = "use --device cuda (cuda:0)" if count == 1 else "use cuda:0 to cuda:1"
     assert r.exit_code == 1 and r.stderr.strip() == (

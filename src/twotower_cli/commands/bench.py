@@ -23,11 +23,13 @@ def bench(
     thresholds: Annotated[str, typer.Option(help="Comma-separated mask_diffusion thresholds.")] = "0.5,0.7,0.8,0.9",
     repeat: Annotated[int, typer.Option(help="Timed repeats per row (median reported).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Prompts sampled together (tok/s of the whole batch; tok/NFE per sequence).")] = 1,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")] = False,
+    device: O.Device = None,
+    context_device: O.ContextDevice = None,
+    denoiser_device: O.DenoiserDevice = None,
+    dtype: O.Dtype = "auto",
+    compile: O.Compile = False,
     cuda_graphs: O.CudaGraphs = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")] = None,
+    threads: O.Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object on stdout.")] = False,
 ) -> None:
     """Measure ar, mock_ar and mask_diffusion (per threshold) on the same prompts, side by side."""
@@ -60,8 +62,8 @@ def bench(
 
         O.warn_if_options_unused(SamplingConfig(mode="ar"), O.given("block", "steps"),
                                  why=f"on {folder.name}, a plain NemotronH checkpoint: bench times ar only")
-    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, compile=compile, threads=threads,
-                      cuda_graphs=cuda_graphs)
+    rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, context_device=context_device,
+                      denoiser_device=denoiser_device, compile=compile, threads=threads, cuda_graphs=cuda_graphs)
     if block is None:
         block = rt.cfg.block_size
     elif two and (warning := rt.block_warning("mask_diffusion", block)):
@@ -80,7 +82,13 @@ def bench(
     settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,
                 "steps": steps or block, "thresholds": thr, "repeat": repeat, "batch_size": batch_size, "dtype": str(dtype),
                 "compile": compile, "cuda_graphs": cuda_graphs, "graph_captures": rt.backend.captures}
+    towers = rt.loaded.twotower
+    settings["devices"] = {"context": str(rt.backend.device),
+                           "denoiser": None if towers is None else str(towers.denoiser_device)}
     m = machine_info(rt.backend.device, dtype)
+    where = m["device"]
+    if settings["devices"]["denoiser"] not in (None, where):  # one tower per device: say both
+        where = f"context {where}, denoiser {settings['devices']['denoiser']}"
     if as_json:
         print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": m}))
         return
@@ -93,7 +101,7 @@ def bench(
         table.add_row(r.mode, "" if r.threshold is None else f"{r.threshold:g}", f"{r.tokens_per_second:.1f}",
                       str(r.nfe), f"{r.tokens_per_nfe:.2f}", f"{r.speedup_vs_ar:.2f}×", f"{r.quality_vs_ar:.3f}")
     console.print(table)
-    console.print(f"[dim]{m['device']} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
+    console.print(f"[dim]{where} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
                   f"{m['torch_threads']} threads · {settings['dtype']}[/]")
     if "gpu" in m:
         graphs = f" · cuda graphs: {rt.backend.captures} captures" if cuda_graphs else ""
