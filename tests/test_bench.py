@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.twotower_helpers import random_base, reshard, tiny_cfg, write_base, write_twotower
+from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_base, write_twotower
 from typer.testing import CliRunner
 
 from twotower_cli.bench import run_bench
@@ -46,6 +46,41 @@ def test_bench_json_fields(folder, tmp_path):
     assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
     assert (out["settings"]["compile"], out["settings"]["cuda_graphs"], out["settings"]["graph_captures"]) == (False, False, 0)
     assert out["settings"]["devices"] == {"context": "cpu", "denoiser": "cpu"}
+
+
+def test_bench_chat_reads_the_prompts_through_the_template(folder, tmp_path, monkeypatch):
+    """`bench --chat` (instruct models): every row samples the prompts as generate --chat renders them (the
+    reference: the template rendered by hand, encoded without added special tokens), --system first; a
+    messages list is a whole conversation; --system without --chat is refused before the load."""
+    import shutil
+
+    from twotower_cli import bench
+    from twotower_cli.text import ChatTemplate, Tokenizer
+
+    chat_folder = add_chat(shutil.copytree(folder, tmp_path / "chat"))
+    f = tmp_path / "p.jsonl"
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "so?"}]
+    f.write_text(json.dumps({"prompt": "hello there"}) + "\n" + json.dumps({"messages": talk}) + "\n")
+    seen = []
+    real = bench.S.run
+
+    def spy(backend, prompts, *a, **k):
+        seen.extend(map(list, prompts))
+        return real(backend, prompts, *a, **k)
+
+    monkeypatch.setattr(bench.S, "run", spy)
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(chat_folder), "--prompts", str(f), "--chat",
+                                       "--system", "be brief.", "-n", "4", "--block", "4", "--thresholds", "0.8",
+                                       "--repeat", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    tok, template = Tokenizer(chat_folder), ChatTemplate.load(chat_folder)
+    system = [{"role": "system", "content": "be brief."}]
+    want = [tok.encode(template.render(system + m), add_special_tokens=False)
+            for m in ([{"role": "user", "content": "hello there"}], talk)]
+    assert seen and all(p in want for p in seen) and want[1] in seen
+    assert json.loads(r.stdout)["settings"]["chat"] is True
+    refused = CliRunner().invoke(get_app(), ["bench", "--model", str(chat_folder), "--system", "x"])
+    assert refused.exit_code == 1 and refused.stderr.startswith("Error: --system and --chat-arg"), refused.output
 
 
 def test_bench_places_the_towers_as_generate_does(folder, monkeypatch):

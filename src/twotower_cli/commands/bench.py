@@ -16,7 +16,10 @@ from twotower_cli.commands import options as O
 @guarded
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text; - reads stdin (default: built-in prompts).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text (with --chat: or a messages list); - reads stdin (default: built-in prompts).")] = None,
+    chat: O.Chat = False,
+    system: O.System = None,
+    chat_arg: O.ChatArg = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 64,
     block: Annotated[int | None, typer.Option(help="Diffusion block size (default: the block the checkpoint's denoiser was trained with, else 16).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
@@ -44,7 +47,7 @@ def bench(
     from twotower_cli.hub import resolve
     from twotower_cli.model.loading import require_shards
     from twotower_cli.runtime import DEFAULT_MODEL, open_runtime
-    from twotower_cli.text import read_prompts
+    from twotower_cli.text import read_prompts, render_chats
     from twotower_cli.towers import is_twotower_checkpoint
 
     O.check_max_new_tokens(max_new_tokens)  # before the (slow) load, with bench's own default as the hint
@@ -52,8 +55,11 @@ def bench(
         thr = [float(x) for x in thresholds.split(",") if x.strip()]
     except ValueError:
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
-    texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts)  # as generate reads them
+    variables = O.template_variables(chat, system, chat_arg)
+    texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts, conversations=chat)  # as generate
     folder = resolve(model or DEFAULT_MODEL)
+    if chat:  # before the (slow) load: a missing or broken template fails fast
+        texts = render_chats(folder.parent if folder.is_file() else folder, texts, system, variables)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)  # a TwoTower checkpoint that lost its denoiser shards is no plain NemotronH one
     two = is_twotower_checkpoint(ckpt)  # a plain NemotronH checkpoint benches `ar` only
@@ -68,7 +74,7 @@ def bench(
         block = rt.cfg.block_size
     elif two and (warning := rt.block_warning("mask_diffusion", block)):
         report_warning(*warning)
-    ids = [rt.tokenizer.encode(t) for t in texts]
+    ids = [rt.tokenizer.encode(t, add_special_tokens=not chat) for t in texts]
     if any(not p for p in ids):
         raise TwoTowerError("a prompt encodes to no tokens", "remove empty lines from the prompt file")
     console = err_console()
@@ -80,7 +86,7 @@ def bench(
                          progress=lambda d, t: bar.update(task, completed=d, total=t))
     dtype = rt.backend.ar.lm_head.weight.dtype
     settings = {"model": str(rt.folder), "prompts": len(texts), "max_new_tokens": max_new_tokens, "block": block,
-                "steps": steps or block, "thresholds": thr, "repeat": repeat, "batch_size": batch_size, "dtype": str(dtype),
+                "steps": steps or block, "chat": chat, "thresholds": thr, "repeat": repeat, "batch_size": batch_size, "dtype": str(dtype),
                 "compile": compile, "cuda_graphs": cuda_graphs, "graph_captures": rt.backend.captures}
     towers = rt.loaded.twotower
     settings["devices"] = {"context": str(rt.backend.device),

@@ -47,7 +47,7 @@ def generate(
     stop: O.Stop = None,
     stop_text: O.StopText = None,
     prompt_file: Annotated[Path | None, typer.Option(help="One prompt per line, or JSONL with a prompt/text field (with --chat: or a messages list); - reads stdin.")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")] = False,
+    chat: O.Chat = False,
     system: O.System = None,
     chat_arg: O.ChatArg = None,
     device: O.Device = None,
@@ -69,7 +69,7 @@ def generate(
     from twotower_cli.display import LiveUnmasking, err_console, follow, print_text, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
-    from twotower_cli.text import StopTexts, parse_template_args, read_prompts, render_chats
+    from twotower_cli.text import StopTexts, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
     O.warn_if_filters_unused(settings)
@@ -79,11 +79,7 @@ def generate(
         raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 16")
     if events and not as_json:
         raise TwoTowerError("--events needs --json", "use --json --events to stream events as JSON lines")
-    if (system is not None or chat_arg) and not chat:
-        raise TwoTowerError("--system and --chat-arg shape a chat template", "add --chat")
-    variables = parse_template_args(chat_arg or [])
-    if "messages" in variables:  # else a TypeError from the template's render, "a bug"
-        raise TwoTowerError("--chat-arg cannot set messages: the prompts are the messages", "leave it out")
+    variables = O.template_variables(chat, system, chat_arg)
     items = read_prompts(prompt, prompt_file, conversations=chat)  # strings; with --chat also conversations
     # what people see of each prompt: its text, or a conversation's last message
     texts = [item if isinstance(item, str) else item[-1]["content"] for item in items]

@@ -26,6 +26,7 @@ Seed = Annotated[int, typer.Option(help="Random seed for sampling.")]
 MaskTokenId = Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")]
 Stop = Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")]
 StopText = Annotated[list[str] | None, typer.Option("--stop-text", help="Text that ends a sequence, which ends before it (repeatable), e.g. --stop-text $'\\n\\n'.")]
+Chat = Annotated[bool, typer.Option("--chat", help="Send each prompt as a user message through the checkpoint's chat template (instruct models).")]
 System = Annotated[str | None, typer.Option(help="A system message before the first turn (chat templates).")]
 ChatArg = Annotated[list[str] | None, typer.Option("--chat-arg", help="A chat-template variable KEY=VALUE, VALUE as JSON, e.g. enable_thinking=false (repeatable).")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if available).")]
@@ -39,6 +40,20 @@ NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the
 # train and tokenize: `--data a.txt b.jsonl` (the files after the first are arguments)
 MoreData = Annotated[list[Path] | None, typer.Argument(
     metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)]
+
+
+def template_variables(chat: bool, system: str | None, chat_arg: list[str] | None) -> dict:
+    """generate and bench's --chat, --system and --chat-arg, checked before the (slow) load: the chat-template
+    variables --chat-arg sets."""
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.text import parse_template_args
+
+    if (system is not None or chat_arg) and not chat:
+        raise TwoTowerError("--system and --chat-arg shape a chat template", "add --chat")
+    variables = parse_template_args(chat_arg or [])
+    if "messages" in variables:  # else a TypeError from the template's render, "a bug"
+        raise TwoTowerError("--chat-arg cannot set messages: the prompts are the messages", "leave it out")
+    return variables
 
 
 def sampling_config(options: dict) -> SamplingConfig:
