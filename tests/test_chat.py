@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_twotower
+from tests.twotower_helpers import add_chat, random_base, reshard, stop_inside, tiny_cfg, write_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -97,15 +97,6 @@ def test_an_end_token_stays_in_the_running_text(model, folder):
 VARIED = "the quick brown fox"  # a prompt the random tiny model continues with varied text (not "dj" repeated)
 
 
-def _stop_inside(text: str) -> str:
-    """The shortest text that first occurs past the first third of `text` (the cut the reference makes)."""
-    for n in (1, 2, 3):
-        for i in range(len(text) // 3, len(text) - n):
-            if text.find(text[i:i + n]) == i:
-                return text[i:i + n]
-    raise AssertionError(f"no stop text to take from {text!r}")
-
-
 @pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
 def test_a_stop_text_ends_the_reply_and_the_running_text_keeps_it(model, folder, mode):
     """A reply cut by a stop text: the free run's text before its first occurrence (the slow reference: the
@@ -117,7 +108,7 @@ def test_a_stop_text_ends_the_reply_and_the_running_text_keeps_it(model, folder,
     tok = Tokenizer(folder)
     free = S.run(TowerBackend(model), [tok.encode(VARIED)], cfg, [2]).generations[0]
     text = tok.decode(free.token_ids)
-    stop = _stop_inside(text)
+    stop = stop_inside(text)
     want = text[:text.find(stop)]
     cutter = StopTexts([stop], tok.decode, {2}, cfg.block_size)
     conversation = Conversation(tok, None)
@@ -149,7 +140,7 @@ def test_a_stop_text_cuts_the_assistant_message_a_template_renders(model, chat_f
     conversation = Conversation(tok, template)
     prompt, _ = conversation.prompt(VARIED)
     free = tok.decode(S.run(TowerBackend(model), [prompt], cfg, [2, 38]).generations[0].token_ids)
-    stop = _stop_inside(free)
+    stop = stop_inside(free)
     cutter = StopTexts([stop], tok.decode, {2, 38}, cfg.block_size)
     reuse = PrefixReuse(TowerBackend(model))
     list(chat_turn(reuse, conversation, VARIED, cfg, [2, 38], stop_texts=cutter))
@@ -376,7 +367,7 @@ def test_cli_chat_stop_text_ends_each_reply_before_it(folder):
     finish_reason "stop", and the settings record it; the plain output prints the cut reply."""
     common = ("--model", str(folder), "--block", "4", "-n", "32", "--threshold", "0.3")
     free = json.loads(invoke(*common, "--json", input=VARIED + "\n").stdout)
-    stop = _stop_inside(free["text"])
+    stop = stop_inside(free["text"])
     r = invoke(*common, "--json", "--stop-text", stop, input=VARIED + "\nmore\n")
     assert r.exit_code == 0, r.output
     first, second = (json.loads(x) for x in r.stdout.splitlines())

@@ -182,3 +182,13 @@ def reshard(folder: Path, out: Path, shards: int = 6) -> Path:
                      max_shard_size=ckpt.total_bytes // shards + 1)
     assert len(open_checkpoint(out).files) > 2
     return out
+
+
+def stop_inside(text: str) -> str:
+    """The shortest text that first occurs past the first third of `text`: a stop text whose cut (before its
+    first occurrence) leaves some text and takes some away."""
+    for n in (1, 2, 3):
+        for i in range(len(text) // 3, len(text) - n):
+            if text.find(text[i:i + n]) == i:
+                return text[i:i + n]
+    raise AssertionError(f"no stop text to take from {text!r}")

@@ -1,4 +1,6 @@
-"""From a model name and device options to a ready sampling backend and tokenizer (generate, bench)."""
+"""From a model name and device options to a ready sampling backend and tokenizer (generate, bench), and
+the Python API on top of it (`twotower_cli.load`, `Runtime.generate`): text in, text out, as the
+`generate` command gives it."""
 
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class Completion:
+    """One prompt's continuation (`Runtime.generate`), as `generate --json` reports it: the text (before the
+    first end id and stop text), the ids that text is made of, why it ended (eos, length, stop) and the
+    forwards it took part in."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    nfe: int
+
+
+@dataclass
 class Runtime:
     loaded: LoadedModel
     backend: TowerBackend
@@ -70,6 +84,52 @@ class Runtime:
         settings = dataclasses.replace(settings, **changes)
         settings.validate(self.backend.vocab_size)
         return settings
+
+    def generate(self, prompt: str | list[str], *, mode: str = "mask_diffusion", max_new_tokens: int = 128,
+                 block: int | None = None, steps: int | None = None, threshold: float = 0.8,
+                 policy: str = "threshold", factor: float = 1.0, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, stop: tuple[int, ...] = (),
+                 stop_texts: tuple[str, ...] = (), mask_token_id: int | None = None,
+                 batch_size: int = 16) -> Completion | list[Completion]:
+        """Continue `prompt` (one `Completion`) or each of a list of prompts (a list, in order), with the
+        settings of the `generate` command's options of the same names and its results for them (one
+        prompt alone; several with continuous batching, `batch_size` at a time). The defaults are the
+        command's: greedy, NVIDIA's threshold 0.8, the checkpoint's block. Bad settings raise
+        `TwoTowerError`."""
+        from twotower_cli import sampler as S
+        from twotower_cli.batching import Continuous, run_in_order
+        from twotower_cli.text import StopTexts
+
+        one = isinstance(prompt, str)
+        texts = [prompt] if one else list(prompt)
+        if batch_size < 1:
+            raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try batch_size=16")
+        if not S.seed_in_range(seed):
+            raise TwoTowerError(f"seed {seed} is out of range", "use a seed from 0 to 2**64 - 1")
+        settings = SamplingConfig(mode=mode, block_size=1 if block is None else block, steps=steps, threshold=threshold, policy=policy,
+                                  factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, mask_token_id=3 if mask_token_id is None else mask_token_id,
+                                  stop_ids=tuple(stop))
+        settings = self.sampling(settings, mask_token_id=mask_token_id, block=block)
+        if mode != "ar" and self.backend.twotower is None:
+            raise TwoTowerError(f"{mode} needs the denoiser, and this runtime loaded the context tower only",
+                                "load it with denoiser=True, or use mode='ar'")
+        ids = [self.tokenizer.encode(t) for t in texts]
+        if any(not p for p in ids):
+            raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
+        cutter = StopTexts(stop_texts, self.tokenizer.decode, S.stop_set(settings, self.eos_ids), settings.block_size)
+        gen = torch.Generator().manual_seed(seed)
+        if one:
+            generations = S.run(self.backend, ids, settings, self.eos_ids, gen, cutter.until).generations
+        else:
+            running = Continuous(self.backend, settings, self.eos_ids, gen, cutter.until)
+            generations = [g for _, g, _ in run_in_order(running, ids, width=batch_size)]
+        out = []
+        for g in generations:
+            text, cut = cutter.final(g.token_ids)
+            out.append(Completion(text, cutter.ids_before(g.token_ids, text) if cut else g.token_ids,
+                                  g.finish_reason, g.nfe))
+        return out[0] if one else out
 
     def block_warning(self, mode: str, block: int) -> tuple[str, str] | None:
         """(message, hint) when `mode` samples by block diffusion with blocks larger than the denoiser was

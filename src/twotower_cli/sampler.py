@@ -551,10 +551,10 @@ def _one_token_at_a_time(backend: Backend, prompts: list[list[int]], cfg: Sampli
 
 
 def run(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int] = (),
-        generator: torch.Generator | None = None) -> Finished:
+        generator: torch.Generator | None = None, until: Until | None = None) -> Finished:
     """Drain `generate` and return its `Finished` event."""
     result = None
-    for ev in generate(backend, prompts, cfg, eos_ids, generator):
+    for ev in generate(backend, prompts, cfg, eos_ids, generator, until):
         if isinstance(ev, Finished):
             result = ev
     assert result is not None

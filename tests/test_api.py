@@ -1,0 +1,109 @@
+"""The Python API (`twotower_cli.load`, `Runtime.generate`) against the `generate` command, the reference
+for what the same settings give: the same text, ids, finish reason and forwards, one prompt and several;
+and the tour in examples/ runs as written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.twotower_helpers import random_base, stop_inside, tiny_cfg, write_twotower
+from typer.testing import CliRunner
+
+import twotower_cli
+from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    cfg = tiny_cfg()
+    return write_twotower(tmp_path_factory.mktemp("api") / "tt", random_base(cfg, 11), "random",
+                          denoiser=random_base(cfg, 12))
+
+
+@pytest.fixture(scope="module")
+def rt(folder):
+    return twotower_cli.load(str(folder), device="cpu")
+
+
+def cli(*args, input=None) -> list[dict]:
+    r = CliRunner().invoke(get_app(), ["generate", *args, "--json"], input=input)
+    assert r.exit_code == 0, r.output
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def same(completion, record) -> None:
+    assert (completion.text, completion.token_ids, completion.finish_reason, completion.nfe) == (
+        record["text"], record["token_ids"], record["finish_reason"], record["nfe"])
+
+
+@pytest.mark.parametrize(("options", "kwargs"), [
+    ((), {}),
+    (("--mode", "ar"), {"mode": "ar"}),
+    (("--mode", "mock_ar"), {"mode": "mock_ar"}),
+    (("--block", "4", "--steps", "2", "--threshold", "0.3"), {"block": 4, "steps": 2, "threshold": 0.3}),
+    (("--temperature", "0.9", "--top-k", "8", "--seed", "7"), {"temperature": 0.9, "top_k": 8, "seed": 7}),
+    (("--policy", "factor", "--factor", "2", "--stop", "9"), {"policy": "factor", "factor": 2.0, "stop": (9,)}),
+])
+def test_generate_one_prompt_is_what_the_command_gives(rt, folder, options, kwargs):
+    record, = cli("hello there", "--model", str(folder), "-n", "20", *options)
+    same(rt.generate("hello there", max_new_tokens=20, **kwargs), record)
+
+
+def test_generate_several_prompts_are_what_the_command_gives_with_a_stop_text(rt, folder, tmp_path):
+    prompts = ["hello there", "the quick brown fox", "and what now?"]
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    free = cli("--prompt-file", str(f), "--model", str(folder), "-n", "24", "--block", "4", "--batch-size", "2")
+    text = free[1]["text"]
+    stop = stop_inside(text)
+    records = cli("--prompt-file", str(f), "--model", str(folder), "-n", "24", "--block", "4", "--batch-size", "2",
+                  "--stop-text", stop)
+    got = rt.generate(prompts, max_new_tokens=24, block=4, batch_size=2, stop_texts=(stop,))
+    assert isinstance(got, list) and len(got) == 3
+    for completion, record in zip(got, records, strict=True):
+        same(completion, record)
+    assert got[1].finish_reason == "stop" and got[1].text == text[:text.find(stop)]
+
+
+def test_bad_settings_raise_the_commands_errors(rt, folder):
+    for kwargs, needle in [({"threshold": 2.0}, "threshold"), ({"block": 0}, "block size"),
+                           ({"steps": 99, "block": 4}, "steps"), ({"mode": "fast"}, "mode"),
+                           ({"stop_texts": ("",)}, "--stop-text ''"), ({"batch_size": 0}, "batch size"),
+                           ({"seed": 2**64}, "seed")]:
+        with pytest.raises(TwoTowerError, match=needle):
+            rt.generate("hi", max_new_tokens=4, **kwargs)
+    with pytest.raises(TwoTowerError, match="encodes to no tokens"):
+        rt.generate(["hi", ""], max_new_tokens=4)
+    ar_only = twotower_cli.load(str(folder), device="cpu", denoiser=False)
+    assert ar_only.generate("hi", mode="ar", max_new_tokens=4).token_ids == rt.generate(
+        "hi", mode="ar", max_new_tokens=4).token_ids
+    with pytest.raises(TwoTowerError, match="denoiser"):
+        ar_only.generate("hi", max_new_tokens=4)
+
+
+def test_importing_the_package_does_not_import_torch():
+    """`import twotower_cli` (and so the CLI's start) stays light: `load` imports torch when called."""
+    code = "import sys, twotower_cli; print('torch' in sys.modules, callable(twotower_cli.load))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+@pytest.mark.slow
+def test_the_tour_runs_on_the_embedded_model():
+    """examples/tour.py as a user runs it: every step prints, and step 2's texts are the command's."""
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "tour.py")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln[:2] for ln in lines if ln[:1].isdigit()] == ["1.", "2.", "3.", "4.", "5."]
+    ar = next(ln for ln in lines if ln.strip().startswith("ar:"))
+    record, = cli("ROMEO.\n", "-n", "48", "--mode", "ar")
+    assert repr(record["text"][:60]) in ar
+    assert sum("(stop)" in ln or "(length)" in ln or "(eos)" in ln for ln in lines) == 4
