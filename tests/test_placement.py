@@ -220,3 +220,24 @@ def test_a_gpu_index_beyond_the_machines_gpus_is_one_error_naming_how_many(twoto
     assert not read
     assert pick_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)  # the last one is there
     assert pick_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.parametrize(("option", "device", "needle"), [
+    ("--device", "mps", "float64"), ("--denoiser-device", "meta", "use cpu, cuda or cuda:N"),
+    ("--context-device", "nonsense", "unknown device"),
+])
+def test_a_device_twotower_does_not_run_on_is_one_error_before_the_load(twotower_folder, monkeypatch, option, device,
+                                                                       needle):
+    """`--device mps` was "cannot read model.safetensors ... may be truncated or corrupt" (the load's
+    error for the tensor it could not place): the device is refused by name before anything is read."""
+    from typer.testing import CliRunner
+
+    from twotower_cli import towers
+    from twotower_cli.cli import get_app
+
+    read = []
+    monkeypatch.setattr(towers, "load_state", lambda *a, **k: read.append(1))
+    r = CliRunner().invoke(get_app(), ["generate", "hi", "--model", str(twotower_folder), option, device, "-n", "2"])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0], r.output
+    assert "safetensors" not in r.stderr and not read

@@ -30,6 +30,10 @@ def pick_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise TwoTowerError(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):  # else a load error that blames the checkpoint file
+        hint = ("Apple GPUs lack the float64 the MoE router runs in; use --device cpu" if dev.type == "mps"
+                else "use cpu, cuda or cuda:N")
+        raise TwoTowerError(f"device {device}: twotower runs on CPUs and CUDA GPUs", hint)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TwoTowerError(f"device {device} asked for but CUDA is not available", "use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
