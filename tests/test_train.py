@@ -487,6 +487,21 @@ def test_resume_refuses_a_trainer_state_of_another_version(ckpt, data, tmp_path)
         run(ckpt, data, tmp_path / "out", steps=4, resume=True)
 
 
+def test_resume_keeps_the_runs_noise_level_draw(ckpt, data, tmp_path):
+    """--noise-per is part of the run: resuming with the other one is refused, and a state saved before the
+    option existed (no `noise_per` in its settings) is a per-block run, as those runs were."""
+    run(ckpt, data, tmp_path / "out", steps=4, stop_after=2, noise_per="block")
+    with pytest.raises(TwoTowerError, match="noise_per is sequence but the saved run used block"):
+        run(ckpt, data, tmp_path / "out", steps=4, resume=True)
+    path = tmp_path / "out" / T.TRAINER_STATE
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["noise_per"]
+    torch.save(state, path)
+    assert run(ckpt, data, tmp_path / "out", steps=4, resume=True, noise_per="block").start_step == 2
+    with pytest.raises(TwoTowerError, match="--noise-per 'example' is not one of sequence, block"):
+        run(ckpt, data, tmp_path / "other", steps=4, noise_per="example")
+
+
 def test_bf16_checkpoint_keeps_dtypes_and_bytes(tmp_path, data):
     base = random_base(tiny_cfg(), seed=5)
     src = write_twotower(tmp_path / "fp32", base)

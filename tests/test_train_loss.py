@@ -52,9 +52,28 @@ def test_loss_is_the_mean_masked_cross_entropy_of_the_per_block_denoiser(model, 
     assert abs(got.item() - want.item()) <= 1e-5, f"loss {got.item():.6f} vs reference {want.item():.6f}"
 
 
+@pytest.mark.parametrize("per", ["sequence", "block"])
+def test_the_noise_level_is_drawn_once_per_sequence_or_once_per_block(per):
+    """Spec §8: t ~ U[1e-3, 1] "for each example" (a sequence); --noise-per block draws one for every block.
+    Read off the masks alone: the blocks of a sequence share one masking rate (their masked fractions spread
+    only by the binomial noise around it, E[t(1-t)]/32 = 1/192 ≈ 0.005) or each has its own (the spread of
+    t itself, Var U[0, 1] = 1/12 ≈ 0.083, plus that noise); over all blocks half the tokens are masked."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.full((2048, 8 * 32), 7)
+    noisy, mask, t = T.add_noise(ids, 32, MASK, gen, per)
+    frac = mask.view(2048, 8, 32).float().mean(-1)
+    assert torch.equal(t, frac) and torch.equal(noisy == MASK, mask)
+    within = frac.var(dim=1).mean().item()
+    if per == "sequence":
+        assert within < 0.008, within
+    else:
+        assert 0.075 < within < 0.1, within
+    assert abs(frac.mean().item() - 0.5) < 0.02
+
+
 def test_noise_follows_spec_8():
-    """t ~ U[1e-3, 1] per block, each token masked independently with probability t (at least one a block):
-    over many blocks the masked fraction of blocks drawn with t is t, and blocks are not masked alike."""
+    """t ~ U[1e-3, 1], each token masked independently with probability t (at least one a block): over many
+    one-block sequences the masked fraction of blocks drawn with t is t, and blocks are not masked alike."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.full((4096, 8), 7)
     noisy, mask, t = T.add_noise(ids, 8, MASK, gen)

@@ -27,7 +27,7 @@ PY
 
 args=(train "$work/tiny-twotower-fresh" --data "$work/corpus.jsonl" -o "$work/tiny-twotower"
       --block 16 --seq-len 256 --batch 8 --lr 1e-3 --steps "$steps" --warmup 60
-      --eval-every 100 --save-every 200 --resume --json)
+      --eval-every 100 --save-every 200 --noise-per block --resume --json)  # the shipped model's draw
 export OMP_NUM_THREADS=1
 if [ "$procs" -gt 1 ]; then
   "$bin/torchrun" --standalone --nproc_per_node "$procs" -m twotower_cli "${args[@]}"

@@ -12,8 +12,8 @@ Contract
   queries see the context keys of positions < b·S and every key of block b; Mamba layers scan each block
   from its own boundary state ([B, L, H] viewed as [B·nb, S, H]); time conditioning per (sequence, block).
   This equals `TwoTower.denoise`, the sampler's per-block forward, on the same blocks (tests/test_train.py).
-- **Noise and loss.** Per block t ~ U[1e-3, 1]; each token is masked with probability t, at least one per
-  block. The denoiser is conditioned on the realised masked fraction of its block, which is what the
+- **Noise and loss.** t ~ U[1e-3, 1], once per sequence (spec §8, as NVIDIA trains; `noise_per="block"`:
+  once per block); each token is masked with probability its t, at least one per block. The denoiser is conditioned on the realised masked fraction of its block, which is what the
   sampler feeds it (spec §4). Loss: mean cross-entropy over the masked positions, no 1/t weight.
 - **Data.** Text files (one document each, read in pieces: `iter_text_ids`) or JSONL files (`.jsonl`, one `{"text": ...}` per line), encoded
   with the checkpoint's tokenizer, joined with EOS between documents, packed into sequences of `seq_len`
@@ -92,10 +92,13 @@ TIME_CONDITIONING = ("t_embedder.", "t_block.", "scale_shift_tables.")
 FROZEN = ("context_tower.", "context_lm_head.")
 
 T_MIN = 1e-3  # t ~ U[T_MIN, 1] (spec §8)
+NOISE_PER = ("sequence", "block")  # what one draw of t covers: spec §8 (NVIDIA) draws it per sequence
 EVAL_FRACTION, MAX_EVAL_SEQUENCES = 0.05, 64
 BETAS, WEIGHT_DECAY, GRAD_CLIP, MIN_LR_FRACTION = (0.9, 0.95), 0.01, 1.0, 0.1
 # Settings that must not change across a resume (the rest, e.g. steps or lr, may).
-RESUME_KEYS = ("block", "seq_len", "batch", "grad_accum", "seed", "train", "world_size", "fsdp")
+RESUME_KEYS = ("block", "seq_len", "batch", "grad_accum", "seed", "train", "world_size", "fsdp", "noise_per")
+# what a state saved before a setting existed ran with
+RESUME_DEFAULTS = {"fsdp": False, "noise_per": "block"}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _EPOCH, _NOISE, _EVAL = 1, 2, 3  # tags that keep derived seeds apart
 
@@ -413,15 +416,18 @@ class TrainOrder:
 
 # ---------------------------------------------------------------------------------------------- noise
 
-def add_noise(ids: Tensor, block: int, mask_id: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def add_noise(ids: Tensor, block: int, mask_id: int, generator: torch.Generator,
+              per: str = "sequence") -> tuple[Tensor, Tensor, Tensor]:
     """ids [B, L] (L a multiple of block) → (noisy [B, L], mask [B, L] bool, t [B, L/block]).
 
-    Per block t ~ U[T_MIN, 1] and every token is masked with probability t; the token with the smallest
-    draw is masked whatever t is, so no block goes without a target. The returned t is the realised
-    masked fraction of each block, the denoiser's conditioning (the sampler's t, spec §4)."""
+    t ~ U[T_MIN, 1], drawn once per sequence (`per="sequence"`, spec §8: "for each example", as NVIDIA
+    trains) or once per block (`per="block"`, block diffusion's other choice: each block its own noise
+    level); every token is masked with probability its t; the token with the smallest draw of each block
+    is masked whatever t is, so no block goes without a target. The returned t is the realised masked
+    fraction of each block, the denoiser's conditioning (the sampler's t, spec §4)."""
     B, L = ids.shape
     nb = L // block
-    t = T_MIN + (1.0 - T_MIN) * torch.rand(B, nb, 1, generator=generator)
+    t = T_MIN + (1.0 - T_MIN) * torch.rand(B, nb if per == "block" else 1, 1, generator=generator)
     r = torch.rand(B, nb, block, generator=generator)
     mask = (r < t) | (r == r.min(dim=-1, keepdim=True).values)
     frac = mask.float().mean(dim=-1)
@@ -561,6 +567,7 @@ class TrainConfig:
     fsdp: bool = False  # shard both towers, gradients and optimizer state over the ranks (`sharded`)
     gradient_checkpointing: bool = False  # recompute each denoiser layer in backward instead of keeping it
     compute_dtype: str = "fp32"  # the trained part's compute dtype (fp32 masters either way); bf16 needs fsdp
+    noise_per: str = "sequence"  # one draw of the noise level t per sequence (spec §8) or per block
     eval_data: list[Path] = field(default_factory=list)  # held-out files (default: the last 5 % of `data`)
 
     @property
@@ -596,6 +603,9 @@ class TrainConfig:
                 raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative", None)
         if self.train not in TRAIN_CHOICES:
             raise TwoTowerError(f"--train {self.train!r} is not one of {', '.join(TRAIN_CHOICES)}", None)
+        if self.noise_per not in NOISE_PER:
+            raise TwoTowerError(f"--noise-per {self.noise_per!r} is not one of {', '.join(NOISE_PER)}",
+                                "sequence draws t once per sequence, as NVIDIA trains")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise TwoTowerError(f"--stop-after {self.stop_after} is not between 1 and --steps {self.steps}", None)
         if not self.data:
@@ -986,11 +996,11 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     settings = {"block": cfg.block, "seq_len": cfg.seq_len, "batch": cfg.batch, "grad_accum": cfg.grad_accum,
                 "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
                 "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint),
-                "compute_dtype": cfg.compute_dtype}
+                "compute_dtype": cfg.compute_dtype, "noise_per": cfg.noise_per}
     data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens}
     if state is not None:
         for key in RESUME_KEYS:
-            saved = state["settings"].get(key, False if key == "fsdp" else None)  # states before --fsdp: False
+            saved = state["settings"].get(key, RESUME_DEFAULTS.get(key))
             if saved != settings[key]:
                 raise TwoTowerError(f"cannot resume: {key} is {settings[key]} but the saved run used {saved}",
                                     "resume with the same settings, or --force")
@@ -1111,7 +1121,7 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
             slot = micro * env.world + env.rank
             ids = data.train[order.indices(step, slot)]
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _NOISE, step, slot))
-            noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen)
+            noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen, cfg.noise_per)
             ids, noisy, mask, t = ids.to(device), noisy.to(device), mask.to(device), t.to(device)
             context = contexts(ids)
             last_micro = micro == cfg.grad_accum - 1
@@ -1158,7 +1168,7 @@ def _evaluate(denoiser: BlockDenoiser, contexts: Callable[[Tensor], BlockContext
     at every evaluation, however the sequences are batched or sharded). With FSDP every rank runs as many
     forwards as the busiest one (their gathers are collective); a rank out of sequences scores none."""
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _EVAL))
-    noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen)
+    noisy, mask, t = add_noise(ids, cfg.block, mask_id, gen, cfg.noise_per)
     total, count = 0.0, 0.0
     starts = range(env.rank * cfg.batch, len(ids), env.world * cfg.batch)
     rounds = math.ceil(len(ids) / (env.world * cfg.batch)) if cfg.fsdp else len(starts)

@@ -122,6 +122,7 @@ def train(
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard both towers, gradients and optimizer state over the torchrun ranks (FSDP2), for models too large for one device.")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Keep only each denoiser layer's input and run the layer again in backward: several times less activation memory for a slower step (benchmarks/train_step.py).")] = False,
     compute_dtype: Annotated[str, typer.Option("--compute-dtype", help="fp32 | bf16: what the trained part computes in (fp32 masters and gradient reduction either way); bf16 needs --fsdp.")] = "fp32",
+    noise_per: Annotated[str, typer.Option("--noise-per", help="sequence | block: draw the noise level t once per sequence (spec §8, as NVIDIA trains) or once per block.")] = "sequence",
     eval_data: Annotated[list[Path] | None, typer.Option("--eval-data", metavar="FILE", help="Held-out file (text, JSONL or .npy) to evaluate on; repeatable (default: the last 5 % of --data).")] = None,
     log: Annotated[Path | None, typer.Option("--log", metavar="FILE", help="Append every event (start, step with loss, lr and tokens, evaluation, save) as a JSON line to FILE.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results on stdout.")] = False,
@@ -142,7 +143,7 @@ def train(
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
                         train=train_what, device=device, dtype=dtype, stop_after=stop_after, fsdp=fsdp,
                         gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype,
-                        eval_data=list(eval_data or []))
+                        noise_per=noise_per, eval_data=list(eval_data or []))
     with TrainProgress(log) as view:
         try:
             result = T.train(cfg, on_event=view)
