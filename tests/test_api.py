@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.twotower_helpers import random_base, stop_inside, tiny_cfg, write_twotower
+from tests.twotower_helpers import distinct_towers, stop_inside
 from typer.testing import CliRunner
 
 import twotower_cli
@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    cfg = tiny_cfg()
-    return write_twotower(tmp_path_factory.mktemp("api") / "tt", random_base(cfg, 11), "random",
-                          denoiser=random_base(cfg, 12))
+    return distinct_towers(tmp_path_factory.mktemp("api") / "tt")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, random_base, reshard, stop_inside, tiny_cfg, write_twotower
+from tests.twotower_helpers import add_chat, distinct_towers, reshard, stop_inside
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -25,9 +25,7 @@ USER = ["hello there, friend.", "and what now?", "tell me more, please."]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A TwoTower whose denoiser differs from its context tower (as in test_generate)."""
-    cfg = tiny_cfg()
-    return write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
-                          denoiser=random_base(cfg, 12))
+    return distinct_towers(tmp_path_factory.mktemp("tt") / "tt")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_base, write_twotower
+from tests.twotower_helpers import add_chat, distinct_towers, random_base, reshard, tiny_cfg, write_base
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -19,9 +19,7 @@ from twotower_cli.towers import TowerBackend, load_model
 def trained_like(tmp_path_factory):
     """A TwoTower whose denoiser differs from its context tower and whose time conditioning is not the
     identity, so mask_diffusion commits several tokens per step in varied orders."""
-    cfg = tiny_cfg()
-    folder = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
-                            denoiser=random_base(cfg, 12))
+    folder = distinct_towers(tmp_path_factory.mktemp("tt") / "tt")
     return folder
 
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from tests.twotower_helpers import Widths, add_chat, random_base, tiny_cfg, write_twotower
+from tests.twotower_helpers import Widths, add_chat, distinct_towers
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
@@ -26,9 +26,7 @@ CFG = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    cfg = tiny_cfg()
-    plain = write_twotower(tmp_path_factory.mktemp("tt") / "tt", random_base(cfg, 11), "random",
-                           denoiser=random_base(cfg, 12))
+    plain = distinct_towers(tmp_path_factory.mktemp("tt") / "tt")
     return add_chat(shutil.copytree(plain, tmp_path_factory.mktemp("chat") / "tt"))
 
 
