@@ -105,3 +105,31 @@ def test_the_tour_runs_on_the_embedded_model():
     record, = cli("ROMEO.\n", "-n", "48", "--mode", "ar")
     assert repr(record["text"][:60]) in ar
     assert sum("(stop)" in ln or "(length)" in ln or "(eos)" in ln for ln in lines) == 4
+
+
+def test_generate_chat_is_what_generate_chat_gives(folder, tmp_path):
+    """chat=True renders as `generate --chat`: a string is a user message, a list of messages one
+    conversation, system and template_args as --system and --chat-arg; without chat they are refused."""
+    import shutil
+
+    from tests.twotower_helpers import add_chat
+
+    chat_folder = add_chat(shutil.copytree(folder, tmp_path / "chat"))
+    rt = twotower_cli.load(str(chat_folder), device="cpu")
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "so?"}]
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "hello there"}) + "\n" + json.dumps({"messages": talk}) + "\n")
+    common = ("--model", str(chat_folder), "-n", "12", "--block", "4", "--chat", "--system", "be brief.",
+              "--chat-arg", "enable_thinking=false")
+    records = cli("--prompt-file", str(f), *common)
+    kw = {"chat": True, "system": "be brief.", "template_args": {"enable_thinking": False}, "max_new_tokens": 12,
+          "block": 4}
+    for completion, record in zip(rt.generate(["hello there", talk], **kw), records, strict=True):
+        same(completion, record)
+    same(rt.generate(talk, **kw), records[1])  # one conversation is one prompt
+    one, = cli("hello there", *common)
+    same(rt.generate("hello there", **kw), one)
+    with pytest.raises(TwoTowerError, match="pass chat=True"):
+        rt.generate("hi", system="x")
+    with pytest.raises(TwoTowerError, match="needs chat=True"):
+        rt.generate(talk)

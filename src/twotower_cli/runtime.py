@@ -89,7 +89,8 @@ class Runtime:
         settings.validate(self.backend.vocab_size)
         return settings
 
-    def generate(self, prompt: str | list[str], *, mode: str = "mask_diffusion", max_new_tokens: int = 128,
+    def generate(self, prompt: str | list, *, chat: bool = False, system: str | None = None,
+                 template_args: dict | None = None, mode: str = "mask_diffusion", max_new_tokens: int = 128,
                  block: int | None = None, steps: int | None = None, threshold: float = 0.8,
                  policy: str = "threshold", factor: float = 1.0, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int = 0, stop: tuple[int, ...] = (),
@@ -99,13 +100,26 @@ class Runtime:
         settings of the `generate` command's options of the same names and its results for them (one
         prompt alone; several with continuous batching, `batch_size` at a time). The defaults are the
         command's: greedy, NVIDIA's threshold 0.8, the checkpoint's block. Bad settings raise
-        `TwoTowerError`."""
+        `TwoTowerError`.
+
+        `chat=True` (`generate --chat`): each prompt goes through the checkpoint's chat template, a string
+        as a user message, a list of {"role", "content"} dicts as a whole conversation (one such list is
+        one prompt); `system` first if given; `template_args` are the template's variables (`--chat-arg`,
+        e.g. {"enable_thinking": False})."""
         from twotower_cli import sampler as S
         from twotower_cli.batching import Continuous, run_in_order
-        from twotower_cli.text import StopTexts
+        from twotower_cli.text import StopTexts, render_chats
 
-        one = isinstance(prompt, str)
-        texts = [prompt] if one else list(prompt)
+        one = isinstance(prompt, str) or (chat and bool(prompt) and isinstance(prompt[0], dict))
+        items = [prompt] if one else list(prompt)
+        if (system is not None or template_args) and not chat:
+            raise TwoTowerError("system and template_args shape a chat template", "pass chat=True")
+        if "messages" in (template_args or {}):
+            raise TwoTowerError("template_args cannot set messages: the prompts are the messages", "leave it out")
+        if not chat and not all(isinstance(item, str) for item in items):
+            raise TwoTowerError("a prompt that is not text needs chat=True (a list of messages is a conversation)",
+                                "pass chat=True, or give strings")
+        texts = render_chats(self.folder, items, system, dict(template_args or {})) if chat else items
         if batch_size < 1:
             raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try batch_size=16")
         if not S.seed_in_range(seed):
@@ -118,7 +132,7 @@ class Runtime:
         if mode != "ar" and self.backend.twotower is None:
             raise TwoTowerError(f"{mode} needs the denoiser, and this runtime loaded the context tower only",
                                 "load it with denoiser=True, or use mode='ar'")
-        ids = [self.tokenizer.encode(t) for t in texts]
+        ids = [self.tokenizer.encode(t, add_special_tokens=not chat) for t in texts]
         if any(not p for p in ids):
             raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
         cutter = StopTexts(stop_texts, self.tokenizer.decode, S.stop_set(settings, self.eos_ids), settings.block_size)
