@@ -143,6 +143,27 @@ def test_a_block_settled_at_a_stop_id_draws_no_mask_placeholder_as_text(tiny):
     assert seen  # some stop id settled its block early
 
 
+def test_a_sequence_that_ended_draws_no_more_blocks_while_the_batch_goes_on(tiny):
+    """Two prompts, one ending at a stop id in its first block: the other's later blocks are drawn step by
+    step, the ended one's not (its blocks take no steps and their slots stay masked: no mask glyphs after its
+    text)."""
+    backend, tok = tiny
+    prompts = [tok.encode("hello"), tok.encode("the quick brown fox")]
+    free = S.run(backend, prompts, S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=12))
+    first = free.generations[0].token_ids
+    stop = next(t for t in first[:4] if t not in free.generations[1].token_ids)  # ends row 0 only
+    settings = S.SamplingConfig(block_size=4, threshold=0.99, max_new_tokens=12, stop_ids=(stop,))
+    view = LiveUnmasking(tok.decode, ["A:", "B:"], n_blocks=3, steps=4, mode="mask_diffusion", mask_id=3)
+    later = 0
+    for ev in S.generate(backend, prompts, settings):
+        view.handle(ev)
+        if isinstance(ev, S.Step) and ev.block > 0:  # every glyph drawn is one of B's masked slots
+            later += 1
+            assert text_of(view.render()).count(LiveUnmasking.MASK_GLYPH) == int((ev.tokens[1] == 3).sum())
+            assert ev.committed[0] == []  # A's block takes no commits
+    assert later
+
+
 @pytest.mark.parametrize("width", [60, 24])  # 24: the status line wraps
 def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tiny, width):
     """A text taller than the terminal: every frame fits its height and still shows the block being unmasked

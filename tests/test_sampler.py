@@ -196,6 +196,65 @@ def test_a_block_ends_when_its_text_is_decided_by_a_stop_id(runner):
     assert be.rows_asked[:2] == [[True, True], [False, True]]  # the settled row's head rows are not computed
 
 
+@pytest.mark.parametrize("runner", ["generate", "continuous"])
+def test_a_block_ends_when_until_says_its_committed_prefix_ends_the_text(runner):
+    """`until` (a stop text) is asked on each step's committed prefix too: once it holds the stop, the block
+    takes no more forwards and the slots after the prefix stay masked, so they are not in the ids; the text
+    before the stop is what a full block gives. A stop after a masked slot decides nothing yet."""
+    from twotower_cli.batching import Continuous, run_in_order
+
+    def run(table, until):
+        be = StopAtOne(table)
+        settings = cfg(steps=4, max_new_tokens=12, threshold=0.8)
+        if runner == "generate":
+            fin = S.run(be, [[5]], settings, eos_ids=[], until=until)
+            return fin.generations[0], fin.nfe
+        batch = Continuous(be, settings, [], until=until)
+        return next(g for _, g, _ in run_in_order(batch, [[5]])), batch.nfe
+
+    wrote_20 = lambda _b, ids: 20 in ids  # noqa: E731 — "the text holds a stop string", on ids
+    g, nfe = run([SURE_OF_THE_HEAD], wrote_20)  # step 1 commits [20, 2, _, _]: the prefix holds the stop
+    assert (g.token_ids, g.finish_reason, g.nfe, nfe) == ([20, 2], "stop", 1, 1)  # was 3 forwards, [20, 2, 21, 22]
+    free, _ = run([SURE_OF_THE_HEAD], None)
+    assert free.token_ids[:4] == [20, 2, 21, 22] and free.nfe == 9  # without it: three forwards a block
+    wrote_2 = lambda _b, ids: 2 in ids  # noqa: E731
+    g, nfe = run([SURE_OF_THE_EOS], wrote_2)  # step 1 commits [_, 2, _, _]: slot 0 masked, step 2 fills it
+    assert (g.token_ids, nfe) == ([20, 2], 2)
+
+
+class RowScript(ScriptedBackend):
+    """Row r predicts `targets[r][n]` at the n-th call (the last one after), with confidence `table[r][n]` on
+    every slot."""
+
+    def __init__(self, table, targets):
+        super().__init__([])
+        self.rows_table, self.targets = table, targets
+
+    def denoise(self, block, t, rows=None):
+        B, Sz = block.shape
+        conf = torch.tensor([[self.rows_table[r][min(self.calls, len(self.rows_table[r]) - 1)]] * Sz
+                             for r in range(B)])
+        target = torch.tensor([self.targets[r][min(self.calls, len(self.targets[r]) - 1)][:Sz] for r in range(B)])
+        self.calls += 1
+        return logits_with(conf, target)
+
+
+def test_a_sequence_that_ended_takes_no_steps_in_its_batchs_later_blocks():
+    """In a batch, a sequence that ended (EOS) keeps no later block going: before, its blocks after the end
+    were filled like any other's, here four unsure steps a block (no EOS in them to settle at) while the
+    other row needed one; that row's tokens are its own either way."""
+    settings = cfg(steps=4, max_new_tokens=12, threshold=0.8)
+    sure_then_unsure, always_sure = [0.99, 0.1], [0.99]
+    ends_then_rambles = [[24, 2, 25, 26], [24, 25, 26, 24]]
+    fin = S.run(RowScript([sure_then_unsure, always_sure], [ends_then_rambles, [[27, 28, 29, 30]]]), [[5], [6]],
+                settings, eos_ids=[2])
+    a, b = fin.generations
+    assert (a.token_ids, a.finish_reason, a.nfe) == ([24], "eos", 1)
+    alone = S.run(RowScript([always_sure], [[[27, 28, 29, 30]]]), [[6]], settings, eos_ids=[2]).generations[0]
+    assert b.token_ids == alone.token_ids == [27, 28, 29, 30] * 3 and b.nfe == alone.nfe == 3
+    assert fin.nfe == 3  # was 9: 1 + 4 + 4, the ended row's masked blocks taking every step
+
+
 def test_topk_and_factor_policies():
     row = [0.99, 0.97, 0.6, 0.95, 0.2, 0.1, 0.1, 0.1]
     # topk: only the schedule, ceil(8/4) = 2 per step, however confident

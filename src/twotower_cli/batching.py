@@ -85,6 +85,12 @@ class _Row:
     stopped: bool = False  # `until` ended it
 
 
+def _filled(tokens: torch.Tensor, mask_id: int) -> int:
+    """How many of a block's `tokens` come before its first slot left masked (all of them if none is)."""
+    left = (tokens == mask_id).nonzero()
+    return int(left[0, 0]) if len(left) else tokens.shape[0]
+
+
 class Continuous:
     """A batch that sequences join and leave between steps (module docstring). `cfg` holds the settings all
     its sequences share; its `max_new_tokens` is only the default of `add`."""
@@ -204,8 +210,14 @@ class Continuous:
         conf_at_commit = torch.zeros(B, size)
         top_ids = torch.zeros(B, size, top, dtype=torch.long)
         top_lps = torch.zeros(B, size, top)
+        rows, until = self.rows, self.until
+
+        def decided(j: int, prefix: list[int]) -> bool:  # a stop text written in the committed prefix
+            return until is not None and until(rows[j].id, rows[j].ids + prefix)
+
         for masked, commit, conf, *alts in S.fill_block(self.backend, x, steps, cfg, self.generator, top,
-                                                        None if shared else own, valid, self._stop_ids):
+                                                        None if shared else own, valid, self._stop_ids,
+                                                        decided if until is not None else None):
             self.nfe += 1
             for j in masked.any(dim=-1).nonzero()[:, 0].tolist():  # rows still filling their block
                 self.rows[j].nfe += 1
@@ -213,6 +225,8 @@ class Continuous:
             if top:
                 top_ids = torch.where(commit[..., None], alts[0], top_ids)
                 top_lps = torch.where(commit[..., None], alts[1], top_lps)
+        # a row that settled (an end id, a stop text) keeps the slots after it masked: its tokens end before them
+        sizes = [_filled(x[j, :n], cfg.mask_token_id) for j, n in enumerate(sizes)]
         ended = [self._add_tokens(r, x[j, :n].tolist(), conf_at_commit[j, :n].tolist(), top_ids[j, :n], top_lps[j, :n])
                  for j, (r, n) in enumerate(zip(self.rows, sizes, strict=True))]
         going = [j for j, e in enumerate(ended) if not e]

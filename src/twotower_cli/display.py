@@ -62,6 +62,7 @@ class LiveUnmasking:
         self.committed: list[list[int]] = [[] for _ in range(self.rows)]
         self.block = None
         self.fresh: list[set[int]] = [set() for _ in range(self.rows)]
+        self.active = [True] * self.rows
         self.block_index = self.step = self.nfe = 0
         self.block_steps = steps
         self._last = 0.0
@@ -87,6 +88,7 @@ class LiveUnmasking:
             self.block_steps = min(self.steps, event.size)  # a short last block takes fewer steps
             self.block = None
             self.fresh = [set() for _ in range(self.rows)]
+            self.active = event.active[: self.rows]  # a sequence that has ended shows no more blocks
         elif isinstance(event, S.Step):
             self.block = event.tokens[: self.rows].tolist()
             self.fresh = [set(p) for p in event.committed[: self.rows]]
@@ -112,7 +114,7 @@ class LiveUnmasking:
             t = Text()
             t.append(self.prompts[r], style="dim cyan")
             t.append(self.texts[r] if self.texts is not None else self.decode(self.committed[r]))
-            if self.block is not None:
+            if self.block is not None and self.active[r]:
                 for j, tok in enumerate(self.block[r]):
                     if tok == self.mask_id:
                         t.append(self.MASK_GLYPH, style="dim")

@@ -357,14 +357,19 @@ def first_stop(ids: list[int], stops: set[int]) -> int | None:
     return None
 
 
-def _ask_until(until: Until | None, out: torch.Tensor, done: torch.Tensor, stopped_at: list[int | None]) -> None:
-    """Mark done every sequence still going whose generated ids `until` says end it, and note its length."""
+def _ask_until(until: Until | None, out: torch.Tensor, done: torch.Tensor, stopped_at: list[int | None],
+               mask_id: int | None = None) -> None:
+    """Mark done every sequence still going whose generated ids `until` says end it, and note its length:
+    up to its first `mask_id` (mask_diffusion: the slots a block left masked once `until` settled it)."""
     if until is None:
         return
     for b in (~done).nonzero()[:, 0].tolist():
-        if until(b, out[b].tolist()):
+        ids = out[b].tolist()
+        if mask_id is not None and mask_id in ids:
+            ids = ids[:ids.index(mask_id)]
+        if until(b, ids):
             done[b] = True
-            stopped_at[b] = out.shape[1]
+            stopped_at[b] = len(ids)
 
 
 # ---------------------------------------------------------------------------------------------- samplers
@@ -398,7 +403,8 @@ def generation(prompt: list[int], ids: list[int], stops: set[int], stopped: bool
 
 def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfig,
                generator: torch.Generator | None, top: int = 0, row_cfgs: list[SamplingConfig] | None = None,
-               valid: torch.Tensor | None = None, stops: torch.Tensor | None = None, **denoise) -> Iterator[tuple]:
+               valid: torch.Tensor | None = None, stops: torch.Tensor | None = None,
+               decided: Callable[[int, list[int]], bool] | None = None, **denoise) -> Iterator[tuple]:
     """Unmask the block `x` [B, S] (mask ids) in place over at most `steps` denoiser forwards (spec §7);
     after each yields (the masked slots it started from, those it committed, the confidences) [B, S] each,
     and with `top` > 0 the `top_to_host` ids and log-probabilities [B, S, top] of that forward.
@@ -409,7 +415,11 @@ def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfi
     (`block_valid`), so each row gets what its shorter block gets alone. `stops` (the stop/end ids): a row
     whose block holds a committed stop id with every slot before it committed is settled — its text ends
     there, so the slots after it are left masked and it takes no more steps (nor counts in the yielded
-    `masked`); the block ends when every row is filled or settled. `denoise`: passed on to `backend.denoise`."""
+    `masked`); the block ends when every row is filled or settled. `decided(b, prefix)`, if given, is asked
+    before each step for every row still masked whose committed prefix (its slots before the first masked
+    one) has grown since it was last asked (at the first step: the empty prefix); True settles the row the
+    same way: its text is complete (a stop text is written, the sequence ended in an earlier block).
+    `denoise`: passed on to `backend.denoise`."""
     sizes = [x.shape[1]] * x.shape[0] if valid is None else valid.sum(dim=-1).tolist()
     if valid is not None:
         denoise["block_valid"] = valid
@@ -419,12 +429,21 @@ def fill_block(backend: Backend, x: torch.Tensor, steps: int, cfg: SamplingConfi
         c, n = item
         return c.threshold, c.policy, c.factor, min(c.steps_per_block, n)
 
+    asked = [-1] * x.shape[0]  # the prefix length each row was last asked `decided` about
+    gone = torch.zeros(x.shape[0], dtype=torch.bool)  # rows `decided` settled
     for s in range(steps):
         masked = x == cfg.mask_token_id
         if valid is not None:
             masked &= valid
         if stops is not None:
             masked &= ~settled(x, masked, stops)[:, None]
+        if decided is not None:
+            for b in (masked.any(dim=-1) & ~gone).nonzero()[:, 0].tolist():
+                prefix = int(masked[b].nonzero()[0, 0])
+                if prefix > asked[b]:
+                    asked[b] = prefix
+                    gone[b] = decided(b, x[b, :prefix].tolist())
+            masked &= ~gone[:, None]
         if not bool(masked.any()):
             return
         t = masked.float().mean(dim=-1) if valid is None else masked.sum(dim=-1) / torch.tensor(sizes)
@@ -484,7 +503,14 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
         active = ~done
         yield BlockStarted(blk, out.shape[1], size, active.tolist())
         x = torch.full((B, size), cfg.mask_token_id, dtype=torch.long)
-        for s, (masked, commit, conf) in enumerate(fill_block(backend, x, steps, cfg, generator, stops=stops_t)):
+
+        def decided(b: int, prefix: list[int], out: torch.Tensor = out, done: torch.Tensor = done) -> bool:
+            """A sequence that ended in an earlier block takes no more steps; one that wrote a stop text in
+            this block's committed prefix (`until`) takes none after it."""
+            return bool(done[b]) or (until is not None and until(b, out[b].tolist() + prefix))
+
+        for s, (masked, commit, conf) in enumerate(fill_block(backend, x, steps, cfg, generator, stops=stops_t,
+                                                              decided=decided)):
             nfe += 1
             for b in (active & masked.any(dim=-1)).nonzero()[:, 0].tolist():  # rows still filling their block
                 nfe_per_seq[b] += 1
@@ -493,7 +519,7 @@ def _mask_diffusion(backend: Backend, prompts: list[list[int]], cfg: SamplingCon
                        [conf[b, p].tolist() for b, p in enumerate(pos)])
         out = torch.cat([out, x], dim=1)
         done |= torch.isin(x, stops_t).any(dim=-1)
-        _ask_until(until, out, done, stopped_at)
+        _ask_until(until, out, done, stopped_at, cfg.mask_token_id)
         yield BlockDone(blk, x, done.tolist())
         if bool(done.all()) or blk == n_blocks - 1:
             break
