@@ -122,6 +122,28 @@ def test_stop_strings_cut_the_text_and_end_the_sampling(url, model, folder, mode
     assert "".join(c["choices"][0]["text"] for c in chunks) == free[:free.find(stop)]
 
 
+def test_looking_for_a_stop_string_decodes_the_newest_ids_not_the_whole_reply(folder, model):
+    """The stop strings are looked for after every step of a block, on the ids a new one could end in (the
+    block and a few tokens a character before it), not the whole reply decoded each time: a request that
+    never writes its stop decodes its whole reply only for its answer."""
+    class Counting(Tokenizer):
+        lengths: list[int] = []
+
+        def decode(self, ids):
+            self.lengths.append(len(ids))
+            return super().decode(ids)
+
+    tok = Counting(folder)
+    engine = Engine(TowerBackend(model), tok, [2, 38], replace_cfg(max_new_tokens=200), "tiny-test", None)
+    with serving(engine) as base:
+        body = {"prompt": "hello there", "max_tokens": 200, "stop": ["\x00"], "mode": "mask_diffusion"}
+        out = json.loads(post(base, "/v1/completions", body)[1])
+    assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 200
+    window = 4 + 4 * (len("\x00") + 2)  # block 4, then 4 tokens a character of the stop and 2 more
+    whole = [n for n in tok.lengths if n > window]
+    assert len(tok.lengths) > 50 and len(whole) <= 2, whole  # was one whole-reply decode per step
+
+
 def replace_cfg(**kw):
     return S.SamplingConfig(**{**CFG.__dict__, **kw})
 

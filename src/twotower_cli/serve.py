@@ -108,7 +108,7 @@ from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone, shared_settings
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.text import ChatTemplate, Tokenizer, cut_at_stop_text
+from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer, cut_at_stop_text
 from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
@@ -673,7 +673,7 @@ class Engine:
 
         def until(row: int, ids: list[int]) -> bool:  # a stop string written, or its client gone
             job = jobs[row]
-            return job.ticket.cancelled.is_set() or (bool(job.ticket.req.stops) and job.text(row, ids)[1])
+            return job.ticket.cancelled.is_set() or (job.stop_written is not None and job.stop_written(row, ids))
 
         queued: list[_Job] = []  # requests with prompts not in the batch yet, oldest first
         try:  # from the first line: an error here that ended the model's thread would leave every client waiting
@@ -799,6 +799,9 @@ class _Job:
     def __init__(self, ticket: _Ticket, engine: Engine):
         self.ticket, self.engine = ticket, engine
         self.stops = S.stop_set(ticket.req.settings, engine.eos_ids)
+        # a stop string written: asked after every step (`Continuous`), on the newest ids only
+        self.stop_written = StopTexts(ticket.req.stops, engine.tokenizer.decode, self.stops,
+                                      ticket.req.settings.block_size).until
         self.rows: list[int] = []  # its row ids in the batch, in the order of its prompts (`add_rows`)
         self.mine: set[int] = set()
         self.ids: dict[int, list[int]] = {}
@@ -833,7 +836,7 @@ class _Job:
         return cut_at_stop_text(self.engine.tokenizer.decode(ids if cut is None else ids[:cut]), self.ticket.req.stops)
 
     def text(self, row: int, ids: list[int]) -> tuple[str, bool]:
-        """`final_text` of a row, decoded once per step: `until` and the stream ask about the same ids."""
+        """`final_text` of a row (what the stream sends), decoded once for each length of its ids."""
         if row not in self._texts or self._texts[row][0] != len(ids):
             self._texts[row] = (len(ids), self.final_text(ids))
         return self._texts[row][1]
