@@ -133,3 +133,21 @@ def test_generate_chat_is_what_generate_chat_gives(folder, tmp_path):
         rt.generate("hi", system="x")
     with pytest.raises(TwoTowerError, match="needs chat=True"):
         rt.generate(talk)
+
+
+@pytest.mark.parametrize(("kwargs", "stream_of"), [
+    ({}, "blocks"), ({"mode": "ar"}, "tokens"), ({"mode": "mock_ar"}, "tokens"),
+    ({"block": 4, "threshold": 0.3}, "blocks"), ({"block": 4, "temperature": 0.8, "seed": 3}, "blocks"),
+])
+def test_stream_pieces_add_up_to_the_text_generate_gives(rt, kwargs, stream_of):
+    """`stream` yields the text as blocks (ar, mock_ar: tokens) commit it; joined, generate's text, also
+    with a stop text written in the middle (where nothing after it, nor the stop's first part, is sent)."""
+    whole = rt.generate("hello there", max_new_tokens=24, **kwargs)
+    pieces = list(rt.stream("hello there", max_new_tokens=24, **kwargs))
+    assert "".join(pieces) == whole.text and len(pieces) > (3 if stream_of == "tokens" else 1)
+    stop = stop_inside(whole.text)
+    cut = rt.generate("hello there", max_new_tokens=24, stop_texts=(stop,), **kwargs)
+    pieces = list(rt.stream("hello there", max_new_tokens=24, stop_texts=(stop,), **kwargs))
+    assert "".join(pieces) == cut.text == whole.text[:whole.text.find(stop)]
+    with pytest.raises(TwoTowerError, match="one prompt"):
+        next(rt.stream(["a", "b"]))

@@ -453,7 +453,8 @@ def test_models_and_health(url):
 
 
 def test_held_back_text_never_ends_in_a_stop_prefix_or_a_broken_character():
-    hold = Engine._hold_back
+    from twotower_cli.text import hold_back as hold
+
     assert hold("abc</", ["</s>"]) == "abc" and hold("abc<", ["</s>", "<|end"]) == "abc"
     assert hold("abc", ["</s>"]) == "abc" and hold("ab\ufffd", []) == "ab" and hold("a</s", ["</s>"]) == "a"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,62 @@ class Runtime:
         e.g. {"enable_thinking": False})."""
         from twotower_cli import sampler as S
         from twotower_cli.batching import Continuous, run_in_order
+
+        if batch_size < 1:
+            raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try batch_size=16")
+        one, ids, settings, cutter, gen = self._prepare(
+            prompt, chat=chat, system=system, template_args=template_args, mode=mode, max_new_tokens=max_new_tokens,
+            block=block, steps=steps, threshold=threshold, policy=policy, factor=factor, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop=stop, stop_texts=stop_texts, mask_token_id=mask_token_id)
+        if one:
+            generations = S.run(self.backend, ids, settings, self.eos_ids, gen, cutter.until).generations
+        else:
+            running = Continuous(self.backend, settings, self.eos_ids, gen, cutter.until)
+            generations = [g for _, g, _ in run_in_order(running, ids, width=batch_size)]
+        out = []
+        for g in generations:
+            text, cut = cutter.final(g.token_ids)
+            out.append(Completion(text, cutter.ids_before(g.token_ids, text) if cut else g.token_ids,
+                                  g.finish_reason, g.nfe))
+        return out[0] if one else out
+
+    def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
+        """One prompt's continuation as it becomes final: a piece of text after each block (ar, mock_ar:
+        token) that committed some, never one to take back (an ending that may begin a stop text, or an
+        unfinished character, waits for the next). `options`: `generate`'s; the pieces add up to its text."""
+        from twotower_cli import sampler as S
+        from twotower_cli.text import hold_back
+
+        one, ids, settings, cutter, gen = self._prepare(prompt, **options)
+        if not one:
+            raise TwoTowerError("stream takes one prompt", "call it for each, or use generate for several")
+        diffusion, mask = settings.mode == "mask_diffusion", settings.mask_token_id
+        stops = S.stop_set(settings, self.eos_ids)
+        so_far: list[int] = []
+        sent = ""
+        for ev in S.generate(self.backend, ids, settings, self.eos_ids, gen, cutter.until):
+            if isinstance(ev, S.BlockDone):
+                row = ev.tokens[0].tolist()
+                so_far += row[:row.index(mask)] if diffusion and mask in row else row  # slots left masked: none
+                text, found = cutter.final(so_far)
+                final = found or S.first_stop(so_far, stops) is not None
+                safe = text if final else hold_back(text, cutter.texts)
+            elif isinstance(ev, S.Finished):
+                safe = cutter.final(ev.generations[0].token_ids)[0]
+            else:
+                continue
+            if len(safe) > len(sent) and safe.startswith(sent):
+                yield safe[len(sent):]
+                sent = safe
+
+    def _prepare(self, prompt, *, chat: bool = False, system: str | None = None, template_args: dict | None = None,
+                 mode: str = "mask_diffusion", max_new_tokens: int = 128, block: int | None = None,
+                 steps: int | None = None, threshold: float = 0.8, policy: str = "threshold", factor: float = 1.0,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 stop: tuple[int, ...] = (), stop_texts: tuple[str, ...] = (), mask_token_id: int | None = None):
+        """`generate`'s options checked and turned into (one prompt or a list, the prompts' ids, the sampling
+        settings, the stop texts' `StopTexts`, the seeded generator)."""
+        from twotower_cli import sampler as S
         from twotower_cli.text import StopTexts, render_chats
 
         one = isinstance(prompt, str) or (chat and bool(prompt) and isinstance(prompt[0], dict))
@@ -120,14 +177,12 @@ class Runtime:
             raise TwoTowerError("a prompt that is not text needs chat=True (a list of messages is a conversation)",
                                 "pass chat=True, or give strings")
         texts = render_chats(self.folder, items, system, dict(template_args or {})) if chat else items
-        if batch_size < 1:
-            raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try batch_size=16")
         if not S.seed_in_range(seed):
             raise TwoTowerError(f"seed {seed} is out of range", "use a seed from 0 to 2**64 - 1")
-        settings = SamplingConfig(mode=mode, block_size=1 if block is None else block, steps=steps, threshold=threshold, policy=policy,
-                                  factor=factor, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, mask_token_id=3 if mask_token_id is None else mask_token_id,
-                                  stop_ids=tuple(stop))
+        settings = SamplingConfig(mode=mode, block_size=1 if block is None else block, steps=steps,
+                                  threshold=threshold, policy=policy, factor=factor, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  mask_token_id=3 if mask_token_id is None else mask_token_id, stop_ids=tuple(stop))
         settings = self.sampling(settings, mask_token_id=mask_token_id, block=block)
         if mode != "ar" and self.backend.twotower is None:
             raise TwoTowerError(f"{mode} needs the denoiser, and this runtime loaded the context tower only",
@@ -136,18 +191,7 @@ class Runtime:
         if any(not p for p in ids):
             raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
         cutter = StopTexts(stop_texts, self.tokenizer.decode, S.stop_set(settings, self.eos_ids), settings.block_size)
-        gen = torch.Generator().manual_seed(seed)
-        if one:
-            generations = S.run(self.backend, ids, settings, self.eos_ids, gen, cutter.until).generations
-        else:
-            running = Continuous(self.backend, settings, self.eos_ids, gen, cutter.until)
-            generations = [g for _, g, _ in run_in_order(running, ids, width=batch_size)]
-        out = []
-        for g in generations:
-            text, cut = cutter.final(g.token_ids)
-            out.append(Completion(text, cutter.ids_before(g.token_ids, text) if cut else g.token_ids,
-                                  g.finish_reason, g.nfe))
-        return out[0] if one else out
+        return one, ids, settings, cutter, torch.Generator().manual_seed(seed)
 
     def block_warning(self, mode: str, block: int) -> tuple[str, str] | None:
         """(message, hint) when `mode` samples by block diffusion with blocks larger than the denoiser was

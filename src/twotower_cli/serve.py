@@ -108,7 +108,7 @@ from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone, shared_settings
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer, cut_at_stop_text
+from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer, cut_at_stop_text, hold_back
 from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
@@ -779,18 +779,6 @@ class Engine:
                 lo = mid + 1
         return lo
 
-    @staticmethod
-    def _hold_back(text: str, stops: list[str]) -> str:
-        """`text` without an unfinished multi-byte character at its end, nor an ending that could be the start
-        of a stop string (so streamed text never has to be taken back)."""
-        text = text.rstrip("\ufffd")
-        keep = len(text)
-        for s in stops:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    keep = min(keep, len(text) - n)
-                    break
-        return text[:keep]
 
 
 class _Job:
@@ -868,7 +856,7 @@ class _Job:
                     ids = self.ids[row]
                     text, ended = self.text(row, ids)
                     ended = ended or S.first_stop(ids, self.stops) is not None
-                    safe = text if ended else self.engine._hold_back(text, self.ticket.req.stops)
+                    safe = text if ended else hold_back(text, self.ticket.req.stops)
                 sent = self.sent.get(row, "")
                 delta = safe[len(sent):] if safe.startswith(sent) else ""
                 self.sent[row] = sent + delta

@@ -331,6 +331,19 @@ def cut_at_stop_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(found)], True) if found else (text, False)
 
 
+def hold_back(text: str, stops: Sequence[str]) -> str:
+    """`text` without an unfinished multi-byte character at its end, nor an ending that could be the start
+    of a stop string (so streamed text never has to be taken back)."""
+    text = text.rstrip("\ufffd")
+    keep = len(text)
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    return text[:keep]
+
+
 class StopTexts:
     """`--stop-text`: texts that end a sequence once it writes them, and the end ids that end it before.
 
