@@ -252,7 +252,8 @@ def test_inspect_shows_the_training_record(ckpt, data, tmp_path):
     assert record["history"]["eval_loss_before"] == result.eval_loss_before
     assert record["history"]["eval_loss_after"] == result.eval_loss_after
     human = CliRunner().invoke(get_app(), ["inspect", str(tmp_path / "o")]).output
-    assert "training: step 3 of 4 · eval loss" in human and "1 process" in human
+    assert "training: step 3 of 4 · eval loss" in human and "1 process" in human and "t per sequence" in human
+    assert record["settings"]["noise_per"] == "sequence"
     assert json.loads(CliRunner().invoke(get_app(), ["inspect", str(ckpt), "--json"]).stdout)["training"] is None
 
 
