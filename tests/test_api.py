@@ -86,6 +86,14 @@ def test_bad_settings_raise_the_commands_errors(rt, folder):
         ar_only.generate("hi", max_new_tokens=4)
 
 
+def test_a_runtime_shows_itself_in_one_line(rt, folder):
+    """In a notebook `rt` prints what was loaded, not the modules of both towers (9 kB)."""
+    shown = repr(rt)
+    assert shown == (f"Runtime(tt: 8 layers {rt.cfg.pattern!r}, vocabulary 48, block {rt.cfg.block_size}, "
+                     "context tower + denoiser, cpu float32)")
+    assert "context tower only" in repr(twotower_cli.load(str(folder), device="cpu", denoiser=False))
+
+
 def test_importing_the_package_does_not_import_torch():
     """`import twotower_cli` (and so the CLI's start) stays light: `load` imports torch when called."""
     code = "import sys, twotower_cli; print('torch' in sys.modules, callable(twotower_cli.load))"

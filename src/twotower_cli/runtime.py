@@ -74,6 +74,12 @@ class Runtime:
     folder: Path
     eos_ids: list[int]  # what ends a sequence: config.json's eos_token_id, then generation_config.json's
 
+    def __repr__(self) -> str:  # one line in a notebook, not every module of both towers
+        towers = "context tower + denoiser" if self.backend.twotower is not None else "context tower only"
+        dtype = str(self.backend.ar.lm_head.weight.dtype).removeprefix("torch.")
+        return (f"Runtime({self.folder.name}: {self.cfg.num_hidden_layers} layers {self.cfg.pattern!r}, vocabulary "
+                f"{self.cfg.vocab_size}, block {self.cfg.block_size}, {towers}, {self.backend.device} {dtype})")
+
     def sampling(self, settings: SamplingConfig, *, mask_token_id: int | None = None,
                  block: int | None = None) -> SamplingConfig:
         """`settings` completed from this checkpoint and validated against its vocabulary: its mask id
