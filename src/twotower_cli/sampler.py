@@ -379,9 +379,11 @@ def generate(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eo
     """Sample continuations for a batch of prompts; yields events, ending with `Finished`.
 
     `until(i, ids)`, if given, is asked after each block (ar, mock_ar: each token) for every sequence i
-    still going, with the ids it has generated so far (from the first block, stop ids included); True ends
-    that sequence as an end id would, with finish_reason "stop" and its ids uncut (`serve` ends on stop
-    strings this way and cuts the text itself)."""
+    still going, with the ids it has generated so far (from the first block, stop ids included), and in
+    mask_diffusion also before each step with the block's committed prefix added (`fill_block`'s
+    `decided`); True ends that sequence as an end id would, with finish_reason "stop" and its ids uncut up
+    to there (`serve` ends on stop strings this way and cuts the text itself). It must depend on the ids
+    alone: it is asked about the same ids more than once."""
     cfg.validate(backend.vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TwoTowerError("empty prompt", "give some text to continue")
