@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
 from twotower_cli.cli import get_app
+from twotower_cli.text import Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
 
@@ -124,6 +125,7 @@ def test_cli_modes_json(trained_like, mode):
     for key in ("text", "token_ids", "nfe", "tokens_per_nfe", "tokens_per_second", "wall_seconds", "settings"):
         assert key in obj
     assert obj["settings"]["block_size"] == 4
+    assert obj["prompt_tokens"] == len(Tokenizer(trained_like).encode("hello"))  # what the model read
 
 
 def _reference_stop(text: str, stop: str) -> tuple[str, bool]:

@@ -118,7 +118,7 @@ def generate(
         if as_json:
             print(json.dumps({
                 "prompt": item, **({"chat_prompt": model_text} if chat else {}), "text": out,
-                "token_ids": ids, "finish_reason": g.finish_reason,
+                "token_ids": ids, "finish_reason": g.finish_reason, "prompt_tokens": len(g.prompt_ids),
                 "nfe": g.nfe, "tokens_per_nfe": len(ids) / max(g.nfe, 1),
                 "tokens_per_second": len(ids) / max(seconds, 1e-9), "wall_seconds": seconds, "mode": mode,
                 "settings": {**record, "stop_texts": stop_texts, "seed": seed}, "model": str(rt.folder),
