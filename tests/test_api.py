@@ -37,8 +37,9 @@ def cli(*args, input=None) -> list[dict]:
 
 
 def same(completion, record) -> None:
-    assert (completion.text, completion.token_ids, completion.finish_reason, completion.nfe) == (
-        record["text"], record["token_ids"], record["finish_reason"], record["nfe"])
+    assert (completion.text, completion.token_ids, completion.finish_reason, completion.nfe,
+            completion.prompt_tokens) == (record["text"], record["token_ids"], record["finish_reason"], record["nfe"],
+                                          record["prompt_tokens"])
 
 
 @pytest.mark.parametrize(("options", "kwargs"), [

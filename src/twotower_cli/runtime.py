@@ -57,12 +57,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class Completion:
     """One prompt's continuation (`Runtime.generate`), as `generate --json` reports it: the text (before the
     first end id and stop text), the ids that text is made of, why it ended (eos, length, stop) and the
-    forwards it took part in."""
+    forwards it took part in; and how many ids the model read for the prompt (a chat template's included)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     nfe: int
+    prompt_tokens: int
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Runtime:
         for g in generations:
             text, cut = cutter.final(g.token_ids)
             out.append(Completion(text, cutter.ids_before(g.token_ids, text) if cut else g.token_ids,
-                                  g.finish_reason, g.nfe))
+                                  g.finish_reason, g.nfe, len(g.prompt_ids)))
         return out[0] if one else out
 
     def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
