@@ -1,6 +1,6 @@
-"""A tour of twotower from Python, in five short steps: load a model, sample text in the three modes, watch
-the denoiser unmask a block step by step, call the two towers by hand, and continue several prompts at
-once. It runs in seconds on a laptop CPU with the embedded tiny model; the same lines run the 30B one.
+"""A tour of twotower from Python, in six short steps: load a model, sample text in the three modes, watch
+the denoiser unmask a block step by step, call the two towers by hand, continue several prompts at once,
+and stream one. It runs in seconds on a laptop CPU with the embedded tiny model; the same lines run the 30B one.
 
     python examples/tour.py                       # the embedded tiny model
     python examples/tour.py --model nano-twotower-ft --device cuda
@@ -74,6 +74,11 @@ def main() -> None:
     print("5. four prompts, two at a time, each ending at its first blank line:")
     for p, c in zip(prompts, outs, strict=True):
         print(f"   {p.strip():>12} → {c.text!r} ({c.finish_reason})")
+
+    # 6. Streaming: the text of one prompt as each block commits it (what a chat UI or `serve` shows).
+    print("6. streamed, a block at a time:")
+    for i, piece in enumerate(rt.stream(args.prompt, max_new_tokens=48)):
+        print(f"   piece {i}: {piece!r}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ and the tour in examples/ runs as written."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -109,11 +110,13 @@ def test_the_tour_runs_on_the_embedded_model():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert [ln[:2] for ln in lines if ln[:1].isdigit()] == ["1.", "2.", "3.", "4.", "5."]
+    assert [ln[:2] for ln in lines if ln[:1].isdigit()] == ["1.", "2.", "3.", "4.", "5.", "6."]
     ar = next(ln for ln in lines if ln.strip().startswith("ar:"))
     record, = cli("ROMEO.\n", "-n", "48", "--mode", "ar")
     assert repr(record["text"][:60]) in ar
     assert sum("(stop)" in ln or "(length)" in ln or "(eos)" in ln for ln in lines) == 4
+    pieces = [ast.literal_eval(ln.split(": ", 1)[1]) for ln in lines if ln.strip().startswith("piece ")]
+    assert len(pieces) > 1 and "".join(pieces) == cli("ROMEO.\n", "-n", "48")[0]["text"]
 
 
 def test_generate_chat_is_what_generate_chat_gives(folder, tmp_path):
