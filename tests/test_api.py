@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.twotower_helpers import distinct_towers, stop_inside
+from tests.twotower_helpers import stop_inside, write_random_twotower
 from typer.testing import CliRunner
 
 import twotower_cli
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return distinct_towers(tmp_path_factory.mktemp("api") / "tt")
+    return write_random_twotower(tmp_path_factory.mktemp("api") / "tt")
 
 
 @pytest.fixture(scope="module")

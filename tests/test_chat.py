@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, distinct_towers, reshard, stop_inside
+from tests.twotower_helpers import add_chat, reshard, stop_inside, write_random_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -25,7 +25,7 @@ USER = ["hello there, friend.", "and what now?", "tell me more, please."]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A TwoTower whose denoiser differs from its context tower (as in test_generate)."""
-    return distinct_towers(tmp_path_factory.mktemp("tt") / "tt")
+    return write_random_twotower(tmp_path_factory.mktemp("tt") / "tt")
 
 
 @pytest.fixture(scope="module")

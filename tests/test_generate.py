@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from tests.twotower_helpers import add_chat, distinct_towers, random_base, reshard, tiny_cfg, write_base
+from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_base, write_random_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -20,7 +20,7 @@ from twotower_cli.towers import TowerBackend, load_model
 def trained_like(tmp_path_factory):
     """A TwoTower whose denoiser differs from its context tower and whose time conditioning is not the
     identity, so mask_diffusion commits several tokens per step in varied orders."""
-    folder = distinct_towers(tmp_path_factory.mktemp("tt") / "tt")
+    folder = write_random_twotower(tmp_path_factory.mktemp("tt") / "tt")
     return folder
 
 

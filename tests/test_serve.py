@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from tests.twotower_helpers import Widths, add_chat, distinct_towers
+from tests.twotower_helpers import Widths, add_chat, write_random_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
@@ -26,7 +26,7 @@ CFG = S.SamplingConfig(block_size=4, threshold=0.3, max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    plain = distinct_towers(tmp_path_factory.mktemp("tt") / "tt")
+    plain = write_random_twotower(tmp_path_factory.mktemp("tt") / "tt")
     return add_chat(shutil.copytree(plain, tmp_path_factory.mktemp("chat") / "tt"))
 
 

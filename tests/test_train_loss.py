@@ -24,8 +24,10 @@ def model(tmp_path_factory):
     return load_model(write_random_twotower(tmp_path_factory.mktemp("loss") / "tt"), need_denoiser=True).twotower
 
 
-def reference_loss(model, ids: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor, S: int) -> torch.Tensor:
-    """Block by block, sequence by sequence, each with a context tower run from scratch."""
+def reference_terms(model, ids: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor,
+                    S: int) -> list[tuple[torch.Tensor, float]]:
+    """(cross-entropy, its block's t) of every masked token: block by block, sequence by sequence, each with a
+    context tower run from scratch."""
     terms = []
     for i in range(ids.shape[0]):
         for b in range(ids.shape[1] // S):
@@ -36,8 +38,12 @@ def reference_loss(model, ids: torch.Tensor, noisy: torch.Tensor, mask: torch.Te
             t = mask[i, cols].float().mean()[None]  # the block's masked fraction, as the sampler gives it
             logits = model.denoise(noisy[i:i + 1, cols], cache, t)[0]
             for j in mask[i, cols].nonzero()[:, 0].tolist():
-                terms.append(F.cross_entropy(logits[j].double(), ids[i, b * S + j]))
-    return torch.stack(terms).mean()
+                terms.append((F.cross_entropy(logits[j].double(), ids[i, b * S + j]), float(t)))
+    return terms
+
+
+def reference_loss(model, ids: torch.Tensor, noisy: torch.Tensor, mask: torch.Tensor, S: int) -> torch.Tensor:
+    return torch.stack([ce for ce, _ in reference_terms(model, ids, noisy, mask, S)]).mean()
 
 
 @pytest.mark.parametrize("S", [3, 4, 16])

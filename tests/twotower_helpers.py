@@ -192,11 +192,3 @@ def stop_inside(text: str) -> str:
             if text.find(text[i:i + n]) == i:
                 return text[i:i + n]
     raise AssertionError(f"no stop text to take from {text!r}")
-
-
-def distinct_towers(folder: Path) -> Path:
-    """A tiny TwoTower written to `folder` whose denoiser differs from its context tower and whose time
-    conditioning is not the identity (seeds 11 and 12: its continuations are varied text, not one letter
-    repeated), so mask_diffusion commits several tokens per step in varied orders."""
-    cfg = tiny_cfg()
-    return write_twotower(folder, random_base(cfg, 11), "random", denoiser=random_base(cfg, 12))

@@ -4,6 +4,7 @@ from twotower_cli.commands import (
     bench,  # noqa: F401
     chat,  # noqa: F401
     env,  # noqa: F401
+    eval,  # noqa: F401
     generate,  # noqa: F401
     inspect,  # noqa: F401
     serve,  # noqa: F401

@@ -1,0 +1,155 @@
+"""`twotower eval`: how well a checkpoint predicts held-out text, the numbers to compare checkpoints by
+without sampling.
+
+- **AR**: the context tower and its head read each sequence causally; the mean negative log-likelihood of
+  every token after the first, and its perplexity. For a fresh split this is the base model's.
+- **Masked diffusion** (TwoTower checkpoints): the training objective (spec §8) on the same sequences, with
+  the noise `train` evaluates with (`add_noise` from the seed, t per sequence or per block): the mean
+  cross-entropy over the masked tokens, overall and by the block's masked fraction t (a denoiser is sure
+  of a block that is mostly filled, t small, and unsure of one that is mostly masked). With the same data,
+  `--seq-len`, block and seed it is the number `train` reports as its eval loss before the first step.
+
+The sequences: the data packed as `train` packs it (EOS between documents, `seq_len` tokens, no sequence
+across two files), the first `max_sequences` of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twotower_cli.errors import TwoTowerError
+
+T_EDGES = (0.25, 0.5, 0.75, 1.0)  # the t buckets' upper edges: (0, .25], (.25, .5], (.5, .75], (.75, 1]
+
+
+@dataclass
+class EvalResult:
+    model: str
+    sequences: int
+    seq_len: int
+    ar_nll: float  # mean over ar_tokens
+    ar_tokens: int
+    block: int | None = None  # None: a plain NemotronH checkpoint, AR only
+    noise_per: str | None = None
+    seed: int = 0
+    diffusion_loss: float | None = None  # mean cross-entropy over the masked tokens
+    masked_tokens: int = 0
+    by_t: list[dict[str, Any]] = field(default_factory=list)  # {"t_max", "loss", "tokens"} per bucket
+    seconds: float = 0.0
+
+    @property
+    def ar_perplexity(self) -> float:
+        return math.exp(self.ar_nll)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ar_perplexity": self.ar_perplexity}
+
+
+def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: int | None = None, batch: int = 8,
+             max_sequences: int = 64, seed: int = 0, noise_per: str = "sequence", device: str | None = None,
+             dtype: str = "auto", progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Both measures (module docstring) of the checkpoint `model` on the first `max_sequences` sequences of
+    `data`; `progress(done, total)` after each batch of each measure."""
+    from twotower_cli import train as T
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.config import NemotronHConfig
+    from twotower_cli.model.loading import require_shards
+    from twotower_cli.runtime import model_folder, pick_device, pick_dtype
+    from twotower_cli.text import Tokenizer
+    from twotower_cli.towers import causal_lm_view, is_twotower_checkpoint, load_model, token_log_probs
+
+    t0 = time.perf_counter()
+    for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--max-sequences", max_sequences)):
+        if value < 1:
+            raise TwoTowerError(f"{name} must be at least 1, not {value}", None)
+    if seq_len < 2:
+        raise TwoTowerError("--seq-len must be at least 2: the AR measure predicts each token after the first",
+                            "try --seq-len 512")
+    if noise_per not in T.NOISE_PER:
+        raise TwoTowerError(f"--noise-per {noise_per!r} is not one of {', '.join(T.NOISE_PER)}", None)
+    if seed < 0:
+        raise TwoTowerError(f"--seed {seed} is negative", "use a seed of 0 or more")
+    folder = model_folder(model)
+    ckpt = open_checkpoint(folder)
+    require_shards(ckpt)
+    two = is_twotower_checkpoint(ckpt)
+    if ckpt.config_raw is None:
+        raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
+    cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+    if two:
+        if block is None:
+            block = T.recorded_block(cfg, folder)[0]
+        if block < 1 or seq_len % block:
+            raise TwoTowerError(f"--seq-len {seq_len} is not a multiple of the block size {block}",
+                                f"use e.g. --seq-len {max(1, seq_len // max(block, 1)) * max(block, 1)}")
+    elif block is not None:
+        raise TwoTowerError(f"{folder.name} is a plain NemotronH checkpoint: it has no denoiser to give a block",
+                            "leave out --block (the AR measure needs none), or evaluate a TwoTower checkpoint")
+    tok = Tokenizer(folder)
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    streams, _ = T.token_streams([Path(p) for p in data], tok, eos, cfg.vocab_size)
+    seqs = T.Sequences(streams, seq_len)
+    if not len(seqs):
+        raise TwoTowerError(f"the data holds fewer tokens than one sequence of --seq-len {seq_len}",
+                            "add data or lower --seq-len")
+    ids = seqs[0:min(len(seqs), max_sequences)]
+    dev = pick_device(device)
+    loaded = load_model(folder, need_denoiser=two, dtype=pick_dtype(dtype, dev), device=dev, check_memory=True)
+    ar = loaded.ar if loaded.ar is not None else causal_lm_view(loaded.twotower)  # the context tower and its head
+    n = len(ids)
+    total = math.ceil(n / batch) * (2 if two else 1)
+    done = 0
+
+    nll, ar_tokens = 0.0, 0
+    for start in range(0, n, batch):
+        for row in ids[start:start + batch].tolist():
+            lps = token_log_probs(ar, row, start=1)[0]  # each token after the first, given those before
+            nll -= float(lps.double().sum())
+            ar_tokens += len(lps)
+        done += 1
+        if progress:
+            progress(done, total)
+    result = EvalResult(str(folder), n, seq_len, nll / ar_tokens, ar_tokens, seed=seed)
+    if not two:
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    model_ = loaded.twotower
+    gen = torch.Generator().manual_seed(T.derive_seed(seed, T._EVAL))
+    noisy, mask, t = T.add_noise(ids, block, cfg.mask_token_id, gen, noise_per)
+    denoiser = T.BlockDenoiser(model_)
+    sums = [0.0] * len(T_EDGES)
+    counts = [0] * len(T_EDGES)
+    edges = torch.tensor(T_EDGES)
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            sl = slice(start, start + batch)
+            x = ids[sl].to(model_.context_device)
+            m = mask[sl]
+            context = T.context_pass(model_.context_tower, x, block)
+            ce = denoiser(noisy[sl].to(model_.denoiser_device), t[sl].to(model_.denoiser_device), context,
+                          x.to(model_.denoiser_device), m.to(model_.denoiser_device), reduction="none").double().cpu()
+            t_of = t[sl].repeat_interleave(block, dim=1)[m]  # each masked token's block t
+            bucket = torch.bucketize(t_of, edges)  # index of the first edge ≥ t
+            for b in range(len(T_EDGES)):
+                sel = bucket == b
+                sums[b] += float(ce[sel].sum())
+                counts[b] += int(sel.sum())
+            done += 1
+            if progress:
+                progress(done, total)
+    masked = sum(counts)
+    result.block, result.noise_per = block, noise_per
+    result.diffusion_loss = sum(sums) / max(masked, 1)
+    result.masked_tokens = masked
+    result.by_t = [{"t_max": e, "loss": s / c if c else None, "tokens": c} for e, s, c in zip(T_EDGES, sums, counts,
+                                                                                           strict=True)]
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,124 @@
+"""`twotower eval`: the AR measure against a full forward and a shifted cross-entropy, the masked-diffusion
+loss against the per-block reference of spec §8 (tests/test_train_loss.py) and against `train`'s own
+evaluation of the same data, the t buckets against the reference's per-token terms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.test_train_loss import reference_terms
+from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_random_twotower
+from typer.testing import CliRunner
+
+from twotower_cli import train as T
+from twotower_cli.cli import get_app
+from twotower_cli.evaluate import T_EDGES, evaluate
+from twotower_cli.text import Tokenizer
+from twotower_cli.towers import causal_lm_view, load_model
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 30
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_random_twotower(tmp_path_factory.mktemp("ev") / "tt")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("evdata") / "held.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def sequences(folder, data, seq_len):
+    tok = Tokenizer(folder)
+    ids = tok.encode(TEXT) + [2]  # one document, then EOS, as train packs it
+    n = len(ids) // seq_len
+    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+
+
+def test_the_ar_measure_is_the_shifted_cross_entropy_of_a_full_forward(folder, data):
+    r = evaluate(str(folder), [data], seq_len=64, block=4, batch=3, max_sequences=5)
+    ids = sequences(folder, data, 64)[:5]
+    ar = causal_lm_view(load_model(folder, need_denoiser=True).twotower)
+    with torch.no_grad():
+        logits = ar(ids)  # [n, 64, V]: every position at once, the head on all of them
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(), ids[:, 1:].reshape(-1))
+    assert r.sequences == 5 and r.ar_tokens == 5 * 63
+    assert abs(r.ar_nll - want.item()) <= 1e-5 and r.ar_perplexity == pytest.approx(torch.exp(want).item())
+
+
+@pytest.mark.parametrize("per", ["sequence", "block"])
+def test_the_diffusion_loss_and_its_t_buckets_are_the_per_block_references(folder, data, per):
+    r = evaluate(str(folder), [data], seq_len=32, block=4, batch=4, max_sequences=6, seed=3, noise_per=per)
+    ids = sequences(folder, data, 32)[:6]
+    gen = torch.Generator().manual_seed(T.derive_seed(3, T._EVAL))
+    noisy, mask, _ = T.add_noise(ids, 4, 3, gen, per)
+    model = load_model(folder, need_denoiser=True).twotower
+    with torch.no_grad():
+        terms = reference_terms(model, ids, noisy, mask, 4)
+    assert r.masked_tokens == len(terms) == int(mask.sum())
+    assert abs(r.diffusion_loss - torch.stack([ce for ce, _ in terms]).mean().item()) <= 1e-5
+    lo = 0.0
+    for bucket, hi in zip(r.by_t, T_EDGES, strict=True):
+        mine = [ce for ce, t in terms if lo < t <= hi]
+        assert bucket["t_max"] == hi and bucket["tokens"] == len(mine)
+        if mine:
+            assert abs(bucket["loss"] - torch.stack(mine).mean().item()) <= 1e-5
+        lo = hi
+    assert sum(b["tokens"] for b in r.by_t) == r.masked_tokens
+
+
+def test_the_diffusion_loss_is_what_train_reports_before_its_first_step(folder, data, tmp_path):
+    """eval on a file == train's eval loss before training, with that file as --eval-data and the same seed,
+    --seq-len, block and noise."""
+    run = T.train(T.TrainConfig(checkpoint=folder, data=[data], out=tmp_path / "o", block=4, seq_len=32, batch=4,
+                                steps=1, warmup=0, eval_every=0, save_every=0, device="cpu", seed=5,
+                                eval_data=[data], noise_per="block"))
+    r = evaluate(str(folder), [data], seq_len=32, block=4, max_sequences=1000, seed=5, noise_per="block")
+    assert abs(r.diffusion_loss - run.eval_loss_before) <= 1e-5
+
+
+def test_a_plain_checkpoint_gets_the_ar_measure_only(tmp_path, data):
+    base = write_base(tmp_path / "base", random_base(tiny_cfg(), 11))
+    r = evaluate(str(base), [data], seq_len=64, max_sequences=3)
+    assert r.diffusion_loss is None and r.block is None and r.ar_tokens == 3 * 63
+    with pytest.raises(Exception, match="no denoiser to give a block"):
+        evaluate(str(base), [data], seq_len=64, block=4)
+
+
+def invoke(*args):
+    return CliRunner().invoke(get_app(), ["eval", *args])
+
+
+def test_cli_json_and_human_report(folder, data):
+    r = invoke("--model", str(folder), "--data", str(data), "--seq-len", "32", "--block", "4", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    want = evaluate(str(folder), [data], seq_len=32, block=4)
+    assert out["ar_nll"] == want.ar_nll and out["diffusion_loss"] == want.diffusion_loss
+    assert out["ar_perplexity"] == want.ar_perplexity and len(out["by_t"]) == len(T_EDGES)
+    human = invoke("--model", str(folder), "--data", str(data), "--seq-len", "32", "--block", "4")
+    lines = human.stderr.splitlines()
+    assert human.exit_code == 0 and human.stdout == ""
+    assert lines[1].startswith(f"AR (context tower and its head): NLL {want.ar_nll:.4f}")
+    assert lines[2].startswith(f"masked diffusion (block 4, t per sequence, seed 0): loss {want.diffusion_loss:.4f}")
+    assert lines[3].strip().startswith("t in (0, 0.25]:")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    ((), "no data files given"),
+    (("--seq-len", "30", "--block", "4"), "--seq-len 30 is not a multiple of the block size 4"),
+    (("--seq-len", "4096"), "fewer tokens than one sequence"),
+    (("--noise-per", "doc"), "--noise-per 'doc'"),
+    (("--batch", "0"), "--batch must be at least 1"),
+])
+def test_cli_errors_are_one_line(folder, data, args, needle):
+    extra = () if not args else ("--data", str(data))
+    r = invoke("--model", str(folder), *extra, *args)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert r.exit_code == 1 and len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output, r.output
