@@ -122,3 +122,23 @@ def test_cli_errors_are_one_line(folder, data, args, needle):
     r = invoke("--model", str(folder), *extra, *args)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
     assert r.exit_code == 1 and len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output, r.output
+
+
+def test_eval_places_the_towers_as_generate_does(folder, data, monkeypatch):
+    """--context-device / --denoiser-device reach the loader; on one CPU the numbers are those without them."""
+    from twotower_cli import towers
+
+    seen = {}
+    real = towers.load_model
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(towers, "load_model", spy)
+    placed = evaluate(str(folder), [data], seq_len=32, block=4, context_device="cpu", denoiser_device="cpu")
+    assert (str(seen["context_device"]), str(seen["denoiser_device"])) == ("cpu", "cpu")
+    plain = evaluate(str(folder), [data], seq_len=32, block=4)
+    assert (placed.ar_nll, placed.diffusion_loss) == (plain.ar_nll, plain.diffusion_loss)
+    r = invoke("--model", str(folder), "--data", str(data), "--seq-len", "32", "--context-device", "cuda:5")
+    assert r.exit_code == 1 and "cuda:5" in r.stderr and "Traceback" not in r.output

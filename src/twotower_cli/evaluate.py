@@ -54,16 +54,18 @@ class EvalResult:
 
 def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: int | None = None, batch: int = 8,
              max_sequences: int = 64, seed: int = 0, noise_per: str = "sequence", device: str | None = None,
-             dtype: str = "auto", progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             dtype: str = "auto", context_device: str | None = None, denoiser_device: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Both measures (module docstring) of the checkpoint `model` on the first `max_sequences` sequences of
-    `data`; `progress(done, total)` after each batch of each measure."""
+    `data`, the towers on `device` or one on each of `context_device` and `denoiser_device` (as generate
+    places them); `progress(done, total)` after each batch of each measure."""
+    from twotower_cli import towers as TW
     from twotower_cli import train as T
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.config import NemotronHConfig
     from twotower_cli.model.loading import require_shards
     from twotower_cli.runtime import model_folder, pick_device, pick_dtype
     from twotower_cli.text import Tokenizer
-    from twotower_cli.towers import causal_lm_view, is_twotower_checkpoint, load_model, token_log_probs
 
     t0 = time.perf_counter()
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--max-sequences", max_sequences)):
@@ -79,7 +81,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     folder = model_folder(model)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)
-    two = is_twotower_checkpoint(ckpt)
+    two = TW.is_twotower_checkpoint(ckpt)
     if ckpt.config_raw is None:
         raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
     cfg = NemotronHConfig.from_dict(ckpt.config_raw)
@@ -101,8 +103,11 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
                             "add data or lower --seq-len")
     ids = seqs[0:min(len(seqs), max_sequences)]
     dev = pick_device(device)
-    loaded = load_model(folder, need_denoiser=two, dtype=pick_dtype(dtype, dev), device=dev, check_memory=True)
-    ar = loaded.ar if loaded.ar is not None else causal_lm_view(loaded.twotower)  # the context tower and its head
+    ctx = pick_device(context_device) if context_device else dev
+    den = pick_device(denoiser_device) if denoiser_device else dev
+    loaded = TW.load_model(folder, need_denoiser=two, dtype=pick_dtype(dtype, ctx), device=dev, context_device=ctx,
+                        denoiser_device=den, check_memory=True)
+    ar = loaded.ar if loaded.ar is not None else TW.causal_lm_view(loaded.twotower)  # the context tower and its head
     n = len(ids)
     total = math.ceil(n / batch) * (2 if two else 1)
     done = 0
@@ -110,7 +115,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     nll, ar_tokens = 0.0, 0
     for start in range(0, n, batch):
         for row in ids[start:start + batch].tolist():
-            lps = token_log_probs(ar, row, start=1)[0]  # each token after the first, given those before
+            lps = TW.token_log_probs(ar, row, start=1)[0]  # each token after the first, given those before
             nll -= float(lps.double().sum())
             ar_tokens += len(lps)
         done += 1
@@ -134,6 +139,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
             x = ids[sl].to(model_.context_device)
             m = mask[sl]
             context = T.context_pass(model_.context_tower, x, block)
+            context = T.BlockContext([TW.state_on(state, model_.denoiser_device) for state in context.layers], block)
             ce = denoiser(noisy[sl].to(model_.denoiser_device), t[sl].to(model_.denoiser_device), context,
                           x.to(model_.denoiser_device), m.to(model_.denoiser_device), reduction="none").double().cpu()
             t_of = t[sl].repeat_interleave(block, dim=1)[m]  # each masked token's block t

@@ -152,9 +152,9 @@ class TwoTower(nn.Module):
                     h = torch.addcmul(shift, h, scale1)
             state = context.layers[i]
             if layer.kind == "M":
-                out, _ = layer.mixer(h, state=_to_device(state, dev), keep_state=False)
+                out, _ = layer.mixer(h, state=state_on(state, dev), keep_state=False)
             elif layer.kind == "*":
-                out, _, _ = layer.mixer(h, past=_to_device(state, dev), causal=False, mask=attention_mask)
+                out, _, _ = layer.mixer(h, past=state_on(state, dev), causal=False, mask=attention_mask)
             else:
                 out = layer.mixer(h)
             x = torch.addcmul(x, gate, out) if mods is not None else x + out
@@ -179,7 +179,7 @@ def layer_modulations(tables: nn.ParameterList, e: torch.Tensor, dtype: torch.dt
     return mods.to(dtype).unsqueeze(-2)
 
 
-def _to_device(state: MambaState | KVCache | None, device: torch.device) -> MambaState | KVCache | None:
+def state_on(state: MambaState | KVCache | None, device: torch.device) -> MambaState | KVCache | None:
     """The context tower's per-layer state on the denoiser's device (a no-op on one device)."""
     if state is None:
         return None
@@ -200,7 +200,7 @@ def cache_on(cache: TowerCache, device: torch.device) -> TowerCache:
     """The context tower's cache with every layer's state (and the key mask) on `device`: what the denoiser
     reads, copied once per committed block instead of once per denoiser step (`TowerBackend.denoise`)."""
     key_mask = None if cache.key_mask is None else cache.key_mask.to(device)
-    return TowerCache([_to_device(state, device) for state in cache.layers], key_mask, cache.length)
+    return TowerCache([state_on(state, device) for state in cache.layers], key_mask, cache.length)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -26,6 +26,8 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Seed of the masks (train's evaluation noise with the same seed).")] = 0,
     noise_per: Annotated[str, typer.Option("--noise-per", help="sequence | block: one t per sequence (spec §8) or per block.")] = "sequence",
     device: O.Device = None,
+    context_device: O.ContextDevice = None,
+    denoiser_device: O.DenoiserDevice = None,
     dtype: O.Dtype = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
@@ -49,7 +51,8 @@ def eval_(
                   disable=not console.is_terminal) as bar:
         task = bar.add_task("batches", total=None)
         r = evaluate(model, files, seq_len=seq_len, block=block, batch=batch, max_sequences=max_sequences, seed=seed,
-                     noise_per=noise_per, device=device, dtype=dtype,
+                     noise_per=noise_per, device=device, dtype=dtype, context_device=context_device,
+                     denoiser_device=denoiser_device,
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     if as_json:
         print(json.dumps(r.to_json()))
