@@ -61,6 +61,9 @@ def test_the_json_report_says_what_is_installed_and_cached(home):
         assert out["kernels"][family] == {"imports": kernels.available(family),
                                           "why_not": kernels.unavailable_reason(family)}
     assert out["hub"] == {"cache": str(home / "hub"), "offline": False}
+    from twotower_cli.towers import free_bytes
+
+    assert abs(out["host_free_gib"] - free_bytes(torch.device("cpu")) / 2**30) < 1.0  # MemAvailable moves
     models = out["models"]
     assert models["tiny"] == {"where": "embedded", "path": str(hub.ASSETS / "tiny-twotower")}
     for alias in ("nemotron-3-nano", "nemotron-3-nano-base"):  # both name the base, the one cached
@@ -88,14 +91,17 @@ def test_gpus_and_a_bad_kernel_setting_are_reported_not_raised(home, monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: cards[i])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: ((60 if d.index == 0 else 2) * 2**30, 0))
     monkeypatch.setenv(kernels.ENV, "fast")
     r = env("--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["gpus"] == [
-        {"device": "cuda:0", "name": "NVIDIA H100 80GB HBM3", "memory_gib": 80.0, "capability": "9.0", "bf16": True},
-        {"device": "cuda:1", "name": "Tesla V100", "memory_gib": 16.0, "capability": "7.0", "bf16": False}]
+        {"device": "cuda:0", "name": "NVIDIA H100 80GB HBM3", "memory_gib": 80.0, "free_gib": 60.0,
+         "capability": "9.0", "bf16": True},
+        {"device": "cuda:1", "name": "Tesla V100", "memory_gib": 16.0, "free_gib": 2.0, "capability": "7.0",
+         "bf16": False}]
     assert out["kernels"]["mode"].startswith("invalid: TWOTOWER_KERNELS='fast'")
     human = env().stderr
-    assert "cuda:0: NVIDIA H100 80GB HBM3 · 80.0 GiB · compute 9.0 · bf16 yes" in human
+    assert "cuda:0: NVIDIA H100 80GB HBM3 · 80.0 GiB (60.0 free) · compute 9.0 · bf16 yes" in human
     assert "TWOTOWER_KERNELS=invalid" in human

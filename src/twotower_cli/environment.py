@@ -28,9 +28,16 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+def _gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 1)
+
+
 def gpus() -> list[dict[str, Any]]:
-    """Each CUDA device torch sees: index, name, memory, compute capability, bf16."""
+    """Each CUDA device torch sees: index, name, memory (all, and free now: what the load's memory check
+    compares with), compute capability, bf16."""
     import torch
+
+    from twotower_cli.towers import free_bytes
 
     if not torch.cuda.is_available():
         return []
@@ -38,6 +45,7 @@ def gpus() -> list[dict[str, Any]]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         out.append({"device": f"cuda:{i}", "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                    "free_gib": _gib(free_bytes(torch.device("cuda", i))),
                     "capability": f"{p.major}.{p.minor}", "bf16": p.major >= 8})
     return out
 
@@ -64,6 +72,7 @@ def report() -> dict[str, Any]:
     import torch
 
     from twotower_cli.ops import kernels
+    from twotower_cli.towers import free_bytes
 
     try:
         kernel_mode = kernels.mode()
@@ -78,6 +87,7 @@ def report() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "gpus": gpus(),
         "cpu_count": os.cpu_count(),
+        "host_free_gib": _gib(free_bytes(torch.device("cpu"))),  # MemAvailable: the CPU load's memory check
         "torch_threads": torch.get_num_threads(),
         "kernels": {"mode": kernel_mode,
                     **{family: {"imports": kernels.available(family), "why_not": kernels.unavailable_reason(family)}

@@ -35,11 +35,13 @@ def env(
         out(f"[bold]{label}[/]: {escape(text)}", highlight=False, soft_wrap=True)
 
     line("twotower", f"{r['twotower']} · Python {r['python']} · {r['platform']}")
+    host = "" if r["host_free_gib"] is None else f" · {r['host_free_gib']} GiB of host memory free"
     line("torch", f"{r['torch']} (CUDA build {r['torch_cuda'] or 'none'}) · {r['cpu_count']} cores, "
-                  f"{r['torch_threads']} threads")
+                  f"{r['torch_threads']} threads{host}")
     if r["gpus"]:
         for g in r["gpus"]:
-            line(g["device"], f"{g['name']} · {g['memory_gib']} GiB · compute {g['capability']} · "
+            free = "" if g["free_gib"] is None else f" ({g['free_gib']} free)"
+            line(g["device"], f"{g['name']} · {g['memory_gib']} GiB{free} · compute {g['capability']} · "
                               f"bf16 {'yes' if g['bf16'] else 'no'}")
     else:
         line("GPUs", "none that torch can use" + (" (a CPU build of torch)" if not r["torch_cuda"] else ""))
