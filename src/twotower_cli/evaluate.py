@@ -6,8 +6,9 @@ without sampling.
 - **Masked diffusion** (TwoTower checkpoints): the training objective (spec §8) on the same sequences, with
   the noise `train` evaluates with (`add_noise` from the seed, t per sequence or per block): the mean
   cross-entropy over the masked tokens, overall and by the block's masked fraction t (a denoiser is sure
-  of a block that is mostly filled, t small, and unsure of one that is mostly masked). With the same data,
-  `--seq-len`, block and seed it is the number `train` reports as its eval loss before the first step.
+  of a block that is mostly filled, t small, and unsure of one that is mostly masked). On the file `train`
+  held out with `--eval-data` (all its sequences), with the same `--seq-len`, block, seed and noise, it is
+  the eval loss `train` reports before its first step.
 
 The sequences: the data packed as `train` packs it (EOS between documents, `seq_len` tokens, no sequence
 across two files), the first `max_sequences` of them.
