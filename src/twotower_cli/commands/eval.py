@@ -31,7 +31,7 @@ def eval_(
     dtype: O.Dtype = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
-    """A checkpoint's AR perplexity and masked-diffusion loss on held-out text: numbers to compare checkpoints by.
+    """AR perplexity and masked-diffusion loss on held-out text: numbers to compare checkpoints by.
 
     The AR measure reads each sequence with the context tower and its head (a plain NemotronH checkpoint:
     the model). The masked-diffusion loss is the training objective with `train`'s evaluation noise: the
