@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from tests.twotower_helpers import Widths, add_chat, write_random_twotower
+from tests.twotower_helpers import Widths, add_chat, stop_inside, write_random_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
@@ -1130,7 +1130,6 @@ def test_chat_logprobs_in_mask_diffusion_are_each_tokens_at_its_commit(url, mode
 
 
 @pytest.mark.parametrize("path, body, needle", [
-    ("/v1/completions", {"prompt": "hi", "logprobs": 0, "stream": True}, "whole replies only"),
     ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "whole replies only"),
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "between 0 and 20"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21, "echo": True, "max_tokens": 0}, "between 0 and 20"),
@@ -1143,6 +1142,37 @@ def test_logprobs_that_cannot_be_given_are_refused(url, path, body, needle):
     status, text = post(url, path, body)
     assert status == 400 and needle in json.loads(text)["error"]["message"], text
 
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_a_streams_logprobs_add_up_to_the_whole_replys(url, model, folder, chat, mode):
+    """Streamed with logprobs, each chunk carries the logprobs of the tokens its text completed (the tokens
+    of a stop string with the last): joined, the whole reply's — tokens, values, top-k and offsets — two
+    prompts (completions) and a stop string included."""
+    tok = Tokenizer(folder)
+    free = tok.decode(reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=24, mode=mode)).token_ids)
+    stop = stop_inside(free)
+    if chat:
+        body = {"messages": [{"role": "user", "content": "hello there"}], "logprobs": True, "top_logprobs": 2}
+    else:
+        body = {"prompt": ["hello there", "and what now?"], "logprobs": 2}
+    body |= {"max_tokens": 24, "mode": mode, "stop": [stop]}
+    whole = json.loads(post(url, path := "/v1/chat/completions" if chat else "/v1/completions", body)[1])
+    chunks, done = events(post(url, path, {**body, "stream": True})[1])
+    assert done
+    for choice in whole["choices"]:
+        i = choice["index"]
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        pieces = [c["logprobs"] for c in mine if c.get("logprobs")]
+        assert len(pieces) >= 1
+        if chat:
+            assert "".join(c["delta"].get("content") or "" for c in mine) == choice["message"]["content"]
+            assert [t for p in pieces for t in p["content"]] == choice["logprobs"]["content"]
+        else:
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                assert [v for p in pieces for v in p[key]] == choice["logprobs"][key], key
 
 
 def test_an_api_key_is_asked_of_every_route_but_health(folder, model):

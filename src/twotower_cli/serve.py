@@ -58,7 +58,8 @@ token's log-probability and the k most likely tokens at its position: in `mask_d
 denoiser's forward that committed it, in `ar` / `mock_ar` under the next-token distribution (untempered
 either way, so a sampled token need not be among them). Only those k ids and values come back from the
 device. Completions' `echo` puts the prompt in front, its tokens scored by the context tower (one forward);
-with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for.
+with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for. A stream's chunks carry
+the logprobs of the tokens their text completed (`_Job._logprobs_sent`); `echo` is for whole replies only.
 
 One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
 every other waiting one with the same mode and stop ids (mask_diffusion: and block size; no seed of its own, when
@@ -327,8 +328,10 @@ def _prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int
 
 @dataclass
 class Piece:
-    """What one sampler event made final: per prompt, new text (may be empty)."""
+    """What one sampler event made final: per prompt, new text (may be empty), and with `logprobs` the
+    logprobs object (`_logprobs_body`) of the tokens that text completed (None: none)."""
     deltas: list[str]
+    logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -441,8 +444,8 @@ class Engine:
             raise BadRequest("this model has no denoiser: only mode 'ar'")
         options = body.get("stream_options") or {}
         stream = bool(body.get("stream"))
-        if (logprobs or echo) and stream:
-            raise BadRequest("logprobs and echo are given for whole replies only: leave out 'stream'")
+        if echo and stream:
+            raise BadRequest("echo is given for whole replies only: leave out 'stream'")
         seed = _number(body, "seed", int, None)
         if seed is not None and not S.seed_in_range(seed):
             raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
@@ -796,6 +799,8 @@ class _Job:
         self.logprobs: dict[int, list[float]] = {}  # log p of each token at its commit
         self.top: dict[int, list[list[tuple[int, float]]]] = {}  # and the most likely tokens there
         self.sent: dict[int, str] = {}
+        self.sent_tokens: dict[int, int] = {}  # stream with logprobs: the tokens whose logprobs were sent
+        self.flushed: set[int] = set()  # rows whose end the stream has been given
         self.done: dict[int, S.Generation] = {}
         self.cached = 0  # prompt ids the backend held already
         self.batch = 1  # the most requests sampled together while it ran
@@ -844,14 +849,15 @@ class _Job:
                 grown.append(ev.row)
             else:
                 self.done[ev.row] = ev.generation
-        if not self.ticket.req.stream or not grown:
+        if not self.ticket.req.stream or not (grown or set(self.done) - self.flushed):
             return bool(grown)
-        deltas = []
+        deltas, logprobs = [], []
         for row in self.rows:
-            delta = ""
-            if row in grown:
+            delta, lp, found = "", None, None
+            if row in grown or (row in self.done and row not in self.flushed):
                 if row in self.done:
-                    safe = self.final_text(self.done[row].token_ids)[0]
+                    self.flushed.add(row)
+                    safe, found = self.final_text(self.done[row].token_ids)
                 else:
                     ids = self.ids[row]
                     text, ended = self.text(row, ids)
@@ -860,10 +866,37 @@ class _Job:
                 sent = self.sent.get(row, "")
                 delta = safe[len(sent):] if safe.startswith(sent) else ""
                 self.sent[row] = sent + delta
+                if self.ticket.req.logprobs:
+                    lp = self._logprobs_sent(row, found)
             deltas.append(delta)
-        if any(deltas):
-            self.ticket.out.put(Piece(deltas))
+            logprobs.append(lp)
+        if any(deltas) or any(lp is not None for lp in logprobs):
+            self.ticket.out.put(Piece(deltas, logprobs if self.ticket.req.logprobs else None))
         return True
+
+    def _logprobs_sent(self, row: int, found: bool | None) -> dict | None:
+        """A stream's logprobs for the tokens of `row` whose text has now been sent in full (once it is done:
+        every token the whole reply reports, through a stop string as `result` counts them); None if none.
+        `found`: whether a stop string ended it (None: not done)."""
+        req, tok = self.ticket.req, self.engine.tokenizer
+        ids, first = self.ids[row], self.sent_tokens.get(row, 0)
+        if found is not None:
+            ids = self.done[row].token_ids
+            last = self.engine._through_stop(ids, req.stops) if found else len(ids)
+        else:
+            sent, last = self.sent.get(row, ""), first
+            while last < len(ids) and sent.startswith(text := tok.decode(ids[:last + 1])) and \
+                    not text.endswith("\ufffd"):
+                last += 1
+        if last <= first:
+            return None
+        self.sent_tokens[row] = last
+        body = _logprobs_body(tok, ids[first:last], self.logprobs[row][first:last],
+                              self.top[row][first:last] if req.top_logprobs else None, req.chat)
+        if not req.chat:  # offsets in the whole reply, not in this piece
+            base = len(tok.decode(ids[:first]))
+            body["text_offset"] = [base + o for o in body["text_offset"]]
+        return body
 
     def result(self) -> Result:
         req, engine = self.ticket.req, self.engine
@@ -982,12 +1015,14 @@ def _usage(result: Result) -> dict:
             "seconds": round(result.seconds, 6)}
 
 
-def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None, finish: str | None) -> dict:
+def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None, finish: str | None,
+           logprobs: dict | None = None) -> dict:
     if req.chat:
         delta = {} if text is None else {"content": text}
-        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "finish_reason": finish,
+                  **({"logprobs": logprobs} if req.logprobs else {})}
     else:
-        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion.chunk" if req.chat else "text_completion", "created": int(time.time()),
             "model": engine.name, "choices": [choice]}
 
@@ -1468,8 +1503,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     for item in items:
                         if isinstance(item, Piece):
                             for i, text in enumerate(item.deltas):
-                                if text:
-                                    send(_chunk(engine, req, rid, i, text, None))
+                                lp = item.logprobs[i] if item.logprobs else None
+                                if text or lp is not None:
+                                    send(_chunk(engine, req, rid, i, text, None, lp))
                         else:
                             for i, finish in enumerate(item.finish_reasons):
                                 send(_chunk(engine, req, rid, i, None, finish))
