@@ -129,9 +129,9 @@ def test_looking_for_a_stop_string_decodes_the_newest_ids_not_the_whole_reply(fo
     class Counting(Tokenizer):
         lengths: list[int] = []
 
-        def decode(self, ids):
+        def decode(self, ids, **kw):
             self.lengths.append(len(ids))
-            return super().decode(ids)
+            return super().decode(ids, **kw)
 
     tok = Counting(folder)
     engine = Engine(TowerBackend(model), tok, [2, 38], replace_cfg(max_new_tokens=200), "tiny-test", None)
@@ -1173,6 +1173,31 @@ def test_a_streams_logprobs_add_up_to_the_whole_replys(url, model, folder, chat,
             assert "".join(c["text"] for c in mine) == choice["text"]
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 assert [v for p in pieces for v in p[key]] == choice["logprobs"][key], key
+
+
+@pytest.mark.hf
+def test_skip_special_tokens_leaves_them_out_of_the_text(url, model, folder):
+    """`skip_special_tokens: true` (vLLM's default; ours keeps them, as `generate` prints them): the text is
+    transformers' decode of the same ids with special tokens skipped (bos, pad and the chat tokens alike),
+    streamed or not, and completions' `text_offset` counts in that text; `false` (the default) keeps them."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(folder)
+    g = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=24, mode="ar"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    kept, skipped = hf.decode(g.token_ids, skip_special_tokens=False), hf.decode(g.token_ids, skip_special_tokens=True)
+    assert kept != skipped  # the reply writes a special token (<think>, </think>, <|im_start|>) besides its end
+    body = {"prompt": "hello there", "max_tokens": 24, "mode": "ar"}
+    assert json.loads(post(url, "/v1/completions", body)[1])["choices"][0]["text"] == kept
+    out = json.loads(post(url, "/v1/completions", {**body, "skip_special_tokens": True, "logprobs": 0})[1])
+    choice = out["choices"][0]
+    assert choice["text"] == skipped
+    ids = g.token_ids
+    assert choice["logprobs"]["text_offset"] == [len(hf.decode(ids[:i], skip_special_tokens=True))
+                                                 for i in range(len(ids))]
+    chunks, _ = events(post(url, "/v1/completions", {**body, "skip_special_tokens": True, "stream": True})[1])
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == skipped
+    status, text = post(url, "/v1/completions", {**body, "skip_special_tokens": "yes"})
+    assert status == 400 and "'skip_special_tokens' must be true or false" in text
 
 
 def test_an_api_key_is_asked_of_every_route_but_health(folder, model):

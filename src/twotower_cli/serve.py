@@ -39,8 +39,8 @@ with the route's methods, the headers asked for besides Authorization and Conten
 
 Request fields read: max_tokens (max_completion_tokens), temperature, top_p, top_k, seed, stop (a string or
 a list of them), n, stream, stream_options, logprobs, top_logprobs, echo (completions), chat_template_kwargs
-(template variables, as vLLM names them); and the sampler's own: mode, block_size, steps, threshold, policy,
-factor. A field that would change the output and is not honoured (logit_bias, the penalties, suffix,
+(template variables, as vLLM names them), skip_special_tokens (vLLM's; default false: the text keeps them);
+and the sampler's own: mode, block_size, steps, threshold, policy, factor. A field that would change the output and is not honoured (logit_bias, the penalties, suffix,
 best_of, response_format, tools, ...: `UNHONOURED`) is a 400 naming it unless its value changes nothing;
 fields that change nothing of the output (user, metadata, store, ...) are accepted. `n` (up to 16) samples
 that many choices of each prompt as rows of one batch (usage counts each prompt once). Unset fields take the
@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hmac
 import io
 import json
@@ -137,7 +138,7 @@ UNHONOURED = {
 READ_FIELDS = frozenset({
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
     "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "best_of", "chat_template_kwargs",
-    "mode", "block_size", "steps", "threshold", "policy", "factor",
+    "mode", "block_size", "steps", "threshold", "policy", "factor", "skip_special_tokens",
 })
 ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its method (GET's answer HEAD too)
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
@@ -233,6 +234,11 @@ class Request:
     max_tokens: list[int] = dataclasses.field(default_factory=list)  # per row: its own cut (`Engine._fit`)
     history: list[int] | None = None  # chat: the conversation before the generation prompt (`chat.start_from`)
     ignored: list[str] = dataclasses.field(default_factory=list)  # fields that change nothing here (`READ_FIELDS`)
+    skip_special: bool = False  # skip_special_tokens: the text leaves out special tokens (<|im_end|>, <think>, ...)
+
+    def decode(self, tokenizer: Tokenizer, ids: list[int]) -> str:
+        """The reply's text of `ids`, with or without the special tokens as the request asked."""
+        return tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
 
 def _number(body: dict, key: str, kind: type, default):
@@ -446,13 +452,17 @@ class Engine:
         stream = bool(body.get("stream"))
         if echo and stream:
             raise BadRequest("echo is given for whole replies only: leave out 'stream'")
+        skip = body.get("skip_special_tokens", False)
+        if not isinstance(skip, bool):
+            raise BadRequest("'skip_special_tokens' must be true or false")
         seed = _number(body, "seed", int, None)
         if seed is not None and not S.seed_in_range(seed):
             raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n,
-                       max_tokens=rows_max, ignored=sorted(k for k in body if k not in READ_FIELDS | UNHONOURED.keys()))
+                       max_tokens=rows_max, ignored=sorted(k for k in body if k not in READ_FIELDS | UNHONOURED.keys()),
+                       skip_special=skip)
 
     def _fit(self, prompt: int, wanted: int | None, field: str, where: str) -> int:
         """The completion tokens of a prompt of `prompt` tokens: `wanted` (its request's max_tokens), refused
@@ -660,7 +670,7 @@ class Engine:
             t0 = time.perf_counter()
             scored = [self._prompt_logprobs(ids, t.req.top_logprobs) for ids in t.req.prompts]
             n = len(t.req.prompts)
-            self._answer(t, Result([self.tokenizer.decode(ids) for ids in t.req.prompts], ["length"] * n,
+            self._answer(t, Result([t.req.decode(self.tokenizer, ids) for ids in t.req.prompts], ["length"] * n,
                              sum(len(ids) for ids in t.req.prompts) // t.req.n, 0, 0, n, time.perf_counter() - t0,
                              len(tickets),
                              [list(ids) for ids in t.req.prompts], [lp for lp, _ in scored], [tp for _, tp in scored]))
@@ -770,12 +780,14 @@ class Engine:
             fed_prompt = len(req.prompts[0]) - (req.settings.mode == "mock_ar")  # its context runs one behind
             job.cached = max(fed_prompt - (self.backend.fed - fed), 0)
 
-    def _through_stop(self, ids: list[int], stops: list[str]) -> int:
-        """The fewest of `ids` whose text holds one of `stops` (a longer prefix holds it too: binary search)."""
+    def _through_stop(self, ids: list[int], req: Request) -> int:
+        """The fewest of `ids` whose text holds one of `req`'s stop strings (a longer prefix holds it too:
+        binary search)."""
+        stops = req.stops
         lo, hi = 1, len(ids)
         while lo < hi:
             mid = (lo + hi) // 2
-            text = self.tokenizer.decode(ids[:mid])
+            text = req.decode(self.tokenizer, ids[:mid])
             if any(s in text for s in stops):
                 hi = mid
             else:
@@ -791,8 +803,7 @@ class _Job:
         self.ticket, self.engine = ticket, engine
         self.stops = S.stop_set(ticket.req.settings, engine.eos_ids)
         # a stop string written: asked after every step (`Continuous`), on the newest ids only
-        self.stop_written = StopTexts(ticket.req.stops, engine.tokenizer.decode, self.stops,
-                                      ticket.req.settings.block_size).until
+        self.stop_written = StopTexts(ticket.req.stops, self.decode, self.stops, ticket.req.settings.block_size).until
         self.rows: list[int] = []  # its row ids in the batch, in the order of its prompts (`add_rows`)
         self.mine: set[int] = set()
         self.ids: dict[int, list[int]] = {}
@@ -826,7 +837,10 @@ class _Job:
         """The text of generated `ids`, cut before the first stop id and the first stop string; and whether a
         stop string was found."""
         cut = S.first_stop(ids, self.stops)
-        return cut_at_stop_text(self.engine.tokenizer.decode(ids if cut is None else ids[:cut]), self.ticket.req.stops)
+        return cut_at_stop_text(self.decode(ids if cut is None else ids[:cut]), self.ticket.req.stops)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.ticket.req.decode(self.engine.tokenizer, ids)
 
     def text(self, row: int, ids: list[int]) -> tuple[str, bool]:
         """`final_text` of a row (what the stream sends), decoded once for each length of its ids."""
@@ -882,19 +896,19 @@ class _Job:
         ids, first = self.ids[row], self.sent_tokens.get(row, 0)
         if found is not None:
             ids = self.done[row].token_ids
-            last = self.engine._through_stop(ids, req.stops) if found else len(ids)
+            last = self.engine._through_stop(ids, req) if found else len(ids)
         else:
             sent, last = self.sent.get(row, ""), first
-            while last < len(ids) and sent.startswith(text := tok.decode(ids[:last + 1])) and \
+            while last < len(ids) and sent.startswith(text := self.decode(ids[:last + 1])) and \
                     not text.endswith("\ufffd"):
                 last += 1
         if last <= first:
             return None
         self.sent_tokens[row] = last
         body = _logprobs_body(tok, ids[first:last], self.logprobs[row][first:last],
-                              self.top[row][first:last] if req.top_logprobs else None, req.chat)
+                              self.top[row][first:last] if req.top_logprobs else None, req.chat, self.decode)
         if not req.chat:  # offsets in the whole reply, not in this piece
-            base = len(tok.decode(ids[:first]))
+            base = len(self.decode(ids[:first]))
             body["text_offset"] = [base + o for o in body["text_offset"]]
         return body
 
@@ -904,7 +918,7 @@ class _Job:
         finals = [self.final_text(g.token_ids) for g in gens]
         # a stop string: the tokens through it, as a token-at-a-time server counts them (the rest of the
         # block that wrote it was sampled, and thrown away with the text after it)
-        used = [engine._through_stop(g.token_ids, req.stops) if found else len(g.token_ids)
+        used = [engine._through_stop(g.token_ids, req) if found else len(g.token_ids)
                 for g, (_, found) in zip(gens, finals, strict=True)]
         texts = [text for text, _ in finals]
         ids_out = [g.token_ids[:n] for g, n in zip(gens, used, strict=True)]
@@ -915,7 +929,7 @@ class _Job:
             tops = [self.top[r][:n] for r, n in zip(self.rows, used, strict=True)]
         if req.echo:  # the prompt in front, scored by the context tower when asked
             for j, prompt in enumerate(req.prompts):
-                texts[j] = engine.tokenizer.decode(prompt) + texts[j]
+                texts[j] = self.decode(prompt) + texts[j]
                 ids_out[j] = prompt + ids_out[j]
                 if req.logprobs:
                     p_lps, p_tops = engine._prompt_logprobs(prompt, req.top_logprobs)
@@ -964,7 +978,8 @@ class _Reads(io.RawIOBase):
 
 def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> dict:
     n = len(result.texts)
-    logprobs = [_logprobs_body(engine.tokenizer, ids, lps, tops, req.chat) if req.logprobs else None
+    decode = functools.partial(req.decode, engine.tokenizer)
+    logprobs = [_logprobs_body(engine.tokenizer, ids, lps, tops, req.chat, decode) if req.logprobs else None
                 for ids, lps, tops in zip(result.token_ids or [[]] * n, result.logprobs or [[]] * n,
                                           result.top or [None] * n, strict=True)]
     if req.chat:
@@ -979,10 +994,13 @@ def _completion_body(engine: Engine, req: Request, rid: str, result: Result) -> 
 
 
 def _logprobs_body(tokenizer: Tokenizer, ids: list[int], logprobs: list[float | None],
-                   tops: list[list[tuple[int, float]] | None] | None, chat: bool) -> dict:
+                   tops: list[list[tuple[int, float]] | None] | None, chat: bool, decode=None) -> dict:
     """OpenAI's logprobs object: chat's `content` list, or the completions' parallel lists (tokens,
     token_logprobs, top_logprobs, text_offset). A prompt's first token has no logprob (null), as OpenAI's
-    echo gives it; -inf is written as -9999 (JSON has no infinity)."""
+    echo gives it; -inf is written as -9999 (JSON has no infinity). Each token is named by its own text;
+    `decode` (default: the tokenizer's) makes the returned text `text_offset` counts in (the request's
+    `skip_special_tokens`)."""
+    decode = decode or tokenizer.decode
     pieces = [tokenizer.decode([i]) for i in ids]
 
     def value(lp: float | None) -> float | None:
@@ -996,14 +1014,14 @@ def _logprobs_body(tokenizer: Tokenizer, ids: list[int], logprobs: list[float | 
                              "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": value(v),
                                                "bytes": list(tokenizer.decode([i]).encode())} for i, v in tp or []]}
                             for t, lp, tp in zip(pieces, logprobs, tops or [None] * len(ids), strict=True)]}
-    text = tokenizer.decode(ids)
+    text = decode(ids)
     if "".join(pieces) == text:  # each token decodes on its own to its part of the text
         offsets = [0]
         for piece in pieces[:-1]:
             offsets.append(offsets[-1] + len(piece))
         offsets = offsets[:len(ids)]
     else:  # a character split across tokens: measure each prefix
-        offsets = [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+        offsets = [len(decode(ids[:i])) for i in range(len(ids))]
     return {"tokens": pieces, "token_logprobs": [value(lp) for lp in logprobs],
             "top_logprobs": None if tops is None else [alternatives(tp) for tp in tops], "text_offset": offsets}
 

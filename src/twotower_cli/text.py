@@ -165,8 +165,8 @@ class Tokenizer:
         only = found.pop() if len(found) == 1 else None
         return None if only is None else (list(only[0]), list(only[1]))
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
