@@ -811,6 +811,7 @@ class _Job:
         self.top: dict[int, list[list[tuple[int, float]]]] = {}  # and the most likely tokens there
         self.sent: dict[int, str] = {}
         self.sent_tokens: dict[int, int] = {}  # stream with logprobs: the tokens whose logprobs were sent
+        self.sent_chars: dict[int, int] = {}  # and the length of their text
         self.flushed: set[int] = set()  # rows whose end the stream has been given
         self.done: dict[int, S.Generation] = {}
         self.cached = 0  # prompt ids the backend held already
@@ -894,21 +895,28 @@ class _Job:
         `found`: whether a stop string ended it (None: not done)."""
         req, tok = self.ticket.req, self.engine.tokenizer
         ids, first = self.ids[row], self.sent_tokens.get(row, 0)
+        base = self.sent_chars.get(row, 0)  # the text of the tokens already reported
         if found is not None:
             ids = self.done[row].token_ids
             last = self.engine._through_stop(ids, req) if found else len(ids)
         else:
             sent, last = self.sent.get(row, ""), first
-            while last < len(ids) and sent.startswith(text := self.decode(ids[:last + 1])) and \
-                    not text.endswith("\ufffd"):
+
+            def sent_in_full(text: str, within: str) -> bool:
+                return within.startswith(text) and not text.endswith("\ufffd")
+
+            # the new tokens decoded on their own (a few at a time, not the whole reply per token); where a
+            # tokenizer decodes a slice otherwise (one that drops a leading space), the whole prefix decides
+            while last < len(ids) and (sent_in_full(self.decode(ids[first:last + 1]), sent[base:])
+                                       or sent_in_full(self.decode(ids[:last + 1]), sent)):
                 last += 1
         if last <= first:
             return None
         self.sent_tokens[row] = last
+        self.sent_chars[row] = len(self.decode(ids[:last]))
         body = _logprobs_body(tok, ids[first:last], self.logprobs[row][first:last],
                               self.top[row][first:last] if req.top_logprobs else None, req.chat, self.decode)
         if not req.chat:  # offsets in the whole reply, not in this piece
-            base = len(self.decode(ids[:first]))
             body["text_offset"] = [base + o for o in body["text_offset"]]
         return body
 
