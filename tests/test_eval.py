@@ -142,3 +142,8 @@ def test_eval_places_the_towers_as_generate_does(folder, data, monkeypatch):
     assert (placed.ar_nll, placed.diffusion_loss) == (plain.ar_nll, plain.diffusion_loss)
     r = invoke("--model", str(folder), "--data", str(data), "--seq-len", "32", "--context-device", "cuda:5")
     assert r.exit_code == 1 and "cuda:5" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_data_folder_is_named_as_one(folder, tmp_path):
+    r = invoke("--model", str(folder), "--data", str(tmp_path))
+    assert r.exit_code == 1 and f"data file {tmp_path} is a folder, not a file" in r.stderr, r.output

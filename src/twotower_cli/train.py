@@ -212,7 +212,8 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
 
     for path in map(Path, paths):
         if path.is_dir() or not path.exists():  # files, and pipes (`tokenize --data <(zcat …)`: read once here)
-            raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
+            raise TwoTowerError(f"data file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}",
+                                "check the --data paths (each names a file)")
         try:
             if path.suffix.lower() == ".jsonl":
                 docs: list[str] = []
@@ -256,7 +257,8 @@ def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = N
     would offer to unpickle it, which runs code from the file)."""
     path = Path(path)
     if not path.is_file():
-        raise TwoTowerError(f"data file {path} does not exist", "check the --data paths")
+        raise TwoTowerError(f"data file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}",
+                            "check the --data paths (each names a file)")
     meta = token_file_meta(path)
     written = None
     if tokenizer is not None and meta.is_file():
