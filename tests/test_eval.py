@@ -41,7 +41,11 @@ def sequences(folder, data, seq_len):
     return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
 
 
-def test_the_ar_measure_is_the_shifted_cross_entropy_of_a_full_forward(folder, data):
+@pytest.mark.parametrize("head_rows", [2048, 7])  # 7: the head in pieces that do not divide the positions
+def test_the_ar_measure_is_the_shifted_cross_entropy_of_a_full_forward(folder, data, monkeypatch, head_rows):
+    from twotower_cli import evaluate as E
+
+    monkeypatch.setattr(E, "AR_HEAD_ROWS", head_rows)
     r = evaluate(str(folder), [data], seq_len=64, block=4, batch=3, max_sequences=5)
     ids = sequences(folder, data, 64)[:5]
     ar = causal_lm_view(load_model(folder, need_denoiser=True).twotower)

@@ -28,6 +28,7 @@ import torch
 from twotower_cli.errors import TwoTowerError
 
 T_EDGES = (0.25, 0.5, 0.75, 1.0)  # the t buckets' upper edges: (0, .25], (.25, .5], (.5, .75], (.75, 1]
+AR_HEAD_ROWS = 2048  # rows of [.., vocabulary] logits at once in the AR measure (1 GiB of fp32 at Nano's 131,072)
 
 
 @dataclass
@@ -114,35 +115,39 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     done = 0
 
     nll, ar_tokens = 0.0, 0
-    for start in range(0, n, batch):
-        for row in ids[start:start + batch].tolist():
-            lps = TW.token_log_probs(ar, row, start=1)[0]  # each token after the first, given those before
-            nll -= float(lps.double().sum())
-            ar_tokens += len(lps)
-        done += 1
-        if progress:
-            progress(done, total)
+    head_rows = max(1, AR_HEAD_ROWS // batch)  # positions a head call covers: [batch, head_rows, V] logits at most
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            x = ids[start:start + batch].to(ar.lm_head.weight.device)
+            hidden = ar.backbone(x[:, :-1])  # position j predicts token j + 1
+            for a in range(0, seq_len - 1, head_rows):
+                logp = torch.log_softmax(ar.lm_head(hidden[:, a:a + head_rows]).float(), dim=-1)
+                nll -= float(logp.gather(-1, x[:, a + 1:a + 1 + head_rows, None]).double().sum())
+            ar_tokens += x.shape[0] * (seq_len - 1)
+            done += 1
+            if progress:
+                progress(done, total)
     result = EvalResult(str(folder), n, seq_len, nll / ar_tokens, ar_tokens, seed=seed)
     if not two:
         result.seconds = time.perf_counter() - t0
         return result
 
-    model_ = loaded.twotower
+    towers = loaded.twotower
     gen = torch.Generator().manual_seed(T.derive_seed(seed, T._EVAL))
     noisy, mask, t = T.add_noise(ids, block, cfg.mask_token_id, gen, noise_per)
-    denoiser = T.BlockDenoiser(model_)
+    denoiser = T.BlockDenoiser(towers)
     sums = [0.0] * len(T_EDGES)
     counts = [0] * len(T_EDGES)
     edges = torch.tensor(T_EDGES)
     with torch.no_grad():
         for start in range(0, n, batch):
             sl = slice(start, start + batch)
-            x = ids[sl].to(model_.context_device)
+            x = ids[sl].to(towers.context_device)
             m = mask[sl]
-            context = T.context_pass(model_.context_tower, x, block)
-            context = T.BlockContext([TW.state_on(state, model_.denoiser_device) for state in context.layers], block)
-            ce = denoiser(noisy[sl].to(model_.denoiser_device), t[sl].to(model_.denoiser_device), context,
-                          x.to(model_.denoiser_device), m.to(model_.denoiser_device), reduction="none").double().cpu()
+            context = T.context_pass(towers.context_tower, x, block)
+            context = T.BlockContext([TW.state_on(state, towers.denoiser_device) for state in context.layers], block)
+            ce = denoiser(noisy[sl].to(towers.denoiser_device), t[sl].to(towers.denoiser_device), context,
+                          x.to(towers.denoiser_device), m.to(towers.denoiser_device), reduction="none").double().cpu()
             t_of = t[sl].repeat_interleave(block, dim=1)[m]  # each masked token's block t
             bucket = torch.bucketize(t_of, edges)  # index of the first edge ≥ t
             for b in range(len(T_EDGES)):
