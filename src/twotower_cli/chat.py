@@ -271,9 +271,9 @@ def chat_turn(backend: PrefixReuse, conversation: Conversation, user: str, cfg: 
             read = backend.fed - fed
         if isinstance(ev, S.Finished):
             g = ev.generations[0]
-            turn = Turn(user, conversation.tokenizer.decode(g.token_ids), g, len(prompt), read)
-            if stop_texts is not None and (cut := stop_texts.final(g.token_ids))[1]:
-                turn = Turn(user, cut[0], g, len(prompt), read, reply_ids=stop_texts.ids_before(g.token_ids, cut[0]),
-                            written=stop_texts.ids_through(g.token_ids))
-            conversation.add(turn)
+            reply, cut = (conversation.tokenizer.decode(g.token_ids), False) if stop_texts is None else \
+                stop_texts.final(g.token_ids)
+            conversation.add(Turn(user, reply, g, len(prompt), read,
+                                  reply_ids=stop_texts.ids_before(g.token_ids, reply) if cut else None,
+                                  written=stop_texts.ids_through(g.token_ids) if cut else None))
         yield ev

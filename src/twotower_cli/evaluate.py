@@ -76,8 +76,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     if seq_len < 2:
         raise TwoTowerError("--seq-len must be at least 2: the AR measure predicts each token after the first",
                             "try --seq-len 512")
-    if noise_per not in T.NOISE_PER:
-        raise TwoTowerError(f"--noise-per {noise_per!r} is not one of {', '.join(T.NOISE_PER)}", None)
+    T.check_noise_per(noise_per)
     if seed < 0:
         raise TwoTowerError(f"--seed {seed} is negative", "use a seed of 0 or more")
     folder = model_folder(model)

@@ -140,22 +140,18 @@ class Runtime:
         token) that committed some, never one to take back (an ending that may begin a stop text, or an
         unfinished character, waits for the next). `options`: `generate`'s; the pieces add up to its text."""
         from twotower_cli import sampler as S
-        from twotower_cli.text import hold_back
 
         one, ids, settings, cutter, gen = self._prepare(prompt, **options)
         if not one:
             raise TwoTowerError("stream takes one prompt", "call it for each, or use generate for several")
         diffusion, mask = settings.mode == "mask_diffusion", settings.mask_token_id
-        stops = S.stop_set(settings, self.eos_ids)
         so_far: list[int] = []
         sent = ""
         for ev in S.generate(self.backend, ids, settings, self.eos_ids, gen, cutter.until):
             if isinstance(ev, S.BlockDone):
                 row = ev.tokens[0].tolist()
                 so_far += row[:row.index(mask)] if diffusion and mask in row else row  # slots left masked: none
-                text, found = cutter.final(so_far)
-                final = found or S.first_stop(so_far, stops) is not None
-                safe = text if final else hold_back(text, cutter.texts)
+                safe = cutter.settled(so_far)
             elif isinstance(ev, S.Finished):
                 safe = cutter.final(ev.generations[0].token_ids)[0]
             else:

@@ -110,7 +110,7 @@ from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone, shared_settings
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer, cut_at_stop_text, hold_back
+from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer
 from twotower_cli.towers import token_log_probs
 
 MAX_BODY_BYTES = 32 << 20  # a prompt of millions of tokens still fits
@@ -780,20 +780,6 @@ class Engine:
             fed_prompt = len(req.prompts[0]) - (req.settings.mode == "mock_ar")  # its context runs one behind
             job.cached = max(fed_prompt - (self.backend.fed - fed), 0)
 
-    def _through_stop(self, ids: list[int], req: Request) -> int:
-        """The fewest of `ids` whose text holds one of `req`'s stop strings (a longer prefix holds it too:
-        binary search)."""
-        stops = req.stops
-        lo, hi = 1, len(ids)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            text = req.decode(self.tokenizer, ids[:mid])
-            if any(s in text for s in stops):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
 
 
 class _Job:
@@ -802,8 +788,10 @@ class _Job:
     def __init__(self, ticket: _Ticket, engine: Engine):
         self.ticket, self.engine = ticket, engine
         self.stops = S.stop_set(ticket.req.settings, engine.eos_ids)
-        # a stop string written: asked after every step (`Continuous`), on the newest ids only
-        self.stop_written = StopTexts(ticket.req.stops, self.decode, self.stops, ticket.req.settings.block_size).until
+        # its text: cut at the first end id and stop string; a stop string written is asked after every step
+        # (`Continuous`), on the newest ids only
+        self.cutter = StopTexts(ticket.req.stops, self.decode, self.stops, ticket.req.settings.block_size)
+        self.stop_written = self.cutter.until
         self.rows: list[int] = []  # its row ids in the batch, in the order of its prompts (`add_rows`)
         self.mine: set[int] = set()
         self.ids: dict[int, list[int]] = {}
@@ -818,7 +806,6 @@ class _Job:
         self.batch = 1  # the most requests sampled together while it ran
         self.t0 = time.perf_counter()  # when it joined the batch
         self.first: float | None = None  # when its first tokens were committed
-        self._texts: dict[int, tuple[int, tuple[str, bool]]] = {}  # row → (its length, text) when last decoded
 
     def add_rows(self, rows: list[int]) -> None:
         """Its next prompts' row ids (a request of more prompts than the batch has room for comes in parts)."""
@@ -834,20 +821,8 @@ class _Job:
     def finished(self) -> bool:
         return len(self.done) == len(self.ticket.req.prompts)
 
-    def final_text(self, ids: list[int]) -> tuple[str, bool]:
-        """The text of generated `ids`, cut before the first stop id and the first stop string; and whether a
-        stop string was found."""
-        cut = S.first_stop(ids, self.stops)
-        return cut_at_stop_text(self.decode(ids if cut is None else ids[:cut]), self.ticket.req.stops)
-
     def decode(self, ids: list[int]) -> str:
         return self.ticket.req.decode(self.engine.tokenizer, ids)
-
-    def text(self, row: int, ids: list[int]) -> tuple[str, bool]:
-        """`final_text` of a row (what the stream sends), decoded once for each length of its ids."""
-        if row not in self._texts or self._texts[row][0] != len(ids):
-            self._texts[row] = (len(ids), self.final_text(ids))
-        return self._texts[row][1]
 
     def take(self, events: list[RowBlock | RowDone]) -> bool:
         """Note a step's events for its rows; a streamed request gets a `Piece` of the text that became final.
@@ -868,37 +843,33 @@ class _Job:
             return bool(grown)
         deltas, logprobs = [], []
         for row in self.rows:
-            delta, lp, found = "", None, None
+            delta, lp = "", None
             if row in grown or (row in self.done and row not in self.flushed):
                 if row in self.done:
                     self.flushed.add(row)
-                    safe, found = self.final_text(self.done[row].token_ids)
+                    safe = self.cutter.final(self.done[row].token_ids)[0]
                 else:
-                    ids = self.ids[row]
-                    text, ended = self.text(row, ids)
-                    ended = ended or S.first_stop(ids, self.stops) is not None
-                    safe = text if ended else hold_back(text, self.ticket.req.stops)
+                    safe = self.cutter.settled(self.ids[row])
                 sent = self.sent.get(row, "")
                 delta = safe[len(sent):] if safe.startswith(sent) else ""
                 self.sent[row] = sent + delta
                 if self.ticket.req.logprobs:
-                    lp = self._logprobs_sent(row, found)
+                    lp = self._logprobs_sent(row)
             deltas.append(delta)
             logprobs.append(lp)
         if any(deltas) or any(lp is not None for lp in logprobs):
             self.ticket.out.put(Piece(deltas, logprobs if self.ticket.req.logprobs else None))
         return True
 
-    def _logprobs_sent(self, row: int, found: bool | None) -> dict | None:
+    def _logprobs_sent(self, row: int) -> dict | None:
         """A stream's logprobs for the tokens of `row` whose text has now been sent in full (once it is done:
-        every token the whole reply reports, through a stop string as `result` counts them); None if none.
-        `found`: whether a stop string ended it (None: not done)."""
+        every token the whole reply reports, through a stop string as `result` counts them); None if none."""
         req, tok = self.ticket.req, self.engine.tokenizer
         ids, first = self.ids[row], self.sent_tokens.get(row, 0)
         base = self.sent_chars.get(row, 0)  # the text of the tokens already reported
-        if found is not None:
+        if row in self.done:
             ids = self.done[row].token_ids
-            last = self.engine._through_stop(ids, req) if found else len(ids)
+            last = len(self.cutter.ids_through(ids))
         else:
             sent, last = self.sent.get(row, ""), first
 
@@ -923,11 +894,10 @@ class _Job:
     def result(self) -> Result:
         req, engine = self.ticket.req, self.engine
         gens = [self.done[r] for r in self.rows]
-        finals = [self.final_text(g.token_ids) for g in gens]
+        finals = [self.cutter.final(g.token_ids) for g in gens]
         # a stop string: the tokens through it, as a token-at-a-time server counts them (the rest of the
         # block that wrote it was sampled, and thrown away with the text after it)
-        used = [engine._through_stop(g.token_ids, req) if found else len(g.token_ids)
-                for g, (_, found) in zip(gens, finals, strict=True)]
+        used = [len(self.cutter.ids_through(g.token_ids)) for g in gens]
         texts = [text for text, _ in finals]
         ids_out = [g.token_ids[:n] for g, n in zip(gens, used, strict=True)]
         lps: list[list[float | None]] = []

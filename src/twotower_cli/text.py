@@ -350,7 +350,8 @@ class StopTexts:
     `final(ids)` is the text of generated ids, cut before the first end id and the first stop text, and
     whether a stop text cut it; `until` is what the sampler asks after each block (ar, mock_ar: each token)
     (None without stop texts); `ids_before` and `ids_through` are the generated ids that make the text
-    before the stop text, and the ids up to the one in which it ends."""
+    before the stop text, and the ids up to the one in which it ends; `settled(ids)` is the text a stream
+    can send of ids still being generated."""
 
     def __init__(self, texts: Sequence[str], decode, end_ids: set[int], block_size: int):
         self.texts, self.decode, self.end_ids = self.check(texts), decode, set(end_ids)
@@ -368,7 +369,10 @@ class StopTexts:
 
     def _end(self, ids: list[int]) -> list[int]:
         """`ids` before the first end id."""
-        return next((ids[:i] for i, tok in enumerate(ids) if tok in self.end_ids), ids)
+        from twotower_cli.sampler import first_stop
+
+        cut = first_stop(ids, self.end_ids)
+        return ids if cut is None else ids[:cut]
 
     def final(self, ids: list[int]) -> tuple[str, bool]:
         return cut_at_stop_text(self.decode(self._end(ids)), self.texts)
@@ -388,14 +392,25 @@ class StopTexts:
         return ids
 
     def ids_through(self, ids: list[int]) -> list[int]:
-        """The fewest of `ids` whose text holds a stop text (all of them, where none does)."""
-        text, found = self.final(ids)
-        if not found:
+        """The fewest of `ids` whose text holds a stop text (all of them, where none does): a longer prefix
+        holds it too, so a binary search."""
+        if not self.final(ids)[1]:
             return ids
-        for n in range(len(self.ids_before(ids, text)) + 1, len(ids) + 1):
-            if self.final(ids[:n])[1]:
-                return ids[:n]
-        return ids
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.final(ids[:mid])[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return ids[:lo]
+
+    def settled(self, ids: list[int]) -> str:
+        """The text of `ids` (generated so far) that will not change: all of `final`'s once an end id or a
+        stop text ended it, else without an ending that could begin a stop text, nor an unfinished
+        character (so a stream never takes text back)."""
+        text, found = self.final(ids)
+        return text if found or len(self._end(ids)) < len(ids) else hold_back(text, self.texts)
 
 
 def utf8_text(text: str, source: str) -> str:

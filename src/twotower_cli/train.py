@@ -103,6 +103,13 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 _EPOCH, _NOISE, _EVAL = 1, 2, 3  # tags that keep derived seeds apart
 
 
+def check_noise_per(value: str) -> None:
+    """A `TwoTowerError` for a --noise-per that is not one of `NOISE_PER` (train, eval)."""
+    if value not in NOISE_PER:
+        raise TwoTowerError(f"--noise-per {value!r} is not one of {', '.join(NOISE_PER)}",
+                            "sequence draws t once per sequence, as NVIDIA trains")
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from non-negative integers, well mixed (numpy's SeedSequence)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -605,9 +612,7 @@ class TrainConfig:
                 raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative", None)
         if self.train not in TRAIN_CHOICES:
             raise TwoTowerError(f"--train {self.train!r} is not one of {', '.join(TRAIN_CHOICES)}", None)
-        if self.noise_per not in NOISE_PER:
-            raise TwoTowerError(f"--noise-per {self.noise_per!r} is not one of {', '.join(NOISE_PER)}",
-                                "sequence draws t once per sequence, as NVIDIA trains")
+        check_noise_per(self.noise_per)
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise TwoTowerError(f"--stop-after {self.stop_after} is not between 1 and --steps {self.steps}", None)
         if not self.data:
