@@ -71,3 +71,21 @@ def test_a_gpu_out_of_memory_is_said_as_such_not_as_a_bug(monkeypatch):
     assert r.exit_code == 1 and len(lines) == 1, r.stderr
     assert lines[0].startswith("Error: CUDA out of memory. Tried to allocate 2.00 GiB (hint: use a smaller --dtype"), lines
     assert "bug" not in lines[0] and "Including" not in lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--model", "{d}", "hi", "--no-live"],
+    ["chat", "--model", "{d}"],
+    ["serve", "--model", "{d}"],
+    ["bench", "--model", "{d}"],
+    ["eval", "--model", "{d}", "--data", "{d}/text.txt"],
+])
+def test_a_folder_that_is_no_checkpoint_is_said_to_be_one(tmp_path, args):
+    """A folder without config.json was reported by whichever file a command looked for first: "no
+    tokenizer.json in …" (hint: copy the tokenizer files) from generate, chat and serve, "no safetensors
+    weights" from eval and bench. Every command now says what the folder is not."""
+    (tmp_path / "text.txt").write_text("some held-out text\n")
+    r = runner.invoke(get_app(), [a.format(d=tmp_path) for a in args])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: {tmp_path} is not a checkpoint folder: no config.json in it"), lines[0]

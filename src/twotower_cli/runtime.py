@@ -212,8 +212,16 @@ def model_folder(model: str | None) -> Path:
     None is the embedded default."""
     from twotower_cli.hub import resolve
 
-    folder = resolve(model or DEFAULT_MODEL)
-    return folder.parent if folder.is_file() else folder
+    return checkpoint_folder(resolve(model or DEFAULT_MODEL))
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The folder of a resolved checkpoint (a folder, or a .safetensors file in one); it must hold config.json."""
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():  # before the tokenizer or the weights are looked for
+        raise TwoTowerError(f"{folder} is not a checkpoint folder: no config.json in it",
+                            "a checkpoint folder holds config.json, safetensors weights and the tokenizer files")
+    return folder
 
 
 def open_runtime(model: str | None, need_denoiser: bool, device: str | None = None, dtype: str = "auto",

@@ -46,7 +46,7 @@ def bench(
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import resolve
     from twotower_cli.model.loading import require_shards
-    from twotower_cli.runtime import DEFAULT_MODEL, open_runtime
+    from twotower_cli.runtime import DEFAULT_MODEL, checkpoint_folder, open_runtime
     from twotower_cli.text import read_prompts, render_chats
     from twotower_cli.towers import is_twotower_checkpoint
 
@@ -58,8 +58,9 @@ def bench(
     variables = O.template_variables(chat, system, chat_arg)
     texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts, conversations=chat)  # as generate
     folder = resolve(model or DEFAULT_MODEL)
+    home = checkpoint_folder(folder)
     if chat:  # before the (slow) load: a missing or broken template fails fast
-        texts = render_chats(folder.parent if folder.is_file() else folder, texts, system, variables)
+        texts = render_chats(home, texts, system, variables)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)  # a TwoTower checkpoint that lost its denoiser shards is no plain NemotronH one
     two = is_twotower_checkpoint(ckpt)  # a plain NemotronH checkpoint benches `ar` only
