@@ -120,6 +120,7 @@ def test_cli_json_and_human_report(folder, data):
     (("--seq-len", "4096"), "fewer tokens than one sequence"),
     (("--noise-per", "doc"), "--noise-per 'doc'"),
     (("--batch", "0"), "--batch must be at least 1"),
+    (("--batch-size", "0"), "--batch must be at least 1"),  # generate's and bench's name for it
 ])
 def test_cli_errors_are_one_line(folder, data, args, needle):
     extra = () if not args else ("--data", str(data))

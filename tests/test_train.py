@@ -273,6 +273,17 @@ def test_log_appends_every_event_as_a_json_line(ckpt, data, tmp_path):
     assert all(set(e) >= {"loss", "lr", "tokens", "seconds", "time"} for e in steps)
     assert [e["tokens"] for e in steps] == [64, 128, 64, 128]  # tokens of each invocation, 2 × 32 a step
 
+def test_batch_size_is_another_name_for_batch(ckpt, data, tmp_path):
+    """`--batch-size`, as generate and bench call it (and mlx-lm's trainer), sets the micro-batch too."""
+    log = tmp_path / "train.jsonl"
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "o"), "--block",
+                                       "4", "--seq-len", "32", "--batch-size", "3", "--steps", "1", "--warmup", "0",
+                                       "--eval-every", "0", "--device", "cpu", "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    steps = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"]
+    assert [e["tokens"] for e in steps] == [3 * 32]  # not the default 8 sequences
+
+
 @pytest.mark.parametrize("case, needle", [
     ("2-d", "not a 1-D array of token ids"), ("float", "not a 1-D array of token ids"),
     ("too big", "outside the model's vocabulary"), ("mixed", "mixes pre-tokenized .npy files with text"),

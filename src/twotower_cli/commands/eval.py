@@ -21,7 +21,7 @@ def eval_(
         "--data", metavar="FILE", help="Held-out text file, .jsonl file (a 'text' field per line) or .npy token stream from `twotower tokenize`; repeatable.")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (a multiple of the block).")] = 512,
     block: Annotated[int | None, typer.Option(help="Diffusion block size (default: the checkpoint's twotower.block_size, else 16).")] = None,
-    batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
+    batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Sequences per forward.")] = 8,
     max_sequences: Annotated[int, typer.Option("--max-sequences", help="Evaluate the first N sequences of the data.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the masks (train's evaluation noise with the same seed).")] = 0,
     noise_per: Annotated[str, typer.Option("--noise-per", help="sequence | block: one t per sequence (spec §8) or per block.")] = "sequence",

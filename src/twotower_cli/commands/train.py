@@ -105,7 +105,7 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
     block: Annotated[int | None, typer.Option(help="Diffusion block size S (sample with the same or smaller; default: the checkpoint's twotower.block_size, else 16).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (a multiple of --block).")] = 512,
-    batch: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 8,
+    batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Sequences per micro-batch (per process).")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 1e-4,
     steps: Annotated[int, typer.Option(help="Optimizer steps (length of the schedule).")] = 1000,
