@@ -89,3 +89,20 @@ def test_a_folder_that_is_no_checkpoint_is_said_to_be_one(tmp_path, args):
     lines = r.stderr.splitlines()
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert lines[0].startswith(f"Error: {tmp_path} is not a checkpoint folder: no config.json in it"), lines[0]
+
+
+def test_the_commands_that_write_take_out_and_output_alike(tmp_path):
+    """split's option was --output, train's and tokenize's --out: each took only its own spelling (and -o)."""
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\n" * 40)
+    runs = {
+        "split": ["split", "tiny", "--out", str(tmp_path / "split")],
+        "tokens.npy": ["tokenize", "tiny", "--data", str(text), "--output", str(tmp_path / "tokens.npy")],
+        "train": ["train", "tiny", "--data", str(text), "--output", str(tmp_path / "train"), "--seq-len", "32",
+                  "--batch", "2", "--steps", "1", "--warmup", "0", "--eval-every", "0", "--device", "cpu"],
+    }
+    for made, args in runs.items():
+        r = runner.invoke(get_app(), args)
+        assert r.exit_code == 0, (args, r.output)
+        assert (tmp_path / made).exists(), args
+    assert (tmp_path / "split" / "config.json").is_file() and (tmp_path / "train" / "config.json").is_file()

@@ -18,7 +18,7 @@ _EPILOG = "SOURCE names:\n\n\b\n" + aliases_help()
 @guarded
 def split(
     source: Annotated[str, typer.Argument(help="NemotronH checkpoint: folder, .safetensors file, hub repo id or alias.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default ./<name>-twotower).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "--out", "-o", help="Output folder (default ./<name>-twotower).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",

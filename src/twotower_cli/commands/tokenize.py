@@ -27,7 +27,7 @@ def tokenize(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line), or a pipe of text "
                 "(`<(zcat corpus.txt.gz)`); read in pieces, in bounded memory unless the tokenizer cannot cut a text (then held whole); repeatable.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "--output", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the numbers on stdout.")] = False,
 ) -> None:
