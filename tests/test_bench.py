@@ -45,6 +45,13 @@ def test_bench_json_fields(folder, tmp_path):
     assert [(x["tokens"], x["nfe"]) for x in json.loads(r.stdout)["rows"]] == [(x["tokens"], x["nfe"]) for x in out["rows"]]
     assert out["settings"]["prompts"] == 2 and out["settings"]["block"] == 4
     assert (out["settings"]["compile"], out["settings"]["cuda_graphs"], out["settings"]["graph_captures"]) == (False, False, 0)
+    # generate's spellings: --prompt-file, and --threshold for one threshold
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompt-file", str(prompts), "-n", "8",
+                                       "--block", "4", "--threshold", "0.9", "--repeat", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert [(x["mode"], x["threshold"], x["nfe"]) for x in rows] == [
+        (x["mode"], x["threshold"], x["nfe"]) for x in out["rows"] if x["threshold"] in (None, 0.9)]
     assert out["settings"]["devices"] == {"context": "cpu", "denoiser": "cpu"}
 
 

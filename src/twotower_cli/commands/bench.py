@@ -16,14 +16,14 @@ from twotower_cli.commands import options as O
 @guarded
 def bench(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Prompt file: one per line, or JSONL with prompt/text (with --chat: or a messages list); - reads stdin (default: built-in prompts).")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", "--prompt-file", help="Prompt file: one per line, or JSONL with prompt/text (with --chat: or a messages list); - reads stdin (default: built-in prompts).")] = None,
     chat: O.Chat = False,
     system: O.System = None,
     chat_arg: O.ChatArg = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 64,
     block: Annotated[int | None, typer.Option(help="Diffusion block size (default: the block the checkpoint's denoiser was trained with, else 16).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoiser steps per block (default: the block size).")] = None,
-    thresholds: Annotated[str, typer.Option(help="Comma-separated mask_diffusion thresholds.")] = "0.5,0.7,0.8,0.9",
+    thresholds: Annotated[str, typer.Option("--thresholds", "--threshold", help="Comma-separated mask_diffusion thresholds.")] = "0.5,0.7,0.8,0.9",
     repeat: Annotated[int, typer.Option(help="Timed repeats per row (median reported).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Prompts sampled together (tok/s of the whole batch; tok/NFE per sequence).")] = 1,
     device: O.Device = None,
