@@ -76,7 +76,7 @@ def _lines(interactive: bool):
 @app.command(help="Talk to a model turn by turn; each turn reads only what the context tower has not read yet.\n\n"
              "With a chat template (instruct models) each line is a user message; without one (base models, the "
              "embedded tiny model) the conversation is one running text that each line extends. Commands: "
-             "/reset, /help, /exit. Piped in, every other line is a turn. A line ending in \\ continues on the next; "
+             "/reset, /help, /exit. Piped in, each line that is not a command is a turn. A line ending in \\ continues on the next; "
              "a line of three double quotes opens a multi-line message that the next one closes.")
 @guarded
 def chat(
