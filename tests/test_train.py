@@ -282,6 +282,7 @@ def test_batch_size_is_another_name_for_batch(ckpt, data, tmp_path):
     assert r.exit_code == 0, r.output
     steps = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "step"]
     assert [e["tokens"] for e in steps] == [3 * 32]  # not the default 8 sequences
+    assert "96 tok/step · 1 process on cpu" in " ".join(r.stderr.split()), r.stderr  # not "1 process(es)"
 
 
 @pytest.mark.parametrize("case, needle", [
