@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from twotower_cli import layout
 from twotower_cli.checkpoint import open_checkpoint, write_checkpoint
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.model import NemotronHForCausalLM, NemotronHModel
-from twotower_cli.model.loading import load_nemotron_h, load_state
+from twotower_cli.model.loading import _LIST_LIMIT, load_nemotron_h, load_state
 from twotower_cli.towers import load_model
 
 
@@ -179,6 +181,33 @@ def test_no_config_is_an_error(tmp_path):
     (path / "config.json").unlink()
     with pytest.raises(TwoTowerError, match="no config.json"):
         load_nemotron_h(path)
+
+
+def test_a_config_of_other_layers_is_one_short_error_that_counts_them(tmp_path):
+    """A config.json of more layers than the weights hold listed every missing tensor in its one error line
+    (19.5 kB for the tiny model's 8 layers described as 32; thousands of names for Nano's 52). Now at most
+    _LIST_LIMIT names a kind, and the hint counts the layers on each side."""
+    cfg = build_tiny_config()
+    path = write_tiny_checkpoint(tmp_path, cfg)
+    raw = json.loads((path / "config.json").read_text())
+    pattern = raw["hybrid_override_pattern"]
+    raw["hybrid_override_pattern"] *= 4
+    raw["num_hidden_layers"] = len(raw["hybrid_override_pattern"])
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(TwoTowerError) as e:
+        load_nemotron_h(path)
+    layers = len(pattern)
+    assert e.value.message.count("backbone.layers.") == _LIST_LIMIT and "... and " in e.value.message
+    assert "tensors missing" in e.value.message and "tensor(s)" not in e.value.message
+    assert e.value.hint == f"config.json describes {4 * layers} layers where the weights hold {layers}: use the one they were saved with"
+    assert len(e.value.message) < 2000
+    raw["hybrid_override_pattern"] = pattern  # the same layers, another width: no count
+    raw["num_hidden_layers"] = layers
+    raw["intermediate_size"] = raw["intermediate_size"] * 2
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(TwoTowerError, match="with the wrong shape") as e:
+        load_nemotron_h(path)
+    assert e.value.hint == "is the config.json the one these weights were saved with?"
 
 
 @pytest.mark.parametrize("fused", [False, True])

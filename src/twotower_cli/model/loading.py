@@ -44,6 +44,7 @@ from twotower_cli.model.moe import Experts
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM
 
 _EXPERT = re.compile(r"^(?P<stem>.*\.mixer\.experts)\.(?P<j>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _LIST_LIMIT = 20  # names shown per category in an error before "... and N more"
 
 
@@ -88,9 +89,19 @@ def _expert_rows(module: nn.Module) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def _fmt(names: list[str]) -> str:
-    shown = ", ".join(names[:_LIST_LIMIT])
+def _fmt(names: list[str], sep: str = ", ") -> str:
+    shown = sep.join(names[:_LIST_LIMIT])
     return shown + (f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
+
+
+def _tensors(names: list) -> str:
+    return f"{len(names)} tensor{'s' * (len(names) != 1)}"
+
+
+def _layer_count(names) -> int:
+    """Layers a set of tensor names covers: 1 + the highest `layers.N.` index among them."""
+    found = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
+    return max(found, default=-1) + 1
 
 
 def require_shards(ckpt: Checkpoint) -> None:
@@ -148,14 +159,17 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
 
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing: {', '.join(missing)}")
+        problems.append(f"{_tensors(missing)} missing: {_fmt(missing)}")
     if wrong:
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {'; '.join(wrong)}")
+        problems.append(f"{_tensors(wrong)} with the wrong shape: {_fmt(wrong, '; ')}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_fmt(unexpected)}")
+        problems.append(f"{_tensors(unexpected)} unexpected: {_fmt(unexpected)}")
     if problems:
-        raise TwoTowerError(f"checkpoint at {ckpt.folder} does not match the model: " + "; ".join(problems),
-                            "is the config.json the one these weights were saved with?")
+        hint = "is the config.json the one these weights were saved with?"
+        described, held = _layer_count(wanted), _layer_count(ckpt.tensors)
+        if described != held:
+            hint = f"config.json describes {described} layers where the weights hold {held}: use the one they were saved with"
+        raise TwoTowerError(f"checkpoint at {ckpt.folder} does not match the model: " + "; ".join(problems), hint)
 
     # Read each checkpoint tensor once per device that needs it (a fused experts tensor serves every expert
     # of its layer), straight onto that device. A stacked parameter's per-expert tensors are copied into
