@@ -199,7 +199,7 @@ def test_a_config_of_other_layers_is_one_short_error_that_counts_them(tmp_path):
     layers = len(pattern)
     assert e.value.message.count("backbone.layers.") == _LIST_LIMIT and "... and " in e.value.message
     assert "tensors missing" in e.value.message and "tensor(s)" not in e.value.message
-    assert e.value.hint == f"config.json describes {4 * layers} layers where the weights hold {layers}: use the one they were saved with"
+    assert e.value.hint == f"config.json describes {4 * layers} layers where the weights hold {layers}: use the config.json they were saved with"
     assert len(e.value.message) < 2000
     raw["hybrid_override_pattern"] = pattern  # the same layers, another width: no count
     raw["num_hidden_layers"] = layers

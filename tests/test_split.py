@@ -1298,3 +1298,25 @@ def test_split_output_is_spec_section_3(tmp_path, source):
     result = invoke(str(src), "-o", str(out), "--max-shard-size", "30KB")
     assert result.exit_code == 0, result.output
     assert_spec_twotower(src, out)
+
+
+def test_a_config_deeper_than_its_weights_is_counted_by_split_and_inspect(tmp_path):
+    """A config.json of more layers than its weights: split said "(and 10 more)" of hundreds of missing
+    tensors (the "... and N more" line counted as one problem) and inspect "11 problems"; both now count
+    every one, and say how many layers each side holds."""
+    cfg = small_config()
+    src = random_checkpoint(tmp_path / "src", cfg)
+    raw = json.loads((src / "config.json").read_text())
+    raw["hybrid_override_pattern"] = cfg.pattern * 3
+    raw["num_hidden_layers"] = 3 * len(cfg.pattern)
+    (src / "config.json").write_text(json.dumps(raw))
+    deep = small_config(hybrid_override_pattern=cfg.pattern * 3, num_hidden_layers=3 * len(cfg.pattern))
+    want = {k: v for k, v in nemotron_h_shapes(deep).items() if k not in nemotron_h_shapes(cfg)}  # layers 6..17
+    depth = f"config.json describes {3 * len(cfg.pattern)} layers where the weights hold {len(cfg.pattern)}"
+    r = invoke(str(src), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 1 and not (tmp_path / "out").exists(), r.output
+    assert f"(and {len(want) - 1} more) (hint: {depth}: use the config.json they were saved with)" in r.stderr, r.stderr
+    r = CliRunner().invoke(get_app(), ["inspect", str(src)])
+    text = " ".join(r.stderr.split() + r.stdout.split())
+    assert r.exit_code == 1 and f"note: {depth}" in text and f"not sound: {len(want)} problems:" in text, text
+    assert len(inspect_checkpoint(src).problems) == 11  # 10 named, then the count of the others

@@ -40,8 +40,8 @@ from twotower_cli.checkpoint import (
 )
 from twotower_cli.config import LAYER_KINDS, NemotronHConfig
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.layout import nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
-from twotower_cli.split import shape_problems, source_view
+from twotower_cli.layout import layer_count_note, nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
+from twotower_cli.split import problem_count, shape_problems, source_view
 
 TIME_READ_LIMIT = 256 * 1024 * 1024
 KIND_KEYS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
@@ -195,6 +195,8 @@ def inspect_checkpoint(path: str | Path) -> Report:
         bytes_per_part["tower"] = ckpt.total_bytes
 
     pattern = cfg.pattern if cfg else ""
+    if cfg is not None and (depth := layer_count_note(cfg, names)):
+        notes.append(depth)
     tower_prefix = "context_tower." if layout == "twotower" else "backbone."
     by_kind = _by_kind(counts, pattern, tower_prefix)
     active = _active(counts, cfg, tower_prefix) if cfg else total
@@ -489,7 +491,8 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     if report.problems:
-        console.print(f"[bold red]✗ not sound: {len(report.problems)} problem{'s' if len(report.problems) > 1 else ''}:[/]")
+        n = problem_count(report.problems)
+        console.print(f"[bold red]✗ not sound: {n} problem{'s' * (n != 1)}:[/]")
         for p in report.problems:
             console.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
     else:

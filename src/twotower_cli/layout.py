@@ -27,6 +27,24 @@ def is_dropped(name: str) -> bool:
     return any(p.match(name) for p in DROPPED_PATTERNS)
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layers_held(names) -> int:
+    """Layers a set of tensor names covers: 1 + the highest `layers.N.` index among those the model uses
+    (not the dropped `mtp.*`)."""
+    found = [int(m.group(1)) for n in names if not is_dropped(n) and (m := _LAYER_INDEX.search(n))]
+    return max(found, default=-1) + 1
+
+
+def layer_count_note(cfg: NemotronHConfig, names) -> str | None:
+    """What a config.json of another depth than its weights looks like in one line (else None)."""
+    held = layers_held(names)
+    if held and held != len(cfg.pattern):
+        return f"config.json describes {len(cfg.pattern)} layers where the weights hold {held}"
+    return None
+
+
 def layer_shapes(cfg: NemotronHConfig, i: int) -> dict[str, tuple[int, ...]]:
     """Shapes of layer i's tensors, names relative to `layers.{i}.`."""
     H = cfg.hidden_size

@@ -58,6 +58,7 @@ from twotower_cli.layout import (
     LEGACY_RENAMES,
     is_dropped,
     keep_fp32,
+    layer_count_note,
     nemotron_h_shapes,
     time_conditioning_shapes,
 )
@@ -167,6 +168,14 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
+
+
+_MORE = re.compile(r"^\.\.\. and (\d+) more ")
+
+
+def problem_count(problems: list[str]) -> int:
+    """The problems a list holds, each "... and N more ..." line (`shape_problems`) counted as the N it stands for."""
+    return sum(int(m.group(1)) if (m := _MORE.match(p)) else 1 for p in problems)
 
 
 def shape_problems(view: dict[str, SourceTensor] | dict[str, tuple[int, ...]],
@@ -356,9 +365,11 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
         if t.dtype not in DTYPE_BYTES or t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
             problems.append(f"{t.origin}: {t.nbytes} bytes do not hold {t.dtype}{list(t.shape)}")
     if problems:
-        raise TwoTowerError(f"the source does not match its config: {problems[0]}"
-                            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-                            "run `twotower inspect` on it for the full list")
+        more = problem_count(problems) - 1
+        depth = layer_count_note(cfg, ckpt.tensors)
+        raise TwoTowerError(f"the source does not match its config: {problems[0]}" + (f" (and {more} more)" if more else ""),
+                            f"{depth}: use the config.json they were saved with" if depth
+                            else "run `twotower inspect` on it for the full list")
     if view.dropped:
         transforms.append(f"dropped {_count(len(view.dropped), 'tensor')} the model does not use (mtp.*, rotary buffers)")
     if view.unexpected:

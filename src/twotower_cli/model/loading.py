@@ -44,7 +44,6 @@ from twotower_cli.model.moe import Experts
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM
 
 _EXPERT = re.compile(r"^(?P<stem>.*\.mixer\.experts)\.(?P<j>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _LIST_LIMIT = 20  # names shown per category in an error before "... and N more"
 
 
@@ -96,12 +95,6 @@ def _fmt(names: list[str], sep: str = ", ") -> str:
 
 def _tensors(names: list) -> str:
     return f"{len(names)} tensor{'s' * (len(names) != 1)}"
-
-
-def _layer_count(names) -> int:
-    """Layers a set of tensor names covers: 1 + the highest `layers.N.` index among them."""
-    found = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
-    return max(found, default=-1) + 1
 
 
 def require_shards(ckpt: Checkpoint) -> None:
@@ -163,12 +156,11 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
     if wrong:
         problems.append(f"{_tensors(wrong)} with the wrong shape: {_fmt(wrong, '; ')}")
     if unexpected:
-        problems.append(f"{_tensors(unexpected)} unexpected: {_fmt(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor{'s' * (len(unexpected) != 1)}: {_fmt(unexpected)}")
     if problems:
-        hint = "is the config.json the one these weights were saved with?"
-        described, held = _layer_count(wanted), _layer_count(ckpt.tensors)
-        if described != held:
-            hint = f"config.json describes {described} layers where the weights hold {held}: use the one they were saved with"
+        described, held = layout.layers_held(wanted), layout.layers_held(ckpt.tensors)
+        hint = (f"config.json describes {described} layers where the weights hold {held}: use the config.json they were "
+                "saved with" if described != held else "is the config.json the one these weights were saved with?")
         raise TwoTowerError(f"checkpoint at {ckpt.folder} does not match the model: " + "; ".join(problems), hint)
 
     # Read each checkpoint tensor once per device that needs it (a fused experts tensor serves every expert
