@@ -72,7 +72,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     t0 = time.perf_counter()
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--max-sequences", max_sequences)):
         if value < 1:
-            raise TwoTowerError(f"{name} must be at least 1, not {value}", None)
+            raise TwoTowerError(f"{name} must be at least 1, not {value}", "leave it out for its default")
     if seq_len < 2:
         raise TwoTowerError("--seq-len must be at least 2: the AR measure predicts each token after the first",
                             "try --seq-len 512")

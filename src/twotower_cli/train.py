@@ -590,7 +590,10 @@ class TrainConfig:
         def positive(name: str, value: int | float) -> None:
             if not 0 < value < math.inf:  # NaN too
                 what = "finite" if value == math.inf else "positive"
-                raise TwoTowerError(f"--{name.replace('_', '-')} must be {what}, not {value}", None)
+                default = {f.name: f.default for f in dataclasses.fields(self)}.get(name)
+                raise TwoTowerError(f"--{name.replace('_', '-')} must be {what}, not {value}",
+                                    f"leave it out for {default}" if isinstance(default, int | float)
+                                    else "leave it out for the checkpoint's block size")
 
         if self.resume and self.force:
             raise TwoTowerError("--resume and --force conflict: --resume continues the training saved in OUT, "
@@ -609,16 +612,20 @@ class TrainConfig:
             raise TwoTowerError(f"--seed {self.seed} is negative", "use a seed of 0 or more")
         for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
-                raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative", None)
+                raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative",
+                                    "0 turns it off" if name != "warmup_steps" else "0: no warm-up")
         if self.train not in TRAIN_CHOICES:
-            raise TwoTowerError(f"--train {self.train!r} is not one of {', '.join(TRAIN_CHOICES)}", None)
+            raise TwoTowerError(f"--train {self.train!r} is not one of {', '.join(TRAIN_CHOICES)}",
+                                "leave it out to train the whole denoiser (all)")
         check_noise_per(self.noise_per)
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
-            raise TwoTowerError(f"--stop-after {self.stop_after} is not between 1 and --steps {self.steps}", None)
+            raise TwoTowerError(f"--stop-after {self.stop_after} is not between 1 and --steps {self.steps}",
+                                "stop after a step of the schedule, or leave it out to run all of it")
         if not self.data:
             raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise TwoTowerError(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}", None)
+            raise TwoTowerError(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}",
+                                "leave it out for fp32 (bf16 needs --fsdp)")
         if self.compute_dtype != "fp32" and not self.fsdp:
             raise TwoTowerError(f"--compute-dtype {self.compute_dtype} casts parameters as FSDP gathers them",
                                 "add --fsdp (under torchrun; one process is fine: --nproc_per_node 1)")
