@@ -397,6 +397,27 @@ def test_cli_ar_modes_are_not_refused_over_steps_and_block_they_do_not_use(train
     assert r.exit_code == 1 and r.stderr.startswith("Error: threshold 2.0 must be in (0, 1]"), r.output
 
 
+def test_cli_warns_when_prompt_and_new_tokens_pass_the_stated_context(trained_like, tmp_path):
+    """A checkpoint states max_position_embeddings (serve's --max-model-len refuses past it); generate went past
+    it silently. It still samples (attention has no positions), with one Warning line naming what fits."""
+    short = tmp_path / "short"
+    shutil.copytree(trained_like, short)
+    raw = json.loads((short / "config.json").read_text())
+    raw["max_position_embeddings"] = 12
+    (short / "config.json").write_text(json.dumps(raw))
+    r = invoke("hello", "--model", str(short), "-n", "16", "--json")
+    prompt_tokens = json.loads(r.stdout)["prompt_tokens"]
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["token_ids"]) == 16, r.output
+    assert [ln for ln in r.stderr.splitlines() if "Warning" in ln] == [
+        f"Warning: prompt and --max-new-tokens reach {prompt_tokens + 16} tokens, beyond the 12 this checkpoint is "
+        "meant for (max_position_embeddings); longer sequences run, but the model was not trained on them "
+        f"(hint: use --max-new-tokens {12 - prompt_tokens})"]
+    r = invoke("hello", "--model", str(short), "-n", str(12 - prompt_tokens), "--json")
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+    r = invoke("hello", "--model", str(trained_like), "-n", "16", "--json")  # states none: nothing to say
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+
+
 def test_cli_block_larger_than_trained_warns_once_and_samples(trained_like, tmp_path):
     r = invoke("hello", "--model", str(trained_like), "--block", "8", "-n", "8", "--json")
     assert r.exit_code == 0, r.output

@@ -196,6 +196,18 @@ class Runtime:
         cutter = StopTexts(stop_texts, self.tokenizer.decode, S.stop_set(settings, self.eos_ids), settings.block_size)
         return one, ids, settings, cutter, torch.Generator().manual_seed(seed)
 
+    def length_warning(self, prompt_tokens: int, max_new_tokens: int) -> tuple[str, str] | None:
+        """(message, hint) when a prompt of `prompt_tokens` and `max_new_tokens` reach beyond the
+        max_position_embeddings config.json states (attention has no positions: they run, untrained), else
+        None. `serve` refuses such requests instead (`--max-model-len`)."""
+        stated = self.cfg.raw.get("max_position_embeddings")
+        total = prompt_tokens + max_new_tokens
+        if not isinstance(stated, int) or total <= stated:
+            return None
+        return (f"prompt and --max-new-tokens reach {total} tokens, beyond the {stated} this checkpoint is meant for "
+                "(max_position_embeddings); longer sequences run, but the model was not trained on them",
+                f"use --max-new-tokens {stated - prompt_tokens}" if prompt_tokens < stated else "shorten the prompt")
+
     def block_warning(self, mode: str, block: int) -> tuple[str, str] | None:
         """(message, hint) when `mode` samples by block diffusion with blocks larger than the denoiser was
         trained with (NVIDIA: that degrades badly), else None."""

@@ -97,6 +97,8 @@ def generate(
     prompts = [rt.tokenizer.encode(t, add_special_tokens=not chat) for t in model_texts]
     if any(not p for p in prompts):
         raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
+    if (warning := rt.length_warning(max(map(len, prompts)), settings.max_new_tokens)) is not None:
+        report_warning(*warning)
     gen = torch.Generator().manual_seed(seed)
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode
