@@ -163,3 +163,28 @@ def test_stream_pieces_add_up_to_the_text_generate_gives(rt, kwargs, stream_of):
     assert "".join(pieces) == cut.text == whole.text[:whole.text.find(stop)]
     with pytest.raises(TwoTowerError, match="one prompt"):
         next(rt.stream(["a", "b"]))
+
+
+def test_generate_warns_as_the_command_does(folder, rt, tmp_path):
+    """The command's Warning: lines (a block larger than the denoiser was trained with, a prompt and
+    max_new_tokens beyond the stated context) reached no Python caller: they are UserWarnings now, in the
+    API's names."""
+    import shutil
+    import warnings
+
+    trained = rt.cfg.block_size
+    with pytest.warns(UserWarning, match=rf"larger blocks give much worse text \(hint: leave out block to use {trained}\)"):
+        rt.generate("hello", block=2 * trained, max_new_tokens=4)
+    short = tmp_path / "short"
+    shutil.copytree(folder, short)
+    raw = json.loads((short / "config.json").read_text())
+    raw["max_position_embeddings"] = 8
+    (short / "config.json").write_text(json.dumps(raw))
+    small = twotower_cli.load(str(short), device="cpu")
+    n = len(small.tokenizer.encode("hello"))
+    with pytest.warns(UserWarning, match=rf"prompt and max_new_tokens reach {n + 16} tokens.*\(hint: use max_new_tokens={8 - n}\)"):
+        small.generate("hello", max_new_tokens=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small.generate("hello", max_new_tokens=8 - n)
+        rt.generate("hello", block=trained, max_new_tokens=16)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,30 +194,36 @@ class Runtime:
         ids = [self.tokenizer.encode(t, add_special_tokens=not chat) for t in texts]
         if any(not p for p in ids):
             raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
+        for said in (self.block_warning(mode, settings.block_size, "block"),
+                     self.length_warning(max(map(len, ids)), max_new_tokens, "max_new_tokens")):
+            if said is not None:  # what the commands print as a Warning: line
+                warnings.warn(f"{said[0]} (hint: {said[1]})", UserWarning, stacklevel=3)
         cutter = StopTexts(stop_texts, self.tokenizer.decode, S.stop_set(settings, self.eos_ids), settings.block_size)
         return one, ids, settings, cutter, torch.Generator().manual_seed(seed)
 
-    def length_warning(self, prompt_tokens: int, max_new_tokens: int) -> tuple[str, str] | None:
+    def length_warning(self, prompt_tokens: int, max_new_tokens: int,
+                       option: str = "--max-new-tokens") -> tuple[str, str] | None:
         """(message, hint) when a prompt of `prompt_tokens` and `max_new_tokens` reach beyond the
         max_position_embeddings config.json states (attention has no positions: they run, untrained), else
-        None. `serve` refuses such requests instead (`--max-model-len`)."""
+        None. `serve` refuses such requests instead (`--max-model-len`). `option`: what the caller calls it."""
         stated = self.cfg.raw.get("max_position_embeddings")
         total = prompt_tokens + max_new_tokens
         if not isinstance(stated, int) or total <= stated:
             return None
-        return (f"prompt and --max-new-tokens reach {total} tokens, beyond the {stated} this checkpoint is meant for "
+        return (f"prompt and {option} reach {total} tokens, beyond the {stated} this checkpoint is meant for "
                 "(max_position_embeddings); longer sequences run, but the model was not trained on them",
-                f"use --max-new-tokens {stated - prompt_tokens}" if prompt_tokens < stated else "shorten the prompt")
+                f"use {option}{' ' if option.startswith('--') else '='}{stated - prompt_tokens}"
+                if prompt_tokens < stated else "shorten the prompt")
 
-    def block_warning(self, mode: str, block: int) -> tuple[str, str] | None:
+    def block_warning(self, mode: str, block: int, option: str = "--block") -> tuple[str, str] | None:
         """(message, hint) when `mode` samples by block diffusion with blocks larger than the denoiser was
-        trained with (NVIDIA: that degrades badly), else None."""
+        trained with (NVIDIA: that degrades badly), else None. `option`: what the caller calls the block."""
         trained = self.cfg.block_size
         if mode != "mask_diffusion" or block <= trained:
             return None
         source = "config.json" if "block_size" in self.cfg.twotower else "NVIDIA's release"
         return (f"block {block} is larger than the block this denoiser was trained with ({trained}, "
-                f"{source}); larger blocks give much worse text", f"leave out --block to use {trained}")
+                f"{source}); larger blocks give much worse text", f"leave out {option} to use {trained}")
 
 
 def model_folder(model: str | None) -> Path:
