@@ -510,3 +510,26 @@ def test_cli_chat_ctrl_c_at_the_prompt_drops_the_line_and_the_chat_goes_on(folde
     monkeypatch.setattr(display, "err_console", lambda: console)
     r = invoke("--model", str(tagged), "-n", "2")
     assert r.exit_code == 0 and "twotower chat · m[bold]tt · mask_diffusion" in r.stderr, r.output
+
+
+def test_a_conversation_past_the_stated_context_is_warned_about_once(folder, tmp_path):
+    """generate warns when a prompt and --max-new-tokens pass config.json's max_position_embeddings; a chat
+    grows turn by turn past it without a word. Now one Warning: at the turn after which the next reply may pass
+    it, naming /reset; the chat goes on."""
+    short = shutil.copytree(folder, tmp_path / "short")
+    raw = json.loads((short / "config.json").read_text())
+    raw["max_position_embeddings"] = 40
+    (short / "config.json").write_text(json.dumps(raw))
+    r = CliRunner().invoke(get_app(), ["chat", "--model", str(short), "-n", "8", "--json"],
+                           input="one\ntwo\nthree\nfour\nfive\nsix\n")
+    assert r.exit_code == 0, r.output
+    turns = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(turns) == 6
+    reach = [t["prompt_tokens"] + len(t["token_ids"]) + 8 for t in turns]
+    first = next(i for i, x in enumerate(reach) if x > 40)  # the turn after which the next reply may pass 40
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning")]
+    assert warnings == [f"Warning: with its next reply this conversation may reach {reach[first]} tokens, beyond the 40 "
+                        "this checkpoint is meant for (max_position_embeddings); longer sequences run, but the model "
+                        "was not trained on them (hint: /reset starts a new conversation)"], r.stderr
+    r = CliRunner().invoke(get_app(), ["chat", "--model", str(folder), "-n", "8", "--json"], input="one\ntwo\n")
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output  # states no context: nothing to say

@@ -201,14 +201,21 @@ class Runtime:
         cutter = StopTexts(stop_texts, self.tokenizer.decode, S.stop_set(settings, self.eos_ids), settings.block_size)
         return one, ids, settings, cutter, torch.Generator().manual_seed(seed)
 
+    @property
+    def stated_context(self) -> int | None:
+        """The tokens of a sequence config.json says the model is meant for (max_position_embeddings), if it
+        says; attention has no positions, so longer sequences run, but the model was not trained on them."""
+        stated = self.cfg.raw.get("max_position_embeddings")
+        return stated if isinstance(stated, int) and not isinstance(stated, bool) else None
+
     def length_warning(self, prompt_tokens: int, max_new_tokens: int,
                        option: str = "--max-new-tokens") -> tuple[str, str] | None:
         """(message, hint) when a prompt of `prompt_tokens` and `max_new_tokens` reach beyond the
         max_position_embeddings config.json states (attention has no positions: they run, untrained), else
         None. `serve` refuses such requests instead (`--max-model-len`). `option`: what the caller calls it."""
-        stated = self.cfg.raw.get("max_position_embeddings")
+        stated = self.stated_context
         total = prompt_tokens + max_new_tokens
-        if not isinstance(stated, int) or total <= stated:
+        if stated is None or total <= stated:
             return None
         return (f"prompt and {option} reach {total} tokens, beyond the {stated} this checkpoint is meant for "
                 "(max_position_embeddings); longer sequences run, but the model was not trained on them",

@@ -90,7 +90,7 @@ def serve(
                              requests=rt.backend.twotower is not None)
     if (warning := rt.block_warning(defaults.mode, defaults.block_size)) is not None:
         report_warning(*warning)
-    stated = rt.cfg.raw.get("max_position_embeddings")
+    stated = rt.stated_context
     if max_model_len is not None and stated is not None and max_model_len > stated:
         report_warning(f"--max-model-len {max_model_len} is beyond the {stated} tokens this checkpoint is meant for "
                        "(max_position_embeddings); longer sequences run, but the model was not trained on them",
