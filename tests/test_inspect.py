@@ -264,10 +264,10 @@ def test_an_index_naming_files_outside_its_folder_is_corrupt(sharded, tmp_path, 
         load_source(sharded)
 
 
-def write_with(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+def write_with(folder: Path, tensors: dict[str, torch.Tensor], cfg=None) -> Path:
     from twotower_cli.checkpoint import write_checkpoint
 
-    return write_checkpoint(folder, tensors, small_config().to_dict())
+    return write_checkpoint(folder, tensors, (cfg or small_config()).to_dict())
 
 
 def test_missing_unexpected_and_wrong_shape_tensors(tmp_path):
@@ -280,6 +280,22 @@ def test_missing_unexpected_and_wrong_shape_tensors(tmp_path):
     assert "backbone.layers.3.mixer.up_proj.weight has shape [7, 16], the config expects [24, 16]" in probs
     assert "unexpected tensor backbone.layers.0.mixer.bogus.weight (the config does not explain it)" in probs
     assert len(probs) == 3
+
+
+def test_tensors_outside_the_model_are_noted_as_split_drops_them(tmp_path):
+    """A source key outside the model's namespace (a vision tower, a tied model's extra lm_head.weight) is
+    dropped by split with a note, so the checkpoint splits; inspect called it a problem ("not sound", exit 1).
+    Both judge it alike now; a key inside the model the config does not explain stays a problem for both."""
+    cfg = small_config(tie_word_embeddings=True)
+    t = random_tensors(cfg) | {"vision_tower.proj.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(256, 16)}
+    folder = write_with(tmp_path / "c", t, cfg)
+    r = invoke(str(folder), "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["problems"] == []
+    assert "2 tensors outside the model the config describes (e.g. lm_head.weight); split drops them" in report["notes"]
+    s = runner.invoke(get_app(), ["split", str(folder), "-o", str(tmp_path / "out")])
+    assert s.exit_code == 0 and "dropped 2 tensors the config does not explain" in s.stderr, s.output
 
 
 def test_mtp_tensors_are_noted_not_problems(tmp_path):

@@ -41,7 +41,7 @@ from twotower_cli.checkpoint import (
 from twotower_cli.config import LAYER_KINDS, NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.layout import layer_count_note, nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
-from twotower_cli.split import problem_count, shape_problems, source_view
+from twotower_cli.split import problem_count, shape_problems, source_view, undroppable
 
 TIME_READ_LIMIT = 256 * 1024 * 1024
 KIND_KEYS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
@@ -165,9 +165,13 @@ def inspect_checkpoint(path: str | Path) -> Report:
             expected = nemotron_h_shapes(cfg)
             missing_ok = said | {f"backbone.{n[len('model.'):]}" for n in said if n.startswith("model.")}
             problems += shape_problems(view.tensors, {k: v for k, v in expected.items() if k not in missing_ok})
-            problems += [f"unexpected tensor {n} (the config does not explain it)" for n in view.unexpected[:10]]
-            if len(view.unexpected) > 10:
-                problems.append(f"... and {len(view.unexpected) - 10} more unexpected tensors")
+            own = undroppable(view.unexpected)  # as split judges them: the others it drops
+            problems += [f"unexpected tensor {n} (the config does not explain it)" for n in own[:10]]
+            if len(own) > 10:
+                problems.append(f"... and {len(own) - 10} more unexpected tensors")
+            if others := [n for n in view.unexpected if n not in set(own)]:
+                notes.append(f"{len(others)} tensor{'s' * (len(others) != 1)} outside the model the config "
+                             f"describes (e.g. {others[0]}); split drops them")
             notes += view.transforms
             if view.dropped:
                 notes.append(f"{len(view.dropped)} tensors the model does not use (e.g. {view.dropped[0]}); "

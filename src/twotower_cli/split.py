@@ -170,6 +170,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
 
 
+def undroppable(unexpected: list[str]) -> list[str]:
+    """The source keys the config does not explain that a split cannot drop: a tensor of the model's own (a
+    bias the config says is absent, a layer past the pattern) would leave the split computing something else
+    than the source. Keys outside the model (`MODEL_NAMESPACE`) are dropped and reported. (lm_head.weight is
+    unexpected only beside tied embeddings, where the head is the embedding, as in transformers.)"""
+    return [n for n in unexpected if n.startswith(MODEL_NAMESPACE) and n != "lm_head.weight"]
+
+
 _MORE = re.compile(r"^\.\.\. and (\d+) more ")
 
 
@@ -356,11 +364,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
         transforms.append("tied embeddings: both heads written as copies of backbone.embeddings.weight")
     expected = nemotron_h_shapes(cfg) | {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)}
     problems = shape_problems(src, expected)
-    # A tensor of the model's own (a bias the config says is absent, a layer past the pattern) cannot be
-    # dropped: the split would no longer compute what the source does. Other keys are dropped and reported.
-    # (lm_head.weight is unexpected only beside tied embeddings, where the head is the embedding, as in transformers.)
-    foreign = [n for n in view.unexpected if n.startswith(MODEL_NAMESPACE) and n != "lm_head.weight"]
-    problems += [f"unexpected tensor {n} (the config does not explain it)" for n in foreign]
+    problems += [f"unexpected tensor {n} (the config does not explain it)" for n in undroppable(view.unexpected)]
     for t in src.values():
         if t.dtype not in DTYPE_BYTES or t.nbytes != t.numel * DTYPE_BYTES[t.dtype]:
             problems.append(f"{t.origin}: {t.nbytes} bytes do not hold {t.dtype}{list(t.shape)}")
