@@ -165,13 +165,13 @@ def inspect_checkpoint(path: str | Path) -> Report:
             expected = nemotron_h_shapes(cfg)
             missing_ok = said | {f"backbone.{n[len('model.'):]}" for n in said if n.startswith("model.")}
             problems += shape_problems(view.tensors, {k: v for k, v in expected.items() if k not in missing_ok})
-            own = undroppable(view.unexpected)  # as split judges them: the others it drops
-            problems += [f"unexpected tensor {n} (the config does not explain it)" for n in own[:10]]
-            if len(own) > 10:
-                problems.append(f"... and {len(own) - 10} more unexpected tensors")
-            if others := [n for n in view.unexpected if n not in set(own)]:
-                notes.append(f"{len(others)} tensor{'s' * (len(others) != 1)} outside the model the config "
-                             f"describes (e.g. {others[0]}); split drops them")
+            inside = undroppable(view.unexpected)  # as split judges them: the others it drops
+            problems += [f"unexpected tensor {n} (the config does not explain it)" for n in inside[:10]]
+            if len(inside) > 10:
+                problems.append(f"... and {len(inside) - 10} more unexpected tensors")
+            if outside := sorted(set(view.unexpected) - set(inside)):
+                notes.append(f"{len(outside)} tensor{'s' * (len(outside) != 1)} outside the model the config "
+                             f"describes (e.g. {outside[0]}); split drops them")
             notes += view.transforms
             if view.dropped:
                 notes.append(f"{len(view.dropped)} tensors the model does not use (e.g. {view.dropped[0]}); "
