@@ -15,6 +15,11 @@ class TwoTowerError(Exception):
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and `noun` for a message, plural unless n is 1: "1 tensor", "3 tensors" (`plural`: if not noun + s)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 OUT_OF_DEVICE_MEMORY_HINT = ("use a smaller --dtype or batch, free the GPU, or put the towers on two GPUs "
                              "where the command allows it (--context-device / --denoiser-device)")
 

@@ -39,7 +39,7 @@ from twotower_cli.checkpoint import (
     open_checkpoint,
 )
 from twotower_cli.config import LAYER_KINDS, NemotronHConfig
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, count
 from twotower_cli.layout import layer_count_note, nemotron_h_shapes, time_conditioning_shapes, twotower_shapes
 from twotower_cli.split import problem_count, shape_problems, source_view, undroppable
 
@@ -170,8 +170,8 @@ def inspect_checkpoint(path: str | Path) -> Report:
             if len(inside) > 10:
                 problems.append(f"... and {len(inside) - 10} more unexpected tensors")
             if outside := sorted(set(view.unexpected) - set(inside)):
-                notes.append(f"{len(outside)} tensor{'s' * (len(outside) != 1)} outside the model the config "
-                             f"describes (e.g. {outside[0]}); split drops them")
+                notes.append(f"{count(len(outside), 'tensor')} outside the model the config describes "
+                             f"(e.g. {outside[0]}); split drops them")
             notes += view.transforms
             if view.dropped:
                 notes.append(f"{len(view.dropped)} tensors the model does not use (e.g. {view.dropped[0]}); "
@@ -495,8 +495,7 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     if report.problems:
-        n = problem_count(report.problems)
-        console.print(f"[bold red]✗ not sound: {n} problem{'s' * (n != 1)}:[/]")
+        console.print(f"[bold red]✗ not sound: {count(problem_count(report.problems), 'problem')}:[/]")
         for p in report.problems:
             console.print(f"  [red]✗[/] {escape(p)}", soft_wrap=True)
     else:

@@ -53,7 +53,7 @@ from twotower_cli.checkpoint import (
     write_index,
 )
 from twotower_cli.config import TWOTOWER_ARCHITECTURE, NemotronHConfig
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, count
 from twotower_cli.layout import (
     LEGACY_RENAMES,
     is_dropped,
@@ -164,10 +164,6 @@ def source_view(ckpt: Checkpoint, cfg: NemotronHConfig) -> SourceView:
     if unfused:
         transforms.append(f"unfused {unfused} stacked expert tensors into per-expert tensors (byte slices)")
     return SourceView(out, transforms, dropped, unexpected)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def undroppable(unexpected: list[str]) -> list[str]:
@@ -352,7 +348,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
     problems = index_problems(ckpt)
     if problems:
         raise TwoTowerError(f"the source checkpoint is not sound: {problems[0]}"
-                            + (f" (and {_count(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""),
+                            + (f" (and {count(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""),
                             "run `twotower inspect` on it for the full list")
     view = source_view(ckpt, cfg)
     src = dict(view.tensors)
@@ -375,9 +371,9 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
                             f"{depth}: use the config.json they were saved with" if depth
                             else "run `twotower inspect` on it for the full list")
     if view.dropped:
-        transforms.append(f"dropped {_count(len(view.dropped), 'tensor')} the model does not use (mtp.*, rotary buffers)")
+        transforms.append(f"dropped {count(len(view.dropped), 'tensor')} the model does not use (mtp.*, rotary buffers)")
     if view.unexpected:
-        transforms.append(f"dropped {_count(len(view.unexpected), 'tensor')} the config does not explain")
+        transforms.append(f"dropped {count(len(view.unexpected), 'tensor')} the config does not explain")
 
     target = DTYPE_CHOICES[dtype]
     tensors: list[OutTensor] = []

@@ -48,6 +48,7 @@ class TrainProgress:
 
     def __call__(self, ev) -> None:
         from twotower_cli import train as T
+        from twotower_cli.errors import count
 
         if self.log is not None:
             self._write(ev)
@@ -56,7 +57,7 @@ class TrainProgress:
             self.console.print(
                 f"[dim]{what} {ev.start_step} of {ev.total_steps} · {ev.trainable_parameters:,} trained / "
                 f"{ev.frozen_parameters:,} frozen parameters · {ev.train_sequences} train + {ev.eval_sequences} "
-                f"eval sequences · {ev.tokens_per_step:,} tok/step · {ev.world_size} process{'es' * (ev.world_size != 1)} on {ev.device}[/]")
+                f"eval sequences · {ev.tokens_per_step:,} tok/step · {count(ev.world_size, 'process', 'processes')} on {ev.device}[/]")
             self.task = self.progress.add_task("train", total=ev.stop_step, completed=ev.start_step,
                                                loss="-", eval="-", tps="-")
         elif isinstance(ev, T.StepDone):

@@ -39,7 +39,7 @@ from torch import nn
 from twotower_cli import layout
 from twotower_cli.checkpoint import Checkpoint, open_checkpoint
 from twotower_cli.config import NemotronHConfig
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, count
 from twotower_cli.model.moe import Experts
 from twotower_cli.model.nemotron_h import NemotronHForCausalLM
 
@@ -91,10 +91,6 @@ def _expert_rows(module: nn.Module) -> dict[str, tuple[str, int, int]]:
 def _fmt(names: list[str], sep: str = ", ") -> str:
     shown = sep.join(names[:_LIST_LIMIT])
     return shown + (f" ... and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
-
-
-def _tensors(names: list) -> str:
-    return f"{len(names)} tensor{'s' * (len(names) != 1)}"
 
 
 def require_shards(ckpt: Checkpoint) -> None:
@@ -152,11 +148,11 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
 
     problems = []
     if missing:
-        problems.append(f"{_tensors(missing)} missing: {_fmt(missing)}")
+        problems.append(f"{count(len(missing), 'tensor')} missing: {_fmt(missing)}")
     if wrong:
-        problems.append(f"{_tensors(wrong)} with the wrong shape: {_fmt(wrong, '; ')}")
+        problems.append(f"{count(len(wrong), 'tensor')} with the wrong shape: {_fmt(wrong, '; ')}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor{'s' * (len(unexpected) != 1)}: {_fmt(unexpected)}")
+        problems.append(f"{count(len(unexpected), 'unexpected tensor')}: {_fmt(unexpected)}")
     if problems:
         described, held = layout.layers_held(wanted), layout.layers_held(ckpt.tensors)
         hint = (f"config.json describes {described} layers where the weights hold {held}: use the config.json they were "
