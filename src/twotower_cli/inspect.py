@@ -199,7 +199,7 @@ def inspect_checkpoint(path: str | Path) -> Report:
         bytes_per_part["tower"] = ckpt.total_bytes
 
     pattern = cfg.pattern if cfg else ""
-    if cfg is not None and (depth := layer_count_note(cfg, names)):
+    if cfg is not None and (depth := layer_count_note(len(cfg.pattern), names)):
         notes.append(depth)
     tower_prefix = "context_tower." if layout == "twotower" else "backbone."
     by_kind = _by_kind(counts, pattern, tower_prefix)

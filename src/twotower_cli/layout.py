@@ -37,11 +37,11 @@ def layers_held(names) -> int:
     return max(found, default=-1) + 1
 
 
-def layer_count_note(cfg: NemotronHConfig, names) -> str | None:
-    """What a config.json of another depth than its weights looks like in one line (else None)."""
+def layer_count_note(described: int, names) -> str | None:
+    """A config.json of `described` layers beside weights (`names`) of another depth, in one line (else None)."""
     held = layers_held(names)
-    if held and held != len(cfg.pattern):
-        return f"config.json describes {len(cfg.pattern)} layers where the weights hold {held}"
+    if held and held != described:
+        return f"config.json describes {described} layers where the weights hold {held}"
     return None
 
 

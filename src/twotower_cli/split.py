@@ -366,7 +366,7 @@ def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str
             problems.append(f"{t.origin}: {t.nbytes} bytes do not hold {t.dtype}{list(t.shape)}")
     if problems:
         more = problem_count(problems) - 1
-        depth = layer_count_note(cfg, ckpt.tensors)
+        depth = layer_count_note(len(cfg.pattern), ckpt.tensors)
         raise TwoTowerError(f"the source does not match its config: {problems[0]}" + (f" (and {more} more)" if more else ""),
                             f"{depth}: use the config.json they were saved with" if depth
                             else "run `twotower inspect` on it for the full list")

@@ -154,9 +154,9 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
     if unexpected:
         problems.append(f"{count(len(unexpected), 'unexpected tensor')}: {_fmt(unexpected)}")
     if problems:
-        described, held = layout.layers_held(wanted), layout.layers_held(ckpt.tensors)
-        hint = (f"config.json describes {described} layers where the weights hold {held}: use the config.json they were "
-                "saved with" if described != held else "is the config.json the one these weights were saved with?")
+        depth = layout.layer_count_note(layout.layers_held(wanted), ckpt.tensors)
+        hint = f"{depth}: use the config.json they were saved with" if depth else \
+            "is the config.json the one these weights were saved with?"
         raise TwoTowerError(f"checkpoint at {ckpt.folder} does not match the model: " + "; ".join(problems), hint)
 
     # Read each checkpoint tensor once per device that needs it (a fused experts tensor serves every expert
