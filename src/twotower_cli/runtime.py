@@ -208,19 +208,26 @@ class Runtime:
         stated = self.cfg.raw.get("max_position_embeddings")
         return stated if isinstance(stated, int) and not isinstance(stated, bool) else None
 
+    def beyond_context(self, reach: int) -> str | None:
+        """How far past the stated context (`stated_context`) a sequence of `reach` tokens goes, as the end of a
+        warning ("N tokens, beyond the M this checkpoint is meant for …"); None if it does not."""
+        stated = self.stated_context
+        if stated is None or reach <= stated:
+            return None
+        return (f"{reach} tokens, beyond the {stated} this checkpoint is meant for (max_position_embeddings); "
+                "longer sequences run, but the model was not trained on them")
+
     def length_warning(self, prompt_tokens: int, max_new_tokens: int,
                        option: str = "--max-new-tokens") -> tuple[str, str] | None:
         """(message, hint) when a prompt of `prompt_tokens` and `max_new_tokens` reach beyond the
         max_position_embeddings config.json states (attention has no positions: they run, untrained), else
         None. `serve` refuses such requests instead (`--max-model-len`). `option`: what the caller calls it."""
-        stated = self.stated_context
-        total = prompt_tokens + max_new_tokens
-        if stated is None or total <= stated:
+        beyond = self.beyond_context(prompt_tokens + max_new_tokens)
+        if beyond is None:
             return None
-        return (f"prompt and {option} reach {total} tokens, beyond the {stated} this checkpoint is meant for "
-                "(max_position_embeddings); longer sequences run, but the model was not trained on them",
-                f"use {option}{' ' if option.startswith('--') else '='}{stated - prompt_tokens}"
-                if prompt_tokens < stated else "shorten the prompt")
+        room = self.stated_context - prompt_tokens
+        return (f"prompt and {option} reach {beyond}",
+                f"use {option}{' ' if option.startswith('--') else '='}{room}" if room > 0 else "shorten the prompt")
 
     def block_warning(self, mode: str, block: int, option: str = "--block") -> tuple[str, str] | None:
         """(message, hint) when `mode` samples by block diffusion with blocks larger than the denoiser was

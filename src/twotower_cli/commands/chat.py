@@ -185,13 +185,9 @@ def chat(
         turn = conversation.turns[-1]
         g, wall = turn.generation, finished.wall_seconds
         n = len(turn.reply_ids)
-        stated = rt.stated_context
-        if not warned and stated is not None and turn.prompt_tokens + n + settings.max_new_tokens > stated:
+        if not warned and (beyond := rt.beyond_context(turn.prompt_tokens + n + settings.max_new_tokens)):
             warned = True
-            report_warning(f"with its next reply this conversation may reach {turn.prompt_tokens + n + settings.max_new_tokens} "
-                           f"tokens, beyond the {stated} this checkpoint is meant for (max_position_embeddings); "
-                           "longer sequences run, but the model was not trained on them",
-                           "/reset starts a new conversation")
+            report_warning(f"with its next reply this conversation may reach {beyond}", "/reset starts a new conversation")
         if as_json:
             print(json.dumps({
                 "turn": len(conversation.turns), "user": line, "text": turn.reply, "token_ids": turn.reply_ids,
