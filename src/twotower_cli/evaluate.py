@@ -66,7 +66,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.config import NemotronHConfig
     from twotower_cli.model.loading import require_shards
-    from twotower_cli.runtime import model_folder, pick_device, pick_dtype
+    from twotower_cli.runtime import model_folder, pick_dtype, placement
     from twotower_cli.text import Tokenizer
 
     t0 = time.perf_counter()
@@ -83,9 +83,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)
     two = TW.is_twotower_checkpoint(ckpt)
-    if ckpt.config_raw is None:
-        raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
-    cfg = NemotronHConfig.from_dict(ckpt.config_raw)
+    cfg = NemotronHConfig.from_dict(ckpt.config_raw)  # model_folder made sure there is a config.json
     if two:
         if block is None:
             block = T.recorded_block(cfg, folder)[0]
@@ -103,9 +101,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
         raise TwoTowerError(f"the data holds fewer tokens than one sequence of --seq-len {seq_len}",
                             "add data or lower --seq-len")
     ids = seqs[0:min(len(seqs), max_sequences)]
-    dev = pick_device(device)
-    ctx = pick_device(context_device) if context_device else dev
-    den = pick_device(denoiser_device) if denoiser_device else dev
+    dev, ctx, den = placement(device, context_device, denoiser_device)
     loaded = TW.load_model(folder, need_denoiser=two, dtype=pick_dtype(dtype, ctx), device=dev, context_device=ctx,
                         denoiser_device=den, check_memory=True)
     ar = loaded.ar if loaded.ar is not None else TW.causal_lm_view(loaded.twotower)  # the context tower and its head

@@ -45,6 +45,15 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def placement(device: str | None, context_device: str | None = None,
+              denoiser_device: str | None = None) -> tuple[torch.device, torch.device, torch.device]:
+    """(the device, the context tower's, the denoiser's) from the commands' --device, --context-device and
+    --denoiser-device: a tower without its own device goes on --device."""
+    dev = pick_device(device)
+    return (dev, pick_device(context_device) if context_device else dev,
+            pick_device(denoiser_device) if denoiser_device else dev)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise TwoTowerError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
@@ -271,9 +280,7 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
             raise TwoTowerError(f"threads {threads} is more than torch can take", "try --threads 1")
         torch.set_num_threads(threads)
     folder = model_folder(model)
-    dev = pick_device(device)
-    ctx = pick_device(context_device) if context_device else dev
-    den = pick_device(denoiser_device) if denoiser_device else dev
+    dev, ctx, den = placement(device, context_device, denoiser_device)
     tdtype = pick_dtype(dtype, ctx)
     if cuda_graphs and ctx.type != "cuda" and den.type != "cuda":
         where = f"both would run on {den}" if ctx == den else f"they would run on {ctx} and {den}"
