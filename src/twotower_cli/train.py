@@ -110,6 +110,12 @@ def check_noise_per(value: str) -> None:
                             "sequence draws t once per sequence, as NVIDIA trains")
 
 
+def _no_data_file(path: Path) -> TwoTowerError:
+    """The error for a --data path that names no file."""
+    return TwoTowerError(f"data file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}",
+                         "check the --data paths (each names a file)")
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from non-negative integers, well mixed (numpy's SeedSequence)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -219,8 +225,7 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
 
     for path in map(Path, paths):
         if path.is_dir() or not path.exists():  # files, and pipes (`tokenize --data <(zcat …)`: read once here)
-            raise TwoTowerError(f"data file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}",
-                                "check the --data paths (each names a file)")
+            raise _no_data_file(path)
         try:
             if path.suffix.lower() == ".jsonl":
                 docs: list[str] = []
@@ -264,8 +269,7 @@ def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = N
     would offer to unpickle it, which runs code from the file)."""
     path = Path(path)
     if not path.is_file():
-        raise TwoTowerError(f"data file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}",
-                            "check the --data paths (each names a file)")
+        raise _no_data_file(path)
     meta = token_file_meta(path)
     written = None
     if tokenizer is not None and meta.is_file():
