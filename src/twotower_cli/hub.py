@@ -51,6 +51,11 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the environment says now: the hub is not to be asked anything."""
+    return _env_true("HF_HUB_OFFLINE")
+
+
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache as the environment says now, as huggingface_hub reads it: HF_HUB_CACHE,
     else the legacy HUGGINGFACE_HUB_CACHE (still set by many images), else HF_HOME/hub."""
@@ -113,7 +118,7 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
         if text.startswith((".", "/", "~")) or os.sep in text:
             raise TwoTowerError(f"{text} does not exist", hint)
         raise TwoTowerError(f"{text!r} is not a local path, a known model name or a hub repo id", hint)
-    env_offline = _env_true("HF_HUB_OFFLINE")
+    env_offline = hub_offline()
     offline = None if allow_download and not env_offline else "HF_HUB_OFFLINE" if env_offline else "command"
     return _snapshot(repo_id, offline, as_path=repo_id == text, patterns=DOWNLOAD_PATTERNS if weights else TEXT_PATTERNS)
 

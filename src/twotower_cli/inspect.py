@@ -8,6 +8,9 @@ conditioning (as a fresh split leaves it: t_block.1 all zero, every table rows (
 one; above the limit, or when those tensors are absent or unreadable, the state is "unknown". Those bytes
 are read with plain `pread`, never `safe_open`.
 
+`inspect_remote(repo_id)` does the same for a repository on the Hugging Face hub that is not in the cache,
+from its headers read over the network (`twotower_cli.remote`); there the time conditioning is "unknown".
+
 It returns a `Report`: layout ("nemotron_h", "twotower" or "unknown"), sizes, parameters per tower and
 per layer kind, active parameters per token, dtypes, bytes, shards, and `problems` — one line per
 integrity fault (index vs shards, truncated files, missing/unexpected/wrong-shape tensors). `to_json`
@@ -26,7 +29,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,7 @@ class Report:
     text: dict[str, Any] = field(default_factory=dict)  # tokenizer present, chat template file, end token ids
     tensor_list: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] | None = None  # training.json of a `twotower train` output
+    remote: dict[str, Any] | None = None  # read from the hub: repo_id, revision, requests, bytes_read
 
     def to_json(self, with_tensors: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -89,7 +93,7 @@ class Report:
             "bytes": self.bytes, "bytes_per_part": self.bytes_per_part, "dtypes": self.dtypes,
             "shards": self.shards, "problems": self.problems, "notes": self.notes,
             "unrecognised_keys": self.unrecognised, "twotower": self.twotower, "text": self.text,
-            "training": self.training,
+            "training": self.training, "remote": self.remote,
         }
         if with_tensors:
             out["tensor_list"] = self.tensor_list
@@ -114,9 +118,12 @@ def _prefixes(names: list[str], limit: int = 8) -> list[str]:
     return lines
 
 
-def inspect_checkpoint(path: str | Path) -> Report:
-    """Summarise and check the checkpoint at `path` (a folder or a .safetensors file)."""
+def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = None) -> Report:
+    """Summarise and check the checkpoint at `path` (a folder or a .safetensors file). `file_sizes`: the true
+    size of each shard where the folder holds only their headers (`inspect_remote`)."""
     ckpt = open_checkpoint(path, strict=False)
+    if file_sizes is not None:
+        ckpt.shards = {f: replace(s, file_size=file_sizes[f]) for f, s in ckpt.shards.items()}
     problems = index_problems(ckpt)
     notes: list[str] = []
     if Path(path).is_file() and (ckpt.folder / INDEX_NAME).is_file():
@@ -231,8 +238,8 @@ def inspect_checkpoint(path: str | Path) -> Report:
         size = shard.file_size if shard else 0
         if shard is None and file not in ckpt.missing_files:
             try:
-                size = ckpt.path(file).stat().st_size
-            except OSError:
+                size = file_sizes[file] if file_sizes is not None else ckpt.path(file).stat().st_size
+            except (OSError, KeyError):
                 pass
         shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0, "bytes": size, "status": status})
     raw = ckpt.config_raw if isinstance(ckpt.config_raw, dict) else {}
@@ -255,6 +262,27 @@ def inspect_checkpoint(path: str | Path) -> Report:
         tensor_list=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "file": t.file}
                      for t in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0]))],
     )
+
+
+def inspect_remote(repo_id: str, endpoint: str | None = None, as_path: bool = False) -> Report:
+    """`inspect_checkpoint` of a hub repository from its headers, read over the network (`remote`); nothing
+    is downloaded into the cache. The time conditioning's bytes are not read: its state is "unknown"."""
+    import tempfile
+
+    from twotower_cli.remote import fetch_headers
+
+    with tempfile.TemporaryDirectory(prefix="twotower-inspect-") as tmp:
+        got = fetch_headers(repo_id, Path(tmp), endpoint=endpoint, as_path=as_path)
+        report = inspect_checkpoint(tmp, file_sizes=got.file_sizes)
+    # Messages name files by their path: the repository's, not the temporary folder's.
+    report.problems = [p.replace(tmp, repo_id) for p in report.problems]
+    report.notes = [n.replace(tmp, repo_id) for n in report.notes]
+    report.path = f"{repo_id}@{got.revision[:12]}"
+    report.remote = {"repo_id": repo_id, "revision": got.revision, "requests": got.requests,
+                     "bytes_read": got.bytes_read}
+    report.notes.insert(0, f"read from the Hugging Face hub: headers and text files only ({_bytes(got.bytes_read)} "
+                           f"in {count(got.requests, 'request')}); nothing was downloaded into the cache")
+    return report
 
 
 def training_record(folder: Path, notes: list[str]) -> dict[str, Any] | None:

@@ -14,19 +14,45 @@ from twotower_cli.cli import app, guarded
 @guarded
 def inspect(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors file, or a hub id / alias "
-                                                   "already in the Hugging Face cache.")],
+                                                   "(from the cache, else its headers from the hub).")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Read a hub model's headers from the hub even when "
+                                                          "it is in the cache.")] = False,
 ) -> None:
     """Summarise a NemotronH or TwoTower checkpoint and check its integrity (exit 1 on any problem).
 
-    Reads safetensors headers, the index and config.json only; never downloads.
+    Reads safetensors headers, the index and config.json only. A hub id or alias that is not in the cache is
+    read from the hub: its headers and text files, a few MB; nothing is downloaded into the cache.
     """
-    from twotower_cli.display import err_console, out_console
-    from twotower_cli.hub import resolve
-    from twotower_cli.inspect import inspect_checkpoint, render
+    from pathlib import Path
 
-    report = inspect_checkpoint(resolve(checkpoint, allow_download=False))
+    from twotower_cli.display import err_console, out_console
+    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.hub import EMBEDDED, hub_offline, repo_id_for, resolve
+    from twotower_cli.inspect import inspect_checkpoint, inspect_remote, render
+
+    local = Path(checkpoint).expanduser().exists() or checkpoint.lower() in EMBEDDED
+    repo_id = None if local else repo_id_for(checkpoint)
+    if remote and repo_id is None:
+        raise TwoTowerError(f"--remote reads a model on the Hugging Face hub, and {checkpoint} is "
+                            + ("a local checkpoint" if local else "not a hub id or alias"),
+                            "drop --remote to inspect a local checkpoint, or name a hub id like nvidia/Name")
+    if remote and hub_offline():
+        raise TwoTowerError("--remote reads from the Hugging Face hub, and HF_HUB_OFFLINE is set",
+                            "unset HF_HUB_OFFLINE, or drop --remote to inspect the cached copy")
+    path = None
+    if not remote:
+        try:
+            path = resolve(checkpoint, allow_download=False)
+        except TwoTowerError:
+            if repo_id is None or hub_offline():
+                raise  # else: not in the cache (or only its text files), and the hub has the headers
+    if path is not None:
+        report = inspect_checkpoint(path)
+    else:
+        assert repo_id is not None
+        report = inspect_remote(repo_id, as_path=repo_id == checkpoint)
     if as_json:
         out_console().print(json.dumps(report.to_json(with_tensors=tensors), indent=2), markup=False, highlight=False)
     else:

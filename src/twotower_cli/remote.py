@@ -1,0 +1,165 @@
+"""The headers of a hub repository, read over the network: `twotower inspect` on a model not in the cache.
+
+`fetch_headers(repo_id, into)` fills the folder `into` with what `inspect_checkpoint` reads, all at one
+revision (the commit the hub names when asked for the file list, so that a push in between cannot mix two
+versions): config.json, the safetensors index and the small text files beside them whole, and of each
+safetensors shard only its header — one range request for its first 100 kB, a second one when the header is
+longer. A 60 GB repository costs a few MB. The shards' true sizes come back in `Remote.file_sizes`, which
+`inspect_checkpoint(into, file_sizes=...)` checks the headers against (a shard cut short on the hub reads as
+truncated). tokenizer.json can be MBs and inspect only asks whether it is there: it is an empty file in `into`.
+
+huggingface_hub does the talking: `HfApi.model_info(files_metadata=True)` lists the files with their sizes,
+`hf_hub_url` and its shared HTTP session (token, endpoint, redirects to the CDN) read them, and its errors say
+what went wrong. The cache is neither read nor written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twotower_cli.checkpoint import INDEX_NAME, MAX_HEADER_BYTES
+from twotower_cli.errors import TwoTowerError
+
+# Read whole: the files inspect parses besides the headers.
+WHOLE_FILES = ("config.json", INDEX_NAME, "generation_config.json", "tokenizer_config.json",
+               "chat_template.jinja", "chat_template.json", "training.json")
+WHOLE_LIMIT = 64 * 1024 * 1024
+PRESENT_ONLY = ("tokenizer.json",)  # inspect asks only whether it is there
+FIRST_READ = 100_000  # most safetensors headers fit (huggingface_hub reads the same first)
+TIMEOUT_S = 30.0
+PARALLEL = 8
+
+
+@dataclass
+class Remote:
+    """What `fetch_headers` read: the repository, the revision it pinned, the size of every shard on the hub,
+    and what it cost."""
+
+    repo_id: str
+    revision: str
+    file_sizes: dict[str, int]
+    requests: int = 0
+    bytes_read: int = 0
+
+
+def fetch_headers(repo_id: str, into: Path, endpoint: str | None = None, as_path: bool = False) -> Remote:
+    """Fill `into` with the headers and small files of `repo_id` on the hub (see the module docstring).
+    Raises TwoTowerError for a repository that is not there, not readable, or not safetensors. `as_path`: the
+    name was typed as `owner/name`, which may also have been meant as a local folder (the error says so)."""
+    from huggingface_hub import HfApi
+
+    # HF_ENDPOINT (a mirror) as the environment says now: huggingface_hub reads it once, at import.
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    api = HfApi(endpoint=endpoint)
+    local = f" (and there is no folder {repo_id} here)" if as_path else ""
+    info = _ask(repo_id, lambda: api.model_info(repo_id, files_metadata=True, timeout=TIMEOUT_S), local=local)
+    revision = info.sha or "main"
+    sizes = {s.rfilename: s.size for s in info.siblings or [] if "/" not in s.rfilename}
+    shards = sorted(n for n in sizes if n.endswith(".safetensors"))
+    if not shards:
+        raise TwoTowerError(f"{repo_id} on the Hugging Face hub holds no safetensors weights",
+                            "twotower reads safetensors checkpoints; check the repository's files on the hub")
+    if unknown := [n for n in shards if sizes[n] is None]:
+        raise TwoTowerError(f"the hub did not say the size of {unknown[0]} in {repo_id}",
+                            "try again, or download the repository and inspect the folder")
+    remote = Remote(repo_id, revision, {n: sizes[n] for n in shards})
+    reader = _Reader(api, repo_id, revision, endpoint)
+    for name in WHOLE_FILES:
+        if name in sizes:
+            if sizes[name] is None or sizes[name] > WHOLE_LIMIT:
+                raise TwoTowerError(f"{name} in {repo_id} is of unknown size or over {WHOLE_LIMIT:,} bytes",
+                                    "download the repository and inspect the folder")
+            (into / name).write_bytes(reader.read(name, 0, sizes[name]) if sizes[name] else b"")
+    for name in PRESENT_ONLY:
+        if name in sizes:
+            (into / name).touch()
+    with ThreadPoolExecutor(min(PARALLEL, len(shards))) as pool:
+        for name, header in zip(shards, pool.map(lambda n: reader.header(n, sizes[n]), shards), strict=True):
+            (into / name).write_bytes(header)
+    remote.requests, remote.bytes_read = reader.requests, reader.bytes_read
+    return remote
+
+
+class _Reader:
+    """Byte ranges of one repository's files at one revision, through huggingface_hub's HTTP session."""
+
+    def __init__(self, api: Any, repo_id: str, revision: str, endpoint: str | None):
+        self.api, self.repo_id, self.revision, self.endpoint = api, repo_id, revision, endpoint
+        self.requests = self.bytes_read = 0
+        self._lock = threading.Lock()  # shards are read from several threads
+
+    def read(self, name: str, start: int, length: int) -> bytes:
+        """At most `length` bytes of `name` from `start` (fewer where the file ends first)."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.repo_id, name, revision=self.revision, endpoint=self.endpoint)
+        headers = {**build_hf_headers(), "range": f"bytes={start}-{start + length - 1}"}
+
+        def get() -> bytes:
+            response = get_session().get(url, headers=headers, timeout=TIMEOUT_S)
+            hf_raise_for_status(response)
+            body = response.content
+            # A server that ignores the range sends the whole file (200): keep the part asked for.
+            return body if response.status_code == 206 else body[start:start + length]
+
+        data = _ask(self.repo_id, get, name)
+        with self._lock:
+            self.requests += 1
+            self.bytes_read += len(data)
+        return data
+
+    def header(self, name: str, size: int) -> bytes:
+        """The first bytes of a safetensors file, through the end of its header (or all the file holds, or the
+        8 length bytes alone when the length is absurd: the header parser says what is wrong)."""
+        head = self.read(name, 0, min(FIRST_READ, size)) if size else b""
+        if len(head) < 8:
+            return head
+        (n,) = struct.unpack("<Q", head[:8])
+        want = min(8 + n, size)
+        if n > MAX_HEADER_BYTES:
+            return head[:8]
+        if len(head) < want:
+            head += self.read(name, len(head), want - len(head))
+        return head[:want]
+
+
+def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "") -> Any:
+    """`call()`, with huggingface_hub's errors (and the network's) said as TwoTowerErrors (`local`: what the
+    not-found error adds)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = f"{name} in {repo_id}" if name else repo_id
+    try:
+        return call()
+    except GatedRepoError:
+        raise TwoTowerError(f"{repo_id} is gated on the Hugging Face hub and this account may not read it",
+                            "accept its terms on the model page, then `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
+                            "check the spelling; private and gated models need `hf auth login`") from None
+    except (RevisionNotFoundError, RemoteEntryNotFoundError):
+        raise TwoTowerError(f"{what} changed on the hub while it was read", "run the command again") from None
+    except HfHubHTTPError as e:
+        raise TwoTowerError(f"cannot read {what} from the Hugging Face hub: {str(e).splitlines()[0]}",
+                            "check the network and your HF token") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise TwoTowerError(f"cannot read {what} from the Hugging Face hub: {e}", "check the network") from None
+    except Exception as e:  # the HTTP client's own errors (connection refused, timeouts) have no common base here
+        if type(e).__module__.split(".")[0].startswith("httpx"):
+            raise TwoTowerError(f"cannot reach the Hugging Face hub for {what}: {e}",
+                                "check the network, or download the repository and inspect the folder") from None
+        raise

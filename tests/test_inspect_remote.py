@@ -1,0 +1,265 @@
+"""`twotower inspect` of a hub repository that is not in the cache: headers read over HTTP.
+
+A small local server plays the hub's two routes that huggingface_hub calls here (the model API with
+`blobs=True`, and `resolve/<revision>/<file>` with byte ranges), serving checkpoint folders written by the
+project's writer. The reference is `inspect_checkpoint` of the same folder on disk: the remote report must say
+the same, while the server sees no request for tensor data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers_ckpt import random_checkpoint, small_config
+from twotower_cli.checkpoint import INDEX_NAME, save_tensors
+from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
+from twotower_cli.hub import ASSETS
+from twotower_cli.inspect import inspect_checkpoint, inspect_remote
+from twotower_cli.remote import FIRST_READ
+
+SHA = "5e1f" * 10
+
+
+class FakeHub:
+    """repo id → folder; records every (file, first byte, last byte) it serves."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Path] = {}
+        self.reads: list[tuple[str, int, int]] = []
+        self.api_calls: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path):
+                    hub.api_calls.append(self.path)
+                    folder = hub.repos.get(m.group(1))
+                    if folder is None:
+                        return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+                    siblings = [{"rfilename": p.relative_to(folder).as_posix(), "size": p.stat().st_size}
+                                for p in sorted(folder.rglob("*")) if p.is_file()]
+                    body = json.dumps({"id": m.group(1), "sha": SHA, "siblings": siblings}).encode()
+                    return self._send(200, body, {"Content-Type": "application/json"})
+                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if not m or m.group(1) not in hub.repos or m.group(2) != SHA:
+                    return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
+                file = hub.repos[m.group(1)] / m.group(3)
+                size = file.stat().st_size
+                first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
+                last = min(last, size - 1)
+                hub.reads.append((m.group(3), first, last))
+                with open(file, "rb") as f:
+                    f.seek(first)
+                    body = f.read(last + 1 - first)
+                self._send(206, body, {"Content-Range": f"bytes {first}-{last}/{size}"})
+
+            def _send(self, code: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(code)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def data_read(self, folder: Path) -> list[tuple[str, int, int]]:
+        """Reads of a shard past its header: tensor data."""
+        out = []
+        for file, first, last in self.reads:
+            if file.endswith(".safetensors"):
+                header_end = 8 + int.from_bytes((folder / file).read_bytes()[:8], "little")
+                if last >= max(header_end, FIRST_READ):
+                    out.append((file, first, last))
+        return out
+
+
+@pytest.fixture
+def fake_hub():
+    hub = FakeHub()
+    yield hub
+    hub.server.shutdown()
+
+
+def comparable(report) -> dict:
+    """A report's JSON without what tells where it was read from."""
+    out = copy.deepcopy(report.to_json(with_tensors=True))
+    for key in ("path", "remote"):
+        out.pop(key)
+    out["notes"] = [n for n in out["notes"] if not n.startswith("read from the Hugging Face hub")]
+    if out["twotower"]:
+        out["twotower"].pop("time_conditioning")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sharded", "single", "tiny-twotower", "tiny-base"])
+def test_remote_report_is_the_local_one(tmp_path, fake_hub, kind):
+    if kind in ("sharded", "single"):
+        folder = random_checkpoint(tmp_path / kind, max_shard_size="3KB" if kind == "sharded" else "5GB")
+    else:
+        folder = ASSETS / kind
+    fake_hub.repos["org/model"] = folder
+    local = inspect_checkpoint(folder)
+    remote = inspect_remote("org/model", endpoint=fake_hub.endpoint)
+    assert comparable(remote) == comparable(local)
+    assert remote.path == f"org/model@{SHA[:12]}"
+    assert remote.remote["revision"] == SHA and remote.remote["requests"] == len(fake_hub.reads)
+    assert remote.notes[0].startswith("read from the Hugging Face hub")
+    assert fake_hub.data_read(folder) == []
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert sorted({f for f, _a, _b in fake_hub.reads if f.endswith(".safetensors")}) == shards
+    if kind == "tiny-twotower":  # its bytes are not read: not "identity", not "trained"
+        assert local.twotower["time_conditioning"] == "trained"
+        assert remote.twotower["time_conditioning"] == "unknown"
+    assert "tokenizer.json" not in {f for f, _a, _b in fake_hub.reads}  # asked whether it is there, not read
+
+
+def test_a_header_longer_than_the_first_read(tmp_path, fake_hub):
+    """Past 100 kB the header takes a second range request, for exactly its remaining bytes."""
+    folder = random_checkpoint(tmp_path / "c")
+    tensors = {n: t for n, t in _read_all(folder).items()}
+    (folder / "model.safetensors").unlink()
+    save_tensors(folder, tensors, metadata={"format": "pt", "padding": "x" * 150_000})
+    header_end = 8 + int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+    fake_hub.repos["org/long"] = folder
+    remote = inspect_remote("org/long", endpoint=fake_hub.endpoint)
+    assert remote.problems == [] and comparable(remote) == comparable(inspect_checkpoint(folder))
+    assert [(a, b) for f, a, b in fake_hub.reads if f == "model.safetensors"] == [(0, FIRST_READ - 1),
+                                                                                (FIRST_READ, header_end - 1)]
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_a_shard_cut_short_on_the_hub_is_truncated(tmp_path, fake_hub):
+    folder = random_checkpoint(tmp_path / "c", max_shard_size="3KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    fake_hub.repos["org/cut"] = folder
+    remote = inspect_remote("org/cut", endpoint=fake_hub.endpoint)
+    local = inspect_checkpoint(folder)
+    assert any(p.startswith(f"{shard.name} is truncated") for p in local.problems)
+    assert remote.problems == local.problems
+    row = next(r for r in remote.to_json()["shards"] if r["file"] == shard.name)
+    assert row == {"file": shard.name, "tensors": row["tensors"], "bytes": shard.stat().st_size, "status": "truncated"}
+
+
+def test_messages_name_the_repository_not_a_temporary_folder(tmp_path, fake_hub):
+    folder = random_checkpoint(tmp_path / "c")
+    (folder / "generation_config.json").write_text('{"eos_token_id": "two"}')
+    fake_hub.repos["org/bad"] = folder
+    remote = inspect_remote("org/bad", endpoint=fake_hub.endpoint)
+    assert remote.problems == ["eos_token_id 'two' in org/bad/generation_config.json is not a token id or a list "
+                               "of them"]
+
+
+def test_errors(tmp_path, fake_hub):
+    with pytest.raises(TwoTowerError) as e:
+        inspect_remote("org/missing", endpoint=fake_hub.endpoint, as_path=True)
+    assert e.value.message == "org/missing was not found on the Hugging Face hub (and there is no folder org/missing here)"
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "config.json").write_text("{}")
+    fake_hub.repos["org/text"] = tmp_path / "text"
+    with pytest.raises(TwoTowerError, match="holds no safetensors weights"):
+        inspect_remote("org/text", endpoint=fake_hub.endpoint)
+    with pytest.raises(TwoTowerError, match="cannot reach the Hugging Face hub") as e:
+        inspect_remote("org/text", endpoint="http://127.0.0.1:9")  # nothing listens on the discard port
+    assert e.value.hint
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+@pytest.fixture
+def online(tmp_path, monkeypatch, fake_hub):
+    """An empty cache, downloads allowed, the hub at the fake's address."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
+    return fake_hub
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(get_app(), ["inspect", *args])
+
+
+def test_command_reads_an_uncached_model_from_the_hub(tmp_path, online):
+    folder = random_checkpoint(tmp_path / "c", max_shard_size="3KB")
+    online.repos["nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16"] = folder  # what the alias names
+    result = invoke("nemotron-3-nano", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["remote"]["revision"] == SHA and data["sound"] and data["tensors"] == 55
+    human = invoke("nemotron-3-nano")
+    assert human.exit_code == 0 and "read from the Hugging Face hub" in human.stderr
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.safetensors*"))
+    assert online.data_read(folder) == []
+
+
+def test_command_prefers_the_cache_unless_remote(tmp_path, online):
+    from test_hub import fake_cache
+
+    snap = fake_cache(tmp_path / "hf", "org/model", files={})
+    snap.rmdir()
+    random_checkpoint(snap)
+    online.repos["org/model"] = random_checkpoint(tmp_path / "other", small_config("M*"))
+    cached = json.loads(invoke("org/model", "--json").stdout)
+    assert cached["remote"] is None and cached["pattern"] == "M*E-ME" and online.api_calls == []
+    fresh = json.loads(invoke("org/model", "--json", "--remote").stdout)
+    assert fresh["remote"]["repo_id"] == "org/model" and fresh["pattern"] == "M*"
+
+
+def test_command_errors(tmp_path, online, monkeypatch):
+    result = invoke("org/missing")
+    assert result.exit_code == 1 and result.stderr.count("Error:") == 1
+    assert "org/missing was not found on the Hugging Face hub (and there is no folder org/missing here)" in result.stderr
+    folder = random_checkpoint(tmp_path / "c")
+    result = invoke(str(folder), "--remote")
+    assert result.exit_code == 1 and "is a local checkpoint" in result.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    online.repos["org/model"] = folder
+    online.api_calls.clear()
+    result = invoke("org/model")
+    assert result.exit_code == 1 and "not in the Hugging Face cache" in result.stderr
+    assert "--remote" in invoke("org/model", "--remote").stderr
+    assert online.api_calls == []  # offline: the hub was never asked
+    assert "Traceback" not in result.output
+
+
+def test_a_corrupt_index_on_the_hub(tmp_path, fake_hub):
+    folder = random_checkpoint(tmp_path / "c", max_shard_size="3KB")
+    (folder / INDEX_NAME).write_text('{"weight_map": 3}')
+    fake_hub.repos["org/idx"] = folder
+    with pytest.raises(TwoTowerError, match="has no weight_map"):
+        inspect_remote("org/idx", endpoint=fake_hub.endpoint)
+
+
+def test_command_reads_the_hub_when_the_cache_holds_only_text_files(tmp_path, online):
+    """After `twotower tokenize`, the cache holds the model's config and tokenizer without its weights."""
+    from test_hub import fake_cache
+
+    fake_cache(tmp_path / "hf", "org/model", files={"config.json": "{}", "tokenizer.json": "{}"})
+    online.repos["org/model"] = random_checkpoint(tmp_path / "c")
+    result = invoke("org/model", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["remote"]["repo_id"] == "org/model"
