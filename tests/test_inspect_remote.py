@@ -12,6 +12,7 @@ import copy
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class FakeHub:
         self.repos: dict[str, Path] = {}
         self.reads: list[tuple[str, int, int]] = []
         self.api_calls: list[str] = []
+        self.ignore_ranges = False
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +61,8 @@ class FakeHub:
                     return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
                 file = hub.repos[m.group(1)] / m.group(3)
                 size = file.stat().st_size
+                if self.headers["Range"] is None or hub.ignore_ranges:
+                    return self._send_file(file, size)
                 first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
                 last = min(last, size - 1)
                 hub.reads.append((m.group(3), first, last))
@@ -66,6 +70,21 @@ class FakeHub:
                     f.seek(first)
                     body = f.read(last + 1 - first)
                 self._send(206, body, {"Content-Range": f"bytes {first}-{last}/{size}"})
+
+            def _send_file(self, file: Path, size: int) -> None:
+                """200 with the whole file, as a server that ignores ranges does, until the client hangs up."""
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                sent = 0
+                with open(file, "rb") as f:
+                    try:
+                        while chunk := f.read(1 << 16):
+                            self.wfile.write(chunk)
+                            sent += len(chunk)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                hub.reads.append((file.name, 0, sent - 1))
 
             def _send(self, code: int, body: bytes, headers: dict[str, str]) -> None:
                 self.send_response(code)
@@ -263,3 +282,23 @@ def test_command_reads_the_hub_when_the_cache_holds_only_text_files(tmp_path, on
     result = invoke("org/model", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["remote"]["repo_id"] == "org/model"
+
+
+def test_a_mirror_that_ignores_ranges(tmp_path, fake_hub):
+    """A plain HTTP mirror (HF_ENDPOINT) answers a range request with the whole file: the header is taken from
+    its first bytes and the connection dropped, not 64 MB of weights read."""
+    folder = random_checkpoint(tmp_path / "c")
+    shard = folder / "model.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(64 << 20)  # a sparse tail: bytes after the last tensor, said alike by both reports
+    fake_hub.repos["org/mirror"] = folder
+    fake_hub.ignore_ranges = True
+    remote = inspect_remote("org/mirror", endpoint=fake_hub.endpoint)
+    assert comparable(remote) == comparable(inspect_checkpoint(folder))
+    assert any("after the last tensor" in p for p in remote.problems)
+    deadline = time.monotonic() + 30
+    while not (sent := [last + 1 for f, _first, last in fake_hub.reads if f == shard.name]):
+        assert time.monotonic() < deadline, "the server never saw the client hang up"
+        time.sleep(0.05)
+    print(f"sent {sent[0]:,} of {64 << 20:,} bytes")
+    assert len(sent) == 1 and sent[0] < (32 << 20)

@@ -76,7 +76,7 @@ def fetch_headers(repo_id: str, into: Path, endpoint: str | None = None, as_path
             if sizes[name] is None or sizes[name] > WHOLE_LIMIT:
                 raise TwoTowerError(f"{name} in {repo_id} is of unknown size or over {WHOLE_LIMIT:,} bytes",
                                     "download the repository and inspect the folder")
-            (into / name).write_bytes(reader.read(name, 0, sizes[name]) if sizes[name] else b"")
+            (into / name).write_bytes(reader.read(name, 0) if sizes[name] else b"")
     for name in PRESENT_ONLY:
         if name in sizes:
             (into / name).touch()
@@ -95,20 +95,32 @@ class _Reader:
         self.requests = self.bytes_read = 0
         self._lock = threading.Lock()  # shards are read from several threads
 
-    def read(self, name: str, start: int, length: int) -> bytes:
-        """At most `length` bytes of `name` from `start` (fewer where the file ends first)."""
+    def read(self, name: str, start: int, length: int | None = None) -> bytes:
+        """At most `length` bytes of `name` from `start` (fewer where the file ends first); `length=None`: the
+        whole file, asked for without a range."""
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         url = hf_hub_url(self.repo_id, name, revision=self.revision, endpoint=self.endpoint)
-        headers = {**build_hf_headers(), "range": f"bytes={start}-{start + length - 1}"}
+        headers = build_hf_headers()
+        if length is not None:
+            headers["range"] = f"bytes={start}-{start + length - 1}"
 
         def get() -> bytes:
-            response = get_session().get(url, headers=headers, timeout=TIMEOUT_S)
-            hf_raise_for_status(response)
-            body = response.content
-            # A server that ignores the range sends the whole file (200): keep the part asked for.
-            return body if response.status_code == 206 else body[start:start + length]
+            with get_session().stream("GET", url, headers=headers, timeout=TIMEOUT_S) as response:
+                if response.status_code >= 400:
+                    response.read()  # the error's body, for huggingface_hub's message
+                hf_raise_for_status(response)
+                if length is None or response.status_code == 206:
+                    return response.read()
+                # A server that ignores the range (a plain mirror) answers with the whole file: take the part
+                # asked for and hang up, rather than fetch gigabytes of weights.
+                got = bytearray()
+                for chunk in response.iter_bytes():
+                    got += chunk
+                    if len(got) >= start + length:
+                        break
+                return bytes(got[start:start + length])
 
         data = _ask(self.repo_id, get, name)
         with self._lock:
