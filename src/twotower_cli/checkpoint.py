@@ -27,7 +27,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -243,11 +243,12 @@ def _read_json(path: Path) -> Any:
         raise TwoTowerError(f"cannot read {path}: {e.strerror or e}", "check the path and permissions") from None
 
 
-def open_checkpoint(path: str | Path, strict: bool = True) -> Checkpoint:
+def open_checkpoint(path: str | Path, strict: bool = True, file_sizes: dict[str, int] | None = None) -> Checkpoint:
     """Headers of a checkpoint folder, or of a single `.safetensors` file (its folder's config.json is used).
 
     strict=False records a shard whose header cannot be parsed in `unreadable` (and `index_problems`)
-    instead of raising, so that `inspect` can report every problem at once."""
+    instead of raising, so that `inspect` can report every problem at once. `file_sizes`: each shard's true
+    size, where the folder holds only the shards' headers (a hub repository's, `twotower_cli.remote`)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         folder, files, index, index_meta = path.parent, [path.name], None, {}
@@ -295,6 +296,8 @@ def open_checkpoint(path: str | Path, strict: bool = True) -> Checkpoint:
                 raise
             unreadable[file] = e.message
             continue
+        if file_sizes is not None:
+            shard = replace(shard, file_size=file_sizes[file])
         shards[file] = shard
         for name, info in shard.tensors.items():
             holders.setdefault(name, []).append(file)

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +121,7 @@ def _prefixes(names: list[str], limit: int = 8) -> list[str]:
 def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = None) -> Report:
     """Summarise and check the checkpoint at `path` (a folder or a .safetensors file). `file_sizes`: the true
     size of each shard where the folder holds only their headers (`inspect_remote`)."""
-    ckpt = open_checkpoint(path, strict=False)
-    if file_sizes is not None:
-        ckpt.shards = {f: replace(s, file_size=file_sizes[f]) for f, s in ckpt.shards.items()}
+    ckpt = open_checkpoint(path, strict=False, file_sizes=file_sizes)
     problems = index_problems(ckpt)
     notes: list[str] = []
     if Path(path).is_file() and (ckpt.folder / INDEX_NAME).is_file():
@@ -267,16 +265,13 @@ def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = Non
 def inspect_remote(repo_id: str, endpoint: str | None = None, as_path: bool = False) -> Report:
     """`inspect_checkpoint` of a hub repository from its headers, read over the network (`remote`); nothing
     is downloaded into the cache. The time conditioning's bytes are not read: its state is "unknown"."""
-    import tempfile
+    from twotower_cli.remote import header_folder
 
-    from twotower_cli.remote import fetch_headers
-
-    with tempfile.TemporaryDirectory(prefix="twotower-inspect-") as tmp:
-        got = fetch_headers(repo_id, Path(tmp), endpoint=endpoint, as_path=as_path)
-        report = inspect_checkpoint(tmp, file_sizes=got.file_sizes)
+    with header_folder(repo_id, endpoint=endpoint, as_path=as_path) as (folder, got):
+        report = inspect_checkpoint(folder, file_sizes=got.file_sizes)
     # Messages name files by their path: the repository's, not the temporary folder's.
-    report.problems = [p.replace(tmp, repo_id) for p in report.problems]
-    report.notes = [n.replace(tmp, repo_id) for n in report.notes]
+    report.problems = [p.replace(str(folder), repo_id) for p in report.problems]
+    report.notes = [n.replace(str(folder), repo_id) for n in report.notes]
     report.path = f"{repo_id}@{got.revision[:12]}"
     report.remote = {"repo_id": repo_id, "revision": got.revision, "requests": got.requests,
                      "bytes_read": got.bytes_read}

@@ -6,7 +6,8 @@ versions): config.json, the safetensors index and the small text files beside th
 safetensors shard only its header — one range request for its first 100 kB, a second one when the header is
 longer. A 60 GB repository costs a few MB. The shards' true sizes come back in `Remote.file_sizes`, which
 `inspect_checkpoint(into, file_sizes=...)` checks the headers against (a shard cut short on the hub reads as
-truncated). tokenizer.json can be MBs and inspect only asks whether it is there: it is an empty file in `into`.
+truncated). The tokenizer (tokenizer.json, tokenizer.model: MBs) is an empty file in `into`: inspect only asks
+whether it is there, and split's plan only lists it. `header_folder` does this in a temporary folder.
 
 huggingface_hub does the talking: `HfApi.model_info(files_metadata=True)` lists the files with their sizes,
 `hf_hub_url` and its shared HTTP session (token, endpoint, redirects to the CDN) read them, and its errors say
@@ -18,20 +19,24 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twotower_cli.checkpoint import INDEX_NAME, MAX_HEADER_BYTES
 from twotower_cli.errors import TwoTowerError
+from twotower_cli.hub import AUX_FILE_PATTERNS
 
-# Read whole: the files inspect parses besides the headers.
-WHOLE_FILES = ("config.json", INDEX_NAME, "generation_config.json", "tokenizer_config.json",
-               "chat_template.jinja", "chat_template.json", "training.json")
+# The tokenizer itself (MBs): inspect asks only whether it is there, split's plan lists it among the files it copies.
+PRESENT_ONLY = ("tokenizer.json", "tokenizer.model")
+# Read whole: what inspect and split's plan parse besides the headers.
+WHOLE_FILES = ("config.json", INDEX_NAME, "training.json", *(p for p in AUX_FILE_PATTERNS if p not in PRESENT_ONLY))
 WHOLE_LIMIT = 64 * 1024 * 1024
-PRESENT_ONLY = ("tokenizer.json",)  # inspect asks only whether it is there
 FIRST_READ = 100_000  # most safetensors headers fit (huggingface_hub reads the same first)
 TIMEOUT_S = 30.0
 PARALLEL = 8
@@ -85,6 +90,13 @@ def fetch_headers(repo_id: str, into: Path, endpoint: str | None = None, as_path
             (into / name).write_bytes(header)
     remote.requests, remote.bytes_read = reader.requests, reader.bytes_read
     return remote
+
+
+@contextmanager
+def header_folder(repo_id: str, endpoint: str | None = None, as_path: bool = False) -> Iterator[tuple[Path, Remote]]:
+    """`fetch_headers` into a temporary folder, removed on leaving the block."""
+    with tempfile.TemporaryDirectory(prefix="twotower-headers-") as tmp:
+        yield Path(tmp), fetch_headers(repo_id, Path(tmp), endpoint=endpoint, as_path=as_path)
 
 
 class _Reader:

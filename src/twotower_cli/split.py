@@ -443,9 +443,10 @@ def _is_aux(name: str) -> bool:
     return any(fnmatch(name, p) for p in AUX_FILE_PATTERNS)
 
 
-def load_source(path: Path) -> tuple[Checkpoint, NemotronHConfig]:
-    """Headers and config of a split source (a folder, or a .safetensors file with config.json beside it)."""
-    ckpt = open_checkpoint(path)
+def load_source(path: Path, file_sizes: dict[str, int] | None = None) -> tuple[Checkpoint, NemotronHConfig]:
+    """Headers and config of a split source (a folder, or a .safetensors file with config.json beside it;
+    `file_sizes` as `open_checkpoint` takes them)."""
+    ckpt = open_checkpoint(path, file_sizes=file_sizes)
     if ckpt.index is None and ckpt.files[0] in _indexed_files(ckpt.folder):
         # A file of a sharded checkpoint alone holds part of the model: say so, not "missing tensor ...".
         raise TwoTowerError(f"{ckpt.files[0]} is one shard of the checkpoint in {ckpt.folder} "

@@ -29,25 +29,21 @@ def inspect(
 
     from twotower_cli.display import err_console, out_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import EMBEDDED, hub_offline, repo_id_for, resolve
+    from twotower_cli.hub import EMBEDDED, hub_offline, local_or_hub, repo_id_for
     from twotower_cli.inspect import inspect_checkpoint, inspect_remote, render
 
-    local = Path(checkpoint).expanduser().exists() or checkpoint.lower() in EMBEDDED
-    repo_id = None if local else repo_id_for(checkpoint)
-    if remote and repo_id is None:
-        raise TwoTowerError(f"--remote reads a model on the Hugging Face hub, and {checkpoint} is "
-                            + ("a local checkpoint" if local else "not a hub id or alias"),
-                            "drop --remote to inspect a local checkpoint, or name a hub id like nvidia/Name")
-    if remote and hub_offline():
-        raise TwoTowerError("--remote reads from the Hugging Face hub, and HF_HUB_OFFLINE is set",
-                            "unset HF_HUB_OFFLINE, or drop --remote to inspect the cached copy")
-    path = None
-    if not remote:
-        try:
-            path = resolve(checkpoint, allow_download=False)
-        except TwoTowerError:
-            if repo_id is None or hub_offline():
-                raise  # else: not in the cache (or only its text files), and the hub has the headers
+    if remote:
+        local = Path(checkpoint).expanduser().exists() or checkpoint.lower() in EMBEDDED
+        path, repo_id = None, None if local else repo_id_for(checkpoint)
+        if repo_id is None:
+            raise TwoTowerError(f"--remote reads a model on the Hugging Face hub, and {checkpoint} is "
+                                + ("a local checkpoint" if local else "not a hub id or alias"),
+                                "drop --remote to inspect a local checkpoint, or name a hub id like nvidia/Name")
+        if hub_offline():
+            raise TwoTowerError("--remote reads from the Hugging Face hub, and HF_HUB_OFFLINE is set",
+                                "unset HF_HUB_OFFLINE, or drop --remote to inspect the cached copy")
+    else:
+        path, repo_id = local_or_hub(checkpoint)
     if path is not None:
         report = inspect_checkpoint(path)
     else:

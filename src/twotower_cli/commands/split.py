@@ -32,33 +32,40 @@ def split(
     Both towers and both heads are byte copies of the source; the time conditioning starts as the
     identity, so the fresh denoiser computes exactly the base model.
     """
-    from rich.markup import escape
 
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import display_name, resolve
-    from twotower_cli.split import check_output, execute, load_source, plan_split
+    from twotower_cli.hub import display_name, local_or_hub, resolve
+    from twotower_cli.split import SplitPlan, check_output, execute, load_source, plan_split
 
     console = err_console()
     name = display_name(source)
-    _check_config_first(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
-    path = resolve(source, base=True)
-    ckpt, cfg = load_source(path)
-    plan = plan_split(ckpt, cfg, max_shard_size, dtype, mask_token_id, block_size, source_name=source)
     out = output.expanduser() if output else Path(f"{name}-twotower")  # `-o=~/x`: no shell expands that ~
-    check_output(out, plan.source_folder)  # before "already exists": --force must not be the way out
+
+    def plan_for(path: Path, file_sizes: dict[str, int] | None = None) -> SplitPlan:
+        plan = plan_split(*load_source(path, file_sizes), max_shard_size, dtype, mask_token_id, block_size,
+                          source_name=source)
+        check_output(out, plan.source_folder)  # before "already exists": --force must not be the way out
+        return plan
+
+    if dry_run and (repo_id := local_or_hub(source, base=True)[1]) is not None:
+        # A hub model not in the cache: plan from its headers rather than download it to print a plan.
+        from twotower_cli.remote import header_folder
+
+        with header_folder(repo_id, as_path=repo_id == source) as (folder, got):
+            plan = plan_for(folder, got.file_sizes)
+        _print_plan(plan, out, console)
+        console.print(f"[dim]• planned from the hub's headers ({_gb(got.bytes_read)} read): the real run first "
+                      f"downloads {_gb(sum(got.file_sizes.values()))} of weights into the Hugging Face cache[/]")
+        _dry_run_end(out, force, console)
+        return
+    _check_config_first(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
+    plan = plan_for(resolve(source, base=True))
     if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
     if dry_run:
-        if out.exists() and not force:  # the real run stops at "already exists": say so now
-            from twotower_cli.cli import report_warning
-
-            report_warning(f"{out} already exists: the real run needs --force to replace it",
-                           "add --force, or choose another -o")
-        elif out.exists():
-            console.print(f"[dim]the real run replaces the existing {escape(str(out))}[/]", highlight=False)
-        console.print("[dim]dry run: nothing written[/]")
+        _dry_run_end(out, force, console)
         return
 
     from rich.progress import (
@@ -78,6 +85,20 @@ def split(
         result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n),
                          on_phase=lambda name: progress.update(task, description=phases[name]))
     _print_summary(plan, result, time.perf_counter() - start, console)
+
+
+def _dry_run_end(out: Path, force: bool, console) -> None:
+    """What a dry run says after its plan: whether the real run would stop at, or replace, an existing output."""
+    from rich.markup import escape
+
+    if out.exists() and not force:  # the real run stops at "already exists": say so now
+        from twotower_cli.cli import report_warning
+
+        report_warning(f"{out} already exists: the real run needs --force to replace it",
+                       "add --force, or choose another -o")
+    elif out.exists():
+        console.print(f"[dim]the real run replaces the existing {escape(str(out))}[/]", highlight=False)
+    console.print("[dim]dry run: nothing written[/]")
 
 
 def _check_config_first(path: Path, source: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -302,3 +303,32 @@ def test_a_mirror_that_ignores_ranges(tmp_path, fake_hub):
         time.sleep(0.05)
     print(f"sent {sent[0]:,} of {64 << 20:,} bytes")
     assert len(sent) == 1 and sent[0] < (32 << 20)
+
+
+def test_split_dry_run_plans_from_the_hub_headers(tmp_path, online):
+    """`split --dry-run` of a hub model not in the cache prints the plan it would print after the download."""
+    from test_hub import fake_cache
+
+    folder = random_checkpoint(tmp_path / "c", max_shard_size="3KB")
+    (folder / "special_tokens_map.json").write_text("{}")
+    online.repos["org/model"] = folder
+    out = tmp_path / "out"
+    remote = CliRunner().invoke(get_app(), ["split", "org/model", "--dry-run", "-o", str(out)])
+    assert remote.exit_code == 0, remote.output
+    assert not out.exists() and not (tmp_path / "hf").exists()
+    assert online.data_read(folder) == []
+    shards = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    said = " ".join(remote.stderr.split())  # rich wraps lines at the terminal's width
+    planned = re.search(r"• planned from the hub's headers \(([\d,]+) B read\): the real run first downloads "
+                        r"([\d,]+) B of weights into the Hugging Face cache ", said)
+    assert planned and int(planned[2].replace(",", "")) == shards
+    assert int(planned[1].replace(",", "")) == sum(last + 1 - first for _f, first, last in online.reads)
+    # The reference: the same model in the cache, planned as before.
+    snap = fake_cache(tmp_path / "hf", "org/model", files={})
+    snap.rmdir()
+    shutil.copytree(folder, snap)
+    cached = CliRunner().invoke(get_app(), ["split", "org/model", "--dry-run", "-o", str(out)])
+    assert cached.exit_code == 0, cached.output
+    assert "planned from the hub" not in cached.stderr
+    assert said.replace(planned[0], "") == " ".join(cached.stderr.split())
+    assert "special_tokens_map.json" in cached.stderr and "tokenizer.json" in cached.stderr
