@@ -73,14 +73,14 @@ def fetch_headers(repo_id: str, into: Path, endpoint: str | None = None, as_path
                             "twotower reads safetensors checkpoints; check the repository's files on the hub")
     if unknown := [n for n in shards if sizes[n] is None]:
         raise TwoTowerError(f"the hub did not say the size of {unknown[0]} in {repo_id}",
-                            "try again, or download the repository and inspect the folder")
+                            f"try again, or download it (`hf download {repo_id}`) and use the folder")
     remote = Remote(repo_id, revision, {n: sizes[n] for n in shards})
-    reader = _Reader(api, repo_id, revision, endpoint)
+    reader = _Reader(repo_id, revision, endpoint)
     for name in WHOLE_FILES:
         if name in sizes:
             if sizes[name] is None or sizes[name] > WHOLE_LIMIT:
                 raise TwoTowerError(f"{name} in {repo_id} is of unknown size or over {WHOLE_LIMIT:,} bytes",
-                                    "download the repository and inspect the folder")
+                                    f"download it (`hf download {repo_id}`) and use the folder")
             (into / name).write_bytes(reader.read(name, 0) if sizes[name] else b"")
     for name in PRESENT_ONLY:
         if name in sizes:
@@ -102,8 +102,8 @@ def header_folder(repo_id: str, endpoint: str | None = None, as_path: bool = Fal
 class _Reader:
     """Byte ranges of one repository's files at one revision, through huggingface_hub's HTTP session."""
 
-    def __init__(self, api: Any, repo_id: str, revision: str, endpoint: str | None):
-        self.api, self.repo_id, self.revision, self.endpoint = api, repo_id, revision, endpoint
+    def __init__(self, repo_id: str, revision: str, endpoint: str | None):
+        self.repo_id, self.revision, self.endpoint = repo_id, revision, endpoint
         self.requests = self.bytes_read = 0
         self._lock = threading.Lock()  # shards are read from several threads
 
@@ -185,5 +185,5 @@ def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "") -> A
     except Exception as e:  # the HTTP client's own errors (connection refused, timeouts) have no common base here
         if type(e).__module__.split(".")[0].startswith("httpx"):
             raise TwoTowerError(f"cannot reach the Hugging Face hub for {what}: {e}",
-                                "check the network, or download the repository and inspect the folder") from None
+                                "check the network (HF_ENDPOINT, proxies); a model in the cache is read without it") from None
         raise
