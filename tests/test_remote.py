@@ -332,3 +332,20 @@ def test_split_dry_run_plans_from_the_hub_headers(tmp_path, online):
     assert "planned from the hub" not in cached.stderr
     assert said.replace(planned[0], "") == " ".join(cached.stderr.split())
     assert "special_tokens_map.json" in cached.stderr and "tokenizer.json" in cached.stderr
+
+
+def test_split_dry_run_from_the_hub_counts_the_download_on_the_same_disk(tmp_path, online, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    folder = random_checkpoint(tmp_path / "c")
+    online.repos["org/model"] = folder
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10**9, 10**9 - 5000, 5000))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(get_app(), ["split", "org/model", "--dry-run", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    weights = (folder / "model.safetensors").stat().st_size
+    said = " ".join(result.stderr.split())
+    assert result.stderr.count("Warning:") == 1
+    assert re.search(rf"Warning: split writes [\d,]+ B beside {re.escape(str(out))} and downloads {weights:,} B "
+                     rf"into {re.escape(str(tmp_path / 'hf' / 'hub'))}, and that disk has 5,000 B free", said)

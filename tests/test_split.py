@@ -1320,3 +1320,35 @@ def test_a_config_deeper_than_its_weights_is_counted_by_split_and_inspect(tmp_pa
     text = " ".join(r.stderr.split() + r.stdout.split())
     assert r.exit_code == 1 and f"note: {depth}" in text and f"not sound: {len(want)} problems:" in text, text
     assert len(inspect_checkpoint(src).problems) == 11  # 10 named, then the count of the others
+
+
+def test_a_disk_too_small_for_the_output_is_said_before_the_copy(tmp_path, monkeypatch):
+    """The output is written whole beside OUT before it is renamed into place: with less free space than that on
+    OUT's disk, one `Warning:` says so before the copy starts (a full disk would stop it minutes later); the
+    run goes on (free space is the file system's estimate), and with room enough nothing is said."""
+    import shutil
+    from collections import namedtuple
+
+    src = random_checkpoint(tmp_path / "src")
+    out = tmp_path / "new" / "out"  # its folder does not exist yet: the nearest one that does is measured
+    usage = namedtuple("usage", "total used free")
+    seen = []
+
+    def free_space(free):
+        def disk_usage(path):
+            seen.append(Path(path))
+            return usage(10**12, 10**12 - free, free)
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+    free_space(1000)
+    dry = invoke(str(src), "-o", str(out), "--dry-run")
+    assert seen == [tmp_path] and dry.stderr.count("Warning:") == 1
+    real = invoke(str(src), "-o", str(out))
+    assert real.exit_code == 0 and real.stderr.count("Warning:") == 1 and inspect_checkpoint(out).problems == []
+    weights = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    said = " ".join(real.stderr.split())
+    assert weights < 10**5 and f"Warning: split writes {weights:,} B beside {out}, and that disk has 1,000 B free" in said
+    free_space(weights)  # room for exactly what it writes
+    assert "Warning" not in invoke(str(src), "-o", str(out), "--force", "--dry-run").stderr
+    free_space(weights - 1)
+    assert "Warning: split writes" in invoke(str(src), "-o", str(out), "--force", "--dry-run").stderr

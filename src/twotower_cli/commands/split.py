@@ -35,7 +35,7 @@ def split(
 
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import display_name, local_or_hub, resolve
+    from twotower_cli.hub import display_name, hub_cache_dir, local_or_hub, resolve
     from twotower_cli.split import SplitPlan, check_output, execute, load_source, plan_split
 
     console = err_console()
@@ -54,9 +54,12 @@ def split(
 
         with header_folder(repo_id, as_path=repo_id == source) as (folder, got):
             plan = plan_for(folder, got.file_sizes)
+        download = sum(got.file_sizes.values())
         _print_plan(plan, out, console)
         console.print(f"[dim]• planned from the hub's headers ({_gb(got.bytes_read)} read): the real run first "
-                      f"downloads {_gb(sum(got.file_sizes.values()))} of weights into the Hugging Face cache[/]")
+                      f"downloads {_gb(download)} of weights into the Hugging Face cache[/]")
+        _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}"),
+                        (download, hub_cache_dir(), f"downloads {_gb(download)} into {hub_cache_dir()}")])
         _dry_run_end(out, force, console)
         return
     _check_config_first(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
@@ -64,6 +67,7 @@ def split(
     if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
+    _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}")])
     if dry_run:
         _dry_run_end(out, force, console)
         return
@@ -85,6 +89,33 @@ def split(
         result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n),
                          on_phase=lambda name: progress.update(task, description=phases[name]))
     _print_summary(plan, result, time.perf_counter() - start, console)
+
+
+def _space_warning(needs: list[tuple[int, Path, str]]) -> None:
+    """A `Warning:` when a disk has less free space than the run will write on it. `needs`: (bytes, a path that
+    will hold them, what writes them). The whole output is written beside OUT before it is renamed into place
+    (an existing OUT goes only after), so all of it must fit at once; a download into the cache on the same
+    disk adds to it. A full disk would stop the run (cleanly: nothing is left behind) after minutes of work."""
+    import shutil
+
+    from twotower_cli.cli import report_warning
+
+    disks: dict[int, tuple[int, list[str], int]] = {}  # device → (bytes, what, free)
+    for size, path, what in needs:
+        where = path.expanduser().absolute()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            device, free = where.stat().st_dev, shutil.disk_usage(where).free
+        except OSError:
+            continue  # cannot tell: say nothing
+        total, whats, _free = disks.get(device, (0, [], free))
+        disks[device] = (total + size, [*whats, what], free)
+    for total, whats, free in disks.values():
+        if free < total:
+            report_warning(f"split {' and '.join(whats)}, and that disk has {_gb(free)} free",
+                           "free some space or choose another -o (HF_HOME moves the cache): a full disk stops "
+                           "the run, which leaves nothing behind")
 
 
 def _dry_run_end(out: Path, force: bool, console) -> None:
