@@ -1007,3 +1007,39 @@ def test_tokenize_never_replaces_a_folder_or_the_data_it_reads(ckpt, data, tmp_p
     line = one_error(r)
     assert ("is a folder" if case == "out is a folder" else "would replace the data file") in line
     assert tree(work) == before
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_disk_too_small_for_the_saves_is_said_at_the_start(ckpt, data, tmp_path, monkeypatch, dtype):
+    """Each save is the weights plus the optimizer state (and fp32 masters for narrower weights), and a save
+    that replaces an earlier one is written beside it: with less free space than that, one `Warning:` before
+    the first step, with an estimate close to what the saves write; the run goes on."""
+    import re
+    from collections import namedtuple
+
+    src = ckpt
+    if dtype == "bf16":
+        from twotower_cli.checkpoint import write_checkpoint
+
+        src = tmp_path / "bf16"
+        write_checkpoint(src, {k: v if k.endswith(("A_log", "mixer.D", "dt_bias")) else v.bfloat16()
+                               for k, v in tensors(ckpt).items()},
+                         json.loads((ckpt / "config.json").read_text()),
+                         extra_files=[ckpt / "tokenizer.json", ckpt / "tokenizer_config.json"])
+    free = {"bytes": 1000}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10**12, 0, free["bytes"]))
+    out = tmp_path / "o"
+    args = ["train", str(src), "--data", str(data), "-o", str(out), "--block", "4", "--seq-len", "32", "--batch", "2",
+            "--steps", "2", "--save-every", "1", "--warmup", "0", "--eval-every", "0", "--device", "cpu"]
+    r = CliRunner().invoke(get_app(), args)
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())
+    m = re.search(r"Warning: each save writes about ([\d.]+) MB beside (\S+) \(the new one beside the previous one "
+                  r"until it is complete\), and that disk has 1,000 B free", said)
+    assert m and m[2] == str(out) and r.stderr.count("Warning:") == 1, r.stderr
+    estimate = float(m[1]) * 1e6
+    saved = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".safetensors", ".pt"))
+    assert 0.85 < estimate / saved < 1.05, (estimate, saved)  # tiny tensors: torch.save adds ~8 % around them
+    free["bytes"] = int(2 * estimate) + 10**4  # room for two saves: nothing to say, resuming or not
+    r = CliRunner().invoke(get_app(), [*args[:-8], "--steps", "3", "--resume", "--device", "cpu"])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.output

@@ -377,6 +377,29 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def size_text(n: int) -> str:
+    """Bytes for a message: "126.37 GB", "0.52 MB", "28,704 B"."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} B"
+
+
+def short_of_space(needs: Iterable[tuple[int, Path, str]]) -> list[tuple[int, list[str], int]]:
+    """The disks that `needs` (bytes, a path that will hold them, what writes them) puts more on than they have
+    free, as (bytes, whats, free bytes). A path that does not exist yet is measured at its nearest existing
+    folder; a disk that cannot be measured is left out."""
+    disks: dict[int, tuple[int, list[str], int]] = {}  # device → (bytes, whats, free)
+    for size, path, what in needs:
+        where = Path(path).expanduser().absolute()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            device, free = where.stat().st_dev, shutil.disk_usage(where).free
+        except OSError:
+            continue
+        total, whats, _free = disks.get(device, (0, [], free))
+        disks[device] = (total + size, [*whats, what], free)
+    return [(total, whats, free) for total, whats, free in disks.values() if free < total]
+
+
 def shard_names(n: int) -> list[str]:
     if n == 1:
         return [SINGLE_NAME]

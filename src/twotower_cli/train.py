@@ -71,6 +71,8 @@ from twotower_cli.checkpoint import (
     scratch_path,
     settle_output,
     settle_scratch,
+    short_of_space,
+    size_text,
     sync_path,
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
@@ -807,6 +809,26 @@ def save_checkpoint(out: Path, model: TwoTower, source_folder: Path, config: dic
         (tmp / TRAINING_SUMMARY).write_text(json.dumps(training_summary(state), indent=2) + "\n")
 
 
+def _short_of_space(cfg: TrainConfig, start: int, stop: int, weight_bytes: int,
+                    params: list[tuple[str, nn.Parameter]], lossy: bool) -> Warned | None:
+    """A warning when OUT's disk cannot hold the saves: each is the weights (`weight_bytes`, both towers as the
+    source holds them) plus the optimizer state (AdamW's two fp32 moments, and the fp32 masters when the weights
+    are narrower) in trainer_state.pt, and a save that replaces an earlier one writes the new folder beside the
+    old, so both are on disk at once. A save that fills the disk fails, and the run stops there."""
+    trained = sum(p.numel() for _, p in params)
+    save = weight_bytes + trained * (8 + 4 * lossy)
+    out = Path(cfg.out)
+    replacing = out.exists() or bool(cfg.save_every and start + cfg.save_every < stop)
+    short = short_of_space([(save * (1 + replacing), out, "")])
+    if not short:
+        return None
+    return Warned(f"each save writes about {size_text(save)} beside {out}"
+                  + (" (the new one beside the previous one until it is complete)" if replacing else "")
+                  + f", and that disk has {size_text(short[0][2])} free",
+                  "free some space or choose another -o: a save that fills the disk fails and the run stops "
+                  f"there{', OUT keeping the save before' if replacing else ''}")
+
+
 def training_summary(state: dict[str, Any]) -> dict[str, Any]:
     """The part of a trainer state worth showing without loading it: step, settings, data sizes, losses
     (NaN written as null)."""
@@ -1114,6 +1136,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         if (interrupt := deferred_interrupt()) is not None:  # it came as the save's old output was removed:
             raise interrupt  # the save is done (and said), and the interrupt still stops the run
 
+    if env.is_main and (short := _short_of_space(cfg, start, stop, source.total_bytes, params, lossy)):
+        emit(short)
     if cfg.warmup is not None and cfg.warmup >= cfg.steps:  # said after the checks: a refused run prints one Error
         emit(Warned(f"--warmup {cfg.warmup} is not below --steps {cfg.steps}: the learning rate "
                     + (f"reaches --lr {cfg.lr:g} only at the last step and never decays" if cfg.warmup == cfg.steps

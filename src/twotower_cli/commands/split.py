@@ -92,30 +92,17 @@ def split(
 
 
 def _space_warning(needs: list[tuple[int, Path, str]]) -> None:
-    """A `Warning:` when a disk has less free space than the run will write on it. `needs`: (bytes, a path that
-    will hold them, what writes them). The whole output is written beside OUT before it is renamed into place
+    """A `Warning:` for each disk with less free space than the run will write on it (`needs`: bytes, a path
+    that will hold them, what writes them). The whole output lies beside OUT before it is renamed into place
     (an existing OUT goes only after), so all of it must fit at once; a download into the cache on the same
     disk adds to it. A full disk would stop the run (cleanly: nothing is left behind) after minutes of work."""
-    import shutil
-
+    from twotower_cli.checkpoint import short_of_space
     from twotower_cli.cli import report_warning
 
-    disks: dict[int, tuple[int, list[str], int]] = {}  # device → (bytes, what, free)
-    for size, path, what in needs:
-        where = path.expanduser().absolute()
-        while not where.exists() and where != where.parent:
-            where = where.parent
-        try:
-            device, free = where.stat().st_dev, shutil.disk_usage(where).free
-        except OSError:
-            continue  # cannot tell: say nothing
-        total, whats, _free = disks.get(device, (0, [], free))
-        disks[device] = (total + size, [*whats, what], free)
-    for total, whats, free in disks.values():
-        if free < total:
-            report_warning(f"split {' and '.join(whats)}, and that disk has {_gb(free)} free",
-                           "free some space or choose another -o (HF_HOME moves the cache): a full disk stops "
-                           "the run, which leaves nothing behind")
+    for _total, whats, free in short_of_space(needs):
+        report_warning(f"split {' and '.join(whats)}, and that disk has {_gb(free)} free",
+                       "free some space or choose another -o (HF_HOME moves the cache): a full disk stops "
+                       "the run, which leaves nothing behind")
 
 
 def _dry_run_end(out: Path, force: bool, console) -> None:
@@ -148,7 +135,9 @@ def _check_config_first(path: Path, source: str) -> None:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:,} B"
+    from twotower_cli.checkpoint import size_text
+
+    return size_text(n)
 
 
 def _print_plan(plan, out: Path, console) -> None:
