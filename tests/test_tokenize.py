@@ -395,3 +395,19 @@ def test_tokenize_reads_a_pipe_as_it_reads_the_file(tmp_path):
     assert np.array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "f.npy"))
     r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path), "-o", str(tmp_path / "x.npy")])
     assert r.exit_code == 1 and f"data file {tmp_path} is a folder, not a file" in r.stderr, r.output
+
+
+def test_the_checkpoint_may_be_named_with_m_as_elsewhere(tmp_path):
+    """`tokenize -m tiny a.txt b.txt -o x.npy` (as generate, bench, eval name a model): the positional files are
+    all data then; the stream equals `tokenize tiny a.txt b.txt`'s. Neither given: one error line."""
+    (tmp_path / "a.txt").write_text("ROMEO. Hello.")
+    (tmp_path / "b.txt").write_text("JULIET. Good night.")
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    first = CliRunner().invoke(get_app(), ["tokenize", "tiny", *files, "-o", str(tmp_path / "first.npy")])
+    named = CliRunner().invoke(get_app(), ["tokenize", "-m", "tiny", *files, "-o", str(tmp_path / "named.npy")])
+    assert first.exit_code == 0 and named.exit_code == 0, named.output
+    assert np.load(tmp_path / "named.npy").tolist() == np.load(tmp_path / "first.npy").tolist()
+    assert "2 documents" in " ".join(named.stderr.split())
+    neither = CliRunner().invoke(get_app(), ["tokenize", "--data", files[0], "-o", str(tmp_path / "x.npy")])
+    assert neither.exit_code == 1 and neither.stderr.startswith("Error: no checkpoint given")
+    assert "-m CKPT" in neither.stderr and neither.stderr.count("\n") == 1

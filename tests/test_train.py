@@ -285,6 +285,18 @@ def test_batch_size_is_another_name_for_batch(ckpt, data, tmp_path):
     assert "96 tok/step · 1 process on cpu" in " ".join(r.stderr.split()), r.stderr  # not "1 process(es)"
 
 
+def test_the_checkpoint_may_be_named_with_m_as_elsewhere(ckpt, data, tmp_path):
+    """`train -m CKPT --data FILE -o OUT` (as generate, bench and eval name a model) is `train CKPT ...`."""
+    common = ["--data", str(data), "--block", "4", "--seq-len", "32", "--batch", "2", "--steps", "1",
+              "--warmup", "0", "--eval-every", "0", "--device", "cpu"]
+    first = CliRunner().invoke(get_app(), ["train", str(ckpt), *common, "-o", str(tmp_path / "a")])
+    named = CliRunner().invoke(get_app(), ["train", "-m", str(ckpt), *common, "-o", str(tmp_path / "b")])
+    assert first.exit_code == 0 and named.exit_code == 0, named.output
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in tensors(ckpt).items())  # it trained
+
+
 @pytest.mark.parametrize("case, needle", [
     ("2-d", "not a 1-D array of token ids"), ("float", "not a 1-D array of token ids"),
     ("too big", "outside the model's vocabulary"), ("mixed", "mixes pre-tokenized .npy files with text"),

@@ -40,6 +40,24 @@ NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the
 # train and tokenize: `--data a.txt b.jsonl` (the files after the first are arguments)
 MoreData = Annotated[list[Path] | None, typer.Argument(
     metavar="FILE", help="More data files (so that `--data a.txt b.jsonl` works).", show_default=False)]
+# train and tokenize name their checkpoint first, or with -m as every other command does.
+CheckpointModel = Annotated[str | None, typer.Option("--model", "-m", metavar="CKPT", help="The checkpoint, as "
+                                                     "the other commands take it (instead of naming it first).")]
+
+
+def checkpoint_first(checkpoint: str | None, model: str | None, more_data: list[Path] | None,
+                     command: str) -> tuple[str, list[Path]]:
+    """The checkpoint of `train`/`tokenize` and the data files given without --data: with `-m CKPT`, a first
+    positional argument is a data file too (`tokenize -m CKPT a.txt b.txt`)."""
+    from twotower_cli.errors import TwoTowerError
+
+    more = list(more_data or [])
+    if model is not None:
+        return model, [Path(checkpoint), *more] if checkpoint is not None else more
+    if checkpoint is None:
+        raise TwoTowerError("no checkpoint given",
+                            f"pass it first, as in `twotower {command} CKPT --data FILE -o OUT`, or with -m CKPT")
+    return checkpoint, more
 
 
 def template_variables(chat: bool, system: str | None, chat_arg: list[str] | None) -> dict:

@@ -21,9 +21,10 @@ from twotower_cli.commands import options as O
 @app.command()
 @guarded
 def tokenize(
-    checkpoint: Annotated[str, typer.Argument(
-        metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")],
+    checkpoint: Annotated[str | None, typer.Argument(
+        metavar="CKPT", help="Checkpoint whose tokenizer, EOS and vocabulary to use: folder, hub id or alias.")] = None,
     more_data: O.MoreData = None,
+    model: O.CheckpointModel = None,
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line), or a pipe of text "
                 "(`<(zcat corpus.txt.gz)`); read in pieces, in bounded memory unless the tokenizer cannot cut a text (then held whole); repeatable.")] = None,
@@ -44,7 +45,8 @@ def tokenize(
     from twotower_cli.hub import resolve
     from twotower_cli.text import Tokenizer
 
-    paths = [p.expanduser() for p in [*(data or []), *(more_data or [])]]  # `--data=~/x`: no shell expands that ~
+    checkpoint, more_data = O.checkpoint_first(checkpoint, model, more_data, "tokenize")
+    paths = [p.expanduser() for p in [*(data or []), *more_data]]  # `--data=~/x`: no shell expands that ~
     if out is None:
         raise TwoTowerError("no output file given", "pass -o OUT.npy")
     out = out.expanduser()

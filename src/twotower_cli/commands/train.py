@@ -98,9 +98,10 @@ def _fmt(x: float) -> str:
 @app.command()
 @guarded
 def train(
-    checkpoint: Annotated[str, typer.Argument(
-        metavar="CKPT", help="TwoTower checkpoint to train: folder, hub id or alias.")],
+    checkpoint: Annotated[str | None, typer.Argument(
+        metavar="CKPT", help="TwoTower checkpoint to train: folder, hub id or alias.")] = None,
     more_data: O.MoreData = None,
+    model: O.CheckpointModel = None,
     data: Annotated[list[Path] | None, typer.Option(
         "--data", metavar="FILE", help="Text file (one document), .jsonl file (a 'text' field per line) or .npy token stream from `twotower tokenize` (memory-mapped); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "--output", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
@@ -133,13 +134,14 @@ def train(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
 
+    checkpoint, more_data = O.checkpoint_first(checkpoint, model, more_data, "train")
     if out is None:
         raise TwoTowerError("no output folder given", "pass -o OUT")
     if log is not None:  # each save replaces OUT whole: a log inside it would be deleted at every save
         from twotower_cli.checkpoint import check_output_folder
 
         check_output_folder(out, None, inputs=[("--log file", log)])
-    cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *(more_data or [])], out=out, block=block,
+    cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *more_data], out=out, block=block,
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
                         train=train_what, device=device, dtype=dtype, stop_after=stop_after, fsdp=fsdp,
