@@ -29,6 +29,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     import huggingface_hub
 
     real = huggingface_hub.snapshot_download
@@ -60,7 +61,7 @@ def test_the_json_report_says_what_is_installed_and_cached(home):
     for family in kernels.FAMILIES:
         assert out["kernels"][family] == {"imports": kernels.available(family),
                                           "why_not": kernels.unavailable_reason(family)}
-    assert out["hub"] == {"cache": str(home / "hub"), "offline": False}
+    assert out["hub"] == {"cache": str(home / "hub"), "offline": False, "endpoint": "https://huggingface.co"}
     from twotower_cli.towers import free_bytes
 
     assert abs(out["host_free_gib"] - free_bytes(torch.device("cpu")) / 2**30) < 1.0  # MemAvailable moves
@@ -105,3 +106,11 @@ def test_gpus_and_a_bad_kernel_setting_are_reported_not_raised(home, monkeypatch
     human = env().stderr
     assert "cuda:0: NVIDIA H100 80GB HBM3 · 80.0 GiB (60.0 free) · compute 9.0 · bf16 yes" in human
     assert "TWOTOWER_KERNELS=invalid" in human
+
+
+def test_a_mirror_is_named(home, monkeypatch):
+    """HF_ENDPOINT moves downloads and `inspect`'s header reads to a mirror: env says where, as set now."""
+    assert "HF_ENDPOINT" not in env().stderr
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example/")
+    assert json.loads(env("--json").stdout)["hub"]["endpoint"] == "https://hf-mirror.example"
+    assert "hub at https://hf-mirror.example (HF_ENDPOINT)" in " ".join(env().stderr.split())

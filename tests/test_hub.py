@@ -130,6 +130,7 @@ def test_a_typed_owner_name_may_have_been_a_folder(tmp_path, monkeypatch, raised
 
 def test_download_fetches_only_checkpoint_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     seen = {}
@@ -148,6 +149,10 @@ def test_download_fetches_only_checkpoint_files(tmp_path, monkeypatch):
             "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
             "chat_template.jinja"} <= patterns
     assert not any(p.endswith((".py", ".bin", ".pt", "*")) and p != "*.safetensors" for p in patterns)
+    assert seen["endpoint"] == "https://huggingface.co"
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")  # read now, not at huggingface_hub's import
+    hub.resolve("nemotron-3-nano-instruct")
+    assert seen["endpoint"] == "https://hf-mirror.example"
 
 
 def test_embedded_models(tmp_path, monkeypatch):

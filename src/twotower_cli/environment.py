@@ -93,6 +93,6 @@ def report() -> dict[str, Any]:
                     **{family: {"imports": kernels.available(family), "why_not": kernels.unavailable_reason(family)}
                        for family in kernels.FAMILIES}},
         "libraries": library_versions(),
-        "hub": {"cache": str(hub.hub_cache_dir()), "offline": hub._env_true("HF_HUB_OFFLINE")},
+        "hub": {"cache": str(hub.hub_cache_dir()), "offline": hub.hub_offline(), "endpoint": hub.hub_endpoint()},
         "models": models(),
     }

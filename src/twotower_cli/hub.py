@@ -6,8 +6,8 @@
   3. an alias from `ALIASES` (the one alias table of the project) or a hub repo id `owner/name`
      → the snapshot folder in the Hugging Face cache, downloaded through `huggingface_hub` when allowed.
 
-Only the files a checkpoint needs are fetched (`DOWNLOAD_PATTERNS`). `HF_HOME`, `HF_HUB_CACHE` and
-`HF_HUB_OFFLINE` are read at call time (huggingface_hub reads them once at import, which tests and
+Only the files a checkpoint needs are fetched (`DOWNLOAD_PATTERNS`). `HF_HOME`, `HF_HUB_CACHE`,
+`HF_HUB_OFFLINE` and `HF_ENDPOINT` are read at call time (huggingface_hub reads them once at import, which tests and
 long-lived processes would otherwise miss). Offline, only the local cache is used, and a model that is
 not cached is a `TwoTowerError` with a hint, never a network attempt.
 """
@@ -49,6 +49,14 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def hub_endpoint() -> str:
+    """The hub's address as the environment says now (HF_ENDPOINT, a mirror; else huggingface.co)."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_offline() -> bool:
@@ -150,7 +158,7 @@ def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
     local = f" (and there is no folder {repo_id} here)" if as_path else ""
     try:
         folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline is not None,
-                                   allow_patterns=list(patterns))
+                                   allow_patterns=list(patterns), endpoint=hub_endpoint())
     except LocalEntryNotFoundError:
         if offline is not None:
             if offline == "HF_HUB_OFFLINE":

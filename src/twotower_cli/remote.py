@@ -17,7 +17,6 @@ what went wrong. The cache is neither read nor written.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 
 from twotower_cli.checkpoint import INDEX_NAME, MAX_HEADER_BYTES
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.hub import AUX_FILE_PATTERNS
+from twotower_cli.hub import AUX_FILE_PATTERNS, hub_endpoint
 
 # The tokenizer itself (MBs): inspect asks only whether it is there, split's plan lists it among the files it copies.
 PRESENT_ONLY = ("tokenizer.json", "tokenizer.model")
@@ -60,8 +59,7 @@ def fetch_headers(repo_id: str, into: Path, endpoint: str | None = None, as_path
     name was typed as `owner/name`, which may also have been meant as a local folder (the error says so)."""
     from huggingface_hub import HfApi
 
-    # HF_ENDPOINT (a mirror) as the environment says now: huggingface_hub reads it once, at import.
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    endpoint = endpoint or hub_endpoint()  # as the environment says now: huggingface_hub reads it at import
     api = HfApi(endpoint=endpoint)
     local = f" (and there is no folder {repo_id} here)" if as_path else ""
     info = _ask(repo_id, lambda: api.model_info(repo_id, files_metadata=True, timeout=TIMEOUT_S), local=local)

@@ -23,6 +23,7 @@ def env(
 
     from twotower_cli.display import err_console
     from twotower_cli.environment import report
+    from twotower_cli.hub import DEFAULT_ENDPOINT
 
     r = report()
     if as_json:
@@ -55,7 +56,8 @@ def env(
     if missing:
         line("not installed", ", ".join(missing))
     h = r["hub"]
-    line("hub cache", f"{h['cache']}" + (" (HF_HUB_OFFLINE: no downloads)" if h["offline"] else ""))
+    line("hub cache", f"{h['cache']}" + (" (HF_HUB_OFFLINE: no downloads)" if h["offline"] else "")
+         + (f" · hub at {h['endpoint']} (HF_ENDPOINT)" if h["endpoint"] != DEFAULT_ENDPOINT else ""))
     have = [f"{name} ({m['where']})" for name, m in r["models"].items() if m["where"]]
     absent = [name for name, m in r["models"].items() if not m["where"]]
     line("models", ", ".join(have) + (f" · not cached: {', '.join(absent)}" if absent else ""))
