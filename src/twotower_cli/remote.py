@@ -163,6 +163,7 @@ def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "") -> A
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.utils import httpx  # httpx (huggingface_hub 1.x) or httpx2 (2.x), whichever it uses
 
     what = f"{name} in {repo_id}" if name else repo_id
     try:
@@ -180,8 +181,6 @@ def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "") -> A
                             "check the network and your HF token") from None
     except (OSError, json.JSONDecodeError) as e:
         raise TwoTowerError(f"cannot read {what} from the Hugging Face hub: {e}", "check the network") from None
-    except Exception as e:  # the HTTP client's own errors (connection refused, timeouts) have no common base here
-        if type(e).__module__.split(".")[0].startswith("httpx"):
-            raise TwoTowerError(f"cannot reach the Hugging Face hub for {what}: {e}",
-                                "check the network (HF_ENDPOINT, proxies); a model in the cache is read without it") from None
-        raise
+    except httpx.HTTPError as e:  # the transport's own: connection refused, timeouts, TLS
+        raise TwoTowerError(f"cannot reach the Hugging Face hub for {what}: {e}",
+                            "check the network (HF_ENDPOINT, proxies); a model in the cache is read without it") from None
