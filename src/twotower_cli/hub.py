@@ -131,13 +131,19 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
     return _snapshot(repo_id, offline, as_path=repo_id == text, patterns=DOWNLOAD_PATTERNS if weights else TEXT_PATTERNS)
 
 
+def hub_model(name_or_path: str) -> str | None:
+    """The hub repo id a name means as `resolve` reads it (not a local path, not an embedded model), or None."""
+    if Path(name_or_path).expanduser().exists() or name_or_path.lower() in EMBEDDED:
+        return None
+    return repo_id_for(name_or_path)
+
+
 def local_or_hub(name_or_path: str, base: bool = False) -> tuple[Path | None, str | None]:
     """For commands that can work from a hub model's headers alone (inspect, split --dry-run): `(folder, None)`
     when the name is a local path, an embedded model or a hub model cached with its weights; `(None, repo_id)`
     for a hub model that is not, while the hub may be asked (HF_HUB_OFFLINE unset). Never downloads; raises
     the cache's TwoTowerError when the hub may not be asked, and resolve's for a name that is none of these."""
-    local = Path(name_or_path).expanduser().exists() or name_or_path.lower() in EMBEDDED
-    repo_id = None if local else repo_id_for(name_or_path)
+    repo_id = hub_model(name_or_path)
     try:
         return resolve(name_or_path, allow_download=False, base=base), None
     except TwoTowerError:

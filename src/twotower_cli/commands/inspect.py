@@ -29,13 +29,13 @@ def inspect(
 
     from twotower_cli.display import err_console, out_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import EMBEDDED, hub_offline, local_or_hub, repo_id_for
+    from twotower_cli.hub import EMBEDDED, hub_model, hub_offline, local_or_hub
     from twotower_cli.inspect import inspect_checkpoint, inspect_remote, render
 
     if remote:
-        local = Path(checkpoint).expanduser().exists() or checkpoint.lower() in EMBEDDED
-        path, repo_id = None, None if local else repo_id_for(checkpoint)
+        path, repo_id = None, hub_model(checkpoint)
         if repo_id is None:
+            local = Path(checkpoint).expanduser().exists() or checkpoint.lower() in EMBEDDED
             raise TwoTowerError(f"--remote reads a model on the Hugging Face hub, and {checkpoint} is "
                                 + ("a local checkpoint" if local else "not a hub id or alias"),
                                 "drop --remote to inspect a local checkpoint, or name a hub id like nvidia/Name")

@@ -32,7 +32,6 @@ def split(
     Both towers and both heads are byte copies of the source; the time conditioning starts as the
     identity, so the fresh denoiser computes exactly the base model.
     """
-
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.hub import display_name, hub_cache_dir, local_or_hub, resolve
