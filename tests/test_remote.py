@@ -349,3 +349,71 @@ def test_split_dry_run_from_the_hub_counts_the_download_on_the_same_disk(tmp_pat
     assert result.stderr.count("Warning:") == 1
     assert re.search(rf"Warning: split writes [\d,]+ B beside {re.escape(str(out))} and downloads {weights:,} B "
                      rf"into {re.escape(str(tmp_path / 'hf' / 'hub'))}, and that disk has 5,000 B free", said)
+
+
+# ---------------------------------------------------------------------------------------------- before a download
+
+@pytest.fixture
+def downloads(online, monkeypatch):
+    """snapshot_download as the hub would answer it: nothing cached; a download is recorded and answered with
+    the folder the fake hub serves."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    made = []
+
+    def snapshot_download(repo_id, **kw):
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        made.append(repo_id)
+        return str(online.repos[repo_id])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return made
+
+
+def run(*args: str):
+    return CliRunner().invoke(get_app(), list(args))
+
+
+def test_a_model_that_cannot_load_fails_before_its_download(tmp_path, online, downloads, monkeypatch):
+    """generate, serve, chat, bench and eval read an uncached hub model's headers first and make the load's checks on
+    them: a NemotronH where mask_diffusion needs a TwoTower, weights unlike their config.json, no room on the
+    device — each one `Error:` line in seconds, and nothing downloaded."""
+    from twotower_cli import towers
+
+    online.repos["org/base"] = ASSETS / "tiny-base"
+    online.repos["org/tt"] = ASSETS / "tiny-twotower"
+    deep = tmp_path / "deep"
+    shutil.copytree(ASSETS / "tiny-twotower", deep)
+    config = json.loads((deep / "config.json").read_text())
+    config["hybrid_override_pattern"] += "M"
+    config["num_hidden_layers"] += 1
+    (deep / "config.json").write_text(json.dumps(config))
+    online.repos["org/deep"] = deep
+
+    r = run("generate", "-m", "org/base", "-n", "4", "--no-live", "ROMEO.")
+    assert r.exit_code == 1 and r.stderr.count("Error:") == 1, r.output
+    assert "twotower-headers" not in r.stderr  # the repository is named, not the temporary folder
+    assert "org/base is not a TwoTower checkpoint" in r.stderr and "nothing was downloaded" in r.stderr
+    r = run("serve", "-m", "org/base", "--port", "0")
+    assert r.exit_code == 1 and "org/base is not a TwoTower checkpoint" in r.stderr, r.output
+    r = run("chat", "-m", "org/deep")
+    assert r.exit_code == 1 and "checkpoint at org/deep does not match the model" in " ".join(r.stderr.split())
+    assert "config.json describes 9 layers where the weights hold 8" in " ".join(r.stderr.split())
+    monkeypatch.setattr(towers, "free_bytes", lambda device: 1000)
+    r = run("bench", "-m", "org/tt", "-n", "4")
+    assert r.exit_code == 1 and "the model needs" in r.stderr and "GiB on cpu" in r.stderr, r.output
+    r = run("eval", "-m", "org/base", "--data", str(tmp_path / "none.txt"))
+    assert r.exit_code == 1 and "the model needs" in r.stderr, r.output
+    assert downloads == []
+
+
+def test_a_model_that_loads_is_downloaded_after_the_check(tmp_path, online, downloads):
+    online.repos["org/tt"] = ASSETS / "tiny-twotower"
+    r = run("generate", "-m", "org/tt", "-n", "16", "--no-live", "ROMEO.")
+    assert r.exit_code == 0, r.output
+    assert downloads == ["org/tt"] and len(online.api_calls) == 1
+    assert r.stdout == run("generate", "-m", "tiny", "-n", "16", "--no-live", "ROMEO.").stdout
+    online.api_calls.clear()
+    r = run("generate", "-m", "org/tt", "--dtype", "fp8", "ROMEO.")
+    assert r.exit_code == 1 and "unknown dtype 'fp8'" in r.stderr and online.api_calls == []  # options first

@@ -66,7 +66,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.config import NemotronHConfig
     from twotower_cli.model.loading import require_shards
-    from twotower_cli.runtime import model_folder, pick_dtype, placement
+    from twotower_cli.runtime import fetch_model, pick_dtype, placement
     from twotower_cli.text import Tokenizer
 
     t0 = time.perf_counter()
@@ -79,11 +79,11 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     T.check_noise_per(noise_per)
     if seed < 0:
         raise TwoTowerError(f"--seed {seed} is negative", "use a seed of 0 or more")
-    folder = model_folder(model)
+    folder = fetch_model(model, None, device, dtype, context_device, denoiser_device)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)
     two = TW.is_twotower_checkpoint(ckpt)
-    cfg = NemotronHConfig.from_dict(ckpt.config_raw)  # model_folder made sure there is a config.json
+    cfg = NemotronHConfig.from_dict(ckpt.config_raw)  # fetch_model made sure there is a config.json
     if two:
         if block is None:
             block = T.recorded_block(cfg, folder)[0]

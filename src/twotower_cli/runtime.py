@@ -18,7 +18,7 @@ from twotower_cli.config import NemotronHConfig
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.sampler import SamplingConfig
 from twotower_cli.text import Tokenizer, end_token_ids, generation_eos_ids
-from twotower_cli.towers import LoadedModel, TowerBackend, load_model
+from twotower_cli.towers import LoadedModel, TowerBackend, check_loadable, load_model
 
 DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -249,12 +249,30 @@ class Runtime:
                 f"{source}); larger blocks give much worse text", f"leave out {option} to use {trained}")
 
 
-def model_folder(model: str | None) -> Path:
-    """The checkpoint folder for a model name (alias, hub id in the cache, folder or .safetensors file);
-    None is the embedded default."""
-    from twotower_cli.hub import resolve
+def fetch_model(model: str | None, need_denoiser: bool | None, device: str | None = None, dtype: str = "auto",
+                context_device: str | None = None, denoiser_device: str | None = None) -> Path:
+    """The checkpoint folder for a model name (alias, hub id, folder or .safetensors file; None is the embedded
+    default), downloaded if it is a hub model not in the cache — after `check_loadable` on its headers read
+    from the hub (`remote.header_folder`, a few MB), so that a model that cannot load here (not a TwoTower
+    where the mode needs one, weights unlike their config, no room on a device) fails in seconds, not after a
+    download of tens of GB. `need_denoiser=None`: as the checkpoint is (bench and eval)."""
+    from twotower_cli.hub import local_or_hub, resolve
 
-    return checkpoint_folder(resolve(model or DEFAULT_MODEL))
+    name = model or DEFAULT_MODEL
+    repo_id = local_or_hub(name)[1]
+    if repo_id is not None:
+        from twotower_cli.remote import header_folder
+
+        dev, ctx, den = placement(device, context_device, denoiser_device)
+        with header_folder(repo_id, as_path=repo_id == name) as (folder, got):
+            try:
+                check_loadable(folder, need_denoiser=need_denoiser, dtype=pick_dtype(dtype, ctx), device=dev,
+                               context_device=ctx, denoiser_device=den, file_sizes=got.file_sizes)
+            except TwoTowerError as e:
+                here = str(folder)
+                raise TwoTowerError(e.message.replace(here, repo_id) + " (checked from its headers: nothing was "
+                                    "downloaded)", e.hint and e.hint.replace(here, repo_id)) from None
+    return checkpoint_folder(resolve(name))
 
 
 def checkpoint_folder(path: Path) -> Path:
@@ -279,13 +297,13 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
         if threads >= 2**31:  # torch takes a C int
             raise TwoTowerError(f"threads {threads} is more than torch can take", "try --threads 1")
         torch.set_num_threads(threads)
-    folder = model_folder(model)
-    dev, ctx, den = placement(device, context_device, denoiser_device)
+    dev, ctx, den = placement(device, context_device, denoiser_device)  # option errors before any download
     tdtype = pick_dtype(dtype, ctx)
     if cuda_graphs and ctx.type != "cuda" and den.type != "cuda":
         where = f"both would run on {den}" if ctx == den else f"they would run on {ctx} and {den}"
         raise TwoTowerError(f"--cuda-graphs needs a tower on a GPU; {where}",
                             "use --device cuda (or --context-device / --denoiser-device cuda:N), or drop --cuda-graphs")
+    folder = fetch_model(model, need_denoiser, device, dtype, context_device, denoiser_device)
     tokenizer = Tokenizer(folder)
     generation_eos = generation_eos_ids(folder)  # read before the (slow) load: a bad file fails fast
     loaded = load_model(folder, need_denoiser=need_denoiser, dtype=tdtype, device=dev,

@@ -249,10 +249,31 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
     read from a TwoTower checkpoint, or the whole model from a plain NemotronH checkpoint.
     `check_memory`: first make sure each device has room for what will be read onto it (`check_room`).
     """
-    ckpt = open_checkpoint(path)
+    loaded = _load_model(path, need_denoiser, dtype, device, context_device, denoiser_device, check_memory)
+    assert loaded is not None
+    return loaded
+
+
+def check_loadable(path: str | Path, *, need_denoiser: bool | None, dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu", context_device: str | torch.device | None = None,
+                   denoiser_device: str | torch.device | None = None,
+                   file_sizes: dict[str, int] | None = None) -> None:
+    """Every check of `load_model(..., check_memory=True)` — a TwoTower where one is needed, each tensor there
+    with its shape, room on each device — from the headers alone; nothing is read. `file_sizes` as
+    `open_checkpoint` takes them: a hub model's headers, checked before its download. `need_denoiser=None`:
+    as the checkpoint is (a TwoTower whole, a NemotronH as an AR model: bench and eval load them so)."""
+    _load_model(path, need_denoiser, dtype, device, context_device, denoiser_device, True, True, file_sizes)
+
+
+def _load_model(path: str | Path, need_denoiser: bool | None, dtype: torch.dtype | None, device: str | torch.device,
+                context_device: str | torch.device | None, denoiser_device: str | torch.device | None,
+                check_memory: bool, dry_run: bool = False,
+                file_sizes: dict[str, int] | None = None) -> LoadedModel | None:
+    ckpt = open_checkpoint(path, file_sizes=file_sizes)
     require_shards(ckpt)  # before the checkpoint is judged TwoTower or not by its tensors
     cfg = _config_of(ckpt)
     two = is_twotower_checkpoint(ckpt)
+    need_denoiser = two if need_denoiser is None else need_denoiser
     ctx_dev = torch.device(context_device or device)
     den_dev = torch.device(denoiser_device or device)
     if need_denoiser:
@@ -265,7 +286,9 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
         if check_memory:
             check_room(load_bytes(model, ckpt, dtype, place), dtype,
                        two_devices=physical_device(ctx_dev) != physical_device(den_dev), whole=True)
-        report = load_state(model, ckpt, dtype=dtype, device=place)
+        report = load_state(model, ckpt, dtype=dtype, device=place, dry_run=dry_run)
+        if dry_run:
+            return None
         model.place(ctx_dev, den_dev).eval()  # a no-op: every tensor was read onto its tower's device
         return LoadedModel(cfg, ckpt.folder, model, None, list(report.dropped))
     router = torch.float64 if two else torch.float32
@@ -277,7 +300,9 @@ def load_model(path: str | Path, *, need_denoiser: bool, dtype: torch.dtype | No
             return "context_lm_head.weight" if k == "lm_head.weight" else "context_tower." + k[len("backbone."):]
     if check_memory:
         check_room(load_bytes(ar, ckpt, dtype, lambda _key: ctx_dev, key_map), dtype, two_devices=True, whole=False)
-    report = load_state(ar, ckpt, key_map=key_map, dtype=dtype, device=ctx_dev, allow_unused=two)
+    report = load_state(ar, ckpt, key_map=key_map, dtype=dtype, device=ctx_dev, allow_unused=two, dry_run=dry_run)
+    if dry_run:
+        return None
     return LoadedModel(cfg, ckpt.folder, None, ar.eval(), list(report.dropped))
 
 

@@ -44,9 +44,8 @@ def bench(
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import resolve
     from twotower_cli.model.loading import require_shards
-    from twotower_cli.runtime import DEFAULT_MODEL, checkpoint_folder, open_runtime
+    from twotower_cli.runtime import fetch_model, open_runtime
     from twotower_cli.text import read_prompts, render_chats
     from twotower_cli.towers import is_twotower_checkpoint
 
@@ -57,10 +56,9 @@ def bench(
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
     variables = O.template_variables(chat, system, chat_arg)
     texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts, conversations=chat)  # as generate
-    folder = resolve(model or DEFAULT_MODEL)
-    home = checkpoint_folder(folder)
+    folder = fetch_model(model, None, device, dtype, context_device, denoiser_device)
     if chat:  # before the (slow) load: a missing or broken template fails fast
-        texts = render_chats(home, texts, system, variables)
+        texts = render_chats(folder, texts, system, variables)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)  # a TwoTower checkpoint that lost its denoiser shards is no plain NemotronH one
     two = is_twotower_checkpoint(ckpt)  # a plain NemotronH checkpoint benches `ar` only

@@ -116,7 +116,7 @@ def chat(
     from twotower_cli.cli import Terminated, report_error, report_warning
     from twotower_cli.display import err_console, follow, print_text
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import model_folder, open_runtime
+    from twotower_cli.runtime import fetch_model, open_runtime
     from twotower_cli.serve import template_variables_taken
     from twotower_cli.text import ChatTemplate, StopTexts, find_chat_template, parse_template_args
 
@@ -124,7 +124,7 @@ def chat(
     stop_texts = StopTexts.check(stop_text)
     O.warn_if_filters_unused(settings)
     O.warn_if_options_unused(settings, O.given("block", "steps", "threshold", "policy", "factor"))
-    folder = model_folder(model)
+    folder = fetch_model(model, mode != "ar", device, dtype, context_device, denoiser_device)
     template = None if no_template or find_chat_template(folder) is None else ChatTemplate.load(folder)
     if template is None and (system is not None or chat_arg):
         raise TwoTowerError("--system and --chat-arg shape a chat template, and this chat has none",

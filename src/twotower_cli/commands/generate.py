@@ -68,7 +68,7 @@ def generate(
     from twotower_cli import sampler as S
     from twotower_cli.display import LiveUnmasking, err_console, follow, print_text, stdout_is_terminal
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import model_folder, open_runtime, peak_memory_bytes
+    from twotower_cli.runtime import fetch_model, open_runtime, peak_memory_bytes
     from twotower_cli.text import StopTexts, read_prompts, render_chats
 
     settings = O.sampling_config(locals())  # option errors before the (slow) load
@@ -85,7 +85,7 @@ def generate(
     texts = [item if isinstance(item, str) else item[-1]["content"] for item in items]
     model_texts = texts  # what the model reads: the prompts, or their chat-formatted text
     if chat:  # before the (slow) load: a missing or broken template fails fast
-        folder = model_folder(model)
+        folder = fetch_model(model, mode != "ar", device, dtype, context_device, denoiser_device)
         model = str(folder)
         model_texts = render_chats(folder, items, system, variables)
     rt = open_runtime(model, need_denoiser=mode != "ar", device=device, dtype=dtype,

@@ -56,7 +56,7 @@ def serve(
 
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.runtime import model_folder, open_runtime
+    from twotower_cli.runtime import fetch_model, open_runtime
     from twotower_cli.serve import Engine, base_url, make_server, template_variables_taken
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
@@ -76,7 +76,7 @@ def serve(
     if taken := template_variables_taken(variables):
         raise TwoTowerError(f"--chat-arg cannot set {taken}: the server sets it for each request",
                             "leave it out (a request may send 'messages')")
-    folder = model_folder(model)
+    folder = fetch_model(model, mode != "ar", device, dtype, context_device, denoiser_device)
     template = ChatTemplate.load(folder) if find_chat_template(folder) is not None else None
     if template is None and chat_arg:
         raise TwoTowerError("--chat-arg sets chat-template variables, and this model has no chat template",

@@ -108,11 +108,12 @@ def require_shards(ckpt: Checkpoint) -> None:
 
 def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str] | None = None,
                dtype: torch.dtype | None = None, device: str | torch.device | Callable[[str], torch.device] = "cpu",
-               allow_unused: bool = False) -> LoadReport:
+               allow_unused: bool = False, dry_run: bool = False) -> LoadReport:
     """Fill `module` from `ckpt` (see the module docstring). `key_map`: module key → checkpoint key.
     `device` is one device, or a function module key → device (a device map): each tensor is read from the
     file straight onto its own device (safetensors' `safe_open(device=...)`), so two towers on two GPUs never
-    pass through host memory together."""
+    pass through host memory together. `dry_run`: the checks only (every tensor there, of its shape, none
+    unexpected), from the headers; nothing is read."""
     require_shards(ckpt)
     report = LoadReport()
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -158,6 +159,8 @@ def load_state(module: nn.Module, ckpt: Checkpoint, key_map: Callable[[str], str
         hint = f"{depth}: use the config.json they were saved with" if depth else \
             "is the config.json the one these weights were saved with?"
         raise TwoTowerError(f"checkpoint at {ckpt.folder} does not match the model: " + "; ".join(problems), hint)
+    if dry_run:
+        return report
 
     # Read each checkpoint tensor once per device that needs it (a fused experts tensor serves every expert
     # of its layer), straight onto that device. A stacked parameter's per-expert tensors are copied into
