@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import triton_interpret
+from fake_hub import downloads, fake_hub, online  # noqa: F401 — fixtures: a local stand-in for the hub
 from twotower_cli.checkpoint import write_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import NemotronHForCausalLM, init_nemotron_h

@@ -1,9 +1,9 @@
-"""`twotower inspect` of a hub repository that is not in the cache: headers read over HTTP.
+"""A hub model's headers read over HTTP, before (or instead of) its download: `inspect`, `split --dry-run`, and
+the checks generate, chat, serve, bench and eval make before downloading.
 
-A small local server plays the hub's two routes that huggingface_hub calls here (the model API with
-`blobs=True`, and `resolve/<revision>/<file>` with byte ranges), serving checkpoint folders written by the
-project's writer. The reference is `inspect_checkpoint` of the same folder on disk: the remote report must say
-the same, while the server sees no request for tensor data.
+`fake_hub.FakeHub` plays the hub's two routes that huggingface_hub calls here, serving checkpoint folders
+written by the project's writer. The reference is `inspect_checkpoint` of the same folder on disk: the remote
+report must say the same, while the server sees no request for tensor data.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import copy
 import json
 import re
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from fake_hub import SHA
 from helpers_ckpt import random_checkpoint, small_config
 from twotower_cli.checkpoint import INDEX_NAME, save_tensors
 from twotower_cli.cli import get_app
@@ -28,92 +27,6 @@ from twotower_cli.errors import TwoTowerError
 from twotower_cli.hub import ASSETS
 from twotower_cli.inspect import inspect_checkpoint, inspect_remote
 from twotower_cli.remote import FIRST_READ
-
-SHA = "5e1f" * 10
-
-
-class FakeHub:
-    """repo id → folder; records every (file, first byte, last byte) it serves."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, Path] = {}
-        self.reads: list[tuple[str, int, int]] = []
-        self.api_calls: list[str] = []
-        self.ignore_ranges = False
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path):
-                    hub.api_calls.append(self.path)
-                    folder = hub.repos.get(m.group(1))
-                    if folder is None:
-                        return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
-                    siblings = [{"rfilename": p.relative_to(folder).as_posix(), "size": p.stat().st_size}
-                                for p in sorted(folder.rglob("*")) if p.is_file()]
-                    body = json.dumps({"id": m.group(1), "sha": SHA, "siblings": siblings}).encode()
-                    return self._send(200, body, {"Content-Type": "application/json"})
-                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-                if not m or m.group(1) not in hub.repos or m.group(2) != SHA:
-                    return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
-                file = hub.repos[m.group(1)] / m.group(3)
-                size = file.stat().st_size
-                if self.headers["Range"] is None or hub.ignore_ranges:
-                    return self._send_file(file, size)
-                first, last = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
-                last = min(last, size - 1)
-                hub.reads.append((m.group(3), first, last))
-                with open(file, "rb") as f:
-                    f.seek(first)
-                    body = f.read(last + 1 - first)
-                self._send(206, body, {"Content-Range": f"bytes {first}-{last}/{size}"})
-
-            def _send_file(self, file: Path, size: int) -> None:
-                """200 with the whole file, as a server that ignores ranges does, until the client hangs up."""
-                self.send_response(200)
-                self.send_header("Content-Length", str(size))
-                self.end_headers()
-                sent = 0
-                with open(file, "rb") as f:
-                    try:
-                        while chunk := f.read(1 << 16):
-                            self.wfile.write(chunk)
-                            sent += len(chunk)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
-                hub.reads.append((file.name, 0, sent - 1))
-
-            def _send(self, code: int, body: bytes, headers: dict[str, str]) -> None:
-                self.send_response(code)
-                for k, v in {**headers, "Content-Length": str(len(body))}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def data_read(self, folder: Path) -> list[tuple[str, int, int]]:
-        """Reads of a shard past its header: tensor data."""
-        out = []
-        for file, first, last in self.reads:
-            if file.endswith(".safetensors"):
-                header_end = 8 + int.from_bytes((folder / file).read_bytes()[:8], "little")
-                if last >= max(header_end, FIRST_READ):
-                    out.append((file, first, last))
-        return out
-
-
-@pytest.fixture
-def fake_hub():
-    hub = FakeHub()
-    yield hub
-    hub.server.shutdown()
 
 
 def comparable(report) -> dict:
@@ -207,17 +120,6 @@ def test_errors(tmp_path, fake_hub):
 
 
 # ---------------------------------------------------------------------------------------------- the command
-
-@pytest.fixture
-def online(tmp_path, monkeypatch, fake_hub):
-    """An empty cache, downloads allowed, the hub at the fake's address."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
-    return fake_hub
-
 
 def invoke(*args: str):
     return CliRunner().invoke(get_app(), ["inspect", *args])
@@ -352,24 +254,6 @@ def test_split_dry_run_from_the_hub_counts_the_download_on_the_same_disk(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- before a download
-
-@pytest.fixture
-def downloads(online, monkeypatch):
-    """snapshot_download as the hub would answer it: nothing cached; a download is recorded and answered with
-    the folder the fake hub serves."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    made = []
-
-    def snapshot_download(repo_id, **kw):
-        if kw.get("local_files_only"):
-            raise LocalEntryNotFoundError("not cached")
-        made.append(repo_id)
-        return str(online.repos[repo_id])
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
-    return made
-
 
 def run(*args: str):
     return CliRunner().invoke(get_app(), list(args))

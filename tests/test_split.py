@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -1097,32 +1098,58 @@ def test_alias_source_from_the_cache(tmp_path, monkeypatch):
     assert conf["twotower"]["source"] == "nemotron-3-nano"
 
 
-@pytest.mark.parametrize("source,config,message", [
-    ("nemotron-labs-twotower", "tiny", "already a TwoTower checkpoint"),
+@pytest.mark.parametrize("source,kind,message", [
+    ("nemotron-labs-twotower", "twotower", "already a TwoTower checkpoint"),
     ("org/Nano-FP8", "fp8", "is a quantized checkpoint (FP8)"),
+    ("org/Unsound", "unsound", "the source checkpoint is not sound"),
 ])
-def test_a_source_split_cannot_take_is_refused_before_its_weights_download(tmp_path, monkeypatch, source, config,
-                                                                           message):
+def test_a_source_split_cannot_take_is_refused_before_its_download(tmp_path, downloads, online, source, kind,
+                                                                   message):
+    """A hub source not in the cache is planned from its headers first (read from the hub as `inspect` reads
+    them): one it cannot split is refused with nothing downloaded."""
+    from twotower_cli.hub import repo_id_for, resolve
+
+    folder = tmp_path / "repo"
+    shutil.copytree(resolve("tiny" if kind == "twotower" else "tiny-base"), folder)
+    if kind == "fp8":
+        raw = json.loads((folder / "config.json").read_text())
+        raw["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
+        (folder / "config.json").write_text(json.dumps(raw))
+    if kind == "unsound":
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.truncate((folder / "model.safetensors").stat().st_size - 1000)
+    online.repos[repo_id_for(source)] = folder
+    result = invoke(source, "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1 and message in " ".join(result.stderr.split()), result.output
+    assert downloads == [] and "twotower-headers" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_source_is_planned_then_downloaded_then_split(tmp_path, downloads, online, monkeypatch):
+    """The plan is printed from the headers, with the download it needs (and a warning when the disk is short
+    of both), then the source is downloaded and split as a local one is."""
+    import shutil as sh
+    from collections import namedtuple
+
     from twotower_cli.hub import resolve
 
-    snap = tmp_path / "snap"
-    snap.mkdir()
-    raw = json.loads((resolve("tiny" if config == "tiny" else "tiny-base") / "config.json").read_text())
-    if config == "fp8":
-        raw["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
-    (snap / "config.json").write_text(json.dumps(raw))  # a config, no weights
-    asked = []
-
-    def fake(repo_id, **kw):
-        asked.append(kw["allow_patterns"])
-        return str(snap)
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    result = invoke(source, "-o", str(tmp_path / "out"))
-    assert result.exit_code == 1 and message in result.stderr, result.output
-    assert asked and not any("*.safetensors" in patterns for patterns in asked)
+    online.repos["org/base"] = resolve("tiny-base")
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: namedtuple("u", "total used free")(10**12, 0, 15 * 10**6))
+    result = invoke("org/base", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    weights = (resolve("tiny-base") / "model.safetensors").stat().st_size
+    assert f"downloading {weights / 1e6:.2f} MB of weights into the Hugging Face cache" in said
+    # the output alone (13.4 MB) would fit in 15 MB, not with the download beside it on the same disk
+    assert f"and downloads {weights / 1e6:.2f} MB into {tmp_path / 'hf' / 'hub'}, and that disk has 15.00 MB free" in said
+    assert downloads == ["org/base"]
+    monkeypatch.setattr(sh, "disk_usage", real)
+    local = invoke(str(resolve("tiny-base")), "-o", str(tmp_path / "local"))
+    assert local.exit_code == 0
+    for f in (tmp_path / "local").iterdir():
+        if f.suffix == ".safetensors":
+            assert f.read_bytes() == (tmp_path / "out" / f.name).read_bytes()
 
 
 def test_help_lists_aliases():

@@ -97,6 +97,17 @@ def header_folder(repo_id: str, endpoint: str | None = None, as_path: bool = Fal
         yield Path(tmp), fetch_headers(repo_id, Path(tmp), endpoint=endpoint, as_path=as_path)
 
 
+@contextmanager
+def named_as(folder: Path, repo_id: str, note: str = "") -> Iterator[None]:
+    """A TwoTowerError raised inside, with `repo_id` where it named the temporary `folder` of the headers, and
+    `note` after its message."""
+    try:
+        yield
+    except TwoTowerError as e:
+        here = str(folder)
+        raise TwoTowerError(e.message.replace(here, repo_id) + note, e.hint and e.hint.replace(here, repo_id)) from None
+
+
 class _Reader:
     """Byte ranges of one repository's files at one revision, through huggingface_hub's HTTP session."""
 

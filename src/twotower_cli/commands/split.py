@@ -47,29 +47,31 @@ def split(
         check_output(out, plan.source_folder)  # before "already exists": --force must not be the way out
         return plan
 
-    if dry_run and (repo_id := local_or_hub(source, base=True)[1]) is not None:
-        # A hub model not in the cache: plan from its headers rather than download it to print a plan.
-        from twotower_cli.remote import header_folder
+    needs = []  # (bytes, where, what) for the free-space warning
+    if (repo_id := local_or_hub(source, base=True)[1]) is not None:
+        # A hub model not in the cache: plan from its headers first, so that a source split cannot take (a
+        # TwoTower, a quantized or unsound checkpoint) and the disk it needs are said before a 63 GB download.
+        from twotower_cli.remote import header_folder, named_as
 
-        with header_folder(repo_id, as_path=repo_id == source) as (folder, got):
+        with header_folder(repo_id, as_path=repo_id == source) as (folder, got), named_as(folder, repo_id):
             plan = plan_for(folder, got.file_sizes)
         download = sum(got.file_sizes.values())
-        _print_plan(plan, out, console)
-        console.print(f"[dim]• planned from the hub's headers ({_gb(got.bytes_read)} read): the real run first "
-                      f"downloads {_gb(download)} of weights into the Hugging Face cache[/]")
-        _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}"),
-                        (download, hub_cache_dir(), f"downloads {_gb(download)} into {hub_cache_dir()}")])
-        _dry_run_end(out, force, console)
-        return
-    _check_config_first(resolve(source, base=True, weights=False), source)  # before a hub id's weights download
-    plan = plan_for(resolve(source, base=True))
+        needs.append((download, hub_cache_dir(), f"downloads {_gb(download)} into {hub_cache_dir()}"))
+    else:
+        plan = plan_for(resolve(source, base=True))
     if out.exists() and not force and not dry_run:  # before any output (atomic_output_dir checks again)
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it, or choose another -o")
     _print_plan(plan, out, console)
-    _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}")])
+    if repo_id is not None:
+        console.print(f"[dim]• planned from the hub's headers ({_gb(got.bytes_read)} read): "
+                      f"{'the real run first downloads' if dry_run else 'downloading'} {_gb(download)} of weights "
+                      "into the Hugging Face cache[/]")
+    _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}"), *needs])
     if dry_run:
         _dry_run_end(out, force, console)
         return
+    if repo_id is not None:  # the plan again, from the downloaded files (the hub may have changed since)
+        plan = plan_for(resolve(source, base=True))
 
     from rich.progress import (
         BarColumn,
@@ -116,21 +118,6 @@ def _dry_run_end(out: Path, force: bool, console) -> None:
     elif out.exists():
         console.print(f"[dim]the real run replaces the existing {escape(str(out))}[/]", highlight=False)
     console.print("[dim]dry run: nothing written[/]")
-
-
-def _check_config_first(path: Path, source: str) -> None:
-    """A TwoTower or quantized source is refused from its config.json alone: `split nemotron-labs-twotower`
-    would otherwise download NVIDIA's 126 GB of weights only for plan_split to say the same."""
-    import json
-
-    from twotower_cli.split import check_source_config
-
-    try:
-        raw = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # missing or malformed: load_source says so with its own message
-    if isinstance(raw, dict):
-        check_source_config(raw, source)
 
 
 def _gb(n: int) -> str:
