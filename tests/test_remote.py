@@ -301,3 +301,11 @@ def test_a_model_that_loads_is_downloaded_after_the_check(tmp_path, online, down
     online.api_calls.clear()
     r = run("generate", "-m", "org/tt", "--dtype", "fp8", "ROMEO.")
     assert r.exit_code == 1 and "unknown dtype 'fp8'" in r.stderr and online.api_calls == []  # options first
+
+
+def test_train_refuses_a_hub_model_that_is_no_twotower_before_its_download(tmp_path, downloads, online):
+    online.repos["org/base"] = ASSETS / "tiny-base"
+    (tmp_path / "d.txt").write_text("ROMEO. Hello.")
+    r = run("train", "-m", "org/base", "--data", str(tmp_path / "d.txt"), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "org/base is not a TwoTower checkpoint" in r.stderr, r.output
+    assert "nothing was downloaded" in " ".join(r.stderr.split()) and downloads == []

@@ -724,20 +724,32 @@ def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
 # ---------------------------------------------------------------------------------------------- loading, saving
 
 def open_twotower(path: str | Path) -> tuple[Path, Checkpoint, NemotronHConfig]:
-    """A local TwoTower checkpoint folder (paths, embedded names and hub ids through hub.resolve)."""
-    from twotower_cli.hub import resolve
+    """A local TwoTower checkpoint folder (paths, embedded names and hub ids through hub.resolve). A hub model
+    not in the cache is checked from its headers first (`remote.header_folder`): no download for a model that
+    is no TwoTower."""
+    from twotower_cli.hub import local_or_hub, resolve
 
+    if (repo_id := local_or_hub(str(path))[1]) is not None:
+        from twotower_cli.remote import header_folder, named_as
+
+        with (header_folder(repo_id, as_path=repo_id == str(path)) as (folder, got),
+              named_as(folder, repo_id, " (checked from its headers: nothing was downloaded)")):
+            _twotower_at(folder, got.file_sizes)
     folder = resolve(path)
     if folder.is_file():
         folder = folder.parent
-    ckpt = open_checkpoint(folder)
+    return (folder, *_twotower_at(folder))
+
+
+def _twotower_at(folder: Path, file_sizes: dict[str, int] | None = None) -> tuple[Checkpoint, NemotronHConfig]:
+    ckpt = open_checkpoint(folder, file_sizes=file_sizes)
     if ckpt.config_raw is None:
         raise TwoTowerError(f"no config.json in {folder}", "a checkpoint folder needs config.json beside its weights")
     cfg = NemotronHConfig.from_dict(ckpt.config_raw)
     if not is_twotower_checkpoint(ckpt):
         raise TwoTowerError(f"{folder} is not a TwoTower checkpoint (no denoiser_tower.* tensors)",
                             "turn a NemotronH checkpoint into one with `twotower split`")
-    return folder, ckpt, cfg
+    return ckpt, cfg
 
 
 def recorded_block(cfg: NemotronHConfig, folder: Path) -> tuple[int, str]:
