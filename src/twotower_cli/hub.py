@@ -139,7 +139,8 @@ def hub_model(name_or_path: str) -> str | None:
 
 
 def local_or_hub(name_or_path: str, base: bool = False) -> tuple[Path | None, str | None]:
-    """For commands that can work from a hub model's headers alone (inspect, split --dry-run): `(folder, None)`
+    """For what can be done from a hub model's headers before (or instead of) its download — inspect, split's
+    plan, the load's checks (`runtime.fetch_model`): `(folder, None)`
     when the name is a local path, an embedded model or a hub model cached with its weights; `(None, repo_id)`
     for a hub model that is not, while the hub may be asked (HF_HUB_OFFLINE unset). Never downloads; raises
     the cache's TwoTowerError when the hub may not be asked, and resolve's for a name that is none of these."""
