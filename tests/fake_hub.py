@@ -4,11 +4,13 @@ checkpoint folders from disk; and the fixtures that point the environment at it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -17,8 +19,13 @@ from twotower_cli.remote import FIRST_READ
 SHA = "5e1f" * 10
 
 
+def sha_of(key: str) -> str:
+    """The commit the fake hub names for a repository (`SHA`) or one of its revisions (`org/name@rev`)."""
+    return SHA if "@" not in key else hashlib.sha1(key.encode()).hexdigest()
+
+
 class FakeHub:
-    """repo id → folder; records every (file, first byte, last byte) it serves."""
+    """repo id (or `repo id@revision`) → folder; records every (file, first byte, last byte) it serves."""
 
     def __init__(self) -> None:
         self.repos: dict[str, Path] = {}
@@ -32,20 +39,25 @@ class FakeHub:
                 pass
 
             def do_GET(self) -> None:
-                path = self.path.split("?")[0]
-                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path):
+                path = unquote(self.path.split("?")[0])
+                if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
                     hub.api_calls.append(self.path)
-                    folder = hub.repos.get(m.group(1))
-                    if folder is None:
+                    if m.group(1) not in {key.split("@")[0] for key in hub.repos}:
                         return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+                    key = m.group(1) + (f"@{m.group(2)}" if m.group(2) not in (None, "main", SHA) else "")
+                    folder = hub.repos.get(key)
+                    if folder is None:
+                        return self._send(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
                     siblings = [{"rfilename": p.relative_to(folder).as_posix(), "size": p.stat().st_size}
                                 for p in sorted(folder.rglob("*")) if p.is_file()]
-                    body = json.dumps({"id": m.group(1), "sha": SHA, "siblings": siblings}).encode()
+                    body = json.dumps({"id": m.group(1), "sha": sha_of(key), "siblings": siblings}).encode()
                     return self._send(200, body, {"Content-Type": "application/json"})
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-                if not m or m.group(1) not in hub.repos or m.group(2) != SHA:
+                key = next((k for k in hub.repos if m and k.split("@")[0] == m.group(1) and sha_of(k) == m.group(2)),
+                           None)
+                if key is None:
                     return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
-                file = hub.repos[m.group(1)] / m.group(3)
+                file = hub.repos[key] / m.group(3)
                 size = file.stat().st_size
                 if self.headers["Range"] is None or hub.ignore_ranges:
                     return self._send_file(file, size)

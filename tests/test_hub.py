@@ -219,3 +219,33 @@ def test_a_cached_snapshot_without_weights_says_so_offline(offline, monkeypatch)
     with pytest.raises(TwoTowerError, match="without its weights") as e:
         hub.resolve("org/m", allow_download=False)
     assert "hf download org/m" in e.value.hint
+
+
+def test_a_revision_after_the_name(tmp_path, monkeypatch):
+    """`owner/name@rev` and `alias@rev` name a branch, tag or commit: snapshot_download gets it as `revision`,
+    the default output folder is named without it, and a revision the hub does not have is one error line."""
+    from huggingface_hub import errors
+
+    assert hub.split_revision("org/m@refs/pr/1") == ("org/m", "refs/pr/1")
+    assert hub.split_revision("org/m") == ("org/m", None) and hub.split_revision("org/m@") == ("org/m@", None)
+    assert hub.repo_id_for("nemotron-3-nano@v1") == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16@v1"
+    assert hub.repo_id_for("tiny@v1") is None
+    assert hub.display_name("org/Model-7B@v1.0") == "Model-7B"
+    assert hub.display_name("nemotron-3-nano@0123abc") == "nemotron-3-nano"
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def fake(repo_id, **kw):
+        seen.append((repo_id, kw["revision"]))
+        if kw["revision"] == "nope":
+            raise errors.RevisionNotFoundError("404", response=SimpleNamespace(headers={}, request=None))
+        return str(tmp_path)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    assert hub.resolve("org/model@v1") == tmp_path and hub.resolve("org/model") == tmp_path
+    assert seen == [("org/model", "v1"), ("org/model", None)]
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("nemotron-3-nano@nope")
+    assert e.value.message == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16 has no revision 'nope' on the Hugging Face hub"
+    assert "after the @" in e.value.hint

@@ -207,7 +207,7 @@ def test_a_mirror_that_ignores_ranges(tmp_path, fake_hub):
     assert len(sent) == 1 and sent[0] < (32 << 20)
 
 
-def test_split_dry_run_plans_from_the_hub_headers(tmp_path, online):
+def test_split_dry_run_plans_from_the_hub_headers(tmp_path, online, monkeypatch):
     """`split --dry-run` of a hub model not in the cache prints the plan it would print after the download."""
     from test_hub import fake_cache
 
@@ -229,6 +229,7 @@ def test_split_dry_run_plans_from_the_hub_headers(tmp_path, online):
     snap = fake_cache(tmp_path / "hf", "org/model", files={})
     snap.rmdir()
     shutil.copytree(folder, snap)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache alone (the fake hub serves no downloads)
     cached = CliRunner().invoke(get_app(), ["split", "org/model", "--dry-run", "-o", str(out)])
     assert cached.exit_code == 0, cached.output
     assert "planned from the hub" not in cached.stderr
@@ -309,3 +310,16 @@ def test_train_refuses_a_hub_model_that_is_no_twotower_before_its_download(tmp_p
     r = run("train", "-m", "org/base", "--data", str(tmp_path / "d.txt"), "-o", str(tmp_path / "o"))
     assert r.exit_code == 1 and "org/base is not a TwoTower checkpoint" in r.stderr, r.output
     assert "nothing was downloaded" in " ".join(r.stderr.split()) and downloads == []
+
+
+def test_inspect_a_revision_of_a_hub_model(tmp_path, online):
+    from fake_hub import sha_of
+
+    online.repos["org/model"] = random_checkpoint(tmp_path / "head")
+    online.repos["org/model@v1"] = random_checkpoint(tmp_path / "v1", small_config("M*"))
+    data = json.loads(invoke("org/model@v1", "--json").stdout)
+    assert data["pattern"] == "M*" and data["remote"]["revision"] == sha_of("org/model@v1")
+    assert data["path"] == f"org/model@{sha_of('org/model@v1')[:12]}"
+    assert json.loads(invoke("org/model", "--json").stdout)["pattern"] == "M*E-ME"
+    r = invoke("org/model@nope")
+    assert r.exit_code == 1 and "org/model has no revision 'nope' on the Hugging Face hub" in r.stderr

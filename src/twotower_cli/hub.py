@@ -3,7 +3,8 @@
 `resolve(name_or_path)` accepts, in this order:
   1. an existing local folder or `.safetensors` file (returned as is);
   2. an embedded model name (`tiny`, `tiny-base`) → a folder inside the installed package;
-  3. an alias from `ALIASES` (the one alias table of the project) or a hub repo id `owner/name`
+  3. an alias from `ALIASES` (the one alias table of the project) or a hub repo id `owner/name`, either with
+     an optional `@revision` (branch, tag or commit: `owner/name@v1.0`, `nemotron-3-nano@<commit>`)
      → the snapshot folder in the Hugging Face cache, downloaded through `huggingface_hub` when allowed.
 
 Only the files a checkpoint needs are fetched (`DOWNLOAD_PATTERNS`). `HF_HOME`, `HF_HUB_CACHE`,
@@ -75,16 +76,34 @@ def hub_cache_dir() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+def split_revision(name: str) -> tuple[str, str | None]:
+    """`owner/name@rev` or `alias@rev` → (the name, the revision: a branch, tag or commit of the repository);
+    `@` cannot be part of a repo name, so the first one starts the revision (which may hold `/`: `refs/pr/1`)."""
+    base, sep, revision = name.partition("@")
+    return (base, revision) if sep and base and revision else (name, None)
+
+
 def repo_id_for(name: str) -> str | None:
-    """The hub repo id a name stands for (alias or `owner/name`), or None if it is neither."""
-    if name.lower() in ALIASES:
-        return ALIASES[name.lower()]
-    return name if _REPO_ID.match(name) else None
+    """The hub repo id a name stands for (alias or `owner/name`, an `@revision` after it kept), or None if it
+    is neither."""
+    base, revision = split_revision(name)
+    repo = ALIASES.get(base.lower()) or (base if _REPO_ID.match(base) else None)
+    return repo if repo is None or revision is None else f"{repo}@{revision}"
+
+
+def _hf_download(repo: str) -> str:
+    """The `hf download` command line for a repo id with an optional `@revision`."""
+    repo_id, revision = split_revision(repo)
+    return f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
 
 
 def display_name(name_or_path: str) -> str:
     """A short name for a source, used for default output folders: `nemotron-3-nano`, `Foo-7B`, `my-ckpt`."""
-    if name_or_path.lower() in ALIASES or name_or_path.lower() in EMBEDDED:
+    if name_or_path.lower() in EMBEDDED:
+        return name_or_path.lower()
+    if not Path(name_or_path).expanduser().exists():  # a hub name: its revision is no part of the name
+        name_or_path = split_revision(name_or_path)[0]
+    if name_or_path.lower() in ALIASES:
         return name_or_path.lower()
     p = Path(name_or_path).expanduser()  # as resolve() reads it
     if p.exists():
@@ -153,41 +172,51 @@ def local_or_hub(name_or_path: str, base: bool = False) -> tuple[Path | None, st
         return None, repo_id
 
 
-def _snapshot(repo_id: str, offline: str | None, as_path: bool = False,
+def _snapshot(repo: str, offline: str | None, as_path: bool = False,
               patterns: tuple[str, ...] = DOWNLOAD_PATTERNS) -> Path:
-    """The cached (or downloaded) snapshot of `repo_id`. `offline`: None (downloads allowed), "HF_HUB_OFFLINE"
-    or "command" (the command never downloads); the error names the one that applies. `as_path`: the name
-    was typed as `owner/name`, which may also have been meant as a local folder."""
+    """The cached (or downloaded) snapshot of `repo` (a repo id, `@revision` after it or not). `offline`: None
+    (downloads allowed), "HF_HUB_OFFLINE" or "command" (the command never downloads); the error names the one
+    that applies. `as_path`: the name was typed as `owner/name`, which may also have been meant as a local
+    folder."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cache = hub_cache_dir()
-    local = f" (and there is no folder {repo_id} here)" if as_path else ""
+    local = f" (and there is no folder {repo} here)" if as_path else ""
+    repo_id, revision = split_revision(repo)
     try:
-        folder = snapshot_download(repo_id, cache_dir=cache, local_files_only=offline is not None,
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline is not None,
                                    allow_patterns=list(patterns), endpoint=hub_endpoint())
     except LocalEntryNotFoundError:
         if offline is not None:
             if offline == "HF_HUB_OFFLINE":
                 hint = "unset HF_HUB_OFFLINE to download it, or set HF_HOME to the cache that holds it"
             else:
-                hint = (f"this command reads only the cache: download it first (`hf download {repo_id}`, or run "
+                hint = (f"this command reads only the cache: download it first (`{_hf_download(repo)}`, or run "
                         "`twotower split` or `generate` on it), or set HF_HOME to the cache that holds it")
-            raise TwoTowerError(f"{repo_id} is not in the Hugging Face cache at {cache} and downloads are off{local}",
+            raise TwoTowerError(f"{repo} is not in the Hugging Face cache at {cache} and downloads are off{local}",
                                 hint) from None
-        raise TwoTowerError(f"cannot download {repo_id}: the hub is not reachable{local}",
+        raise TwoTowerError(f"cannot download {repo}: the hub is not reachable{local}",
                             "check the network, or set HF_HOME to a cache that already holds it") from None
     except RepositoryNotFoundError:
         raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
                             "check the spelling; gated models need `hf auth login`") from None
+    except RevisionNotFoundError:
+        raise TwoTowerError(f"{repo_id} has no revision {revision!r} on the Hugging Face hub",
+                            "name a branch, tag or commit of it after the @ (its page lists them)") from None
     except HfHubHTTPError as e:
-        raise TwoTowerError(f"cannot download {repo_id}: {e}", "check the network and your HF token") from None
+        raise TwoTowerError(f"cannot download {repo}: {e}", "check the network and your HF token") from None
     folder = Path(folder)
     if offline is not None and "*.safetensors" in patterns and not any(folder.glob("*.safetensors")):
         # The cache answers with whatever the snapshot holds: after `tokenize`, only the text files.
-        hint = (f"download the weights first (`hf download {repo_id}`, or `twotower split` on it)"
+        hint = (f"download the weights first (`{_hf_download(repo)}`, or `twotower split` on it)"
                 if offline == "command" else "unset HF_HUB_OFFLINE to download them")
-        raise TwoTowerError(f"{repo_id} is in the Hugging Face cache at {cache} without its weights", hint)
+        raise TwoTowerError(f"{repo} is in the Hugging Face cache at {cache} without its weights", hint)
     return folder
 
 

@@ -263,17 +263,18 @@ def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = Non
 
 
 def inspect_remote(repo_id: str, endpoint: str | None = None, as_path: bool = False) -> Report:
-    """`inspect_checkpoint` of a hub repository from its headers, read over the network (`remote`); nothing
-    is downloaded into the cache. The time conditioning's bytes are not read: its state is "unknown"."""
+    """`inspect_checkpoint` of a hub repository (`owner/name`, `@revision` after it or not) from its headers,
+    read over the network (`remote`); nothing is downloaded into the cache. The time conditioning's bytes are
+    not read: its state is "unknown"."""
     from twotower_cli.remote import header_folder
 
     with header_folder(repo_id, endpoint=endpoint, as_path=as_path) as (folder, got):
         report = inspect_checkpoint(folder, file_sizes=got.file_sizes)
     # Messages name files by their path: the repository's, not the temporary folder's.
-    report.problems = [p.replace(str(folder), repo_id) for p in report.problems]
-    report.notes = [n.replace(str(folder), repo_id) for n in report.notes]
-    report.path = f"{repo_id}@{got.revision[:12]}"
-    report.remote = {"repo_id": repo_id, "revision": got.revision, "requests": got.requests,
+    report.problems = [p.replace(str(folder), got.repo_id) for p in report.problems]
+    report.notes = [n.replace(str(folder), got.repo_id) for n in report.notes]
+    report.path = f"{got.repo_id}@{got.revision[:12]}"
+    report.remote = {"repo_id": got.repo_id, "revision": got.revision, "requests": got.requests,
                      "bytes_read": got.bytes_read}
     report.notes.insert(0, f"read from the Hugging Face hub: headers and text files only ({_bytes(got.bytes_read)} "
                            f"in {count(got.requests, 'request')}); nothing was downloaded into the cache")

@@ -29,7 +29,7 @@ from typing import Any
 
 from twotower_cli.checkpoint import INDEX_NAME, MAX_HEADER_BYTES
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.hub import AUX_FILE_PATTERNS, hub_endpoint
+from twotower_cli.hub import AUX_FILE_PATTERNS, hub_endpoint, split_revision
 
 # The tokenizer itself (MBs): inspect asks only whether it is there, split's plan lists it among the files it copies.
 PRESENT_ONLY = ("tokenizer.json", "tokenizer.model")
@@ -53,17 +53,20 @@ class Remote:
     bytes_read: int = 0
 
 
-def fetch_headers(repo_id: str, into: Path, endpoint: str | None = None, as_path: bool = False) -> Remote:
-    """Fill `into` with the headers and small files of `repo_id` on the hub (see the module docstring).
-    Raises TwoTowerError for a repository that is not there, not readable, or not safetensors. `as_path`: the
-    name was typed as `owner/name`, which may also have been meant as a local folder (the error says so)."""
+def fetch_headers(repo: str, into: Path, endpoint: str | None = None, as_path: bool = False) -> Remote:
+    """Fill `into` with the headers and small files of `repo` (a repo id, `@revision` after it or not) on the
+    hub (see the module docstring). Raises TwoTowerError for a repository or revision that is not there, not
+    readable, or not safetensors. `as_path`: the name was typed as `owner/name`, which may also have been meant
+    as a local folder (the error says so)."""
     from huggingface_hub import HfApi
 
+    repo_id, asked = split_revision(repo)
     endpoint = endpoint or hub_endpoint()  # as the environment says now: huggingface_hub reads it at import
     api = HfApi(endpoint=endpoint)
-    local = f" (and there is no folder {repo_id} here)" if as_path else ""
-    info = _ask(repo_id, lambda: api.model_info(repo_id, files_metadata=True, timeout=TIMEOUT_S), local=local)
-    revision = info.sha or "main"
+    local = f" (and there is no folder {repo} here)" if as_path else ""
+    info = _ask(repo_id, lambda: api.model_info(repo_id, revision=asked, files_metadata=True, timeout=TIMEOUT_S),
+                local=local, asked=asked)
+    revision = info.sha or asked or "main"
     sizes = {s.rfilename: s.size for s in info.siblings or [] if "/" not in s.rfilename}
     shards = sorted(n for n in sizes if n.endswith(".safetensors"))
     if not shards:
@@ -164,9 +167,9 @@ class _Reader:
         return head[:want]
 
 
-def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "") -> Any:
+def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "", asked: str | None = None) -> Any:
     """`call()`, with huggingface_hub's errors (and the network's) said as TwoTowerErrors (`local`: what the
-    not-found error adds)."""
+    not-found error adds; `asked`: the revision the user named, for the model info call)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -185,7 +188,12 @@ def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "") -> A
     except RepositoryNotFoundError:
         raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
                             "check the spelling; private and gated models need `hf auth login`") from None
-    except (RevisionNotFoundError, RemoteEntryNotFoundError):
+    except RevisionNotFoundError:
+        if asked is not None:
+            raise TwoTowerError(f"{repo_id} has no revision {asked!r} on the Hugging Face hub",
+                                "name a branch, tag or commit of it after the @ (its page lists them)") from None
+        raise TwoTowerError(f"{what} changed on the hub while it was read", "run the command again") from None
+    except RemoteEntryNotFoundError:
         raise TwoTowerError(f"{what} changed on the hub while it was read", "run the command again") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot read {what} from the Hugging Face hub: {str(e).splitlines()[0]}",
