@@ -249,3 +249,20 @@ def test_a_revision_after_the_name(tmp_path, monkeypatch):
         hub.resolve("nemotron-3-nano@nope")
     assert e.value.message == "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16 has no revision 'nope' on the Hugging Face hub"
     assert "after the @" in e.value.hint
+
+
+def test_a_gated_repository_says_so(tmp_path, monkeypatch):
+    """GatedRepoError is a RepositoryNotFoundError to huggingface_hub; "not found" would send the user to check the
+    spelling of a name that is right."""
+    from huggingface_hub import errors
+
+    def fake(repo_id, **kw):
+        raise errors.GatedRepoError("403", response=SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(TwoTowerError) as e:
+        hub.resolve("org/model")
+    assert e.value.message == "org/model is gated on the Hugging Face hub and this account may not read it"
+    assert "hf auth login" in e.value.hint

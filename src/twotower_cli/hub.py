@@ -203,12 +203,9 @@ def _snapshot(repo: str, offline: str | None, as_path: bool = False,
                                 hint) from None
         raise TwoTowerError(f"cannot download {repo}: the hub is not reachable{local}",
                             "check the network, or set HF_HOME to a cache that already holds it") from None
-    except RepositoryNotFoundError:
-        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
-                            "check the spelling; gated models need `hf auth login`") from None
-    except RevisionNotFoundError:
-        raise TwoTowerError(f"{repo_id} has no revision {revision!r} on the Hugging Face hub",
-                            "name a branch, tag or commit of it after the @ (its page lists them)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise repo_error(e, repo_id, revision, local) or TwoTowerError(
+            f"cannot download {repo}: {e}", "check the network and your HF token") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot download {repo}: {e}", "check the network and your HF token") from None
     folder = Path(folder)
@@ -218,6 +215,23 @@ def _snapshot(repo: str, offline: str | None, as_path: bool = False,
                 if offline == "command" else "unset HF_HUB_OFFLINE to download them")
         raise TwoTowerError(f"{repo} is in the Hugging Face cache at {cache} without its weights", hint)
     return folder
+
+
+def repo_error(e: Exception, repo_id: str, revision: str | None = None, local: str = "") -> TwoTowerError | None:
+    """The error line for huggingface_hub's answer that a repository, or the revision asked for, is not there
+    or may not be read (`local`: what the not-found line adds); None for any other error."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(e, GatedRepoError):
+        return TwoTowerError(f"{repo_id} is gated on the Hugging Face hub and this account may not read it",
+                             "accept its terms on the model page, then `hf auth login`")
+    if isinstance(e, RepositoryNotFoundError):
+        return TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
+                             "check the spelling; private and gated models need `hf auth login`")
+    if isinstance(e, RevisionNotFoundError) and revision is not None:
+        return TwoTowerError(f"{repo_id} has no revision {revision!r} on the Hugging Face hub",
+                             "name a branch, tag or commit of it after the @ (its page lists them)")
+    return None
 
 
 def aliases_help() -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from twotower_cli.checkpoint import INDEX_NAME, MAX_HEADER_BYTES
 from twotower_cli.errors import TwoTowerError
-from twotower_cli.hub import AUX_FILE_PATTERNS, hub_endpoint, split_revision
+from twotower_cli.hub import AUX_FILE_PATTERNS, hub_endpoint, repo_error, split_revision
 
 # The tokenizer itself (MBs): inspect asks only whether it is there, split's plan lists it among the files it copies.
 PRESENT_ONLY = ("tokenizer.json", "tokenizer.model")
@@ -171,7 +171,6 @@ def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "", aske
     """`call()`, with huggingface_hub's errors (and the network's) said as TwoTowerErrors (`local`: what the
     not-found error adds; `asked`: the revision the user named, for the model info call)."""
     from huggingface_hub.errors import (
-        GatedRepoError,
         HfHubHTTPError,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -182,19 +181,10 @@ def _ask(repo_id: str, call: Any, name: str | None = None, local: str = "", aske
     what = f"{name} in {repo_id}" if name else repo_id
     try:
         return call()
-    except GatedRepoError:
-        raise TwoTowerError(f"{repo_id} is gated on the Hugging Face hub and this account may not read it",
-                            "accept its terms on the model page, then `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise TwoTowerError(f"{repo_id} was not found on the Hugging Face hub{local}",
-                            "check the spelling; private and gated models need `hf auth login`") from None
-    except RevisionNotFoundError:
-        if asked is not None:
-            raise TwoTowerError(f"{repo_id} has no revision {asked!r} on the Hugging Face hub",
-                                "name a branch, tag or commit of it after the @ (its page lists them)") from None
-        raise TwoTowerError(f"{what} changed on the hub while it was read", "run the command again") from None
-    except RemoteEntryNotFoundError:
-        raise TwoTowerError(f"{what} changed on the hub while it was read", "run the command again") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as e:
+        # a revision or file the listing named, gone by the time it is read: a push in between
+        raise repo_error(e, repo_id, asked, local) or TwoTowerError(
+            f"{what} changed on the hub while it was read", "run the command again") from None
     except HfHubHTTPError as e:
         raise TwoTowerError(f"cannot read {what} from the Hugging Face hub: {str(e).splitlines()[0]}",
                             "check the network and your HF token") from None
