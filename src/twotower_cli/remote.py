@@ -1,8 +1,9 @@
-"""The headers of a hub repository, read over the network: `twotower inspect` on a model not in the cache.
+"""The headers of a hub repository, read over the network, for what can be done before (or instead of) its
+download: `twotower inspect` on a model not in the cache, split's plan, the load's checks (`runtime.fetch_model`).
 
-`fetch_headers(repo_id, into)` fills the folder `into` with what `inspect_checkpoint` reads, all at one
-revision (the commit the hub names when asked for the file list, so that a push in between cannot mix two
-versions): config.json, the safetensors index and the small text files beside them whole, and of each
+`fetch_headers(repo, into)` fills the folder `into` with what `inspect_checkpoint` reads, all at one
+revision (the commit the hub names when asked for the file list — of `main`, or of the `@revision` after the
+name — so that a push in between cannot mix two versions): config.json, the safetensors index and the small text files beside them whole, and of each
 safetensors shard only its header — one range request for its first 100 kB, a second one when the header is
 longer. A 60 GB repository costs a few MB. The shards' true sizes come back in `Remote.file_sizes`, which
 `inspect_checkpoint(into, file_sizes=...)` checks the headers against (a shard cut short on the hub reads as
