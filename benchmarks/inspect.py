@@ -1,7 +1,9 @@
 """Time `twotower inspect` on the 30B-shaped sparse checkpoint (benchmarks/sparse_nano.py).
 
-Prints the library call (`inspect_checkpoint`, what the 1-second goal is about) and the whole CLI
-process (interpreter start and every command module's imports included), median of --repeats runs.
+Prints the library call (`inspect_checkpoint`, what the 1-second goal is about), the whole CLI
+process (interpreter start and every command module's imports included), and `inspect_remote` of the same
+checkpoint served over HTTP on this machine (requests and bytes it reads: what inspecting an uncached hub
+model costs, less the network's latency), median of --repeats runs.
 
     python benchmarks/inspect.py [--dir /tmp/twotower-nano-sparse] [--repeats 5]
 """
@@ -69,6 +71,26 @@ def main() -> None:
           "goal < 1000 ms")
     print(f"twotower inspect    median {statistics.median(cli) * 1000:7.1f} ms  (min {min(cli) * 1000:.1f} ms)  "
           "whole process")
+
+    # The same checkpoint as a hub repository behind a local HTTP server (the tests' stand-in for the hub, which
+    # speaks the two routes huggingface_hub calls): what `inspect` of an uncached hub model reads and costs.
+    from twotower_cli.inspect import inspect_remote
+
+    spec = importlib.util.spec_from_file_location("fake_hub", Path(__file__).parents[1] / "tests" / "fake_hub.py")
+    fake_hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake_hub)
+    hub = fake_hub.FakeHub()
+    hub.repos["org/nano"] = folder
+    remote_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        remote = inspect_remote("org/nano", endpoint=hub.endpoint)
+        remote_times.append(time.perf_counter() - t0)
+    hub.server.shutdown()
+    assert remote.problems == [] and remote.parameters == report.parameters
+    print(f"inspect_remote      median {statistics.median(remote_times) * 1000:7.1f} ms  (min "
+          f"{min(remote_times) * 1000:.1f} ms)  {remote.remote['requests']} requests, "
+          f"{remote.remote['bytes_read'] / 1e6:.2f} MB read of {report.bytes / 1e9:.2f} GB (local server)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ Fixtures (each returns a factory so a test can build several):
         read by transformers' NemotronHForCausalLM and written by its save_pretrained (needs the dev extra);
         std 0.1 gives logits of order 1, so a 1e-4 parity bound means something
 
+    fake_hub -> FakeHub   a local stand-in for the Hugging Face hub (tests/fake_hub.py), serving folders
+    online -> FakeHub     that, with an empty HF_HOME, downloads allowed and HF_ENDPOINT at it
+    downloads -> list     snapshot_download recorded: nothing cached, a download answered with the served folder
+
 The plain functions (build_tiny_config, ...) are importable too: `from conftest import build_tiny_config`.
 """
 
@@ -23,7 +27,7 @@ import pytest
 import torch
 
 import triton_interpret
-from fake_hub import downloads, fake_hub, online  # noqa: F401 — fixtures: a local stand-in for the hub
+from fake_hub import FakeHub
 from twotower_cli.checkpoint import write_checkpoint
 from twotower_cli.config import NemotronHConfig
 from twotower_cli.model import NemotronHForCausalLM, init_nemotron_h
@@ -110,3 +114,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------- a local hub
+
+@pytest.fixture
+def fake_hub():
+    hub = FakeHub()
+    yield hub
+    hub.server.shutdown()
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch, fake_hub):
+    """An empty cache, downloads allowed, the hub at the fake's address."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
+    return fake_hub
+
+
+@pytest.fixture
+def downloads(online, monkeypatch):
+    """snapshot_download as the hub would answer it: nothing cached; a download is recorded and answered with
+    the folder the fake hub serves."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    made = []
+
+    def snapshot_download(repo_id, **kw):
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        made.append(repo_id)
+        return str(online.repos[repo_id])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return made

@@ -1,6 +1,7 @@
 """A local stand-in for the Hugging Face hub: the two routes huggingface_hub calls for a repository's file list
 (`/api/models/<id>?blobs=true`) and its files (`/<id>/resolve/<revision>/<file>`, with byte ranges), serving
-checkpoint folders from disk; and the fixtures that point the environment at it (conftest.py imports them)."""
+checkpoint folders from disk (conftest.py has the fixtures that point the environment at it;
+benchmarks/inspect.py serves the 30B-shaped checkpoint with it)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
-
-import pytest
 
 from twotower_cli.remote import FIRST_READ
 
@@ -104,39 +103,3 @@ class FakeHub:
                 if last >= max(header_end, FIRST_READ):
                     out.append((file, first, last))
         return out
-
-
-@pytest.fixture
-def fake_hub():
-    hub = FakeHub()
-    yield hub
-    hub.server.shutdown()
-
-
-@pytest.fixture
-def online(tmp_path, monkeypatch, fake_hub):
-    """An empty cache, downloads allowed, the hub at the fake's address."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
-    return fake_hub
-
-
-@pytest.fixture
-def downloads(online, monkeypatch):
-    """snapshot_download as the hub would answer it: nothing cached; a download is recorded and answered with
-    the folder the fake hub serves."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    made = []
-
-    def snapshot_download(repo_id, **kw):
-        if kw.get("local_files_only"):
-            raise LocalEntryNotFoundError("not cached")
-        made.append(repo_id)
-        return str(online.repos[repo_id])
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
-    return made
