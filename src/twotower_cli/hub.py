@@ -150,11 +150,14 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
     return _snapshot(repo_id, offline, as_path=repo_id == text, patterns=DOWNLOAD_PATTERNS if weights else TEXT_PATTERNS)
 
 
+def is_local(name_or_path: str) -> bool:
+    """Whether `resolve` reads the name as a local path or an embedded model (before any hub name)."""
+    return Path(name_or_path).expanduser().exists() or name_or_path.lower() in EMBEDDED
+
+
 def hub_model(name_or_path: str) -> str | None:
     """The hub repo id a name means as `resolve` reads it (not a local path, not an embedded model), or None."""
-    if Path(name_or_path).expanduser().exists() or name_or_path.lower() in EMBEDDED:
-        return None
-    return repo_id_for(name_or_path)
+    return None if is_local(name_or_path) else repo_id_for(name_or_path)
 
 
 def local_or_hub(name_or_path: str, base: bool = False) -> tuple[Path | None, str | None]:

@@ -270,7 +270,7 @@ def inspect_remote(repo_id: str, endpoint: str | None = None, as_path: bool = Fa
 
     with header_folder(repo_id, endpoint=endpoint, as_path=as_path) as (folder, got):
         report = inspect_checkpoint(folder, file_sizes=got.file_sizes)
-    # Messages name files by their path: the repository's, not the temporary folder's.
+    # Its lines name files by their path: the repository's, not the temporary folder's.
     report.problems = [p.replace(str(folder), got.repo_id) for p in report.problems]
     report.notes = [n.replace(str(folder), got.repo_id) for n in report.notes]
     report.path = f"{got.repo_id}@{got.revision[:12]}"

@@ -39,6 +39,7 @@ WHOLE_FILES = ("config.json", INDEX_NAME, "training.json", *(p for p in AUX_FILE
 WHOLE_LIMIT = 64 * 1024 * 1024
 FIRST_READ = 100_000  # most safetensors headers fit (huggingface_hub reads the same first)
 TIMEOUT_S = 30.0
+NOT_DOWNLOADED = " (checked from its headers: nothing was downloaded)"  # what a check before a download adds
 PARALLEL = 8
 
 
@@ -95,21 +96,16 @@ def fetch_headers(repo: str, into: Path, endpoint: str | None = None, as_path: b
 
 
 @contextmanager
-def header_folder(repo_id: str, endpoint: str | None = None, as_path: bool = False) -> Iterator[tuple[Path, Remote]]:
-    """`fetch_headers` into a temporary folder, removed on leaving the block."""
+def header_folder(repo: str, endpoint: str | None = None, as_path: bool = False,
+                  note: str = "") -> Iterator[tuple[Path, Remote]]:
+    """`fetch_headers` into a temporary folder, removed on leaving the block. A TwoTowerError raised in the
+    block names `repo` where it named that folder, and gets `note` after its message."""
     with tempfile.TemporaryDirectory(prefix="twotower-headers-") as tmp:
-        yield Path(tmp), fetch_headers(repo_id, Path(tmp), endpoint=endpoint, as_path=as_path)
-
-
-@contextmanager
-def named_as(folder: Path, repo_id: str, note: str = "") -> Iterator[None]:
-    """A TwoTowerError raised inside, with `repo_id` where it named the temporary `folder` of the headers, and
-    `note` after its message."""
-    try:
-        yield
-    except TwoTowerError as e:
-        here = str(folder)
-        raise TwoTowerError(e.message.replace(here, repo_id) + note, e.hint and e.hint.replace(here, repo_id)) from None
+        got = fetch_headers(repo, Path(tmp), endpoint=endpoint, as_path=as_path)
+        try:
+            yield Path(tmp), got
+        except TwoTowerError as e:
+            raise TwoTowerError(e.message.replace(tmp, repo) + note, e.hint and e.hint.replace(tmp, repo)) from None
 
 
 class _Reader:

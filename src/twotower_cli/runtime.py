@@ -261,11 +261,10 @@ def fetch_model(model: str | None, need_denoiser: bool | None, device: str | Non
     name = model or DEFAULT_MODEL
     repo_id = local_or_hub(name)[1]
     if repo_id is not None:
-        from twotower_cli.remote import header_folder, named_as
+        from twotower_cli.remote import NOT_DOWNLOADED, header_folder
 
         dev, ctx, den = placement(device, context_device, denoiser_device)
-        with (header_folder(repo_id, as_path=repo_id == name) as (folder, got),
-              named_as(folder, repo_id, " (checked from its headers: nothing was downloaded)")):
+        with header_folder(repo_id, as_path=repo_id == name, note=NOT_DOWNLOADED) as (folder, got):
             check_loadable(folder, need_denoiser=need_denoiser, dtype=pick_dtype(dtype, ctx), device=dev,
                            context_device=ctx, denoiser_device=den, file_sizes=got.file_sizes)
     return checkpoint_folder(resolve(name))

@@ -730,10 +730,9 @@ def open_twotower(path: str | Path) -> tuple[Path, Checkpoint, NemotronHConfig]:
     from twotower_cli.hub import local_or_hub, resolve
 
     if (repo_id := local_or_hub(str(path))[1]) is not None:
-        from twotower_cli.remote import header_folder, named_as
+        from twotower_cli.remote import NOT_DOWNLOADED, header_folder
 
-        with (header_folder(repo_id, as_path=repo_id == str(path)) as (folder, got),
-              named_as(folder, repo_id, " (checked from its headers: nothing was downloaded)")):
+        with header_folder(repo_id, as_path=repo_id == str(path), note=NOT_DOWNLOADED) as (folder, got):
             _twotower_at(folder, got.file_sizes)
     folder = resolve(path)
     if folder.is_file():

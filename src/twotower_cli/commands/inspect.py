@@ -25,19 +25,16 @@ def inspect(
     Reads safetensors headers, the index and config.json only. A hub id or alias that is not in the cache is
     read from the hub: its headers and text files, a few MB; nothing is downloaded into the cache.
     """
-    from pathlib import Path
-
     from twotower_cli.display import err_console, out_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import EMBEDDED, hub_model, hub_offline, local_or_hub
+    from twotower_cli.hub import hub_model, hub_offline, is_local, local_or_hub
     from twotower_cli.inspect import inspect_checkpoint, inspect_remote, render
 
     if remote:
         path, repo_id = None, hub_model(checkpoint)
         if repo_id is None:
-            local = Path(checkpoint).expanduser().exists() or checkpoint.lower() in EMBEDDED
             raise TwoTowerError(f"--remote reads a model on the Hugging Face hub, and {checkpoint} is "
-                                + ("a local checkpoint" if local else "not a hub id or alias"),
+                                + ("a local checkpoint" if is_local(checkpoint) else "not a hub id or alias"),
                                 "drop --remote to inspect a local checkpoint, or name a hub id like nvidia/Name")
         if hub_offline():
             raise TwoTowerError("--remote reads from the Hugging Face hub, and HF_HUB_OFFLINE is set",

@@ -51,9 +51,9 @@ def split(
     if (repo_id := local_or_hub(source, base=True)[1]) is not None:
         # A hub model not in the cache: plan from its headers first, so that a source split cannot take (a
         # TwoTower, a quantized or unsound checkpoint) and the disk it needs are said before a 63 GB download.
-        from twotower_cli.remote import header_folder, named_as
+        from twotower_cli.remote import header_folder
 
-        with header_folder(repo_id, as_path=repo_id == source) as (folder, got), named_as(folder, repo_id):
+        with header_folder(repo_id, as_path=repo_id == source) as (folder, got):
             plan = plan_for(folder, got.file_sizes)
         download = sum(got.file_sizes.values())
         needs.append((download, hub_cache_dir(), f"downloads {_gb(download)} into {hub_cache_dir()}"))
