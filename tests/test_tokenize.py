@@ -411,3 +411,10 @@ def test_the_checkpoint_may_be_named_with_m_as_elsewhere(tmp_path):
     neither = CliRunner().invoke(get_app(), ["tokenize", "--data", files[0], "-o", str(tmp_path / "x.npy")])
     assert neither.exit_code == 1 and neither.stderr.startswith("Error: no checkpoint given")
     assert "-m CKPT" in neither.stderr and neither.stderr.count("\n") == 1
+    # A data file where the checkpoint goes (the natural first guess): named as such, before any other check.
+    for cmd in ("tokenize", "train"):
+        data_first = CliRunner().invoke(get_app(), [cmd, files[0], "-o", str(tmp_path / "y.npy")])
+        assert data_first.exit_code == 1, data_first.output
+        assert data_first.stderr.startswith(f"Error: {files[0]} is a data file, not a checkpoint"), data_first.stderr
+        assert f"--data {files[0]}" in data_first.stderr and data_first.stderr.count("\n") == 1
+    assert not (tmp_path / "y.npy").exists()

@@ -57,6 +57,11 @@ def checkpoint_first(checkpoint: str | None, model: str | None, more_data: list[
     if checkpoint is None:
         raise TwoTowerError("no checkpoint given",
                             f"pass it first, as in `twotower {command} CKPT --data FILE -o OUT`, or with -m CKPT")
+    first = Path(checkpoint).expanduser()
+    if first.is_file() and first.suffix.lower() != ".safetensors":  # `tokenize corpus.txt -o x.npy`
+        raise TwoTowerError(f"{checkpoint} is a data file, not a checkpoint",
+                            f"name the checkpoint first, as in `twotower {command} CKPT --data {checkpoint} -o OUT`, "
+                            "or with -m CKPT (e.g. -m tiny)")
     return checkpoint, more
 
 
