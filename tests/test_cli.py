@@ -18,7 +18,7 @@ runner = CliRunner()
     (["generate", "--bogus", "x"], "twotower generate", "No such option: --bogus"),
     (["generate", "-n", "abc", "x"], "twotower generate", "'--max-new-tokens'"),
     (["generate", "--mode"], "twotower generate", "'--mode' requires an argument"),
-    (["split", "tiny-base", "out"], "twotower split", "unexpected extra argument"),
+    (["split", "tiny-base", "out", "more"], "twotower split", "unexpected extra argument"),
     (["inspect"], "twotower inspect", "Missing argument"),
     (["train", "--steps", "1.5"], "twotower train", "'--steps'"),
     (["serve", "--port", "http"], "twotower serve", "'--port'"),

@@ -1020,6 +1020,18 @@ def test_default_output_and_dry_run(tmp_path, monkeypatch):
     assert inspect_checkpoint(tmp_path / "my-model-twotower").problems == []
 
 
+def test_the_output_may_follow_the_source_as_in_cp(tmp_path):
+    """`split SRC OUT` writes what `split SRC -o OUT` writes; both given is one error line and writes nothing."""
+    src = random_checkpoint(tmp_path / "src")
+    assert invoke(str(src), str(tmp_path / "pos")).exit_code == 0
+    assert invoke(str(src), "-o", str(tmp_path / "opt")).exit_code == 0
+    assert digest(tmp_path / "pos") == digest(tmp_path / "opt")
+    both = invoke(str(src), str(tmp_path / "a"), "-o", str(tmp_path / "b"))
+    assert both.exit_code == 1 and both.stderr.count("\n") == 1, both.output
+    assert both.stderr.startswith(f"Error: two output folders given: {tmp_path / 'a'} and -o {tmp_path / 'b'}")
+    assert leftovers(tmp_path, "a") == [] and leftovers(tmp_path, "b") == []
+
+
 @pytest.mark.parametrize("args", [[], ["--max-shard-size", "20KB"], ["--dtype", "fp32", "--max-shard-size", "30KB"],
                                   ["--dtype", "bf16", "--max-shard-size", "7KB"]])
 def test_dry_run_shows_the_files_the_real_run_writes(tmp_path, args):

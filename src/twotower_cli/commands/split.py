@@ -18,6 +18,8 @@ _EPILOG = "SOURCE names:\n\n\b\n" + aliases_help()
 @guarded
 def split(
     source: Annotated[str, typer.Argument(help="NemotronH checkpoint: folder, .safetensors file, hub repo id or alias.")],
+    out_arg: Annotated[Path | None, typer.Argument(metavar="out", show_default=False,
+                                                   help="Output folder, as -o gives it.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "--out", "-o", help="Output folder (default ./<name>-twotower).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
@@ -38,6 +40,9 @@ def split(
     from twotower_cli.split import SplitPlan, check_output, execute, load_source, plan_split
 
     console = err_console()
+    if out_arg is not None and output is not None:
+        raise TwoTowerError(f"two output folders given: {out_arg} and -o {output}", "give one of them")
+    output = output if out_arg is None else out_arg
     name = display_name(source)
     out = output.expanduser() if output else Path(f"{name}-twotower")  # `-o=~/x`: no shell expands that ~
 
