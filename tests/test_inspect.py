@@ -519,3 +519,92 @@ def test_sparse_nano_help_prints_usage_and_builds_nothing(tmp_path):
                        timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout.lower()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- --values
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2, torch.float8_e4m3fn]
+
+
+def plant(t: torch.Tensor, g: torch.Generator, nan: int, inf: int) -> torch.Tensor:
+    """`t` with `nan` NaNs and `inf` ±Infs at random places, plus values that must not count: the largest
+    finite value, -0.0 and a subnormal."""
+    dtype = t.dtype
+    flat = t.double().flatten().clone()
+    where = torch.randperm(flat.numel(), generator=g)
+    flat[where[:nan]] = float("nan")
+    flat[where[nan:nan + inf]] = torch.tensor([float("inf"), float("-inf")], dtype=torch.float64).repeat(inf)[:inf]
+    extremes = [torch.finfo(dtype).max, -0.0, torch.finfo(dtype).smallest_normal / 2]
+    flat[where[nan + inf:nan + inf + 3]] = torch.tensor(extremes, dtype=torch.float64)
+    return flat.to(dtype).view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_values_count_nan_and_inf_as_torch_does(tmp_path, monkeypatch, dtype):
+    """Every floating-point dtype safetensors stores: the counts per tensor equal torch.isnan / isinf on the
+    tensors written, across shards and across read chunks (16 bytes here); clean tensors are not listed."""
+    import twotower_cli.inspect as I
+
+    monkeypatch.setattr(I, "_SCAN_CHUNK", 16)
+    g = torch.Generator().manual_seed(1)
+    t = {k: v.to(dtype) for k, v in random_tensors(small_config()).items()}
+    names = sorted(t)
+    planted = {names[3]: (5, 0), names[17]: (0, 3), names[40]: (2, 7)}
+    if dtype == torch.float8_e4m3fn:  # no Inf in e4m3fn (torch saturates ±Inf to ±448): NaNs instead
+        planted = {name: (nan + inf, 0) for name, (nan, inf) in planted.items()}
+    for name, (nan, inf) in planted.items():
+        t[name] = plant(t[name], g, nan, inf)
+    folder = random_checkpoint(tmp_path / "c", max_shard_size="3KB", extra=t)
+    want = {}
+    for name, v in t.items():
+        nan, inf = int(torch.isnan(v.double()).sum()), int(torch.isinf(v.double()).sum())
+        if nan or inf:
+            want[name] = {"nan": nan, "inf": inf}
+    assert want == {name: {"nan": nan, "inf": inf} for name, (nan, inf) in planted.items()}
+    r = inspect_checkpoint(folder, values=True)
+    assert r.values["nonfinite"] == want
+    assert r.values["tensors"] == len(t) and r.values["bytes"] == sum(v.nbytes for v in t.values())
+    assert r.values["not_float"] == [] and r.values["unread"] == []
+    assert r.problems == [f"{n} holds {c['nan']:,} NaN and {c['inf']:,} Inf values (of {t[n].numel():,})"
+                          for n, c in sorted(want.items())]
+
+
+def test_values_on_the_command_line(tmp_path):
+    """Without --values nothing is read and the JSON says null; with it, a clean checkpoint is sound and says
+    so, and one NaN makes it unsound (exit 1) with its tensor named."""
+    clean = random_checkpoint(tmp_path / "clean", max_shard_size="3KB")
+    plain = invoke(str(clean), "--json")
+    assert plain.exit_code == 0 and json.loads(plain.stdout)["values"] is None
+    result = invoke(str(clean), "--values")
+    assert result.exit_code == 0 and "values: 55 tensors" in result.stderr and "all finite" in result.stderr
+    t = random_tensors(small_config())
+    name = "backbone.layers.1.mixer.o_proj.weight"
+    t[name][3, 4] = float("nan")
+    bad = random_checkpoint(tmp_path / "bad", extra={name: t[name]})
+    assert invoke(str(bad)).exit_code == 0  # the headers are sound
+    result = invoke(str(bad), "--values", "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1 and not data["sound"]
+    assert data["values"]["nonfinite"] == {name: {"nan": 1, "inf": 0}}
+    assert data["problems"] == [f"{name} holds 1 NaN and 0 Inf values (of {t[name].numel():,})"]
+    human = invoke(str(bad), "--values")
+    assert human.exit_code == 1 and "1 tensor holding NaN or Inf" in human.stderr and f"✗ {name} holds" in human.stderr
+
+
+def test_values_skip_integer_tensors_and_what_a_truncated_file_lacks(tmp_path):
+    """Integer tensors are listed as not checked; the tensors a truncated shard cuts short are listed as not
+    read (the truncation is a problem already), the others are checked."""
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.inspect import scan_values
+
+    folder = random_checkpoint(tmp_path / "c", extra={"backbone.step": torch.arange(4)})
+    f = folder / "model.safetensors"
+    start, spans = data_spans(f)
+    size = int(f.stat().st_size * 0.7)
+    with open(f, "r+b") as fh:
+        fh.truncate(size)
+    cut = {name for _b, e, name in spans if e > size - start}
+    got = scan_values(open_checkpoint(folder, strict=False))
+    assert got["not_float"] == ["backbone.step"]
+    assert set(got["unread"]) == cut - {"backbone.step"} and cut
+    assert got["tensors"] == len(spans) - 1 - len(got["unread"]) and got["nonfinite"] == {}

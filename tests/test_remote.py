@@ -323,3 +323,16 @@ def test_inspect_a_revision_of_a_hub_model(tmp_path, online):
     assert json.loads(invoke("org/model", "--json").stdout)["pattern"] == "M*E-ME"
     r = invoke("org/model@nope")
     assert r.exit_code == 1 and "org/model has no revision 'nope' on the Hugging Face hub" in r.stderr
+
+
+def test_values_need_the_weights_on_this_machine(tmp_path, online):
+    """`inspect --values` of a hub model not in the cache (or with --remote) is one error line naming the
+    download, with the revision asked for; nothing is read from the hub."""
+    online.repos["org/model"] = random_checkpoint(tmp_path / "c")
+    for args, where in ((["org/model@v1"], "not in the Hugging Face cache"), (["org/model", "--remote"], "--remote")):
+        result = invoke(*args, "--values")
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith(f"Error: --values reads every byte of the weights, and {args[0]} is ")
+        assert where in result.stderr
+    assert "`hf download org/model --revision v1`" in invoke("org/model@v1", "--values").stderr
+    assert online.api_calls == [] and online.reads == []

@@ -8,6 +8,9 @@ conditioning (as a fresh split leaves it: t_block.1 all zero, every table rows (
 one; above the limit, or when those tensors are absent or unreadable, the state is "unknown". Those bytes
 are read with plain `pread`, never `safe_open`.
 
+`inspect_checkpoint(path, values=True)` (`inspect --values`) also reads every tensor's bytes, in bounded
+memory, and counts the NaN and Inf values of each floating-point tensor (`scan_values`): any is a problem.
+
 `inspect_remote(repo_id)` does the same for a repository on the Hugging Face hub that is not in the cache,
 from its headers read over the network (`twotower_cli.remote`); there the time conditioning is "unknown".
 
@@ -29,6 +32,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +86,7 @@ class Report:
     tensor_list: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] | None = None  # training.json of a `twotower train` output
     remote: dict[str, Any] | None = None  # read from the hub: repo_id, revision, requests, bytes_read
+    values: dict[str, Any] | None = None  # `scan_values`' result, when asked for
 
     def to_json(self, with_tensors: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -93,7 +98,7 @@ class Report:
             "bytes": self.bytes, "bytes_per_part": self.bytes_per_part, "dtypes": self.dtypes,
             "shards": self.shards, "problems": self.problems, "notes": self.notes,
             "unrecognised_keys": self.unrecognised, "twotower": self.twotower, "text": self.text,
-            "training": self.training, "remote": self.remote,
+            "training": self.training, "remote": self.remote, "values": self.values,
         }
         if with_tensors:
             out["tensor_list"] = self.tensor_list
@@ -118,9 +123,11 @@ def _prefixes(names: list[str], limit: int = 8) -> list[str]:
     return lines
 
 
-def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = None) -> Report:
+def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = None, values: bool = False,
+                       on_bytes: Callable[[int], None] | None = None) -> Report:
     """Summarise and check the checkpoint at `path` (a folder or a .safetensors file). `file_sizes`: the true
-    size of each shard where the folder holds only their headers (`inspect_remote`)."""
+    size of each shard where the folder holds only their headers (`inspect_remote`). `values`: also read
+    every tensor and count its NaN and Inf values (`scan_values`, `on_bytes` its progress)."""
     ckpt = open_checkpoint(path, strict=False, file_sizes=file_sizes)
     problems = index_problems(ckpt)
     notes: list[str] = []
@@ -240,6 +247,10 @@ def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = Non
             except (OSError, KeyError):
                 pass
         shards.append({"file": file, "tensors": len(shard.tensors) if shard else 0, "bytes": size, "status": status})
+    scanned = None
+    if values:
+        scanned = scan_values(ckpt, on_bytes)
+        problems += nonfinite_problems(scanned, ckpt)
     raw = ckpt.config_raw if isinstance(ckpt.config_raw, dict) else {}
     arch = raw.get("architectures") or []
     arch = ", ".join(map(str, arch if isinstance(arch, list) else [arch])) or "?"
@@ -256,7 +267,7 @@ def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = Non
         tensors=len(ckpt.tensors), bytes=ckpt.total_bytes, bytes_per_part=bytes_per_part,
         dtypes=dict(sorted(Counter(t.dtype for t in ckpt.tensors.values()).items())),
         shards=shards, problems=problems, notes=notes, unrecognised=unrecognised, twotower=twotower, text=text,
-        training=training,
+        training=training, values=scanned,
         tensor_list=[{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "file": t.file}
                      for t in sorted(ckpt.tensors.values(), key=lambda t: (t.file, t.data_offsets[0]))],
     )
@@ -398,6 +409,90 @@ def _chunk_sizes(total: int, chunk: int = 8 * 1024 * 1024) -> list[int]:
     return [min(chunk, total - o) for o in range(0, total, chunk)]
 
 
+# A floating-point value is NaN or Inf when every bit of its exponent is set; Inf when its mantissa is 0 as
+# well. Per safetensors dtype: (little-endian unsigned view, exponent bits, mantissa bits). F8_E4M3 (the
+# "fn" variant) has no Inf, and its only NaN is S.1111.111: its "exponent" here is those seven bits.
+_FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("<u4", 0x7F800000, 0x007FFFFF),
+               "F16": ("<u2", 0x7C00, 0x03FF), "BF16": ("<u2", 0x7F80, 0x007F), "F8_E5M2": ("u1", 0x7C, 0x03),
+               "F8_E4M3": ("u1", 0x7F, None)}
+_SCAN_CHUNK = 16 * 1024 * 1024
+
+
+def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Read every floating-point tensor of `ckpt` (plain `pread`s of 16 MB, file order) and count its NaN and
+    Inf values from the bits alone (no torch, nothing converted). Returns {"tensors": checked, "bytes": read,
+    "not_float": names of the other tensors, "unread": names whose bytes the file does not hold (truncated
+    or missing: a problem already), "nonfinite": {name: {"nan": n, "inf": n}} for the tensors with any}.
+    `on_bytes(n)` is called as bytes are read."""
+    result: dict[str, Any] = {"tensors": 0, "bytes": 0, "not_float": [], "unread": [], "nonfinite": {}}
+    by_file: dict[str, list[TensorInfo]] = {}
+    for t in ckpt.tensors.values():
+        if t.dtype not in _FLOAT_BITS:
+            result["not_float"].append(t.name)
+        else:
+            by_file.setdefault(t.file, []).append(t)
+    for file, infos in by_file.items():
+        infos.sort(key=lambda t: t.data_offsets[0])
+        done = 0
+        try:
+            fd = os.open(ckpt.path(file), os.O_RDONLY)
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                for t in infos:
+                    nan, inf, read = _scan_tensor(fd, t, on_bytes)
+                    result["bytes"] += read
+                    if nan or inf:
+                        result["nonfinite"][t.name] = {"nan": nan, "inf": inf}
+                    if read < t.nbytes:  # the file ends inside this tensor (or before it)
+                        result["unread"].append(t.name)
+                    else:
+                        result["tensors"] += 1
+                    done += 1
+            finally:
+                os.close(fd)
+        except OSError:  # the file cannot be opened, or a read fails: what is left of it is not read
+            result["unread"] += [t.name for t in infos[done:]]
+    return result
+
+
+def _scan_tensor(fd: int, t: TensorInfo, on_bytes: Callable[[int], None] | None) -> tuple[int, int, int]:
+    """NaN count, Inf count and bytes read of one tensor (fewer than its size where the file ends first)."""
+    import numpy as np
+
+    view, exponent, mantissa = _FLOAT_BITS[t.dtype]
+    width = DTYPE_BYTES[t.dtype]
+    step = _SCAN_CHUNK - _SCAN_CHUNK % width
+    nan = inf = read = 0
+    start, end = t.file_range
+    for offset in range(start, end, step):
+        want = min(step, end - offset)
+        data = os.pread(fd, want, offset)
+        read += len(data)
+        if on_bytes is not None:
+            on_bytes(len(data))
+        bits = np.frombuffer(data, dtype=view, count=len(data) // width)
+        special = (bits & exponent) == exponent
+        if special.any():
+            hits = bits[special]
+            n_inf = 0 if mantissa is None else int(np.count_nonzero((hits & mantissa) == 0))
+            inf += n_inf
+            nan += len(hits) - n_inf
+        if len(data) < want:
+            break
+    return nan, inf, read
+
+
+def nonfinite_problems(scanned: dict[str, Any], ckpt: Checkpoint, limit: int = 10) -> list[str]:
+    """One problem line per tensor holding NaN or Inf (at most `limit`, then a count)."""
+    bad = sorted(scanned["nonfinite"].items())
+    lines = [f"{name} holds {c['nan']:,} NaN and {c['inf']:,} Inf values (of {ckpt.tensors[name].numel:,})"
+             for name, c in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"... and {len(bad) - limit} more tensors holding NaN or Inf values")
+    return lines
+
+
 # ============================================================================================ rendering
 
 KIND_STYLE = {"M": ("green", "Mamba-2"), "*": ("magenta", "attention"), "E": ("blue", "MoE"), "-": ("yellow", "MLP")}
@@ -516,6 +611,15 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
         for t in report.tensor_list:
             console.print(f"  {t['name']:<{width}}  {t['dtype']:<5} {str(t['shape']):<16} {t['file']}",
                           soft_wrap=True, markup=False)
+    if report.values is not None:
+        v = report.values
+        bad = len(v["nonfinite"])
+        verdict = (f"[red]{count(bad, 'tensor')} holding NaN or Inf[/]" if bad else
+                   "all finite" + (f", [red]{count(len(v['unread']), 'tensor')} not read (the file ends first)[/]"
+                                   if v["unread"] else ""))
+        skipped = f" ({count(len(v['not_float']), 'integer tensor')} not checked)" if v["not_float"] else ""
+        console.print(f"[bold]values[/]: {v['tensors']:,} tensors, {_bytes(v['bytes'])} read{skipped}: {verdict}",
+                      highlight=False)
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     if report.problems:

@@ -19,15 +19,18 @@ def inspect(
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
     remote: Annotated[bool, typer.Option("--remote", help="Read a hub model's headers from the hub even when "
                                                           "it is in the cache.")] = False,
+    values: Annotated[bool, typer.Option("--values", help="Also read every tensor and count its NaN and Inf values "
+                                                          "(reads all the weights; a local checkpoint).")] = False,
 ) -> None:
     """Summarise a NemotronH or TwoTower checkpoint and check its integrity (exit 1 on any problem).
 
-    Reads safetensors headers, the index and config.json only. A hub id or alias that is not in the cache is
-    read from the hub: its headers and text files, a few MB; nothing is downloaded into the cache.
+    Reads safetensors headers, the index and config.json only (--values: every tensor too). A hub id or alias
+    that is not in the cache is read from the hub: its headers and text files, a few MB; nothing is
+    downloaded into the cache.
     """
     from twotower_cli.display import err_console, out_console
     from twotower_cli.errors import TwoTowerError
-    from twotower_cli.hub import hub_model, hub_offline, is_local, local_or_hub
+    from twotower_cli.hub import hub_model, hub_offline, is_local, local_or_hub, split_revision
     from twotower_cli.inspect import inspect_checkpoint, inspect_remote, render
 
     if remote:
@@ -41,7 +44,15 @@ def inspect(
                                 "unset HF_HUB_OFFLINE, or drop --remote to inspect the cached copy")
     else:
         path, repo_id = local_or_hub(checkpoint)
-    if path is not None:
+    if values and path is None:
+        repo, revision = split_revision(str(repo_id))
+        raise TwoTowerError(f"--values reads every byte of the weights, and {checkpoint} is "
+                            + ("read from the hub (--remote)" if remote else "not in the Hugging Face cache"),
+                            f"download it first (`hf download {repo}{f' --revision {revision}' if revision else ''}`)"
+                            ", or drop --values to read its headers only")
+    if path is not None and values:
+        report = _with_progress(path)
+    elif path is not None:
         report = inspect_checkpoint(path)
     else:
         assert repo_id is not None
@@ -52,3 +63,26 @@ def inspect(
         render(report, err_console(), tensors=tensors)
     if report.problems:
         raise typer.Exit(1)
+
+
+def _with_progress(path):
+    """`inspect_checkpoint(path, values=True)` with a progress bar of the bytes read, on a terminal."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.display import err_console
+    from twotower_cli.inspect import inspect_checkpoint
+
+    console = err_console()
+    total = sum(t.nbytes for t in open_checkpoint(path, strict=False).tensors.values())
+    with Progress(TextColumn("[bold]reading values[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("values", total=total)
+        return inspect_checkpoint(path, values=True, on_bytes=lambda n: bar.advance(task, n))
