@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -382,9 +383,72 @@ def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
 
     res = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=refuse)
     assert res["final_loss"] is None and res["eval_loss_after"] is None, res  # diverged
+    assert res["skipped_steps"] == 2  # steps 2 and 3: the huge weights of step 1 overflow the forward
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]  # said once, not only in a bar
-    assert len(warnings) == 1 and "training diverged" in warnings[0], r.stderr
+    assert len(warnings) == 1 and warnings[0].startswith("Warning: step 2: the loss is nan: the step is skipped")
+    assert "2 steps skipped" in " ".join(r.stderr.split())
     assert isinstance(res["first_loss"], float) and isinstance(res["eval_loss_before"], float)
+
+
+def poison(monkeypatch, steps: set[int]) -> None:
+    """The training loss of the given (1-based) steps is NaN; evaluations are left alone."""
+    forward, calls = T.BlockDenoiser.forward, [0]
+
+    def patched(self, *a, **k):
+        loss = forward(self, *a, **k)
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] in steps:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(T.BlockDenoiser, "forward", patched)
+
+
+def test_a_step_with_a_nan_loss_is_skipped_not_applied(ckpt, data, tmp_path, monkeypatch):
+    """A NaN loss at the last of 6 steps leaves the weights (and the trainer state) of step 5 exactly, where
+    applying it would make every trained weight NaN; the run goes on, says it once and counts it."""
+    clean = run(ckpt, data, tmp_path / "clean", steps=6, stop_after=5)
+    events = []
+    poison(monkeypatch, {6})
+    cfg = T.TrainConfig(checkpoint=ckpt, data=[data], out=tmp_path / "nan", block=4, seq_len=32, batch=4, lr=3e-3,
+                        steps=6, warmup=2, eval_every=0, save_every=0, device="cpu")
+    res = T.train(cfg, on_event=events.append)
+    assert math.isnan(res.losses[-1]) and res.losses[:5] == clean.losses and res.skipped_steps == 1
+    a, b = tensors(tmp_path / "clean"), tensors(tmp_path / "nan")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    warned = [e for e in events if isinstance(e, T.Warned)]
+    assert len(warned) == 1 and warned[0].message.startswith("step 6: the loss is nan: the step is skipped")
+
+
+def test_training_stops_after_ten_non_finite_steps_in_a_row(ckpt, data, tmp_path, monkeypatch):
+    """Nine NaN steps in a row, a good one, then ten: the run stops at the tenth of those with one Error line
+    naming the steps and the step OUT holds (the last save, before them); the skipped steps were counted."""
+    poison(monkeypatch, set(range(2, 11)) | set(range(12, 30)))
+    r = CliRunner().invoke(get_app(), [
+        "train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--block", "4", "--seq-len", "32",
+        "--batch", "4", "--steps", "40", "--warmup", "0", "--eval-every", "0", "--save-every", "11",
+        "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert errors == [f"Error: training diverged: the loss or gradients were not finite for 10 steps in a row "
+                      f"(steps 12–21, all skipped); {tmp_path / 'out'} holds step 11 (hint: lower --lr or raise "
+                      "--warmup, then continue with --resume)"], r.stderr
+    state = torch.load(tmp_path / "out" / T.TRAINER_STATE, weights_only=True)
+    assert state["step"] == 11 and state["history"]["skipped_steps"] == 9
+    assert all(torch.isfinite(t).all() for t in tensors(tmp_path / "out").values())
+
+
+def test_divergence_in_a_job_is_said_by_rank_0_alone():
+    """Every rank sees the same all-reduced losses and stops alike: rank 0 says it as it is (no "rank 0 of 2:"
+    prefix), the others exit quietly, as for a check every rank makes; another error after the start stays
+    the rank's own."""
+    env = T.Dist(0, 2, torch.device("cpu"), False, training=True, saved=4)
+    e = T.Diverged("training diverged: ...", "lower --lr")
+    assert T._job_error(e, 0, 2, env, Path("out")) is e
+    assert isinstance(T._job_error(e, 1, 2, env, Path("out")), T.OtherRankReports)
+    other = T._job_error(TwoTowerError("disk full"), 1, 2, env, Path("out"))
+    assert isinstance(other, TwoTowerError) and other.message.startswith("rank 1 of 2: ")
 
 
 @pytest.mark.parametrize("at, saved", [(7, 6), (1, None)])

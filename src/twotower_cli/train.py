@@ -97,6 +97,10 @@ T_MIN = 1e-3  # t ~ U[T_MIN, 1] (spec §8)
 NOISE_PER = ("sequence", "block")  # what one draw of t covers: spec §8 (NVIDIA) draws it per sequence
 EVAL_FRACTION, MAX_EVAL_SEQUENCES = 0.05, 64
 BETAS, WEIGHT_DECAY, GRAD_CLIP, MIN_LR_FRACTION = (0.9, 0.95), 0.01, 1.0, 0.1
+# A step whose loss or gradient norm is not finite is skipped (the weights and the optimizer state stay as
+# they were: one NaN update would make every weight NaN, and every later save would write them); after this
+# many in a row the run stops, OUT holding its last save.
+NONFINITE_STOP = 10
 # Settings that must not change across a resume (the rest, e.g. steps or lr, may).
 RESUME_KEYS = ("block", "seq_len", "batch", "grad_accum", "seed", "train", "world_size", "fsdp", "noise_per")
 # what a state saved before a setting existed ran with
@@ -700,6 +704,7 @@ class TrainResult:
     tokens_per_second: float  # tokens / train_seconds (0 when no step ran)
     start_step: int
     out: Path
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite, not applied (across resumes)
     losses: list[float] = field(default_factory=list)  # per step of this invocation
     is_main: bool = True  # rank 0 (the process that reports and writes)
 
@@ -904,6 +909,11 @@ class Dist:
             dist.barrier()
 
 
+class Diverged(TwoTowerError):
+    """The loss was not finite for NONFINITE_STOP steps in a row. Every rank sees the same (all-reduced)
+    losses, so rank 0 alone says it."""
+
+
 class OtherRankReports(Exception):
     """Raised on a rank other than 0 of a `torchrun` job in place of an error that rank 0 reports too (an
     interrupt, which every rank receives; a check of the options, the data or OUT, which every rank makes on
@@ -940,7 +950,7 @@ def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: P
                              "line says why)" + (f"; {out} holds step {saved}" if saved is not None else ""),
                              "continue with the same command and --resume" if saved is not None else
                              "torchrun's report names the process that ended first")
-    if isinstance(e, TwoTowerError) and not started:
+    if isinstance(e, TwoTowerError) and (not started or isinstance(e, Diverged)):
         return e if rank == 0 else OtherRankReports()
     message, hint = describe(e)  # this rank's own error, said as the CLI says it, with its rank
     if isinstance(e, MemoryError) or device_out_of_memory(e) is not None:
@@ -1164,6 +1174,7 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     losses: list[float] = []
     train_seconds = 0.0  # in optimizer steps only (no evaluation, no saving)
     last_eval = start
+    nonfinite, warned_nonfinite = 0, False  # skipped steps in a row; said once a run
     for step in range(start, stop):
         t_step = time.perf_counter()
         lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.steps)
@@ -1184,10 +1195,30 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
                 loss = net(noisy, t, context, ids, mask)
                 (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], GRAD_CLIP)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], GRAD_CLIP)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        loss_value, bad_norms = env.all_sum(total / env.world, float(not torch.isfinite(norm)))
+        if math.isfinite(loss_value) and not bad_norms:
+            opt.step()
+            nonfinite = 0
+        else:  # skipped: weights and optimizer state unchanged (the schedule and the data order go on)
+            nonfinite += 1
+            history["skipped_steps"] = history.get("skipped_steps", 0) + 1
+            what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else "the gradients are not finite"
+            if nonfinite == 1 and not warned_nonfinite:
+                warned_nonfinite = True
+                emit(Warned(f"step {step + 1}: {what}: the step is skipped (the weights stay as they were); "
+                            f"training stops after {NONFINITE_STOP} such steps in a row",
+                            "lower --lr, or raise --warmup"))
+            if nonfinite == NONFINITE_STOP:
+                raise Diverged(
+                    f"training diverged: the loss or gradients were not finite for {NONFINITE_STOP} steps in a row "
+                    f"(steps {step + 2 - NONFINITE_STOP}–{step + 1}, all skipped); "
+                    + (f"{cfg.out} holds step {env.saved}" if env.saved is not None
+                       else f"nothing was saved to {cfg.out}"),
+                    "lower --lr or raise --warmup" + (", then continue with --resume" if env.saved is not None
+                                                      else ""))
         opt.zero_grad(set_to_none=True)
-        (loss_value,) = env.all_sum(total / env.world)
         losses.append(loss_value)
         if step == 0:
             history["first_loss"] = loss_value
@@ -1211,7 +1242,8 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         final_loss=history.get("final_loss", math.nan), eval_loss_before=history["eval_loss_before"],
         eval_loss_after=eval_loss, seconds=time.perf_counter() - began, train_seconds=train_seconds,
         tokens_per_second=trained / train_seconds if train_seconds > 0 else 0.0,
-        start_step=start, out=Path(cfg.out), losses=losses, is_main=env.is_main)
+        start_step=start, out=Path(cfg.out), losses=losses, is_main=env.is_main,
+        skipped_steps=history.get("skipped_steps", 0))
 
 
 @torch.no_grad()

@@ -36,7 +36,6 @@ class TrainProgress:
             TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
             console=self.console, transient=False, disable=not self.console.is_terminal)
         self.task = None
-        self.diverged = False  # a step's loss was not finite (warned once)
         self.saved: int | None = None  # the step last saved
 
     def __enter__(self) -> TrainProgress:
@@ -63,12 +62,6 @@ class TrainProgress:
         elif isinstance(ev, T.StepDone):
             self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4f}",
                                  tps=f"{ev.tokens / max(ev.seconds, 1e-9):,.0f}")
-            if not math.isfinite(ev.loss) and not self.diverged:  # else only the bar (none in a log) shows it
-                self.diverged = True
-                self.progress.console.print(
-                    f"[bold yellow]Warning:[/] the loss is {ev.loss} at step {ev.step}: training diverged, and "
-                    "the weights it saves are not finite [dim](hint: lower --lr, or raise --warmup)[/]",
-                    soft_wrap=True, highlight=False)
         elif isinstance(ev, T.Evaluated):
             self.progress.update(self.task, eval=f"{ev.loss:.4f}")
             self.progress.console.print(f"[dim]step {ev.step}: eval loss {ev.loss:.4f}[/]")
@@ -132,7 +125,7 @@ def train(
     """Train the denoiser by masked diffusion; the context tower stays frozen."""
     from twotower_cli import train as T
     from twotower_cli.display import err_console
-    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.errors import TwoTowerError, count
 
     checkpoint, more_data = O.checkpoint_first(checkpoint, model, more_data, "train")
     if out is None:
@@ -164,6 +157,8 @@ def train(
         f"[dim]steps {result.start_step}→{result.steps} · {result.tokens:,} tokens in {result.train_seconds:.1f} s of "
         f"steps: {result.tokens_per_second:,.0f} tok/s · loss {_fmt(result.first_loss)} → "
         f"{_fmt(result.final_loss)} · eval {_fmt(result.eval_loss_before)} → {_fmt(result.eval_loss_after)} · "
-        f"{result.seconds:.1f} s in all · saved {result.out}[/]")
+        f"{result.seconds:.1f} s in all · saved {result.out}[/]"
+        + (f" [yellow]· {count(result.skipped_steps, 'step')} skipped (loss or gradients not finite)[/]"
+           if result.skipped_steps else ""))
     if as_json:
         print(json.dumps(result.to_json()), flush=True)
