@@ -436,6 +436,8 @@ def test_training_stops_after_ten_non_finite_steps_in_a_row(ckpt, data, tmp_path
                       "--warmup, then continue with --resume)"], r.stderr
     state = torch.load(tmp_path / "out" / T.TRAINER_STATE, weights_only=True)
     assert state["step"] == 11 and state["history"]["skipped_steps"] == 9
+    shown = CliRunner().invoke(get_app(), ["inspect", str(tmp_path / "out")])
+    assert "· 9 steps skipped (not finite)" in " ".join(shown.stderr.split()), shown.stderr
     assert all(torch.isfinite(t).all() for t in tensors(tmp_path / "out").values())
 
 

@@ -592,7 +592,8 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
         console.print(f"[bold]training[/]: step {r.get('step')} of {st.get('steps')} · eval loss "
                       f"{loss(h.get('eval_loss_before'))} → {loss(h.get('eval_loss_after'))} · block {st.get('block')}, "
                       f"{st.get('batch')} × {st.get('seq_len')} tokens, lr {st.get('lr')}, {st.get('train')}, "
-                      f"t per {st.get('noise_per', 'block')} · {how}",
+                      f"t per {st.get('noise_per', 'block')} · {how}"
+                      + (f" · {count(h['skipped_steps'], 'step')} skipped (not finite)" if h.get("skipped_steps") else ""),
                       highlight=False)
     if report.text:
         t = report.text
