@@ -544,6 +544,7 @@ def test_values_count_nan_and_inf_as_torch_does(tmp_path, monkeypatch, dtype):
     """Every floating-point dtype safetensors stores: the counts per tensor equal torch.isnan / isinf on the
     tensors written, across shards and across read chunks (16 bytes here); clean tensors are not listed."""
     import twotower_cli.inspect as I
+    from twotower_cli.checkpoint import open_checkpoint
 
     monkeypatch.setattr(I, "_SCAN_CHUNK", 16)
     g = torch.Generator().manual_seed(1)
@@ -567,6 +568,7 @@ def test_values_count_nan_and_inf_as_torch_does(tmp_path, monkeypatch, dtype):
     assert r.values["not_float"] == [] and r.values["unread"] == []
     assert r.problems == [f"{n} holds {c['nan']:,} NaN and {c['inf']:,} Inf values (of {t[n].numel():,})"
                           for n, c in sorted(want.items())]
+    assert I.scan_values(open_checkpoint(folder), workers=1) == I.scan_values(open_checkpoint(folder), workers=3)
 
 
 def test_values_on_the_command_line(tmp_path):

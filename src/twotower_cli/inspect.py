@@ -418,12 +418,16 @@ _FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("
 _SCAN_CHUNK = 16 * 1024 * 1024
 
 
-def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None = None,
+                workers: int | None = None) -> dict[str, Any]:
     """Read every floating-point tensor of `ckpt` (plain `pread`s of 16 MB, file order) and count its NaN and
     Inf values from the bits alone (no torch, nothing converted). Returns {"tensors": checked, "bytes": read,
     "not_float": names of the other tensors, "unread": names whose bytes the file does not hold (truncated
     or missing: a problem already), "nonfinite": {name: {"nan": n, "inf": n}} for the tensors with any}.
-    `on_bytes(n)` is called as bytes are read."""
+    Shards are read in parallel by `workers` threads (default: one per core, at most 8; reads and numpy's
+    work release the GIL), each shard by one. `on_bytes(n)` is called as bytes are read (from those threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     result: dict[str, Any] = {"tensors": 0, "bytes": 0, "not_float": [], "unread": [], "nonfinite": {}}
     by_file: dict[str, list[TensorInfo]] = {}
     for t in ckpt.tensors.values():
@@ -431,29 +435,42 @@ def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None = None)
             result["not_float"].append(t.name)
         else:
             by_file.setdefault(t.file, []).append(t)
-    for file, infos in by_file.items():
-        infos.sort(key=lambda t: t.data_offsets[0])
-        done = 0
-        try:
-            fd = os.open(ckpt.path(file), os.O_RDONLY)
-            try:
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                for t in infos:
-                    nan, inf, read = _scan_tensor(fd, t, on_bytes)
-                    result["bytes"] += read
-                    if nan or inf:
-                        result["nonfinite"][t.name] = {"nan": nan, "inf": inf}
-                    if read < t.nbytes:  # the file ends inside this tensor (or before it)
-                        result["unread"].append(t.name)
-                    else:
-                        result["tensors"] += 1
-                    done += 1
-            finally:
-                os.close(fd)
-        except OSError:  # the file cannot be opened, or a read fails: what is left of it is not read
-            result["unread"] += [t.name for t in infos[done:]]
+    workers = max(1, min(workers or min(8, os.cpu_count() or 1), len(by_file)))
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda item: _scan_file(ckpt.path(item[0]), item[1], on_bytes), by_file.items()))
+    for part in parts:  # in the files' order, whichever thread finished first
+        result["tensors"] += part["tensors"]
+        result["bytes"] += part["bytes"]
+        result["unread"] += part["unread"]
+        result["nonfinite"].update(part["nonfinite"])
     return result
+
+
+def _scan_file(path: Path, infos: list[TensorInfo], on_bytes: Callable[[int], None] | None) -> dict[str, Any]:
+    """`scan_values` of one shard's tensors."""
+    part: dict[str, Any] = {"tensors": 0, "bytes": 0, "unread": [], "nonfinite": {}}
+    infos = sorted(infos, key=lambda t: t.data_offsets[0])
+    done = 0
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for t in infos:
+                nan, inf, read = _scan_tensor(fd, t, on_bytes)
+                part["bytes"] += read
+                if nan or inf:
+                    part["nonfinite"][t.name] = {"nan": nan, "inf": inf}
+                if read < t.nbytes:  # the file ends inside this tensor (or before it)
+                    part["unread"].append(t.name)
+                else:
+                    part["tensors"] += 1
+                done += 1
+        finally:
+            os.close(fd)
+    except OSError:  # the file cannot be opened, or a read fails: what is left of it is not read
+        part["unread"] += [t.name for t in infos[done:]]
+    return part
 
 
 def _scan_tensor(fd: int, t: TensorInfo, on_bytes: Callable[[int], None] | None) -> tuple[int, int, int]:
