@@ -35,6 +35,22 @@ def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
+def byte_progress(console: Console, label: str, **kw):
+    """A transient progress bar of bytes (done / total, speed, time left) on `console`, labelled `label`
+    (rich markup; "{task.description}" lets a command change it per phase): split's copy, inspect --values."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- live unmasking
 
 class LiveUnmasking:

@@ -67,22 +67,12 @@ def inspect(
 
 def _with_progress(path):
     """`inspect_checkpoint(path, values=True)` with a progress bar of the bytes read, on a terminal."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
     from twotower_cli.checkpoint import open_checkpoint
-    from twotower_cli.display import err_console
+    from twotower_cli.display import byte_progress, err_console
     from twotower_cli.inspect import inspect_checkpoint
 
     console = err_console()
     total = sum(t.nbytes for t in open_checkpoint(path, strict=False).tensors.values())
-    with Progress(TextColumn("[bold]reading values[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+    with byte_progress(console, "reading values", disable=not console.is_terminal) as bar:
         task = bar.add_task("values", total=total)
         return inspect_checkpoint(path, values=True, on_bytes=lambda n: bar.advance(task, n))

@@ -78,19 +78,11 @@ def split(
     if repo_id is not None:  # the plan again, from the downloaded files (the hub may have changed since)
         plan = plan_for(resolve(source, base=True))
 
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from twotower_cli.display import byte_progress
 
     start = time.perf_counter()
     phases = {"verify": "split · verifying", "sync": "split · writing to disk"}  # after the copy's 100 %
-    with Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
+    with byte_progress(console, "{task.description}") as progress:
         task = progress.add_task("split", total=plan.total_bytes - sum(len(s.header) for s in plan.shards))
         result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n),
                          on_phase=lambda name: progress.update(task, description=phases[name]))
