@@ -124,7 +124,7 @@ def _prefixes(names: list[str], limit: int = 8) -> list[str]:
 
 
 def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = None, values: bool = False,
-                       on_bytes: Callable[[int], None] | None = None) -> Report:
+                       on_bytes: Callable[[int, int], None] | None = None) -> Report:
     """Summarise and check the checkpoint at `path` (a folder or a .safetensors file). `file_sizes`: the true
     size of each shard where the folder holds only their headers (`inspect_remote`). `values`: also read
     every tensor and count its NaN and Inf values (`scan_values`, `on_bytes` its progress)."""
@@ -418,14 +418,15 @@ _FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("
 _SCAN_CHUNK = 16 * 1024 * 1024
 
 
-def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None = None,
+def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int, int], None] | None = None,
                 workers: int | None = None) -> dict[str, Any]:
     """Read every floating-point tensor of `ckpt` (plain `pread`s of 16 MB, file order) and count its NaN and
     Inf values from the bits alone (no torch, nothing converted). Returns {"tensors": checked, "bytes": read,
     "not_float": names of the other tensors, "unread": names whose bytes the file does not hold (truncated
     or missing: a problem already), "nonfinite": {name: {"nan": n, "inf": n}} for the tensors with any}.
     Shards are read in parallel by `workers` threads (default: one per core, at most 8; reads and numpy's
-    work release the GIL), each shard by one. `on_bytes(n)` is called as bytes are read (from those threads)."""
+    work release the GIL), each shard by one. `on_bytes(n, total)` is called as bytes are read (from those
+    threads): n read now, of `total` to read."""
     from concurrent.futures import ThreadPoolExecutor
 
     result: dict[str, Any] = {"tensors": 0, "bytes": 0, "not_float": [], "unread": [], "nonfinite": {}}
@@ -435,9 +436,11 @@ def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int], None] | None = None,
             result["not_float"].append(t.name)
         else:
             by_file.setdefault(t.file, []).append(t)
+    total = sum(t.nbytes for infos in by_file.values() for t in infos)
+    read = None if on_bytes is None else (lambda n: on_bytes(n, total))
     workers = max(1, min(workers or min(8, os.cpu_count() or 1), len(by_file)))
     with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(lambda item: _scan_file(ckpt.path(item[0]), item[1], on_bytes), by_file.items()))
+        parts = list(pool.map(lambda item: _scan_file(ckpt.path(item[0]), item[1], read), by_file.items()))
     for part in parts:  # in the files' order, whichever thread finished first
         result["tensors"] += part["tensors"]
         result["bytes"] += part["bytes"]

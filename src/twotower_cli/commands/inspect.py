@@ -67,12 +67,11 @@ def inspect(
 
 def _with_progress(path):
     """`inspect_checkpoint(path, values=True)` with a progress bar of the bytes read, on a terminal."""
-    from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.display import byte_progress, err_console
     from twotower_cli.inspect import inspect_checkpoint
 
     console = err_console()
-    total = sum(t.nbytes for t in open_checkpoint(path, strict=False).tensors.values())
     with byte_progress(console, "reading values", disable=not console.is_terminal) as bar:
-        task = bar.add_task("values", total=total)
-        return inspect_checkpoint(path, values=True, on_bytes=lambda n: bar.advance(task, n))
+        task = bar.add_task("values", total=None)
+        return inspect_checkpoint(path, values=True,
+                                  on_bytes=lambda n, total: bar.update(task, total=total, advance=n))
