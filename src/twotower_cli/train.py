@@ -1204,9 +1204,9 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
         else:  # skipped: weights and optimizer state unchanged (the schedule and the data order go on)
             nonfinite += 1
             history["skipped_steps"] = history.get("skipped_steps", 0) + 1
-            what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else "the gradients are not finite"
             if nonfinite == 1 and not warned_nonfinite:
                 warned_nonfinite = True
+                what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else "the gradients are not finite"
                 emit(Warned(f"step {step + 1}: {what}: the step is skipped (the weights stay as they were); "
                             f"training stops after {NONFINITE_STOP} such steps in a row",
                             "lower --lr, or raise --warmup"))
