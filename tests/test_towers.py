@@ -303,6 +303,26 @@ def test_head_on_needed_rows_only_equals_full(fresh):
     assert torch.equal(part[rows], full[rows])
 
 
+@pytest.mark.parametrize(("start", "chunk"), [(1, 256), (1, 3), (4, 5), (9, 2), (12, 4)])
+def test_token_log_probs_are_the_log_softmax_of_a_full_forward(fresh, start, chunk):
+    """serve's logprobs and bench's likelihoods: per-token and top-k log-probabilities, whatever the chunking
+    of the head, equal a full forward's log-softmax; `start` at or past the end gives empty results."""
+    from twotower_cli.towers import causal_lm_view, token_log_probs
+
+    _, _, folder = fresh
+    ar = causal_lm_view(load_model(folder, need_denoiser=True).twotower)
+    ids = [5, 9, 11, 7, 8, 6, 14, 3, 15, 16, 12]
+    lps, top_ids, top_lps = token_log_probs(ar, ids, top=3, start=start, chunk=chunk)
+    with torch.no_grad():
+        want = F.log_softmax(ar(torch.tensor([ids]))[0].float(), dim=-1)[start - 1:-1]  # row j predicts ids[j + 1]
+    n = max(len(ids) - start, 0)
+    assert lps.shape == (n,) and top_ids.shape == (n, 3) and top_lps.shape == (n, 3)
+    if n:
+        torch.testing.assert_close(lps, want.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0])
+        torch.testing.assert_close(top_lps, want.topk(3, dim=-1).values)
+        assert torch.equal(top_ids, want.topk(3, dim=-1).indices)
+
+
 def test_written_checkpoints_are_readable_by_others(tmp_path):
     import os
     import stat

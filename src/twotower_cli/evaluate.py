@@ -114,10 +114,8 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     with torch.no_grad():
         for start in range(0, n, batch):
             x = ids[start:start + batch].to(ar.lm_head.weight.device)
-            hidden = ar.backbone(x[:, :-1])  # position j predicts token j + 1
-            for a in range(0, seq_len - 1, head_rows):
-                logp = torch.log_softmax(ar.lm_head(hidden[:, a:a + head_rows]).float(), dim=-1)
-                nll -= float(logp.gather(-1, x[:, a + 1:a + 1 + head_rows, None]).double().sum())
+            for logp, target in TW.chunked_log_probs(ar, x, chunk=head_rows):
+                nll -= float(logp.gather(-1, target[..., None]).double().sum())
             ar_tokens += x.shape[0] * (seq_len - 1)
             done += 1
             if progress:

@@ -383,22 +383,30 @@ def causal_lm_view(model: TwoTower) -> NemotronHForCausalLM:
     return ar
 
 
+def chunked_log_probs(ar: NemotronHForCausalLM, x: torch.Tensor, start: int = 1, chunk: int = 256):
+    """Under an AR model, for token rows `x` [B, L] on its device: yields (logp [B, c, V] fp32, target [B, c]),
+    the log-softmax at the positions predicting x[:, i] for i = start (≥ 1) … L - 1, `chunk` positions at a
+    time, with those tokens. One backbone forward over x[:, :-1]; the head and softmax run per chunk, so a long
+    sequence never holds [B, L, vocabulary] logits at once. Call under `torch.no_grad()`."""
+    if x.shape[1] <= start:
+        return
+    hidden = ar.backbone(x[:, :-1])  # position j predicts token j + 1
+    for a in range(start - 1, x.shape[1] - 1, chunk):
+        yield F.log_softmax(ar.lm_head(hidden[:, a:a + chunk]).float(), dim=-1), x[:, a + 1:a + 1 + chunk]
+
+
 def token_log_probs(ar: NemotronHForCausalLM, ids: list[int], top: int = 0, start: int = 1,
                     chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Under an AR model, for each position i ≥ `start` (≥ 1) of `ids`: the log-probability of ids[i] given
     ids[:i] [n], and the `top` most likely tokens there with theirs (ids [n, top], log-probabilities [n, top]);
-    on the CPU. One forward over ids[:-1]; the head and softmax run `chunk` positions at a time, so a long
-    sequence never holds [length, vocabulary] logits at once."""
-    dev = ar.lm_head.weight.device
-    x = torch.tensor([ids], device=dev)
+    on the CPU. One forward, `chunk` positions of logits at a time (`chunked_log_probs`)."""
+    x = torch.tensor([ids], device=ar.lm_head.weight.device)
     lps, top_ids, top_lps = [], [], []
     with torch.no_grad():
-        hidden = ar.backbone(x[:, :-1])[0] if len(ids) > start else None  # position j predicts ids[j + 1]
-        for a in range(start - 1, len(ids) - 1, chunk):
-            logp = F.log_softmax(ar.lm_head(hidden[a:a + chunk]).float(), dim=-1)
-            lps.append(logp.gather(-1, x[0, a + 1:a + 1 + chunk, None])[:, 0])
+        for logp, target in chunked_log_probs(ar, x, start, chunk):
+            lps.append(logp[0].gather(-1, target[0, :, None])[:, 0])
             if top:
-                v, i = logp.topk(top, dim=-1)
+                v, i = logp[0].topk(top, dim=-1)
                 top_ids.append(i)
                 top_lps.append(v)
     n = max(len(ids) - start, 0)
