@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_base, write_random_twotower
 from typer.testing import CliRunner
 
@@ -195,6 +197,24 @@ def test_cli_stop_text_in_a_batch_ends_only_the_prompts_that_write_it(trained_li
 def test_cli_empty_stop_text_is_one_error_line(trained_like):
     r = invoke("hello", "--model", str(trained_like), "--stop-text", "")
     assert r.exit_code == 1 and r.stderr.startswith("Error: --stop-text ''") and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar"])
+def test_cli_weights_that_give_nan_logits_are_one_error_line(trained_like, tmp_path, mode):
+    """A NaN weight (here each tower's final norm) makes every logit NaN: generate says so on one line and
+    exits 1, rather than print the arbitrary ids argmax picks from NaN rows."""
+    bad = tmp_path / "nan"
+    shutil.copytree(trained_like, bad)
+    with safe_open(bad / "model.safetensors", "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name in ("context_tower.norm_f.weight", "denoiser_tower.norm_f.weight"):
+        tensors[name][0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata=metadata)
+    r = invoke("hello", "--model", str(bad), "--mode", mode, "-n", "8", "--no-live")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.stderr.startswith("Error: the model's logits are NaN or infinite") and "--dtype" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert invoke("hello", "--model", str(trained_like), "--mode", mode, "-n", "8", "--no-live").exit_code == 0
 
 
 @pytest.mark.parametrize("extra", [(), ("--events",)])  # continuous batching; one fixed batch

@@ -323,6 +323,46 @@ def test_only_predictions_cross_to_the_host_not_logits(monkeypatch, mode, temper
     assert all(shape[-1] != V for shape in copied), copied
 
 
+class Poisoned(ScriptedBackend):
+    """Logits of random finite values, except `bad` (NaN, +Inf, or a finite control) as id 7's logit in the
+    last row, from its `at`-th forward on (extend and denoise count alike)."""
+
+    def __init__(self, bad: float, at: int):
+        super().__init__([[0.9, 0.2, 0.95, 0.1]])
+        self.bad, self.at, self.forwards = bad, at, 0
+
+    def _poison(self, logits: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        if self.forwards >= self.at:
+            logits[-1, ..., 7] = self.bad
+        return logits
+
+    def extend(self, ids, attention_mask=None):
+        super().extend(ids, attention_mask)
+        return self._poison(torch.randn(ids.shape[0], V, generator=torch.Generator().manual_seed(self.forwards)))
+
+    def denoise(self, block, t, rows=None):
+        if t is None:  # mock_ar's one-token step
+            return self._poison(torch.randn(*block.shape, V, generator=torch.Generator().manual_seed(self.forwards)))
+        return self._poison(super().denoise(block, t, rows))
+
+
+@pytest.mark.parametrize("mode", ["mask_diffusion", "ar", "mock_ar"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_raise_instead_of_becoming_tokens(mode, temperature, bad):
+    """A NaN or +Inf logit (broken weights, an fp16 overflow) makes its row's softmax NaN, and argmax of a NaN
+    row is an arbitrary id: the sampler stops with an error rather than write noise as text. -Inf is a
+    finite-probability-zero logit (the mask id's own) and goes on; so does a large finite one."""
+    c = cfg(mode=mode, temperature=temperature, max_new_tokens=8)
+    with pytest.raises(TwoTowerError, match="NaN or infinite") as e:
+        S.run(Poisoned(bad, at=3), [[5, 6], [7]], c, generator=torch.Generator().manual_seed(0))
+    assert "--dtype" in e.value.hint
+    for fine in (float("-inf"), 1e30):
+        fin = S.run(Poisoned(fine, at=3), [[5, 6], [7]], c, generator=torch.Generator().manual_seed(0))
+        assert all(len(g.token_ids) == 8 for g in fin.generations)
+
+
 def test_gumbel_sampling_is_seeded_and_confidence_untempered():
     logits = torch.randn(2, 5, V)
     c = cfg(temperature=0.7, top_k=5)

@@ -830,6 +830,29 @@ def test_an_error_in_a_running_batch_answers_its_requests_and_the_next_batch_sta
     assert after["choices"][0]["text"] == tok.decode(want.token_ids)
 
 
+class NanOnce(FailsOnce):
+    """Its `fail_at`-th denoiser forward returns NaN logits, as a NaN weight or an fp16 overflow would."""
+
+    def denoise(self, *args, **kw):
+        self.calls += 1
+        logits = TowerBackend.denoise(self, *args, **kw)
+        return logits.fill_(float("nan")) if self.calls == self.fail_at else logits
+
+
+def test_nan_logits_answer_their_request_with_the_error_and_the_model_goes_on(folder, model):
+    """NaN logits mid-request are a 500 that says so (not a reply of arbitrary ids); the next request's reply
+    is the sampler's."""
+    tok = Tokenizer(folder)
+    engine = Engine(NanOnce(model, fail_at=3), tok, [2, 38], CFG, "tiny-test")
+    with serving(engine) as base:
+        status, text = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})
+        after = json.loads(post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})[1])
+    assert status == 500 and "logits are NaN or infinite" in json.loads(text)["error"]["message"]
+    assert engine.counts["failed_requests_total"] == 1
+    want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=12))
+    assert after["choices"][0]["text"] == tok.decode(want.token_ids)
+
+
 def test_max_waiting_refuses_with_a_503_and_retry_after(folder, model):
     """--max-waiting 1: while one request waits for the busy model, the next is refused at once with a 503,
     an OpenAI error body and Retry-After; the waiting one is answered, and later requests are taken again."""

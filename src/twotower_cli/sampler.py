@@ -259,13 +259,23 @@ def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generato
     return pred, conf
 
 
+NON_FINITE = "the model's logits are NaN or infinite, so its output would be noise"
+NON_FINITE_HINT = ("check the weights with `twotower inspect --values`; fp16 activations can overflow: "
+                   "try --dtype bf16 or fp32")
+
+
 def predict_to_host(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
                     exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`predict` where the logits are (the model's device), results on the CPU: on a GPU only the [B, S]
     predictions and confidences cross to the host, not [B, S, V] logits (8 MB per 16-token step of Nano's
-    131,072-word vocabulary), and the softmax runs on the GPU."""
+    131,072-word vocabulary), and the softmax runs on the GPU. Logits with a NaN or +Inf make their confidence
+    NaN: checked here, on the host copy (no extra sync), they raise rather than turn into text (argmax of a NaN
+    row is an arbitrary id)."""
     pred, conf = predict(logits, cfg, generator, exclude)
-    return pred.cpu(), conf.cpu()
+    pred, conf = pred.cpu(), conf.cpu()
+    if bool(conf.isnan().any()):
+        raise TwoTowerError(NON_FINITE, NON_FINITE_HINT)
+    return pred, conf
 
 
 def groups(items: list, key: Callable) -> list[tuple]:
