@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.test_train_loss import reference_terms
-from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_random_twotower
+from tests.twotower_helpers import random_base, tiny_cfg, with_nan, write_base, write_random_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import train as T
@@ -127,6 +127,23 @@ def test_cli_errors_are_one_line(folder, data, args, needle):
     r = invoke("--model", str(folder), *extra, *args)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
     assert r.exit_code == 1 and len(errors) == 1 and needle in errors[0] and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize(("poisoned", "needle"), [
+    (("denoiser_tower.norm_f.weight",), "the denoiser's losses are NaN or infinite"),  # a diverged training run
+    (("context_tower.norm_f.weight",), "the context tower's log-probabilities are NaN or infinite"),
+])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_nan_weights_are_one_error_line_naming_the_tower_not_a_nan_report(folder, data, tmp_path, poisoned, needle,
+                                                                          as_json):
+    """A NaN weight makes the numbers NaN: eval says which tower's outputs are, and exits 1, rather than report
+    nan (and, with --json, NaN, which is not JSON)."""
+    bad = with_nan(folder, tmp_path / "nan", poisoned)
+    r = invoke("--model", str(bad), "--data", str(data), "--seq-len", "32", "--block", "4",
+               *(("--json",) if as_json else ()))
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert r.exit_code == 1 and len(errors) == 1 and needle in errors[0] and "inspect --values" in errors[0], r.output
+    assert r.stdout == "" and "Traceback" not in r.output
 
 
 def test_eval_places_the_towers_as_generate_does(folder, data, monkeypatch):

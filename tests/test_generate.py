@@ -7,9 +7,15 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tests.twotower_helpers import add_chat, random_base, reshard, tiny_cfg, write_base, write_random_twotower
+from tests.twotower_helpers import (
+    add_chat,
+    random_base,
+    reshard,
+    tiny_cfg,
+    with_nan,
+    write_base,
+    write_random_twotower,
+)
 from typer.testing import CliRunner
 
 from twotower_cli import sampler as S
@@ -203,13 +209,7 @@ def test_cli_empty_stop_text_is_one_error_line(trained_like):
 def test_cli_weights_that_give_nan_logits_are_one_error_line(trained_like, tmp_path, mode):
     """A NaN weight (here each tower's final norm) makes every logit NaN: generate says so on one line and
     exits 1, rather than print the arbitrary ids argmax picks from NaN rows."""
-    bad = tmp_path / "nan"
-    shutil.copytree(trained_like, bad)
-    with safe_open(bad / "model.safetensors", "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    for name in ("context_tower.norm_f.weight", "denoiser_tower.norm_f.weight"):
-        tensors[name][0] = float("nan")
-    save_file(tensors, bad / "model.safetensors", metadata=metadata)
+    bad = with_nan(trained_like, tmp_path / "nan", ("context_tower.norm_f.weight", "denoiser_tower.norm_f.weight"))
     r = invoke("hello", "--model", str(bad), "--mode", mode, "-n", "8", "--no-live")
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert r.stderr.startswith("Error: the model's logits are NaN or infinite") and "--dtype" in r.stderr

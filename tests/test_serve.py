@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from tests.twotower_helpers import Widths, add_chat, stop_inside, write_random_twotower
+from tests.twotower_helpers import Widths, add_chat, stop_inside, with_nan, write_random_twotower
 
 from twotower_cli import sampler as S
 from twotower_cli.chat import template_ids
@@ -851,6 +851,16 @@ def test_nan_logits_answer_their_request_with_the_error_and_the_model_goes_on(fo
     assert engine.counts["failed_requests_total"] == 1
     want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=12))
     assert after["choices"][0]["text"] == tok.decode(want.token_ids)
+
+
+def test_prompt_logprobs_of_a_nan_model_are_an_error_not_nan(folder, tmp_path):
+    """echo's prompt log-probabilities from NaN weights: a 500 that says so, not NaN (which is not JSON)."""
+    bad = with_nan(folder, tmp_path / "nan", ("context_tower.norm_f.weight",))
+    engine = Engine(TowerBackend(load_model(bad, need_denoiser=True).twotower), Tokenizer(bad), [2, 38], CFG, "nan")
+    with serving(engine) as base:
+        status, text = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 0, "echo": True,
+                                                      "logprobs": 1})
+    assert status == 500 and "log-probabilities are NaN or infinite" in json.loads(text)["error"]["message"]
 
 
 def test_max_waiting_refuses_with_a_503_and_retry_after(folder, model):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
 
 from twotower_cli import sampler as S
+from twotower_cli.errors import TwoTowerError
 from twotower_cli.towers import TowerBackend, TwoTower, load_model, timestep_embedding
 
 
@@ -321,6 +322,20 @@ def test_token_log_probs_are_the_log_softmax_of_a_full_forward(fresh, start, chu
         torch.testing.assert_close(lps, want.gather(-1, torch.tensor(ids[start:])[:, None])[:, 0])
         torch.testing.assert_close(top_lps, want.topk(3, dim=-1).values)
         assert torch.equal(top_ids, want.topk(3, dim=-1).indices)
+
+
+def test_token_log_probs_of_nan_logits_raise(fresh):
+    """NaN logits (a NaN weight) give serve's logprobs and bench's likelihoods an error, not NaN numbers."""
+    from twotower_cli.towers import causal_lm_view, token_log_probs
+
+    _, _, folder = fresh
+    ar = causal_lm_view(load_model(folder, need_denoiser=True).twotower)
+    ids = [5, 9, 11, 7, 8, 6, 14, 3, 15, 16, 12]
+    assert bool(token_log_probs(ar, ids, top=2)[0].isfinite().all())
+    with torch.no_grad():
+        ar.lm_head.weight[7, 0] = float("nan")  # one word's logit: its row's softmax is NaN
+    with pytest.raises(TwoTowerError, match="log-probabilities are NaN or infinite"):
+        token_log_probs(ar, ids, top=2, chunk=3)
 
 
 def test_written_checkpoints_are_readable_by_others(tmp_path):

@@ -184,6 +184,23 @@ def reshard(folder: Path, out: Path, shards: int = 6) -> Path:
     return out
 
 
+def with_nan(folder: Path, out: Path, names: tuple[str, ...]) -> Path:
+    """A copy of the single-file checkpoint `folder` at `out` whose tensors `names` hold a NaN (their first
+    element), as a training run that diverged would leave them."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, out)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name in names:
+        tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, out / "model.safetensors", metadata=metadata)
+    return out
+
+
 def stop_inside(text: str) -> str:
     """The shortest text that first occurs past the first third of `text`: a stop text whose cut (before its
     first occurrence) leaves some text and takes some away."""

@@ -20,6 +20,14 @@ def count(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
+def non_finite(what: str, so: str) -> TwoTowerError:
+    """The error for model outputs with a NaN or an infinity (`what`: "the model's logits"; `so`: what that
+    means for the command), from a NaN weight or an fp16 overflow."""
+    return TwoTowerError(f"{what} are NaN or infinite, so {so}",
+                         "check the weights with `twotower inspect --values`; fp16 activations can overflow: "
+                         "try --dtype bf16 or fp32")
+
+
 OUT_OF_DEVICE_MEMORY_HINT = ("use a smaller --dtype or batch, free the GPU, or put the towers on two GPUs "
                              "where the command allows it (--context-device / --denoiser-device)")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, non_finite
 
 T_EDGES = (0.25, 0.5, 0.75, 1.0)  # the t buckets' upper edges: (0, .25], (.25, .5], (.5, .75], (.75, 1]
 AR_HEAD_ROWS = 2048  # rows of [.., vocabulary] logits at once in the AR measure (1 GiB of fp32 at Nano's 131,072)
@@ -120,6 +120,8 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
             done += 1
             if progress:
                 progress(done, total)
+    if not math.isfinite(nll):
+        raise non_finite("the context tower's log-probabilities", "there is no perplexity to report")
     result = EvalResult(str(folder), n, seq_len, nll / ar_tokens, ar_tokens, seed=seed)
     if not two:
         result.seconds = time.perf_counter() - t0
@@ -151,6 +153,8 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
             if progress:
                 progress(done, total)
     masked = sum(counts)
+    if not math.isfinite(sum(sums)):
+        raise non_finite("the denoiser's losses", "there is no diffusion loss to report")
     result.block, result.noise_per = block, noise_per
     result.diffusion_loss = sum(sums) / max(masked, 1)
     result.masked_tokens = masked

@@ -34,7 +34,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, non_finite
 
 Mode = Literal["mask_diffusion", "mock_ar", "ar"]
 Policy = Literal["threshold", "topk", "factor"]
@@ -259,11 +259,6 @@ def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generato
     return pred, conf
 
 
-NON_FINITE = "the model's logits are NaN or infinite, so its output would be noise"
-NON_FINITE_HINT = ("check the weights with `twotower inspect --values`; fp16 activations can overflow: "
-                   "try --dtype bf16 or fp32")
-
-
 def predict_to_host(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
                     exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`predict` where the logits are (the model's device), results on the CPU: on a GPU only the [B, S]
@@ -274,7 +269,7 @@ def predict_to_host(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.
     pred, conf = predict(logits, cfg, generator, exclude)
     pred, conf = pred.cpu(), conf.cpu()
     if bool(conf.isnan().any()):
-        raise TwoTowerError(NON_FINITE, NON_FINITE_HINT)
+        raise non_finite("the model's logits", "its output would be noise")
     return pred, conf
 
 

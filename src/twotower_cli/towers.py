@@ -34,7 +34,7 @@ from torch import nn
 
 from twotower_cli.checkpoint import DTYPE_BYTES, Checkpoint, open_checkpoint
 from twotower_cli.config import NemotronHConfig
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, non_finite
 from twotower_cli.layout import TIME_EMBED_DIM, keep_fp32
 from twotower_cli.model import attention
 from twotower_cli.model.cache import KVCache, MambaState, TowerCache
@@ -414,8 +414,10 @@ def token_log_probs(ar: NemotronHForCausalLM, ids: list[int], top: int = 0, star
     def joined(parts: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.cat(parts).cpu() if parts else torch.zeros(shape, dtype=dtype)
 
-    return (joined(lps, (n,), torch.float32), joined(top_ids, (n, top), torch.long),
-            joined(top_lps, (n, top), torch.float32))
+    lp = joined(lps, (n,), torch.float32)
+    if bool(lp.isnan().any()):  # NaN or +Inf logits: checked on the host copy
+        raise non_finite("the model's log-probabilities", "they would be noise")
+    return lp, joined(top_ids, (n, top), torch.long), joined(top_lps, (n, top), torch.float32)
 
 
 def sequence_log_likelihood(ar: NemotronHForCausalLM, prompt: list[int], continuation: list[int]) -> torch.Tensor:
