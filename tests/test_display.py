@@ -9,7 +9,7 @@ from rich.console import Console
 from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
 
 from twotower_cli import sampler as S
-from twotower_cli.display import LiveUnmasking
+from twotower_cli.display import LiveUnmasking, finite_json
 from twotower_cli.text import Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -192,3 +192,11 @@ def test_live_frames_fit_a_short_terminal_and_keep_the_block_in_view(tiny, width
             final = text_of(view.render(whole=True))
             assert final.startswith(prompt + tok.decode(ev.generations[0].token_ids))
     assert tall > 0  # the text did outgrow the terminal
+
+
+def test_finite_json_nulls_every_nan_and_infinity_at_any_depth_and_keeps_the_rest():
+    nan, inf = float("nan"), float("inf")
+    value = {"a": nan, "b": [1.5, -inf, {"c": inf, "d": (2, nan)}], "e": "nan", "f": 0, "g": None, "h": True}
+    assert finite_json(value) == {"a": None, "b": [1.5, None, {"c": None, "d": [2, None]}], "e": "nan", "f": 0,
+                                  "g": None, "h": True}
+    assert finite_json(nan) is None and finite_json(3.0) == 3.0

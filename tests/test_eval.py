@@ -5,6 +5,7 @@ evaluation of the same data, the t buckets against the reference's per-token ter
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -85,6 +86,17 @@ def test_the_diffusion_loss_is_what_train_reports_before_its_first_step(folder, 
                                 eval_data=[data], noise_per="block"))
     r = evaluate(str(folder), [data], seq_len=32, block=4, max_sequences=1000, seed=5, noise_per="block")
     assert abs(r.diffusion_loss - run.eval_loss_before) <= 1e-5
+
+
+def test_a_perplexity_too_large_for_a_float_is_infinite_and_null_in_json():
+    """exp(NLL) past ~709 overflows a float: inf in the report, null in --json (JSON has no Infinity)."""
+    from twotower_cli.evaluate import EvalResult
+
+    assert EvalResult("m", 1, 8, 700.0, 7).ar_perplexity == pytest.approx(math.exp(700.0))
+    huge = EvalResult("m", 1, 8, 800.0, 7)
+    assert huge.ar_perplexity == math.inf
+    out = json.loads(json.dumps(huge.to_json(), allow_nan=False))
+    assert out["ar_perplexity"] is None and out["ar_nll"] == 800.0
 
 
 def test_a_plain_checkpoint_gets_the_ar_measure_only(tmp_path, data):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from twotower_cli import sampler as S
+from twotower_cli.display import finite_json
 from twotower_cli.errors import TwoTowerError
 from twotower_cli.towers import TowerBackend, sequence_log_likelihood
 
@@ -111,8 +112,8 @@ def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens
         rows.append(Row(mode, thr, tokens[i], nfe[i], tokens[i] / max(nfe[i], 1), tokens[i] / max(sec, 1e-9), sec,
                         mean_ll))
     ar = rows[0]
-    for row in rows:
-        row.speedup_vs_ar = row.tokens_per_second / max(ar.tokens_per_second, 1e-9)
+    for row in rows:  # NaN where ar wrote no tokens, or this row wrote none (no likelihood): null in JSON
+        row.speedup_vs_ar = row.tokens_per_second / ar.tokens_per_second if ar.tokens_per_second > 0 else math.nan
         row.quality_vs_ar = math.exp(row.mean_log_likelihood - ar.mean_log_likelihood)
     return rows
 
@@ -134,4 +135,6 @@ def machine_info(device: torch.device, dtype: torch.dtype | None = None) -> dict
 
 
 def rows_json(rows: list[Row]) -> list[dict]:
-    return [asdict(r) for r in rows]
+    """The rows as `--json` writes them: a number that could not be measured (a mode that wrote no tokens
+    has no likelihood, nor a quality) is null."""
+    return finite_json([asdict(r) for r in rows])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
 from rich.console import Console
 
@@ -26,6 +28,17 @@ def print_text(text: str) -> None:
 
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def finite_json(v: Any) -> Any:
+    """`v` (dicts and lists of them, any depth) with every NaN or infinite float as None: JSON has neither,
+    and `json.dumps` would write `NaN`, which strict parsers (jq, JavaScript) refuse. For numbers that can be
+    unmeasured: a loss of a run that diverged, the likelihood of a mode that wrote no tokens."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: finite_json(x) for k, x in v.items()}
+    return [finite_json(x) for x in v] if isinstance(v, list | tuple) else v
 
 
 def stdout_is_terminal() -> bool:

@@ -17,6 +17,7 @@ across two files), the first `max_sequences` of them.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from twotower_cli.display import finite_json
 from twotower_cli.errors import TwoTowerError, non_finite
 
 T_EDGES = (0.25, 0.5, 0.75, 1.0)  # the t buckets' upper edges: (0, .25], (.25, .5], (.5, .75], (.75, 1]
@@ -48,10 +50,12 @@ class EvalResult:
 
     @property
     def ar_perplexity(self) -> float:
-        return math.exp(self.ar_nll)
+        """exp(NLL); infinite past what a float holds (an NLL above ~709: a model sure of wrong tokens)."""
+        return math.exp(self.ar_nll) if self.ar_nll < math.log(sys.float_info.max) else math.inf
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "ar_perplexity": self.ar_perplexity}
+        """The `--json` object; a perplexity too large for a float is null (JSON has no Infinity)."""
+        return finite_json({**asdict(self), "ar_perplexity": self.ar_perplexity})
 
 
 def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: int | None = None, batch: int = 8,

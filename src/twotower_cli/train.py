@@ -76,6 +76,7 @@ from twotower_cli.checkpoint import (
     sync_path,
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
+from twotower_cli.display import finite_json
 from twotower_cli.errors import TwoTowerError, describe, device_out_of_memory
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
@@ -714,7 +715,7 @@ class TrainResult:
         d = asdict(self)
         d["out"] = str(self.out)
         del d["losses"], d["is_main"]
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+        return finite_json(d)
 
 
 def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
@@ -848,13 +849,8 @@ def _short_of_space(cfg: TrainConfig, start: int, stop: int, weight_bytes: int,
 def training_summary(state: dict[str, Any]) -> dict[str, Any]:
     """The part of a trainer state worth showing without loading it: step, settings, data sizes, losses
     (NaN written as null)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
-
-    return clean({"step": state["step"], "settings": state["settings"], "data": state["data"],
-                  "history": state["history"]})
+    return finite_json({"step": state["step"], "settings": state["settings"], "data": state["data"],
+                        "history": state["history"]})
 
 
 def load_trainer_state(out: Path) -> dict[str, Any]:
