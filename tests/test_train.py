@@ -375,13 +375,15 @@ def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
     r = CliRunner().invoke(get_app(), [
         "train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--block", "4", "--seq-len", "32",
         "--batch", "4", "--lr", "1e6", "--steps", "3", "--warmup", "0", "--eval-every", "0", "--device", "cpu",
-        "--json"])
+        "--json", "--log", str(tmp_path / "log.jsonl")])
     assert r.exit_code == 0, r.output
 
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
 
     res = json.loads(r.stdout.strip().splitlines()[-1], parse_constant=refuse)
+    logged = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in logged if e["event"] == "step"][1:] == [None, None]  # the --log file too
     assert res["final_loss"] is None and res["eval_loss_after"] is None, res  # diverged
     assert res["skipped_steps"] == 2  # steps 2 and 3: the huge weights of step 1 overflow the forward
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]  # said once, not only in a bar

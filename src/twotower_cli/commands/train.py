@@ -76,12 +76,14 @@ class TrainProgress:
         import dataclasses
         import time
 
+        from twotower_cli.display import finite_json
+
         kind = {"Started": "started", "StepDone": "step", "Evaluated": "eval", "Saved": "saved",
                 "Warned": "warning"}[type(ev).__name__]
         fields = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(ev).items()}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as f:
-            f.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+            f.write(json.dumps(finite_json({"event": kind, "time": round(time.time(), 3), **fields})) + "\n")
 
 
 def _fmt(x: float) -> str:
