@@ -165,7 +165,7 @@ def test_modes_that_write_no_tokens_have_no_quality_or_speed_up_and_json_stays_j
     """Every id an end id: no mode writes a token, so no likelihood, quality or speed-up can be measured.
     They are NaN in the rows, null in --json (strict JSON: no NaN), "-" in the table; the counts stay."""
     from twotower_cli.bench import rows_json
-    from twotower_cli.commands.bench import _number
+    from twotower_cli.display import number
 
     be = TowerBackend(load_model(folder, need_denoiser=True).twotower)
     rows = run_bench(be, [[5, 9, 11]], max_new_tokens=6, block=3, thresholds=[0.5], repeat=1,
@@ -175,7 +175,7 @@ def test_modes_that_write_no_tokens_have_no_quality_or_speed_up_and_json_stays_j
     for row in out:
         assert (row["mean_log_likelihood"], row["quality_vs_ar"], row["speedup_vs_ar"]) == (None, None, None)
         assert row["tokens_per_second"] == 0.0 and row["nfe"] >= 1
-    assert (_number(rows[1].quality_vs_ar, ".3f"), _number(0.25, ".2f", "×")) == ("-", "0.25×")
+    assert (number(rows[1].quality_vs_ar, ".3f"), number(0.25, ".2f", "×")) == ("-", "0.25×")
 
 
 def test_bench_on_plain_base_has_only_ar(tmp_path):

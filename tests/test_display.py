@@ -9,7 +9,7 @@ from rich.console import Console
 from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
 
 from twotower_cli import sampler as S
-from twotower_cli.display import LiveUnmasking, finite_json
+from twotower_cli.display import LiveUnmasking, finite_json, number
 from twotower_cli.text import Tokenizer
 from twotower_cli.towers import TowerBackend, load_model
 
@@ -200,3 +200,8 @@ def test_finite_json_nulls_every_nan_and_infinity_at_any_depth_and_keeps_the_res
     assert finite_json(value) == {"a": None, "b": [1.5, None, {"c": None, "d": [2, None]}], "e": "nan", "f": 0,
                                   "g": None, "h": True}
     assert finite_json(nan) is None and finite_json(3.0) == 3.0
+
+
+def test_number_formats_finite_values_and_shows_a_dash_for_nan_and_infinity():
+    assert (number(1.23456, ".2f"), number(2.5, ".2f", "×"), number(0.0, ".3f")) == ("1.23", "2.50×", "0.000")
+    assert [number(x, ".4f", "×") for x in (float("nan"), float("inf"), float("-inf"))] == ["-", "-", "-"]

@@ -389,6 +389,7 @@ def test_json_of_a_diverged_run_is_json(ckpt, data, tmp_path):
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]  # said once, not only in a bar
     assert len(warnings) == 1 and warnings[0].startswith("Warning: step 2: the loss is nan: the step is skipped")
     assert "2 steps skipped" in " ".join(r.stderr.split())
+    assert f"loss {res['first_loss']:.4f} → - · eval {res['eval_loss_before']:.4f} → - ·" in " ".join(r.stderr.split())
     assert isinstance(res["first_loss"], float) and isinstance(res["eval_loss_before"], float)
 
 

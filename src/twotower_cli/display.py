@@ -41,6 +41,12 @@ def finite_json(v: Any) -> Any:
     return [finite_json(x) for x in v] if isinstance(v, list | tuple) else v
 
 
+def number(x: float, spec: str, unit: str = "") -> str:
+    """`x` for people, formatted by `spec` (then `unit`), or "-" where it is NaN or infinite: a number that
+    could not be measured (`finite_json`'s null)."""
+    return f"{x:{spec}}{unit}" if math.isfinite(x) else "-"
+
+
 def stdout_is_terminal() -> bool:
     """Whether the results go to the screen the live view draws on (then its last frame is the result)."""
     import sys

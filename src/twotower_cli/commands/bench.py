@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +42,7 @@ def bench(
 
     from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, rows_json, run_bench
     from twotower_cli.checkpoint import open_checkpoint
-    from twotower_cli.display import err_console
+    from twotower_cli.display import err_console, number
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.model.loading import require_shards
     from twotower_cli.runtime import fetch_model, open_runtime
@@ -105,8 +104,8 @@ def bench(
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for r in rows:
         table.add_row(r.mode, "" if r.threshold is None else f"{r.threshold:g}", f"{r.tokens_per_second:.1f}",
-                      str(r.nfe), f"{r.tokens_per_nfe:.2f}", _number(r.speedup_vs_ar, ".2f", "×"),
-                      _number(r.quality_vs_ar, ".3f"))
+                      str(r.nfe), f"{r.tokens_per_nfe:.2f}", number(r.speedup_vs_ar, ".2f", "×"),
+                      number(r.quality_vs_ar, ".3f"))
     console.print(table)
     console.print(f"[dim]{where} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
                   f"{m['torch_threads']} threads · {settings['dtype']}[/]")
@@ -114,8 +113,3 @@ def bench(
         graphs = f" · cuda graphs: {rt.backend.captures} captures" if cuda_graphs else ""
         console.print(f"[dim]{escape(m['gpu'])} · kernels: {escape(m['kernels'])} · experts: "
                       f"{escape(m.get('experts', '-'))}{graphs}[/]", highlight=False)
-
-
-def _number(x: float, spec: str, unit: str = "") -> str:
-    """A table cell: `x` formatted, or "-" where it could not be measured (NaN: a mode that wrote no tokens)."""
-    return f"{x:{spec}}{unit}" if math.isfinite(x) else "-"

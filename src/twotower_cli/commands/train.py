@@ -8,7 +8,6 @@ stderr (loss, eval loss, tokens/s, ETA). `--json` prints one JSON object on stdo
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -86,10 +85,6 @@ class TrainProgress:
             f.write(json.dumps(finite_json({"event": kind, "time": round(time.time(), 3), **fields})) + "\n")
 
 
-def _fmt(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.4f}"
-
-
 @app.command()
 @guarded
 def train(
@@ -126,7 +121,7 @@ def train(
 ) -> None:
     """Train the denoiser by masked diffusion; the context tower stays frozen."""
     from twotower_cli import train as T
-    from twotower_cli.display import err_console
+    from twotower_cli.display import err_console, number
     from twotower_cli.errors import TwoTowerError, count
 
     checkpoint, more_data = O.checkpoint_first(checkpoint, model, more_data, "train")
@@ -155,10 +150,11 @@ def train(
                                 "continue with the same command and --resume") from None
     if not result.is_main:
         return
+    first, final, before, after = (number(x, ".4f") for x in (result.first_loss, result.final_loss,
+                                                               result.eval_loss_before, result.eval_loss_after))
     err_console().print(  # tok/s: this invocation's tokens over its time in optimizer steps (TrainResult)
         f"[dim]steps {result.start_step}→{result.steps} · {result.tokens:,} tokens in {result.train_seconds:.1f} s of "
-        f"steps: {result.tokens_per_second:,.0f} tok/s · loss {_fmt(result.first_loss)} → "
-        f"{_fmt(result.final_loss)} · eval {_fmt(result.eval_loss_before)} → {_fmt(result.eval_loss_after)} · "
+        f"steps: {result.tokens_per_second:,.0f} tok/s · loss {first} → {final} · eval {before} → {after} · "
         f"{result.seconds:.1f} s in all · saved {result.out}[/]"
         + (f" [yellow]· {count(result.skipped_steps, 'step')} skipped (loss or gradients not finite)[/]"
            if result.skipped_steps else ""))
