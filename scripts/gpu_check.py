@@ -635,8 +635,9 @@ def main() -> None:
                      "(benchmarks/predict.py)", wanted, 7):
             import predict as predict_bench
             predict_bench.run(device, vocab=NANO["vocab_size"] if not smoke else 256, rounds=1 if smoke else 5)
-    peak = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else float("nan")
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak:.1f} GiB")
+    peak = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda"
+            else "n/a off CUDA")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s · peak GPU memory {peak}")
 
 
 def parse_sections(spec: str) -> set[int]:

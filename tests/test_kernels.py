@@ -1310,6 +1310,7 @@ def test_gpu_check_script_runs_on_cpu():
         assert header in out, header
     for line in ("host syncs per step", "GPU activities per step", "CUDA-graph ceiling"):
         assert any(ln.startswith(line) and ln.endswith("n/a off CUDA") for ln in out.splitlines()), line
+    assert out.rstrip().endswith("peak GPU memory n/a off CUDA"), out[-200:]  # was "nan GiB"
     for line in ("host time per step, torch", "host time per step, kernel"):
         lines = out.splitlines()
         i = next(i for i, ln in enumerate(lines) if ln.startswith(line))
