@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -216,6 +217,40 @@ def test_dtype_conversion(tmp_path, dtype, torch_dtype):
         for d in dst:
             assert got[d].dtype == torch_dtype and torch.equal(got[d], value.to(torch_dtype)), d
     assert_identity_time_conditioning(out, torch_dtype)
+
+
+@pytest.mark.parametrize(("src_dtype", "value", "fits"), [
+    (torch.float32, 65504.0, True),  # fp16's largest
+    (torch.float32, 65519.0, True),  # rounds down to it
+    (torch.float32, 65520.0, False),  # rounds up to Inf
+    (torch.float32, -1e6, False),
+    (torch.bfloat16, 1e6, False),
+    (torch.bfloat16, 60000.0, True),
+    (torch.float32, float("inf"), True),  # already not finite in the source: kept as it is (inspect --values)
+    (torch.float32, float("nan"), True),
+])
+def test_fp16_refuses_a_value_it_would_turn_into_inf(tmp_path, src_dtype, value, fits):
+    """--dtype fp16 of a value beyond its range would write Inf (and numpy warned with a source line): one
+    Error line naming the tensor, no output, the source untouched. Values that round into range convert as
+    torch converts them."""
+    cfg = small_config()
+    norm = random_tensors(cfg, src_dtype)["backbone.norm_f.weight"]
+    norm[3] = value
+    src = random_checkpoint(tmp_path / "src", cfg, dtype=src_dtype, extra={"backbone.norm_f.weight": norm})
+    before = digest(src)
+    r = invoke(str(src), "-o", str(tmp_path / "out"), "--dtype", "fp16")
+    assert "RuntimeWarning" not in r.output
+    if fits:
+        assert r.exit_code == 0, r.output
+        got = load_file(str(tmp_path / "out" / "model.safetensors"))["context_tower.norm_f.weight"]
+        torch.testing.assert_close(got, norm.to(torch.float16), rtol=0, atol=0, equal_nan=True)
+        assert torch.isfinite(got[3]) == math.isfinite(value)
+    else:
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+        assert r.exit_code == 1 and len(errors) == 1, r.output
+        assert "norm_f.weight holds values beyond fp16's range" in errors[0] and "--dtype bf16" in errors[0]
+        assert not (tmp_path / "out").exists() and "Traceback" not in r.output
+    assert digest(src) == before
 
 
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])

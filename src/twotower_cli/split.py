@@ -500,7 +500,8 @@ def _encode(x: Any, dtype: str) -> bytes:
         out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
         out[np.isnan(x)] = 0x7FC0  # the rounding carry would turn some NaN payloads into ±0
         return out.tobytes()
-    return x.astype({"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).tobytes()
+    with np.errstate(over="ignore"):  # fp16 overflow: `converted_chunks` says which tensor, not numpy
+        return x.astype({"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).tobytes()
 
 
 def _decode(raw: bytes, dtype: str) -> Any:
@@ -514,12 +515,24 @@ def _decode(raw: bytes, dtype: str) -> Any:
 
 def converted_chunks(fd: int, t: OutTensor, chunk: int = BUFFER_BYTES) -> Iterator[bytes]:
     """Bytes of a source tensor converted to `t.dtype`, a chunk of elements at a time. numpy, not torch:
-    bf16 is a shift away from float32, and the process stays small."""
+    bf16 is a shift away from float32, and the process stays small. fp16 is the one target whose range is
+    narrower than its sources' (±65,504 against bf16's and fp32's 3.4e38): a finite value that would become
+    Inf there is an error naming the tensor, so no checkpoint is written with Inf in it."""
+    import numpy as np
+
     assert t.src is not None
     step = chunk - chunk % DTYPE_BYTES[t.src.dtype]
     for off in range(t.src.start, t.src.end, step):
         raw = _pread_exact(fd, min(step, t.src.end - off), off, t.src.file)
-        yield _encode(_decode(raw, t.src.dtype), t.dtype)
+        x = _decode(raw, t.src.dtype)
+        data = _encode(x, t.dtype)
+        # fp16 Inf or NaN has all exponent bits set: one cheap pass over the bits finds none almost always;
+        # only a chunk with one compares finite counts with the source's.
+        if t.dtype == "F16" and (np.frombuffer(data, "<u2") & 0x7FFF).max(initial=0) >= 0x7C00 and \
+                np.isfinite(x).sum() != np.isfinite(np.frombuffer(data, "<f2")).sum():
+            raise TwoTowerError(f"{t.name} holds values beyond fp16's range (±65,504), which --dtype fp16 would "
+                                "write as Inf", "use --dtype bf16 (fp32's range) or leave --dtype out")
+        yield data
 
 
 def _pread_exact(fd: int, n: int, offset: int, name: str) -> bytes:
