@@ -615,6 +615,33 @@ def test_bf16_checkpoint_keeps_dtypes_and_bytes(tmp_path, data):
     assert state["master"]["lm_head.weight"].dtype == torch.float32
 
 
+def test_a_save_that_fp16_cannot_hold_is_refused_and_out_is_left_alone(tmp_path, data):
+    """An fp16 checkpoint trained at an absurd --lr: the fp32 masters stay finite (the steps that overflow
+    are skipped) but leave fp16's range, so the save would hold Inf. It is refused with one Error line naming
+    the step and the tensor, and nothing is written; at a sane --lr the same checkpoint saves in fp16."""
+    from twotower_cli.checkpoint import write_checkpoint
+
+    src = write_twotower(tmp_path / "fp32", random_base(tiny_cfg(), seed=5))
+    half = tmp_path / "fp16"
+    half.mkdir()
+    write_checkpoint(half, {k: v if k.endswith(("A_log", "mixer.D", "dt_bias")) else v.half()
+                            for k, v in tensors(src).items()},
+                     json.loads((src / "config.json").read_text()), force=True,
+                     extra_files=[src / "tokenizer.json", src / "tokenizer_config.json"])
+    common = ["train", str(half), "--data", str(data), "--block", "4", "--seq-len", "32", "--batch", "4",
+              "--steps", "3", "--warmup", "0", "--eval-every", "0", "--device", "cpu"]
+    r = CliRunner().invoke(get_app(), [*common, "-o", str(tmp_path / "out"), "--lr", "1e6"])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert errors[0].startswith("Error: step 3: the trained denoiser_tower.") and "beyond fp16's range" in errors[0]
+    assert f"nothing was saved to {tmp_path / 'out'}" in errors[0] and "--lr" in errors[0]
+    assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(get_app(), [*common, "-o", str(tmp_path / "sane"), "--lr", "3e-3"])
+    assert r.exit_code == 0, r.output
+    saved = tensors(tmp_path / "sane")
+    assert saved["lm_head.weight"].dtype == torch.float16 and all(bool(t.isfinite().all()) for t in saved.values())
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 def bad_inputs(ckpt: Path, data: Path, tmp: Path) -> dict[str, list[str]]:

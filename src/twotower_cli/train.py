@@ -805,7 +805,16 @@ def checkpoint_tensors(model: TwoTower, source: Checkpoint) -> dict[str, Tensor]
             info = source.tensors.get(name)
             dtype = _SAFETENSORS_DTYPES.get(info.dtype, default) if info is not None else default
             out[name] = t.detach().to("cpu", dtype)
+            # fp16 is the one save dtype narrower in range than the fp32 masters: Inf there is a save refused
+            if dtype == torch.float16 and not bool(out[name].isfinite().all()) and bool(t.isfinite().all()):
+                raise OutOfRange(f"the trained {name} has values beyond fp16's range (±65,504), which the "
+                                 "checkpoint's fp16 would hold as Inf")
     return out
+
+
+class OutOfRange(TwoTowerError):
+    """A trained weight that the checkpoint's dtype cannot hold (`checkpoint_tensors`); `train` says which
+    step and what OUT holds."""
 
 
 def save_checkpoint(out: Path, model: TwoTower, source_folder: Path, config: dict[str, Any],
@@ -1133,21 +1142,27 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
     def save(step: int) -> None:
         trainer_state = {"version": STATE_VERSION, "step": step, "settings": settings, "data": data_sizes,
                          "history": history, "rng": {"torch": torch.get_rng_state()}}
-        if cfg.fsdp:  # weights gathered to rank 0; optimizer state and masters written sharded, by every rank
-            shadow = sharded.gather(denoiser, mcfg, source, env.is_main)
-            if env.is_main:
-                save_checkpoint(Path(cfg.out), shadow, source_folder, config, trainer_state,
-                                also=lambda tmp: sharded.save_shards(tmp, denoiser, opt))
+        try:
+            if cfg.fsdp:  # weights gathered to rank 0; optimizer state and masters written sharded, by every rank
+                shadow = sharded.gather(denoiser, mcfg, source, env.is_main)
+                if env.is_main:
+                    save_checkpoint(Path(cfg.out), shadow, source_folder, config, trainer_state,
+                                    also=lambda tmp: sharded.save_shards(tmp, denoiser, opt))
+                    emit(Saved(step, Path(cfg.out)))
+                else:
+                    sharded.save_shards(None, denoiser, opt)
+                del shadow
+            elif env.is_main:
+                trainer_state["optimizer"] = opt.state_dict()
+                if lossy:
+                    trainer_state["master"] = {n: p.detach().cpu() for n, p in params}
+                save_checkpoint(Path(cfg.out), model, source_folder, config, trainer_state)
                 emit(Saved(step, Path(cfg.out)))
-            else:
-                sharded.save_shards(None, denoiser, opt)
-            del shadow
-        elif env.is_main:
-            trainer_state["optimizer"] = opt.state_dict()
-            if lossy:
-                trainer_state["master"] = {n: p.detach().cpu() for n, p in params}
-            save_checkpoint(Path(cfg.out), model, source_folder, config, trainer_state)
-            emit(Saved(step, Path(cfg.out)))
+        except OutOfRange as e:  # nothing of this save was written: OUT is as the last save left it
+            held = f"{cfg.out} holds step {env.saved}" if env.saved is not None else f"nothing was saved to {cfg.out}"
+            raise TwoTowerError(f"step {step}: {e.message}; the save was not written, so {held}",
+                                "lower --lr or raise --warmup, or train a bf16 checkpoint (`twotower split --dtype "
+                                "bf16`)") from None
         env.barrier()
         env.saved = step
         if (interrupt := deferred_interrupt()) is not None:  # it came as the save's old output was removed:
