@@ -843,12 +843,19 @@ def test_nan_logits_answer_their_request_with_the_error_and_the_model_goes_on(fo
     """NaN logits mid-request are a 500 that says so (not a reply of arbitrary ids); the next request's reply
     is the sampler's."""
     tok = Tokenizer(folder)
-    engine = Engine(NanOnce(model, fail_at=3), tok, [2, 38], CFG, "tiny-test")
+    backend = NanOnce(model, fail_at=3)
+    engine = Engine(backend, tok, [2, 38], CFG, "tiny-test")
     with serving(engine) as base:
         status, text = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})
         after = json.loads(post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})[1])
-    assert status == 500 and "logits are NaN or infinite" in json.loads(text)["error"]["message"]
-    assert engine.counts["failed_requests_total"] == 1
+        backend.calls = 0  # NaN again at the third denoiser forward, now in a stream
+        streamed, stream_text = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12,
+                                                               "stream": True})
+    message = json.loads(text)["error"]["message"]  # the error's own words and hint, not its type's name
+    assert status == 500 and message.startswith("the model's logits are NaN or infinite") and "--dtype" in message
+    got, done = events(stream_text)  # the headers were out: the error is the stream's last event
+    assert streamed == 200 and done and got[-1]["error"]["message"] == message
+    assert engine.counts["failed_requests_total"] == 2
     want = reference(model, tok.encode("hello there"), replace_cfg(max_new_tokens=12))
     assert after["choices"][0]["text"] == tok.decode(want.token_ids)
 
@@ -860,7 +867,7 @@ def test_prompt_logprobs_of_a_nan_model_are_an_error_not_nan(folder, tmp_path):
     with serving(engine) as base:
         status, text = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 0, "echo": True,
                                                       "logprobs": 1})
-    assert status == 500 and "log-probabilities are NaN or infinite" in json.loads(text)["error"]["message"]
+    assert status == 500 and json.loads(text)["error"]["message"].startswith("the model's log-probabilities are NaN")
 
 
 def test_max_waiting_refuses_with_a_503_and_retry_after(folder, model):

@@ -209,6 +209,12 @@ class BadRequest(Exception):
         self.message, self.status, self.code = message, status, code
 
 
+def _failure(e: BaseException) -> str:
+    """A failed request's 500 message: a TwoTowerError's own text (message and hint: NaN logits, say), else
+    the exception's type and text."""
+    return str(e) if isinstance(e, TwoTowerError) else f"{type(e).__name__}: {e}"
+
+
 def _error_body(status: int, message: str, code: str | None = None) -> dict:
     """An OpenAI error object, for an answer of `status` (or an error event in a stream)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -1465,7 +1471,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 if self._stream is not None:  # the stream's headers are out: no other answer can follow
                     self.close_connection = True
                 else:
-                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, _failure(e))
 
         def _write(self, data: bytes) -> None:
             """Bytes of the event stream: a chunk each (HTTP/1.1), or as they are (HTTP/1.0: the stream ends
@@ -1513,7 +1519,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             except BadRequest as e:  # the server shutting down, or full (`run(room=True)`): the 503 not sent as such
                 send(_error_body(e.status, e.message, e.code))
             except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream
-                send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}"))
+                send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, _failure(e)))
             send("[DONE]")
             if self._stream:
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk
