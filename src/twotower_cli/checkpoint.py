@@ -44,6 +44,29 @@ DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
+# A floating-point value is NaN or Inf when every bit of its exponent is set; Inf when its mantissa is 0 as
+# well. Per safetensors dtype: (little-endian unsigned view, exponent bits, mantissa bits). F8_E4M3 (the
+# "fn" variant) has no Inf, and its only NaN is S.1111.111: its "exponent" here is those seven bits.
+FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("<u4", 0x7F800000, 0x007FFFFF),
+              "F16": ("<u2", 0x7C00, 0x03FF), "BF16": ("<u2", 0x7F80, 0x007F), "F8_E5M2": ("u1", 0x7C, 0x03),
+              "F8_E4M3": ("u1", 0x7F, None)}
+
+
+def nonfinite_counts(data: bytes | memoryview, dtype: str) -> tuple[int, int]:
+    """NaN and Inf counts of the little-endian `dtype` values (a FLOAT_BITS key) in `data`, from their bits
+    alone (no conversion; a partial last value is ignored). The common case, none, costs one masked max."""
+    import numpy as np
+
+    view, exponent, mantissa = FLOAT_BITS[dtype]
+    bits = np.frombuffer(data, dtype=view, count=len(data) // DTYPE_BYTES[dtype])
+    masked = bits & exponent
+    if not len(bits) or masked.max() != exponent:  # no value has every exponent bit set
+        return 0, 0
+    hits = bits[masked == exponent]
+    inf = 0 if mantissa is None else int(np.count_nonzero((hits & mantissa) == 0))
+    return len(hits) - inf, inf
+
+
 TORCH_DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                      "bf16": "bfloat16", "bfloat16": "bfloat16", "fp64": "float64", "float64": "float64"}
 

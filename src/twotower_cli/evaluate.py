@@ -157,10 +157,10 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
             if progress:
                 progress(done, total)
     masked = sum(counts)
-    if not math.isfinite(sum(sums)):
+    if not math.isfinite(loss_sum := sum(sums)):
         raise non_finite("the denoiser's losses", "there is no diffusion loss to report")
     result.block, result.noise_per = block, noise_per
-    result.diffusion_loss = sum(sums) / max(masked, 1)
+    result.diffusion_loss = loss_sum / max(masked, 1)
     result.masked_tokens = masked
     result.by_t = [{"t_max": e, "loss": s / c if c else None, "tokens": c} for e, s, c in zip(T_EDGES, sums, counts,
                                                                                            strict=True)]

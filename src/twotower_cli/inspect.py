@@ -39,10 +39,12 @@ from typing import Any
 
 from twotower_cli.checkpoint import (
     DTYPE_BYTES,
+    FLOAT_BITS,
     INDEX_NAME,
     Checkpoint,
     TensorInfo,
     index_problems,
+    nonfinite_counts,
     open_checkpoint,
 )
 from twotower_cli.config import LAYER_KINDS, NemotronHConfig
@@ -409,12 +411,6 @@ def _chunk_sizes(total: int, chunk: int = 8 * 1024 * 1024) -> list[int]:
     return [min(chunk, total - o) for o in range(0, total, chunk)]
 
 
-# A floating-point value is NaN or Inf when every bit of its exponent is set; Inf when its mantissa is 0 as
-# well. Per safetensors dtype: (little-endian unsigned view, exponent bits, mantissa bits). F8_E4M3 (the
-# "fn" variant) has no Inf, and its only NaN is S.1111.111: its "exponent" here is those seven bits.
-_FLOAT_BITS = {"F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF), "F32": ("<u4", 0x7F800000, 0x007FFFFF),
-               "F16": ("<u2", 0x7C00, 0x03FF), "BF16": ("<u2", 0x7F80, 0x007F), "F8_E5M2": ("u1", 0x7C, 0x03),
-               "F8_E4M3": ("u1", 0x7F, None)}
 _SCAN_CHUNK = 16 * 1024 * 1024
 
 
@@ -432,7 +428,7 @@ def scan_values(ckpt: Checkpoint, on_bytes: Callable[[int, int], None] | None = 
     result: dict[str, Any] = {"tensors": 0, "bytes": 0, "not_float": [], "unread": [], "nonfinite": {}}
     by_file: dict[str, list[TensorInfo]] = {}
     for t in ckpt.tensors.values():
-        if t.dtype not in _FLOAT_BITS:
+        if t.dtype not in FLOAT_BITS:
             result["not_float"].append(t.name)
         else:
             by_file.setdefault(t.file, []).append(t)
@@ -478,11 +474,7 @@ def _scan_file(path: Path, infos: list[TensorInfo], on_bytes: Callable[[int], No
 
 def _scan_tensor(fd: int, t: TensorInfo, on_bytes: Callable[[int], None] | None) -> tuple[int, int, int]:
     """NaN count, Inf count and bytes read of one tensor (fewer than its size where the file ends first)."""
-    import numpy as np
-
-    view, exponent, mantissa = _FLOAT_BITS[t.dtype]
-    width = DTYPE_BYTES[t.dtype]
-    step = _SCAN_CHUNK - _SCAN_CHUNK % width
+    step = _SCAN_CHUNK - _SCAN_CHUNK % DTYPE_BYTES[t.dtype]
     nan = inf = read = 0
     start, end = t.file_range
     for offset in range(start, end, step):
@@ -491,13 +483,8 @@ def _scan_tensor(fd: int, t: TensorInfo, on_bytes: Callable[[int], None] | None)
         read += len(data)
         if on_bytes is not None:
             on_bytes(len(data))
-        bits = np.frombuffer(data, dtype=view, count=len(data) // width)
-        special = (bits & exponent) == exponent
-        if special.any():
-            hits = bits[special]
-            n_inf = 0 if mantissa is None else int(np.count_nonzero((hits & mantissa) == 0))
-            inf += n_inf
-            nan += len(hits) - n_inf
+        n, i = nonfinite_counts(data, t.dtype)
+        nan, inf = nan + n, inf + i
         if len(data) < want:
             break
     return nan, inf, read

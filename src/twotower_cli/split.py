@@ -47,6 +47,7 @@ from twotower_cli.checkpoint import (
     check_output_folder,
     encode_header,
     index_problems,
+    nonfinite_counts,
     open_checkpoint,
     parse_size,
     shard_names,
@@ -518,18 +519,14 @@ def converted_chunks(fd: int, t: OutTensor, chunk: int = BUFFER_BYTES) -> Iterat
     bf16 is a shift away from float32, and the process stays small. fp16 is the one target whose range is
     narrower than its sources' (±65,504 against bf16's and fp32's 3.4e38): a finite value that would become
     Inf there is an error naming the tensor, so no checkpoint is written with Inf in it."""
-    import numpy as np
-
     assert t.src is not None
     step = chunk - chunk % DTYPE_BYTES[t.src.dtype]
     for off in range(t.src.start, t.src.end, step):
         raw = _pread_exact(fd, min(step, t.src.end - off), off, t.src.file)
-        x = _decode(raw, t.src.dtype)
-        data = _encode(x, t.dtype)
-        # fp16 Inf or NaN has all exponent bits set: one cheap pass over the bits finds none almost always;
-        # only a chunk with one compares finite counts with the source's.
-        if t.dtype == "F16" and (np.frombuffer(data, "<u2") & 0x7FFF).max(initial=0) >= 0x7C00 and \
-                np.isfinite(x).sum() != np.isfinite(np.frombuffer(data, "<f2")).sum():
+        data = _encode(_decode(raw, t.src.dtype), t.dtype)
+        # the source's count is read only for a chunk whose fp16 holds a NaN or Inf (almost never)
+        if t.dtype == "F16" and (bad := sum(nonfinite_counts(data, "F16"))) and \
+                bad > sum(nonfinite_counts(raw, t.src.dtype)):
             raise TwoTowerError(f"{t.name} holds values beyond fp16's range (±65,504), which --dtype fp16 would "
                                 "write as Inf", "use --dtype bf16 (fp32's range) or leave --dtype out")
         yield data
