@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from twotower_cli import train as T
 from twotower_cli.cli import get_app
+from twotower_cli.errors import TwoTowerError
 from twotower_cli.evaluate import T_EDGES, evaluate
 from twotower_cli.text import Tokenizer
 from twotower_cli.towers import causal_lm_view, load_model
@@ -181,3 +182,25 @@ def test_eval_places_the_towers_as_generate_does(folder, data, monkeypatch):
 def test_a_data_folder_is_named_as_one(folder, tmp_path):
     r = invoke("--model", str(folder), "--data", str(tmp_path))
     assert r.exit_code == 1 and f"data file {tmp_path} is a folder, not a file" in r.stderr, r.output
+
+
+def test_a_missing_data_file_is_said_before_the_model_is_fetched(monkeypatch, tmp_path):
+    """A typo in --data fails at once, not after a hub checkpoint's download (tens of GB)."""
+    from twotower_cli import runtime
+
+    def fetch(*a, **k):
+        raise AssertionError("fetched the model before checking the data")
+
+    monkeypatch.setattr(runtime, "fetch_model", fetch)
+    with pytest.raises(TwoTowerError, match=f"data file {tmp_path / 'typo.txt'} does not exist"):
+        evaluate("nvidia/Nemotron-Labs-TwoTower", [tmp_path / "typo.txt"])
+
+
+def test_a_checkpoint_named_first_as_train_takes_it_points_at_m(folder, data):
+    """`eval CKPT --data FILE` (train's order): the checkpoint is named as one, and the hint says -m."""
+    r = invoke(str(folder), "--data", str(data))
+    assert r.exit_code == 1 and r.stderr.splitlines() == [
+        f"Error: {folder} is a checkpoint folder, not a data file (hint: the checkpoint goes with -m, as in "
+        "`twotower eval -m CKPT --data FILE`)"], r.output
+    r = invoke("-m", str(folder), "--data", str(data), "other.txt")  # with -m: a data file that is not there
+    assert r.exit_code == 1 and "data file other.txt does not exist (hint: check the --data paths" in r.stderr

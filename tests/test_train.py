@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -690,6 +691,42 @@ def test_options_and_data_a_user_gets_wrong_are_named_in_the_error(ckpt, data, t
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], r.output
     assert not out.exists()
+
+
+def fed_through_a_pipe(path: Path, text: str) -> Path:
+    """A named pipe at `path` that a thread fills with `text` once (as `--data <(zcat corpus.txt.gz)` is)."""
+    os.mkfifo(path)
+    threading.Thread(target=lambda: path.write_text(text), daemon=True).start()
+    return path
+
+
+def test_data_from_a_pipe_trains_as_from_a_file(ckpt, data, tmp_path):
+    """`--data <(zcat corpus.txt.gz)`: train read it as tokenize and eval do (it said "does not exist")."""
+    args = ["--block", "4", "--seq-len", "32", "--steps", "2", "--eval-every", "0", "--device", "cpu", "--json"]
+    piped = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(fed_through_a_pipe(tmp_path / "p", TEXT)),
+                                           "-o", str(tmp_path / "piped"), *args])
+    assert piped.exit_code == 0, piped.output
+    plain = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "plain"),
+                                           *args])
+    keys = ("first_loss", "final_loss", "eval_loss_after")
+    assert [json.loads(piped.stdout)[k] for k in keys] == [json.loads(plain.stdout)[k] for k in keys]
+
+
+def test_each_rank_of_a_job_cannot_share_a_pipe(ckpt, tmp_path, monkeypatch):
+    """Under torchrun every rank reads the data: a pipe would give each a part of it (or nothing)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    os.mkfifo(tmp_path / "p")
+    with pytest.raises(TwoTowerError, match="is a pipe, not a file") as e:
+        run(ckpt, tmp_path / "p", tmp_path / "o")
+    assert "each rank reads the data" in e.value.hint and not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_given_as_data_is_named_as_one(ckpt, data, tmp_path):
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "--eval-data", str(ckpt),
+                                       "-o", str(tmp_path / "o"), "--steps", "1"])
+    assert r.exit_code == 1 and r.stderr.splitlines() == [
+        f"Error: {ckpt} is a checkpoint folder, not a data file (hint: check the --data and --eval-data paths "
+        "(each names a file))"], r.output
 
 
 # ---------------------------------------------------------------------------------------------- DDP

@@ -83,6 +83,9 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     T.check_noise_per(noise_per)
     if seed < 0:
         raise TwoTowerError(f"--seed {seed} is negative", "use a seed of 0 or more")
+    if not data:
+        raise TwoTowerError("no data files given", "pass --data FILE (text, JSONL or a .npy token stream)")
+    T.check_data_files(data)  # before a hub model is fetched (tens of GB)
     folder = fetch_model(model, None, device, dtype, context_device, denoiser_device)
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)

@@ -49,6 +49,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -117,10 +118,30 @@ def check_noise_per(value: str) -> None:
                             "sequence draws t once per sequence, as NVIDIA trains")
 
 
-def _no_data_file(path: Path) -> TwoTowerError:
-    """The error for a --data path that names no file."""
-    return TwoTowerError(f"data file {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}",
-                         "check the --data paths (each names a file)")
+DATA_HINT = "check the --data paths (each names a file)"
+
+
+def no_data_file(path: Path, hint: str = DATA_HINT) -> TwoTowerError:
+    """The error for a data path that names no file to read: what it names instead (a checkpoint folder, any
+    other folder, a pipe where the data is read more than once, nothing)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return TwoTowerError(f"{path} is a checkpoint folder, not a data file", hint)
+    if path.is_dir():
+        what = "is a folder, not a file"
+    elif path.exists():
+        what = "is a pipe, not a file" if stat.S_ISFIFO(path.stat().st_mode) else "is not a regular file"
+    else:
+        what = "does not exist"
+    return TwoTowerError(f"data file {path} {what}", hint)
+
+
+def check_data_files(paths: list[Path], hint: str = DATA_HINT, *, pipes: bool = True) -> None:
+    """Each of `paths` names a file (or, with `pipes`, a pipe such as `<(zcat corpus.txt.gz)`, read once):
+    checked before a checkpoint is fetched or loaded, so that a wrong path fails in a moment."""
+    for path in map(Path, paths):
+        if path.is_dir() or not path.exists() or not (pipes or path.is_file()):
+            raise no_data_file(path, hint)
 
 
 def derive_seed(*parts: int) -> int:
@@ -231,8 +252,7 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
         return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), count
 
     for path in map(Path, paths):
-        if path.is_dir() or not path.exists():  # files, and pipes (`tokenize --data <(zcat …)`: read once here)
-            raise _no_data_file(path)
+        check_data_files([path])  # files, and pipes (`tokenize --data <(zcat …)`: read once here)
         try:
             if path.suffix.lower() == ".jsonl":
                 docs: list[str] = []
@@ -275,8 +295,8 @@ def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = N
     `warn(message, hint)`. A file that is not a .npy array, or holds Python objects, is refused (numpy
     would offer to unpickle it, which runs code from the file)."""
     path = Path(path)
-    if not path.is_file():
-        raise _no_data_file(path)
+    if not path.is_file():  # memory-mapped: a pipe will not do
+        raise no_data_file(path)
     meta = token_file_meta(path)
     written = None
     if tokenizer is not None and meta.is_file():
@@ -1025,10 +1045,10 @@ def _train_checked(cfg: TrainConfig, began: float, job: list[Dist],
         raise TwoTowerError(f"{out} is the checkpoint given to train and holds no {TRAINER_STATE}, so there is "
                             "nothing to resume", "write to another -o (it must not be the checkpoint itself)")
     state = load_trainer_state(out) if resuming else None
-    for p in [*cfg.data, *cfg.eval_data]:
-        if not Path(p).is_file():
-            raise TwoTowerError(f"data file {p} {'is a folder, not a file' if Path(p).is_dir() else 'does not exist'}",
-                                "check the --data and --eval-data paths (each names a file)")
+    # a pipe (`--data <(zcat corpus.txt.gz)`) is read once: by one process, not by each rank of a torchrun job
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    check_data_files([*cfg.data, *cfg.eval_data], "check the --data and --eval-data paths (each names a file)"
+                     if processes == 1 else "each rank reads the data: write it to a file first", pipes=processes == 1)
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
     if not resuming:
         check_output_folder(out, source_folder, inputs=inputs)

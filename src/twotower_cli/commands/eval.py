@@ -39,13 +39,13 @@ def eval_(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from twotower_cli import train as T
     from twotower_cli.display import err_console
-    from twotower_cli.errors import TwoTowerError
     from twotower_cli.evaluate import evaluate
 
+    if model is None:  # `eval CKPT --data FILE`, as train takes it: the checkpoint goes with -m here
+        T.check_data_files(more_data or [], "the checkpoint goes with -m, as in `twotower eval -m CKPT --data FILE`")
     files = [*(data or []), *(more_data or [])]
-    if not files:
-        raise TwoTowerError("no data files given", "pass --data FILE (text, JSONL or a .npy token stream)")
     console = err_console()
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as bar:

@@ -62,9 +62,7 @@ def tokenize(
     for p in paths:
         if p.suffix.lower() == ".npy":
             raise TwoTowerError(f"{p} is already tokenized", "pass it to `train --data` as it is")
-        if p.is_dir() or not p.exists():  # a pipe is fine (`--data <(zcat corpus.txt.gz)`): it is read once
-            raise TwoTowerError(f"data file {p} {'is a folder, not a file' if p.is_dir() else 'does not exist'}",
-                                "check the --data paths")
+        T.check_data_files([p])  # a pipe is fine (`--data <(zcat corpus.txt.gz)`): it is read once
         for written in (out, meta):  # the same file under another name (a link): writing it would replace the data
             if written.exists() and os.path.samefile(written, p):
                 raise TwoTowerError(f"-o {out} would replace the data file {p}"
