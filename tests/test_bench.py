@@ -213,7 +213,10 @@ def test_bench_prompt_file_that_is_a_folder_is_named_as_one(folder, tmp_path):
     """--prompts DIR: said "does not exist" of a folder that exists; generate's --prompt-file says what it is."""
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(tmp_path)])
     want = CliRunner().invoke(get_app(), ["generate", "--model", str(folder), "--prompt-file", str(tmp_path)])
-    assert r.exit_code == want.exit_code == 1 and r.stderr == want.stderr and "not a regular file" in r.stderr
+    assert r.exit_code == want.exit_code == 1 and r.stderr == want.stderr
+    assert r.stderr == f"Error: prompt file {tmp_path} is a folder, not a file (hint: check the path)\n"
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--prompts", str(folder)])
+    assert r.stderr == f"Error: {folder} is a checkpoint folder, not a prompt file (hint: check the path)\n"
 
 
 def test_bench_prompt_file_that_is_not_utf8_is_one_error_line(folder, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.twotower_helpers import (
     add_chat,
+    fed_through_a_pipe,
     random_base,
     reshard,
     tiny_cfg,
@@ -311,6 +312,8 @@ def test_cli_dash_reads_stdin_and_a_byte_order_mark_is_not_text(trained_like, tm
     assert results(invoke("--prompt-file", str(bom), *common)) == want
     assert results(invoke("--prompt-file", "-", *common, input=lines)) == want
     assert results(invoke("-", *common, input="hello\n")) == want[:1]
+    piped = fed_through_a_pipe(tmp_path / "pipe", lines)  # `--prompt-file <(…)`: it said "not a regular file"
+    assert results(invoke("--prompt-file", str(piped), *common)) == want
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     for r, source in ((invoke("--prompt-file", str(empty), *common), f"prompt file {empty}"),
@@ -466,7 +469,7 @@ BAD = [
     (["hi", "--mask-token-id", "4000"], "outside the vocabulary"),
     (["hi", "--stop", "4000"], "stop id [4000] is outside the vocabulary"),
     (["hi", "--stop", "-1"], "stop id [-1]"),
-    (["--prompt-file", "/dev/null"], "is not a regular file"),
+    (["--prompt-file", "/dev/null"], "prompt file /dev/null holds no prompts"),  # read as a pipe is
     (["hi", "--batch-size", "0"], "batch size 0"),
     (["hi", "--mode", "nope"], "mode"),
     (["hi", "--temperature", "inf"], "temperature inf must be a finite number"),  # it sampled <unk> every token

@@ -21,14 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tests.twotower_helpers import random_base, tiny_cfg, write_base, write_twotower
+from tests.twotower_helpers import fed_through_a_pipe, random_base, tiny_cfg, write_base, write_twotower
 from typer.testing import CliRunner
 
 from twotower_cli import train as T
@@ -691,13 +690,6 @@ def test_options_and_data_a_user_gets_wrong_are_named_in_the_error(ckpt, data, t
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], r.output
     assert not out.exists()
-
-
-def fed_through_a_pipe(path: Path, text: str) -> Path:
-    """A named pipe at `path` that a thread fills with `text` once (as `--data <(zcat corpus.txt.gz)` is)."""
-    os.mkfifo(path)
-    threading.Thread(target=lambda: path.write_text(text), daemon=True).start()
-    return path
 
 
 def test_data_from_a_pipe_trains_as_from_a_file(ckpt, data, tmp_path):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import torch
@@ -209,3 +211,10 @@ def stop_inside(text: str) -> str:
             if text.find(text[i:i + n]) == i:
                 return text[i:i + n]
     raise AssertionError(f"no stop text to take from {text!r}")
+
+
+def fed_through_a_pipe(path: Path, text: str) -> Path:
+    """A named pipe at `path` that a thread fills with `text` once, as the shell's `<(zcat corpus.txt.gz)` is."""
+    os.mkfifo(path)
+    threading.Thread(target=lambda: path.write_text(text), daemon=True).start()
+    return path

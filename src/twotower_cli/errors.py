@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
 
 class TwoTowerError(Exception):
     """A problem the user can fix. `message` says what is wrong, `hint` what to do about it."""
@@ -26,6 +30,29 @@ def non_finite(what: str, so: str) -> TwoTowerError:
     return TwoTowerError(f"{what} are NaN or infinite, so {so}",
                          "check the weights with `twotower inspect --values`; fp16 activations can overflow: "
                          "try --dtype bf16 or fp32")
+
+
+def not_a_file(path: Path, what: str, hint: str) -> TwoTowerError:
+    """The error for a path given as a `what` ("data file", "prompt file") that names no file to read: what it
+    names instead (a checkpoint folder, another folder, a pipe where one will not do, nothing)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return TwoTowerError(f"{path} is a checkpoint folder, not a {what}", hint)
+    if path.is_dir():
+        found = "is a folder, not a file"
+    elif path.exists():
+        found = "is a pipe, not a file" if stat.S_ISFIFO(path.stat().st_mode) else "is not a regular file"
+    else:
+        found = "does not exist"
+    return TwoTowerError(f"{what} {path} {found}", hint)
+
+
+def check_files(paths: Iterable[Path], what: str, hint: str, *, pipes: bool = True) -> None:
+    """Each of `paths` names a file to read (or, with `pipes`, anything but a folder: a pipe such as
+    `<(zcat corpus.txt.gz)`, read once), else `not_a_file`'s error."""
+    for path in map(Path, paths):
+        if path.is_dir() or not path.exists() or not (pipes or path.is_file()):
+            raise not_a_file(path, what, hint)
 
 
 OUT_OF_DEVICE_MEMORY_HINT = ("use a smaller --dtype or batch, free the GPU, or put the towers on two GPUs "

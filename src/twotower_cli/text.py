@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, check_files
 
 _CUT_WINDOW = 1024  # characters on each side of a cut that `Tokenizer._cuts_cleanly` encodes
 _CUT_TRIES = 8  # candidate cuts of each kind tried per piece
@@ -457,9 +457,7 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bo
     elif str(prompt_file) == "-":
         prompts = parse_prompt_lines(read_stdin(sys.stdin.read).splitlines(), "stdin", conversations)
     elif prompt_file is not None:
-        if not prompt_file.is_file():
-            what = "is not a regular file" if prompt_file.exists() else "does not exist"
-            raise TwoTowerError(f"prompt file {prompt_file} {what}", "check the path")
+        check_files([prompt_file], "prompt file", "check the path")  # a pipe too: `--prompt-file <(…)`
         prompts = parse_prompt_lines(read_utf8(prompt_file, "prompt file").splitlines(), str(prompt_file), conversations)
     else:
         raise TwoTowerError("no prompt given", 'pass one, e.g. twotower generate "ROMEO.", or use --prompt-file')

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -78,7 +77,7 @@ from twotower_cli.checkpoint import (
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
 from twotower_cli.display import finite_json
-from twotower_cli.errors import TwoTowerError, describe, device_out_of_memory
+from twotower_cli.errors import TwoTowerError, check_files, describe, device_out_of_memory, not_a_file
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.derived import no_reuse
@@ -121,27 +120,10 @@ def check_noise_per(value: str) -> None:
 DATA_HINT = "check the --data paths (each names a file)"
 
 
-def no_data_file(path: Path, hint: str = DATA_HINT) -> TwoTowerError:
-    """The error for a data path that names no file to read: what it names instead (a checkpoint folder, any
-    other folder, a pipe where the data is read more than once, nothing)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return TwoTowerError(f"{path} is a checkpoint folder, not a data file", hint)
-    if path.is_dir():
-        what = "is a folder, not a file"
-    elif path.exists():
-        what = "is a pipe, not a file" if stat.S_ISFIFO(path.stat().st_mode) else "is not a regular file"
-    else:
-        what = "does not exist"
-    return TwoTowerError(f"data file {path} {what}", hint)
-
-
 def check_data_files(paths: list[Path], hint: str = DATA_HINT, *, pipes: bool = True) -> None:
-    """Each of `paths` names a file (or, with `pipes`, a pipe such as `<(zcat corpus.txt.gz)`, read once):
+    """Each of `paths` names a data file (or, with `pipes`, a pipe such as `<(zcat corpus.txt.gz)`, read once):
     checked before a checkpoint is fetched or loaded, so that a wrong path fails in a moment."""
-    for path in map(Path, paths):
-        if path.is_dir() or not path.exists() or not (pipes or path.is_file()):
-            raise no_data_file(path, hint)
+    check_files(paths, "data file", hint, pipes=pipes)
 
 
 def derive_seed(*parts: int) -> int:
@@ -296,7 +278,7 @@ def open_token_file(path: Path, vocab_size: int, tokenizer: Tokenizer | None = N
     would offer to unpickle it, which runs code from the file)."""
     path = Path(path)
     if not path.is_file():  # memory-mapped: a pipe will not do
-        raise no_data_file(path)
+        raise not_a_file(path, "data file", DATA_HINT)
     meta = token_file_meta(path)
     written = None
     if tokenizer is not None and meta.is_file():
