@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.twotower_helpers import fed_through_a_pipe
 from typer.testing import CliRunner
 
 from twotower_cli.cli import get_app
@@ -377,24 +378,21 @@ def test_a_tokenizer_saved_with_truncation_and_padding_gives_the_whole_text(tmp_
 
 def test_tokenize_reads_a_pipe_as_it_reads_the_file(tmp_path):
     """`--data <(zcat corpus.txt.gz)`: a pipe (here a named one, written by a thread) gives the stream the
-    same text as a file gives; a folder is refused by name."""
-    import os
-    import threading
-
+    same text as a file gives; a folder is refused by name, as data and as -o (which said "does not end in
+    .npy", with the hint of a sibling file)."""
     text = "ROMEO.\nBut soft, what light through yonder window breaks?\n\n" * 200
     (tmp_path / "d.txt").write_text(text)
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-    writer = threading.Thread(target=lambda: fifo.write_text(text), daemon=True)
-    writer.start()
+    fifo = fed_through_a_pipe(tmp_path / "pipe", text)
     r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(fifo), "-o", str(tmp_path / "p.npy")])
-    writer.join(30)
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "d.txt"), "-o", str(tmp_path / "f.npy")])
     assert r.exit_code == 0, r.output
     assert np.array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "f.npy"))
     r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path), "-o", str(tmp_path / "x.npy")])
     assert r.exit_code == 1 and f"data file {tmp_path} is a folder, not a file" in r.stderr, r.output
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "d.txt"), "-o", str(tmp_path)])
+    assert r.exit_code == 1 and r.stderr == (f"Error: {tmp_path} is a folder (hint: name the file to write, e.g. "
+                                             f"-o {tmp_path / 'tokens.npy'})\n"), r.output
 
 
 def test_the_checkpoint_may_be_named_with_m_as_elsewhere(tmp_path):

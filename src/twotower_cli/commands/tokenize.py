@@ -50,10 +50,10 @@ def tokenize(
     if out is None:
         raise TwoTowerError("no output file given", "pass -o OUT.npy")
     out = out.expanduser()
-    if out.suffix.lower() != ".npy":
-        raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
     if out.is_dir():  # --force or not: a folder is not replaced by a file (nor its contents lost)
         raise TwoTowerError(f"{out} is a folder", f"name the file to write, e.g. -o {out / 'tokens.npy'}")
+    if out.suffix.lower() != ".npy":
+        raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
     if out.exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it")
     if not paths:
