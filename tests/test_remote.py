@@ -285,11 +285,17 @@ def test_a_model_that_cannot_load_fails_before_its_download(tmp_path, online, do
     r = run("chat", "-m", "org/deep")
     assert r.exit_code == 1 and "checkpoint at org/deep does not match the model" in " ".join(r.stderr.split())
     assert "config.json describes 9 layers where the weights hold 8" in " ".join(r.stderr.split())
+    free_bytes = towers.free_bytes
     monkeypatch.setattr(towers, "free_bytes", lambda device: 1000)
     r = run("bench", "-m", "org/tt", "-n", "4")
     assert r.exit_code == 1 and "the model needs" in r.stderr and "GiB on cpu" in r.stderr, r.output
-    r = run("eval", "-m", "org/base", "--data", str(tmp_path / "none.txt"))
+    (tmp_path / "held.txt").write_text("ROMEO. " * 200)  # eval checks its data before the model's headers
+    r = run("eval", "-m", "org/base", "--data", str(tmp_path / "held.txt"))
     assert r.exit_code == 1 and "the model needs" in r.stderr, r.output
+    # a model that would load and a data file that is not there: said before the download (it came after)
+    monkeypatch.setattr(towers, "free_bytes", free_bytes)
+    r = run("eval", "-m", "org/tt", "--data", str(tmp_path / "none.txt"))
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: data file {tmp_path / 'none.txt'} does not exist")
     assert downloads == []
 
 
