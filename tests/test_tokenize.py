@@ -415,4 +415,9 @@ def test_the_checkpoint_may_be_named_with_m_as_elsewhere(tmp_path):
         assert data_first.exit_code == 1, data_first.output
         assert data_first.stderr.startswith(f"Error: {files[0]} is a data file, not a checkpoint"), data_first.stderr
         assert f"--data {files[0]}" in data_first.stderr and data_first.stderr.count("\n") == 1
+        os.mkfifo(tmp_path / f"{cmd}.pipe")  # never opened: named for what it is
+        pipe_first = CliRunner().invoke(get_app(), [cmd, str(tmp_path / f"{cmd}.pipe"), "-o", str(tmp_path / "y.npy")])
+        assert pipe_first.stderr.startswith(f"Error: {tmp_path / cmd}.pipe is a pipe, not a checkpoint (hint: name "
+                                            f"the checkpoint first, as in `twotower {cmd} CKPT --data <(…) -o OUT`")
+        # (it said "no data files given": the pipe was taken for the checkpoint)
     assert not (tmp_path / "y.npy").exists()

@@ -58,9 +58,11 @@ def checkpoint_first(checkpoint: str | None, model: str | None, more_data: list[
         raise TwoTowerError("no checkpoint given",
                             f"pass it first, as in `twotower {command} CKPT --data FILE -o OUT`, or with -m CKPT")
     first = Path(checkpoint).expanduser()
-    if first.is_file() and first.suffix.lower() != ".safetensors":  # `tokenize corpus.txt -o x.npy`
-        raise TwoTowerError(f"{checkpoint} is a data file, not a checkpoint",
-                            f"name the checkpoint first, as in `twotower {command} CKPT --data {checkpoint} -o OUT`, "
+    # `tokenize corpus.txt -o x.npy`, `tokenize <(zcat corpus.txt.gz) -o x.npy`: data where the checkpoint goes
+    if first.exists() and not first.is_dir() and first.suffix.lower() != ".safetensors":
+        what, data = ("a data file", checkpoint) if first.is_file() else ("a pipe", "<(…)")
+        raise TwoTowerError(f"{checkpoint} is {what}, not a checkpoint",
+                            f"name the checkpoint first, as in `twotower {command} CKPT --data {data} -o OUT`, "
                             "or with -m CKPT (e.g. -m tiny)")
     return checkpoint, more
 
