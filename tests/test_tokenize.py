@@ -376,6 +376,22 @@ def test_a_tokenizer_saved_with_truncation_and_padding_gives_the_whole_text(tmp_
     assert tok.encode_batch([text, "ROMEO."], add_special_tokens=False) == [whole, short]
 
 
+@pytest.mark.parametrize("suffix, text", [
+    (".txt", "ROMEO.\nBut soft, what light through yonder window breaks?\n"),
+    (".jsonl", '{"text": "ROMEO. But soft!"}\n{"text": "JULIET. Ay me."}\n'),
+])
+def test_a_byte_order_mark_is_not_data(tmp_path, suffix, text):
+    """A file saved with a UTF-8 byte-order mark (Windows editors, PowerShell) gives the stream of the same
+    file without it: the mark was tokenized into the text, and a JSONL file's line 1 was "not valid JSON"."""
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_text(text, encoding="utf-8-sig")
+    for f in (plain, marked):
+        r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(f), "-o", str(f.with_suffix(".npy"))])
+        assert r.exit_code == 0, r.output
+    assert np.load(marked.with_suffix(".npy")).tolist() == np.load(plain.with_suffix(".npy")).tolist()
+
+
 def test_tokenize_reads_a_pipe_as_it_reads_the_file(tmp_path):
     """`--data <(zcat corpus.txt.gz)`: a pipe (here a named one, written by a thread) gives the stream the
     same text as a file gives; a folder is refused by name, as data and as -o (which said "does not end in

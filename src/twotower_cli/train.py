@@ -174,8 +174,9 @@ TEXT_PIECE_BATCH = 16  # pieces encoded together: ~4 M characters, ~0.6 GB of to
 
 
 def iter_jsonl_documents(path: Path) -> Iterator[str]:
-    """The `text` of each line of a JSONL file, read a line at a time, empty ones skipped."""
-    with open(path, encoding="utf-8") as f:
+    """The `text` of each line of a JSONL file, read a line at a time, empty ones skipped (and the byte-order
+    mark some Windows tools write first, which made line 1 "not valid JSON")."""
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -192,9 +193,9 @@ def iter_jsonl_documents(path: Path) -> Iterator[str]:
 
 def iter_text_ids(path: Path, tokenizer: Tokenizer) -> Iterator[list[int]]:
     """The ids of a plain-text file, one document (what `tokenizer.encode` of its whole text gives, newlines
-    read as `Path.read_text` reads them), in pieces: read `TEXT_PIECE_CHARS` characters at a time, never
-    whole (`Tokenizer.encode_stream`)."""
-    with open(path, encoding="utf-8") as f:
+    read as `Path.read_text` reads them, without a leading byte-order mark, which is no text), in pieces: read
+    `TEXT_PIECE_CHARS` characters at a time, never whole (`Tokenizer.encode_stream`)."""
+    with open(path, encoding="utf-8-sig") as f:
         yield from tokenizer.encode_stream(f, TEXT_PIECE_CHARS, TEXT_PIECE_BATCH)
 
 
