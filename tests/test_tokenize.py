@@ -392,6 +392,39 @@ def test_a_byte_order_mark_is_not_data(tmp_path, suffix, text):
     assert np.load(marked.with_suffix(".npy")).tolist() == np.load(plain.with_suffix(".npy")).tolist()
 
 
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_compressed_data_is_read_as_it_is(tmp_path, compression, suffix):
+    """corpus.jsonl.gz (as datasets ship): the stream of the file decompressed (it was "not UTF-8 text"); a
+    damaged one is one error line and writes nothing."""
+    import bz2
+    import gzip
+    import lzma
+
+    text = ('{"text": "ROMEO. But soft!"}\n{"text": "JULIET. Ay me."}\n' if suffix == ".jsonl"
+            else "ROMEO.\nBut soft, what light through yonder window breaks?\n" * 50)
+    plain, packed = tmp_path / f"d{suffix}", tmp_path / f"d{suffix}.{compression}"
+    plain.write_text(text)
+    packed.write_bytes({"gz": gzip, "bz2": bz2, "xz": lzma}[compression].compress(text.encode()))
+    for f, out in ((plain, "plain.npy"), (packed, "packed.npy")):
+        r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(f), "-o", str(tmp_path / out)])
+        assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "packed.npy").tolist() == np.load(tmp_path / "plain.npy").tolist()
+    cut = tmp_path / f"cut{suffix}.{compression}"
+    cut.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(cut), "-o", str(tmp_path / "cut.npy")])
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: data file {cut} cannot be decompressed as {compression}")
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "cut.npy").exists()
+
+
+def test_zstd_data_points_at_a_pipe(tmp_path):
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "c.jsonl.zst"), "-o",
+                                       str(tmp_path / "c.npy")])
+    assert r.exit_code == 1 and r.stderr.strip().endswith(f"(hint: decompress it on the fly: --data <(zstd -dc "
+                                                          f"{tmp_path / 'c.jsonl.zst'}))"), r.output
+
+
 def test_tokenize_reads_a_pipe_as_it_reads_the_file(tmp_path):
     """`--data <(zcat corpus.txt.gz)`: a pipe (here a named one, written by a thread) gives the stream the
     same text as a file gives; a folder is refused by name, as data and as -o (which said "does not end in

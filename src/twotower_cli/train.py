@@ -15,7 +15,8 @@ Contract
 - **Noise and loss.** t ~ U[1e-3, 1], once per sequence (spec §8, as NVIDIA trains; `noise_per="block"`:
   once per block); each token is masked with probability its t, at least one per block. The denoiser is conditioned on the realised masked fraction of its block, which is what the
   sampler feeds it (spec §4). Loss: mean cross-entropy over the masked positions, no 1/t weight.
-- **Data.** Text files (one document each, read in pieces: `iter_text_ids`) or JSONL files (`.jsonl`, one `{"text": ...}` per line), encoded
+- **Data.** Text files (one document each, read in pieces: `iter_text_ids`) or JSONL files (`.jsonl`, one
+  `{"text": ...}` per line), either gzip, bzip2 or xz compressed or not (`open_data_text`), encoded
   with the checkpoint's tokenizer, joined with EOS between documents, packed into sequences of `seq_len`
   (the tail that does not fill one is dropped). The last 5 % of the sequences (at least 1, at most 64) are
   held out for evaluation; training reads the rest in a fresh seeded permutation every epoch.
@@ -43,9 +44,12 @@ Contract
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import dataclasses
+import gzip
 import json
+import lzma
 import math
 import os
 import shutil
@@ -53,7 +57,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -173,10 +177,27 @@ TEXT_PIECE_CHARS = 1 << 18  # characters of a plain-text file read at a time (`T
 TEXT_PIECE_BATCH = 16  # pieces encoded together: ~4 M characters, ~0.6 GB of tokenizer memory at a time
 
 
+# compressed data files are read as they are, by the standard library's decompressors (zstd is not among them
+# before Python 3.14: a pipe does, `--data <(zstd -dc corpus.jsonl.zst)`)
+DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+NO_DECOMPRESSOR = (".zst", ".zstd")
+
+
+def data_suffix(path: Path) -> str:
+    """A data file's kind by its name, under a compression suffix: corpus.jsonl.gz → .jsonl."""
+    path = Path(path)
+    return (path.with_suffix("") if path.suffix.lower() in DECOMPRESS else path).suffix.lower()
+
+
+def open_data_text(path: Path) -> TextIO:
+    """A data file as UTF-8 text, without the byte-order mark some Windows tools write first (which is no text,
+    and made a JSONL file's line 1 "not valid JSON"), decompressed on the fly where its name says so."""
+    return DECOMPRESS.get(Path(path).suffix.lower(), open)(path, "rt", encoding="utf-8-sig")
+
+
 def iter_jsonl_documents(path: Path) -> Iterator[str]:
-    """The `text` of each line of a JSONL file, read a line at a time, empty ones skipped (and the byte-order
-    mark some Windows tools write first, which made line 1 "not valid JSON")."""
-    with open(path, encoding="utf-8-sig") as f:
+    """The `text` of each line of a JSONL file, read a line at a time, empty ones skipped."""
+    with open_data_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -193,9 +214,9 @@ def iter_jsonl_documents(path: Path) -> Iterator[str]:
 
 def iter_text_ids(path: Path, tokenizer: Tokenizer) -> Iterator[list[int]]:
     """The ids of a plain-text file, one document (what `tokenizer.encode` of its whole text gives, newlines
-    read as `Path.read_text` reads them, without a leading byte-order mark, which is no text), in pieces: read
-    `TEXT_PIECE_CHARS` characters at a time, never whole (`Tokenizer.encode_stream`)."""
-    with open(path, encoding="utf-8-sig") as f:
+    read as `Path.read_text` reads them; `open_data_text`), in pieces: read `TEXT_PIECE_CHARS` characters at a
+    time, never whole (`Tokenizer.encode_stream`)."""
+    with open_data_text(path) as f:
         yield from tokenizer.encode_stream(f, TEXT_PIECE_CHARS, TEXT_PIECE_BATCH)
 
 
@@ -236,8 +257,11 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
 
     for path in map(Path, paths):
         check_data_files([path])  # files, and pipes (`tokenize --data <(zcat …)`: read once here)
+        if path.suffix.lower() in NO_DECOMPRESSOR:
+            raise TwoTowerError(f"data file {path} is zstd-compressed, which Python's standard library cannot read "
+                                "here", f"decompress it on the fly: --data <(zstd -dc {path})")
         try:
-            if path.suffix.lower() == ".jsonl":
+            if data_suffix(path) == ".jsonl":
                 docs: list[str] = []
                 for doc in iter_jsonl_documents(path):
                     docs.append(doc)
@@ -257,7 +281,13 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
             if held is not None:
                 yield held, 1
         except UnicodeDecodeError:
-            raise TwoTowerError(f"data file {path} is not UTF-8 text", "pass plain text or JSONL files") from None
+            raise TwoTowerError(f"data file {path} is not UTF-8 text", "pass plain text or JSONL files (.gz, .bz2 "
+                                "and .xz ones are read as they are)") from None
+        except (OSError, EOFError, lzma.LZMAError) as e:  # a damaged or truncated compressed file
+            if path.suffix.lower() not in DECOMPRESS:
+                raise
+            raise TwoTowerError(f"data file {path} cannot be decompressed as {path.suffix[1:]} ({e})",
+                                "check the file (e.g. `gzip -t`), or pass it decompressed") from None
 
 
 def token_file_meta(path: Path) -> Path:
