@@ -417,6 +417,26 @@ def test_compressed_data_is_read_as_it_is(tmp_path, compression, suffix):
     assert r.stderr.count("\n") == 1 and not (tmp_path / "cut.npy").exists()
 
 
+def test_a_json_file_is_read_as_json_lines_and_an_array_is_refused(tmp_path):
+    """data.json holding JSON lines (as datasets often name them) is read as .jsonl is: it was tokenized as text,
+    braces, keys and all. A JSON array, on one line or pretty-printed, is one error line pointing at jq."""
+    lines = '{"text": "ROMEO. But soft!"}\n{"text": "JULIET. Ay me."}\n'
+    (tmp_path / "d.jsonl").write_text(lines)
+    (tmp_path / "d.json").write_text(lines)
+    for name in ("d.jsonl", "d.json"):
+        r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / name), "-o",
+                                           str(tmp_path / f"{name}.npy")])
+        assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "d.json.npy").tolist() == np.load(tmp_path / "d.jsonl.npy").tolist()
+    for body, said in (('[{"text": "a"}, {"text": "b"}]\n', "is a JSON array, not one object"),
+                       ('[\n  {"text": "a"}\n]\n', "is not valid JSON")):
+        (tmp_path / "a.json").write_text(body)
+        r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "a.json"), "-o",
+                                           str(tmp_path / "a.npy")])
+        assert r.exit_code == 1 and r.stderr.startswith(f"Error: {tmp_path / 'a.json'}:1 {said}"), r.output
+        assert f"jq -c '.[]' {tmp_path / 'a.json'}" in r.stderr and not (tmp_path / "a.npy").exists()
+
+
 def test_zstd_data_points_at_a_pipe(tmp_path):
     (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
     r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "c.jsonl.zst"), "-o",

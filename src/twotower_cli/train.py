@@ -15,8 +15,8 @@ Contract
 - **Noise and loss.** t ~ U[1e-3, 1], once per sequence (spec §8, as NVIDIA trains; `noise_per="block"`:
   once per block); each token is masked with probability its t, at least one per block. The denoiser is conditioned on the realised masked fraction of its block, which is what the
   sampler feeds it (spec §4). Loss: mean cross-entropy over the masked positions, no 1/t weight.
-- **Data.** Text files (one document each, read in pieces: `iter_text_ids`) or JSONL files (`.jsonl`, one
-  `{"text": ...}` per line), either gzip, bzip2 or xz compressed or not (`open_data_text`), encoded
+- **Data.** Text files (one document each, read in pieces: `iter_text_ids`) or JSON-lines files (`.jsonl` or
+  `.json`, one `{"text": ...}` per line), plain or gzip/bzip2/xz-compressed (`open_data_text`), encoded
   with the checkpoint's tokenizer, joined with EOS between documents, packed into sequences of `seq_len`
   (the tail that does not fill one is dropped). The last 5 % of the sequences (at least 1, at most 64) are
   held out for evaluation; training reads the rest in a fresh seeded permutation every epoch.
@@ -195,8 +195,13 @@ def open_data_text(path: Path) -> TextIO:
     return DECOMPRESS.get(Path(path).suffix.lower(), open)(path, "rt", encoding="utf-8-sig")
 
 
+JSON_LINES = (".jsonl", ".json")  # .json too: datasets often name JSON lines so (read as text, it trained on braces)
+
+
 def iter_jsonl_documents(path: Path) -> Iterator[str]:
-    """The `text` of each line of a JSONL file, read a line at a time, empty ones skipped."""
+    """The `text` of each line of a JSON-lines file, read a line at a time, empty ones skipped."""
+    one_per_line = ("a data file in JSON holds one object with a 'text' field per line (an array converts with "
+                    f"`jq -c '.[]' {path}`)")
     with open_data_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -204,10 +209,11 @@ def iter_jsonl_documents(path: Path) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}",
-                                    "a .jsonl file holds one JSON object with a 'text' field per line") from None
+                raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}", one_per_line) from None
+            if isinstance(obj, list):
+                raise TwoTowerError(f"{path}:{n} is a JSON array, not one object", one_per_line)
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each JSONL line needs one")
+                raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each line needs one")
             if obj["text"]:
                 yield obj["text"]
 
@@ -261,7 +267,7 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
             raise TwoTowerError(f"data file {path} is zstd-compressed, which Python's standard library cannot read "
                                 "here", f"decompress it on the fly: --data <(zstd -dc {path})")
         try:
-            if data_suffix(path) == ".jsonl":
+            if data_suffix(path) in JSON_LINES:
                 docs: list[str] = []
                 for doc in iter_jsonl_documents(path):
                     docs.append(doc)

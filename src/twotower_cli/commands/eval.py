@@ -18,7 +18,7 @@ def eval_(
     model: O.Model = None,
     more_data: O.MoreData = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Held-out text file or .jsonl file (a 'text' field per line; plain or .gz/.bz2/.xz), pipe of text or .npy token stream from `twotower tokenize`; repeatable.")] = None,
+        "--data", metavar="FILE", help="Held-out text file or .jsonl or .json file (JSON lines with a 'text' field; plain or .gz/.bz2/.xz), pipe of text or .npy token stream from `twotower tokenize`; repeatable.")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (a multiple of the block).")] = 512,
     block: Annotated[int | None, typer.Option(help="Diffusion block size (default: the checkpoint's twotower.block_size, else 16).")] = None,
     batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Sequences per forward.")] = 8,

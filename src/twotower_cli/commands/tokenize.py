@@ -26,7 +26,7 @@ def tokenize(
     more_data: O.MoreData = None,
     model: O.CheckpointModel = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Text file (one document) or .jsonl file (a 'text' field per line), plain or .gz/.bz2/.xz, or a pipe of text "
+        "--data", metavar="FILE", help="Text file (one document) or .jsonl or .json file (JSON lines with a 'text' field), plain or .gz/.bz2/.xz, or a pipe of text "
                 "(`<(zcat corpus.txt.gz)`); read in pieces, in bounded memory unless the tokenizer cannot cut a text (then held whole); repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "--output", "-o", metavar="OUT.npy", help="Output file (required).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,

@@ -93,7 +93,7 @@ def train(
     more_data: O.MoreData = None,
     model: O.CheckpointModel = None,
     data: Annotated[list[Path] | None, typer.Option(
-        "--data", metavar="FILE", help="Text file (one document), .jsonl file (a 'text' field per line), plain or .gz/.bz2/.xz, or .npy token stream from `twotower tokenize` (memory-mapped); a pipe of text (`<(zcat corpus.txt.gz)`) in one process; repeatable.")] = None,
+        "--data", metavar="FILE", help="Text file (one document), .jsonl or .json file (JSON lines with a 'text' field), plain or .gz/.bz2/.xz, or .npy token stream from `twotower tokenize` (memory-mapped); a pipe of text (`<(zcat corpus.txt.gz)`) in one process; repeatable.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "--output", "-o", metavar="OUT", help="Output checkpoint folder (required).")] = None,
     block: Annotated[int | None, typer.Option(help="Diffusion block size S (sample with the same or smaller; default: the checkpoint's twotower.block_size, else 16).")] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (a multiple of --block).")] = 512,
