@@ -1065,9 +1065,9 @@ def _train_checked(cfg: TrainConfig, began: float, job: list[Dist],
                             "nothing to resume", "write to another -o (it must not be the checkpoint itself)")
     state = load_trainer_state(out) if resuming else None
     # a pipe (`--data <(zcat corpus.txt.gz)`) is read once: by one process, not by each rank of a torchrun job
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    alone = job_rank()[1] == 1
     check_data_files([*cfg.data, *cfg.eval_data], "check the --data and --eval-data paths (each names a file)"
-                     if processes == 1 else "each rank reads the data: write it to a file first", pipes=processes == 1)
+                     if alone else "each rank reads the data: write it to a file first", pipes=alone)
     source_folder, _, mcfg = open_twotower(out if resuming else cfg.checkpoint)
     if not resuming:
         check_output_folder(out, source_folder, inputs=inputs)
