@@ -233,6 +233,42 @@ def test_bench_max_new_tokens_zero_hints_at_benchs_own_default(folder):
     assert r.exit_code == 1 and r.stderr.strip() == "Error: max-new-tokens 0 must be at least 1 (hint: try 64)", r.output
 
 
+@pytest.mark.parametrize("args, message, before", [
+    (["--thresholds", "0.5,95"], "threshold 95.0 must be in (0, 1] (hint: NVIDIA's operating point is 0.8)", "fetch_model"),
+    (["--block", "0"], "block size 0 must be at least 1 (hint: try --block 16)", "fetch_model"),
+    (["--repeat", "0"], "repeat 0 must be at least 1 (hint: try --repeat 3)", "fetch_model"),
+    (["--batch-size", "0"], "batch size 0 must be at least 1 (hint: try --batch-size 1)", "fetch_model"),
+    # --steps once the checkpoint is known to be a TwoTower (a plain one runs no row that uses it)
+    (["--block", "4", "--steps", "5"],
+     "steps 5 must be between 1 and the block size 4 (hint: steps per block cannot exceed the tokens in a block)",
+     "open_runtime"),
+    # said "ar does not use it: leave it out", of the option the mask_diffusion rows use
+    (["--steps", "0"],
+     "steps 0 must be between 1 and the block size 16 (hint: steps per block cannot exceed the tokens in a block)",
+     "open_runtime"),
+])
+def test_bench_row_options_are_checked_before_the_model_is_fetched_or_loaded(folder, monkeypatch, args, message,
+                                                                             before):
+    """A typo in --thresholds, --block, --steps, --repeat or --batch-size failed only after the model was
+    downloaded and loaded (minutes for the real one); generate checks its options first, and so does bench."""
+    from twotower_cli import runtime
+
+    def fail(*a, **k):
+        raise AssertionError(f"called {before} before checking the options")
+
+    monkeypatch.setattr(runtime, before, fail)
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "-n", "4", *args])
+    assert r.exit_code == 1 and r.stderr == f"Error: {message}\n", r.output
+
+
+def test_bench_steps_past_the_checkpoints_block_is_refused_after_the_load(folder):
+    """Without --block the checkpoint's block (4 here) is known only after the load: --steps is held to it there."""
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "-n", "4", "--steps", "5", "--repeat", "1"])
+    assert r.exit_code == 1 and r.stderr == (
+        "Error: steps 5 must be between 1 and the block size 4 "
+        "(hint: steps per block cannot exceed the tokens in a block)\n"), r.output
+
+
 def test_bench_names_a_missing_shard(folder, tmp_path):
     """A TwoTower whose denoiser shard is gone was benched as a plain NemotronH checkpoint (its denoiser
     tensors unseen), then refused for 'tensor(s) missing'; now one Error line naming the shard."""

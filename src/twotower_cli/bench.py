@@ -57,6 +57,26 @@ def row_settings(mode: str, threshold: float | None, max_new_tokens: int, block:
                             max_new_tokens=max_new_tokens, mask_token_id=mask_token_id, pad_token_id=pad_token_id)
 
 
+def row_configs(has_denoiser: bool, thresholds: list[float], *, max_new_tokens: int, block: int,
+                steps: int | None, repeat: int = 1, batch_size: int = 1, mask_token_id: int = 3,
+                pad_token_id: int = 0, vocab_size: int | None = None,
+                ) -> tuple[list[tuple[str, float | None]], list[S.SamplingConfig]]:
+    """The rows (mode, threshold) and their settings, checked; `vocab_size` None: before a model is loaded, as
+    the bench command checks its options (a typo fails before a 60 GB load, not after). The mask_diffusion rows
+    are checked first, so that a bad --steps is held to the block they use it in."""
+    if repeat < 1:
+        raise TwoTowerError(f"repeat {repeat} must be at least 1", "try --repeat 3")
+    if batch_size < 1:
+        raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 1")
+    specs: list[tuple[str, float | None]] = [("ar", None)]
+    if has_denoiser:
+        specs += [("mock_ar", None)] + [("mask_diffusion", float(t)) for t in thresholds]
+    configs = [row_settings(m, t, max_new_tokens, block, steps, mask_token_id, pad_token_id) for m, t in specs]
+    for c in sorted(configs, key=lambda c: c.mode != "mask_diffusion"):
+        c.validate(vocab_size)
+    return specs, configs
+
+
 def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens: int = 64, block: int = 16,
               steps: int | None = None, thresholds: list[float] = (0.5, 0.7, 0.8, 0.9), repeat: int = 3,
               mask_token_id: int = 3, pad_token_id: int = 0, eos_ids: list[int] = (),
@@ -66,17 +86,9 @@ def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens
     not inflate it."""
     if not prompts:
         raise TwoTowerError("no prompts to benchmark", "give --prompts FILE with one prompt per line")
-    if repeat < 1:
-        raise TwoTowerError(f"repeat {repeat} must be at least 1", "try --repeat 3")
-    if batch_size < 1:
-        raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try --batch-size 1")
-    has_denoiser = backend.twotower is not None
-    specs: list[tuple[str, float | None]] = [("ar", None)]
-    if has_denoiser:
-        specs += [("mock_ar", None)] + [("mask_diffusion", float(t)) for t in thresholds]
-    configs = [row_settings(m, t, max_new_tokens, block, steps, mask_token_id, pad_token_id) for m, t in specs]
-    for c in configs:
-        c.validate(backend.vocab_size)
+    specs, configs = row_configs(backend.twotower is not None, thresholds, max_new_tokens=max_new_tokens, block=block,
+                                 steps=steps, repeat=repeat, batch_size=batch_size, mask_token_id=mask_token_id,
+                                 pad_token_id=pad_token_id, vocab_size=backend.vocab_size)
     # warm-up: allocator, lazy kernels, caches
     for c in configs:
         S.run(backend, [prompts[0]], S.SamplingConfig(**{**c.__dict__, "max_new_tokens": min(8, max_new_tokens)}),

@@ -40,8 +40,9 @@ def bench(
     from rich.progress import Progress
     from rich.table import Table
 
-    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, rows_json, run_bench
+    from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, row_configs, rows_json, run_bench
     from twotower_cli.checkpoint import open_checkpoint
+    from twotower_cli.config import DEFAULT_BLOCK_SIZE
     from twotower_cli.display import err_console, number
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.model.loading import require_shards
@@ -54,6 +55,12 @@ def bench(
         thr = [float(x) for x in thresholds.split(",") if x.strip()]
     except ValueError:
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
+    # the rows' settings before the (slow) download and load, as generate checks its own; without --block, one
+    # that fits --steps (the checkpoint's block is known after the load, and run_bench checks against it again).
+    # --steps only once the checkpoint is known: a plain NemotronH one runs no row that uses it
+    early_block = block if block is not None else max(steps or DEFAULT_BLOCK_SIZE, 1)
+    row_options = dict(max_new_tokens=max_new_tokens, block=early_block, repeat=repeat, batch_size=batch_size)
+    row_configs(True, thr, steps=None, **row_options)
     variables = O.template_variables(chat, system, chat_arg)
     texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts, conversations=chat)  # as generate
     folder = fetch_model(model, None, device, dtype, context_device, denoiser_device)
@@ -62,6 +69,7 @@ def bench(
     ckpt = open_checkpoint(folder)
     require_shards(ckpt)  # a TwoTower checkpoint that lost its denoiser shards is no plain NemotronH one
     two = is_twotower_checkpoint(ckpt)  # a plain NemotronH checkpoint benches `ar` only
+    row_configs(two, thr, steps=steps, **row_options)
     if not two:
         from twotower_cli.sampler import SamplingConfig
 
