@@ -500,6 +500,37 @@ def test_cli_serve_refuses_bad_options_in_one_line(folder, tmp_path):
     assert r.exit_code == 1 and "cannot listen on 127.0.0.1" in r.stderr and "Traceback" not in r.output, r.output
 
 
+def test_cli_serve_a_taken_port_or_foreign_host_is_refused_before_the_model_is_fetched(folder, monkeypatch):
+    """`serve` learnt that its port was taken only after the download and load (minutes for the real model);
+    it now asks first. The bind after the load keeps its own check (the port may be taken in between)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli import runtime
+    from twotower_cli.cli import get_app
+
+    def fetch(*a, **k):
+        raise AssertionError("fetched the model before checking the address")
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with monkeypatch.context() as m:
+            m.setattr(runtime, "fetch_model", fetch)
+            early = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", str(port)])
+            host = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--host", "nohost.invalid"])
+        # taken between the check and the bind: the same line, after the load
+        monkeypatch.setattr(twotower_cli.serve, "check_address", lambda host, port: None)
+        late = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--port", str(port)])
+    want = f"Error: cannot listen on 127.0.0.1:{port}: Address already in use (hint: pick another --port, or stop what holds this one)\n"
+    assert early.exit_code == late.exit_code == 1 and early.stderr == late.stderr == want, (early.output, late.output)
+    assert host.exit_code == 1 and host.stderr.startswith("Error: cannot listen on nohost.invalid:8080"), host.output
+    assert "(hint: --host takes an address of this machine" in host.stderr, host.output
+
+
 def test_cli_serve_block_defaults_to_the_checkpoints(folder, monkeypatch):
     """No --block: the engine's default block is the checkpoint's training block (write_twotower records 4);
     a larger --block warns; so does a public --host without an API key. The server is replaced by one that

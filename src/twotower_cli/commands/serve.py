@@ -57,7 +57,7 @@ def serve(
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import fetch_model, open_runtime
-    from twotower_cli.serve import Engine, base_url, make_server, template_variables_taken
+    from twotower_cli.serve import Engine, base_url, check_address, make_server, template_variables_taken
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
 
     defaults = O.sampling_config(locals())  # option errors before the (slow) load
@@ -76,6 +76,10 @@ def serve(
     if taken := template_variables_taken(variables):
         raise TwoTowerError(f"--chat-arg cannot set {taken}: the server sets it for each request",
                             "leave it out (a request may send 'messages')")
+    try:  # a taken port or a host not of this machine, before the download and load (minutes), not after
+        check_address(host, port)
+    except OSError as e:
+        raise cannot_listen(e, host, port) from None
     folder = fetch_model(model, mode != "ar", device, dtype, context_device, denoiser_device)
     template = ChatTemplate.load(folder) if find_chat_template(folder) is not None else None
     if template is None and chat_arg:
@@ -100,18 +104,12 @@ def serve(
                     max_batch=max_batch, conversations=conversations, continuous=continuous,
                     max_waiting=max_waiting, max_model_len=max_model_len)
     console = err_console()
-    try:
+    try:  # checked before the load too, and taken again since (or the host changed)
         server = make_server(engine, host, port, log=lambda line: console.print(f"[dim]{escape(line)}[/]",
                                                                                highlight=False, soft_wrap=True),
                              api_key=api_key or None, allowed_origins=origins)
     except OSError as e:
-        import errno
-        import socket
-
-        on_host = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL
-        raise TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                            "--host takes an address of this machine: 127.0.0.1, 0.0.0.0 (all), ::1 or :: (IPv6)"
-                            if on_host else "pick another --port, or stop what holds this one") from None
+        raise cannot_listen(e, host, port) from None
     bound_port = server.server_address[1]
     chat_note = f"chat template from {template.origin}" if template is not None else "no chat template (completions only)"
     if api_key:
@@ -145,3 +143,17 @@ def _origin(value: str) -> str:
     raise TwoTowerError(f"--allowed-origin {value!r} is not an origin",
                         f"use scheme://host[:port] as a browser sends it, e.g. --allowed-origin {fixed.group(0)}" if fixed
                         else "use scheme://host[:port] as a browser sends it, e.g. http://localhost:3000, or * for any")
+
+
+def cannot_listen(e: OSError, host: str, port: int) -> Exception:
+    """The `TwoTowerError` for a socket that cannot be bound on host:port: the hint names --host for an address
+    that is not this machine's, else --port."""
+    import errno
+    import socket
+
+    from twotower_cli.errors import TwoTowerError
+
+    on_host = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL
+    return TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                         "--host takes an address of this machine: 127.0.0.1, 0.0.0.0 (all), ::1 or :: (IPv6)"
+                         if on_host else "pick another --port, or stop what holds this one")
