@@ -196,6 +196,12 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
 def test_bench_bad_thresholds(folder):
     r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", "a,b"])
     assert r.exit_code == 1 and r.stderr.startswith("Error:")
+    # none at all ran ar and mock_ar only, and said nothing of the missing mask_diffusion rows
+    for empty in ("", " , "):
+        r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "--thresholds", empty, "-n", "4",
+                                           "--repeat", "1"])
+        assert r.exit_code == 1 and r.stderr == (
+            f"Error: no thresholds in {empty!r} (hint: write them like 0.5,0.7,0.8,0.9)\n"), r.output
 
 
 @pytest.mark.parametrize("thresholds", ["0", "0.5,0", "1.5"])

@@ -55,6 +55,8 @@ def bench(
         thr = [float(x) for x in thresholds.split(",") if x.strip()]
     except ValueError:
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
+    if not thr:  # ran ar and mock_ar only, without a word: the rows the bench is for were gone
+        raise TwoTowerError(f"no thresholds in {thresholds!r}", "write them like 0.5,0.7,0.8,0.9")
     # the rows' settings before the (slow) download and load, as generate checks its own; without --block, one
     # that fits --steps (the checkpoint's block is known after the load, and run_bench checks against it again).
     # --steps only once the checkpoint is known: a plain NemotronH one runs no row that uses it
