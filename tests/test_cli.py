@@ -45,6 +45,22 @@ def test_help_version_and_no_arguments_keep_their_exit_codes():
     assert r.exit_code in (0, 2) and "generate" in r.output and "Error" not in r.output
 
 
+@pytest.mark.parametrize("command", ["eval", "inspect", "split", "env", "chat", "serve", "generate"])
+def test_a_commands_help_text_flows_as_paragraphs(command):
+    """Each paragraph of a command's help is one flowing text that the terminal wraps: typer 0.29 kept the
+    docstring's line breaks, so `eval -h` broke mid-sentence ("... (a plain NemotronH checkpoint:" / "the
+    model) ...") at any width. On a wide terminal each paragraph is one line, whole."""
+    import inspect as pyinspect
+
+    info = next(c for c in get_app().registered_commands if (c.name or c.callback.__name__) == command)
+    paragraphs = [" ".join(p.split()) for p in pyinspect.cleandoc(info.help or info.callback.__doc__).split("\n\n")]
+    r = runner.invoke(get_app(), [command, "-h"], env={"COLUMNS": "2000"})
+    lines = [" ".join(ln.split()) for ln in r.stdout.splitlines()]
+    assert r.exit_code == 0 and len(paragraphs) >= 1
+    for p in paragraphs:
+        assert p in lines, (p, r.stdout)
+
+
 def test_the_installed_command_reports_command_line_errors_in_one_line():
     """Through the real entry point (`python -m twotower_cli`), not only the test runner."""
     p = subprocess.run([sys.executable, "-m", "twotower_cli", "generate", "--top-k", "many", "hi"],

@@ -53,11 +53,29 @@ class _Commands(TyperGroup):
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def get_command(self, ctx, name: str):  # noqa: ANN001
+        """The command, its help's paragraphs flowed (`flowed`) however typer renders them."""
+        command = super().get_command(ctx, name)
+        if command is not None and command.help:
+            command.help = flowed(command.help)
+        return command
+
     def _path(self, args, prog_name) -> str:  # noqa: ANN001
         """`twotower COMMAND` for an error that names no context (an option missing its value)."""
         prog = prog_name or "twotower"
         name = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)
         return f"{prog} {name}" if name in self.commands else prog
+
+
+def flowed(help_text: str) -> str:
+    """A command's help (its docstring) with each paragraph on one line, for the terminal to wrap: typer
+    0.29 keeps a docstring's line breaks, which broke `eval -h`'s text mid-sentence at every width (on 80
+    columns: a line of a few words after each); older typer joined them itself. Paragraphs (blank-line
+    separated) and click's `\b` (no rewrap) blocks stay as they are."""
+    import inspect
+
+    return "\n\n".join(p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+                       for p in inspect.cleandoc(help_text).split("\n\n"))
 
 
 app = typer.Typer(
