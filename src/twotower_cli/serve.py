@@ -1029,7 +1029,7 @@ def _chunk(engine: Engine, req: Request, rid: str, index: int, text: str | None,
             "model": engine.name, "choices": [choice]}
 
 
-def address_family(host: str) -> socket.AddressFamily:
+def socket_family(host: str) -> socket.AddressFamily:
     """The socket family `make_server` listens with on `host`: IPv6 for an IPv6 address (::1, ::)."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -1039,7 +1039,7 @@ def check_address(host: str, port: int) -> None:
     the host is no address of this machine), without listening: `serve` asks before a load of minutes, where
     it learnt of a taken port only after it. The server binds as `socketserver` does (SO_REUSEADDR), so a port
     that only lingers in TIME_WAIT passes, and one with a listener does not."""
-    with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
+    with socket.socket(socket_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
 
@@ -1540,7 +1540,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk
 
     class Server(ThreadingHTTPServer):
-        address_family = address_family(host)
+        address_family = socket_family(host)
         # connections the system accepts for the server before it takes them (socketserver's default, 5,
         # reset the rest of a burst of clients: 121 of 192 in a test of 64 at once, before any answer or 503)
         request_queue_size = min(socket.SOMAXCONN, 1024)

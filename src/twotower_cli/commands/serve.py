@@ -8,6 +8,7 @@ import typer
 
 from twotower_cli.cli import app, guarded, report_warning
 from twotower_cli.commands import options as O
+from twotower_cli.errors import TwoTowerError
 
 
 @app.command(help="Serve a model over HTTP as OpenAI's API does: /v1/completions, /v1/chat/completions, "
@@ -55,7 +56,6 @@ def serve(
     from rich.markup import escape
 
     from twotower_cli.display import err_console
-    from twotower_cli.errors import TwoTowerError
     from twotower_cli.runtime import fetch_model, open_runtime
     from twotower_cli.serve import Engine, base_url, check_address, make_server, template_variables_taken
     from twotower_cli.text import ChatTemplate, find_chat_template, parse_template_args
@@ -135,8 +135,6 @@ def _origin(value: str) -> str:
     """An --allowed-origin: `*`, or a browser's Origin (scheme://host[:port], no path)."""
     import re
 
-    from twotower_cli.errors import TwoTowerError
-
     if value == "*" or re.fullmatch(r"https?://[^/\s?#@]+", value):
         return value
     fixed = re.match(r"https?://[^/\s?#@]+", value)
@@ -145,13 +143,11 @@ def _origin(value: str) -> str:
                         else "use scheme://host[:port] as a browser sends it, e.g. http://localhost:3000, or * for any")
 
 
-def cannot_listen(e: OSError, host: str, port: int) -> Exception:
+def cannot_listen(e: OSError, host: str, port: int) -> TwoTowerError:
     """The `TwoTowerError` for a socket that cannot be bound on host:port: the hint names --host for an address
     that is not this machine's, else --port."""
     import errno
     import socket
-
-    from twotower_cli.errors import TwoTowerError
 
     on_host = isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL
     return TwoTowerError(f"cannot listen on {host}:{port}: {e.strerror or e}",
