@@ -42,7 +42,6 @@ def bench(
 
     from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, row_configs, rows_json, run_bench
     from twotower_cli.checkpoint import open_checkpoint
-    from twotower_cli.config import DEFAULT_BLOCK_SIZE
     from twotower_cli.display import err_console, number
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.model.loading import require_shards
@@ -57,11 +56,11 @@ def bench(
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
     if not thr:  # ran ar and mock_ar only, without a word: the rows the bench is for were gone
         raise TwoTowerError(f"no thresholds in {thresholds!r}", "write them like 0.5,0.7,0.8,0.9")
-    # the rows' settings before the (slow) download and load, as generate checks its own; without --block, one
-    # that fits --steps (the checkpoint's block is known after the load, and run_bench checks against it again).
-    # --steps only once the checkpoint is known: a plain NemotronH one runs no row that uses it
-    early_block = block if block is not None else max(steps or DEFAULT_BLOCK_SIZE, 1)
-    row_options = dict(max_new_tokens=max_new_tokens, block=early_block, repeat=repeat, batch_size=batch_size)
+    # the rows' settings before the (slow) download and load, as generate checks its own (run_bench checks them
+    # again against the checkpoint's block); --steps only once the checkpoint is known: a plain NemotronH one
+    # runs no row that uses it
+    row_options = dict(max_new_tokens=max_new_tokens, block=O.block_before_load(block, steps), repeat=repeat,
+                       batch_size=batch_size)
     row_configs(True, thr, steps=None, **row_options)
     variables = O.template_variables(chat, system, chat_arg)
     texts = list(DEFAULT_PROMPTS) if prompts is None else read_prompts(None, prompts, conversations=chat)  # as generate

@@ -81,12 +81,19 @@ def template_variables(chat: bool, system: str | None, chat_arg: list[str] | Non
     return variables
 
 
+def block_before_load(block: int | None, steps: int | None) -> int:
+    """The block size to check the sampling options against before a model is loaded: --block, else (the
+    checkpoint's training block is known after the load) one that fits --steps."""
+    from twotower_cli.config import DEFAULT_BLOCK_SIZE
+
+    return block if block is not None else max(steps or DEFAULT_BLOCK_SIZE, 1)
+
+
 def sampling_config(options: dict) -> SamplingConfig:
     """A command's sampling options (its parameters by name: mode, block, steps, threshold, policy, factor,
     max_new_tokens, temperature, top_k, top_p, mask_token_id, stop; and seed) as a `SamplingConfig`, checked as far as
     they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint (the mask id and
     block size where the options leave them out)."""
-    from twotower_cli.config import DEFAULT_BLOCK_SIZE
     from twotower_cli.errors import TwoTowerError
     from twotower_cli.sampler import SamplingConfig, seed_in_range
 
@@ -94,10 +101,9 @@ def sampling_config(options: dict) -> SamplingConfig:
     check_max_new_tokens(o["max_new_tokens"])
     if o.get("seed") is not None and not seed_in_range(o["seed"]):
         raise TwoTowerError(f"seed {o['seed']} is out of range", "use a seed from 0 to 2**64 - 1")
-    # no --block: the checkpoint's training block, known after the load; until then a block that fits --steps
-    block = o["block"] if o["block"] is not None else max(o["steps"] or DEFAULT_BLOCK_SIZE, 1)
-    settings = SamplingConfig(mode=o["mode"], block_size=block, steps=o["steps"], threshold=o["threshold"],
-                              policy=o["policy"], factor=o["factor"], max_new_tokens=o["max_new_tokens"],
+    settings = SamplingConfig(mode=o["mode"], block_size=block_before_load(o["block"], o["steps"]),
+                              steps=o["steps"], threshold=o["threshold"], policy=o["policy"], factor=o["factor"],
+                              max_new_tokens=o["max_new_tokens"],
                               temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
                               mask_token_id=3 if o["mask_token_id"] is None else o["mask_token_id"],
                               stop_ids=tuple(o["stop"] or ()))
