@@ -75,10 +75,13 @@ def test_prepare_compile_keeps_every_kernel_wrapper_out_of_graphs(monkeypatch):
 
 @pytest.mark.parametrize("sdpa", [False, True], ids=["explicit", "sdpa"])
 def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder, sdpa):
-    """Prompt (eager: longer than COMPILE_MAX_TOKENS), short left-padded prompt, one-token decodes, a block
+    """Prompt, short left-padded prompt (both eager: neither one token nor a block), one-token decodes, a block
     extension and denoiser blocks with and without time conditioning, before and after compile, on one
     model; with the explicit attention (CPU) and with SDPA forced (CUDA's path: grouped keys/values, the
-    packed and expanded routes for masks)."""
+    packed and expanded routes for masks). Traced at a batch of 4, the conv kernel's width: under dynamo's
+    duck sizing the batch was one symbol with the conv state's width and pinned to 4 with it, and every Mamba
+    and attention layer recompiled at the next batch size (continuous batching changes it as rows end). The
+    same steps at a batch of 2 now run on the graphs already there."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -86,38 +89,108 @@ def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder, sdp
     from twotower_cli.ops import kernels
 
     loaded = towers.load_model(folder, need_denoiser=True)
+    assert loaded.cfg.conv_kernel == 4
     backend = TowerBackend(loaded.twotower, loaded.ar)
     g = torch.Generator().manual_seed(0)
-    long_prompt = torch.randint(4, 40, (2, towers.COMPILE_MAX_TOKENS + 6), generator=g)
-    short_prompt = torch.randint(4, 40, (2, 9), generator=g)
-    steps = [torch.randint(4, 40, (2, 1), generator=g) for _ in range(3)]
-    block = torch.randint(4, 40, (2, 4), generator=g)
-    masks = torch.full((2, 4), 3)
+    long_prompt = torch.randint(4, 40, (4, 70), generator=g)
+    short_prompt = torch.randint(4, 40, (4, 9), generator=g)
+    steps = [torch.randint(4, 40, (4, 1), generator=g) for _ in range(3)]
+    block = torch.randint(4, 40, (4, 4), generator=g)
+    masks = torch.full((4, 4), 3)
+    times = [torch.tensor([0.3, 0.9, 0.5, 0.1]), torch.tensor([0.5, 0.5, 0.2, 0.7])]
 
-    pads = torch.ones(2, 9, dtype=torch.bool)
+    pads = torch.ones(4, 9, dtype=torch.bool)
     pads[1, :3] = False
+    pads[3, :5] = False
 
-    def run():
+    def run(b):
         outs = []
         for prompt, mask in ((long_prompt, None), (short_prompt, pads)):
-            backend.reset(2)
-            outs.append(backend.extend(prompt, attention_mask=mask))
+            backend.reset(b)
+            outs.append(backend.extend(prompt[:b], attention_mask=None if mask is None else mask[:b]))
             for s in steps:
-                outs.append(backend.extend(s))
-            outs.append(backend.denoise(masks, torch.tensor([0.3, 0.9])))
-            outs.append(backend.denoise(masks, None))
-            outs.append(backend.extend(block))
-            outs.append(backend.denoise(masks, torch.tensor([0.5, 0.5])))
+                outs.append(backend.extend(s[:b]))
+            outs.append(backend.denoise(masks[:b], times[0][:b]))
+            outs.append(backend.denoise(masks[:b], None))
+            outs.append(backend.extend(block[:b]))
+            outs.append(backend.denoise(masks[:b], times[1][:b]))
         return outs
 
     with torch.no_grad(), kernels.force(sdpa=sdpa):
-        ref = run()
+        ref = run(4)
         torch._dynamo.reset()
         counters.clear()
         backend.compile(backend="eager")
-        got = run()
+        got = run(4)
+        graphs = counters["stats"]["unique_graphs"]
+        two = run(2)
+    new_graphs = counters["stats"]["unique_graphs"] - graphs
+    torch._dynamo.reset()
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert graphs > 0, "nothing was compiled"
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(two, ref, strict=True):
+        torch.testing.assert_close(a, b[:2], rtol=1e-5, atol=1e-5)
+    assert new_graphs == 0, f"{new_graphs} graphs compiled for a batch of 2"
+
+
+# ------------------------------------------------------------------- the warm-up before timed or shown work
+
+def _compile_eagerly(monkeypatch) -> list[int]:
+    """`TowerBackend.compile` with dynamo's eager backend (see the module docstring), counters cleared;
+    returns a list that gets dynamo's count of graphs compiled so far at the end of each warm-up."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from twotower_cli import sampler
+
+    compile_, warm_up = TowerBackend.compile, sampler.warm_up
+    after: list[int] = []
+
+    def warm(*args, **kw):
+        seconds = warm_up(*args, **kw)
+        after.append(counters["stats"]["unique_graphs"])
+        return seconds
+
+    monkeypatch.setattr(TowerBackend, "compile", lambda self: compile_(self, backend="eager"))
+    monkeypatch.setattr(sampler, "warm_up", warm)
     torch._dynamo.reset()
+    counters.clear()
+    return after
+
+
+def _graphs() -> int:
+    """Graphs compiled since `_compile_eagerly`; dynamo's caches are dropped for the next test."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    n = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    return n
+
+
+def test_bench_compile_warms_up_every_row_before_timing(folder, monkeypatch):
+    """bench's warm-up was 8 tokens of the first prompt: with --block 4 the rows' later blocks (and with
+    --batch-size, the batch's shapes) compiled inside the timed runs. Now each row's warm-up is three blocks
+    of the first batch, and nothing compiles between the last warm-up and the scoring of the outputs."""
+    from twotower_cli import bench
+
+    after = _compile_eagerly(monkeypatch)
+    at_scoring: list[int] = []
+    score = bench.sequence_log_likelihood
+
+    def scored(*args):
+        if not at_scoring:
+            from torch._dynamo.utils import counters
+
+            at_scoring.append(counters["stats"]["unique_graphs"])
+        return score(*args)
+
+    monkeypatch.setattr(bench, "sequence_log_likelihood", scored)
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "-n", "20", "--block", "4", "--thresholds",
+                                       "0.8", "--repeat", "1", "--json", "--compile"])
+    _graphs()
+    assert r.exit_code == 0, r.output
+    assert len(after) == 3 and after[-1] == at_scoring[0] > 0, (after, at_scoring)
+

@@ -12,6 +12,7 @@ perplexities (1.0: as good as AR; lower is worse).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -89,10 +90,8 @@ def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens
     specs, configs = row_configs(backend.twotower is not None, thresholds, max_new_tokens=max_new_tokens, block=block,
                                  steps=steps, repeat=repeat, batch_size=batch_size, mask_token_id=mask_token_id,
                                  pad_token_id=pad_token_id, vocab_size=backend.vocab_size)
-    # warm-up: allocator, lazy kernels, caches
-    for c in configs:
-        S.run(backend, [prompts[0]], S.SamplingConfig(**{**c.__dict__, "max_new_tokens": min(8, max_new_tokens)}),
-              eos_ids)
+    for c in configs:  # warm-up: allocator, lazy kernels, caches, --compile's compilations, --cuda-graphs' captures
+        S.warm_up(backend, prompts[:batch_size], c, eos_ids)
     times: list[list[float]] = [[] for _ in specs]
     outputs: list[list[list[int]]] = [[] for _ in specs]
     tokens = [0] * len(specs)
@@ -117,7 +116,9 @@ def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens
     judge = backend.ar
     rows = []
     for i, (mode, thr) in enumerate(specs):
-        lls = [sequence_log_likelihood(judge, p, out) for p, out in zip(prompts, outputs[i], strict=True)]
+        # scored eagerly: one forward per output, each a new length that --compile would compile
+        with torch.compiler.set_stance("force_eager") if backend.compiled else contextlib.nullcontext():
+            lls = [sequence_log_likelihood(judge, p, out) for p, out in zip(prompts, outputs[i], strict=True)]
         flat = torch.cat(lls) if lls else torch.zeros(0)
         mean_ll = float(flat.double().mean()) if flat.numel() else float("nan")
         sec = statistics.median(times[i])

@@ -28,7 +28,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
@@ -592,3 +592,15 @@ def run(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids
             result = ev
     assert result is not None
     return result
+
+
+def warm_up(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos_ids: list[int] = ()) -> float:
+    """A short run of `cfg` on `prompts`, its result dropped, so that `--compile` compiles, and `--cuda-graphs`
+    captures, the steps of the run that follows before it is timed: three blocks (mask_diffusion: denoiser
+    steps and two block commits, since the first commit's past can be a length dynamo specializes, 0 or 1;
+    ar, mock_ar: as many one-token steps). Its own generator: what the caller's generator draws afterwards
+    is the same as without it. Returns its seconds."""
+    short = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 3 * cfg.block_size))
+    t0 = time.perf_counter()
+    run(backend, prompts, short, eos_ids, torch.Generator().manual_seed(0))
+    return time.perf_counter() - t0

@@ -429,9 +429,6 @@ def sequence_log_likelihood(ar: NemotronHForCausalLM, prompt: list[int], continu
 
 # ---------------------------------------------------------------------------------------------- sampling backend
 
-COMPILE_MAX_TOKENS = 64  # --compile: longer context steps (prompts) run eagerly
-
-
 def compile_regions(tower: NemotronHModel) -> list[nn.Module]:
     """The modules `TowerBackend.compile` compiles in a tower: each layer's norm and mixer, or for an MoE
     layer its norm, router and shared expert (the routed experts stay eager), and the final norm."""
@@ -588,9 +585,10 @@ class TowerBackend:
         self._static: _Static | None = None  # the buffers the cache lives in, if it does
         # buffers given up, with their graphs, per batch size (the latest SPARE_BATCH_SIZES sizes)
         self._spares: collections.OrderedDict[int, _Static] = collections.OrderedDict()
-        # Context steps captured: one token (decode) and the widths of the denoiser's blocks (commits). Other
-        # lengths (chat turns, a server's continuations) run over the buffers uncaptured: a graph per length
-        # that came twice would hold a memory pool each, per batch size, for lengths that rarely recur.
+        # Context steps captured (--cuda-graphs) and compiled (--compile): one token (decode) and the widths
+        # of the denoiser's blocks (commits). Other lengths (prompts, chat turns, a server's continuations)
+        # run uncaptured and eagerly: a graph per length that came twice would hold a memory pool each, per
+        # batch size, for lengths that rarely recur, and each new length would cost a compilation.
         self._block_widths: set[int] = set()
         self._armed = False  # the last step was a context step that could run over fixed-size buffers
 
@@ -604,10 +602,18 @@ class TowerBackend:
         block), not one per layer. Dynamic shapes: the KV cache grows every step; no CUDA graphs
         ("reduce-overhead"), whose output buffers the next step would overwrite while the cache still
         holds them. The mamba-ssm
-        kernels run outside the graphs (`kernels.prepare_compile`). Context steps longer than
-        COMPILE_MAX_TOKENS (prompts) run eagerly: they are matmul-bound, and each new prompt length would
-        cost a recompilation."""
+        kernels run outside the graphs (`kernels.prepare_compile`). Context steps of other lengths than
+        one token or a denoiser block (prompts, chat turns: `_block_widths`) run eagerly: they are
+        matmul-bound, and their lengths recompiled the Mamba layers' chunked scan again and again (it
+        branches on the length's chunks and padding), up to dynamo's recompile limit."""
         kernels.prepare_compile()
+        import torch.fx.experimental._config as fx_config
+
+        # No duck sizing: dynamo gave input sizes that were equal when traced one symbol, so a batch of 4 shared
+        # the Mamba conv state's kernel width (4, the Nano's too), was pinned to 4 along with it, and every
+        # Mamba and attention layer recompiled at the next batch size (continuous batching: at each change).
+        if hasattr(fx_config, "use_duck_shape"):
+            fx_config.use_duck_shape = False
         if self.device.type == "cuda":  # its one-off probe, here rather than inside a trace
             attention.gqa_fused(self.device, self.ar.lm_head.weight.dtype)
         towers = [self.ar.backbone] + ([self.twotower.denoiser_tower] if self.twotower is not None else [])
@@ -657,7 +663,7 @@ class TowerBackend:
             return self._static_step(ids)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._changed()  # the cache changes below (in place)
-        eager = self.compiled and ids.shape[1] > COMPILE_MAX_TOKENS  # a prompt: see `compile`
+        eager = self.compiled and L != 1 and L not in self._block_widths  # a prompt: see `compile`
         with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
