@@ -9,6 +9,7 @@ takes must trace without a graph break and give the eager numbers.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tests.twotower_helpers import random_base, tiny_cfg, write_twotower
@@ -170,6 +171,26 @@ def _graphs() -> int:
     return n
 
 
+def test_generate_compile_warms_up_so_the_timed_run_compiles_nothing(folder, monkeypatch):
+    """`generate --compile` compiled inside the run it timed (the tiny model: 1.7 tok/s shown, ~100 after
+    compiling). A warm-up of three blocks now compiles first, said on stderr with its seconds: the run that
+    follows compiles no graph, and its tokens are those of a run without --compile, sampling included (the
+    warm-up draws from a generator of its own)."""
+    mode = "mask_diffusion"  # (ar: the serve test below)
+    args = ["generate", "hello there", "--model", str(folder), "--block", "4", "-n", "20", "--mode", mode,
+            "--temperature", "0.9", "--seed", "5", "--json"]
+    plain = CliRunner().invoke(get_app(), args)
+    assert plain.exit_code == 0, plain.output
+    assert "warm-up" not in plain.stderr
+    after = _compile_eagerly(monkeypatch)
+    r = CliRunner().invoke(get_app(), args + ["--compile"])
+    graphs = _graphs()
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    assert len(after) == 1 and 0 < after[0] == graphs, (after, graphs)
+    assert re.search(rf"^warm-up \d+\.\d s: compiled the {mode} steps$", r.stderr, re.M), r.stderr
+
+
 def test_bench_compile_warms_up_every_row_before_timing(folder, monkeypatch):
     """bench's warm-up was 8 tokens of the first prompt: with --block 4 the rows' later blocks (and with
     --batch-size, the batch's shapes) compiled inside the timed runs. Now each row's warm-up is three blocks
@@ -193,4 +214,24 @@ def test_bench_compile_warms_up_every_row_before_timing(folder, monkeypatch):
     _graphs()
     assert r.exit_code == 0, r.output
     assert len(after) == 3 and after[-1] == at_scoring[0] > 0, (after, at_scoring)
+
+
+def test_chat_and_serve_compile_warm_up_before_the_first_turn_or_request(folder, monkeypatch):
+    from tests.test_serve import StoppedServer
+
+    import twotower_cli.serve
+
+    after = _compile_eagerly(monkeypatch)
+    r = CliRunner().invoke(get_app(), ["chat", "--model", str(folder), "--block", "4", "-n", "8", "--compile"],
+                           input="hello\n")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^warm-up \d+\.\d s: compiled the mask_diffusion steps$", r.stderr, re.M), r.stderr
+    assert len(after) == 1 and after[0] > 0
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **kw: StoppedServer())
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--mode", "ar", "--compile"])
+    _graphs()
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert re.match(r"warm-up \d+\.\d s: compiled the ar steps$", lines[0]) and lines[1].startswith("serving"), lines
 

@@ -138,6 +138,7 @@ def chat(
     settings = rt.sampling(settings, mask_token_id=mask_token_id, block=block)
     if (warning := rt.block_warning(settings.mode, settings.block_size)) is not None:
         report_warning(*warning)
+    O.warm_up(rt, settings)  # --compile, --cuda-graphs: before the first turn
     conversation = Conversation(rt.tokenizer, template, system, variables)
     cutter = StopTexts(stop_texts, rt.tokenizer.decode, S.stop_set(settings, rt.eos_ids), settings.block_size)
     backend = PrefixReuse(rt.backend)

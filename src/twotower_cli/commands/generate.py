@@ -99,6 +99,7 @@ def generate(
         raise TwoTowerError("a prompt encodes to no tokens", "give some text to continue")
     if (warning := rt.length_warning(max(map(len, prompts)), settings.max_new_tokens)) is not None:
         report_warning(*warning)
+    O.warm_up(rt, settings, prompts[:batch_size])  # --compile, --cuda-graphs: not in the timings below
     gen = torch.Generator().manual_seed(seed)
     live = (not no_live and not as_json and err_console().is_terminal)
     decode = rt.tokenizer.decode

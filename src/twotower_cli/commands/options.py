@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from twotower_cli.runtime import Runtime
     from twotower_cli.sampler import SamplingConfig
 
 Model = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint folder, hub id or alias (default: the embedded tiny model).")]
@@ -33,7 +34,7 @@ Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cu
 ContextDevice = Annotated[str | None, typer.Option(help="Device of the context tower.")]
 DenoiserDevice = Annotated[str | None, typer.Option(help="Device of the denoiser tower.")]
 Dtype = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPU, fp32 on CPU).")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (slow first call).")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode and block steps (a warm-up run compiles them first: from seconds to minutes).")]
 CudaGraphs = Annotated[bool, typer.Option("--cuda-graphs", help="GPU: replay steps from CUDA graphs (decode steps, block commits, denoiser steps), kept across blocks and, per batch size, for the next prompts.")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch (default: one per core; 1 is often faster for tiny models).")]
 NoLive = Annotated[bool, typer.Option("--no-live", help="No live view; print the final text only.")]
@@ -190,3 +191,22 @@ def warn_if_options_unused(settings: SamplingConfig, passed: set[str], why: str 
             report_warning(f"{flags[name]}: no effect with --policy {settings.policy}"
                            + (f" (unless a request sets policy {policy})" if requests else ""),
                            f"leave it out, or use --policy {policy}")
+
+
+def warm_up(rt: Runtime, settings: SamplingConfig, prompts: list[list[int]] | None = None) -> None:
+    """--compile, --cuda-graphs: a short run of `settings` on `prompts` (chat and serve, which have none yet:
+    a line of English) before the real work (`sampler.warm_up`), under a status line, then its seconds on
+    stderr. Compiling takes from seconds (the tiny model on a CPU) to minutes; without this it passed in
+    silence and was counted in the first tok/s. Nothing without either option."""
+    from twotower_cli import sampler as S
+    from twotower_cli.display import err_console
+
+    done = [w for w, on in (("compiled", rt.backend.compiled), ("captured CUDA graphs for", rt.backend.graphs)) if on]
+    if not done:
+        return
+    console = err_console()
+    with console.status("[dim]warm-up: compiling the steps…[/]" if rt.backend.compiled
+                        else "[dim]warm-up: capturing the steps' CUDA graphs…[/]"):
+        seconds = S.warm_up(rt.backend, prompts or [rt.tokenizer.encode("The first request comes after this one.")],
+                            settings, rt.eos_ids)
+    console.print(f"[dim]warm-up {seconds:.1f} s: {' and '.join(done)} the {settings.mode} steps[/]", highlight=False)
