@@ -234,4 +234,3 @@ def test_chat_and_serve_compile_warm_up_before_the_first_turn_or_request(folder,
     assert r.exit_code == 0, r.output
     lines = r.stderr.splitlines()
     assert re.match(r"warm-up \d+\.\d s: compiled the ar steps$", lines[0]) and lines[1].startswith("serving"), lines
-

@@ -607,6 +607,7 @@ class TowerBackend:
         matmul-bound, and their lengths recompiled the Mamba layers' chunked scan again and again (it
         branches on the length's chunks and padding), up to dynamo's recompile limit."""
         kernels.prepare_compile()
+        import torch._dynamo
         import torch.fx.experimental._config as fx_config
 
         # No duck sizing: dynamo gave input sizes that were equal when traced one symbol, so a batch of 4 shared
@@ -614,6 +615,11 @@ class TowerBackend:
         # Mamba and attention layer recompiled at the next batch size (continuous batching: at each change).
         if hasattr(fx_config, "use_duck_shape"):
             fx_config.use_duck_shape = False
+        # Attention.forward serves every kind of step of both towers (decode, commit and denoiser block, with
+        # and without a padding mask, a first step's empty past, batch 1 and more): more variants than
+        # dynamo's default of 8 graphs per function, past which it printed warnings and ran the rest eagerly
+        # (continuous batching in mask_diffusion reached it).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if self.device.type == "cuda":  # its one-off probe, here rather than inside a trace
             attention.gqa_fused(self.device, self.ar.lm_head.weight.dtype)
         towers = [self.ar.backbone] + ([self.twotower.denoiser_tower] if self.twotower is not None else [])
