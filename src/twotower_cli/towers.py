@@ -605,7 +605,9 @@ class TowerBackend:
         kernels run outside the graphs (`kernels.prepare_compile`). Context steps of other lengths than
         one token or a denoiser block (prompts, chat turns: `_block_widths`) run eagerly: they are
         matmul-bound, and their lengths recompiled the Mamba layers' chunked scan again and again (it
-        branches on the length's chunks and padding), up to dynamo's recompile limit."""
+        branches on the length's chunks and padding), up to dynamo's recompile limit. So do first steps
+        (an empty cache: a prompt, or one joining a continuous batch), whatever their length: a one-token
+        prompt compiled graphs of its own for the empty past."""
         kernels.prepare_compile()
         import torch._dynamo
         import torch.fx.experimental._config as fx_config
@@ -669,7 +671,8 @@ class TowerBackend:
             return self._static_step(ids)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._changed()  # the cache changes below (in place)
-        eager = self.compiled and L != 1 and L not in self._block_widths  # a prompt: see `compile`
+        # a prompt (a first step, whatever its length) or a turn: see `compile`
+        eager = self.compiled and (T == 0 or (L != 1 and L not in self._block_widths))
         with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
