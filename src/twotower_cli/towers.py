@@ -635,6 +635,11 @@ class TowerBackend:
     def device(self) -> torch.device:
         return self.ar.lm_head.weight.device
 
+    def _repeating(self, L: int) -> bool:
+        """Whether a context step of L tokens is of a length that recurs, which --cuda-graphs captures and
+        --compile compiles: one token, or a block's width (`_block_widths`)."""
+        return L == 1 or L in self._block_widths
+
     def _changed(self) -> None:
         """The cache changed (or was replaced): the denoiser's copy of it and the graph over it are stale, and
         the fixed-size buffers are given up (kept, with their graphs, for a next cache that fits them)."""
@@ -672,7 +677,7 @@ class TowerBackend:
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._changed()  # the cache changes below (in place)
         # a prompt (a first step, whatever its length) or a turn: see `compile`
-        eager = self.compiled and (T == 0 or (L != 1 and L not in self._block_widths))
+        eager = self.compiled and (T == 0 or not self._repeating(L))
         with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
@@ -696,7 +701,7 @@ class TowerBackend:
         self._graph = None  # (graphs over the buffers stay: `s.blocks`)
         with attention.sdpa_backends(self.device):
             s.pos.fill_(T)
-            captured = L == 1 or L in self._block_widths  # the lengths graphed (see `_block_widths`)
+            captured = self._repeating(L)
             step = s.steps.get(L) if captured else None
             if step is None:  # uncaptured: another length, or the first step of this one with these buffers
                 if captured:
