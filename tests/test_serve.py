@@ -1862,7 +1862,7 @@ def test_idle_connections_close_after_a_while_and_when_the_server_closes(folder,
         conn.close()
     monkeypatch.setattr(serve, "KEEP_ALIVE_SECONDS", 600)
     server = serve.make_server(engine, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     conn = connect(serve.base_url(server))
     conn.request("GET", "/health")
     assert conn.getresponse().read() == b'{"status": "ok"}'
@@ -2050,7 +2050,7 @@ def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothi
     monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 600)  # it is still stuck when the server closes
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
     server = serve.make_server(engine, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     base = serve.base_url(server)
     where = urllib.parse.urlsplit(base)
     with socket.create_connection((where.hostname, where.port), timeout=30) as stuck:
@@ -2084,7 +2084,7 @@ def own_server(engine, **options):
     from twotower_cli import serve
 
     server = serve.make_server(engine, port=0, **options)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
 
 
