@@ -61,6 +61,23 @@ def test_a_commands_help_text_flows_as_paragraphs(command):
         assert p in lines, (p, r.stdout)
 
 
+@pytest.mark.parametrize("command", [[], *([c.name or c.callback.__name__] for c in get_app().registered_commands)],
+                         ids=lambda c: " ".join(["twotower", *c]))
+def test_help_shows_flags_without_a_value_and_options_with_theirs(command):
+    """A flag's line in -h shows no value: typer 0.29 printed `<bool>` beside every flag (--json, --chat,
+    even --help), which reads as an option that wants true or false. Options that take a value keep their
+    type."""
+    r = runner.invoke(get_app(), [*command, "-h"], env={"COLUMNS": "2000"})
+    assert r.exit_code == 0, r.output
+    rows = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("│ --")}
+    assert rows["--help"][:2] == ["-h", "Show"], rows["--help"]  # (it was: -h <bool> Show …)
+    for name, rest in rows.items():
+        assert "<bool>" not in rest and "BOOLEAN" not in rest, (name, rest)
+    if command == ["generate"]:
+        assert rows["--max-new-tokens"][:2] in (["-n", "<int>"], ["-n", "INTEGER"]), rows["--max-new-tokens"]
+        assert rows["--json"][0] == "One", rows["--json"]
+
+
 def test_the_installed_command_reports_command_line_errors_in_one_line():
     """Through the real entry point (`python -m twotower_cli`), not only the test runner."""
     p = subprocess.run([sys.executable, "-m", "twotower_cli", "generate", "--top-k", "many", "hi"],

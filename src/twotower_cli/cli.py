@@ -54,17 +54,33 @@ class _Commands(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def get_command(self, ctx, name: str):  # noqa: ANN001
-        """The command, its help's paragraphs flowed (`flowed`) however typer renders them."""
+        """The command, its help's paragraphs flowed (`flowed`) however typer renders them, and its flags shown
+        without a value (`valueless_flags`)."""
         command = super().get_command(ctx, name)
-        if command is not None and command.help:
-            command.help = flowed(command.help)
+        if command is not None:
+            if command.help:
+                command.help = flowed(command.help)
+            valueless_flags(command.get_params(ctx))
         return command
+
+    def get_params(self, ctx):  # noqa: ANN001
+        return valueless_flags(super().get_params(ctx))  # `twotower -h`: --version and --help
 
     def _path(self, args, prog_name) -> str:  # noqa: ANN001
         """`twotower COMMAND` for an error that names no context (an option missing its value)."""
         prog = prog_name or "twotower"
         name = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)
         return f"{prog} {name}" if name in self.commands else prog
+
+
+def valueless_flags(params: list) -> list:
+    """`params`, each flag (--json, --chat, --help: an option that takes no value) given an empty metavar: typer
+    0.29's help showed `<bool>` beside every flag, which reads as an option that wants true or false
+    (`--chat true` is then an extra argument). Older typer showed nothing there, as it now does again."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 def flowed(help_text: str) -> str:
