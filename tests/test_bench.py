@@ -204,6 +204,18 @@ def test_bench_bad_thresholds(folder):
             f"Error: no thresholds in {empty!r} (hint: write them like 0.5,0.7,0.8,0.9)\n"), r.output
 
 
+def test_bench_a_threshold_given_twice_is_one_row_and_a_warning(folder):
+    """--thresholds 0.9,0.90 measured and printed the 0.9 row twice, each with its own noisy tok/s."""
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(folder), "-n", "4", "--block", "4", "--repeat", "1",
+                                       "--thresholds", "0.9,0.5,0.90", "--json"], input="")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [(x["mode"], x["threshold"]) for x in out["rows"]] == [
+        ("ar", None), ("mock_ar", None), ("mask_diffusion", 0.9), ("mask_diffusion", 0.5)]
+    assert out["settings"]["thresholds"] == [0.9, 0.5]
+    assert r.stderr.startswith("Warning: --thresholds gives 0.9 more than once: measured once (hint: "), r.stderr
+
+
 @pytest.mark.parametrize("thresholds", ["0", "0.5,0", "1.5"])
 def test_bench_threshold_out_of_range_is_refused_as_generate_refuses_it(folder, thresholds):
     """A threshold generate refuses is refused here too (0 ran as 0.8 and was reported as 0)."""

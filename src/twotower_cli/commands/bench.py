@@ -56,6 +56,11 @@ def bench(
         raise TwoTowerError(f"cannot read thresholds {thresholds!r}", "write them like 0.5,0.7,0.8,0.9") from None
     if not thr:  # ran ar and mock_ar only, without a word: the rows the bench is for were gone
         raise TwoTowerError(f"no thresholds in {thresholds!r}", "write them like 0.5,0.7,0.8,0.9")
+    if len(set(thr)) < len(thr):  # each was measured (and printed) as often as written
+        twice = sorted({t for t in thr if thr.count(t) > 1})
+        thr = list(dict.fromkeys(thr))
+        report_warning(f"--thresholds gives {', '.join(map(str, twice))} more than once: measured once",
+                       "--repeat measures each row more times")
     # the rows' settings before the (slow) download and load, as generate checks its own (run_bench checks them
     # again against the checkpoint's block); --steps only once the checkpoint is known: a plain NemotronH one
     # runs no row that uses it
