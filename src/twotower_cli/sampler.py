@@ -598,9 +598,13 @@ def warm_up(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eos
     """A short run of `cfg` on `prompts`, its result dropped, so that `--compile` compiles, and `--cuda-graphs`
     captures, the steps of the run that follows before it is timed: three blocks (mask_diffusion: denoiser
     steps and two block commits, since the first commit's past can be a length dynamo specializes, 0 or 1;
-    ar, mock_ar: as many one-token steps). Its own generator: what the caller's generator draws afterwards
-    is the same as without it. Returns its seconds."""
+    ar, mock_ar: as many one-token steps). Several prompts: then the first alone too, as a batch of one is
+    another size to dynamo (it specializes 1) and to a CUDA graph, and a batch of several ends as one when its
+    rows end at different steps, or when fewer prompts are left than the batch holds (5 prompts, a batch of
+    4: the 5th runs alone); without it every layer compiled again there, inside the run. Its own generator:
+    what the caller's generator draws afterwards is the same as without it. Returns its seconds."""
     short = replace(cfg, max_new_tokens=min(cfg.max_new_tokens, 3 * cfg.block_size))
     t0 = time.perf_counter()
-    run(backend, prompts, short, eos_ids, torch.Generator().manual_seed(0))
+    for batch in [prompts, prompts[:1]] if len(prompts) > 1 else [prompts]:
+        run(backend, batch, short, eos_ids, torch.Generator().manual_seed(0))
     return time.perf_counter() - t0

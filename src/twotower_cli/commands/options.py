@@ -193,11 +193,11 @@ def warn_if_options_unused(settings: SamplingConfig, passed: set[str], why: str 
                            f"leave it out, or use --policy {policy}")
 
 
-def warm_up(rt: Runtime, settings: SamplingConfig, prompts: list[list[int]] | None = None) -> None:
+def warm_up(rt: Runtime, settings: SamplingConfig, prompts: list[list[int]] | None = None, rows: int = 1) -> None:
     """--compile, --cuda-graphs: a short run of `settings` on `prompts` (chat and serve, which have none yet:
-    a line of English) before the real work (`sampler.warm_up`), under a status line, then its seconds on
-    stderr. Compiling takes from seconds (the tiny model on a CPU) to minutes; without this it passed in
-    silence and was counted in the first tok/s. Nothing without either option."""
+    a line of English, `rows` times: serve batches requests) before the real work (`sampler.warm_up`), under a
+    status line, then its seconds on stderr. Compiling takes from seconds (the tiny model on a CPU) to minutes;
+    without this it passed in silence and was counted in the first tok/s. Nothing without either option."""
     from twotower_cli import sampler as S
     from twotower_cli.display import err_console
 
@@ -207,6 +207,6 @@ def warm_up(rt: Runtime, settings: SamplingConfig, prompts: list[list[int]] | No
     console = err_console()
     with console.status("[dim]warm-up: compiling the steps…[/]" if rt.backend.compiled
                         else "[dim]warm-up: capturing the steps' CUDA graphs…[/]"):
-        seconds = S.warm_up(rt.backend, prompts or [rt.tokenizer.encode("The first request comes after this one.")],
-                            settings, rt.eos_ids)
+        line = rt.tokenizer.encode("The first request comes after this one.")
+        seconds = S.warm_up(rt.backend, prompts or [line] * rows, settings, rt.eos_ids)
     console.print(f"[dim]warm-up {seconds:.1f} s: {' and '.join(done)} the {settings.mode} steps[/]", highlight=False)

@@ -99,8 +99,9 @@ def serve(
         report_warning(f"--max-model-len {max_model_len} is beyond the {stated} tokens this checkpoint is meant for "
                        "(max_position_embeddings); longer sequences run, but the model was not trained on them",
                        f"leave out --max-model-len to use {stated}")
-    # --compile, --cuda-graphs: the default mode's steps before the first request (other modes: at their first)
-    O.warm_up(rt, defaults)
+    # --compile, --cuda-graphs: the default mode's steps before the first request (other modes: at their first),
+    # for one request alone and for requests batched together
+    O.warm_up(rt, defaults, rows=min(2, max_batch))
     name = model or rt.folder.name
     engine = Engine(rt.backend, rt.tokenizer, rt.eos_ids, defaults, name, template, variables, seed,
                     max_batch=max_batch, conversations=conversations, continuous=continuous,
