@@ -138,6 +138,36 @@ def test_compiled_regions_trace_without_graph_breaks_and_match_eager(folder, sdp
     assert new_graphs == 0, f"{new_graphs} graphs compiled for a batch of 2 or a joining prompt"
 
 
+def test_the_cache_a_prompt_leaves_has_the_layout_of_every_later_one(folder):
+    """A first step's keys and values went into the cache as they came out of the projection, a transposed
+    view (time stride heads x head dim), where every later step leaves torch.cat's contiguous tensors: the
+    one-token step after a prompt compiled every attention layer again at the second one, for the other
+    stride (and a block commit after rows left a batch, inside a timed run). Now both are contiguous."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from twotower_cli import towers
+    from twotower_cli.model.cache import KVCache
+
+    loaded = towers.load_model(folder, need_denoiser=False)
+    backend = TowerBackend(None, loaded.ar)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        backend.reset(2)
+        backend.extend(torch.randint(4, 40, (2, 9), generator=g))
+        kv = [c for c in backend.cache.layers if isinstance(c, KVCache)]
+        assert kv and all(c.k.is_contiguous() and c.v.is_contiguous() for c in kv)
+        torch._dynamo.reset()
+        counters.clear()
+        backend.compile(backend="eager")
+        backend.extend(torch.randint(4, 40, (2, 1), generator=g))
+        first = counters["stats"]["unique_graphs"]
+        backend.extend(torch.randint(4, 40, (2, 1), generator=g))
+        second = counters["stats"]["unique_graphs"] - first
+    torch._dynamo.reset()
+    assert first > 0 and second == 0, (first, second)
+
+
 # ------------------------------------------------------------------- the warm-up before timed or shown work
 
 def _compile_eagerly(monkeypatch) -> list[int]:

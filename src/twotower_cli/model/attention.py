@@ -121,8 +121,9 @@ class Attention(nn.Module):
             v = torch.cat([past.v.to(v_new.dtype), v_new], dim=2)
         else:
             k, v = k_new, v_new
-        if append and past is not None:
-            past.k, past.v = k.to(past.k.dtype), v.to(past.v.dtype)
+        if append and past is not None:  # contiguous: an empty past's are the projection's transposed views, of
+            # another stride than torch.cat's, which --compile then compiled every attention layer again for
+            past.k, past.v = k.to(past.k.dtype).contiguous(), v.to(past.v.dtype).contiguous()
         return self._attend(x, q, k, v, causal, mask), k_new, v_new
 
     def step_into(self, x: Tensor, k_buf: Tensor, v_buf: Tensor, cols: Tensor, mask: Tensor) -> Tensor:
