@@ -1861,8 +1861,7 @@ def test_idle_connections_close_after_a_while_and_when_the_server_closes(folder,
         assert conn.sock.recv(1) == b""  # the server closed it
         conn.close()
     monkeypatch.setattr(serve, "KEEP_ALIVE_SECONDS", 600)
-    server = serve.make_server(engine, port=0)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = own_server(engine)
     conn = connect(serve.base_url(server))
     conn.request("GET", "/health")
     assert conn.getresponse().read() == b'{"status": "ok"}'
@@ -2049,8 +2048,7 @@ def test_closing_the_server_does_not_wait_for_ever_for_a_client_that_sends_nothi
     monkeypatch.setattr(serve, "CLOSE_SECONDS", 0.2)
     monkeypatch.setattr(serve, "REQUEST_READ_SECONDS", 600)  # it is still stuck when the server closes
     engine = Engine(TowerBackend(model), Tokenizer(folder), [2, 38], CFG, "tiny-test")
-    server = serve.make_server(engine, port=0)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = own_server(engine)
     base = serve.base_url(server)
     where = urllib.parse.urlsplit(base)
     with socket.create_connection((where.hostname, where.port), timeout=30) as stuck:

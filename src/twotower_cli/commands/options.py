@@ -207,6 +207,6 @@ def warm_up(rt: Runtime, settings: SamplingConfig, prompts: list[list[int]] | No
     console = err_console()
     with console.status("[dim]warm-up: compiling the steps…[/]" if rt.backend.compiled
                         else "[dim]warm-up: capturing the steps' CUDA graphs…[/]"):
-        line = rt.tokenizer.encode("The first request comes after this one.")
-        seconds = S.warm_up(rt.backend, prompts or [line] * rows, settings, rt.eos_ids)
+        prompts = prompts or [rt.tokenizer.encode("The first request comes after this one.")] * rows
+        seconds = S.warm_up(rt.backend, prompts, settings, rt.eos_ids)
     console.print(f"[dim]warm-up {seconds:.1f} s: {' and '.join(done)} the {settings.mode} steps[/]", highlight=False)
