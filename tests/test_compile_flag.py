@@ -294,3 +294,78 @@ def test_chat_and_serve_compile_warm_up_before_the_first_turn_or_request(folder,
     r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--mode", "ar", "--compile", "--max-batch", "1"])
     _graphs()
     assert r.exit_code == 0 and rows == [2, 1], (r.output, rows)
+
+
+
+# ------------------------------------------------------------ whole sequences over compiled layers run eagerly
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_serve_scores_prompts_eagerly_under_compile(folder):
+    """`serve --compile` answered echo requests (lm-eval's loglikelihood: the prompt's log-probabilities) with
+    one forward over the whole prompt through the compiled layers: each new prompt length compiled graphs
+    (the Mamba layers' chunked scan branches on the length's chunks), a stall per request and, past dynamo's
+    recompile limit, warnings. Scoring runs eagerly now, as bench's judging already did: no graph after the
+    warm-up, and the log-probabilities of a server without --compile."""
+    import torch
+    from tests.test_serve import post
+
+    from twotower_cli import sampler
+    from twotower_cli.serve import Engine, in_background
+    from twotower_cli.text import Tokenizer
+    from twotower_cli.towers import load_model
+
+    cfg = sampler.SamplingConfig(mode="ar", max_new_tokens=4)
+    loaded = load_model(folder, need_denoiser=True)
+    prompts = ["hello there", "the cat sat on the mat and looked at the dog", "A" * 90]
+
+    def scores(backend) -> list[list[float]]:
+        engine = Engine(backend, Tokenizer(folder), [2], cfg, "tiny-test")
+        with in_background(engine) as base:
+            answers = [post(base, "/v1/completions", {"prompt": p, "max_tokens": 0, "echo": True, "logprobs": 1})
+                       for p in prompts]
+        assert all(status == 200 for status, _ in answers), answers
+        return [json.loads(text)["choices"][0]["logprobs"]["token_logprobs"][1:] for _, text in answers]
+
+    plain = scores(TowerBackend(loaded.twotower))
+    torch._dynamo.reset()
+    backend = TowerBackend(loaded.twotower).compile(backend="eager")
+    sampler.warm_up(backend, [[5, 6, 7]], cfg)
+    before = _graph_count()
+    compiled = scores(backend)
+    during = _graph_count() - before
+    torch._dynamo.reset()
+    assert before > 0 and during == 0, (before, during)
+    assert [len(c) for c in compiled] == [len(p) for p in plain]
+    for c, p in zip(compiled, plain, strict=True):
+        assert c == pytest.approx(p, abs=1e-5)
+
+
+def test_a_second_backend_over_compiled_layers_reads_prompts_eagerly(folder):
+    """`TowerBackend.compile` compiles the towers' layers in place, so every backend over them runs them
+    compiled, but only the backend that compiled them knew to read prompts eagerly: a second one (scripts/
+    gpu_check.py's chat rows read the conversation again with a fresh backend) compiled each new prompt
+    length, 17 to 30 s a turn in `gpu_check.py --cpu-smoke --compile`. Whether the layers are compiled is
+    now the towers' to say."""
+    import torch
+
+    from twotower_cli.towers import load_model
+
+    loaded = load_model(folder, need_denoiser=True)
+    torch._dynamo.reset()
+    first = TowerBackend(loaded.twotower).compile(backend="eager")
+    second = TowerBackend(loaded.twotower)
+    g = torch.Generator().manual_seed(0)
+    before = _graph_count()
+    with torch.no_grad():
+        for n in (7, 23, 41):
+            second.reset(1)
+            second.extend(torch.randint(4, 40, (1, n), generator=g))
+    during = _graph_count() - before
+    torch._dynamo.reset()
+    assert first.compiled and second.compiled
+    assert during == 0, during

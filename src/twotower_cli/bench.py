@@ -12,7 +12,6 @@ perplexities (1.0: as good as AR; lower is worse).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
@@ -116,9 +115,8 @@ def run_bench(backend: TowerBackend, prompts: list[list[int]], *, max_new_tokens
     judge = backend.ar
     rows = []
     for i, (mode, thr) in enumerate(specs):
-        # scored eagerly: one forward per output, each a new length that --compile would compile
-        with torch.compiler.set_stance("force_eager") if backend.compiled else contextlib.nullcontext():
-            lls = [sequence_log_likelihood(judge, p, out) for p, out in zip(prompts, outputs[i], strict=True)]
+        # (eagerly under --compile: `towers.chunked_log_probs`)
+        lls = [sequence_log_likelihood(judge, p, out) for p, out in zip(prompts, outputs[i], strict=True)]
         flat = torch.cat(lls) if lls else torch.zeros(0)
         mean_ll = float(flat.double().mean()) if flat.numel() else float("nan")
         sec = statistics.median(times[i])

@@ -387,10 +387,12 @@ def chunked_log_probs(ar: NemotronHForCausalLM, x: torch.Tensor, start: int = 1,
     """Under an AR model, for token rows `x` [B, L] on its device: yields (logp [B, c, V] fp32, target [B, c]),
     the log-softmax at the positions predicting x[:, i] for i = start (≥ 1) … L - 1, `chunk` positions at a
     time, with those tokens. One backbone forward over x[:, :-1]; the head and softmax run per chunk, so a long
-    sequence never holds [B, L, vocabulary] logits at once. Call under `torch.no_grad()`."""
+    sequence never holds [B, L, vocabulary] logits at once. Call under `torch.no_grad()`. Eager over compiled
+    layers (`eager_over`): each new length would compile."""
     if x.shape[1] <= start:
         return
-    hidden = ar.backbone(x[:, :-1])  # position j predicts token j + 1
+    with eager_over(ar.backbone):
+        hidden = ar.backbone(x[:, :-1])  # position j predicts token j + 1
     for a in range(start - 1, x.shape[1] - 1, chunk):
         yield F.log_softmax(ar.lm_head(hidden[:, a:a + chunk]).float(), dim=-1), x[:, a + 1:a + 1 + chunk]
 
@@ -428,6 +430,21 @@ def sequence_log_likelihood(ar: NemotronHForCausalLM, prompt: list[int], continu
 
 
 # ---------------------------------------------------------------------------------------------- sampling backend
+
+COMPILED = "_twotower_compiled"  # set on a tower whose layers `TowerBackend.compile` compiled (in place)
+
+
+def is_compiled(tower: nn.Module) -> bool:
+    """Whether `TowerBackend.compile` compiled this tower's layers: in place, so for every backend over it."""
+    return getattr(tower, COMPILED, False)
+
+
+def eager_over(tower: nn.Module):
+    """A context in which a compiled tower runs its layers eagerly (a no-op for one that is not, without
+    importing dynamo): for whole sequences of any length (prompts, scoring), which are matmul-bound and whose
+    every new length would compile again (the Mamba layers' chunked scan branches on the length's chunks)."""
+    return torch.compiler.set_stance("force_eager") if is_compiled(tower) else contextlib.nullcontext()
+
 
 def compile_regions(tower: NemotronHModel) -> list[nn.Module]:
     """The modules `TowerBackend.compile` compiles in a tower: each layer's norm and mixer, or for an MoE
@@ -578,7 +595,6 @@ class TowerBackend:
         self.vocab_size = self.ar.lm_head.weight.shape[0]
         self.cache: TowerCache | None = None
         self._denoiser_view: TowerCache | None = None  # self.cache on the denoiser's device, while it is current
-        self.compiled = False
         self.graphs = False
         self.captures = 0  # graphs captured so far (tests, reports)
         self._graph: _BlockGraph | None = None
@@ -628,8 +644,13 @@ class TowerBackend:
         for tower in towers:
             for module in compile_regions(tower):
                 module.compile(dynamic=True, backend=backend)
-        self.compiled = True
+            setattr(tower, COMPILED, True)
         return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the context tower's layers are compiled (by this backend or another over the same towers)."""
+        return is_compiled(self.ar.backbone)
 
     @property
     def device(self) -> torch.device:
@@ -677,8 +698,8 @@ class TowerBackend:
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         self._changed()  # the cache changes below (in place)
         # a prompt (a first step, whatever its length) or a turn: see `compile`
-        eager = self.compiled and (T == 0 or not self._repeating(L))
-        with (torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext(),
+        eager = T == 0 or not self._repeating(L)
+        with (eager_over(self.ar.backbone) if eager else contextlib.nullcontext(),
               attention.sdpa_backends(self.device)):  # for compiled layers too (`Attention.forward`)
             hidden = self.ar.backbone(ids.to(self.device), cache=self.cache, attention_mask=mask)
         self._armed = static  # the next such step makes the buffers
