@@ -735,3 +735,32 @@ def test_a_capture_that_fails_raises_its_cause_with_the_callers_stream_current(m
     assert state["current"] is default
     replay, out = towers.capture_graph(lambda: torch.ones(2), torch.device("cuda", 0))
     assert state["current"] is default and torch.equal(out, torch.ones(2)) and replay is not None
+
+
+@pytest.mark.parametrize("mode", ["ar", "mask_diffusion"])
+def test_compiled_steps_over_growing_buffers_compile_nothing_after_the_warm_up(tmp_path, captured, mode):
+    """--compile with --cuda-graphs: the steps over the fixed-size buffers read the cache's keys and values as
+    views of buffers whose capacity doubles when they are full, so their strides change with the capacity
+    (and differ from an eager step's). With dynamic shapes dynamo keeps strides symbolic: once the warm-up
+    has run, a run that outgrows the first buffers (256 columns, then 2 × 257) compiles nothing more, and
+    gives the tokens of the uncompiled, ungraphed run. (The compile with dynamo's eager backend: see
+    test_compile_flag.py.)"""
+    from torch._dynamo.utils import counters
+
+    model = load_model(write_random_twotower(tmp_path / "tt", (23, 24)), need_denoiser=True).twotower
+    cfg = S.SamplingConfig(mode=mode, block_size=4, steps=2, policy="topk", max_new_tokens=270)
+    prompt = [[5, 9, 11, 4, 7]]
+    plain = S.run(TowerBackend(model), prompt, cfg, []).generations[0].token_ids
+    torch._dynamo.reset()
+    counters.clear()
+    backend = TowerBackend(model).compile(backend="eager")
+    backend.graphs = True
+    S.warm_up(backend, prompt, cfg)
+    graphs, captures = counters["stats"]["unique_graphs"], backend.captures
+    got = S.run(backend, prompt, cfg, []).generations[0].token_ids
+    after = counters["stats"]["unique_graphs"] - graphs
+    torch._dynamo.reset()
+    assert graphs > 0 and after == 0, (graphs, after)
+    held = [s for s in (backend._static, *backend._spares.values()) if s is not None]
+    assert backend.captures > captures and max(s.capacity for s in held) > 256
+    assert got == plain
