@@ -448,8 +448,47 @@ def test_models_and_health(url):
     with urllib.request.urlopen(url + "/v1/models") as r:
         model = json.load(r)["data"][0]
     assert model["id"] == "tiny-test" and model["max_model_len"] == 4096  # as vLLM's: the context a client has
+    for path in ("/v1/models/tiny-test", "/models/tiny-test"):  # openai's `client.models.retrieve(id)`
+        with urllib.request.urlopen(url + path) as r:
+            assert json.load(r) == model
     with urllib.request.urlopen(url + "/health?probe=1") as r:
         assert json.load(r) == {"status": "ok"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_names_its_id_in_the_x_request_id_header(url, stream):
+    """OpenAI's clients read a request's id from `x-request-id` (`raw.request_id`, and in their errors' and
+    logs' text); it was absent. It is the reply's own id, streamed or not."""
+    body = json.dumps({"prompt": "hello", "max_tokens": 4, "stream": stream}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        rid, text = r.headers["x-request-id"], r.read().decode()
+    ids = {e["id"] for e in events(text)[0]} if stream else {json.loads(text)["id"]}
+    assert ids == {rid} and rid.startswith("cmpl-")
+
+
+def test_a_model_is_retrieved_by_its_id_quoted_or_not(folder, model):
+    """`GET /v1/models/{id}` (openai's `models.retrieve`) was a 404 for every id. It answers the served model
+    for its id, whose `/` a client sends as %2F (a served folder's path), and a 404 naming the id it serves
+    for any other, with OpenAI's code."""
+    engine = Engine(TowerBackend(model), Tokenizer(folder), [2], CFG, "/models/tiny twotower", None)
+    with serving(engine) as base:
+        with urllib.request.urlopen(base + "/v1/models") as r:
+            listed = json.load(r)["data"][0]
+        for path in ("/v1/models/%2Fmodels%2Ftiny%20twotower", "/v1/models//models/tiny%20twotower"):
+            with urllib.request.urlopen(base + path) as r:
+                assert json.load(r) == listed
+        req = urllib.request.Request(base + "/v1/models/%2Fmodels%2Ftiny%20twotower", method="HEAD")
+        with urllib.request.urlopen(req) as r:
+            assert r.status == 200 and r.read() == b""
+        for path in ("/v1/models/gpt-4o", "/v1/models/"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + path)
+            error = json.load(e.value)["error"]
+            assert e.value.code == 404 and error["code"] == "model_not_found", error
+            assert "'/models/tiny twotower'" in error["message"]
+        status, text = post(base, "/v1/models/gpt-4o", {})
+        assert status == 405 and "use GET" in text
 
 
 def test_held_back_text_never_ends_in_a_stop_prefix_or_a_broken_character():
@@ -1307,7 +1346,30 @@ def test_completion_top_logprobs_in_ar_are_the_next_token_distributions_best(url
         values, ids = logits[len(prompt) + j - 1].topk(3)
         assert list(top) == [tok.decode([i]) for i in ids.tolist()]
         assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
-        assert top[out["tokens"][j]] == pytest.approx(out["token_logprobs"][j], abs=1e-6)  # greedy: the best
+        assert top[out["tokens"][j]] == out["token_logprobs"][j]  # greedy: the best, and the same number
+
+
+def test_a_chosen_tokens_logprob_is_the_number_its_top_entry_has(url):
+    """A token's own logprob was the log of its probability (a float32 exp, then a float64 log), its entry
+    among the top ones the float32 log-softmax: -0.3827099170986257 beside -0.38270995020866394, so a client's
+    `token.logprob == top[token]` failed. Both are the top entry's number now, in completions and chat,
+    streamed or not, sampled or greedy (a sampled token outside the top ones keeps its own)."""
+    for temperature in (0, 1.3):
+        body = {"prompt": "hello", "max_tokens": 12, "temperature": temperature, "seed": 3, "logprobs": 3}
+        for stream in (False, True):
+            text = post(url, "/v1/completions", body | {"stream": stream})[1]
+            choices = [e["choices"][0]["logprobs"] for e in events(text)[0]] if stream else \
+                [json.loads(text)["choices"][0]["logprobs"]]
+            pairs = [(t, v, top) for lp in choices if lp
+                     for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True)]
+            assert len(pairs) == 12
+            pairs = [(t, v, top) for t, v, top in pairs if t in top and t and "\ufffd" not in t]  # (texts that
+            assert pairs and all(v == top[t] for t, v, top in pairs)  # several ids share are keyed once)
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": temperature,
+                "seed": 3, "logprobs": True, "top_logprobs": 3}
+        content = json.loads(post(url, "/v1/chat/completions", chat)[1])["choices"][0]["logprobs"]["content"]
+        same = [([t["logprob"] for t in c["top_logprobs"] if t["token"] == c["token"]], c["logprob"]) for c in content]
+        assert all(v in entries for entries, v in same if entries) and any(entries for entries, _ in same)
 
 
 class Recording(TowerBackend):

@@ -1,12 +1,13 @@
 """An OpenAI-compatible HTTP server over one loaded model (`twotower serve`), on the standard library's
 `http.server`.
 
-    GET  /health, /v1/models (with max_model_len, as vLLM's), /metrics (Prometheus text: requests, tokens,
-         batches, latency histograms, queue)
+    GET  /health, /v1/models (with max_model_len, as vLLM's), /v1/models/{id} (the served model by its id,
+         quoted: openai's `models.retrieve`), /metrics (Prometheus text: requests, tokens, batches, latency
+         histograms, queue)
     POST /v1/completions       prompt: a string, a list of strings, a list of ids, or a list of id lists
     POST /v1/chat/completions  messages, rendered by the checkpoint's chat template (as `generate --chat`)
 
-/models, /completions and /chat/completions answer as the /v1 routes (as llama.cpp's server does; vLLM's
+/models(/{id}), /completions and /chat/completions answer as the /v1 routes (as llama.cpp's server does; vLLM's
 has /v1 only): an OpenAI client given the server's address without /v1 as its base_url still works.
 
 HEAD on a GET route answers the GET's status and headers without the body; OPTIONS a 204 with the route's
@@ -98,6 +99,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -145,6 +147,7 @@ ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET",  # path: its
 # the API's routes without /v1, as llama.cpp's server also answers them: a client given the server's address
 # without /v1 as its base_url (a common mistake with OpenAI clients) asks for these
 ALIASES = {"/models": "/v1/models", "/completions": "/v1/completions", "/chat/completions": "/v1/chat/completions"}
+MODEL_ROUTE = "/v1/models/"  # + a model's id, percent-encoded as clients send it (a folder's `/` as %2F): GET
 SERVER_METHODS = ("GET", "HEAD", "POST", "OPTIONS")  # what `OPTIONS *` answers
 GONE_POLL_SECONDS = 0.5  # how often a request waiting for its answer asks whether its client is still there
 CLOSE_SECONDS = 2.0  # how long `server_close` waits for the requests being handled to write their answers
@@ -405,6 +408,12 @@ class Engine:
         self.running = 0  # requests in the batch the model runs now
         self.generator = torch.Generator().manual_seed(seed)
         self.created = int(time.time())
+
+    def model_object(self) -> dict:
+        """The served model as /v1/models lists it and /v1/models/{id} answers it; `max_model_len` as vLLM's
+        (how a client learns the context)."""
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "twotower",
+                "max_model_len": self.max_model_len}
 
     def parse(self, body: dict, chat: bool) -> Request:
         if not isinstance(body, dict):
@@ -839,8 +848,8 @@ class _Job:
                 continue
             if isinstance(ev, RowBlock):
                 self.ids.setdefault(ev.row, []).extend(ev.tokens)
-                self.logprobs.setdefault(ev.row, []).extend(math.log(c) if c > 0 else -math.inf
-                                                            for c in ev.confidences)
+                self.logprobs.setdefault(ev.row, []).extend(map(_own_logprob, ev.tokens, ev.confidences,
+                                                                ev.top or [None] * len(ev.tokens)))
                 self.top.setdefault(ev.row, []).extend(ev.top or [])
                 grown.append(ev.row)
             else:
@@ -926,6 +935,15 @@ class _Job:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
+
+def _own_logprob(token: int, confidence: float, top: list[tuple[int, float]] | None) -> float:
+    """A committed token's log-probability: its entry's among the most likely ones when it is there (the same
+    float32 log-softmax, so `token.logprob == top[token]` holds for a client), else the log of its probability."""
+    found = next((lp for i, lp in top if i == token), None) if top else None
+    if found is not None:
+        return found
+    return math.log(confidence) if confidence > 0 else -math.inf
+
 
 class _Reads(io.RawIOBase):
     """A connection's reads, under its `rfile`'s buffer, against a deadline for the request being read: each
@@ -1417,7 +1435,9 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             target = self.path
             if target.lower().startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
                 target = "/" + target.split("://", 1)[1].partition("/")[2]
-            self.route = route = ALIASES.get(target.partition("?")[0], target.partition("?")[0])
+            path = target.partition("?")[0]
+            path = "/v1" + path if path.startswith(MODEL_ROUTE[3:]) else path  # /models/{id}, as the aliases
+            self.route = route = ALIASES.get(path, path)
             preflight = (bool(origins) and self.command == "OPTIONS" and "Origin" in self.headers
                          and "Access-Control-Request-Method" in self.headers)
             if route not in ("/health", "*") and not preflight and not self._allowed():
@@ -1428,7 +1448,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 else:
                     self._error(HTTPStatus.BAD_REQUEST, f"the request target * is for OPTIONS, not {self.command}")
                 return
-            method = ROUTES.get(route)
+            method = ROUTES.get(route) or ("GET" if route.startswith(MODEL_ROUTE) else None)
             if method is None:
                 self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
                 return
@@ -1454,10 +1474,13 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 self._json(HTTPStatus.OK, {"status": "ok"})
             elif route == "/metrics":
                 self._send(HTTPStatus.OK, "text/plain; version=0.0.4", engine.metrics().encode())
+            elif route == "/v1/models":
+                self._json(HTTPStatus.OK, {"object": "list", "data": [engine.model_object()]})
+            elif (wanted := urllib.parse.unquote(route[len(MODEL_ROUTE):])) == engine.name:
+                self._json(HTTPStatus.OK, engine.model_object())
             else:
-                self._json(HTTPStatus.OK, {"object": "list", "data": [
-                    {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "twotower",
-                     "max_model_len": engine.max_model_len}]})  # as vLLM's: how a client learns the context
+                self._error(HTTPStatus.NOT_FOUND, f"no model {wanted!r} here: this server serves {engine.name!r} "
+                            "(requests may name any model; they get that one)", code="model_not_found")
 
         def _post(self, route: str) -> None:
             try:
@@ -1474,7 +1497,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     self._events(req, rid)
                 else:
                     result = [r for r in engine.run(req, self._gone, room=True) if isinstance(r, Result)][-1]
-                    self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result))
+                    self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result), {"x-request-id": rid})
                     self._report(result)
             except BadRequest as e:
                 self._error(e.status, e.message, code=e.code)
@@ -1498,6 +1521,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            self.send_header("x-request-id", rid)  # the reply's id, as the header OpenAI's clients read
             for name, value in self._cors().items():
                 self.send_header(name, value)
             self._stream = self.request_version >= "HTTP/1.1"
