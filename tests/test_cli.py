@@ -66,15 +66,18 @@ def test_a_commands_help_text_flows_as_paragraphs(command):
 def test_help_shows_flags_without_a_value_and_options_with_theirs(command):
     """A flag's line in -h shows no value: typer 0.29 printed `<bool>` beside every flag (--json, --chat,
     even --help), which reads as an option that wants true or false. Options that take a value keep their
-    type."""
+    type; a repeatable one shows the value it takes each time (`--stop <int>`, not `<list[int]>`, which reads
+    as one option taking a list)."""
     r = runner.invoke(get_app(), [*command, "-h"], env={"COLUMNS": "2000"})
     assert r.exit_code == 0, r.output
     rows = {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("│ --")}
     assert rows["--help"][:2] == ["-h", "Show"], rows["--help"]  # (it was: -h <bool> Show …)
     for name, rest in rows.items():
         assert "<bool>" not in rest and "BOOLEAN" not in rest, (name, rest)
+        assert not rest or not rest[0].startswith("<list["), (name, rest)
     if command == ["generate"]:
         assert rows["--max-new-tokens"][:2] in (["-n", "<int>"], ["-n", "INTEGER"]), rows["--max-new-tokens"]
+        assert rows["--stop"][0] == "<int>" and rows["--stop-text"][0] == "<str>", (rows["--stop"], rows["--stop-text"])
         assert rows["--json"][0] == "One", rows["--json"]
 
 

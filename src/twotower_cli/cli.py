@@ -60,11 +60,11 @@ class _Commands(TyperGroup):
         if command is not None:
             if command.help:
                 command.help = flowed(command.help)
-            valueless_flags(command.get_params(ctx))
+            valueless_flags(command.get_params(ctx), ctx)
         return command
 
     def get_params(self, ctx):  # noqa: ANN001
-        return valueless_flags(super().get_params(ctx))  # `twotower -h`: --version and --help
+        return valueless_flags(super().get_params(ctx), ctx)  # `twotower -h`: --version and --help
 
     def _path(self, args, prog_name) -> str:  # noqa: ANN001
         """`twotower COMMAND` for an error that names no context (an option missing its value)."""
@@ -73,13 +73,21 @@ class _Commands(TyperGroup):
         return f"{prog} {name}" if name in self.commands else prog
 
 
-def valueless_flags(params: list) -> list:
+def valueless_flags(params: list, ctx=None) -> list:  # noqa: ANN001
     """`params`, each flag (--json, --chat, --help: an option that takes no value) given an empty metavar: typer
     0.29's help showed `<bool>` beside every flag, which reads as an option that wants true or false
-    (`--chat true` is then an extra argument). Older typer showed nothing there, as it now does again."""
+    (`--chat true` is then an extra argument). Older typer showed nothing there, as it now does again. A
+    repeatable option shows the value it takes each time (`--stop <int>`, not `<list[int]>`, which reads as
+    one option taking a list: `--stop 1,2`)."""
     for param in params:
-        if getattr(param, "is_flag", False) and param.metavar is None:
+        if param.metavar is not None or getattr(param, "param_type_name", "") != "option":
+            continue
+        if getattr(param, "is_flag", False):
             param.metavar = ""
+        elif param.multiple and ctx is not None and hasattr(param, "display_type"):
+            shown = param.display_type(ctx)
+            if shown.startswith("<list[") and shown.endswith("]>"):
+                param.metavar = "<" + shown[len("<list["):-len("]>")] + ">"
     return params
 
 
