@@ -300,28 +300,40 @@ def test_cli_serve_in_ar_is_not_refused_over_steps_it_does_not_use(folder, monke
     assert r.exit_code == 1 and r.stderr.startswith("Error: steps 9 must be between 1 and the block size 4"), r.output
 
 
-@pytest.mark.parametrize("path, body, status, needle", [
-    ("/v1/completions", None, 400, "not valid JSON"),
-    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "'n' must be between 1 and 16"),
-    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "'n' must be between 1 and 16"),
-    ("/v1/completions", {}, 400, "'prompt' must be"),
-    ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary"),
-    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
-    ("/v1/completions", {"prompt": "hi", "steps": 9}, 400, "steps 9"),
-    ("/v1/completions", {"prompt": "hi", "stop": 3}, 400, "'stop'"),
-    ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "roles must alternate"),
-    ("/v1/nope", {}, 404, "no route"),
+@pytest.mark.parametrize("path, body, status, needle, param", [
+    ("/v1/completions", None, 400, "not valid JSON", None),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "'n' must be between 1 and 16", "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "'n' must be between 1 and 16", "n"),
+    ("/v1/completions", {}, 400, "'prompt' must be", "prompt"),
+    ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary", "prompt"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number", "temperature"),
+    ("/v1/completions", {"prompt": "hi", "steps": 9}, 400, "steps 9", None),
+    ("/v1/completions", {"prompt": "hi", "stop": 3}, 400, "'stop'", "stop"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "'max_tokens' -1 must be 0 or more", "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "between 0 and 20", "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 1}, 400, "not supported", "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, 400, "whole replies only", "stream"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "roles must alternate", None),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "has no 'content'", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "needs 'logprobs'", "top_logprobs"),
+    ("/v1/nope", {}, 404, "no route", None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "chat_template_kwargs": {"messages": []}}, 400, "cannot set messages"),  # was a 500
+                              "chat_template_kwargs": {"messages": []}}, 400, "cannot set messages",
+     "chat_template_kwargs"),  # was a 500
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
-     "max_tokens 0 asks for nothing"),  # was read as unset
+     "max_tokens 0 asks for nothing", "max_completion_tokens"),  # was read as unset
 ])
-def test_bad_requests_get_an_openai_error(url, path, body, status, needle):
+def test_bad_requests_get_an_openai_error(url, path, body, status, needle, param):
+    """An OpenAI error object: its message, and `param` naming the request field at fault, as OpenAI's do (it
+    was always null; the openai package reads it as `error.param`)."""
     got, text = post(url, path, body, raw=b"{bad" if body is None else None)
     assert got == status, text
     error = json.loads(text)["error"]
-    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    assert needle in error["message"] and error["type"] == "invalid_request_error", error
+    assert error["param"] == param, error
     assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the server lives on
 
 

@@ -205,11 +205,13 @@ class Histogram:
 
 
 class BadRequest(Exception):
-    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body (`code`: its `code`)."""
+    """A request the server refuses: 400 (or `status`) with an OpenAI-style error body (`code`: its `code`;
+    `param`: the request field at fault, as OpenAI's errors name it)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.message, self.status, self.code = message, status, code
+        self.message, self.status, self.code, self.param = message, status, code, param
 
 
 def _failure(e: BaseException) -> str:
@@ -218,10 +220,10 @@ def _failure(e: BaseException) -> str:
     return str(e) if isinstance(e, TwoTowerError) else f"{type(e).__name__}: {e}"
 
 
-def _error_body(status: int, message: str, code: str | None = None) -> dict:
+def _error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
     """An OpenAI error object, for an answer of `status` (or an error event in a stream)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -257,7 +259,7 @@ def _number(body: dict, key: str, kind: type, default):
     finite = not isinstance(value, float) or math.isfinite(value)  # JSON's NaN, Infinity and 1e400 are floats
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite or (
             kind is int and value != int(value)):
-        raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}")
+        raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}", param=key)
     return kind(value)
 
 
@@ -271,11 +273,12 @@ def _refuse_unhonoured(body: dict, chat: bool, n: int) -> None:
                                          for v in neutral):  # 0.0 is 0, false is not
             leave = " or ".join(["leave it out", *(f"send {json.dumps(v)}" for v in neutral)])
             raise BadRequest(f"'{field}' is not supported by this server, which would answer as if it were not "
-                             f"given: {leave}", code="unsupported_parameter")
+                             f"given: {leave}", code="unsupported_parameter", param=field)
     best_of = _number(body, "best_of", int, None)
     if not chat and best_of is not None and best_of != n:
         raise BadRequest(f"'best_of' {best_of} is not supported by this server, which returns every choice it "
-                         f"samples: leave it out, or ask for n choices with 'n'", code="unsupported_parameter")
+                         f"samples: leave it out, or ask for n choices with 'n'", code="unsupported_parameter",
+                         param="best_of")
 
 
 def template_variables_taken(variables: dict) -> str | None:
@@ -294,9 +297,9 @@ def _text_of(content) -> str:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         if any(p.get("type") != "text" for p in content):
-            raise BadRequest("only text message parts are supported")
+            raise BadRequest("only text message parts are supported", param="messages")
         return "".join(str(p.get("text", "")) for p in content)
-    raise BadRequest("a message's 'content' must be a string or a list of text parts")
+    raise BadRequest("a message's 'content' must be a string or a list of text parts", param="messages")
 
 
 def _content_of(i: int, message: dict) -> str:
@@ -307,11 +310,14 @@ def _content_of(i: int, message: dict) -> str:
     if content is None and not (message["role"] == "assistant" and (message.get("tool_calls")
                                                                       or message.get("function_call"))):
         raise BadRequest(f"messages[{i}] ({message['role']}) has " + ("a null" if "content" in message else "no")
-                         + " 'content': only an assistant message with tool_calls may leave it out")
+                         + " 'content': only an assistant message with tool_calls may leave it out", param="messages")
     try:
         return _text_of(content)
     except BadRequest as e:
-        raise BadRequest(f"messages[{i}]: {e.message}") from None
+        raise BadRequest(f"messages[{i}]: {e.message}", param="messages") from None
+
+
+PROMPT_SHAPES = "'prompt' must be a string, a list of strings, a list of ids or a list of id lists"
 
 
 def _prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
@@ -323,7 +329,7 @@ def _prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         prompt = [prompt]  # one prompt given as ids
     if not isinstance(prompt, list) or not prompt:
-        raise BadRequest("'prompt' must be a string, a list of strings, a list of ids or a list of id lists")
+        raise BadRequest(PROMPT_SHAPES, param="prompt")
     out = []
     for p in prompt:
         if isinstance(p, str):
@@ -331,11 +337,11 @@ def _prompts(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list[list[int
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             out.append(list(p))
         else:
-            raise BadRequest("'prompt' must be a string, a list of strings, a list of ids or a list of id lists")
+            raise BadRequest(PROMPT_SHAPES, param="prompt")
         if not out[-1]:
-            raise BadRequest("a prompt is empty")
+            raise BadRequest("a prompt is empty", param="prompt")
         if not all(0 <= t < vocab_size for t in out[-1]):
-            raise BadRequest(f"a prompt id is outside the vocabulary (0..{vocab_size - 1})")
+            raise BadRequest(f"a prompt id is outside the vocabulary (0..{vocab_size - 1})", param="prompt")
     return out
 
 
@@ -420,7 +426,7 @@ class Engine:
             raise BadRequest("the request body must be a JSON object")
         n = _number(body, "n", int, 1)
         if not 1 <= n <= MAX_N:
-            raise BadRequest(f"'n' must be between 1 and {MAX_N}")
+            raise BadRequest(f"'n' must be between 1 and {MAX_N}", param="n")
         _refuse_unhonoured(body, chat, n)
         logprobs, top = self._logprobs(body, chat)
         echo = not chat and bool(body.get("echo"))
@@ -434,7 +440,7 @@ class Engine:
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise BadRequest("'stop' must be a string or a list of non-empty strings")
+            raise BadRequest("'stop' must be a string or a list of non-empty strings", param="stop")
         d = self.defaults
         top_p = _number(body, "top_p", float, d.top_p)
         top_k = _number(body, "top_k", int, d.top_k)  # 0 or -1: no top-k, as other servers read it
@@ -447,7 +453,8 @@ class Engine:
         cuts = {length: self._fit(length, wanted, field, where) for length in lengths}
         score_only = wanted == 0 and echo
         if wanted == 0 and not echo:
-            raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"))
+            raise BadRequest("max_tokens 0 asks for nothing" + ("" if chat else ": add 'echo' to score the prompt"),
+                             param=field)
         prompts = [p for p in prompts for _ in range(n)]  # n choices a prompt: rows of one batch, in order
         rows_max = [1 if score_only else cuts[len(p)] for p in prompts]
         settings = replace(
@@ -462,17 +469,17 @@ class Engine:
         except TwoTowerError as e:
             raise BadRequest(e.message) from None
         if settings.mode != "ar" and self.backend.inner.twotower is None:
-            raise BadRequest("this model has no denoiser: only mode 'ar'")
+            raise BadRequest("this model has no denoiser: only mode 'ar'", param="mode")
         options = body.get("stream_options") or {}
         stream = bool(body.get("stream"))
         if echo and stream:
-            raise BadRequest("echo is given for whole replies only: leave out 'stream'")
+            raise BadRequest("echo is given for whole replies only: leave out 'stream'", param="stream")
         skip = body.get("skip_special_tokens", False)
         if not isinstance(skip, bool):
-            raise BadRequest("'skip_special_tokens' must be true or false")
+            raise BadRequest("'skip_special_tokens' must be true or false", param="skip_special_tokens")
         seed = _number(body, "seed", int, None)
         if seed is not None and not S.seed_in_range(seed):
-            raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}")
+            raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}", param="seed")
         return Request(prompts, settings, stops, seed, stream, chat,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n,
@@ -484,20 +491,20 @@ class Engine:
         when prompt and completion exceed `max_model_len` (as OpenAI and vLLM refuse it: the whole request, for
         any of its prompts); None: the server's default, cut to what fits beside this prompt."""
         if wanted is not None and wanted < 0:
-            raise BadRequest(f"'{field}' {wanted} must be 0 or more")
+            raise BadRequest(f"'{field}' {wanted} must be 0 or more", param=field)
         limit = self.max_model_len
         room = limit - prompt
         context = f"this model's maximum context length is {limit} tokens (prompt and completion together)"
         if room < 0 or (room == 0 and wanted != 0):
             raise BadRequest(f"{context}, and {where} alone is {prompt} tokens"
                              + (", which leaves no room for a completion" if room == 0 else "") + f"; shorten {where}",
-                             code="context_length_exceeded")
+                             code="context_length_exceeded", param="messages" if where == "the conversation" else "prompt")
         if wanted is None:
             return min(self.defaults.max_new_tokens, room)
         if wanted > room:
             raise BadRequest(f"{context}, and this request asks for {prompt + wanted}: {prompt} in {where} and "
                              f"{wanted} to complete; set '{field}' to {room} or less, or shorten {where}",
-                             code="context_length_exceeded")
+                             code="context_length_exceeded", param=field)
         return wanted
 
     @staticmethod
@@ -507,17 +514,18 @@ class Engine:
         value = body.get("logprobs")
         if chat:
             if value not in (None, True, False):
-                raise BadRequest("'logprobs' must be true or false")
+                raise BadRequest("'logprobs' must be true or false", param="logprobs")
             wanted, top = value is True, _number(body, "top_logprobs", int, 0)
             if top and not wanted:
-                raise BadRequest("'top_logprobs' needs 'logprobs': true")
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         else:
             wanted = value is not None and value is not False
             if wanted and (isinstance(value, bool) or not isinstance(value, int)):
-                raise BadRequest("'logprobs' must be a non-negative integer")
+                raise BadRequest("'logprobs' must be a non-negative integer", param="logprobs")
             top = value if wanted else 0
         if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise BadRequest(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+            raise BadRequest(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                             param="top_logprobs" if chat else "logprobs")
         return wanted, top
 
     def _render(self, body: dict) -> tuple[list[int], list[int] | None]:
@@ -526,13 +534,14 @@ class Engine:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+            raise BadRequest("'messages' must be a non-empty list of {role, content} objects", param="messages")
         messages = [{**m, "content": _content_of(i, m)} for i, m in enumerate(messages)]
         variables = body.get("chat_template_kwargs") or {}
         if not isinstance(variables, dict):
-            raise BadRequest("'chat_template_kwargs' must be an object")
+            raise BadRequest("'chat_template_kwargs' must be an object", param="chat_template_kwargs")
         if taken := template_variables_taken(variables):
-            raise BadRequest(f"'chat_template_kwargs' cannot set {taken}: the server does")
+            raise BadRequest(f"'chat_template_kwargs' cannot set {taken}: the server does",
+                             param="chat_template_kwargs")
         try:
             return template_ids(self.template, self.tokenizer, messages, {**self.variables, **variables})
         except TwoTowerError as e:
@@ -1328,8 +1337,8 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             self._send(status, "application/json", json.dumps(body).encode(), headers)
 
         def _error(self, status: int, message: str, headers: dict[str, str] | None = None,
-                   code: str | None = None) -> None:
-            self._json(status, _error_body(status, message, code), headers)
+                   code: str | None = None, param: str | None = None) -> None:
+            self._json(status, _error_body(status, message, code, param), headers)
 
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """http.server's own refusals (a method it has no handler for, a request line or headers it cannot
@@ -1430,7 +1439,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             try:
                 self._framing()
             except BadRequest as e:
-                self._error(e.status, e.message, code=e.code)
+                self._error(e.status, e.message, code=e.code, param=e.param)
                 return
             target = self.path
             if target.lower().startswith(("http://", "https://")):  # absolute-form, as sent to a proxy
@@ -1500,7 +1509,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                     self._json(HTTPStatus.OK, _completion_body(engine, req, rid, result), {"x-request-id": rid})
                     self._report(result)
             except BadRequest as e:
-                self._error(e.status, e.message, code=e.code)
+                self._error(e.status, e.message, code=e.code, param=e.param)
             except ConnectionError:  # the client went away; the sampler was closed with the stream
                 self.close_connection = True
             except TimeoutError:  # its body stalled (a 408), or it stopped reading its answer
@@ -1556,7 +1565,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             except (ConnectionError, TimeoutError):  # the client left, or stopped reading (SEND_SECONDS)
                 raise
             except BadRequest as e:  # the server shutting down, or full (`run(room=True)`): the 503 not sent as such
-                send(_error_body(e.status, e.message, e.code))
+                send(_error_body(e.status, e.message, e.code, e.param))
             except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream
                 send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, _failure(e)))
             send("[DONE]")
