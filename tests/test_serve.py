@@ -313,7 +313,6 @@ def test_cli_serve_in_ar_is_not_refused_over_steps_it_does_not_use(folder, monke
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "between 0 and 20", "logprobs"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 1}, 400, "not supported", "presence_penalty"),
-    ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, 400, "whole replies only", "stream"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "roles must alternate", None),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "has no 'content'", "messages"),
@@ -1252,7 +1251,6 @@ def test_chat_logprobs_in_mask_diffusion_are_each_tokens_at_its_commit(url, mode
 
 
 @pytest.mark.parametrize("path, body, needle", [
-    ("/v1/completions", {"prompt": "hi", "echo": True, "stream": True}, "whole replies only"),
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "between 0 and 20"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21, "echo": True, "max_tokens": 0}, "between 0 and 20"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "add 'echo' to score the prompt"),
@@ -1294,6 +1292,38 @@ def test_a_streams_logprobs_add_up_to_the_whole_replys(url, model, folder, chat,
         else:
             assert "".join(c["text"] for c in mine) == choice["text"]
             for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                assert [v for p in pieces for v in p[key]] == choice["logprobs"][key], key
+
+
+@pytest.mark.parametrize("extra", [
+    {"max_tokens": 0, "logprobs": 2},  # lm-eval's scoring shape, streamed
+    {"max_tokens": 10, "logprobs": 2, "n": 2},
+    {"max_tokens": 10, "logprobs": 0, "mode": "ar"},
+    {"max_tokens": 10},  # no logprobs: the prompts' text only
+], ids=["score", "n2", "ar", "text"])
+def test_echo_streams_the_prompt_first_and_adds_up_to_the_whole_reply(url, extra):
+    """`echo` with `stream` was a 400 (whole replies only). A stream now opens with each choice's prompt
+    (its logprobs object too, scored by the context tower, when asked), then the completion as usual:
+    joined, each choice's chunks are the whole reply's text and logprobs, offsets counted from the prompt's
+    start as in the whole reply. Two prompts."""
+    body = {"prompt": ["hello there", "and what now?"], "echo": True, "stop": ["zz"]} | extra
+    whole = json.loads(post(url, "/v1/completions", body)[1])
+    chunks, done = events(post(url, "/v1/completions", {**body, "stream": True})[1])
+    assert done and len(whole["choices"]) == 2 * extra.get("n", 1)
+    for choice in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice["index"]]
+        assert mine[0]["text"] in ("hello there", "and what now?") and choice["text"].startswith(mine[0]["text"])
+        assert "".join(c["text"] or "" for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
+        if "logprobs" not in extra:
+            assert choice["logprobs"] is None and all(c.get("logprobs") is None for c in mine)
+            continue
+        pieces = [c["logprobs"] for c in mine if c.get("logprobs")]
+        assert pieces[0]["token_logprobs"][0] is None  # the prompt's first token, as in the whole reply
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            if choice["logprobs"][key] is None:  # (top_logprobs with logprobs 0)
+                assert all(p[key] is None for p in pieces), key
+            else:
                 assert [v for p in pieces for v in p[key]] == choice["logprobs"][key], key
 
 

@@ -60,7 +60,8 @@ denoiser's forward that committed it, in `ar` / `mock_ar` under the next-token d
 either way, so a sampled token need not be among them). Only those k ids and values come back from the
 device. Completions' `echo` puts the prompt in front, its tokens scored by the context tower (one forward);
 with `max_tokens: 0` that is all: what lm-eval's loglikelihood requests ask for. A stream's chunks carry
-the logprobs of the tokens their text completed (`_Job._logprobs_sent`); `echo` is for whole replies only.
+the logprobs of the tokens their text completed (`_Job._logprobs_sent`); with `echo`, a first chunk per
+choice carries its prompt (`_Job.echo_piece`).
 
 One thread runs the model. Requests queue for it; when it is idle it takes the oldest waiting request and
 every other waiting one with the same mode and stop ids (mask_diffusion: and block size; no seed of its own, when
@@ -472,8 +473,6 @@ class Engine:
             raise BadRequest("this model has no denoiser: only mode 'ar'", param="mode")
         options = body.get("stream_options") or {}
         stream = bool(body.get("stream"))
-        if echo and stream:
-            raise BadRequest("echo is given for whole replies only: leave out 'stream'", param="stream")
         skip = body.get("skip_special_tokens", False)
         if not isinstance(skip, bool):
             raise BadRequest("'skip_special_tokens' must be true or false", param="skip_special_tokens")
@@ -692,12 +691,12 @@ class Engine:
         """echo with max_tokens 0: each prompt's logprobs, nothing sampled."""
         for t in tickets:
             t0 = time.perf_counter()
-            scored = [self._prompt_logprobs(ids, t.req.top_logprobs) for ids in t.req.prompts]
+            echoed = _Job(t, self).echoed()  # (streamed: the job's first piece has sent them)
             n = len(t.req.prompts)
-            self._answer(t, Result([t.req.decode(self.tokenizer, ids) for ids in t.req.prompts], ["length"] * n,
+            self._answer(t, Result([text for text, _, _ in echoed], ["length"] * n,
                              sum(len(ids) for ids in t.req.prompts) // t.req.n, 0, 0, n, time.perf_counter() - t0,
-                             len(tickets),
-                             [list(ids) for ids in t.req.prompts], [lp for lp, _ in scored], [tp for _, tp in scored]))
+                             len(tickets), [list(ids) for ids in t.req.prompts], [lps for _, lps, _ in echoed],
+                             [tops for _, _, tops in echoed]))
 
     def _sample(self, tickets: list[_Ticket]) -> None:
         """Sample `tickets` as one `Continuous` batch, handing each its pieces and result as its rows end;
@@ -830,6 +829,28 @@ class _Job:
         self.batch = 1  # the most requests sampled together while it ran
         self.t0 = time.perf_counter()  # when it joined the batch
         self.first: float | None = None  # when its first tokens were committed
+        self._echoed: list[tuple[str, list, list]] | None = None  # echo: per prompt (text, logprobs, tops)
+        if ticket.req.echo and ticket.req.stream:  # the prompts come first, before any token is sampled
+            ticket.out.put(self.echo_piece())
+
+    def echoed(self) -> list[tuple[str, list, list]]:
+        """With `echo`, per prompt of the request (choices in order): its text, and with `logprobs` its tokens'
+        log-probabilities and most likely tokens (`Engine._prompt_logprobs`, one forward, computed once)."""
+        if self._echoed is None:
+            req = self.ticket.req
+            scored = {}
+            if req.logprobs:  # (a prompt asked n times is scored once)
+                scored = {tuple(p): self.engine._prompt_logprobs(p, req.top_logprobs) for p in map(list, req.prompts)}
+            self._echoed = [(self.decode(p), *(scored.get(tuple(p)) or ([], []))) for p in req.prompts]
+        return self._echoed
+
+    def echo_piece(self) -> Piece:
+        """A stream's first piece with `echo`: each choice's prompt text, and its logprobs object when asked."""
+        req = self.ticket.req
+        bodies = [_logprobs_body(self.engine.tokenizer, p, lps, (tops or [None] * len(p)) if req.top_logprobs
+                                 else None, False, self.decode)
+                  for p, (_, lps, tops) in zip(req.prompts, self.echoed(), strict=True)] if req.logprobs else None
+        return Piece([text for text, _, _ in self.echoed()], bodies)
 
     def add_rows(self, rows: list[int]) -> None:
         """Its next prompts' row ids (a request of more prompts than the batch has room for comes in parts)."""
@@ -911,12 +932,13 @@ class _Job:
         self.sent_chars[row] = len(self.decode(ids[:last]))
         body = _logprobs_body(tok, ids[first:last], self.logprobs[row][first:last],
                               self.top[row][first:last] if req.top_logprobs else None, req.chat, self.decode)
-        if not req.chat:  # offsets in the whole reply, not in this piece
+        if not req.chat:  # offsets in the whole reply (after the prompt, with echo), not in this piece
+            base += len(self.echoed()[self.rows.index(row)][0]) if req.echo else 0
             body["text_offset"] = [base + o for o in body["text_offset"]]
         return body
 
     def result(self) -> Result:
-        req, engine = self.ticket.req, self.engine
+        req = self.ticket.req
         gens = [self.done[r] for r in self.rows]
         finals = [self.cutter.final(g.token_ids) for g in gens]
         # a stop string: the tokens through it, as a token-at-a-time server counts them (the rest of the
@@ -930,11 +952,10 @@ class _Job:
             lps = [self.logprobs[r][:n] for r, n in zip(self.rows, used, strict=True)]
             tops = [self.top[r][:n] for r, n in zip(self.rows, used, strict=True)]
         if req.echo:  # the prompt in front, scored by the context tower when asked
-            for j, prompt in enumerate(req.prompts):
-                texts[j] = self.decode(prompt) + texts[j]
+            for j, (prompt, (text, p_lps, p_tops)) in enumerate(zip(req.prompts, self.echoed(), strict=True)):
+                texts[j] = text + texts[j]
                 ids_out[j] = prompt + ids_out[j]
                 if req.logprobs:
-                    p_lps, p_tops = engine._prompt_logprobs(prompt, req.top_logprobs)
                     lps[j] = p_lps + lps[j]
                     tops[j] = (p_tops or [None] * len(prompt)) + tops[j]
         return Result(texts, ["length" if g.finish_reason == "length" else "stop" for g in gens],
