@@ -296,7 +296,7 @@ def test_cli_prompt_file_and_stdin(trained_like, tmp_path):
 def test_cli_dash_reads_stdin_and_a_byte_order_mark_is_not_text(trained_like, tmp_path):
     """`-` as PROMPT or --prompt-file is stdin (mlx-lm's convention), not the one-character prompt "-"; a
     prompt file saved with a UTF-8 byte-order mark (Windows editors) reads as the same file without it (its
-    first JSONL line was taken for a plain prompt: the JSON text itself)."""
+    first JSONL line was taken for a plain prompt: the JSON text itself), from a path and from stdin alike."""
     common = ("--model", str(trained_like), "-n", "4", "--block", "4", "--json")
     lines = '{"prompt": "hello"}\nabc\n'
     plain, bom = tmp_path / "p.jsonl", tmp_path / "bom.jsonl"
@@ -311,7 +311,9 @@ def test_cli_dash_reads_stdin_and_a_byte_order_mark_is_not_text(trained_like, tm
     assert [p for p, _ in want] == ["hello", "abc"]
     assert results(invoke("--prompt-file", str(bom), *common)) == want
     assert results(invoke("--prompt-file", "-", *common, input=lines)) == want
+    assert results(invoke("--prompt-file", "-", *common, input="\ufeff" + lines)) == want  # piped in: the same
     assert results(invoke("-", *common, input="hello\n")) == want[:1]
+    assert results(invoke("-", *common, input="\ufeffhello\n")) == want[:1]
     piped = fed_through_a_pipe(tmp_path / "pipe", lines)  # `--prompt-file <(…)`: it said "not a regular file"
     assert results(invoke("--prompt-file", str(piped), *common)) == want
     empty = tmp_path / "empty.txt"

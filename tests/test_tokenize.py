@@ -3,6 +3,7 @@ tested against `train`'s in test_train.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -462,6 +463,32 @@ def test_tokenize_reads_a_pipe_as_it_reads_the_file(tmp_path):
     r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(tmp_path / "d.txt"), "-o", str(tmp_path)])
     assert r.exit_code == 1 and r.stderr == (f"Error: {tmp_path} is a folder (hint: name the file to write, e.g. "
                                              f"-o {tmp_path / 'tokens.npy'})\n"), r.output
+
+
+@pytest.mark.parametrize("lead", ["", "\n\n"])
+def test_a_pipe_of_json_lines_is_read_as_json_lines(tmp_path, lead):
+    """`--data <(zstd -dc corpus.jsonl.zst)`, as the README and the zstd error's hint say: a pipe has no name
+    to tell JSON lines by, and was read as one plain-text document, braces and "text" keys included (1
+    document where the file gives 3). Its first non-empty line now tells: the stream and the document count
+    equal the .jsonl file's, blank lines before it or not. A pipe of plain text whose first line is JSON of
+    another shape stays text."""
+    lines = [json.dumps({"text": t}) for t in ("ROMEO.\nBut soft!", "JULIET.\nAy me.", "{not json} at all")]
+    text = lead + "\n".join(lines) + "\n"
+    (tmp_path / "d.jsonl").write_text(text)
+    out = {}
+    for name, data in (("file", tmp_path / "d.jsonl"), ("pipe", fed_through_a_pipe(tmp_path / "pipe", text))):
+        r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(data), "-o", str(tmp_path / f"{name}.npy"),
+                                           "--json"])
+        assert r.exit_code == 0, r.output
+        out[name] = (json.loads(r.stdout)["documents"], np.load(tmp_path / f"{name}.npy"))
+    assert out["file"][0] == out["pipe"][0] == 3
+    assert np.array_equal(out["file"][1], out["pipe"][1])
+    plain = '{"title": "not a record"}\nROMEO.\nBut soft!\n'
+    (tmp_path / "plain.txt").write_text(plain)
+    for name, data in (("plain-file", tmp_path / "plain.txt"), ("plain-pipe", fed_through_a_pipe(tmp_path / "p2", plain))):
+        r = CliRunner().invoke(get_app(), ["tokenize", "tiny", "--data", str(data), "-o", str(tmp_path / f"{name}.npy")])
+        assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "plain-file.npy"), np.load(tmp_path / "plain-pipe.npy"))
 
 
 def test_the_checkpoint_may_be_named_with_m_as_elsewhere(tmp_path):

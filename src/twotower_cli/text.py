@@ -443,6 +443,12 @@ def read_stdin(read) -> str:
         raise TwoTowerError(f"stdin is not UTF-8 text ({e.reason})", "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
 
 
+def _stdin_document() -> str:
+    """All of stdin, without a leading byte-order mark, as `read_utf8` reads a file (a JSONL file piped in
+    from a Windows editor read its first line as a plain prompt, mark and braces included)."""
+    return read_stdin(sys.stdin.read).removeprefix("\ufeff")
+
+
 def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bool = False) -> list:
     """Prompts from the argument, a file (one per line, or JSONL with `prompt`/`text`), or stdin: a PROMPT of
     `-` (as mlx-lm reads it), or none while stdin is not a terminal, is one prompt; a --prompt-file of `-` is
@@ -451,11 +457,11 @@ def read_prompts(prompt: str | None, prompt_file: Path | None, conversations: bo
     if prompt is not None and prompt_file is not None:
         raise TwoTowerError("both a PROMPT and --prompt-file were given", "use one of them")
     if prompt == "-" or (prompt is None and prompt_file is None and not sys.stdin.isatty()):
-        prompts = [read_stdin(sys.stdin.read).rstrip("\n")]
+        prompts = [_stdin_document().rstrip("\n")]
     elif prompt is not None:
         prompts = [utf8_text(prompt, "the prompt")]
     elif str(prompt_file) == "-":
-        prompts = parse_prompt_lines(read_stdin(sys.stdin.read).splitlines(), "stdin", conversations)
+        prompts = parse_prompt_lines(_stdin_document().splitlines(), "stdin", conversations)
     elif prompt_file is not None:
         check_files([prompt_file], "prompt file", "check the path")  # a pipe too: `--prompt-file <(…)`
         prompts = parse_prompt_lines(read_utf8(prompt_file, "prompt file").splitlines(), str(prompt_file), conversations)

@@ -48,6 +48,7 @@ import bz2
 import contextlib
 import dataclasses
 import gzip
+import io
 import json
 import lzma
 import math
@@ -198,11 +199,57 @@ def open_data_text(path: Path) -> TextIO:
 JSON_LINES = (".jsonl", ".json")  # .json too: datasets often name JSON lines so (read as text, it trained on braces)
 
 
-def iter_jsonl_documents(path: Path) -> Iterator[str]:
-    """The `text` of each line of a JSON-lines file, read a line at a time, empty ones skipped."""
+def _text_record(line: str) -> bool:
+    """Whether a line is a JSON-lines record: an object with a string `text` field."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("text"), str)
+
+
+class _Rewound(io.TextIOBase):
+    """A text stream that can be read once (a pipe), with what was read ahead of the reader put back in front."""
+
+    def __init__(self, head: str, rest: TextIO):
+        super().__init__()
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        head, self._head = (self._head, "") if size is None or size < 0 else (self._head[:size], self._head[size:])
+        return head + (self._rest.read() if size is None or size < 0 else self._rest.read(size - len(head)))
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._head.splitlines(keepends=True)
+        self._head = ""
+        yield from self._rest
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
+
+
+def sniffed_pipe(path: Path) -> tuple[bool, TextIO]:
+    """A data pipe (`--data <(zstd -dc corpus.jsonl.zst)`), which has no name to tell its kind by: whether it
+    holds JSON lines (its first non-empty line is an object with a `text` field), and the stream to read it
+    from (the pipe, what was read to tell put back). Else it is read as plain text, as a file without a JSON
+    suffix is; it was read so always, braces and keys trained on."""
+    f = open_data_text(path)
+    head = ""
+    while (line := f.readline()) and not line.strip():
+        head += line
+    return _text_record(line), _Rewound(head + line, f)
+
+
+def iter_jsonl_documents(path: Path, stream: TextIO | None = None) -> Iterator[str]:
+    """The `text` of each line of a JSON-lines file (or of `stream`, read from it), read a line at a time,
+    empty ones skipped."""
     one_per_line = ("a data file in JSON holds one object with a 'text' field per line (an array converts with "
                     f"`jq -c '.[]' {path}`)")
-    with open_data_text(path) as f:
+    with stream if stream is not None else open_data_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -218,11 +265,11 @@ def iter_jsonl_documents(path: Path) -> Iterator[str]:
                 yield obj["text"]
 
 
-def iter_text_ids(path: Path, tokenizer: Tokenizer) -> Iterator[list[int]]:
-    """The ids of a plain-text file, one document (what `tokenizer.encode` of its whole text gives, newlines
-    read as `Path.read_text` reads them; `open_data_text`), in pieces: read `TEXT_PIECE_CHARS` characters at a
-    time, never whole (`Tokenizer.encode_stream`)."""
-    with open_data_text(path) as f:
+def iter_text_ids(path: Path, tokenizer: Tokenizer, stream: TextIO | None = None) -> Iterator[list[int]]:
+    """The ids of a plain-text file (or of `stream`), one document (what `tokenizer.encode` of its whole text
+    gives, newlines read as `Path.read_text` reads them; `open_data_text`), in pieces: read `TEXT_PIECE_CHARS`
+    characters at a time, never whole (`Tokenizer.encode_stream`)."""
+    with stream if stream is not None else open_data_text(path) as f:
         yield from tokenizer.encode_stream(f, TEXT_PIECE_CHARS, TEXT_PIECE_BATCH)
 
 
@@ -267,9 +314,12 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
             raise TwoTowerError(f"data file {path} is zstd-compressed, which Python's standard library cannot read "
                                 "here", f"decompress it on the fly: --data <(zstd -dc {path})")
         try:
-            if data_suffix(path) in JSON_LINES:
+            jsonl, stream = data_suffix(path) in JSON_LINES, None
+            if not jsonl and not path.is_file():  # a pipe: what it holds tells its kind
+                jsonl, stream = sniffed_pipe(path)
+            if jsonl:
                 docs: list[str] = []
-                for doc in iter_jsonl_documents(path):
+                for doc in iter_jsonl_documents(path, stream):
                     docs.append(doc)
                     if len(docs) == batch:
                         yield chunk(docs)
@@ -278,7 +328,7 @@ def iter_token_chunks(paths: list[Path], tokenizer: Tokenizer, eos: int | None, 
                     yield chunk(docs)
                 continue
             held = None  # each piece waits for the next, so that the last one counts the document
-            for ids in iter_text_ids(path, tokenizer):
+            for ids in iter_text_ids(path, tokenizer, stream):
                 if not ids:
                     continue
                 if held is not None:
