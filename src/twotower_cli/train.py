@@ -232,14 +232,17 @@ class _Rewound(io.TextIOBase):
         super().close()
 
 
+SNIFF_CHARS = 1 << 26  # the most of a pipe's first line read to tell JSON lines (a record can be a whole book)
+
+
 def sniffed_pipe(path: Path) -> tuple[bool, TextIO]:
     """A data pipe (`--data <(zstd -dc corpus.jsonl.zst)`), which has no name to tell its kind by: whether it
-    holds JSON lines (its first non-empty line is an object with a `text` field), and the stream to read it
-    from (the pipe, what was read to tell put back). Else it is read as plain text, as a file without a JSON
-    suffix is; it was read so always, braces and keys trained on."""
+    holds JSON lines (its first non-empty line, up to SNIFF_CHARS, is an object with a `text` field), and the
+    stream to read it from (the pipe, with what was read to tell put back). Else it is plain text, as a file
+    without a JSON suffix is (every pipe was, before: JSON lines trained on their braces and keys)."""
     f = open_data_text(path)
     head = ""
-    while (line := f.readline()) and not line.strip():
+    while (line := f.readline(SNIFF_CHARS)) and not line.strip():
         head += line
     return _text_record(line), _Rewound(head + line, f)
 
