@@ -296,7 +296,6 @@ def test_chat_and_serve_compile_warm_up_before_the_first_turn_or_request(folder,
     assert r.exit_code == 0 and rows == [2, 1], (r.output, rows)
 
 
-
 # ------------------------------------------------------------ whole sequences over compiled layers run eagerly
 
 def _graph_count() -> int:
