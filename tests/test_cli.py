@@ -144,6 +144,33 @@ def test_the_commands_that_write_take_out_and_output_alike(tmp_path):
     assert (tmp_path / "split" / "config.json").is_file() and (tmp_path / "train" / "config.json").is_file()
 
 
+def test_an_output_that_cannot_be_made_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A file where -o's folder should be, or a folder this process may not write in, was found only when
+    writing: after the whole training (train), after the plan (split), and said as "File exists" or
+    "Permission denied: .../.out.tmp-…" (a temporary name). Now one error line naming the folder, before any
+    work: no step is trained, no plan printed, nothing written."""
+    from twotower_cli import checkpoint
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\n" * 40)
+    (tmp_path / "f").write_text("x")
+    train_args = ["--data", str(text), "--seq-len", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
+                  "--eval-every", "0", "--device", "cpu"]
+    runs = [["split", "tiny", "-o"], ["tokenize", "tiny", "--data", str(text), "-o"], ["train", "tiny", *train_args, "-o"]]
+    for args, name in zip(runs, ("out", "x.npy", "out"), strict=True):
+        r = runner.invoke(get_app(), [*args, str(tmp_path / "f" / name)])
+        assert r.exit_code == 1 and r.stderr == (f"Error: {tmp_path / 'f'} is a file, not a folder: {tmp_path / 'f' / name} "
+                                                 f"cannot be made under it (hint: choose another -o, e.g. -o "
+                                                 f"{tmp_path / name})\n"), r.output
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(checkpoint, "_can_write", lambda folder: folder != locked)  # (root may write anywhere)
+    for args, name in zip(runs, ("out", "x.npy", "out"), strict=True):
+        r = runner.invoke(get_app(), [*args, str(locked / "new" / name)])
+        assert r.exit_code == 1 and r.stderr.startswith(f"Error: cannot write in {locked} (no permission)"), r.output
+        assert "Plan" not in r.output and "step" not in r.output and not any(locked.iterdir())
+
+
 def test_every_error_the_package_raises_names_a_hint():
     """Bad input is one `Error: …` line *with a hint*: every `TwoTowerError(...)` in the source passes one
     (six of train's and eval's option checks passed None and printed the bare message)."""

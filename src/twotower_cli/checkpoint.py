@@ -443,6 +443,27 @@ def assign_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return groups if groups[0] else []
 
 
+def _can_write(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_writable(out: str | Path) -> None:
+    """Refuse an output (folder or file) that could not be written, before any work: its nearest existing
+    folder (where the temporary output goes, or the missing folders are made) must be a folder, and one this
+    process may write in. Found only when writing, that failed after a whole training, named a file's
+    temporary name, or said "File exists" for a file standing where a folder should be."""
+    target = Path(os.path.abspath(Path(out).expanduser()))
+    for above in target.parents:
+        if above.exists():
+            break
+    if not above.is_dir():
+        raise TwoTowerError(f"{above} is a file, not a folder: {out} cannot be made under it",
+                            f"choose another -o, e.g. -o {above.parent / target.name}")
+    if not _can_write(above):
+        raise TwoTowerError(f"cannot write in {above} (no permission): {out} cannot be made there",
+                            "choose an -o in a folder you can write to")
+
+
 def check_output_folder(out: str | Path, source_folder: str | Path | None, *, may_be_source: bool = False,
                         inputs: Iterable[tuple[str, str | Path]] = ()) -> None:
     """Refuse an output folder whose replacement (`--force`, or `train`'s saves, which replace OUT each
@@ -477,6 +498,7 @@ def check_output_folder(out: str | Path, source_folder: str | Path | None, *, ma
         if holds(path):
             raise TwoTowerError(f"the output folder {out} holds the {what} {path}: replacing the folder would "
                                 "delete it", f"keep the {what} outside the output folder, or choose another -o")
+    check_writable(out)
 
 
 @contextmanager

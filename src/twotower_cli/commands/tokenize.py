@@ -39,6 +39,7 @@ def tokenize(
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
     from twotower_cli import train as T
+    from twotower_cli.checkpoint import check_writable
     from twotower_cli.config import NemotronHConfig
     from twotower_cli.display import err_console
     from twotower_cli.errors import TwoTowerError
@@ -56,6 +57,7 @@ def tokenize(
         raise TwoTowerError(f"{out} does not end in .npy", f"use -o {out.with_suffix('.npy')}")
     if out.exists() and not force:
         raise TwoTowerError(f"{out} already exists", "pass --force to replace it")
+    check_writable(out)
     if not paths:
         raise TwoTowerError("no data files given", "pass --data FILE (text or JSONL)")
     meta = T.token_file_meta(out)  # written beside OUT (an old one removed first)
