@@ -293,6 +293,17 @@ def test_cli_prompt_file_and_stdin(trained_like, tmp_path):
     assert json.loads(r.stdout)["prompt"] == "from stdin"
 
 
+def test_steps_below_one_are_not_said_against_the_block_size(trained_like):
+    """`--steps -1` without --block said "must be between 1 and the block size 1": the block is not known
+    before the checkpoint is read, and it is not what is wrong. Below 1 it says so; above the block, the
+    block size it exceeds."""
+    for steps in ("-1", "0"):
+        r = invoke("hi", "--model", str(trained_like), "-n", "4", "--steps", steps)
+        assert r.exit_code == 1 and r.stderr == f"Error: steps {steps} must be at least 1 (hint: try --steps 8)\n", r.output
+    r = invoke("hi", "--model", str(trained_like), "-n", "4", "--steps", "5", "--block", "4")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: steps 5 must be between 1 and the block size 4"), r.output
+
+
 def test_cli_dash_reads_stdin_and_a_byte_order_mark_is_not_text(trained_like, tmp_path):
     """`-` as PROMPT or --prompt-file is stdin (mlx-lm's convention), not the one-character prompt "-"; a
     prompt file saved with a UTF-8 byte-order mark (Windows editors) reads as the same file without it (its

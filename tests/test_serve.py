@@ -284,6 +284,18 @@ def test_an_ar_request_is_not_refused_over_steps_it_does_not_use(url):
         assert json.loads(got)["choices"] == json.loads(want)["choices"]
 
 
+def test_cli_serve_refuses_an_empty_api_key(folder, monkeypatch):
+    """`--api-key "$UNSET"` turned authentication off without a word: an open server. It is an error now."""
+    from typer.testing import CliRunner
+
+    import twotower_cli.serve
+    from twotower_cli.cli import get_app
+
+    monkeypatch.setattr(twotower_cli.serve, "make_server", lambda *a, **k: StoppedServer())
+    r = CliRunner().invoke(get_app(), ["serve", "--model", str(folder), "--api-key", ""])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: --api-key is empty"), r.output
+
+
 def test_cli_serve_in_ar_is_not_refused_over_steps_it_does_not_use(folder, monkeypatch):
     """serve --mode ar loads no denoiser, so no request can sample by blocks: --steps beyond the block (4) is
     nothing to refuse (it was an Error line); in mask_diffusion it still is, before the server starts."""

@@ -95,9 +95,10 @@ class SamplingConfig:
             (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
             (self.steps is None or (self.steps >= 1 and (self.steps <= self.block_size or not diffusion)),
              f"steps {self.steps} must be "
-             + (f"between 1 and the block size {self.block_size}" if diffusion else "at least 1"),
-             "steps per block cannot exceed the tokens in a block" if diffusion
-             else f"{self.mode} does not use it: leave it out"),
+             + (f"between 1 and the block size {self.block_size}" if diffusion and (self.steps or 0) >= 1
+                else "at least 1"),
+             "steps per block cannot exceed the tokens in a block" if diffusion and (self.steps or 0) >= 1
+             else "try --steps 8" if diffusion else f"{self.mode} does not use it: leave it out"),
             (0.0 < self.threshold <= 1.0, f"threshold {self.threshold} must be in (0, 1]", "NVIDIA's operating point is 0.8"),
             (self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),
             (self.factor > 0, f"factor {self.factor} must be positive", "Fast-dLLM uses about 1"),

@@ -69,6 +69,9 @@ def serve(
         raise TwoTowerError(f"max waiting {max_waiting} must be 0 (no limit) or more", "try --max-waiting 64")
     if conversations < 1:
         raise TwoTowerError(f"conversations {conversations} must be at least 1", "try --conversations 8")
+    if api_key is not None and not api_key.strip():  # `--api-key "$UNSET"`: an open server, silently
+        raise TwoTowerError("--api-key is empty, which would leave the server open to any client",
+                            "give the key, or leave --api-key out for a server without one")
     if not 0 <= port <= 65535:
         raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
     origins = [_origin(o) for o in allowed_origin or []]
