@@ -90,14 +90,14 @@ class SamplingConfig:
         ids = f"(0..{vocab_size - 1})" if vocab_size is not None else "(ids are 0 or more)"
         bad_stops = [i for i in self.stop_ids if not 0 <= i < limit]
         diffusion = self.mode == "mask_diffusion"  # the one mode that uses block_size and steps
+        too_many = diffusion and self.steps is not None and self.steps >= 1  # (else: below 1, whatever the block)
         checks = [
             (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
             (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
             (self.steps is None or (self.steps >= 1 and (self.steps <= self.block_size or not diffusion)),
              f"steps {self.steps} must be "
-             + (f"between 1 and the block size {self.block_size}" if diffusion and (self.steps or 0) >= 1
-                else "at least 1"),
-             "steps per block cannot exceed the tokens in a block" if diffusion and (self.steps or 0) >= 1
+             + (f"between 1 and the block size {self.block_size}" if too_many else "at least 1"),
+             "steps per block cannot exceed the tokens in a block" if too_many
              else "try --steps 8" if diffusion else f"{self.mode} does not use it: leave it out"),
             (0.0 < self.threshold <= 1.0, f"threshold {self.threshold} must be in (0, 1]", "NVIDIA's operating point is 0.8"),
             (self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),

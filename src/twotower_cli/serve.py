@@ -696,7 +696,7 @@ class Engine:
             self._answer(t, Result([text for text, _, _ in echoed], ["length"] * n,
                              sum(len(ids) for ids in t.req.prompts) // t.req.n, 0, 0, n, time.perf_counter() - t0,
                              len(tickets), [list(ids) for ids in t.req.prompts], [lps for _, lps, _ in echoed],
-                             [tops for _, _, tops in echoed]))
+                             [tops if t.req.top_logprobs else [] for _, _, tops in echoed]))
 
     def _sample(self, tickets: list[_Ticket]) -> None:
         """Sample `tickets` as one `Continuous` batch, handing each its pieces and result as its rows end;
@@ -835,20 +835,24 @@ class _Job:
 
     def echoed(self) -> list[tuple[str, list, list]]:
         """With `echo`, per prompt of the request (choices in order): its text, and with `logprobs` its tokens'
-        log-probabilities and most likely tokens (`Engine._prompt_logprobs`, one forward, computed once)."""
+        log-probabilities and most likely tokens, None per token without `top_logprobs`
+        (`Engine._prompt_logprobs`, one forward, computed once)."""
         if self._echoed is None:
             req = self.ticket.req
             scored = {}
             if req.logprobs:  # (a prompt asked n times is scored once)
-                scored = {tuple(p): self.engine._prompt_logprobs(p, req.top_logprobs) for p in map(list, req.prompts)}
-            self._echoed = [(self.decode(p), *(scored.get(tuple(p)) or ([], []))) for p in req.prompts]
+                for p in map(tuple, req.prompts):
+                    if p not in scored:
+                        lps, tops = self.engine._prompt_logprobs(list(p), req.top_logprobs)
+                        scored[p] = lps, tops or [None] * len(p)
+            self._echoed = [(self.decode(p), *scored.get(tuple(p), ([], []))) for p in req.prompts]
         return self._echoed
 
     def echo_piece(self) -> Piece:
         """A stream's first piece with `echo`: each choice's prompt text, and its logprobs object when asked."""
         req = self.ticket.req
-        bodies = [_logprobs_body(self.engine.tokenizer, p, lps, (tops or [None] * len(p)) if req.top_logprobs
-                                 else None, False, self.decode)
+        bodies = [_logprobs_body(self.engine.tokenizer, p, lps, tops if req.top_logprobs else None, False,
+                                 self.decode)
                   for p, (_, lps, tops) in zip(req.prompts, self.echoed(), strict=True)] if req.logprobs else None
         return Piece([text for text, _, _ in self.echoed()], bodies)
 
@@ -957,7 +961,7 @@ class _Job:
                 ids_out[j] = prompt + ids_out[j]
                 if req.logprobs:
                     lps[j] = p_lps + lps[j]
-                    tops[j] = (p_tops or [None] * len(prompt)) + tops[j]
+                    tops[j] = p_tops + tops[j]
         return Result(texts, ["length" if g.finish_reason == "length" else "stop" for g in gens],
                       sum(len(p) for p in req.prompts) // req.n, self.cached, sum(used), max(g.nfe for g in gens),
                       time.perf_counter() - self.t0, self.batch, ids_out,
