@@ -109,6 +109,23 @@ def test_a_gpu_out_of_memory_is_said_as_such_not_as_a_bug(monkeypatch):
     assert "bug" not in lines[0] and "Including" not in lines[0]
 
 
+def test_torch_running_out_of_host_memory_is_said_as_such_not_as_a_bug(monkeypatch):
+    """torch's CPU allocator fails with a RuntimeError ("[enforce fail at alloc_cpu.cpp] … DefaultCPUAllocator:
+    can't allocate memory: you tried to allocate N bytes"), not Python's MemoryError: it was reported whole,
+    with the hint "this looks like a bug". Now: how much, in GiB, and what to do about it."""
+    import torch
+
+    def huge(*args, **kwargs):
+        return torch.empty(3 << 50, dtype=torch.uint8)  # 3 PiB: no host has it
+
+    monkeypatch.setattr("twotower_cli.runtime.open_runtime", huge)
+    r = runner.invoke(get_app(), ["generate", "hello", "--no-live"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.stderr
+    assert lines[0] == ("Error: out of host memory: tried to allocate 3.00 PiB (hint: try a smaller --dtype, "
+                        "fewer tokens or another device)"), lines
+
+
 @pytest.mark.parametrize("args", [
     ["generate", "--model", "{d}", "hi", "--no-live"],
     ["chat", "--model", "{d}"],

@@ -104,6 +104,8 @@ class _FailingSafeOpen:
 @pytest.mark.parametrize(("error", "device", "where"), [
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda:0", "memory on cuda:0"),
     (MemoryError(), "cpu", "host memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"), "cpu", "host memory"),
 ])
 def test_out_of_memory_while_reading_is_not_called_a_corrupt_file(tmp_path, monkeypatch, error, device, where):
     """A read that fails for want of memory said "the file may be truncated or corrupt" (sending people to

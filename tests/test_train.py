@@ -1204,3 +1204,18 @@ def test_a_disk_too_small_for_the_saves_is_said_at_the_start(ckpt, data, tmp_pat
     free["bytes"] = int(2 * estimate) + 10**4  # room for two saves: nothing to say, resuming or not
     r = CliRunner().invoke(get_app(), [*args[:-8], "--steps", "3", "--resume", "--device", "cpu"])
     assert r.exit_code == 0 and "Warning" not in r.stderr, r.output
+
+
+def test_a_batch_too_large_for_host_memory_is_said_as_such(ckpt, data, tmp_path):
+    """torch's CPU allocator fails with a RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not
+    Python's MemoryError: `train --batch 99999999999` ended with that text and the hint "this looks like a bug".
+    Now it says how much it tried to allocate and what makes room, and writes no OUT."""
+    out = tmp_path / "out"
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "-o", str(out), "--block", "4",
+                                       "--seq-len", "32", "--batch", "99999999999", "--steps", "1",
+                                       "--eval-every", "0", "--device", "cpu"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error")]
+    assert r.exit_code == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: out of host memory: tried to allocate "), lines
+    assert lines[0].endswith("(hint: try a smaller --batch or --seq-len, or --gradient-checkpointing)"), lines
+    assert "bug" not in lines[0] and "DefaultCPUAllocator" not in lines[0] and not out.exists()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, host_out_of_memory
 
 if TYPE_CHECKING:
     import torch
@@ -249,8 +249,9 @@ def _read_error(what: str, device: str | torch.device, e: Exception) -> TwoTower
     with what may make room; anything else is the file's fault (safetensors' own errors, a short read)."""
     import torch
 
-    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
-        where = "host memory" if isinstance(e, MemoryError) or torch.device(device).type == "cpu" else f"memory on {device}"
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or host_out_of_memory(e) is not None:
+        on_host = not isinstance(e, torch.cuda.OutOfMemoryError) or torch.device(device).type == "cpu"
+        where = "host memory" if on_host else f"memory on {device}"
         return TwoTowerError(f"out of {where} reading {what}",
                              "load a smaller --dtype (bf16), put a tower on another --device, or free memory "
                              "(other processes on the GPU)")

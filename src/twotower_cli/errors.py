@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,6 +70,28 @@ def device_out_of_memory(e: BaseException) -> str | None:
     return ". ".join(text.split(". ")[:2]).rstrip(".") or "out of GPU memory"
 
 
+_CPU_ALLOCATOR = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
+
+
+def host_out_of_memory(e: BaseException) -> str | None:
+    """For torch's CPU allocator failing (a RuntimeError, "DefaultCPUAllocator: can't allocate memory", not
+    Python's MemoryError): "out of host memory: tried to allocate 745.06 GiB"; else None."""
+    found = _CPU_ALLOCATOR.search(str(e)) if isinstance(e, RuntimeError) else None
+    if found is None:
+        return None
+    n = float(found.group(1))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            break
+        n /= 1024
+    return f"out of host memory: tried to allocate {n:,.2f} {unit}"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says memory ran out: Python's MemoryError, torch's CPU allocator, or a GPU's."""
+    return isinstance(e, MemoryError) or host_out_of_memory(e) is not None or device_out_of_memory(e) is not None
+
+
 def describe(e: BaseException) -> tuple[str, str | None]:
     """(message, hint) of the `Error:` line for `e`: a TwoTowerError's own; an interrupt; out of memory (host
     or GPU); a system error with its path; anything else as a bug to report."""
@@ -76,8 +99,9 @@ def describe(e: BaseException) -> tuple[str, str | None]:
         return e.message, e.hint
     if isinstance(e, KeyboardInterrupt):
         return "interrupted", None
-    if isinstance(e, MemoryError):
-        return "out of memory", "try a smaller --dtype, fewer tokens or another device"
+    if isinstance(e, MemoryError) or (host := host_out_of_memory(e)) is not None:
+        return (host if not isinstance(e, MemoryError) else "out of memory",
+                "try a smaller --dtype, fewer tokens or another device")
     if (oom := device_out_of_memory(e)) is not None:
         return oom, OUT_OF_DEVICE_MEMORY_HINT
     if isinstance(e, OSError):

@@ -82,7 +82,7 @@ from twotower_cli.checkpoint import (
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
 from twotower_cli.display import finite_json
-from twotower_cli.errors import TwoTowerError, check_files, describe, device_out_of_memory, not_a_file
+from twotower_cli.errors import TwoTowerError, check_files, describe, not_a_file, out_of_memory
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.derived import no_reuse
@@ -1031,6 +1031,9 @@ def _peer_lost(e: BaseException) -> bool:
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing"))
 
 
+TRAIN_OUT_OF_MEMORY_HINT = "try a smaller --batch or --seq-len, or --gradient-checkpointing"
+
+
 def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: Path) -> BaseException:
     """What a rank of a `torchrun` job raises for `e`, so that the job prints one `Error:` line per cause:
     rank 0 alone reports an interrupt and a check every rank makes alike; an error of one rank's own (out of
@@ -1050,8 +1053,8 @@ def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: P
     if isinstance(e, TwoTowerError) and (not started or isinstance(e, Diverged)):
         return e if rank == 0 else OtherRankReports()
     message, hint = describe(e)  # this rank's own error, said as the CLI says it, with its rank
-    if isinstance(e, MemoryError) or device_out_of_memory(e) is not None:
-        hint = "try a smaller --batch or --seq-len, or --gradient-checkpointing"
+    if out_of_memory(e):
+        hint = TRAIN_OUT_OF_MEMORY_HINT
     return TwoTowerError(f"rank {rank} of {world}: {message}", hint)
 
 
@@ -1089,7 +1092,11 @@ def train(cfg: TrainConfig, on_event: Callable[[Event], None] | None = None) -> 
     try:
         return _train_checked(cfg, began, job, on_event)
     except BaseException as e:
-        if world == 1 or isinstance(e, SystemExit) or os.environ.get("TWOTOWER_DEBUG") == "1":
+        if isinstance(e, SystemExit) or os.environ.get("TWOTOWER_DEBUG") == "1":
+            raise
+        if world == 1:
+            if out_of_memory(e) and not isinstance(e, TwoTowerError):
+                raise TwoTowerError(describe(e)[0], TRAIN_OUT_OF_MEMORY_HINT) from e
             raise
         mapped = _job_error(e, rank, world, job[0] if job else None, Path(cfg.out))
         if mapped is e:
