@@ -134,6 +134,10 @@ def test_cli_json_and_human_report(folder, data):
     (("--noise-per", "doc"), "--noise-per 'doc'"),
     (("--batch", "0"), "--batch must be at least 1"),
     (("--batch-size", "0"), "--batch must be at least 1"),  # generate's and bench's name for it
+    (("--block", "0"), "--block must be at least 1, not 0 (hint: leave it out"),  # blamed --seq-len 512
+    (("--block", "-4"), "--block must be at least 1, not -4"),
+    (("--seed", "-1"), "--seed -1 is out of range (hint: use a seed from 0 to 2**64 - 1)"),
+    (("--seed", str(2**64)), f"--seed {2**64} is out of range"),  # was taken: train and eval hash seeds
 ])
 def test_cli_errors_are_one_line(folder, data, args, needle):
     extra = () if not args else ("--data", str(data))

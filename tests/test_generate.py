@@ -486,7 +486,8 @@ BAD = [
     (["hi", "--batch-size", "0"], "batch size 0"),
     (["hi", "--mode", "nope"], "mode"),
     (["hi", "--temperature", "inf"], "temperature inf must be a finite number"),  # it sampled <unk> every token
-    (["hi", "--seed", str(2**70)], f"seed {2**70} is out of range"),  # "ValueError: Overflow ... looks like a bug"
+    (["hi", "--seed", str(2**70)], f"--seed {2**70} is out of range"),  # "ValueError: Overflow ... looks like a bug"
+    (["hi", "--seed", "-5"], "--seed -5 is out of range (hint: use a seed from 0 to 2**64 - 1)"),  # was taken
     (["hi", "--threads", str(2**40)], "more than torch can take"),  # the same
 ]
 

@@ -677,7 +677,8 @@ def test_bad_inputs_give_one_error_line(ckpt, data, tmp_path, case):
     (["--lr", "nan"], "Error: --lr must be positive, not nan"),
     (["--lr", "inf"], "Error: --lr must be finite, not inf"),
     (["--data-folder"], "is a folder, not a file"),
-    (["--seed", "-1"], "Error: --seed -1 is negative"),  # was numpy's ValueError, "this looks like a bug"
+    (["--seed", "-1"], "Error: --seed -1 is out of range"),  # was numpy's ValueError, "this looks like a bug"
+    (["--seed", str(2**64)], f"Error: --seed {2**64} is out of range (hint: use a seed from 0 to 2**64 - 1)"),
 ])
 def test_options_and_data_a_user_gets_wrong_are_named_in_the_error(ckpt, data, tmp_path, args, needle):
     """--lr nan used to be AdamW's ValueError "looks like a bug", --lr inf trained to NaN weights, and a

@@ -33,6 +33,14 @@ def non_finite(what: str, so: str) -> TwoTowerError:
                          "try --dtype bf16 or fp32")
 
 
+def check_seed(seed: int, name: str = "--seed") -> None:
+    """Every command takes seeds from 0 to 2**64 - 1: torch's generators take 64-bit seeds (and read a negative
+    one as 2**64 plus it: two spellings of one stream), numpy's SeedSequence (train and eval derive their
+    seeds with it) takes no negative ones, and one rule for all keeps a seed valid wherever it is copied."""
+    if not 0 <= seed < 1 << 64:
+        raise TwoTowerError(f"{name} {seed} is out of range", "use a seed from 0 to 2**64 - 1")
+
+
 def not_a_file(path: Path, what: str, hint: str) -> TwoTowerError:
     """The error for a path given as a `what` ("data file", "prompt file") that names no file to read: what it
     names instead (a checkpoint folder, another folder, a pipe where one will not do, nothing)."""

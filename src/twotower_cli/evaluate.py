@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from twotower_cli.display import finite_json
-from twotower_cli.errors import TwoTowerError, non_finite
+from twotower_cli.errors import TwoTowerError, check_seed, non_finite
 
 T_EDGES = (0.25, 0.5, 0.75, 1.0)  # the t buckets' upper edges: (0, .25], (.25, .5], (.5, .75], (.75, 1]
 AR_HEAD_ROWS = 2048  # rows of [.., vocabulary] logits at once in the AR measure (1 GiB of fp32 at Nano's 131,072)
@@ -77,12 +77,13 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--max-sequences", max_sequences)):
         if value < 1:
             raise TwoTowerError(f"{name} must be at least 1, not {value}", "leave it out for its default")
+    if block is not None and block < 1:  # it read "--seq-len 512 is not a multiple of the block size 0"
+        raise TwoTowerError(f"--block must be at least 1, not {block}", "leave it out for the checkpoint's block size")
     if seq_len < 2:
         raise TwoTowerError("--seq-len must be at least 2: the AR measure predicts each token after the first",
                             "try --seq-len 512")
     T.check_noise_per(noise_per)
-    if seed < 0:
-        raise TwoTowerError(f"--seed {seed} is negative", "use a seed of 0 or more")
+    check_seed(seed)
     if not data:
         raise TwoTowerError("no data files given", "pass --data FILE (text, JSONL or a .npy token stream)")
     T.check_data_files(data)  # before a hub model is fetched (tens of GB)
@@ -94,9 +95,9 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     if two:
         if block is None:
             block = T.recorded_block(cfg, folder)[0]
-        if block < 1 or seq_len % block:
+        if seq_len % block:
             raise TwoTowerError(f"--seq-len {seq_len} is not a multiple of the block size {block}",
-                                f"use e.g. --seq-len {max(1, seq_len // max(block, 1)) * max(block, 1)}")
+                                f"use e.g. --seq-len {max(1, seq_len // block) * block}")
     elif block is not None:
         raise TwoTowerError(f"{folder.name} is a plain NemotronH checkpoint: it has no denoiser to give a block",
                             "leave out --block (the AR measure needs none), or evaluate a TwoTower checkpoint")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from twotower_cli.config import NemotronHConfig
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, check_seed
 from twotower_cli.sampler import SamplingConfig
 from twotower_cli.text import Tokenizer, end_token_ids, generation_eos_ids
 from twotower_cli.towers import LoadedModel, TowerBackend, check_loadable, load_model
@@ -190,8 +190,7 @@ class Runtime:
             raise TwoTowerError("a prompt that is not text needs chat=True (a list of messages is a conversation)",
                                 "pass chat=True, or give strings")
         texts = render_chats(self.folder, items, system, dict(template_args or {})) if chat else items
-        if not S.seed_in_range(seed):
-            raise TwoTowerError(f"seed {seed} is out of range", "use a seed from 0 to 2**64 - 1")
+        check_seed(seed, "seed")
         settings = SamplingConfig(mode=mode, block_size=1 if block is None else block, steps=steps,
                                   threshold=threshold, policy=policy, factor=factor, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p,

@@ -82,7 +82,7 @@ from twotower_cli.checkpoint import (
 )
 from twotower_cli.config import DEFAULT_BLOCK_SIZE, NemotronHConfig
 from twotower_cli.display import finite_json
-from twotower_cli.errors import TwoTowerError, check_files, describe, not_a_file, out_of_memory
+from twotower_cli.errors import TwoTowerError, check_files, check_seed, describe, not_a_file, out_of_memory
 from twotower_cli.hub import AUX_FILE_PATTERNS
 from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.derived import no_reuse
@@ -711,8 +711,7 @@ class TrainConfig:
                 raise TwoTowerError(f"--seq-len {self.seq_len} is not a multiple of {what}",
                                     f"use e.g. --seq-len {max(1, self.seq_len // self.block) * self.block}"
                                     + ("" if block_from is None else ", or pass --block"))
-        if self.seed < 0:  # the derived seeds are numpy SeedSequence's, which takes non-negative integers
-            raise TwoTowerError(f"--seed {self.seed} is negative", "use a seed of 0 or more")
+        check_seed(self.seed)
         for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise TwoTowerError(f"--{name.split('_steps')[0].replace('_', '-')} must not be negative",

@@ -23,7 +23,7 @@ MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Token
 Temperature = Annotated[float, typer.Option(help="0 is greedy.")]
 TopK = Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")]
 TopP = Annotated[float | None, typer.Option(help="Nucleus sampling mass.")]
-Seed = Annotated[int, typer.Option(help="Random seed for sampling.")]
+Seed = Annotated[int, typer.Option(help="Random seed for sampling, 0 to 2**64 - 1.")]
 MaskTokenId = Annotated[int | None, typer.Option(help="Mask token id (default: from the checkpoint, else 3).")]
 Stop = Annotated[list[int] | None, typer.Option(help="Extra token id that ends a sequence (repeatable).")]
 StopText = Annotated[list[str] | None, typer.Option("--stop-text", help="Text that ends a sequence, which ends before it (repeatable), e.g. --stop-text $'\\n\\n'.")]
@@ -95,13 +95,13 @@ def sampling_config(options: dict) -> SamplingConfig:
     max_new_tokens, temperature, top_k, top_p, mask_token_id, stop; and seed) as a `SamplingConfig`, checked as far as
     they can be before a model is loaded; `Runtime.sampling` completes it from the checkpoint (the mask id and
     block size where the options leave them out)."""
-    from twotower_cli.errors import TwoTowerError
-    from twotower_cli.sampler import SamplingConfig, seed_in_range
+    from twotower_cli.errors import check_seed
+    from twotower_cli.sampler import SamplingConfig
 
     o = options
     check_max_new_tokens(o["max_new_tokens"])
-    if o.get("seed") is not None and not seed_in_range(o["seed"]):
-        raise TwoTowerError(f"seed {o['seed']} is out of range", "use a seed from 0 to 2**64 - 1")
+    if o.get("seed") is not None:
+        check_seed(o["seed"])
     settings = SamplingConfig(mode=o["mode"], block_size=block_before_load(o["block"], o["steps"]),
                               steps=o["steps"], threshold=o["threshold"], policy=o["policy"], factor=o["factor"],
                               max_new_tokens=o["max_new_tokens"],
