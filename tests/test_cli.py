@@ -109,6 +109,30 @@ def test_a_gpu_out_of_memory_is_said_as_such_not_as_a_bug(monkeypatch):
     assert "bug" not in lines[0] and "Including" not in lines[0]
 
 
+@pytest.mark.parametrize(("args", "named"), [
+    (["generate", "-m", "", "hi", "--no-live"], "'--model' / '-m'"),  # ran the embedded tiny model
+    (["generate", "--context-device", "", "hi", "--no-live"], "'--context-device'"),  # the default device
+    (["generate", "--prompt-file", "", "--no-live"], "'--prompt-file'"),  # "prompt file . is a folder"
+    (["eval", "--data", "{t}", "--data", ""], "'--data'"),  # "data file . is a folder"
+    (["train", "", "--data", "{t}", "-o", "{o}"], "'CKPT'"),  # "no safetensors weights in ."
+    (["train", "tiny", "--data", "{t}", "-o", ""], "'--out' / '--output' / '-o'"),  # "the output folder ."
+    (["tokenize", "tiny", "{t}", "", "-o", "{o}.npy"], "'FILE'"),
+    (["split", ""], "'source'"),
+    (["split", "tiny-base", ""], "'out'"),
+    (["inspect", ""], "'checkpoint'"),
+    (["serve", "--host", ""], "'--host'"),  # listened on every interface, its address shown blank
+])
+def test_an_empty_path_model_device_or_host_is_refused_not_read_as_a_default(tmp_path, args, named):
+    """An empty value (`-m "$MODEL"` with MODEL unset) names nothing: it is refused before any work, with the
+    option named, instead of meaning the current folder or the default."""
+    (tmp_path / "t.txt").write_text("some text\n")
+    r = runner.invoke(get_app(), [a.format(t=tmp_path / "t.txt", o=tmp_path / "o") for a in args])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and r.stdout == "", r.output
+    assert lines[0].startswith(f"Error: Invalid value for {named}: an empty value names nothing"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
 def test_torch_running_out_of_host_memory_is_said_as_such_not_as_a_bug(monkeypatch):
     """torch's CPU allocator fails with a RuntimeError ("[enforce fail at alloc_cpu.cpp] … DefaultCPUAllocator:
     can't allocate memory: you tried to allocate N bytes"), not Python's MemoryError: it was reported whole,

@@ -60,7 +60,7 @@ class _Commands(TyperGroup):
         if command is not None:
             if command.help:
                 command.help = flowed(command.help)
-            valueless_flags(command.get_params(ctx), ctx)
+            refuse_empty(valueless_flags(command.get_params(ctx), ctx))
         return command
 
     def get_params(self, ctx):  # noqa: ANN001
@@ -88,6 +88,32 @@ def valueless_flags(params: list, ctx=None) -> list:  # noqa: ANN001
             shown = param.display_type(ctx)
             if shown.startswith("<list[") and shown.endswith("]>"):
                 param.metavar = "<" + shown[len("<list["):-len("]>")] + ">"
+    return params
+
+
+# Options and arguments that name a file, folder, checkpoint, device or address: an empty value names nothing.
+NAMES_SOMETHING = frozenset({"model", "checkpoint", "source", "prompts", "prompt_file", "data", "more_data",
+                             "eval_data", "out", "out_arg", "output", "log", "host", "context_device",
+                             "denoiser_device"})
+
+
+def refuse_empty(params: list) -> list:
+    """`params`, each of those in NAMES_SOMETHING refusing an empty value: `-m "$MODEL"` with MODEL unset ran the
+    embedded tiny model, `--data ""` read the current folder, `--context-device ""` put the tower on the default
+    device and `serve --host ""` listened on every interface, each without a word. The raw value is checked
+    before typer converts it (a Path of "" is ".")."""
+    for param in params:
+        if param.name not in NAMES_SOMETHING or getattr(param, "_refuses_empty", False):
+            continue
+        convert = param.process_value
+
+        def checked(ctx, value, param=param, convert=convert):  # noqa: ANN001, ANN202
+            if value == "" or (isinstance(value, list | tuple) and "" in value):
+                raise _click.exceptions.BadParameter(
+                    "an empty value names nothing (an unset shell variable?)", ctx=ctx, param=param)
+            return convert(ctx, value)
+
+        param.process_value, param._refuses_empty = checked, True
     return params
 
 
