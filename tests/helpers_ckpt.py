@@ -49,6 +49,16 @@ def random_tensors(cfg: NemotronHConfig, dtype: torch.dtype = torch.bfloat16, se
             for name, shape in nemotron_h_shapes(cfg).items()}
 
 
+def write_word_tokenizer(folder: Path, size: int) -> None:
+    """A real tokenizer.json (the tokenizers library's word-level model) of `size` ids: <unk>, <s>, </s>, w3…"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+
+
 def random_checkpoint(folder: Path, cfg: NemotronHConfig | None = None, dtype: torch.dtype = torch.bfloat16,
                       max_shard_size: int | str = "5GB", extra: dict[str, torch.Tensor] | None = None,
                       tokenizer: bool = True, **kw: Any) -> Path:
@@ -57,7 +67,7 @@ def random_checkpoint(folder: Path, cfg: NemotronHConfig | None = None, dtype: t
     tensors = random_tensors(cfg, dtype, **kw) | (extra or {})
     write_checkpoint(folder, tensors, cfg.to_dict(), max_shard_size=max_shard_size)
     if tokenizer:
-        (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}\n')
+        write_word_tokenizer(folder, min(cfg.vocab_size, 32))
         (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}\n')
         (folder / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}\n')
     return folder

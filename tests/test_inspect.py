@@ -12,7 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers_ckpt import hf_written, random_checkpoint, random_tensors, small_config, sparse_nano
+from helpers_ckpt import (
+    hf_written,
+    random_checkpoint,
+    random_tensors,
+    small_config,
+    sparse_nano,
+    write_word_tokenizer,
+)
 from twotower_cli.checkpoint import INDEX_NAME, save_tensors
 from twotower_cli.cli import get_app
 from twotower_cli.errors import TwoTowerError
@@ -491,22 +498,52 @@ def test_text_files(tmp_path):
     the end tokens (config.json's, then generation_config.json's), and unreadable ones as problems."""
     folder = random_checkpoint(tmp_path / "c", tokenizer=False)
     data = json.loads(invoke(str(folder), "--json").stdout)
-    assert data["text"] == {"tokenizer": False, "chat_template": None, "eos_token_ids": [2]}
+    assert data["text"] == {"tokenizer": False, "tokens": None, "tokenizer_error": None, "chat_template": None,
+                            "eos_token_ids": [2]}
     assert any("no tokenizer.json" in n for n in data["notes"]) and data["problems"] == []
-    (folder / "tokenizer.json").write_text("{}")
+    write_word_tokenizer(folder, 20)
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 11]}))
     result = invoke(str(folder), "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["text"] == {"tokenizer": True, "chat_template": "tokenizer_config.json", "eos_token_ids": [2, 11]}
+    assert data["text"] == {"tokenizer": True, "tokens": 20, "tokenizer_error": None,
+                            "chat_template": "tokenizer_config.json", "eos_token_ids": [2, 11]}
     assert not any("tokenizer" in n for n in data["notes"])
     (folder / "chat_template.jinja").write_text("{{ messages }}")  # takes precedence, as in transformers
     human = invoke(str(folder))
-    assert "text: tokenizer.json ✓ · chat template chat_template.jinja · ends on 2, 11" in human.stderr
+    shown = " ".join(human.stderr.split())  # the line wraps at the test console's 80 columns
+    assert "text: tokenizer.json ✓ (20 tokens) · chat template chat_template.jinja · ends on 2, 11" in shown
     (folder / "generation_config.json").write_text('{"eos_token_id": "eleven"}')
     problems = problems_of(folder)
     assert len(problems) == 1 and "generation_config.json" in problems[0]
+
+
+@pytest.mark.parametrize("content", ["{}", "garbage\n", '{"version": "1.0", "model": {"type": "BPE"}}'])
+def test_a_tokenizer_that_does_not_read_is_a_problem_not_a_tick(tmp_path, content):
+    """inspect said `tokenizer.json ✓` for any file of that name, and "sound"; generate then stopped at "cannot
+    read …/tokenizer.json". It reads the file as generate does: one that does not read is a problem."""
+    folder = random_checkpoint(tmp_path / "c")
+    (folder / "tokenizer.json").write_text(content)
+    r = invoke(str(folder), "--json")
+    data = json.loads(r.stdout)
+    assert r.exit_code == 1 and data["text"]["tokenizer"] is True and data["text"]["tokens"] is None, r.output
+    assert data["problems"] == [data["text"]["tokenizer_error"]], data["problems"]
+    assert data["problems"][0].startswith(f"cannot read {folder / 'tokenizer.json'}: ")
+    human = invoke(str(folder))
+    assert "text: tokenizer.json unreadable · " in human.stderr and "not sound: 1 problem" in human.stderr
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_noted(tmp_path):
+    """A tokenizer with more ids than the embeddings (vocab_size 64 here) is another model's, or text holding
+    its last tokens cannot run: a note naming both sizes."""
+    folder = random_checkpoint(tmp_path / "c")
+    write_word_tokenizer(folder, 100)
+    data = json.loads(invoke(str(folder), "--json").stdout)
+    assert data["text"]["tokens"] == 100 and data["problems"] == []
+    assert any("tokenizer.json has 100 tokens, more than the model's 64 (vocab_size)" in n for n in data["notes"])
+    write_word_tokenizer(folder, 64)
+    assert not any("tokenizer" in n for n in json.loads(invoke(str(folder), "--json").stdout)["notes"])
 
 
 def test_sparse_nano_help_prints_usage_and_builds_nothing(tmp_path):

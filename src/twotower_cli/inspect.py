@@ -232,7 +232,8 @@ def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = Non
             "mask_token_id": (cfg.twotower.get("mask_token_id") if cfg else None),
             "block_size": (cfg.twotower.get("block_size") if cfg else None),
         }
-    text = text_files(ckpt.folder, cfg.eos_token_ids if cfg else [], problems, notes)
+    text = text_files(ckpt.folder, cfg.eos_token_ids if cfg else [], problems, notes, cfg.vocab_size if cfg else None,
+                      read_tokenizer=file_sizes is None)
     training = training_record(ckpt.folder, notes)
     shards = []
     for file in ckpt.files:
@@ -309,17 +310,28 @@ def training_record(folder: Path, notes: list[str]) -> dict[str, Any] | None:
     return record
 
 
-def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: list[str]) -> dict[str, Any]:
-    """What generation reads beside the weights: whether tokenizer.json is there, which file holds the chat
-    template (None: no template; `generate --chat` needs one) and the ids that end a sequence. An unreadable
-    generation or chat-template file is a problem (generate would refuse the checkpoint); a missing
-    tokenizer a note (the weights are sound without it)."""
-    from twotower_cli.text import end_token_ids, find_chat_template, generation_eos_ids
+def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: list[str],
+               vocab_size: int | None = None, read_tokenizer: bool = True) -> dict[str, Any]:
+    """What generation reads beside the weights: whether tokenizer.json is there, its size if it reads as a
+    tokenizer (`tokens`; None where `read_tokenizer` is off: a remote inspect holds only its name), which file holds the chat template (None: no template; `generate --chat` needs one) and
+    the ids that end a sequence. An unreadable tokenizer, generation or chat-template file is a problem
+    (generate would refuse the checkpoint); a missing tokenizer a note (the weights are sound without it), and
+    so is one with more tokens than the model's vocabulary (text holding those would not run)."""
+    from twotower_cli.text import Tokenizer, end_token_ids, find_chat_template, generation_eos_ids
 
-    out: dict[str, Any] = {"tokenizer": (folder / "tokenizer.json").is_file(), "chat_template": None,
-                           "eos_token_ids": list(config_eos)}
+    out: dict[str, Any] = {"tokenizer": (folder / "tokenizer.json").is_file(), "tokens": None,
+                           "tokenizer_error": None, "chat_template": None, "eos_token_ids": list(config_eos)}
     if not out["tokenizer"]:
         notes.append("no tokenizer.json: generate and train need the source model's tokenizer files beside it")
+    elif read_tokenizer:
+        try:  # it said ✓ for any file of that name: generate then failed on it
+            out["tokens"] = Tokenizer(folder).vocab_size
+        except TwoTowerError as e:
+            out["tokenizer_error"] = e.message
+            problems.append(e.message)
+        if vocab_size is not None and (out["tokens"] or 0) > vocab_size:
+            notes.append(f"tokenizer.json has {out['tokens']:,} tokens, more than the model's {vocab_size:,} "
+                         "(vocab_size): text holding the last ones cannot run; the tokenizer may be another model's")
     try:
         found = find_chat_template(folder)
         out["chat_template"] = found[1].name if found else None
@@ -604,7 +616,9 @@ def render(report: Report, console: Any, tensors: bool = False) -> None:
                       highlight=False)
     if report.text:
         t = report.text
-        console.print(f"[bold]text[/]: tokenizer.json {'✓' if t['tokenizer'] else 'missing'} · chat template "
+        state = ("unreadable" if t.get("tokenizer_error") else f"✓ ({t['tokens']:,} tokens)" if t.get("tokens")
+                 else "✓" if t["tokenizer"] else "missing")
+        console.print(f"[bold]text[/]: tokenizer.json {state} · chat template "
                       f"{escape(t['chat_template'] or 'none')} · ends on {', '.join(map(str, t['eos_token_ids'])) or 'nothing'}",
                       highlight=False)
     shards = Table(title="shards", title_justify="left")
