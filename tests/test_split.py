@@ -1426,3 +1426,43 @@ def test_a_disk_too_small_for_the_output_is_said_before_the_copy(tmp_path, monke
     assert "Warning" not in invoke(str(src), "-o", str(out), "--force", "--dry-run").stderr
     free_space(weights - 1)
     assert "Warning: split writes" in invoke(str(src), "-o", str(out), "--force", "--dry-run").stderr
+
+
+@pytest.mark.parametrize("command", ["split", "train"])
+def test_an_output_that_is_a_file_is_refused_even_with_force(tmp_path, command):
+    """`split SRC -o notes.txt --force` deleted notes.txt and wrote a checkpoint folder by its name (train too):
+    --force replaces an earlier output folder, not a file that happens to sit at -o."""
+    src = random_checkpoint(tmp_path / "src")
+    (tmp_path / "corpus.txt").write_text("w3 w4 w5 w6 " * 200)
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes\n")
+    args = (["split", str(src), "-o", str(target)] if command == "split" else
+            ["train", "tiny", "--data", str(tmp_path / "corpus.txt"), "-o", str(target), "--steps", "1",
+             "--seq-len", "32", "--batch", "2", "--eval-every", "0"])
+    r = CliRunner().invoke(get_app(), [*args, "--force"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0] == (f"Error: the output {target} is a file, not a folder: the output is a checkpoint folder, and "
+                        "--force replaces only an earlier output folder (hint: choose another -o)"), lines
+    assert target.read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "corpus.txt", "notes.txt", "src"]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_source_without_a_tokenizer_is_warned_of(tmp_path, dry_run):
+    """A source without tokenizer.json split without a word, and its output then failed at generate's first
+    prompt ("no tokenizer.json in …"): a Warning says so at the split, which still writes the (sound) weights."""
+    extra = ["--dry-run"] if dry_run else []
+    for tokenizer in (False, True):
+        src = random_checkpoint(tmp_path / f"src-{tokenizer}", tokenizer=tokenizer)
+        out = tmp_path / f"out-{tokenizer}"
+        r = CliRunner().invoke(get_app(), ["split", str(src), "-o", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+        if tokenizer:
+            assert warnings == [] and (dry_run or (out / "tokenizer.json").is_file()), r.stderr
+        else:
+            assert warnings == [f"Warning: {src} has no tokenizer.json: {out} will not generate, chat, serve or train "
+                                "until one is put beside it (hint: copy the tokenizer files of the model it came "
+                                "from into it)"], r.stderr
+            assert out.is_dir() != dry_run

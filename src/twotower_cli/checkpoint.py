@@ -474,8 +474,12 @@ def check_output_folder(out: str | Path, source_folder: str | Path | None, *, ma
     OUT inside the source folder is refused too (a run in the source folder, `split .`: the source is
     only read, and a hub cache snapshot is no place for an output that deleting the cached model would
     delete too). `source_folder=None`: no source to protect (a hub id not in a local folder). Paths are
-    compared resolved (symlinks followed), whether they exist yet or not."""
+    compared resolved (symlinks followed), whether they exist yet or not. An OUT that is a file (or anything
+    but a folder) is refused: the output is a folder, and `--force` replaced the file with one."""
     target = Path(out).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise TwoTowerError(f"the output {out} is a file, not a folder: the output is a checkpoint folder, and "
+                            "--force replaces only an earlier output folder", "choose another -o")
 
     def holds(path: str | Path) -> bool:
         path = Path(path).expanduser().resolve()

@@ -72,6 +72,11 @@ def split(
                       f"{'the real run first downloads' if dry_run else 'downloading'} {_gb(download)} of weights "
                       "into the Hugging Face cache[/]")
     _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}"), *needs])
+    if "tokenizer.json" not in plan.aux_files:  # the split output is sound, but generate stops at its first prompt
+        from twotower_cli.cli import report_warning
+
+        report_warning(f"{source} has no tokenizer.json: {out} will not generate, chat, serve or train until one "
+                       "is put beside it", "copy the tokenizer files of the model it came from into it")
     if dry_run:
         _dry_run_end(out, force, console)
         return
