@@ -191,6 +191,18 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
     # ... but they change nothing there: one Warning line each (they were ignored in silence)
     assert [ln.split(":")[1] for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [" --block", " --steps"]
     assert "a plain NemotronH checkpoint: bench times ar only" in r.stderr, r.stderr
+    # the table alone had one ar row, with no word of why or of the rows it compares against; --thresholds
+    # (the mask_diffusion rows') changed nothing without a word either
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(base), "-n", "4", "--repeat", "1",
+                                       "--thresholds", "0.9"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())  # the human report wraps at the test console's width
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")] == [
+        "Warning: --thresholds: no effect on base, a plain NemotronH checkpoint: bench times ar only (hint: leave "
+        "it out)"], r.stderr
+    assert (f"ar only: base is a plain NemotronH checkpoint; the mock_ar and mask_diffusion rows need a TwoTower "
+            f"one: twotower split {base}") in said, said
+    assert "block" not in said.split("┏")[0], said  # the title: ar has no block
 
 
 def test_bench_bad_thresholds(folder):

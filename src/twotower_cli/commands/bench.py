@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -79,8 +80,10 @@ def bench(
     if not two:
         from twotower_cli.sampler import SamplingConfig
 
-        O.warn_if_options_unused(SamplingConfig(mode="ar"), O.given("block", "steps"),
-                                 why=f"on {folder.name}, a plain NemotronH checkpoint: bench times ar only")
+        only_ar = f"on {folder.name}, a plain NemotronH checkpoint: bench times ar only"
+        O.warn_if_options_unused(SamplingConfig(mode="ar"), O.given("block", "steps"), why=only_ar)
+        if O.given("thresholds"):  # the mask_diffusion rows' thresholds
+            report_warning(f"--thresholds: no effect {only_ar}", "leave it out")
     rt = open_runtime(str(folder), need_denoiser=two, device=device, dtype=dtype, context_device=context_device,
                       denoiser_device=denoiser_device, compile=compile, threads=threads, cuda_graphs=cuda_graphs)
     if block is None:
@@ -112,7 +115,8 @@ def bench(
         print(json.dumps({"rows": rows_json(rows), "settings": settings, "machine": m}))
         return
     batched = f" · batches of {batch_size}" if batch_size > 1 else ""
-    table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens · block {block}{batched} · "
+    shape = f" · block {block}" if two else ""  # ar has no block
+    table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens{shape}{batched} · "
                         f"median of {repeat}", title_justify="left")
     for col in ("mode", "threshold", "tok/s", "NFE", "tok/NFE", "× ar", "quality"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
@@ -121,6 +125,10 @@ def bench(
                       str(r.nfe), f"{r.tokens_per_nfe:.2f}", number(r.speedup_vs_ar, ".2f", "×"),
                       number(r.quality_vs_ar, ".3f"))
     console.print(table)
+    if not two:  # the table has the ar row alone: say why, and how to get the others
+        console.print(f"[dim]ar only: {escape(folder.name)} is a plain NemotronH checkpoint; the mock_ar and "
+                      f"mask_diffusion rows need a TwoTower one: twotower split {escape(shlex.quote(model or str(folder)))}[/]",
+                      highlight=False)
     console.print(f"[dim]{where} · {m['processor']} · {m['cpu_count']} cores · torch {m['torch']} "
                   f"{m['torch_threads']} threads · {settings['dtype']}[/]")
     if "gpu" in m:
