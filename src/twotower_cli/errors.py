@@ -78,6 +78,7 @@ def device_out_of_memory(e: BaseException) -> str | None:
     return ". ".join(text.split(". ")[:2]).rstrip(".") or "out of GPU memory"
 
 
+HOST_MEMORY_HINT = "try a smaller --dtype, fewer tokens or another device"
 _CPU_ALLOCATOR = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
 
 
@@ -107,9 +108,10 @@ def describe(e: BaseException) -> tuple[str, str | None]:
         return e.message, e.hint
     if isinstance(e, KeyboardInterrupt):
         return "interrupted", None
-    if isinstance(e, MemoryError) or (host := host_out_of_memory(e)) is not None:
-        return (host if not isinstance(e, MemoryError) else "out of memory",
-                "try a smaller --dtype, fewer tokens or another device")
+    if isinstance(e, MemoryError):
+        return "out of memory", HOST_MEMORY_HINT
+    if (host := host_out_of_memory(e)) is not None:
+        return host, HOST_MEMORY_HINT
     if (oom := device_out_of_memory(e)) is not None:
         return oom, OUT_OF_DEVICE_MEMORY_HINT
     if isinstance(e, OSError):

@@ -313,10 +313,11 @@ def training_record(folder: Path, notes: list[str]) -> dict[str, Any] | None:
 def text_files(folder: Path, config_eos: list[int], problems: list[str], notes: list[str],
                vocab_size: int | None = None, read_tokenizer: bool = True) -> dict[str, Any]:
     """What generation reads beside the weights: whether tokenizer.json is there, its size if it reads as a
-    tokenizer (`tokens`; None where `read_tokenizer` is off: a remote inspect holds only its name), which file holds the chat template (None: no template; `generate --chat` needs one) and
-    the ids that end a sequence. An unreadable tokenizer, generation or chat-template file is a problem
-    (generate would refuse the checkpoint); a missing tokenizer a note (the weights are sound without it), and
-    so is one with more tokens than the model's vocabulary (text holding those would not run)."""
+    tokenizer (`tokens`; None where `read_tokenizer` is off: a remote inspect holds only its name), which file
+    holds the chat template (None: no template; `generate --chat` needs one) and the ids that end a sequence.
+    An unreadable tokenizer, generation or chat-template file is a problem (generate would refuse the
+    checkpoint); a missing tokenizer a note (the weights are sound without it), and so is one with more tokens
+    than the model's vocabulary (text holding those would not run)."""
     from twotower_cli.text import Tokenizer, end_token_ids, find_chat_template, generation_eos_ids
 
     out: dict[str, Any] = {"tokenizer": (folder / "tokenizer.json").is_file(), "tokens": None,
