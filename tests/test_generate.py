@@ -541,6 +541,35 @@ def test_cli_text_that_is_not_utf8_is_one_error_line(trained_like, tmp_path):
         assert r.exit_code == 1 and len(err) == 1 and err[0].startswith("Error: " + needle), r.output
 
 
+@pytest.mark.parametrize(("line", "needle"), [
+    ('{"prompt": "a\\ud800b"}', "p.jsonl:2 holds a lone UTF-16 surrogate escape (\\ud800, at character 1), which "
+                                  "is no text"),  # "TypeError: TextInputSequence must be str", "looks like a bug"
+    ('{"prompt": ""}', "p.jsonl:2 holds an empty prompt"),  # "empty prompt", not where
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "p.jsonl:2 is not valid JSON: nested too deep"),
+    ('{"prompt": "[[[ \\ud83d\\ude00"}', ""),  # a whole pair is text (an emoji)
+])
+def test_a_jsonl_prompt_that_is_no_text_names_its_line(trained_like, tmp_path, line, needle):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ROMEO."}\n' + line + "\n")
+    r = invoke("--prompt-file", str(path), "--model", str(trained_like), "-n", "2", "--json")
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    if needle:
+        assert r.exit_code == 1 and len(err) == 1 and err[0].startswith(f"Error: {path.parent / needle}"), r.output
+    else:
+        assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2, r.output
+
+
+def test_cli_text_options_that_are_not_utf8_are_named(trained_like):
+    """--system, --stop-text and --chat-arg with bytes that are not UTF-8 (argv's lone surrogates) reached the
+    tokenizer or the template and were its TypeError, "this looks like a bug"; or a stop text that never
+    matches. Each is one Error line naming the option."""
+    for option, value in (("--system", "\udcff"), ("--stop-text", "x\udcff"), ("--chat-arg", "k=\udcff")):
+        r = invoke("hi", option, value, "--model", str(trained_like), "-n", "2")
+        err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(err) == 1, r.output
+        assert err[0].startswith(f"Error: Invalid value for '{option}': not UTF-8 text"), err
+
+
 def test_cli_not_twotower_for_diffusion(tmp_path):
     folder = write_base(tmp_path / "base", random_base(tiny_cfg(), 1))
     for mode in ("mask_diffusion", "mock_ar"):

@@ -548,3 +548,42 @@ def test_one_token_modes_equal_the_spec_reference(real, mode):
                     logits = real.denoise(torch.tensor([text[-1:]]), cache, None)[0, -1]
                 text.append(int(logits.argmax()))
             assert g.token_ids == text[len(p):], f"{mode}, prompt of {len(p)}"
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45, 1e-300])
+def test_a_temperature_below_fp32s_range_samples_greedily_not_id_0(temperature):
+    """logits / 1e-39 overflowed fp32 to ±inf, log_softmax made NaN of them, and the argmax of a NaN row is id 0:
+    every token <unk>. A temperature that small is greedy."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50) * 8
+    cfg = S.SamplingConfig(temperature=temperature, block_size=4, steps=4)
+    pred, conf = S.predict(logits, cfg, torch.Generator().manual_seed(1), exclude=3)
+    greedy = logits.clone()
+    greedy[..., 3] = float("-inf")
+    assert torch.equal(pred, greedy.argmax(-1)) and bool(conf.isfinite().all())
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300])
+def test_a_temperature_above_fp32s_range_samples_uniformly_never_the_excluded_id(temperature):
+    """At 1e39 (inf in fp32) the excluded id's -inf / inf was NaN: id 0 every draw. It is uniform over the rest."""
+    logits = torch.zeros(4000, 1, 8)
+    logits[..., 5] = 30.0  # near-certain at temperature 1
+    cfg = S.SamplingConfig(temperature=temperature, block_size=4, steps=4)
+    pred, _ = S.predict(logits, cfg, torch.Generator().manual_seed(2), exclude=3)
+    counts = torch.bincount(pred.flatten(), minlength=8)
+    assert counts[3] == 0 and bool((counts[[0, 1, 2, 4, 5, 6, 7]] > 400).all()), counts  # ~571 each
+
+
+def test_a_temperature_within_range_divides_the_logits_as_before():
+    """The clamp changes nothing inside fp32's range: a seed samples what it sampled (Gumbel-max on logits / T)."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 6, 40) * 4
+    for temperature in (0.01, 0.7, 1.0, 3.0, 1e6):
+        cfg = S.SamplingConfig(temperature=temperature, block_size=4, steps=4)
+        pred, _ = S.predict(logits, cfg, torch.Generator().manual_seed(5), exclude=None)
+        g = torch.Generator().manual_seed(5)
+        scores = torch.log_softmax(logits / temperature, dim=-1)
+        u = torch.rand(scores.shape, generator=g)
+        gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+        want = (scores + gumbel).argmax(-1)
+        assert torch.equal(pred, want), temperature

@@ -319,7 +319,28 @@ def test_cli_serve_in_ar_is_not_refused_over_steps_it_does_not_use(folder, monke
     ("/v1/completions", {}, 400, "'prompt' must be", "prompt"),
     ("/v1/completions", {"prompt": [999]}, 400, "outside the vocabulary", "prompt"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number", "temperature"),
-    ("/v1/completions", {"prompt": "hi", "steps": 9}, 400, "steps 9", None),
+    ("/v1/completions", {"prompt": "hi", "steps": 9}, 400, "'steps' 9 must be between 1 and the block size 4", "steps"),
+    # the sampler's checks name the field as the request does, in the message and in `param` (they were
+    # "top-p 0.0 must be in (0, 1]" with param null)
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "'top_p' 0.0 must be in (0, 1]", "top_p"),
+    ("/v1/completions", {"prompt": "hi", "threshold": 2}, 400, "'threshold' 2.0 must be in (0, 1]", "threshold"),
+    ("/v1/completions", {"prompt": "hi", "mode": "foo"}, 400, "'mode' 'foo' is not one of", "mode"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "'temperature' -1.0 must be a finite number",
+     "temperature"),
+    ("/v1/completions", {"prompt": "hi", "block_size": 0}, 400, "'block_size' 0 must be at least 1", "block_size"),
+    # true or false, not read by truthiness ("false" streamed, "yes" echoed)
+    ("/v1/completions", {"prompt": "hi", "stream": "false"}, 400, "'stream' must be true or false, not 'false'",
+     "stream"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "'echo' must be true or false", "echo"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "false"}}, 400,
+     "'include_usage' must be true or false", "include_usage"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": [1]}, 400, "'stream_options' must be an object",
+     "stream_options"),
+    # half a surrogate pair ("\ud800" in the JSON) is no text: it was a 500, "TextInputSequence must be str"
+    ("/v1/completions", {"prompt": "a\ud800b"}, 400, "'prompt' holds a lone UTF-16 surrogate", "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\udc00"]}, 400, "'stop' holds a lone UTF-16 surrogate", "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400,
+     "'messages' holds a lone UTF-16 surrogate", "messages"),
     ("/v1/completions", {"prompt": "hi", "stop": 3}, 400, "'stop'", "stop"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "'max_tokens' -1 must be 0 or more", "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "maximum context length", "max_tokens"),
@@ -361,6 +382,13 @@ def test_numbers_json_cannot_hold_are_a_bad_request(url, raw, needle):
     assert got == 400 and json.loads(text)["error"]["message"] == needle, text
 
 
+def test_json_nested_deeper_than_the_parser_goes_is_a_bad_request(url):
+    """json.loads raises RecursionError (not ValueError) for deep nesting: it was a 500."""
+    got, text = post(url, "/v1/completions", None, raw=b"[" * 100_000 + b"]" * 100_000)
+    assert got == 400 and json.loads(text)["error"]["message"] == "the request body is not valid JSON", text
+    assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
 def test_a_seed_beyond_64_bits_is_a_bad_request_and_the_model_goes_on(folder, model):
     """torch's generators take 64-bit seeds: a larger one is a 400 (it used to end the model's thread, and
     every later request waited for ever)."""
@@ -385,12 +413,15 @@ def test_an_error_setting_up_a_batch_answers_its_requests_and_the_model_goes_on(
     def broken(*args, **kw):
         raise RuntimeError("no batch (test)")
 
-    with serving(engine) as base:
+    lines = []
+    with serving(engine, lines) as base:
         monkeypatch.setattr(serve, "Continuous", broken)
         failed = post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})
         monkeypatch.undo()
         after = json.loads(post(base, "/v1/completions", {"prompt": "hello there", "max_tokens": 12})[1])
     assert failed[0] == 500 and "no batch (test)" in json.loads(failed[1])["error"]["message"]
+    # the log says why (it showed the access line's "500" alone)
+    assert "/v1/completions · failed: RuntimeError: no batch (test)" in lines, lines
     assert engine.counts["failed_requests_total"] == 1
     assert after["choices"][0]["text"] == tok.decode(reference(model, tok.encode("hello there")).token_ids)
 

@@ -351,6 +351,23 @@ def test_text_not_utf8_past_the_first_pieces_leaves_nothing(tmp_path, monkeypatc
     assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["tokenize", "train", "eval"])
+def test_a_jsonl_record_holding_half_a_surrogate_pair_names_its_line(tmp_path, command):
+    """{"text": "\\ud800"} (JSON's escape of half a surrogate pair, as scraped corpora hold) was the tokenizer's
+    "TypeError: TextEncodeInput must be …", "this looks like a bug", from tokenize, train and eval alike."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the quick brown fox"}\n' * 40 + '{"text": "ok \\udc00 no"}\n')
+    out = tmp_path / "out"
+    args = {"tokenize": ["tokenize", "tiny", "--data", str(data), "-o", str(out / "c.npy")],
+            "train": ["train", "tiny", "--data", str(data), "-o", str(out), "--steps", "1"],
+            "eval": ["eval", "--data", str(data)]}[command]
+    r = CliRunner().invoke(get_app(), args)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error")]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: {data}:41 holds a lone UTF-16 surrogate escape (\\udc00, at character 3)"), lines
+    assert not out.exists() or list(out.iterdir()) == []  # (tokenize makes -o's folder first, as it always has)
+
+
 def test_a_tokenizer_saved_with_truncation_and_padding_gives_the_whole_text(tmp_path):
     """A tokenizer.json saved with truncation (max_length 4) and padding on: prompts and corpus documents keep
     every id, none added (the tokenizer as saved cuts and pads, which the assertion first shows)."""

@@ -60,7 +60,7 @@ class _Commands(TyperGroup):
         if command is not None:
             if command.help:
                 command.help = flowed(command.help)
-            refuse_empty(valueless_flags(command.get_params(ctx), ctx))
+            check_raw_values(valueless_flags(command.get_params(ctx), ctx))
         return command
 
     def get_params(self, ctx):  # noqa: ANN001
@@ -91,30 +91,46 @@ def valueless_flags(params: list, ctx=None) -> list:  # noqa: ANN001
     return params
 
 
-# Options and arguments that name a file, folder, checkpoint, device or address: an empty value names nothing.
-NAMES_SOMETHING = frozenset({"model", "checkpoint", "source", "prompts", "prompt_file", "data", "more_data",
-                             "eval_data", "out", "out_arg", "output", "log", "host", "context_device",
-                             "denoiser_device"})
+# Options and arguments that name a file or folder (a path may be any bytes), and those that name something
+# else that an empty value cannot name (a checkpoint, a device, an address).
+PATHS = frozenset({"model", "checkpoint", "source", "prompts", "prompt_file", "data", "more_data", "eval_data",
+                   "out", "out_arg", "output", "log"})
+NAMES_SOMETHING = PATHS | {"host", "context_device", "denoiser_device"}
 
 
-def refuse_empty(params: list) -> list:
+def check_raw_values(params: list) -> list:
     """`params`, each of those in NAMES_SOMETHING refusing an empty value: `-m "$MODEL"` with MODEL unset ran the
     embedded tiny model, `--data ""` read the current folder, `--context-device ""` put the tower on the default
-    device and `serve --host ""` listened on every interface, each without a word. The raw value is checked
-    before typer converts it (a Path of "" is ".")."""
+    device and `serve --host ""` listened on every interface, each without a word. And each text value that is
+    not a path refusing bytes that are not UTF-8 (Python reads them from argv as lone surrogates, which the
+    tokenizer refused with a bare TypeError: `--system $'\xff'`, `--stop-text`, `--chat-arg`; the prompt says
+    so itself). The raw values are checked before typer converts them (a Path of "" is ".")."""
     for param in params:
-        if param.name not in NAMES_SOMETHING or getattr(param, "_refuses_empty", False):
+        if getattr(param, "_raw_checked", False):
             continue
         convert = param.process_value
 
         def checked(ctx, value, param=param, convert=convert):  # noqa: ANN001, ANN202
-            if value == "" or (isinstance(value, list | tuple) and "" in value):
+            values = value if isinstance(value, list | tuple) else [value]
+            if param.name in NAMES_SOMETHING and "" in values:
                 raise _click.exceptions.BadParameter(
                     "an empty value names nothing (an unset shell variable?)", ctx=ctx, param=param)
+            if param.name not in PATHS and param.name != "prompt":
+                for v in values:
+                    if isinstance(v, str) and not _utf8(v):
+                        raise _click.exceptions.BadParameter("not UTF-8 text", ctx=ctx, param=param)
             return convert(ctx, value)
 
-        param.process_value, param._refuses_empty = checked, True
+        param.process_value, param._raw_checked = checked, True
     return params
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def flowed(help_text: str) -> str:

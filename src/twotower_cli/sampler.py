@@ -91,29 +91,38 @@ class SamplingConfig:
         bad_stops = [i for i in self.stop_ids if not 0 <= i < limit]
         diffusion = self.mode == "mask_diffusion"  # the one mode that uses block_size and steps
         too_many = diffusion and self.steps is not None and self.steps >= 1  # (else: below 1, whatever the block)
-        checks = [
-            (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
-            (self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
-            (self.steps is None or (self.steps >= 1 and (self.steps <= self.block_size or not diffusion)),
+        checks = [  # (the setting, whether it is good, the message, which starts with the setting's name, a hint)
+            ("mode", self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}", "pick a --mode"),
+            ("block_size", self.block_size >= 1, f"block size {self.block_size} must be at least 1", "try --block 16"),
+            ("steps", self.steps is None or (self.steps >= 1 and (self.steps <= self.block_size or not diffusion)),
              f"steps {self.steps} must be "
              + (f"between 1 and the block size {self.block_size}" if too_many else "at least 1"),
              "steps per block cannot exceed the tokens in a block" if too_many
              else "try --steps 8" if diffusion else f"{self.mode} does not use it: leave it out"),
-            (0.0 < self.threshold <= 1.0, f"threshold {self.threshold} must be in (0, 1]", "NVIDIA's operating point is 0.8"),
-            (self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),
-            (self.factor > 0, f"factor {self.factor} must be positive", "Fast-dLLM uses about 1"),
-            (self.max_new_tokens >= 1, f"max-new-tokens {self.max_new_tokens} must be at least 1", "try 128"),
-            (0 <= self.temperature < math.inf, f"temperature {self.temperature} must be a finite number >= 0",
+            ("threshold", 0.0 < self.threshold <= 1.0, f"threshold {self.threshold} must be in (0, 1]", "NVIDIA's operating point is 0.8"),
+            ("policy", self.policy in POLICIES, f"policy {self.policy!r} is not one of {', '.join(POLICIES)}", "try --policy threshold"),
+            ("factor", self.factor > 0, f"factor {self.factor} must be positive", "Fast-dLLM uses about 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, f"max-new-tokens {self.max_new_tokens} must be at least 1", "try 128"),
+            ("temperature", 0 <= self.temperature < math.inf, f"temperature {self.temperature} must be a finite number >= 0",
              "0 is greedy"),
-            (self.top_k is None or self.top_k >= 1, f"top-k {self.top_k} must be at least 1", "or leave it out"),
-            (self.top_p is None or 0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]", "or leave it out"),
-            (0 <= self.mask_token_id < limit, f"mask token id {self.mask_token_id} is outside the vocabulary {ids}",
+            ("top_k", self.top_k is None or self.top_k >= 1, f"top-k {self.top_k} must be at least 1", "or leave it out"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]", "or leave it out"),
+            ("mask_token_id", 0 <= self.mask_token_id < limit, f"mask token id {self.mask_token_id} is outside the vocabulary {ids}",
              "NVIDIA's mask id is 3"),
-            (not bad_stops, f"stop id {bad_stops[:1]} is outside the vocabulary {ids}", "--stop takes token ids"),
+            ("stop_ids", not bad_stops, f"stop id {bad_stops[:1]} is outside the vocabulary {ids}", "--stop takes token ids"),
         ]
-        for ok, msg, hint in checks:
+        for setting, ok, msg, hint in checks:
             if not ok:
-                raise TwoTowerError(msg, hint)
+                raise SettingError(setting, msg, hint)
+
+
+class SettingError(TwoTowerError):
+    """A sampling setting out of range: `setting` names the `SamplingConfig` field (serve names the request's
+    field from it)."""
+
+    def __init__(self, setting: str, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.setting = setting
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -237,6 +246,9 @@ def seed_in_range(seed: int) -> bool:
     return -(1 << 63) <= seed < 1 << 64
 
 
+TEMPERATURE_RANGE = (1e-30, 1e30)  # what a positive temperature is held to in `predict`
+
+
 def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
             exclude: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prediction and confidence per position of fp32 logits [..., V].
@@ -252,7 +264,11 @@ def predict(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generato
     if cfg.temperature == 0:
         pred = logp.argmax(dim=-1)
     else:
-        scores = F.log_softmax(filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+        # T held within [1e-30, 1e30]: beyond fp32's range logits / T is ±inf or 0/0 and log_softmax NaN, whose
+        # argmax is id 0 (a temperature of 1e-39 sampled <unk> every token); within it, nearer 0 is greedy and
+        # nearer 1e30 uniform to fp32's precision anyway, and every other T divides as it is
+        temperature = min(max(cfg.temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+        scores = F.log_softmax(filter_logits(logits / temperature, cfg.top_k, cfg.top_p), dim=-1)
         u = uniform(scores.shape, generator, scores.device)
         gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
         pred = (scores + gumbel).argmax(dim=-1)

@@ -94,12 +94,14 @@ import hmac
 import io
 import json
 import math
+import os
 import queue
 import select
 import socket
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -253,6 +255,12 @@ class Request:
         return tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
 
+# The request fields that are `SamplingConfig` settings of the same name, and how `validate`'s messages name them.
+SETTING_LABELS = {"mode": "mode", "block_size": "block size", "steps": "steps", "threshold": "threshold",
+                  "policy": "policy", "factor": "factor", "temperature": "temperature", "top_k": "top-k",
+                  "top_p": "top-p"}
+
+
 def _number(body: dict, key: str, kind: type, default):
     value = body.get(key)
     if value is None:
@@ -262,6 +270,34 @@ def _number(body: dict, key: str, kind: type, default):
             kind is int and value != int(value)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, not {value!r}", param=key)
     return kind(value)
+
+
+def _flag(body: dict, key: str) -> bool:
+    """A true-or-false field (absent or null: false). Read by truthiness, "false" was true (a stream came back)."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"'{key}' must be true or false, not {value!r}", param=key)
+    return bool(value)
+
+
+def _lone_surrogate_field(body: dict) -> str | None:
+    """The first top-level field of `body` holding a string with a lone UTF-16 surrogate (JSON's "\ud800"
+    escape), which is no text: the tokenizer refuses it (it was a 500, "TextInputSequence must be str")."""
+    for key, value in body.items():
+        pending = [value]
+        while pending:  # iterative: nesting as deep as json.loads allows
+            item = pending.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return key
+            elif isinstance(item, dict):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
+    return None
 
 
 def _refuse_unhonoured(body: dict, chat: bool, n: int) -> None:
@@ -425,12 +461,15 @@ class Engine:
     def parse(self, body: dict, chat: bool) -> Request:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
+        if (field := _lone_surrogate_field(body)) is not None:
+            raise BadRequest(f"'{field}' holds a lone UTF-16 surrogate (an escape like \\ud800 that is half of a "
+                             "pair), which is no text", param=field)
         n = _number(body, "n", int, 1)
         if not 1 <= n <= MAX_N:
             raise BadRequest(f"'n' must be between 1 and {MAX_N}", param="n")
         _refuse_unhonoured(body, chat, n)
         logprobs, top = self._logprobs(body, chat)
-        echo = not chat and bool(body.get("echo"))
+        echo = not chat and _flag(body, "echo")
         history = None
         if chat:
             prompt, history = self._render(body)
@@ -467,12 +506,18 @@ class Engine:
             policy=body.get("policy", d.policy), factor=_number(body, "factor", float, d.factor))
         try:
             settings.validate(self.backend.vocab_size)
-        except TwoTowerError as e:
-            raise BadRequest(e.message) from None
+        except S.SettingError as e:  # named as the request names it: 'top_p' 0.0 must be in (0, 1]
+            label = SETTING_LABELS.get(e.setting)
+            if label is None or not e.message.startswith(label) or e.setting not in body:
+                raise BadRequest(e.message) from None  # a server default (--mask-token-id) or one it derives
+            raise BadRequest(f"'{e.setting}'{e.message[len(label):]}", param=e.setting) from None
         if settings.mode != "ar" and self.backend.inner.twotower is None:
             raise BadRequest("this model has no denoiser: only mode 'ar'", param="mode")
         options = body.get("stream_options") or {}
-        stream = bool(body.get("stream"))
+        if not isinstance(options, dict):
+            raise BadRequest(f"'stream_options' must be an object, not {options!r}", param="stream_options")
+        stream = _flag(body, "stream")
+        include_usage = _flag(options, "include_usage")
         skip = body.get("skip_special_tokens", False)
         if not isinstance(skip, bool):
             raise BadRequest("'skip_special_tokens' must be true or false", param="skip_special_tokens")
@@ -480,7 +525,7 @@ class Engine:
         if seed is not None and not S.seed_in_range(seed):
             raise BadRequest(f"'seed' must be a 64-bit integer, not {seed}", param="seed")
         return Request(prompts, settings, stops, seed, stream, chat,
-                       include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+                       include_usage=include_usage,
                        history=history, logprobs=logprobs, top_logprobs=top, echo=echo, score_only=score_only, n=n,
                        max_tokens=rows_max, ignored=sorted(k for k in body if k not in READ_FIELDS | UNHONOURED.keys()),
                        skip_special=skip)
@@ -1205,6 +1250,16 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             if log is not None:
                 log(f"{self.address_string()} {format % args}")
 
+        def _failed(self, e: BaseException) -> str:
+            """A failed request's 500 message, said in the server's log too (the access line alone showed
+            only "500"), with the traceback under TWOTOWER_DEBUG=1."""
+            message = _failure(e)
+            if log is not None:
+                log(f"{self.route} · failed: {message}")
+            if os.environ.get("TWOTOWER_DEBUG") == "1":
+                traceback.print_exception(e)
+            return message
+
         def _report(self, r: Result) -> None:
             if log is not None:
                 shared = f" · batch of {r.batch} requests" if r.batch > 1 else ""
@@ -1520,7 +1575,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             try:
                 try:
                     body = json.loads(self._read_body() or b"null")
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
                     raise BadRequest("the request body is not valid JSON") from None
                 req = engine.parse(body, chat=route == "/v1/chat/completions")
                 if req.ignored and log is not None:
@@ -1543,7 +1598,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
                 if self._stream is not None:  # the stream's headers are out: no other answer can follow
                     self.close_connection = True
                 else:
-                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, _failure(e))
+                    self._error(HTTPStatus.INTERNAL_SERVER_ERROR, self._failed(e))
 
         def _write(self, data: bytes) -> None:
             """Bytes of the event stream: a chunk each (HTTP/1.1), or as they are (HTTP/1.0: the stream ends
@@ -1592,7 +1647,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
             except BadRequest as e:  # the server shutting down, or full (`run(room=True)`): the 503 not sent as such
                 send(_error_body(e.status, e.message, e.code, e.param))
             except Exception as e:  # noqa: BLE001 — the headers are sent: the error goes into the stream
-                send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, _failure(e)))
+                send(_error_body(HTTPStatus.INTERNAL_SERVER_ERROR, self._failed(e)))
             send("[DONE]")
             if self._stream:
                 self.wfile.write(b"0\r\n\r\n")  # the last chunk

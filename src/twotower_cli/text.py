@@ -424,6 +424,17 @@ def utf8_text(text: str, source: str) -> str:
     return text
 
 
+def json_text(text: str, source: str) -> str:
+    """`text` read from JSON, or a `TwoTowerError` naming `source` where it holds a lone UTF-16 surrogate (an
+    escape like "\\ud800", half of a pair): no text, and the tokenizer refuses it with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TwoTowerError(f"{source} holds a lone UTF-16 surrogate escape (\\u{ord(text[e.start]):04x}, at character "
+                            f"{e.start}), which is no text", "escape the whole pair, or write the character itself") from None
+    return text
+
+
 def read_utf8(path: Path, what: str) -> str:
     """The text of the file `what` names (a prompt file), without the byte-order mark that Windows editors put
     first (else a JSONL file's first line reads as a plain prompt), or a `TwoTowerError` where it is not UTF-8."""
@@ -486,6 +497,9 @@ def parse_prompt_lines(lines: list[str], source: str, conversations: bool = Fals
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise TwoTowerError(f"{source}:{n} is not valid JSON: {e.msg}", "one JSON object or one prompt per line") from None
+        except RecursionError:
+            raise TwoTowerError(f"{source}:{n} is not valid JSON: nested too deep",
+                                "one JSON object or one prompt per line") from None
         if isinstance(obj, dict) and "messages" in obj:
             if not conversations:
                 raise TwoTowerError(f"{source}:{n} is a conversation ('messages')", "generate it with --chat")
@@ -495,10 +509,14 @@ def parse_prompt_lines(lines: list[str], source: str, conversations: bool = Fals
                     for m in messages)):
                 raise TwoTowerError(f"{source}:{n}: 'messages' must be a non-empty list of {{role, content}} strings",
                                     'e.g. {"messages": [{"role": "user", "content": "Hi"}]}')
+            for m in messages:  # a JSON escape of half a surrogate pair ("\ud800") is no text: the tokenizer refuses it
+                json_text(m["content"], f"{source}:{n}")
             out.append(messages)
             continue
         value = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             raise TwoTowerError(f"{source}:{n} has no string 'prompt' or 'text' field", "JSONL lines need one")
-        out.append(value)
+        if not value.strip():  # it said "empty prompt", not where
+            raise TwoTowerError(f"{source}:{n} holds an empty prompt", "give each line some text to continue")
+        out.append(json_text(value, f"{source}:{n}"))
     return out

@@ -88,7 +88,7 @@ from twotower_cli.model.cache import KVCache, MambaState
 from twotower_cli.model.derived import no_reuse
 from twotower_cli.model.loading import cast_, load_state
 from twotower_cli.model.nemotron_h import NemotronHModel
-from twotower_cli.text import Tokenizer
+from twotower_cli.text import Tokenizer, json_text
 from twotower_cli.towers import TwoTower, is_twotower_checkpoint, layer_modulations
 
 TRAINER_STATE = "trainer_state.pt"
@@ -260,12 +260,14 @@ def iter_jsonl_documents(path: Path, stream: TextIO | None = None) -> Iterator[s
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TwoTowerError(f"{path}:{n} is not valid JSON: {e.msg}", one_per_line) from None
+            except RecursionError:
+                raise TwoTowerError(f"{path}:{n} is not valid JSON: nested too deep", one_per_line) from None
             if isinstance(obj, list):
                 raise TwoTowerError(f"{path}:{n} is a JSON array, not one object", one_per_line)
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise TwoTowerError(f"{path}:{n} has no string 'text' field", "each line needs one")
             if obj["text"]:
-                yield obj["text"]
+                yield json_text(obj["text"], f"{path}:{n}")  # "\ud800" alone: the tokenizer's bare TypeError
 
 
 def iter_text_ids(path: Path, tokenizer: Tokenizer, stream: TextIO | None = None) -> Iterator[list[int]]:
