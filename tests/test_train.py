@@ -1220,3 +1220,34 @@ def test_a_batch_too_large_for_host_memory_is_said_as_such(ckpt, data, tmp_path)
     assert lines[0].startswith("Error: out of host memory: tried to allocate "), lines
     assert lines[0].endswith("(hint: try a smaller --batch or --seq-len, or --gradient-checkpointing)"), lines
     assert "bug" not in lines[0] and "DefaultCPUAllocator" not in lines[0] and not out.exists()
+
+
+@pytest.mark.parametrize("which", ["data", "eval-data", "meta", "checkpoint"])
+def test_a_log_the_run_reads_is_refused_before_anything_is_written(ckpt, data, tmp_path, which):
+    """--log is appended to: given the --data file, the corpus gained the log's lines; given a file of the
+    checkpoint (config.json), the checkpoint no longer loaded after the run. Each is refused up front and
+    the file is left as it was."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    source = tmp_path / "ckpt"
+    shutil.copytree(ckpt, source)
+    args = ["--data", str(corpus)]
+    if which == "meta":
+        tokens = tmp_path / "c.npy"
+        r = CliRunner().invoke(get_app(), ["tokenize", str(source), "--data", str(corpus), "-o", str(tokens)])
+        assert r.exit_code == 0, r.output
+        args, log = ["--data", str(tokens)], T.token_file_meta(tokens)
+    elif which == "eval-data":
+        held = tmp_path / "held.txt"
+        held.write_text(TEXT)
+        args, log = [*args, "--eval-data", str(held)], held
+    else:
+        log = corpus if which == "data" else source / "config.json"
+    before = log.read_bytes()
+    out = tmp_path / "out"
+    r = CliRunner().invoke(get_app(), ["train", str(source), *args, "-o", str(out), "--log", str(log), "--block",
+                                       "4", "--seq-len", "32", "--steps", "1", "--eval-every", "0", "--device", "cpu"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: --log {log} "), r.output
+    assert ("lies inside the checkpoint" if which == "checkpoint" else "the log is appended to") in lines[0]
+    assert log.read_bytes() == before and not out.exists()

@@ -1035,6 +1035,25 @@ def _peer_lost(e: BaseException) -> bool:
 TRAIN_OUT_OF_MEMORY_HINT = "try a smaller --batch or --seq-len, or --gradient-checkpointing"
 
 
+def check_log_file(log: Path, checkpoint: str | Path | None, data: list[Path], eval_data: list[Path]) -> None:
+    """Refuse a `--log` the run reads: a --data or --eval-data file (or the .meta.json beside a .npy), or a
+    file inside the checkpoint being trained. The log is appended to, so each of those was changed: the
+    corpus then held the log's lines (and --resume refused it as other data), the checkpoint's config.json
+    no longer read as JSON. Paths are compared resolved (symlinks followed)."""
+    target = Path(log).expanduser().resolve()
+    for what, paths in (("--data", data), ("--eval-data", eval_data)):
+        for path in paths:
+            for read in (Path(path), token_file_meta(path)):
+                if read.expanduser().resolve() == target:
+                    raise TwoTowerError(f"--log {log} is {'the' if read == Path(path) else 'the .meta.json of the'} "
+                                        f"{what} file {path}: the log is appended to, so training would change "
+                                        "what it reads", "log to a file of its own, e.g. --log train.jsonl")
+    local = Path(str(checkpoint)).expanduser() if checkpoint is not None else None
+    if local is not None and local.is_dir() and local.resolve() in target.parents:
+        raise TwoTowerError(f"--log {log} lies inside the checkpoint {checkpoint}, which training reads: the log "
+                            "would change it", "log to a file outside the checkpoint, e.g. --log train.jsonl")
+
+
 def _job_error(e: BaseException, rank: int, world: int, env: Dist | None, out: Path) -> BaseException:
     """What a rank of a `torchrun` job raises for `e`, so that the job prints one `Error:` line per cause:
     rank 0 alone reports an interrupt and a check every rank makes alike; an error of one rank's own (out of

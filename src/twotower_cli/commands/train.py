@@ -131,6 +131,7 @@ def train(
         from twotower_cli.checkpoint import check_output_folder
 
         check_output_folder(out, None, inputs=[("--log file", log)])
+        T.check_log_file(log, checkpoint, [*(data or []), *more_data], list(eval_data or []))
     cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *more_data], out=out, block=block,
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
