@@ -581,6 +581,33 @@ def test_resume_refuses_a_trainer_state_of_another_version(ckpt, data, tmp_path)
         run(ckpt, data, tmp_path / "out", steps=4, resume=True)
 
 
+@pytest.mark.parametrize("content", [b"garbage\n", b"PK\x03\x04" + b"\0" * 40])
+def test_a_corrupt_trainer_state_is_one_line_without_torchs_unsafe_advice(ckpt, data, tmp_path, content):
+    """torch's error for a file it cannot load is paragraphs ending in advice to retry with weights_only=False
+    ("can result in arbitrary code execution"): the Error was six lines, with that advice. It is one line."""
+    run(ckpt, data, tmp_path / "out", steps=4, stop_after=2)
+    (tmp_path / "out" / T.TRAINER_STATE).write_bytes(content)
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"),
+                                       "--block", "4", "--seq-len", "32", "--steps", "4", "--resume"])
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: cannot read {tmp_path / 'out' / T.TRAINER_STATE}: not a trainer state torch "
+                               "can load ("), lines
+    assert lines[0].endswith("(hint: the file may be truncated or corrupt; pass --force to start over)")
+    assert "weights_only" not in lines[0]
+
+
+def test_an_error_message_of_several_lines_is_reported_on_one(monkeypatch):
+    """Whatever a message holds (an exception's text of paragraphs), the Error is one line."""
+    from twotower_cli.cli import report_error
+
+    lines = []
+    monkeypatch.setattr("twotower_cli.display.err_console", lambda: type("C", (), {
+        "print": staticmethod(lambda text, **kw: lines.append(text))})())
+    report_error(TwoTowerError("first\nsecond\n\nthird", "a\nb"))
+    assert len(lines) == 1 and "\n" not in lines[0] and "first second  third" in lines[0] and "a b" in lines[0]
+
+
 def test_resume_keeps_the_runs_noise_level_draw(ckpt, data, tmp_path):
     """--noise-per is part of the run: resuming with the other one is refused, and a state saved before the
     option existed (no `noise_per` in its settings) is a per-block run, as those runs were."""

@@ -171,7 +171,7 @@ def _root(
 def report_error(e: BaseException) -> None:
     from twotower_cli.display import err_console
 
-    msg, hint = describe(e)
+    msg, hint = (" ".join(str(part).split("\n")) if part else part for part in describe(e))  # one line, always
     line = f"[bold red]Error:[/] {_escape(msg)}"
     if hint:
         line += f" [dim](hint: {_escape(hint)})[/]"

@@ -962,8 +962,10 @@ def load_trainer_state(out: Path) -> dict[str, Any]:
                             "point -o at a folder written by `twotower train`, or pass --force to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise TwoTowerError(f"cannot read {path}: {e}", "the file may be corrupt; pass --force to start over") from None
+    except Exception as e:  # a truncated or foreign file: torch's text is paragraphs, with advice to load it
+        # unsafely (weights_only=False) that is not for a state this command wrote
+        raise TwoTowerError(f"cannot read {path}: not a trainer state torch can load ({type(e).__name__})",
+                            "the file may be truncated or corrupt; pass --force to start over") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise TwoTowerError(f"{path} is not a trainer state this version understands", "pass --force to start over")
     return state
