@@ -1466,3 +1466,25 @@ def test_a_source_without_a_tokenizer_is_warned_of(tmp_path, dry_run):
                                 "until one is put beside it (hint: copy the tokenizer files of the model it came "
                                 "from into it)"], r.stderr
             assert out.is_dir() != dry_run
+
+
+@pytest.mark.parametrize("command", ["split", "train"])
+def test_an_output_that_is_a_symbolic_link_is_refused(tmp_path, command):
+    """`-o ckpt` where ckpt → /scratch/ckpt: --force (and train --resume, which read through the link) put the
+    new output in place of the link, on the link's disk, and left the folder it pointed to stale."""
+    src = random_checkpoint(tmp_path / "src")
+    (tmp_path / "corpus.txt").write_text("w3 w4 w5 w6 " * 200)
+    real = tmp_path / "scratch"
+    real.mkdir()
+    (real / "keep.txt").write_text("x")
+    link = tmp_path / "ckpt"
+    link.symlink_to(real)
+    args = (["split", str(src), "-o", str(link)] if command == "split" else
+            ["train", "tiny", "--data", str(tmp_path / "corpus.txt"), "-o", str(link), "--steps", "1",
+             "--seq-len", "32", "--batch", "2", "--eval-every", "0"])
+    r = CliRunner().invoke(get_app(), [*args, "--force"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0] == (f"Error: the output {link} is a symbolic link (to {real}): the new output would replace the "
+                        f"link, and what it points to would stay as it was (hint: pass -o {real})"), lines
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["keep.txt"]
