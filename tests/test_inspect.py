@@ -257,16 +257,15 @@ def test_truncated_or_corrupt_header(sharded, how):
 @pytest.mark.parametrize("where", ["../elsewhere/model.safetensors", "/tmp/model.safetensors", "sub/model.safetensors"])
 def test_an_index_naming_files_outside_its_folder_is_corrupt(sharded, tmp_path, where):
     """Shards are files beside the index. One elsewhere was read as if it were here (inspect: sound) and
-    split then failed with 'No such file' on the basename; now both say the index is corrupt."""
+    split then failed with 'No such file' on the basename; now both say the index is corrupt (inspect as a
+    problem of its report)."""
     from twotower_cli.split import load_source
 
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = where
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    result = invoke(str(sharded))
-    assert result.exit_code == 1 and result.stderr.startswith("Error:"), result.output
-    assert f"places tensors in {where!r}, which is not a file of" in result.stderr.replace("\n", "")
+    assert any(f"places tensors in {where!r}, which is not a file of" in p for p in problems_of(sharded))
     with pytest.raises(TwoTowerError, match="which is not a file of"):
         load_source(sharded)
 
@@ -647,3 +646,24 @@ def test_values_skip_integer_tensors_and_what_a_truncated_file_lacks(tmp_path):
     assert got["not_float"] == ["backbone.step"]
     assert set(got["unread"]) == cut - {"backbone.step"} and cut
     assert got["tensors"] == len(spans) - 1 - len(got["unread"]) and got["nonfinite"] == {}
+
+
+@pytest.mark.parametrize(("file", "content", "problem"), [
+    ("config.json", "", "config.json is not valid JSON: "),
+    ("config.json", "{bad", "config.json is not valid JSON: "),
+    ("model.safetensors.index.json", "{bad", "model.safetensors.index.json is not valid JSON: "),
+    ("model.safetensors.index.json", "{}", "model.safetensors.index.json has no weight_map"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": "../x.safetensors"}}', "places tensors in '../x"),
+])
+def test_an_unreadable_config_or_index_is_a_problem_of_the_report(sharded, file, content, problem):
+    """These were one `Error:` line and no report: `inspect --json | jq .sound` read nothing, where a missing
+    config or a truncated shard gave the report with "sound": false. Now they are problems of the report, which
+    says what the shards beside them hold."""
+    (sharded / file).write_text(content)
+    found = problems_of(sharded)
+    assert [p for p in found if p.startswith(problem) or problem in p] == [found[0]], found
+    assert not any(p.startswith("no config.json") for p in found)
+    report = json.loads(invoke(str(sharded), "--json").stdout)
+    assert report["sound"] is False and report["tensors"] > 0
+    human = invoke(str(sharded))
+    assert human.exit_code == 1 and "✗ not sound" in human.stderr

@@ -267,32 +267,48 @@ def _read_json(path: Path) -> Any:
         raise TwoTowerError(f"cannot read {path}: {e.strerror or e}", "check the path and permissions") from None
 
 
+def _read_index(folder: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The index's weight_map and metadata, or a `TwoTowerError` saying how the index is corrupt."""
+    idx = _read_json(folder / INDEX_NAME)
+    if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+        raise TwoTowerError(f"{INDEX_NAME} has no weight_map", "the index file is corrupt")
+    index = {str(k): str(v) for k, v in idx["weight_map"].items()}
+    for file in sorted(set(index.values())):  # shards are files of this folder: not "../other/x", not "/x"
+        if Path(file).name != file or file in (".", ".."):
+            raise TwoTowerError(f"{INDEX_NAME} places tensors in {file!r}, which is not a file of {folder}",
+                                "the index file is corrupt: its weight_map names shard files beside it")
+    return index, idx.get("metadata") or {}
+
+
 def open_checkpoint(path: str | Path, strict: bool = True, file_sizes: dict[str, int] | None = None) -> Checkpoint:
     """Headers of a checkpoint folder, or of a single `.safetensors` file (its folder's config.json is used).
 
-    strict=False records a shard whose header cannot be parsed in `unreadable` (and `index_problems`)
-    instead of raising, so that `inspect` can report every problem at once. `file_sizes`: each shard's true
-    size, where the folder holds only the shards' headers (a hub repository's, `twotower_cli.remote`)."""
+    strict=False records a shard whose header cannot be parsed, and a config.json or index that cannot be read,
+    in `unreadable` (and `index_problems`) instead of raising (an unreadable index: the folder's shards are
+    read as if there were none), so that `inspect` can report every problem at once. `file_sizes`: each
+    shard's true size, where the folder holds only the shards' headers (a hub repository's, `remote`)."""
     path = Path(path)
+    unreadable: dict[str, str] = {}
+    index = None
     if path.is_file() and path.suffix == ".safetensors":
         folder, files, index, index_meta = path.parent, [path.name], None, {}
     elif path.is_dir():
         folder = path
         if (folder / INDEX_NAME).is_file():
-            idx = _read_json(folder / INDEX_NAME)
-            if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
-                raise TwoTowerError(f"{INDEX_NAME} has no weight_map", "the index file is corrupt")
-            index = {str(k): str(v) for k, v in idx["weight_map"].items()}
-            index_meta = idx.get("metadata") or {}
+            try:
+                index, index_meta = _read_index(folder)
+            except TwoTowerError as e:
+                if strict:
+                    raise
+                unreadable[INDEX_NAME] = e.message  # inspect reports it, with what the shards beside it hold
+        if index is not None:
             files = sorted(set(index.values()))
-            for file in files:  # shards are files of this folder: not "../other/model.safetensors", not "/x"
-                if Path(file).name != file or file in (".", ".."):
-                    raise TwoTowerError(f"{INDEX_NAME} places tensors in {file!r}, which is not a file of {folder}",
-                                        "the index file is corrupt: its weight_map names shard files beside it")
-        elif (folder / SINGLE_NAME).is_file():
+        elif (folder / SINGLE_NAME).is_file() and INDEX_NAME not in unreadable:
             files, index, index_meta = [SINGLE_NAME], None, {}
         else:
             found = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not found and INDEX_NAME in unreadable:
+                raise TwoTowerError(unreadable[INDEX_NAME], "the index file is corrupt, and no shards lie beside it")
             if not found:
                 raise TwoTowerError(f"no safetensors weights in {folder}",
                                     "expected model.safetensors or model.safetensors.index.json with its shards")
@@ -304,7 +320,6 @@ def open_checkpoint(path: str | Path, strict: bool = True, file_sizes: dict[str,
         raise TwoTowerError(f"{path} does not exist", "pass a checkpoint folder, a .safetensors file or a model name")
 
     shards: dict[str, ShardHeader] = {}
-    unreadable: dict[str, str] = {}
     missing = []
     tensors: dict[str, TensorInfo] = {}
     holders: dict[str, list[str]] = {}
@@ -330,7 +345,14 @@ def open_checkpoint(path: str | Path, strict: bool = True, file_sizes: dict[str,
         for name, file in index.items():
             if file in shards and name in shards[file].tensors:
                 tensors[name] = shards[file].tensors[name]
-    config_raw = _read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    config_raw = None
+    if (folder / "config.json").is_file():
+        try:
+            config_raw = _read_json(folder / "config.json")
+        except TwoTowerError as e:
+            if strict:
+                raise
+            unreadable["config.json"] = e.message  # inspect reports it (with --json too), not one Error line
     return Checkpoint(folder, files, shards, tensors, index, index_meta, missing,
                       {n: fs for n, fs in holders.items() if len(fs) > 1}, config_raw, unreadable)
 

@@ -138,7 +138,8 @@ def inspect_checkpoint(path: str | Path, file_sizes: dict[str, int] | None = Non
                      "the tensors of the other shards show as missing; inspect the folder for the whole checkpoint")
     cfg: NemotronHConfig | None = None
     if ckpt.config_raw is None:
-        problems.append(f"no config.json in {ckpt.folder}: tensor shapes cannot be checked")
+        if "config.json" not in ckpt.unreadable:  # (an unreadable one is among index_problems)
+            problems.append(f"no config.json in {ckpt.folder}: tensor shapes cannot be checked")
     else:
         try:
             cfg = NemotronHConfig.from_dict(ckpt.config_raw)
