@@ -1278,3 +1278,54 @@ def test_a_log_the_run_reads_is_refused_before_anything_is_written(ckpt, data, t
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: --log {log} "), r.output
     assert ("lies inside the checkpoint" if which == "checkpoint" else "the log is appended to") in lines[0]
     assert log.read_bytes() == before and not out.exists()
+
+
+def test_resume_refuses_other_data_of_the_same_size_and_names_what_differs(ckpt, data, tmp_path):
+    """Only the counts were compared: the corpus reversed (or another shard of the same length) resumed and
+    trained on other data, and another --eval-data of the same size made eval's before → after measure two
+    sets. A hash of evenly spaced sequences tells them apart, and the error names which data differs."""
+    r = CliRunner().invoke(get_app(), ["tokenize", str(ckpt), "--data", str(data), "-o", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    stream = np.load(tmp_path / "c.npy")
+    np.save(tmp_path / "rev.npy", stream[::-1].copy())
+    shutil.copy(T.token_file_meta(tmp_path / "c.npy"), T.token_file_meta(tmp_path / "rev.npy"))
+    np.save(tmp_path / "held.npy", stream[:200])
+    np.save(tmp_path / "held2.npy", stream[200:400])
+    for name in ("held", "held2"):
+        shutil.copy(T.token_file_meta(tmp_path / "c.npy"), T.token_file_meta(tmp_path / f"{name}.npy"))
+    out = tmp_path / "out"
+    run(ckpt, tmp_path / "c.npy", out, steps=4, stop_after=2, eval_data=[tmp_path / "held.npy"])
+    with pytest.raises(TwoTowerError, match=r"^cannot resume: the training data differs from the saved run's"):
+        run(ckpt, tmp_path / "rev.npy", out, steps=4, resume=True, eval_data=[tmp_path / "held.npy"])
+    with pytest.raises(TwoTowerError, match=r"^cannot resume: the held-out data differs from the saved run's"):
+        run(ckpt, tmp_path / "c.npy", out, steps=4, resume=True, eval_data=[tmp_path / "held2.npy"])
+    with pytest.raises(TwoTowerError) as err:  # no --eval-data: the last 5 % of --data is held out
+        run(ckpt, tmp_path / "c.npy", out, steps=4, resume=True)
+    assert err.value.message.startswith("cannot resume: the training sequences number ") and "5 %" in err.value.hint
+    assert run(ckpt, tmp_path / "c.npy", out, steps=4, resume=True, eval_data=[tmp_path / "held.npy"]).start_step == 2
+
+
+def test_resume_holds_a_state_saved_before_fingerprints_to_its_counts(ckpt, data, tmp_path):
+    out = tmp_path / "out"
+    run(ckpt, data, out, steps=4, stop_after=2)
+    state = torch.load(out / T.TRAINER_STATE, weights_only=True)
+    assert set(state["data"]) >= {"train_fingerprint", "eval_fingerprint"}
+    state["data"] = {k: v for k, v in state["data"].items() if not k.endswith("fingerprint")}
+    torch.save(state, out / T.TRAINER_STATE)
+    assert run(ckpt, data, out, steps=4, resume=True).start_step == 2
+
+
+def test_resume_says_the_checkpoint_given_is_not_read_and_keeps_the_runs_source(ckpt, data, tmp_path):
+    """--resume continues OUT; the CKPT given was ignored without a word (a path that does not exist, or a plain
+    NemotronH checkpoint train would refuse), and the record then named it as the run's source."""
+    out = tmp_path / "out"
+    args = ["--data", str(data), "-o", str(out), "--block", "4", "--seq-len", "32", "--batch", "4", "--steps", "4",
+            "--eval-every", "0", "--device", "cpu"]
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), *args, "--stop-after", "2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(get_app(), ["train", str(tmp_path / "nowhere"), *args, "--resume"])
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert warnings == [f"Warning: resuming {out}, trained from {ckpt}: the checkpoint given, {tmp_path / 'nowhere'}, "
+                        f"is not read (hint: the run goes on from {out}'s own weights)"], r.stderr
+    assert torch.load(out / T.TRAINER_STATE, weights_only=True)["settings"]["source"] == str(ckpt)

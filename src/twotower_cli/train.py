@@ -166,6 +166,23 @@ class Sequences:
         return torch.from_numpy(out)
 
 
+FINGERPRINT_ROWS = 64  # sequences hashed (evenly spaced, first and last among them) to tell two data streams apart
+
+
+def fingerprint(rows: Sequences | Tensor) -> str:
+    """A hash of `FINGERPRINT_ROWS` evenly spaced sequences of `rows` and of their count: resuming on other data
+    of the same size (a shuffled or reversed corpus, another shard) was taken, as only the counts were compared.
+    A few MB read whatever the corpus's size."""
+    import hashlib
+
+    n = len(rows)
+    picked = torch.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).round().long().unique() if n else torch.zeros(0).long()
+    h = hashlib.sha256(str(n).encode())
+    if n:
+        h.update(rows[picked].numpy().astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class TokenData:
     train: Sequences  # [N, seq_len] when indexed
@@ -1037,6 +1054,21 @@ def _peer_lost(e: BaseException) -> bool:
 TRAIN_OUT_OF_MEMORY_HINT = "try a smaller --batch or --seq-len, or --gradient-checkpointing"
 
 
+def _check_same_data(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to resume on data other than the saved run's, naming what differs (train or held-out data, as
+    counts or as content) with both values. A state saved before fingerprints were recorded is held to the
+    counts it has."""
+    for key, what in (("train_sequences", "training sequences"), ("tokens", "tokens of the data"),
+                      ("train_fingerprint", "training data"), ("eval_sequences", "held-out sequences"),
+                      ("eval_fingerprint", "held-out data")):
+        if key in saved and saved[key] != now[key]:
+            said = ("differs from the saved run's (as many sequences, other tokens)" if key.endswith("fingerprint")
+                    else f"number {now[key]:,}, the saved run's {saved[key]:,}")
+            raise TwoTowerError(f"cannot resume: the {what} {said}",
+                                "resume with the saved run's --data and --eval-data files (without --eval-data the "
+                                "last 5 % of --data is held out), or --force to start over")
+
+
 def check_log_file(log: Path, checkpoint: str | Path | None, data: list[Path], eval_data: list[Path]) -> None:
     """Refuse a `--log` the run reads: a --data or --eval-data file (or the .meta.json beside a .npy), or a
     file inside the checkpoint being trained. The log is appended to, so each of those was changed: the
@@ -1184,16 +1216,20 @@ def _train(cfg: TrainConfig, env: Dist, source_folder: Path, mcfg: NemotronHConf
                 "seed": cfg.seed, "train": cfg.train, "world_size": env.world, "fsdp": cfg.fsdp, "lr": cfg.lr,
                 "steps": cfg.steps, "warmup": cfg.warmup_steps, "source": str(cfg.checkpoint),
                 "compute_dtype": cfg.compute_dtype, "noise_per": cfg.noise_per}
-    data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens}
+    data_sizes = {"train_sequences": len(data.train), "eval_sequences": len(data.eval), "tokens": data.tokens,
+                  "train_fingerprint": fingerprint(data.train), "eval_fingerprint": fingerprint(data.eval)}
     if state is not None:
         for key in RESUME_KEYS:
             saved = state["settings"].get(key, RESUME_DEFAULTS.get(key))
             if saved != settings[key]:
                 raise TwoTowerError(f"cannot resume: {key} is {settings[key]} but the saved run used {saved}",
                                     "resume with the same settings, or --force")
-        if state["data"] != data_sizes:
-            raise TwoTowerError(f"cannot resume: the data differs from the saved run's ({state['data']})",
-                                "resume with the same --data files, or --force")
+        _check_same_data(state["data"], data_sizes)
+        saved_source = state["settings"].get("source")
+        if saved_source is not None and saved_source != settings["source"]:  # OUT is what resumes, not CKPT
+            emit(Warned(f"resuming {cfg.out}, trained from {saved_source}: the checkpoint given, {cfg.checkpoint}, "
+                        "is not read", f"the run goes on from {cfg.out}'s own weights"))
+            settings["source"] = saved_source  # the record keeps the run's source
     # From here on an error may be this rank's own (`_job_error`), a TwoTowerError too: the load's memory
     # check looks at this rank's GPU, which another job may fill on one rank only.
     env.training = True
