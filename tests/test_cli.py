@@ -245,3 +245,16 @@ def test_train_option_errors_say_what_to_do(tmp_path, args, hint):
     lines = r.stderr.splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].endswith(f"(hint: {hint})"), r.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("args", "suggested"), [
+    (["generate", "hi", "--temp", "0.5"], "--temperature"),  # offered --steps, --stop, --system
+    (["generate", "hi", "--max", "3"], "--max-new-tokens"),
+    (["train", "--grad", "2"], "--grad-accum, --gradient-checkpointing"),
+    (["generate", "hi", "--temprature", "0.5"], "--temperature"),  # a typo: click's own suggestion, as before
+])
+def test_an_unknown_option_that_begins_a_real_one_suggests_it(args, suggested):
+    r = runner.invoke(get_app(), args)
+    lines = r.stderr.splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert f"(Possible options: {suggested})" in lines[0], lines

@@ -45,6 +45,8 @@ class _Commands(TyperGroup):
             sys.exit(e.exit_code)
         except _click.exceptions.ClickException as e:
             ctx = getattr(e, "ctx", None)
+            if isinstance(e, _click.exceptions.NoSuchOption) and ctx is not None:
+                e.possibilities = completions(e.option_name, ctx) or e.possibilities
             path = ctx.command_path if ctx is not None else self._path(args, prog_name)
             report_error(TwoTowerError(e.format_message(), f"{path} -h lists its arguments and options"))
             sys.exit(1)
@@ -71,6 +73,15 @@ class _Commands(TyperGroup):
         prog = prog_name or "twotower"
         name = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)
         return f"{prog} {name}" if name in self.commands else prog
+
+
+def completions(name: str, ctx) -> list[str]:  # noqa: ANN001
+    """The command's long options that begin with `name` (`--temp` → --temperature): click suggests by edit
+    distance alone, which offered --steps, --stop and --system for --temp."""
+    if not name.startswith("--") or len(name) < 4:
+        return []
+    names = {o for p in ctx.command.get_params(ctx) for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
+    return sorted(o for o in names if o.startswith(name) and o != name)
 
 
 def valueless_flags(params: list, ctx=None) -> list:  # noqa: ANN001
