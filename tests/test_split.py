@@ -1488,3 +1488,29 @@ def test_an_output_that_is_a_symbolic_link_is_refused(tmp_path, command):
     assert lines[0] == (f"Error: the output {link} is a symbolic link (to {real}): the new output would replace the "
                         f"link, and what it points to would stay as it was (hint: pass -o {real})"), lines
     assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize(("mask", "warned"), [(2, "end token (eos_token_id)"), (1, "beginning token (bos_token_id)"),
+                                              (0, "padding token (pad_token_id)"), (3, None)])
+def test_a_mask_id_that_is_a_special_token_is_warned_of(mask, warned):
+    """`--mask-token-id 2` (tiny-base's </s>) split without a word: a denoiser trained on it fills blocks with
+    the end token. A Warning names the clash; the split still runs (the id is the user's to choose)."""
+    r = CliRunner().invoke(get_app(), ["split", "tiny-base", "-o", "never-written", "--mask-token-id", str(mask),
+                                       "--dry-run"])
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    if warned is None:
+        assert warnings == [], warnings
+    else:
+        assert warnings == [f"Warning: --mask-token-id {mask} is the model's {warned}: the denoiser would treat that "
+                            "token as a mask (hint: use an id the model keeps for masks (Nemotron's <mask> is 3))"]
+
+
+def test_split_takes_the_dtype_spellings_the_other_commands_take(tmp_path):
+    """`split --dtype float16` was "unknown --dtype" where train, eval and generate take float16 and bfloat16."""
+    src = random_checkpoint(tmp_path / "src")
+    from twotower_cli.split import load_source, plan_split
+
+    for alias, short in (("float16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32")):
+        a, b = plan_split(*load_source(src), dtype=alias), plan_split(*load_source(src), dtype=short)
+        assert a.dtype == short and a.config == b.config and a.total_bytes == b.total_bytes

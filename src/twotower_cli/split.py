@@ -72,6 +72,7 @@ BUFFER_BYTES = 16 * 1024 * 1024  # bytes through Python at once (convert, genera
 INIT_STD = 0.02  # t_embedder weights (DiT's init); biases start at 0
 INIT_SEED = 0
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 MODEL_NAMESPACE = ("backbone.", "model.", "lm_head.")  # source keys that are part of the model's computation
@@ -335,6 +336,7 @@ def _out_dtype(src_dtype: str, target: str | None, name: str) -> str:
 def plan_split(ckpt: Checkpoint, cfg: NemotronHConfig, max_shard_size: int | str = "5GB", dtype: str = "keep",
                mask_token_id: int = 3, block_size: int = 16, source_name: str = "") -> SplitPlan:
     """The whole split as data; raises TwoTowerError if the source cannot make a sound TwoTower checkpoint."""
+    dtype = DTYPE_ALIASES.get(dtype, dtype)  # the spellings train, eval and generate take
     if dtype not in DTYPE_CHOICES:
         raise TwoTowerError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPE_CHOICES)}")
     if block_size < 1:

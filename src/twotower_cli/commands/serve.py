@@ -73,7 +73,7 @@ def serve(
         raise TwoTowerError("--api-key is empty, which would leave the server open to any client",
                             "give the key, or leave --api-key out for a server without one")
     if not 0 <= port <= 65535:
-        raise TwoTowerError(f"port {port} is not a port number", "use 1..65535, e.g. --port 8080")
+        raise TwoTowerError(f"port {port} is not a port number", "use 0..65535 (0: any free port), e.g. --port 8080")
     origins = [_origin(o) for o in allowed_origin or []]
     variables = parse_template_args(chat_arg or [])
     if taken := template_variables_taken(variables):

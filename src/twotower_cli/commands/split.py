@@ -72,6 +72,7 @@ def split(
                       f"{'the real run first downloads' if dry_run else 'downloading'} {_gb(download)} of weights "
                       "into the Hugging Face cache[/]")
     _space_warning([(plan.total_bytes, out, f"writes {_gb(plan.total_bytes)} beside {out}"), *needs])
+    _mask_warning(plan.config)
     if "tokenizer.json" not in plan.aux_files:  # the split output is sound, but generate stops at its first prompt
         from twotower_cli.cli import report_warning
 
@@ -92,6 +93,20 @@ def split(
         result = execute(plan, out, force=force, verify=verify, on_bytes=lambda n: progress.advance(task, n),
                          on_phase=lambda name: progress.update(task, description=phases[name]))
     _print_summary(plan, result, time.perf_counter() - start, console)
+
+
+def _mask_warning(config: dict) -> None:
+    """A `Warning:` when the mask id is one of the ids that end, begin or pad text (`--mask-token-id 2`: Nemotron's
+    </s>): the denoiser would learn to fill blocks with that token, and generation would read it as the end."""
+    from twotower_cli.cli import report_warning
+
+    mask = (config.get("twotower") or {}).get("mask_token_id")
+    for key, what in (("eos_token_id", "end"), ("bos_token_id", "beginning"), ("pad_token_id", "padding")):
+        ids = config.get(key)
+        if mask is not None and mask in (ids if isinstance(ids, list) else [ids]):
+            report_warning(f"--mask-token-id {mask} is the model's {what} token ({key}): the denoiser would treat "
+                           "that token as a mask", "use an id the model keeps for masks (Nemotron's <mask> is 3)")
+            return
 
 
 def _space_warning(needs: list[tuple[int, Path, str]]) -> None:
