@@ -208,3 +208,15 @@ def test_a_checkpoint_named_first_as_train_takes_it_points_at_m(folder, data):
         "`twotower eval -m CKPT --data FILE`)"], r.output
     r = invoke("-m", str(folder), "--data", str(data), "other.txt")  # with -m: a data file that is not there
     assert r.exit_code == 1 and "data file other.txt does not exist (hint: check the --data paths" in r.stderr
+
+
+def test_options_of_the_diffusion_measure_on_a_plain_checkpoint_are_warned_of(tmp_path, data):
+    """On a plain NemotronH checkpoint only the AR measure runs: --block was refused, --noise-per and --seed
+    were taken without a word (and --json reported the seed as if it had been used)."""
+    base = write_base(tmp_path / "base", random_base(tiny_cfg(), 1))
+    r = invoke("--model", str(base), "--data", str(data), "--noise-per", "block", "--seed", "5")
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert warnings == [f"Warning: --{o}: no effect on base, a plain NemotronH checkpoint: eval gives the AR measure "
+                        "only (hint: leave it out)" for o in ("noise-per", "seed")], r.stderr
+    assert "Warning" not in invoke("--model", str(base), "--data", str(data)).stderr

@@ -214,12 +214,26 @@ def test_a_gpu_index_beyond_the_machines_gpus_is_one_error_naming_how_many(twoto
     monkeypatch.setattr(towers, "load_state", lambda *a, **k: read.append(1))
     r = CliRunner().invoke(get_app(), [*command, "--model", str(twotower_folder), option, "cuda:3", "-n", "2"])
     gpus = "1 GPU" if count == 1 else "2 GPUs"
-    hint = "use --device cuda (cuda:0)" if count == 1 else "use cuda:0 to cuda:1"
+    hint = f"use {option} cuda (cuda:0)" if count == 1 else "use cuda:0 to cuda:1"  # the option it came from
     assert r.exit_code == 1 and r.stderr.strip() == (
-        f"Error: device cuda:3 asked for but this machine has {gpus} (hint: {hint})"), r.output
+        f"Error: {option} cuda:3 asked for but this machine has {gpus} (hint: {hint})"), r.output
     assert not read
     assert pick_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)  # the last one is there
     assert pick_device("cuda") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("option", ["--device", "--context-device", "--denoiser-device"])
+def test_cuda_asked_for_without_cuda_names_the_option_that_asked(twotower_folder, monkeypatch, option):
+    """`eval --context-device cuda --denoiser-device cpu` on a machine without CUDA hinted "use --device cpu",
+    an option that was not the one at fault."""
+    from typer.testing import CliRunner
+
+    from twotower_cli.cli import get_app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(get_app(), ["generate", "hi", "--model", str(twotower_folder), option, "cuda", "-n", "2"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        f"Error: {option} cuda asked for but CUDA is not available (hint: use {option} cpu)"), r.output
 
 
 @pytest.mark.parametrize(("option", "device", "needle"), [

@@ -1329,3 +1329,29 @@ def test_resume_says_the_checkpoint_given_is_not_read_and_keeps_the_runs_source(
     assert warnings == [f"Warning: resuming {out}, trained from {ckpt}: the checkpoint given, {tmp_path / 'nowhere'}, "
                         f"is not read (hint: the run goes on from {out}'s own weights)"], r.stderr
     assert torch.load(out / T.TRAINER_STATE, weights_only=True)["settings"]["source"] == str(ckpt)
+
+
+@pytest.mark.parametrize(("command", "first", "model"), [
+    ("train", "tiny", "tiny"), ("tokenize", "tiny", "tiny-base"), ("train", "{ckpt}", "tiny")])
+def test_a_checkpoint_given_twice_is_said_as_such(ckpt, data, tmp_path, command, first, model):
+    """`train tiny -m tiny`: with -m, the first argument is read as a data file, and the error was "data file tiny
+    does not exist (hint: check the --data paths)"."""
+    out = tmp_path / ("o.npy" if command == "tokenize" else "o")
+    first = first.format(ckpt=ckpt)
+    r = CliRunner().invoke(get_app(), [command, first, "-m", model, "--data", str(data), "-o", str(out)])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"Error: two checkpoints given: {first} and -m {model} (hint: give it once"), lines
+    assert not out.exists()
+
+
+def test_eval_data_that_is_also_data_is_warned_of(ckpt, data, tmp_path):
+    """The held-out measure of a file the run trains on says nothing about generalisation: it ran without a word."""
+    r = CliRunner().invoke(get_app(), ["train", str(ckpt), "--data", str(data), "--eval-data", str(data), "-o",
+                                       str(tmp_path / "o"), "--block", "4", "--seq-len", "32", "--steps", "1",
+                                       "--eval-every", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("Warning:")]
+    assert warnings == [f"Warning: --eval-data {data} is also --data: the eval loss measures text the run trains on "
+                        "(hint: hold out a file of its own, or leave out --eval-data (the last 5 % of --data is held "
+                        "out))"], r.stderr

@@ -25,7 +25,9 @@ DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16":
 DEFAULT_MODEL = "tiny"
 
 
-def pick_device(device: str | None) -> torch.device:
+def pick_device(device: str | None, flag: str = "--device") -> torch.device:
+    """The torch device `device` names (None or "auto": a GPU where there is one), or a `TwoTowerError` whose
+    hint names `flag`, the option it came from."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -33,15 +35,15 @@ def pick_device(device: str | None) -> torch.device:
     except RuntimeError:
         raise TwoTowerError(f"unknown device {device!r}", "use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):  # else a load error that blames the checkpoint file
-        hint = ("Apple GPUs lack the float64 the MoE router runs in; use --device cpu" if dev.type == "mps"
+        hint = (f"Apple GPUs lack the float64 the MoE router runs in; use {flag} cpu" if dev.type == "mps"
                 else "use cpu, cuda or cuda:N")
         raise TwoTowerError(f"device {device}: twotower runs on CPUs and CUDA GPUs", hint)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TwoTowerError(f"device {device} asked for but CUDA is not available", "use --device cpu")
+        raise TwoTowerError(f"{flag} {device} asked for but CUDA is not available", f"use {flag} cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
         gpus = f"{count} GPU{'s' * (count != 1)}"
-        raise TwoTowerError(f"device {device} asked for but this machine has {gpus}",
-                            "use --device cuda (cuda:0)" if count == 1 else f"use cuda:0 to cuda:{count - 1}")
+        raise TwoTowerError(f"{flag} {device} asked for but this machine has {gpus}",
+                            f"use {flag} cuda (cuda:0)" if count == 1 else f"use cuda:0 to cuda:{count - 1}")
     return dev
 
 
@@ -50,8 +52,8 @@ def placement(device: str | None, context_device: str | None = None,
     """(the device, the context tower's, the denoiser's) from the commands' --device, --context-device and
     --denoiser-device: a tower without its own device goes on --device."""
     dev = pick_device(device)
-    return (dev, pick_device(context_device) if context_device else dev,
-            pick_device(denoiser_device) if denoiser_device else dev)
+    return (dev, pick_device(context_device, "--context-device") if context_device else dev,
+            pick_device(denoiser_device, "--denoiser-device") if denoiser_device else dev)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

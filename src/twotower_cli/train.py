@@ -1069,6 +1069,14 @@ def _check_same_data(saved: dict[str, Any], now: dict[str, Any]) -> None:
                                 "last 5 % of --data is held out), or --force to start over")
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (symlinks followed; False where either is missing)."""
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve() and Path(a).exists()
+    except OSError:
+        return False
+
+
 def check_log_file(log: Path, checkpoint: str | Path | None, data: list[Path], eval_data: list[Path]) -> None:
     """Refuse a `--log` the run reads: a --data or --eval-data file (or the .meta.json beside a .npy), or a
     file inside the checkpoint being trained. The log is appended to, so each of those was changed: the

@@ -54,6 +54,14 @@ def eval_(
                      noise_per=noise_per, device=device, dtype=dtype, context_device=context_device,
                      denoiser_device=denoiser_device,
                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if r.diffusion_loss is None:  # a plain NemotronH checkpoint: the masked-diffusion measure, which these shape,
+        from twotower_cli.cli import (
+            report_warning,  # did not run (--block is refused there: it names a denoiser)
+        )
+
+        for name in sorted(O.given("noise_per", "seed")):
+            report_warning(f"--{name.replace('_', '-')}: no effect on {Path(r.model).name}, a plain NemotronH "
+                           "checkpoint: eval gives the AR measure only", "leave it out")
     if as_json:
         print(json.dumps(r.to_json()))
         return

@@ -54,6 +54,13 @@ def checkpoint_first(checkpoint: str | None, model: str | None, more_data: list[
 
     more = list(more_data or [])
     if model is not None:
+        from twotower_cli.hub import ALIASES, EMBEDDED
+
+        named = checkpoint is not None and not Path(checkpoint).expanduser().exists() and checkpoint in {**ALIASES, **EMBEDDED}
+        if checkpoint is not None and (checkpoint == model or named or Path(checkpoint).expanduser().is_dir()):
+            # `train tiny -m tiny`: the first argument is a data file when -m is given ("data file tiny does not exist")
+            raise TwoTowerError(f"two checkpoints given: {checkpoint} and -m {model}",
+                                f"give it once, as in `twotower {command} CKPT --data FILE` or with -m CKPT")
         return model, [Path(checkpoint), *more] if checkpoint is not None else more
     if checkpoint is None:
         raise TwoTowerError("no checkpoint given",

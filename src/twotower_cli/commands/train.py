@@ -132,6 +132,12 @@ def train(
 
         check_output_folder(out, None, inputs=[("--log file", log)])
         T.check_log_file(log, checkpoint, [*(data or []), *more_data], list(eval_data or []))
+    both = sorted({str(p) for p in eval_data or [] if any(T.same_file(p, d) for d in [*(data or []), *more_data])})
+    if both:  # the held-out measure would be of text the run trains on
+        from twotower_cli.cli import report_warning
+
+        report_warning(f"--eval-data {', '.join(both)} is also --data: the eval loss measures text the run trains on",
+                       "hold out a file of its own, or leave out --eval-data (the last 5 % of --data is held out)")
     cfg = T.TrainConfig(checkpoint=checkpoint, data=[*(data or []), *more_data], out=out, block=block,
                         seq_len=seq_len, batch=batch, grad_accum=grad_accum, lr=lr, steps=steps, warmup=warmup,
                         seed=seed, eval_every=eval_every, save_every=save_every, resume=resume, force=force,
