@@ -1355,3 +1355,16 @@ def test_eval_data_that_is_also_data_is_warned_of(ckpt, data, tmp_path):
     assert warnings == [f"Warning: --eval-data {data} is also --data: the eval loss measures text the run trains on "
                         "(hint: hold out a file of its own, or leave out --eval-data (the last 5 % of --data is held "
                         "out))"], r.stderr
+
+
+def test_resuming_a_finished_run_says_there_was_nothing_to_do(ckpt, data, tmp_path):
+    """Its summary said "saved OUT" though no step ran and nothing was written."""
+    out = tmp_path / "out"
+    args = ["train", str(ckpt), "--data", str(data), "-o", str(out), "--block", "4", "--seq-len", "32", "--steps", "2",
+            "--eval-every", "0", "--device", "cpu"]
+    assert CliRunner().invoke(get_app(), args).exit_code == 0
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    r = CliRunner().invoke(get_app(), [*args, "--resume"])
+    said = " ".join(r.stderr.split())
+    assert r.exit_code == 0 and f"nothing to do: {out} holds step 2 of 2 (raise --steps to train on)" in said, said
+    assert "saved" not in said and (out / "model.safetensors").stat().st_mtime_ns == written

@@ -162,7 +162,9 @@ def train(
     err_console().print(  # tok/s: this invocation's tokens over its time in optimizer steps (TrainResult)
         f"[dim]steps {result.start_step}→{result.steps} · {result.tokens:,} tokens in {result.train_seconds:.1f} s of "
         f"steps: {result.tokens_per_second:,.0f} tok/s · loss {first} → {final} · eval {before} → {after} · "
-        f"{result.seconds:.1f} s in all · saved {result.out}[/]"
+        f"{result.seconds:.1f} s in all · "
+        + (f"saved {result.out}[/]" if result.steps > result.start_step else  # a finished run, resumed: no step ran
+           f"nothing to do: {result.out} holds step {result.steps} of {result.steps} (raise --steps to train on)[/]")
         + (f" [yellow]· {count(result.skipped_steps, 'step')} skipped (loss or gradients not finite)[/]"
            if result.skipped_steps else ""))
     if as_json:
