@@ -258,3 +258,16 @@ def test_an_unknown_option_that_begins_a_real_one_suggests_it(args, suggested):
     lines = r.stderr.splitlines()
     assert r.exit_code == 1 and len(lines) == 1, r.output
     assert f"(Possible options: {suggested})" in lines[0], lines
+
+
+def test_a_permission_error_hints_at_permissions_not_disk_space(monkeypatch):
+    """A folder that cannot be searched made every path under it "Permission denied" (a file that is not even
+    there, such as the index), with the hint "check paths, permissions and free disk space"."""
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/ckpt/model.safetensors.index.json")
+
+    monkeypatch.setattr("twotower_cli.runtime.open_runtime", denied)
+    r = runner.invoke(get_app(), ["generate", "hello", "--no-live"])
+    assert r.exit_code == 1 and r.stderr.strip() == (
+        "Error: Permission denied: /data/ckpt/model.safetensors.index.json (hint: check the permissions of that path "
+        "and of the folders above it)"), r.stderr

@@ -114,6 +114,9 @@ def describe(e: BaseException) -> tuple[str, str | None]:
         return host, HOST_MEMORY_HINT
     if (oom := device_out_of_memory(e)) is not None:
         return oom, OUT_OF_DEVICE_MEMORY_HINT
+    if isinstance(e, PermissionError):  # (the path may not exist: a folder above it that cannot be searched)
+        return (f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""),
+                "check the permissions of that path and of the folders above it")
     if isinstance(e, OSError):
         return (f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else ""),
                 "check paths, permissions and free disk space")
