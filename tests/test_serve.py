@@ -349,6 +349,10 @@ def test_cli_serve_in_ar_is_not_refused_over_steps_it_does_not_use(folder, monke
     ("/v1/chat/completions", {"messages": "hi"}, 400, "'messages'", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "roles must alternate", None),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "has no 'content'", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "a text part needs a string 'text'", "messages"),  # was read as empty text
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
+     "a text part needs a string 'text'", "messages"),  # was read as "3"
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "needs 'logprobs'", "top_logprobs"),
     ("/v1/nope", {}, 404, "no route", None),

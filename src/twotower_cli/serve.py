@@ -335,7 +335,10 @@ def _text_of(content) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         if any(p.get("type") != "text" for p in content):
             raise BadRequest("only text message parts are supported", param="messages")
-        return "".join(str(p.get("text", "")) for p in content)
+        if not all(isinstance(p.get("text"), str) for p in content):  # it read a missing one as "", 3 as "3"
+            raise BadRequest("a text part needs a string 'text', as in {\"type\": \"text\", \"text\": \"Hi\"}",
+                             param="messages")
+        return "".join(p["text"] for p in content)
     raise BadRequest("a message's 'content' must be a string or a list of text parts", param="messages")
 
 
