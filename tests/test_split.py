@@ -1428,22 +1428,28 @@ def test_a_disk_too_small_for_the_output_is_said_before_the_copy(tmp_path, monke
     assert "Warning: split writes" in invoke(str(src), "-o", str(out), "--force", "--dry-run").stderr
 
 
-@pytest.mark.parametrize("command", ["split", "train"])
-def test_an_output_that_is_a_file_is_refused_even_with_force(tmp_path, command):
-    """`split SRC -o notes.txt --force` deleted notes.txt and wrote a checkpoint folder by its name (train too):
-    --force replaces an earlier output folder, not a file that happens to sit at -o."""
+def _one_error_writing_to(out: Path, tmp_path: Path, command: str) -> str:
+    """`split` (of a random checkpoint) or `train` (of tiny) with `-o out --force`: its one Error line."""
     src = random_checkpoint(tmp_path / "src")
     (tmp_path / "corpus.txt").write_text("w3 w4 w5 w6 " * 200)
-    target = tmp_path / "notes.txt"
-    target.write_text("my notes\n")
-    args = (["split", str(src), "-o", str(target)] if command == "split" else
-            ["train", "tiny", "--data", str(tmp_path / "corpus.txt"), "-o", str(target), "--steps", "1",
+    args = (["split", str(src), "-o", str(out)] if command == "split" else
+            ["train", "tiny", "--data", str(tmp_path / "corpus.txt"), "-o", str(out), "--steps", "1",
              "--seq-len", "32", "--batch", "2", "--eval-every", "0"])
     r = CliRunner().invoke(get_app(), [*args, "--force"])
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert lines[0] == (f"Error: the output {target} is a file, not a folder: the output is a checkpoint folder, and "
-                        "--force replaces only an earlier output folder (hint: choose another -o)"), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["split", "train"])
+def test_an_output_that_is_a_file_is_refused_even_with_force(tmp_path, command):
+    """`split SRC -o notes.txt --force` deleted notes.txt and wrote a checkpoint folder by its name (train too):
+    --force replaces an earlier output folder, not a file that happens to sit at -o."""
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes\n")
+    assert _one_error_writing_to(target, tmp_path, command) == (
+        f"Error: the output {target} is a file, not a folder: the output is a checkpoint folder, and --force "
+        "replaces only an earlier output folder (hint: choose another -o)")
     assert target.read_text() == "my notes\n" and sorted(p.name for p in tmp_path.iterdir()) == [
         "corpus.txt", "notes.txt", "src"]
 
@@ -1472,21 +1478,14 @@ def test_a_source_without_a_tokenizer_is_warned_of(tmp_path, dry_run):
 def test_an_output_that_is_a_symbolic_link_is_refused(tmp_path, command):
     """`-o ckpt` where ckpt → /scratch/ckpt: --force (and train --resume, which read through the link) put the
     new output in place of the link, on the link's disk, and left the folder it pointed to stale."""
-    src = random_checkpoint(tmp_path / "src")
-    (tmp_path / "corpus.txt").write_text("w3 w4 w5 w6 " * 200)
     real = tmp_path / "scratch"
     real.mkdir()
     (real / "keep.txt").write_text("x")
     link = tmp_path / "ckpt"
     link.symlink_to(real)
-    args = (["split", str(src), "-o", str(link)] if command == "split" else
-            ["train", "tiny", "--data", str(tmp_path / "corpus.txt"), "-o", str(link), "--steps", "1",
-             "--seq-len", "32", "--batch", "2", "--eval-every", "0"])
-    r = CliRunner().invoke(get_app(), [*args, "--force"])
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert lines[0] == (f"Error: the output {link} is a symbolic link (to {real}): the new output would replace the "
-                        f"link, and what it points to would stay as it was (hint: pass -o {real})"), lines
+    assert _one_error_writing_to(link, tmp_path, command) == (
+        f"Error: the output {link} is a symbolic link (to {real}): the new output would replace the link, and what "
+        f"it points to would stay as it was (hint: pass -o {real})")
     assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["keep.txt"]
 
 
