@@ -2660,3 +2660,27 @@ def test_a_page_of_another_origin_cannot_make_the_model_run(folder, model, conte
     with serving(engine, allowed_origins=["http://evil.example"]) as base:
         assert send(base)[0] == 200
     engine.close()
+
+
+def test_two_sigterms_in_quick_succession_stop_the_server_cleanly(folder):
+    """`timeout` (and `kill` of a process group) delivers SIGTERM twice within milliseconds: the second cut the
+    first one's shutdown short ("stopped" then "Error: interrupted", exit 1) or, once the default handler was
+    back, killed the server on its way out (exit 143). After the first, later ones are ignored."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    for gap in (0.0, 0.02):
+        proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--model", str(folder), "--port", "0"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+        try:
+            assert "/v1" in proc.stderr.readline()  # listening
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(gap)
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.communicate(timeout=60)[1]
+        finally:
+            proc.kill()
+        assert proc.returncode == 0 and "stopped" in rest and "Error" not in rest, (gap, proc.returncode, rest)

@@ -239,8 +239,18 @@ def _term_as_interrupt() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a batch scheduler, a container stopping) ends a command as Ctrl-C does: a
     KeyboardInterrupt in the main thread, so that what it writes is cleaned up (split's and tokenize's
     temporary folders), train says which step its output holds, and serve answers its open requests and
-    stops its model's thread; by default SIGTERM ends the process at once and leaves partial output behind."""
+    stops its model's thread; by default SIGTERM ends the process at once and leaves partial output behind.
+
+    Once one has arrived, later ones are ignored: `timeout` (and a process group's `kill`) delivers two in quick
+    succession, and the second cut the first one's cleanup short (serve: "Error: interrupted" after "stopped",
+    or killed by the signal, 143), or, once the default was back, killed the process on its way out. The real
+    command line (`main`) keeps ignoring them until it exits; a command run in-process (tests) gets the
+    previous handler back."""
+    received = []
+
     def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the next one must not interrupt the cleanup
         raise Terminated
 
     try:
@@ -251,7 +261,7 @@ def _term_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if received and _EXITS_AFTER else previous)
 
 
 def get_app() -> typer.Typer:
@@ -261,6 +271,11 @@ def get_app() -> typer.Typer:
     return app
 
 
+_EXITS_AFTER = False  # set by `main`: the process ends with the command (its signal handling may stay changed)
+
+
 def main() -> None:
     """Console-script entry point."""
+    global _EXITS_AFTER
+    _EXITS_AFTER = True
     get_app()(prog_name="twotower")

@@ -125,10 +125,10 @@ def serve(
                        "pass --api-key KEY (or set TWOTOWER_API_KEY)")
     if origins:
         chat_note += " · CORS: " + ", ".join(origins)
-    console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
-                  f"[bold]{base_url(server)}/v1[/] · context {engine.max_model_len} tokens · {chat_note} · Ctrl-C stops",
-                  highlight=False)
-    try:
+    try:  # the line first: a signal sent as soon as it is read may arrive while it is still being printed
+        console.print(f"serving [bold]{name}[/] ({mode}, block {defaults.block_size}) on "
+                      f"[bold]{base_url(server)}/v1[/] · context {engine.max_model_len} tokens · {chat_note} · "
+                      "Ctrl-C stops", highlight=False)
         server.serve_forever()
     except KeyboardInterrupt:
         console.print("[dim]stopped[/]")
