@@ -266,3 +266,13 @@ def test_a_gated_repository_says_so(tmp_path, monkeypatch):
         hub.resolve("org/model")
     assert e.value.message == "org/model is gated on the Hugging Face hub and this account may not read it"
     assert "hf auth login" in e.value.hint
+
+
+@pytest.mark.parametrize("name", ["tiny@main", "tiny-base@v1", "TINY@main"])
+def test_an_embedded_model_with_a_revision_says_it_has_none(name):
+    """`-m tiny@main` said "'tiny@main' is not a local path, a known model name or a hub repo id", though tiny is a
+    known name: the embedded models have no revisions."""
+    with pytest.raises(TwoTowerError) as err:
+        hub.resolve(name)
+    assert err.value.message == f"{name!r}: the embedded model {name.split('@')[0]!r} has no revisions"
+    assert err.value.hint == f"leave out the @…: -m {name.split('@')[0]}"

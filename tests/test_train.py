@@ -27,7 +27,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tests.twotower_helpers import fed_through_a_pipe, random_base, tiny_cfg, write_base, write_twotower
+from tests.twotower_helpers import (
+    fed_through_a_pipe,
+    random_base,
+    tiny_cfg,
+    with_nan,
+    write_base,
+    write_twotower,
+)
 from typer.testing import CliRunner
 
 from twotower_cli import train as T
@@ -1368,3 +1375,14 @@ def test_resuming_a_finished_run_says_there_was_nothing_to_do(ckpt, data, tmp_pa
     said = " ".join(r.stderr.split())
     assert r.exit_code == 0 and f"nothing to do: {out} holds step 2 of 2 (raise --steps to train on)" in said, said
     assert "saved" not in said and (out / "model.safetensors").stat().st_mtime_ns == written
+
+
+def test_an_eval_loss_that_is_not_a_number_is_shown_as_a_dash(ckpt, data, tmp_path):
+    """The summary, --json and --log said "-" or null for it; the progress lines said "eval loss nan"."""
+    poisoned = with_nan(ckpt, tmp_path / "nan", ("context_lm_head.weight", "lm_head.weight"))
+    r = CliRunner().invoke(get_app(), ["train", str(poisoned), "--data", str(data), "-o", str(tmp_path / "o"),
+                                       "--block", "4", "--seq-len", "32", "--steps", "2", "--eval-every", "1",
+                                       "--device", "cpu"])
+    evals = [ln for ln in r.stderr.splitlines() if ": eval loss " in ln]
+    assert evals and all(ln.endswith(": eval loss -") for ln in evals), r.stderr
+    assert "loss nan" not in r.stderr.replace("the loss is nan", ""), r.stderr  # (the skip Warning names it)

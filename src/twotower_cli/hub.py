@@ -139,6 +139,9 @@ def resolve(name_or_path: str | Path, allow_download: bool = True, base: bool = 
                                 "reinstall twotower-cli, or pass a checkpoint folder")
         return folder
     repo_id = repo_id_for(text)
+    if repo_id is None and "@" in text and text.split("@", 1)[0].lower() in EMBEDDED:
+        raise TwoTowerError(f"{text!r}: the embedded model {text.split('@', 1)[0]!r} has no revisions",
+                            f"leave out the @…: -m {text.split('@', 1)[0]}")
     if repo_id is None:
         hint = "pass a checkpoint folder, a .safetensors file, a hub id like nvidia/Name, or one of: " + \
             ", ".join([*EMBEDDED, *ALIASES])

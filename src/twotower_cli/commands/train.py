@@ -46,6 +46,7 @@ class TrainProgress:
 
     def __call__(self, ev) -> None:
         from twotower_cli import train as T
+        from twotower_cli.display import number
         from twotower_cli.errors import count
 
         if self.log is not None:
@@ -59,11 +60,11 @@ class TrainProgress:
             self.task = self.progress.add_task("train", total=ev.stop_step, completed=ev.start_step,
                                                loss="-", eval="-", tps="-")
         elif isinstance(ev, T.StepDone):
-            self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4f}",
+            self.progress.update(self.task, completed=ev.step, loss=number(ev.loss, ".4f"),
                                  tps=f"{ev.tokens / max(ev.seconds, 1e-9):,.0f}")
         elif isinstance(ev, T.Evaluated):
-            self.progress.update(self.task, eval=f"{ev.loss:.4f}")
-            self.progress.console.print(f"[dim]step {ev.step}: eval loss {ev.loss:.4f}[/]")
+            self.progress.update(self.task, eval=number(ev.loss, ".4f"))  # "-", never "nan", as the summary says it
+            self.progress.console.print(f"[dim]step {ev.step}: eval loss {number(ev.loss, '.4f')}[/]")
         elif isinstance(ev, T.Saved):
             self.saved = ev.step
             self.progress.console.print(f"[dim]step {ev.step}: saved {ev.path}[/]")
