@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,85 @@ def test_generate_warns_as_the_command_does(folder, rt, tmp_path):
         warnings.simplefilter("error")
         small.generate("hello", max_new_tokens=8 - n)
         rt.generate("hello", block=trained, max_new_tokens=16)
+
+
+def test_a_call_while_a_stream_is_paused_is_refused_not_given_wrong_text(rt):
+    """A paused stream and another call (or another thread) on one Runtime used its one model cache at once: both
+    gave other text than alone, without a word. The second call is refused; the stream goes on as if alone, and
+    a stream dropped or closed frees the runtime."""
+    import threading
+
+    alone = rt.generate("JULIET.", max_new_tokens=24, block=4).text
+    pieces = rt.stream("JULIET.", max_new_tokens=24, block=4)
+    got = [next(pieces)]
+    with pytest.raises(TwoTowerError, match="this Runtime is running another call"):
+        rt.generate("ROMEO.", max_new_tokens=4)
+    with pytest.raises(TwoTowerError, match="running another call"):
+        next(rt.stream("ROMEO.", max_new_tokens=4))
+    refused = []
+
+    def other_thread():
+        try:
+            rt.generate("ROMEO.", max_new_tokens=4)
+        except TwoTowerError as e:
+            refused.append(e.message)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert refused and "another thread" in refused[0]
+    assert "".join(got + list(pieces)) == alone
+    paused = rt.stream("JULIET.", max_new_tokens=24, block=4)
+    next(paused)
+    paused.close()
+    assert rt.generate("JULIET.", max_new_tokens=24, block=4).text == alone
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"prompt": {"role": "user", "content": "x"}}, "not one message dict"),  # was two prompts, "role" and "content"
+    ({"prompt": None}, "not NoneType None"),  # TypeError: 'NoneType' object is not iterable
+    ({"prompt": b"hi"}, "not bytes"),
+    ({"prompt": "hi", "stop": "5"}, "stop takes token ids"),  # TypeError: '<=' not supported
+    ({"prompt": "hi", "stop_texts": [3]}, "stop_texts takes strings"),
+    ({"prompt": "hi", "max_new_tokens": "8"}, "max_new_tokens is a whole number, not str '8'"),
+    ({"prompt": "hi", "max_new_tokens": 8.5}, "max_new_tokens is a whole number, not float 8.5"),  # torch's full()
+    ({"prompt": "hi", "seed": 1.5}, "seed is a whole number"),  # manual_seed expected a long
+    ({"prompt": "hi", "threshold": "0.5"}, "threshold is a number"),
+    ({"prompt": "hi", "batch_size": "2"}, "batch_size is a whole number"),
+    ({"prompt": [1, 2], "chat": True}, "with chat=True a prompt is a string or a non-empty list of {role, content}"),
+    ({"prompt": [{"role": "user"}], "chat": True}, "with chat=True a prompt is"),  # rendered without a word
+    ({"prompt": [[]], "chat": True}, "with chat=True a prompt is"),
+    ({"prompt": "hi", "chat": True, "template_args": "x"}, "template_args is a dict"),  # ValueError from dict()
+])
+def test_python_callers_mistakes_are_twotower_errors(rt, kwargs, needle):
+    """Wrong types reached the tokenizer, torch or the chat template: TypeError, KeyError, ValueError from deep
+    inside, or worse, a result (a message dict read as its keys)."""
+    with pytest.raises(TwoTowerError, match=re.escape(needle)):
+        rt.generate(**{"max_new_tokens": 4, **kwargs})
+
+
+def test_python_conveniences_read_as_the_caller_meant(rt, folder, tmp_path):
+    """One stop text as a string (it was split into characters: "END" stopped at any E, N or D), one stop id as
+    an int (TypeError), no prompts (ValueError from max()), one data file for evaluate (read as its characters)."""
+    from twotower_cli import sampler as S
+    from twotower_cli.evaluate import evaluate
+
+    text = rt.generate("ROMEO.", max_new_tokens=24).text
+    assert len(text) > 3
+    stop = text[2:4]
+    assert rt.generate("ROMEO.", max_new_tokens=24, stop_texts=stop).text == rt.generate(
+        "ROMEO.", max_new_tokens=24, stop_texts=[stop]).text
+    ids = rt.generate("ROMEO.", max_new_tokens=24).token_ids
+    assert rt.generate("ROMEO.", max_new_tokens=24, stop=ids[3]).token_ids == rt.generate(
+        "ROMEO.", max_new_tokens=24, stop=[ids[3]]).token_ids
+    assert rt.generate([], max_new_tokens=4) == []
+    with pytest.raises(TwoTowerError, match="stream takes no option 'batch_size'"):  # named Runtime._prepare
+        next(rt.stream("hi", batch_size=2))
+    data = tmp_path / "d.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    one = evaluate(str(folder), str(data), seq_len=32, max_sequences=4, device="cpu")
+    assert one.ar_nll == evaluate(str(folder), [data], seq_len=32, max_sequences=4, device="cpu").ar_nll
+    with pytest.raises(TwoTowerError, match="the model is a name or a path, not ''"):
+        twotower_cli.load("")
+    with pytest.raises(TwoTowerError, match=r"prompt id 99999 is outside the vocabulary"):  # IndexError
+        S.run(rt.backend, [[5, 99999]], rt.sampling(S.SamplingConfig(max_new_tokens=2)), rt.eos_ids)

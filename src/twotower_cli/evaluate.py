@@ -74,6 +74,11 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     from twotower_cli.text import Tokenizer
 
     t0 = time.perf_counter()
+    data = [data] if isinstance(data, str | Path) else list(data)  # one path: it was read as its characters
+    for name, value in (("seq_len", seq_len), ("batch", batch), ("max_sequences", max_sequences), ("seed", seed),
+                        ("block", block)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TwoTowerError(f"--{name.replace('_', '-')} is a whole number, not {value!r:.40}", "e.g. 512")
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--max-sequences", max_sequences)):
         if value < 1:
             raise TwoTowerError(f"{name} must be at least 1, not {value}", "leave it out for its default")

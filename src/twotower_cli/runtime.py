@@ -4,12 +4,15 @@ the Python API on top of it (`twotower_cli.load`, `Runtime.generate`): text in, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import resource
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +68,36 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return chosen
 
 
+STREAM_OPTIONS = frozenset({"chat", "system", "template_args", "mode", "max_new_tokens", "block", "steps", "threshold",
+                            "policy", "factor", "temperature", "top_k", "top_p", "seed", "stop", "stop_texts",
+                            "mask_token_id"})
+
+
+def _whole(name: str, value: object) -> None:
+    """A `TwoTowerError` unless `value` is an integer or None (bool is no count: True would be 1)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TwoTowerError(f"{name} is a whole number, not {type(value).__name__} {value!r:.40}",
+                            f"e.g. {name}={int(value) if isinstance(value, float) and math.isfinite(value) else 8}")
+
+
+def _real(name: str, value: object) -> None:
+    """A `TwoTowerError` unless `value` is a number or None (its range: `SamplingConfig.validate`)."""
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+        raise TwoTowerError(f"{name} is a number, not {type(value).__name__} {value!r:.40}", f"e.g. {name}=0.8")
+
+
+def _check_chat_prompt(item: object) -> None:
+    """With chat=True a prompt is a string (a user message) or a non-empty list of {"role": str, "content": str}
+    dicts, as generate --chat's JSONL requires: others rendered without a word, or failed deep in the template
+    with a TypeError or KeyError."""
+    if isinstance(item, str):
+        return
+    if not (isinstance(item, list | tuple) and item and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in item)):
+        raise TwoTowerError(f"with chat=True a prompt is a string or a non-empty list of {{role, content}} strings, "
+                            f"not {item!r:.60}", 'e.g. [{"role": "user", "content": "Hi"}]')
+
+
 @dataclass
 class Completion:
     """One prompt's continuation (`Runtime.generate`), as `generate --json` reports it: the text (before the
@@ -86,6 +119,22 @@ class Runtime:
     cfg: NemotronHConfig
     folder: Path
     eos_ids: list[int]  # what ends a sequence: config.json's eos_token_id, then generation_config.json's
+    # held by the call using the model's cache: one call at a time (a stream holds it until it ends or closes)
+    _busy: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def _one_call(self) -> Iterator[None]:
+        """The model's cache for one call, or a `TwoTowerError` while another holds it: a stream paused between
+        its pieces, or another thread. Both used the same cache at once and gave wrong text without a word."""
+        if not self._busy.acquire(blocking=False):
+            raise TwoTowerError("this Runtime is running another call (a stream not yet finished or closed, or "
+                                "another thread): it holds one model cache, for one call at a time",
+                                "finish or close() the stream first; for concurrent clients run `twotower serve`, "
+                                "or load a Runtime per thread")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def __repr__(self) -> str:  # one line in a notebook, not every module of both towers
         towers = "context tower + denoiser" if self.backend.twotower is not None else "context tower only"
@@ -129,17 +178,21 @@ class Runtime:
         from twotower_cli import sampler as S
         from twotower_cli.batching import Continuous, run_in_order
 
+        _whole("batch_size", batch_size)
         if batch_size < 1:
             raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try batch_size=16")
+        if isinstance(prompt, list | tuple) and not prompt:
+            return []  # no prompts, no completions (max() of no lengths was a ValueError)
         one, ids, settings, cutter, gen = self._prepare(
             prompt, chat=chat, system=system, template_args=template_args, mode=mode, max_new_tokens=max_new_tokens,
             block=block, steps=steps, threshold=threshold, policy=policy, factor=factor, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, stop=stop, stop_texts=stop_texts, mask_token_id=mask_token_id)
-        if one:
-            generations = S.run(self.backend, ids, settings, self.eos_ids, gen, cutter.until).generations
-        else:
-            running = Continuous(self.backend, settings, self.eos_ids, gen, cutter.until)
-            generations = [g for _, g, _ in run_in_order(running, ids, width=batch_size)]
+        with self._one_call():
+            if one:
+                generations = S.run(self.backend, ids, settings, self.eos_ids, gen, cutter.until).generations
+            else:
+                running = Continuous(self.backend, settings, self.eos_ids, gen, cutter.until)
+                generations = [g for _, g, _ in run_in_order(running, ids, width=batch_size)]
         out = []
         for g in generations:
             text, cut = cutter.final(g.token_ids)
@@ -150,27 +203,32 @@ class Runtime:
     def stream(self, prompt: str | list[dict], **options) -> Iterator[str]:
         """One prompt's continuation as it becomes final: a piece of text after each block (ar, mock_ar:
         token) that committed some, never one to take back (an ending that may begin a stop text, or an
-        unfinished character, waits for the next). `options`: `generate`'s; the pieces add up to its text."""
+        unfinished character, waits for the next). `options`: `generate`'s (but batch_size: one prompt); the
+        pieces add up to its text. The stream holds the runtime until it ends or is closed."""
         from twotower_cli import sampler as S
 
+        if unknown := sorted(set(options) - STREAM_OPTIONS):
+            raise TwoTowerError(f"stream takes no option {unknown[0]!r}",
+                                "its options are generate's (one prompt: no batch_size): " + ", ".join(sorted(STREAM_OPTIONS)))
         one, ids, settings, cutter, gen = self._prepare(prompt, **options)
         if not one:
             raise TwoTowerError("stream takes one prompt", "call it for each, or use generate for several")
-        diffusion, mask = settings.mode == "mask_diffusion", settings.mask_token_id
-        so_far: list[int] = []
-        sent = ""
-        for ev in S.generate(self.backend, ids, settings, self.eos_ids, gen, cutter.until):
-            if isinstance(ev, S.BlockDone):
-                row = ev.tokens[0].tolist()
-                so_far += row[:row.index(mask)] if diffusion and mask in row else row  # slots left masked: none
-                safe = cutter.settled(so_far)
-            elif isinstance(ev, S.Finished):
-                safe = cutter.final(ev.generations[0].token_ids)[0]
-            else:
-                continue
-            if len(safe) > len(sent) and safe.startswith(sent):
-                yield safe[len(sent):]
-                sent = safe
+        with self._one_call():
+            diffusion, mask = settings.mode == "mask_diffusion", settings.mask_token_id
+            so_far: list[int] = []
+            sent = ""
+            for ev in S.generate(self.backend, ids, settings, self.eos_ids, gen, cutter.until):
+                if isinstance(ev, S.BlockDone):
+                    row = ev.tokens[0].tolist()
+                    so_far += row[:row.index(mask)] if diffusion and mask in row else row  # slots left masked: none
+                    safe = cutter.settled(so_far)
+                elif isinstance(ev, S.Finished):
+                    safe = cutter.final(ev.generations[0].token_ids)[0]
+                else:
+                    continue
+                if len(safe) > len(sent) and safe.startswith(sent):
+                    yield safe[len(sent):]
+                    sent = safe
 
     def _prepare(self, prompt, *, chat: bool = False, system: str | None = None, template_args: dict | None = None,
                  mode: str = "mask_diffusion", max_new_tokens: int = 128, block: int | None = None,
@@ -182,8 +240,32 @@ class Runtime:
         from twotower_cli import sampler as S
         from twotower_cli.text import StopTexts, render_chats
 
-        one = isinstance(prompt, str) or (chat and bool(prompt) and isinstance(prompt[0], dict))
+        if isinstance(prompt, dict):  # one message: read as a list, it was its keys, two prompts "role" and "content"
+            raise TwoTowerError("a prompt is a string, a list of strings, or with chat=True a list of messages "
+                                "(a conversation); not one message dict", "pass [message] with chat=True")
+        if not isinstance(prompt, str | list | tuple) or (isinstance(prompt, list | tuple) and not prompt):
+            raise TwoTowerError(f"a prompt is a string or a non-empty list, not {type(prompt).__name__} {prompt!r:.40}",
+                                'e.g. rt.generate("ROMEO.")')
+        one = isinstance(prompt, str) or (chat and isinstance(prompt[0], dict))
         items = [prompt] if one else list(prompt)
+        if chat:
+            for item in items:
+                _check_chat_prompt(item)
+        stop = (stop,) if isinstance(stop, int) else stop
+        stop_texts = (stop_texts,) if isinstance(stop_texts, str) else stop_texts  # one, not its characters
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop):
+            raise TwoTowerError(f"stop takes token ids (integers), not {stop!r:.60}", "e.g. stop=[2] or stop=2")
+        if not all(isinstance(t, str) for t in stop_texts):  # (an empty one: StopTexts says so)
+            raise TwoTowerError(f"stop_texts takes strings, not {stop_texts!r:.60}", 'e.g. stop_texts=["\\n\\n"]')
+        for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed), ("block", block), ("steps", steps),
+                            ("top_k", top_k), ("mask_token_id", mask_token_id)):
+            _whole(name, value)
+        for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature),
+                            ("top_p", top_p)):
+            _real(name, value)
+        if template_args is not None and not isinstance(template_args, dict):
+            raise TwoTowerError(f"template_args is a dict of the template's variables, not {template_args!r:.40}",
+                                'e.g. template_args={"enable_thinking": False}')
         if (system is not None or template_args) and not chat:
             raise TwoTowerError("system and template_args shape a chat template", "pass chat=True")
         if "messages" in (template_args or {}):
@@ -259,7 +341,10 @@ def fetch_model(model: str | None, need_denoiser: bool | None, device: str | Non
     download of tens of GB. `need_denoiser=None`: as the checkpoint is (bench and eval)."""
     from twotower_cli.hub import local_or_hub, resolve
 
-    name = model or DEFAULT_MODEL
+    if model is not None and not (isinstance(model, str | Path) and str(model)):  # the CLI refuses -m "" too
+        raise TwoTowerError(f"the model is a name or a path, not {model!r:.40}",
+                            "pass a checkpoint folder, a hub id or an alias, or None for the embedded tiny model")
+    name = str(model) if model is not None else DEFAULT_MODEL
     repo_id = local_or_hub(name)[1]
     if repo_id is not None:
         from twotower_cli.remote import NOT_DOWNLOADED, header_folder
@@ -288,6 +373,7 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     torch (default: torch's own choice, one per core). `cuda_graphs`: replay the steps of the towers that run
     on a GPU from CUDA graphs (`TowerBackend`); needs one of them there."""
     if threads is not None:
+        _whole("threads", threads)
         if threads < 1:
             raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
         if threads >= 2**31:  # torch takes a C int

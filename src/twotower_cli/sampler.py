@@ -409,6 +409,9 @@ def generate(backend: Backend, prompts: list[list[int]], cfg: SamplingConfig, eo
     cfg.validate(backend.vocab_size)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TwoTowerError("empty prompt", "give some text to continue")
+    if outside := [i for p in prompts for i in p if not 0 <= i < backend.vocab_size][:1]:  # an IndexError in the
+        raise TwoTowerError(f"prompt id {outside[0]} is outside the vocabulary (0..{backend.vocab_size - 1})",  # embedding
+                            "prompt ids come from the model's tokenizer")
     with torch.no_grad():
         if cfg.mode == "mask_diffusion":
             yield from _mask_diffusion(backend, prompts, cfg, list(eos_ids), generator, until)
