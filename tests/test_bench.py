@@ -203,6 +203,11 @@ def test_bench_on_plain_base_has_only_ar(tmp_path):
     assert (f"ar only: base is a plain NemotronH checkpoint; the mock_ar and mask_diffusion rows need a TwoTower "
             f"one: twotower split {base}") in said, said
     assert "block" not in said.split("┏")[0], said  # the title: ar has no block
+    assert said.startswith("Warning: --thresholds") and "twotower bench · 8 prompts × 4 tokens · median of 1" in said
+    one = tmp_path / "one.txt"
+    one.write_text("ROMEO.\n")
+    r = CliRunner().invoke(get_app(), ["bench", "--model", str(base), "-n", "1", "--repeat", "1", "--prompts", str(one)])
+    assert "twotower bench · 1 prompt × 1 token · median of 1" in " ".join(r.stderr.split()), r.stderr  # "1 prompts"
 
 
 def test_bench_bad_thresholds(folder):

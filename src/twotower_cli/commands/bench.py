@@ -44,7 +44,7 @@ def bench(
     from twotower_cli.bench import DEFAULT_PROMPTS, machine_info, row_configs, rows_json, run_bench
     from twotower_cli.checkpoint import open_checkpoint
     from twotower_cli.display import err_console, number
-    from twotower_cli.errors import TwoTowerError
+    from twotower_cli.errors import TwoTowerError, count
     from twotower_cli.model.loading import require_shards
     from twotower_cli.runtime import fetch_model, open_runtime
     from twotower_cli.text import read_prompts, render_chats
@@ -116,7 +116,7 @@ def bench(
         return
     batched = f" · batches of {batch_size}" if batch_size > 1 else ""
     shape = f" · block {block}" if two else ""  # ar has no block
-    table = Table(title=f"twotower bench · {len(texts)} prompts × {max_new_tokens} tokens{shape}{batched} · "
+    table = Table(title=f"twotower bench · {count(len(texts), 'prompt')} × {count(max_new_tokens, 'token')}{shape}{batched} · "
                         f"median of {repeat}", title_justify="left")
     for col in ("mode", "threshold", "tok/s", "NFE", "tok/NFE", "× ar", "quality"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
