@@ -2662,6 +2662,7 @@ def test_a_page_of_another_origin_cannot_make_the_model_run(folder, model, conte
     engine.close()
 
 
+@pytest.mark.slow
 def test_two_sigterms_in_quick_succession_stop_the_server_cleanly(folder):
     """`timeout` (and `kill` of a process group) delivers SIGTERM twice within milliseconds: the second cut the
     first one's shutdown short ("stopped" then "Error: interrupted", exit 1) or, once the default handler was
