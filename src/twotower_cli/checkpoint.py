@@ -499,11 +499,10 @@ def check_output_folder(out: str | Path, source_folder: str | Path | None, *, ma
     compared resolved (symlinks followed), whether they exist yet or not. An OUT that is a file (or anything
     but a folder) is refused: the output is a folder, and `--force` replaced the file with one; so is a symbolic
     link (`-o ckpt` → /scratch/ckpt): the output replaced the link, leaving its target stale."""
-    if Path(out).expanduser().is_symlink():  # the new output takes OUT's name: the link, not what it points to
-        raise TwoTowerError(f"the output {out} is a symbolic link (to {Path(out).expanduser().resolve()}): the new "
-                            "output would replace the link, and what it points to would stay as it was",
-                            f"pass -o {Path(out).expanduser().resolve()}")
     target = Path(out).expanduser().resolve()
+    if Path(out).expanduser().is_symlink():  # the new output takes OUT's name: the link, not what it points to
+        raise TwoTowerError(f"the output {out} is a symbolic link (to {target}): the new output would replace the "
+                            "link, and what it points to would stay as it was", f"pass -o {target}")
     if target.exists() and not target.is_dir():
         raise TwoTowerError(f"the output {out} is a file, not a folder: the output is a checkpoint folder, and "
                             "--force replaces only an earlier output folder", "choose another -o")

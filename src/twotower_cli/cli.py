@@ -20,7 +20,7 @@ import typer.core
 from typer.core import TyperGroup
 
 from twotower_cli import __version__
-from twotower_cli.errors import TwoTowerError, describe
+from twotower_cli.errors import TwoTowerError, describe, lone_surrogate_at
 
 # The click typer runs on: recent typer carries its own copy (`typer._click`, whose exceptions are not the click
 # package's), older typer uses click itself.
@@ -128,20 +128,13 @@ def check_raw_values(params: list) -> list:
                     "an empty value names nothing (an unset shell variable?)", ctx=ctx, param=param)
             if param.name not in PATHS and param.name != "prompt":
                 for v in values:
-                    if isinstance(v, str) and not _utf8(v):
+                    if isinstance(v, str) and lone_surrogate_at(v) is not None:
                         raise _click.exceptions.BadParameter("not UTF-8 text", ctx=ctx, param=param)
             return convert(ctx, value)
 
         param.process_value, param._raw_checked = checked, True
     return params
 
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def flowed(help_text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import stat
 from collections.abc import Iterable
@@ -31,6 +32,29 @@ def non_finite(what: str, so: str) -> TwoTowerError:
     return TwoTowerError(f"{what} are NaN or infinite, so {so}",
                          "check the weights with `twotower inspect --values`; fp16 activations can overflow: "
                          "try --dtype bf16 or fp32")
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Where `text` holds a lone UTF-16 surrogate, else None: no text, which the tokenizer refuses with a bare
+    TypeError. Python reads argv's and stdin's bytes that are not UTF-8 so, and JSON's "\\ud800" escape too."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def check_whole(name: str, value: object) -> None:
+    """A `TwoTowerError` unless `value` is an integer or None (bool is no count: True would be 1)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TwoTowerError(f"{name} is a whole number, not {type(value).__name__} {value!r:.40}",
+                            f"e.g. {name}={int(value) if isinstance(value, float) and math.isfinite(value) else 8}")
+
+
+def check_real(name: str, value: object) -> None:
+    """A `TwoTowerError` unless `value` is a number or None (its range is checked where it is used)."""
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+        raise TwoTowerError(f"{name} is a number, not {type(value).__name__} {value!r:.40}", f"e.g. {name}=0.8")
 
 
 def check_seed(seed: int, name: str = "--seed") -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from twotower_cli.display import finite_json
-from twotower_cli.errors import TwoTowerError, check_seed, non_finite
+from twotower_cli.errors import TwoTowerError, check_seed, check_whole, non_finite
 
 T_EDGES = (0.25, 0.5, 0.75, 1.0)  # the t buckets' upper edges: (0, .25], (.25, .5], (.5, .75], (.75, 1]
 AR_HEAD_ROWS = 2048  # rows of [.., vocabulary] logits at once in the AR measure (1 GiB of fp32 at Nano's 131,072)
@@ -77,8 +77,7 @@ def evaluate(model: str | None, data: list[Path], *, seq_len: int = 512, block: 
     data = [data] if isinstance(data, str | Path) else list(data)  # one path: it was read as its characters
     for name, value in (("seq_len", seq_len), ("batch", batch), ("max_sequences", max_sequences), ("seed", seed),
                         ("block", block)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TwoTowerError(f"--{name.replace('_', '-')} is a whole number, not {value!r:.40}", "e.g. 512")
+        check_whole(name, value)
     for name, value in (("--seq-len", seq_len), ("--batch", batch), ("--max-sequences", max_sequences)):
         if value < 1:
             raise TwoTowerError(f"{name} must be at least 1, not {value}", "leave it out for its default")

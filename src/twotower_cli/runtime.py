@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import resource
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from twotower_cli.config import NemotronHConfig
-from twotower_cli.errors import TwoTowerError, check_seed
+from twotower_cli.errors import TwoTowerError, check_real, check_seed, check_whole
 from twotower_cli.sampler import SamplingConfig
 from twotower_cli.text import Tokenizer, end_token_ids, generation_eos_ids
 from twotower_cli.towers import LoadedModel, TowerBackend, check_loadable, load_model
@@ -71,19 +70,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 STREAM_OPTIONS = frozenset({"chat", "system", "template_args", "mode", "max_new_tokens", "block", "steps", "threshold",
                             "policy", "factor", "temperature", "top_k", "top_p", "seed", "stop", "stop_texts",
                             "mask_token_id"})
-
-
-def _whole(name: str, value: object) -> None:
-    """A `TwoTowerError` unless `value` is an integer or None (bool is no count: True would be 1)."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise TwoTowerError(f"{name} is a whole number, not {type(value).__name__} {value!r:.40}",
-                            f"e.g. {name}={int(value) if isinstance(value, float) and math.isfinite(value) else 8}")
-
-
-def _real(name: str, value: object) -> None:
-    """A `TwoTowerError` unless `value` is a number or None (its range: `SamplingConfig.validate`)."""
-    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-        raise TwoTowerError(f"{name} is a number, not {type(value).__name__} {value!r:.40}", f"e.g. {name}=0.8")
 
 
 def _check_chat_prompt(item: object) -> None:
@@ -178,7 +164,7 @@ class Runtime:
         from twotower_cli import sampler as S
         from twotower_cli.batching import Continuous, run_in_order
 
-        _whole("batch_size", batch_size)
+        check_whole("batch_size", batch_size)
         if batch_size < 1:
             raise TwoTowerError(f"batch size {batch_size} must be at least 1", "try batch_size=16")
         if isinstance(prompt, list | tuple) and not prompt:
@@ -259,10 +245,10 @@ class Runtime:
             raise TwoTowerError(f"stop_texts takes strings, not {stop_texts!r:.60}", 'e.g. stop_texts=["\\n\\n"]')
         for name, value in (("max_new_tokens", max_new_tokens), ("seed", seed), ("block", block), ("steps", steps),
                             ("top_k", top_k), ("mask_token_id", mask_token_id)):
-            _whole(name, value)
+            check_whole(name, value)
         for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature),
                             ("top_p", top_p)):
-            _real(name, value)
+            check_real(name, value)
         if template_args is not None and not isinstance(template_args, dict):
             raise TwoTowerError(f"template_args is a dict of the template's variables, not {template_args!r:.40}",
                                 'e.g. template_args={"enable_thinking": False}')
@@ -373,7 +359,7 @@ def open_runtime(model: str | None, need_denoiser: bool, device: str | None = No
     torch (default: torch's own choice, one per core). `cuda_graphs`: replay the steps of the towers that run
     on a GPU from CUDA graphs (`TowerBackend`); needs one of them there."""
     if threads is not None:
-        _whole("threads", threads)
+        check_whole("threads", threads)
         if threads < 1:
             raise TwoTowerError(f"threads {threads} must be at least 1", "try --threads 1")
         if threads >= 2**31:  # torch takes a C int

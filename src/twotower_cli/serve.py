@@ -114,7 +114,7 @@ import torch
 from twotower_cli import sampler as S
 from twotower_cli.batching import Continuous, RowBlock, RowDone, shared_settings
 from twotower_cli.chat import PrefixReuse, start_from, template_ids
-from twotower_cli.errors import TwoTowerError
+from twotower_cli.errors import TwoTowerError, lone_surrogate_at
 from twotower_cli.text import ChatTemplate, StopTexts, Tokenizer
 from twotower_cli.towers import token_log_probs
 
@@ -288,9 +288,7 @@ def _lone_surrogate_field(body: dict) -> str | None:
         while pending:  # iterative: nesting as deep as json.loads allows
             item = pending.pop()
             if isinstance(item, str):
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
+                if lone_surrogate_at(item) is not None:
                     return key
             elif isinstance(item, dict):
                 pending.extend(item.keys())

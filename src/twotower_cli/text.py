@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from twotower_cli.errors import TwoTowerError, check_files
+from twotower_cli.errors import TwoTowerError, check_files, lone_surrogate_at
 
 _CUT_WINDOW = 1024  # characters on each side of a cut that `Tokenizer._cuts_cleanly` encodes
 _CUT_TRIES = 8  # candidate cuts of each kind tried per piece
@@ -416,22 +416,17 @@ class StopTexts:
 def utf8_text(text: str, source: str) -> str:
     """`text`, or a `TwoTowerError` naming `source` where it was not UTF-8: Python reads such bytes in argv and
     stdin as lone surrogates, which the tokenizer refuses with a bare TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise TwoTowerError(f"{source} is not UTF-8 text (at character {e.start})",
-                            "convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+    if (at := lone_surrogate_at(text)) is not None:
+        raise TwoTowerError(f"{source} is not UTF-8 text (at character {at})", "convert it to UTF-8, e.g. with iconv -t UTF-8")
     return text
 
 
 def json_text(text: str, source: str) -> str:
     """`text` read from JSON, or a `TwoTowerError` naming `source` where it holds a lone UTF-16 surrogate (an
     escape like "\\ud800", half of a pair): no text, and the tokenizer refuses it with a bare TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise TwoTowerError(f"{source} holds a lone UTF-16 surrogate escape (\\u{ord(text[e.start]):04x}, at character "
-                            f"{e.start}), which is no text", "escape the whole pair, or write the character itself") from None
+    if (at := lone_surrogate_at(text)) is not None:
+        raise TwoTowerError(f"{source} holds a lone UTF-16 surrogate escape (\\u{ord(text[at]):04x}, at character {at}), "
+                            "which is no text", "escape the whole pair, or write the character itself")
     return text
 
 

@@ -1086,7 +1086,7 @@ def check_log_file(log: Path, checkpoint: str | Path | None, data: list[Path], e
     for what, paths in (("--data", data), ("--eval-data", eval_data)):
         for path in paths:
             for read in (Path(path), token_file_meta(path)):
-                if read.expanduser().resolve() == target:
+                if same_file(read, log):
                     raise TwoTowerError(f"--log {log} is {'the' if read == Path(path) else 'the .meta.json of the'} "
                                         f"{what} file {path}: the log is appended to, so training would change "
                                         "what it reads", "log to a file of its own, e.g. --log train.jsonl")
